@@ -1,0 +1,40 @@
+# tapkv — the two set-up commands are `make demo` and `make test`.
+# Both install what is missing (libclang-dev for the RocksDB bindings), then
+# build the single `release` profile that tests, demo and benches share.
+
+CARGO ?= cargo
+TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
+TAPKV := $(TARGET_DIR)/release/tapkv
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: deps build demo test bench fmt lint clean
+
+deps:
+	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust (rustup) first"; exit 1; }
+	@command -v c++ >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq g++; }
+	@if ! ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 && ! ls /usr/lib/x86_64-linux-gnu/libclang*.so* >/dev/null 2>&1; then \
+		echo "installing libclang-dev (needed by the RocksDB bindings)"; \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq libclang-dev; \
+	fi
+
+build: deps
+	$(CARGO) build --release --workspace --bins
+
+demo: build
+	$(TAPKV) demo --data ./tapkv-data
+
+test: build
+	TAPKV_BIN=$(TAPKV) $(CARGO) test --release --workspace
+
+bench: build
+	$(CARGO) run --release -p tapkv-benches -- all
+
+fmt:
+	$(CARGO) fmt --all
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
+
+clean:
+	rm -rf ./tapkv-data

@@ -1,0 +1,546 @@
+//! Per-partition checkpoint manager: the ordered queue of changes that cursors
+//! (the persistence cursor, replication streams) walk.
+//!
+//! Owns: the list of checkpoints (exactly one open, at the back), de-duplication
+//! of keys inside the open checkpoint, named cursors, freeing of closed
+//! checkpoints that no cursor needs, and the memory the queue holds.
+//!
+//! Cursors are positioned by **seqno** (the last seqno they have passed), never by
+//! offsets: de-duplication leaves a hole where the old entry was, and a cursor
+//! simply skips holes, so no count has to be corrected when items move. Remaining
+//! counts are computed from positions, so they cannot drift.
+//!
+//! This module never touches the hash table or the disk, and never blocks.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use bytes::Bytes;
+
+use crate::error::{Error, Result};
+use crate::item::QueuedItem;
+use crate::sync::{Arc, AtomicUsize, Ordering};
+
+/// Limits of one checkpoint.
+#[derive(Debug, Clone, Copy)]
+pub struct CheckpointConfig {
+    /// The open checkpoint closes once it holds this many items.
+    pub max_items: usize,
+    /// The open checkpoint closes once its items take this many bytes.
+    pub max_bytes: usize,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        CheckpointConfig {
+            max_items: 10_000,
+            max_bytes: 32 << 20,
+        }
+    }
+}
+
+/// What a cursor reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CursorEvent {
+    /// The cursor entered the checkpoint with this id.
+    CheckpointStart {
+        /// Checkpoint id.
+        id: u64,
+    },
+    /// A queued mutation, deletion or marker.
+    Item(QueuedItem),
+    /// The cursor finished the (closed) checkpoint with this id.
+    CheckpointEnd {
+        /// Checkpoint id.
+        id: u64,
+    },
+}
+
+/// Outcome of registering a cursor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Registration {
+    /// The cursor is registered and will read everything after the requested
+    /// seqno from memory, starting in this checkpoint.
+    InMemory {
+        /// Checkpoint the cursor starts in.
+        checkpoint_id: u64,
+    },
+    /// Items after the requested seqno are no longer in memory: the caller must
+    /// backfill from disk first. Nothing was registered.
+    NeedsBackfill {
+        /// The lowest seqno memory can still serve from: register again with a
+        /// seqno of at least `oldest_seqno - 1`.
+        oldest_seqno: u64,
+    },
+}
+
+/// A checkpoint, as reported by [`CheckpointManager::checkpoints`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckpointInfo {
+    /// Id, increasing per partition.
+    pub id: u64,
+    /// Whether it is the open checkpoint (the one taking new items).
+    pub open: bool,
+    /// Lowest seqno that can belong to it.
+    pub start_seqno: u64,
+    /// Highest seqno it holds (or `start_seqno - 1` when empty).
+    pub high_seqno: u64,
+    /// Live (not de-duplicated) items.
+    pub items: usize,
+    /// Bytes charged for its items.
+    pub mem_bytes: usize,
+}
+
+/// A cursor, as reported by [`CheckpointManager::cursors`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CursorInfo {
+    /// Cursor name.
+    pub name: String,
+    /// Checkpoint the cursor is in.
+    pub checkpoint_id: u64,
+    /// Last seqno the cursor has passed.
+    pub seqno: u64,
+    /// Exact number of items still to read.
+    pub remaining: usize,
+}
+
+/// A batch read by [`CheckpointManager::peek`], to be committed with
+/// [`CheckpointManager::advance`] once the reader has dealt with it.
+#[derive(Debug, Clone)]
+pub struct CursorBatch {
+    /// Events in seqno order.
+    pub events: Vec<CursorEvent>,
+    /// Number of `Item` events.
+    pub items: usize,
+    /// Bytes of the items in the batch.
+    pub bytes: usize,
+    /// Whether the read stopped at the caller's `upto_seqno` barrier.
+    pub blocked: bool,
+    position: CursorPosition,
+}
+
+impl CursorBatch {
+    /// Whether the batch carries nothing and leaves the cursor where it was.
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+
+    /// The last seqno the cursor will have passed once this batch is committed.
+    pub fn end_seqno(&self) -> u64 {
+        self.position.seqno
+    }
+
+    /// The checkpoint the cursor will be in once this batch is committed.
+    pub fn end_checkpoint_id(&self) -> u64 {
+        self.position.checkpoint_id
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct CursorPosition {
+    checkpoint_id: u64,
+    seqno: u64,
+    /// The reader has not yet been told it entered `checkpoint_id`.
+    start_pending: bool,
+}
+
+#[derive(Debug)]
+struct Checkpoint {
+    id: u64,
+    open: bool,
+    start_seqno: u64,
+    /// Seqno of every slot ever queued here, increasing; holes keep theirs.
+    seqnos: Vec<u64>,
+    /// The entries; `None` is a hole left by de-duplication or removal.
+    slots: Vec<Option<QueuedItem>>,
+    live: usize,
+    mem: usize,
+    /// Slot of each key's entry, kept only while the checkpoint is open.
+    keys: HashMap<Bytes, usize>,
+}
+
+impl Checkpoint {
+    fn new(id: u64, start_seqno: u64) -> Self {
+        Checkpoint {
+            id,
+            open: true,
+            start_seqno,
+            seqnos: Vec::new(),
+            slots: Vec::new(),
+            live: 0,
+            mem: 0,
+            keys: HashMap::new(),
+        }
+    }
+
+    fn high_seqno(&self) -> u64 {
+        self.seqnos
+            .last()
+            .copied()
+            .unwrap_or(self.start_seqno.saturating_sub(1))
+    }
+
+    /// Index of the first slot with a seqno above `seqno`.
+    fn first_after(&self, seqno: u64) -> usize {
+        self.seqnos.partition_point(|s| *s <= seqno)
+    }
+
+    fn live_after(&self, seqno: u64) -> usize {
+        if seqno < self.start_seqno {
+            return self.live;
+        }
+        self.slots[self.first_after(seqno)..]
+            .iter()
+            .filter(|s| s.is_some())
+            .count()
+    }
+
+    fn info(&self) -> CheckpointInfo {
+        CheckpointInfo {
+            id: self.id,
+            open: self.open,
+            start_seqno: self.start_seqno,
+            high_seqno: self.high_seqno(),
+            items: self.live,
+            mem_bytes: self.mem,
+        }
+    }
+}
+
+/// The checkpoint manager of one partition. Not synchronised: the partition
+/// holds it under a lock.
+#[derive(Debug)]
+pub struct CheckpointManager {
+    checkpoints: VecDeque<Checkpoint>,
+    cursors: BTreeMap<String, CursorPosition>,
+    config: CheckpointConfig,
+    high_seqno: u64,
+    mem: usize,
+    shared_mem: Arc<AtomicUsize>,
+}
+
+impl CheckpointManager {
+    /// A manager whose open checkpoint has id `checkpoint_id` and whose history
+    /// so far ends at `high_seqno`. `shared_mem` accumulates the memory of every
+    /// manager of the engine.
+    pub fn new(
+        config: CheckpointConfig,
+        checkpoint_id: u64,
+        high_seqno: u64,
+        shared_mem: Arc<AtomicUsize>,
+    ) -> Self {
+        let mut checkpoints = VecDeque::new();
+        checkpoints.push_back(Checkpoint::new(checkpoint_id, high_seqno + 1));
+        CheckpointManager {
+            checkpoints,
+            cursors: BTreeMap::new(),
+            config: CheckpointConfig {
+                max_items: config.max_items.max(1),
+                max_bytes: config.max_bytes.max(1),
+            },
+            high_seqno,
+            mem: 0,
+            shared_mem,
+        }
+    }
+
+    fn open(&self) -> &Checkpoint {
+        self.checkpoints
+            .back()
+            .expect("a checkpoint manager always has an open checkpoint")
+    }
+
+    fn open_mut(&mut self) -> &mut Checkpoint {
+        self.checkpoints
+            .back_mut()
+            .expect("a checkpoint manager always has an open checkpoint")
+    }
+
+    /// Id of the open checkpoint.
+    pub fn open_checkpoint_id(&self) -> u64 {
+        self.open().id
+    }
+
+    /// Highest seqno ever queued (or the starting point).
+    pub fn high_seqno(&self) -> u64 {
+        self.high_seqno
+    }
+
+    /// Bytes held by all checkpoints of this partition.
+    pub fn mem_bytes(&self) -> usize {
+        self.mem
+    }
+
+    /// Number of checkpoints held (open one included).
+    pub fn num_checkpoints(&self) -> usize {
+        self.checkpoints.len()
+    }
+
+    fn charge(&mut self, add: usize, sub: usize) {
+        self.mem = self.mem + add - sub;
+        if add > sub {
+            self.shared_mem.fetch_add(add - sub, Ordering::Relaxed);
+        } else if sub > add {
+            self.shared_mem.fetch_sub(sub - add, Ordering::Relaxed);
+        }
+    }
+
+    /// Appends an item to the open checkpoint. Its seqno must be above every
+    /// seqno queued so far. A key already in the open checkpoint is
+    /// de-duplicated: the older entry becomes a hole. Closes the open checkpoint
+    /// first when it is full. Returns whether an older entry was replaced.
+    pub fn queue(&mut self, item: QueuedItem) -> bool {
+        let seqno = item.seqno();
+        assert!(
+            seqno > self.high_seqno,
+            "seqno {seqno} queued after {}",
+            self.high_seqno
+        );
+        {
+            let open = self.open();
+            if open.live >= self.config.max_items || open.mem >= self.config.max_bytes {
+                self.create_checkpoint();
+            }
+        }
+        self.high_seqno = seqno;
+        let size = item.mem_size();
+        let is_key_op = item.op.is_key_op();
+        let key = item.key.clone();
+        let open = self.open_mut();
+        let slot = open.slots.len();
+        let mut freed = 0;
+        let mut replaced = false;
+        if is_key_op {
+            if let Some(old) = open.keys.insert(key, slot) {
+                if let Some(old_item) = open.slots[old].take() {
+                    freed = old_item.mem_size();
+                    open.live -= 1;
+                    replaced = true;
+                }
+            }
+        }
+        open.seqnos.push(seqno);
+        open.slots.push(Some(item));
+        open.live += 1;
+        open.mem = open.mem + size - freed;
+        self.charge(size, freed);
+        replaced
+    }
+
+    /// Closes the open checkpoint and opens a new one; returns the new id.
+    pub fn create_checkpoint(&mut self) -> u64 {
+        let start = self.high_seqno + 1;
+        let open = self.open_mut();
+        open.open = false;
+        open.keys = HashMap::new();
+        let id = open.id + 1;
+        self.checkpoints.push_back(Checkpoint::new(id, start));
+        tracing::debug!(
+            checkpoint_id = id,
+            start_seqno = start,
+            "checkpoint created"
+        );
+        self.remove_unreferenced();
+        id
+    }
+
+    /// Registers (or re-registers) the cursor `name` to read every item after
+    /// `from_seqno`.
+    pub fn register_cursor(&mut self, name: &str, from_seqno: u64) -> Result<Registration> {
+        if from_seqno > self.high_seqno {
+            return Err(Error::InvalidArgument(format!(
+                "cursor {name}: seqno {from_seqno} is above the partition's high seqno {}",
+                self.high_seqno
+            )));
+        }
+        let oldest = self.checkpoints.front().map_or(0, |c| c.start_seqno);
+        if from_seqno + 1 < oldest {
+            return Ok(Registration::NeedsBackfill {
+                oldest_seqno: oldest,
+            });
+        }
+        let idx = self
+            .checkpoints
+            .partition_point(|c| c.start_seqno <= from_seqno + 1)
+            .saturating_sub(1);
+        let checkpoint_id = self.checkpoints[idx].id;
+        self.cursors.insert(
+            name.to_owned(),
+            CursorPosition {
+                checkpoint_id,
+                seqno: from_seqno,
+                start_pending: true,
+            },
+        );
+        self.remove_unreferenced();
+        Ok(Registration::InMemory { checkpoint_id })
+    }
+
+    /// Drops the cursor `name`; returns whether it existed.
+    pub fn remove_cursor(&mut self, name: &str) -> bool {
+        let existed = self.cursors.remove(name).is_some();
+        if existed {
+            self.remove_unreferenced();
+        }
+        existed
+    }
+
+    /// Whether a cursor called `name` exists.
+    pub fn has_cursor(&self, name: &str) -> bool {
+        self.cursors.contains_key(name)
+    }
+
+    fn index_of(&self, checkpoint_id: u64) -> usize {
+        let front = self.checkpoints.front().map_or(0, |c| c.id);
+        // Ids are consecutive from front to back.
+        usize::try_from(checkpoint_id.saturating_sub(front))
+            .unwrap_or(usize::MAX)
+            .min(self.checkpoints.len() - 1)
+    }
+
+    fn cursor(&self, name: &str) -> Result<CursorPosition> {
+        self.cursors
+            .get(name)
+            .copied()
+            .ok_or_else(|| Error::InvalidArgument(format!("no cursor named {name:?}")))
+    }
+
+    /// Reads up to `max_items` items (and at most about `max_bytes`) after the
+    /// cursor's position without moving it; items with a seqno above
+    /// `upto_seqno` are not read. Commit with [`advance`](Self::advance).
+    pub fn peek(
+        &self,
+        name: &str,
+        max_items: usize,
+        max_bytes: usize,
+        upto_seqno: Option<u64>,
+    ) -> Result<CursorBatch> {
+        let mut pos = self.cursor(name)?;
+        let limit = upto_seqno.unwrap_or(u64::MAX);
+        let mut events = Vec::new();
+        let (mut items, mut bytes, mut blocked) = (0usize, 0usize, false);
+        let mut idx = self.index_of(pos.checkpoint_id);
+        'outer: loop {
+            let ck = &self.checkpoints[idx];
+            if pos.start_pending {
+                events.push(CursorEvent::CheckpointStart { id: ck.id });
+                pos.start_pending = false;
+            }
+            for j in ck.first_after(pos.seqno)..ck.slots.len() {
+                if items >= max_items || (items > 0 && bytes >= max_bytes) {
+                    break 'outer;
+                }
+                if ck.seqnos[j] > limit {
+                    blocked = true;
+                    break 'outer;
+                }
+                if let Some(item) = &ck.slots[j] {
+                    items += 1;
+                    bytes += item.mem_size();
+                    events.push(CursorEvent::Item(item.clone()));
+                }
+                pos.seqno = ck.seqnos[j];
+            }
+            if ck.open || idx + 1 >= self.checkpoints.len() {
+                break;
+            }
+            events.push(CursorEvent::CheckpointEnd { id: ck.id });
+            idx += 1;
+            pos.checkpoint_id = self.checkpoints[idx].id;
+            pos.start_pending = true;
+        }
+        Ok(CursorBatch {
+            events,
+            items,
+            bytes,
+            blocked,
+            position: pos,
+        })
+    }
+
+    /// Moves the cursor to the end of `batch` (read earlier with
+    /// [`peek`](Self::peek)) and frees checkpoints no cursor needs any more.
+    pub fn advance(&mut self, name: &str, batch: &CursorBatch) -> Result<()> {
+        let current = self.cursor(name)?;
+        if batch.position.seqno < current.seqno
+            || batch.position.checkpoint_id < current.checkpoint_id
+        {
+            return Err(Error::InvalidArgument(format!(
+                "cursor {name:?} cannot move back from seqno {} to {}",
+                current.seqno, batch.position.seqno
+            )));
+        }
+        self.cursors.insert(name.to_owned(), batch.position);
+        self.remove_unreferenced();
+        Ok(())
+    }
+
+    /// [`peek`](Self::peek) and [`advance`](Self::advance) in one step.
+    pub fn read(&mut self, name: &str, max_items: usize) -> Result<CursorBatch> {
+        let batch = self.peek(name, max_items, usize::MAX, None)?;
+        self.advance(name, &batch)?;
+        Ok(batch)
+    }
+
+    /// Exact number of items the cursor has still to read.
+    pub fn remaining(&self, name: &str) -> Result<usize> {
+        let pos = self.cursor(name)?;
+        Ok(self.remaining_from(&pos))
+    }
+
+    fn remaining_from(&self, pos: &CursorPosition) -> usize {
+        let idx = self.index_of(pos.checkpoint_id);
+        self.checkpoints
+            .iter()
+            .skip(idx)
+            .map(|ck| ck.live_after(pos.seqno))
+            .sum()
+    }
+
+    /// Frees the oldest closed checkpoints that every cursor has left.
+    /// Returns how many were freed.
+    pub fn remove_unreferenced(&mut self) -> usize {
+        let lowest_needed = self
+            .cursors
+            .values()
+            .map(|c| c.checkpoint_id)
+            .min()
+            .unwrap_or(u64::MAX);
+        let mut removed = 0;
+        while let Some(front) = self.checkpoints.front() {
+            if front.open || front.id >= lowest_needed {
+                break;
+            }
+            let mem = front.mem;
+            let id = front.id;
+            self.checkpoints.pop_front();
+            self.charge(0, mem);
+            removed += 1;
+            tracing::debug!(checkpoint_id = id, "checkpoint freed");
+        }
+        removed
+    }
+
+    /// Every checkpoint, oldest first.
+    pub fn checkpoints(&self) -> Vec<CheckpointInfo> {
+        self.checkpoints.iter().map(Checkpoint::info).collect()
+    }
+
+    /// Every cursor, by name.
+    pub fn cursors(&self) -> Vec<CursorInfo> {
+        self.cursors
+            .iter()
+            .map(|(name, pos)| CursorInfo {
+                name: name.clone(),
+                checkpoint_id: pos.checkpoint_id,
+                seqno: pos.seqno,
+                remaining: self.remaining_from(pos),
+            })
+            .collect()
+    }
+}
+
+impl Drop for CheckpointManager {
+    fn drop(&mut self) {
+        self.shared_mem.fetch_sub(self.mem, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,162 @@
+//! Engine settings and the builder that opens an engine.
+//!
+//! Every limit the engine enforces is a field here with a documented default.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::checkpoint::CheckpointConfig;
+use crate::engine::Engine;
+use crate::error::Result;
+
+/// All settings of an engine. Build one through [`Engine::builder`].
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Data directory.
+    pub path: PathBuf,
+    /// Number of partitions (default 16). Fixed when the directory is created.
+    pub partitions: u16,
+    /// Per-checkpoint limits (default 10,000 items or 32 MiB).
+    pub checkpoint: CheckpointConfig,
+    /// Bound on the memory held by all checkpoints together (default 512 MiB).
+    /// Past it, writes fail with `TempOutOfMemory` until the flusher frees some.
+    pub checkpoint_memory_limit: usize,
+    /// Most items one partition contributes to one flush (default 10,000).
+    pub flush_batch_max_items: usize,
+    /// Most bytes one partition contributes to one flush (default 16 MiB).
+    pub flush_batch_max_bytes: usize,
+    /// Number of flusher threads; partition `p` is flushed by thread
+    /// `p % flusher_threads` (default 1).
+    pub flusher_threads: usize,
+    /// Consecutive failed flush attempts tolerated before the engine is
+    /// poisoned (default 5).
+    pub flush_retry_limit: u32,
+    /// Pause between flush attempts after a failure (default 20 ms).
+    pub flush_retry_backoff: Duration,
+    /// Longest key in bytes (default 250).
+    pub max_key_size: usize,
+    /// Longest value in bytes (default 20 MiB).
+    pub max_value_size: usize,
+    /// How long a `Persist` write or `flush()` waits for the disk (default 30 s).
+    pub persist_timeout: Duration,
+    /// Seqnos and checkpoint ids reserved on disk at a time, so numbers are
+    /// never reused after a crash (default 1,000,000 seqnos; ids use 1/1000).
+    pub seqno_reservation: u64,
+}
+
+impl EngineConfig {
+    /// Defaults for a data directory at `path`.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        EngineConfig {
+            path: path.into(),
+            partitions: 16,
+            checkpoint: CheckpointConfig::default(),
+            checkpoint_memory_limit: 512 << 20,
+            flush_batch_max_items: 10_000,
+            flush_batch_max_bytes: 16 << 20,
+            flusher_threads: 1,
+            flush_retry_limit: 5,
+            flush_retry_backoff: Duration::from_millis(20),
+            max_key_size: 250,
+            max_value_size: 20 << 20,
+            persist_timeout: Duration::from_secs(30),
+            seqno_reservation: 1_000_000,
+        }
+    }
+}
+
+/// Builder returned by [`Engine::builder`]; every setter documents its default.
+#[derive(Debug, Clone)]
+pub struct EngineBuilder {
+    config: EngineConfig,
+}
+
+impl EngineBuilder {
+    pub(crate) fn new(path: PathBuf) -> Self {
+        EngineBuilder {
+            config: EngineConfig::new(path),
+        }
+    }
+
+    /// Number of partitions; default 16, range 1..=1024.
+    pub fn partitions(mut self, n: u16) -> Self {
+        self.config.partitions = n;
+        self
+    }
+
+    /// Items after which the open checkpoint closes; default 10,000.
+    pub fn checkpoint_max_items(mut self, n: usize) -> Self {
+        self.config.checkpoint.max_items = n;
+        self
+    }
+
+    /// Bytes after which the open checkpoint closes; default 32 MiB.
+    pub fn checkpoint_max_bytes(mut self, n: usize) -> Self {
+        self.config.checkpoint.max_bytes = n;
+        self
+    }
+
+    /// Bound on all checkpoint memory; default 512 MiB.
+    pub fn checkpoint_memory_limit(mut self, bytes: usize) -> Self {
+        self.config.checkpoint_memory_limit = bytes;
+        self
+    }
+
+    /// Most items per partition per flush; default 10,000.
+    pub fn flush_batch_max_items(mut self, n: usize) -> Self {
+        self.config.flush_batch_max_items = n;
+        self
+    }
+
+    /// Most bytes per partition per flush; default 16 MiB.
+    pub fn flush_batch_max_bytes(mut self, n: usize) -> Self {
+        self.config.flush_batch_max_bytes = n;
+        self
+    }
+
+    /// Flusher threads; default 1.
+    pub fn flusher_threads(mut self, n: usize) -> Self {
+        self.config.flusher_threads = n;
+        self
+    }
+
+    /// Consecutive flush failures before poisoning; default 5.
+    pub fn flush_retry_limit(mut self, n: u32) -> Self {
+        self.config.flush_retry_limit = n;
+        self
+    }
+
+    /// Pause after a failed flush before the retry; default 20 ms.
+    pub fn flush_retry_backoff(mut self, d: Duration) -> Self {
+        self.config.flush_retry_backoff = d;
+        self
+    }
+
+    /// Longest key; default 250 bytes.
+    pub fn max_key_size(mut self, n: usize) -> Self {
+        self.config.max_key_size = n;
+        self
+    }
+
+    /// Longest value; default 20 MiB.
+    pub fn max_value_size(mut self, n: usize) -> Self {
+        self.config.max_value_size = n;
+        self
+    }
+
+    /// How long durable writes wait; default 30 s.
+    pub fn persist_timeout(mut self, d: Duration) -> Self {
+        self.config.persist_timeout = d;
+        self
+    }
+
+    /// The settings as they stand.
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// Creates the data directory if needed, or reopens it (warmup).
+    pub fn open(self) -> Result<Engine> {
+        Engine::open_with(self.config)
+    }
+}

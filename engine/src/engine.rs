@@ -1,0 +1,601 @@
+//! The engine: opening and warmup, the public operations, and shutdown.
+//!
+//! Owns the partitions, the store and the flusher threads. Operations route a
+//! key to its partition and, for `Persist` writes, wait for the flusher's
+//! group commit. Everything partition-local lives in `partition`, everything
+//! about checkpoints in `checkpoint`, everything about RocksDB in `store`.
+
+use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::checkpoint::{CheckpointInfo, CursorBatch, CursorInfo, Registration};
+use crate::config::{EngineBuilder, EngineConfig};
+use crate::error::{Error, Result};
+use crate::flusher;
+use crate::item::{Durability, Item, MutationResult, PartitionId, WriteOptions};
+use crate::partition::{partition_of, MutationKind, Partition, PartitionStart, PERSISTENCE_CURSOR};
+use crate::stats::{EngineStats, PartitionStats};
+use crate::store::{DirLock, EngineMeta, Reservation, Store, FORMAT_VERSION};
+use crate::sync::{Arc, AtomicBool, AtomicU64, AtomicUsize, Condvar, Mutex, Ordering};
+
+/// A wake-up signal: a pending flag plus a condition variable, so that a
+/// notification given while nobody waits is not lost.
+#[derive(Default)]
+pub(crate) struct Signal {
+    pending: AtomicBool,
+    lock: Mutex<()>,
+    cv: Condvar,
+}
+
+impl Signal {
+    /// Marks work pending and wakes a waiter if the flag was not yet set.
+    pub(crate) fn notify(&self) {
+        if !self.pending.load(Ordering::Acquire) && !self.pending.swap(true, Ordering::AcqRel) {
+            let _g = self.lock.lock();
+            self.cv.notify_all();
+        }
+    }
+
+    /// Waits until notified (or `timeout`), then clears the flag.
+    pub(crate) fn wait(&self, timeout: Duration, stop: &AtomicBool) {
+        let mut g = self.lock.lock();
+        if !self.pending.load(Ordering::Acquire) && !stop.load(Ordering::Acquire) {
+            self.cv.wait_for(&mut g, timeout);
+        }
+        drop(g);
+        self.pending.store(false, Ordering::Release);
+    }
+}
+
+/// State shared by the engine handle and its flusher threads.
+pub(crate) struct Shared {
+    pub(crate) config: EngineConfig,
+    pub(crate) store: Store,
+    pub(crate) partitions: Vec<Partition>,
+    pub(crate) checkpoint_mem: Arc<AtomicUsize>,
+    poisoned: Mutex<Option<String>>,
+    pub(crate) is_poisoned: AtomicBool,
+    pub(crate) shutdown: AtomicBool,
+    pub(crate) flush_signal: Signal,
+    /// Number of callers waiting for a sync; the flusher syncs while non-zero.
+    pub(crate) persist_waiters: AtomicUsize,
+    pub(crate) persist_lock: Mutex<()>,
+    pub(crate) persist_cv: Condvar,
+    /// WAL syncs performed for durable writes (one serves many waiters).
+    pub(crate) syncs: AtomicU64,
+    /// Test hook: the next this-many flush attempts fail.
+    pub(crate) injected_flush_failures: AtomicUsize,
+    recovered_from_crash: bool,
+}
+
+impl Shared {
+    pub(crate) fn poison(&self, reason: String) {
+        tracing::error!(%reason, "engine poisoned");
+        *self.poisoned.lock() = Some(reason);
+        self.is_poisoned.store(true, Ordering::Release);
+        let _g = self.persist_lock.lock();
+        self.persist_cv.notify_all();
+    }
+
+    fn check_poisoned(&self) -> Result<()> {
+        if self.is_poisoned.load(Ordering::Acquire) {
+            let reason = self.poisoned.lock().clone().unwrap_or_default();
+            return Err(Error::Poisoned(reason));
+        }
+        Ok(())
+    }
+
+    fn partition(&self, p: PartitionId) -> Result<&Partition> {
+        self.partitions
+            .get(usize::from(p))
+            .ok_or(Error::NoSuchPartition {
+                partition: p,
+                count: self.config.partitions,
+            })
+    }
+
+    /// Waits until every partition in `targets` has synced up to its seqno.
+    fn wait_synced(&self, targets: &[(PartitionId, u64)]) -> Result<()> {
+        let done = |s: &Shared| {
+            targets.iter().all(|&(p, seqno)| {
+                s.partitions[usize::from(p)]
+                    .progress
+                    .synced_seqno
+                    .load(Ordering::Acquire)
+                    >= seqno
+            })
+        };
+        if done(self) {
+            return Ok(());
+        }
+        let timeout = self.config.persist_timeout;
+        let deadline = Instant::now() + timeout;
+        self.persist_waiters.fetch_add(1, Ordering::AcqRel);
+        self.flush_signal.notify();
+        let mut g = self.persist_lock.lock();
+        let outcome = loop {
+            if done(self) {
+                break Ok(());
+            }
+            if let Err(e) = self.check_poisoned() {
+                break Err(e);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                break Err(Error::Timeout {
+                    what: "data to be persisted",
+                    millis: timeout.as_millis() as u64,
+                });
+            }
+            self.persist_cv.wait_for(&mut g, deadline - now);
+        };
+        drop(g);
+        self.persist_waiters.fetch_sub(1, Ordering::AcqRel);
+        outcome
+    }
+}
+
+/// An open engine. Operations take `&self` and are safe from many threads
+/// (wrap the engine in an `Arc`). Dropping it shuts down cleanly, like
+/// [`close`](Engine::close) but ignoring errors.
+pub struct Engine {
+    shared: Option<Arc<Shared>>,
+    flushers: Vec<JoinHandle<()>>,
+    lock: Option<DirLock>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").field("path", &self.path).finish()
+    }
+}
+
+impl Engine {
+    /// A builder for an engine on the data directory `path`.
+    pub fn builder(path: impl AsRef<Path>) -> EngineBuilder {
+        EngineBuilder::new(path.as_ref().to_path_buf())
+    }
+
+    pub(crate) fn open_with(config: EngineConfig) -> Result<Engine> {
+        validate(&config)?;
+        let started = Instant::now();
+        let path = config.path.clone();
+        let _span = tracing::info_span!("warmup", path = %path.display()).entered();
+        let lock = DirLock::acquire(&path)?;
+        let store = Store::open(&path).map_err(|e| match e {
+            Error::Storage(msg) if msg.contains("lock") => Error::Locked { path: path.clone() },
+            other => other,
+        })?;
+        match store.engine_meta()? {
+            None => store.put_engine_meta(&EngineMeta {
+                format: FORMAT_VERSION,
+                partitions: config.partitions,
+            })?,
+            Some(meta) if meta.format != FORMAT_VERSION => {
+                return Err(Error::Incompatible {
+                    path,
+                    reason: format!(
+                        "on-disk format {} but this build reads {FORMAT_VERSION}",
+                        meta.format
+                    ),
+                })
+            }
+            Some(meta) if meta.partitions != config.partitions => {
+                return Err(Error::Incompatible {
+                    path,
+                    reason: format!(
+                        "created with {} partitions, opened with {}",
+                        meta.partitions, config.partitions
+                    ),
+                })
+            }
+            Some(_) => {}
+        }
+        let clean = store.was_clean_shutdown()?;
+        store.set_clean_shutdown(false)?;
+        let checkpoint_mem = Arc::new(AtomicUsize::new(0));
+        let step = config.seqno_reservation.max(1);
+        let mut partitions = Vec::with_capacity(usize::from(config.partitions));
+        for p in 0..config.partitions {
+            let state = store.partition_state(p)?.unwrap_or_default();
+            let res = store.reservation(p)?.unwrap_or_default();
+            let start = PartitionStart {
+                high_seqno: state.high_seqno.max(res.seqno),
+                checkpoint_id: state.checkpoint_id.max(res.checkpoint_id) + 1,
+                max_cas: state.max_cas,
+            };
+            let reservation = Reservation {
+                seqno: start.high_seqno + step,
+                checkpoint_id: start.checkpoint_id + (step / 1000).max(1),
+            };
+            store.put_reservation(p, &reservation)?;
+            let part = Partition::new(
+                p,
+                config.checkpoint,
+                &start,
+                reservation,
+                step,
+                Arc::clone(&checkpoint_mem),
+            );
+            partitions.push(part);
+        }
+        let mut max_cas = vec![0u64; partitions.len()];
+        let mut loaded = 0u64;
+        store.for_each_item(|p, key, rec| {
+            let Some(part) = partitions.get(usize::from(p)) else {
+                return Err(Error::Corruption(format!(
+                    "item in partition {p} but the engine has {}",
+                    config.partitions
+                )));
+            };
+            max_cas[usize::from(p)] = max_cas[usize::from(p)].max(rec.meta.cas);
+            if !rec.deleted {
+                part.table.put(
+                    Bytes::copy_from_slice(key),
+                    crate::partition::StoredValue {
+                        value: rec.value,
+                        meta: rec.meta,
+                    },
+                );
+                loaded += 1;
+            }
+            Ok(())
+        })?;
+        for (part, cas) in partitions.iter().zip(max_cas) {
+            part.observe_cas(cas);
+        }
+        tracing::info!(
+            items = loaded,
+            clean_shutdown = clean,
+            millis = started.elapsed().as_millis() as u64,
+            "warmup complete"
+        );
+        let shared = Arc::new(Shared {
+            store,
+            partitions,
+            checkpoint_mem,
+            poisoned: Mutex::new(None),
+            is_poisoned: AtomicBool::new(false),
+            shutdown: AtomicBool::new(false),
+            flush_signal: Signal::default(),
+            persist_waiters: AtomicUsize::new(0),
+            persist_lock: Mutex::new(()),
+            persist_cv: Condvar::new(),
+            syncs: AtomicU64::new(0),
+            injected_flush_failures: AtomicUsize::new(0),
+            recovered_from_crash: !clean,
+            config,
+        });
+        let flushers = flusher::spawn(&shared)?;
+        Ok(Engine {
+            shared: Some(shared),
+            flushers,
+            lock: Some(lock),
+            path,
+        })
+    }
+
+    fn live(&self) -> Result<&Shared> {
+        let s = self.shared.as_deref().ok_or(Error::Closed)?;
+        s.check_poisoned()?;
+        Ok(s)
+    }
+
+    /// The data directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The settings the engine runs with.
+    pub fn config(&self) -> Result<&EngineConfig> {
+        Ok(&self.shared.as_deref().ok_or(Error::Closed)?.config)
+    }
+
+    /// Number of partitions.
+    pub fn num_partitions(&self) -> u16 {
+        self.shared.as_deref().map_or(0, |s| s.config.partitions)
+    }
+
+    /// The partition `key` belongs to.
+    pub fn partition_of(&self, key: &[u8]) -> PartitionId {
+        partition_of(key, self.num_partitions())
+    }
+
+    fn check_key(&self, s: &Shared, key: &[u8]) -> Result<()> {
+        if key.is_empty() || key.len() > s.config.max_key_size {
+            return Err(Error::KeyTooLarge {
+                len: key.len(),
+                max: s.config.max_key_size,
+            });
+        }
+        Ok(())
+    }
+
+    /// Reads `key`.
+    pub fn get(&self, key: &[u8]) -> Result<Item> {
+        let s = self.live()?;
+        self.check_key(s, key)?;
+        s.partition(self.partition_of(key))?.get(key)
+    }
+
+    /// Stores `value` under `key`, creating or replacing it.
+    pub fn set(
+        &self,
+        key: &[u8],
+        value: impl Into<Bytes>,
+        opts: WriteOptions,
+    ) -> Result<MutationResult> {
+        self.mutate(MutationKind::Set, key, value.into(), &opts)
+    }
+
+    /// Stores `value` under `key` only if the key does not exist.
+    pub fn add(
+        &self,
+        key: &[u8],
+        value: impl Into<Bytes>,
+        opts: WriteOptions,
+    ) -> Result<MutationResult> {
+        self.mutate(MutationKind::Add, key, value.into(), &opts)
+    }
+
+    /// Stores `value` under `key` only if the key exists.
+    pub fn replace(
+        &self,
+        key: &[u8],
+        value: impl Into<Bytes>,
+        opts: WriteOptions,
+    ) -> Result<MutationResult> {
+        self.mutate(MutationKind::Replace, key, value.into(), &opts)
+    }
+
+    /// Deletes `key`.
+    pub fn delete(&self, key: &[u8], opts: WriteOptions) -> Result<MutationResult> {
+        self.mutate(MutationKind::Delete, key, Bytes::new(), &opts)
+    }
+
+    fn mutate(
+        &self,
+        kind: MutationKind,
+        key: &[u8],
+        value: Bytes,
+        opts: &WriteOptions,
+    ) -> Result<MutationResult> {
+        let s = self.live()?;
+        self.check_key(s, key)?;
+        if value.len() > s.config.max_value_size {
+            return Err(Error::ValueTooLarge {
+                len: value.len(),
+                max: s.config.max_value_size,
+            });
+        }
+        let part = s.partition(self.partition_of(key))?;
+        let incoming = key.len() + value.len();
+        let admit = || {
+            let used = s.checkpoint_mem.load(Ordering::Relaxed);
+            if used + incoming > s.config.checkpoint_memory_limit {
+                s.flush_signal.notify();
+                return Err(Error::TempOutOfMemory {
+                    reason: format!(
+                        "checkpoint memory {used} bytes is at its limit of {} bytes; \
+                         retry once the flusher has persisted queued items",
+                        s.config.checkpoint_memory_limit
+                    ),
+                });
+            }
+            Ok(())
+        };
+        let res = part.mutate(
+            &s.store,
+            kind,
+            Bytes::copy_from_slice(key),
+            value,
+            opts,
+            admit,
+        )?;
+        s.flush_signal.notify();
+        if opts.durability == Durability::Persist {
+            s.wait_synced(&[(res.partition, res.seqno)])?;
+        }
+        Ok(res)
+    }
+
+    /// Waits until everything written before the call is persisted and synced.
+    pub fn flush(&self) -> Result<()> {
+        let s = self.live()?;
+        let targets: Vec<(PartitionId, u64)> = s
+            .partitions
+            .iter()
+            .map(|p| (p.id, p.lock().checkpoints.high_seqno()))
+            .collect();
+        s.wait_synced(&targets)
+    }
+
+    /// Closes partition `p`'s open checkpoint and opens a new one; returns the
+    /// new checkpoint's id.
+    pub fn create_checkpoint(&self, p: PartitionId) -> Result<u64> {
+        let s = self.live()?;
+        s.partition(p)?.create_checkpoint(&s.store)
+    }
+
+    /// Checkpoints of partition `p`, oldest first.
+    pub fn checkpoints(&self, p: PartitionId) -> Result<Vec<CheckpointInfo>> {
+        let s = self.live()?;
+        Ok(s.partition(p)?.lock().checkpoints.checkpoints())
+    }
+
+    /// Cursors of partition `p` (the persistence cursor included).
+    pub fn cursors(&self, p: PartitionId) -> Result<Vec<CursorInfo>> {
+        let s = self.live()?;
+        Ok(s.partition(p)?.lock().checkpoints.cursors())
+    }
+
+    /// Registers the cursor `name` on partition `p` to read everything after
+    /// `from_seqno`. The persistence cursor's name is reserved.
+    pub fn register_cursor(
+        &self,
+        p: PartitionId,
+        name: &str,
+        from_seqno: u64,
+    ) -> Result<Registration> {
+        if name == PERSISTENCE_CURSOR {
+            return Err(Error::InvalidArgument(format!(
+                "cursor name {PERSISTENCE_CURSOR:?} is reserved"
+            )));
+        }
+        let s = self.live()?;
+        s.partition(p)?
+            .lock()
+            .checkpoints
+            .register_cursor(name, from_seqno)
+    }
+
+    /// Reads and consumes up to `max_items` items from cursor `name`.
+    pub fn read_cursor(&self, p: PartitionId, name: &str, max_items: usize) -> Result<CursorBatch> {
+        if name == PERSISTENCE_CURSOR {
+            return Err(Error::InvalidArgument(format!(
+                "cursor {PERSISTENCE_CURSOR:?} belongs to the flusher"
+            )));
+        }
+        let s = self.live()?;
+        s.partition(p)?.lock().checkpoints.read(name, max_items)
+    }
+
+    /// Drops cursor `name`; returns whether it existed.
+    pub fn remove_cursor(&self, p: PartitionId, name: &str) -> Result<bool> {
+        if name == PERSISTENCE_CURSOR {
+            return Err(Error::InvalidArgument(format!(
+                "cursor {PERSISTENCE_CURSOR:?} cannot be removed"
+            )));
+        }
+        let s = self.live()?;
+        Ok(s.partition(p)?.lock().checkpoints.remove_cursor(name))
+    }
+
+    /// Per-partition and engine-wide figures.
+    pub fn stats(&self) -> Result<EngineStats> {
+        let s = self.shared.as_deref().ok_or(Error::Closed)?;
+        let partitions = s
+            .partitions
+            .iter()
+            .map(|p| {
+                let (checkpoints, cursors, high, open_id, ck_mem) = {
+                    let w = p.lock();
+                    (
+                        w.checkpoints.checkpoints(),
+                        w.checkpoints.cursors(),
+                        w.checkpoints.high_seqno(),
+                        w.checkpoints.open_checkpoint_id(),
+                        w.checkpoints.mem_bytes(),
+                    )
+                };
+                let pr = &p.progress;
+                PartitionStats {
+                    partition: p.id,
+                    items: p.table.len(),
+                    mem_bytes: p.table.mem_bytes(),
+                    checkpoint_mem_bytes: ck_mem,
+                    high_seqno: high,
+                    persisted_seqno: pr.persisted_seqno.load(Ordering::Acquire),
+                    open_checkpoint_id: open_id,
+                    checkpoints,
+                    cursors,
+                    flushes: pr.flushes.load(Ordering::Relaxed),
+                    flushed_items: pr.flushed_items.load(Ordering::Relaxed),
+                    flush_failures: pr.flush_failures.load(Ordering::Relaxed),
+                    flush_micros_total: pr.flush_micros_total.load(Ordering::Relaxed),
+                    last_flush_micros: pr.last_flush_micros.load(Ordering::Relaxed),
+                }
+            })
+            .collect();
+        Ok(EngineStats {
+            partitions,
+            checkpoint_mem_bytes: s.checkpoint_mem.load(Ordering::Relaxed),
+            checkpoint_mem_limit: s.config.checkpoint_memory_limit,
+            syncs: s.syncs.load(Ordering::Relaxed),
+            poisoned: s.poisoned.lock().clone(),
+            recovered_from_crash: s.recovered_from_crash,
+        })
+    }
+
+    /// Test and operator hook: makes the next `n` flush attempts fail as if
+    /// RocksDB had returned an error.
+    #[doc(hidden)]
+    pub fn inject_flush_failures(&self, n: usize) {
+        if let Some(s) = self.shared.as_deref() {
+            s.injected_flush_failures.store(n, Ordering::Release);
+        }
+    }
+
+    /// Flushes everything, stops the flusher, marks the directory cleanly shut
+    /// down and releases it.
+    pub fn close(mut self) -> Result<()> {
+        self.shutdown()
+    }
+
+    fn shutdown(&mut self) -> Result<()> {
+        let Some(shared) = self.shared.take() else {
+            return Ok(());
+        };
+        shared.shutdown.store(true, Ordering::Release);
+        shared.flush_signal.notify();
+        for t in self.flushers.drain(..) {
+            if t.join().is_err() {
+                shared.poison("a flusher thread panicked".into());
+            }
+        }
+        let result = (|| {
+            shared.check_poisoned()?;
+            for p in &shared.partitions {
+                let w = p.lock();
+                shared.store.put_reservation(
+                    p.id,
+                    &Reservation {
+                        seqno: w.checkpoints.high_seqno(),
+                        checkpoint_id: w.checkpoints.open_checkpoint_id(),
+                    },
+                )?;
+            }
+            shared.store.sync_wal()?;
+            shared.store.set_clean_shutdown(true)
+        })();
+        drop(shared);
+        self.lock.take();
+        tracing::info!(path = %self.path.display(), ok = result.is_ok(), "engine closed");
+        result
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        if let Err(e) = self.shutdown() {
+            tracing::warn!(error = %e, "engine shutdown on drop failed");
+        }
+    }
+}
+
+fn validate(c: &EngineConfig) -> Result<()> {
+    let bad = |m: String| Err(Error::InvalidArgument(m));
+    if c.partitions == 0 || c.partitions > 1024 {
+        return bad(format!("partitions must be 1..=1024, got {}", c.partitions));
+    }
+    if c.flusher_threads == 0 || c.flusher_threads > usize::from(c.partitions) {
+        return bad(format!(
+            "flusher_threads must be 1..=partitions, got {}",
+            c.flusher_threads
+        ));
+    }
+    if c.max_key_size == 0 || c.max_key_size > 65_535 {
+        return bad(format!(
+            "max_key_size must be 1..=65535, got {}",
+            c.max_key_size
+        ));
+    }
+    if c.flush_batch_max_items == 0 {
+        return bad("flush_batch_max_items must be at least 1".into());
+    }
+    Ok(())
+}

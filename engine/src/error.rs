@@ -1,0 +1,138 @@
+//! The engine's error type: one variant per thing a caller can act on.
+//!
+//! Every public operation returns [`Result`]. Variants name what went wrong and,
+//! where it helps, what to do about it. Nothing here is ever a panic in disguise.
+
+use std::path::PathBuf;
+
+/// Result alias used by every engine API.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything an engine call can fail with.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The key does not exist (or has expired).
+    #[error("key not found")]
+    NotFound,
+    /// `add` on a key that already exists.
+    #[error("key already exists")]
+    Exists,
+    /// The caller's expected CAS does not match the item's current CAS.
+    #[error("CAS mismatch: expected {expected}, current {current}")]
+    CasMismatch {
+        /// CAS the caller supplied.
+        expected: u64,
+        /// CAS the item has now (0 if the key is absent).
+        current: u64,
+    },
+    /// The key is empty or longer than the configured maximum.
+    #[error("key length {len} is outside 1..={max} bytes")]
+    KeyTooLarge {
+        /// Length of the rejected key.
+        len: usize,
+        /// Configured maximum (`EngineBuilder::max_key_size`).
+        max: usize,
+    },
+    /// The value is longer than the configured maximum.
+    #[error("value length {len} exceeds the maximum of {max} bytes")]
+    ValueTooLarge {
+        /// Length of the rejected value.
+        len: usize,
+        /// Configured maximum (`EngineBuilder::max_value_size`).
+        max: usize,
+    },
+    /// Memory is exhausted for now; retry after the flusher catches up (or the
+    /// named online-update window is completed or reverted).
+    #[error("temporarily out of memory: {reason}")]
+    TempOutOfMemory {
+        /// What is full and what frees it.
+        reason: String,
+    },
+    /// The partition number is outside `0..num_partitions`.
+    #[error("partition {partition} does not exist (engine has {count})")]
+    NoSuchPartition {
+        /// Requested partition.
+        partition: u16,
+        /// Number of partitions the engine has.
+        count: u16,
+    },
+    /// An argument was rejected; the message says which and why.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// The operation is not allowed in the partition's current state
+    /// (for example an online-update command out of order).
+    #[error("wrong state: {0}")]
+    WrongState(String),
+    /// A durable write did not become durable within the configured time.
+    #[error("timed out after {millis} ms waiting for {what}")]
+    Timeout {
+        /// What was being waited for.
+        what: &'static str,
+        /// How long the wait lasted.
+        millis: u64,
+    },
+    /// The engine was closed; open it again.
+    #[error("engine is closed")]
+    Closed,
+    /// A background failure (such as repeated flush errors) stopped the engine
+    /// to protect the data on disk. Nothing acknowledged as persisted is lost:
+    /// restart the process and reopen the data directory.
+    #[error("engine is poisoned by an earlier background failure: {0}")]
+    Poisoned(String),
+    /// Another process (or another engine in this process) holds the data
+    /// directory.
+    #[error("data directory {path} is in use by another tapkv process")]
+    Locked {
+        /// The data directory.
+        path: PathBuf,
+    },
+    /// The data directory was written with different, incompatible settings.
+    #[error("data directory {path} is incompatible: {reason}")]
+    Incompatible {
+        /// The data directory.
+        path: PathBuf,
+        /// What does not match.
+        reason: String,
+    },
+    /// On-disk data could not be decoded; names what was corrupt.
+    #[error("corruption: {0}")]
+    Corruption(String),
+    /// An I/O error from the file system.
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    /// An error reported by RocksDB.
+    #[error("storage error: {0}")]
+    Storage(String),
+}
+
+impl Error {
+    /// A short machine-readable name of the variant, for tools and protocols.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::NotFound => "not_found",
+            Error::Exists => "exists",
+            Error::CasMismatch { .. } => "cas_mismatch",
+            Error::KeyTooLarge { .. } => "key_too_large",
+            Error::ValueTooLarge { .. } => "value_too_large",
+            Error::TempOutOfMemory { .. } => "temp_oom",
+            Error::NoSuchPartition { .. } => "no_such_partition",
+            Error::InvalidArgument(_) => "invalid_argument",
+            Error::WrongState(_) => "wrong_state",
+            Error::Timeout { .. } => "timeout",
+            Error::Closed => "closed",
+            Error::Poisoned(_) => "poisoned",
+            Error::Locked { .. } => "locked",
+            Error::Incompatible { .. } => "incompatible",
+            Error::Corruption(_) => "corruption",
+            Error::Io(_) => "io",
+            Error::Storage(_) => "storage",
+        }
+    }
+}
+
+impl From<rocksdb::Error> for Error {
+    fn from(e: rocksdb::Error) -> Self {
+        Error::Storage(e.into_string())
+    }
+}

@@ -1,0 +1,162 @@
+//! The flusher: background threads that drain each partition's persistence
+//! cursor into RocksDB.
+//!
+//! One round reads a batch from every partition the thread owns, writes all of
+//! them (items and each partition's new persisted state) in one `WriteBatch`,
+//! and only then advances the persistence cursors: a failed write leaves the
+//! cursors where they were, so the retry writes the same items again — nothing
+//! is lost or counted twice. While callers wait for durability the round's
+//! write is synced, and one sync serves all of them (group commit). After
+//! `flush_retry_limit` consecutive failures the engine is poisoned.
+
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::checkpoint::{CursorBatch, CursorEvent};
+use crate::engine::Shared;
+use crate::error::{Error, Result};
+use crate::partition::{Partition, PERSISTENCE_CURSOR};
+use crate::store::{FlushBatch, PartitionDiskState};
+use crate::sync::{Arc, Ordering};
+
+/// How long an idle flusher sleeps before looking again.
+const IDLE_WAIT: Duration = Duration::from_millis(100);
+
+pub(crate) fn spawn(shared: &Arc<Shared>) -> Result<Vec<JoinHandle<()>>> {
+    let n = shared.config.flusher_threads;
+    (0..n)
+        .map(|t| {
+            let shared = Arc::clone(shared);
+            std::thread::Builder::new()
+                .name(format!("tapkv-flusher-{t}"))
+                .spawn(move || run(&shared, t, n))
+                .map_err(Error::Io)
+        })
+        .collect()
+}
+
+fn run(shared: &Shared, thread: usize, threads: usize) {
+    let mine: Vec<&Partition> = shared
+        .partitions
+        .iter()
+        .filter(|p| usize::from(p.id) % threads == thread)
+        .collect();
+    let mut failures = 0u32;
+    loop {
+        let stopping = shared.shutdown.load(Ordering::Acquire);
+        match round(shared, &mine) {
+            Ok(more) => {
+                failures = 0;
+                if more {
+                    continue;
+                }
+                if stopping {
+                    return;
+                }
+            }
+            Err(e) => {
+                failures += 1;
+                for p in &mine {
+                    p.progress.flush_failures.fetch_add(1, Ordering::Relaxed);
+                }
+                tracing::warn!(error = %e, attempt = failures, "flush failed; retrying");
+                if failures >= shared.config.flush_retry_limit.max(1) {
+                    shared.poison(format!("{failures} consecutive flush failures, last: {e}"));
+                    return;
+                }
+                std::thread::sleep(shared.config.flush_retry_backoff);
+                continue;
+            }
+        }
+        shared.flush_signal.wait(IDLE_WAIT, &shared.shutdown);
+    }
+}
+
+/// One flush round; returns whether more work is already waiting.
+fn round(shared: &Shared, mine: &[&Partition]) -> Result<bool> {
+    let started = Instant::now();
+    let wants_sync = shared.persist_waiters.load(Ordering::Acquire) > 0;
+    let cfg = &shared.config;
+    let mut batch = FlushBatch::default();
+    let mut pending: Vec<(&Partition, CursorBatch, PartitionDiskState, usize)> = Vec::new();
+    let mut more = false;
+    for p in mine {
+        let b = p.lock().checkpoints.peek(
+            PERSISTENCE_CURSOR,
+            cfg.flush_batch_max_items,
+            cfg.flush_batch_max_bytes,
+            None,
+        )?;
+        if b.is_empty() {
+            continue;
+        }
+        more |= b.items >= cfg.flush_batch_max_items || b.bytes >= cfg.flush_batch_max_bytes;
+        let before = batch.len();
+        let mut max_cas = p.progress.max_cas.load(Ordering::Relaxed);
+        for ev in &b.events {
+            if let CursorEvent::Item(item) = ev {
+                shared.store.add_to_batch(&mut batch, p.id, item)?;
+                max_cas = max_cas.max(item.meta.cas);
+            }
+        }
+        let state = PartitionDiskState {
+            high_seqno: b.end_seqno(),
+            checkpoint_id: b.end_checkpoint_id(),
+            max_cas,
+        };
+        shared.store.add_state_to_batch(&mut batch, p.id, &state)?;
+        let n = batch.len() - before;
+        pending.push((p, b, state, n));
+    }
+    if pending.is_empty() {
+        if wants_sync {
+            // Earlier unsynced writes may be what the waiters need.
+            shared.store.sync_wal()?;
+            mark_synced(shared, mine);
+        }
+        return Ok(false);
+    }
+    if shared
+        .injected_flush_failures
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+        .is_ok()
+    {
+        return Err(Error::Storage("injected flush failure".into()));
+    }
+    let _span =
+        tracing::debug_span!("flush", partitions = pending.len(), items = batch.len()).entered();
+    shared.store.write(batch, wants_sync)?;
+    let micros = started.elapsed().as_micros() as u64;
+    for (p, b, state, n) in &pending {
+        p.lock().checkpoints.advance(PERSISTENCE_CURSOR, b)?;
+        let pr = &p.progress;
+        pr.max_cas.store(state.max_cas, Ordering::Relaxed);
+        pr.persisted_seqno
+            .store(state.high_seqno, Ordering::Release);
+        pr.flushes.fetch_add(1, Ordering::Relaxed);
+        pr.flushed_items.fetch_add(*n as u64, Ordering::Relaxed);
+        pr.flush_micros_total.fetch_add(micros, Ordering::Relaxed);
+        pr.last_flush_micros.store(micros, Ordering::Relaxed);
+    }
+    tracing::debug!(micros, synced = wants_sync, "flushed");
+    if wants_sync {
+        mark_synced(shared, mine);
+    } else if shared.persist_waiters.load(Ordering::Acquire) > 0 {
+        shared.store.sync_wal()?;
+        mark_synced(shared, mine);
+    }
+    Ok(more)
+}
+
+/// Records that everything persisted so far is synced, and wakes waiters.
+fn mark_synced(shared: &Shared, mine: &[&Partition]) {
+    shared.syncs.fetch_add(1, Ordering::Relaxed);
+    for p in mine {
+        let persisted = p.progress.persisted_seqno.load(Ordering::Acquire);
+        p.progress
+            .synced_seqno
+            .fetch_max(persisted, Ordering::AcqRel);
+    }
+    let _g = shared.persist_lock.lock();
+    shared.persist_cv.notify_all();
+}

@@ -1,0 +1,44 @@
+//! tapkv-engine: a checkpointed key-value storage engine.
+//!
+//! Keys hash to a fixed number of partitions. Each partition has a concurrent
+//! hash table, a [`CheckpointManager`] whose named cursors walk its changes in
+//! seqno order, and a persistence cursor that a background flusher drains into
+//! RocksDB. Reopening a data directory warms every partition back up and
+//! continues its seqnos, CAS and checkpoint ids.
+//!
+//! ```no_run
+//! use tapkv_engine::{Engine, WriteOptions, Durability};
+//! let engine = Engine::builder("./data").open()?;
+//! engine.set(b"greeting", "hello", WriteOptions::durable(Durability::Persist))?;
+//! assert_eq!(&engine.get(b"greeting")?.value[..], b"hello");
+//! engine.close()?;
+//! # Ok::<(), tapkv_engine::Error>(())
+//! ```
+#![deny(unsafe_code)]
+#![deny(missing_docs)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+pub mod checkpoint;
+mod config;
+mod engine;
+mod error;
+mod flusher;
+mod item;
+mod partition;
+mod stats;
+mod store;
+mod sync;
+
+pub use checkpoint::{
+    CheckpointConfig, CheckpointInfo, CheckpointManager, CursorBatch, CursorEvent, CursorInfo,
+    Registration,
+};
+pub use config::{EngineBuilder, EngineConfig};
+pub use engine::Engine;
+pub use error::{Error, Result};
+pub use item::{
+    Durability, Item, ItemMeta, MutationResult, PartitionId, QueueOp, QueuedItem, WriteOptions,
+};
+pub use partition::{partition_of, PERSISTENCE_CURSOR};
+pub use stats::{EngineStats, PartitionStats};
+pub use store::{DiskItem, DiskRecord, DiskView, EngineMeta, PartitionDiskInfo, FORMAT_VERSION};

@@ -1,0 +1,73 @@
+//! Figures reported by `Engine::stats()`.
+
+use serde::Serialize;
+
+use crate::checkpoint::{CheckpointInfo, CursorInfo};
+use crate::item::PartitionId;
+
+/// Engine-wide figures.
+#[derive(Debug, Clone)]
+pub struct EngineStats {
+    /// One entry per partition.
+    pub partitions: Vec<PartitionStats>,
+    /// Memory held by all checkpoints.
+    pub checkpoint_mem_bytes: usize,
+    /// Configured bound on checkpoint memory.
+    pub checkpoint_mem_limit: usize,
+    /// WAL syncs done for durable writes; concurrent `Persist` writers share them.
+    pub syncs: u64,
+    /// Why the engine is poisoned, if it is.
+    pub poisoned: Option<String>,
+    /// Whether the previous shutdown of the data directory was clean.
+    pub recovered_from_crash: bool,
+}
+
+impl EngineStats {
+    /// Items over all partitions.
+    pub fn items(&self) -> usize {
+        self.partitions.iter().map(|p| p.items).sum()
+    }
+
+    /// Items not yet persisted over all partitions.
+    pub fn dirty(&self) -> u64 {
+        self.partitions
+            .iter()
+            .map(|p| p.high_seqno - p.persisted_seqno)
+            .sum()
+    }
+}
+
+/// Figures of one partition.
+#[derive(Debug, Clone, Serialize)]
+pub struct PartitionStats {
+    /// Partition number.
+    pub partition: PartitionId,
+    /// Keys in the hash table.
+    pub items: usize,
+    /// Key and value bytes in the hash table.
+    pub mem_bytes: usize,
+    /// Bytes held by the partition's checkpoints.
+    pub checkpoint_mem_bytes: usize,
+    /// Highest seqno handed out.
+    pub high_seqno: u64,
+    /// Highest seqno written to disk.
+    pub persisted_seqno: u64,
+    /// Id of the open checkpoint.
+    pub open_checkpoint_id: u64,
+    /// Checkpoints, oldest first.
+    #[serde(skip)]
+    pub checkpoints: Vec<CheckpointInfo>,
+    /// Cursors, by name.
+    #[serde(skip)]
+    pub cursors: Vec<CursorInfo>,
+    /// Successful flushes that wrote something for this partition.
+    pub flushes: u64,
+    /// Items written by those flushes.
+    pub flushed_items: u64,
+    /// Failed flush attempts (retried).
+    pub flush_failures: u64,
+    /// Total time spent in successful flushes, microseconds.
+    pub flush_micros_total: u64,
+    /// Duration of the last successful flush, microseconds.
+    pub last_flush_micros: u64,
+}

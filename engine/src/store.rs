@@ -1,0 +1,484 @@
+//! The on-disk store: RocksDB column families, record encodings, the data
+//! directory lock, and a read-only view for admin tools.
+//!
+//! Layout of a data directory:
+//! - `tapkv.lock`: held (flock) by the process that has the engine open;
+//! - `rocksdb/`: the RocksDB database with column families
+//!   - `items`: `[partition u16 BE][key]` → item record (live or tombstone);
+//!   - `meta`: engine metadata, per-partition persisted state, seqno and
+//!     checkpoint-id reservations, the clean-shutdown mark.
+//!
+//! Everything a flush writes for a partition goes in one `WriteBatch` with the
+//! partition's state, so the disk always holds a consistent prefix of each
+//! partition's history. This module knows nothing of checkpoints or cursors.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use rocksdb::{ColumnFamilyDescriptor, IteratorMode, Options, WriteBatch, DB};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::item::{ItemMeta, PartitionId, QueueOp, QueuedItem};
+
+const CF_ITEMS: &str = "items";
+const CF_META: &str = "meta";
+const ENGINE_META_KEY: &[u8] = b"engine";
+const CLEAN_SHUTDOWN_KEY: &[u8] = b"clean-shutdown";
+/// Version of the on-disk format written by this build.
+pub const FORMAT_VERSION: u32 = 1;
+const RECORD_VERSION: u8 = 1;
+const RECORD_HEADER: usize = 1 + 1 + 4 + 4 + 8 + 8 + 8;
+
+/// Engine-wide settings fixed when a data directory is created.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EngineMeta {
+    /// On-disk format version.
+    pub format: u32,
+    /// Number of partitions: keys map to partitions by it, so it never changes.
+    pub partitions: u16,
+}
+
+/// A partition's state as of its last successful flush.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PartitionDiskState {
+    /// Highest seqno on disk.
+    pub high_seqno: u64,
+    /// Checkpoint id of the last flushed item.
+    pub checkpoint_id: u64,
+    /// Highest CAS on disk.
+    pub max_cas: u64,
+}
+
+/// Seqnos and checkpoint ids a partition may hand out before it must reserve
+/// more: after a crash the partition continues above the reservation, so
+/// numbers handed out but never flushed are not reused.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Reservation {
+    /// Seqnos up to and including this one may be handed out.
+    pub seqno: u64,
+    /// Checkpoint ids up to and including this one may be handed out.
+    pub checkpoint_id: u64,
+}
+
+/// An item record on disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskRecord {
+    /// Metadata.
+    pub meta: ItemMeta,
+    /// Whether this is a tombstone left by a deletion.
+    pub deleted: bool,
+    /// The value (empty for tombstones).
+    pub value: Bytes,
+}
+
+fn state_key(p: PartitionId) -> Vec<u8> {
+    let mut k = b"state/".to_vec();
+    k.extend_from_slice(&p.to_be_bytes());
+    k
+}
+
+fn reservation_key(p: PartitionId) -> Vec<u8> {
+    let mut k = b"reserve/".to_vec();
+    k.extend_from_slice(&p.to_be_bytes());
+    k
+}
+
+/// The RocksDB key of `key` in partition `p`.
+pub(crate) fn item_key(p: PartitionId, key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(2 + key.len());
+    k.extend_from_slice(&p.to_be_bytes());
+    k.extend_from_slice(key);
+    k
+}
+
+fn encode_record(meta: &ItemMeta, deleted: bool, value: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(RECORD_HEADER + value.len());
+    v.push(RECORD_VERSION);
+    v.push(u8::from(deleted));
+    v.extend_from_slice(&meta.flags.to_be_bytes());
+    v.extend_from_slice(&meta.expiry.to_be_bytes());
+    v.extend_from_slice(&meta.cas.to_be_bytes());
+    v.extend_from_slice(&meta.rev_seqno.to_be_bytes());
+    v.extend_from_slice(&meta.by_seqno.to_be_bytes());
+    v.extend_from_slice(value);
+    v
+}
+
+fn be_u32(b: &[u8]) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[..4]);
+    u32::from_be_bytes(a)
+}
+
+fn be_u64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    u64::from_be_bytes(a)
+}
+
+/// Decodes an item record; `what` names it in a corruption error.
+pub(crate) fn decode_record(raw: &[u8], what: &dyn Fn() -> String) -> Result<DiskRecord> {
+    if raw.len() < RECORD_HEADER || raw[0] != RECORD_VERSION || raw[1] > 1 {
+        return Err(Error::Corruption(format!(
+            "item record of {} is malformed ({} bytes, version {})",
+            what(),
+            raw.len(),
+            raw.first().copied().unwrap_or(0)
+        )));
+    }
+    Ok(DiskRecord {
+        deleted: raw[1] == 1,
+        meta: ItemMeta {
+            flags: be_u32(&raw[2..]),
+            expiry: be_u32(&raw[6..]),
+            cas: be_u64(&raw[10..]),
+            rev_seqno: be_u64(&raw[18..]),
+            by_seqno: be_u64(&raw[26..]),
+        },
+        value: Bytes::copy_from_slice(&raw[RECORD_HEADER..]),
+    })
+}
+
+/// Splits a RocksDB item key into partition and user key.
+pub(crate) fn split_item_key(raw: &[u8]) -> Result<(PartitionId, &[u8])> {
+    if raw.len() < 3 {
+        return Err(Error::Corruption(format!(
+            "item key of {} bytes is too short",
+            raw.len()
+        )));
+    }
+    Ok((u16::from_be_bytes([raw[0], raw[1]]), &raw[2..]))
+}
+
+fn decode_json<T: for<'de> Deserialize<'de>>(raw: &[u8], what: &str) -> Result<T> {
+    serde_json::from_slice(raw).map_err(|e| Error::Corruption(format!("{what}: {e}")))
+}
+
+fn encode_json<T: Serialize>(v: &T) -> Vec<u8> {
+    // Serialising these plain structs cannot fail.
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+/// An exclusive lock on a data directory, released when dropped.
+#[derive(Debug)]
+pub(crate) struct DirLock {
+    _file: File,
+}
+
+impl DirLock {
+    pub(crate) fn acquire(dir: &Path) -> Result<DirLock> {
+        use std::os::unix::io::AsRawFd;
+        std::fs::create_dir_all(dir)?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join("tapkv.lock"))?;
+        // SAFETY: flock on a file descriptor we own; no memory is involved.
+        #[allow(unsafe_code)]
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc != 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                return Err(Error::Locked {
+                    path: dir.to_path_buf(),
+                });
+            }
+            return Err(Error::Io(err));
+        }
+        Ok(DirLock { _file: file })
+    }
+}
+
+/// Items and state of one flush, for one or more partitions.
+#[derive(Default)]
+pub(crate) struct FlushBatch {
+    batch: WriteBatch,
+    items: usize,
+}
+
+/// The RocksDB store of an engine.
+pub(crate) struct Store {
+    db: DB,
+    path: PathBuf,
+}
+
+fn db_options(create: bool) -> Options {
+    let mut opts = Options::default();
+    opts.create_if_missing(create);
+    opts.create_missing_column_families(create);
+    opts.set_max_background_jobs(2);
+    opts.set_wal_recovery_mode(rocksdb::DBRecoveryMode::PointInTime);
+    opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+    opts
+}
+
+impl Store {
+    /// Opens (creating if needed) the store under `dir` for writing.
+    pub(crate) fn open(dir: &Path) -> Result<Store> {
+        let path = dir.join("rocksdb");
+        let opts = db_options(true);
+        let cfs = [CF_ITEMS, CF_META]
+            .into_iter()
+            .map(|n| ColumnFamilyDescriptor::new(n, db_options(true)));
+        let db = DB::open_cf_descriptors(&opts, &path, cfs)?;
+        Ok(Store { db, path })
+    }
+
+    /// Opens an existing store read-only (works while a node holds it).
+    pub(crate) fn open_read_only(dir: &Path) -> Result<Store> {
+        let path = dir.join("rocksdb");
+        if !path.join("CURRENT").exists() {
+            return Err(Error::InvalidArgument(format!(
+                "{} is not a tapkv data directory (no rocksdb/CURRENT)",
+                dir.display()
+            )));
+        }
+        let db = DB::open_cf_for_read_only(&db_options(false), &path, [CF_ITEMS, CF_META], false)?;
+        Ok(Store { db, path })
+    }
+
+    fn cf(&self, name: &str) -> Result<&rocksdb::ColumnFamily> {
+        self.db.cf_handle(name).ok_or_else(|| {
+            Error::Corruption(format!(
+                "column family {name} missing in {}",
+                self.path.display()
+            ))
+        })
+    }
+
+    fn get_meta(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        Ok(self.db.get_cf(self.cf(CF_META)?, key)?)
+    }
+
+    fn put_meta_synced(&self, key: &[u8], value: &[u8]) -> Result<()> {
+        let mut wo = rocksdb::WriteOptions::default();
+        wo.set_sync(true);
+        self.db.put_cf_opt(self.cf(CF_META)?, key, value, &wo)?;
+        Ok(())
+    }
+
+    pub(crate) fn engine_meta(&self) -> Result<Option<EngineMeta>> {
+        self.get_meta(ENGINE_META_KEY)?
+            .map(|raw| decode_json(&raw, "engine metadata"))
+            .transpose()
+    }
+
+    pub(crate) fn put_engine_meta(&self, meta: &EngineMeta) -> Result<()> {
+        self.put_meta_synced(ENGINE_META_KEY, &encode_json(meta))
+    }
+
+    pub(crate) fn partition_state(&self, p: PartitionId) -> Result<Option<PartitionDiskState>> {
+        self.get_meta(&state_key(p))?
+            .map(|raw| decode_json(&raw, &format!("state of partition {p}")))
+            .transpose()
+    }
+
+    pub(crate) fn reservation(&self, p: PartitionId) -> Result<Option<Reservation>> {
+        self.get_meta(&reservation_key(p))?
+            .map(|raw| decode_json(&raw, &format!("reservation of partition {p}")))
+            .transpose()
+    }
+
+    /// Durably records a reservation before any number in it is handed out.
+    pub(crate) fn put_reservation(&self, p: PartitionId, r: &Reservation) -> Result<()> {
+        self.put_meta_synced(&reservation_key(p), &encode_json(r))
+    }
+
+    pub(crate) fn was_clean_shutdown(&self) -> Result<bool> {
+        Ok(self.get_meta(CLEAN_SHUTDOWN_KEY)?.is_some())
+    }
+
+    /// Marks (or unmarks) the store as cleanly shut down, synced.
+    pub(crate) fn set_clean_shutdown(&self, clean: bool) -> Result<()> {
+        if clean {
+            self.put_meta_synced(CLEAN_SHUTDOWN_KEY, b"1")
+        } else {
+            let mut wo = rocksdb::WriteOptions::default();
+            wo.set_sync(true);
+            self.db
+                .delete_cf_opt(self.cf(CF_META)?, CLEAN_SHUTDOWN_KEY, &wo)?;
+            Ok(())
+        }
+    }
+
+    /// Reads one item record.
+    pub(crate) fn get_item(&self, p: PartitionId, key: &[u8]) -> Result<Option<DiskRecord>> {
+        let raw = self
+            .db
+            .get_pinned_cf(self.cf(CF_ITEMS)?, item_key(p, key))?;
+        raw.map(|raw| {
+            decode_record(&raw, &|| {
+                format!("key {:?} in partition {p}", String::from_utf8_lossy(key))
+            })
+        })
+        .transpose()
+    }
+
+    /// Calls `f` for every item record (tombstones included), in key order.
+    pub(crate) fn for_each_item(
+        &self,
+        mut f: impl FnMut(PartitionId, &[u8], DiskRecord) -> Result<()>,
+    ) -> Result<()> {
+        for entry in self.db.iterator_cf(self.cf(CF_ITEMS)?, IteratorMode::Start) {
+            let (k, v) = entry?;
+            let (p, key) = split_item_key(&k)?;
+            let rec = decode_record(&v, &|| {
+                format!("key {:?} in partition {p}", String::from_utf8_lossy(key))
+            })?;
+            f(p, key, rec)?;
+        }
+        Ok(())
+    }
+
+    /// Adds one queued entry of partition `p` to `batch`. Markers write nothing.
+    pub(crate) fn add_to_batch(
+        &self,
+        batch: &mut FlushBatch,
+        p: PartitionId,
+        item: &QueuedItem,
+    ) -> Result<()> {
+        let deleted = match item.op {
+            QueueOp::Mutation => false,
+            QueueOp::Deletion => true,
+            _ => return Ok(()),
+        };
+        let cf = self.cf(CF_ITEMS)?;
+        batch.batch.put_cf(
+            cf,
+            item_key(p, &item.key),
+            encode_record(&item.meta, deleted, &item.value),
+        );
+        batch.items += 1;
+        Ok(())
+    }
+
+    /// Adds partition `p`'s new persisted state to `batch`.
+    pub(crate) fn add_state_to_batch(
+        &self,
+        batch: &mut FlushBatch,
+        p: PartitionId,
+        state: &PartitionDiskState,
+    ) -> Result<()> {
+        batch
+            .batch
+            .put_cf(self.cf(CF_META)?, state_key(p), encode_json(state));
+        Ok(())
+    }
+
+    /// Writes `batch` atomically (WAL on); `sync` makes it durable before return.
+    pub(crate) fn write(&self, batch: FlushBatch, sync: bool) -> Result<()> {
+        let mut wo = rocksdb::WriteOptions::default();
+        wo.set_sync(sync);
+        self.db.write_opt(batch.batch, &wo)?;
+        Ok(())
+    }
+
+    /// Makes every write so far durable.
+    pub(crate) fn sync_wal(&self) -> Result<()> {
+        self.db.flush_wal(true)?;
+        Ok(())
+    }
+}
+
+impl FlushBatch {
+    pub(crate) fn len(&self) -> usize {
+        self.items
+    }
+}
+
+/// A persisted partition as reported by [`DiskView::partitions`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PartitionDiskInfo {
+    /// Partition number.
+    pub partition: PartitionId,
+    /// Highest persisted seqno.
+    pub high_seqno: u64,
+    /// Checkpoint id of the last persisted item.
+    pub checkpoint_id: u64,
+    /// Highest persisted CAS.
+    pub max_cas: u64,
+    /// Live items on disk.
+    pub items: u64,
+    /// Tombstones on disk.
+    pub tombstones: u64,
+}
+
+/// A persisted item as reported by [`DiskView::for_each_item`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskItem {
+    /// Partition.
+    pub partition: PartitionId,
+    /// Key.
+    pub key: Bytes,
+    /// The record.
+    pub record: DiskRecord,
+}
+
+/// A read-only view of a data directory, for admin tools. Opening it does not
+/// take the directory lock, so it also works beside a running node (it then
+/// sees the state as of the moment it was opened).
+pub struct DiskView {
+    store: Store,
+}
+
+impl DiskView {
+    /// Opens the data directory `dir` read-only.
+    pub fn open(dir: impl AsRef<Path>) -> Result<DiskView> {
+        Ok(DiskView {
+            store: Store::open_read_only(dir.as_ref())?,
+        })
+    }
+
+    /// Engine metadata, if the directory was ever initialised.
+    pub fn engine_meta(&self) -> Result<Option<EngineMeta>> {
+        self.store.engine_meta()
+    }
+
+    /// Whether the last process to use the directory shut down cleanly.
+    pub fn clean_shutdown(&self) -> Result<bool> {
+        self.store.was_clean_shutdown()
+    }
+
+    /// Per-partition persisted state and item counts.
+    pub fn partitions(&self) -> Result<Vec<PartitionDiskInfo>> {
+        let n = self.store.engine_meta()?.map_or(0, |m| m.partitions);
+        let mut out: Vec<PartitionDiskInfo> = (0..n)
+            .map(|p| -> Result<PartitionDiskInfo> {
+                let st = self.store.partition_state(p)?.unwrap_or_default();
+                Ok(PartitionDiskInfo {
+                    partition: p,
+                    high_seqno: st.high_seqno,
+                    checkpoint_id: st.checkpoint_id,
+                    max_cas: st.max_cas,
+                    items: 0,
+                    tombstones: 0,
+                })
+            })
+            .collect::<Result<_>>()?;
+        self.store.for_each_item(|p, _, rec| {
+            if let Some(info) = out.get_mut(usize::from(p)) {
+                if rec.deleted {
+                    info.tombstones += 1;
+                } else {
+                    info.items += 1;
+                }
+            }
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Calls `f` for every persisted item, tombstones included.
+    pub fn for_each_item(&self, mut f: impl FnMut(DiskItem) -> Result<()>) -> Result<()> {
+        self.store.for_each_item(|partition, key, record| {
+            f(DiskItem {
+                partition,
+                key: Bytes::copy_from_slice(key),
+                record,
+            })
+        })
+    }
+}

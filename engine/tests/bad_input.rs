@@ -1,0 +1,115 @@
+//! Bad input gets a typed error and the engine keeps serving.
+
+mod common;
+
+use common::builder;
+use tapkv_engine::{Engine, Error, WriteOptions};
+
+#[test]
+fn each_bad_request_is_a_typed_error_and_the_engine_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = builder(dir.path()).max_value_size(1024).open().unwrap();
+    let ok = WriteOptions::default();
+    assert!(matches!(
+        e.set(&[b'k'; 251], "v", ok),
+        Err(Error::KeyTooLarge { len: 251, max: 250 })
+    ));
+    assert!(matches!(
+        e.set(b"", "v", ok),
+        Err(Error::KeyTooLarge { len: 0, .. })
+    ));
+    assert!(matches!(
+        e.get(&[b'k'; 251]),
+        Err(Error::KeyTooLarge { .. })
+    ));
+    assert!(matches!(
+        e.set(b"k", vec![0u8; 1025], ok),
+        Err(Error::ValueTooLarge {
+            len: 1025,
+            max: 1024
+        })
+    ));
+    let r = e.set(b"k", "v1", ok).unwrap();
+    assert!(matches!(e.add(b"k", "v2", ok), Err(Error::Exists)));
+    assert!(matches!(
+        e.replace(b"missing", "v", ok),
+        Err(Error::NotFound)
+    ));
+    assert!(matches!(e.delete(b"missing", ok), Err(Error::NotFound)));
+    assert!(matches!(
+        e.set(b"k", "v3", ok.with_cas(r.cas + 1)),
+        Err(Error::CasMismatch { expected, current }) if expected == r.cas + 1 && current == r.cas
+    ));
+    assert!(matches!(
+        e.set(b"missing", "v", ok.with_cas(5)),
+        Err(Error::NotFound)
+    ));
+    assert!(matches!(
+        e.delete(b"k", ok.with_cas(r.cas + 1)),
+        Err(Error::CasMismatch { .. })
+    ));
+    assert!(matches!(
+        e.checkpoints(99),
+        Err(Error::NoSuchPartition {
+            partition: 99,
+            count: 4
+        })
+    ));
+    assert!(matches!(
+        e.register_cursor(0, tapkv_engine::PERSISTENCE_CURSOR, 0),
+        Err(Error::InvalidArgument(_))
+    ));
+    // None of that changed anything, and the engine still serves.
+    assert_eq!(&e.get(b"k").unwrap().value[..], b"v1");
+    let r2 = e.set(b"k", "v4", ok.with_cas(r.cas)).unwrap();
+    assert!(r2.cas > r.cas && r2.seqno > r.seqno);
+    e.replace(b"k", "v5", ok).unwrap();
+    e.add(b"fresh", "v", ok).unwrap();
+    e.delete(b"fresh", ok.with_cas(e.get(b"fresh").unwrap().meta.cas))
+        .unwrap();
+    assert_eq!(&e.get(b"k").unwrap().value[..], b"v5");
+    assert!(matches!(e.get(b"fresh"), Err(Error::NotFound)));
+}
+
+#[test]
+fn a_held_directory_gives_a_clear_error_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let _first = builder(dir.path()).open().unwrap();
+    let err = builder(dir.path()).open().unwrap_err();
+    match &err {
+        Error::Locked { path } => assert_eq!(path, dir.path()),
+        other => panic!("expected Locked, got {other:?}"),
+    }
+    assert!(err.to_string().contains(&dir.path().display().to_string()));
+}
+
+#[test]
+fn reopening_with_another_partition_count_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    builder(dir.path()).open().unwrap().close().unwrap();
+    let err = Engine::builder(dir.path())
+        .partitions(8)
+        .open()
+        .unwrap_err();
+    assert!(matches!(err, Error::Incompatible { .. }), "{err:?}");
+    // The directory is still usable with its own settings.
+    builder(dir.path()).open().unwrap().close().unwrap();
+}
+
+#[test]
+fn expired_items_read_as_absent() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = builder(dir.path()).open().unwrap();
+    e.set(
+        b"old",
+        "v",
+        WriteOptions {
+            expiry: 1,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(matches!(e.get(b"old"), Err(Error::NotFound)));
+    e.add(b"old", "new", WriteOptions::default()).unwrap();
+    assert_eq!(&e.get(b"old").unwrap().value[..], b"new");
+}

@@ -1,0 +1,341 @@
+//! Checkpoint manager unit tests: de-duplication, cursor registration,
+//! checkpoint freeing, and exact remaining counts (property test).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use proptest::prelude::*;
+use tapkv_engine::{
+    CheckpointConfig, CheckpointManager, CursorEvent, ItemMeta, QueueOp, QueuedItem, Registration,
+};
+
+fn mgr(max_items: usize) -> (CheckpointManager, Arc<AtomicUsize>) {
+    let mem = Arc::new(AtomicUsize::new(0));
+    let m = CheckpointManager::new(
+        CheckpointConfig {
+            max_items,
+            max_bytes: usize::MAX,
+        },
+        1,
+        0,
+        Arc::clone(&mem),
+    );
+    (m, mem)
+}
+
+fn item(key: &str, seqno: u64) -> QueuedItem {
+    QueuedItem {
+        op: QueueOp::Mutation,
+        key: Bytes::copy_from_slice(key.as_bytes()),
+        value: Bytes::from(format!("v{seqno}")),
+        meta: ItemMeta {
+            by_seqno: seqno,
+            cas: seqno,
+            rev_seqno: 1,
+            flags: 0,
+            expiry: 0,
+        },
+    }
+}
+
+fn items_of(events: &[CursorEvent]) -> Vec<(String, u64)> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            CursorEvent::Item(i) => Some((String::from_utf8_lossy(&i.key).into_owned(), i.seqno())),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn exactly_one_open_checkpoint_at_the_back() {
+    let (mut m, _) = mgr(3);
+    assert_eq!(m.checkpoints().len(), 1);
+    assert!(m.checkpoints()[0].open);
+    m.register_cursor("c", 0).unwrap();
+    for s in 1..=10 {
+        m.queue(item(&format!("k{s}"), s));
+    }
+    let cks = m.checkpoints();
+    assert_eq!(cks.iter().filter(|c| c.open).count(), 1);
+    assert!(cks.last().unwrap().open);
+    // 10 items with 3 per checkpoint: 4 checkpoints, ids consecutive.
+    assert_eq!(cks.len(), 4);
+    assert!(cks.windows(2).all(|w| w[1].id == w[0].id + 1));
+    assert_eq!(cks.iter().map(|c| c.items).sum::<usize>(), 10);
+}
+
+#[test]
+fn dedup_with_cursors_before_on_and_after_the_old_item() {
+    let (mut m, _) = mgr(100);
+    for name in ["before", "on", "after"] {
+        m.register_cursor(name, 0).unwrap();
+    }
+    m.queue(item("a", 1));
+    m.queue(item("b", 2));
+    m.queue(item("c", 3));
+    m.read("on", 1).unwrap(); // has passed a@1
+    m.read("after", 10).unwrap(); // has passed everything
+    assert!(m.queue(item("a", 4)), "a is de-duplicated");
+    assert_eq!(m.checkpoints()[0].items, 3);
+    assert_eq!(m.remaining("before").unwrap(), 3);
+    assert_eq!(m.remaining("on").unwrap(), 3);
+    assert_eq!(m.remaining("after").unwrap(), 1);
+    let before = m.read("before", 10).unwrap();
+    assert_eq!(
+        items_of(&before.events),
+        vec![("b".into(), 2), ("c".into(), 3), ("a".into(), 4)]
+    );
+    let on = m.read("on", 10).unwrap();
+    assert_eq!(
+        items_of(&on.events),
+        vec![("b".into(), 2), ("c".into(), 3), ("a".into(), 4)]
+    );
+    let after = m.read("after", 10).unwrap();
+    assert_eq!(items_of(&after.events), vec![("a".into(), 4)]);
+    for name in ["before", "on", "after"] {
+        assert_eq!(m.remaining(name).unwrap(), 0);
+    }
+}
+
+#[test]
+fn dedup_only_inside_the_open_checkpoint() {
+    let (mut m, _) = mgr(100);
+    m.register_cursor("c", 0).unwrap();
+    m.queue(item("a", 1));
+    m.create_checkpoint();
+    assert!(!m.queue(item("a", 2)), "a closed checkpoint keeps its copy");
+    let b = m.read("c", 10).unwrap();
+    assert_eq!(items_of(&b.events), vec![("a".into(), 1), ("a".into(), 2)]);
+}
+
+#[test]
+fn registration_at_a_boundary_and_mid_checkpoint() {
+    let (mut m, _) = mgr(100);
+    m.register_cursor("pin", 0).unwrap();
+    for s in 1..=3 {
+        m.queue(item(&format!("k{s}"), s));
+    }
+    let second = m.create_checkpoint();
+    for s in 4..=6 {
+        m.queue(item(&format!("k{s}"), s));
+    }
+    // At the boundary: everything after 3 is the second checkpoint.
+    assert_eq!(
+        m.register_cursor("boundary", 3).unwrap(),
+        Registration::InMemory {
+            checkpoint_id: second
+        }
+    );
+    let b = m.read("boundary", 10).unwrap();
+    assert_eq!(b.events[0], CursorEvent::CheckpointStart { id: second });
+    assert_eq!(
+        items_of(&b.events),
+        vec![("k4".into(), 4), ("k5".into(), 5), ("k6".into(), 6)]
+    );
+    // Mid-checkpoint: after seqno 1, inside the first checkpoint.
+    assert_eq!(
+        m.register_cursor("mid", 1).unwrap(),
+        Registration::InMemory {
+            checkpoint_id: second - 1
+        }
+    );
+    assert_eq!(m.remaining("mid").unwrap(), 5);
+    let b = m.read("mid", 10).unwrap();
+    let seqnos: Vec<u64> = items_of(&b.events).iter().map(|x| x.1).collect();
+    assert_eq!(seqnos, vec![2, 3, 4, 5, 6]);
+    assert!(b
+        .events
+        .contains(&CursorEvent::CheckpointEnd { id: second - 1 }));
+    // Beyond the high seqno is refused.
+    assert!(m.register_cursor("future", 7).is_err());
+}
+
+#[test]
+fn reregistering_a_cursor_moves_it() {
+    let (mut m, _) = mgr(100);
+    m.register_cursor("c", 0).unwrap();
+    for s in 1..=5 {
+        m.queue(item(&format!("k{s}"), s));
+    }
+    m.read("c", 5).unwrap();
+    assert_eq!(m.remaining("c").unwrap(), 0);
+    m.register_cursor("c", 2).unwrap();
+    assert_eq!(m.remaining("c").unwrap(), 3);
+    assert_eq!(m.cursors().len(), 1);
+}
+
+#[test]
+fn only_the_oldest_unreferenced_closed_checkpoints_are_freed() {
+    let (mut m, mem) = mgr(2);
+    m.register_cursor("slow", 0).unwrap();
+    m.register_cursor("fast", 0).unwrap();
+    for s in 1..=6 {
+        m.queue(item(&format!("k{s}"), s));
+    }
+    // Checkpoints 1,2 closed (2 items each), 3 open.
+    assert_eq!(m.checkpoints().len(), 3);
+    m.read("fast", 6).unwrap();
+    assert_eq!(m.checkpoints().len(), 3, "slow still needs all of them");
+    m.read("slow", 2).unwrap(); // finished checkpoint 1 but is still in it
+    m.read("slow", 1).unwrap(); // moved into checkpoint 2
+    let ids: Vec<u64> = m.checkpoints().iter().map(|c| c.id).collect();
+    assert_eq!(ids, vec![2, 3]);
+    // Removing the slow cursor frees checkpoint 2 as well.
+    assert!(m.remove_cursor("slow"));
+    let ids: Vec<u64> = m.checkpoints().iter().map(|c| c.id).collect();
+    assert_eq!(ids, vec![3]);
+    let held: usize = m.checkpoints().iter().map(|c| c.mem_bytes).sum();
+    assert_eq!(held, m.mem_bytes());
+    assert_eq!(mem.load(Ordering::Relaxed), m.mem_bytes());
+    drop(m);
+    assert_eq!(mem.load(Ordering::Relaxed), 0);
+}
+
+#[test]
+fn freed_history_needs_backfill() {
+    let (mut m, _) = mgr(2);
+    m.register_cursor("c", 0).unwrap();
+    for s in 1..=5 {
+        m.queue(item(&format!("k{s}"), s));
+    }
+    m.read("c", 5).unwrap();
+    let oldest = m.checkpoints()[0].start_seqno;
+    assert!(oldest > 1);
+    assert_eq!(
+        m.register_cursor("late", 0).unwrap(),
+        Registration::NeedsBackfill {
+            oldest_seqno: oldest
+        }
+    );
+    assert!(!m.has_cursor("late"));
+    assert!(matches!(
+        m.register_cursor("late", oldest - 1).unwrap(),
+        Registration::InMemory { .. }
+    ));
+}
+
+#[test]
+fn peek_does_not_move_and_stops_at_the_barrier() {
+    let (mut m, _) = mgr(100);
+    m.register_cursor("c", 0).unwrap();
+    for s in 1..=5 {
+        m.queue(item(&format!("k{s}"), s));
+    }
+    let b = m.peek("c", 100, usize::MAX, Some(3)).unwrap();
+    assert!(b.blocked);
+    assert_eq!(b.items, 3);
+    assert_eq!(m.remaining("c").unwrap(), 5);
+    m.advance("c", &b).unwrap();
+    assert_eq!(m.remaining("c").unwrap(), 2);
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Queue(u8),
+    Close,
+    Read(u8, u8),
+    Register(u8, u8),
+    Remove(u8),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        6 => (0u8..8).prop_map(Op::Queue),
+        1 => Just(Op::Close),
+        3 => (0u8..3, 0u8..6).prop_map(|(c, n)| Op::Read(c, n)),
+        1 => (0u8..3, any::<u8>()).prop_map(|(c, f)| Op::Register(c, f)),
+        1 => (0u8..3).prop_map(Op::Remove),
+    ]
+}
+
+/// The reference model: every entry ever queued, whether it is still live,
+/// and each cursor's position.
+#[derive(Default)]
+struct Model {
+    entries: Vec<(u64, u8, bool, u64)>, // seqno, key, live, checkpoint id
+    cursors: [Option<u64>; 3],
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+    #[test]
+    fn remaining_counts_stay_exact(ops in proptest::collection::vec(op(), 1..120), max_items in 1usize..6) {
+        let (mut m, mem) = mgr(max_items);
+        let mut model = Model::default();
+        let mut seqno = 0u64;
+        for op in ops {
+            match op {
+                Op::Queue(k) => {
+                    seqno += 1;
+                    m.queue(item(&format!("k{k}"), seqno));
+                    let open = m.open_checkpoint_id();
+                    for e in model.entries.iter_mut() {
+                        if e.1 == k && e.3 == open && e.2 {
+                            e.2 = false;
+                        }
+                    }
+                    model.entries.push((seqno, k, true, open));
+                }
+                Op::Close => { m.create_checkpoint(); }
+                Op::Read(c, n) => {
+                    let name = format!("c{c}");
+                    if let Some(pos) = model.cursors[c as usize] {
+                        let b = m.read(&name, n as usize).unwrap();
+                        let got: Vec<u64> = items_of(&b.events).iter().map(|x| x.1).collect();
+                        let want: Vec<u64> = model.entries.iter()
+                            .filter(|e| e.2 && e.0 > pos)
+                            .take(n as usize)
+                            .map(|e| e.0)
+                            .collect();
+                        prop_assert_eq!(&got, &want);
+                        if let Some(last) = got.last() {
+                            model.cursors[c as usize] = Some(*last);
+                        }
+                    } else {
+                        prop_assert!(m.read(&name, 1).is_err());
+                    }
+                }
+                Op::Register(c, f) => {
+                    let from = if seqno == 0 { 0 } else { u64::from(f) % (seqno + 1) };
+                    match m.register_cursor(&format!("c{c}"), from).unwrap() {
+                        Registration::InMemory { .. } => model.cursors[c as usize] = Some(from),
+                        Registration::NeedsBackfill { oldest_seqno } => {
+                            prop_assert!(from + 1 < oldest_seqno);
+                            prop_assert_eq!(m.checkpoints()[0].start_seqno, oldest_seqno);
+                        }
+                    }
+                }
+                Op::Remove(c) => {
+                    let existed = m.remove_cursor(&format!("c{c}"));
+                    prop_assert_eq!(existed, model.cursors[c as usize].is_some());
+                    model.cursors[c as usize] = None;
+                }
+            }
+            // Remaining counts are exact.
+            for (c, pos) in model.cursors.iter().enumerate() {
+                if let Some(pos) = pos {
+                    let want = model.entries.iter().filter(|e| e.2 && e.0 > *pos).count();
+                    prop_assert_eq!(m.remaining(&format!("c{c}")).unwrap(), want);
+                }
+            }
+            // Exactly one open checkpoint, at the back; ids consecutive.
+            let cks = m.checkpoints();
+            prop_assert_eq!(cks.iter().filter(|c| c.open).count(), 1);
+            prop_assert!(cks.last().unwrap().open);
+            prop_assert!(cks.windows(2).all(|w| w[1].id == w[0].id + 1));
+            // Held items are the live entries of the checkpoints still held.
+            let oldest = cks[0].id;
+            let live_held = model.entries.iter().filter(|e| e.2 && e.3 >= oldest).count();
+            prop_assert_eq!(cks.iter().map(|c| c.items).sum::<usize>(), live_held);
+            // The front checkpoint is open or needed by some cursor.
+            let lowest = m.cursors().iter().map(|c| c.checkpoint_id).min();
+            prop_assert!(cks[0].open || lowest.is_some_and(|l| l <= cks[0].id));
+            // Memory accounting matches.
+            prop_assert_eq!(cks.iter().map(|c| c.mem_bytes).sum::<usize>(), m.mem_bytes());
+            prop_assert_eq!(mem.load(Ordering::Relaxed), m.mem_bytes());
+        }
+    }
+}

@@ -1,0 +1,182 @@
+//! Flusher behaviour: persistence through cursors, retries after failures,
+//! poisoning after repeated failures, group commit, and bounded checkpoint memory.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{builder, key, value};
+use tapkv_engine::{CursorEvent, Durability, Error, WriteOptions};
+
+#[test]
+fn failed_flushes_are_retried_without_loss_or_double_counting() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = builder(dir.path()).flush_retry_limit(10).open().unwrap();
+    e.inject_flush_failures(4);
+    for i in 0..1000 {
+        e.set(&key(i), value(i), WriteOptions::default()).unwrap();
+    }
+    e.flush().unwrap();
+    let st = e.stats().unwrap();
+    assert!(st.poisoned.is_none());
+    assert_eq!(
+        st.partitions.iter().map(|p| p.flushed_items).sum::<u64>(),
+        1000
+    );
+    assert!(st.partitions.iter().map(|p| p.flush_failures).sum::<u64>() >= 4);
+    assert_eq!(st.dirty(), 0);
+    e.close().unwrap();
+    let view = tapkv_engine::DiskView::open(dir.path()).unwrap();
+    assert_eq!(
+        view.partitions()
+            .unwrap()
+            .iter()
+            .map(|p| p.items)
+            .sum::<u64>(),
+        1000
+    );
+}
+
+#[test]
+fn repeated_flush_failures_poison_the_engine_but_keep_persisted_data() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let e = builder(dir.path())
+            .flush_retry_limit(3)
+            .flush_retry_backoff(Duration::from_millis(1))
+            .open()
+            .unwrap();
+        for i in 0..100 {
+            e.set(
+                &key(i),
+                value(i),
+                WriteOptions::durable(Durability::Persist),
+            )
+            .unwrap();
+        }
+        e.inject_flush_failures(1000);
+        e.set(&key(100), value(100), WriteOptions::default())
+            .unwrap();
+        let err = e.flush().unwrap_err();
+        assert!(matches!(err, Error::Poisoned(_)), "{err:?}");
+        assert!(matches!(
+            e.set(&key(101), value(101), WriteOptions::default()),
+            Err(Error::Poisoned(_))
+        ));
+        assert!(e.stats().unwrap().poisoned.is_some());
+        assert!(e.close().is_err());
+    }
+    let e = builder(dir.path()).open().unwrap();
+    assert!(e.stats().unwrap().recovered_from_crash);
+    for i in 0..100 {
+        assert_eq!(&e.get(&key(i)).unwrap().value[..], &value(i)[..], "key {i}");
+    }
+    // Seqnos never go back, even past a poisoned shutdown.
+    let r = e.set(&key(0), "after", WriteOptions::default()).unwrap();
+    let highest_before = 101;
+    assert!(r.seqno > highest_before);
+}
+
+#[test]
+fn concurrent_persist_writers_share_syncs() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = Arc::new(builder(dir.path()).open().unwrap());
+    let threads = 32;
+    let per = 20;
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            let e = Arc::clone(&e);
+            std::thread::spawn(move || {
+                for i in 0..per {
+                    let k = key(t * 1000 + i);
+                    let r = e
+                        .set(&k, value(i), WriteOptions::durable(Durability::Persist))
+                        .unwrap();
+                    assert!(r.seqno > 0);
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    let st = e.stats().unwrap();
+    let writes = (threads * per) as u64;
+    assert!(
+        st.syncs < writes,
+        "{} syncs for {writes} durable writes: no group commit",
+        st.syncs
+    );
+    assert_eq!(st.dirty(), 0);
+}
+
+#[test]
+fn checkpoint_memory_is_bounded_and_nothing_accepted_is_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = builder(dir.path())
+        .checkpoint_memory_limit(64 * 1024)
+        .flush_retry_limit(u32::MAX)
+        .flush_retry_backoff(Duration::from_millis(1))
+        .open()
+        .unwrap();
+    // Stall the flusher so nothing is freed.
+    e.inject_flush_failures(usize::MAX);
+    let mut accepted = Vec::new();
+    let mut refused = 0;
+    for i in 0..2000 {
+        match e.set(&key(i), vec![b'x'; 200], WriteOptions::default()) {
+            Ok(_) => accepted.push(i),
+            Err(Error::TempOutOfMemory { .. }) => refused += 1,
+            Err(other) => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(refused > 0, "the bound was never hit");
+    let st = e.stats().unwrap();
+    assert!(st.checkpoint_mem_bytes <= 64 * 1024 + 1024);
+    for i in &accepted {
+        assert!(e.get(&key(*i)).is_ok());
+    }
+    // Let the flusher run again: memory drains and writes are accepted.
+    e.inject_flush_failures(0);
+    e.flush().unwrap();
+    e.set(&key(5000), vec![b'x'; 200], WriteOptions::default())
+        .unwrap();
+    e.close().unwrap();
+    let e = builder(dir.path()).open().unwrap();
+    for i in &accepted {
+        assert!(e.get(&key(*i)).is_ok(), "accepted key {i} lost");
+    }
+}
+
+#[test]
+fn engine_cursors_read_every_change_in_seqno_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = builder(dir.path()).open().unwrap();
+    let p = e.partition_of(&key(0));
+    e.register_cursor(p, "reader", 0).unwrap();
+    let mut written = Vec::new();
+    for i in 0..400 {
+        let r = e.set(&key(i), value(i), WriteOptions::default()).unwrap();
+        if r.partition == p {
+            written.push(r.seqno);
+        }
+    }
+    let mut read = Vec::new();
+    loop {
+        let b = e.read_cursor(p, "reader", 37).unwrap();
+        if b.is_empty() {
+            break;
+        }
+        for ev in b.events {
+            if let CursorEvent::Item(it) = ev {
+                read.push(it.seqno());
+            }
+        }
+    }
+    assert_eq!(read, written);
+    let cursors = e.cursors(p).unwrap();
+    assert!(cursors
+        .iter()
+        .all(|c| c.remaining == 0 || c.name == "persistence"));
+}

@@ -1,0 +1,166 @@
+//! `tapkv load`: a load generator on an embedded engine.
+//!
+//! Key `i` is `key-<i>`; its value is `"<i>:"` repeated and cut to
+//! `--value-size` bytes, so a checker can recompute it from the key. With
+//! `--print-acked`, each acknowledged write prints `key-<i> <partition>
+//! <seqno>` on stdout, flushed at once (crash tests read it).
+
+use std::io::{IsTerminal, Write};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use tapkv_engine::{Engine, Error, WriteOptions};
+
+use crate::{DataArg, DurabilityArg};
+
+#[derive(Args, Debug)]
+pub(crate) struct LoadArgs {
+    #[command(flatten)]
+    data: DataArg,
+    /// Number of writes.
+    #[arg(long)]
+    count: u64,
+    /// Number of the first key (keys are `key-<start>` .. `key-<start+count-1>`).
+    #[arg(long, default_value_t = 0)]
+    start: u64,
+    /// Value size in bytes.
+    #[arg(long, default_value_t = 100)]
+    value_size: usize,
+    /// Writer threads.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Wait for memory (default) or for the disk on every write.
+    #[arg(long, value_enum, default_value_t)]
+    durability: DurabilityArg,
+    /// Print `key-<i> <partition> <seqno>` on stdout as each write is acknowledged.
+    #[arg(long)]
+    print_acked: bool,
+}
+
+/// The value the load generator writes for key number `i`.
+pub(crate) fn value_for(i: u64, size: usize) -> Vec<u8> {
+    let unit = format!("{i}:");
+    unit.bytes().cycle().take(size).collect()
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+pub(crate) fn run(args: LoadArgs) -> Result<ExitCode, Error> {
+    let engine = Arc::new(Engine::builder(&args.data.data).open()?);
+    let next = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicU64::new(0));
+    let opts = WriteOptions::durable(args.durability.into());
+    let started = Instant::now();
+    let progress = std::io::stderr().is_terminal().then(|| {
+        let done = Arc::clone(&done);
+        let total = args.count;
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+        let handle = std::thread::spawn(move || {
+            while stop_rx.recv_timeout(Duration::from_millis(200)).is_err() {
+                let d = done.load(Ordering::Relaxed);
+                let pct = if total == 0 { 100 } else { d * 100 / total };
+                let bar: String = (0..40)
+                    .map(|i| if i * 100 / 40 < pct { '#' } else { '.' })
+                    .collect();
+                eprint!("\r[{bar}] {d}/{total} ({pct}%)");
+            }
+            eprintln!();
+        });
+        (stop_tx, handle)
+    });
+    let threads: Vec<_> = (0..args.threads.max(1))
+        .map(|_| {
+            let engine = Arc::clone(&engine);
+            let next = Arc::clone(&next);
+            let done = Arc::clone(&done);
+            let (count, size, print, start) =
+                (args.count, args.value_size, args.print_acked, args.start);
+            std::thread::spawn(move || -> Result<(Vec<u64>, u64), Error> {
+                let mut lat = Vec::new();
+                let mut oom_retries = 0u64;
+                loop {
+                    let n = next.fetch_add(1, Ordering::Relaxed);
+                    if n >= count {
+                        return Ok((lat, oom_retries));
+                    }
+                    let i = start + n;
+                    let key = format!("key-{i}");
+                    let value = value_for(i, size);
+                    let t = Instant::now();
+                    let r = loop {
+                        match engine.set(key.as_bytes(), value.clone(), opts) {
+                            Err(Error::TempOutOfMemory { .. }) => {
+                                oom_retries += 1;
+                                std::thread::yield_now();
+                            }
+                            other => break other?,
+                        }
+                    };
+                    lat.push(t.elapsed().as_nanos() as u64);
+                    done.fetch_add(1, Ordering::Relaxed);
+                    if print {
+                        let mut out = std::io::stdout().lock();
+                        writeln!(out, "{key} {} {}", r.partition, r.seqno)?;
+                        out.flush()?;
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut all = Vec::with_capacity(args.count as usize);
+    let mut retries = 0;
+    let mut first_err = None;
+    for t in threads {
+        match t.join() {
+            Ok(Ok((lat, r))) => {
+                all.extend(lat);
+                retries += r;
+            }
+            Ok(Err(e)) => first_err = first_err.or(Some(e)),
+            Err(_) => {
+                first_err = first_err.or(Some(Error::Poisoned("a load thread panicked".into())))
+            }
+        }
+    }
+    let elapsed = started.elapsed();
+    if let Some((stop, handle)) = progress {
+        let _ = stop.send(());
+        let _ = handle.join();
+    }
+    if let Some(e) = first_err {
+        return Err(e);
+    }
+    all.sort_unstable();
+    let ops = all.len() as f64;
+    let us = |n: u64| n as f64 / 1000.0;
+    eprintln!(
+        "wrote {} items of {} bytes with {} thread(s), durability {:?}, in {:.3} s: {:.0} ops/s",
+        all.len(),
+        args.value_size,
+        args.threads.max(1),
+        args.durability,
+        elapsed.as_secs_f64(),
+        ops / elapsed.as_secs_f64().max(1e-9)
+    );
+    eprintln!(
+        "latency us: p50 {:.1}  p90 {:.1}  p99 {:.1}  p99.9 {:.1}  max {:.1}   (temp-oom retries: {retries})",
+        us(percentile(&all, 0.50)),
+        us(percentile(&all, 0.90)),
+        us(percentile(&all, 0.99)),
+        us(percentile(&all, 0.999)),
+        us(all.last().copied().unwrap_or(0)),
+    );
+    let engine = Arc::try_unwrap(engine)
+        .map_err(|_| Error::InvalidArgument("engine still shared at exit".into()))?;
+    engine.close()?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,246 @@
+//! `tapkv shell`: one command per line on stdin, one answer line on stdout.
+//!
+//! The grammar is documented in `docs/shell.md`. Answers start with `OK`,
+//! `VALUE`, `NOT_FOUND` or `ERROR <kind>:`; an error never ends the shell.
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+use tapkv_engine::{Engine, Error, PartitionId, WriteOptions};
+
+use crate::DataArg;
+
+#[derive(Args, Debug)]
+pub(crate) struct ShellArgs {
+    #[command(flatten)]
+    data: DataArg,
+}
+
+const HELP: &str = "commands: set KEY VALUE | add KEY VALUE | replace KEY VALUE | get KEY | \
+del KEY | flush | checkpoint P | checkpoints P | cursors P | stats | restart | help | quit";
+
+/// A shell over an embedded engine.
+pub(crate) struct Shell {
+    path: PathBuf,
+    engine: Option<Engine>,
+}
+
+/// What one command line produced.
+pub(crate) enum Reply {
+    Line(String),
+    Quit,
+}
+
+fn err(e: &Error) -> String {
+    match e {
+        Error::NotFound => "NOT_FOUND".into(),
+        e => format!("ERROR {}: {e}", e.kind()),
+    }
+}
+
+fn usage(msg: &str) -> String {
+    format!("ERROR invalid_argument: {msg}")
+}
+
+impl Shell {
+    pub(crate) fn open(path: PathBuf) -> Result<Shell, Error> {
+        let engine = Engine::builder(&path).open()?;
+        Ok(Shell {
+            path,
+            engine: Some(engine),
+        })
+    }
+
+    fn engine(&self) -> Result<&Engine, Error> {
+        self.engine.as_ref().ok_or(Error::Closed)
+    }
+
+    fn partition(&self, arg: Option<&str>) -> Result<PartitionId, String> {
+        let Some(arg) = arg else {
+            return Err(usage("missing partition number"));
+        };
+        arg.parse::<PartitionId>()
+            .map_err(|_| usage(&format!("{arg:?} is not a partition number")))
+    }
+
+    /// Executes one command line.
+    pub(crate) fn execute(&mut self, line: &str) -> Reply {
+        let line = line.trim_end_matches(['\r', '\n']);
+        let mut words = line.splitn(2, ' ');
+        let cmd = words.next().unwrap_or("");
+        let rest = words.next().unwrap_or("");
+        let text = match cmd {
+            "" => return Reply::Line(usage("empty command; try `help`")),
+            "quit" | "exit" => return Reply::Quit,
+            "help" => format!("OK {HELP}"),
+            "set" | "add" | "replace" => self.write(cmd, rest),
+            "get" => self.get(rest),
+            "del" => self.del(rest),
+            _ => self.admin(cmd, rest),
+        };
+        Reply::Line(text)
+    }
+
+    fn write(&self, cmd: &str, rest: &str) -> String {
+        let Some((key, value)) = rest.split_once(' ') else {
+            return usage(&format!("usage: {cmd} KEY VALUE"));
+        };
+        let engine = match self.engine() {
+            Ok(e) => e,
+            Err(e) => return err(&e),
+        };
+        let value = value.as_bytes().to_vec();
+        let r = match cmd {
+            "add" => engine.add(key.as_bytes(), value, WriteOptions::default()),
+            "replace" => engine.replace(key.as_bytes(), value, WriteOptions::default()),
+            _ => engine.set(key.as_bytes(), value, WriteOptions::default()),
+        };
+        match r {
+            Ok(r) => format!(
+                "OK PARTITION {} SEQNO {} CAS {}",
+                r.partition, r.seqno, r.cas
+            ),
+            Err(e) => err(&e),
+        }
+    }
+
+    fn get(&self, key: &str) -> String {
+        if key.is_empty() || key.contains(' ') {
+            return usage("usage: get KEY");
+        }
+        match self.engine().and_then(|e| e.get(key.as_bytes())) {
+            Ok(item) => format!("VALUE {}", String::from_utf8_lossy(&item.value)),
+            Err(e) => err(&e),
+        }
+    }
+
+    fn del(&self, key: &str) -> String {
+        if key.is_empty() || key.contains(' ') {
+            return usage("usage: del KEY");
+        }
+        match self
+            .engine()
+            .and_then(|e| e.delete(key.as_bytes(), WriteOptions::default()))
+        {
+            Ok(r) => format!("OK PARTITION {} SEQNO {}", r.partition, r.seqno),
+            Err(e) => err(&e),
+        }
+    }
+
+    fn admin(&mut self, cmd: &str, rest: &str) -> String {
+        let arg = rest.split_whitespace().next();
+        let result: Result<String, String> = (|| match cmd {
+            "flush" => {
+                self.engine().and_then(Engine::flush).map_err(|e| err(&e))?;
+                Ok("OK".into())
+            }
+            "checkpoint" => {
+                let p = self.partition(arg)?;
+                let id = self
+                    .engine()
+                    .and_then(|e| e.create_checkpoint(p))
+                    .map_err(|e| err(&e))?;
+                Ok(format!("OK CHECKPOINT {id}"))
+            }
+            "checkpoints" => {
+                let p = self.partition(arg)?;
+                let cks = self
+                    .engine()
+                    .and_then(|e| e.checkpoints(p))
+                    .map_err(|e| err(&e))?;
+                let parts: Vec<String> = cks
+                    .iter()
+                    .map(|c| {
+                        format!(
+                            "id={} state={} start={} high={} items={} mem={}",
+                            c.id,
+                            if c.open { "open" } else { "closed" },
+                            c.start_seqno,
+                            c.high_seqno,
+                            c.items,
+                            c.mem_bytes
+                        )
+                    })
+                    .collect();
+                Ok(format!("OK {}", parts.join("; ")))
+            }
+            "cursors" => {
+                let p = self.partition(arg)?;
+                let cs = self
+                    .engine()
+                    .and_then(|e| e.cursors(p))
+                    .map_err(|e| err(&e))?;
+                let parts: Vec<String> = cs
+                    .iter()
+                    .map(|c| {
+                        format!(
+                            "{} checkpoint={} seqno={} remaining={}",
+                            c.name, c.checkpoint_id, c.seqno, c.remaining
+                        )
+                    })
+                    .collect();
+                Ok(format!("OK {}", parts.join("; ")))
+            }
+            "stats" => {
+                let st = self.engine().and_then(Engine::stats).map_err(|e| err(&e))?;
+                let flushes: u64 = st.partitions.iter().map(|p| p.flushes).sum();
+                let flushed: u64 = st.partitions.iter().map(|p| p.flushed_items).sum();
+                let high: u64 = st
+                    .partitions
+                    .iter()
+                    .map(|p| p.high_seqno)
+                    .max()
+                    .unwrap_or(0);
+                Ok(format!(
+                    "OK items={} dirty={} checkpoint_mem={} flushes={} flushed_items={} \
+                     max_high_seqno={} partitions={}",
+                    st.items(),
+                    st.dirty(),
+                    st.checkpoint_mem_bytes,
+                    flushes,
+                    flushed,
+                    high,
+                    st.partitions.len()
+                ))
+            }
+            "restart" => {
+                if let Some(engine) = self.engine.take() {
+                    engine.close().map_err(|e| err(&e))?;
+                }
+                let engine = Engine::builder(&self.path).open().map_err(|e| err(&e))?;
+                let items = engine.stats().map(|s| s.items()).unwrap_or(0);
+                self.engine = Some(engine);
+                Ok(format!("OK RESTARTED ITEMS {items}"))
+            }
+            other => Err(usage(&format!("unknown command {other:?}; try `help`"))),
+        })();
+        result.unwrap_or_else(|e| e)
+    }
+
+    pub(crate) fn close(mut self) -> Result<(), Error> {
+        match self.engine.take() {
+            Some(e) => e.close(),
+            None => Ok(()),
+        }
+    }
+}
+
+pub(crate) fn run(args: ShellArgs) -> Result<ExitCode, Error> {
+    let mut shell = Shell::open(args.data.data)?;
+    let stdin = std::io::stdin();
+    let mut out = std::io::stdout().lock();
+    for line in stdin.lock().lines() {
+        let line = line?;
+        match shell.execute(&line) {
+            Reply::Line(text) => {
+                writeln!(out, "{text}")?;
+                out.flush()?;
+            }
+            Reply::Quit => break,
+        }
+    }
+    shell.close()?;
+    Ok(ExitCode::SUCCESS)
+}
