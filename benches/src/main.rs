@@ -1,1 +1,340 @@
-fn main() {}
+//! Side-by-side benchmarks: tapkv against RocksDB used directly, in one run.
+//!
+//! `cargo run --release -p tapkv-benches -- engine [--ops N]` prints a table of
+//! ops/s and ratios; `docs/performance.md` records the figures and targets.
+//! Each figure is measured in the same process, on the same machine, with the
+//! same keys (16–24 bytes) and values (100 bytes).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rocksdb::{Options, WriteBatch, WriteOptions as RocksWriteOptions, DB};
+use tapkv_engine::{Durability, Engine, WriteOptions};
+
+/// mimalloc: much cheaper than glibc malloc for the many small buffers
+/// (keys, values, checkpoint entries) an engine allocates; see docs/architecture.md.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+const VALUE_SIZE: usize = 100;
+
+fn key(i: u64) -> Vec<u8> {
+    // 16..=24 bytes: "bench:" + zero-padded number of 10..18 digits.
+    let digits = 10 + (i % 9) as usize;
+    format!("bench:{i:0digits$}").into_bytes()
+}
+
+fn value(i: u64) -> Vec<u8> {
+    let mut v = vec![b'v'; VALUE_SIZE];
+    v[..8].copy_from_slice(&i.to_le_bytes());
+    v
+}
+
+/// A shuffled order so gets do not walk keys in insertion order.
+fn shuffled(n: u64) -> Vec<u64> {
+    let mut order: Vec<u64> = (0..n).collect();
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for i in (1..order.len()).rev() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        order.swap(i, (x % (i as u64 + 1)) as usize);
+    }
+    order
+}
+
+fn rocks(dir: &std::path::Path) -> DB {
+    let mut o = Options::default();
+    o.create_if_missing(true);
+    o.set_max_background_jobs(2);
+    o.set_compression_type(rocksdb::DBCompressionType::Lz4);
+    DB::open(&o, dir).expect("open rocksdb")
+}
+
+fn rate(ops: u64, d: Duration) -> f64 {
+    ops as f64 / d.as_secs_f64().max(1e-9)
+}
+
+struct Row {
+    name: String,
+    tapkv: f64,
+    other_name: String,
+    other: f64,
+    target: Option<f64>,
+}
+
+fn print_rows(title: &str, rows: &[Row]) {
+    println!("\n{title}");
+    println!(
+        "| {:<44} | {:>12} | {:<34} | {:>12} | {:>7} | {:>8} |",
+        "benchmark", "tapkv ops/s", "compared with", "ops/s", "ratio", "target"
+    );
+    println!(
+        "|{:-<46}|{:-<14}|{:-<36}|{:-<14}|{:-<9}|{:-<10}|",
+        "", "", "", "", "", ""
+    );
+    for r in rows {
+        let ratio = r.tapkv / r.other.max(1e-9);
+        let target = r.target.map_or("-".to_string(), |t| {
+            format!("{}{t}x", if ratio >= t { "ok " } else { "NO " })
+        });
+        println!(
+            "| {:<44} | {:>12.0} | {:<34} | {:>12.0} | {:>6.2}x | {:>8} |",
+            r.name, r.tapkv, r.other_name, r.other, ratio, target
+        );
+    }
+}
+
+fn persist_run(engine: &Arc<Engine>, threads: u64, per: u64, base: u64) -> f64 {
+    let t = Instant::now();
+    let hs: Vec<_> = (0..threads)
+        .map(|th| {
+            let e = Arc::clone(engine);
+            std::thread::spawn(move || {
+                for i in 0..per {
+                    let k = base + th * per + i;
+                    e.set(
+                        &key(k),
+                        value(k),
+                        WriteOptions::durable(Durability::Persist),
+                    )
+                    .expect("persist write");
+                }
+            })
+        })
+        .collect();
+    for h in hs {
+        h.join().expect("persist thread");
+    }
+    rate(threads * per, t.elapsed())
+}
+
+fn rocks_sync_run(db: &Arc<DB>, threads: u64, per: u64, base: u64) -> f64 {
+    let t = Instant::now();
+    let hs: Vec<_> = (0..threads)
+        .map(|th| {
+            let db = Arc::clone(db);
+            std::thread::spawn(move || {
+                let mut wo = RocksWriteOptions::default();
+                wo.set_sync(true);
+                for i in 0..per {
+                    let k = base + th * per + i;
+                    db.put_opt(key(k), value(k), &wo).expect("rocksdb sync put");
+                }
+            })
+        })
+        .collect();
+    for h in hs {
+        h.join().expect("rocksdb thread");
+    }
+    rate(threads * per, t.elapsed())
+}
+
+fn engine_bench(ops: u64) {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let order = shuffled(ops);
+    println!("engine benchmark: {ops} ops, keys 16-24 bytes, values {VALUE_SIZE} bytes");
+
+    // tapkv set (Memory durability), flusher running as usual.
+    let engine = Engine::builder(tmp.path().join("tapkv"))
+        .open()
+        .expect("open tapkv");
+    let t = Instant::now();
+    for i in 0..ops {
+        engine
+            .set(&key(i), value(i), WriteOptions::default())
+            .expect("set");
+    }
+    let tapkv_set = rate(ops, t.elapsed());
+    engine.flush().expect("flush");
+    let t = Instant::now();
+    for &i in &order {
+        let item = engine.get(&key(i)).expect("get");
+        std::hint::black_box(item);
+    }
+    let tapkv_get = rate(ops, t.elapsed());
+    engine.close().expect("close");
+
+    // RocksDB put, WAL on (no sync) and WAL off; then get.
+    let db = rocks(&tmp.path().join("rocks-wal"));
+    let t = Instant::now();
+    for i in 0..ops {
+        db.put(key(i), value(i)).expect("put");
+    }
+    let rocks_put_wal = rate(ops, t.elapsed());
+    let t = Instant::now();
+    for &i in &order {
+        std::hint::black_box(db.get_pinned(key(i)).expect("get"));
+    }
+    let rocks_get = rate(ops, t.elapsed());
+    drop(db);
+    let db = rocks(&tmp.path().join("rocks-nowal"));
+    let mut wo = RocksWriteOptions::default();
+    wo.disable_wal(true);
+    let t = Instant::now();
+    for i in 0..ops {
+        db.put_opt(key(i), value(i), &wo).expect("put");
+    }
+    let rocks_put_nowal = rate(ops, t.elapsed());
+    drop(db);
+
+    // Flusher drain: queue everything with the flusher stalled, then time the drain.
+    let engine = Engine::builder(tmp.path().join("tapkv-drain"))
+        .flush_retry_limit(u32::MAX)
+        .flush_retry_backoff(Duration::from_millis(1))
+        .checkpoint_memory_limit(4 << 30)
+        .open()
+        .expect("open tapkv");
+    engine.inject_flush_failures(usize::MAX);
+    for i in 0..ops {
+        engine
+            .set(&key(i), value(i), WriteOptions::default())
+            .expect("set");
+    }
+    let t = Instant::now();
+    engine.inject_flush_failures(0);
+    engine.flush().expect("drain");
+    let drain = rate(ops, t.elapsed());
+    engine.close().expect("close");
+    let db = rocks(&tmp.path().join("rocks-batch"));
+    let t = Instant::now();
+    let mut i = 0;
+    while i < ops {
+        let mut b = WriteBatch::default();
+        let end = (i + 10_000).min(ops);
+        for k in i..end {
+            b.put(key(k), value(k));
+        }
+        db.write(b).expect("write batch");
+        i = end;
+    }
+    db.flush_wal(true).expect("sync");
+    let raw_batch = rate(ops, t.elapsed());
+    drop(db);
+
+    // Persist durability: 1 thread and 32 threads, against RocksDB sync puts.
+    let engine = Arc::new(
+        Engine::builder(tmp.path().join("tapkv-persist"))
+            .open()
+            .expect("open tapkv"),
+    );
+    let per1 = (ops / 500).max(200);
+    let p1 = persist_run(&engine, 1, per1, 0);
+    let p32 = persist_run(&engine, 32, per1 / 4, 10_000_000);
+    drop(engine);
+    let db = Arc::new(rocks(&tmp.path().join("rocks-sync")));
+    let r1 = rocks_sync_run(&db, 1, per1, 0);
+    let r32 = rocks_sync_run(&db, 32, per1 / 4, 10_000_000);
+
+    print_rows(
+        "engine (issue 2): single thread unless stated",
+        &[
+            Row {
+                name: "set, Memory durability".into(),
+                tapkv: tapkv_set,
+                other_name: "RocksDB put, WAL on, no sync".into(),
+                other: rocks_put_wal,
+                target: Some(5.0),
+            },
+            Row {
+                name: "set, Memory durability".into(),
+                tapkv: tapkv_set,
+                other_name: "RocksDB put, WAL off".into(),
+                other: rocks_put_nowal,
+                target: None,
+            },
+            Row {
+                name: "get, resident items (random order)".into(),
+                tapkv: tapkv_get,
+                other_name: "RocksDB get (random order)".into(),
+                other: rocks_get,
+                target: Some(5.0),
+            },
+            Row {
+                name: "flusher drain".into(),
+                tapkv: drain,
+                other_name: "RocksDB WriteBatch x10k, same items".into(),
+                other: raw_batch,
+                target: Some(0.8),
+            },
+            Row {
+                name: "set, Persist, 1 thread".into(),
+                tapkv: p1,
+                other_name: "RocksDB put sync, 1 thread".into(),
+                other: r1,
+                target: None,
+            },
+            Row {
+                name: "set, Persist, 32 threads".into(),
+                tapkv: p32,
+                other_name: "RocksDB put sync, 32 threads".into(),
+                other: r32,
+                target: None,
+            },
+            Row {
+                name: "set, Persist, 32 threads".into(),
+                tapkv: p32,
+                other_name: "tapkv Persist, 1 thread".into(),
+                other: p1,
+                target: Some(10.0),
+            },
+        ],
+    );
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let what = args.first().map_or("all", String::as_str);
+    let ops = args
+        .iter()
+        .position(|a| a == "--ops")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1_000_000u64);
+    match what {
+        "engine" | "all" => engine_bench(ops),
+        // Only tapkv sets then gets, for profilers.
+        "profile-set" => {
+            let tmp = tempfile::tempdir().expect("tempdir");
+            let batch: usize = std::env::var("FLUSH_BATCH")
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(10_000);
+            let engine = Engine::builder(tmp.path())
+                .flush_batch_max_items(batch)
+                .flush_retry_limit(u32::MAX)
+                .flush_retry_backoff(Duration::from_secs(1))
+                .checkpoint_memory_limit(4 << 30)
+                .flush_interval(Duration::from_millis(
+                    std::env::var("FLUSH_MS")
+                        .ok()
+                        .and_then(|s| s.parse().ok())
+                        .unwrap_or(2),
+                ))
+                .open()
+                .expect("open");
+            if std::env::var("NO_FLUSH").is_ok() {
+                engine.inject_flush_failures(usize::MAX);
+            }
+            let t = Instant::now();
+            for i in 0..ops {
+                engine
+                    .set(&key(i), value(i), WriteOptions::default())
+                    .expect("set");
+            }
+            println!("set: {:.0} ops/s", rate(ops, t.elapsed()));
+            let t = Instant::now();
+            for i in shuffled(ops) {
+                std::hint::black_box(engine.get(&key(i)).expect("get"));
+            }
+            println!("get: {:.0} ops/s", rate(ops, t.elapsed()));
+        }
+        "--help" | "-h" | "help" => {
+            println!("usage: tapkv-benches [engine|all] [--ops N]   (default all, 1000000 ops)");
+        }
+        other => {
+            eprintln!("unknown benchmark {other:?}; try `help`");
+            std::process::exit(2);
+        }
+    }
+}

@@ -12,13 +12,16 @@
 //!
 //! This module never touches the hash table or the disk, and never blocks.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
+use std::hash::BuildHasher;
 
-use bytes::Bytes;
+use hashbrown::HashTable;
 
 use crate::error::{Error, Result};
 use crate::item::QueuedItem;
 use crate::sync::{Arc, AtomicUsize, Ordering};
+
+const KEY_HASHER: foldhash::fast::FixedState = foldhash::fast::FixedState::with_seed(0x636b_7074);
 
 /// Limits of one checkpoint.
 #[derive(Debug, Clone, Copy)]
@@ -103,19 +106,68 @@ pub struct CursorInfo {
     pub remaining: usize,
 }
 
-/// A batch read by [`CheckpointManager::peek`], to be committed with
-/// [`CheckpointManager::advance`] once the reader has dealt with it.
+/// An entry seen by [`CheckpointManager::scan`], borrowed from the checkpoint.
+#[derive(Debug, Clone, Copy)]
+pub enum EventRef<'a> {
+    /// The cursor entered the checkpoint with this id.
+    CheckpointStart {
+        /// Checkpoint id.
+        id: u64,
+    },
+    /// A queued mutation, deletion or marker.
+    Item(&'a QueuedItem),
+    /// The cursor finished the (closed) checkpoint with this id.
+    CheckpointEnd {
+        /// Checkpoint id.
+        id: u64,
+    },
+}
+
+impl EventRef<'_> {
+    /// An owned copy of the event.
+    pub fn to_owned(self) -> CursorEvent {
+        match self {
+            EventRef::CheckpointStart { id } => CursorEvent::CheckpointStart { id },
+            EventRef::Item(i) => CursorEvent::Item(i.clone()),
+            EventRef::CheckpointEnd { id } => CursorEvent::CheckpointEnd { id },
+        }
+    }
+}
+
+/// How far a [`scan`](CheckpointManager::scan) got; commit it with
+/// [`advance`](CheckpointManager::advance) once the reader has dealt with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CursorProgress {
+    /// Number of items seen.
+    pub items: usize,
+    /// Bytes of the items seen.
+    pub bytes: usize,
+    /// Whether the scan stopped at the caller's `upto_seqno` barrier.
+    pub blocked: bool,
+    /// Whether anything (item or checkpoint boundary) was seen.
+    pub moved: bool,
+    position: CursorPosition,
+}
+
+impl CursorProgress {
+    /// The last seqno the cursor will have passed once committed.
+    pub fn end_seqno(&self) -> u64 {
+        self.position.seqno
+    }
+
+    /// The checkpoint the cursor will be in once committed.
+    pub fn end_checkpoint_id(&self) -> u64 {
+        self.position.checkpoint_id
+    }
+}
+
+/// A batch read by [`CheckpointManager::peek`] (owned events).
 #[derive(Debug, Clone)]
 pub struct CursorBatch {
     /// Events in seqno order.
     pub events: Vec<CursorEvent>,
-    /// Number of `Item` events.
-    pub items: usize,
-    /// Bytes of the items in the batch.
-    pub bytes: usize,
-    /// Whether the read stopped at the caller's `upto_seqno` barrier.
-    pub blocked: bool,
-    position: CursorPosition,
+    /// Where the batch ends.
+    pub progress: CursorProgress,
 }
 
 impl CursorBatch {
@@ -124,14 +176,39 @@ impl CursorBatch {
         self.events.is_empty()
     }
 
-    /// The last seqno the cursor will have passed once this batch is committed.
-    pub fn end_seqno(&self) -> u64 {
-        self.position.seqno
+    /// Number of `Item` events.
+    pub fn items(&self) -> usize {
+        self.progress.items
+    }
+}
+
+impl AsRef<CursorProgress> for CursorBatch {
+    fn as_ref(&self) -> &CursorProgress {
+        &self.progress
+    }
+}
+
+impl AsRef<CursorProgress> for CursorProgress {
+    fn as_ref(&self) -> &CursorProgress {
+        self
+    }
+}
+
+/// Checkpoints freed by a cursor move; dropping this releases their items.
+/// Returned so callers can drop them outside their own locks.
+#[must_use = "dropping frees the checkpoints; keep it to free them later"]
+#[derive(Debug, Default)]
+pub struct FreedCheckpoints(Vec<Checkpoint>);
+
+impl FreedCheckpoints {
+    /// Number of checkpoints freed.
+    pub fn len(&self) -> usize {
+        self.0.len()
     }
 
-    /// The checkpoint the cursor will be in once this batch is committed.
-    pub fn end_checkpoint_id(&self) -> u64 {
-        self.position.checkpoint_id
+    /// Whether nothing was freed.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 }
 
@@ -144,7 +221,8 @@ struct CursorPosition {
 }
 
 #[derive(Debug)]
-struct Checkpoint {
+#[doc(hidden)]
+pub struct Checkpoint {
     id: u64,
     open: bool,
     start_seqno: u64,
@@ -154,8 +232,9 @@ struct Checkpoint {
     slots: Vec<Option<QueuedItem>>,
     live: usize,
     mem: usize,
-    /// Slot of each key's entry, kept only while the checkpoint is open.
-    keys: HashMap<Bytes, usize>,
+    /// Slot of each key's live entry, kept only while the checkpoint is open;
+    /// hashed by key, compared through the slot (no key copy).
+    keys: HashTable<usize>,
 }
 
 impl Checkpoint {
@@ -168,7 +247,7 @@ impl Checkpoint {
             slots: Vec::new(),
             live: 0,
             mem: 0,
-            keys: HashMap::new(),
+            keys: HashTable::new(),
         }
     }
 
@@ -303,23 +382,38 @@ impl CheckpointManager {
         }
         self.high_seqno = seqno;
         let size = item.mem_size();
-        let is_key_op = item.op.is_key_op();
-        let key = item.key.clone();
+        let hash = item
+            .op
+            .is_key_op()
+            .then(|| KEY_HASHER.hash_one(&item.key[..]));
         let open = self.open_mut();
         let slot = open.slots.len();
         let mut freed = 0;
         let mut replaced = false;
-        if is_key_op {
-            if let Some(old) = open.keys.insert(key, slot) {
-                if let Some(old_item) = open.slots[old].take() {
-                    freed = old_item.mem_size();
-                    open.live -= 1;
-                    replaced = true;
+        let key = item.key.clone();
+        open.seqnos.push(seqno);
+        open.slots.push(Some(item));
+        if let Some(hash) = hash {
+            let Checkpoint { keys, slots, .. } = open;
+            let same_key = |i: &usize| slots[*i].as_ref().is_some_and(|s| s.key == key);
+            match keys.find_mut(hash, same_key) {
+                Some(idx) => {
+                    let old = std::mem::replace(idx, slot);
+                    if let Some(old_item) = slots[old].take() {
+                        freed = old_item.mem_size();
+                        open.live -= 1;
+                        replaced = true;
+                    }
+                }
+                None => {
+                    keys.insert_unique(hash, slot, |i| {
+                        slots[*i]
+                            .as_ref()
+                            .map_or(0, |s| KEY_HASHER.hash_one(&s.key[..]))
+                    });
                 }
             }
         }
-        open.seqnos.push(seqno);
-        open.slots.push(Some(item));
         open.live += 1;
         open.mem = open.mem + size - freed;
         self.charge(size, freed);
@@ -331,7 +425,7 @@ impl CheckpointManager {
         let start = self.high_seqno + 1;
         let open = self.open_mut();
         open.open = false;
-        open.keys = HashMap::new();
+        open.keys = HashTable::new();
         let id = open.id + 1;
         self.checkpoints.push_back(Checkpoint::new(id, start));
         tracing::debug!(
@@ -339,7 +433,7 @@ impl CheckpointManager {
             start_seqno = start,
             "checkpoint created"
         );
-        self.remove_unreferenced();
+        drop(self.remove_unreferenced());
         id
     }
 
@@ -371,7 +465,7 @@ impl CheckpointManager {
                 start_pending: true,
             },
         );
-        self.remove_unreferenced();
+        drop(self.remove_unreferenced());
         Ok(Registration::InMemory { checkpoint_id })
     }
 
@@ -379,7 +473,7 @@ impl CheckpointManager {
     pub fn remove_cursor(&mut self, name: &str) -> bool {
         let existed = self.cursors.remove(name).is_some();
         if existed {
-            self.remove_unreferenced();
+            drop(self.remove_unreferenced());
         }
         existed
     }
@@ -404,26 +498,28 @@ impl CheckpointManager {
             .ok_or_else(|| Error::InvalidArgument(format!("no cursor named {name:?}")))
     }
 
-    /// Reads up to `max_items` items (and at most about `max_bytes`) after the
-    /// cursor's position without moving it; items with a seqno above
-    /// `upto_seqno` are not read. Commit with [`advance`](Self::advance).
-    pub fn peek(
+    /// Visits up to `max_items` items (and at most about `max_bytes`) after
+    /// the cursor's position, with the checkpoint boundaries crossed, without
+    /// moving the cursor or copying items; items with a seqno above
+    /// `upto_seqno` are not visited. Commit with [`advance`](Self::advance).
+    pub fn scan(
         &self,
         name: &str,
         max_items: usize,
         max_bytes: usize,
         upto_seqno: Option<u64>,
-    ) -> Result<CursorBatch> {
+        mut visit: impl FnMut(EventRef<'_>),
+    ) -> Result<CursorProgress> {
         let mut pos = self.cursor(name)?;
         let limit = upto_seqno.unwrap_or(u64::MAX);
-        let mut events = Vec::new();
-        let (mut items, mut bytes, mut blocked) = (0usize, 0usize, false);
+        let (mut items, mut bytes, mut blocked, mut moved) = (0usize, 0usize, false, false);
         let mut idx = self.index_of(pos.checkpoint_id);
         'outer: loop {
             let ck = &self.checkpoints[idx];
             if pos.start_pending {
-                events.push(CursorEvent::CheckpointStart { id: ck.id });
+                visit(EventRef::CheckpointStart { id: ck.id });
                 pos.start_pending = false;
+                moved = true;
             }
             for j in ck.first_after(pos.seqno)..ck.slots.len() {
                 if items >= max_items || (items > 0 && bytes >= max_bytes) {
@@ -436,48 +532,68 @@ impl CheckpointManager {
                 if let Some(item) = &ck.slots[j] {
                     items += 1;
                     bytes += item.mem_size();
-                    events.push(CursorEvent::Item(item.clone()));
+                    visit(EventRef::Item(item));
                 }
                 pos.seqno = ck.seqnos[j];
+                moved = true;
             }
             if ck.open || idx + 1 >= self.checkpoints.len() {
                 break;
             }
-            events.push(CursorEvent::CheckpointEnd { id: ck.id });
+            visit(EventRef::CheckpointEnd { id: ck.id });
             idx += 1;
             pos.checkpoint_id = self.checkpoints[idx].id;
             pos.start_pending = true;
+            moved = true;
         }
-        Ok(CursorBatch {
-            events,
+        Ok(CursorProgress {
             items,
             bytes,
             blocked,
+            moved,
             position: pos,
         })
     }
 
-    /// Moves the cursor to the end of `batch` (read earlier with
-    /// [`peek`](Self::peek)) and frees checkpoints no cursor needs any more.
-    pub fn advance(&mut self, name: &str, batch: &CursorBatch) -> Result<()> {
+    /// Like [`scan`](Self::scan), returning owned events.
+    pub fn peek(
+        &self,
+        name: &str,
+        max_items: usize,
+        max_bytes: usize,
+        upto_seqno: Option<u64>,
+    ) -> Result<CursorBatch> {
+        let mut events = Vec::new();
+        let progress = self.scan(name, max_items, max_bytes, upto_seqno, |e| {
+            events.push(e.to_owned());
+        })?;
+        Ok(CursorBatch { events, progress })
+    }
+
+    /// Moves the cursor to the end of a batch read earlier with
+    /// [`scan`](Self::scan) or [`peek`](Self::peek); returns the checkpoints
+    /// that no cursor needs any more, for the caller to drop.
+    pub fn advance(
+        &mut self,
+        name: &str,
+        progress: impl AsRef<CursorProgress>,
+    ) -> Result<FreedCheckpoints> {
+        let to = progress.as_ref().position;
         let current = self.cursor(name)?;
-        if batch.position.seqno < current.seqno
-            || batch.position.checkpoint_id < current.checkpoint_id
-        {
+        if to.seqno < current.seqno || to.checkpoint_id < current.checkpoint_id {
             return Err(Error::InvalidArgument(format!(
                 "cursor {name:?} cannot move back from seqno {} to {}",
-                current.seqno, batch.position.seqno
+                current.seqno, to.seqno
             )));
         }
-        self.cursors.insert(name.to_owned(), batch.position);
-        self.remove_unreferenced();
-        Ok(())
+        self.cursors.insert(name.to_owned(), to);
+        Ok(self.remove_unreferenced())
     }
 
     /// [`peek`](Self::peek) and [`advance`](Self::advance) in one step.
     pub fn read(&mut self, name: &str, max_items: usize) -> Result<CursorBatch> {
         let batch = self.peek(name, max_items, usize::MAX, None)?;
-        self.advance(name, &batch)?;
+        drop(self.advance(name, &batch)?);
         Ok(batch)
     }
 
@@ -496,28 +612,27 @@ impl CheckpointManager {
             .sum()
     }
 
-    /// Frees the oldest closed checkpoints that every cursor has left.
-    /// Returns how many were freed.
-    pub fn remove_unreferenced(&mut self) -> usize {
+    /// Detaches the oldest closed checkpoints that every cursor has left.
+    pub fn remove_unreferenced(&mut self) -> FreedCheckpoints {
         let lowest_needed = self
             .cursors
             .values()
             .map(|c| c.checkpoint_id)
             .min()
             .unwrap_or(u64::MAX);
-        let mut removed = 0;
+        let mut freed = FreedCheckpoints::default();
         while let Some(front) = self.checkpoints.front() {
             if front.open || front.id >= lowest_needed {
                 break;
             }
-            let mem = front.mem;
-            let id = front.id;
-            self.checkpoints.pop_front();
+            let (mem, id) = (front.mem, front.id);
+            if let Some(ck) = self.checkpoints.pop_front() {
+                freed.0.push(ck);
+            }
             self.charge(0, mem);
-            removed += 1;
             tracing::debug!(checkpoint_id = id, "checkpoint freed");
         }
-        removed
+        freed
     }
 
     /// Every checkpoint, oldest first.

@@ -28,6 +28,10 @@ pub struct EngineConfig {
     /// Number of flusher threads; partition `p` is flushed by thread
     /// `p % flusher_threads` (default 1).
     pub flusher_threads: usize,
+    /// Pause of a busy flusher between rounds, so that writes queue up into
+    /// larger batches (default 2 ms). `Persist` writes and `flush()` wake it
+    /// at once; this bounds how long a `Memory` write waits to reach disk.
+    pub flush_interval: Duration,
     /// Consecutive failed flush attempts tolerated before the engine is
     /// poisoned (default 5).
     pub flush_retry_limit: u32,
@@ -55,6 +59,7 @@ impl EngineConfig {
             flush_batch_max_items: 10_000,
             flush_batch_max_bytes: 16 << 20,
             flusher_threads: 1,
+            flush_interval: Duration::from_millis(2),
             flush_retry_limit: 5,
             flush_retry_backoff: Duration::from_millis(20),
             max_key_size: 250,
@@ -117,6 +122,12 @@ impl EngineBuilder {
     /// Flusher threads; default 1.
     pub fn flusher_threads(mut self, n: usize) -> Self {
         self.config.flusher_threads = n;
+        self
+    }
+
+    /// Busy flusher's pause between rounds; default 2 ms.
+    pub fn flush_interval(mut self, d: Duration) -> Self {
+        self.config.flush_interval = d;
         self
     }
 

@@ -15,35 +15,67 @@ use crate::checkpoint::{CheckpointInfo, CursorBatch, CursorInfo, Registration};
 use crate::config::{EngineBuilder, EngineConfig};
 use crate::error::{Error, Result};
 use crate::flusher;
+use crate::hash_table::StoredValue;
 use crate::item::{Durability, Item, MutationResult, PartitionId, WriteOptions};
 use crate::partition::{partition_of, MutationKind, Partition, PartitionStart, PERSISTENCE_CURSOR};
 use crate::stats::{EngineStats, PartitionStats};
 use crate::store::{DirLock, EngineMeta, Reservation, Store, FORMAT_VERSION};
 use crate::sync::{Arc, AtomicBool, AtomicU64, AtomicUsize, Condvar, Mutex, Ordering};
 
-/// A wake-up signal: a pending flag plus a condition variable, so that a
-/// notification given while nobody waits is not lost.
+/// How writers wake the flusher without a system call per write.
+///
+/// A write only sets the `pending` flag ([`mark`](Signal::mark)). While the
+/// flusher is busy it naps for the flush interval between rounds and picks the
+/// flag up then; only when it has gone idle (a round found nothing) does the
+/// next mark wake it through the condition variable. Durable writers and
+/// `flush()` always wake it at once ([`notify`](Signal::notify)). The flag is
+/// read under the lock before waiting, so no wake-up is lost.
 #[derive(Default)]
 pub(crate) struct Signal {
     pending: AtomicBool,
+    idle: AtomicBool,
     lock: Mutex<()>,
     cv: Condvar,
 }
 
 impl Signal {
-    /// Marks work pending and wakes a waiter if the flag was not yet set.
-    pub(crate) fn notify(&self) {
-        if !self.pending.load(Ordering::Acquire) && !self.pending.swap(true, Ordering::AcqRel) {
-            let _g = self.lock.lock();
-            self.cv.notify_all();
+    /// Records that there is work; wakes the flusher only if it is idle.
+    pub(crate) fn mark(&self) {
+        if !self.pending.load(Ordering::Acquire) {
+            self.pending.store(true, Ordering::Release);
+        }
+        if self.idle.load(Ordering::Acquire) {
+            self.notify();
         }
     }
 
-    /// Waits until notified (or `timeout`), then clears the flag.
-    pub(crate) fn wait(&self, timeout: Duration, stop: &AtomicBool) {
+    /// Records that there is work and wakes the flusher now.
+    pub(crate) fn notify(&self) {
+        self.pending.store(true, Ordering::Release);
+        let _g = self.lock.lock();
+        self.cv.notify_all();
+    }
+
+    /// Flusher side: naps `busy_nap` after a round that found work (woken
+    /// early only by `notify`), or waits up to `idle_wait` for any work.
+    pub(crate) fn wait(
+        &self,
+        found_work: bool,
+        busy_nap: Duration,
+        idle_wait: Duration,
+        stop: &AtomicBool,
+    ) {
         let mut g = self.lock.lock();
-        if !self.pending.load(Ordering::Acquire) && !stop.load(Ordering::Acquire) {
-            self.cv.wait_for(&mut g, timeout);
+        if found_work {
+            if !stop.load(Ordering::Acquire) {
+                self.cv.wait_for(&mut g, busy_nap);
+            }
+        } else {
+            self.idle.store(true, Ordering::Release);
+            if !self.pending.load(Ordering::Acquire) && !stop.load(Ordering::Acquire) {
+                self.cv.wait_for(&mut g, idle_wait);
+            }
+            self.idle.store(false, Ordering::Release);
         }
         drop(g);
         self.pending.store(false, Ordering::Release);
@@ -234,9 +266,9 @@ impl Engine {
             };
             max_cas[usize::from(p)] = max_cas[usize::from(p)].max(rec.meta.cas);
             if !rec.deleted {
-                part.table.put(
-                    Bytes::copy_from_slice(key),
-                    crate::partition::StoredValue {
+                part.table.slot(key).put(
+                    &Bytes::copy_from_slice(key),
+                    StoredValue {
                         value: rec.value,
                         meta: rec.meta,
                     },
@@ -396,7 +428,7 @@ impl Engine {
             opts,
             admit,
         )?;
-        s.flush_signal.notify();
+        s.flush_signal.mark();
         if opts.durability == Durability::Persist {
             s.wait_synced(&[(res.partition, res.seqno)])?;
         }

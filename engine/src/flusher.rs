@@ -12,7 +12,7 @@
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::checkpoint::{CursorBatch, CursorEvent};
+use crate::checkpoint::{CursorProgress, EventRef};
 use crate::engine::Shared;
 use crate::error::{Error, Result};
 use crate::partition::{Partition, PERSISTENCE_CURSOR};
@@ -44,15 +44,17 @@ fn run(shared: &Shared, thread: usize, threads: usize) {
     let mut failures = 0u32;
     loop {
         let stopping = shared.shutdown.load(Ordering::Acquire);
-        match round(shared, &mine) {
-            Ok(more) => {
+        let found_work = match round(shared, &mine) {
+            Ok(Round::More) => {
                 failures = 0;
-                if more {
-                    continue;
-                }
+                continue;
+            }
+            Ok(outcome) => {
+                failures = 0;
                 if stopping {
                     return;
                 }
+                outcome == Round::Done
             }
             Err(e) => {
                 failures += 1;
@@ -67,46 +69,69 @@ fn run(shared: &Shared, thread: usize, threads: usize) {
                 std::thread::sleep(shared.config.flush_retry_backoff);
                 continue;
             }
-        }
-        shared.flush_signal.wait(IDLE_WAIT, &shared.shutdown);
+        };
+        shared.flush_signal.wait(
+            found_work,
+            shared.config.flush_interval,
+            IDLE_WAIT,
+            &shared.shutdown,
+        );
     }
 }
 
-/// One flush round; returns whether more work is already waiting.
-fn round(shared: &Shared, mine: &[&Partition]) -> Result<bool> {
+/// What a flush round found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Round {
+    /// Nothing to write.
+    Idle,
+    /// Wrote everything that was queued.
+    Done,
+    /// Wrote a full batch; more is waiting.
+    More,
+}
+
+/// One flush round.
+fn round(shared: &Shared, mine: &[&Partition]) -> Result<Round> {
     let started = Instant::now();
     let wants_sync = shared.persist_waiters.load(Ordering::Acquire) > 0;
     let cfg = &shared.config;
     let mut batch = FlushBatch::default();
-    let mut pending: Vec<(&Partition, CursorBatch, PartitionDiskState, usize)> = Vec::new();
+    let mut pending: Vec<(&Partition, CursorProgress, PartitionDiskState, usize)> = Vec::new();
     let mut more = false;
     for p in mine {
-        let b = p.lock().checkpoints.peek(
+        let before = batch.len();
+        let mut max_cas = p.progress.max_cas.load(Ordering::Relaxed);
+        let mut encode_err = None;
+        let progress = p.lock().checkpoints.scan(
             PERSISTENCE_CURSOR,
             cfg.flush_batch_max_items,
             cfg.flush_batch_max_bytes,
             None,
+            |ev| {
+                if let EventRef::Item(item) = ev {
+                    if let Err(e) = shared.store.add_to_batch(&mut batch, p.id, item) {
+                        encode_err.get_or_insert(e);
+                    }
+                    max_cas = max_cas.max(item.meta.cas);
+                }
+            },
         )?;
-        if b.is_empty() {
+        if let Some(e) = encode_err {
+            return Err(e);
+        }
+        if !progress.moved {
             continue;
         }
-        more |= b.items >= cfg.flush_batch_max_items || b.bytes >= cfg.flush_batch_max_bytes;
-        let before = batch.len();
-        let mut max_cas = p.progress.max_cas.load(Ordering::Relaxed);
-        for ev in &b.events {
-            if let CursorEvent::Item(item) = ev {
-                shared.store.add_to_batch(&mut batch, p.id, item)?;
-                max_cas = max_cas.max(item.meta.cas);
-            }
-        }
+        more |= progress.items >= cfg.flush_batch_max_items
+            || progress.bytes >= cfg.flush_batch_max_bytes;
         let state = PartitionDiskState {
-            high_seqno: b.end_seqno(),
-            checkpoint_id: b.end_checkpoint_id(),
+            high_seqno: progress.end_seqno(),
+            checkpoint_id: progress.end_checkpoint_id(),
             max_cas,
         };
         shared.store.add_state_to_batch(&mut batch, p.id, &state)?;
         let n = batch.len() - before;
-        pending.push((p, b, state, n));
+        pending.push((p, progress, state, n));
     }
     if pending.is_empty() {
         if wants_sync {
@@ -114,7 +139,7 @@ fn round(shared: &Shared, mine: &[&Partition]) -> Result<bool> {
             shared.store.sync_wal()?;
             mark_synced(shared, mine);
         }
-        return Ok(false);
+        return Ok(Round::Idle);
     }
     if shared
         .injected_flush_failures
@@ -127,8 +152,10 @@ fn round(shared: &Shared, mine: &[&Partition]) -> Result<bool> {
         tracing::debug_span!("flush", partitions = pending.len(), items = batch.len()).entered();
     shared.store.write(batch, wants_sync)?;
     let micros = started.elapsed().as_micros() as u64;
-    for (p, b, state, n) in &pending {
-        p.lock().checkpoints.advance(PERSISTENCE_CURSOR, b)?;
+    for (p, progress, state, n) in &pending {
+        // Freed checkpoints are dropped after the partition lock is released.
+        let freed = p.lock().checkpoints.advance(PERSISTENCE_CURSOR, progress)?;
+        drop(freed);
         let pr = &p.progress;
         pr.max_cas.store(state.max_cas, Ordering::Relaxed);
         pr.persisted_seqno
@@ -145,7 +172,7 @@ fn round(shared: &Shared, mine: &[&Partition]) -> Result<bool> {
         shared.store.sync_wal()?;
         mark_synced(shared, mine);
     }
-    Ok(more)
+    Ok(if more { Round::More } else { Round::Done })
 }
 
 /// Records that everything persisted so far is synced, and wakes waiters.

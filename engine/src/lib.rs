@@ -23,6 +23,7 @@ mod config;
 mod engine;
 mod error;
 mod flusher;
+mod hash_table;
 mod item;
 mod partition;
 mod stats;
@@ -31,7 +32,7 @@ mod sync;
 
 pub use checkpoint::{
     CheckpointConfig, CheckpointInfo, CheckpointManager, CursorBatch, CursorEvent, CursorInfo,
-    Registration,
+    CursorProgress, EventRef, FreedCheckpoints, Registration,
 };
 pub use config::{EngineBuilder, EngineConfig};
 pub use engine::Engine;

@@ -7,100 +7,19 @@
 //! effects. Readers only take a hash-table shard lock. This module does no
 //! disk I/O except synchronous number reservations.
 
-use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash, Hasher};
-
 use bytes::Bytes;
 
 use crate::checkpoint::{CheckpointConfig, CheckpointManager};
 use crate::error::{Error, Result};
+use crate::hash_table::{HashTable, StoredValue};
 use crate::item::{
     now_secs, Item, ItemMeta, MutationResult, PartitionId, QueueOp, QueuedItem, WriteOptions,
 };
 use crate::store::{Reservation, Store};
-use crate::sync::{Arc, AtomicU64, AtomicUsize, Mutex, MutexGuard, Ordering, RwLock};
+use crate::sync::{Arc, AtomicU64, AtomicUsize, Mutex, MutexGuard, Ordering};
 
 /// Name of the cursor the flusher drains; reserved.
 pub const PERSISTENCE_CURSOR: &str = "persistence";
-
-const SHARDS: usize = 16;
-
-type Hasher64 = foldhash::fast::FixedState;
-
-/// A value held by the hash table.
-#[derive(Debug, Clone)]
-pub(crate) struct StoredValue {
-    pub(crate) value: Bytes,
-    pub(crate) meta: ItemMeta,
-}
-
-/// A concurrent hash table: shards, each a `RwLock<HashMap>`.
-pub(crate) struct HashTable {
-    shards: Box<[RwLock<HashMap<Bytes, StoredValue, Hasher64>>]>,
-    hasher: Hasher64,
-    items: AtomicUsize,
-    bytes: AtomicUsize,
-}
-
-impl HashTable {
-    fn new() -> Self {
-        HashTable {
-            shards: (0..SHARDS)
-                .map(|_| RwLock::new(HashMap::with_hasher(Hasher64::default())))
-                .collect(),
-            hasher: Hasher64::with_seed(0x7461_706b_76),
-            items: AtomicUsize::new(0),
-            bytes: AtomicUsize::new(0),
-        }
-    }
-
-    fn shard(&self, key: &[u8]) -> &RwLock<HashMap<Bytes, StoredValue, Hasher64>> {
-        let mut h = self.hasher.build_hasher();
-        key.hash(&mut h);
-        // The low bits feed HashMap's own hashing; take high bits for the shard.
-        let idx = (h.finish() >> 58) as usize % SHARDS;
-        &self.shards[idx]
-    }
-
-    pub(crate) fn get(&self, key: &[u8]) -> Option<StoredValue> {
-        self.shard(key).read().get(key).cloned()
-    }
-
-    pub(crate) fn len(&self) -> usize {
-        self.items.load(Ordering::Relaxed)
-    }
-
-    pub(crate) fn mem_bytes(&self) -> usize {
-        self.bytes.load(Ordering::Relaxed)
-    }
-
-    fn account(&self, old: Option<&StoredValue>, key_len: usize, new: Option<&StoredValue>) {
-        let size = |v: &StoredValue| key_len + v.value.len();
-        match (old, new) {
-            (None, Some(n)) => {
-                self.items.fetch_add(1, Ordering::Relaxed);
-                self.bytes.fetch_add(size(n), Ordering::Relaxed);
-            }
-            (Some(o), None) => {
-                self.items.fetch_sub(1, Ordering::Relaxed);
-                self.bytes.fetch_sub(size(o), Ordering::Relaxed);
-            }
-            (Some(o), Some(n)) => {
-                self.bytes.fetch_add(size(n), Ordering::Relaxed);
-                self.bytes.fetch_sub(size(o), Ordering::Relaxed);
-            }
-            (None, None) => {}
-        }
-    }
-
-    /// Inserts or replaces; used by warmup and the write path.
-    pub(crate) fn put(&self, key: Bytes, value: StoredValue) {
-        let len = key.len();
-        let mut shard = self.shard(&key).write();
-        let old = shard.insert(key, value.clone());
-        self.account(old.as_ref(), len, Some(&value));
-    }
-}
 
 /// Hybrid logical clock for CAS: milliseconds since the epoch in the high 48
 /// bits, a counter in the low 16; never goes backwards.
@@ -223,9 +142,9 @@ impl Partition {
     /// Reads a key; expired items read as absent.
     pub(crate) fn get(&self, key: &[u8]) -> Result<Item> {
         match self.table.get(key) {
-            Some(v) if !v.meta.is_expired(now_secs()) => Ok(Item {
+            Some((key, v)) if !is_expired(&v.meta) => Ok(Item {
                 partition: self.id,
-                key: Bytes::copy_from_slice(key),
+                key,
                 value: v.value,
                 meta: v.meta,
             }),
@@ -262,14 +181,13 @@ impl Partition {
         admit: impl FnOnce() -> Result<()>,
     ) -> Result<MutationResult> {
         let mut w = self.writer.lock();
-        let shard_lock = self.table.shard(&key);
-        let current = {
-            let shard = shard_lock.read();
-            shard
-                .get(&key)
-                .filter(|v| !v.meta.is_expired(now_secs()))
-                .map(|v| v.meta)
-        };
+        let seqno = w.checkpoints.high_seqno() + 1;
+        self.ensure_reserved(&mut w, store, seqno)?;
+        let mut slot = self.table.slot(&key);
+        let current = slot
+            .current(&key)
+            .filter(|v| !is_expired(&v.meta))
+            .map(|v| v.meta);
         match (kind, current) {
             (MutationKind::Add, Some(_)) => return Err(Error::Exists),
             (MutationKind::Replace | MutationKind::Delete, None) => return Err(Error::NotFound),
@@ -288,43 +206,31 @@ impl Partition {
             }
         }
         admit()?;
-        let seqno = w.checkpoints.high_seqno() + 1;
-        self.ensure_reserved(&mut w, store, seqno)?;
+        let deleting = kind == MutationKind::Delete;
         let meta = ItemMeta {
             by_seqno: seqno,
             cas: w.cas.next(),
             rev_seqno: current.map_or(1, |m| m.rev_seqno + 1),
-            flags: if kind == MutationKind::Delete {
-                0
-            } else {
-                opts.flags
-            },
-            expiry: if kind == MutationKind::Delete {
-                0
-            } else {
-                opts.expiry
-            },
+            flags: if deleting { 0 } else { opts.flags },
+            expiry: if deleting { 0 } else { opts.expiry },
         };
-        let op = if kind == MutationKind::Delete {
+        let op = if deleting {
             QueueOp::Deletion
         } else {
             QueueOp::Mutation
         };
-        {
-            let mut shard = shard_lock.write();
-            let key_len = key.len();
-            if op == QueueOp::Deletion {
-                let old = shard.remove(&key);
-                self.table.account(old.as_ref(), key_len, None);
-            } else {
-                let new = StoredValue {
+        if deleting {
+            slot.remove(&key);
+        } else {
+            slot.put(
+                &key,
+                StoredValue {
                     value: value.clone(),
                     meta,
-                };
-                let old = shard.insert(key.clone(), new.clone());
-                self.table.account(old.as_ref(), key_len, Some(&new));
-            }
+                },
+            );
         }
+        drop(slot);
         w.checkpoints.queue(QueuedItem {
             op,
             key,
@@ -349,6 +255,10 @@ impl Partition {
         self.ensure_reserved(&mut w, store, high)?;
         Ok(w.checkpoints.create_checkpoint())
     }
+}
+
+fn is_expired(meta: &ItemMeta) -> bool {
+    meta.expiry != 0 && meta.is_expired(now_secs())
 }
 
 /// The partition a key belongs to: CRC-32 of the key modulo the partition

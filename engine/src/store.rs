@@ -93,8 +93,8 @@ pub(crate) fn item_key(p: PartitionId, key: &[u8]) -> Vec<u8> {
     k
 }
 
-fn encode_record(meta: &ItemMeta, deleted: bool, value: &[u8]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(RECORD_HEADER + value.len());
+fn encode_record_into(v: &mut Vec<u8>, meta: &ItemMeta, deleted: bool, value: &[u8]) {
+    v.clear();
     v.push(RECORD_VERSION);
     v.push(u8::from(deleted));
     v.extend_from_slice(&meta.flags.to_be_bytes());
@@ -103,7 +103,6 @@ fn encode_record(meta: &ItemMeta, deleted: bool, value: &[u8]) -> Vec<u8> {
     v.extend_from_slice(&meta.rev_seqno.to_be_bytes());
     v.extend_from_slice(&meta.by_seqno.to_be_bytes());
     v.extend_from_slice(value);
-    v
 }
 
 fn be_u32(b: &[u8]) -> u32 {
@@ -197,6 +196,8 @@ impl DirLock {
 pub(crate) struct FlushBatch {
     batch: WriteBatch,
     items: usize,
+    key_buf: Vec<u8>,
+    value_buf: Vec<u8>,
 }
 
 /// The RocksDB store of an engine.
@@ -346,11 +347,11 @@ impl Store {
             _ => return Ok(()),
         };
         let cf = self.cf(CF_ITEMS)?;
-        batch.batch.put_cf(
-            cf,
-            item_key(p, &item.key),
-            encode_record(&item.meta, deleted, &item.value),
-        );
+        batch.key_buf.clear();
+        batch.key_buf.extend_from_slice(&p.to_be_bytes());
+        batch.key_buf.extend_from_slice(&item.key);
+        encode_record_into(&mut batch.value_buf, &item.meta, deleted, &item.value);
+        batch.batch.put_cf(cf, &batch.key_buf, &batch.value_buf);
         batch.items += 1;
         Ok(())
     }

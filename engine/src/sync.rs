@@ -15,4 +15,8 @@ pub(crate) use std::sync::Arc;
 #[cfg(loom)]
 pub(crate) use loom::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 #[cfg(loom)]
+pub(crate) use loom::sync::RwLockWriteGuard;
+#[cfg(loom)]
 pub(crate) use loom::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
+#[cfg(not(loom))]
+pub(crate) use parking_lot::RwLockWriteGuard;

@@ -225,10 +225,10 @@ fn peek_does_not_move_and_stops_at_the_barrier() {
         m.queue(item(&format!("k{s}"), s));
     }
     let b = m.peek("c", 100, usize::MAX, Some(3)).unwrap();
-    assert!(b.blocked);
-    assert_eq!(b.items, 3);
+    assert!(b.progress.blocked);
+    assert_eq!(b.items(), 3);
     assert_eq!(m.remaining("c").unwrap(), 5);
-    m.advance("c", &b).unwrap();
+    drop(m.advance("c", &b).unwrap());
     assert_eq!(m.remaining("c").unwrap(), 2);
 }
 

@@ -24,8 +24,19 @@ fn persist_writes_survive_sigkill_and_seqnos_never_go_back() {
         let start = (round * 1_000_000).to_string();
         let value_size = VALUE_SIZE.to_string();
         let mut child = Proc::spawn(&[
-            "load", "--data", &data, "--count", "900000", "--start", &start,
-            "--threads", "4", "--durability", "persist", "--value-size", &value_size,
+            "load",
+            "--data",
+            &data,
+            "--count",
+            "900000",
+            "--start",
+            &start,
+            "--threads",
+            "4",
+            "--durability",
+            "persist",
+            "--value-size",
+            &value_size,
             "--print-acked",
         ]);
         let wait_for = rng.gen_range(50..1500);
@@ -41,7 +52,10 @@ fn persist_writes_survive_sigkill_and_seqnos_never_go_back() {
         assert!(acked.len() >= wait_for);
 
         let view = DiskView::open(dir.path()).unwrap();
-        assert!(!view.clean_shutdown().unwrap(), "a killed process cannot have shut down cleanly");
+        assert!(
+            !view.clean_shutdown().unwrap(),
+            "a killed process cannot have shut down cleanly"
+        );
         let parts = view.partitions().unwrap();
         view.for_each_item(|it| {
             let high = parts[usize::from(it.partition)].high_seqno;
@@ -82,10 +96,18 @@ fn persist_writes_survive_sigkill_and_seqnos_never_go_back() {
         }
         for j in 0..200 {
             let r = engine
-                .set(format!("probe-{round}-{j}").as_bytes(), "x", WriteOptions::default())
+                .set(
+                    format!("probe-{round}-{j}").as_bytes(),
+                    "x",
+                    WriteOptions::default(),
+                )
                 .unwrap();
             if let Some(h) = highest.get(&r.partition) {
-                assert!(r.seqno > *h, "seqno {} reused (acknowledged up to {h})", r.seqno);
+                assert!(
+                    r.seqno > *h,
+                    "seqno {} reused (acknowledged up to {h})",
+                    r.seqno
+                );
             }
         }
         engine.close().unwrap();

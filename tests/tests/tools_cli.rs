@@ -10,13 +10,29 @@ const T: Duration = Duration::from_secs(60);
 fn kv_set_get_del_and_missing_key_exit_code() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().to_str().unwrap();
-    let (ok, out, _) = run(&["kv", "set", "--data", d, "greeting", "hello world"], "", T);
+    let (ok, out, _) = run(
+        &["kv", "set", "--data", d, "greeting", "hello world"],
+        "",
+        T,
+    );
     assert!(ok);
     assert!(out.starts_with("OK "), "{out}");
     let (ok, out, _) = run(&["kv", "get", "--data", d, "greeting"], "", T);
     assert!(ok);
     assert_eq!(out, "hello world\n");
-    let (ok, _, _) = run(&["kv", "del", "--data", d, "greeting", "--durability", "persist"], "", T);
+    let (ok, _, _) = run(
+        &[
+            "kv",
+            "del",
+            "--data",
+            d,
+            "greeting",
+            "--durability",
+            "persist",
+        ],
+        "",
+        T,
+    );
     assert!(ok);
     let (ok, out, err) = run(&["kv", "get", "--data", d, "greeting"], "", T);
     assert!(!ok, "missing key must exit non-zero");
@@ -43,16 +59,28 @@ fn shell_answers_one_line_per_command_and_survives_errors() {
     assert_eq!(lines[3], "NOT_FOUND");
     assert!(lines[4].starts_with("ERROR exists:"), "{}", lines[4]);
     assert!(lines[5].starts_with("ERROR key_too_large:"), "{}", lines[5]);
-    assert!(lines[6].starts_with("ERROR invalid_argument:"), "{}", lines[6]);
+    assert!(
+        lines[6].starts_with("ERROR invalid_argument:"),
+        "{}",
+        lines[6]
+    );
     assert!(lines[7].starts_with("OK PARTITION"));
     assert_eq!(lines[8], "NOT_FOUND");
     assert_eq!(lines[9], "OK");
     assert!(lines[10].starts_with("OK id="), "{}", lines[10]);
     assert!(lines[11].contains("persistence"), "{}", lines[11]);
-    assert!(lines[12].contains("items=1") && lines[12].contains("dirty=0"), "{}", lines[12]);
+    assert!(
+        lines[12].contains("items=1") && lines[12].contains("dirty=0"),
+        "{}",
+        lines[12]
+    );
     assert_eq!(lines[13], "OK RESTARTED ITEMS 1");
     assert_eq!(lines[14], "VALUE two words");
-    assert!(lines[15].starts_with("ERROR no_such_partition:"), "{}", lines[15]);
+    assert!(
+        lines[15].starts_with("ERROR no_such_partition:"),
+        "{}",
+        lines[15]
+    );
 }
 
 #[test]
@@ -60,7 +88,17 @@ fn load_then_admin_inspect_and_dump() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().to_str().unwrap();
     let (ok, out, err) = run(
-        &["load", "--data", d, "--count", "2000", "--threads", "2", "--value-size", "32"],
+        &[
+            "load",
+            "--data",
+            d,
+            "--count",
+            "2000",
+            "--threads",
+            "2",
+            "--value-size",
+            "32",
+        ],
         "",
         T,
     );
@@ -78,8 +116,10 @@ fn load_then_admin_inspect_and_dump() {
     assert!(parts.iter().all(|p| p["high_seqno"].as_u64().unwrap() > 0));
     let (ok, out, _) = run(&["admin", "dump", "--data", d, "--json"], "", T);
     assert!(ok);
-    let rows: Vec<serde_json::Value> =
-        out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let rows: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(rows.len(), 2000);
     for r in &rows {
         for field in ["partition", "seqno", "cas", "key", "value_len"] {
@@ -97,12 +137,17 @@ fn a_directory_held_by_another_process_is_named_in_the_error() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().to_str().unwrap();
     // A long load holds the directory; its first acknowledged write shows it is open.
-    let mut holder = tapkv_tests::Proc::spawn(&[
-        "load", "--data", d, "--count", "100000000", "--print-acked",
-    ]);
-    assert!(holder.next_line(T).is_some(), "holder never opened the directory");
+    let mut holder =
+        tapkv_tests::Proc::spawn(&["load", "--data", d, "--count", "100000000", "--print-acked"]);
+    assert!(
+        holder.next_line(T).is_some(),
+        "holder never opened the directory"
+    );
     let (ok, _, err) = run(&["kv", "get", "--data", d, "x"], "", T);
     assert!(!ok);
-    assert!(err.contains("in use by another tapkv process") && err.contains(d), "{err}");
+    assert!(
+        err.contains("in use by another tapkv process") && err.contains(d),
+        "{err}"
+    );
     holder.kill();
 }

@@ -14,6 +14,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use tapkv_engine::Durability;
 
+/// mimalloc: much cheaper than glibc malloc for the many small buffers
+/// (keys, values, checkpoint entries) an engine allocates; see docs/architecture.md.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// tapkv: a checkpointed key-value storage engine with online-update revert.
 ///
 /// Every command that takes `--data DIR` opens the engine embedded in this
