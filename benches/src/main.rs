@@ -180,19 +180,17 @@ fn engine_bench(ops: u64) {
 
     // Flusher drain: queue everything with the flusher stalled, then time the drain.
     let engine = Engine::builder(tmp.path().join("tapkv-drain"))
-        .flush_retry_limit(u32::MAX)
-        .flush_retry_backoff(Duration::from_millis(1))
         .checkpoint_memory_limit(4 << 30)
         .open()
         .expect("open tapkv");
-    engine.inject_flush_failures(usize::MAX);
+    engine.set_flusher_paused(true);
     for i in 0..ops {
         engine
             .set(&key(i), value(i), WriteOptions::default())
             .expect("set");
     }
     let t = Instant::now();
-    engine.inject_flush_failures(0);
+    engine.set_flusher_paused(false);
     engine.flush().expect("drain");
     let drain = rate(ops, t.elapsed());
     engine.close().expect("close");
@@ -283,6 +281,13 @@ fn engine_bench(ops: u64) {
 }
 
 fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TAPKV_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let what = args.first().map_or("all", String::as_str);
     let ops = args
@@ -293,42 +298,6 @@ fn main() {
         .unwrap_or(1_000_000u64);
     match what {
         "engine" | "all" => engine_bench(ops),
-        // Only tapkv sets then gets, for profilers.
-        "profile-set" => {
-            let tmp = tempfile::tempdir().expect("tempdir");
-            let batch: usize = std::env::var("FLUSH_BATCH")
-                .ok()
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(10_000);
-            let engine = Engine::builder(tmp.path())
-                .flush_batch_max_items(batch)
-                .flush_retry_limit(u32::MAX)
-                .flush_retry_backoff(Duration::from_secs(1))
-                .checkpoint_memory_limit(4 << 30)
-                .flush_interval(Duration::from_millis(
-                    std::env::var("FLUSH_MS")
-                        .ok()
-                        .and_then(|s| s.parse().ok())
-                        .unwrap_or(2),
-                ))
-                .open()
-                .expect("open");
-            if std::env::var("NO_FLUSH").is_ok() {
-                engine.inject_flush_failures(usize::MAX);
-            }
-            let t = Instant::now();
-            for i in 0..ops {
-                engine
-                    .set(&key(i), value(i), WriteOptions::default())
-                    .expect("set");
-            }
-            println!("set: {:.0} ops/s", rate(ops, t.elapsed()));
-            let t = Instant::now();
-            for i in shuffled(ops) {
-                std::hint::black_box(engine.get(&key(i)).expect("get"));
-            }
-            println!("get: {:.0} ops/s", rate(ops, t.elapsed()));
-        }
         "--help" | "-h" | "help" => {
             println!("usage: tapkv-benches [engine|all] [--ops N]   (default all, 1000000 ops)");
         }

@@ -33,6 +33,7 @@ use crate::sync::{Arc, AtomicBool, AtomicU64, AtomicUsize, Condvar, Mutex, Order
 #[derive(Default)]
 pub(crate) struct Signal {
     pending: AtomicBool,
+    urgent: AtomicBool,
     idle: AtomicBool,
     lock: Mutex<()>,
     cv: Condvar,
@@ -52,6 +53,7 @@ impl Signal {
     /// Records that there is work and wakes the flusher now.
     pub(crate) fn notify(&self) {
         self.pending.store(true, Ordering::Release);
+        self.urgent.store(true, Ordering::Release);
         let _g = self.lock.lock();
         self.cv.notify_all();
     }
@@ -66,19 +68,21 @@ impl Signal {
         stop: &AtomicBool,
     ) {
         let mut g = self.lock.lock();
+        let urgent = || self.urgent.load(Ordering::Acquire) || stop.load(Ordering::Acquire);
         if found_work {
-            if !stop.load(Ordering::Acquire) {
+            if !urgent() {
                 self.cv.wait_for(&mut g, busy_nap);
             }
         } else {
             self.idle.store(true, Ordering::Release);
-            if !self.pending.load(Ordering::Acquire) && !stop.load(Ordering::Acquire) {
+            if !self.pending.load(Ordering::Acquire) && !urgent() {
                 self.cv.wait_for(&mut g, idle_wait);
             }
             self.idle.store(false, Ordering::Release);
         }
-        drop(g);
         self.pending.store(false, Ordering::Release);
+        self.urgent.store(false, Ordering::Release);
+        drop(g);
     }
 }
 
@@ -98,6 +102,8 @@ pub(crate) struct Shared {
     pub(crate) persist_cv: Condvar,
     /// WAL syncs performed for durable writes (one serves many waiters).
     pub(crate) syncs: AtomicU64,
+    /// Test and benchmark hook: while set, the flusher writes nothing.
+    pub(crate) flusher_paused: AtomicBool,
     /// Test hook: the next this-many flush attempts fail.
     pub(crate) injected_flush_failures: AtomicUsize,
     recovered_from_crash: bool,
@@ -298,6 +304,7 @@ impl Engine {
             persist_lock: Mutex::new(()),
             persist_cv: Condvar::new(),
             syncs: AtomicU64::new(0),
+            flusher_paused: AtomicBool::new(false),
             injected_flush_failures: AtomicUsize::new(0),
             recovered_from_crash: !clean,
             config,
@@ -562,6 +569,16 @@ impl Engine {
         }
     }
 
+    /// Test and benchmark hook: pauses (or resumes) the flusher. While paused,
+    /// nothing reaches disk and durable writes wait.
+    #[doc(hidden)]
+    pub fn set_flusher_paused(&self, paused: bool) {
+        if let Some(s) = self.shared.as_deref() {
+            s.flusher_paused.store(paused, Ordering::Release);
+            s.flush_signal.notify();
+        }
+    }
+
     /// Flushes everything, stops the flusher, marks the directory cleanly shut
     /// down and releases it.
     pub fn close(mut self) -> Result<()> {
@@ -573,6 +590,7 @@ impl Engine {
             return Ok(());
         };
         shared.shutdown.store(true, Ordering::Release);
+        shared.flusher_paused.store(false, Ordering::Release);
         shared.flush_signal.notify();
         for t in self.flushers.drain(..) {
             if t.join().is_err() {

@@ -92,6 +92,9 @@ enum Round {
 
 /// One flush round.
 fn round(shared: &Shared, mine: &[&Partition]) -> Result<Round> {
+    if shared.flusher_paused.load(Ordering::Acquire) {
+        return Ok(Round::Idle);
+    }
     let started = Instant::now();
     let wants_sync = shared.persist_waiters.load(Ordering::Acquire) > 0;
     let cfg = &shared.config;

@@ -116,12 +116,10 @@ fn checkpoint_memory_is_bounded_and_nothing_accepted_is_dropped() {
     let dir = tempfile::tempdir().unwrap();
     let e = builder(dir.path())
         .checkpoint_memory_limit(64 * 1024)
-        .flush_retry_limit(u32::MAX)
-        .flush_retry_backoff(Duration::from_millis(1))
         .open()
         .unwrap();
     // Stall the flusher so nothing is freed.
-    e.inject_flush_failures(usize::MAX);
+    e.set_flusher_paused(true);
     let mut accepted = Vec::new();
     let mut refused = 0;
     for i in 0..2000 {
@@ -138,7 +136,7 @@ fn checkpoint_memory_is_bounded_and_nothing_accepted_is_dropped() {
         assert!(e.get(&key(*i)).is_ok());
     }
     // Let the flusher run again: memory drains and writes are accepted.
-    e.inject_flush_failures(0);
+    e.set_flusher_paused(false);
     e.flush().unwrap();
     e.set(&key(5000), vec![b'x'; 200], WriteOptions::default())
         .unwrap();
