@@ -37,6 +37,17 @@ pub struct EngineConfig {
     pub flush_retry_limit: u32,
     /// Pause between flush attempts after a failure (default 20 ms).
     pub flush_retry_backoff: Duration,
+    /// Bytes an online-update window may queue per partition (default
+    /// 256 MiB). Past it, writes to that partition fail with
+    /// `TempOutOfMemory` naming the window until it is completed or reverted.
+    pub online_update_memory_limit: usize,
+    /// Memory quota for keys and resident values (default 1 GiB).
+    pub memory_quota: usize,
+    /// Fraction of the quota above which the pager evicts clean values
+    /// (default 0.85).
+    pub high_water: f64,
+    /// Fraction of the quota the pager evicts down to (default 0.75).
+    pub low_water: f64,
     /// Longest key in bytes (default 250).
     pub max_key_size: usize,
     /// Longest value in bytes (default 20 MiB).
@@ -62,6 +73,10 @@ impl EngineConfig {
             flush_interval: Duration::from_millis(2),
             flush_retry_limit: 5,
             flush_retry_backoff: Duration::from_millis(20),
+            online_update_memory_limit: 256 << 20,
+            memory_quota: 1 << 30,
+            high_water: 0.85,
+            low_water: 0.75,
             max_key_size: 250,
             max_value_size: 20 << 20,
             persist_timeout: Duration::from_secs(30),
@@ -140,6 +155,26 @@ impl EngineBuilder {
     /// Pause after a failed flush before the retry; default 20 ms.
     pub fn flush_retry_backoff(mut self, d: Duration) -> Self {
         self.config.flush_retry_backoff = d;
+        self
+    }
+
+    /// Bytes one online-update window may queue; default 256 MiB.
+    pub fn online_update_memory_limit(mut self, bytes: usize) -> Self {
+        self.config.online_update_memory_limit = bytes;
+        self
+    }
+
+    /// Memory quota for keys and resident values; default 1 GiB.
+    pub fn memory_quota(mut self, bytes: usize) -> Self {
+        self.config.memory_quota = bytes;
+        self
+    }
+
+    /// Pager high and low water marks as fractions of the quota; defaults
+    /// 0.85 and 0.75.
+    pub fn water_marks(mut self, high: f64, low: f64) -> Self {
+        self.config.high_water = high;
+        self.config.low_water = low;
         self
     }
 

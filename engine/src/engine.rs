@@ -17,6 +17,7 @@ use crate::error::{Error, Result};
 use crate::flusher;
 use crate::hash_table::StoredValue;
 use crate::item::{Durability, Item, MutationResult, PartitionId, WriteOptions};
+use crate::online_update::RevertReport;
 use crate::partition::{partition_of, MutationKind, Partition, PartitionStart, PERSISTENCE_CURSOR};
 use crate::stats::{EngineStats, PartitionStats};
 use crate::store::{DirLock, EngineMeta, Reservation, Store, FORMAT_VERSION};
@@ -102,6 +103,8 @@ pub(crate) struct Shared {
     pub(crate) persist_cv: Condvar,
     /// WAL syncs performed for durable writes (one serves many waiters).
     pub(crate) syncs: AtomicU64,
+    /// Set by `crash()`: the flusher stops without draining.
+    pub(crate) aborted: AtomicBool,
     /// Test and benchmark hook: while set, the flusher writes nothing.
     pub(crate) flusher_paused: AtomicBool,
     /// Test hook: the next this-many flush attempts fail.
@@ -251,7 +254,7 @@ impl Engine {
                 checkpoint_id: start.checkpoint_id + (step / 1000).max(1),
             };
             store.put_reservation(p, &reservation)?;
-            let part = Partition::new(
+            let mut part = Partition::new(
                 p,
                 config.checkpoint,
                 &start,
@@ -259,6 +262,16 @@ impl Engine {
                 step,
                 Arc::clone(&checkpoint_mem),
             );
+            part.lost_windows = store.mark_window_lost(p)?;
+            if let Some(lost) = part.lost_windows.last() {
+                if lost.start_seqno > state.high_seqno {
+                    tracing::warn!(
+                        partition = p,
+                        checkpoint_id = lost.checkpoint_id,
+                        "online-update window was open when the engine stopped: reverted"
+                    );
+                }
+            }
             partitions.push(part);
         }
         let mut max_cas = vec![0u64; partitions.len()];
@@ -275,7 +288,7 @@ impl Engine {
                 part.table.slot(key).put(
                     &Bytes::copy_from_slice(key),
                     StoredValue {
-                        value: rec.value,
+                        value: Some(rec.value),
                         meta: rec.meta,
                     },
                 );
@@ -305,6 +318,7 @@ impl Engine {
             persist_cv: Condvar::new(),
             syncs: AtomicU64::new(0),
             flusher_paused: AtomicBool::new(false),
+            aborted: AtomicBool::new(false),
             injected_flush_failures: AtomicUsize::new(0),
             recovered_from_crash: !clean,
             config,
@@ -358,7 +372,44 @@ impl Engine {
     pub fn get(&self, key: &[u8]) -> Result<Item> {
         let s = self.live()?;
         self.check_key(s, key)?;
-        s.partition(self.partition_of(key))?.get(key)
+        s.partition(self.partition_of(key))?.get(&s.store, key)
+    }
+
+    /// Evicts `key`'s value from memory (it stays on disk and is read back on
+    /// access). Only clean (persisted) values can be evicted: a dirty one is
+    /// `WrongState`, an absent key `NotFound`.
+    pub fn evict(&self, key: &[u8]) -> Result<()> {
+        let s = self.live()?;
+        self.check_key(s, key)?;
+        s.partition(self.partition_of(key))?.evict(key)
+    }
+
+    /// START: opens an online-update window on partition `p` and returns its
+    /// checkpoint id. Mutations in the window are live and visible to every
+    /// cursor but do not reach disk until [`online_update_complete`]
+    /// (Self::online_update_complete); [`online_update_revert`]
+    /// (Self::online_update_revert) undoes all of them.
+    pub fn online_update_start(&self, p: PartitionId) -> Result<u64> {
+        let s = self.live()?;
+        s.partition(p)?
+            .online_update_start(&s.store, s.config.online_update_memory_limit)
+    }
+
+    /// COMPLETE: ends partition `p`'s window; everything in it persists.
+    /// Returns the window's checkpoint id.
+    pub fn online_update_complete(&self, p: PartitionId) -> Result<u64> {
+        let s = self.live()?;
+        let id = s.partition(p)?.online_update_complete(&s.store)?;
+        s.flush_signal.mark();
+        Ok(id)
+    }
+
+    /// REVERT: undoes every mutation of partition `p`'s window.
+    pub fn online_update_revert(&self, p: PartitionId) -> Result<RevertReport> {
+        let s = self.live()?;
+        let report = s.partition(p)?.online_update_revert(&s.store)?;
+        s.flush_signal.mark();
+        Ok(report)
     }
 
     /// Stores `value` under `key`, creating or replacing it.
@@ -442,13 +493,19 @@ impl Engine {
         Ok(res)
     }
 
-    /// Waits until everything written before the call is persisted and synced.
+    /// Waits until everything written before the call is persisted and synced
+    /// (on a partition with an open online-update window: everything before
+    /// the window).
     pub fn flush(&self) -> Result<()> {
         let s = self.live()?;
         let targets: Vec<(PartitionId, u64)> = s
             .partitions
             .iter()
-            .map(|p| (p.id, p.lock().checkpoints.high_seqno()))
+            .map(|p| {
+                let w = p.lock();
+                let high = w.checkpoints.high_seqno();
+                (p.id, w.persist_barrier().map_or(high, |b| b.min(high)))
+            })
             .collect();
         s.wait_synced(&targets)
     }
@@ -547,6 +604,11 @@ impl Engine {
                     flush_failures: pr.flush_failures.load(Ordering::Relaxed),
                     flush_micros_total: pr.flush_micros_total.load(Ordering::Relaxed),
                     last_flush_micros: pr.last_flush_micros.load(Ordering::Relaxed),
+                    evicted_items: p.table.evicted(),
+                    bg_fetches: pr.bg_fetches.load(Ordering::Relaxed),
+                    evictions: pr.evictions.load(Ordering::Relaxed),
+                    window: p.window_info(),
+                    lost_windows: p.lost_windows.clone(),
                 }
             })
             .collect();
@@ -577,6 +639,22 @@ impl Engine {
             s.flusher_paused.store(paused, Ordering::Release);
             s.flush_signal.notify();
         }
+    }
+
+    /// Simulates a crash for tests: stops the flusher after its current write
+    /// and releases the directory without flushing, reserving or marking a
+    /// clean shutdown — as if the process had been killed.
+    #[doc(hidden)]
+    pub fn crash(mut self) {
+        if let Some(shared) = self.shared.take() {
+            shared.aborted.store(true, Ordering::Release);
+            shared.shutdown.store(true, Ordering::Release);
+            shared.flush_signal.notify();
+            for t in self.flushers.drain(..) {
+                let _ = t.join();
+            }
+        }
+        self.lock.take();
     }
 
     /// Flushes everything, stops the flusher, marks the directory cleanly shut

@@ -60,6 +60,24 @@ pub enum Error {
     /// An argument was rejected; the message says which and why.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// The partition has an online-update window open, which rules the
+    /// request out (a second START, or a `Persist` write that cannot be made
+    /// durable before the window ends): complete or revert the window first.
+    #[error("partition {partition} has online-update window {checkpoint_id} open: {what}")]
+    OnlineUpdateOpen {
+        /// Partition.
+        partition: u16,
+        /// The open window's checkpoint id.
+        checkpoint_id: u64,
+        /// What cannot be done.
+        what: &'static str,
+    },
+    /// COMPLETE or REVERT on a partition with no open online-update window.
+    #[error("partition {partition} has no online-update window open")]
+    NoOnlineUpdate {
+        /// Partition.
+        partition: u16,
+    },
     /// The operation is not allowed in the partition's current state
     /// (for example an online-update command out of order).
     #[error("wrong state: {0}")]
@@ -119,6 +137,8 @@ impl Error {
             Error::NoSuchPartition { .. } => "no_such_partition",
             Error::InvalidArgument(_) => "invalid_argument",
             Error::WrongState(_) => "wrong_state",
+            Error::OnlineUpdateOpen { .. } => "window_open",
+            Error::NoOnlineUpdate { .. } => "no_window",
             Error::Timeout { .. } => "timeout",
             Error::Closed => "closed",
             Error::Poisoned(_) => "poisoned",

@@ -43,6 +43,9 @@ fn run(shared: &Shared, thread: usize, threads: usize) {
         .collect();
     let mut failures = 0u32;
     loop {
+        if shared.aborted.load(Ordering::Acquire) {
+            return;
+        }
         let stopping = shared.shutdown.load(Ordering::Acquire);
         let found_work = match round(shared, &mine) {
             Ok(Round::More) => {
@@ -105,20 +108,26 @@ fn round(shared: &Shared, mine: &[&Partition]) -> Result<Round> {
         let before = batch.len();
         let mut max_cas = p.progress.max_cas.load(Ordering::Relaxed);
         let mut encode_err = None;
-        let progress = p.lock().checkpoints.scan(
+        let w = p.lock();
+        let progress = w.checkpoints.scan(
             PERSISTENCE_CURSOR,
             cfg.flush_batch_max_items,
             cfg.flush_batch_max_bytes,
-            None,
+            w.persist_barrier(),
             |ev| {
                 if let EventRef::Item(item) = ev {
+                    if w.is_reverted(item.seqno()) {
+                        return;
+                    }
                     if let Err(e) = shared.store.add_to_batch(&mut batch, p.id, item) {
                         encode_err.get_or_insert(e);
                     }
                     max_cas = max_cas.max(item.meta.cas);
                 }
             },
-        )?;
+        );
+        drop(w);
+        let progress = progress?;
         if let Some(e) = encode_err {
             return Err(e);
         }
@@ -137,6 +146,9 @@ fn round(shared: &Shared, mine: &[&Partition]) -> Result<Round> {
         pending.push((p, progress, state, n));
     }
     if pending.is_empty() {
+        if thread_is_pager(mine) {
+            crate::pager::run(shared);
+        }
         if wants_sync {
             // Earlier unsynced writes may be what the waiters need.
             shared.store.sync_wal()?;
@@ -157,7 +169,12 @@ fn round(shared: &Shared, mine: &[&Partition]) -> Result<Round> {
     let micros = started.elapsed().as_micros() as u64;
     for (p, progress, state, n) in &pending {
         // Freed checkpoints are dropped after the partition lock is released.
-        let freed = p.lock().checkpoints.advance(PERSISTENCE_CURSOR, progress)?;
+        let freed = {
+            let mut w = p.lock();
+            let end = progress.end_seqno();
+            w.reverted.retain(|(_, last)| *last > end);
+            w.checkpoints.advance(PERSISTENCE_CURSOR, progress)?
+        };
         drop(freed);
         let pr = &p.progress;
         pr.max_cas.store(state.max_cas, Ordering::Relaxed);
@@ -175,7 +192,15 @@ fn round(shared: &Shared, mine: &[&Partition]) -> Result<Round> {
         shared.store.sync_wal()?;
         mark_synced(shared, mine);
     }
+    if thread_is_pager(mine) {
+        crate::pager::run(shared);
+    }
     Ok(if more { Round::More } else { Round::Done })
+}
+
+/// The flusher thread that owns partition 0 also runs the pager.
+fn thread_is_pager(mine: &[&Partition]) -> bool {
+    mine.first().is_some_and(|p| p.id == 0)
 }
 
 /// Records that everything persisted so far is synced, and wakes waiters.

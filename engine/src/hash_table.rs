@@ -4,9 +4,13 @@
 //! hash is computed once and picks both the shard (high bits) and the bucket,
 //! so a lookup or an update hashes the key a single time. Readers take a shard
 //! read lock; writers are serialised per partition by the caller and take the
-//! shard write lock only for the in-place update.
+//! shard write lock only for the in-place update. A revert takes every shard's
+//! write lock at once ([`HashTable::lock_all`]) so readers never see it half
+//! done.
 //!
-//! The table keeps item and byte counts; it never touches checkpoints or disk.
+//! A value may be *evicted* (`value: None`): key and metadata stay, the bytes
+//! are read back from disk on access. The table keeps item, byte and eviction
+//! counts; it never touches checkpoints or disk.
 
 use bytes::Bytes;
 use hashbrown::hash_table::Entry as TableEntry;
@@ -22,7 +26,8 @@ type Hasher64 = foldhash::fast::FixedState;
 /// A value held by the hash table.
 #[derive(Debug, Clone)]
 pub(crate) struct StoredValue {
-    pub(crate) value: Bytes,
+    /// The value, or `None` when evicted (it is then on disk, at `meta.by_seqno`).
+    pub(crate) value: Option<Bytes>,
     pub(crate) meta: ItemMeta,
 }
 
@@ -32,10 +37,8 @@ pub(crate) struct Entry {
     pub(crate) value: StoredValue,
 }
 
-impl Entry {
-    fn size(&self) -> usize {
-        self.key.len() + self.value.value.len()
-    }
+fn size(key: &[u8], v: &StoredValue) -> usize {
+    key.len() + v.value.as_ref().map_or(0, Bytes::len)
 }
 
 pub(crate) struct HashTable {
@@ -43,13 +46,17 @@ pub(crate) struct HashTable {
     hasher: Hasher64,
     items: AtomicUsize,
     bytes: AtomicUsize,
+    evicted: AtomicUsize,
 }
 
-/// A shard locked for writing, positioned on one key (found or not).
-pub(crate) struct KeySlot<'a> {
+type Shard = RawTable<Entry>;
+
+/// Write access to shards; positioned per key with a precomputed hash.
+pub(crate) struct ShardsGuard<'a> {
     table: &'a HashTable,
-    guard: RwLockWriteGuard<'a, RawTable<Entry>>,
-    hash: u64,
+    guards: Vec<RwLockWriteGuard<'a, Shard>>,
+    /// Index of the shard in `guards[0]` when only one shard is held.
+    single: Option<usize>,
 }
 
 impl HashTable {
@@ -59,6 +66,7 @@ impl HashTable {
             hasher: Hasher64::with_seed(0x7461_706b_76),
             items: AtomicUsize::new(0),
             bytes: AtomicUsize::new(0),
+            evicted: AtomicUsize::new(0),
         }
     }
 
@@ -67,26 +75,35 @@ impl HashTable {
         self.hasher.hash_one(key)
     }
 
-    fn shard(&self, hash: u64) -> &RwLock<RawTable<Entry>> {
-        &self.shards[(hash >> 60) as usize % SHARDS]
+    fn shard_index(hash: u64) -> usize {
+        (hash >> 60) as usize % SHARDS
     }
 
     /// The stored key and value of `key`, if present.
     pub(crate) fn get(&self, key: &[u8]) -> Option<(Bytes, StoredValue)> {
         let hash = self.hash(key);
-        let shard = self.shard(hash).read();
+        let shard = self.shards[Self::shard_index(hash)].read();
         shard
             .find(hash, |e| e.key[..] == *key)
             .map(|e| (e.key.clone(), e.value.clone()))
     }
 
     /// Locks `key`'s shard for writing.
-    pub(crate) fn slot(&self, key: &[u8]) -> KeySlot<'_> {
-        let hash = self.hash(key);
-        KeySlot {
+    pub(crate) fn slot(&self, key: &[u8]) -> ShardsGuard<'_> {
+        let idx = Self::shard_index(self.hash(key));
+        ShardsGuard {
             table: self,
-            guard: self.shard(hash).write(),
-            hash,
+            guards: vec![self.shards[idx].write()],
+            single: Some(idx),
+        }
+    }
+
+    /// Locks every shard for writing (readers wait until it is dropped).
+    pub(crate) fn lock_all(&self) -> ShardsGuard<'_> {
+        ShardsGuard {
+            table: self,
+            guards: self.shards.iter().map(|s| s.write()).collect(),
+            single: None,
         }
     }
 
@@ -94,61 +111,153 @@ impl HashTable {
         self.items.load(Ordering::Relaxed)
     }
 
+    /// Key bytes plus resident value bytes.
     pub(crate) fn mem_bytes(&self) -> usize {
         self.bytes.load(Ordering::Relaxed)
     }
+
+    /// Items whose value is evicted.
+    pub(crate) fn evicted(&self) -> usize {
+        self.evicted.load(Ordering::Relaxed)
+    }
+
+    fn account(&self, old: Option<(&[u8], &StoredValue)>, new: Option<(&[u8], &StoredValue)>) {
+        if let Some((k, v)) = old {
+            self.bytes.fetch_sub(size(k, v), Ordering::Relaxed);
+            self.items.fetch_sub(1, Ordering::Relaxed);
+            if v.value.is_none() {
+                self.evicted.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        if let Some((k, v)) = new {
+            self.bytes.fetch_add(size(k, v), Ordering::Relaxed);
+            self.items.fetch_add(1, Ordering::Relaxed);
+            if v.value.is_none() {
+                self.evicted.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Evicts values of clean items (`by_seqno <= clean_upto`) from shard
+    /// `shard` until about `target` bytes are freed; returns (items, bytes).
+    pub(crate) fn evict_clean(
+        &self,
+        shard: usize,
+        clean_upto: u64,
+        target: usize,
+    ) -> (usize, usize) {
+        let mut guard = self.shards[shard % SHARDS].write();
+        let (mut n, mut freed) = (0, 0);
+        for e in guard.iter_mut() {
+            if freed >= target {
+                break;
+            }
+            if e.value.meta.by_seqno <= clean_upto {
+                if let Some(v) = e.value.value.take() {
+                    freed += v.len();
+                    n += 1;
+                }
+            }
+        }
+        self.bytes.fetch_sub(freed, Ordering::Relaxed);
+        self.evicted.fetch_add(n, Ordering::Relaxed);
+        (n, freed)
+    }
+
+    /// Number of shards (for the pager's rotation).
+    pub(crate) fn shards(&self) -> usize {
+        SHARDS
+    }
 }
 
-impl KeySlot<'_> {
+impl ShardsGuard<'_> {
+    fn shard(&mut self, key: &[u8]) -> (&mut Shard, u64) {
+        let hash = self.table.hash(key);
+        let pos = match self.single {
+            Some(idx) => {
+                debug_assert_eq!(idx, HashTable::shard_index(hash));
+                0
+            }
+            None => HashTable::shard_index(hash),
+        };
+        (&mut self.guards[pos], hash)
+    }
+
     /// The current value of `key`.
-    pub(crate) fn current(&self, key: &[u8]) -> Option<&StoredValue> {
-        self.guard
-            .find(self.hash, |e| e.key[..] == *key)
-            .map(|e| &e.value)
+    pub(crate) fn current(&mut self, key: &[u8]) -> Option<&StoredValue> {
+        let (shard, hash) = self.shard(key);
+        shard.find(hash, |e| e.key[..] == *key).map(|e| &e.value)
     }
 
     /// Sets `key` to `value`, inserting it if absent.
     pub(crate) fn put(&mut self, key: &Bytes, value: StoredValue) {
-        let hasher = &self.table.hasher;
-        let entry = self.guard.entry(
-            self.hash,
+        let table = self.table;
+        let (shard, hash) = self.shard(key);
+        let entry = shard.entry(
+            hash,
             |e| e.key[..] == key[..],
             |e| {
                 use std::hash::BuildHasher;
-                hasher.hash_one(&e.key[..])
+                table.hasher.hash_one(&e.key[..])
             },
         );
-        let (items, bytes) = (&self.table.items, &self.table.bytes);
         match entry {
             TableEntry::Occupied(mut o) => {
-                let old = o.get().size();
+                table.account(Some((key, &o.get().value)), Some((key, &value)));
                 o.get_mut().value = value;
-                let new = o.get().size();
-                bytes.fetch_add(new, Ordering::Relaxed);
-                bytes.fetch_sub(old, Ordering::Relaxed);
             }
             TableEntry::Vacant(v) => {
-                let e = Entry {
+                table.account(None, Some((key, &value)));
+                v.insert(Entry {
                     key: key.clone(),
                     value,
-                };
-                bytes.fetch_add(e.size(), Ordering::Relaxed);
-                items.fetch_add(1, Ordering::Relaxed);
-                v.insert(e);
+                });
             }
         }
     }
 
     /// Removes `key` completely; returns its value if it was present.
     pub(crate) fn remove(&mut self, key: &[u8]) -> Option<StoredValue> {
-        match self.guard.find_entry(self.hash, |e| e.key[..] == *key) {
+        let table = self.table;
+        let (shard, hash) = self.shard(key);
+        match shard.find_entry(hash, |e| e.key[..] == *key) {
             Ok(o) => {
                 let (e, _) = o.remove();
-                self.table.bytes.fetch_sub(e.size(), Ordering::Relaxed);
-                self.table.items.fetch_sub(1, Ordering::Relaxed);
+                table.account(Some((&e.key, &e.value)), None);
                 Some(e.value)
             }
             Err(_) => None,
         }
+    }
+
+    /// Puts a value read back from disk into an evicted entry, if the entry
+    /// still holds the same version (`by_seqno`) and is still evicted.
+    pub(crate) fn fill(&mut self, key: &[u8], by_seqno: u64, value: Bytes) {
+        let table = self.table;
+        let (shard, hash) = self.shard(key);
+        if let Some(e) = shard.find_mut(hash, |e| e.key[..] == *key) {
+            if e.value.value.is_none() && e.value.meta.by_seqno == by_seqno {
+                table.bytes.fetch_add(value.len(), Ordering::Relaxed);
+                table.evicted.fetch_sub(1, Ordering::Relaxed);
+                e.value.value = Some(value);
+            }
+        }
+    }
+
+    /// Evicts `key`'s value if it is clean (`by_seqno <= clean_upto`).
+    /// Returns `Some(true)` if evicted now or already, `Some(false)` if dirty,
+    /// `None` if absent.
+    pub(crate) fn evict(&mut self, key: &[u8], clean_upto: u64) -> Option<bool> {
+        let table = self.table;
+        let (shard, hash) = self.shard(key);
+        let e = shard.find_mut(hash, |e| e.key[..] == *key)?;
+        if e.value.meta.by_seqno > clean_upto {
+            return Some(false);
+        }
+        if let Some(v) = e.value.value.take() {
+            table.bytes.fetch_sub(v.len(), Ordering::Relaxed);
+            table.evicted.fetch_add(1, Ordering::Relaxed);
+        }
+        Some(true)
     }
 }

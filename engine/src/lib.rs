@@ -25,6 +25,8 @@ mod error;
 mod flusher;
 mod hash_table;
 mod item;
+mod online_update;
+mod pager;
 mod partition;
 mod stats;
 mod store;
@@ -40,6 +42,9 @@ pub use error::{Error, Result};
 pub use item::{
     Durability, Item, ItemMeta, MutationResult, PartitionId, QueueOp, QueuedItem, WriteOptions,
 };
+pub use online_update::{RevertReport, WindowInfo};
 pub use partition::{partition_of, PERSISTENCE_CURSOR};
 pub use stats::{EngineStats, PartitionStats};
-pub use store::{DiskItem, DiskRecord, DiskView, EngineMeta, PartitionDiskInfo, FORMAT_VERSION};
+pub use store::{
+    DiskItem, DiskRecord, DiskView, EngineMeta, PartitionDiskInfo, WindowRecord, FORMAT_VERSION,
+};

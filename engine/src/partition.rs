@@ -4,8 +4,10 @@
 //! Owns the write path of a key: validation against the current value, seqno
 //! and CAS assignment, the hash-table update and the checkpoint entry happen
 //! under the partition's writer lock, so the checkpoint order is the order of
-//! effects. Readers only take a hash-table shard lock. This module does no
-//! disk I/O except synchronous number reservations.
+//! effects. Readers only take a hash-table shard lock; a read of an evicted
+//! value fetches it from the store. Online-update windows (START / COMPLETE /
+//! REVERT) live in `online_update.rs`; this module records each key's
+//! pre-window state when a window is open.
 
 use bytes::Bytes;
 
@@ -13,8 +15,10 @@ use crate::checkpoint::{CheckpointConfig, CheckpointManager};
 use crate::error::{Error, Result};
 use crate::hash_table::{HashTable, StoredValue};
 use crate::item::{
-    now_secs, Item, ItemMeta, MutationResult, PartitionId, QueueOp, QueuedItem, WriteOptions,
+    now_secs, Durability, Item, ItemMeta, MutationResult, PartitionId, QueueOp, QueuedItem,
+    WriteOptions,
 };
+use crate::online_update::Window;
 use crate::store::{Reservation, Store};
 use crate::sync::{Arc, AtomicU64, AtomicUsize, Mutex, MutexGuard, Ordering};
 
@@ -24,12 +28,12 @@ pub const PERSISTENCE_CURSOR: &str = "persistence";
 /// Hybrid logical clock for CAS: milliseconds since the epoch in the high 48
 /// bits, a counter in the low 16; never goes backwards.
 #[derive(Debug)]
-struct CasClock {
+pub(crate) struct CasClock {
     last: u64,
 }
 
 impl CasClock {
-    fn next(&mut self) -> u64 {
+    pub(crate) fn next(&mut self) -> u64 {
         let ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
@@ -56,8 +60,27 @@ pub(crate) enum MutationKind {
 /// State changed only under the partition's writer lock.
 pub(crate) struct PartitionWriter {
     pub(crate) checkpoints: CheckpointManager,
-    cas: CasClock,
+    pub(crate) cas: CasClock,
     reservation: Reservation,
+    /// The open online-update window, if any.
+    pub(crate) window: Option<Window>,
+    /// Seqno ranges of reverted windows the persistence cursor has not yet
+    /// passed: their entries are skipped, never written.
+    pub(crate) reverted: Vec<(u64, u64)>,
+}
+
+impl PartitionWriter {
+    /// The highest seqno the persistence cursor may pass now.
+    pub(crate) fn persist_barrier(&self) -> Option<u64> {
+        self.window.as_ref().map(|w| w.start_seqno - 1)
+    }
+
+    /// Whether the entry at `seqno` belongs to a reverted window.
+    pub(crate) fn is_reverted(&self, seqno: u64) -> bool {
+        self.reverted
+            .iter()
+            .any(|(a, b)| (*a..=*b).contains(&seqno))
+    }
 }
 
 /// Persistence progress and flush figures, readable without locks.
@@ -73,6 +96,10 @@ pub(crate) struct FlushProgress {
     pub(crate) flush_failures: AtomicU64,
     pub(crate) flush_micros_total: AtomicU64,
     pub(crate) last_flush_micros: AtomicU64,
+    /// Reads that had to fetch an evicted value from disk.
+    pub(crate) bg_fetches: AtomicU64,
+    /// Values evicted (by the pager or on request).
+    pub(crate) evictions: AtomicU64,
 }
 
 /// Where a partition starts after warmup.
@@ -84,6 +111,8 @@ pub(crate) struct PartitionStart {
 
 pub(crate) struct Partition {
     pub(crate) id: PartitionId,
+    /// Windows lost to a crash or close before this open, oldest first.
+    pub(crate) lost_windows: Vec<crate::store::WindowRecord>,
     pub(crate) table: HashTable,
     writer: Mutex<PartitionWriter>,
     pub(crate) progress: FlushProgress,
@@ -114,6 +143,7 @@ impl Partition {
         progress.max_cas.store(start.max_cas, Ordering::Relaxed);
         Partition {
             id,
+            lost_windows: Vec::new(),
             table: HashTable::new(),
             writer: Mutex::new(PartitionWriter {
                 checkpoints,
@@ -121,6 +151,8 @@ impl Partition {
                     last: start.max_cas,
                 },
                 reservation,
+                window: None,
+                reverted: Vec::new(),
             }),
             progress,
             reservation_step: reservation_step.max(1),
@@ -139,22 +171,71 @@ impl Partition {
         }
     }
 
-    /// Reads a key; expired items read as absent.
-    pub(crate) fn get(&self, key: &[u8]) -> Result<Item> {
-        match self.table.get(key) {
-            Some((key, v)) if !is_expired(&v.meta) => Ok(Item {
-                partition: self.id,
-                key,
-                value: v.value,
-                meta: v.meta,
-            }),
-            _ => Err(Error::NotFound),
+    /// Reads a key; expired items read as absent; an evicted value is read
+    /// back from the store and kept resident again.
+    pub(crate) fn get(&self, store: &Store, key: &[u8]) -> Result<Item> {
+        let Some((key, v)) = self.table.get(key) else {
+            return Err(Error::NotFound);
+        };
+        if is_expired(&v.meta) {
+            return Err(Error::NotFound);
+        }
+        let value = match v.value {
+            Some(value) => value,
+            None => {
+                let rec = store.get_item(self.id, &key)?;
+                let value = match rec {
+                    Some(r) if !r.deleted && r.meta.by_seqno == v.meta.by_seqno => r.value,
+                    other => {
+                        return Err(Error::Corruption(format!(
+                            "evicted key {:?} of partition {} is at seqno {} but disk has {:?}",
+                            String::from_utf8_lossy(&key),
+                            self.id,
+                            v.meta.by_seqno,
+                            other.map(|r| (r.meta.by_seqno, r.deleted))
+                        )))
+                    }
+                };
+                self.progress.bg_fetches.fetch_add(1, Ordering::Relaxed);
+                self.table
+                    .slot(&key)
+                    .fill(&key, v.meta.by_seqno, value.clone());
+                value
+            }
+        };
+        Ok(Item {
+            partition: self.id,
+            key,
+            value,
+            meta: v.meta,
+        })
+    }
+
+    /// Evicts `key`'s value if it is persisted; `WrongState` if it is dirty.
+    pub(crate) fn evict(&self, key: &[u8]) -> Result<()> {
+        let clean_upto = self.progress.persisted_seqno.load(Ordering::Acquire);
+        match self.table.slot(key).evict(key, clean_upto) {
+            None => Err(Error::NotFound),
+            Some(false) => Err(Error::WrongState(format!(
+                "key {:?} is dirty (not yet persisted, or inside an online-update window); \
+                 only clean values can be evicted",
+                String::from_utf8_lossy(key)
+            ))),
+            Some(true) => {
+                self.progress.evictions.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
         }
     }
 
     /// Makes sure the seqno `seqno` and one more checkpoint id than the open
     /// one are covered by the durable reservation.
-    fn ensure_reserved(&self, w: &mut PartitionWriter, store: &Store, seqno: u64) -> Result<()> {
+    pub(crate) fn ensure_reserved(
+        &self,
+        w: &mut PartitionWriter,
+        store: &Store,
+        seqno: u64,
+    ) -> Result<()> {
         let next_ckpt = w.checkpoints.open_checkpoint_id() + 1;
         if seqno <= w.reservation.seqno && next_ckpt <= w.reservation.checkpoint_id {
             return Ok(());
@@ -181,11 +262,21 @@ impl Partition {
         admit: impl FnOnce() -> Result<()>,
     ) -> Result<MutationResult> {
         let mut w = self.writer.lock();
+        if let Some(win) = &w.window {
+            if opts.durability == Durability::Persist {
+                return Err(Error::OnlineUpdateOpen {
+                    partition: self.id,
+                    checkpoint_id: win.checkpoint_id,
+                    what: "a Persist write cannot be made durable before the window completes",
+                });
+            }
+        }
         let seqno = w.checkpoints.high_seqno() + 1;
         self.ensure_reserved(&mut w, store, seqno)?;
         let mut slot = self.table.slot(&key);
-        let current = slot
-            .current(&key)
+        let before = slot.current(&key).cloned();
+        let current = before
+            .as_ref()
             .filter(|v| !is_expired(&v.meta))
             .map(|v| v.meta);
         match (kind, current) {
@@ -206,6 +297,11 @@ impl Partition {
             }
         }
         admit()?;
+        let incoming = key.len() + value.len() + crate::item::QUEUED_ITEM_OVERHEAD;
+        if let Some(win) = w.window.as_mut() {
+            win.admit(self.id, incoming)?;
+            win.remember(&key, before);
+        }
         let deleting = kind == MutationKind::Delete;
         let meta = ItemMeta {
             by_seqno: seqno,
@@ -225,7 +321,7 @@ impl Partition {
             slot.put(
                 &key,
                 StoredValue {
-                    value: value.clone(),
+                    value: Some(value.clone()),
                     meta,
                 },
             );
@@ -257,7 +353,7 @@ impl Partition {
     }
 }
 
-fn is_expired(meta: &ItemMeta) -> bool {
+pub(crate) fn is_expired(meta: &ItemMeta) -> bool {
     meta.expiry != 0 && meta.is_expired(now_secs())
 }
 

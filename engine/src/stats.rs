@@ -4,6 +4,8 @@ use serde::Serialize;
 
 use crate::checkpoint::{CheckpointInfo, CursorInfo};
 use crate::item::PartitionId;
+use crate::online_update::WindowInfo;
+use crate::store::WindowRecord;
 
 /// Engine-wide figures.
 #[derive(Debug, Clone)]
@@ -70,4 +72,14 @@ pub struct PartitionStats {
     pub flush_micros_total: u64,
     /// Duration of the last successful flush, microseconds.
     pub last_flush_micros: u64,
+    /// Items whose value is evicted (on disk only); the rest are resident.
+    pub evicted_items: usize,
+    /// Reads that fetched an evicted value back from disk.
+    pub bg_fetches: u64,
+    /// Values evicted so far (pager and explicit).
+    pub evictions: u64,
+    /// The open online-update window, if any.
+    pub window: Option<WindowInfo>,
+    /// Online-update windows lost to a crash or close (found at open).
+    pub lost_windows: Vec<WindowRecord>,
 }

@@ -62,6 +62,16 @@ pub struct Reservation {
     pub checkpoint_id: u64,
 }
 
+/// An online-update window, as recorded on disk while it is open (and kept
+/// in the lost list if the process stopped before it ended).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WindowRecord {
+    /// The window's checkpoint id (carried by its markers).
+    pub checkpoint_id: u64,
+    /// Seqno of its START marker.
+    pub start_seqno: u64,
+}
+
 /// An item record on disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskRecord {
@@ -81,6 +91,18 @@ fn state_key(p: PartitionId) -> Vec<u8> {
 
 fn reservation_key(p: PartitionId) -> Vec<u8> {
     let mut k = b"reserve/".to_vec();
+    k.extend_from_slice(&p.to_be_bytes());
+    k
+}
+
+fn window_key(p: PartitionId) -> Vec<u8> {
+    let mut k = b"window/".to_vec();
+    k.extend_from_slice(&p.to_be_bytes());
+    k
+}
+
+fn lost_key(p: PartitionId) -> Vec<u8> {
+    let mut k = b"lost-windows/".to_vec();
     k.extend_from_slice(&p.to_be_bytes());
     k
 }
@@ -288,6 +310,52 @@ impl Store {
         self.put_meta_synced(&reservation_key(p), &encode_json(r))
     }
 
+    /// The window recorded as open on partition `p`, if any.
+    pub(crate) fn open_window(&self, p: PartitionId) -> Result<Option<WindowRecord>> {
+        self.get_meta(&window_key(p))?
+            .map(|raw| decode_json(&raw, &format!("window of partition {p}")))
+            .transpose()
+    }
+
+    /// Records (synced) that a window is open on `p`, or that none is.
+    pub(crate) fn set_open_window(&self, p: PartitionId, w: Option<&WindowRecord>) -> Result<()> {
+        match w {
+            Some(w) => self.put_meta_synced(&window_key(p), &encode_json(w)),
+            None => {
+                let mut wo = rocksdb::WriteOptions::default();
+                wo.set_sync(true);
+                self.db
+                    .delete_cf_opt(self.cf(CF_META)?, window_key(p), &wo)?;
+                Ok(())
+            }
+        }
+    }
+
+    /// Windows of partition `p` lost to a crash or close, oldest first.
+    pub(crate) fn lost_windows(&self, p: PartitionId) -> Result<Vec<WindowRecord>> {
+        Ok(self
+            .get_meta(&lost_key(p))?
+            .map(|raw| decode_json(&raw, &format!("lost windows of partition {p}")))
+            .transpose()?
+            .unwrap_or_default())
+    }
+
+    /// Moves the open-window record of `p` (if any) to its lost list, in one
+    /// synced batch; returns the lost list.
+    pub(crate) fn mark_window_lost(&self, p: PartitionId) -> Result<Vec<WindowRecord>> {
+        let mut lost = self.lost_windows(p)?;
+        if let Some(w) = self.open_window(p)? {
+            lost.push(w);
+            let mut batch = WriteBatch::default();
+            batch.put_cf(self.cf(CF_META)?, lost_key(p), encode_json(&lost));
+            batch.delete_cf(self.cf(CF_META)?, window_key(p));
+            let mut wo = rocksdb::WriteOptions::default();
+            wo.set_sync(true);
+            self.db.write_opt(batch, &wo)?;
+        }
+        Ok(lost)
+    }
+
     pub(crate) fn was_clean_shutdown(&self) -> Result<bool> {
         Ok(self.get_meta(CLEAN_SHUTDOWN_KEY)?.is_some())
     }
@@ -403,6 +471,11 @@ pub struct PartitionDiskInfo {
     pub max_cas: u64,
     /// Live items on disk.
     pub items: u64,
+    /// The online-update window recorded as open (lost if no process has
+    /// the directory open).
+    pub open_window: Option<WindowRecord>,
+    /// Windows lost to a crash or close, oldest first.
+    pub lost_windows: Vec<WindowRecord>,
     /// Tombstones on disk.
     pub tombstones: u64,
 }
@@ -454,6 +527,8 @@ impl DiskView {
                     high_seqno: st.high_seqno,
                     checkpoint_id: st.checkpoint_id,
                     max_cas: st.max_cas,
+                    open_window: self.store.open_window(p)?,
+                    lost_windows: self.store.lost_windows(p)?,
                     items: 0,
                     tombstones: 0,
                 })

@@ -1,0 +1,270 @@
+//! Online update: a window on a partition in which mutations are live in
+//! memory and visible to every cursor, but never reach disk until COMPLETE;
+//! REVERT undoes every one of them.
+//!
+//! - START closes the open checkpoint and opens one that begins with an
+//!   `OnlineUpdateStart` marker carrying the new checkpoint id. The persistence
+//!   cursor may not pass the seqno before the marker (the *barrier*), so
+//!   everything queued before START persists and nothing after it does.
+//! - While the window is open, the first mutation of each key records the
+//!   key's pre-window state (or its absence) in the window's undo map.
+//! - COMPLETE queues an `OnlineUpdateEnd` marker, closes the checkpoint and
+//!   lifts the barrier: the whole window persists.
+//! - REVERT, holding the partition writer lock and every hash-table shard
+//!   lock (so reads and writes on the partition wait and then resume), puts
+//!   each key of the undo map back — removing keys the window created, restoring
+//!   value and metadata of the others, with the value evicted when the
+//!   pre-window version is on disk — then queues an `OnlineUpdateRevert`
+//!   marker with the window's checkpoint id and closes the checkpoint. The
+//!   window's entries stay in the checkpoints so every other cursor sees START,
+//!   the entries and REVERT in order; the persistence cursor skips them. Cost is
+//!   proportional to the distinct keys of the window.
+//! - An open window is recorded on disk (synced) at START and cleared at its
+//!   end; one still recorded at open time was lost to a crash or close.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::error::{Error, Result};
+use crate::hash_table::StoredValue;
+use crate::item::{ItemMeta, PartitionId, QueueOp, QueuedItem};
+use crate::partition::{Partition, PartitionWriter};
+use crate::store::{Store, WindowRecord};
+use crate::sync::Ordering;
+
+/// An open online-update window.
+pub(crate) struct Window {
+    pub(crate) checkpoint_id: u64,
+    pub(crate) start_seqno: u64,
+    /// Pre-window state of every key mutated in the window (`None`: absent).
+    undo: HashMap<Bytes, Option<StoredValue>, foldhash::fast::RandomState>,
+    /// Bytes queued in the window so far.
+    pub(crate) bytes: usize,
+    limit: usize,
+    started: Instant,
+}
+
+impl Window {
+    /// Refuses a write that would take the window past its memory limit.
+    pub(crate) fn admit(&self, partition: PartitionId, incoming: usize) -> Result<()> {
+        if self.bytes + incoming > self.limit {
+            return Err(Error::TempOutOfMemory {
+                reason: format!(
+                    "online-update window {} on partition {partition} holds {} bytes, its limit \
+                     is {}; complete or revert the window",
+                    self.checkpoint_id, self.bytes, self.limit
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Records `key`'s pre-window state the first time the window touches it.
+    pub(crate) fn remember(&mut self, key: &Bytes, before: Option<StoredValue>) {
+        self.undo.entry(key.clone()).or_insert(before);
+        self.bytes += key.len() + crate::item::QUEUED_ITEM_OVERHEAD;
+    }
+
+    pub(crate) fn keys(&self) -> usize {
+        self.undo.len()
+    }
+}
+
+/// An open window, as reported by `stats()`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct WindowInfo {
+    /// The window's checkpoint id.
+    pub checkpoint_id: u64,
+    /// Seqno of its START marker.
+    pub start_seqno: u64,
+    /// Distinct keys mutated in it.
+    pub keys: usize,
+    /// Bytes it has queued.
+    pub bytes: usize,
+}
+
+/// What a REVERT did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RevertReport {
+    /// The reverted window's checkpoint id.
+    pub checkpoint_id: u64,
+    /// Keys the window had created, now removed.
+    pub removed: usize,
+    /// Keys the window had updated or deleted, now back to their pre-window state.
+    pub restored: usize,
+    /// Time the revert held the partition.
+    pub duration: Duration,
+}
+
+fn marker(op: QueueOp, seqno: u64, cas: u64) -> QueuedItem {
+    QueuedItem {
+        op,
+        key: Bytes::new(),
+        value: Bytes::new(),
+        meta: ItemMeta {
+            by_seqno: seqno,
+            cas,
+            ..ItemMeta::default()
+        },
+    }
+}
+
+impl Partition {
+    fn queue_marker(
+        &self,
+        w: &mut PartitionWriter,
+        store: &Store,
+        op: impl FnOnce(u64) -> QueueOp,
+        checkpoint_id: u64,
+    ) -> Result<u64> {
+        let seqno = w.checkpoints.high_seqno() + 1;
+        self.ensure_reserved(w, store, seqno)?;
+        let cas = w.cas.next();
+        w.checkpoints.queue(marker(op(checkpoint_id), seqno, cas));
+        Ok(seqno)
+    }
+
+    fn window_or_err<'a>(&self, w: &'a PartitionWriter) -> Result<&'a Window> {
+        w.window
+            .as_ref()
+            .ok_or(Error::NoOnlineUpdate { partition: self.id })
+    }
+
+    /// START: opens a window; returns its checkpoint id.
+    pub(crate) fn online_update_start(&self, store: &Store, limit: usize) -> Result<u64> {
+        let mut w = self.lock();
+        if let Some(win) = &w.window {
+            return Err(Error::OnlineUpdateOpen {
+                partition: self.id,
+                checkpoint_id: win.checkpoint_id,
+                what: "a second START is not allowed",
+            });
+        }
+        let high = w.checkpoints.high_seqno();
+        self.ensure_reserved(&mut w, store, high + 1)?;
+        let checkpoint_id = w.checkpoints.create_checkpoint();
+        let start_seqno = high + 1;
+        store.set_open_window(
+            self.id,
+            Some(&WindowRecord {
+                checkpoint_id,
+                start_seqno,
+            }),
+        )?;
+        let seqno = self.queue_marker(
+            &mut w,
+            store,
+            |id| QueueOp::OnlineUpdateStart { checkpoint_id: id },
+            checkpoint_id,
+        )?;
+        debug_assert_eq!(seqno, start_seqno);
+        w.window = Some(Window {
+            checkpoint_id,
+            start_seqno,
+            undo: HashMap::default(),
+            bytes: 0,
+            limit,
+            started: Instant::now(),
+        });
+        tracing::info!(
+            partition = self.id,
+            checkpoint_id,
+            start_seqno,
+            "online update started"
+        );
+        Ok(checkpoint_id)
+    }
+
+    /// COMPLETE: the window persists; returns its checkpoint id.
+    pub(crate) fn online_update_complete(&self, store: &Store) -> Result<u64> {
+        let mut w = self.lock();
+        let checkpoint_id = self.window_or_err(&w)?.checkpoint_id;
+        self.queue_marker(
+            &mut w,
+            store,
+            |id| QueueOp::OnlineUpdateEnd { checkpoint_id: id },
+            checkpoint_id,
+        )?;
+        w.checkpoints.create_checkpoint();
+        let win = w.window.take();
+        store.set_open_window(self.id, None)?;
+        tracing::info!(
+            partition = self.id,
+            checkpoint_id,
+            keys = win.as_ref().map_or(0, Window::keys),
+            "online update completed"
+        );
+        Ok(checkpoint_id)
+    }
+
+    /// REVERT: undoes every mutation of the window.
+    pub(crate) fn online_update_revert(&self, store: &Store) -> Result<RevertReport> {
+        let started = Instant::now();
+        let mut w = self.lock();
+        let checkpoint_id = self.window_or_err(&w)?.checkpoint_id;
+        // Reserve first, so nothing below can fail half-way.
+        let high = w.checkpoints.high_seqno();
+        self.ensure_reserved(&mut w, store, high + 1)?;
+        let Some(win) = w.window.take() else {
+            return Err(Error::NoOnlineUpdate { partition: self.id });
+        };
+        let clean_upto = self.progress.persisted_seqno.load(Ordering::Acquire);
+        let (mut removed, mut restored) = (0, 0);
+        {
+            let mut shards = self.table.lock_all();
+            for (key, before) in win.undo {
+                match before {
+                    None => {
+                        shards.remove(&key);
+                        removed += 1;
+                    }
+                    Some(mut v) => {
+                        if v.meta.by_seqno <= clean_upto {
+                            v.value = None;
+                        }
+                        shards.put(&key, v);
+                        restored += 1;
+                    }
+                }
+            }
+            let revert_seqno = self.queue_marker(
+                &mut w,
+                store,
+                |id| QueueOp::OnlineUpdateRevert { checkpoint_id: id },
+                checkpoint_id,
+            )?;
+            w.reverted.push((win.start_seqno, revert_seqno));
+            w.checkpoints.create_checkpoint();
+        }
+        store.set_open_window(self.id, None)?;
+        drop(w);
+        let report = RevertReport {
+            checkpoint_id,
+            removed,
+            restored,
+            duration: started.elapsed(),
+        };
+        tracing::info!(
+            partition = self.id,
+            checkpoint_id,
+            removed,
+            restored,
+            micros = report.duration.as_micros() as u64,
+            window_age_ms = win.started.elapsed().as_millis() as u64,
+            "online update reverted"
+        );
+        Ok(report)
+    }
+
+    /// The open window, for stats.
+    pub(crate) fn window_info(&self) -> Option<WindowInfo> {
+        self.lock().window.as_ref().map(|w| WindowInfo {
+            checkpoint_id: w.checkpoint_id,
+            start_seqno: w.start_seqno,
+            keys: w.keys(),
+            bytes: w.bytes,
+        })
+    }
+}
