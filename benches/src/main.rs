@@ -5,6 +5,8 @@
 //! Each figure is measured in the same process, on the same machine, with the
 //! same keys (16–24 bytes) and values (100 bytes).
 
+mod revert;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -297,7 +299,12 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(1_000_000u64);
     match what {
-        "engine" | "all" => engine_bench(ops),
+        "engine" => engine_bench(ops),
+        "revert" => revert::bench(),
+        "all" => {
+            engine_bench(ops);
+            revert::bench();
+        }
         "--help" | "-h" | "help" => {
             println!("usage: tapkv-benches [engine|all] [--ops N]   (default all, 1000000 ops)");
         }
