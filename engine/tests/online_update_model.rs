@@ -1,0 +1,181 @@
+//! Model-based property test of online updates: random sequences of writes,
+//! START / COMPLETE / REVERT, eviction, flush, clean restart and crash-restart
+//! across three partitions, checked after every step against a plain map.
+//!
+//! Invariants: after REVERT a partition equals its state at START; after a
+//! restart or crash (preceded by a flush, so everything outside windows is
+//! durable) the engine equals the state at the last durable point outside any
+//! window, i.e. open windows are reverted implicitly.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use proptest::prelude::*;
+use tapkv_engine::{Engine, Error, PartitionId, WriteOptions};
+
+const PARTITIONS: PartitionId = 3;
+const KEYS: usize = 12;
+
+#[derive(Debug, Clone)]
+enum Op {
+    Set(usize, u8),
+    Add(usize, u8),
+    Delete(usize),
+    CasSet(usize, u8, bool),
+    Start(PartitionId),
+    Complete(PartitionId),
+    Revert(PartitionId),
+    Evict(usize),
+    Flush,
+    Restart,
+    Crash,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let k = 0..KEYS;
+    let p = 0..PARTITIONS;
+    prop_oneof![
+        6 => (k.clone(), any::<u8>()).prop_map(|(k, v)| Op::Set(k, v)),
+        2 => (k.clone(), any::<u8>()).prop_map(|(k, v)| Op::Add(k, v)),
+        3 => k.clone().prop_map(Op::Delete),
+        2 => (k.clone(), any::<u8>(), any::<bool>()).prop_map(|(k, v, ok)| Op::CasSet(k, v, ok)),
+        2 => p.clone().prop_map(Op::Start),
+        1 => p.clone().prop_map(Op::Complete),
+        1 => p.prop_map(Op::Revert),
+        1 => k.prop_map(Op::Evict),
+        1 => Just(Op::Flush),
+        1 => Just(Op::Restart),
+        1 => Just(Op::Crash),
+    ]
+}
+
+struct Model {
+    values: BTreeMap<usize, Vec<u8>>,
+    windows: BTreeMap<PartitionId, BTreeMap<usize, Vec<u8>>>,
+}
+
+impl Model {
+    fn revert(&mut self, p: PartitionId, part: &impl Fn(usize) -> PartitionId) {
+        if let Some(snapshot) = self.windows.remove(&p) {
+            self.values.retain(|k, _| part(*k) != p);
+            self.values.extend(snapshot);
+        }
+    }
+}
+
+fn key(k: usize) -> Vec<u8> {
+    format!("model-key-{k}").into_bytes()
+}
+
+fn val(k: usize, v: u8) -> Vec<u8> {
+    format!("value-{k}-{v}").into_bytes()
+}
+
+fn open(dir: &std::path::Path) -> Engine {
+    Engine::builder(dir).partitions(PARTITIONS).checkpoint_max_items(4).open().unwrap()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+    #[test]
+    fn online_updates_match_the_model(ops in proptest::collection::vec(op(), 1..60)) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut e = Some(open(dir.path()));
+        let part = |k: usize| tapkv_engine::partition_of(&key(k), PARTITIONS);
+        let mut m = Model { values: BTreeMap::new(), windows: BTreeMap::new() };
+        let mem = WriteOptions::default();
+        for op in ops {
+            let eng = e.as_ref().unwrap();
+            match op {
+                Op::Set(k, v) => {
+                    eng.set(&key(k), val(k, v), mem).unwrap();
+                    m.values.insert(k, val(k, v));
+                }
+                Op::Add(k, v) => {
+                    let r = eng.add(&key(k), val(k, v), mem);
+                    if m.values.contains_key(&k) {
+                        prop_assert!(matches!(r, Err(Error::Exists)), "{:?}", r);
+                    } else {
+                        r.unwrap();
+                        m.values.insert(k, val(k, v));
+                    }
+                }
+                Op::Delete(k) => {
+                    let r = eng.delete(&key(k), mem);
+                    if m.values.remove(&k).is_some() {
+                        r.unwrap();
+                    } else {
+                        prop_assert!(matches!(r, Err(Error::NotFound)), "{:?}", r);
+                    }
+                }
+                Op::CasSet(k, v, right) => {
+                    let cas = eng.get(&key(k)).map(|i| i.meta.cas).unwrap_or(1);
+                    let cas = if right { cas } else { cas + 1 };
+                    let r = eng.set(&key(k), val(k, v), mem.with_cas(cas));
+                    match (m.values.contains_key(&k), right) {
+                        (true, true) => { r.unwrap(); m.values.insert(k, val(k, v)); }
+                        (true, false) => prop_assert!(matches!(r, Err(Error::CasMismatch { .. })), "{:?}", r),
+                        (false, _) => prop_assert!(matches!(r, Err(Error::NotFound)), "{:?}", r),
+                    }
+                }
+                Op::Start(p) => {
+                    let r = eng.online_update_start(p);
+                    if m.windows.contains_key(&p) {
+                        prop_assert!(matches!(r, Err(Error::OnlineUpdateOpen { .. })), "{:?}", r);
+                    } else {
+                        r.unwrap();
+                        let snap = m.values.iter().filter(|(k, _)| part(**k) == p)
+                            .map(|(k, v)| (*k, v.clone())).collect();
+                        m.windows.insert(p, snap);
+                    }
+                }
+                Op::Complete(p) => {
+                    let r = eng.online_update_complete(p);
+                    if m.windows.remove(&p).is_some() {
+                        r.unwrap();
+                    } else {
+                        prop_assert!(matches!(r, Err(Error::NoOnlineUpdate { .. })), "{:?}", r);
+                    }
+                }
+                Op::Revert(p) => {
+                    let r = eng.online_update_revert(p);
+                    if m.windows.contains_key(&p) {
+                        r.unwrap();
+                        m.revert(p, &part);
+                    } else {
+                        prop_assert!(matches!(r, Err(Error::NoOnlineUpdate { .. })), "{:?}", r);
+                    }
+                }
+                Op::Evict(k) => {
+                    let r = eng.evict(&key(k));
+                    if m.values.contains_key(&k) {
+                        prop_assert!(matches!(r, Ok(()) | Err(Error::WrongState(_))), "{:?}", r);
+                    } else {
+                        prop_assert!(matches!(r, Err(Error::NotFound)), "{:?}", r);
+                    }
+                }
+                Op::Flush => eng.flush().unwrap(),
+                Op::Restart | Op::Crash => {
+                    eng.flush().unwrap();
+                    let engine = e.take().unwrap();
+                    if matches!(op, Op::Crash) { engine.crash(); } else { engine.close().unwrap(); }
+                    for p in 0..PARTITIONS {
+                        m.revert(p, &part);
+                    }
+                    e = Some(open(dir.path()));
+                }
+            }
+            let eng = e.as_ref().unwrap();
+            for k in 0..KEYS {
+                match (eng.get(&key(k)), m.values.get(&k)) {
+                    (Ok(item), Some(v)) => prop_assert_eq!(&item.value[..], &v[..], "key {}", k),
+                    (Err(Error::NotFound), None) => {}
+                    (got, want) => prop_assert!(false, "key {k}: engine {got:?}, model {want:?}"),
+                }
+            }
+            let items: usize = eng.stats().unwrap().partitions.iter().map(|p| p.items).sum();
+            prop_assert_eq!(items, m.values.len(), "no ghost entries");
+        }
+    }
+}
