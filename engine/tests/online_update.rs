@@ -79,7 +79,12 @@ fn revert_restores_every_key_and_leaves_no_ghost() {
     let evicted_now = e.stats().unwrap().partitions[1].evicted_items;
     assert!(evicted_now >= 3, "a, b, c were clean: {evicted_now}");
     for (key, old) in [a, b, c, h].iter().zip(&before) {
-        assert_eq!(&e.get(key).unwrap(), old, "{:?}", String::from_utf8_lossy(key));
+        assert_eq!(
+            &e.get(key).unwrap(),
+            old,
+            "{:?}",
+            String::from_utf8_lossy(key)
+        );
     }
     assert!(matches!(e.get(d), Err(Error::NotFound)));
     assert!(matches!(e.get(g), Err(Error::NotFound)));
@@ -150,7 +155,11 @@ fn markers_carry_the_window_id_and_every_cursor_sees_them_in_order() {
     );
     assert_eq!(
         ops(&e.read_cursor(2, "inside", 100).unwrap().events),
-        vec![format!("set {k1}"), format!("del {k0}"), format!("REVERT {w}")]
+        vec![
+            format!("set {k1}"),
+            format!("del {k0}"),
+            format!("REVERT {w}")
+        ]
     );
     assert_eq!(
         ops(&e.read_cursor(2, "at-end", 100).unwrap().events),
@@ -239,11 +248,21 @@ fn operations_blocked_by_a_revert_all_resume() {
 fn commands_in_the_wrong_state_are_typed_errors() {
     let dir = tempfile::tempdir().unwrap();
     let e = builder(dir.path()).open().unwrap();
-    assert!(matches!(e.online_update_complete(0), Err(Error::NoOnlineUpdate { partition: 0 })));
-    assert!(matches!(e.online_update_revert(0), Err(Error::NoOnlineUpdate { partition: 0 })));
+    assert!(matches!(
+        e.online_update_complete(0),
+        Err(Error::NoOnlineUpdate { partition: 0 })
+    ));
+    assert!(matches!(
+        e.online_update_revert(0),
+        Err(Error::NoOnlineUpdate { partition: 0 })
+    ));
     let w = e.online_update_start(0).unwrap();
     match e.online_update_start(0) {
-        Err(Error::OnlineUpdateOpen { partition: 0, checkpoint_id, .. }) => assert_eq!(checkpoint_id, w),
+        Err(Error::OnlineUpdateOpen {
+            partition: 0,
+            checkpoint_id,
+            ..
+        }) => assert_eq!(checkpoint_id, w),
         other => panic!("{other:?}"),
     }
     // Another partition is independent.
@@ -252,12 +271,21 @@ fn commands_in_the_wrong_state_are_typed_errors() {
     // Empty windows complete and revert cleanly.
     let r = e.online_update_revert(0).unwrap();
     assert_eq!((r.checkpoint_id, r.removed, r.restored), (w, 0, 0));
-    assert!(matches!(e.online_update_revert(0), Err(Error::NoOnlineUpdate { .. })));
+    assert!(matches!(
+        e.online_update_revert(0),
+        Err(Error::NoOnlineUpdate { .. })
+    ));
     let w2 = e.online_update_start(0).unwrap();
     assert!(w2 > w);
     assert_eq!(e.online_update_complete(0).unwrap(), w2);
-    assert!(matches!(e.online_update_complete(0), Err(Error::NoOnlineUpdate { .. })));
-    assert!(matches!(e.online_update_start(99), Err(Error::NoSuchPartition { .. })));
+    assert!(matches!(
+        e.online_update_complete(0),
+        Err(Error::NoOnlineUpdate { .. })
+    ));
+    assert!(matches!(
+        e.online_update_start(99),
+        Err(Error::NoSuchPartition { .. })
+    ));
     e.flush().unwrap();
 }
 
@@ -269,20 +297,32 @@ fn a_persist_write_inside_a_window_fails_fast() {
     let other = keys_in(&e, 1, 1, "q");
     let w = e.online_update_start(0).unwrap();
     match e.set(&k[0], "v", WriteOptions::durable(Durability::Persist)) {
-        Err(Error::OnlineUpdateOpen { partition: 0, checkpoint_id, .. }) => assert_eq!(checkpoint_id, w),
+        Err(Error::OnlineUpdateOpen {
+            partition: 0,
+            checkpoint_id,
+            ..
+        }) => assert_eq!(checkpoint_id, w),
         other => panic!("{other:?}"),
     }
-    assert!(matches!(e.get(&k[0]), Err(Error::NotFound)), "the refused write was not applied");
+    assert!(
+        matches!(e.get(&k[0]), Err(Error::NotFound)),
+        "the refused write was not applied"
+    );
     e.set(&k[0], "v", MEM).unwrap();
-    e.set(&other[0], "v", WriteOptions::durable(Durability::Persist)).unwrap();
+    e.set(&other[0], "v", WriteOptions::durable(Durability::Persist))
+        .unwrap();
     e.online_update_complete(0).unwrap();
-    e.set(&k[0], "v2", WriteOptions::durable(Durability::Persist)).unwrap();
+    e.set(&k[0], "v2", WriteOptions::durable(Durability::Persist))
+        .unwrap();
 }
 
 #[test]
 fn the_window_memory_limit_refuses_writes_until_the_window_ends() {
     let dir = tempfile::tempdir().unwrap();
-    let e = builder(dir.path()).online_update_memory_limit(40 * 1024).open().unwrap();
+    let e = builder(dir.path())
+        .online_update_memory_limit(40 * 1024)
+        .open()
+        .unwrap();
     let k = keys_in(&e, 0, 2000, "x");
     e.online_update_start(0).unwrap();
     let mut accepted = Vec::new();
@@ -354,7 +394,9 @@ fn nothing_of_a_window_reaches_disk_and_complete_persists_it() {
     let disk = on_disk(dir.path());
     assert_eq!(disk.len(), 20);
     assert!(disk.iter().all(|(_, v)| *v == value(2)));
-    assert!(DiskView::open(dir.path()).unwrap().partitions().unwrap()[0].open_window.is_none());
+    assert!(DiskView::open(dir.path()).unwrap().partitions().unwrap()[0]
+        .open_window
+        .is_none());
 }
 
 fn crash_or_close_inside_a_window(crash: bool) {
@@ -380,7 +422,14 @@ fn crash_or_close_inside_a_window(crash: bool) {
     let e = builder(dir.path()).open().unwrap();
     let st = e.stats().unwrap();
     assert_eq!(st.recovered_from_crash, crash);
-    assert_eq!(st.partitions[0].lost_windows.iter().map(|l| l.checkpoint_id).collect::<Vec<_>>(), vec![w]);
+    assert_eq!(
+        st.partitions[0]
+            .lost_windows
+            .iter()
+            .map(|l| l.checkpoint_id)
+            .collect::<Vec<_>>(),
+        vec![w]
+    );
     assert!(st.partitions[0].open_checkpoint_id > w);
     for key in &k[..5] {
         assert_eq!(e.get(key).unwrap().value, value(1));
@@ -389,7 +438,11 @@ fn crash_or_close_inside_a_window(crash: bool) {
         assert!(matches!(e.get(key), Err(Error::NotFound)));
     }
     let r = e.set(&k[9], value(3), MEM).unwrap();
-    assert!(r.seqno > window_high, "seqno {} reuses the lost window's", r.seqno);
+    assert!(
+        r.seqno > window_high,
+        "seqno {} reuses the lost window's",
+        r.seqno
+    );
     assert!(e.online_update_start(0).unwrap() > w);
     e.close().unwrap();
     let view = DiskView::open(dir.path()).unwrap();
@@ -437,7 +490,8 @@ fn the_pager_keeps_memory_under_the_quota() {
     let dir = tempfile::tempdir().unwrap();
     let e = builder(dir.path()).memory_quota(200 * 1024).open().unwrap();
     for i in 0..4000 {
-        e.set(format!("key-{i}").as_bytes(), vec![b'v'; 200], MEM).unwrap();
+        e.set(format!("key-{i}").as_bytes(), vec![b'v'; 200], MEM)
+            .unwrap();
     }
     e.flush().unwrap();
     // The pager runs after flush rounds; give it rounds by writing a little more.
@@ -445,7 +499,13 @@ fn the_pager_keeps_memory_under_the_quota() {
     for i in 0..200 {
         e.set(format!("more-{i}").as_bytes(), "x", MEM).unwrap();
         e.flush().unwrap();
-        evicted = e.stats().unwrap().partitions.iter().map(|p| p.evicted_items).sum::<usize>();
+        evicted = e
+            .stats()
+            .unwrap()
+            .partitions
+            .iter()
+            .map(|p| p.evicted_items)
+            .sum::<usize>();
         if evicted > 0 {
             break;
         }
@@ -455,6 +515,9 @@ fn the_pager_keeps_memory_under_the_quota() {
     let used: usize = st.partitions.iter().map(|p| p.mem_bytes).sum();
     assert!(used <= 200 * 1024, "resident bytes {used} above the quota");
     for i in 0..4000 {
-        assert_eq!(e.get(format!("key-{i}").as_bytes()).unwrap().value.len(), 200);
+        assert_eq!(
+            e.get(format!("key-{i}").as_bytes()).unwrap().value.len(),
+            200
+        );
     }
 }

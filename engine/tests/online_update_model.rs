@@ -73,7 +73,11 @@ fn val(k: usize, v: u8) -> Vec<u8> {
 }
 
 fn open(dir: &std::path::Path) -> Engine {
-    Engine::builder(dir).partitions(PARTITIONS).checkpoint_max_items(4).open().unwrap()
+    Engine::builder(dir)
+        .partitions(PARTITIONS)
+        .checkpoint_max_items(4)
+        .open()
+        .unwrap()
 }
 
 proptest! {

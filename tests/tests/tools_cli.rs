@@ -151,3 +151,62 @@ fn a_directory_held_by_another_process_is_named_in_the_error() {
     );
     holder.kill();
 }
+
+#[test]
+fn shell_online_update_commands_and_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    // Find the partition of `a` first.
+    let (ok, out, _) = run(&["shell", "--data", d], "partition a\n", T);
+    assert!(ok);
+    let p: u16 = out
+        .trim()
+        .strip_prefix("OK PARTITION ")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let script = format!(
+        "set a before\nflush\nupdate start {p}\nupdate start {p}\nset a during\nget a\n\
+         update revert {p}\nget a\nupdate revert {p}\nevict a\nget a\nupdate start {p}\n\
+         set a window\nupdate complete {p}\nget a\nflush\nupdate start {p}\nset a lost\ncrash\nget a\n"
+    );
+    let (ok, out, _) = run(&["shell", "--data", d], &script, T);
+    assert!(!ok, "crash exits non-zero");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 18, "{out}");
+    let w: u64 = lines[2]
+        .strip_prefix("OK CHECKPOINT ")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(lines[3].starts_with("ERROR window_open:"), "{}", lines[3]);
+    assert_eq!(lines[5], "VALUE during");
+    assert_eq!(lines[6], format!("OK CHECKPOINT {w} REMOVED 0 RESTORED 1"));
+    assert_eq!(lines[7], "VALUE before");
+    assert!(lines[8].starts_with("ERROR no_window:"), "{}", lines[8]);
+    assert_eq!(lines[9], "OK EVICTED");
+    assert_eq!(lines[10], "VALUE before");
+    let w2: u64 = lines[11]
+        .strip_prefix("OK CHECKPOINT ")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(w2 > w);
+    assert_eq!(lines[13], format!("OK CHECKPOINT {w2}"));
+    assert_eq!(lines[14], "VALUE window");
+    assert_eq!(lines[15], "OK");
+    let w3: u64 = lines[16]
+        .strip_prefix("OK CHECKPOINT ")
+        .unwrap()
+        .parse()
+        .unwrap();
+    // After the crash: the open window was reverted implicitly and recorded.
+    let (ok, out, _) = run(&["shell", "--data", d], "get a\nstats\n", T);
+    assert!(ok);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "VALUE window");
+    assert!(lines[1].contains("lost_windows=1"), "{}", lines[1]);
+    let (ok, out, _) = run(&["admin", "inspect", "--data", d], "", T);
+    assert!(ok);
+    assert!(out.contains(&format!("window {w3} lost")), "{out}");
+}

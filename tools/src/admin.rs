@@ -60,13 +60,35 @@ fn inspect(data: &PathBuf, json: bool) -> Result<ExitCode, Error> {
         }
     );
     println!(
-        "{:>9} {:>12} {:>13} {:>10} {:>10}",
+        "{:>9} {:>12} {:>13} {:>10} {:>10}  online update",
         "partition", "high_seqno", "checkpoint_id", "items", "tombstones"
     );
     for p in &parts {
+        let mut notes = Vec::new();
+        if let Some(w) = p.open_window {
+            notes.push(format!(
+                "window {} open since seqno {} (lost if no process holds the directory)",
+                w.checkpoint_id, w.start_seqno
+            ));
+        }
+        for w in &p.lost_windows {
+            notes.push(format!(
+                "window {} lost to a crash or close",
+                w.checkpoint_id
+            ));
+        }
         println!(
-            "{:>9} {:>12} {:>13} {:>10} {:>10}",
-            p.partition, p.high_seqno, p.checkpoint_id, p.items, p.tombstones
+            "{:>9} {:>12} {:>13} {:>10} {:>10}  {}",
+            p.partition,
+            p.high_seqno,
+            p.checkpoint_id,
+            p.items,
+            p.tombstones,
+            if notes.is_empty() {
+                "-".to_string()
+            } else {
+                notes.join("; ")
+            }
         );
     }
     let items: u64 = parts.iter().map(|p| p.items).sum();

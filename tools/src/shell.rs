@@ -19,7 +19,8 @@ pub(crate) struct ShellArgs {
 }
 
 const HELP: &str = "commands: set KEY VALUE | add KEY VALUE | replace KEY VALUE | get KEY | \
-del KEY | flush | checkpoint P | checkpoints P | cursors P | stats | restart | help | quit";
+del KEY | partition KEY | evict KEY | flush | checkpoint P | checkpoints P | cursors P | \
+update start|complete|revert P | stats | restart | crash | help | quit";
 
 /// A shell over an embedded engine.
 pub(crate) struct Shell {
@@ -74,6 +75,8 @@ impl Shell {
         let text = match cmd {
             "" => return Reply::Line(usage("empty command; try `help`")),
             "quit" | "exit" => return Reply::Quit,
+            // Exit at once, without flushing or closing: as a kill would.
+            "crash" => std::process::exit(137),
             "help" => format!("OK {HELP}"),
             "set" | "add" | "replace" => self.write(cmd, rest),
             "get" => self.get(rest),
@@ -131,7 +134,47 @@ impl Shell {
 
     fn admin(&mut self, cmd: &str, rest: &str) -> String {
         let arg = rest.split_whitespace().next();
+        let key_arg = || -> Result<&str, String> {
+            match arg {
+                Some(k) if !rest.contains(' ') => Ok(k),
+                _ => Err(usage(&format!("usage: {cmd} KEY"))),
+            }
+        };
         let result: Result<String, String> = (|| match cmd {
+            "partition" => {
+                let key = key_arg()?;
+                let e = self.engine().map_err(|e| err(&e))?;
+                Ok(format!("OK PARTITION {}", e.partition_of(key.as_bytes())))
+            }
+            "evict" => {
+                let key = key_arg()?;
+                self.engine()
+                    .and_then(|e| e.evict(key.as_bytes()))
+                    .map_err(|e| err(&e))?;
+                Ok("OK EVICTED".into())
+            }
+            "update" => {
+                let mut w = rest.split_whitespace();
+                let (what, p) = (w.next(), w.next());
+                let p = self.partition(p)?;
+                let e = self.engine().map_err(|e| err(&e))?;
+                match what {
+                    Some("start") => e
+                        .online_update_start(p)
+                        .map(|id| format!("OK CHECKPOINT {id}")),
+                    Some("complete") => e
+                        .online_update_complete(p)
+                        .map(|id| format!("OK CHECKPOINT {id}")),
+                    Some("revert") => e.online_update_revert(p).map(|r| {
+                        format!(
+                            "OK CHECKPOINT {} REMOVED {} RESTORED {}",
+                            r.checkpoint_id, r.removed, r.restored
+                        )
+                    }),
+                    _ => return Err(usage("usage: update start|complete|revert P")),
+                }
+                .map_err(|e| err(&e))
+            }
             "flush" => {
                 self.engine().and_then(Engine::flush).map_err(|e| err(&e))?;
                 Ok("OK".into())
@@ -193,16 +236,36 @@ impl Shell {
                     .map(|p| p.high_seqno)
                     .max()
                     .unwrap_or(0);
+                let evicted: usize = st.partitions.iter().map(|p| p.evicted_items).sum();
+                let fetches: u64 = st.partitions.iter().map(|p| p.bg_fetches).sum();
+                let windows: Vec<String> = st
+                    .partitions
+                    .iter()
+                    .filter_map(|p| {
+                        p.window
+                            .map(|w| format!("{}:{}", p.partition, w.checkpoint_id))
+                    })
+                    .collect();
+                let lost: usize = st.partitions.iter().map(|p| p.lost_windows.len()).sum();
                 Ok(format!(
                     "OK items={} dirty={} checkpoint_mem={} flushes={} flushed_items={} \
-                     max_high_seqno={} partitions={}",
+                     max_high_seqno={} partitions={} evicted={} bg_fetches={} \
+                     open_windows={} lost_windows={}",
                     st.items(),
                     st.dirty(),
                     st.checkpoint_mem_bytes,
                     flushes,
                     flushed,
                     high,
-                    st.partitions.len()
+                    st.partitions.len(),
+                    evicted,
+                    fetches,
+                    if windows.is_empty() {
+                        "-".to_string()
+                    } else {
+                        windows.join(",")
+                    },
+                    lost
                 ))
             }
             "restart" => {
