@@ -306,7 +306,7 @@ fn main() {
             revert::bench();
         }
         "--help" | "-h" | "help" => {
-            println!("usage: tapkv-benches [engine|all] [--ops N]   (default all, 1000000 ops)");
+            println!("usage: tapkv-benches [engine|revert|all] [--ops N]   (default all; --ops sizes the engine bench, default 1000000)");
         }
         other => {
             eprintln!("unknown benchmark {other:?}; try `help`");

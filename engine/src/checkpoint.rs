@@ -422,11 +422,17 @@ impl CheckpointManager {
 
     /// Closes the open checkpoint and opens a new one; returns the new id.
     pub fn create_checkpoint(&mut self) -> u64 {
+        self.create_checkpoint_with_id(0)
+    }
+
+    /// Closes the open checkpoint and opens one with id `id`, or the next id
+    /// if `id` is not above the open one (replicas follow the primary's ids).
+    pub fn create_checkpoint_with_id(&mut self, id: u64) -> u64 {
         let start = self.high_seqno + 1;
         let open = self.open_mut();
         open.open = false;
         open.keys = HashTable::new();
-        let id = open.id + 1;
+        let id = id.max(open.id + 1);
         self.checkpoints.push_back(Checkpoint::new(id, start));
         tracing::debug!(
             checkpoint_id = id,
@@ -484,10 +490,9 @@ impl CheckpointManager {
     }
 
     fn index_of(&self, checkpoint_id: u64) -> usize {
-        let front = self.checkpoints.front().map_or(0, |c| c.id);
-        // Ids are consecutive from front to back.
-        usize::try_from(checkpoint_id.saturating_sub(front))
-            .unwrap_or(usize::MAX)
+        // Ids increase from front to back (consecutive on a primary).
+        self.checkpoints
+            .partition_point(|c| c.id < checkpoint_id)
             .min(self.checkpoints.len() - 1)
     }
 

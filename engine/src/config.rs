@@ -50,6 +50,10 @@ pub struct EngineConfig {
     pub low_water: f64,
     /// Longest key in bytes (default 250).
     pub max_key_size: usize,
+    /// Whether this engine holds replica partitions (default false): seqnos
+    /// come from a primary, so each partition restarts at its persisted seqno
+    /// (to resume its stream) and no failover entries are created.
+    pub replica: bool,
     /// Longest value in bytes (default 20 MiB).
     pub max_value_size: usize,
     /// How long a `Persist` write or `flush()` waits for the disk (default 30 s).
@@ -78,6 +82,7 @@ impl EngineConfig {
             high_water: 0.85,
             low_water: 0.75,
             max_key_size: 250,
+            replica: false,
             max_value_size: 20 << 20,
             persist_timeout: Duration::from_secs(30),
             seqno_reservation: 1_000_000,
@@ -175,6 +180,12 @@ impl EngineBuilder {
     pub fn water_marks(mut self, high: f64, low: f64) -> Self {
         self.config.high_water = high;
         self.config.low_water = low;
+        self
+    }
+
+    /// Replica mode (see [`EngineConfig::replica`]); default false.
+    pub fn replica(mut self, replica: bool) -> Self {
+        self.config.replica = replica;
         self
     }
 

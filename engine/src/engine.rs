@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::flusher;
 use crate::hash_table::StoredValue;
 use crate::item::{Durability, Item, MutationResult, PartitionId, WriteOptions};
-use crate::online_update::RevertReport;
+use crate::online_update::{MarkerSource, RevertReport};
 use crate::partition::{partition_of, MutationKind, Partition, PartitionStart, PERSISTENCE_CURSOR};
 use crate::stats::{EngineStats, PartitionStats};
 use crate::store::{DirLock, EngineMeta, Reservation, Store, FORMAT_VERSION};
@@ -103,6 +103,8 @@ pub(crate) struct Shared {
     pub(crate) persist_cv: Condvar,
     /// WAL syncs performed for durable writes (one serves many waiters).
     pub(crate) syncs: AtomicU64,
+    /// Held by the flusher for a whole round, and by a partition reset.
+    pub(crate) flush_lock: Mutex<()>,
     /// Set by `crash()`: the flusher stops without draining.
     pub(crate) aborted: AtomicBool,
     /// Test and benchmark hook: while set, the flusher writes nothing.
@@ -129,7 +131,7 @@ impl Shared {
         Ok(())
     }
 
-    fn partition(&self, p: PartitionId) -> Result<&Partition> {
+    pub(crate) fn partition(&self, p: PartitionId) -> Result<&Partition> {
         self.partitions
             .get(usize::from(p))
             .ok_or(Error::NoSuchPartition {
@@ -211,6 +213,7 @@ impl Engine {
             Error::Storage(msg) if msg.contains("lock") => Error::Locked { path: path.clone() },
             other => other,
         })?;
+        let fresh = store.engine_meta()?.is_none();
         match store.engine_meta()? {
             None => store.put_engine_meta(&EngineMeta {
                 format: FORMAT_VERSION,
@@ -236,7 +239,7 @@ impl Engine {
             }
             Some(_) => {}
         }
-        let clean = store.was_clean_shutdown()?;
+        let clean = fresh || store.was_clean_shutdown()?;
         store.set_clean_shutdown(false)?;
         let checkpoint_mem = Arc::new(AtomicUsize::new(0));
         let step = config.seqno_reservation.max(1);
@@ -245,7 +248,11 @@ impl Engine {
             let state = store.partition_state(p)?.unwrap_or_default();
             let res = store.reservation(p)?.unwrap_or_default();
             let start = PartitionStart {
-                high_seqno: state.high_seqno.max(res.seqno),
+                high_seqno: if config.replica {
+                    state.high_seqno
+                } else {
+                    state.high_seqno.max(res.seqno)
+                },
                 checkpoint_id: state.checkpoint_id.max(res.checkpoint_id) + 1,
                 max_cas: state.max_cas,
             };
@@ -263,6 +270,17 @@ impl Engine {
                 Arc::clone(&checkpoint_mem),
             );
             part.lost_windows = store.mark_window_lost(p)?;
+            let mut log = store.failover_log(p)?;
+            if log.is_empty() || (!clean && !config.replica) {
+                // A new branch: the history after the persisted seqno that a
+                // crash lost must not be confused with what comes next.
+                log.push(crate::store::FailoverEntry {
+                    uuid: crate::replica::new_uuid(),
+                    seqno: state.high_seqno,
+                });
+                store.put_failover_log(p, &log)?;
+            }
+            *part.failover.lock() = log;
             if let Some(lost) = part.lost_windows.last() {
                 if lost.start_seqno > state.high_seqno {
                     tracing::warn!(
@@ -319,6 +337,7 @@ impl Engine {
             syncs: AtomicU64::new(0),
             flusher_paused: AtomicBool::new(false),
             aborted: AtomicBool::new(false),
+            flush_lock: Mutex::new(()),
             injected_flush_failures: AtomicUsize::new(0),
             recovered_from_crash: !clean,
             config,
@@ -332,7 +351,7 @@ impl Engine {
         })
     }
 
-    fn live(&self) -> Result<&Shared> {
+    pub(crate) fn live(&self) -> Result<&Shared> {
         let s = self.shared.as_deref().ok_or(Error::Closed)?;
         s.check_poisoned()?;
         Ok(s)
@@ -392,14 +411,16 @@ impl Engine {
     pub fn online_update_start(&self, p: PartitionId) -> Result<u64> {
         let s = self.live()?;
         s.partition(p)?
-            .online_update_start(&s.store, s.config.online_update_memory_limit)
+            .online_update_start(&s.store, s.config.online_update_memory_limit, None)
     }
 
     /// COMPLETE: ends partition `p`'s window; everything in it persists.
     /// Returns the window's checkpoint id.
     pub fn online_update_complete(&self, p: PartitionId) -> Result<u64> {
         let s = self.live()?;
-        let id = s.partition(p)?.online_update_complete(&s.store)?;
+        let id = s
+            .partition(p)?
+            .online_update_complete(&s.store, MarkerSource::Local)?;
         s.flush_signal.mark();
         Ok(id)
     }
@@ -407,7 +428,9 @@ impl Engine {
     /// REVERT: undoes every mutation of partition `p`'s window.
     pub fn online_update_revert(&self, p: PartitionId) -> Result<RevertReport> {
         let s = self.live()?;
-        let report = s.partition(p)?.online_update_revert(&s.store)?;
+        let report = s
+            .partition(p)?
+            .online_update_revert(&s.store, MarkerSource::Local)?;
         s.flush_signal.mark();
         Ok(report)
     }

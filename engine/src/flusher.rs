@@ -98,6 +98,7 @@ fn round(shared: &Shared, mine: &[&Partition]) -> Result<Round> {
     if shared.flusher_paused.load(Ordering::Acquire) {
         return Ok(Round::Idle);
     }
+    let _round = shared.flush_lock.lock();
     let started = Instant::now();
     let wants_sync = shared.persist_waiters.load(Ordering::Acquire) > 0;
     let cfg = &shared.config;

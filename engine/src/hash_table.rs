@@ -230,6 +230,16 @@ impl ShardsGuard<'_> {
         }
     }
 
+    /// Removes every entry of the locked shards.
+    pub(crate) fn clear(&mut self) {
+        let table = self.table;
+        for shard in &mut self.guards {
+            for e in shard.drain() {
+                table.account(Some((&e.key, &e.value)), None);
+            }
+        }
+    }
+
     /// Puts a value read back from disk into an evicted entry, if the entry
     /// still holds the same version (`by_seqno`) and is still evicted.
     pub(crate) fn fill(&mut self, key: &[u8], by_seqno: u64, value: Bytes) {

@@ -27,6 +27,7 @@ mod hash_table;
 mod item;
 mod online_update;
 mod pager;
+mod replica;
 mod partition;
 mod stats;
 mod store;
@@ -43,8 +44,10 @@ pub use item::{
     Durability, Item, ItemMeta, MutationResult, PartitionId, QueueOp, QueuedItem, WriteOptions,
 };
 pub use online_update::{RevertReport, WindowInfo};
+pub use replica::{ApplyOutcome, StreamStart};
 pub use partition::{partition_of, PERSISTENCE_CURSOR};
 pub use stats::{EngineStats, PartitionStats};
 pub use store::{
-    DiskItem, DiskRecord, DiskView, EngineMeta, PartitionDiskInfo, WindowRecord, FORMAT_VERSION,
+    DiskItem, DiskRecord, DiskView, EngineMeta, FailoverEntry, PartitionDiskInfo, WindowRecord,
+    FORMAT_VERSION,
 };

@@ -111,18 +111,37 @@ fn marker(op: QueueOp, seqno: u64, cas: u64) -> QueuedItem {
     }
 }
 
+/// Where a marker's seqno and CAS come from: this node (a primary) or the
+/// replication stream (a replica applying its primary's marker).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum MarkerSource {
+    Local,
+    Given { seqno: u64, cas: u64 },
+}
+
 impl Partition {
-    fn queue_marker(
+    pub(crate) fn queue_marker(
         &self,
         w: &mut PartitionWriter,
         store: &Store,
-        op: impl FnOnce(u64) -> QueueOp,
-        checkpoint_id: u64,
+        op: QueueOp,
+        src: MarkerSource,
     ) -> Result<u64> {
-        let seqno = w.checkpoints.high_seqno() + 1;
-        self.ensure_reserved(w, store, seqno)?;
-        let cas = w.cas.next();
-        w.checkpoints.queue(marker(op(checkpoint_id), seqno, cas));
+        let high = w.checkpoints.high_seqno();
+        let (seqno, cas) = match src {
+            MarkerSource::Local => {
+                self.ensure_reserved(w, store, high + 1)?;
+                (high + 1, w.cas.next())
+            }
+            MarkerSource::Given { seqno, cas } if seqno > high => (seqno, cas),
+            MarkerSource::Given { seqno, .. } => {
+                return Err(Error::InvalidArgument(format!(
+                    "marker seqno {seqno} is not above partition {}'s high seqno {high}",
+                    self.id
+                )))
+            }
+        };
+        w.checkpoints.queue(marker(op, seqno, cas));
         Ok(seqno)
     }
 
@@ -132,8 +151,14 @@ impl Partition {
             .ok_or(Error::NoOnlineUpdate { partition: self.id })
     }
 
-    /// START: opens a window; returns its checkpoint id.
-    pub(crate) fn online_update_start(&self, store: &Store, limit: usize) -> Result<u64> {
+    /// START: opens a window; returns its checkpoint id. A replica passes the
+    /// primary's checkpoint id and marker.
+    pub(crate) fn online_update_start(
+        &self,
+        store: &Store,
+        limit: usize,
+        given: Option<(u64, MarkerSource)>,
+    ) -> Result<u64> {
         let mut w = self.lock();
         if let Some(win) = &w.window {
             return Err(Error::OnlineUpdateOpen {
@@ -144,8 +169,24 @@ impl Partition {
         }
         let high = w.checkpoints.high_seqno();
         self.ensure_reserved(&mut w, store, high + 1)?;
-        let checkpoint_id = w.checkpoints.create_checkpoint();
-        let start_seqno = high + 1;
+        let (wanted_id, src) = given.unwrap_or((0, MarkerSource::Local));
+        let start_seqno = match src {
+            MarkerSource::Local => high + 1,
+            MarkerSource::Given { seqno, .. } => seqno,
+        };
+        if start_seqno <= high {
+            return Err(Error::InvalidArgument(format!(
+                "START seqno {start_seqno} is not above partition {}'s high seqno {high}",
+                self.id
+            )));
+        }
+        // A replica already in the primary's window checkpoint (entered through
+        // the stream's checkpoint-start) stays in it.
+        let checkpoint_id = if wanted_id != 0 && w.checkpoints.open_checkpoint_id() == wanted_id {
+            wanted_id
+        } else {
+            w.checkpoints.create_checkpoint_with_id(wanted_id)
+        };
         store.set_open_window(
             self.id,
             Some(&WindowRecord {
@@ -153,13 +194,12 @@ impl Partition {
                 start_seqno,
             }),
         )?;
-        let seqno = self.queue_marker(
+        self.queue_marker(
             &mut w,
             store,
-            |id| QueueOp::OnlineUpdateStart { checkpoint_id: id },
-            checkpoint_id,
+            QueueOp::OnlineUpdateStart { checkpoint_id },
+            src,
         )?;
-        debug_assert_eq!(seqno, start_seqno);
         w.window = Some(Window {
             checkpoint_id,
             start_seqno,
@@ -168,24 +208,19 @@ impl Partition {
             limit,
             started: Instant::now(),
         });
-        tracing::info!(
-            partition = self.id,
-            checkpoint_id,
-            start_seqno,
-            "online update started"
-        );
+        tracing::info!(partition = self.id, checkpoint_id, start_seqno, "online update started");
         Ok(checkpoint_id)
     }
 
     /// COMPLETE: the window persists; returns its checkpoint id.
-    pub(crate) fn online_update_complete(&self, store: &Store) -> Result<u64> {
+    pub(crate) fn online_update_complete(&self, store: &Store, src: MarkerSource) -> Result<u64> {
         let mut w = self.lock();
         let checkpoint_id = self.window_or_err(&w)?.checkpoint_id;
         self.queue_marker(
             &mut w,
             store,
-            |id| QueueOp::OnlineUpdateEnd { checkpoint_id: id },
-            checkpoint_id,
+            QueueOp::OnlineUpdateEnd { checkpoint_id },
+            src,
         )?;
         w.checkpoints.create_checkpoint();
         let win = w.window.take();
@@ -200,13 +235,25 @@ impl Partition {
     }
 
     /// REVERT: undoes every mutation of the window.
-    pub(crate) fn online_update_revert(&self, store: &Store) -> Result<RevertReport> {
+    pub(crate) fn online_update_revert(
+        &self,
+        store: &Store,
+        src: MarkerSource,
+    ) -> Result<RevertReport> {
         let started = Instant::now();
         let mut w = self.lock();
         let checkpoint_id = self.window_or_err(&w)?.checkpoint_id;
-        // Reserve first, so nothing below can fail half-way.
+        // Reserve and check first, so nothing below can fail half-way.
         let high = w.checkpoints.high_seqno();
         self.ensure_reserved(&mut w, store, high + 1)?;
+        if let MarkerSource::Given { seqno, .. } = src {
+            if seqno <= high {
+                return Err(Error::InvalidArgument(format!(
+                    "REVERT seqno {seqno} is not above partition {}'s high seqno {high}",
+                    self.id
+                )));
+            }
+        }
         let Some(win) = w.window.take() else {
             return Err(Error::NoOnlineUpdate { partition: self.id });
         };
@@ -232,8 +279,8 @@ impl Partition {
             let revert_seqno = self.queue_marker(
                 &mut w,
                 store,
-                |id| QueueOp::OnlineUpdateRevert { checkpoint_id: id },
-                checkpoint_id,
+                QueueOp::OnlineUpdateRevert { checkpoint_id },
+                src,
             )?;
             w.reverted.push((win.start_seqno, revert_seqno));
             w.checkpoints.create_checkpoint();

@@ -33,6 +33,11 @@ pub(crate) struct CasClock {
 }
 
 impl CasClock {
+    /// Raises the floor to `cas` (entries applied from a primary).
+    pub(crate) fn observe(&mut self, cas: u64) {
+        self.last = self.last.max(cas);
+    }
+
     pub(crate) fn next(&mut self) -> u64 {
         let ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -113,6 +118,8 @@ pub(crate) struct Partition {
     pub(crate) id: PartitionId,
     /// Windows lost to a crash or close before this open, oldest first.
     pub(crate) lost_windows: Vec<crate::store::WindowRecord>,
+    /// Failover log (branches of this partition's history).
+    pub(crate) failover: Mutex<Vec<crate::store::FailoverEntry>>,
     pub(crate) table: HashTable,
     writer: Mutex<PartitionWriter>,
     pub(crate) progress: FlushProgress,
@@ -144,6 +151,7 @@ impl Partition {
         Partition {
             id,
             lost_windows: Vec::new(),
+            failover: Mutex::new(Vec::new()),
             table: HashTable::new(),
             writer: Mutex::new(PartitionWriter {
                 checkpoints,

@@ -95,6 +95,23 @@ fn reservation_key(p: PartitionId) -> Vec<u8> {
     k
 }
 
+fn failover_key(p: PartitionId) -> Vec<u8> {
+    let mut k = b"failover/".to_vec();
+    k.extend_from_slice(&p.to_be_bytes());
+    k
+}
+
+/// One entry of a partition's failover log: from `seqno` on, the partition's
+/// history belongs to branch `uuid` (a new branch starts after an unclean
+/// restart of a primary).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FailoverEntry {
+    /// Branch id.
+    pub uuid: u64,
+    /// First seqno after which this branch's history begins.
+    pub seqno: u64,
+}
+
 fn window_key(p: PartitionId) -> Vec<u8> {
     let mut k = b"window/".to_vec();
     k.extend_from_slice(&p.to_be_bytes());
@@ -329,6 +346,57 @@ impl Store {
                 Ok(())
             }
         }
+    }
+
+    /// Partition `p`'s failover log, oldest first.
+    pub(crate) fn failover_log(&self, p: PartitionId) -> Result<Vec<FailoverEntry>> {
+        Ok(self
+            .get_meta(&failover_key(p))?
+            .map(|raw| decode_json(&raw, &format!("failover log of partition {p}")))
+            .transpose()?
+            .unwrap_or_default())
+    }
+
+    /// Durably records partition `p`'s failover log.
+    pub(crate) fn put_failover_log(&self, p: PartitionId, log: &[FailoverEntry]) -> Result<()> {
+        self.put_meta_synced(&failover_key(p), &encode_json(&log))
+    }
+
+    /// Deletes every item and the persisted state of partition `p`, synced.
+    pub(crate) fn reset_partition(&self, p: PartitionId) -> Result<()> {
+        let mut batch = WriteBatch::default();
+        let items = self.cf(CF_ITEMS)?;
+        // Partitions are at most 1024, so `p + 1` is the next prefix.
+        batch.delete_range_cf(items, p.to_be_bytes(), p.saturating_add(1).to_be_bytes());
+        let meta = self.cf(CF_META)?;
+        batch.delete_cf(meta, state_key(p));
+        batch.delete_cf(meta, window_key(p));
+        let mut wo = rocksdb::WriteOptions::default();
+        wo.set_sync(true);
+        self.db.write_opt(batch, &wo)?;
+        Ok(())
+    }
+
+    /// Calls `f` for every item record of partition `p`, in key order.
+    pub(crate) fn for_each_item_of(
+        &self,
+        p: PartitionId,
+        mut f: impl FnMut(&[u8], DiskRecord) -> Result<()>,
+    ) -> Result<()> {
+        let prefix = p.to_be_bytes();
+        let mode = IteratorMode::From(&prefix, rocksdb::Direction::Forward);
+        for entry in self.db.iterator_cf(self.cf(CF_ITEMS)?, mode) {
+            let (k, v) = entry?;
+            let (kp, key) = split_item_key(&k)?;
+            if kp != p {
+                break;
+            }
+            let rec = decode_record(&v, &|| {
+                format!("key {:?} in partition {p}", String::from_utf8_lossy(key))
+            })?;
+            f(key, rec)?;
+        }
+        Ok(())
     }
 
     /// Windows of partition `p` lost to a crash or close, oldest first.

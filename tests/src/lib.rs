@@ -27,14 +27,19 @@ pub fn tapkv_bin() -> PathBuf {
 
 /// A child process killed (SIGKILL) and reaped when dropped.
 pub struct Proc {
-    child: Option<Child>,
+    /// The child, until killed or reaped.
+    pub child: Option<Child>,
     lines: Option<Receiver<String>>,
 }
 
 impl Proc {
     /// Starts `tapkv ARGS` with stdout piped into a line channel.
     pub fn spawn(args: &[&str]) -> Proc {
-        let mut child = Command::new(tapkv_bin())
+        let mut cmd = Command::new(tapkv_bin());
+        if std::env::var_os("TAPKV_LOG").is_none() {
+            cmd.env("TAPKV_LOG", "warn");
+        }
+        let mut child = cmd
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -150,4 +155,140 @@ pub fn run(args: &[&str], stdin: &str, timeout: Duration) -> (bool, String, Stri
 pub fn load_value(i: u64, size: usize) -> Vec<u8> {
     let unit = format!("{i}:");
     unit.bytes().cycle().take(size).collect()
+}
+
+/// A `tapkv node` child process.
+pub struct NodeProc {
+    /// The process (killed on drop).
+    pub proc: Proc,
+    /// Address it listens on.
+    pub addr: String,
+    /// Its data directory.
+    pub data: PathBuf,
+    /// Its name.
+    pub name: String,
+}
+
+impl NodeProc {
+    /// Starts `tapkv node` on `data`, listening on `listen` (e.g.
+    /// `127.0.0.1:0`), optionally as a replica of `primary`, with extra args.
+    pub fn start(data: &std::path::Path, listen: &str, primary: Option<&str>, name: &str, extra: &[&str]) -> NodeProc {
+        let d = data.to_str().expect("utf-8 path").to_owned();
+        let mut args = vec!["node", "--data", &d, "--listen", listen, "--name", name];
+        if let Some(p) = primary {
+            args.push("--replica-of");
+            args.push(p);
+        }
+        args.extend_from_slice(extra);
+        let mut proc = Proc::spawn(&args);
+        let line = proc
+            .next_line(Duration::from_secs(60))
+            .expect("node exited before its startup line");
+        let addr = line
+            .split(" listening on ")
+            .nth(1)
+            .and_then(|r| r.split(' ').next())
+            .unwrap_or_else(|| panic!("unexpected startup line {line:?}"))
+            .to_owned();
+        NodeProc {
+            proc,
+            addr,
+            data: data.to_path_buf(),
+            name: name.to_owned(),
+        }
+    }
+
+    /// A client connected to this node.
+    pub fn client(&self) -> tapkv_replication::client::Client {
+        tapkv_replication::client::Client::connect(&self.addr, Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("connect to {}: {e}", self.addr))
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self) {
+        self.proc.kill();
+    }
+
+    /// Sends a signal (e.g. `libc::SIGSTOP`).
+    pub fn signal(&self, sig: i32) {
+        if let Some(c) = self.proc.child.as_ref() {
+            // SAFETY: kill(2) on our own child's pid.
+            #[allow(unsafe_code)]
+            unsafe {
+                libc::kill(c.id() as i32, sig);
+            }
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) {
+        self.signal(libc::SIGTERM);
+        assert!(self.proc.wait_success(Duration::from_secs(60)), "node {} did not stop cleanly", self.name);
+    }
+}
+
+/// One row of a node's dump, comparable across nodes.
+pub type DumpRow = (u64, String, u64, u64, u64, bool);
+
+/// Flushes the node and returns its persisted items, sorted.
+pub fn dump(node: &NodeProc) -> Vec<DumpRow> {
+    let mut c = node.client();
+    c.flush().expect("flush");
+    let mut rows = Vec::new();
+    c.dump(|r| {
+        rows.push((
+            r["partition"].as_u64().unwrap_or(0),
+            r["key"].as_str().unwrap_or("").to_owned(),
+            r["seqno"].as_u64().unwrap_or(0),
+            r["cas"].as_u64().unwrap_or(0),
+            r["value_len"].as_u64().unwrap_or(0),
+            r["deleted"].as_bool().unwrap_or(false),
+        ))
+    })
+    .expect("dump");
+    rows.sort();
+    rows
+}
+
+/// Waits (bounded by `timeout`) until every replica's dump equals the
+/// primary's and every live key reads the same value on all of them; returns
+/// the primary's dump. Panics with the differences on timeout.
+pub fn wait_converged(primary: &NodeProc, replicas: &[&NodeProc], timeout: Duration) -> Vec<DumpRow> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let want = dump(primary);
+        let mut diff = None;
+        for r in replicas {
+            let got = dump(r);
+            if got != want {
+                let extra: Vec<_> = got.iter().filter(|x| !want.contains(x)).take(5).collect();
+                let missing: Vec<_> = want.iter().filter(|x| !got.contains(x)).take(5).collect();
+                diff = Some(format!(
+                    "{} differs from primary ({} vs {} rows): extra {extra:?} missing {missing:?}",
+                    r.name,
+                    got.len(),
+                    want.len()
+                ));
+                break;
+            }
+        }
+        if diff.is_none() {
+            let mut pc = primary.client();
+            let mut rcs: Vec<_> = replicas.iter().map(|r| r.client()).collect();
+            for row in want.iter().filter(|r| !r.5) {
+                let v = pc.get(row.1.as_bytes()).map(|x| x.0).ok();
+                for (rc, r) in rcs.iter_mut().zip(replicas) {
+                    let rv = rc.get(row.1.as_bytes()).map(|x| x.0).ok();
+                    if rv != v {
+                        diff = Some(format!("{}: value of {} differs", r.name, row.1));
+                    }
+                }
+            }
+        }
+        match diff {
+            None => return want,
+            Some(d) if Instant::now() >= deadline => panic!("no convergence within {timeout:?}: {d}"),
+            Some(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
 }

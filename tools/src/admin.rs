@@ -8,33 +8,112 @@ use std::process::ExitCode;
 use clap::Subcommand;
 use tapkv_engine::{DiskView, Error};
 
+use crate::{connect, Target};
+
 #[derive(Subcommand, Debug)]
 pub(crate) enum AdminCommand {
-    /// Per partition: persisted high seqno, checkpoint id, item count.
+    /// Per partition: persisted high seqno, checkpoint id, item count,
+    /// online-update windows (offline with --data; a running node with --addr).
     Inspect {
-        /// Data directory.
-        #[arg(long, value_name = "DIR")]
-        data: PathBuf,
+        #[command(flatten)]
+        target: Target,
         /// One JSON document instead of a table.
         #[arg(long)]
         json: bool,
     },
     /// Every persisted item (tombstones included), in partition and key order.
     Dump {
-        /// Data directory.
-        #[arg(long, value_name = "DIR")]
-        data: PathBuf,
+        #[command(flatten)]
+        target: Target,
         /// One JSON object per line: partition, seqno, cas, key, value_len, deleted.
         #[arg(long)]
         json: bool,
+    },
+    /// Replication streams of a running node: cursor position, lag, state, last ack.
+    Streams {
+        /// Address of the node.
+        #[arg(long, value_name = "ADDR")]
+        addr: String,
     },
 }
 
 pub(crate) fn run(cmd: AdminCommand) -> Result<ExitCode, Error> {
     match cmd {
-        AdminCommand::Inspect { data, json } => inspect(&data, json),
-        AdminCommand::Dump { data, json } => dump(&data, json),
+        AdminCommand::Inspect { target, json } => match (target.data, target.addr) {
+            (Some(data), _) => inspect(&data, json),
+            (None, Some(addr)) => {
+                let v = connect(&addr)?.admin("inspect").map_err(remote)?;
+                if json {
+                    println!("{v}");
+                } else {
+                    println!("node {} ({}), data directory {}", v["name"], v["role"], v["data"]);
+                    println!("{:>9} {:>12} {:>10} {:>13} {:>8}  online update", "partition", "high_seqno", "persisted", "checkpoint_id", "items");
+                    for p in v["partitions"].as_array().into_iter().flatten() {
+                        println!(
+                            "{:>9} {:>12} {:>10} {:>13} {:>8}  {}",
+                            p["partition"], p["high_seqno"], p["persisted_seqno"], p["checkpoint_id"], p["items"],
+                            if p["window"].is_null() { "-".to_string() } else { format!("window {} open", p["window"]["checkpoint_id"]) }
+                        );
+                    }
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            _ => Err(Error::InvalidArgument("give --data DIR or --addr ADDR".into())),
+        },
+        AdminCommand::Dump { target, json } => match (target.data, target.addr) {
+            (Some(data), _) => dump(&data, json),
+            (None, Some(addr)) => {
+                let mut out = std::io::stdout().lock();
+                let mut err = None;
+                connect(&addr)?
+                    .dump(|row| {
+                        let line = if json {
+                            row.to_string()
+                        } else {
+                            format!(
+                                "partition={} seqno={} cas={} key={} value_len={}{}",
+                                row["partition"], row["seqno"], row["cas"],
+                                row["key"].as_str().unwrap_or(""), row["value_len"],
+                                if row["deleted"] == true { " deleted" } else { "" }
+                            )
+                        };
+                        if let Err(e) = writeln!(out, "{line}") {
+                            err.get_or_insert(e);
+                        }
+                    })
+                    .map_err(remote)?;
+                if let Some(e) = err {
+                    return Err(e.into());
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            _ => Err(Error::InvalidArgument("give --data DIR or --addr ADDR".into())),
+        },
+        AdminCommand::Streams { addr } => {
+            let v = connect(&addr)?.admin("streams").map_err(remote)?;
+            let streams = v.as_array().cloned().unwrap_or_default();
+            if streams.is_empty() {
+                println!("no replication streams");
+            }
+            for s in streams {
+                println!(
+                    "stream {} from {}: {} bytes unacknowledged, last ack {} ms ago",
+                    s["name"], s["peer"], s["unacked_bytes"], s["last_ack_ms"]
+                );
+                for p in s["partitions"].as_array().into_iter().flatten() {
+                    println!(
+                        "  partition {:>3}: {:<11} sent {:>8} acked {:>8} lag {:>6} items",
+                        p["partition"], p["state"].as_str().unwrap_or(""), p["sent_seqno"], p["acked_seqno"], p["lag_items"]
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
     }
+}
+
+fn remote(e: tapkv_replication::client::ClientError) -> Error {
+    Error::Io(std::io::Error::other(e.to_string()))
 }
 
 fn inspect(data: &PathBuf, json: bool) -> Result<ExitCode, Error> {

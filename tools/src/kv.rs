@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{Args, Subcommand};
 use tapkv_engine::{Engine, Error, WriteOptions};
 
-use crate::{DataArg, DurabilityArg};
+use crate::{connect, DurabilityArg, Target};
 
 #[derive(Args, Debug)]
 pub(crate) struct KvArgs {
@@ -19,14 +19,14 @@ enum KvOp {
     /// Print the value of KEY; exits 1 with a message on stderr if absent.
     Get {
         #[command(flatten)]
-        data: DataArg,
+        target: Target,
         /// The key.
         key: String,
     },
     /// Store VALUE under KEY.
     Set {
         #[command(flatten)]
-        data: DataArg,
+        target: Target,
         /// The key (at most 250 bytes by default).
         key: String,
         /// The value.
@@ -38,7 +38,7 @@ enum KvOp {
     /// Delete KEY; exits 1 if absent.
     Del {
         #[command(flatten)]
-        data: DataArg,
+        target: Target,
         /// The key.
         key: String,
         /// Wait for memory (default) or for the disk.
@@ -48,9 +48,12 @@ enum KvOp {
 }
 
 pub(crate) fn run(args: KvArgs) -> Result<ExitCode, Error> {
+    if let Some(code) = remote(&args.op)? {
+        return Ok(code);
+    }
     match args.op {
-        KvOp::Get { data, key } => {
-            let engine = Engine::builder(&data.data).open()?;
+        KvOp::Get { target, key } => {
+            let engine = Engine::builder(local(&target)?).open()?;
             match engine.get(key.as_bytes()) {
                 Ok(item) => {
                     let mut out = std::io::stdout().lock();
@@ -66,12 +69,12 @@ pub(crate) fn run(args: KvArgs) -> Result<ExitCode, Error> {
             }
         }
         KvOp::Set {
-            data,
+            target,
             key,
             value,
             durability,
         } => {
-            let engine = Engine::builder(&data.data).open()?;
+            let engine = Engine::builder(local(&target)?).open()?;
             let r = engine.set(
                 key.as_bytes(),
                 value.into_bytes(),
@@ -85,11 +88,11 @@ pub(crate) fn run(args: KvArgs) -> Result<ExitCode, Error> {
             Ok(ExitCode::SUCCESS)
         }
         KvOp::Del {
-            data,
+            target,
             key,
             durability,
         } => {
-            let engine = Engine::builder(&data.data).open()?;
+            let engine = Engine::builder(local(&target)?).open()?;
             match engine.delete(key.as_bytes(), WriteOptions::durable(durability.into())) {
                 Ok(r) => {
                     println!("OK partition={} seqno={}", r.partition, r.seqno);
@@ -103,5 +106,61 @@ pub(crate) fn run(args: KvArgs) -> Result<ExitCode, Error> {
                 Err(e) => Err(e),
             }
         }
+    }
+}
+
+fn local(t: &Target) -> Result<&std::path::Path, Error> {
+    t.data
+        .as_deref()
+        .ok_or_else(|| Error::InvalidArgument("give --data DIR or --addr ADDR".into()))
+}
+
+/// Runs the operation against a node when `--addr` is given.
+fn remote(op: &KvOp) -> Result<Option<ExitCode>, Error> {
+    let (target, key) = match op {
+        KvOp::Get { target, key } | KvOp::Set { target, key, .. } | KvOp::Del { target, key, .. } => {
+            (target, key)
+        }
+    };
+    let Some(addr) = &target.addr else {
+        return Ok(None);
+    };
+    let mut c = connect(addr)?;
+    let fail = |e: tapkv_replication::client::ClientError| -> Result<Option<ExitCode>, Error> {
+        if e.is_not_found() {
+            eprintln!("error: key {key:?} not found");
+            Ok(Some(ExitCode::FAILURE))
+        } else {
+            eprintln!("error: {e}");
+            Ok(Some(ExitCode::FAILURE))
+        }
+    };
+    match op {
+        KvOp::Get { .. } => match c.get(key.as_bytes()) {
+            Ok((v, _)) => {
+                let mut out = std::io::stdout().lock();
+                out.write_all(&v)?;
+                out.write_all(b"\n")?;
+                Ok(Some(ExitCode::SUCCESS))
+            }
+            Err(e) => fail(e),
+        },
+        KvOp::Set { value, durability, .. } => {
+            let persist = matches!(durability, DurabilityArg::Persist);
+            match c.set(key.as_bytes(), value.as_bytes(), 0, persist) {
+                Ok(r) => {
+                    println!("OK partition={} seqno={} cas={}", r.partition, r.seqno, r.cas);
+                    Ok(Some(ExitCode::SUCCESS))
+                }
+                Err(e) => fail(e),
+            }
+        }
+        KvOp::Del { .. } => match c.delete(key.as_bytes()) {
+            Ok(r) => {
+                println!("OK partition={} seqno={}", r.partition, r.seqno);
+                Ok(Some(ExitCode::SUCCESS))
+            }
+            Err(e) => fail(e),
+        },
     }
 }

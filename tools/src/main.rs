@@ -6,6 +6,7 @@ mod admin;
 mod demo;
 mod kv;
 mod load;
+mod node;
 mod shell;
 
 use std::path::PathBuf;
@@ -39,7 +40,9 @@ enum Command {
     Load(load::LoadArgs),
     /// Line-oriented command shell on stdin/stdout (see docs/shell.md).
     Shell(shell::ShellArgs),
-    /// Inspect a data directory offline.
+    /// Run a node: an engine behind a TCP listener, primary or replica.
+    Node(node::NodeArgs),
+    /// Inspect a data directory offline, or a running node (--addr).
     #[command(subcommand)]
     Admin(admin::AdminCommand),
     /// A guided tour: writes, checkpoints, cursors, flusher, restart.
@@ -65,7 +68,20 @@ impl From<DurabilityArg> for Durability {
     }
 }
 
-/// The `--data` option shared by commands that open an engine.
+/// Where a command works: an embedded engine on a data directory, or a
+/// running node.
+#[derive(clap::Args, Debug, Clone)]
+#[group(required = true, multiple = false)]
+pub(crate) struct Target {
+    /// Data directory (created if missing): the engine runs in this process.
+    #[arg(long, value_name = "DIR")]
+    pub(crate) data: Option<PathBuf>,
+    /// Address of a running node (`tapkv node`), e.g. 127.0.0.1:11311.
+    #[arg(long, value_name = "ADDR")]
+    pub(crate) addr: Option<String>,
+}
+
+/// The `--data` option of commands that always embed the engine.
 #[derive(clap::Args, Debug, Clone)]
 pub(crate) struct DataArg {
     /// Data directory (created if missing).
@@ -73,11 +89,24 @@ pub(crate) struct DataArg {
     pub(crate) data: PathBuf,
 }
 
+/// How long the command-line client waits for a node's answer.
+pub(crate) const CLIENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Connects to a node, with a readable error.
+pub(crate) fn connect(addr: &str) -> Result<tapkv_replication::client::Client, tapkv_engine::Error> {
+    tapkv_replication::client::Client::connect(addr, CLIENT_TIMEOUT).map_err(|e| {
+        tapkv_engine::Error::Io(std::io::Error::other(format!("cannot reach node at {addr}: {e}")))
+    })
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("TAPKV_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            tracing_subscriber::EnvFilter::try_from_env("TAPKV_LOG").unwrap_or_else(|_| {
+                // A node logs its lifecycle by default; one-shot commands stay quiet.
+                let node = std::env::args().nth(1).is_some_and(|a| a == "node");
+                tracing_subscriber::EnvFilter::new(if node { "info" } else { "warn" })
+            }),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -86,6 +115,7 @@ fn main() -> ExitCode {
         Command::Kv(a) => kv::run(a),
         Command::Load(a) => load::run(a),
         Command::Shell(a) => shell::run(a),
+        Command::Node(a) => node::run(a),
         Command::Admin(a) => admin::run(a),
         Command::Demo(a) => demo::run(a),
     };

@@ -10,12 +10,13 @@ use std::process::ExitCode;
 use clap::Args;
 use tapkv_engine::{Engine, Error, PartitionId, WriteOptions};
 
-use crate::DataArg;
+use crate::{connect, Target};
+use tapkv_replication::client::{Client, ClientError};
 
 #[derive(Args, Debug)]
 pub(crate) struct ShellArgs {
     #[command(flatten)]
-    data: DataArg,
+    target: Target,
 }
 
 const HELP: &str = "commands: set KEY VALUE | add KEY VALUE | replace KEY VALUE | get KEY | \
@@ -26,6 +27,7 @@ update start|complete|revert P | stats | restart | crash | help | quit";
 pub(crate) struct Shell {
     path: PathBuf,
     engine: Option<Engine>,
+    remote: Option<Client>,
 }
 
 /// What one command line produced.
@@ -51,6 +53,7 @@ impl Shell {
         Ok(Shell {
             path,
             engine: Some(engine),
+            remote: None,
         })
     }
 
@@ -68,6 +71,9 @@ impl Shell {
 
     /// Executes one command line.
     pub(crate) fn execute(&mut self, line: &str) -> Reply {
+        if let Some(client) = self.remote.as_mut() {
+            return remote_execute(client, line);
+        }
         let line = line.trim_end_matches(['\r', '\n']);
         let mut words = line.splitn(2, ' ');
         let cmd = words.next().unwrap_or("");
@@ -291,7 +297,15 @@ impl Shell {
 }
 
 pub(crate) fn run(args: ShellArgs) -> Result<ExitCode, Error> {
-    let mut shell = Shell::open(args.data.data)?;
+    let mut shell = match (args.target.data, args.target.addr) {
+        (Some(dir), _) => Shell::open(dir)?,
+        (None, Some(addr)) => Shell {
+            path: PathBuf::new(),
+            engine: None,
+            remote: Some(connect(&addr)?),
+        },
+        (None, None) => return Err(Error::InvalidArgument("give --data DIR or --addr ADDR".into())),
+    };
     let stdin = std::io::stdin();
     let mut out = std::io::stdout().lock();
     for line in stdin.lock().lines() {
@@ -306,4 +320,79 @@ pub(crate) fn run(args: ShellArgs) -> Result<ExitCode, Error> {
     }
     shell.close()?;
     Ok(ExitCode::SUCCESS)
+}
+
+fn remote_err(e: &ClientError) -> String {
+    if e.is_not_found() {
+        return "NOT_FOUND".into();
+    }
+    match e {
+        ClientError::Status { message, .. } => format!("ERROR {message}"),
+        other => format!("ERROR io: {other}"),
+    }
+}
+
+/// The same grammar, executed by a node over the network.
+fn remote_execute(c: &mut Client, line: &str) -> Reply {
+    let line = line.trim_end_matches(['\r', '\n']);
+    let (cmd, rest) = line.split_once(' ').unwrap_or((line, ""));
+    let arg = rest.split_whitespace().next();
+    let part = |a: Option<&str>| -> Result<u16, String> {
+        a.and_then(|a| a.parse().ok())
+            .ok_or_else(|| usage("missing or bad partition number"))
+    };
+    let text: Result<String, String> = match cmd {
+        "" => Err(usage("empty command; try `help`")),
+        "quit" | "exit" => return Reply::Quit,
+        "help" => Ok(format!("OK {HELP}")),
+        "set" | "add" | "replace" => match rest.split_once(' ') {
+            None => Err(usage(&format!("usage: {cmd} KEY VALUE"))),
+            Some((k, v)) => match cmd {
+                "add" => c.add(k.as_bytes(), v.as_bytes()),
+                "replace" => c.replace(k.as_bytes(), v.as_bytes()),
+                _ => c.set(k.as_bytes(), v.as_bytes(), 0, false),
+            }
+            .map(|r| format!("OK PARTITION {} SEQNO {} CAS {}", r.partition, r.seqno, r.cas))
+            .map_err(|e| remote_err(&e)),
+        },
+        "get" => c
+            .get(rest.as_bytes())
+            .map(|(v, _)| format!("VALUE {}", String::from_utf8_lossy(&v)))
+            .map_err(|e| remote_err(&e)),
+        "del" => c
+            .delete(rest.as_bytes())
+            .map(|r| format!("OK PARTITION {} SEQNO {}", r.partition, r.seqno))
+            .map_err(|e| remote_err(&e)),
+        "partition" => Ok(format!("OK PARTITION {}", c.partition_of(rest.as_bytes()))),
+        "evict" => c.evict(rest.as_bytes()).map(|_| "OK EVICTED".into()).map_err(|e| remote_err(&e)),
+        "flush" => c.flush().map(|_| "OK".into()).map_err(|e| remote_err(&e)),
+        "checkpoint" => part(arg).and_then(|p| {
+            c.checkpoint(p).map(|id| format!("OK CHECKPOINT {id}")).map_err(|e| remote_err(&e))
+        }),
+        "checkpoints" | "cursors" => part(arg).and_then(|p| {
+            c.partition_info(p, cmd).map(|v| format!("OK {v}")).map_err(|e| remote_err(&e))
+        }),
+        "stats" => c.stats().map(|v| {
+            format!(
+                "OK items={} dirty={} checkpoint_mem={} role={}",
+                v["items"], v["dirty"], v["checkpoint_mem_bytes"], v["role"].as_str().unwrap_or("")
+            )
+        }).map_err(|e| remote_err(&e)),
+        "update" => {
+            let mut w = rest.split_whitespace();
+            let what = w.next();
+            part(w.next()).and_then(|p| match what {
+                Some("start") => c.update_start(p).map(|id| format!("OK CHECKPOINT {id}")).map_err(|e| remote_err(&e)),
+                Some("complete") => c.update_complete(p).map(|id| format!("OK CHECKPOINT {id}")).map_err(|e| remote_err(&e)),
+                Some("revert") => c
+                    .update_revert(p)
+                    .map(|(id, removed, restored)| format!("OK CHECKPOINT {id} REMOVED {removed} RESTORED {restored}"))
+                    .map_err(|e| remote_err(&e)),
+                _ => Err(usage("usage: update start|complete|revert P")),
+            })
+        }
+        "restart" | "crash" => Err(usage(&format!("`{cmd}` works only on a local data directory (--data)"))),
+        other => Err(usage(&format!("unknown command {other:?}; try `help`"))),
+    };
+    Reply::Line(text.unwrap_or_else(|e| e))
 }

@@ -1,0 +1,260 @@
+//! What a node needs from the engine to replicate: failover logs, opening a
+//! stream cursor (with backfill from disk when memory no longer holds the
+//! requested history), applying a primary's entries with their own seqnos and
+//! CAS, following its checkpoint ids and online-update windows, and
+//! resetting a partition whose history diverged.
+//!
+//! The engine stays synchronous and knows nothing of sockets; the protocol
+//! and the stream loops live in the `tapkv-replication` crate.
+
+use bytes::Bytes;
+
+use crate::checkpoint::{CheckpointManager, Registration};
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::hash_table::StoredValue;
+use crate::item::{PartitionId, QueueOp, QueuedItem};
+use crate::online_update::MarkerSource;
+use crate::partition::{Partition, PERSISTENCE_CURSOR};
+use crate::store::FailoverEntry;
+use crate::sync::{Arc, Ordering};
+
+/// What applying a replicated entry did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApplyOutcome {
+    /// Applied.
+    Applied,
+    /// At or below the partition's high seqno: already held, ignored.
+    Duplicate,
+    /// The entry cannot be applied consistently (for example a REVERT of a
+    /// window this replica did not hold from its start): the partition must be
+    /// reset and resynchronised from the primary.
+    Resync,
+}
+
+/// How a stream for a partition starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamStart {
+    /// The cursor is registered; everything after the requested seqno comes
+    /// from memory.
+    InMemory,
+    /// Memory no longer holds the requested history: send the disk's items
+    /// with seqnos in `(from, snapshot_end]` first ([`Engine::backfill`]); the
+    /// cursor is registered at `snapshot_end` and continues from there.
+    Backfill {
+        /// Last seqno of the disk snapshot.
+        snapshot_end: u64,
+    },
+}
+
+/// A fresh, random branch id.
+pub(crate) fn new_uuid() -> u64 {
+    use std::hash::BuildHasher;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    std::collections::hash_map::RandomState::new().hash_one((nanos, std::process::id())) | 1
+}
+
+impl Partition {
+    fn apply(&self, engine_limit: usize, store: &crate::store::Store, item: &QueuedItem) -> Result<ApplyOutcome> {
+        let given = MarkerSource::Given {
+            seqno: item.meta.by_seqno,
+            cas: item.meta.cas,
+        };
+        match item.op {
+            QueueOp::Mutation | QueueOp::Deletion => {
+                let mut w = self.lock();
+                if item.meta.by_seqno <= w.checkpoints.high_seqno() {
+                    return Ok(ApplyOutcome::Duplicate);
+                }
+                let mut slot = self.table.slot(&item.key);
+                let before = slot.current(&item.key).cloned();
+                if let Some(win) = w.window.as_mut() {
+                    win.remember(&item.key, before);
+                }
+                if item.op == QueueOp::Deletion {
+                    slot.remove(&item.key);
+                } else {
+                    slot.put(
+                        &item.key,
+                        StoredValue {
+                            value: Some(item.value.clone()),
+                            meta: item.meta,
+                        },
+                    );
+                }
+                drop(slot);
+                w.cas.observe(item.meta.cas);
+                w.checkpoints.queue(item.clone());
+                Ok(ApplyOutcome::Applied)
+            }
+            QueueOp::OnlineUpdateStart { checkpoint_id } => {
+                if self.window_info().is_some() {
+                    return Ok(ApplyOutcome::Resync);
+                }
+                self.online_update_start(store, engine_limit, Some((checkpoint_id, given)))?;
+                Ok(ApplyOutcome::Applied)
+            }
+            QueueOp::OnlineUpdateEnd { checkpoint_id } => match self.window_info() {
+                Some(w) if w.checkpoint_id == checkpoint_id => {
+                    self.online_update_complete(store, given)?;
+                    Ok(ApplyOutcome::Applied)
+                }
+                Some(_) => Ok(ApplyOutcome::Resync),
+                None => {
+                    // Joined after START: the window's entries were applied as
+                    // ordinary ones; its end changes nothing here.
+                    let mut w = self.lock();
+                    self.queue_marker(&mut w, store, item.op, given)?;
+                    Ok(ApplyOutcome::Applied)
+                }
+            },
+            QueueOp::OnlineUpdateRevert { checkpoint_id } => match self.window_info() {
+                Some(w) if w.checkpoint_id == checkpoint_id => {
+                    self.online_update_revert(store, given)?;
+                    Ok(ApplyOutcome::Applied)
+                }
+                // Never revert a range this replica does not hold from START.
+                _ => Ok(ApplyOutcome::Resync),
+            },
+        }
+    }
+}
+
+impl Engine {
+    /// Partition `p`'s failover log, oldest first (never empty).
+    pub fn failover_log(&self, p: PartitionId) -> Result<Vec<FailoverEntry>> {
+        let s = self.live()?;
+        Ok(s.partition(p)?.failover.lock().clone())
+    }
+
+    /// Replaces partition `p`'s failover log (a replica records its primary's
+    /// branch), durably.
+    pub fn set_failover_log(&self, p: PartitionId, log: Vec<FailoverEntry>) -> Result<()> {
+        let s = self.live()?;
+        let part = s.partition(p)?;
+        let mut f = part.failover.lock();
+        s.store.put_failover_log(p, &log)?;
+        *f = log;
+        Ok(())
+    }
+
+    /// Highest seqno of partition `p` (in memory).
+    pub fn high_seqno(&self, p: PartitionId) -> Result<u64> {
+        let s = self.live()?;
+        Ok(s.partition(p)?.lock().checkpoints.high_seqno())
+    }
+
+    /// Highest seqno of partition `p` written to disk.
+    pub fn persisted_seqno(&self, p: PartitionId) -> Result<u64> {
+        let s = self.live()?;
+        Ok(s.partition(p)?.progress.persisted_seqno.load(Ordering::Acquire))
+    }
+
+    /// Registers the stream cursor `name` on partition `p` to read everything
+    /// after `from`, from memory if it still holds that history, else after a
+    /// backfill from disk up to the persisted seqno.
+    pub fn stream_start(&self, p: PartitionId, name: &str, from: u64) -> Result<StreamStart> {
+        if name == PERSISTENCE_CURSOR {
+            return Err(Error::InvalidArgument(format!("cursor name {name:?} is reserved")));
+        }
+        let s = self.live()?;
+        let part = s.partition(p)?;
+        let mut w = part.lock();
+        let from = from.min(w.checkpoints.high_seqno());
+        match w.checkpoints.register_cursor(name, from)? {
+            Registration::InMemory { .. } => Ok(StreamStart::InMemory),
+            Registration::NeedsBackfill { .. } => {
+                // The persistence cursor pins the checkpoint holding the next
+                // unpersisted seqno, so memory holds everything after it.
+                let persisted = w
+                    .checkpoints
+                    .cursors()
+                    .into_iter()
+                    .find(|c| c.name == PERSISTENCE_CURSOR)
+                    .map_or(0, |c| c.seqno);
+                match w.checkpoints.register_cursor(name, persisted)? {
+                    Registration::InMemory { .. } => Ok(StreamStart::Backfill {
+                        snapshot_end: persisted,
+                    }),
+                    Registration::NeedsBackfill { .. } => Err(Error::WrongState(format!(
+                        "partition {p}: memory does not hold seqno {persisted} + 1"
+                    ))),
+                }
+            }
+        }
+    }
+
+    /// Items and tombstones of partition `p` on disk with seqnos in
+    /// `(after, upto]`, in seqno order (the backfill of a stream).
+    pub fn backfill(&self, p: PartitionId, after: u64, upto: u64) -> Result<Vec<QueuedItem>> {
+        let s = self.live()?;
+        s.partition(p)?;
+        let mut out = Vec::new();
+        s.store.for_each_item_of(p, |key, rec| {
+            let seqno = rec.meta.by_seqno;
+            if seqno > after && seqno <= upto {
+                out.push(QueuedItem {
+                    op: if rec.deleted {
+                        QueueOp::Deletion
+                    } else {
+                        QueueOp::Mutation
+                    },
+                    key: Bytes::copy_from_slice(key),
+                    value: rec.value,
+                    meta: rec.meta,
+                });
+            }
+            Ok(())
+        })?;
+        out.sort_unstable_by_key(QueuedItem::seqno);
+        Ok(out)
+    }
+
+    /// Applies one entry of a primary's stream to partition `p`, keeping its
+    /// seqno and CAS.
+    pub fn apply_replicated(&self, p: PartitionId, item: &QueuedItem) -> Result<ApplyOutcome> {
+        let s = self.live()?;
+        let out = s
+            .partition(p)?
+            .apply(s.config.online_update_memory_limit, &s.store, item)?;
+        s.flush_signal.mark();
+        Ok(out)
+    }
+
+    /// Follows the primary into checkpoint `id` (a replica builds its
+    /// checkpoints with the primary's ids).
+    pub fn replica_checkpoint(&self, p: PartitionId, id: u64) -> Result<()> {
+        let s = self.live()?;
+        let part = s.partition(p)?;
+        let mut w = part.lock();
+        if id > w.checkpoints.open_checkpoint_id() {
+            w.checkpoints.create_checkpoint_with_id(id);
+        }
+        Ok(())
+    }
+
+    /// Drops everything partition `p` holds, in memory and on disk (a replica
+    /// whose history diverged from its primary's, before resynchronising).
+    pub fn reset_partition(&self, p: PartitionId) -> Result<()> {
+        let s = self.live()?;
+        let part = s.partition(p)?;
+        let _no_flush = s.flush_lock.lock();
+        let mut w = part.lock();
+        let mut shards = part.table.lock_all();
+        shards.clear();
+        let next_id = w.checkpoints.open_checkpoint_id() + 1;
+        let mut fresh = CheckpointManager::new(s.config.checkpoint, next_id, 0, Arc::clone(&s.checkpoint_mem));
+        fresh.register_cursor(PERSISTENCE_CURSOR, 0)?;
+        w.checkpoints = fresh;
+        w.window = None;
+        w.reverted.clear();
+        s.store.reset_partition(p)?;
+        part.progress.persisted_seqno.store(0, Ordering::Release);
+        part.progress.synced_seqno.store(0, Ordering::Release);
+        tracing::warn!(partition = p, "partition reset for resynchronisation");
+        Ok(())
+    }
+}

@@ -1,0 +1,254 @@
+//! A blocking client for a tapkv node: data, online-update and admin commands.
+
+use std::net::TcpStream;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::io::{FrameReader, FrameWriter};
+use crate::message::{hello, opcode, status, store_extras};
+use crate::protocol::{Frame, ProtocolError, DEFAULT_MAX_BODY};
+
+/// A failed request: the node's status and message, or a transport error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The node answered with an error status.
+    #[error("{message}")]
+    Status {
+        /// Status code (see [`crate::message::status`]).
+        status: u16,
+        /// The node's message (`kind: text`).
+        message: String,
+    },
+    /// Transport or framing error.
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+}
+
+impl ClientError {
+    /// Whether the node said the key does not exist.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, ClientError::Status { status: s, .. } if *s == status::KEY_NOT_FOUND)
+    }
+}
+
+/// What a write returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteReply {
+    /// Partition of the key.
+    pub partition: u16,
+    /// Seqno assigned.
+    pub seqno: u64,
+    /// New CAS.
+    pub cas: u64,
+}
+
+/// A connection to a node.
+pub struct Client {
+    reader: FrameReader,
+    writer: FrameWriter,
+    partitions: u16,
+    role: String,
+    opaque: u32,
+    polls: usize,
+}
+
+fn u64_at(b: &Bytes, i: usize) -> u64 {
+    b.get(i * 8..i * 8 + 8)
+        .and_then(|s| s.try_into().ok())
+        .map_or(0, u64::from_be_bytes)
+}
+
+impl Client {
+    /// Connects to `addr` and performs the version handshake; every reply is
+    /// waited for at most `timeout`.
+    pub fn connect(addr: &str, timeout: Duration) -> Result<Client, ClientError> {
+        use std::net::ToSocketAddrs;
+        let mut last = None;
+        let mut conn = None;
+        for a in addr.to_socket_addrs().map_err(ProtocolError::Io)? {
+            match TcpStream::connect_timeout(&a, timeout) {
+                Ok(s) => {
+                    conn = Some(s);
+                    break;
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        let conn = conn.ok_or_else(|| {
+            ProtocolError::Io(last.unwrap_or_else(|| std::io::Error::other("no address")))
+        })?;
+        conn.set_nodelay(true).map_err(ProtocolError::Io)?;
+        conn.set_write_timeout(Some(timeout)).map_err(ProtocolError::Io)?;
+        let reader = FrameReader::new(conn.try_clone().map_err(ProtocolError::Io)?, DEFAULT_MAX_BODY);
+        reader
+            .set_timeout(Duration::from_millis(100))
+            .map_err(ProtocolError::Io)?;
+        let mut c = Client {
+            reader,
+            writer: FrameWriter::new(conn),
+            partitions: 0,
+            role: String::new(),
+            opaque: 0,
+            polls: (timeout.as_millis() / 100).max(1) as usize,
+        };
+        let r = c.call(hello("tapkv-client"))?;
+        let info: serde_json::Value = serde_json::from_slice(&r.value).unwrap_or_default();
+        c.partitions = info["partitions"].as_u64().unwrap_or(0) as u16;
+        c.role = info["role"].as_str().unwrap_or("").to_owned();
+        Ok(c)
+    }
+
+    /// Number of partitions of the node.
+    pub fn partitions(&self) -> u16 {
+        self.partitions
+    }
+
+    /// `primary` or `replica`.
+    pub fn role(&self) -> &str {
+        &self.role
+    }
+
+    /// Sends a request and waits for its response; error statuses become
+    /// [`ClientError::Status`].
+    pub fn call(&mut self, mut req: Frame) -> Result<Frame, ClientError> {
+        self.opaque = self.opaque.wrapping_add(1);
+        req.opaque = self.opaque;
+        self.writer.send(&req)?;
+        let r = self.reader.next_within(self.polls)?;
+        if r.status() != status::SUCCESS {
+            return Err(ClientError::Status {
+                status: r.status(),
+                message: String::from_utf8_lossy(&r.value).into_owned(),
+            });
+        }
+        Ok(r)
+    }
+
+    /// The partition `key` belongs to.
+    pub fn partition_of(&self, key: &[u8]) -> u16 {
+        tapkv_engine::partition_of(key, self.partitions)
+    }
+
+    /// GET: value and CAS.
+    pub fn get(&mut self, key: &[u8]) -> Result<(Bytes, u64), ClientError> {
+        let r = self.call(Frame::request(opcode::GET, self.partition_of(key)).with_key(key.to_vec()))?;
+        Ok((r.value, r.cas))
+    }
+
+    fn store(&mut self, op: u8, key: &[u8], value: &[u8], cas: u64, persist: bool) -> Result<WriteReply, ClientError> {
+        let p = self.partition_of(key);
+        let mut f = Frame::request(op, p)
+            .with_extras(store_extras(0, 0))
+            .with_key(key.to_vec())
+            .with_value(value.to_vec())
+            .with_cas(cas);
+        if persist {
+            f.datatype |= 0x80;
+        }
+        let r = self.call(f)?;
+        Ok(WriteReply {
+            partition: p,
+            seqno: u64_at(&r.extras, 0),
+            cas: r.cas,
+        })
+    }
+
+    /// SET (`cas` 0 = unconditional; `persist` waits for the disk).
+    pub fn set(&mut self, key: &[u8], value: &[u8], cas: u64, persist: bool) -> Result<WriteReply, ClientError> {
+        self.store(opcode::SET, key, value, cas, persist)
+    }
+
+    /// ADD.
+    pub fn add(&mut self, key: &[u8], value: &[u8]) -> Result<WriteReply, ClientError> {
+        self.store(opcode::ADD, key, value, 0, false)
+    }
+
+    /// REPLACE.
+    pub fn replace(&mut self, key: &[u8], value: &[u8]) -> Result<WriteReply, ClientError> {
+        self.store(opcode::REPLACE, key, value, 0, false)
+    }
+
+    /// DELETE.
+    pub fn delete(&mut self, key: &[u8]) -> Result<WriteReply, ClientError> {
+        let p = self.partition_of(key);
+        let r = self.call(Frame::request(opcode::DELETE, p).with_key(key.to_vec()))?;
+        Ok(WriteReply {
+            partition: p,
+            seqno: u64_at(&r.extras, 0),
+            cas: r.cas,
+        })
+    }
+
+    /// Online update START on partition `p`: the window's checkpoint id.
+    pub fn update_start(&mut self, p: u16) -> Result<u64, ClientError> {
+        Ok(u64_at(&self.call(Frame::request(opcode::UPDATE_START, p))?.extras, 0))
+    }
+
+    /// Online update COMPLETE: the window's checkpoint id.
+    pub fn update_complete(&mut self, p: u16) -> Result<u64, ClientError> {
+        Ok(u64_at(&self.call(Frame::request(opcode::UPDATE_COMPLETE, p))?.extras, 0))
+    }
+
+    /// Online update REVERT: (checkpoint id, removed, restored).
+    pub fn update_revert(&mut self, p: u16) -> Result<(u64, u64, u64), ClientError> {
+        let e = self.call(Frame::request(opcode::UPDATE_REVERT, p))?.extras;
+        Ok((u64_at(&e, 0), u64_at(&e, 1), u64_at(&e, 2)))
+    }
+
+    /// Waits until everything written so far is persisted.
+    pub fn flush(&mut self) -> Result<(), ClientError> {
+        self.call(Frame::request(opcode::FLUSH, 0)).map(|_| ())
+    }
+
+    /// Evicts a key's value.
+    pub fn evict(&mut self, key: &[u8]) -> Result<(), ClientError> {
+        let p = self.partition_of(key);
+        self.call(Frame::request(opcode::EVICT, p).with_key(key.to_vec())).map(|_| ())
+    }
+
+    /// Closes partition `p`'s open checkpoint; the new id.
+    pub fn checkpoint(&mut self, p: u16) -> Result<u64, ClientError> {
+        Ok(u64_at(&self.call(Frame::request(opcode::CHECKPOINT, p))?.extras, 0))
+    }
+
+    /// `checkpoints` or `cursors` of partition `p`, as JSON.
+    pub fn partition_info(&mut self, p: u16, what: &str) -> Result<serde_json::Value, ClientError> {
+        let r = self.call(Frame::request(opcode::PARTITION_INFO, p).with_key(what.as_bytes().to_vec()))?;
+        Ok(serde_json::from_slice(&r.value).unwrap_or_default())
+    }
+
+    /// Node statistics, as JSON.
+    pub fn stats(&mut self) -> Result<serde_json::Value, ClientError> {
+        let r = self.call(Frame::request(opcode::STAT, 0))?;
+        Ok(serde_json::from_slice(&r.value).unwrap_or_default())
+    }
+
+    /// `inspect` or `streams`, as JSON.
+    pub fn admin(&mut self, what: &str) -> Result<serde_json::Value, ClientError> {
+        let r = self.call(Frame::request(opcode::ADMIN, 0).with_key(what.as_bytes().to_vec()))?;
+        Ok(serde_json::from_slice(&r.value).unwrap_or_default())
+    }
+
+    /// Every persisted item of the node, one JSON object each.
+    pub fn dump(&mut self, mut row: impl FnMut(serde_json::Value)) -> Result<(), ClientError> {
+        self.opaque = self.opaque.wrapping_add(1);
+        let mut req = Frame::request(opcode::ADMIN, 0).with_key(b"dump".to_vec());
+        req.opaque = self.opaque;
+        self.writer.send(&req)?;
+        loop {
+            let r = self.reader.next_within(self.polls)?;
+            if r.status() != status::SUCCESS {
+                return Err(ClientError::Status {
+                    status: r.status(),
+                    message: String::from_utf8_lossy(&r.value).into_owned(),
+                });
+            }
+            if &r.key[..] == b"end" {
+                return Ok(());
+            }
+            row(serde_json::from_slice(&r.value).unwrap_or_default());
+        }
+    }
+}

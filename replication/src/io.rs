@@ -1,0 +1,120 @@
+//! Frame I/O over a `TcpStream` with timeouts: a reader that never loses a
+//! partly received frame when a read times out, and a buffered writer.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use bytes::BytesMut;
+
+use crate::protocol::{decode, Frame, ProtocolError};
+
+/// Reads frames; a read timeout returns `Ok(None)` and keeps partial data.
+pub struct FrameReader {
+    stream: TcpStream,
+    buf: BytesMut,
+    max_body: usize,
+}
+
+impl FrameReader {
+    /// Wraps `stream` (its read timeout decides how long `next` blocks).
+    pub fn new(stream: TcpStream, max_body: usize) -> FrameReader {
+        FrameReader {
+            stream,
+            buf: BytesMut::with_capacity(64 * 1024),
+            max_body,
+        }
+    }
+
+    /// Sets how long one `next` call may wait for data.
+    pub fn set_timeout(&self, t: Duration) -> std::io::Result<()> {
+        self.stream.set_read_timeout(Some(t))
+    }
+
+    /// The next frame; `Ok(None)` if none arrived within the read timeout;
+    /// `Err(Closed)` when the peer closed at a frame boundary.
+    pub fn next(&mut self) -> Result<Option<Frame>, ProtocolError> {
+        loop {
+            if let Some(f) = decode(&mut self.buf, self.max_body)? {
+                return Ok(Some(f));
+            }
+            let mut chunk = [0u8; 64 * 1024];
+            match self.stream.read(&mut chunk) {
+                Ok(0) if self.buf.is_empty() => return Err(ProtocolError::Closed),
+                Ok(0) => {
+                    return Err(ProtocolError::Io(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "connection closed inside a frame",
+                    )))
+                }
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Ok(None)
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(ProtocolError::Io(e)),
+            }
+        }
+    }
+
+    /// The next frame, waiting at most `attempts` read timeouts.
+    pub fn next_within(&mut self, attempts: usize) -> Result<Frame, ProtocolError> {
+        for _ in 0..attempts.max(1) {
+            if let Some(f) = self.next()? {
+                return Ok(f);
+            }
+        }
+        Err(ProtocolError::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "no frame within the timeout",
+        )))
+    }
+}
+
+/// Writes frames through a buffer; `flush` sends them.
+pub struct FrameWriter {
+    stream: TcpStream,
+    buf: BytesMut,
+}
+
+impl FrameWriter {
+    /// Wraps `stream` (its write timeout bounds every flush).
+    pub fn new(stream: TcpStream) -> FrameWriter {
+        FrameWriter {
+            stream,
+            buf: BytesMut::with_capacity(64 * 1024),
+        }
+    }
+
+    /// Queues a frame; returns its size on the wire.
+    pub fn push(&mut self, f: &Frame) -> usize {
+        let before = self.buf.len();
+        f.encode(&mut self.buf);
+        self.buf.len() - before
+    }
+
+    /// Bytes queued and not yet sent.
+    pub fn pending(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Sends everything queued.
+    pub fn flush(&mut self) -> Result<(), ProtocolError> {
+        if !self.buf.is_empty() {
+            self.stream.write_all(&self.buf)?;
+            self.buf.clear();
+        }
+        Ok(())
+    }
+
+    /// Queues and sends one frame.
+    pub fn send(&mut self, f: &Frame) -> Result<(), ProtocolError> {
+        self.push(f);
+        self.flush()
+    }
+}

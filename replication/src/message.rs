@@ -1,0 +1,447 @@
+//! Opcodes, status codes and the typed replication messages.
+//!
+//! Client data operations keep their memcached binary opcodes and meanings;
+//! tapkv's own opcodes sit in 0xd0..=0xef, unused by memcached. Replication
+//! messages flow primary → replica as request frames without responses; the
+//! replica answers with `ACK` frames.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use tapkv_engine::{ItemMeta, QueueOp, QueuedItem};
+
+use crate::protocol::{Frame, ProtocolError};
+
+/// Protocol version exchanged in `HELLO`.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Operation codes.
+pub mod opcode {
+    /// memcached GET.
+    pub const GET: u8 = 0x00;
+    /// memcached SET.
+    pub const SET: u8 = 0x01;
+    /// memcached ADD.
+    pub const ADD: u8 = 0x02;
+    /// memcached REPLACE.
+    pub const REPLACE: u8 = 0x03;
+    /// memcached DELETE.
+    pub const DELETE: u8 = 0x04;
+    /// memcached QUIT.
+    pub const QUIT: u8 = 0x07;
+    /// memcached NOOP (also the heartbeat).
+    pub const NOOP: u8 = 0x0a;
+    /// memcached VERSION.
+    pub const VERSION: u8 = 0x0b;
+    /// memcached STAT.
+    pub const STAT: u8 = 0x10;
+    /// Version handshake: extras = version u32, key = peer name.
+    pub const HELLO: u8 = 0xd0;
+    /// Online update START on the frame's partition.
+    pub const UPDATE_START: u8 = 0xd1;
+    /// Online update COMPLETE.
+    pub const UPDATE_COMPLETE: u8 = 0xd2;
+    /// Online update REVERT.
+    pub const UPDATE_REVERT: u8 = 0xd3;
+    /// Replica → primary: open a replication stream.
+    pub const STREAM_OPEN: u8 = 0xd4;
+    /// Stream: a mutation.
+    pub const MUTATION: u8 = 0xd5;
+    /// Stream: a deletion.
+    pub const DELETION: u8 = 0xd6;
+    /// Stream: the cursor entered a checkpoint.
+    pub const CHECKPOINT_START: u8 = 0xd7;
+    /// Stream: the cursor left a checkpoint.
+    pub const CHECKPOINT_END: u8 = 0xd8;
+    /// Stream: online-update START marker.
+    pub const OU_START: u8 = 0xd9;
+    /// Stream: online-update END marker.
+    pub const OU_END: u8 = 0xda;
+    /// Stream: online-update REVERT marker.
+    pub const OU_REVERT: u8 = 0xdb;
+    /// Replica → primary: acknowledgement of applied bytes and seqnos.
+    pub const ACK: u8 = 0xdc;
+    /// Stream: the primary ends the stream.
+    pub const STREAM_END: u8 = 0xdd;
+    /// Admin query: key = `inspect` | `dump` | `streams` | `stats`; JSON answer.
+    pub const ADMIN: u8 = 0xde;
+    /// Stream: a snapshot (from disk or memory) of seqnos start..=end follows.
+    pub const SNAPSHOT: u8 = 0xdf;
+    /// Stream: the replica must roll back the partition (resynchronise).
+    pub const ROLLBACK: u8 = 0xe0;
+    /// Stream: the primary's current branch (uuid) of the partition.
+    pub const FAILOVER: u8 = 0xe1;
+    /// Client: which partition a key belongs to.
+    pub const PARTITION_OF: u8 = 0xe2;
+    /// Client: evict a key's value.
+    pub const EVICT: u8 = 0xe3;
+    /// Client: wait until everything written so far is persisted.
+    pub const FLUSH: u8 = 0xe4;
+    /// Client: close the partition's open checkpoint.
+    pub const CHECKPOINT: u8 = 0xe5;
+    /// Client: checkpoints / cursors of a partition (JSON answer), key = `checkpoints` | `cursors`.
+    pub const PARTITION_INFO: u8 = 0xe6;
+}
+
+/// Response status codes.
+pub mod status {
+    /// Success.
+    pub const SUCCESS: u16 = 0x0000;
+    /// Key not found.
+    pub const KEY_NOT_FOUND: u16 = 0x0001;
+    /// Key exists (also: CAS mismatch, as in memcached).
+    pub const KEY_EXISTS: u16 = 0x0002;
+    /// Value too large.
+    pub const VALUE_TOO_LARGE: u16 = 0x0003;
+    /// Invalid arguments.
+    pub const INVALID_ARGUMENTS: u16 = 0x0004;
+    /// Not my partition / read-only replica.
+    pub const NOT_MY_VBUCKET: u16 = 0x0007;
+    /// Unknown command.
+    pub const UNKNOWN_COMMAND: u16 = 0x0081;
+    /// Internal error.
+    pub const INTERNAL: u16 = 0x0084;
+    /// Temporary failure (temporarily out of memory).
+    pub const TEMP_FAILURE: u16 = 0x0086;
+    /// tapkv: wrong state for the command (e.g. online-update order).
+    pub const WRONG_STATE: u16 = 0x00c0;
+    /// tapkv: timed out.
+    pub const TIMEOUT: u16 = 0x00c1;
+    /// tapkv: unsupported protocol version.
+    pub const BAD_VERSION: u16 = 0x00c2;
+    /// tapkv: the request must start with HELLO.
+    pub const HANDSHAKE_REQUIRED: u16 = 0x00c3;
+}
+
+/// What a replica asks per partition when it opens a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamRequest {
+    /// Partition.
+    pub partition: u16,
+    /// Branch (failover uuid) the replica's data belongs to; 0 if none.
+    pub uuid: u64,
+    /// Last seqno the replica holds.
+    pub seqno: u64,
+}
+
+/// Encodes `STREAM_OPEN`: key = stream name, value = 18 bytes per partition.
+pub fn stream_open(name: &str, reqs: &[StreamRequest]) -> Frame {
+    let mut v = BytesMut::with_capacity(reqs.len() * 18);
+    for r in reqs {
+        v.put_u16(r.partition);
+        v.put_u64(r.uuid);
+        v.put_u64(r.seqno);
+    }
+    Frame::request(opcode::STREAM_OPEN, 0)
+        .with_key(Bytes::copy_from_slice(name.as_bytes()))
+        .with_value(v.freeze())
+}
+
+/// Decodes the partition requests of a `STREAM_OPEN`.
+pub fn parse_stream_open(f: &Frame) -> Result<Vec<StreamRequest>, ProtocolError> {
+    if f.value.len() % 18 != 0 {
+        return Err(ProtocolError::Malformed {
+            what: "STREAM_OPEN",
+            why: format!("value of {} bytes is not a multiple of 18", f.value.len()),
+        });
+    }
+    let mut v = f.value.clone();
+    let mut out = Vec::new();
+    while v.has_remaining() {
+        out.push(StreamRequest {
+            partition: v.get_u16(),
+            uuid: v.get_u64(),
+            seqno: v.get_u64(),
+        });
+    }
+    Ok(out)
+}
+
+/// A message of a replication stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamMessage {
+    /// The primary's current branch of the partition; the replica records it.
+    Failover {
+        /// Partition.
+        partition: u16,
+        /// Branch uuid.
+        uuid: u64,
+    },
+    /// Seqnos `start..=end` follow; `from_disk` for a backfill.
+    Snapshot {
+        /// Partition.
+        partition: u16,
+        /// First seqno.
+        start: u64,
+        /// Last seqno.
+        end: u64,
+        /// Whether it is read from disk (backfill) rather than memory.
+        from_disk: bool,
+    },
+    /// A mutation, deletion or online-update marker, with its metadata.
+    Item {
+        /// Partition.
+        partition: u16,
+        /// The entry.
+        item: QueuedItem,
+    },
+    /// The cursor entered checkpoint `id`.
+    CheckpointStart {
+        /// Partition.
+        partition: u16,
+        /// Checkpoint id.
+        id: u64,
+    },
+    /// The cursor left checkpoint `id`.
+    CheckpointEnd {
+        /// Partition.
+        partition: u16,
+        /// Checkpoint id.
+        id: u64,
+    },
+    /// The replica's history of the partition diverges from the primary's:
+    /// drop it and open the stream again from seqno 0.
+    Rollback {
+        /// Partition.
+        partition: u16,
+    },
+    /// Heartbeat.
+    Noop,
+    /// The primary ends the stream.
+    StreamEnd,
+}
+
+fn need(f: &Frame, what: &'static str, extras: usize) -> Result<Bytes, ProtocolError> {
+    if f.extras.len() != extras {
+        return Err(ProtocolError::Malformed {
+            what,
+            why: format!("{} bytes of extras, expected {extras}", f.extras.len()),
+        });
+    }
+    Ok(f.extras.clone())
+}
+
+impl StreamMessage {
+    /// Encodes the message as a request frame.
+    pub fn to_frame(&self) -> Frame {
+        match self {
+            StreamMessage::Failover { partition, uuid } => {
+                Frame::request(opcode::FAILOVER, *partition).with_extras(uuid.to_be_bytes().to_vec())
+            }
+            StreamMessage::Snapshot {
+                partition,
+                start,
+                end,
+                from_disk,
+            } => {
+                let mut e = BytesMut::with_capacity(17);
+                e.put_u64(*start);
+                e.put_u64(*end);
+                e.put_u8(u8::from(*from_disk));
+                Frame::request(opcode::SNAPSHOT, *partition).with_extras(e.freeze())
+            }
+            StreamMessage::Item { partition, item } => {
+                let m = &item.meta;
+                let (op, extras) = match item.op {
+                    QueueOp::Mutation | QueueOp::Deletion => {
+                        let mut e = BytesMut::with_capacity(24);
+                        e.put_u64(m.by_seqno);
+                        e.put_u64(m.rev_seqno);
+                        e.put_u32(m.flags);
+                        e.put_u32(m.expiry);
+                        let op = if item.op == QueueOp::Mutation {
+                            opcode::MUTATION
+                        } else {
+                            opcode::DELETION
+                        };
+                        (op, e.freeze())
+                    }
+                    QueueOp::OnlineUpdateStart { checkpoint_id }
+                    | QueueOp::OnlineUpdateEnd { checkpoint_id }
+                    | QueueOp::OnlineUpdateRevert { checkpoint_id } => {
+                        let mut e = BytesMut::with_capacity(16);
+                        e.put_u64(checkpoint_id);
+                        e.put_u64(m.by_seqno);
+                        let op = match item.op {
+                            QueueOp::OnlineUpdateStart { .. } => opcode::OU_START,
+                            QueueOp::OnlineUpdateEnd { .. } => opcode::OU_END,
+                            _ => opcode::OU_REVERT,
+                        };
+                        (op, e.freeze())
+                    }
+                };
+                Frame::request(op, *partition)
+                    .with_extras(extras)
+                    .with_key(item.key.clone())
+                    .with_value(item.value.clone())
+                    .with_cas(m.cas)
+            }
+            StreamMessage::CheckpointStart { partition, id } => {
+                Frame::request(opcode::CHECKPOINT_START, *partition)
+                    .with_extras(id.to_be_bytes().to_vec())
+            }
+            StreamMessage::CheckpointEnd { partition, id } => {
+                Frame::request(opcode::CHECKPOINT_END, *partition)
+                    .with_extras(id.to_be_bytes().to_vec())
+            }
+            StreamMessage::Rollback { partition } => Frame::request(opcode::ROLLBACK, *partition),
+            StreamMessage::Noop => Frame::request(opcode::NOOP, 0),
+            StreamMessage::StreamEnd => Frame::request(opcode::STREAM_END, 0),
+        }
+    }
+
+    /// Decodes a stream frame.
+    pub fn from_frame(f: &Frame) -> Result<StreamMessage, ProtocolError> {
+        let partition = f.partition();
+        Ok(match f.opcode {
+            opcode::FAILOVER => StreamMessage::Failover {
+                partition,
+                uuid: need(f, "FAILOVER", 8)?.get_u64(),
+            },
+            opcode::SNAPSHOT => {
+                let mut e = need(f, "SNAPSHOT", 17)?;
+                StreamMessage::Snapshot {
+                    partition,
+                    start: e.get_u64(),
+                    end: e.get_u64(),
+                    from_disk: e.get_u8() == 1,
+                }
+            }
+            opcode::MUTATION | opcode::DELETION => {
+                let mut e = need(f, "MUTATION", 24)?;
+                if f.key.is_empty() {
+                    return Err(ProtocolError::Malformed {
+                        what: "MUTATION",
+                        why: "empty key".into(),
+                    });
+                }
+                let meta = ItemMeta {
+                    by_seqno: e.get_u64(),
+                    rev_seqno: e.get_u64(),
+                    flags: e.get_u32(),
+                    expiry: e.get_u32(),
+                    cas: f.cas,
+                };
+                let op = if f.opcode == opcode::MUTATION {
+                    QueueOp::Mutation
+                } else {
+                    QueueOp::Deletion
+                };
+                StreamMessage::Item {
+                    partition,
+                    item: QueuedItem {
+                        op,
+                        key: f.key.clone(),
+                        value: f.value.clone(),
+                        meta,
+                    },
+                }
+            }
+            opcode::OU_START | opcode::OU_END | opcode::OU_REVERT => {
+                let mut e = need(f, "online-update marker", 16)?;
+                let checkpoint_id = e.get_u64();
+                let by_seqno = e.get_u64();
+                let op = match f.opcode {
+                    opcode::OU_START => QueueOp::OnlineUpdateStart { checkpoint_id },
+                    opcode::OU_END => QueueOp::OnlineUpdateEnd { checkpoint_id },
+                    _ => QueueOp::OnlineUpdateRevert { checkpoint_id },
+                };
+                StreamMessage::Item {
+                    partition,
+                    item: QueuedItem {
+                        op,
+                        key: Bytes::new(),
+                        value: Bytes::new(),
+                        meta: ItemMeta {
+                            by_seqno,
+                            cas: f.cas,
+                            ..ItemMeta::default()
+                        },
+                    },
+                }
+            }
+            opcode::CHECKPOINT_START => StreamMessage::CheckpointStart {
+                partition,
+                id: need(f, "CHECKPOINT_START", 8)?.get_u64(),
+            },
+            opcode::CHECKPOINT_END => StreamMessage::CheckpointEnd {
+                partition,
+                id: need(f, "CHECKPOINT_END", 8)?.get_u64(),
+            },
+            opcode::ROLLBACK => StreamMessage::Rollback { partition },
+            opcode::NOOP => StreamMessage::Noop,
+            opcode::STREAM_END => StreamMessage::StreamEnd,
+            other => {
+                return Err(ProtocolError::Malformed {
+                    what: "stream message",
+                    why: format!("unexpected opcode 0x{other:02x}"),
+                })
+            }
+        })
+    }
+}
+
+/// An acknowledgement: bytes applied since the last ack, and per partition the
+/// highest seqno applied.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Ack {
+    /// Bytes of stream frames applied since the previous ack.
+    pub bytes: u64,
+    /// (partition, highest applied seqno).
+    pub seqnos: Vec<(u16, u64)>,
+}
+
+impl Ack {
+    /// Encodes as an `ACK` request.
+    pub fn to_frame(&self) -> Frame {
+        let mut v = BytesMut::with_capacity(self.seqnos.len() * 10);
+        for (p, s) in &self.seqnos {
+            v.put_u16(*p);
+            v.put_u64(*s);
+        }
+        Frame::request(opcode::ACK, 0)
+            .with_extras(self.bytes.to_be_bytes().to_vec())
+            .with_value(v.freeze())
+    }
+
+    /// Decodes an `ACK`.
+    pub fn from_frame(f: &Frame) -> Result<Ack, ProtocolError> {
+        let bytes = need(f, "ACK", 8)?.get_u64();
+        if f.value.len() % 10 != 0 {
+            return Err(ProtocolError::Malformed {
+                what: "ACK",
+                why: "value is not a list of (u16, u64)".into(),
+            });
+        }
+        let mut v = f.value.clone();
+        let mut seqnos = Vec::new();
+        while v.has_remaining() {
+            seqnos.push((v.get_u16(), v.get_u64()));
+        }
+        Ok(Ack { bytes, seqnos })
+    }
+}
+
+/// `HELLO` request.
+pub fn hello(name: &str) -> Frame {
+    Frame::request(opcode::HELLO, 0)
+        .with_extras(PROTOCOL_VERSION.to_be_bytes().to_vec())
+        .with_key(Bytes::copy_from_slice(name.as_bytes()))
+}
+
+/// The version a `HELLO` carries.
+pub fn hello_version(f: &Frame) -> Result<u32, ProtocolError> {
+    Ok(need(f, "HELLO", 4)?.get_u32())
+}
+
+/// memcached SET/ADD/REPLACE extras: flags, expiry.
+pub fn store_extras(flags: u32, expiry: u32) -> Bytes {
+    let mut e = BytesMut::with_capacity(8);
+    e.put_u32(flags);
+    e.put_u32(expiry);
+    e.freeze()
+}
+
+/// Parses memcached SET/ADD/REPLACE extras.
+pub fn parse_store_extras(f: &Frame) -> Result<(u32, u32), ProtocolError> {
+    let mut e = need(f, "SET", 8)?;
+    Ok((e.get_u32(), e.get_u32()))
+}

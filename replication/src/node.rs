@@ -1,0 +1,1067 @@
+//! A tapkv node: one engine behind a TCP listener.
+//!
+//! Threads, not async: the engine is synchronous, connections are few (clients,
+//! a handful of replicas), and a thread per connection keeps every wait a plain
+//! blocking call with a timeout. Per connection:
+//! - a client connection thread answers data, online-update and admin requests;
+//! - a `STREAM_OPEN` turns the connection into a replication stream: its thread
+//!   sends the partitions' changes (backfill from disk first when needed) and
+//!   an ack-reader thread receives the replica's acknowledgements.
+//!
+//! A replica node also runs one link thread that connects to its primary,
+//! opens a stream with each partition's (branch uuid, seqno), applies what it
+//! receives and acknowledges it, and reconnects after errors. See
+//! `docs/replication.md` for the rules.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use parking_lot::{Condvar, Mutex};
+use serde::Serialize;
+use tapkv_engine::{
+    ApplyOutcome, CursorEvent, DiskView, Engine, Error, PartitionId, StreamStart, WriteOptions,
+};
+
+use crate::io::{FrameReader, FrameWriter};
+use crate::message::{
+    self, hello, hello_version, opcode, parse_store_extras, parse_stream_open, status, Ack,
+    StreamMessage, StreamRequest, PROTOCOL_VERSION,
+};
+use crate::protocol::{Frame, ProtocolError, DEFAULT_MAX_BODY};
+
+/// Settings of a node, each with its default.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Address to listen on, e.g. `127.0.0.1:11311` (port 0 picks one).
+    pub listen: String,
+    /// Name of this node (logs, stream names).
+    pub name: String,
+    /// Address of the primary, for a replica.
+    pub replica_of: Option<String>,
+    /// Largest accepted frame body (default 21 MiB).
+    pub max_body: usize,
+    /// Timeout of every socket write, and of waiting for a reply (default 10 s).
+    pub io_timeout: Duration,
+    /// A client connection idle this long is closed (default 300 s).
+    pub idle_timeout: Duration,
+    /// A stream sends a NOOP after this much silence (default 1 s); a replica
+    /// that hears nothing for 10 heartbeats reconnects.
+    pub heartbeat: Duration,
+    /// Unacknowledged bytes allowed per stream (default 4 MiB).
+    pub max_unacked_bytes: u64,
+    /// A stream stuck at its unacknowledged limit this long drops its cursors
+    /// (freeing the checkpoints they pin) and backfills later (default 3 s).
+    pub slow_replica_timeout: Duration,
+    /// Items read per partition per stream round (default 512).
+    pub stream_batch: usize,
+}
+
+impl NodeConfig {
+    /// Defaults, listening on `listen`.
+    pub fn new(listen: impl Into<String>) -> NodeConfig {
+        NodeConfig {
+            listen: listen.into(),
+            name: "tapkv".into(),
+            replica_of: None,
+            max_body: DEFAULT_MAX_BODY,
+            io_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            heartbeat: Duration::from_secs(1),
+            max_unacked_bytes: 4 << 20,
+            slow_replica_timeout: Duration::from_secs(3),
+            stream_batch: 512,
+        }
+    }
+}
+
+/// State of one partition of a stream, as reported by `admin streams`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PartitionStreamState {
+    /// Sending a disk snapshot.
+    Backfilling,
+    /// Sending from the in-memory cursor.
+    InMemory,
+    /// Cursor dropped (slow replica); backfills once the replica reads again.
+    Dropped,
+    /// The replica was told to roll back; it will reconnect.
+    RolledBack,
+}
+
+/// A replication stream served by this node.
+#[derive(Debug, Serialize)]
+pub struct StreamInfo {
+    /// Stream name (the replica's name).
+    pub name: String,
+    /// Peer address.
+    pub peer: String,
+    /// Bytes sent and not yet acknowledged.
+    pub unacked_bytes: u64,
+    /// Milliseconds since the last ack.
+    pub last_ack_ms: u64,
+    /// Per partition: state, seqno sent, seqno acked, items behind.
+    pub partitions: Vec<StreamPartitionInfo>,
+}
+
+/// One partition of a stream.
+#[derive(Debug, Clone, Serialize)]
+pub struct StreamPartitionInfo {
+    /// Partition.
+    pub partition: PartitionId,
+    /// State.
+    pub state: PartitionStreamState,
+    /// Last seqno sent.
+    pub sent_seqno: u64,
+    /// Last seqno the replica acknowledged.
+    pub acked_seqno: u64,
+    /// Items the cursor has still to send.
+    pub lag_items: usize,
+    /// Seqno the stream (re)started this partition from.
+    pub resumed_from: u64,
+}
+
+struct StreamShared {
+    name: String,
+    peer: String,
+    cursor: String,
+    unacked: AtomicU64,
+    last_ack: Mutex<Instant>,
+    acked: Mutex<HashMap<PartitionId, u64>>,
+    parts: Mutex<HashMap<PartitionId, (PartitionStreamState, u64)>>,
+    resumed_from: Mutex<HashMap<PartitionId, u64>>,
+    stop: AtomicBool,
+    lock: Mutex<()>,
+    cv: Condvar,
+}
+
+struct NodeState {
+    engine: Arc<Engine>,
+    config: NodeConfig,
+    replica: bool,
+    stop: AtomicBool,
+    streams: Mutex<HashMap<String, Arc<StreamShared>>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    connections: AtomicU64,
+}
+
+/// A running node. Dropping it (or [`Node::shutdown`]) stops it gracefully:
+/// streams close, the engine flushes and closes.
+pub struct Node {
+    state: Option<Arc<NodeState>>,
+    addr: SocketAddr,
+    accept: Option<JoinHandle<()>>,
+}
+
+fn engine_status(e: &Error) -> u16 {
+    match e {
+        Error::NotFound => status::KEY_NOT_FOUND,
+        Error::Exists | Error::CasMismatch { .. } => status::KEY_EXISTS,
+        Error::ValueTooLarge { .. } => status::VALUE_TOO_LARGE,
+        Error::KeyTooLarge { .. } | Error::InvalidArgument(_) | Error::NoSuchPartition { .. } => {
+            status::INVALID_ARGUMENTS
+        }
+        Error::TempOutOfMemory { .. } => status::TEMP_FAILURE,
+        Error::OnlineUpdateOpen { .. } | Error::NoOnlineUpdate { .. } | Error::WrongState(_) => {
+            status::WRONG_STATE
+        }
+        Error::Timeout { .. } => status::TIMEOUT,
+        _ => status::INTERNAL,
+    }
+}
+
+fn error_response(req: &Frame, e: &Error) -> Frame {
+    Frame::response(req, engine_status(e)).with_value(format!("{}: {e}", e.kind()).into_bytes())
+}
+
+fn status_response(req: &Frame, st: u16, msg: &str) -> Frame {
+    Frame::response(req, st).with_value(msg.as_bytes().to_vec())
+}
+
+fn u64s(vals: &[u64]) -> Bytes {
+    let mut b = BytesMut::with_capacity(vals.len() * 8);
+    for v in vals {
+        b.put_u64(*v);
+    }
+    b.freeze()
+}
+
+fn json_response(req: &Frame, v: &impl Serialize) -> Frame {
+    let mut f = Frame::response(req, status::SUCCESS)
+        .with_value(serde_json::to_vec(v).unwrap_or_default());
+    f.datatype = 1;
+    f
+}
+
+impl Node {
+    /// Starts a node serving `engine` (which it owns from now on).
+    pub fn start(engine: Engine, config: NodeConfig) -> std::io::Result<Node> {
+        let listener = TcpListener::bind(&config.listen)?;
+        let addr = listener.local_addr()?;
+        let replica = config.replica_of.is_some();
+        let state = Arc::new(NodeState {
+            engine: Arc::new(engine),
+            config,
+            replica,
+            stop: AtomicBool::new(false),
+            streams: Mutex::new(HashMap::new()),
+            threads: Mutex::new(Vec::new()),
+            connections: AtomicU64::new(0),
+        });
+        if let Some(primary) = state.config.replica_of.clone() {
+            let st = Arc::clone(&state);
+            let h = std::thread::Builder::new()
+                .name("tapkv-replica-link".into())
+                .spawn(move || replica_link(&st, &primary))?;
+            state.threads.lock().push(h);
+        }
+        let st = Arc::clone(&state);
+        let accept = std::thread::Builder::new()
+            .name("tapkv-accept".into())
+            .spawn(move || accept_loop(&st, listener))?;
+        let role = if replica { "replica" } else { "primary" };
+        tracing::info!(%addr, role, "node listening");
+        Ok(Node {
+            state: Some(state),
+            addr,
+            accept: Some(accept),
+        })
+    }
+
+    /// The address the node listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The node's engine.
+    pub fn engine(&self) -> Option<&Engine> {
+        self.state.as_deref().map(|s| &*s.engine)
+    }
+
+    /// Stops accepting, ends streams and connections, and closes the engine
+    /// (flushing everything).
+    pub fn shutdown(mut self) -> Result<(), Error> {
+        let Some(state) = self.stop_threads() else {
+            return Ok(());
+        };
+        let engine = Arc::try_unwrap(state)
+            .map_err(|_| Error::WrongState("node state still shared at shutdown".into()))?
+            .engine;
+        Arc::try_unwrap(engine)
+            .map_err(|_| Error::WrongState("engine still shared at shutdown".into()))?
+            .close()
+    }
+
+    fn stop_threads(&mut self) -> Option<Arc<NodeState>> {
+        let state = self.state.take()?;
+        state.stop.store(true, Ordering::Release);
+        for s in state.streams.lock().values() {
+            s.stop.store(true, Ordering::Release);
+            s.cv.notify_all();
+        }
+        // Wake the accept loop.
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+        if let Some(h) = self.accept.take() {
+            let _ = h.join();
+        }
+        let threads: Vec<_> = state.threads.lock().drain(..).collect();
+        for h in threads {
+            let _ = h.join();
+        }
+        tracing::info!(addr = %self.addr, "node stopped");
+        Some(state)
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        drop(self.stop_threads());
+    }
+}
+
+fn accept_loop(state: &Arc<NodeState>, listener: TcpListener) {
+    for conn in listener.incoming() {
+        if state.stop.load(Ordering::Acquire) {
+            break;
+        }
+        let Ok(conn) = conn else { continue };
+        let st = Arc::clone(state);
+        let id = state.connections.fetch_add(1, Ordering::Relaxed);
+        match std::thread::Builder::new()
+            .name(format!("tapkv-conn-{id}"))
+            .spawn(move || {
+                let peer = conn.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+                if let Err(e) = serve_connection(&st, conn) {
+                    tracing::debug!(%peer, error = %e, "connection ended");
+                }
+            }) {
+            Ok(h) => {
+                let mut threads = state.threads.lock();
+                threads.retain(|t| !t.is_finished());
+                threads.push(h);
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot spawn a connection thread"),
+        }
+    }
+}
+
+fn serve_connection(state: &Arc<NodeState>, conn: TcpStream) -> Result<(), ProtocolError> {
+    let cfg = &state.config;
+    conn.set_nodelay(true)?;
+    conn.set_write_timeout(Some(cfg.io_timeout))?;
+    let mut reader = FrameReader::new(conn.try_clone()?, cfg.max_body);
+    reader.set_timeout(Duration::from_millis(200))?;
+    let mut writer = FrameWriter::new(conn.try_clone()?);
+    let idle_polls = (cfg.idle_timeout.as_millis() / 200).max(1) as usize;
+    // Handshake first.
+    let first = match reader.next_within(idle_polls) {
+        Ok(f) => f,
+        Err(e) => return Err(e),
+    };
+    if first.opcode != opcode::HELLO {
+        writer.send(&status_response(&first, status::HANDSHAKE_REQUIRED, "send HELLO first"))?;
+        return Ok(());
+    }
+    match hello_version(&first) {
+        Ok(PROTOCOL_VERSION) => {}
+        Ok(v) => {
+            writer.send(&status_response(
+                &first,
+                status::BAD_VERSION,
+                &format!("protocol version {v} is not supported; this node speaks {PROTOCOL_VERSION}"),
+            ))?;
+            return Ok(());
+        }
+        Err(e) => {
+            writer.send(&status_response(&first, status::INVALID_ARGUMENTS, &e.to_string()))?;
+            return Ok(());
+        }
+    }
+    let info = serde_json::json!({
+        "name": cfg.name,
+        "role": if state.replica { "replica" } else { "primary" },
+        "partitions": state.engine.num_partitions(),
+    });
+    writer.send(&json_response(&first, &info).with_extras(PROTOCOL_VERSION.to_be_bytes().to_vec()))?;
+    let mut idle = 0;
+    loop {
+        if state.stop.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let frame = match reader.next() {
+            Ok(Some(f)) => f,
+            Ok(None) => {
+                idle += 1;
+                if idle >= idle_polls {
+                    return Ok(());
+                }
+                continue;
+            }
+            Err(ProtocolError::Closed) => return Ok(()),
+            Err(e @ (ProtocolError::BadMagic(_)
+            | ProtocolError::BodyTooLarge { .. }
+            | ProtocolError::BadLengths { .. })) => {
+                // The byte stream cannot be resynchronised: answer, then close.
+                let req = Frame::request(0, 0);
+                let _ = writer.send(&status_response(&req, status::INVALID_ARGUMENTS, &e.to_string()));
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        };
+        idle = 0;
+        if frame.opcode == opcode::STREAM_OPEN {
+            let peer = conn.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+            return serve_stream(state, &frame, reader, writer, peer);
+        }
+        if frame.opcode == opcode::QUIT {
+            writer.send(&Frame::response(&frame, status::SUCCESS))?;
+            return Ok(());
+        }
+        if frame.opcode == opcode::ADMIN && &frame.key[..] == b"dump" {
+            admin_dump(state, &frame, &mut writer)?;
+            continue;
+        }
+        let resp = handle_request(state, &frame);
+        writer.send(&resp)?;
+    }
+}
+
+fn check_partition(state: &NodeState, f: &Frame) -> Result<(), Frame> {
+    let p = state.engine.partition_of(&f.key);
+    if f.partition() != p {
+        return Err(status_response(
+            f,
+            status::NOT_MY_VBUCKET,
+            &format!("key belongs to partition {p}, request names {}", f.partition()),
+        ));
+    }
+    Ok(())
+}
+
+fn read_only(state: &NodeState, f: &Frame) -> Result<(), Frame> {
+    if state.replica {
+        return Err(status_response(
+            f,
+            status::NOT_MY_VBUCKET,
+            "this node is a read-only replica: send writes to its primary",
+        ));
+    }
+    Ok(())
+}
+
+fn handle_request(state: &NodeState, f: &Frame) -> Frame {
+    match handle_request_inner(state, f) {
+        Ok(r) | Err(r) => r,
+    }
+}
+
+fn handle_request_inner(state: &NodeState, f: &Frame) -> Result<Frame, Frame> {
+    let e = &state.engine;
+    let fail = |err: Error| error_response(f, &err);
+    match f.opcode {
+        opcode::NOOP => Ok(Frame::response(f, status::SUCCESS)),
+        opcode::VERSION => Ok(Frame::response(f, status::SUCCESS)
+            .with_value(env!("CARGO_PKG_VERSION").as_bytes().to_vec())),
+        opcode::GET => {
+            check_partition(state, f)?;
+            let item = e.get(&f.key).map_err(fail)?;
+            Ok(Frame::response(f, status::SUCCESS)
+                .with_extras(item.meta.flags.to_be_bytes().to_vec())
+                .with_value(item.value)
+                .with_cas(item.meta.cas))
+        }
+        opcode::SET | opcode::ADD | opcode::REPLACE => {
+            read_only(state, f)?;
+            check_partition(state, f)?;
+            let (flags, expiry) = parse_store_extras(f)
+                .map_err(|err| status_response(f, status::INVALID_ARGUMENTS, &err.to_string()))?;
+            let opts = WriteOptions {
+                cas: (f.cas != 0).then_some(f.cas),
+                flags,
+                expiry,
+                durability: if f.datatype & 0x80 != 0 {
+                    tapkv_engine::Durability::Persist
+                } else {
+                    tapkv_engine::Durability::Memory
+                },
+            };
+            let r = match f.opcode {
+                opcode::ADD => e.add(&f.key, f.value.clone(), opts),
+                opcode::REPLACE => e.replace(&f.key, f.value.clone(), opts),
+                _ => e.set(&f.key, f.value.clone(), opts),
+            }
+            .map_err(fail)?;
+            Ok(Frame::response(f, status::SUCCESS)
+                .with_extras(u64s(&[r.seqno]))
+                .with_cas(r.cas))
+        }
+        opcode::DELETE => {
+            read_only(state, f)?;
+            check_partition(state, f)?;
+            let opts = WriteOptions {
+                cas: (f.cas != 0).then_some(f.cas),
+                ..WriteOptions::default()
+            };
+            let r = e.delete(&f.key, opts).map_err(fail)?;
+            Ok(Frame::response(f, status::SUCCESS)
+                .with_extras(u64s(&[r.seqno]))
+                .with_cas(r.cas))
+        }
+        opcode::UPDATE_START | opcode::UPDATE_COMPLETE | opcode::UPDATE_REVERT => {
+            read_only(state, f)?;
+            let p = f.partition();
+            let extras = match f.opcode {
+                opcode::UPDATE_START => u64s(&[e.online_update_start(p).map_err(fail)?]),
+                opcode::UPDATE_COMPLETE => u64s(&[e.online_update_complete(p).map_err(fail)?]),
+                _ => {
+                    let r = e.online_update_revert(p).map_err(fail)?;
+                    u64s(&[r.checkpoint_id, r.removed as u64, r.restored as u64])
+                }
+            };
+            Ok(Frame::response(f, status::SUCCESS).with_extras(extras))
+        }
+        opcode::PARTITION_OF => {
+            let p = e.partition_of(&f.key);
+            Ok(Frame::response(f, status::SUCCESS).with_extras(p.to_be_bytes().to_vec()))
+        }
+        opcode::EVICT => {
+            check_partition(state, f)?;
+            e.evict(&f.key).map_err(fail)?;
+            Ok(Frame::response(f, status::SUCCESS))
+        }
+        opcode::FLUSH => {
+            e.flush().map_err(fail)?;
+            Ok(Frame::response(f, status::SUCCESS))
+        }
+        opcode::CHECKPOINT => {
+            read_only(state, f)?;
+            let id = e.create_checkpoint(f.partition()).map_err(fail)?;
+            Ok(Frame::response(f, status::SUCCESS).with_extras(u64s(&[id])))
+        }
+        opcode::PARTITION_INFO => {
+            let p = f.partition();
+            match &f.key[..] {
+                b"checkpoints" => {
+                    let cks = e.checkpoints(p).map_err(fail)?;
+                    let v: Vec<_> = cks
+                        .iter()
+                        .map(|c| {
+                            serde_json::json!({"id": c.id, "open": c.open, "start_seqno": c.start_seqno,
+                                "high_seqno": c.high_seqno, "items": c.items, "mem_bytes": c.mem_bytes})
+                        })
+                        .collect();
+                    Ok(json_response(f, &v))
+                }
+                b"cursors" => {
+                    let cs = e.cursors(p).map_err(fail)?;
+                    let v: Vec<_> = cs
+                        .iter()
+                        .map(|c| {
+                            serde_json::json!({"name": c.name, "checkpoint_id": c.checkpoint_id,
+                                "seqno": c.seqno, "remaining": c.remaining})
+                        })
+                        .collect();
+                    Ok(json_response(f, &v))
+                }
+                _ => Err(status_response(f, status::INVALID_ARGUMENTS, "key must be checkpoints or cursors")),
+            }
+        }
+        opcode::STAT => {
+            let st = e.stats().map_err(fail)?;
+            let parts: Vec<_> = st.partitions.iter().collect();
+            Ok(json_response(
+                f,
+                &serde_json::json!({
+                    "role": if state.replica { "replica" } else { "primary" },
+                    "items": st.items(),
+                    "dirty": st.dirty(),
+                    "checkpoint_mem_bytes": st.checkpoint_mem_bytes,
+                    "syncs": st.syncs,
+                    "recovered_from_crash": st.recovered_from_crash,
+                    "partitions": parts,
+                }),
+            ))
+        }
+        opcode::ADMIN => match &f.key[..] {
+            b"inspect" => {
+                let st = e.stats().map_err(fail)?;
+                let parts: Vec<_> = st
+                    .partitions
+                    .iter()
+                    .map(|p| {
+                        serde_json::json!({
+                            "partition": p.partition, "high_seqno": p.high_seqno,
+                            "persisted_seqno": p.persisted_seqno, "checkpoint_id": p.open_checkpoint_id,
+                            "items": p.items, "window": p.window, "lost_windows": p.lost_windows,
+                            "failover_log": e.failover_log(p.partition).unwrap_or_default(),
+                        })
+                    })
+                    .collect();
+                Ok(json_response(
+                    f,
+                    &serde_json::json!({
+                        "name": state.config.name,
+                        "role": if state.replica { "replica" } else { "primary" },
+                        "data": e.path().display().to_string(),
+                        "partitions": parts,
+                    }),
+                ))
+            }
+            b"streams" => Ok(json_response(f, &streams_info(state))),
+            _ => Err(status_response(f, status::INVALID_ARGUMENTS, "admin key must be inspect, dump or streams")),
+        },
+        opcode::HELLO => Err(status_response(f, status::INVALID_ARGUMENTS, "HELLO was already done")),
+        other => Err(status_response(
+            f,
+            status::UNKNOWN_COMMAND,
+            &format!("unknown opcode 0x{other:02x}"),
+        )),
+    }
+}
+
+fn admin_dump(state: &NodeState, f: &Frame, w: &mut FrameWriter) -> Result<(), ProtocolError> {
+    let result = (|| -> Result<(), Error> {
+        let view = DiskView::open(state.engine.path())?;
+        view.for_each_item(|it| {
+            let r = &it.record;
+            let row = serde_json::json!({
+                "partition": it.partition, "seqno": r.meta.by_seqno, "cas": r.meta.cas,
+                "key": String::from_utf8_lossy(&it.key), "value_len": r.value.len(),
+                "deleted": r.deleted, "rev_seqno": r.meta.rev_seqno,
+            });
+            w.push(&json_response(f, &row).with_key(b"row".to_vec()));
+            if w.pending() > 256 * 1024 {
+                w.flush().map_err(|e| Error::Io(std::io::Error::other(e.to_string())))?;
+            }
+            Ok(())
+        })
+    })();
+    match result {
+        Ok(()) => w.send(&Frame::response(f, status::SUCCESS).with_key(b"end".to_vec())),
+        Err(e) => w.send(&error_response(f, &e)),
+    }
+}
+
+fn streams_info(state: &NodeState) -> Vec<StreamInfo> {
+    let streams: Vec<Arc<StreamShared>> = state.streams.lock().values().cloned().collect();
+    streams
+        .iter()
+        .map(|s| {
+            let acked = s.acked.lock().clone();
+            let resumed = s.resumed_from.lock().clone();
+            let mut parts: Vec<StreamPartitionInfo> = s
+                .parts
+                .lock()
+                .iter()
+                .map(|(p, (st, sent))| StreamPartitionInfo {
+                    partition: *p,
+                    state: *st,
+                    sent_seqno: *sent,
+                    acked_seqno: acked.get(p).copied().unwrap_or(0),
+                    lag_items: state
+                        .engine
+                        .cursors(*p)
+                        .ok()
+                        .and_then(|cs| cs.into_iter().find(|c| c.name == s.cursor))
+                        .map_or(0, |c| c.remaining),
+                    resumed_from: resumed.get(p).copied().unwrap_or(0),
+                })
+                .collect();
+            parts.sort_by_key(|p| p.partition);
+            StreamInfo {
+                name: s.name.clone(),
+                peer: s.peer.clone(),
+                unacked_bytes: s.unacked.load(Ordering::Acquire),
+                last_ack_ms: s.last_ack.lock().elapsed().as_millis() as u64,
+                partitions: parts,
+            }
+        })
+        .collect()
+}
+
+/// Where a replica's requested position stands in the partition's history.
+fn resume_decision(engine: &Engine, req: &StreamRequest) -> Result<Option<u64>, Error> {
+    if req.seqno == 0 {
+        return Ok(Some(0));
+    }
+    let log = engine.failover_log(req.partition)?;
+    let high = engine.high_seqno(req.partition)?;
+    let Some(i) = log.iter().position(|e| e.uuid == req.uuid) else {
+        return Ok(None);
+    };
+    let valid_upto = log.get(i + 1).map_or(high, |next| next.seqno);
+    Ok((req.seqno <= valid_upto).then_some(req.seqno))
+}
+
+fn serve_stream(
+    state: &Arc<NodeState>,
+    open: &Frame,
+    reader: FrameReader,
+    mut writer: FrameWriter,
+    peer: String,
+) -> Result<(), ProtocolError> {
+    let engine = &state.engine;
+    let name = String::from_utf8_lossy(&open.key).into_owned();
+    if state.replica {
+        writer.send(&status_response(open, status::NOT_MY_VBUCKET, "a replica does not serve streams"))?;
+        return Ok(());
+    }
+    let reqs = match parse_stream_open(open) {
+        Ok(r) if !name.is_empty() => r,
+        Ok(_) => {
+            writer.send(&status_response(open, status::INVALID_ARGUMENTS, "stream name is empty"))?;
+            return Ok(());
+        }
+        Err(e) => {
+            writer.send(&status_response(open, status::INVALID_ARGUMENTS, &e.to_string()))?;
+            return Ok(());
+        }
+    };
+    if let Some(bad) = reqs.iter().find(|r| r.partition >= engine.num_partitions()) {
+        writer.send(&status_response(
+            open,
+            status::INVALID_ARGUMENTS,
+            &format!("partition {} does not exist", bad.partition),
+        ))?;
+        return Ok(());
+    }
+    writer.send(&Frame::response(open, status::SUCCESS))?;
+    let shared = Arc::new(StreamShared {
+        cursor: format!("repl:{name}"),
+        name: name.clone(),
+        peer,
+        unacked: AtomicU64::new(0),
+        last_ack: Mutex::new(Instant::now()),
+        acked: Mutex::new(HashMap::new()),
+        parts: Mutex::new(HashMap::new()),
+        resumed_from: Mutex::new(HashMap::new()),
+        stop: AtomicBool::new(false),
+        lock: Mutex::new(()),
+        cv: Condvar::new(),
+    });
+    if let Some(old) = state.streams.lock().insert(name.clone(), Arc::clone(&shared)) {
+        old.stop.store(true, Ordering::Release);
+        old.cv.notify_all();
+    }
+    tracing::info!(stream = %name, partitions = reqs.len(), "replication stream opened");
+    let acker = {
+        let s = Arc::clone(&shared);
+        std::thread::Builder::new()
+            .name(format!("tapkv-acks-{name}"))
+            .spawn(move || ack_reader(&s, reader))
+            .map_err(ProtocolError::Io)?
+    };
+    let result = stream_loop(state, &shared, &reqs, &mut writer);
+    shared.stop.store(true, Ordering::Release);
+    for r in &reqs {
+        let _ = engine.remove_cursor(r.partition, &shared.cursor);
+    }
+    {
+        let mut streams = state.streams.lock();
+        if streams.get(&name).is_some_and(|s| Arc::ptr_eq(s, &shared)) {
+            streams.remove(&name);
+        }
+    }
+    let _ = acker.join();
+    tracing::info!(stream = %name, ok = result.is_ok(), "replication stream closed");
+    result
+}
+
+fn ack_reader(s: &StreamShared, mut reader: FrameReader) {
+    while !s.stop.load(Ordering::Acquire) {
+        match reader.next() {
+            Ok(Some(f)) if f.opcode == opcode::ACK => {
+                if let Ok(ack) = Ack::from_frame(&f) {
+                    let _ = s.unacked.fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                        Some(u.saturating_sub(ack.bytes))
+                    });
+                    let mut acked = s.acked.lock();
+                    for (p, seqno) in ack.seqnos {
+                        let e = acked.entry(p).or_default();
+                        *e = (*e).max(seqno);
+                    }
+                    drop(acked);
+                    *s.last_ack.lock() = Instant::now();
+                    let _g = s.lock.lock();
+                    s.cv.notify_all();
+                }
+            }
+            Ok(Some(_)) | Ok(None) => {}
+            Err(_) => break,
+        }
+    }
+    s.stop.store(true, Ordering::Release);
+    let _g = s.lock.lock();
+    s.cv.notify_all();
+}
+
+fn send(writer: &mut FrameWriter, s: &StreamShared, m: &StreamMessage) -> usize {
+    let n = writer.push(&m.to_frame());
+    s.unacked.fetch_add(n as u64, Ordering::AcqRel);
+    n
+}
+
+/// Starts (or restarts after a drop) partition `p` of a stream from `from`.
+fn start_partition(
+    engine: &Engine,
+    s: &StreamShared,
+    writer: &mut FrameWriter,
+    p: PartitionId,
+    from: u64,
+) -> Result<(), Error> {
+    s.resumed_from.lock().insert(p, from);
+    match engine.stream_start(p, &s.cursor, from)? {
+        StreamStart::InMemory => {
+            s.parts.lock().insert(p, (PartitionStreamState::InMemory, from));
+        }
+        StreamStart::Backfill { snapshot_end } => {
+            s.parts.lock().insert(p, (PartitionStreamState::Backfilling, from));
+            let items = engine.backfill(p, from, snapshot_end)?;
+            send(
+                writer,
+                s,
+                &StreamMessage::Snapshot {
+                    partition: p,
+                    start: from + 1,
+                    end: snapshot_end,
+                    from_disk: true,
+                },
+            );
+            for item in items {
+                send(writer, s, &StreamMessage::Item { partition: p, item });
+                if writer.pending() > 256 * 1024 {
+                    writer
+                        .flush()
+                        .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))?;
+                }
+            }
+            s.parts
+                .lock()
+                .insert(p, (PartitionStreamState::InMemory, snapshot_end));
+            tracing::info!(stream = %s.name, partition = p, snapshot_end, "backfill sent");
+        }
+    }
+    Ok(())
+}
+
+fn io_err(e: ProtocolError) -> Error {
+    Error::Io(std::io::Error::other(e.to_string()))
+}
+
+fn stream_loop(
+    state: &NodeState,
+    s: &StreamShared,
+    reqs: &[StreamRequest],
+    writer: &mut FrameWriter,
+) -> Result<(), ProtocolError> {
+    let cfg = &state.config;
+    let engine = &state.engine;
+    let mut run = || -> Result<(), Error> {
+        let mut active = Vec::new();
+        for r in reqs {
+            match resume_decision(engine, r)? {
+                Some(from) => {
+                    let uuid = engine
+                        .failover_log(r.partition)?
+                        .last()
+                        .map_or(0, |e| e.uuid);
+                    send(writer, s, &StreamMessage::Failover { partition: r.partition, uuid });
+                    start_partition(engine, s, writer, r.partition, from)?;
+                    active.push(r.partition);
+                }
+                None => {
+                    tracing::info!(stream = %s.name, partition = r.partition, "replica diverged: rollback");
+                    send(writer, s, &StreamMessage::Rollback { partition: r.partition });
+                    s.parts.lock().insert(r.partition, (PartitionStreamState::RolledBack, 0));
+                }
+            }
+        }
+        writer.flush().map_err(io_err)?;
+        let mut last_send = Instant::now();
+        let mut dropped = false;
+        while !s.stop.load(Ordering::Acquire) && !state.stop.load(Ordering::Acquire) {
+            // Flow control: wait for acks while too much is unacknowledged.
+            if s.unacked.load(Ordering::Acquire) > cfg.max_unacked_bytes {
+                let since = Instant::now();
+                let mut g = s.lock.lock();
+                while s.unacked.load(Ordering::Acquire) > cfg.max_unacked_bytes / 2
+                    && !s.stop.load(Ordering::Acquire)
+                {
+                    if !dropped && since.elapsed() >= cfg.slow_replica_timeout {
+                        // A slow replica must not pin checkpoints forever.
+                        drop(g);
+                        for p in &active {
+                            engine.remove_cursor(*p, &s.cursor)?;
+                            if let Some(e) = s.parts.lock().get_mut(p) {
+                                e.0 = PartitionStreamState::Dropped;
+                            }
+                        }
+                        dropped = true;
+                        tracing::warn!(stream = %s.name, "slow replica: cursors dropped");
+                        g = s.lock.lock();
+                        continue;
+                    }
+                    s.cv.wait_for(&mut g, cfg.heartbeat);
+                }
+                drop(g);
+                continue;
+            }
+            if dropped {
+                // The replica reads again: backfill from what it acknowledged.
+                let acked = s.acked.lock().clone();
+                for p in &active {
+                    start_partition(engine, s, writer, *p, acked.get(p).copied().unwrap_or(0))?;
+                }
+                dropped = false;
+            }
+            let mut sent = 0;
+            for p in &active {
+                let batch = engine.read_cursor(*p, &s.cursor, cfg.stream_batch)?;
+                let mut last = None;
+                for ev in batch.events {
+                    let m = match ev {
+                        CursorEvent::CheckpointStart { id } => {
+                            StreamMessage::CheckpointStart { partition: *p, id }
+                        }
+                        CursorEvent::CheckpointEnd { id } => {
+                            StreamMessage::CheckpointEnd { partition: *p, id }
+                        }
+                        CursorEvent::Item(item) => {
+                            last = Some(item.seqno());
+                            StreamMessage::Item { partition: *p, item }
+                        }
+                    };
+                    sent += send(writer, s, &m);
+                }
+                if let Some(seqno) = last {
+                    if let Some(e) = s.parts.lock().get_mut(p) {
+                        e.1 = seqno;
+                    }
+                }
+                if writer.pending() > 256 * 1024 {
+                    writer.flush().map_err(io_err)?;
+                }
+            }
+            if sent == 0 && last_send.elapsed() >= cfg.heartbeat {
+                writer.push(&StreamMessage::Noop.to_frame());
+                sent += 1;
+            }
+            writer.flush().map_err(io_err)?;
+            if sent > 0 {
+                last_send = Instant::now();
+            } else {
+                // Nothing new: poll again shortly (the engine has no per-write
+                // notification for streams).
+                let mut g = s.lock.lock();
+                s.cv.wait_for(&mut g, Duration::from_millis(1));
+            }
+        }
+        let _ = writer.send(&StreamMessage::StreamEnd.to_frame());
+        Ok(())
+    };
+    run().map_err(|e| ProtocolError::Io(std::io::Error::other(e.to_string())))
+}
+
+/// The replica side: connect, open a stream, apply, acknowledge, repeat.
+fn replica_link(state: &Arc<NodeState>, primary: &str) {
+    let mut backoff = Duration::from_millis(50);
+    while !state.stop.load(Ordering::Acquire) {
+        match replica_session(state, primary) {
+            Ok(()) => backoff = Duration::from_millis(50),
+            Err(e) => {
+                tracing::info!(%primary, error = %e, "replication link down; reconnecting");
+                let deadline = Instant::now() + backoff;
+                while Instant::now() < deadline && !state.stop.load(Ordering::Acquire) {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+fn connect(addr: &str, timeout: Duration) -> std::io::Result<TcpStream> {
+    let mut last = None;
+    for a in addr.to_socket_addrs()? {
+        match TcpStream::connect_timeout(&a, timeout) {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other(format!("{addr} resolves to no address"))))
+}
+
+fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
+    let cfg = &state.config;
+    let engine = &state.engine;
+    let perr = |e: ProtocolError| Error::Io(std::io::Error::other(e.to_string()));
+    let conn = connect(primary, cfg.io_timeout)?;
+    conn.set_nodelay(true)?;
+    conn.set_write_timeout(Some(cfg.io_timeout))?;
+    let mut reader = FrameReader::new(conn.try_clone()?, cfg.max_body);
+    reader.set_timeout(Duration::from_millis(50))?;
+    let mut writer = FrameWriter::new(conn);
+    let polls = (cfg.io_timeout.as_millis() / 50).max(1) as usize;
+    writer.send(&hello(&cfg.name)).map_err(perr)?;
+    let r = reader.next_within(polls).map_err(perr)?;
+    if r.status() != status::SUCCESS {
+        return Err(Error::WrongState(format!(
+            "primary refused HELLO: {}",
+            String::from_utf8_lossy(&r.value)
+        )));
+    }
+    let reqs: Vec<StreamRequest> = (0..engine.num_partitions())
+        .map(|p| -> Result<StreamRequest, Error> {
+            Ok(StreamRequest {
+                partition: p,
+                uuid: engine.failover_log(p)?.last().map_or(0, |e| e.uuid),
+                seqno: engine.high_seqno(p)?,
+            })
+        })
+        .collect::<Result<_, Error>>()?;
+    writer
+        .send(&message::stream_open(&cfg.name, &reqs))
+        .map_err(perr)?;
+    let r = reader.next_within(polls).map_err(perr)?;
+    if r.status() != status::SUCCESS {
+        return Err(Error::WrongState(format!(
+            "primary refused the stream: {}",
+            String::from_utf8_lossy(&r.value)
+        )));
+    }
+    tracing::info!(%primary, "replication stream open");
+    let mut ack = Ack::default();
+    let mut seqnos: HashMap<PartitionId, u64> = HashMap::new();
+    let mut last_ack = Instant::now();
+    let mut last_heard = Instant::now();
+    let silence_limit = cfg.heartbeat * 10;
+    while !state.stop.load(Ordering::Acquire) {
+        let frame = match reader.next().map_err(perr)? {
+            Some(f) => f,
+            None => {
+                if last_heard.elapsed() > silence_limit {
+                    return Err(Error::Timeout {
+                        what: "the primary's stream",
+                        millis: silence_limit.as_millis() as u64,
+                    });
+                }
+                if ack.bytes > 0 {
+                    ack.seqnos = seqnos.iter().map(|(p, s)| (*p, *s)).collect();
+                    writer.send(&ack.to_frame()).map_err(perr)?;
+                    ack = Ack::default();
+                    last_ack = Instant::now();
+                }
+                continue;
+            }
+        };
+        last_heard = Instant::now();
+        ack.bytes += frame.wire_len() as u64;
+        let msg = StreamMessage::from_frame(&frame).map_err(perr)?;
+        match msg {
+            StreamMessage::Failover { partition, uuid } => {
+                let log = engine.failover_log(partition)?;
+                if log.last().map(|e| e.uuid) != Some(uuid) {
+                    engine.set_failover_log(
+                        partition,
+                        vec![tapkv_engine::FailoverEntry { uuid, seqno: 0 }],
+                    )?;
+                }
+            }
+            StreamMessage::Snapshot { .. } | StreamMessage::Noop => {}
+            StreamMessage::CheckpointStart { partition, id } => {
+                engine.replica_checkpoint(partition, id)?;
+            }
+            StreamMessage::CheckpointEnd { .. } => {}
+            StreamMessage::Item { partition, item } => {
+                let seqno = item.seqno();
+                let outcome = engine
+                    .apply_replicated(partition, &item)
+                    .unwrap_or(ApplyOutcome::Resync);
+                if outcome == ApplyOutcome::Resync {
+                    tracing::warn!(partition, seqno, "cannot apply consistently: resynchronising the partition");
+                    engine.reset_partition(partition)?;
+                    return Ok(());
+                }
+                let e = seqnos.entry(partition).or_default();
+                *e = (*e).max(seqno);
+            }
+            StreamMessage::Rollback { partition } => {
+                tracing::warn!(partition, "primary's history diverged: rolling back the partition");
+                engine.reset_partition(partition)?;
+                return Ok(());
+            }
+            StreamMessage::StreamEnd => return Ok(()),
+        }
+        if ack.bytes >= 64 * 1024 || last_ack.elapsed() >= Duration::from_millis(20) {
+            ack.seqnos = seqnos.iter().map(|(p, s)| (*p, *s)).collect();
+            writer.send(&ack.to_frame()).map_err(perr)?;
+            ack = Ack::default();
+            last_ack = Instant::now();
+        }
+    }
+    Ok(())
+}

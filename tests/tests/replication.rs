@@ -1,0 +1,318 @@
+//! Multi-process replication tests on loopback: a primary and replicas run as
+//! `tapkv node` processes; every wait is bounded.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tapkv_tests::{dump, wait_converged, NodeProc};
+
+const CONVERGE: Duration = Duration::from_secs(60);
+
+fn keys_in(c: &tapkv_replication::client::Client, p: u16, n: usize, tag: &str) -> Vec<String> {
+    (0..)
+        .map(|i| format!("{tag}-{i}"))
+        .filter(|k| c.partition_of(k.as_bytes()) == p)
+        .take(n)
+        .collect()
+}
+
+/// Waits until `node`'s inspect shows partition `p` at `seqno` or beyond.
+fn wait_seqno(node: &NodeProc, p: u16, seqno: u64) {
+    let deadline = Instant::now() + CONVERGE;
+    let mut c = node.client();
+    loop {
+        let v = c.admin("inspect").unwrap();
+        let high = v["partitions"][usize::from(p)]["high_seqno"].as_u64().unwrap_or(0);
+        if high >= seqno {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{} stuck at seqno {high} < {seqno}", node.name);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn high_seqno(node: &NodeProc, p: u16) -> u64 {
+    node.client().admin("inspect").unwrap()["partitions"][usize::from(p)]["high_seqno"]
+        .as_u64()
+        .unwrap()
+}
+
+fn cluster(dir: &std::path::Path, replicas: usize) -> (NodeProc, Vec<NodeProc>) {
+    let primary = NodeProc::start(&dir.join("primary"), "127.0.0.1:0", None, "primary", &[]);
+    let reps = (0..replicas)
+        .map(|i| {
+            let name = format!("replica-{i}");
+            NodeProc::start(&dir.join(&name), "127.0.0.1:0", Some(&primary.addr), &name, &[])
+        })
+        .collect();
+    (primary, reps)
+}
+
+#[test]
+fn replicas_converge_under_concurrent_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (primary, reps) = cluster(dir.path(), 2);
+    let addr = Arc::new(primary.addr.clone());
+    let writers: Vec<_> = (0..4)
+        .map(|t| {
+            let addr = Arc::clone(&addr);
+            std::thread::spawn(move || {
+                let mut c = tapkv_replication::client::Client::connect(&addr, Duration::from_secs(30)).unwrap();
+                for i in 0..600 {
+                    let k = format!("w{t}-{}", i % 150);
+                    if i % 7 == 3 {
+                        let _ = c.delete(k.as_bytes());
+                    } else {
+                        c.set(k.as_bytes(), format!("v{t}-{i}").as_bytes(), 0, false).unwrap();
+                    }
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().unwrap();
+    }
+    // Writes to a replica are refused, reads work.
+    let mut rc = reps[0].client();
+    let err = rc.set(b"x", b"y", 0, false).unwrap_err();
+    assert!(err.to_string().contains("read-only replica"), "{err}");
+    let rows = wait_converged(&primary, &[&reps[0], &reps[1]], CONVERGE);
+    assert!(rows.len() >= 500, "{} rows", rows.len());
+}
+
+fn window_scenario(complete: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let (primary, reps) = cluster(dir.path(), 2);
+    let mut c = primary.client();
+    let p = 5;
+    let k = keys_in(&c, p, 30, "win");
+    for key in &k[..20] {
+        c.set(key.as_bytes(), b"before", 0, false).unwrap();
+    }
+    let before = wait_converged(&primary, &[&reps[0], &reps[1]], CONVERGE);
+    let w = c.update_start(p).unwrap();
+    for key in &k[..10] {
+        c.set(key.as_bytes(), b"updated", 0, false).unwrap();
+    }
+    for key in &k[10..15] {
+        c.delete(key.as_bytes()).unwrap();
+    }
+    for key in &k[20..] {
+        c.set(key.as_bytes(), b"created", 0, false).unwrap();
+    }
+    c.delete(k[29].as_bytes()).unwrap(); // created then deleted
+    // Every replica holds the window before it ends.
+    let high = high_seqno(&primary, p);
+    for r in &reps {
+        wait_seqno(r, p, high);
+        let v = r.client().admin("inspect").unwrap();
+        assert_eq!(v["partitions"][usize::from(p)]["window"]["checkpoint_id"], w, "{}", r.name);
+        assert_eq!(r.client().get(k[0].as_bytes()).unwrap().0, &b"updated"[..]);
+    }
+    if complete {
+        assert_eq!(c.update_complete(p).unwrap(), w);
+    } else {
+        let (id, removed, restored) = c.update_revert(p).unwrap();
+        assert_eq!((id, removed, restored), (w, 10, 15));
+    }
+    let after = wait_converged(&primary, &[&reps[0], &reps[1]], CONVERGE);
+    for r in [&primary, &reps[0], &reps[1]] {
+        let mut rc = r.client();
+        let v0 = rc.get(k[0].as_bytes()).map(|x| x.0.to_vec()).ok();
+        let v12 = rc.get(k[12].as_bytes()).map(|x| x.0.to_vec()).ok();
+        let v25 = rc.get(k[25].as_bytes()).map(|x| x.0.to_vec()).ok();
+        if complete {
+            assert_eq!(v0.as_deref(), Some(&b"updated"[..]), "{}", r.name);
+            assert_eq!(v12, None, "{}", r.name);
+            assert_eq!(v25.as_deref(), Some(&b"created"[..]), "{}", r.name);
+        } else {
+            assert_eq!(v0.as_deref(), Some(&b"before"[..]), "{}", r.name);
+            assert_eq!(v12.as_deref(), Some(&b"before"[..]), "{}", r.name);
+            assert_eq!(v25, None, "{}", r.name);
+            let v = r.client().admin("inspect").unwrap();
+            assert!(v["partitions"][usize::from(p)]["window"].is_null());
+        }
+    }
+    if !complete {
+        assert_eq!(after, before, "after REVERT every node's disk equals the pre-window state");
+    }
+}
+
+#[test]
+fn a_revert_reaches_every_replica() {
+    window_scenario(false);
+}
+
+#[test]
+fn a_complete_reaches_every_replica() {
+    window_scenario(true);
+}
+
+#[test]
+fn a_killed_replica_resumes_without_a_full_resync() {
+    let dir = tempfile::tempdir().unwrap();
+    let (primary, mut reps) = cluster(dir.path(), 1);
+    let mut c = primary.client();
+    for i in 0..3000 {
+        c.set(format!("k{i}").as_bytes(), b"first", 0, false).unwrap();
+    }
+    wait_converged(&primary, &[&reps[0]], CONVERGE);
+    // Kill it while the primary keeps writing.
+    let writer = {
+        let addr = primary.addr.clone();
+        std::thread::spawn(move || {
+            let mut c = tapkv_replication::client::Client::connect(&addr, Duration::from_secs(30)).unwrap();
+            for i in 0..3000 {
+                c.set(format!("k{i}").as_bytes(), b"second", 0, false).unwrap();
+            }
+        })
+    };
+    reps[0].kill();
+    writer.join().unwrap();
+    let r = NodeProc::start(&dir.path().join("replica-0"), "127.0.0.1:0", Some(&primary.addr), "replica-0", &[]);
+    reps[0] = r;
+    wait_converged(&primary, &[&reps[0]], CONVERGE);
+    let streams = primary.client().admin("streams").unwrap();
+    let parts = streams[0]["partitions"].as_array().unwrap();
+    let resumed: Vec<u64> = parts.iter().map(|p| p["resumed_from"].as_u64().unwrap()).collect();
+    assert!(
+        resumed.iter().all(|s| *s > 0),
+        "every partition resumed from its persisted seqno, not 0: {resumed:?}"
+    );
+}
+
+#[test]
+fn a_replica_joining_mid_window_reverts_only_that_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let (primary, mut reps) = cluster(dir.path(), 1);
+    let mut c = primary.client();
+    let p = 2;
+    let k = keys_in(&c, p, 20, "mid");
+    for key in &k[..10] {
+        c.set(key.as_bytes(), b"before", 0, false).unwrap();
+    }
+    wait_converged(&primary, &[&reps[0]], CONVERGE);
+    // replica-0 drops out before the window; replica-1 is new.
+    reps[0].kill();
+    let w = c.update_start(p).unwrap();
+    for key in &k {
+        c.set(key.as_bytes(), b"window", 0, false).unwrap();
+    }
+    let late = NodeProc::start(&dir.path().join("late"), "127.0.0.1:0", Some(&primary.addr), "late", &[]);
+    let back = NodeProc::start(&dir.path().join("replica-0"), "127.0.0.1:0", Some(&primary.addr), "replica-0", &[]);
+    let high = high_seqno(&primary, p);
+    for r in [&late, &back] {
+        wait_seqno(r, p, high);
+        assert_eq!(r.client().get(k[15].as_bytes()).unwrap().0, &b"window"[..]);
+    }
+    c.set(k[0].as_bytes(), b"window again", 0, false).unwrap();
+    let (id, _, _) = c.update_revert(p).unwrap();
+    assert_eq!(id, w);
+    wait_converged(&primary, &[&late, &back], CONVERGE);
+    for r in [&primary, &late, &back] {
+        let mut rc = r.client();
+        assert_eq!(rc.get(k[0].as_bytes()).unwrap().0, &b"before"[..], "{}", r.name);
+        assert!(rc.get(k[15].as_bytes()).unwrap_err().is_not_found(), "{}", r.name);
+    }
+}
+
+#[test]
+fn replicas_roll_back_after_the_primary_dies_inside_a_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut primary, reps) = cluster(dir.path(), 2);
+    let mut c = primary.client();
+    let p = 7;
+    let k = keys_in(&c, p, 20, "crash");
+    for key in &k[..10] {
+        c.set(key.as_bytes(), b"durable", 0, true).unwrap();
+    }
+    c.update_start(p).unwrap();
+    for key in &k {
+        c.set(key.as_bytes(), b"lost", 0, false).unwrap();
+    }
+    let high = high_seqno(&primary, p);
+    for r in &reps {
+        wait_seqno(r, p, high);
+        assert_eq!(r.client().get(k[15].as_bytes()).unwrap().0, &b"lost"[..]);
+    }
+    let addr = primary.addr.clone();
+    primary.kill();
+    drop(c);
+    let primary = NodeProc::start(&dir.path().join("primary"), &addr, None, "primary", &[]);
+    let rows = wait_converged(&primary, &[&reps[0], &reps[1]], CONVERGE);
+    assert!(!rows.is_empty());
+    for r in [&primary, &reps[0], &reps[1]] {
+        let mut rc = r.client();
+        assert_eq!(rc.get(k[0].as_bytes()).unwrap().0, &b"durable"[..], "{}", r.name);
+        assert!(rc.get(k[15].as_bytes()).unwrap_err().is_not_found(), "{}", r.name);
+    }
+    // The primary keeps working and replicating after the rollback.
+    primary.client().set(k[15].as_bytes(), b"new", 0, false).unwrap();
+    wait_converged(&primary, &[&reps[0], &reps[1]], CONVERGE);
+}
+
+#[test]
+fn a_slow_replica_has_its_cursor_dropped_and_is_backfilled_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let primary = NodeProc::start(
+        &dir.path().join("primary"),
+        "127.0.0.1:0",
+        None,
+        "primary",
+        &["--max-unacked-bytes", "65536", "--slow-replica-ms", "300"],
+    );
+    let slow = NodeProc::start(&dir.path().join("slow"), "127.0.0.1:0", Some(&primary.addr), "slow", &[]);
+    let mut c = primary.client();
+    c.set(b"hello", b"world", 0, false).unwrap();
+    wait_converged(&primary, &[&slow], CONVERGE);
+    slow.signal(libc::SIGSTOP);
+    let value = vec![b'x'; 1000];
+    let deadline = Instant::now() + CONVERGE;
+    let mut i = 0;
+    // Write until the primary reports the stream's cursors dropped.
+    loop {
+        for _ in 0..500 {
+            c.set(format!("bulk-{}", i % 20_000).as_bytes(), &value, 0, false).unwrap();
+            i += 1;
+        }
+        let streams = c.admin("streams").unwrap();
+        let dropped = streams[0]["partitions"]
+            .as_array()
+            .is_some_and(|ps| ps.iter().all(|p| p["state"] == "dropped"));
+        if dropped {
+            break;
+        }
+        assert!(Instant::now() < deadline, "cursors never dropped: {streams}");
+    }
+    // With the cursor gone, checkpoints are freed: while the replica stays
+    // stopped, 60 MB more writes leave checkpoint memory at about two
+    // checkpoints' worth (10,000 items each), not growing with the writes.
+    for _ in 0..60_000 {
+        c.set(format!("bulk-{}", i % 20_000).as_bytes(), &value, 0, false).unwrap();
+        i += 1;
+    }
+    c.flush().unwrap();
+    let mem = c.stats().unwrap()["checkpoint_mem_bytes"].as_u64().unwrap();
+    assert!(mem < 30 << 20, "checkpoint memory {mem} grows with a stopped replica");
+    slow.signal(libc::SIGCONT);
+    wait_converged(&primary, &[&slow], CONVERGE);
+}
+
+#[test]
+fn replica_reads_and_primary_dump_agree_with_the_disk_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut primary, mut reps) = cluster(dir.path(), 1);
+    let mut c = primary.client();
+    for i in 0..500 {
+        c.set(format!("r{i}").as_bytes(), b"v", 0, false).unwrap();
+    }
+    let before = wait_converged(&primary, &[&reps[0]], CONVERGE);
+    drop(c);
+    reps[0].stop();
+    let addr = primary.addr.clone();
+    primary.stop();
+    let primary = NodeProc::start(&dir.path().join("primary"), &addr, None, "primary", &[]);
+    let replica = NodeProc::start(&dir.path().join("replica-0"), "127.0.0.1:0", Some(&addr), "replica-0", &[]);
+    assert_eq!(dump(&replica), before);
+    assert_eq!(wait_converged(&primary, &[&replica], CONVERGE), before);
+}

@@ -1,0 +1,79 @@
+//! `tapkv node`: run one engine behind a TCP listener, as a primary or as a
+//! replica of another node, until SIGTERM or SIGINT.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+use tapkv_engine::{Engine, Error};
+use tapkv_replication::node::{Node, NodeConfig};
+
+#[derive(Args, Debug)]
+pub(crate) struct NodeArgs {
+    /// Data directory (created if missing).
+    #[arg(long, value_name = "DIR")]
+    data: PathBuf,
+    /// Address to listen on (port 0 picks a free port; the startup line says which).
+    #[arg(long, default_value = "127.0.0.1:11311")]
+    listen: String,
+    /// Run as a replica of the primary at this address.
+    #[arg(long, value_name = "ADDR")]
+    replica_of: Option<String>,
+    /// Name of this node (used as its replication stream's name).
+    #[arg(long)]
+    name: Option<String>,
+    /// Number of partitions when creating the data directory.
+    #[arg(long, default_value_t = 16)]
+    partitions: u16,
+    /// Unacknowledged bytes allowed per replication stream.
+    #[arg(long, default_value_t = 4 << 20)]
+    max_unacked_bytes: u64,
+    /// Milliseconds a stream may sit at its unacknowledged limit before its
+    /// cursors are dropped (the replica is backfilled later).
+    #[arg(long, default_value_t = 3000)]
+    slow_replica_ms: u64,
+    /// Largest accepted frame body in bytes.
+    #[arg(long, default_value_t = tapkv_replication::protocol::DEFAULT_MAX_BODY)]
+    max_body: usize,
+}
+
+pub(crate) fn run(args: NodeArgs) -> Result<ExitCode, Error> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, Arc::clone(&stop))?;
+    }
+    let replica = args.replica_of.is_some();
+    let engine = Engine::builder(&args.data)
+        .partitions(args.partitions)
+        .replica(replica)
+        .open()?;
+    let mut cfg = NodeConfig::new(args.listen.clone());
+    cfg.name = args.name.clone().unwrap_or_else(|| format!("node-{}", std::process::id()));
+    cfg.replica_of = args.replica_of.clone();
+    cfg.max_unacked_bytes = args.max_unacked_bytes;
+    cfg.slow_replica_timeout = Duration::from_millis(args.slow_replica_ms);
+    cfg.max_body = args.max_body;
+    let name = cfg.name.clone();
+    let node = Node::start(engine, cfg)?;
+    println!(
+        "tapkv node {name} listening on {} as {}, data directory {}",
+        node.local_addr(),
+        match &args.replica_of {
+            Some(p) => format!("replica of {p}"),
+            None => "primary".to_string(),
+        },
+        args.data.display()
+    );
+    use std::io::Write;
+    std::io::stdout().flush()?;
+    while !stop.load(Ordering::Acquire) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    tracing::info!("signal received: shutting down");
+    node.shutdown()?;
+    println!("tapkv node {name} stopped cleanly");
+    Ok(ExitCode::SUCCESS)
+}
