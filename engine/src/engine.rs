@@ -253,7 +253,11 @@ impl Engine {
                 } else {
                     state.high_seqno.max(res.seqno)
                 },
-                checkpoint_id: state.checkpoint_id.max(res.checkpoint_id) + 1,
+                checkpoint_id: if config.replica {
+                    state.checkpoint_id + 1
+                } else {
+                    state.checkpoint_id.max(res.checkpoint_id) + 1
+                },
                 max_cas: state.max_cas,
             };
             let reservation = Reservation {

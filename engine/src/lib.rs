@@ -27,8 +27,8 @@ mod hash_table;
 mod item;
 mod online_update;
 mod pager;
-mod replica;
 mod partition;
+mod replica;
 mod stats;
 mod store;
 mod sync;
@@ -44,8 +44,8 @@ pub use item::{
     Durability, Item, ItemMeta, MutationResult, PartitionId, QueueOp, QueuedItem, WriteOptions,
 };
 pub use online_update::{RevertReport, WindowInfo};
-pub use replica::{ApplyOutcome, StreamStart};
 pub use partition::{partition_of, PERSISTENCE_CURSOR};
+pub use replica::{ApplyOutcome, StreamStart};
 pub use stats::{EngineStats, PartitionStats};
 pub use store::{
     DiskItem, DiskRecord, DiskView, EngineMeta, FailoverEntry, PartitionDiskInfo, WindowRecord,

@@ -182,11 +182,14 @@ impl Partition {
         }
         // A replica already in the primary's window checkpoint (entered through
         // the stream's checkpoint-start) stays in it.
-        let checkpoint_id = if wanted_id != 0 && w.checkpoints.open_checkpoint_id() == wanted_id {
+        let local_id = if wanted_id != 0 && w.checkpoints.open_checkpoint_id() == wanted_id {
             wanted_id
         } else {
             w.checkpoints.create_checkpoint_with_id(wanted_id)
         };
+        // The window is named by the primary's id, even if this replica's
+        // local checkpoint numbering had to differ.
+        let checkpoint_id = if wanted_id != 0 { wanted_id } else { local_id };
         store.set_open_window(
             self.id,
             Some(&WindowRecord {
@@ -208,7 +211,12 @@ impl Partition {
             limit,
             started: Instant::now(),
         });
-        tracing::info!(partition = self.id, checkpoint_id, start_seqno, "online update started");
+        tracing::info!(
+            partition = self.id,
+            checkpoint_id,
+            start_seqno,
+            "online update started"
+        );
         Ok(checkpoint_id)
     }
 

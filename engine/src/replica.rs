@@ -58,7 +58,12 @@ pub(crate) fn new_uuid() -> u64 {
 }
 
 impl Partition {
-    fn apply(&self, engine_limit: usize, store: &crate::store::Store, item: &QueuedItem) -> Result<ApplyOutcome> {
+    fn apply(
+        &self,
+        engine_limit: usize,
+        store: &crate::store::Store,
+        item: &QueuedItem,
+    ) -> Result<ApplyOutcome> {
         let given = MarkerSource::Given {
             seqno: item.meta.by_seqno,
             cas: item.meta.cas,
@@ -150,7 +155,10 @@ impl Engine {
     /// Highest seqno of partition `p` written to disk.
     pub fn persisted_seqno(&self, p: PartitionId) -> Result<u64> {
         let s = self.live()?;
-        Ok(s.partition(p)?.progress.persisted_seqno.load(Ordering::Acquire))
+        Ok(s.partition(p)?
+            .progress
+            .persisted_seqno
+            .load(Ordering::Acquire))
     }
 
     /// Registers the stream cursor `name` on partition `p` to read everything
@@ -158,7 +166,9 @@ impl Engine {
     /// backfill from disk up to the persisted seqno.
     pub fn stream_start(&self, p: PartitionId, name: &str, from: u64) -> Result<StreamStart> {
         if name == PERSISTENCE_CURSOR {
-            return Err(Error::InvalidArgument(format!("cursor name {name:?} is reserved")));
+            return Err(Error::InvalidArgument(format!(
+                "cursor name {name:?} is reserved"
+            )));
         }
         let s = self.live()?;
         let part = s.partition(p)?;
@@ -246,7 +256,12 @@ impl Engine {
         let mut shards = part.table.lock_all();
         shards.clear();
         let next_id = w.checkpoints.open_checkpoint_id() + 1;
-        let mut fresh = CheckpointManager::new(s.config.checkpoint, next_id, 0, Arc::clone(&s.checkpoint_mem));
+        let mut fresh = CheckpointManager::new(
+            s.config.checkpoint,
+            next_id,
+            0,
+            Arc::clone(&s.checkpoint_mem),
+        );
         fresh.register_cursor(PERSISTENCE_CURSOR, 0)?;
         w.checkpoints = fresh;
         w.window = None;

@@ -80,8 +80,12 @@ impl Client {
             ProtocolError::Io(last.unwrap_or_else(|| std::io::Error::other("no address")))
         })?;
         conn.set_nodelay(true).map_err(ProtocolError::Io)?;
-        conn.set_write_timeout(Some(timeout)).map_err(ProtocolError::Io)?;
-        let reader = FrameReader::new(conn.try_clone().map_err(ProtocolError::Io)?, DEFAULT_MAX_BODY);
+        conn.set_write_timeout(Some(timeout))
+            .map_err(ProtocolError::Io)?;
+        let reader = FrameReader::new(
+            conn.try_clone().map_err(ProtocolError::Io)?,
+            DEFAULT_MAX_BODY,
+        );
         reader
             .set_timeout(Duration::from_millis(100))
             .map_err(ProtocolError::Io)?;
@@ -133,11 +137,19 @@ impl Client {
 
     /// GET: value and CAS.
     pub fn get(&mut self, key: &[u8]) -> Result<(Bytes, u64), ClientError> {
-        let r = self.call(Frame::request(opcode::GET, self.partition_of(key)).with_key(key.to_vec()))?;
+        let r =
+            self.call(Frame::request(opcode::GET, self.partition_of(key)).with_key(key.to_vec()))?;
         Ok((r.value, r.cas))
     }
 
-    fn store(&mut self, op: u8, key: &[u8], value: &[u8], cas: u64, persist: bool) -> Result<WriteReply, ClientError> {
+    fn store(
+        &mut self,
+        op: u8,
+        key: &[u8],
+        value: &[u8],
+        cas: u64,
+        persist: bool,
+    ) -> Result<WriteReply, ClientError> {
         let p = self.partition_of(key);
         let mut f = Frame::request(op, p)
             .with_extras(store_extras(0, 0))
@@ -156,7 +168,13 @@ impl Client {
     }
 
     /// SET (`cas` 0 = unconditional; `persist` waits for the disk).
-    pub fn set(&mut self, key: &[u8], value: &[u8], cas: u64, persist: bool) -> Result<WriteReply, ClientError> {
+    pub fn set(
+        &mut self,
+        key: &[u8],
+        value: &[u8],
+        cas: u64,
+        persist: bool,
+    ) -> Result<WriteReply, ClientError> {
         self.store(opcode::SET, key, value, cas, persist)
     }
 
@@ -183,12 +201,20 @@ impl Client {
 
     /// Online update START on partition `p`: the window's checkpoint id.
     pub fn update_start(&mut self, p: u16) -> Result<u64, ClientError> {
-        Ok(u64_at(&self.call(Frame::request(opcode::UPDATE_START, p))?.extras, 0))
+        Ok(u64_at(
+            &self.call(Frame::request(opcode::UPDATE_START, p))?.extras,
+            0,
+        ))
     }
 
     /// Online update COMPLETE: the window's checkpoint id.
     pub fn update_complete(&mut self, p: u16) -> Result<u64, ClientError> {
-        Ok(u64_at(&self.call(Frame::request(opcode::UPDATE_COMPLETE, p))?.extras, 0))
+        Ok(u64_at(
+            &self
+                .call(Frame::request(opcode::UPDATE_COMPLETE, p))?
+                .extras,
+            0,
+        ))
     }
 
     /// Online update REVERT: (checkpoint id, removed, restored).
@@ -205,17 +231,22 @@ impl Client {
     /// Evicts a key's value.
     pub fn evict(&mut self, key: &[u8]) -> Result<(), ClientError> {
         let p = self.partition_of(key);
-        self.call(Frame::request(opcode::EVICT, p).with_key(key.to_vec())).map(|_| ())
+        self.call(Frame::request(opcode::EVICT, p).with_key(key.to_vec()))
+            .map(|_| ())
     }
 
     /// Closes partition `p`'s open checkpoint; the new id.
     pub fn checkpoint(&mut self, p: u16) -> Result<u64, ClientError> {
-        Ok(u64_at(&self.call(Frame::request(opcode::CHECKPOINT, p))?.extras, 0))
+        Ok(u64_at(
+            &self.call(Frame::request(opcode::CHECKPOINT, p))?.extras,
+            0,
+        ))
     }
 
     /// `checkpoints` or `cursors` of partition `p`, as JSON.
     pub fn partition_info(&mut self, p: u16, what: &str) -> Result<serde_json::Value, ClientError> {
-        let r = self.call(Frame::request(opcode::PARTITION_INFO, p).with_key(what.as_bytes().to_vec()))?;
+        let r = self
+            .call(Frame::request(opcode::PARTITION_INFO, p).with_key(what.as_bytes().to_vec()))?;
         Ok(serde_json::from_slice(&r.value).unwrap_or_default())
     }
 

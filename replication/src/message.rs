@@ -224,7 +224,8 @@ impl StreamMessage {
     pub fn to_frame(&self) -> Frame {
         match self {
             StreamMessage::Failover { partition, uuid } => {
-                Frame::request(opcode::FAILOVER, *partition).with_extras(uuid.to_be_bytes().to_vec())
+                Frame::request(opcode::FAILOVER, *partition)
+                    .with_extras(uuid.to_be_bytes().to_vec())
             }
             StreamMessage::Snapshot {
                 partition,

@@ -191,8 +191,8 @@ fn u64s(vals: &[u64]) -> Bytes {
 }
 
 fn json_response(req: &Frame, v: &impl Serialize) -> Frame {
-    let mut f = Frame::response(req, status::SUCCESS)
-        .with_value(serde_json::to_vec(v).unwrap_or_default());
+    let mut f =
+        Frame::response(req, status::SUCCESS).with_value(serde_json::to_vec(v).unwrap_or_default());
     f.datatype = 1;
     f
 }
@@ -323,7 +323,11 @@ fn serve_connection(state: &Arc<NodeState>, conn: TcpStream) -> Result<(), Proto
         Err(e) => return Err(e),
     };
     if first.opcode != opcode::HELLO {
-        writer.send(&status_response(&first, status::HANDSHAKE_REQUIRED, "send HELLO first"))?;
+        writer.send(&status_response(
+            &first,
+            status::HANDSHAKE_REQUIRED,
+            "send HELLO first",
+        ))?;
         return Ok(());
     }
     match hello_version(&first) {
@@ -332,12 +336,18 @@ fn serve_connection(state: &Arc<NodeState>, conn: TcpStream) -> Result<(), Proto
             writer.send(&status_response(
                 &first,
                 status::BAD_VERSION,
-                &format!("protocol version {v} is not supported; this node speaks {PROTOCOL_VERSION}"),
+                &format!(
+                    "protocol version {v} is not supported; this node speaks {PROTOCOL_VERSION}"
+                ),
             ))?;
             return Ok(());
         }
         Err(e) => {
-            writer.send(&status_response(&first, status::INVALID_ARGUMENTS, &e.to_string()))?;
+            writer.send(&status_response(
+                &first,
+                status::INVALID_ARGUMENTS,
+                &e.to_string(),
+            ))?;
             return Ok(());
         }
     }
@@ -346,7 +356,8 @@ fn serve_connection(state: &Arc<NodeState>, conn: TcpStream) -> Result<(), Proto
         "role": if state.replica { "replica" } else { "primary" },
         "partitions": state.engine.num_partitions(),
     });
-    writer.send(&json_response(&first, &info).with_extras(PROTOCOL_VERSION.to_be_bytes().to_vec()))?;
+    writer
+        .send(&json_response(&first, &info).with_extras(PROTOCOL_VERSION.to_be_bytes().to_vec()))?;
     let mut idle = 0;
     loop {
         if state.stop.load(Ordering::Acquire) {
@@ -362,18 +373,28 @@ fn serve_connection(state: &Arc<NodeState>, conn: TcpStream) -> Result<(), Proto
                 continue;
             }
             Err(ProtocolError::Closed) => return Ok(()),
-            Err(e @ (ProtocolError::BadMagic(_)
-            | ProtocolError::BodyTooLarge { .. }
-            | ProtocolError::BadLengths { .. })) => {
+            Err(
+                e @ (ProtocolError::BadMagic(_)
+                | ProtocolError::BodyTooLarge { .. }
+                | ProtocolError::BadLengths { .. }),
+            ) => {
                 // The byte stream cannot be resynchronised: answer, then close.
                 let req = Frame::request(0, 0);
-                let _ = writer.send(&status_response(&req, status::INVALID_ARGUMENTS, &e.to_string()));
+                let _ = writer.send(&status_response(
+                    &req,
+                    status::INVALID_ARGUMENTS,
+                    &e.to_string(),
+                ));
                 return Err(e);
             }
             Err(e) => return Err(e),
         };
         idle = 0;
         if frame.opcode == opcode::STREAM_OPEN {
+            if let Err(msg) = check_stream_open(state, &frame) {
+                writer.send(&status_response(&frame, status::INVALID_ARGUMENTS, &msg))?;
+                continue;
+            }
             let peer = conn.peer_addr().map(|a| a.to_string()).unwrap_or_default();
             return serve_stream(state, &frame, reader, writer, peer);
         }
@@ -396,7 +417,10 @@ fn check_partition(state: &NodeState, f: &Frame) -> Result<(), Frame> {
         return Err(status_response(
             f,
             status::NOT_MY_VBUCKET,
-            &format!("key belongs to partition {p}, request names {}", f.partition()),
+            &format!(
+                "key belongs to partition {p}, request names {}",
+                f.partition()
+            ),
         ));
     }
     Ok(())
@@ -527,7 +551,11 @@ fn handle_request_inner(state: &NodeState, f: &Frame) -> Result<Frame, Frame> {
                         .collect();
                     Ok(json_response(f, &v))
                 }
-                _ => Err(status_response(f, status::INVALID_ARGUMENTS, "key must be checkpoints or cursors")),
+                _ => Err(status_response(
+                    f,
+                    status::INVALID_ARGUMENTS,
+                    "key must be checkpoints or cursors",
+                )),
             }
         }
         opcode::STAT => {
@@ -572,9 +600,17 @@ fn handle_request_inner(state: &NodeState, f: &Frame) -> Result<Frame, Frame> {
                 ))
             }
             b"streams" => Ok(json_response(f, &streams_info(state))),
-            _ => Err(status_response(f, status::INVALID_ARGUMENTS, "admin key must be inspect, dump or streams")),
+            _ => Err(status_response(
+                f,
+                status::INVALID_ARGUMENTS,
+                "admin key must be inspect, dump or streams",
+            )),
         },
-        opcode::HELLO => Err(status_response(f, status::INVALID_ARGUMENTS, "HELLO was already done")),
+        opcode::HELLO => Err(status_response(
+            f,
+            status::INVALID_ARGUMENTS,
+            "HELLO was already done",
+        )),
         other => Err(status_response(
             f,
             status::UNKNOWN_COMMAND,
@@ -595,7 +631,8 @@ fn admin_dump(state: &NodeState, f: &Frame, w: &mut FrameWriter) -> Result<(), P
             });
             w.push(&json_response(f, &row).with_key(b"row".to_vec()));
             if w.pending() > 256 * 1024 {
-                w.flush().map_err(|e| Error::Io(std::io::Error::other(e.to_string())))?;
+                w.flush()
+                    .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))?;
             }
             Ok(())
         })
@@ -643,6 +680,25 @@ fn streams_info(state: &NodeState) -> Vec<StreamInfo> {
         .collect()
 }
 
+/// Refuses a `STREAM_OPEN` this node cannot serve, before the connection
+/// becomes a stream.
+fn check_stream_open(state: &NodeState, open: &Frame) -> Result<(), String> {
+    if state.replica {
+        return Err("a replica does not serve streams".into());
+    }
+    if open.key.is_empty() {
+        return Err("stream name is empty".into());
+    }
+    let reqs = parse_stream_open(open).map_err(|e| e.to_string())?;
+    if let Some(bad) = reqs
+        .iter()
+        .find(|r| r.partition >= state.engine.num_partitions())
+    {
+        return Err(format!("partition {} does not exist", bad.partition));
+    }
+    Ok(())
+}
+
 /// Where a replica's requested position stands in the partition's history.
 fn resume_decision(engine: &Engine, req: &StreamRequest) -> Result<Option<u64>, Error> {
     if req.seqno == 0 {
@@ -666,29 +722,17 @@ fn serve_stream(
 ) -> Result<(), ProtocolError> {
     let engine = &state.engine;
     let name = String::from_utf8_lossy(&open.key).into_owned();
-    if state.replica {
-        writer.send(&status_response(open, status::NOT_MY_VBUCKET, "a replica does not serve streams"))?;
-        return Ok(());
-    }
     let reqs = match parse_stream_open(open) {
-        Ok(r) if !name.is_empty() => r,
-        Ok(_) => {
-            writer.send(&status_response(open, status::INVALID_ARGUMENTS, "stream name is empty"))?;
-            return Ok(());
-        }
+        Ok(r) => r,
         Err(e) => {
-            writer.send(&status_response(open, status::INVALID_ARGUMENTS, &e.to_string()))?;
+            writer.send(&status_response(
+                open,
+                status::INVALID_ARGUMENTS,
+                &e.to_string(),
+            ))?;
             return Ok(());
         }
     };
-    if let Some(bad) = reqs.iter().find(|r| r.partition >= engine.num_partitions()) {
-        writer.send(&status_response(
-            open,
-            status::INVALID_ARGUMENTS,
-            &format!("partition {} does not exist", bad.partition),
-        ))?;
-        return Ok(());
-    }
     writer.send(&Frame::response(open, status::SUCCESS))?;
     let shared = Arc::new(StreamShared {
         cursor: format!("repl:{name}"),
@@ -703,7 +747,11 @@ fn serve_stream(
         lock: Mutex::new(()),
         cv: Condvar::new(),
     });
-    if let Some(old) = state.streams.lock().insert(name.clone(), Arc::clone(&shared)) {
+    if let Some(old) = state
+        .streams
+        .lock()
+        .insert(name.clone(), Arc::clone(&shared))
+    {
         old.stop.store(true, Ordering::Release);
         old.cv.notify_all();
     }
@@ -736,9 +784,11 @@ fn ack_reader(s: &StreamShared, mut reader: FrameReader) {
         match reader.next() {
             Ok(Some(f)) if f.opcode == opcode::ACK => {
                 if let Ok(ack) = Ack::from_frame(&f) {
-                    let _ = s.unacked.fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
-                        Some(u.saturating_sub(ack.bytes))
-                    });
+                    let _ = s
+                        .unacked
+                        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                            Some(u.saturating_sub(ack.bytes))
+                        });
                     let mut acked = s.acked.lock();
                     for (p, seqno) in ack.seqnos {
                         let e = acked.entry(p).or_default();
@@ -776,10 +826,14 @@ fn start_partition(
     s.resumed_from.lock().insert(p, from);
     match engine.stream_start(p, &s.cursor, from)? {
         StreamStart::InMemory => {
-            s.parts.lock().insert(p, (PartitionStreamState::InMemory, from));
+            s.parts
+                .lock()
+                .insert(p, (PartitionStreamState::InMemory, from));
         }
         StreamStart::Backfill { snapshot_end } => {
-            s.parts.lock().insert(p, (PartitionStreamState::Backfilling, from));
+            s.parts
+                .lock()
+                .insert(p, (PartitionStreamState::Backfilling, from));
             let items = engine.backfill(p, from, snapshot_end)?;
             send(
                 writer,
@@ -829,14 +883,29 @@ fn stream_loop(
                         .failover_log(r.partition)?
                         .last()
                         .map_or(0, |e| e.uuid);
-                    send(writer, s, &StreamMessage::Failover { partition: r.partition, uuid });
+                    send(
+                        writer,
+                        s,
+                        &StreamMessage::Failover {
+                            partition: r.partition,
+                            uuid,
+                        },
+                    );
                     start_partition(engine, s, writer, r.partition, from)?;
                     active.push(r.partition);
                 }
                 None => {
                     tracing::info!(stream = %s.name, partition = r.partition, "replica diverged: rollback");
-                    send(writer, s, &StreamMessage::Rollback { partition: r.partition });
-                    s.parts.lock().insert(r.partition, (PartitionStreamState::RolledBack, 0));
+                    send(
+                        writer,
+                        s,
+                        &StreamMessage::Rollback {
+                            partition: r.partition,
+                        },
+                    );
+                    s.parts
+                        .lock()
+                        .insert(r.partition, (PartitionStreamState::RolledBack, 0));
                 }
             }
         }
@@ -892,7 +961,10 @@ fn stream_loop(
                         }
                         CursorEvent::Item(item) => {
                             last = Some(item.seqno());
-                            StreamMessage::Item { partition: *p, item }
+                            StreamMessage::Item {
+                                partition: *p,
+                                item,
+                            }
                         }
                     };
                     sent += send(writer, s, &m);
@@ -1042,7 +1114,11 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
                     .apply_replicated(partition, &item)
                     .unwrap_or(ApplyOutcome::Resync);
                 if outcome == ApplyOutcome::Resync {
-                    tracing::warn!(partition, seqno, "cannot apply consistently: resynchronising the partition");
+                    tracing::warn!(
+                        partition,
+                        seqno,
+                        "cannot apply consistently: resynchronising the partition"
+                    );
                     engine.reset_partition(partition)?;
                     return Ok(());
                 }
@@ -1050,7 +1126,10 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
                 *e = (*e).max(seqno);
             }
             StreamMessage::Rollback { partition } => {
-                tracing::warn!(partition, "primary's history diverged: rolling back the partition");
+                tracing::warn!(
+                    partition,
+                    "primary's history diverged: rolling back the partition"
+                );
                 engine.reset_partition(partition)?;
                 return Ok(());
             }

@@ -172,7 +172,13 @@ pub struct NodeProc {
 impl NodeProc {
     /// Starts `tapkv node` on `data`, listening on `listen` (e.g.
     /// `127.0.0.1:0`), optionally as a replica of `primary`, with extra args.
-    pub fn start(data: &std::path::Path, listen: &str, primary: Option<&str>, name: &str, extra: &[&str]) -> NodeProc {
+    pub fn start(
+        data: &std::path::Path,
+        listen: &str,
+        primary: Option<&str>,
+        name: &str,
+        extra: &[&str],
+    ) -> NodeProc {
         let d = data.to_str().expect("utf-8 path").to_owned();
         let mut args = vec!["node", "--data", &d, "--listen", listen, "--name", name];
         if let Some(p) = primary {
@@ -223,7 +229,11 @@ impl NodeProc {
     /// SIGTERM and wait for a clean exit.
     pub fn stop(&mut self) {
         self.signal(libc::SIGTERM);
-        assert!(self.proc.wait_success(Duration::from_secs(60)), "node {} did not stop cleanly", self.name);
+        assert!(
+            self.proc.wait_success(Duration::from_secs(60)),
+            "node {} did not stop cleanly",
+            self.name
+        );
     }
 }
 
@@ -253,7 +263,11 @@ pub fn dump(node: &NodeProc) -> Vec<DumpRow> {
 /// Waits (bounded by `timeout`) until every replica's dump equals the
 /// primary's and every live key reads the same value on all of them; returns
 /// the primary's dump. Panics with the differences on timeout.
-pub fn wait_converged(primary: &NodeProc, replicas: &[&NodeProc], timeout: Duration) -> Vec<DumpRow> {
+pub fn wait_converged(
+    primary: &NodeProc,
+    replicas: &[&NodeProc],
+    timeout: Duration,
+) -> Vec<DumpRow> {
     let deadline = Instant::now() + timeout;
     loop {
         let want = dump(primary);
@@ -287,7 +301,9 @@ pub fn wait_converged(primary: &NodeProc, replicas: &[&NodeProc], timeout: Durat
         }
         match diff {
             None => return want,
-            Some(d) if Instant::now() >= deadline => panic!("no convergence within {timeout:?}: {d}"),
+            Some(d) if Instant::now() >= deadline => {
+                panic!("no convergence within {timeout:?}: {d}")
+            }
             Some(_) => std::thread::sleep(Duration::from_millis(50)),
         }
     }

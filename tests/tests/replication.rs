@@ -22,11 +22,17 @@ fn wait_seqno(node: &NodeProc, p: u16, seqno: u64) {
     let mut c = node.client();
     loop {
         let v = c.admin("inspect").unwrap();
-        let high = v["partitions"][usize::from(p)]["high_seqno"].as_u64().unwrap_or(0);
+        let high = v["partitions"][usize::from(p)]["high_seqno"]
+            .as_u64()
+            .unwrap_or(0);
         if high >= seqno {
             return;
         }
-        assert!(Instant::now() < deadline, "{} stuck at seqno {high} < {seqno}", node.name);
+        assert!(
+            Instant::now() < deadline,
+            "{} stuck at seqno {high} < {seqno}",
+            node.name
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -42,7 +48,13 @@ fn cluster(dir: &std::path::Path, replicas: usize) -> (NodeProc, Vec<NodeProc>) 
     let reps = (0..replicas)
         .map(|i| {
             let name = format!("replica-{i}");
-            NodeProc::start(&dir.join(&name), "127.0.0.1:0", Some(&primary.addr), &name, &[])
+            NodeProc::start(
+                &dir.join(&name),
+                "127.0.0.1:0",
+                Some(&primary.addr),
+                &name,
+                &[],
+            )
         })
         .collect();
     (primary, reps)
@@ -57,13 +69,16 @@ fn replicas_converge_under_concurrent_writes() {
         .map(|t| {
             let addr = Arc::clone(&addr);
             std::thread::spawn(move || {
-                let mut c = tapkv_replication::client::Client::connect(&addr, Duration::from_secs(30)).unwrap();
+                let mut c =
+                    tapkv_replication::client::Client::connect(&addr, Duration::from_secs(30))
+                        .unwrap();
                 for i in 0..600 {
                     let k = format!("w{t}-{}", i % 150);
                     if i % 7 == 3 {
                         let _ = c.delete(k.as_bytes());
                     } else {
-                        c.set(k.as_bytes(), format!("v{t}-{i}").as_bytes(), 0, false).unwrap();
+                        c.set(k.as_bytes(), format!("v{t}-{i}").as_bytes(), 0, false)
+                            .unwrap();
                     }
                 }
             })
@@ -101,12 +116,17 @@ fn window_scenario(complete: bool) {
         c.set(key.as_bytes(), b"created", 0, false).unwrap();
     }
     c.delete(k[29].as_bytes()).unwrap(); // created then deleted
-    // Every replica holds the window before it ends.
+                                         // Every replica holds the window before it ends.
     let high = high_seqno(&primary, p);
     for r in &reps {
         wait_seqno(r, p, high);
         let v = r.client().admin("inspect").unwrap();
-        assert_eq!(v["partitions"][usize::from(p)]["window"]["checkpoint_id"], w, "{}", r.name);
+        assert_eq!(
+            v["partitions"][usize::from(p)]["window"]["checkpoint_id"],
+            w,
+            "{}",
+            r.name
+        );
         assert_eq!(r.client().get(k[0].as_bytes()).unwrap().0, &b"updated"[..]);
     }
     if complete {
@@ -134,7 +154,10 @@ fn window_scenario(complete: bool) {
         }
     }
     if !complete {
-        assert_eq!(after, before, "after REVERT every node's disk equals the pre-window state");
+        assert_eq!(
+            after, before,
+            "after REVERT every node's disk equals the pre-window state"
+        );
     }
 }
 
@@ -154,27 +177,39 @@ fn a_killed_replica_resumes_without_a_full_resync() {
     let (primary, mut reps) = cluster(dir.path(), 1);
     let mut c = primary.client();
     for i in 0..3000 {
-        c.set(format!("k{i}").as_bytes(), b"first", 0, false).unwrap();
+        c.set(format!("k{i}").as_bytes(), b"first", 0, false)
+            .unwrap();
     }
     wait_converged(&primary, &[&reps[0]], CONVERGE);
     // Kill it while the primary keeps writing.
     let writer = {
         let addr = primary.addr.clone();
         std::thread::spawn(move || {
-            let mut c = tapkv_replication::client::Client::connect(&addr, Duration::from_secs(30)).unwrap();
+            let mut c =
+                tapkv_replication::client::Client::connect(&addr, Duration::from_secs(30)).unwrap();
             for i in 0..3000 {
-                c.set(format!("k{i}").as_bytes(), b"second", 0, false).unwrap();
+                c.set(format!("k{i}").as_bytes(), b"second", 0, false)
+                    .unwrap();
             }
         })
     };
     reps[0].kill();
     writer.join().unwrap();
-    let r = NodeProc::start(&dir.path().join("replica-0"), "127.0.0.1:0", Some(&primary.addr), "replica-0", &[]);
+    let r = NodeProc::start(
+        &dir.path().join("replica-0"),
+        "127.0.0.1:0",
+        Some(&primary.addr),
+        "replica-0",
+        &[],
+    );
     reps[0] = r;
     wait_converged(&primary, &[&reps[0]], CONVERGE);
     let streams = primary.client().admin("streams").unwrap();
     let parts = streams[0]["partitions"].as_array().unwrap();
-    let resumed: Vec<u64> = parts.iter().map(|p| p["resumed_from"].as_u64().unwrap()).collect();
+    let resumed: Vec<u64> = parts
+        .iter()
+        .map(|p| p["resumed_from"].as_u64().unwrap())
+        .collect();
     assert!(
         resumed.iter().all(|s| *s > 0),
         "every partition resumed from its persisted seqno, not 0: {resumed:?}"
@@ -198,8 +233,20 @@ fn a_replica_joining_mid_window_reverts_only_that_window() {
     for key in &k {
         c.set(key.as_bytes(), b"window", 0, false).unwrap();
     }
-    let late = NodeProc::start(&dir.path().join("late"), "127.0.0.1:0", Some(&primary.addr), "late", &[]);
-    let back = NodeProc::start(&dir.path().join("replica-0"), "127.0.0.1:0", Some(&primary.addr), "replica-0", &[]);
+    let late = NodeProc::start(
+        &dir.path().join("late"),
+        "127.0.0.1:0",
+        Some(&primary.addr),
+        "late",
+        &[],
+    );
+    let back = NodeProc::start(
+        &dir.path().join("replica-0"),
+        "127.0.0.1:0",
+        Some(&primary.addr),
+        "replica-0",
+        &[],
+    );
     let high = high_seqno(&primary, p);
     for r in [&late, &back] {
         wait_seqno(r, p, high);
@@ -211,8 +258,17 @@ fn a_replica_joining_mid_window_reverts_only_that_window() {
     wait_converged(&primary, &[&late, &back], CONVERGE);
     for r in [&primary, &late, &back] {
         let mut rc = r.client();
-        assert_eq!(rc.get(k[0].as_bytes()).unwrap().0, &b"before"[..], "{}", r.name);
-        assert!(rc.get(k[15].as_bytes()).unwrap_err().is_not_found(), "{}", r.name);
+        assert_eq!(
+            rc.get(k[0].as_bytes()).unwrap().0,
+            &b"before"[..],
+            "{}",
+            r.name
+        );
+        assert!(
+            rc.get(k[15].as_bytes()).unwrap_err().is_not_found(),
+            "{}",
+            r.name
+        );
     }
 }
 
@@ -243,11 +299,23 @@ fn replicas_roll_back_after_the_primary_dies_inside_a_window() {
     assert!(!rows.is_empty());
     for r in [&primary, &reps[0], &reps[1]] {
         let mut rc = r.client();
-        assert_eq!(rc.get(k[0].as_bytes()).unwrap().0, &b"durable"[..], "{}", r.name);
-        assert!(rc.get(k[15].as_bytes()).unwrap_err().is_not_found(), "{}", r.name);
+        assert_eq!(
+            rc.get(k[0].as_bytes()).unwrap().0,
+            &b"durable"[..],
+            "{}",
+            r.name
+        );
+        assert!(
+            rc.get(k[15].as_bytes()).unwrap_err().is_not_found(),
+            "{}",
+            r.name
+        );
     }
     // The primary keeps working and replicating after the rollback.
-    primary.client().set(k[15].as_bytes(), b"new", 0, false).unwrap();
+    primary
+        .client()
+        .set(k[15].as_bytes(), b"new", 0, false)
+        .unwrap();
     wait_converged(&primary, &[&reps[0], &reps[1]], CONVERGE);
 }
 
@@ -261,7 +329,13 @@ fn a_slow_replica_has_its_cursor_dropped_and_is_backfilled_later() {
         "primary",
         &["--max-unacked-bytes", "65536", "--slow-replica-ms", "300"],
     );
-    let slow = NodeProc::start(&dir.path().join("slow"), "127.0.0.1:0", Some(&primary.addr), "slow", &[]);
+    let slow = NodeProc::start(
+        &dir.path().join("slow"),
+        "127.0.0.1:0",
+        Some(&primary.addr),
+        "slow",
+        &[],
+    );
     let mut c = primary.client();
     c.set(b"hello", b"world", 0, false).unwrap();
     wait_converged(&primary, &[&slow], CONVERGE);
@@ -272,7 +346,8 @@ fn a_slow_replica_has_its_cursor_dropped_and_is_backfilled_later() {
     // Write until the primary reports the stream's cursors dropped.
     loop {
         for _ in 0..500 {
-            c.set(format!("bulk-{}", i % 20_000).as_bytes(), &value, 0, false).unwrap();
+            c.set(format!("bulk-{}", i % 20_000).as_bytes(), &value, 0, false)
+                .unwrap();
             i += 1;
         }
         let streams = c.admin("streams").unwrap();
@@ -282,18 +357,25 @@ fn a_slow_replica_has_its_cursor_dropped_and_is_backfilled_later() {
         if dropped {
             break;
         }
-        assert!(Instant::now() < deadline, "cursors never dropped: {streams}");
+        assert!(
+            Instant::now() < deadline,
+            "cursors never dropped: {streams}"
+        );
     }
     // With the cursor gone, checkpoints are freed: while the replica stays
     // stopped, 60 MB more writes leave checkpoint memory at about two
     // checkpoints' worth (10,000 items each), not growing with the writes.
     for _ in 0..60_000 {
-        c.set(format!("bulk-{}", i % 20_000).as_bytes(), &value, 0, false).unwrap();
+        c.set(format!("bulk-{}", i % 20_000).as_bytes(), &value, 0, false)
+            .unwrap();
         i += 1;
     }
     c.flush().unwrap();
     let mem = c.stats().unwrap()["checkpoint_mem_bytes"].as_u64().unwrap();
-    assert!(mem < 30 << 20, "checkpoint memory {mem} grows with a stopped replica");
+    assert!(
+        mem < 30 << 20,
+        "checkpoint memory {mem} grows with a stopped replica"
+    );
     slow.signal(libc::SIGCONT);
     wait_converged(&primary, &[&slow], CONVERGE);
 }
@@ -312,7 +394,13 @@ fn replica_reads_and_primary_dump_agree_with_the_disk_after_restart() {
     let addr = primary.addr.clone();
     primary.stop();
     let primary = NodeProc::start(&dir.path().join("primary"), &addr, None, "primary", &[]);
-    let replica = NodeProc::start(&dir.path().join("replica-0"), "127.0.0.1:0", Some(&addr), "replica-0", &[]);
+    let replica = NodeProc::start(
+        &dir.path().join("replica-0"),
+        "127.0.0.1:0",
+        Some(&addr),
+        "replica-0",
+        &[],
+    );
     assert_eq!(dump(&replica), before);
     assert_eq!(wait_converged(&primary, &[&replica], CONVERGE), before);
 }

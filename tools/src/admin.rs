@@ -46,19 +46,35 @@ pub(crate) fn run(cmd: AdminCommand) -> Result<ExitCode, Error> {
                 if json {
                     println!("{v}");
                 } else {
-                    println!("node {} ({}), data directory {}", v["name"], v["role"], v["data"]);
-                    println!("{:>9} {:>12} {:>10} {:>13} {:>8}  online update", "partition", "high_seqno", "persisted", "checkpoint_id", "items");
+                    println!(
+                        "node {} ({}), data directory {}",
+                        v["name"], v["role"], v["data"]
+                    );
+                    println!(
+                        "{:>9} {:>12} {:>10} {:>13} {:>8}  online update",
+                        "partition", "high_seqno", "persisted", "checkpoint_id", "items"
+                    );
                     for p in v["partitions"].as_array().into_iter().flatten() {
                         println!(
                             "{:>9} {:>12} {:>10} {:>13} {:>8}  {}",
-                            p["partition"], p["high_seqno"], p["persisted_seqno"], p["checkpoint_id"], p["items"],
-                            if p["window"].is_null() { "-".to_string() } else { format!("window {} open", p["window"]["checkpoint_id"]) }
+                            p["partition"],
+                            p["high_seqno"],
+                            p["persisted_seqno"],
+                            p["checkpoint_id"],
+                            p["items"],
+                            if p["window"].is_null() {
+                                "-".to_string()
+                            } else {
+                                format!("window {} open", p["window"]["checkpoint_id"])
+                            }
                         );
                     }
                 }
                 Ok(ExitCode::SUCCESS)
             }
-            _ => Err(Error::InvalidArgument("give --data DIR or --addr ADDR".into())),
+            _ => Err(Error::InvalidArgument(
+                "give --data DIR or --addr ADDR".into(),
+            )),
         },
         AdminCommand::Dump { target, json } => match (target.data, target.addr) {
             (Some(data), _) => dump(&data, json),
@@ -72,9 +88,16 @@ pub(crate) fn run(cmd: AdminCommand) -> Result<ExitCode, Error> {
                         } else {
                             format!(
                                 "partition={} seqno={} cas={} key={} value_len={}{}",
-                                row["partition"], row["seqno"], row["cas"],
-                                row["key"].as_str().unwrap_or(""), row["value_len"],
-                                if row["deleted"] == true { " deleted" } else { "" }
+                                row["partition"],
+                                row["seqno"],
+                                row["cas"],
+                                row["key"].as_str().unwrap_or(""),
+                                row["value_len"],
+                                if row["deleted"] == true {
+                                    " deleted"
+                                } else {
+                                    ""
+                                }
                             )
                         };
                         if let Err(e) = writeln!(out, "{line}") {
@@ -87,7 +110,9 @@ pub(crate) fn run(cmd: AdminCommand) -> Result<ExitCode, Error> {
                 }
                 Ok(ExitCode::SUCCESS)
             }
-            _ => Err(Error::InvalidArgument("give --data DIR or --addr ADDR".into())),
+            _ => Err(Error::InvalidArgument(
+                "give --data DIR or --addr ADDR".into(),
+            )),
         },
         AdminCommand::Streams { addr } => {
             let v = connect(&addr)?.admin("streams").map_err(remote)?;
@@ -103,7 +128,11 @@ pub(crate) fn run(cmd: AdminCommand) -> Result<ExitCode, Error> {
                 for p in s["partitions"].as_array().into_iter().flatten() {
                     println!(
                         "  partition {:>3}: {:<11} sent {:>8} acked {:>8} lag {:>6} items",
-                        p["partition"], p["state"].as_str().unwrap_or(""), p["sent_seqno"], p["acked_seqno"], p["lag_items"]
+                        p["partition"],
+                        p["state"].as_str().unwrap_or(""),
+                        p["sent_seqno"],
+                        p["acked_seqno"],
+                        p["lag_items"]
                     );
                 }
             }

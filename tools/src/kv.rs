@@ -118,9 +118,9 @@ fn local(t: &Target) -> Result<&std::path::Path, Error> {
 /// Runs the operation against a node when `--addr` is given.
 fn remote(op: &KvOp) -> Result<Option<ExitCode>, Error> {
     let (target, key) = match op {
-        KvOp::Get { target, key } | KvOp::Set { target, key, .. } | KvOp::Del { target, key, .. } => {
-            (target, key)
-        }
+        KvOp::Get { target, key }
+        | KvOp::Set { target, key, .. }
+        | KvOp::Del { target, key, .. } => (target, key),
     };
     let Some(addr) = &target.addr else {
         return Ok(None);
@@ -145,11 +145,16 @@ fn remote(op: &KvOp) -> Result<Option<ExitCode>, Error> {
             }
             Err(e) => fail(e),
         },
-        KvOp::Set { value, durability, .. } => {
+        KvOp::Set {
+            value, durability, ..
+        } => {
             let persist = matches!(durability, DurabilityArg::Persist);
             match c.set(key.as_bytes(), value.as_bytes(), 0, persist) {
                 Ok(r) => {
-                    println!("OK partition={} seqno={} cas={}", r.partition, r.seqno, r.cas);
+                    println!(
+                        "OK partition={} seqno={} cas={}",
+                        r.partition, r.seqno, r.cas
+                    );
                     Ok(Some(ExitCode::SUCCESS))
                 }
                 Err(e) => fail(e),

@@ -93,9 +93,13 @@ pub(crate) struct DataArg {
 pub(crate) const CLIENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Connects to a node, with a readable error.
-pub(crate) fn connect(addr: &str) -> Result<tapkv_replication::client::Client, tapkv_engine::Error> {
+pub(crate) fn connect(
+    addr: &str,
+) -> Result<tapkv_replication::client::Client, tapkv_engine::Error> {
     tapkv_replication::client::Client::connect(addr, CLIENT_TIMEOUT).map_err(|e| {
-        tapkv_engine::Error::Io(std::io::Error::other(format!("cannot reach node at {addr}: {e}")))
+        tapkv_engine::Error::Io(std::io::Error::other(format!(
+            "cannot reach node at {addr}: {e}"
+        )))
     })
 }
 

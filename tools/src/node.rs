@@ -51,7 +51,10 @@ pub(crate) fn run(args: NodeArgs) -> Result<ExitCode, Error> {
         .replica(replica)
         .open()?;
     let mut cfg = NodeConfig::new(args.listen.clone());
-    cfg.name = args.name.clone().unwrap_or_else(|| format!("node-{}", std::process::id()));
+    cfg.name = args
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("node-{}", std::process::id()));
     cfg.replica_of = args.replica_of.clone();
     cfg.max_unacked_bytes = args.max_unacked_bytes;
     cfg.slow_replica_timeout = Duration::from_millis(args.slow_replica_ms);

@@ -304,7 +304,11 @@ pub(crate) fn run(args: ShellArgs) -> Result<ExitCode, Error> {
             engine: None,
             remote: Some(connect(&addr)?),
         },
-        (None, None) => return Err(Error::InvalidArgument("give --data DIR or --addr ADDR".into())),
+        (None, None) => {
+            return Err(Error::InvalidArgument(
+                "give --data DIR or --addr ADDR".into(),
+            ))
+        }
     };
     let stdin = std::io::stdin();
     let mut out = std::io::stdout().lock();
@@ -352,7 +356,12 @@ fn remote_execute(c: &mut Client, line: &str) -> Reply {
                 "replace" => c.replace(k.as_bytes(), v.as_bytes()),
                 _ => c.set(k.as_bytes(), v.as_bytes(), 0, false),
             }
-            .map(|r| format!("OK PARTITION {} SEQNO {} CAS {}", r.partition, r.seqno, r.cas))
+            .map(|r| {
+                format!(
+                    "OK PARTITION {} SEQNO {} CAS {}",
+                    r.partition, r.seqno, r.cas
+                )
+            })
             .map_err(|e| remote_err(&e)),
         },
         "get" => c
@@ -364,34 +373,57 @@ fn remote_execute(c: &mut Client, line: &str) -> Reply {
             .map(|r| format!("OK PARTITION {} SEQNO {}", r.partition, r.seqno))
             .map_err(|e| remote_err(&e)),
         "partition" => Ok(format!("OK PARTITION {}", c.partition_of(rest.as_bytes()))),
-        "evict" => c.evict(rest.as_bytes()).map(|_| "OK EVICTED".into()).map_err(|e| remote_err(&e)),
+        "evict" => c
+            .evict(rest.as_bytes())
+            .map(|_| "OK EVICTED".into())
+            .map_err(|e| remote_err(&e)),
         "flush" => c.flush().map(|_| "OK".into()).map_err(|e| remote_err(&e)),
         "checkpoint" => part(arg).and_then(|p| {
-            c.checkpoint(p).map(|id| format!("OK CHECKPOINT {id}")).map_err(|e| remote_err(&e))
+            c.checkpoint(p)
+                .map(|id| format!("OK CHECKPOINT {id}"))
+                .map_err(|e| remote_err(&e))
         }),
         "checkpoints" | "cursors" => part(arg).and_then(|p| {
-            c.partition_info(p, cmd).map(|v| format!("OK {v}")).map_err(|e| remote_err(&e))
+            c.partition_info(p, cmd)
+                .map(|v| format!("OK {v}"))
+                .map_err(|e| remote_err(&e))
         }),
-        "stats" => c.stats().map(|v| {
-            format!(
-                "OK items={} dirty={} checkpoint_mem={} role={}",
-                v["items"], v["dirty"], v["checkpoint_mem_bytes"], v["role"].as_str().unwrap_or("")
-            )
-        }).map_err(|e| remote_err(&e)),
+        "stats" => c
+            .stats()
+            .map(|v| {
+                format!(
+                    "OK items={} dirty={} checkpoint_mem={} role={}",
+                    v["items"],
+                    v["dirty"],
+                    v["checkpoint_mem_bytes"],
+                    v["role"].as_str().unwrap_or("")
+                )
+            })
+            .map_err(|e| remote_err(&e)),
         "update" => {
             let mut w = rest.split_whitespace();
             let what = w.next();
             part(w.next()).and_then(|p| match what {
-                Some("start") => c.update_start(p).map(|id| format!("OK CHECKPOINT {id}")).map_err(|e| remote_err(&e)),
-                Some("complete") => c.update_complete(p).map(|id| format!("OK CHECKPOINT {id}")).map_err(|e| remote_err(&e)),
+                Some("start") => c
+                    .update_start(p)
+                    .map(|id| format!("OK CHECKPOINT {id}"))
+                    .map_err(|e| remote_err(&e)),
+                Some("complete") => c
+                    .update_complete(p)
+                    .map(|id| format!("OK CHECKPOINT {id}"))
+                    .map_err(|e| remote_err(&e)),
                 Some("revert") => c
                     .update_revert(p)
-                    .map(|(id, removed, restored)| format!("OK CHECKPOINT {id} REMOVED {removed} RESTORED {restored}"))
+                    .map(|(id, removed, restored)| {
+                        format!("OK CHECKPOINT {id} REMOVED {removed} RESTORED {restored}")
+                    })
                     .map_err(|e| remote_err(&e)),
                 _ => Err(usage("usage: update start|complete|revert P")),
             })
         }
-        "restart" | "crash" => Err(usage(&format!("`{cmd}` works only on a local data directory (--data)"))),
+        "restart" | "crash" => Err(usage(&format!(
+            "`{cmd}` works only on a local data directory (--data)"
+        ))),
         other => Err(usage(&format!("unknown command {other:?}; try `help`"))),
     };
     Reply::Line(text.unwrap_or_else(|e| e))

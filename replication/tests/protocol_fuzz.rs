@@ -1,0 +1,122 @@
+//! Property tests of the frame codec: arbitrary bytes never panic or allocate
+//! beyond the limit; frames round-trip; stream messages round-trip.
+
+use bytes::{Bytes, BytesMut};
+use proptest::prelude::*;
+use tapkv_engine::{ItemMeta, QueueOp, QueuedItem};
+use tapkv_replication::message::{Ack, StreamMessage};
+use tapkv_replication::protocol::{decode, read_frame, Frame, ProtocolError, HEADER_LEN};
+
+const MAX: usize = 4096;
+
+fn frame() -> impl Strategy<Value = Frame> {
+    (
+        prop_oneof![Just(0x80u8), Just(0x81u8)],
+        any::<u8>(),
+        any::<u8>(),
+        any::<u16>(),
+        any::<u32>(),
+        any::<u64>(),
+        proptest::collection::vec(any::<u8>(), 0..32),
+        proptest::collection::vec(any::<u8>(), 0..64),
+        proptest::collection::vec(any::<u8>(), 0..512),
+    )
+        .prop_map(
+            |(magic, opcode, datatype, vb, opaque, cas, e, k, v)| Frame {
+                magic,
+                opcode,
+                datatype,
+                vbucket_or_status: vb,
+                opaque,
+                cas,
+                extras: Bytes::from(e),
+                key: Bytes::from(k),
+                value: Bytes::from(v),
+            },
+        )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn arbitrary_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..600)) {
+        let mut buf = BytesMut::from(&data[..]);
+        // Decode until error or need-more; every frame is within the limit.
+        loop {
+            match decode(&mut buf, MAX) {
+                Ok(Some(f)) => {
+                    prop_assert!(f.wire_len() <= HEADER_LEN + MAX);
+                    let _ = StreamMessage::from_frame(&f);
+                    let _ = Ack::from_frame(&f);
+                }
+                Ok(None) | Err(_) => break,
+            }
+        }
+        let _ = read_frame(&mut &data[..], MAX);
+    }
+
+    #[test]
+    fn frames_round_trip(f in frame(), split in 0usize..700) {
+        let bytes = f.to_bytes();
+        // Fed in two pieces, the decoder waits for the whole frame.
+        let cut = split.min(bytes.len());
+        let mut buf = BytesMut::from(&bytes[..cut]);
+        if cut < bytes.len() {
+            prop_assert!(decode(&mut buf, MAX).unwrap().is_none());
+            buf.extend_from_slice(&bytes[cut..]);
+        }
+        let got = decode(&mut buf, MAX).unwrap().unwrap();
+        prop_assert_eq!(&got, &f);
+        prop_assert!(buf.is_empty());
+        prop_assert_eq!(read_frame(&mut &bytes[..], MAX).unwrap(), f);
+    }
+
+    #[test]
+    fn stream_messages_round_trip(
+        p in any::<u16>(), seqno in 1u64.., cas in any::<u64>(), rev in any::<u64>(),
+        flags in any::<u32>(), expiry in any::<u32>(), id in any::<u64>(),
+        key in proptest::collection::vec(any::<u8>(), 1..40),
+        value in proptest::collection::vec(any::<u8>(), 0..100),
+        kind in 0u8..5,
+    ) {
+        let meta = ItemMeta { by_seqno: seqno, cas, rev_seqno: rev, flags, expiry };
+        let (op, key, value, meta) = match kind {
+            0 => (QueueOp::Mutation, key, value, meta),
+            1 => (QueueOp::Deletion, key, vec![], meta),
+            2 => (QueueOp::OnlineUpdateStart { checkpoint_id: id }, vec![], vec![], ItemMeta { by_seqno: seqno, cas, ..ItemMeta::default() }),
+            3 => (QueueOp::OnlineUpdateEnd { checkpoint_id: id }, vec![], vec![], ItemMeta { by_seqno: seqno, cas, ..ItemMeta::default() }),
+            _ => (QueueOp::OnlineUpdateRevert { checkpoint_id: id }, vec![], vec![], ItemMeta { by_seqno: seqno, cas, ..ItemMeta::default() }),
+        };
+        let m = StreamMessage::Item { partition: p, item: QueuedItem { op, key: key.into(), value: value.into(), meta } };
+        let back = StreamMessage::from_frame(&m.to_frame()).unwrap();
+        prop_assert_eq!(back, m);
+    }
+}
+
+#[test]
+fn oversized_and_inconsistent_headers_are_refused_before_allocating() {
+    let mut h = vec![0x80u8, 0x01, 0, 0, 0, 0, 0, 0];
+    h.extend_from_slice(&u32::MAX.to_be_bytes()); // 4 GiB body
+    h.extend_from_slice(&[0; 12]);
+    let mut buf = BytesMut::from(&h[..]);
+    assert!(matches!(
+        decode(&mut buf, MAX),
+        Err(ProtocolError::BodyTooLarge { .. })
+    ));
+    assert!(matches!(
+        read_frame(&mut &h[..], MAX),
+        Err(ProtocolError::BodyTooLarge { .. })
+    ));
+    let mut h = vec![0x80u8, 0x01, 0, 100, 8, 0, 0, 0, 0, 0, 0, 10];
+    h.extend_from_slice(&[0; 12]);
+    assert!(matches!(
+        read_frame(&mut &h[..], MAX),
+        Err(ProtocolError::BadLengths { .. })
+    ));
+    let h = [0x42u8; 24];
+    assert!(matches!(
+        read_frame(&mut &h[..], MAX),
+        Err(ProtocolError::BadMagic(0x42))
+    ));
+}

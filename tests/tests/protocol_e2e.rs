@@ -1,0 +1,140 @@
+//! Malformed input to a live node: every bad frame gets an error response or
+//! a clean close, and the node keeps serving other connections.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use tapkv_replication::message::{hello, opcode, status};
+use tapkv_replication::protocol::{read_frame, Frame};
+use tapkv_tests::NodeProc;
+
+fn raw(addr: &str) -> TcpStream {
+    let s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+    s
+}
+
+fn handshake(s: &mut TcpStream) {
+    s.write_all(&hello("fuzzer").to_bytes()).unwrap();
+    let r = read_frame(s, 1 << 20).unwrap();
+    assert_eq!(r.status(), status::SUCCESS);
+}
+
+/// Reads until the node closes the connection (bounded by the read timeout).
+fn closed(s: &mut TcpStream) -> bool {
+    let mut buf = [0u8; 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(_) => return false,
+        }
+    }
+}
+
+#[test]
+fn malformed_frames_get_errors_and_the_node_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = NodeProc::start(dir.path(), "127.0.0.1:0", None, "target", &[]);
+
+    // A request before HELLO.
+    let mut s = raw(&node.addr);
+    s.write_all(
+        &Frame::request(opcode::GET, 0)
+            .with_key(b"k".to_vec())
+            .to_bytes(),
+    )
+    .unwrap();
+    assert_eq!(
+        read_frame(&mut s, 1 << 20).unwrap().status(),
+        status::HANDSHAKE_REQUIRED
+    );
+
+    // An unknown protocol version.
+    let mut s = raw(&node.addr);
+    let mut bad = hello("old");
+    bad.extras = 99u32.to_be_bytes().to_vec().into();
+    s.write_all(&bad.to_bytes()).unwrap();
+    assert_eq!(
+        read_frame(&mut s, 1 << 20).unwrap().status(),
+        status::BAD_VERSION
+    );
+
+    // Bad magic after the handshake: an error answer, then a close.
+    let mut s = raw(&node.addr);
+    handshake(&mut s);
+    s.write_all(&[0x42; 24]).unwrap();
+    let r = read_frame(&mut s, 1 << 20).unwrap();
+    assert_eq!(r.status(), status::INVALID_ARGUMENTS);
+    assert!(closed(&mut s));
+
+    // A header advertising a 4 GiB body: refused without waiting for it.
+    let mut s = raw(&node.addr);
+    handshake(&mut s);
+    let mut h = vec![0x80u8, opcode::SET, 0, 1, 8, 0, 0, 0];
+    h.extend_from_slice(&u32::MAX.to_be_bytes());
+    h.extend_from_slice(&[0; 12]);
+    s.write_all(&h).unwrap();
+    let r = read_frame(&mut s, 1 << 20).unwrap();
+    assert_eq!(r.status(), status::INVALID_ARGUMENTS);
+    assert!(String::from_utf8_lossy(&r.value).contains("exceeds"));
+    assert!(closed(&mut s));
+
+    // Unknown opcode and malformed extras: error answers, connection stays.
+    let mut s = raw(&node.addr);
+    handshake(&mut s);
+    s.write_all(&Frame::request(0xee, 0).to_bytes()).unwrap();
+    assert_eq!(
+        read_frame(&mut s, 1 << 20).unwrap().status(),
+        status::UNKNOWN_COMMAND
+    );
+    s.write_all(
+        &Frame::request(opcode::SET, 0)
+            .with_key(b"k".to_vec())
+            .to_bytes(),
+    )
+    .unwrap();
+    let st = read_frame(&mut s, 1 << 20).unwrap().status();
+    assert!(
+        st == status::INVALID_ARGUMENTS || st == status::NOT_MY_VBUCKET,
+        "{st}"
+    );
+    s.write_all(
+        &Frame::request(opcode::STREAM_OPEN, 0)
+            .with_key(b"x".to_vec())
+            .with_value(vec![1, 2, 3])
+            .to_bytes(),
+    )
+    .unwrap();
+    assert_eq!(
+        read_frame(&mut s, 1 << 20).unwrap().status(),
+        status::INVALID_ARGUMENTS
+    );
+    s.write_all(&Frame::request(opcode::NOOP, 0).to_bytes())
+        .unwrap();
+    assert_eq!(
+        read_frame(&mut s, 1 << 20).unwrap().status(),
+        status::SUCCESS
+    );
+
+    // Random garbage from several connections at once.
+    let junk: Vec<Vec<u8>> = (0..8u8)
+        .map(|i| {
+            (0..200u32)
+                .map(|j| (j as u8).wrapping_mul(31).wrapping_add(i))
+                .collect()
+        })
+        .collect();
+    for j in &junk {
+        let mut s = raw(&node.addr);
+        let _ = s.write_all(j);
+        let _ = closed(&mut s);
+    }
+
+    // The node still serves.
+    let mut c = node.client();
+    c.set(b"still", b"alive", 0, false).unwrap();
+    assert_eq!(c.get(b"still").unwrap().0, &b"alive"[..]);
+}
