@@ -5,6 +5,7 @@
 //! Each figure is measured in the same process, on the same machine, with the
 //! same keys (16–24 bytes) and values (100 bytes).
 
+mod replication;
 mod revert;
 
 use std::sync::Arc;
@@ -301,12 +302,14 @@ fn main() {
     match what {
         "engine" => engine_bench(ops),
         "revert" => revert::bench(),
+        "replication" => replication::bench(),
         "all" => {
             engine_bench(ops);
             revert::bench();
+            replication::bench();
         }
         "--help" | "-h" | "help" => {
-            println!("usage: tapkv-benches [engine|revert|all] [--ops N]   (default all; --ops sizes the engine bench, default 1000000)");
+            println!("usage: tapkv-benches [engine|revert|replication|all] [--ops N]   (default all; --ops sizes the engine bench, default 1000000)");
         }
         other => {
             eprintln!("unknown benchmark {other:?}; try `help`");

@@ -63,7 +63,7 @@ impl HashTable {
     pub(crate) fn new() -> Self {
         HashTable {
             shards: (0..SHARDS).map(|_| RwLock::new(RawTable::new())).collect(),
-            hasher: Hasher64::with_seed(0x7461_706b_76),
+            hasher: Hasher64::with_seed(0x0074_6170_6b76),
             items: AtomicUsize::new(0),
             bytes: AtomicUsize::new(0),
             evicted: AtomicUsize::new(0),

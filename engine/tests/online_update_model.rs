@@ -98,11 +98,14 @@ proptest! {
                 }
                 Op::Add(k, v) => {
                     let r = eng.add(&key(k), val(k, v), mem);
-                    if m.values.contains_key(&k) {
-                        prop_assert!(matches!(r, Err(Error::Exists)), "{:?}", r);
-                    } else {
-                        r.unwrap();
-                        m.values.insert(k, val(k, v));
+                    match m.values.entry(k) {
+                        std::collections::btree_map::Entry::Occupied(_) => {
+                            prop_assert!(matches!(r, Err(Error::Exists)), "{:?}", r);
+                        }
+                        std::collections::btree_map::Entry::Vacant(slot) => {
+                            r.unwrap();
+                            slot.insert(val(k, v));
+                        }
                     }
                 }
                 Op::Delete(k) => {

@@ -31,9 +31,9 @@ impl FrameReader {
         self.stream.set_read_timeout(Some(t))
     }
 
-    /// The next frame; `Ok(None)` if none arrived within the read timeout;
+    /// Polls for the next frame; `Ok(None)` if none arrived within the read timeout;
     /// `Err(Closed)` when the peer closed at a frame boundary.
-    pub fn next(&mut self) -> Result<Option<Frame>, ProtocolError> {
+    pub fn poll(&mut self) -> Result<Option<Frame>, ProtocolError> {
         loop {
             if let Some(f) = decode(&mut self.buf, self.max_body)? {
                 return Ok(Some(f));
@@ -65,7 +65,7 @@ impl FrameReader {
     /// The next frame, waiting at most `attempts` read timeouts.
     pub fn next_within(&mut self, attempts: usize) -> Result<Frame, ProtocolError> {
         for _ in 0..attempts.max(1) {
-            if let Some(f) = self.next()? {
+            if let Some(f) = self.poll()? {
                 return Ok(f);
             }
         }

@@ -318,10 +318,7 @@ fn serve_connection(state: &Arc<NodeState>, conn: TcpStream) -> Result<(), Proto
     let mut writer = FrameWriter::new(conn.try_clone()?);
     let idle_polls = (cfg.idle_timeout.as_millis() / 200).max(1) as usize;
     // Handshake first.
-    let first = match reader.next_within(idle_polls) {
-        Ok(f) => f,
-        Err(e) => return Err(e),
-    };
+    let first = reader.next_within(idle_polls)?;
     if first.opcode != opcode::HELLO {
         writer.send(&status_response(
             &first,
@@ -363,7 +360,7 @@ fn serve_connection(state: &Arc<NodeState>, conn: TcpStream) -> Result<(), Proto
         if state.stop.load(Ordering::Acquire) {
             return Ok(());
         }
-        let frame = match reader.next() {
+        let frame = match reader.poll() {
             Ok(Some(f)) => f,
             Ok(None) => {
                 idle += 1;
@@ -781,7 +778,7 @@ fn serve_stream(
 
 fn ack_reader(s: &StreamShared, mut reader: FrameReader) {
     while !s.stop.load(Ordering::Acquire) {
-        match reader.next() {
+        match reader.poll() {
             Ok(Some(f)) if f.opcode == opcode::ACK => {
                 if let Ok(ack) = Ack::from_frame(&f) {
                     let _ = s
@@ -1072,7 +1069,7 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
     let mut last_heard = Instant::now();
     let silence_limit = cfg.heartbeat * 10;
     while !state.stop.load(Ordering::Acquire) {
-        let frame = match reader.next().map_err(perr)? {
+        let frame = match reader.poll().map_err(perr)? {
             Some(f) => f,
             None => {
                 if last_heard.elapsed() > silence_limit {

@@ -67,7 +67,7 @@ pub(crate) fn run(args: LoadArgs) -> Result<ExitCode, Error> {
         let handle = std::thread::spawn(move || {
             while stop_rx.recv_timeout(Duration::from_millis(200)).is_err() {
                 let d = done.load(Ordering::Relaxed);
-                let pct = if total == 0 { 100 } else { d * 100 / total };
+                let pct = (d * 100).checked_div(total).unwrap_or(100);
                 let bar: String = (0..40)
                     .map(|i| if i * 100 / 40 < pct { '#' } else { '.' })
                     .collect();

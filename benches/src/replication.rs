@@ -1,0 +1,487 @@
+//! Replication throughput, replica lag and backfill speed, side by side with
+//! a single node and with RocksDB used directly.
+//!
+//! `tapkv-benches replication` prints three tables:
+//!
+//! 1. Throughput: N items written to a primary node's engine from one thread;
+//!    the replica node (same process, own engine, TCP on 127.0.0.1) is timed
+//!    from the first write until every partition's high seqno equals the
+//!    primary's. Compared with the same N writes to a plain engine (no node).
+//!    Goal: replica apply rate >= 0.8x the single-node write rate.
+//! 2. Lag at 50% load: a fresh pair, writes paced at half the single-node rate
+//!    for ~5 s; every 10 ms the lag (primary seqnos - replica seqnos, summed
+//!    over partitions) is sampled, and the time until that sample's primary
+//!    seqnos are all visible on the replica is measured (1 ms polling).
+//! 3. Backfill: `Engine::backfill` over all partitions of a reopened engine
+//!    holding 500k persisted items, against a full RocksDB iterator pass over
+//!    the same 500k keys and values. Goal: >= 0.7x.
+//!
+//! Every engine here uses the default configuration except a 4 GiB memory
+//! quota, so the 50%-load run never evicts.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use rocksdb::IteratorMode;
+use tapkv_engine::{Engine, Error, WriteOptions};
+use tapkv_replication::node::{Node, NodeConfig};
+
+use super::{key, print_rows, rate, rocks, value, Row, VALUE_SIZE};
+
+/// Items of the throughput run.
+const N: u64 = 200_000;
+/// Items of the backfill run.
+const BACKFILL_ITEMS: u64 = 500_000;
+/// Length of the paced (50% load) run.
+const LAG_RUN: Duration = Duration::from_secs(5);
+/// Longest wait for the replica to catch up.
+const CATCH_UP_DEADLINE: Duration = Duration::from_secs(120);
+/// Repetitions of the backfill and raw iteration timings (median reported).
+const SCAN_REPS: usize = 3;
+
+fn open_engine(path: &Path, replica: bool) -> Engine {
+    Engine::builder(path)
+        .replica(replica)
+        .memory_quota(4 << 30)
+        .open()
+        .expect("open tapkv")
+}
+
+/// `set` that waits out temporary memory pressure; returns the retries.
+fn set(engine: &Engine, i: u64) -> u64 {
+    let mut retries = 0;
+    loop {
+        match engine.set(&key(i), value(i), WriteOptions::default()) {
+            Ok(_) => return retries,
+            Err(Error::TempOutOfMemory { .. }) => {
+                retries += 1;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(e) => panic!("set: {e}"),
+        }
+    }
+}
+
+fn high_seqnos(engine: &Engine) -> Vec<u64> {
+    (0..engine.num_partitions())
+        .map(|p| engine.high_seqno(p).expect("high seqno"))
+        .collect()
+}
+
+fn caught_up(primary: &Engine, replica: &Engine) -> bool {
+    (0..primary.num_partitions()).all(|p| {
+        replica.high_seqno(p).expect("replica high seqno")
+            >= primary.high_seqno(p).expect("primary high seqno")
+    })
+}
+
+/// Polls every 1 ms until the replica holds every seqno the primary has.
+fn wait_caught_up(primary: &Engine, replica: &Engine, deadline: Duration) -> bool {
+    let t = Instant::now();
+    while !caught_up(primary, replica) {
+        if t.elapsed() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    true
+}
+
+/// A primary node and a replica node following it, the stream established
+/// (one warm-up item, key outside the benchmark's range, has reached the
+/// replica).
+fn pair(dir: &Path, tag: &str) -> (Node, Node) {
+    let mut pcfg = NodeConfig::new("127.0.0.1:0");
+    pcfg.name = format!("bench-primary-{tag}");
+    let primary =
+        Node::start(open_engine(&dir.join("primary"), false), pcfg).expect("start primary");
+    let mut rcfg = NodeConfig::new("127.0.0.1:0");
+    rcfg.name = format!("bench-replica-{tag}");
+    rcfg.replica_of = Some(primary.local_addr().to_string());
+    let replica =
+        Node::start(open_engine(&dir.join("replica"), true), rcfg).expect("start replica");
+    let pe = primary.engine().expect("primary engine");
+    pe.set(b"warmup:key", value(0), WriteOptions::default())
+        .expect("warm-up set");
+    assert!(
+        wait_caught_up(
+            pe,
+            replica.engine().expect("replica engine"),
+            Duration::from_secs(30)
+        ),
+        "replica did not connect within 30 s"
+    );
+    (primary, replica)
+}
+
+fn shutdown(primary: Node, replica: Node) {
+    // Replica first, so the primary's stream ends without reconnect attempts.
+    replica.shutdown().expect("replica shutdown");
+    primary.shutdown().expect("primary shutdown");
+}
+
+struct Throughput {
+    single: f64,
+    primary: f64,
+    replica: Option<f64>,
+    tail: Option<Duration>,
+    retries: u64,
+}
+
+fn throughput(dir: &Path) -> Throughput {
+    // Single node: same N writes, no node around the engine.
+    let engine = open_engine(&dir.join("single"), false);
+    let t = Instant::now();
+    let mut retries = 0;
+    for i in 0..N {
+        retries += set(&engine, i);
+    }
+    let single = rate(N, t.elapsed());
+    engine.close().expect("close");
+
+    let (primary, replica) = pair(&dir.join("pair"), "tp");
+    let pe = primary.engine().expect("primary engine");
+    let re = replica.engine().expect("replica engine");
+    let t = Instant::now();
+    for i in 0..N {
+        retries += set(pe, i);
+    }
+    let written = t.elapsed();
+    let ok = wait_caught_up(pe, re, CATCH_UP_DEADLINE);
+    let done = t.elapsed();
+    shutdown(primary, replica);
+    Throughput {
+        single,
+        primary: rate(N, written),
+        replica: ok.then(|| rate(N, done)),
+        tail: ok.then(|| done - written),
+        retries,
+    }
+}
+
+struct Lag {
+    target_rate: f64,
+    achieved_rate: f64,
+    written: u64,
+    samples: Vec<u64>,
+    visible: Vec<Duration>,
+    unresolved: usize,
+    drain: Option<Duration>,
+    retries: u64,
+}
+
+fn percentile<T: Copy + Ord>(sorted: &[T], q: f64) -> Option<T> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let i = ((sorted.len() - 1) as f64 * q).round() as usize;
+    Some(sorted[i])
+}
+
+fn lag(dir: &Path, target_rate: f64) -> Lag {
+    let (primary, replica) = pair(&dir.join("lag"), "lag");
+    let pe = primary.engine().expect("primary engine");
+    let re = replica.engine().expect("replica engine");
+    let total = (target_rate * LAG_RUN.as_secs_f64()) as u64;
+    let writing = AtomicBool::new(true);
+    let samples = Mutex::new(Vec::new());
+    let visible = Mutex::new(Vec::new());
+    let mut unresolved = 0;
+    let mut retries = 0;
+    let mut written_in = Duration::ZERO;
+    let t0 = Instant::now();
+    std::thread::scope(|sc| {
+        let sampler = sc.spawn(|| {
+            // Every 10 ms: lag in items, and the primary's seqnos to watch for.
+            // Every 1 ms: which watched samples the replica now holds.
+            let mut pending: std::collections::VecDeque<(Instant, Vec<u64>)> = Default::default();
+            let mut next_sample = Instant::now();
+            let mut drain_deadline = None;
+            loop {
+                let now = Instant::now();
+                let still_writing = writing.load(Ordering::Acquire);
+                if still_writing && now >= next_sample {
+                    let p = high_seqnos(pe);
+                    let r = high_seqnos(re);
+                    let lag: u64 = p.iter().zip(&r).map(|(a, b)| a.saturating_sub(*b)).sum();
+                    samples.lock().unwrap().push(lag);
+                    pending.push_back((now, p));
+                    next_sample += Duration::from_millis(10);
+                }
+                if !pending.is_empty() {
+                    let r = high_seqnos(re);
+                    let seen = Instant::now();
+                    while let Some((t, p)) = pending.front() {
+                        if p.iter().zip(&r).all(|(a, b)| b >= a) {
+                            visible.lock().unwrap().push(seen - *t);
+                            pending.pop_front();
+                        } else {
+                            break;
+                        }
+                    }
+                }
+                if !still_writing {
+                    let d = *drain_deadline.get_or_insert(now + CATCH_UP_DEADLINE);
+                    if pending.is_empty() || now > d {
+                        return pending.len();
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        });
+        let t = t0;
+        let mut i = 0u64;
+        while i < total {
+            let due = ((t.elapsed().as_secs_f64() * target_rate) as u64).min(total);
+            while i < due {
+                retries += set(pe, i);
+                i += 1;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        written_in = t.elapsed();
+        writing.store(false, Ordering::Release);
+        unresolved = sampler.join().expect("sampler thread");
+    });
+    let ok = wait_caught_up(pe, re, CATCH_UP_DEADLINE);
+    let drain = ok.then(|| t0.elapsed() - written_in);
+    shutdown(primary, replica);
+    let mut samples = samples.into_inner().unwrap();
+    samples.sort_unstable();
+    let mut visible = visible.into_inner().unwrap();
+    visible.sort_unstable();
+    Lag {
+        target_rate,
+        achieved_rate: rate(total, written_in),
+        written: total,
+        samples,
+        visible,
+        unresolved,
+        drain,
+        retries,
+    }
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort_unstable();
+    v[v.len() / 2]
+}
+
+/// (backfill items/s, raw RocksDB iteration items/s, items backfilled).
+fn backfill(dir: &Path) -> (f64, f64, u64) {
+    let path = dir.join("backfill");
+    let engine = open_engine(&path, false);
+    for i in 0..BACKFILL_ITEMS {
+        set(&engine, i);
+    }
+    engine.flush().expect("flush");
+    engine.close().expect("close");
+    // Reopened: memory holds no checkpoint with these items.
+    let engine = open_engine(&path, false);
+    let parts = engine.num_partitions();
+    let upto: Vec<u64> = (0..parts)
+        .map(|p| engine.persisted_seqno(p).expect("persisted seqno"))
+        .collect();
+    let mut count = 0;
+    let times: Vec<Duration> = (0..SCAN_REPS)
+        .map(|_| {
+            let t = Instant::now();
+            let mut n = 0u64;
+            let mut bytes = 0usize;
+            for p in 0..parts {
+                let items = engine
+                    .backfill(p, 0, upto[usize::from(p)])
+                    .expect("backfill");
+                n += items.len() as u64;
+                bytes += items
+                    .iter()
+                    .map(|it| it.key.len() + it.value.len())
+                    .sum::<usize>();
+            }
+            std::hint::black_box(bytes);
+            let d = t.elapsed();
+            count = n;
+            d
+        })
+        .collect();
+    engine.close().expect("close");
+    assert_eq!(
+        count, BACKFILL_ITEMS,
+        "backfill returned a different item count"
+    );
+    let backfill_rate = rate(count, median(times));
+
+    let rpath = dir.join("rocks");
+    let db = rocks(&rpath);
+    for i in 0..BACKFILL_ITEMS {
+        db.put(key(i), value(i)).expect("put");
+    }
+    drop(db);
+    let db = rocks(&rpath);
+    let mut raw_count = 0;
+    let times: Vec<Duration> = (0..SCAN_REPS)
+        .map(|_| {
+            let t = Instant::now();
+            let mut n = 0u64;
+            let mut bytes = 0usize;
+            for entry in db.iterator(IteratorMode::Start) {
+                let (k, v) = entry.expect("iterate");
+                bytes += k.len() + v.len() + usize::from(k[0]) + usize::from(v[0]);
+                n += 1;
+            }
+            std::hint::black_box(bytes);
+            let d = t.elapsed();
+            raw_count = n;
+            d
+        })
+        .collect();
+    assert_eq!(raw_count, BACKFILL_ITEMS, "RocksDB iteration count");
+    (backfill_rate, rate(raw_count, median(times)), count)
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1e3)
+}
+
+/// Runs the three measurements and prints their tables.
+pub fn bench() {
+    let started = Instant::now();
+    println!(
+        "replication benchmark: primary and replica nodes in this process over 127.0.0.1, \
+         16 partitions, keys 16-24 bytes, values {VALUE_SIZE} bytes, one writer thread"
+    );
+    let tmp = tempfile::tempdir().expect("tempdir");
+
+    let tp = throughput(tmp.path());
+    println!(
+        "  throughput: {N} items; single node {:.0}/s, primary {:.0}/s, replica {}",
+        tp.single,
+        tp.primary,
+        tp.replica
+            .map_or("did not catch up within 120 s".into(), |r| format!(
+                "{r:.0}/s"
+            ))
+    );
+    let lg = lag(tmp.path(), tp.single * 0.5);
+    let (bf, raw, bf_items) = backfill(tmp.path());
+
+    let mut rows = vec![Row {
+        name: format!("primary node set, {N} items"),
+        tapkv: tp.primary,
+        other_name: "single-node engine set, same items".into(),
+        other: tp.single,
+        target: None,
+    }];
+    if let Some(r) = tp.replica {
+        rows.push(Row {
+            name: "replica apply (first write -> caught up)".into(),
+            tapkv: r,
+            other_name: "single-node engine set, same items".into(),
+            other: tp.single,
+            target: Some(0.8),
+        });
+        rows.push(Row {
+            name: "replica apply (first write -> caught up)".into(),
+            tapkv: r,
+            other_name: "primary node set, same run".into(),
+            other: tp.primary,
+            target: None,
+        });
+    }
+    print_rows("replication throughput (items/s; one writer thread)", &rows);
+    match tp.tail {
+        Some(tail) => println!(
+            "  replica caught up {} after the primary's last write",
+            ms(tail)
+        ),
+        None => println!("  replica did NOT catch up within 120 s: no replica rate"),
+    }
+    if tp.retries > 0 {
+        println!("  temp-out-of-memory retries during writes: {}", tp.retries);
+    }
+
+    println!(
+        "\nreplica lag at 50% load: writes paced at {:.0}/s (50% of single-node), {} items in {:.1} s \
+         (achieved {:.0}/s = {:.0}% of target); sampled every 10 ms nominal, {:.1} ms actual mean",
+        lg.target_rate,
+        lg.written,
+        lg.written as f64 / lg.achieved_rate.max(1e-9),
+        lg.achieved_rate,
+        100.0 * lg.achieved_rate / lg.target_rate.max(1e-9),
+        1e3 * lg.written as f64 / lg.achieved_rate.max(1e-9) / lg.samples.len().max(1) as f64
+    );
+    println!(
+        "| {:<38} | {:>8} | {:>10} | {:>10} | {:>10} |",
+        "metric", "samples", "p50", "p99", "max"
+    );
+    println!(
+        "|{:-<40}|{:-<10}|{:-<12}|{:-<12}|{:-<12}|",
+        "", "", "", "", ""
+    );
+    let s = &lg.samples;
+    let items = |q: f64| percentile(s, q).map_or("-".into(), |v| v.to_string());
+    let est = |q: f64| {
+        percentile(s, q).map_or("-".into(), |v| {
+            ms(Duration::from_secs_f64(
+                v as f64 / lg.achieved_rate.max(1e-9),
+            ))
+        })
+    };
+    println!(
+        "| {:<38} | {:>8} | {:>10} | {:>10} | {:>10} |",
+        "lag, items (primary - replica seqnos)",
+        s.len(),
+        items(0.5),
+        items(0.99),
+        items(1.0)
+    );
+    println!(
+        "| {:<38} | {:>8} | {:>10} | {:>10} | {:>10} |",
+        "lag estimate, items / achieved rate",
+        s.len(),
+        est(0.5),
+        est(0.99),
+        est(1.0)
+    );
+    let v = &lg.visible;
+    let vis = |q: f64| percentile(v, q).map_or("-".into(), ms);
+    println!(
+        "| {:<38} | {:>8} | {:>10} | {:>10} | {:>10} |",
+        "sample visible on replica after",
+        v.len(),
+        vis(0.5),
+        vis(0.99),
+        vis(1.0)
+    );
+    println!(
+        "  visibility is polled every 1 ms (resolution >= 1 ms, worse if the sampler thread is starved); \
+         {} samples never became visible; replica caught up {} after the last write{}",
+        lg.unresolved,
+        lg.drain.map_or("NEVER (120 s)".into(), ms),
+        if lg.retries > 0 {
+            format!("; {} temp-out-of-memory retries", lg.retries)
+        } else {
+            String::new()
+        }
+    );
+
+    print_rows(
+        &format!(
+            "backfill from disk: {bf_items} persisted items, reopened engine, all partitions \
+             (items/s, median of {SCAN_REPS})"
+        ),
+        &[Row {
+            name: "Engine::backfill(p, 0, persisted_seqno)".into(),
+            tapkv: bf,
+            other_name: "RocksDB iterator, full pass, k+v".into(),
+            other: raw,
+            target: Some(0.7),
+        }],
+    );
+    println!(
+        "replication benchmark took {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
