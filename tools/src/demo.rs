@@ -47,14 +47,13 @@ fn show_partition(engine: &Engine, p: PartitionId) -> Result<(), Error> {
 }
 
 pub(crate) fn run(args: DemoArgs) -> Result<ExitCode, Error> {
-    let dir = &args.data;
+    let dir = args.data.clone();
     if !args.keep && dir.exists() {
-        std::fs::remove_dir_all(dir)?;
+        std::fs::remove_dir_all(&dir)?;
     }
-    println!(
-        "tapkv demo: embedded engine on data directory {}",
-        dir.display()
-    );
+    println!("tapkv demo: data directory {}", dir.display());
+    let cluster_dir = dir.clone();
+    let dir = &dir.join("engine");
 
     step(1, "open the engine (16 partitions, defaults)");
     let engine = Engine::builder(dir).checkpoint_max_items(1000).open()?;
@@ -218,9 +217,11 @@ pub(crate) fn run(args: DemoArgs) -> Result<ExitCode, Error> {
         );
     }
     println!("   ... {} partitions, {total} items in all", parts.len());
+    drop(view);
+    crate::demo_cluster::run(&cluster_dir, &step)?;
     println!(
-        "\ndemo finished: data left in {} (try `tapkv admin dump --data {}`)",
-        dir.display(),
+        "\ndemo finished: data left in {} (try `tapkv admin inspect --data {}`)",
+        cluster_dir.display(),
         dir.display()
     );
     Ok(ExitCode::SUCCESS)

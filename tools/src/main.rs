@@ -4,6 +4,7 @@
 
 mod admin;
 mod demo;
+mod demo_cluster;
 mod kv;
 mod load;
 mod node;
@@ -45,7 +46,8 @@ enum Command {
     /// Inspect a data directory offline, or a running node (--addr).
     #[command(subcommand)]
     Admin(admin::AdminCommand),
-    /// A guided tour: writes, checkpoints, cursors, flusher, restart.
+    /// A guided tour: writes, checkpoints, cursors, flusher, restart, then a
+    /// primary and two replicas with an online update reverted on all three.
     Demo(demo::DemoArgs),
 }
 
