@@ -58,6 +58,8 @@ pub struct EngineConfig {
     pub max_value_size: usize,
     /// How long a `Persist` write or `flush()` waits for the disk (default 30 s).
     pub persist_timeout: Duration,
+    /// How long a `Replicate` write waits for a majority of replicas (default 5 s).
+    pub replicate_timeout: Duration,
     /// Seqnos and checkpoint ids reserved on disk at a time, so numbers are
     /// never reused after a crash (default 1,000,000 seqnos; ids use 1/1000).
     pub seqno_reservation: u64,
@@ -85,6 +87,7 @@ impl EngineConfig {
             replica: false,
             max_value_size: 20 << 20,
             persist_timeout: Duration::from_secs(30),
+            replicate_timeout: Duration::from_secs(5),
             seqno_reservation: 1_000_000,
         }
     }
@@ -204,6 +207,12 @@ impl EngineBuilder {
     /// How long durable writes wait; default 30 s.
     pub fn persist_timeout(mut self, d: Duration) -> Self {
         self.config.persist_timeout = d;
+        self
+    }
+
+    /// How long `Replicate` writes wait; default 5 s.
+    pub fn replicate_timeout(mut self, d: Duration) -> Self {
+        self.config.replicate_timeout = d;
         self
     }
 

@@ -21,7 +21,7 @@ use crate::online_update::{MarkerSource, RevertReport};
 use crate::partition::{partition_of, MutationKind, Partition, PartitionStart, PERSISTENCE_CURSOR};
 use crate::stats::{EngineStats, PartitionStats};
 use crate::store::{DirLock, EngineMeta, Reservation, Store, FORMAT_VERSION};
-use crate::sync::{Arc, AtomicBool, AtomicU64, AtomicUsize, Condvar, Mutex, Ordering};
+use crate::sync::{Arc, AtomicBool, AtomicU64, AtomicUsize, Condvar, Mutex, Ordering, RwLock};
 
 /// How writers wake the flusher without a system call per write.
 ///
@@ -87,6 +87,15 @@ impl Signal {
     }
 }
 
+/// Waits for replicas on behalf of `Durability::Replicate` writes. A node
+/// installs one with [`Engine::set_replication_gate`]; the engine itself knows
+/// nothing of replicas.
+pub trait ReplicationGate: Send + Sync {
+    /// Returns once a majority of the connected replicas acknowledged `seqno`
+    /// of partition `p`, or `Error::Timeout` after `timeout`.
+    fn wait_replicated(&self, p: PartitionId, seqno: u64, timeout: Duration) -> Result<()>;
+}
+
 /// State shared by the engine handle and its flusher threads.
 pub(crate) struct Shared {
     pub(crate) config: EngineConfig,
@@ -103,6 +112,8 @@ pub(crate) struct Shared {
     pub(crate) persist_cv: Condvar,
     /// WAL syncs performed for durable writes (one serves many waiters).
     pub(crate) syncs: AtomicU64,
+    /// Where `Replicate` writes wait for replicas (set by a node).
+    pub(crate) gate: RwLock<Option<Arc<dyn ReplicationGate>>>,
     /// Held by the flusher for a whole round, and by a partition reset.
     pub(crate) flush_lock: Mutex<()>,
     /// Set by `crash()`: the flusher stops without draining.
@@ -342,6 +353,7 @@ impl Engine {
             flusher_paused: AtomicBool::new(false),
             aborted: AtomicBool::new(false),
             flush_lock: Mutex::new(()),
+            gate: RwLock::new(None),
             injected_flush_failures: AtomicUsize::new(0),
             recovered_from_crash: !clean,
             config,
@@ -490,6 +502,14 @@ impl Engine {
             });
         }
         let part = s.partition(self.partition_of(key))?;
+        let gate = match opts.durability {
+            Durability::Replicate => Some(s.gate.read().clone().ok_or_else(|| {
+                Error::WrongState(
+                    "Durability::Replicate needs replication: run the engine in a node".into(),
+                )
+            })?),
+            _ => None,
+        };
         let incoming = key.len() + value.len();
         let admit = || {
             let used = s.checkpoint_mem.load(Ordering::Relaxed);
@@ -516,6 +536,9 @@ impl Engine {
         s.flush_signal.mark();
         if opts.durability == Durability::Persist {
             s.wait_synced(&[(res.partition, res.seqno)])?;
+        }
+        if let Some(gate) = gate {
+            gate.wait_replicated(res.partition, res.seqno, s.config.replicate_timeout)?;
         }
         Ok(res)
     }
@@ -655,6 +678,13 @@ impl Engine {
     pub fn inject_flush_failures(&self, n: usize) {
         if let Some(s) = self.shared.as_deref() {
             s.injected_flush_failures.store(n, Ordering::Release);
+        }
+    }
+
+    /// Installs what `Durability::Replicate` writes wait on (a node does this).
+    pub fn set_replication_gate(&self, gate: Arc<dyn ReplicationGate>) {
+        if let Some(s) = self.shared.as_deref() {
+            *s.gate.write() = Some(gate);
         }
     }
 

@@ -52,6 +52,10 @@ pub enum Durability {
     /// Return once the write is on disk and synced. Concurrent `Persist`
     /// writers share one sync (group commit).
     Persist,
+    /// Return once a majority of the connected replicas acknowledged the
+    /// write (needs a node: see `Engine::set_replication_gate`). On timeout the
+    /// call fails with `Error::Timeout`; the write itself stays applied.
+    Replicate,
 }
 
 /// Options of a mutating call.

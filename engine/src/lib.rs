@@ -38,7 +38,7 @@ pub use checkpoint::{
     CursorProgress, EventRef, FreedCheckpoints, Registration,
 };
 pub use config::{EngineBuilder, EngineConfig};
-pub use engine::Engine;
+pub use engine::{Engine, ReplicationGate};
 pub use error::{Error, Result};
 pub use item::{
     Durability, Item, ItemMeta, MutationResult, PartitionId, QueueOp, QueuedItem, WriteOptions,

@@ -148,7 +148,7 @@ impl Client {
         key: &[u8],
         value: &[u8],
         cas: u64,
-        persist: bool,
+        durability: tapkv_engine::Durability,
     ) -> Result<WriteReply, ClientError> {
         let p = self.partition_of(key);
         let mut f = Frame::request(op, p)
@@ -156,9 +156,7 @@ impl Client {
             .with_key(key.to_vec())
             .with_value(value.to_vec())
             .with_cas(cas);
-        if persist {
-            f.datatype |= 0x80;
-        }
+        f.datatype |= crate::message::durability_bits(durability);
         let r = self.call(f)?;
         Ok(WriteReply {
             partition: p,
@@ -175,17 +173,39 @@ impl Client {
         cas: u64,
         persist: bool,
     ) -> Result<WriteReply, ClientError> {
-        self.store(opcode::SET, key, value, cas, persist)
+        let d = if persist {
+            tapkv_engine::Durability::Persist
+        } else {
+            tapkv_engine::Durability::Memory
+        };
+        self.store(opcode::SET, key, value, cas, d)
+    }
+
+    /// SET with any durability (`Replicate` waits for a majority of replicas).
+    pub fn set_durable(
+        &mut self,
+        key: &[u8],
+        value: &[u8],
+        cas: u64,
+        durability: tapkv_engine::Durability,
+    ) -> Result<WriteReply, ClientError> {
+        self.store(opcode::SET, key, value, cas, durability)
     }
 
     /// ADD.
     pub fn add(&mut self, key: &[u8], value: &[u8]) -> Result<WriteReply, ClientError> {
-        self.store(opcode::ADD, key, value, 0, false)
+        self.store(opcode::ADD, key, value, 0, tapkv_engine::Durability::Memory)
     }
 
     /// REPLACE.
     pub fn replace(&mut self, key: &[u8], value: &[u8]) -> Result<WriteReply, ClientError> {
-        self.store(opcode::REPLACE, key, value, 0, false)
+        self.store(
+            opcode::REPLACE,
+            key,
+            value,
+            0,
+            tapkv_engine::Durability::Memory,
+        )
     }
 
     /// DELETE.

@@ -446,3 +446,28 @@ pub fn parse_store_extras(f: &Frame) -> Result<(u32, u32), ProtocolError> {
     let mut e = need(f, "SET", 8)?;
     Ok((e.get_u32(), e.get_u32()))
 }
+
+/// Datatype bit of a SET/ADD/REPLACE asking for `Durability::Persist`.
+pub const DATATYPE_PERSIST: u8 = 0x80;
+/// Datatype bit of a SET/ADD/REPLACE asking for `Durability::Replicate`.
+pub const DATATYPE_REPLICATE: u8 = 0x40;
+
+/// The durability a store request's datatype asks for.
+pub fn durability_of(datatype: u8) -> tapkv_engine::Durability {
+    if datatype & DATATYPE_REPLICATE != 0 {
+        tapkv_engine::Durability::Replicate
+    } else if datatype & DATATYPE_PERSIST != 0 {
+        tapkv_engine::Durability::Persist
+    } else {
+        tapkv_engine::Durability::Memory
+    }
+}
+
+/// The datatype bits for `d`.
+pub fn durability_bits(d: tapkv_engine::Durability) -> u8 {
+    match d {
+        tapkv_engine::Durability::Persist => DATATYPE_PERSIST,
+        tapkv_engine::Durability::Replicate => DATATYPE_REPLICATE,
+        _ => 0,
+    }
+}

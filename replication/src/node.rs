@@ -137,6 +137,57 @@ struct StreamShared {
     stop: AtomicBool,
     lock: Mutex<()>,
     cv: Condvar,
+    node_acks: Arc<AckSignal>,
+}
+
+type Streams = Arc<Mutex<HashMap<String, Arc<StreamShared>>>>;
+
+/// Wakes `Replicate` writers when any replica acknowledges something.
+#[derive(Default)]
+struct AckSignal {
+    lock: Mutex<()>,
+    cv: Condvar,
+}
+
+/// `Durability::Replicate`: waits until a majority of the connected
+/// replicas' streams acknowledged the seqno.
+struct AckGate {
+    streams: Streams,
+    acks: Arc<AckSignal>,
+}
+
+impl tapkv_engine::ReplicationGate for AckGate {
+    fn wait_replicated(&self, p: PartitionId, seqno: u64, timeout: Duration) -> Result<(), Error> {
+        let deadline = Instant::now() + timeout;
+        let mut g = self.acks.lock.lock();
+        loop {
+            let (connected, acked) = {
+                let streams = self.streams.lock();
+                let live: Vec<_> = streams
+                    .values()
+                    .filter(|s| !s.stop.load(Ordering::Acquire))
+                    .collect();
+                let acked = live
+                    .iter()
+                    .filter(|s| s.acked.lock().get(&p).is_some_and(|a| *a >= seqno))
+                    .count();
+                (live.len(), acked)
+            };
+            if acked >= connected / 2 + usize::from(connected > 0) {
+                return Ok(());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Error::Timeout {
+                    what: "a majority of replicas to acknowledge the write",
+                    millis: timeout.as_millis() as u64,
+                });
+            }
+            self.acks
+                .cv
+                .wait_for(&mut g, (deadline - now).min(Duration::from_millis(100)));
+        }
+    }
 }
 
 struct NodeState {
@@ -144,7 +195,8 @@ struct NodeState {
     config: NodeConfig,
     replica: bool,
     stop: AtomicBool,
-    streams: Mutex<HashMap<String, Arc<StreamShared>>>,
+    streams: Streams,
+    acks: Arc<AckSignal>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     connections: AtomicU64,
 }
@@ -208,10 +260,17 @@ impl Node {
             config,
             replica,
             stop: AtomicBool::new(false),
-            streams: Mutex::new(HashMap::new()),
+            streams: Arc::new(Mutex::new(HashMap::new())),
+            acks: Arc::new(AckSignal::default()),
             threads: Mutex::new(Vec::new()),
             connections: AtomicU64::new(0),
         });
+        if !replica {
+            state.engine.set_replication_gate(Arc::new(AckGate {
+                streams: Arc::clone(&state.streams),
+                acks: Arc::clone(&state.acks),
+            }));
+        }
         if let Some(primary) = state.config.replica_of.clone() {
             let st = Arc::clone(&state);
             let h = std::thread::Builder::new()
@@ -464,11 +523,7 @@ fn handle_request_inner(state: &NodeState, f: &Frame) -> Result<Frame, Frame> {
                 cas: (f.cas != 0).then_some(f.cas),
                 flags,
                 expiry,
-                durability: if f.datatype & 0x80 != 0 {
-                    tapkv_engine::Durability::Persist
-                } else {
-                    tapkv_engine::Durability::Memory
-                },
+                durability: crate::message::durability_of(f.datatype),
             };
             let r = match f.opcode {
                 opcode::ADD => e.add(&f.key, f.value.clone(), opts),
@@ -743,6 +798,7 @@ fn serve_stream(
         stop: AtomicBool::new(false),
         lock: Mutex::new(()),
         cv: Condvar::new(),
+        node_acks: Arc::clone(&state.acks),
     });
     if let Some(old) = state
         .streams
@@ -793,8 +849,12 @@ fn ack_reader(s: &StreamShared, mut reader: FrameReader) {
                     }
                     drop(acked);
                     *s.last_ack.lock() = Instant::now();
-                    let _g = s.lock.lock();
-                    s.cv.notify_all();
+                    {
+                        let _g = s.lock.lock();
+                        s.cv.notify_all();
+                    }
+                    let _g = s.node_acks.lock.lock();
+                    s.node_acks.cv.notify_all();
                 }
             }
             Ok(Some(_)) | Ok(None) => {}

@@ -404,3 +404,60 @@ fn replica_reads_and_primary_dump_agree_with_the_disk_after_restart() {
     assert_eq!(dump(&replica), before);
     assert_eq!(wait_converged(&primary, &[&replica], CONVERGE), before);
 }
+
+#[test]
+fn replicate_durability_waits_for_a_majority_of_replicas() {
+    use tapkv_engine::Durability;
+    let dir = tempfile::tempdir().unwrap();
+    let primary = NodeProc::start(
+        &dir.path().join("primary"),
+        "127.0.0.1:0",
+        None,
+        "primary",
+        &["--replicate-timeout-ms", "500"],
+    );
+    let reps: Vec<NodeProc> = (0..2)
+        .map(|i| {
+            let name = format!("replica-{i}");
+            NodeProc::start(
+                &dir.path().join(&name),
+                "127.0.0.1:0",
+                Some(&primary.addr),
+                &name,
+                &[],
+            )
+        })
+        .collect();
+    let mut c = primary.client();
+    // Wait until both streams are connected (one write acknowledged by both).
+    c.set(b"warmup", b"x", 0, false).unwrap();
+    wait_converged(&primary, &[&reps[0], &reps[1]], CONVERGE);
+    for i in 0..20 {
+        let k = format!("majority-{i}");
+        c.set_durable(k.as_bytes(), b"v", 0, Durability::Replicate)
+            .unwrap();
+        // A majority of two is both: each replica already holds it.
+        for r in &reps {
+            assert_eq!(
+                r.client().get(k.as_bytes()).unwrap().0,
+                &b"v"[..],
+                "{}",
+                r.name
+            );
+        }
+    }
+    // With both replicas stopped, the write times out with a typed error but
+    // is not undone.
+    for r in &reps {
+        r.signal(libc::SIGSTOP);
+    }
+    let err = c
+        .set_durable(b"stalled", b"v", 0, Durability::Replicate)
+        .unwrap_err();
+    assert!(err.to_string().starts_with("timeout:"), "{err}");
+    assert_eq!(c.get(b"stalled").unwrap().0, &b"v"[..]);
+    for r in &reps {
+        r.signal(libc::SIGCONT);
+    }
+    wait_converged(&primary, &[&reps[0], &reps[1]], CONVERGE);
+}

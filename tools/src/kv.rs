@@ -147,19 +147,16 @@ fn remote(op: &KvOp) -> Result<Option<ExitCode>, Error> {
         },
         KvOp::Set {
             value, durability, ..
-        } => {
-            let persist = matches!(durability, DurabilityArg::Persist);
-            match c.set(key.as_bytes(), value.as_bytes(), 0, persist) {
-                Ok(r) => {
-                    println!(
-                        "OK partition={} seqno={} cas={}",
-                        r.partition, r.seqno, r.cas
-                    );
-                    Ok(Some(ExitCode::SUCCESS))
-                }
-                Err(e) => fail(e),
+        } => match c.set_durable(key.as_bytes(), value.as_bytes(), 0, (*durability).into()) {
+            Ok(r) => {
+                println!(
+                    "OK partition={} seqno={} cas={}",
+                    r.partition, r.seqno, r.cas
+                );
+                Ok(Some(ExitCode::SUCCESS))
             }
-        }
+            Err(e) => fail(e),
+        },
         KvOp::Del { .. } => match c.delete(key.as_bytes()) {
             Ok(r) => {
                 println!("OK partition={} seqno={}", r.partition, r.seqno);

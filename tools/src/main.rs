@@ -59,6 +59,8 @@ pub(crate) enum DurabilityArg {
     Memory,
     /// Return once the write is synced to disk.
     Persist,
+    /// Return once a majority of the node's replicas hold it (with --addr).
+    Replicate,
 }
 
 impl From<DurabilityArg> for Durability {
@@ -66,6 +68,7 @@ impl From<DurabilityArg> for Durability {
         match d {
             DurabilityArg::Memory => Durability::Memory,
             DurabilityArg::Persist => Durability::Persist,
+            DurabilityArg::Replicate => Durability::Replicate,
         }
     }
 }

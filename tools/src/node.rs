@@ -35,6 +35,9 @@ pub(crate) struct NodeArgs {
     /// cursors are dropped (the replica is backfilled later).
     #[arg(long, default_value_t = 3000)]
     slow_replica_ms: u64,
+    /// Milliseconds a `Replicate` write waits for a majority of replicas.
+    #[arg(long, default_value_t = 5000)]
+    replicate_timeout_ms: u64,
     /// Largest accepted frame body in bytes.
     #[arg(long, default_value_t = tapkv_replication::protocol::DEFAULT_MAX_BODY)]
     max_body: usize,
@@ -49,6 +52,7 @@ pub(crate) fn run(args: NodeArgs) -> Result<ExitCode, Error> {
     let engine = Engine::builder(&args.data)
         .partitions(args.partitions)
         .replica(replica)
+        .replicate_timeout(Duration::from_millis(args.replicate_timeout_ms))
         .open()?;
     let mut cfg = NodeConfig::new(args.listen.clone());
     cfg.name = args

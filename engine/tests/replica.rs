@@ -1,0 +1,153 @@
+//! Engine side of replication: applying a primary's entries with their own
+//! seqnos and CAS, following its windows by id, refusing to revert a window it
+//! does not hold, backfill, reset, and `Replicate` without a node.
+
+mod common;
+
+use bytes::Bytes;
+use common::builder;
+use tapkv_engine::{
+    ApplyOutcome, Durability, Engine, Error, ItemMeta, QueueOp, QueuedItem, StreamStart,
+    WriteOptions,
+};
+
+fn entry(op: QueueOp, key: &str, seqno: u64) -> QueuedItem {
+    QueuedItem {
+        op,
+        key: Bytes::copy_from_slice(key.as_bytes()),
+        value: if op == QueueOp::Mutation {
+            Bytes::from(format!("v{seqno}"))
+        } else {
+            Bytes::new()
+        },
+        meta: ItemMeta {
+            by_seqno: seqno,
+            cas: 1000 + seqno,
+            rev_seqno: 1,
+            flags: 0,
+            expiry: 0,
+        },
+    }
+}
+
+fn key_in(e: &Engine, p: u16, i: usize) -> String {
+    (0..)
+        .map(|n| format!("r{n}"))
+        .filter(|k| e.partition_of(k.as_bytes()) == p)
+        .nth(i)
+        .unwrap()
+}
+
+#[test]
+fn a_replica_applies_entries_windows_and_refuses_foreign_reverts() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = builder(dir.path()).replica(true).open().unwrap();
+    let (a, b) = (key_in(&e, 1, 0), key_in(&e, 1, 1));
+    assert_eq!(
+        e.apply_replicated(1, &entry(QueueOp::Mutation, &a, 5))
+            .unwrap(),
+        ApplyOutcome::Applied
+    );
+    assert_eq!(
+        e.apply_replicated(1, &entry(QueueOp::Mutation, &a, 5))
+            .unwrap(),
+        ApplyOutcome::Duplicate
+    );
+    let got = e.get(a.as_bytes()).unwrap();
+    assert_eq!(
+        (got.meta.by_seqno, got.meta.cas),
+        (5, 1005),
+        "the primary's seqno and CAS are kept"
+    );
+    // The primary's window 7: START, a change, REVERT with the same id.
+    let start = entry(QueueOp::OnlineUpdateStart { checkpoint_id: 7 }, "", 6);
+    assert_eq!(
+        e.apply_replicated(1, &start).unwrap(),
+        ApplyOutcome::Applied
+    );
+    assert_eq!(
+        e.stats().unwrap().partitions[1]
+            .window
+            .unwrap()
+            .checkpoint_id,
+        7
+    );
+    e.apply_replicated(1, &entry(QueueOp::Mutation, &b, 7))
+        .unwrap();
+    e.apply_replicated(1, &entry(QueueOp::Deletion, &a, 8))
+        .unwrap();
+    // A REVERT naming another window is never applied to this one.
+    let foreign = entry(QueueOp::OnlineUpdateRevert { checkpoint_id: 9 }, "", 9);
+    assert_eq!(
+        e.apply_replicated(1, &foreign).unwrap(),
+        ApplyOutcome::Resync
+    );
+    assert!(e.get(b.as_bytes()).is_ok(), "nothing was reverted");
+    let revert = entry(QueueOp::OnlineUpdateRevert { checkpoint_id: 7 }, "", 9);
+    assert_eq!(
+        e.apply_replicated(1, &revert).unwrap(),
+        ApplyOutcome::Applied
+    );
+    assert!(matches!(e.get(b.as_bytes()), Err(Error::NotFound)));
+    assert_eq!(e.get(a.as_bytes()).unwrap().meta.by_seqno, 5);
+    // A REVERT without any window open: resynchronise, never guess.
+    let stray = entry(QueueOp::OnlineUpdateRevert { checkpoint_id: 11 }, "", 12);
+    assert_eq!(e.apply_replicated(1, &stray).unwrap(), ApplyOutcome::Resync);
+    // Reset drops everything of the partition, in memory and on disk.
+    e.flush().unwrap();
+    e.reset_partition(1).unwrap();
+    assert!(matches!(e.get(a.as_bytes()), Err(Error::NotFound)));
+    assert_eq!(e.high_seqno(1).unwrap(), 0);
+    e.apply_replicated(1, &entry(QueueOp::Mutation, &a, 1))
+        .unwrap();
+    e.close().unwrap();
+    let e = builder(dir.path()).replica(true).open().unwrap();
+    assert_eq!(e.get(a.as_bytes()).unwrap().meta.by_seqno, 1);
+    assert_eq!(
+        e.high_seqno(1).unwrap(),
+        1,
+        "a replica restarts at its persisted seqno"
+    );
+}
+
+#[test]
+fn streams_backfill_when_memory_no_longer_holds_the_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = builder(dir.path()).open().unwrap();
+    for i in 0..300 {
+        e.set(format!("k{i}").as_bytes(), "v", WriteOptions::default())
+            .unwrap();
+    }
+    e.delete(b"k0", WriteOptions::default()).unwrap();
+    e.flush().unwrap();
+    e.close().unwrap();
+    let e = builder(dir.path()).open().unwrap();
+    let p = e.partition_of(b"k0");
+    match e.stream_start(p, "s", 0).unwrap() {
+        StreamStart::Backfill { snapshot_end } => {
+            let items = e.backfill(p, 0, snapshot_end).unwrap();
+            assert!(items.windows(2).all(|w| w[0].seqno() < w[1].seqno()));
+            assert!(items
+                .iter()
+                .any(|i| i.op == QueueOp::Deletion && &i.key[..] == b"k0"));
+            assert_eq!(items.last().unwrap().seqno(), snapshot_end);
+        }
+        other => panic!("expected a backfill, got {other:?}"),
+    }
+    let high = e.high_seqno(p).unwrap();
+    assert_eq!(e.stream_start(p, "t", high).unwrap(), StreamStart::InMemory);
+}
+
+#[test]
+fn replicate_durability_needs_a_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = builder(dir.path()).open().unwrap();
+    let err = e
+        .set(b"k", "v", WriteOptions::durable(Durability::Replicate))
+        .unwrap_err();
+    assert!(matches!(err, Error::WrongState(_)), "{err:?}");
+    assert!(
+        matches!(e.get(b"k"), Err(Error::NotFound)),
+        "refused before applying"
+    );
+}
