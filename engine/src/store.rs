@@ -72,6 +72,19 @@ pub struct WindowRecord {
     pub start_seqno: u64,
 }
 
+const META_STATE: &[u8] = b"state/";
+const META_RESERVATION: &[u8] = b"reserve/";
+const META_FAILOVER: &[u8] = b"failover/";
+const META_WINDOW: &[u8] = b"window/";
+const META_LOST: &[u8] = b"lost-windows/";
+
+/// The `meta` column family key of a per-partition record.
+fn meta_key(prefix: &[u8], p: PartitionId) -> Vec<u8> {
+    let mut k = prefix.to_vec();
+    k.extend_from_slice(&p.to_be_bytes());
+    k
+}
+
 /// An item record on disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskRecord {
@@ -83,24 +96,6 @@ pub struct DiskRecord {
     pub value: Bytes,
 }
 
-fn state_key(p: PartitionId) -> Vec<u8> {
-    let mut k = b"state/".to_vec();
-    k.extend_from_slice(&p.to_be_bytes());
-    k
-}
-
-fn reservation_key(p: PartitionId) -> Vec<u8> {
-    let mut k = b"reserve/".to_vec();
-    k.extend_from_slice(&p.to_be_bytes());
-    k
-}
-
-fn failover_key(p: PartitionId) -> Vec<u8> {
-    let mut k = b"failover/".to_vec();
-    k.extend_from_slice(&p.to_be_bytes());
-    k
-}
-
 /// One entry of a partition's failover log: from `seqno` on, the partition's
 /// history belongs to branch `uuid` (a new branch starts after an unclean
 /// restart of a primary).
@@ -110,18 +105,6 @@ pub struct FailoverEntry {
     pub uuid: u64,
     /// First seqno after which this branch's history begins.
     pub seqno: u64,
-}
-
-fn window_key(p: PartitionId) -> Vec<u8> {
-    let mut k = b"window/".to_vec();
-    k.extend_from_slice(&p.to_be_bytes());
-    k
-}
-
-fn lost_key(p: PartitionId) -> Vec<u8> {
-    let mut k = b"lost-windows/".to_vec();
-    k.extend_from_slice(&p.to_be_bytes());
-    k
 }
 
 /// The RocksDB key of `key` in partition `p`.
@@ -156,8 +139,9 @@ fn be_u64(b: &[u8]) -> u64 {
     u64::from_be_bytes(a)
 }
 
-/// Decodes an item record; `what` names it in a corruption error.
-pub(crate) fn decode_record(raw: &[u8], what: &dyn Fn() -> String) -> Result<DiskRecord> {
+/// Decodes an item record; `what` names it in a corruption error. The value
+/// shares `raw`'s buffer (no copy).
+pub(crate) fn decode_record(raw: Bytes, what: &dyn Fn() -> String) -> Result<DiskRecord> {
     if raw.len() < RECORD_HEADER || raw[0] != RECORD_VERSION || raw[1] > 1 {
         return Err(Error::Corruption(format!(
             "item record of {} is malformed ({} bytes, version {})",
@@ -175,7 +159,7 @@ pub(crate) fn decode_record(raw: &[u8], what: &dyn Fn() -> String) -> Result<Dis
             rev_seqno: be_u64(&raw[18..]),
             by_seqno: be_u64(&raw[26..]),
         },
-        value: Bytes::copy_from_slice(&raw[RECORD_HEADER..]),
+        value: raw.slice(RECORD_HEADER..),
     })
 }
 
@@ -311,25 +295,25 @@ impl Store {
     }
 
     pub(crate) fn partition_state(&self, p: PartitionId) -> Result<Option<PartitionDiskState>> {
-        self.get_meta(&state_key(p))?
+        self.get_meta(&meta_key(META_STATE, p))?
             .map(|raw| decode_json(&raw, &format!("state of partition {p}")))
             .transpose()
     }
 
     pub(crate) fn reservation(&self, p: PartitionId) -> Result<Option<Reservation>> {
-        self.get_meta(&reservation_key(p))?
+        self.get_meta(&meta_key(META_RESERVATION, p))?
             .map(|raw| decode_json(&raw, &format!("reservation of partition {p}")))
             .transpose()
     }
 
     /// Durably records a reservation before any number in it is handed out.
     pub(crate) fn put_reservation(&self, p: PartitionId, r: &Reservation) -> Result<()> {
-        self.put_meta_synced(&reservation_key(p), &encode_json(r))
+        self.put_meta_synced(&meta_key(META_RESERVATION, p), &encode_json(r))
     }
 
     /// The window recorded as open on partition `p`, if any.
     pub(crate) fn open_window(&self, p: PartitionId) -> Result<Option<WindowRecord>> {
-        self.get_meta(&window_key(p))?
+        self.get_meta(&meta_key(META_WINDOW, p))?
             .map(|raw| decode_json(&raw, &format!("window of partition {p}")))
             .transpose()
     }
@@ -337,12 +321,12 @@ impl Store {
     /// Records (synced) that a window is open on `p`, or that none is.
     pub(crate) fn set_open_window(&self, p: PartitionId, w: Option<&WindowRecord>) -> Result<()> {
         match w {
-            Some(w) => self.put_meta_synced(&window_key(p), &encode_json(w)),
+            Some(w) => self.put_meta_synced(&meta_key(META_WINDOW, p), &encode_json(w)),
             None => {
                 let mut wo = rocksdb::WriteOptions::default();
                 wo.set_sync(true);
                 self.db
-                    .delete_cf_opt(self.cf(CF_META)?, window_key(p), &wo)?;
+                    .delete_cf_opt(self.cf(CF_META)?, meta_key(META_WINDOW, p), &wo)?;
                 Ok(())
             }
         }
@@ -351,7 +335,7 @@ impl Store {
     /// Partition `p`'s failover log, oldest first.
     pub(crate) fn failover_log(&self, p: PartitionId) -> Result<Vec<FailoverEntry>> {
         Ok(self
-            .get_meta(&failover_key(p))?
+            .get_meta(&meta_key(META_FAILOVER, p))?
             .map(|raw| decode_json(&raw, &format!("failover log of partition {p}")))
             .transpose()?
             .unwrap_or_default())
@@ -359,7 +343,7 @@ impl Store {
 
     /// Durably records partition `p`'s failover log.
     pub(crate) fn put_failover_log(&self, p: PartitionId, log: &[FailoverEntry]) -> Result<()> {
-        self.put_meta_synced(&failover_key(p), &encode_json(&log))
+        self.put_meta_synced(&meta_key(META_FAILOVER, p), &encode_json(&log))
     }
 
     /// Deletes every item and the persisted state of partition `p`, synced.
@@ -369,8 +353,8 @@ impl Store {
         // Partitions are at most 1024, so `p + 1` is the next prefix.
         batch.delete_range_cf(items, p.to_be_bytes(), p.saturating_add(1).to_be_bytes());
         let meta = self.cf(CF_META)?;
-        batch.delete_cf(meta, state_key(p));
-        batch.delete_cf(meta, window_key(p));
+        batch.delete_cf(meta, meta_key(META_STATE, p));
+        batch.delete_cf(meta, meta_key(META_WINDOW, p));
         let mut wo = rocksdb::WriteOptions::default();
         wo.set_sync(true);
         self.db.write_opt(batch, &wo)?;
@@ -391,7 +375,7 @@ impl Store {
             if kp != p {
                 break;
             }
-            let rec = decode_record(&v, &|| {
+            let rec = decode_record(Bytes::from(v), &|| {
                 format!("key {:?} in partition {p}", String::from_utf8_lossy(key))
             })?;
             f(key, rec)?;
@@ -402,7 +386,7 @@ impl Store {
     /// Windows of partition `p` lost to a crash or close, oldest first.
     pub(crate) fn lost_windows(&self, p: PartitionId) -> Result<Vec<WindowRecord>> {
         Ok(self
-            .get_meta(&lost_key(p))?
+            .get_meta(&meta_key(META_LOST, p))?
             .map(|raw| decode_json(&raw, &format!("lost windows of partition {p}")))
             .transpose()?
             .unwrap_or_default())
@@ -415,8 +399,12 @@ impl Store {
         if let Some(w) = self.open_window(p)? {
             lost.push(w);
             let mut batch = WriteBatch::default();
-            batch.put_cf(self.cf(CF_META)?, lost_key(p), encode_json(&lost));
-            batch.delete_cf(self.cf(CF_META)?, window_key(p));
+            batch.put_cf(
+                self.cf(CF_META)?,
+                meta_key(META_LOST, p),
+                encode_json(&lost),
+            );
+            batch.delete_cf(self.cf(CF_META)?, meta_key(META_WINDOW, p));
             let mut wo = rocksdb::WriteOptions::default();
             wo.set_sync(true);
             self.db.write_opt(batch, &wo)?;
@@ -447,7 +435,7 @@ impl Store {
             .db
             .get_pinned_cf(self.cf(CF_ITEMS)?, item_key(p, key))?;
         raw.map(|raw| {
-            decode_record(&raw, &|| {
+            decode_record(Bytes::copy_from_slice(&raw), &|| {
                 format!("key {:?} in partition {p}", String::from_utf8_lossy(key))
             })
         })
@@ -462,7 +450,7 @@ impl Store {
         for entry in self.db.iterator_cf(self.cf(CF_ITEMS)?, IteratorMode::Start) {
             let (k, v) = entry?;
             let (p, key) = split_item_key(&k)?;
-            let rec = decode_record(&v, &|| {
+            let rec = decode_record(Bytes::from(v), &|| {
                 format!("key {:?} in partition {p}", String::from_utf8_lossy(key))
             })?;
             f(p, key, rec)?;
@@ -499,9 +487,11 @@ impl Store {
         p: PartitionId,
         state: &PartitionDiskState,
     ) -> Result<()> {
-        batch
-            .batch
-            .put_cf(self.cf(CF_META)?, state_key(p), encode_json(state));
+        batch.batch.put_cf(
+            self.cf(CF_META)?,
+            meta_key(META_STATE, p),
+            encode_json(state),
+        );
         Ok(())
     }
 

@@ -44,6 +44,10 @@ pub struct WriteReply {
     pub cas: u64,
 }
 
+/// One persisted item as a node's dump reports it, comparable across nodes:
+/// (partition, key, seqno, CAS, value length, deleted).
+pub type DumpRow = (u64, String, u64, u64, u64, bool);
+
 /// A connection to a node.
 pub struct Client {
     reader: FrameReader,
@@ -301,5 +305,23 @@ impl Client {
             }
             row(serde_json::from_slice(&r.value).unwrap_or_default());
         }
+    }
+
+    /// Flushes the node, then returns its persisted items as sorted rows.
+    pub fn dump_rows(&mut self) -> Result<Vec<DumpRow>, ClientError> {
+        self.flush()?;
+        let mut rows = Vec::new();
+        self.dump(|r| {
+            rows.push((
+                r["partition"].as_u64().unwrap_or(0),
+                r["key"].as_str().unwrap_or("").to_owned(),
+                r["seqno"].as_u64().unwrap_or(0),
+                r["cas"].as_u64().unwrap_or(0),
+                r["value_len"].as_u64().unwrap_or(0),
+                r["deleted"].as_bool().unwrap_or(false),
+            ))
+        })?;
+        rows.sort();
+        Ok(rows)
     }
 }

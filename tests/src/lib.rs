@@ -237,27 +237,11 @@ impl NodeProc {
     }
 }
 
-/// One row of a node's dump, comparable across nodes.
-pub type DumpRow = (u64, String, u64, u64, u64, bool);
+pub use tapkv_replication::client::DumpRow;
 
 /// Flushes the node and returns its persisted items, sorted.
 pub fn dump(node: &NodeProc) -> Vec<DumpRow> {
-    let mut c = node.client();
-    c.flush().expect("flush");
-    let mut rows = Vec::new();
-    c.dump(|r| {
-        rows.push((
-            r["partition"].as_u64().unwrap_or(0),
-            r["key"].as_str().unwrap_or("").to_owned(),
-            r["seqno"].as_u64().unwrap_or(0),
-            r["cas"].as_u64().unwrap_or(0),
-            r["value_len"].as_u64().unwrap_or(0),
-            r["deleted"].as_bool().unwrap_or(false),
-        ))
-    })
-    .expect("dump");
-    rows.sort();
-    rows
+    node.client().dump_rows().expect("dump")
 }
 
 /// Waits (bounded by `timeout`) until every replica's dump equals the

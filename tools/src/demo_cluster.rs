@@ -27,25 +27,10 @@ fn remote(e: tapkv_replication::client::ClientError) -> Error {
     Error::Io(std::io::Error::other(e.to_string()))
 }
 
-type Row = (u64, String, u64, u64, u64, bool);
+use tapkv_replication::client::DumpRow as Row;
 
 fn dump(node: &Node) -> Result<Vec<Row>, Error> {
-    let mut c = client(node)?;
-    c.flush().map_err(remote)?;
-    let mut rows = Vec::new();
-    c.dump(|r| {
-        rows.push((
-            r["partition"].as_u64().unwrap_or(0),
-            r["key"].as_str().unwrap_or("").to_owned(),
-            r["seqno"].as_u64().unwrap_or(0),
-            r["cas"].as_u64().unwrap_or(0),
-            r["value_len"].as_u64().unwrap_or(0),
-            r["deleted"].as_bool().unwrap_or(false),
-        ))
-    })
-    .map_err(remote)?;
-    rows.sort();
-    Ok(rows)
+    client(node)?.dump_rows().map_err(remote)
 }
 
 /// Waits until both replicas' dumps equal the primary's (at most 30 s).
