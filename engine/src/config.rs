@@ -21,9 +21,10 @@ pub struct EngineConfig {
     /// Bound on the memory held by all checkpoints together (default 512 MiB).
     /// Past it, writes fail with `TempOutOfMemory` until the flusher frees some.
     pub checkpoint_memory_limit: usize,
-    /// Most items one partition contributes to one flush (default 10,000).
+    /// Most items one partition contributes to one flush (default 2,000; smaller
+    /// batches insert into RocksDB's memtable faster, see docs/performance.md).
     pub flush_batch_max_items: usize,
-    /// Most bytes one partition contributes to one flush (default 16 MiB).
+    /// Most bytes one partition contributes to one flush (default 4 MiB).
     pub flush_batch_max_bytes: usize,
     /// Number of flusher threads; partition `p` is flushed by thread
     /// `p % flusher_threads` (default 1).
@@ -73,8 +74,8 @@ impl EngineConfig {
             partitions: 16,
             checkpoint: CheckpointConfig::default(),
             checkpoint_memory_limit: 512 << 20,
-            flush_batch_max_items: 10_000,
-            flush_batch_max_bytes: 16 << 20,
+            flush_batch_max_items: 2_000,
+            flush_batch_max_bytes: 4 << 20,
             flusher_threads: 1,
             flush_interval: Duration::from_millis(2),
             flush_retry_limit: 5,
@@ -130,13 +131,13 @@ impl EngineBuilder {
         self
     }
 
-    /// Most items per partition per flush; default 10,000.
+    /// Most items per partition per flush; default 2,000.
     pub fn flush_batch_max_items(mut self, n: usize) -> Self {
         self.config.flush_batch_max_items = n;
         self
     }
 
-    /// Most bytes per partition per flush; default 16 MiB.
+    /// Most bytes per partition per flush; default 4 MiB.
     pub fn flush_batch_max_bytes(mut self, n: usize) -> Self {
         self.config.flush_batch_max_bytes = n;
         self
