@@ -334,6 +334,11 @@ impl CheckpointManager {
             .expect("a checkpoint manager always has an open checkpoint")
     }
 
+    /// Whether the open checkpoint holds no live entry.
+    pub fn open_checkpoint_is_empty(&self) -> bool {
+        self.open().live == 0
+    }
+
     /// Id of the open checkpoint.
     pub fn open_checkpoint_id(&self) -> u64 {
         self.open().id
@@ -428,11 +433,11 @@ impl CheckpointManager {
     /// Closes the open checkpoint and opens one with id `id`, or the next id
     /// if `id` is not above the open one (replicas follow the primary's ids).
     pub fn create_checkpoint_with_id(&mut self, id: u64) -> u64 {
-        let start = self.high_seqno + 1;
+        let start = self.high_seqno.saturating_add(1);
         let open = self.open_mut();
         open.open = false;
         open.keys = HashTable::new();
-        let id = id.max(open.id + 1);
+        let id = id.max(open.id.saturating_add(1));
         self.checkpoints.push_back(Checkpoint::new(id, start));
         tracing::debug!(
             checkpoint_id = id,

@@ -43,10 +43,12 @@ pub(crate) struct Signal {
 impl Signal {
     /// Records that there is work; wakes the flusher only if it is idle.
     pub(crate) fn mark(&self) {
-        if !self.pending.load(Ordering::Acquire) {
-            self.pending.store(true, Ordering::Release);
+        // SeqCst: this store-then-load pairs with the flusher's idle
+        // store-then-load in `wait`; one of the two always sees the other.
+        if !self.pending.load(Ordering::SeqCst) {
+            self.pending.store(true, Ordering::SeqCst);
         }
-        if self.idle.load(Ordering::Acquire) {
+        if self.idle.load(Ordering::SeqCst) {
             self.notify();
         }
     }
@@ -75,8 +77,8 @@ impl Signal {
                 self.cv.wait_for(&mut g, busy_nap);
             }
         } else {
-            self.idle.store(true, Ordering::Release);
-            if !self.pending.load(Ordering::Acquire) && !urgent() {
+            self.idle.store(true, Ordering::SeqCst);
+            if !self.pending.load(Ordering::SeqCst) && !urgent() {
                 self.cv.wait_for(&mut g, idle_wait);
             }
             self.idle.store(false, Ordering::Release);
@@ -284,9 +286,13 @@ impl Engine {
                 step,
                 Arc::clone(&checkpoint_mem),
             );
+            let lost_before = store.lost_windows(p)?.len();
             part.lost_windows = store.mark_window_lost(p)?;
+            let lost_now = part.lost_windows.len() > lost_before;
             let mut log = store.failover_log(p)?;
-            if log.is_empty() || (!clean && !config.replica) {
+            // A window lost to a crash *or a clean close* ends a branch too:
+            // replicas may hold its entries.
+            if log.is_empty() || ((!clean || lost_now) && !config.replica) {
                 // A new branch: the history after the persisted seqno that a
                 // crash lost must not be confused with what comes next.
                 log.push(crate::store::FailoverEntry {

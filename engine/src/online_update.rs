@@ -61,10 +61,11 @@ impl Window {
         Ok(())
     }
 
-    /// Records `key`'s pre-window state the first time the window touches it.
-    pub(crate) fn remember(&mut self, key: &Bytes, before: Option<StoredValue>) {
+    /// Records `key`'s pre-window state the first time the window touches
+    /// it, and charges the window `size` bytes (the queued entry).
+    pub(crate) fn remember(&mut self, key: &Bytes, before: Option<StoredValue>, size: usize) {
         self.undo.entry(key.clone()).or_insert(before);
-        self.bytes += key.len() + crate::item::QUEUED_ITEM_OVERHEAD;
+        self.bytes += size;
     }
 
     pub(crate) fn keys(&self) -> usize {
@@ -182,7 +183,10 @@ impl Partition {
         }
         // A replica already in the primary's window checkpoint (entered through
         // the stream's checkpoint-start) stays in it.
-        let local_id = if wanted_id != 0 && w.checkpoints.open_checkpoint_id() == wanted_id {
+        let local_id = if wanted_id != 0
+            && w.checkpoints.open_checkpoint_id() == wanted_id
+            && w.checkpoints.open_checkpoint_is_empty()
+        {
             wanted_id
         } else {
             w.checkpoints.create_checkpoint_with_id(wanted_id)

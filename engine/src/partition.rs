@@ -182,41 +182,41 @@ impl Partition {
     /// Reads a key; expired items read as absent; an evicted value is read
     /// back from the store and kept resident again.
     pub(crate) fn get(&self, store: &Store, key: &[u8]) -> Result<Item> {
-        let Some((key, v)) = self.table.get(key) else {
-            return Err(Error::NotFound);
-        };
-        if is_expired(&v.meta) {
-            return Err(Error::NotFound);
-        }
-        let value = match v.value {
-            Some(value) => value,
-            None => {
-                let rec = store.get_item(self.id, &key)?;
-                let value = match rec {
-                    Some(r) if !r.deleted && r.meta.by_seqno == v.meta.by_seqno => r.value,
-                    other => {
-                        return Err(Error::Corruption(format!(
-                            "evicted key {:?} of partition {} is at seqno {} but disk has {:?}",
-                            String::from_utf8_lossy(&key),
-                            self.id,
-                            v.meta.by_seqno,
-                            other.map(|r| (r.meta.by_seqno, r.deleted))
-                        )))
-                    }
-                };
-                self.progress.bg_fetches.fetch_add(1, Ordering::Relaxed);
-                self.table
-                    .slot(&key)
-                    .fill(&key, v.meta.by_seqno, value.clone());
-                value
+        // An evicted entry may change while its value is read from disk (a
+        // newer write, or a reset): then look again, a few times.
+        for _ in 0..4 {
+            let Some((key, v)) = self.table.get(key) else {
+                return Err(Error::NotFound);
+            };
+            if is_expired(&v.meta) {
+                return Err(Error::NotFound);
             }
-        };
-        Ok(Item {
-            partition: self.id,
-            key,
-            value,
-            meta: v.meta,
-        })
+            let value = match v.value {
+                Some(value) => value,
+                None => match store.get_item(self.id, &key)? {
+                    Some(r) if !r.deleted && r.meta.by_seqno == v.meta.by_seqno => {
+                        self.progress.bg_fetches.fetch_add(1, Ordering::Relaxed);
+                        self.table
+                            .slot(&key)
+                            .fill(&key, v.meta.by_seqno, r.value.clone());
+                        r.value
+                    }
+                    _ => continue,
+                },
+            };
+            return Ok(Item {
+                partition: self.id,
+                key,
+                value,
+                meta: v.meta,
+            });
+        }
+        Err(Error::Corruption(format!(
+            "evicted key {:?} of partition {}: the disk does not hold the version the \
+             hash table names",
+            String::from_utf8_lossy(key),
+            self.id
+        )))
     }
 
     /// Evicts `key`'s value if it is persisted; `WrongState` if it is dirty.
@@ -244,7 +244,9 @@ impl Partition {
         store: &Store,
         seqno: u64,
     ) -> Result<()> {
-        let next_ckpt = w.checkpoints.open_checkpoint_id() + 1;
+        // COMPLETE and REVERT may open two checkpoints (a size-limit close
+        // inside `queue`, then their own): cover both.
+        let next_ckpt = w.checkpoints.open_checkpoint_id().saturating_add(2);
         if seqno <= w.reservation.seqno && next_ckpt <= w.reservation.checkpoint_id {
             return Ok(());
         }
@@ -308,7 +310,7 @@ impl Partition {
         let incoming = key.len() + value.len() + crate::item::QUEUED_ITEM_OVERHEAD;
         if let Some(win) = w.window.as_mut() {
             win.admit(self.id, incoming)?;
-            win.remember(&key, before);
+            win.remember(&key, before, incoming);
         }
         let deleting = kind == MutationKind::Delete;
         let meta = ItemMeta {

@@ -68,6 +68,17 @@ impl Partition {
             seqno: item.meta.by_seqno,
             cas: item.meta.cas,
         };
+        if item.meta.by_seqno >= u64::MAX / 2 {
+            return Err(Error::InvalidArgument(format!(
+                "seqno {} from the stream is out of range",
+                item.meta.by_seqno
+            )));
+        }
+        // Anything at or below the high seqno — entry or marker — is held
+        // already (a stream restarted from an older acknowledged seqno).
+        if item.meta.by_seqno <= self.lock().checkpoints.high_seqno() {
+            return Ok(ApplyOutcome::Duplicate);
+        }
         match item.op {
             QueueOp::Mutation | QueueOp::Deletion => {
                 let mut w = self.lock();
@@ -77,7 +88,7 @@ impl Partition {
                 let mut slot = self.table.slot(&item.key);
                 let before = slot.current(&item.key).cloned();
                 if let Some(win) = w.window.as_mut() {
-                    win.remember(&item.key, before);
+                    win.remember(&item.key, before, item.mem_size());
                 }
                 if item.op == QueueOp::Deletion {
                     slot.remove(&item.key);
@@ -237,6 +248,11 @@ impl Engine {
     /// Follows the primary into checkpoint `id` (a replica builds its
     /// checkpoints with the primary's ids).
     pub fn replica_checkpoint(&self, p: PartitionId, id: u64) -> Result<()> {
+        if id >= u64::MAX / 2 {
+            return Err(Error::InvalidArgument(format!(
+                "checkpoint id {id} from the stream is out of range"
+            )));
+        }
         let s = self.live()?;
         let part = s.partition(p)?;
         let mut w = part.lock();

@@ -354,7 +354,7 @@ fn accept_loop(state: &Arc<NodeState>, listener: TcpListener) {
             .name(format!("tapkv-conn-{id}"))
             .spawn(move || {
                 let peer = conn.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-                if let Err(e) = serve_connection(&st, conn) {
+                if let Err(e) = serve_connection(&st, conn, id) {
                     tracing::debug!(%peer, error = %e, "connection ended");
                 }
             }) {
@@ -368,7 +368,11 @@ fn accept_loop(state: &Arc<NodeState>, listener: TcpListener) {
     }
 }
 
-fn serve_connection(state: &Arc<NodeState>, conn: TcpStream) -> Result<(), ProtocolError> {
+fn serve_connection(
+    state: &Arc<NodeState>,
+    conn: TcpStream,
+    conn_id: u64,
+) -> Result<(), ProtocolError> {
     let cfg = &state.config;
     conn.set_nodelay(true)?;
     conn.set_write_timeout(Some(cfg.io_timeout))?;
@@ -452,7 +456,7 @@ fn serve_connection(state: &Arc<NodeState>, conn: TcpStream) -> Result<(), Proto
                 continue;
             }
             let peer = conn.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-            return serve_stream(state, &frame, reader, writer, peer);
+            return serve_stream(state, &frame, reader, writer, peer, conn_id);
         }
         if frame.opcode == opcode::QUIT {
             writer.send(&Frame::response(&frame, status::SUCCESS))?;
@@ -771,6 +775,7 @@ fn serve_stream(
     reader: FrameReader,
     mut writer: FrameWriter,
     peer: String,
+    conn_id: u64,
 ) -> Result<(), ProtocolError> {
     let engine = &state.engine;
     let name = String::from_utf8_lossy(&open.key).into_owned();
@@ -787,7 +792,9 @@ fn serve_stream(
     };
     writer.send(&Frame::response(open, status::SUCCESS))?;
     let shared = Arc::new(StreamShared {
-        cursor: format!("repl:{name}"),
+        // One cursor per connection: a stream that replaces an older one of
+        // the same replica never shares (or removes) the older one's cursor.
+        cursor: format!("repl:{name}:{conn_id}"),
         name: name.clone(),
         peer,
         unacked: AtomicU64::new(0),
@@ -881,6 +888,11 @@ fn start_partition(
     from: u64,
 ) -> Result<(), Error> {
     s.resumed_from.lock().insert(p, from);
+    {
+        let mut acked = s.acked.lock();
+        let a = acked.entry(p).or_default();
+        *a = (*a).max(from);
+    }
     match engine.stream_start(p, &s.cursor, from)? {
         StreamStart::InMemory => {
             s.parts
@@ -997,12 +1009,11 @@ fn stream_loop(
                 continue;
             }
             if dropped {
-                // The replica reads again: backfill from what it acknowledged.
-                let acked = s.acked.lock().clone();
-                for p in &active {
-                    start_partition(engine, s, writer, *p, acked.get(p).copied().unwrap_or(0))?;
-                }
-                dropped = false;
+                // The replica reads again: end the stream. It reconnects and
+                // resumes (with a backfill) from what it holds, which also
+                // handles a window it holds that ended meanwhile.
+                tracing::info!(stream = %s.name, "slow replica reads again: ending the stream for a resume");
+                break;
             }
             let mut sent = 0;
             for p in &active {
@@ -1102,6 +1113,22 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
             "primary refused HELLO: {}",
             String::from_utf8_lossy(&r.value)
         )));
+    }
+    // A window held across a reconnect may have ended on the primary while
+    // the link was down, its markers gone from the primary's memory: such a
+    // partition is resynchronised rather than left waiting for an END/REVERT
+    // that a backfill cannot carry.
+    for p in engine
+        .stats()?
+        .partitions
+        .iter()
+        .filter(|p| p.window.is_some())
+    {
+        tracing::warn!(
+            partition = p.partition,
+            "window open across a reconnect: resynchronising"
+        );
+        engine.reset_partition(p.partition)?;
     }
     let reqs: Vec<StreamRequest> = (0..engine.num_partitions())
         .map(|p| -> Result<StreamRequest, Error> {

@@ -274,6 +274,15 @@ fn a_replica_joining_mid_window_reverts_only_that_window() {
 
 #[test]
 fn replicas_roll_back_after_the_primary_dies_inside_a_window() {
+    primary_stops_inside_a_window(true);
+}
+
+#[test]
+fn replicas_roll_back_after_the_primary_closes_cleanly_inside_a_window() {
+    primary_stops_inside_a_window(false);
+}
+
+fn primary_stops_inside_a_window(kill: bool) {
     let dir = tempfile::tempdir().unwrap();
     let (mut primary, reps) = cluster(dir.path(), 2);
     let mut c = primary.client();
@@ -292,8 +301,12 @@ fn replicas_roll_back_after_the_primary_dies_inside_a_window() {
         assert_eq!(r.client().get(k[15].as_bytes()).unwrap().0, &b"lost"[..]);
     }
     let addr = primary.addr.clone();
-    primary.kill();
     drop(c);
+    if kill {
+        primary.kill();
+    } else {
+        primary.stop();
+    }
     let primary = NodeProc::start(&dir.path().join("primary"), &addr, None, "primary", &[]);
     let rows = wait_converged(&primary, &[&reps[0], &reps[1]], CONVERGE);
     assert!(!rows.is_empty());
@@ -460,4 +473,70 @@ fn replicate_durability_waits_for_a_majority_of_replicas() {
         r.signal(libc::SIGCONT);
     }
     wait_converged(&primary, &[&reps[0], &reps[1]], CONVERGE);
+}
+
+#[test]
+fn a_replica_holding_a_window_that_ended_while_it_was_away_converges() {
+    let dir = tempfile::tempdir().unwrap();
+    let primary = NodeProc::start(
+        &dir.path().join("primary"),
+        "127.0.0.1:0",
+        None,
+        "primary",
+        &["--max-unacked-bytes", "65536", "--slow-replica-ms", "300"],
+    );
+    let away = NodeProc::start(
+        &dir.path().join("away"),
+        "127.0.0.1:0",
+        Some(&primary.addr),
+        "away",
+        &[],
+    );
+    let mut c = primary.client();
+    let p = 4;
+    let k = keys_in(&c, p, 10, "away");
+    for key in &k[..5] {
+        c.set(key.as_bytes(), b"before", 0, false).unwrap();
+    }
+    c.update_start(p).unwrap();
+    for key in &k {
+        c.set(key.as_bytes(), b"window", 0, false).unwrap();
+    }
+    let high = high_seqno(&primary, p);
+    wait_seqno(&away, p, high);
+    assert!(
+        !away.client().admin("inspect").unwrap()["partitions"][usize::from(p)]["window"].is_null()
+    );
+    // The replica stops reading; its cursor is dropped; the window is
+    // reverted and its checkpoints freed while it is away.
+    away.signal(libc::SIGSTOP);
+    c.update_revert(p).unwrap();
+    let value = vec![b'x'; 1000];
+    let deadline = Instant::now() + CONVERGE;
+    let mut i = 0;
+    loop {
+        for _ in 0..500 {
+            c.set(format!("fill-{}", i % 5000).as_bytes(), &value, 0, false)
+                .unwrap();
+            i += 1;
+        }
+        let streams = c.admin("streams").unwrap();
+        if streams[0]["partitions"]
+            .as_array()
+            .is_some_and(|ps| ps.iter().all(|x| x["state"] == "dropped"))
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "cursors never dropped");
+    }
+    for n in 0..30_000 {
+        c.set(format!("fill-{}", n % 5000).as_bytes(), &value, 0, false)
+            .unwrap();
+    }
+    away.signal(libc::SIGCONT);
+    wait_converged(&primary, &[&away], CONVERGE);
+    let mut ac = away.client();
+    assert_eq!(ac.get(k[0].as_bytes()).unwrap().0, &b"before"[..]);
+    assert!(ac.get(k[7].as_bytes()).unwrap_err().is_not_found());
+    assert!(ac.admin("inspect").unwrap()["partitions"][usize::from(p)]["window"].is_null());
 }
