@@ -12,7 +12,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 deps:
 	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust (rustup) first"; exit 1; }
 	@command -v c++ >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq g++; }
-	@if ! ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 && ! ls /usr/lib/x86_64-linux-gnu/libclang*.so* >/dev/null 2>&1; then \
+	@if command -v dpkg >/dev/null && ! dpkg -s libclang-dev >/dev/null 2>&1; then \
 		echo "installing libclang-dev (needed by the RocksDB bindings)"; \
 		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq libclang-dev; \
 	fi
