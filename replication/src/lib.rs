@@ -15,3 +15,4 @@ pub mod io;
 pub mod message;
 pub mod node;
 pub mod protocol;
+mod sync;

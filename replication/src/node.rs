@@ -15,13 +15,10 @@
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
-use parking_lot::{Condvar, Mutex};
 use serde::Serialize;
 use tapkv_engine::{
     ApplyOutcome, CursorEvent, DiskView, Engine, Error, PartitionId, StreamStart, WriteOptions,
@@ -33,6 +30,7 @@ use crate::message::{
     StreamMessage, StreamRequest, PROTOCOL_VERSION,
 };
 use crate::protocol::{Frame, ProtocolError, DEFAULT_MAX_BODY};
+use crate::sync::{Arc, AtomicBool, AtomicU64, Condvar, Mutex, Ordering};
 
 /// Settings of a node, each with its default.
 #[derive(Debug, Clone)]

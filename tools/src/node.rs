@@ -38,6 +38,24 @@ pub(crate) struct NodeArgs {
     /// Milliseconds a `Replicate` write waits for a majority of replicas.
     #[arg(long, default_value_t = 5000)]
     replicate_timeout_ms: u64,
+    /// Timeout of every socket write and of waiting for a reply, in ms.
+    #[arg(long, default_value_t = 10_000)]
+    io_timeout_ms: u64,
+    /// Close client connections idle this many seconds.
+    #[arg(long, default_value_t = 300)]
+    idle_timeout_s: u64,
+    /// Stream heartbeat interval in ms (a replica reconnects after 10 silent ones).
+    #[arg(long, default_value_t = 1000)]
+    heartbeat_ms: u64,
+    /// Memory quota for keys and resident values, in bytes (engine default 1 GiB).
+    #[arg(long)]
+    memory_quota: Option<usize>,
+    /// Bound on all checkpoint memory, in bytes (engine default 512 MiB).
+    #[arg(long)]
+    checkpoint_memory_limit: Option<usize>,
+    /// Bytes one online-update window may queue, per partition (engine default 256 MiB).
+    #[arg(long)]
+    online_update_memory_limit: Option<usize>,
     /// Largest accepted frame body in bytes.
     #[arg(long, default_value_t = tapkv_replication::protocol::DEFAULT_MAX_BODY)]
     max_body: usize,
@@ -49,11 +67,20 @@ pub(crate) fn run(args: NodeArgs) -> Result<ExitCode, Error> {
         signal_hook::flag::register(sig, Arc::clone(&stop))?;
     }
     let replica = args.replica_of.is_some();
-    let engine = Engine::builder(&args.data)
+    let mut builder = Engine::builder(&args.data)
         .partitions(args.partitions)
         .replica(replica)
-        .replicate_timeout(Duration::from_millis(args.replicate_timeout_ms))
-        .open()?;
+        .replicate_timeout(Duration::from_millis(args.replicate_timeout_ms));
+    if let Some(q) = args.memory_quota {
+        builder = builder.memory_quota(q);
+    }
+    if let Some(l) = args.checkpoint_memory_limit {
+        builder = builder.checkpoint_memory_limit(l);
+    }
+    if let Some(l) = args.online_update_memory_limit {
+        builder = builder.online_update_memory_limit(l);
+    }
+    let engine = builder.open()?;
     let mut cfg = NodeConfig::new(args.listen.clone());
     cfg.name = args
         .name
@@ -63,6 +90,9 @@ pub(crate) fn run(args: NodeArgs) -> Result<ExitCode, Error> {
     cfg.max_unacked_bytes = args.max_unacked_bytes;
     cfg.slow_replica_timeout = Duration::from_millis(args.slow_replica_ms);
     cfg.max_body = args.max_body;
+    cfg.io_timeout = Duration::from_millis(args.io_timeout_ms);
+    cfg.idle_timeout = Duration::from_secs(args.idle_timeout_s);
+    cfg.heartbeat = Duration::from_millis(args.heartbeat_ms);
     let name = cfg.name.clone();
     let node = Node::start(engine, cfg)?;
     println!(
