@@ -98,6 +98,48 @@ pub trait ReplicationGate: Send + Sync {
     fn wait_replicated(&self, p: PartitionId, seqno: u64, timeout: Duration) -> Result<()>;
 }
 
+/// A generation counter that stream readers wait on instead of polling:
+/// every change to a checkpoint bumps it; a reader that found nothing waits
+/// until it moves. Writers take the lock only while someone waits.
+#[derive(Default)]
+pub(crate) struct ChangeFeed {
+    generation: AtomicU64,
+    waiters: AtomicUsize,
+    lock: Mutex<()>,
+    cv: Condvar,
+}
+
+impl ChangeFeed {
+    pub(crate) fn bump(&self) {
+        // SeqCst pairs with the waiter's register-then-check in `wait`.
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        if self.waiters.load(Ordering::SeqCst) > 0 {
+            let _g = self.lock.lock();
+            self.cv.notify_all();
+        }
+    }
+
+    fn current(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
+    fn wait(&self, since: u64, timeout: Duration) -> u64 {
+        let deadline = Instant::now() + timeout;
+        self.waiters.fetch_add(1, Ordering::SeqCst);
+        let mut g = self.lock.lock();
+        while self.generation.load(Ordering::SeqCst) == since {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            self.cv.wait_for(&mut g, deadline - now);
+        }
+        drop(g);
+        self.waiters.fetch_sub(1, Ordering::SeqCst);
+        self.current()
+    }
+}
+
 /// State shared by the engine handle and its flusher threads.
 pub(crate) struct Shared {
     pub(crate) config: EngineConfig,
@@ -114,6 +156,8 @@ pub(crate) struct Shared {
     pub(crate) persist_cv: Condvar,
     /// WAL syncs performed for durable writes (one serves many waiters).
     pub(crate) syncs: AtomicU64,
+    /// Bumped on every checkpoint change, for stream readers.
+    pub(crate) changes: ChangeFeed,
     /// Where `Replicate` writes wait for replicas (set by a node).
     pub(crate) gate: RwLock<Option<Arc<dyn ReplicationGate>>>,
     /// Held by the flusher for a whole round, and by a partition reset.
@@ -128,6 +172,12 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// Something was queued: tell the flusher and any waiting stream.
+    pub(crate) fn changed(&self) {
+        self.flush_signal.mark();
+        self.changes.bump();
+    }
+
     pub(crate) fn poison(&self, reason: String) {
         tracing::error!(%reason, "engine poisoned");
         *self.poisoned.lock() = Some(reason);
@@ -360,6 +410,7 @@ impl Engine {
             aborted: AtomicBool::new(false),
             flush_lock: Mutex::new(()),
             gate: RwLock::new(None),
+            changes: ChangeFeed::default(),
             injected_flush_failures: AtomicUsize::new(0),
             recovered_from_crash: !clean,
             config,
@@ -432,8 +483,13 @@ impl Engine {
     /// (Self::online_update_revert) undoes all of them.
     pub fn online_update_start(&self, p: PartitionId) -> Result<u64> {
         let s = self.live()?;
-        s.partition(p)?
-            .online_update_start(&s.store, s.config.online_update_memory_limit, None)
+        let id = s.partition(p)?.online_update_start(
+            &s.store,
+            s.config.online_update_memory_limit,
+            None,
+        )?;
+        s.changed();
+        Ok(id)
     }
 
     /// COMPLETE: ends partition `p`'s window; everything in it persists.
@@ -443,7 +499,7 @@ impl Engine {
         let id = s
             .partition(p)?
             .online_update_complete(&s.store, MarkerSource::Local)?;
-        s.flush_signal.mark();
+        s.changed();
         Ok(id)
     }
 
@@ -453,7 +509,7 @@ impl Engine {
         let report = s
             .partition(p)?
             .online_update_revert(&s.store, MarkerSource::Local)?;
-        s.flush_signal.mark();
+        s.changed();
         Ok(report)
     }
 
@@ -539,7 +595,7 @@ impl Engine {
             opts,
             admit,
         )?;
-        s.flush_signal.mark();
+        s.changed();
         if opts.durability == Durability::Persist {
             s.wait_synced(&[(res.partition, res.seqno)])?;
         }
@@ -570,7 +626,9 @@ impl Engine {
     /// new checkpoint's id.
     pub fn create_checkpoint(&self, p: PartitionId) -> Result<u64> {
         let s = self.live()?;
-        s.partition(p)?.create_checkpoint(&s.store)
+        let id = s.partition(p)?.create_checkpoint(&s.store)?;
+        s.changed();
+        Ok(id)
     }
 
     /// Checkpoints of partition `p`, oldest first.
@@ -684,6 +742,21 @@ impl Engine {
     pub fn inject_flush_failures(&self, n: usize) {
         if let Some(s) = self.shared.as_deref() {
             s.injected_flush_failures.store(n, Ordering::Release);
+        }
+    }
+
+    /// The current change generation (see [`wait_for_changes`](Self::wait_for_changes)).
+    pub fn change_generation(&self) -> u64 {
+        self.shared.as_deref().map_or(0, |s| s.changes.current())
+    }
+
+    /// Waits until something is queued in any partition after generation
+    /// `since` was read, or `timeout` passes; returns the new generation. Stream
+    /// readers use it instead of polling.
+    pub fn wait_for_changes(&self, since: u64, timeout: Duration) -> u64 {
+        match self.shared.as_deref() {
+            Some(s) => s.changes.wait(since, timeout),
+            None => since,
         }
     }
 

@@ -241,7 +241,7 @@ impl Engine {
         let out = s
             .partition(p)?
             .apply(s.config.online_update_memory_limit, &s.store, item)?;
-        s.flush_signal.mark();
+        s.changed();
         Ok(out)
     }
 

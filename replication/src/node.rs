@@ -979,6 +979,7 @@ fn stream_loop(
         writer.flush().map_err(io_err)?;
         let mut last_send = Instant::now();
         let mut dropped = false;
+        let mut generation = engine.change_generation();
         while !s.stop.load(Ordering::Acquire) && !state.stop.load(Ordering::Acquire) {
             // Flow control: wait for acks while too much is unacknowledged.
             if s.unacked.load(Ordering::Acquire) > cfg.max_unacked_bytes {
@@ -1052,11 +1053,12 @@ fn stream_loop(
             if sent > 0 {
                 last_send = Instant::now();
             } else {
-                // Nothing new: poll again shortly (the engine has no per-write
-                // notification for streams).
-                let mut g = s.lock.lock();
-                s.cv.wait_for(&mut g, Duration::from_millis(1));
+                // Nothing new since `generation` was read: sleep until the
+                // engine queues something (or a heartbeat is due).
+                generation = engine.wait_for_changes(generation, cfg.heartbeat);
+                continue;
             }
+            generation = engine.change_generation();
         }
         let _ = writer.send(&StreamMessage::StreamEnd.to_frame());
         Ok(())
