@@ -7,8 +7,6 @@
 //! The engine stays synchronous and knows nothing of sockets; the protocol
 //! and the stream loops live in the `tapkv-replication` crate.
 
-use bytes::Bytes;
-
 use crate::checkpoint::{CheckpointManager, Registration};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
@@ -223,7 +221,7 @@ impl Engine {
                     } else {
                         QueueOp::Mutation
                     },
-                    key: Bytes::copy_from_slice(key),
+                    key,
                     value: rec.value,
                     meta: rec.meta,
                 });

@@ -365,21 +365,31 @@ impl Store {
     pub(crate) fn for_each_item_of(
         &self,
         p: PartitionId,
-        mut f: impl FnMut(&[u8], DiskRecord) -> Result<()>,
+        mut f: impl FnMut(Bytes, DiskRecord) -> Result<()>,
     ) -> Result<()> {
-        let prefix = p.to_be_bytes();
-        let mode = IteratorMode::From(&prefix, rocksdb::Direction::Forward);
-        for entry in self.db.iterator_cf(self.cf(CF_ITEMS)?, mode) {
-            let (k, v) = entry?;
-            let (kp, key) = split_item_key(&k)?;
+        let mut it = self.db.raw_iterator_cf(self.cf(CF_ITEMS)?);
+        it.seek(p.to_be_bytes());
+        while it.valid() {
+            let (Some(k), Some(v)) = (it.key(), it.value()) else {
+                break;
+            };
+            let (kp, key) = split_item_key(k)?;
             if kp != p {
                 break;
             }
-            let rec = decode_record(Bytes::from(v), &|| {
-                format!("key {:?} in partition {p}", String::from_utf8_lossy(key))
+            // One allocation holds key and record; both share it.
+            let mut buf = Vec::with_capacity(key.len() + v.len());
+            buf.extend_from_slice(key);
+            buf.extend_from_slice(v);
+            let buf = Bytes::from(buf);
+            let key = buf.slice(..key.len());
+            let rec = decode_record(buf.slice(key.len()..), &|| {
+                format!("key {:?} in partition {p}", String::from_utf8_lossy(&key))
             })?;
             f(key, rec)?;
+            it.next();
         }
+        it.status()?;
         Ok(())
     }
 
