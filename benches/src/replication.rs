@@ -161,6 +161,35 @@ fn throughput(dir: &Path) -> Throughput {
     }
 }
 
+/// The replica's apply capacity: N items written (and persisted) on the
+/// primary first, then a fresh replica started; time until it holds them all.
+/// Unlike the concurrent run above, the writer does not compete for the cores.
+fn catch_up(dir: &Path) -> Option<f64> {
+    let mut pcfg = NodeConfig::new("127.0.0.1:0");
+    pcfg.name = "bench-primary-cu".into();
+    let primary =
+        Node::start(open_engine(&dir.join("cu-primary"), false), pcfg).expect("start primary");
+    let pe = primary.engine().expect("primary engine");
+    for i in 0..N {
+        set(pe, i);
+    }
+    pe.flush().expect("flush");
+    let mut rcfg = NodeConfig::new("127.0.0.1:0");
+    rcfg.name = "bench-replica-cu".into();
+    rcfg.replica_of = Some(primary.local_addr().to_string());
+    let t = Instant::now();
+    let replica =
+        Node::start(open_engine(&dir.join("cu-replica"), true), rcfg).expect("start replica");
+    let ok = wait_caught_up(
+        pe,
+        replica.engine().expect("replica engine"),
+        CATCH_UP_DEADLINE,
+    );
+    let took = t.elapsed();
+    shutdown(primary, replica);
+    ok.then(|| rate(N, took))
+}
+
 struct Lag {
     target_rate: f64,
     achieved_rate: f64,
@@ -364,6 +393,7 @@ pub fn bench() {
                 "{r:.0}/s"
             ))
     );
+    let cu = catch_up(tmp.path());
     let lg = lag(tmp.path(), tp.single * 0.5);
     let (bf, raw, bf_items) = backfill(tmp.path());
 
@@ -388,6 +418,15 @@ pub fn bench() {
             other_name: "primary node set, same run".into(),
             other: tp.primary,
             target: None,
+        });
+    }
+    if let Some(c) = cu {
+        rows.push(Row {
+            name: "replica catch-up apply (writer idle)".into(),
+            tapkv: c,
+            other_name: "single-node engine set, same items".into(),
+            other: tp.single,
+            target: Some(0.8),
         });
     }
     print_rows("replication throughput (items/s; one writer thread)", &rows);
