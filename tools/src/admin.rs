@@ -46,26 +46,40 @@ pub(crate) fn run(cmd: AdminCommand) -> Result<ExitCode, Error> {
                 if json {
                     println!("{v}");
                 } else {
+                    let text = |x: &serde_json::Value| x.as_str().unwrap_or("").to_owned();
+                    let num = |x: &serde_json::Value| x.as_u64().unwrap_or(0);
                     println!(
                         "node {} ({}), data directory {}",
-                        v["name"], v["role"], v["data"]
+                        text(&v["name"]),
+                        text(&v["role"]),
+                        text(&v["data"])
                     );
                     println!(
                         "{:>9} {:>12} {:>10} {:>13} {:>8}  online update",
                         "partition", "high_seqno", "persisted", "checkpoint_id", "items"
                     );
                     for p in v["partitions"].as_array().into_iter().flatten() {
+                        let mut notes = Vec::new();
+                        if !p["window"].is_null() {
+                            notes.push(format!(
+                                "window {} open",
+                                num(&p["window"]["checkpoint_id"])
+                            ));
+                        }
+                        for w in p["lost_windows"].as_array().into_iter().flatten() {
+                            notes.push(format!("window {} lost", num(&w["checkpoint_id"])));
+                        }
                         println!(
                             "{:>9} {:>12} {:>10} {:>13} {:>8}  {}",
-                            p["partition"],
-                            p["high_seqno"],
-                            p["persisted_seqno"],
-                            p["checkpoint_id"],
-                            p["items"],
-                            if p["window"].is_null() {
+                            num(&p["partition"]),
+                            num(&p["high_seqno"]),
+                            num(&p["persisted_seqno"]),
+                            num(&p["checkpoint_id"]),
+                            num(&p["items"]),
+                            if notes.is_empty() {
                                 "-".to_string()
                             } else {
-                                format!("window {} open", p["window"]["checkpoint_id"])
+                                notes.join("; ")
                             }
                         );
                     }
@@ -123,7 +137,10 @@ pub(crate) fn run(cmd: AdminCommand) -> Result<ExitCode, Error> {
             for s in streams {
                 println!(
                     "stream {} from {}: {} bytes unacknowledged, last ack {} ms ago",
-                    s["name"], s["peer"], s["unacked_bytes"], s["last_ack_ms"]
+                    s["name"].as_str().unwrap_or(""),
+                    s["peer"].as_str().unwrap_or(""),
+                    s["unacked_bytes"],
+                    s["last_ack_ms"]
                 );
                 for p in s["partitions"].as_array().into_iter().flatten() {
                     println!(

@@ -130,6 +130,10 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(code) => code,
+        // A closed stdout (`tapkv admin dump | head`) is not an error.
+        Err(tapkv_engine::Error::Io(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE
