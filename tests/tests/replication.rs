@@ -43,6 +43,57 @@ fn high_seqno(node: &NodeProc, p: u16) -> u64 {
         .unwrap()
 }
 
+/// A primary with a small unacknowledged window and a short slow-replica
+/// timeout, and one replica named `name`.
+fn slow_pair(dir: &std::path::Path, name: &str) -> (NodeProc, NodeProc) {
+    let primary = NodeProc::start(
+        &dir.join("primary"),
+        "127.0.0.1:0",
+        None,
+        "primary",
+        &["--max-unacked-bytes", "65536", "--slow-replica-ms", "300"],
+    );
+    let replica = NodeProc::start(
+        &dir.join(name),
+        "127.0.0.1:0",
+        Some(&primary.addr),
+        name,
+        &[],
+    );
+    (primary, replica)
+}
+
+/// Writes 1,000-byte values under `prefix` until the primary reports every
+/// partition of its (only) stream dropped; returns how many were written.
+fn write_until_dropped(c: &mut tapkv_replication::client::Client, prefix: &str) -> usize {
+    let value = vec![b'x'; 1000];
+    let deadline = Instant::now() + CONVERGE;
+    let mut i = 0;
+    loop {
+        for _ in 0..500 {
+            c.set(
+                format!("{prefix}-{}", i % 20_000).as_bytes(),
+                &value,
+                0,
+                false,
+            )
+            .unwrap();
+            i += 1;
+        }
+        let streams = c.admin("streams").unwrap();
+        let dropped = streams[0]["partitions"]
+            .as_array()
+            .is_some_and(|ps| ps.iter().all(|p| p["state"] == "dropped"));
+        if dropped {
+            return i;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "cursors never dropped: {streams}"
+        );
+    }
+}
+
 fn cluster(dir: &std::path::Path, replicas: usize) -> (NodeProc, Vec<NodeProc>) {
     let primary = NodeProc::start(&dir.join("primary"), "127.0.0.1:0", None, "primary", &[]);
     let reps = (0..replicas)
@@ -335,46 +386,13 @@ fn primary_stops_inside_a_window(kill: bool) {
 #[test]
 fn a_slow_replica_has_its_cursor_dropped_and_is_backfilled_later() {
     let dir = tempfile::tempdir().unwrap();
-    let primary = NodeProc::start(
-        &dir.path().join("primary"),
-        "127.0.0.1:0",
-        None,
-        "primary",
-        &["--max-unacked-bytes", "65536", "--slow-replica-ms", "300"],
-    );
-    let slow = NodeProc::start(
-        &dir.path().join("slow"),
-        "127.0.0.1:0",
-        Some(&primary.addr),
-        "slow",
-        &[],
-    );
+    let (primary, slow) = slow_pair(dir.path(), "slow");
     let mut c = primary.client();
     c.set(b"hello", b"world", 0, false).unwrap();
     wait_converged(&primary, &[&slow], CONVERGE);
     slow.signal(libc::SIGSTOP);
     let value = vec![b'x'; 1000];
-    let deadline = Instant::now() + CONVERGE;
-    let mut i = 0;
-    // Write until the primary reports the stream's cursors dropped.
-    loop {
-        for _ in 0..500 {
-            c.set(format!("bulk-{}", i % 20_000).as_bytes(), &value, 0, false)
-                .unwrap();
-            i += 1;
-        }
-        let streams = c.admin("streams").unwrap();
-        let dropped = streams[0]["partitions"]
-            .as_array()
-            .is_some_and(|ps| ps.iter().all(|p| p["state"] == "dropped"));
-        if dropped {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "cursors never dropped: {streams}"
-        );
-    }
+    let mut i = write_until_dropped(&mut c, "bulk");
     // With the cursor gone, checkpoints are freed: while the replica stays
     // stopped, 60 MB more writes leave checkpoint memory at about two
     // checkpoints' worth (10,000 items each), not growing with the writes.
@@ -478,20 +496,7 @@ fn replicate_durability_waits_for_a_majority_of_replicas() {
 #[test]
 fn a_replica_holding_a_window_that_ended_while_it_was_away_converges() {
     let dir = tempfile::tempdir().unwrap();
-    let primary = NodeProc::start(
-        &dir.path().join("primary"),
-        "127.0.0.1:0",
-        None,
-        "primary",
-        &["--max-unacked-bytes", "65536", "--slow-replica-ms", "300"],
-    );
-    let away = NodeProc::start(
-        &dir.path().join("away"),
-        "127.0.0.1:0",
-        Some(&primary.addr),
-        "away",
-        &[],
-    );
+    let (primary, away) = slow_pair(dir.path(), "away");
     let mut c = primary.client();
     let p = 4;
     let k = keys_in(&c, p, 10, "away");
@@ -511,24 +516,8 @@ fn a_replica_holding_a_window_that_ended_while_it_was_away_converges() {
     // reverted and its checkpoints freed while it is away.
     away.signal(libc::SIGSTOP);
     c.update_revert(p).unwrap();
+    write_until_dropped(&mut c, "fill");
     let value = vec![b'x'; 1000];
-    let deadline = Instant::now() + CONVERGE;
-    let mut i = 0;
-    loop {
-        for _ in 0..500 {
-            c.set(format!("fill-{}", i % 5000).as_bytes(), &value, 0, false)
-                .unwrap();
-            i += 1;
-        }
-        let streams = c.admin("streams").unwrap();
-        if streams[0]["partitions"]
-            .as_array()
-            .is_some_and(|ps| ps.iter().all(|x| x["state"] == "dropped"))
-        {
-            break;
-        }
-        assert!(Instant::now() < deadline, "cursors never dropped");
-    }
     for n in 0..30_000 {
         c.set(format!("fill-{}", n % 5000).as_bytes(), &value, 0, false)
             .unwrap();
