@@ -392,14 +392,13 @@ fn a_slow_replica_has_its_cursor_dropped_and_is_backfilled_later() {
     wait_converged(&primary, &[&slow], CONVERGE);
     slow.signal(libc::SIGSTOP);
     let value = vec![b'x'; 1000];
-    let mut i = write_until_dropped(&mut c, "bulk");
+    let start = write_until_dropped(&mut c, "bulk");
     // With the cursor gone, checkpoints are freed: while the replica stays
     // stopped, 60 MB more writes leave checkpoint memory at about two
     // checkpoints' worth (10,000 items each), not growing with the writes.
-    for _ in 0..60_000 {
+    for i in start..start + 60_000 {
         c.set(format!("bulk-{}", i % 20_000).as_bytes(), &value, 0, false)
             .unwrap();
-        i += 1;
     }
     c.flush().unwrap();
     let mem = c.stats().unwrap()["checkpoint_mem_bytes"].as_u64().unwrap();
