@@ -27,9 +27,8 @@ const CF_META: &str = "meta";
 const ENGINE_META_KEY: &[u8] = b"engine";
 const CLEAN_SHUTDOWN_KEY: &[u8] = b"clean-shutdown";
 /// Version of the on-disk format written by this build.
-pub const FORMAT_VERSION: u32 = 1;
-const RECORD_VERSION: u8 = 1;
-const RECORD_HEADER: usize = 1 + 1 + 4 + 4 + 8 + 8 + 8;
+pub const FORMAT_VERSION: u32 = 2;
+const RECORD_VERSION: u8 = 2;
 
 /// Engine-wide settings fixed when a data directory is created.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -115,22 +114,42 @@ pub(crate) fn item_key(p: PartitionId, key: &[u8]) -> Vec<u8> {
     k
 }
 
+/// Item record: version u8, deleted u8, flags, expiry (LEB128 varints), CAS
+/// (u64 big-endian: a clock value, rarely small), rev seqno and by-seqno
+/// (varints), then the value. About 16 bytes of header instead of 34 with
+/// fixed widths: less for every flush, WAL write, compaction and backfill.
 fn encode_record_into(v: &mut Vec<u8>, meta: &ItemMeta, deleted: bool, value: &[u8]) {
     v.clear();
     v.push(RECORD_VERSION);
     v.push(u8::from(deleted));
-    v.extend_from_slice(&meta.flags.to_be_bytes());
-    v.extend_from_slice(&meta.expiry.to_be_bytes());
+    put_varint(v, u64::from(meta.flags));
+    put_varint(v, u64::from(meta.expiry));
     v.extend_from_slice(&meta.cas.to_be_bytes());
-    v.extend_from_slice(&meta.rev_seqno.to_be_bytes());
-    v.extend_from_slice(&meta.by_seqno.to_be_bytes());
+    put_varint(v, meta.rev_seqno);
+    put_varint(v, meta.by_seqno);
     v.extend_from_slice(value);
 }
 
-fn be_u32(b: &[u8]) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[..4]);
-    u32::from_be_bytes(a)
+fn put_varint(v: &mut Vec<u8>, mut x: u64) {
+    while x >= 0x80 {
+        v.push((x as u8) | 0x80);
+        x >>= 7;
+    }
+    v.push(x as u8);
+}
+
+/// Reads a varint at `*pos`, advancing it; `None` if truncated or too long.
+fn get_varint(b: &[u8], pos: &mut usize) -> Option<u64> {
+    let mut x = 0u64;
+    for shift in (0..64).step_by(7) {
+        let byte = *b.get(*pos)?;
+        *pos += 1;
+        x |= u64::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            return Some(x);
+        }
+    }
+    None
 }
 
 fn be_u64(b: &[u8]) -> u64 {
@@ -142,24 +161,38 @@ fn be_u64(b: &[u8]) -> u64 {
 /// Decodes an item record; `what` names it in a corruption error. The value
 /// shares `raw`'s buffer (no copy).
 pub(crate) fn decode_record(raw: Bytes, what: &dyn Fn() -> String) -> Result<DiskRecord> {
-    if raw.len() < RECORD_HEADER || raw[0] != RECORD_VERSION || raw[1] > 1 {
+    let parse = |b: &[u8]| -> Option<(bool, ItemMeta, usize)> {
+        if b.len() < 2 || b[0] != RECORD_VERSION || b[1] > 1 {
+            return None;
+        }
+        let mut pos = 2;
+        let flags = u32::try_from(get_varint(b, &mut pos)?).ok()?;
+        let expiry = u32::try_from(get_varint(b, &mut pos)?).ok()?;
+        let cas = be_u64(b.get(pos..pos + 8)?);
+        pos += 8;
+        let rev_seqno = get_varint(b, &mut pos)?;
+        let by_seqno = get_varint(b, &mut pos)?;
+        let meta = ItemMeta {
+            by_seqno,
+            cas,
+            rev_seqno,
+            flags,
+            expiry,
+        };
+        Some((b[1] == 1, meta, pos))
+    };
+    let Some((deleted, meta, header)) = parse(&raw) else {
         return Err(Error::Corruption(format!(
             "item record of {} is malformed ({} bytes, version {})",
             what(),
             raw.len(),
             raw.first().copied().unwrap_or(0)
         )));
-    }
+    };
     Ok(DiskRecord {
-        deleted: raw[1] == 1,
-        meta: ItemMeta {
-            flags: be_u32(&raw[2..]),
-            expiry: be_u32(&raw[6..]),
-            cas: be_u64(&raw[10..]),
-            rev_seqno: be_u64(&raw[18..]),
-            by_seqno: be_u64(&raw[26..]),
-        },
-        value: raw.slice(RECORD_HEADER..),
+        deleted,
+        meta,
+        value: raw.slice(header..),
     })
 }
 
@@ -624,5 +657,54 @@ impl DiskView {
                 record,
             })
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip_and_truncation_is_corruption() {
+        let metas = [
+            ItemMeta::default(),
+            ItemMeta {
+                by_seqno: u64::MAX,
+                cas: u64::MAX,
+                rev_seqno: 1 << 40,
+                flags: u32::MAX,
+                expiry: 1_700_000_000,
+            },
+            ItemMeta {
+                by_seqno: 300,
+                cas: 117_661_791_953_158_144,
+                rev_seqno: 2,
+                flags: 0,
+                expiry: 0,
+            },
+        ];
+        for meta in metas {
+            for deleted in [false, true] {
+                let mut v = Vec::new();
+                encode_record_into(&mut v, &meta, deleted, b"value");
+                let rec = decode_record(Bytes::from(v.clone()), &|| "test".into()).unwrap();
+                assert_eq!(
+                    (rec.meta, rec.deleted, &rec.value[..]),
+                    (meta, deleted, &b"value"[..])
+                );
+                // Every truncation inside the header is reported, never a panic.
+                let header = v.len() - 5;
+                for cut in 0..header {
+                    let r = decode_record(Bytes::copy_from_slice(&v[..cut]), &|| "test".into());
+                    assert!(matches!(r, Err(Error::Corruption(_))), "cut {cut}");
+                }
+            }
+        }
+        let mut v = Vec::new();
+        encode_record_into(&mut v, &metas[2], false, b"x");
+        assert!(
+            v.len() < 1 + 1 + 4 + 4 + 8 + 8 + 8,
+            "varints keep the header small"
+        );
     }
 }
