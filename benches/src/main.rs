@@ -303,6 +303,8 @@ fn main() {
         "engine" => engine_bench(ops),
         "revert" => revert::bench(),
         "replication" => replication::bench(),
+        // Only the backfill comparison, for profilers.
+        "backfill" => replication::backfill_only(),
         "all" => {
             engine_bench(ops);
             revert::bench();
