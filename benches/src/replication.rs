@@ -330,14 +330,12 @@ fn backfill(dir: &Path) -> (f64, f64, u64) {
             let mut n = 0u64;
             let mut bytes = 0usize;
             for p in 0..parts {
-                let items = engine
-                    .backfill(p, 0, upto[usize::from(p)])
+                n += engine
+                    .backfill(p, 0, upto[usize::from(p)], |it| {
+                        bytes += it.key.len() + it.value.len();
+                        Ok(())
+                    })
                     .expect("backfill");
-                n += items.len() as u64;
-                bytes += items
-                    .iter()
-                    .map(|it| it.key.len() + it.value.len())
-                    .sum::<usize>();
             }
             std::hint::black_box(bytes);
             let d = t.elapsed();

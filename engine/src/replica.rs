@@ -206,16 +206,25 @@ impl Engine {
         }
     }
 
-    /// Items and tombstones of partition `p` on disk with seqnos in
-    /// `(after, upto]`, in seqno order (the backfill of a stream).
-    pub fn backfill(&self, p: PartitionId, after: u64, upto: u64) -> Result<Vec<QueuedItem>> {
+    /// Calls `f` for every item and tombstone of partition `p` on disk with a
+    /// seqno in `(after, upto]`, in **key order** (the backfill of a stream:
+    /// it streams from the iterator and holds nothing; the receiver orders a
+    /// snapshot by seqno before applying it). Returns how many were visited.
+    pub fn backfill(
+        &self,
+        p: PartitionId,
+        after: u64,
+        upto: u64,
+        mut f: impl FnMut(QueuedItem) -> Result<()>,
+    ) -> Result<u64> {
         let s = self.live()?;
         s.partition(p)?;
-        let mut out = Vec::new();
+        let mut n = 0;
         s.store.for_each_item_of(p, |key, rec| {
             let seqno = rec.meta.by_seqno;
             if seqno > after && seqno <= upto {
-                out.push(QueuedItem {
+                n += 1;
+                f(QueuedItem {
                     op: if rec.deleted {
                         QueueOp::Deletion
                     } else {
@@ -224,12 +233,11 @@ impl Engine {
                     key,
                     value: rec.value,
                     meta: rec.meta,
-                });
+                })?;
             }
             Ok(())
         })?;
-        out.sort_unstable_by_key(QueuedItem::seqno);
-        Ok(out)
+        Ok(n)
     }
 
     /// Applies one entry of a primary's stream to partition `p`, keeping its

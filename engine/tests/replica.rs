@@ -125,8 +125,16 @@ fn streams_backfill_when_memory_no_longer_holds_the_history() {
     let p = e.partition_of(b"k0");
     match e.stream_start(p, "s", 0).unwrap() {
         StreamStart::Backfill { snapshot_end } => {
-            let items = e.backfill(p, 0, snapshot_end).unwrap();
-            assert!(items.windows(2).all(|w| w[0].seqno() < w[1].seqno()));
+            let mut items = Vec::new();
+            let n = e
+                .backfill(p, 0, snapshot_end, |it| {
+                    items.push(it);
+                    Ok(())
+                })
+                .unwrap();
+            assert_eq!(n as usize, items.len());
+            assert!(items.windows(2).all(|w| w[0].key < w[1].key), "key order");
+            items.sort_unstable_by_key(|i| i.seqno());
             assert!(items
                 .iter()
                 .any(|i| i.op == QueueOp::Deletion && &i.key[..] == b"k0"));

@@ -901,7 +901,6 @@ fn start_partition(
             s.parts
                 .lock()
                 .insert(p, (PartitionStreamState::Backfilling, from));
-            let items = engine.backfill(p, from, snapshot_end)?;
             send(
                 writer,
                 s,
@@ -912,14 +911,28 @@ fn start_partition(
                     from_disk: true,
                 },
             );
-            for item in items {
+            // Straight from the disk iterator, in key order; the replica
+            // orders the snapshot by seqno once it has all of it.
+            engine.backfill(p, from, snapshot_end, |item| {
                 send(writer, s, &StreamMessage::Item { partition: p, item });
                 if writer.pending() > 256 * 1024 {
                     writer
                         .flush()
                         .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))?;
                 }
-            }
+                Ok(())
+            })?;
+            // A memory snapshot marker ends the disk snapshot.
+            send(
+                writer,
+                s,
+                &StreamMessage::Snapshot {
+                    partition: p,
+                    start: snapshot_end + 1,
+                    end: snapshot_end,
+                    from_disk: false,
+                },
+            );
             s.parts
                 .lock()
                 .insert(p, (PartitionStreamState::InMemory, snapshot_end));
@@ -1066,6 +1079,32 @@ fn stream_loop(
     run().map_err(|e| ProtocolError::Io(std::io::Error::other(e.to_string())))
 }
 
+/// Applies one entry on a replica; `Ok(false)` when the partition had to be
+/// reset for a resynchronisation (the session then reconnects).
+fn apply_one(
+    engine: &Engine,
+    partition: PartitionId,
+    item: &tapkv_engine::QueuedItem,
+    seqnos: &mut HashMap<PartitionId, u64>,
+) -> Result<bool, Error> {
+    let seqno = item.seqno();
+    let outcome = engine
+        .apply_replicated(partition, item)
+        .unwrap_or(ApplyOutcome::Resync);
+    if outcome == ApplyOutcome::Resync {
+        tracing::warn!(
+            partition,
+            seqno,
+            "cannot apply consistently: resynchronising the partition"
+        );
+        engine.reset_partition(partition)?;
+        return Ok(false);
+    }
+    let e = seqnos.entry(partition).or_default();
+    *e = (*e).max(seqno);
+    Ok(true)
+}
+
 /// The replica side: connect, open a stream, apply, acknowledge, repeat.
 fn replica_link(state: &Arc<NodeState>, primary: &str) {
     let mut backoff = Duration::from_millis(50);
@@ -1152,6 +1191,9 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
     tracing::info!(%primary, "replication stream open");
     let mut ack = Ack::default();
     let mut seqnos: HashMap<PartitionId, u64> = HashMap::new();
+    // Disk snapshots arrive in key order: held per partition until their end
+    // marker, then applied in seqno order.
+    let mut snapshots: HashMap<PartitionId, Vec<tapkv_engine::QueuedItem>> = HashMap::new();
     let mut last_ack = Instant::now();
     let mut last_heard = Instant::now();
     let silence_limit = cfg.heartbeat * 10;
@@ -1187,27 +1229,38 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
                     )?;
                 }
             }
-            StreamMessage::Snapshot { .. } | StreamMessage::Noop => {}
+            StreamMessage::Snapshot {
+                partition,
+                from_disk: true,
+                ..
+            } => {
+                snapshots.insert(partition, Vec::new());
+            }
+            StreamMessage::Snapshot {
+                partition,
+                from_disk: false,
+                ..
+            } => {
+                if let Some(mut items) = snapshots.remove(&partition) {
+                    items.sort_unstable_by_key(tapkv_engine::QueuedItem::seqno);
+                    for item in &items {
+                        if !apply_one(engine, partition, item, &mut seqnos)? {
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+            StreamMessage::Noop => {}
             StreamMessage::CheckpointStart { partition, id } => {
                 engine.replica_checkpoint(partition, id)?;
             }
             StreamMessage::CheckpointEnd { .. } => {}
             StreamMessage::Item { partition, item } => {
-                let seqno = item.seqno();
-                let outcome = engine
-                    .apply_replicated(partition, &item)
-                    .unwrap_or(ApplyOutcome::Resync);
-                if outcome == ApplyOutcome::Resync {
-                    tracing::warn!(
-                        partition,
-                        seqno,
-                        "cannot apply consistently: resynchronising the partition"
-                    );
-                    engine.reset_partition(partition)?;
+                if let Some(buffer) = snapshots.get_mut(&partition) {
+                    buffer.push(item);
+                } else if !apply_one(engine, partition, &item, &mut seqnos)? {
                     return Ok(());
                 }
-                let e = seqnos.entry(partition).or_default();
-                *e = (*e).max(seqno);
             }
             StreamMessage::Rollback { partition } => {
                 tracing::warn!(
