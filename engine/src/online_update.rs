@@ -61,10 +61,18 @@ impl Window {
         Ok(())
     }
 
-    /// Records `key`'s pre-window state the first time the window touches
-    /// it, and charges the window `size` bytes (the queued entry).
-    pub(crate) fn remember(&mut self, key: &Bytes, before: Option<StoredValue>, size: usize) {
-        self.undo.entry(key.clone()).or_insert(before);
+    /// Whether the window has not touched `key` yet.
+    pub(crate) fn first_touch(&self, key: &[u8]) -> bool {
+        !self.undo.contains_key(key)
+    }
+
+    /// Records `key`'s pre-window state (`Some(pre)` on its first touch, see
+    /// [`first_touch`](Self::first_touch)) and charges the window `size` bytes
+    /// (the queued entry).
+    pub(crate) fn remember(&mut self, key: &Bytes, pre: Option<Option<StoredValue>>, size: usize) {
+        if let Some(pre) = pre {
+            self.undo.entry(key.clone()).or_insert(pre);
+        }
         self.bytes += size;
     }
 

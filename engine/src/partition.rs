@@ -284,11 +284,15 @@ impl Partition {
         let seqno = w.checkpoints.high_seqno() + 1;
         self.ensure_reserved(&mut w, store, seqno)?;
         let mut slot = self.table.slot(&key);
-        let before = slot.current(&key).cloned();
-        let current = before
-            .as_ref()
-            .filter(|v| !is_expired(&v.meta))
-            .map(|v| v.meta);
+        let (current, pre_image) = {
+            let cur = slot.current(&key);
+            let meta = cur.filter(|v| !is_expired(&v.meta)).map(|v| v.meta);
+            let pre = w.window.as_ref().and_then(|win| {
+                win.first_touch(&key)
+                    .then(|| pre_image(cur, self.progress.persisted_seqno.load(Ordering::Acquire)))
+            });
+            (meta, pre)
+        };
         match (kind, current) {
             (MutationKind::Add, Some(_)) => return Err(Error::Exists),
             (MutationKind::Replace | MutationKind::Delete, None) => return Err(Error::NotFound),
@@ -310,7 +314,7 @@ impl Partition {
         let incoming = key.len() + value.len() + crate::item::QUEUED_ITEM_OVERHEAD;
         if let Some(win) = w.window.as_mut() {
             win.admit(self.id, incoming)?;
-            win.remember(&key, before, incoming);
+            win.remember(&key, pre_image, incoming);
         }
         let deleting = kind == MutationKind::Delete;
         let meta = ItemMeta {
@@ -361,6 +365,22 @@ impl Partition {
         self.ensure_reserved(&mut w, store, high)?;
         Ok(w.checkpoints.create_checkpoint())
     }
+}
+
+/// What a window records of a key it touches first: nothing if absent; if its
+/// version is already on disk, only the metadata (the value is read back from
+/// disk after a revert, so holding it would only cost memory); else all of it.
+pub(crate) fn pre_image(cur: Option<&StoredValue>, clean_upto: u64) -> Option<StoredValue> {
+    cur.map(|v| {
+        if v.meta.by_seqno <= clean_upto {
+            StoredValue {
+                value: None,
+                meta: v.meta,
+            }
+        } else {
+            v.clone()
+        }
+    })
 }
 
 pub(crate) fn is_expired(meta: &ItemMeta) -> bool {
