@@ -94,6 +94,15 @@ fn write_until_dropped(c: &mut tapkv_replication::client::Client, prefix: &str) 
     }
 }
 
+/// Asserts what `node` reads for `key`: `Some(value)`, or `None` for not found.
+fn assert_reads(node: &NodeProc, key: &str, want: Option<&[u8]>) {
+    match (node.client().get(key.as_bytes()), want) {
+        (Ok((v, _)), Some(w)) => assert_eq!(&v[..], w, "{}: {key}", node.name),
+        (Err(e), None) if e.is_not_found() => {}
+        (got, want) => panic!("{}: {key}: got {got:?}, want {want:?}", node.name),
+    }
+}
+
 fn cluster(dir: &std::path::Path, replicas: usize) -> (NodeProc, Vec<NodeProc>) {
     let primary = NodeProc::start(&dir.join("primary"), "127.0.0.1:0", None, "primary", &[]);
     let reps = (0..replicas)
@@ -308,18 +317,8 @@ fn a_replica_joining_mid_window_reverts_only_that_window() {
     assert_eq!(id, w);
     wait_converged(&primary, &[&late, &back], CONVERGE);
     for r in [&primary, &late, &back] {
-        let mut rc = r.client();
-        assert_eq!(
-            rc.get(k[0].as_bytes()).unwrap().0,
-            &b"before"[..],
-            "{}",
-            r.name
-        );
-        assert!(
-            rc.get(k[15].as_bytes()).unwrap_err().is_not_found(),
-            "{}",
-            r.name
-        );
+        assert_reads(r, &k[0], Some(b"before"));
+        assert_reads(r, &k[15], None);
     }
 }
 
@@ -362,18 +361,8 @@ fn primary_stops_inside_a_window(kill: bool) {
     let rows = wait_converged(&primary, &[&reps[0], &reps[1]], CONVERGE);
     assert!(!rows.is_empty());
     for r in [&primary, &reps[0], &reps[1]] {
-        let mut rc = r.client();
-        assert_eq!(
-            rc.get(k[0].as_bytes()).unwrap().0,
-            &b"durable"[..],
-            "{}",
-            r.name
-        );
-        assert!(
-            rc.get(k[15].as_bytes()).unwrap_err().is_not_found(),
-            "{}",
-            r.name
-        );
+        assert_reads(r, &k[0], Some(b"durable"));
+        assert_reads(r, &k[15], None);
     }
     // The primary keeps working and replicating after the rollback.
     primary
