@@ -283,6 +283,25 @@ fn engine_bench(ops: u64) {
     );
 }
 
+fn set_only(ops: u64) {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let engine = Engine::builder(tmp.path().join("tapkv"))
+        .checkpoint_memory_limit(4 << 30)
+        .open()
+        .expect("open tapkv");
+    if std::env::var_os("PAUSE").is_some() {
+        engine.set_flusher_paused(true);
+    }
+    let t = Instant::now();
+    for i in 0..ops {
+        engine
+            .set(&key(i), value(i), WriteOptions::default())
+            .expect("set");
+    }
+    println!("tapkv set: {:.0} ops/s", rate(ops, t.elapsed()));
+    engine.close().expect("close");
+}
+
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -305,6 +324,8 @@ fn main() {
         "replication" => replication::bench(),
         // Only the backfill comparison, for profilers.
         "backfill" => replication::backfill_only(),
+        // Only tapkv's Memory-durability set loop, for profilers.
+        "set" => set_only(ops),
         "all" => {
             engine_bench(ops);
             revert::bench();

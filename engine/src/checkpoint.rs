@@ -518,11 +518,46 @@ impl CheckpointManager {
         max_items: usize,
         max_bytes: usize,
         upto_seqno: Option<u64>,
+        visit: impl FnMut(EventRef<'_>),
+    ) -> Result<CursorProgress> {
+        self.scan_on(name, None, max_items, max_bytes, upto_seqno, visit)
+    }
+
+    /// Like [`scan`](Self::scan), but continuing where an earlier scan of the
+    /// same cursor (not yet committed) stopped, if `after` is given; the
+    /// returned progress covers both, so one [`advance`](Self::advance)
+    /// commits the lot. Lets a reader scan a long batch in short pieces and
+    /// release its lock between them.
+    pub fn scan_on(
+        &self,
+        name: &str,
+        after: Option<&CursorProgress>,
+        max_items: usize,
+        max_bytes: usize,
+        upto_seqno: Option<u64>,
         mut visit: impl FnMut(EventRef<'_>),
     ) -> Result<CursorProgress> {
-        let mut pos = self.cursor(name)?;
+        let committed = self.cursor(name)?;
+        let mut pos = match after {
+            Some(a) => {
+                if a.position.seqno < committed.seqno
+                    || a.position.checkpoint_id < committed.checkpoint_id
+                {
+                    return Err(Error::InvalidArgument(format!(
+                        "cursor {name:?}: cannot continue a scan from seqno {}, behind the \
+                         cursor's seqno {}",
+                        a.position.seqno, committed.seqno
+                    )));
+                }
+                a.position
+            }
+            None => committed,
+        };
         let limit = upto_seqno.unwrap_or(u64::MAX);
-        let (mut items, mut bytes, mut blocked, mut moved) = (0usize, 0usize, false, false);
+        let (mut items, mut bytes, mut blocked, mut moved) = after
+            .map_or((0usize, 0usize, false, false), |a| {
+                (a.items, a.bytes, false, a.moved)
+            });
         let mut idx = self.index_of(pos.checkpoint_id);
         'outer: loop {
             let ck = &self.checkpoints[idx];

@@ -15,9 +15,13 @@ use std::time::{Duration, Instant};
 use crate::checkpoint::{CursorProgress, EventRef};
 use crate::engine::Shared;
 use crate::error::{Error, Result};
+use crate::item::QueuedItem;
 use crate::partition::{Partition, PERSISTENCE_CURSOR};
 use crate::store::{FlushBatch, PartitionDiskState};
 use crate::sync::{Arc, Ordering};
+
+/// Items scanned per hold of a partition's writer lock.
+const SCAN_PIECE: usize = 256;
 
 /// How long an idle flusher sleeps before looking again.
 const IDLE_WAIT: Duration = Duration::from_millis(100);
@@ -105,32 +109,52 @@ fn round(shared: &Shared, mine: &[&Partition]) -> Result<Round> {
     let mut batch = FlushBatch::default();
     let mut pending: Vec<(&Partition, CursorProgress, PartitionDiskState, usize)> = Vec::new();
     let mut more = false;
+    let mut items: Vec<QueuedItem> = Vec::with_capacity(cfg.flush_batch_max_items);
     for p in mine {
         let before = batch.len();
         let mut max_cas = p.progress.max_cas.load(Ordering::Relaxed);
-        let mut encode_err = None;
-        let w = p.lock();
-        let progress = w.checkpoints.scan(
-            PERSISTENCE_CURSOR,
-            cfg.flush_batch_max_items,
-            cfg.flush_batch_max_bytes,
-            w.persist_barrier(),
-            |ev| {
-                if let EventRef::Item(item) = ev {
-                    if w.is_reverted(item.seqno()) {
-                        return;
+        // Under the writer lock only take references to the items (two
+        // reference-count increments each); encoding them into the RocksDB
+        // batch happens after the lock is released, so writers to this
+        // partition are held up for microseconds, not for the whole encode.
+        // The scan itself goes in pieces of `SCAN_PIECE` items, re-taking the
+        // lock for each, so a writer never waits behind a whole batch.
+        items.clear();
+        let mut scanned: Option<CursorProgress> = None;
+        let progress = loop {
+            let w = p.lock();
+            let upto = scanned
+                .as_ref()
+                .map_or(0, |s| s.items)
+                .saturating_add(SCAN_PIECE)
+                .min(cfg.flush_batch_max_items);
+            let next = w.checkpoints.scan_on(
+                PERSISTENCE_CURSOR,
+                scanned.as_ref(),
+                upto,
+                cfg.flush_batch_max_bytes,
+                w.persist_barrier(),
+                |ev| {
+                    if let EventRef::Item(item) = ev {
+                        if !w.is_reverted(item.seqno()) {
+                            items.push(item.clone());
+                        }
                     }
-                    if let Err(e) = shared.store.add_to_batch(&mut batch, p.id, item) {
-                        encode_err.get_or_insert(e);
-                    }
-                    max_cas = max_cas.max(item.meta.cas);
-                }
-            },
-        );
-        drop(w);
-        let progress = progress?;
-        if let Some(e) = encode_err {
-            return Err(e);
+                },
+            )?;
+            drop(w);
+            let done = next.blocked
+                || next.items < upto
+                || next.items >= cfg.flush_batch_max_items
+                || next.bytes >= cfg.flush_batch_max_bytes;
+            if done {
+                break next;
+            }
+            scanned = Some(next);
+        };
+        for item in &items {
+            shared.store.add_to_batch(&mut batch, p.id, item)?;
+            max_cas = max_cas.max(item.meta.cas);
         }
         if !progress.moved {
             continue;

@@ -232,6 +232,63 @@ fn peek_does_not_move_and_stops_at_the_barrier() {
     assert_eq!(m.remaining("c").unwrap(), 2);
 }
 
+#[test]
+fn a_scan_in_pieces_sees_what_one_scan_sees() {
+    let (mut m, _) = mgr(4);
+    m.register_cursor("c", 0).unwrap();
+    for s in 1..=11 {
+        // Every third write updates an earlier key: holes from de-duplication.
+        let k = if s % 3 == 0 { s - 1 } else { s };
+        m.queue(item(&format!("k{k}"), s));
+    }
+    let mut whole = Vec::new();
+    let one = m
+        .scan("c", 100, usize::MAX, None, |e| whole.push(e.to_owned()))
+        .unwrap();
+    let mut pieces = Vec::new();
+    let mut at: Option<tapkv_engine::CursorProgress> = None;
+    loop {
+        // `max_items` counts the whole scan, earlier pieces included.
+        let before = at
+            .as_ref()
+            .map(|a| (a.items, a.end_seqno(), a.end_checkpoint_id()));
+        let limit = before.map_or(0, |b| b.0) + 2;
+        let next = m
+            .scan_on("c", at.as_ref(), limit, usize::MAX, None, |e| {
+                pieces.push(e.to_owned())
+            })
+            .unwrap();
+        let now = Some((next.items, next.end_seqno(), next.end_checkpoint_id()));
+        at = Some(next);
+        if now == before {
+            break;
+        }
+    }
+    let at = at.unwrap();
+    assert_eq!(pieces, whole);
+    assert_eq!((at.items, at.end_seqno()), (one.items, one.end_seqno()));
+    assert_eq!(at.end_checkpoint_id(), one.end_checkpoint_id());
+    drop(m.advance("c", at).unwrap());
+    assert_eq!(m.remaining("c").unwrap(), 0);
+    // A continuation from behind the committed position is refused.
+    assert!(m
+        .scan_on("c", Some(&one), 10, usize::MAX, None, |_| {})
+        .is_ok());
+    let stale = m.scan("c", 0, usize::MAX, None, |_| {}).unwrap();
+    queue_more(&mut m);
+    let ahead = m.scan("c", 100, usize::MAX, None, |_| {}).unwrap();
+    drop(m.advance("c", ahead).unwrap());
+    assert!(m
+        .scan_on("c", Some(&stale), 10, usize::MAX, None, |_| {})
+        .is_err());
+}
+
+fn queue_more(m: &mut CheckpointManager) {
+    for s in 12..=14 {
+        m.queue(item(&format!("k{s}"), s));
+    }
+}
+
 #[derive(Debug, Clone)]
 enum Op {
     Queue(u8),
