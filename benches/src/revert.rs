@@ -139,12 +139,28 @@ fn revert_once(dir: &Path, window: u64, items: u64) -> (Duration, RevertReport) 
     (wall, report)
 }
 
+/// `TAPKV_REVERT_CELLS=100000x10,1000x1` limits part 1 to those cells
+/// (window x multiple), for profilers; `TAPKV_REVERT_MAX_DATASET=N` raises
+/// the largest dataset loaded (default 1,000,000).
+fn wanted(window: u64, mult: u64) -> bool {
+    std::env::var("TAPKV_REVERT_CELLS").map_or(true, |v| {
+        v.split(',').any(|c| c.trim() == format!("{window}x{mult}"))
+    })
+}
+
 fn revert_cells() -> Vec<Cell> {
     let mut cells = Vec::new();
+    let max_dataset = std::env::var("TAPKV_REVERT_MAX_DATASET")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(MAX_DATASET);
     for &window in &WINDOWS {
         for &mult in &MULTIPLES {
             let items = window * mult;
-            if items > MAX_DATASET {
+            if !wanted(window, mult) {
+                continue;
+            }
+            if items > max_dataset {
                 println!(
                     "  skipped: window {window} on {items} items ({mult}x): a {items}-item \
                      dataset is out of this benchmark's ~3 min budget on a 2-core machine"

@@ -33,8 +33,24 @@ pub(crate) struct StoredValue {
 
 #[derive(Debug)]
 pub(crate) struct Entry {
+    /// The key's hash, kept so growing a shard never re-reads the key.
+    hash: u64,
     pub(crate) key: Bytes,
     pub(crate) value: StoredValue,
+}
+
+/// `key` as the table holds it: its hash and the table's own key buffer.
+/// Lookups with a `KeyRef` neither hash again nor, when the buffer is the
+/// table's, compare bytes (pointer equality settles it).
+#[derive(Debug, Clone)]
+pub(crate) struct KeyRef {
+    pub(crate) hash: u64,
+    pub(crate) key: Bytes,
+}
+
+/// Whether `e` holds `key`: the same buffer, or the same bytes.
+fn same_key(e: &Entry, key: &[u8]) -> bool {
+    (e.key.as_ptr() == key.as_ptr() && e.key.len() == key.len()) || e.key[..] == *key
 }
 
 fn size(key: &[u8], v: &StoredValue) -> usize {
@@ -55,8 +71,9 @@ type Shard = RawTable<Entry>;
 pub(crate) struct ShardsGuard<'a> {
     table: &'a HashTable,
     guards: Vec<RwLockWriteGuard<'a, Shard>>,
-    /// Index of the shard in `guards[0]` when only one shard is held.
-    single: Option<usize>,
+    /// Index of the shard in `guards[0]` and the hash of the key it was
+    /// locked for, when only one shard is held.
+    single: Option<(usize, u64)>,
 }
 
 impl HashTable {
@@ -84,17 +101,18 @@ impl HashTable {
         let hash = self.hash(key);
         let shard = self.shards[Self::shard_index(hash)].read();
         shard
-            .find(hash, |e| e.key[..] == *key)
+            .find(hash, |e| same_key(e, key))
             .map(|e| (e.key.clone(), e.value.clone()))
     }
 
     /// Locks `key`'s shard for writing.
     pub(crate) fn slot(&self, key: &[u8]) -> ShardsGuard<'_> {
-        let idx = Self::shard_index(self.hash(key));
+        let hash = self.hash(key);
+        let idx = Self::shard_index(hash);
         ShardsGuard {
             table: self,
             guards: vec![self.shards[idx].write()],
-            single: Some(idx),
+            single: Some((idx, hash)),
         }
     }
 
@@ -172,9 +190,19 @@ impl HashTable {
 
 impl ShardsGuard<'_> {
     fn shard(&mut self, key: &[u8]) -> (&mut Shard, u64) {
-        let hash = self.table.hash(key);
+        let hash = match self.single {
+            Some((_, hash)) => {
+                debug_assert_eq!(hash, self.table.hash(key), "slot locked for another key");
+                hash
+            }
+            None => self.table.hash(key),
+        };
+        self.shard_of(hash)
+    }
+
+    fn shard_of(&mut self, hash: u64) -> (&mut Shard, u64) {
         let pos = match self.single {
-            Some(idx) => {
+            Some((idx, _)) => {
                 debug_assert_eq!(idx, HashTable::shard_index(hash));
                 0
             }
@@ -183,33 +211,55 @@ impl ShardsGuard<'_> {
         (&mut self.guards[pos], hash)
     }
 
-    /// The current value of `key`.
-    pub(crate) fn current(&mut self, key: &[u8]) -> Option<&StoredValue> {
+    /// The current value of `key`, with the key as the table holds it (or,
+    /// when absent, as `key` will be held once inserted).
+    pub(crate) fn current_entry(&mut self, key: &Bytes) -> (KeyRef, Option<&StoredValue>) {
         let (shard, hash) = self.shard(key);
-        shard.find(hash, |e| e.key[..] == *key).map(|e| &e.value)
+        match shard.find(hash, |e| same_key(e, key)) {
+            Some(e) => (
+                KeyRef {
+                    hash,
+                    key: e.key.clone(),
+                },
+                Some(&e.value),
+            ),
+            None => (
+                KeyRef {
+                    hash,
+                    key: key.clone(),
+                },
+                None,
+            ),
+        }
     }
 
     /// Sets `key` to `value`, inserting it if absent.
     pub(crate) fn put(&mut self, key: &Bytes, value: StoredValue) {
-        let table = self.table;
-        let (shard, hash) = self.shard(key);
-        let entry = shard.entry(
-            hash,
-            |e| e.key[..] == key[..],
-            |e| {
-                use std::hash::BuildHasher;
-                table.hasher.hash_one(&e.key[..])
+        let (_, hash) = self.shard(key);
+        self.put_ref(
+            &KeyRef {
+                hash,
+                key: key.clone(),
             },
+            value,
         );
+    }
+
+    /// [`put`](Self::put) with the hash known.
+    pub(crate) fn put_ref(&mut self, key: &KeyRef, value: StoredValue) {
+        let table = self.table;
+        let (shard, hash) = self.shard_of(key.hash);
+        let entry = shard.entry(hash, |e| same_key(e, &key.key), |e| e.hash);
         match entry {
             TableEntry::Occupied(mut o) => {
-                table.account(Some((key, &o.get().value)), Some((key, &value)));
+                table.account(Some((&key.key, &o.get().value)), Some((&key.key, &value)));
                 o.get_mut().value = value;
             }
             TableEntry::Vacant(v) => {
-                table.account(None, Some((key, &value)));
+                table.account(None, Some((&key.key, &value)));
                 v.insert(Entry {
-                    key: key.clone(),
+                    hash,
+                    key: key.key.clone(),
                     value,
                 });
             }
@@ -218,9 +268,15 @@ impl ShardsGuard<'_> {
 
     /// Removes `key` completely; returns its value if it was present.
     pub(crate) fn remove(&mut self, key: &[u8]) -> Option<StoredValue> {
+        let (_, hash) = self.shard(key);
+        self.remove_hashed(hash, key)
+    }
+
+    /// [`remove`](Self::remove) with the hash known.
+    pub(crate) fn remove_hashed(&mut self, hash: u64, key: &[u8]) -> Option<StoredValue> {
         let table = self.table;
-        let (shard, hash) = self.shard(key);
-        match shard.find_entry(hash, |e| e.key[..] == *key) {
+        let (shard, hash) = self.shard_of(hash);
+        match shard.find_entry(hash, |e| same_key(e, key)) {
             Ok(o) => {
                 let (e, _) = o.remove();
                 table.account(Some((&e.key, &e.value)), None);
@@ -245,7 +301,7 @@ impl ShardsGuard<'_> {
     pub(crate) fn fill(&mut self, key: &[u8], by_seqno: u64, value: Bytes) {
         let table = self.table;
         let (shard, hash) = self.shard(key);
-        if let Some(e) = shard.find_mut(hash, |e| e.key[..] == *key) {
+        if let Some(e) = shard.find_mut(hash, |e| same_key(e, key)) {
             if e.value.value.is_none() && e.value.meta.by_seqno == by_seqno {
                 table.bytes.fetch_add(value.len(), Ordering::Relaxed);
                 table.evicted.fetch_sub(1, Ordering::Relaxed);
@@ -260,7 +316,7 @@ impl ShardsGuard<'_> {
     pub(crate) fn evict(&mut self, key: &[u8], clean_upto: u64) -> Option<bool> {
         let table = self.table;
         let (shard, hash) = self.shard(key);
-        let e = shard.find_mut(hash, |e| e.key[..] == *key)?;
+        let e = shard.find_mut(hash, |e| same_key(e, key))?;
         if e.value.meta.by_seqno > clean_upto {
             return Some(false);
         }

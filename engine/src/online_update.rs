@@ -28,18 +28,23 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use crate::error::{Error, Result};
-use crate::hash_table::StoredValue;
+use crate::hash_table::{KeyRef, StoredValue};
 use crate::item::{ItemMeta, PartitionId, QueueOp, QueuedItem};
 use crate::partition::{Partition, PartitionWriter};
 use crate::store::{Store, WindowRecord};
 use crate::sync::Ordering;
 
+/// What a window remembers of a key it touches first: the key as the hash
+/// table holds it, and its pre-window state (`None`: absent).
+pub(crate) type Undo = (KeyRef, Option<StoredValue>);
+
 /// An open online-update window.
 pub(crate) struct Window {
     pub(crate) checkpoint_id: u64,
     pub(crate) start_seqno: u64,
-    /// Pre-window state of every key mutated in the window (`None`: absent).
-    undo: HashMap<Bytes, Option<StoredValue>, foldhash::fast::RandomState>,
+    /// Pre-window state of every key mutated in the window (`None`: absent),
+    /// keyed by the hash table's own key buffer, with the key's hash.
+    undo: HashMap<Bytes, (u64, Option<StoredValue>), foldhash::fast::RandomState>,
     /// Bytes queued in the window so far.
     pub(crate) bytes: usize,
     limit: usize,
@@ -66,12 +71,12 @@ impl Window {
         !self.undo.contains_key(key)
     }
 
-    /// Records `key`'s pre-window state (`Some(pre)` on its first touch, see
-    /// [`first_touch`](Self::first_touch)) and charges the window `size` bytes
-    /// (the queued entry).
-    pub(crate) fn remember(&mut self, key: &Bytes, pre: Option<Option<StoredValue>>, size: usize) {
-        if let Some(pre) = pre {
-            self.undo.entry(key.clone()).or_insert(pre);
+    /// Records a key's pre-window state (`Some` on its first touch, see
+    /// [`Partition::touch`]) and charges the window `size` bytes (the queued
+    /// entry).
+    pub(crate) fn remember(&mut self, undo: Option<Undo>, size: usize) {
+        if let Some((key, before)) = undo {
+            self.undo.entry(key.key).or_insert((key.hash, before));
         }
         self.bytes += size;
     }
@@ -281,17 +286,19 @@ impl Partition {
         let (mut removed, mut restored) = (0, 0);
         {
             let mut shards = self.table.lock_all();
-            for (key, before) in win.undo {
+            // The undo map holds the table's own key buffers and hashes: no
+            // key is hashed or compared byte by byte again.
+            for (key, (hash, before)) in win.undo {
                 match before {
                     None => {
-                        shards.remove(&key);
+                        shards.remove_hashed(hash, &key);
                         removed += 1;
                     }
                     Some(mut v) => {
                         if v.meta.by_seqno <= clean_upto {
                             v.value = None;
                         }
-                        shards.put(&key, v);
+                        shards.put_ref(&KeyRef { hash, key }, v);
                         restored += 1;
                     }
                 }

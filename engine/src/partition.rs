@@ -13,12 +13,12 @@ use bytes::Bytes;
 
 use crate::checkpoint::{CheckpointConfig, CheckpointManager};
 use crate::error::{Error, Result};
-use crate::hash_table::{HashTable, StoredValue};
+use crate::hash_table::{HashTable, ShardsGuard, StoredValue};
 use crate::item::{
     now_secs, Durability, Item, ItemMeta, MutationResult, PartitionId, QueueOp, QueuedItem,
     WriteOptions,
 };
-use crate::online_update::Window;
+use crate::online_update::{Undo, Window};
 use crate::store::{Reservation, Store};
 use crate::sync::{Arc, AtomicU64, AtomicUsize, Mutex, MutexGuard, Ordering};
 
@@ -284,15 +284,8 @@ impl Partition {
         let seqno = w.checkpoints.high_seqno() + 1;
         self.ensure_reserved(&mut w, store, seqno)?;
         let mut slot = self.table.slot(&key);
-        let (current, pre_image) = {
-            let cur = slot.current(&key);
-            let meta = cur.filter(|v| !is_expired(&v.meta)).map(|v| v.meta);
-            let pre = w.window.as_ref().and_then(|win| {
-                win.first_touch(&key)
-                    .then(|| pre_image(cur, self.progress.persisted_seqno.load(Ordering::Acquire)))
-            });
-            (meta, pre)
-        };
+        let (current, undo) = self.touch(w.window.as_ref(), &mut slot, &key);
+        let current = current.filter(|m| !is_expired(m));
         match (kind, current) {
             (MutationKind::Add, Some(_)) => return Err(Error::Exists),
             (MutationKind::Replace | MutationKind::Delete, None) => return Err(Error::NotFound),
@@ -314,7 +307,7 @@ impl Partition {
         let incoming = key.len() + value.len() + crate::item::QUEUED_ITEM_OVERHEAD;
         if let Some(win) = w.window.as_mut() {
             win.admit(self.id, incoming)?;
-            win.remember(&key, pre_image, incoming);
+            win.remember(undo, incoming);
         }
         let deleting = kind == MutationKind::Delete;
         let meta = ItemMeta {
@@ -356,6 +349,24 @@ impl Partition {
             seqno,
             cas: meta.cas,
         })
+    }
+
+    /// Looks `key` up in its locked slot before a write: the current
+    /// metadata (expired or not), and, when `window` is open and has not
+    /// touched `key` yet, what the window must remember of it.
+    pub(crate) fn touch(
+        &self,
+        window: Option<&Window>,
+        slot: &mut ShardsGuard<'_>,
+        key: &Bytes,
+    ) -> (Option<ItemMeta>, Option<Undo>) {
+        let (key_ref, cur) = slot.current_entry(key);
+        let meta = cur.map(|v| v.meta);
+        let undo = window.filter(|win| win.first_touch(key)).map(|_| {
+            let clean_upto = self.progress.persisted_seqno.load(Ordering::Acquire);
+            (key_ref, pre_image(cur, clean_upto))
+        });
+        (meta, undo)
     }
 
     /// Closes the open checkpoint on demand; returns the new open id.

@@ -84,13 +84,9 @@ impl Partition {
                     return Ok(ApplyOutcome::Duplicate);
                 }
                 let mut slot = self.table.slot(&item.key);
-                let clean_upto = self.progress.persisted_seqno.load(Ordering::Acquire);
-                let pre = w.window.as_ref().and_then(|win| {
-                    win.first_touch(&item.key)
-                        .then(|| crate::partition::pre_image(slot.current(&item.key), clean_upto))
-                });
+                let (_, undo) = self.touch(w.window.as_ref(), &mut slot, &item.key);
                 if let Some(win) = w.window.as_mut() {
-                    win.remember(&item.key, pre, item.mem_size());
+                    win.remember(undo, item.mem_size());
                 }
                 if item.op == QueueOp::Deletion {
                     slot.remove(&item.key);
