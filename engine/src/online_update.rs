@@ -34,6 +34,9 @@ use crate::partition::{Partition, PartitionWriter};
 use crate::store::{Store, WindowRecord};
 use crate::sync::Ordering;
 
+/// Keys a REVERT looks up together before applying them.
+const REVERT_GROUP: usize = 16;
+
 /// What a window remembers of a key it touches first: the key as the hash
 /// table holds it, and its pre-window state (`None`: absent).
 pub(crate) type Undo = (KeyRef, Option<StoredValue>);
@@ -287,19 +290,31 @@ impl Partition {
         {
             let mut shards = self.table.lock_all();
             // The undo map holds the table's own key buffers and hashes: no
-            // key is hashed or compared byte by byte again.
-            for (key, (hash, before)) in win.undo {
-                match before {
-                    None => {
-                        shards.remove_hashed(hash, &key);
-                        removed += 1;
-                    }
-                    Some(mut v) => {
-                        if v.meta.by_seqno <= clean_upto {
-                            v.value = None;
+            // key is hashed or compared byte by byte again. Keys go in groups: first every key of the group is looked up
+            // without changes, so their cache misses overlap instead of
+            // queueing one behind the other; then the group is applied. This
+            // keeps the per-key cost from growing with the partition's size.
+            let mut group: Vec<(Bytes, (u64, Option<StoredValue>))> =
+                Vec::with_capacity(REVERT_GROUP);
+            let mut undo = win.undo.into_iter().peekable();
+            while undo.peek().is_some() {
+                group.extend(undo.by_ref().take(REVERT_GROUP));
+                for (key, (hash, _)) in &group {
+                    shards.touch(*hash, key);
+                }
+                for (key, (hash, before)) in group.drain(..) {
+                    match before {
+                        None => {
+                            shards.remove_hashed(hash, &key);
+                            removed += 1;
                         }
-                        shards.put_ref(&KeyRef { hash, key }, v);
-                        restored += 1;
+                        Some(mut v) => {
+                            if v.meta.by_seqno <= clean_upto {
+                                v.value = None;
+                            }
+                            shards.put_ref(&KeyRef { hash, key }, v);
+                            restored += 1;
+                        }
                     }
                 }
             }
