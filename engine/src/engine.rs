@@ -671,7 +671,17 @@ impl Engine {
             )));
         }
         let s = self.live()?;
-        s.partition(p)?.lock().checkpoints.read(name, max_items)
+        let part = s.partition(p)?;
+        // Checkpoints the move frees are dropped after the lock is released:
+        // freeing thousands of items must not hold up writers.
+        let (batch, freed) = {
+            let mut w = part.lock();
+            let batch = w.checkpoints.peek(name, max_items, usize::MAX, None)?;
+            let freed = w.checkpoints.advance(name, &batch)?;
+            (batch, freed)
+        };
+        drop(freed);
+        Ok(batch)
     }
 
     /// Drops cursor `name`; returns whether it existed.

@@ -21,7 +21,7 @@
 
 use std::io::{Read, Write};
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 /// Size of the fixed header.
 pub const HEADER_LEN: usize = 24;
@@ -269,8 +269,12 @@ pub fn decode(buf: &mut BytesMut, max_body: usize) -> Result<Option<Frame>, Prot
     if buf.len() < HEADER_LEN + header.body_len {
         return Ok(None);
     }
-    let mut frame = buf.split_to(HEADER_LEN + header.body_len);
-    let body = frame.split_off(HEADER_LEN).freeze();
+    // The body gets an allocation of its own: a key and value kept by the
+    // engine (a replica's hash table) must not pin the connection's whole
+    // read buffer, nor share one reference count with every other frame of it.
+    let total = HEADER_LEN + header.body_len;
+    let body = Bytes::copy_from_slice(&buf[HEADER_LEN..total]);
+    buf.advance(total);
     Ok(Some(frame_from(header, body)))
 }
 
