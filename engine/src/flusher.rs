@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 use crate::checkpoint::{CursorProgress, EventRef};
 use crate::engine::Shared;
 use crate::error::{Error, Result};
-use crate::item::QueuedItem;
 use crate::partition::{Partition, PERSISTENCE_CURSOR};
 use crate::store::{FlushBatch, PartitionDiskState};
 use crate::sync::{Arc, Ordering};
@@ -109,18 +108,15 @@ fn round(shared: &Shared, mine: &[&Partition]) -> Result<Round> {
     let mut batch = FlushBatch::default();
     let mut pending: Vec<(&Partition, CursorProgress, PartitionDiskState, usize)> = Vec::new();
     let mut more = false;
-    let mut items: Vec<QueuedItem> = Vec::with_capacity(cfg.flush_batch_max_items);
     for p in mine {
         let before = batch.len();
         let mut max_cas = p.progress.max_cas.load(Ordering::Relaxed);
-        // Under the writer lock only take references to the items (two
-        // reference-count increments each); encoding them into the RocksDB
-        // batch happens after the lock is released, so writers to this
-        // partition are held up for microseconds, not for the whole encode.
-        // The scan itself goes in pieces of `SCAN_PIECE` items, re-taking the
-        // lock for each, so a writer never waits behind a whole batch.
-        items.clear();
+        // The scan goes in pieces of `SCAN_PIECE` items, re-taking the
+        // partition's writer lock for each and encoding straight into the
+        // RocksDB batch (no copies), so a writer never waits behind a whole
+        // batch.
         let mut scanned: Option<CursorProgress> = None;
+        let mut encode_err = None;
         let progress = loop {
             let w = p.lock();
             let upto = scanned
@@ -136,13 +132,20 @@ fn round(shared: &Shared, mine: &[&Partition]) -> Result<Round> {
                 w.persist_barrier(),
                 |ev| {
                     if let EventRef::Item(item) = ev {
-                        if !w.is_reverted(item.seqno()) {
-                            items.push(item.clone());
+                        if w.is_reverted(item.seqno()) {
+                            return;
                         }
+                        if let Err(e) = shared.store.add_to_batch(&mut batch, p.id, item) {
+                            encode_err.get_or_insert(e);
+                        }
+                        max_cas = max_cas.max(item.meta.cas);
                     }
                 },
             )?;
             drop(w);
+            if let Some(e) = encode_err.take() {
+                return Err(e);
+            }
             let done = next.blocked
                 || next.items < upto
                 || next.items >= cfg.flush_batch_max_items
@@ -152,10 +155,6 @@ fn round(shared: &Shared, mine: &[&Partition]) -> Result<Round> {
             }
             scanned = Some(next);
         };
-        for item in &items {
-            shared.store.add_to_batch(&mut batch, p.id, item)?;
-            max_cas = max_cas.max(item.meta.cas);
-        }
         if !progress.moved {
             continue;
         }
