@@ -25,6 +25,8 @@ demo: build
 
 test: build
 	TAPKV_BIN=$(TAPKV) $(CARGO) test --release --workspace
+	# Loom models of the wake-up handshakes (engine/src/engine.rs, loom_models).
+	$(CARGO) test --release -p tapkv-engine --features loom --lib loom_
 
 bench: build
 	$(CARGO) run --release -p tapkv-benches -- all
@@ -35,6 +37,7 @@ fmt:
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
+	$(CARGO) clippy --release -p tapkv-engine --features loom --lib --tests -- -D warnings
 
 clean:
 	rm -rf ./tapkv-data

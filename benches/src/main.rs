@@ -292,11 +292,30 @@ fn set_only(ops: u64) {
     if std::env::var_os("PAUSE").is_some() {
         engine.set_flusher_paused(true);
     }
+    let pre = std::env::var_os("PRE").is_some();
+    let keys: Vec<Vec<u8>> = if pre {
+        (0..ops).map(key).collect()
+    } else {
+        Vec::new()
+    };
+    let vals: Vec<bytes::Bytes> = if pre {
+        (0..ops).map(|i| bytes::Bytes::from(value(i))).collect()
+    } else {
+        Vec::new()
+    };
     let t = Instant::now();
-    for i in 0..ops {
-        engine
-            .set(&key(i), value(i), WriteOptions::default())
-            .expect("set");
+    if pre {
+        for i in 0..ops as usize {
+            engine
+                .set(&keys[i], vals[i].clone(), WriteOptions::default())
+                .expect("set");
+        }
+    } else {
+        for i in 0..ops {
+            engine
+                .set(&key(i), value(i), WriteOptions::default())
+                .expect("set");
+        }
     }
     println!("tapkv set: {:.0} ops/s", rate(ops, t.elapsed()));
     engine.close().expect("close");

@@ -25,44 +25,50 @@ use crate::sync::{Arc, AtomicBool, AtomicU64, AtomicUsize, Condvar, Mutex, Order
 
 /// How writers wake the flusher without a system call per write.
 ///
-/// A write only sets the `pending` flag ([`mark`](Signal::mark)). While the
+/// A write sets the `PENDING` bit ([`mark`](Signal::mark)). While the
 /// flusher is busy it naps for the flush interval between rounds and picks the
-/// flag up then; only when it has gone idle (a round found nothing) does the
+/// bit up then; only when it has gone idle (a round found nothing) does the
 /// next mark wake it through the condition variable. Durable writers and
-/// `flush()` always wake it at once ([`notify`](Signal::notify)). The flag is
-/// read under the lock before waiting, so no wake-up is lost.
+/// `flush()` always wake it at once ([`notify`](Signal::notify)).
+///
+/// No wake-up is lost: the writer's `fetch_or(PENDING)` and the flusher's
+/// `fetch_or(IDLE)` are read-modify-writes of one word, so one of them
+/// always sees the other's bit — the flusher does not sleep, or the writer
+/// notifies, under the lock the flusher holds until it waits. This needs
+/// only acquire/release ordering, which loom can check (`loom_models`).
 #[derive(Default)]
 pub(crate) struct Signal {
-    pending: AtomicBool,
-    urgent: AtomicBool,
-    idle: AtomicBool,
+    state: AtomicU64,
     lock: Mutex<()>,
     cv: Condvar,
 }
 
+const PENDING: u64 = 1;
+const URGENT: u64 = 2;
+const IDLE: u64 = 4;
+
 impl Signal {
     /// Records that there is work; wakes the flusher only if it is idle.
     pub(crate) fn mark(&self) {
-        // SeqCst: this store-then-load pairs with the flusher's idle
-        // store-then-load in `wait`; one of the two always sees the other.
-        if !self.pending.load(Ordering::SeqCst) {
-            self.pending.store(true, Ordering::SeqCst);
-        }
-        if self.idle.load(Ordering::SeqCst) {
-            self.notify();
+        if self.state.fetch_or(PENDING, Ordering::AcqRel) & IDLE != 0 {
+            self.wake();
         }
     }
 
     /// Records that there is work and wakes the flusher now.
     pub(crate) fn notify(&self) {
-        self.pending.store(true, Ordering::Release);
-        self.urgent.store(true, Ordering::Release);
+        self.state.fetch_or(PENDING | URGENT, Ordering::AcqRel);
+        self.wake();
+    }
+
+    fn wake(&self) {
         let _g = self.lock.lock();
         self.cv.notify_all();
     }
 
     /// Flusher side: naps `busy_nap` after a round that found work (woken
-    /// early only by `notify`), or waits up to `idle_wait` for any work.
+    /// early only by `notify` or `stop`), or waits up to `idle_wait` for any
+    /// work.
     pub(crate) fn wait(
         &self,
         found_work: bool,
@@ -71,20 +77,20 @@ impl Signal {
         stop: &AtomicBool,
     ) {
         let mut g = self.lock.lock();
-        let urgent = || self.urgent.load(Ordering::Acquire) || stop.load(Ordering::Acquire);
         if found_work {
-            if !urgent() {
+            let urgent = self.state.load(Ordering::Acquire) & URGENT != 0;
+            if !urgent && !stop.load(Ordering::Acquire) {
                 self.cv.wait_for(&mut g, busy_nap);
             }
         } else {
-            self.idle.store(true, Ordering::SeqCst);
-            if !self.pending.load(Ordering::SeqCst) && !urgent() {
+            let before = self.state.fetch_or(IDLE, Ordering::AcqRel);
+            if before & (PENDING | URGENT) == 0 && !stop.load(Ordering::Acquire) {
                 self.cv.wait_for(&mut g, idle_wait);
             }
-            self.idle.store(false, Ordering::Release);
         }
-        self.pending.store(false, Ordering::Release);
-        self.urgent.store(false, Ordering::Release);
+        // The round that follows sees everything queued before this point.
+        self.state
+            .fetch_and(!(PENDING | URGENT | IDLE), Ordering::AcqRel);
         drop(g);
     }
 }
@@ -101,42 +107,56 @@ pub trait ReplicationGate: Send + Sync {
 /// A generation counter that stream readers wait on instead of polling:
 /// every change to a checkpoint bumps it; a reader that found nothing waits
 /// until it moves. Writers take the lock only while someone waits.
+///
+/// One word holds both the generation (high 48 bits) and the number of
+/// waiters (low 16 bits, so at most 65,535 streams wait at once), so the
+/// writer's bump and a waiter's registration are read-modify-writes of the
+/// same location: the bump sees the waiter (and notifies under the lock the
+/// waiter holds until it waits), or the waiter sees the bump.
 #[derive(Default)]
 pub(crate) struct ChangeFeed {
-    generation: AtomicU64,
-    waiters: AtomicUsize,
+    state: AtomicU64,
     lock: Mutex<()>,
     cv: Condvar,
 }
 
+const FEED_WAITER: u64 = 1;
+const FEED_WAITERS: u64 = (1 << 16) - 1;
+const FEED_GENERATION: u64 = 1 << 16;
+
 impl ChangeFeed {
     pub(crate) fn bump(&self) {
-        // SeqCst pairs with the waiter's register-then-check in `wait`.
-        self.generation.fetch_add(1, Ordering::SeqCst);
-        if self.waiters.load(Ordering::SeqCst) > 0 {
+        let before = self.state.fetch_add(FEED_GENERATION, Ordering::AcqRel);
+        if before & FEED_WAITERS != 0 {
             let _g = self.lock.lock();
             self.cv.notify_all();
         }
     }
 
     fn current(&self) -> u64 {
-        self.generation.load(Ordering::SeqCst)
+        self.state.load(Ordering::Acquire) >> 16
     }
 
     fn wait(&self, since: u64, timeout: Duration) -> u64 {
         let deadline = Instant::now() + timeout;
-        self.waiters.fetch_add(1, Ordering::SeqCst);
         let mut g = self.lock.lock();
-        while self.generation.load(Ordering::SeqCst) == since {
+        if self.state.load(Ordering::Acquire) & FEED_WAITERS == FEED_WAITERS {
+            // Too many waiters to register: behave as a poll.
+            drop(g);
+            return self.current();
+        }
+        let mut generation = self.state.fetch_add(FEED_WAITER, Ordering::AcqRel) >> 16;
+        while generation == since {
             let now = Instant::now();
             if now >= deadline {
                 break;
             }
             self.cv.wait_for(&mut g, deadline - now);
+            generation = self.current();
         }
+        self.state.fetch_sub(FEED_WAITER, Ordering::AcqRel);
         drop(g);
-        self.waiters.fetch_sub(1, Ordering::SeqCst);
-        self.current()
+        generation
     }
 }
 
@@ -168,6 +188,8 @@ pub(crate) struct Shared {
     pub(crate) flusher_paused: AtomicBool,
     /// Test hook: the next this-many flush attempts fail.
     pub(crate) injected_flush_failures: AtomicUsize,
+    /// The pager's rotation: the next (partition, shard) slot it looks at.
+    pub(crate) pager_next: AtomicUsize,
     recovered_from_crash: bool,
 }
 
@@ -412,6 +434,7 @@ impl Engine {
             gate: RwLock::new(None),
             changes: ChangeFeed::default(),
             injected_flush_failures: AtomicUsize::new(0),
+            pager_next: AtomicUsize::new(0),
             recovered_from_crash: !clean,
             config,
         });
@@ -872,4 +895,89 @@ fn validate(c: &EngineConfig) -> Result<()> {
         return bad("flush_batch_max_items must be at least 1".into());
     }
     Ok(())
+}
+
+/// Loom models of the wake-up handshakes between writers, the flusher and
+/// streams. Under loom a timed wait is untimed (see `sync.rs`), so a lost
+/// wake-up shows up as a deadlock. Run with
+/// `cargo test --release -p tapkv-engine --features loom --lib loom_`.
+#[cfg(all(test, any(loom, feature = "loom")))]
+mod loom_models {
+    use super::{ChangeFeed, Signal};
+    use crate::sync::{Arc, AtomicBool, Ordering};
+    use std::time::Duration;
+
+    const NAP: Duration = Duration::from_millis(2);
+    const IDLE_WAIT: Duration = Duration::from_millis(100);
+
+    /// A writer marks work while the flusher goes idle: whatever the
+    /// interleaving, the flusher does not sleep through it.
+    #[test]
+    fn loom_mark_wakes_an_idle_flusher() {
+        loom::model(|| {
+            let signal = Arc::new(Signal::default());
+            let stop = Arc::new(AtomicBool::new(false));
+            let writer = {
+                let signal = Arc::clone(&signal);
+                loom::thread::spawn(move || signal.mark())
+            };
+            signal.wait(false, NAP, IDLE_WAIT, &stop);
+            writer.join().expect("writer thread");
+            let state = signal.state.load(Ordering::Acquire);
+            assert_eq!(
+                state & super::IDLE,
+                0,
+                "flusher left marked idle after waking"
+            );
+        });
+    }
+
+    /// A durable writer's urgent notify cuts the flusher's busy nap short.
+    #[test]
+    fn loom_notify_cuts_a_busy_nap_short() {
+        loom::model(|| {
+            let signal = Arc::new(Signal::default());
+            let stop = Arc::new(AtomicBool::new(false));
+            let writer = {
+                let signal = Arc::clone(&signal);
+                loom::thread::spawn(move || signal.notify())
+            };
+            signal.wait(true, NAP, IDLE_WAIT, &stop);
+            writer.join().expect("writer thread");
+        });
+    }
+
+    /// Shutdown wakes an idle flusher.
+    #[test]
+    fn loom_stop_wakes_an_idle_flusher() {
+        loom::model(|| {
+            let signal = Arc::new(Signal::default());
+            let stop = Arc::new(AtomicBool::new(false));
+            let closer = {
+                let (signal, stop) = (Arc::clone(&signal), Arc::clone(&stop));
+                loom::thread::spawn(move || {
+                    stop.store(true, Ordering::Release);
+                    signal.notify();
+                })
+            };
+            signal.wait(false, NAP, IDLE_WAIT, &stop);
+            closer.join().expect("closer thread");
+        });
+    }
+
+    /// A stream waiting for changes sees a write made while it registers.
+    #[test]
+    fn loom_bump_wakes_a_waiting_stream() {
+        loom::model(|| {
+            let feed = Arc::new(ChangeFeed::default());
+            let since = feed.current();
+            let writer = {
+                let feed = Arc::clone(&feed);
+                loom::thread::spawn(move || feed.bump())
+            };
+            let seen = feed.wait(since, IDLE_WAIT);
+            writer.join().expect("writer thread");
+            assert_ne!(seen, since, "the stream woke without seeing the change");
+        });
+    }
 }

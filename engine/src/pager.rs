@@ -11,9 +11,7 @@
 //! order. It runs on the flusher thread that owns partition 0, after each round.
 
 use crate::engine::Shared;
-use crate::sync::{AtomicUsize, Ordering};
-
-static NEXT_SHARD: AtomicUsize = AtomicUsize::new(0);
+use crate::sync::Ordering;
 
 pub(crate) fn run(shared: &Shared) {
     let quota = shared.config.memory_quota as f64;
@@ -30,7 +28,7 @@ pub(crate) fn run(shared: &Shared) {
         if to_free == 0 {
             break;
         }
-        let slot = NEXT_SHARD.fetch_add(1, Ordering::Relaxed) % slots;
+        let slot = shared.pager_next.fetch_add(1, Ordering::Relaxed) % slots;
         let p = &shared.partitions[slot / shards];
         let clean_upto = p.progress.persisted_seqno.load(Ordering::Acquire);
         let (n, bytes) = p.table.evict_clean(slot % shards, clean_upto, to_free);

@@ -1,6 +1,9 @@
 //! Flusher behaviour: persistence through cursors, retries after failures,
 //! poisoning after repeated failures, group commit, and bounded checkpoint memory.
 
+// A loom build swaps the engine's primitives; only its models run then.
+#![cfg(not(feature = "loom"))]
+
 mod common;
 
 use std::sync::Arc;

@@ -1,6 +1,9 @@
 //! Warmup restores items, metadata and per-partition state; seqnos, CAS and
 //! checkpoint ids continue monotonically; `Memory` writes survive a clean close.
 
+// A loom build swaps the engine's primitives; only its models run then.
+#![cfg(not(feature = "loom"))]
+
 mod common;
 
 use std::collections::HashMap;
