@@ -159,6 +159,12 @@ impl CursorProgress {
     pub fn end_checkpoint_id(&self) -> u64 {
         self.position.checkpoint_id
     }
+
+    /// Whether the scan stopped between two checkpoints (it finished one
+    /// and has read nothing of the next).
+    pub fn at_checkpoint_boundary(&self) -> bool {
+        self.position.start_pending
+    }
 }
 
 /// A batch read by [`CheckpointManager::peek`] (owned events).
@@ -520,7 +526,7 @@ impl CheckpointManager {
         upto_seqno: Option<u64>,
         visit: impl FnMut(EventRef<'_>),
     ) -> Result<CursorProgress> {
-        self.scan_on(name, None, max_items, max_bytes, upto_seqno, visit)
+        self.scan_on(name, None, max_items, max_bytes, upto_seqno, None, visit)
     }
 
     /// Like [`scan`](Self::scan), but continuing where an earlier scan of the
@@ -528,6 +534,16 @@ impl CheckpointManager {
     /// returned progress covers both, so one [`advance`](Self::advance)
     /// commits the lot. Lets a reader scan a long batch in short pieces and
     /// release its lock between them.
+    ///
+    /// `round_limit` (items, bytes), if given, also stops the scan at the
+    /// first checkpoint boundary reached once the whole scan holds that many
+    /// items or bytes. A reader that must stop at a *consistent* point — the
+    /// flusher, whose stopping point becomes the partition's persisted high
+    /// seqno — stops only there (see [`CursorProgress::at_checkpoint_boundary`])
+    /// or at the current end of the open checkpoint: inside a checkpoint,
+    /// de-duplication may have moved a key's change from before the stopping
+    /// point to after it.
+    #[allow(clippy::too_many_arguments)]
     pub fn scan_on(
         &self,
         name: &str,
@@ -535,6 +551,7 @@ impl CheckpointManager {
         max_items: usize,
         max_bytes: usize,
         upto_seqno: Option<u64>,
+        round_limit: Option<(usize, usize)>,
         mut visit: impl FnMut(EventRef<'_>),
     ) -> Result<CursorProgress> {
         let committed = self.cursor(name)?;
@@ -590,6 +607,9 @@ impl CheckpointManager {
             pos.checkpoint_id = self.checkpoints[idx].id;
             pos.start_pending = true;
             moved = true;
+            if round_limit.is_some_and(|(i, b)| items >= i || bytes >= b) {
+                break;
+            }
         }
         Ok(CursorProgress {
             items,

@@ -169,7 +169,10 @@ pub(crate) struct Shared {
     poisoned: Mutex<Option<String>>,
     pub(crate) is_poisoned: AtomicBool,
     pub(crate) shutdown: AtomicBool,
-    pub(crate) flush_signal: Signal,
+    /// One per flusher thread: a partition's writes wake the thread that
+    /// owns it (`p % flusher_threads`), so one thread's wait never clears
+    /// another's wake-up.
+    pub(crate) flush_signals: Vec<Signal>,
     /// Number of callers waiting for a sync; the flusher syncs while non-zero.
     pub(crate) persist_waiters: AtomicUsize,
     pub(crate) persist_lock: Mutex<()>,
@@ -194,10 +197,23 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    /// Something was queued: tell the flusher and any waiting stream.
-    pub(crate) fn changed(&self) {
-        self.flush_signal.mark();
+    /// Something was queued on partition `p`: tell its flusher thread and
+    /// any waiting stream.
+    pub(crate) fn changed(&self, p: PartitionId) {
+        if let Some(signal) = self
+            .flush_signals
+            .get(usize::from(p) % self.flush_signals.len().max(1))
+        {
+            signal.mark();
+        }
         self.changes.bump();
+    }
+
+    /// Wakes every flusher thread now.
+    pub(crate) fn notify_flushers(&self) {
+        for signal in &self.flush_signals {
+            signal.notify();
+        }
     }
 
     pub(crate) fn poison(&self, reason: String) {
@@ -242,7 +258,7 @@ impl Shared {
         let timeout = self.config.persist_timeout;
         let deadline = Instant::now() + timeout;
         self.persist_waiters.fetch_add(1, Ordering::AcqRel);
-        self.flush_signal.notify();
+        self.notify_flushers();
         let mut g = self.persist_lock.lock();
         let outcome = loop {
             if done(self) {
@@ -423,7 +439,9 @@ impl Engine {
             poisoned: Mutex::new(None),
             is_poisoned: AtomicBool::new(false),
             shutdown: AtomicBool::new(false),
-            flush_signal: Signal::default(),
+            flush_signals: (0..config.flusher_threads.max(1))
+                .map(|_| Signal::default())
+                .collect(),
             persist_waiters: AtomicUsize::new(0),
             persist_lock: Mutex::new(()),
             persist_cv: Condvar::new(),
@@ -511,7 +529,7 @@ impl Engine {
             s.config.online_update_memory_limit,
             None,
         )?;
-        s.changed();
+        s.changed(p);
         Ok(id)
     }
 
@@ -522,7 +540,7 @@ impl Engine {
         let id = s
             .partition(p)?
             .online_update_complete(&s.store, MarkerSource::Local)?;
-        s.changed();
+        s.changed(p);
         Ok(id)
     }
 
@@ -532,7 +550,7 @@ impl Engine {
         let report = s
             .partition(p)?
             .online_update_revert(&s.store, MarkerSource::Local)?;
-        s.changed();
+        s.changed(p);
         Ok(report)
     }
 
@@ -599,7 +617,7 @@ impl Engine {
         let admit = || {
             let used = s.checkpoint_mem.load(Ordering::Relaxed);
             if used + incoming > s.config.checkpoint_memory_limit {
-                s.flush_signal.notify();
+                s.notify_flushers();
                 return Err(Error::TempOutOfMemory {
                     reason: format!(
                         "checkpoint memory {used} bytes is at its limit of {} bytes; \
@@ -618,7 +636,7 @@ impl Engine {
             opts,
             admit,
         )?;
-        s.changed();
+        s.changed(res.partition);
         if opts.durability == Durability::Persist {
             s.wait_synced(&[(res.partition, res.seqno)])?;
         }
@@ -650,7 +668,7 @@ impl Engine {
     pub fn create_checkpoint(&self, p: PartitionId) -> Result<u64> {
         let s = self.live()?;
         let id = s.partition(p)?.create_checkpoint(&s.store)?;
-        s.changed();
+        s.changed(p);
         Ok(id)
     }
 
@@ -806,8 +824,19 @@ impl Engine {
     pub fn set_flusher_paused(&self, paused: bool) {
         if let Some(s) = self.shared.as_deref() {
             s.flusher_paused.store(paused, Ordering::Release);
-            s.flush_signal.notify();
+            s.notify_flushers();
         }
+    }
+
+    /// Test hook: runs one flush round over every partition on the calling
+    /// thread, even while the flusher is paused; returns whether a full batch
+    /// left more to write. With the flusher paused this makes flushing
+    /// deterministic: after the first call no background round runs.
+    #[doc(hidden)]
+    pub fn run_flush_round(&self) -> Result<bool> {
+        let s = self.live()?;
+        let all: Vec<&Partition> = s.partitions.iter().collect();
+        Ok(crate::flusher::run_round(s, &all, true)? == crate::flusher::Round::More)
     }
 
     /// Simulates a crash for tests: stops the flusher after its current write
@@ -818,7 +847,7 @@ impl Engine {
         if let Some(shared) = self.shared.take() {
             shared.aborted.store(true, Ordering::Release);
             shared.shutdown.store(true, Ordering::Release);
-            shared.flush_signal.notify();
+            shared.notify_flushers();
             for t in self.flushers.drain(..) {
                 let _ = t.join();
             }
@@ -838,7 +867,7 @@ impl Engine {
         };
         shared.shutdown.store(true, Ordering::Release);
         shared.flusher_paused.store(false, Ordering::Release);
-        shared.flush_signal.notify();
+        shared.notify_flushers();
         for t in self.flushers.drain(..) {
             if t.join().is_err() {
                 shared.poison("a flusher thread panicked".into());
@@ -955,9 +984,11 @@ mod loom_models {
             let stop = Arc::new(AtomicBool::new(false));
             let closer = {
                 let (signal, stop) = (Arc::clone(&signal), Arc::clone(&stop));
+                // Only the stop flag and a plain wake-up: no PENDING or
+                // URGENT bit, so the flusher must honour `stop` itself.
                 loom::thread::spawn(move || {
                     stop.store(true, Ordering::Release);
-                    signal.notify();
+                    signal.wake();
                 })
             };
             signal.wait(false, NAP, IDLE_WAIT, &stop);
@@ -975,7 +1006,9 @@ mod loom_models {
                 let feed = Arc::clone(&feed);
                 loom::thread::spawn(move || feed.bump())
             };
-            let seen = feed.wait(since, IDLE_WAIT);
+            // The timeout is real time, not modelled: make it long enough
+            // that no explored interleaving can reach it.
+            let seen = feed.wait(since, Duration::from_secs(3600));
             writer.join().expect("writer thread");
             assert_ne!(seen, since, "the stream woke without seeing the change");
         });

@@ -55,6 +55,15 @@ fn run(shared: &Shared, thread: usize, threads: usize) {
                 failures = 0;
                 continue;
             }
+            Ok(Round::Paused) => {
+                if stopping {
+                    return;
+                }
+                // Sleep until woken on purpose (unpause, shutdown, a durable
+                // writer), not by every write's mark.
+                shared.flush_signals[thread].wait(true, IDLE_WAIT, IDLE_WAIT, &shared.shutdown);
+                continue;
+            }
             Ok(outcome) => {
                 failures = 0;
                 if stopping {
@@ -76,7 +85,7 @@ fn run(shared: &Shared, thread: usize, threads: usize) {
                 continue;
             }
         };
-        shared.flush_signal.wait(
+        shared.flush_signals[thread].wait(
             found_work,
             shared.config.flush_interval,
             IDLE_WAIT,
@@ -87,7 +96,9 @@ fn run(shared: &Shared, thread: usize, threads: usize) {
 
 /// What a flush round found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Round {
+pub(crate) enum Round {
+    /// The flusher is paused (a test hook); nothing was looked at.
+    Paused,
     /// Nothing to write.
     Idle,
     /// Wrote everything that was queued.
@@ -98,10 +109,18 @@ enum Round {
 
 /// One flush round.
 fn round(shared: &Shared, mine: &[&Partition]) -> Result<Round> {
-    if shared.flusher_paused.load(Ordering::Acquire) {
-        return Ok(Round::Idle);
-    }
+    run_round(shared, mine, false)
+}
+
+/// One round over `mine`; `forced` runs it even while the flusher is paused
+/// (`Engine::run_flush_round`, for tests). The pause is checked under the
+/// round lock, so once a caller holding that lock has seen the pause set, no
+/// background round runs until it is lifted.
+pub(crate) fn run_round(shared: &Shared, mine: &[&Partition], forced: bool) -> Result<Round> {
     let _round = shared.flush_lock.lock();
+    if !forced && shared.flusher_paused.load(Ordering::Acquire) {
+        return Ok(Round::Paused);
+    }
     let started = Instant::now();
     let wants_sync = shared.persist_waiters.load(Ordering::Acquire) > 0;
     let cfg = &shared.config;
@@ -114,22 +133,29 @@ fn round(shared: &Shared, mine: &[&Partition]) -> Result<Round> {
         // The scan goes in pieces of `SCAN_PIECE` items, re-taking the
         // partition's writer lock for each and encoding straight into the
         // RocksDB batch (no copies), so a writer never waits behind a whole
-        // batch.
+        // batch. The batch limits are soft: a round stops only where the disk
+        // is consistent — at the barrier (a window's START, which begins a
+        // checkpoint), at a checkpoint boundary once past the limits, or at
+        // the current end of the open checkpoint. Stopping inside a
+        // checkpoint could persist a seqno beyond a change that
+        // de-duplication moved later in it, and acknowledge a durable write
+        // whose key is on disk in neither version.
         let mut scanned: Option<CursorProgress> = None;
         let mut encode_err = None;
+        let limits = (cfg.flush_batch_max_items, cfg.flush_batch_max_bytes);
         let progress = loop {
             let w = p.lock();
             let upto = scanned
                 .as_ref()
                 .map_or(0, |s| s.items)
-                .saturating_add(SCAN_PIECE)
-                .min(cfg.flush_batch_max_items);
+                .saturating_add(SCAN_PIECE);
             let next = w.checkpoints.scan_on(
                 PERSISTENCE_CURSOR,
                 scanned.as_ref(),
                 upto,
-                cfg.flush_batch_max_bytes,
+                usize::MAX,
                 w.persist_barrier(),
+                Some(limits),
                 |ev| {
                     if let EventRef::Item(item) = ev {
                         if w.is_reverted(item.seqno()) {
@@ -146,11 +172,8 @@ fn round(shared: &Shared, mine: &[&Partition]) -> Result<Round> {
             if let Some(e) = encode_err.take() {
                 return Err(e);
             }
-            let done = next.blocked
-                || next.items < upto
-                || next.items >= cfg.flush_batch_max_items
-                || next.bytes >= cfg.flush_batch_max_bytes;
-            if done {
+            let over = next.items >= limits.0 || next.bytes >= limits.1;
+            if next.blocked || next.items < upto || (over && next.at_checkpoint_boundary()) {
                 break next;
             }
             scanned = Some(next);

@@ -247,7 +247,7 @@ impl Engine {
         let out = s
             .partition(p)?
             .apply(s.config.online_update_memory_limit, &s.store, item)?;
-        s.changed();
+        s.changed(p);
         Ok(out)
     }
 

@@ -257,7 +257,7 @@ fn a_scan_in_pieces_sees_what_one_scan_sees() {
             .map(|a| (a.items, a.end_seqno(), a.end_checkpoint_id()));
         let limit = before.map_or(0, |b| b.0) + 2;
         let next = m
-            .scan_on("c", at.as_ref(), limit, usize::MAX, None, |e| {
+            .scan_on("c", at.as_ref(), limit, usize::MAX, None, None, |e| {
                 pieces.push(e.to_owned())
             })
             .unwrap();
@@ -275,15 +275,44 @@ fn a_scan_in_pieces_sees_what_one_scan_sees() {
     assert_eq!(m.remaining("c").unwrap(), 0);
     // A continuation from behind the committed position is refused.
     assert!(m
-        .scan_on("c", Some(&one), 10, usize::MAX, None, |_| {})
+        .scan_on("c", Some(&one), 10, usize::MAX, None, None, |_| {})
         .is_ok());
     let stale = m.scan("c", 0, usize::MAX, None, |_| {}).unwrap();
     queue_more(&mut m);
     let ahead = m.scan("c", 100, usize::MAX, None, |_| {}).unwrap();
     drop(m.advance("c", ahead).unwrap());
     assert!(m
-        .scan_on("c", Some(&stale), 10, usize::MAX, None, |_| {})
+        .scan_on("c", Some(&stale), 10, usize::MAX, None, None, |_| {})
         .is_err());
+}
+
+/// A round limit stops a scan only between checkpoints: inside one,
+/// de-duplication may have moved a change past any earlier stopping point.
+#[test]
+fn a_round_limit_stops_only_at_a_checkpoint_boundary() {
+    let (mut m, _) = mgr(4);
+    m.register_cursor("c", 0).unwrap();
+    for s in 1..=10 {
+        m.queue(item(&format!("k{s}"), s));
+    }
+    // Checkpoints: 1..=4, 5..=8, open 9..=10. A limit of 2 items is reached
+    // inside the first checkpoint; the scan goes on to its end.
+    let limit = Some((2, usize::MAX));
+    let p = m
+        .scan_on("c", None, 100, usize::MAX, None, limit, |_| {})
+        .unwrap();
+    assert_eq!((p.items, p.end_seqno()), (4, 4));
+    assert!(p.at_checkpoint_boundary());
+    // Without a round limit, the hard limit stops it where it is.
+    let p = m.scan("c", 2, usize::MAX, None, |_| {}).unwrap();
+    assert_eq!((p.items, p.end_seqno()), (2, 2));
+    assert!(!p.at_checkpoint_boundary());
+    // A limit never reached: everything, to the open checkpoint's end.
+    let limit = Some((100, usize::MAX));
+    let p = m
+        .scan_on("c", None, 100, usize::MAX, None, limit, |_| {})
+        .unwrap();
+    assert_eq!((p.items, p.end_seqno()), (10, 10));
 }
 
 fn queue_more(m: &mut CheckpointManager) {

@@ -330,7 +330,10 @@ impl StreamMessage {
                     partition,
                     item: QueuedItem {
                         op,
-                        key: f.key.clone(),
+                        // The key gets its own buffer: a replica's hash table
+                        // keeps a key for as long as the key exists, and must
+                        // not keep this frame (and its value) alive with it.
+                        key: Bytes::copy_from_slice(&f.key),
                         value: f.value.clone(),
                         meta,
                     },

@@ -269,9 +269,10 @@ pub fn decode(buf: &mut BytesMut, max_body: usize) -> Result<Option<Frame>, Prot
     if buf.len() < HEADER_LEN + header.body_len {
         return Ok(None);
     }
-    // The body gets an allocation of its own: a key and value kept by the
-    // engine (a replica's hash table) must not pin the connection's whole
-    // read buffer, nor share one reference count with every other frame of it.
+    // The body gets an allocation of its own: a value kept by the engine (a
+    // replica's hash table) must not pin the connection's whole read buffer,
+    // nor share one reference count with every other frame of it. (Keys are
+    // copied out again when a stream entry is decoded.)
     let total = HEADER_LEN + header.body_len;
     let body = Bytes::copy_from_slice(&buf[HEADER_LEN..total]);
     buf.advance(total);
