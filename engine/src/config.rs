@@ -21,10 +21,13 @@ pub struct EngineConfig {
     /// Bound on the memory held by all checkpoints together (default 512 MiB).
     /// Past it, writes fail with `TempOutOfMemory` until the flusher frees some.
     pub checkpoint_memory_limit: usize,
-    /// Most items one partition contributes to one flush (default 2,000; smaller
-    /// batches insert into RocksDB's memtable faster, see docs/performance.md).
+    /// Items after which one partition's part of a flush ends, at the next
+    /// checkpoint boundary (default 2,000; a soft limit: a round only stops
+    /// where the disk is consistent, so it may run on to the end of the
+    /// checkpoint it is in — at most `checkpoint.max_items` more).
     pub flush_batch_max_items: usize,
-    /// Most bytes one partition contributes to one flush (default 4 MiB).
+    /// Bytes after which one partition's part of a flush ends, at the next
+    /// checkpoint boundary (default 4 MiB; soft, like `flush_batch_max_items`).
     pub flush_batch_max_bytes: usize,
     /// Number of flusher threads; partition `p` is flushed by thread
     /// `p % flusher_threads` (default 1).
@@ -131,13 +134,15 @@ impl EngineBuilder {
         self
     }
 
-    /// Most items per partition per flush; default 2,000.
+    /// Items per partition per flush before stopping at the next checkpoint
+    /// boundary; default 2,000.
     pub fn flush_batch_max_items(mut self, n: usize) -> Self {
         self.config.flush_batch_max_items = n;
         self
     }
 
-    /// Most bytes per partition per flush; default 4 MiB.
+    /// Bytes per partition per flush before stopping at the next checkpoint
+    /// boundary; default 4 MiB.
     pub fn flush_batch_max_bytes(mut self, n: usize) -> Self {
         self.config.flush_batch_max_bytes = n;
         self
