@@ -107,7 +107,8 @@ pub struct WindowInfo {
 pub struct RevertReport {
     /// The reverted window's checkpoint id.
     pub checkpoint_id: u64,
-    /// Keys the window had created, now removed.
+    /// Keys the window had created and that existed at REVERT, now removed
+    /// (a key created and deleted again inside the window needs nothing).
     pub removed: usize,
     /// Keys the window had updated or deleted, now back to their pre-window state.
     pub restored: usize,
@@ -305,8 +306,11 @@ impl Partition {
                 for (key, (hash, before)) in group.drain(..) {
                     match before {
                         None => {
-                            shards.remove_hashed(hash, &key);
-                            removed += 1;
+                            // Created then deleted inside the window: nothing
+                            // to remove, and not counted.
+                            if shards.remove_hashed(hash, &key).is_some() {
+                                removed += 1;
+                            }
                         }
                         Some(mut v) => {
                             if v.meta.by_seqno <= clean_upto {
