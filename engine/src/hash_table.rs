@@ -211,26 +211,14 @@ impl ShardsGuard<'_> {
         (&mut self.guards[pos], hash)
     }
 
-    /// The current value of `key`, with the key as the table holds it (or,
-    /// when absent, as `key` will be held once inserted).
-    pub(crate) fn current_entry(&mut self, key: &Bytes) -> (KeyRef, Option<&StoredValue>) {
+    /// The hash of `key` and its current entry: the table's key buffer and
+    /// value, if present.
+    pub(crate) fn current_entry(&mut self, key: &[u8]) -> (u64, Option<(&Bytes, &StoredValue)>) {
         let (shard, hash) = self.shard(key);
-        match shard.find(hash, |e| same_key(e, key)) {
-            Some(e) => (
-                KeyRef {
-                    hash,
-                    key: e.key.clone(),
-                },
-                Some(&e.value),
-            ),
-            None => (
-                KeyRef {
-                    hash,
-                    key: key.clone(),
-                },
-                None,
-            ),
-        }
+        let found = shard
+            .find(hash, |e| same_key(e, key))
+            .map(|e| (&e.key, &e.value));
+        (hash, found)
     }
 
     /// Sets `key` to `value`, inserting it if absent.

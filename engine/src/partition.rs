@@ -13,7 +13,7 @@ use bytes::Bytes;
 
 use crate::checkpoint::{CheckpointConfig, CheckpointManager};
 use crate::error::{Error, Result};
-use crate::hash_table::{HashTable, ShardsGuard, StoredValue};
+use crate::hash_table::{HashTable, KeyRef, ShardsGuard, StoredValue};
 use crate::item::{
     now_secs, Durability, Item, ItemMeta, MutationResult, PartitionId, QueueOp, QueuedItem,
     WriteOptions,
@@ -360,11 +360,17 @@ impl Partition {
         slot: &mut ShardsGuard<'_>,
         key: &Bytes,
     ) -> (Option<ItemMeta>, Option<Undo>) {
-        let (key_ref, cur) = slot.current_entry(key);
-        let meta = cur.map(|v| v.meta);
+        let (hash, cur) = slot.current_entry(key);
+        let meta = cur.map(|(_, v)| v.meta);
         let undo = window.filter(|win| win.first_touch(key)).map(|_| {
             let clean_upto = self.progress.persisted_seqno.load(Ordering::Acquire);
-            (key_ref, pre_image(cur, clean_upto))
+            // The table's own key buffer when present (REVERT then matches
+            // by pointer), else the one the write is about to insert.
+            let key_ref = KeyRef {
+                hash,
+                key: cur.map_or_else(|| key.clone(), |(k, _)| k.clone()),
+            };
+            (key_ref, pre_image(cur.map(|(_, v)| v), clean_upto))
         });
         (meta, undo)
     }
