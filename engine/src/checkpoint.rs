@@ -35,7 +35,7 @@ pub struct CheckpointConfig {
 impl Default for CheckpointConfig {
     fn default() -> Self {
         CheckpointConfig {
-            max_items: 10_000,
+            max_items: 2_000,
             max_bytes: 32 << 20,
         }
     }

@@ -16,7 +16,7 @@ pub struct EngineConfig {
     pub path: PathBuf,
     /// Number of partitions (default 16). Fixed when the directory is created.
     pub partitions: u16,
-    /// Per-checkpoint limits (default 10,000 items or 32 MiB).
+    /// Per-checkpoint limits (default 2,000 items or 32 MiB).
     pub checkpoint: CheckpointConfig,
     /// Bound on the memory held by all checkpoints together (default 512 MiB).
     /// Past it, writes fail with `TempOutOfMemory` until the flusher frees some.
@@ -116,7 +116,7 @@ impl EngineBuilder {
         self
     }
 
-    /// Items after which the open checkpoint closes; default 10,000.
+    /// Items after which the open checkpoint closes; default 2,000.
     pub fn checkpoint_max_items(mut self, n: usize) -> Self {
         self.config.checkpoint.max_items = n;
         self
