@@ -1,7 +1,7 @@
 //! Bad input gets a typed error and the engine keeps serving.
 
 // A loom build swaps the engine's primitives; only its models run then.
-#![cfg(not(feature = "loom"))]
+#![cfg(not(any(loom, feature = "loom")))]
 
 mod common;
 

@@ -2,7 +2,7 @@
 //! checkpoint freeing, and exact remaining counts (property test).
 
 // A loom build swaps the engine's primitives; only its models run then.
-#![cfg(not(feature = "loom"))]
+#![cfg(not(any(loom, feature = "loom")))]
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

@@ -1,7 +1,7 @@
 //! Helpers shared by the engine's integration tests.
 
 // A loom build swaps the engine's primitives; only its models run then.
-#![cfg(not(feature = "loom"))]
+#![cfg(not(any(loom, feature = "loom")))]
 #![allow(dead_code)]
 
 use std::path::Path;

@@ -2,7 +2,7 @@
 //! poisoning after repeated failures, group commit, and bounded checkpoint memory.
 
 // A loom build swaps the engine's primitives; only its models run then.
-#![cfg(not(feature = "loom"))]
+#![cfg(not(any(loom, feature = "loom")))]
 
 mod common;
 

@@ -3,7 +3,7 @@
 //! crash and close inside a window, and value eviction.
 
 // A loom build swaps the engine's primitives; only its models run then.
-#![cfg(not(feature = "loom"))]
+#![cfg(not(any(loom, feature = "loom")))]
 
 mod common;
 

@@ -8,7 +8,7 @@
 //! window, i.e. open windows are reverted implicitly.
 
 // A loom build swaps the engine's primitives; only its models run then.
-#![cfg(not(feature = "loom"))]
+#![cfg(not(any(loom, feature = "loom")))]
 
 mod common;
 

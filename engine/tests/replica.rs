@@ -3,7 +3,7 @@
 //! does not hold, backfill, reset, and `Replicate` without a node.
 
 // A loom build swaps the engine's primitives; only its models run then.
-#![cfg(not(feature = "loom"))]
+#![cfg(not(any(loom, feature = "loom")))]
 
 mod common;
 

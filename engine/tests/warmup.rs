@@ -2,7 +2,7 @@
 //! checkpoint ids continue monotonically; `Memory` writes survive a clean close.
 
 // A loom build swaps the engine's primitives; only its models run then.
-#![cfg(not(feature = "loom"))]
+#![cfg(not(any(loom, feature = "loom")))]
 
 mod common;
 
