@@ -939,61 +939,54 @@ mod loom_models {
     const NAP: Duration = Duration::from_millis(2);
     const IDLE_WAIT: Duration = Duration::from_millis(100);
 
-    /// A writer marks work while the flusher goes idle: whatever the
-    /// interleaving, the flusher does not sleep through it.
-    #[test]
-    fn loom_mark_wakes_an_idle_flusher() {
-        loom::model(|| {
+    /// Explores every interleaving of a flusher's `wait(found_work)` with
+    /// another thread running `other(signal, stop)`, then hands the signal's
+    /// final state bits to `check`. A wait nobody ends is reported by loom as
+    /// a deadlock.
+    fn flusher_waits_with(found_work: bool, other: fn(&Signal, &AtomicBool), check: fn(u64)) {
+        loom::model(move || {
             let signal = Arc::new(Signal::default());
             let stop = Arc::new(AtomicBool::new(false));
-            let writer = {
-                let signal = Arc::clone(&signal);
-                loom::thread::spawn(move || signal.mark())
+            let peer = {
+                let (signal, stop) = (Arc::clone(&signal), Arc::clone(&stop));
+                loom::thread::spawn(move || other(&signal, &stop))
             };
-            signal.wait(false, NAP, IDLE_WAIT, &stop);
-            writer.join().expect("writer thread");
-            let state = signal.state.load(Ordering::Acquire);
-            assert_eq!(
-                state & super::IDLE,
-                0,
-                "flusher left marked idle after waking"
-            );
+            signal.wait(found_work, NAP, IDLE_WAIT, &stop);
+            peer.join().expect("peer thread");
+            check(signal.state.load(Ordering::Acquire));
         });
+    }
+
+    /// A writer marks work while the flusher goes idle: whatever the
+    /// interleaving, the flusher does not sleep through it, and is not left
+    /// marked idle.
+    #[test]
+    fn loom_mark_wakes_an_idle_flusher() {
+        flusher_waits_with(
+            false,
+            |signal, _| signal.mark(),
+            |state| assert_eq!(state & super::IDLE, 0, "flusher left marked idle"),
+        );
     }
 
     /// A durable writer's urgent notify cuts the flusher's busy nap short.
     #[test]
     fn loom_notify_cuts_a_busy_nap_short() {
-        loom::model(|| {
-            let signal = Arc::new(Signal::default());
-            let stop = Arc::new(AtomicBool::new(false));
-            let writer = {
-                let signal = Arc::clone(&signal);
-                loom::thread::spawn(move || signal.notify())
-            };
-            signal.wait(true, NAP, IDLE_WAIT, &stop);
-            writer.join().expect("writer thread");
-        });
+        flusher_waits_with(true, |signal, _| signal.notify(), |_| {});
     }
 
-    /// Shutdown wakes an idle flusher.
+    /// Shutdown wakes an idle flusher: only the stop flag and a plain
+    /// wake-up, no PENDING or URGENT bit, so the flusher must honour `stop`.
     #[test]
     fn loom_stop_wakes_an_idle_flusher() {
-        loom::model(|| {
-            let signal = Arc::new(Signal::default());
-            let stop = Arc::new(AtomicBool::new(false));
-            let closer = {
-                let (signal, stop) = (Arc::clone(&signal), Arc::clone(&stop));
-                // Only the stop flag and a plain wake-up: no PENDING or
-                // URGENT bit, so the flusher must honour `stop` itself.
-                loom::thread::spawn(move || {
-                    stop.store(true, Ordering::Release);
-                    signal.wake();
-                })
-            };
-            signal.wait(false, NAP, IDLE_WAIT, &stop);
-            closer.join().expect("closer thread");
-        });
+        flusher_waits_with(
+            false,
+            |signal, stop| {
+                stop.store(true, Ordering::Release);
+                signal.wake();
+            },
+            |_| {},
+        );
     }
 
     /// A stream waiting for changes sees a write made while it registers.
