@@ -200,12 +200,9 @@ impl Shared {
     /// Something was queued on partition `p`: tell its flusher thread and
     /// any waiting stream.
     pub(crate) fn changed(&self, p: PartitionId) {
-        if let Some(signal) = self
-            .flush_signals
-            .get(usize::from(p) % self.flush_signals.len().max(1))
-        {
-            signal.mark();
-        }
+        // `validate` guarantees at least one flusher thread, so one signal.
+        let signals = &self.flush_signals;
+        signals[usize::from(p) % signals.len()].mark();
         self.changes.bump();
     }
 

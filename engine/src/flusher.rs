@@ -50,7 +50,7 @@ fn run(shared: &Shared, thread: usize, threads: usize) {
             return;
         }
         let stopping = shared.shutdown.load(Ordering::Acquire);
-        let found_work = match round(shared, &mine) {
+        let found_work = match run_round(shared, &mine, false) {
             Ok(Round::More) => {
                 failures = 0;
                 continue;
@@ -107,12 +107,7 @@ pub(crate) enum Round {
     More,
 }
 
-/// One flush round.
-fn round(shared: &Shared, mine: &[&Partition]) -> Result<Round> {
-    run_round(shared, mine, false)
-}
-
-/// One round over `mine`; `forced` runs it even while the flusher is paused
+/// One flush round over `mine`; `forced` runs it even while the flusher is paused
 /// (`Engine::run_flush_round`, for tests). The pause is checked under the
 /// round lock, so once a caller holding that lock has seen the pause set, no
 /// background round runs until it is lifted.

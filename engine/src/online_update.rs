@@ -291,10 +291,11 @@ impl Partition {
         {
             let mut shards = self.table.lock_all();
             // The undo map holds the table's own key buffers and hashes: no
-            // key is hashed or compared byte by byte again. Keys go in groups: first every key of the group is looked up
-            // without changes, so their cache misses overlap instead of
-            // queueing one behind the other; then the group is applied. This
-            // keeps the per-key cost from growing with the partition's size.
+            // key is hashed or compared byte by byte again. Keys go in
+            // groups: every key of a group is first looked up without
+            // changes, so their cache misses overlap instead of queueing one
+            // behind the other, then the group is applied. This keeps the
+            // per-key cost from growing with the partition's size.
             let mut group: Vec<(Bytes, (u64, Option<StoredValue>))> =
                 Vec::with_capacity(REVERT_GROUP);
             let mut undo = win.undo.into_iter().peekable();
