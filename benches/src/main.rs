@@ -303,6 +303,16 @@ fn set_only(ops: u64) {
     } else {
         Vec::new()
     };
+    // `PERF_CTL=FIFO`: enable a `perf record --control fifo:FIFO -D -1`
+    // only around the timed loop.
+    let perf_ctl = |cmd: &str| {
+        if let Some(path) = std::env::var_os("PERF_CTL") {
+            if let Err(e) = std::fs::write(&path, cmd) {
+                eprintln!("PERF_CTL {path:?}: {e}");
+            }
+        }
+    };
+    perf_ctl("enable\n");
     let t = Instant::now();
     if pre {
         for i in 0..ops as usize {
@@ -317,7 +327,9 @@ fn set_only(ops: u64) {
                 .expect("set");
         }
     }
-    println!("tapkv set: {:.0} ops/s", rate(ops, t.elapsed()));
+    let elapsed = t.elapsed();
+    perf_ctl("disable\n");
+    println!("tapkv set: {:.0} ops/s", rate(ops, elapsed));
     engine.close().expect("close");
 }
 
