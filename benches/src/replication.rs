@@ -332,7 +332,7 @@ fn backfill(dir: &Path) -> (f64, f64, u64) {
             for p in 0..parts {
                 n += engine
                     .backfill(p, 0, upto[usize::from(p)], |it| {
-                        bytes += it.key.len() + it.value.len();
+                        bytes += it.key().len() + it.value().len();
                         Ok(())
                     })
                     .expect("backfill");

@@ -125,7 +125,7 @@ fn revert_once(dir: &Path, window: u64, items: u64) -> (Duration, RevertReport) 
     let wall = t.elapsed();
     // Spot checks, outside the timing: updates are undone, creates are gone.
     let got = engine.get(&key(0)).expect("get reverted key");
-    assert_eq!(&got.value[..], &value(0)[..], "update not reverted");
+    assert_eq!(got.value(), &value(0)[..], "update not reverted");
     assert!(
         matches!(engine.get(&key(items)), Err(Error::NotFound)),
         "created key still present after revert"

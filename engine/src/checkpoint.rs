@@ -393,37 +393,32 @@ impl CheckpointManager {
         }
         self.high_seqno = seqno;
         let size = item.mem_size();
-        let hash = item
-            .op
-            .is_key_op()
-            .then(|| KEY_HASHER.hash_one(&item.key[..]));
+        let hash = item.op.is_key_op().then(|| KEY_HASHER.hash_one(item.key()));
         let open = self.open_mut();
         let slot = open.slots.len();
         let mut freed = 0;
         let mut replaced = false;
-        let key = item.key.clone();
-        open.seqnos.push(seqno);
-        open.slots.push(Some(item));
+        let mut old_slot = None;
         if let Some(hash) = hash {
-            let Checkpoint { keys, slots, .. } = open;
-            let same_key = |i: &usize| slots[*i].as_ref().is_some_and(|s| s.key == key);
+            let Checkpoint { keys, slots, .. } = &mut *open;
+            let same_key = |i: &usize| slots[*i].as_ref().is_some_and(|s| s.key() == item.key());
             match keys.find_mut(hash, same_key) {
-                Some(idx) => {
-                    let old = std::mem::replace(idx, slot);
-                    if let Some(old_item) = slots[old].take() {
-                        freed = old_item.mem_size();
-                        open.live -= 1;
-                        replaced = true;
-                    }
-                }
+                Some(idx) => old_slot = Some(std::mem::replace(idx, slot)),
                 None => {
                     keys.insert_unique(hash, slot, |i| {
                         slots[*i]
                             .as_ref()
-                            .map_or(0, |s| KEY_HASHER.hash_one(&s.key[..]))
+                            .map_or(0, |s| KEY_HASHER.hash_one(s.key()))
                     });
                 }
             }
+        }
+        open.seqnos.push(seqno);
+        open.slots.push(Some(item));
+        if let Some(old_item) = old_slot.and_then(|old| open.slots[old].take()) {
+            freed = old_item.mem_size();
+            open.live -= 1;
+            replaced = true;
         }
         open.live += 1;
         open.mem = open.mem + size - freed;

@@ -198,15 +198,15 @@ impl EngineBuilder {
         self
     }
 
-    /// Longest key; default 250 bytes.
+    /// Longest key; default 250 bytes (at most 65,535).
     pub fn max_key_size(mut self, n: usize) -> Self {
-        self.config.max_key_size = n;
+        self.config.max_key_size = n.min(u16::MAX as usize);
         self
     }
 
-    /// Longest value; default 20 MiB.
+    /// Longest value; default 20 MiB (at most 1 GiB).
     pub fn max_value_size(mut self, n: usize) -> Self {
-        self.config.max_value_size = n;
+        self.config.max_value_size = n.min(1 << 30);
         self
     }
 

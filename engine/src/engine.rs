@@ -15,8 +15,7 @@ use crate::checkpoint::{CheckpointInfo, CursorBatch, CursorInfo, Registration};
 use crate::config::{EngineBuilder, EngineConfig};
 use crate::error::{Error, Result};
 use crate::flusher;
-use crate::hash_table::StoredValue;
-use crate::item::{Durability, Item, MutationResult, PartitionId, WriteOptions};
+use crate::item::{Durability, Item, MutationResult, PartitionId, Record, WriteOptions};
 use crate::online_update::{MarkerSource, RevertReport};
 use crate::partition::{partition_of, MutationKind, Partition, PartitionStart, PERSISTENCE_CURSOR};
 use crate::stats::{EngineStats, PartitionStats};
@@ -409,13 +408,9 @@ impl Engine {
             };
             max_cas[usize::from(p)] = max_cas[usize::from(p)].max(rec.meta.cas);
             if !rec.deleted {
-                part.table.slot(key).put(
-                    &Bytes::copy_from_slice(key),
-                    StoredValue {
-                        value: Some(rec.value),
-                        meta: rec.meta,
-                    },
-                );
+                part.table
+                    .slot(key)
+                    .put(Record::new(&rec.meta, key, &rec.value));
                 loaded += 1;
             }
             Ok(())
@@ -625,14 +620,7 @@ impl Engine {
             }
             Ok(())
         };
-        let res = part.mutate(
-            &s.store,
-            kind,
-            Bytes::copy_from_slice(key),
-            value,
-            opts,
-            admit,
-        )?;
+        let res = part.mutate(&s.store, kind, key, &value, opts, admit)?;
         s.changed(res.partition);
         if opts.durability == Durability::Persist {
             s.wait_synced(&[(res.partition, res.seqno)])?;

@@ -159,7 +159,7 @@ pub(crate) fn run_round(shared: &Shared, mine: &[&Partition], forced: bool) -> R
                         if let Err(e) = shared.store.add_to_batch(&mut batch, p.id, item) {
                             encode_err.get_or_insert(e);
                         }
-                        max_cas = max_cas.max(item.meta.cas);
+                        max_cas = max_cas.max(item.meta().cas);
                     }
                 },
             )?;

@@ -8,53 +8,34 @@
 //! write lock at once ([`HashTable::lock_all`]) so readers never see it half
 //! done.
 //!
-//! A value may be *evicted* (`value: None`): key and metadata stay, the bytes
-//! are read back from disk on access. The table keeps item, byte and eviction
+//! Each entry is 24 bytes: the key's hash and a [`Record`] (one shared
+//! allocation with metadata, key and value; the checkpoint holds the same
+//! record). A value may be *evicted*: the entry's record is swapped for a
+//! key-and-metadata copy, and the bytes are read back from disk on access. The table keeps item, byte and eviction
 //! counts; it never touches checkpoints or disk.
 
-use bytes::Bytes;
 use hashbrown::hash_table::Entry as TableEntry;
 use hashbrown::HashTable as RawTable;
 
-use crate::item::ItemMeta;
+use crate::item::Record;
 use crate::sync::{AtomicUsize, Ordering, RwLock, RwLockWriteGuard};
 
 const SHARDS: usize = 16;
 
 type Hasher64 = foldhash::fast::FixedState;
 
-/// A value held by the hash table.
-#[derive(Debug, Clone)]
-pub(crate) struct StoredValue {
-    /// The value, or `None` when evicted (it is then on disk, at `meta.by_seqno`).
-    pub(crate) value: Option<Bytes>,
-    pub(crate) meta: ItemMeta,
-}
-
+/// A table slot: the key's hash (so growing a shard never re-reads the key,
+/// and most mismatches are settled without touching the record) and the
+/// record holding key, value and metadata.
 #[derive(Debug)]
-pub(crate) struct Entry {
-    /// The key's hash, kept so growing a shard never re-reads the key.
+struct Entry {
     hash: u64,
-    pub(crate) key: Bytes,
-    pub(crate) value: StoredValue,
+    rec: Record,
 }
 
-/// `key` as the table holds it: its hash and the table's own key buffer.
-/// Lookups with a `KeyRef` neither hash again nor, when the buffer is the
-/// table's, compare bytes (pointer equality settles it).
-#[derive(Debug, Clone)]
-pub(crate) struct KeyRef {
-    pub(crate) hash: u64,
-    pub(crate) key: Bytes,
-}
-
-/// Whether `e` holds `key`: the same buffer, or the same bytes.
-fn same_key(e: &Entry, key: &[u8]) -> bool {
-    (e.key.as_ptr() == key.as_ptr() && e.key.len() == key.len()) || e.key[..] == *key
-}
-
-fn size(key: &[u8], v: &StoredValue) -> usize {
-    key.len() + v.value.as_ref().map_or(0, Bytes::len)
+/// Whether `e` holds `key` (whose hash is `hash`).
+fn same_key(e: &Entry, hash: u64, key: &[u8]) -> bool {
+    e.hash == hash && e.rec.key() == key
 }
 
 pub(crate) struct HashTable {
@@ -96,13 +77,13 @@ impl HashTable {
         (hash >> 60) as usize % SHARDS
     }
 
-    /// The stored key and value of `key`, if present.
-    pub(crate) fn get(&self, key: &[u8]) -> Option<(Bytes, StoredValue)> {
+    /// The record of `key`, if present.
+    pub(crate) fn get(&self, key: &[u8]) -> Option<Record> {
         let hash = self.hash(key);
         let shard = self.shards[Self::shard_index(hash)].read();
         shard
-            .find(hash, |e| same_key(e, key))
-            .map(|e| (e.key.clone(), e.value.clone()))
+            .find(hash, |e| same_key(e, hash, key))
+            .map(|e| e.rec.clone())
     }
 
     /// Locks `key`'s shard for writing.
@@ -139,18 +120,18 @@ impl HashTable {
         self.evicted.load(Ordering::Relaxed)
     }
 
-    fn account(&self, old: Option<(&[u8], &StoredValue)>, new: Option<(&[u8], &StoredValue)>) {
-        if let Some((k, v)) = old {
-            self.bytes.fetch_sub(size(k, v), Ordering::Relaxed);
+    fn account(&self, old: Option<&Record>, new: Option<&Record>) {
+        if let Some(r) = old {
+            self.bytes.fetch_sub(r.resident_bytes(), Ordering::Relaxed);
             self.items.fetch_sub(1, Ordering::Relaxed);
-            if v.value.is_none() {
+            if r.is_evicted() {
                 self.evicted.fetch_sub(1, Ordering::Relaxed);
             }
         }
-        if let Some((k, v)) = new {
-            self.bytes.fetch_add(size(k, v), Ordering::Relaxed);
+        if let Some(r) = new {
+            self.bytes.fetch_add(r.resident_bytes(), Ordering::Relaxed);
             self.items.fetch_add(1, Ordering::Relaxed);
-            if v.value.is_none() {
+            if r.is_evicted() {
                 self.evicted.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -170,11 +151,10 @@ impl HashTable {
             if freed >= target {
                 break;
             }
-            if e.value.meta.by_seqno <= clean_upto {
-                if let Some(v) = e.value.value.take() {
-                    freed += v.len();
-                    n += 1;
-                }
+            if !e.rec.is_evicted() && e.rec.by_seqno() <= clean_upto {
+                freed += e.rec.value_len();
+                n += 1;
+                e.rec = e.rec.evicted();
             }
         }
         self.bytes.fetch_sub(freed, Ordering::Relaxed);
@@ -211,77 +191,59 @@ impl ShardsGuard<'_> {
         (&mut self.guards[pos], hash)
     }
 
-    /// The hash of `key` and its current entry: the table's key buffer and
-    /// value, if present.
-    pub(crate) fn current_entry(&mut self, key: &[u8]) -> (u64, Option<(&Bytes, &StoredValue)>) {
+    /// The hash of `key` and its current record, if present.
+    pub(crate) fn current_entry(&mut self, key: &[u8]) -> (u64, Option<&Record>) {
         let (shard, hash) = self.shard(key);
-        let found = shard
-            .find(hash, |e| same_key(e, key))
-            .map(|e| (&e.key, &e.value));
+        let found = shard.find(hash, |e| same_key(e, hash, key)).map(|e| &e.rec);
         (hash, found)
     }
 
-    /// Sets `key` to `value`, inserting it if absent.
-    pub(crate) fn put(&mut self, key: &Bytes, value: StoredValue) {
-        let (_, hash) = self.shard(key);
-        self.put_ref(
-            &KeyRef {
-                hash,
-                key: key.clone(),
-            },
-            value,
-        );
+    /// Stores `rec` under its key, replacing the key's current record.
+    pub(crate) fn put(&mut self, rec: Record) {
+        let (_, hash) = self.shard(rec.key());
+        self.put_hashed(hash, rec);
     }
 
-    /// [`put`](Self::put) with the hash known.
-    pub(crate) fn put_ref(&mut self, key: &KeyRef, value: StoredValue) {
+    /// [`put`](Self::put) with the key's hash known.
+    pub(crate) fn put_hashed(&mut self, hash: u64, rec: Record) {
         let table = self.table;
-        let (shard, hash) = self.shard_of(key.hash);
-        let entry = shard.entry(hash, |e| same_key(e, &key.key), |e| e.hash);
+        let (shard, hash) = self.shard_of(hash);
+        let entry = shard.entry(hash, |e| same_key(e, hash, rec.key()), |e| e.hash);
         match entry {
             TableEntry::Occupied(mut o) => {
-                table.account(Some((&key.key, &o.get().value)), Some((&key.key, &value)));
-                o.get_mut().value = value;
+                table.account(Some(&o.get().rec), Some(&rec));
+                o.get_mut().rec = rec;
             }
             TableEntry::Vacant(v) => {
-                table.account(None, Some((&key.key, &value)));
-                v.insert(Entry {
-                    hash,
-                    key: key.key.clone(),
-                    value,
-                });
+                table.account(None, Some(&rec));
+                v.insert(Entry { hash, rec });
             }
         }
     }
 
-    /// Removes `key` completely; returns its value if it was present.
-    pub(crate) fn remove(&mut self, key: &[u8]) -> Option<StoredValue> {
-        let (_, hash) = self.shard(key);
-        self.remove_hashed(hash, key)
-    }
-
-    /// [`remove`](Self::remove) with the hash known.
-    pub(crate) fn remove_hashed(&mut self, hash: u64, key: &[u8]) -> Option<StoredValue> {
+    /// Removes `key` (whose hash is `hash`) completely; returns its record
+    /// if it was present.
+    pub(crate) fn remove_hashed(&mut self, hash: u64, key: &[u8]) -> Option<Record> {
         let table = self.table;
         let (shard, hash) = self.shard_of(hash);
-        match shard.find_entry(hash, |e| same_key(e, key)) {
+        match shard.find_entry(hash, |e| same_key(e, hash, key)) {
             Ok(o) => {
                 let (e, _) = o.remove();
-                table.account(Some((&e.key, &e.value)), None);
-                Some(e.value)
+                table.account(Some(&e.rec), None);
+                Some(e.rec)
             }
             Err(_) => None,
         }
     }
 
-    /// Loads `key`'s bucket and entry into the cache without changing
+    /// Loads `key`'s bucket and record into the cache without changing
     /// anything (independent touches of many keys overlap their misses).
     pub(crate) fn touch(&mut self, hash: u64, key: &[u8]) {
         let (shard, hash) = self.shard_of(hash);
         std::hint::black_box(
             shard
-                .find(hash, |e| same_key(e, key))
-                .map(|e| e.value.meta.by_seqno),
+                .find(hash, |e| same_key(e, hash, key))
+                .map(|e| e.rec.by_seqno()),
         );
     }
 
@@ -290,23 +252,25 @@ impl ShardsGuard<'_> {
         let table = self.table;
         for shard in &mut self.guards {
             for e in shard.drain() {
-                table.account(Some((&e.key, &e.value)), None);
+                table.account(Some(&e.rec), None);
             }
         }
     }
 
     /// Puts a value read back from disk into an evicted entry, if the entry
-    /// still holds the same version (`by_seqno`) and is still evicted.
-    pub(crate) fn fill(&mut self, key: &[u8], by_seqno: u64, value: Bytes) {
+    /// still holds the same version (`by_seqno`) and is still evicted;
+    /// returns the resident record.
+    pub(crate) fn fill(&mut self, key: &[u8], by_seqno: u64, value: &[u8]) -> Option<Record> {
         let table = self.table;
         let (shard, hash) = self.shard(key);
-        if let Some(e) = shard.find_mut(hash, |e| same_key(e, key)) {
-            if e.value.value.is_none() && e.value.meta.by_seqno == by_seqno {
-                table.bytes.fetch_add(value.len(), Ordering::Relaxed);
-                table.evicted.fetch_sub(1, Ordering::Relaxed);
-                e.value.value = Some(value);
-            }
+        let e = shard.find_mut(hash, |e| same_key(e, hash, key))?;
+        if e.rec.is_evicted() && e.rec.by_seqno() == by_seqno {
+            table.bytes.fetch_add(value.len(), Ordering::Relaxed);
+            table.evicted.fetch_sub(1, Ordering::Relaxed);
+            e.rec = e.rec.with_value(value);
+            return Some(e.rec.clone());
         }
+        None
     }
 
     /// Evicts `key`'s value if it is clean (`by_seqno <= clean_upto`).
@@ -315,13 +279,14 @@ impl ShardsGuard<'_> {
     pub(crate) fn evict(&mut self, key: &[u8], clean_upto: u64) -> Option<bool> {
         let table = self.table;
         let (shard, hash) = self.shard(key);
-        let e = shard.find_mut(hash, |e| same_key(e, key))?;
-        if e.value.meta.by_seqno > clean_upto {
+        let e = shard.find_mut(hash, |e| same_key(e, hash, key))?;
+        if e.rec.by_seqno() > clean_upto {
             return Some(false);
         }
-        if let Some(v) = e.value.value.take() {
-            table.bytes.fetch_sub(v.len(), Ordering::Relaxed);
+        if !e.rec.is_evicted() {
+            table.bytes.fetch_sub(e.rec.value_len(), Ordering::Relaxed);
             table.evicted.fetch_add(1, Ordering::Relaxed);
+            e.rec = e.rec.evicted();
         }
         Some(true)
     }

@@ -29,17 +29,41 @@ impl ItemMeta {
     }
 }
 
-/// An item returned by a read.
+/// An item returned by a read: metadata and one shared, immutable buffer
+/// holding key and value (zero-copy: the engine's own record).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Item {
     /// The partition holding the key.
     pub partition: PartitionId,
-    /// The key.
-    pub key: Bytes,
-    /// The value (zero-copy: shares the buffer the engine holds).
-    pub value: Bytes,
     /// Metadata.
     pub meta: ItemMeta,
+    record: Record,
+}
+
+impl Item {
+    pub(crate) fn new(partition: PartitionId, record: Record) -> Self {
+        Item {
+            partition,
+            meta: record.meta(),
+            record,
+        }
+    }
+
+    /// The key.
+    pub fn key(&self) -> &[u8] {
+        self.record.key()
+    }
+
+    /// The value.
+    pub fn value(&self) -> &[u8] {
+        self.record.value()
+    }
+
+    /// The value as `Bytes` sharing the engine's buffer (no copy; one small
+    /// allocation for the handle).
+    pub fn value_bytes(&self) -> Bytes {
+        self.record.value_bytes()
+    }
 }
 
 /// How durable a write must be before the call returns.
@@ -129,31 +153,249 @@ impl QueueOp {
     }
 }
 
-/// An entry of a checkpoint: a mutation, a deletion or a marker.
+/// An entry of a checkpoint: a mutation, a deletion or a marker. Cheap to
+/// clone: the key, value and metadata live in one shared record (the same
+/// one the hash table holds for a mutation).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueuedItem {
     /// What the entry is.
     pub op: QueueOp,
-    /// The key (empty for markers).
-    pub key: Bytes,
-    /// The value (empty for deletions and markers).
-    pub value: Bytes,
-    /// Metadata; `meta.by_seqno` orders entries.
-    pub meta: ItemMeta,
+    record: Record,
 }
 
 /// Fixed bookkeeping cost charged per queued item, on top of key and value.
-pub(crate) const QUEUED_ITEM_OVERHEAD: usize = 96;
+pub(crate) const QUEUED_ITEM_OVERHEAD: usize = 64;
 
 impl QueuedItem {
+    /// An entry of kind `op` (key and value are copied into one record).
+    pub fn new(op: QueueOp, key: &[u8], value: &[u8], meta: ItemMeta) -> Self {
+        QueuedItem {
+            op,
+            record: Record::new(&meta, key, value),
+        }
+    }
+
+    /// A mutation of `key` to `value`.
+    pub fn mutation(key: &[u8], value: &[u8], meta: ItemMeta) -> Self {
+        QueuedItem {
+            op: QueueOp::Mutation,
+            record: Record::new(&meta, key, value),
+        }
+    }
+
+    /// A deletion of `key`.
+    pub fn deletion(key: &[u8], meta: ItemMeta) -> Self {
+        QueuedItem {
+            op: QueueOp::Deletion,
+            record: Record::new(&meta, key, &[]),
+        }
+    }
+
+    /// A marker (`op` is not a key operation): no key, no value.
+    pub fn marker(op: QueueOp, meta: ItemMeta) -> Self {
+        QueuedItem {
+            op,
+            record: Record::new(&meta, &[], &[]),
+        }
+    }
+
+    /// An entry around an existing record.
+    pub(crate) fn from_record(op: QueueOp, record: Record) -> Self {
+        QueuedItem { op, record }
+    }
+
+    /// The record (key, value, metadata).
+    pub(crate) fn record(&self) -> &Record {
+        &self.record
+    }
+
+    /// The key (empty for markers).
+    pub fn key(&self) -> &[u8] {
+        self.record.key()
+    }
+
+    /// The value (empty for deletions and markers).
+    pub fn value(&self) -> &[u8] {
+        self.record.value()
+    }
+
+    /// The value as `Bytes` sharing the record (no copy).
+    pub fn value_bytes(&self) -> Bytes {
+        self.record.value_bytes()
+    }
+
+    /// Metadata; `meta().by_seqno` orders entries.
+    pub fn meta(&self) -> ItemMeta {
+        self.record.meta()
+    }
+
     /// The seqno of this entry.
     pub fn seqno(&self) -> u64 {
-        self.meta.by_seqno
+        self.record.by_seqno()
     }
 
     /// Bytes this entry is charged against checkpoint memory.
     pub fn mem_size(&self) -> usize {
-        self.key.len() + self.value.len() + QUEUED_ITEM_OVERHEAD
+        self.record.key().len() + self.record.value().len() + QUEUED_ITEM_OVERHEAD
+    }
+}
+
+// Record header layout (little endian): by_seqno u64, cas u64, rev_seqno u64,
+// flags u32, expiry u32, key length u32, value length u32 (the logical
+// length, also when the value is evicted), state u8.
+const H_SEQNO: usize = 0;
+const H_CAS: usize = 8;
+const H_REV: usize = 16;
+const H_FLAGS: usize = 24;
+const H_EXPIRY: usize = 28;
+const H_KEY_LEN: usize = 32;
+const H_VALUE_LEN: usize = 36;
+const H_STATE: usize = 40;
+const HEADER: usize = 41;
+const STATE_EVICTED: u8 = 1;
+
+/// One version of a key: metadata, key and (unless evicted) value in a single
+/// immutable, reference-counted allocation. The hash table and the
+/// checkpoints share it, so a write allocates once. (`std::sync::Arc` like
+/// `Bytes`' own counts: a data handle, not a synchronisation primitive, so
+/// it is not routed through `sync`.)
+#[derive(Clone)]
+pub(crate) struct Record(std::sync::Arc<[u8]>);
+
+impl Record {
+    /// A resident record.
+    pub(crate) fn new(meta: &ItemMeta, key: &[u8], value: &[u8]) -> Self {
+        Self::build(meta, key, Some(value), value.len())
+    }
+
+    fn build(meta: &ItemMeta, key: &[u8], value: Option<&[u8]>, value_len: usize) -> Self {
+        let mut h = [0u8; HEADER];
+        h[H_SEQNO..H_SEQNO + 8].copy_from_slice(&meta.by_seqno.to_le_bytes());
+        h[H_CAS..H_CAS + 8].copy_from_slice(&meta.cas.to_le_bytes());
+        h[H_REV..H_REV + 8].copy_from_slice(&meta.rev_seqno.to_le_bytes());
+        h[H_FLAGS..H_FLAGS + 4].copy_from_slice(&meta.flags.to_le_bytes());
+        h[H_EXPIRY..H_EXPIRY + 4].copy_from_slice(&meta.expiry.to_le_bytes());
+        // Keys are at most 250 bytes and values at most the configured
+        // maximum (below 4 GiB, checked by the builder).
+        h[H_KEY_LEN..H_KEY_LEN + 4].copy_from_slice(&(key.len() as u32).to_le_bytes());
+        h[H_VALUE_LEN..H_VALUE_LEN + 4].copy_from_slice(&(value_len as u32).to_le_bytes());
+        h[H_STATE] = if value.is_some() { 0 } else { STATE_EVICTED };
+        let value = value.unwrap_or(&[]);
+        let (k, len) = (HEADER + key.len(), HEADER + key.len() + value.len());
+        // A zeroed buffer of the exact size (one allocation, filled like
+        // `memset`), then three `memcpy`s; `get_mut` cannot fail on an `Arc`
+        // nobody else has seen yet.
+        let mut arc: std::sync::Arc<[u8]> = std::iter::repeat_n(0u8, len).collect();
+        if let Some(buf) = std::sync::Arc::get_mut(&mut arc) {
+            buf[..HEADER].copy_from_slice(&h);
+            buf[HEADER..k].copy_from_slice(key);
+            buf[k..].copy_from_slice(value);
+        }
+        Record(arc)
+    }
+
+    /// A copy with the same metadata and key and no resident value.
+    pub(crate) fn evicted(&self) -> Self {
+        if self.is_evicted() {
+            return self.clone();
+        }
+        Self::build(&self.meta(), self.key(), None, self.value_len())
+    }
+
+    /// A copy of this (evicted) record holding `value` again.
+    pub(crate) fn with_value(&self, value: &[u8]) -> Self {
+        Self::new(&self.meta(), self.key(), value)
+    }
+
+    fn u64_at(&self, at: usize) -> u64 {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&self.0[at..at + 8]);
+        u64::from_le_bytes(b)
+    }
+
+    fn u32_at(&self, at: usize) -> u32 {
+        let mut b = [0u8; 4];
+        b.copy_from_slice(&self.0[at..at + 4]);
+        u32::from_le_bytes(b)
+    }
+
+    pub(crate) fn by_seqno(&self) -> u64 {
+        self.u64_at(H_SEQNO)
+    }
+
+    pub(crate) fn meta(&self) -> ItemMeta {
+        ItemMeta {
+            by_seqno: self.u64_at(H_SEQNO),
+            cas: self.u64_at(H_CAS),
+            rev_seqno: self.u64_at(H_REV),
+            flags: self.u32_at(H_FLAGS),
+            expiry: self.u32_at(H_EXPIRY),
+        }
+    }
+
+    fn key_len(&self) -> usize {
+        self.u32_at(H_KEY_LEN) as usize
+    }
+
+    pub(crate) fn key(&self) -> &[u8] {
+        &self.0[HEADER..HEADER + self.key_len()]
+    }
+
+    /// The value; empty when evicted.
+    pub(crate) fn value(&self) -> &[u8] {
+        &self.0[HEADER + self.key_len()..]
+    }
+
+    /// The value's length, also when evicted.
+    pub(crate) fn value_len(&self) -> usize {
+        self.u32_at(H_VALUE_LEN) as usize
+    }
+
+    pub(crate) fn is_evicted(&self) -> bool {
+        self.0[H_STATE] & STATE_EVICTED != 0
+    }
+
+    /// Key bytes plus resident value bytes.
+    pub(crate) fn resident_bytes(&self) -> usize {
+        self.0.len() - HEADER
+    }
+
+    /// Whether `other` is this very allocation.
+    pub(crate) fn same(&self, other: &Record) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
+
+    /// The value as `Bytes` sharing this record.
+    pub(crate) fn value_bytes(&self) -> Bytes {
+        Bytes::from_owner(ValueOf(self.clone()))
+    }
+}
+
+/// The value range of a record, as a `Bytes` owner.
+struct ValueOf(Record);
+
+impl AsRef<[u8]> for ValueOf {
+    fn as_ref(&self) -> &[u8] {
+        self.0.value()
+    }
+}
+
+impl PartialEq for Record {
+    fn eq(&self, other: &Self) -> bool {
+        self.same(other) || self.0[..] == other.0[..]
+    }
+}
+
+impl Eq for Record {}
+
+impl std::fmt::Debug for Record {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Record")
+            .field("key", &String::from_utf8_lossy(self.key()))
+            .field("value_len", &self.value_len())
+            .field("evicted", &self.is_evicted())
+            .field("meta", &self.meta())
+            .finish()
     }
 }
 
@@ -164,4 +406,52 @@ pub(crate) fn now_secs() -> u32 {
         .map(|d| d.as_secs())
         .unwrap_or(0);
     u32::try_from(secs).unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_holds_meta_key_and_value_and_evicts_to_a_key_only_copy() {
+        let meta = ItemMeta {
+            by_seqno: u64::MAX - 1,
+            cas: 0x0123_4567_89ab_cdef,
+            rev_seqno: 7,
+            flags: u32::MAX,
+            expiry: 1_700_000_000,
+        };
+        let value = vec![b'x'; 5000];
+        let r = Record::new(&meta, b"some-key", &value);
+        assert_eq!(
+            (r.meta(), r.key(), r.value(), r.value_len()),
+            (meta, &b"some-key"[..], &value[..], 5000)
+        );
+        assert!(!r.is_evicted());
+        assert_eq!(r.resident_bytes(), 8 + 5000);
+        let bytes = r.value_bytes();
+        assert_eq!(
+            bytes.as_ptr(),
+            r.value().as_ptr(),
+            "value_bytes does not copy"
+        );
+
+        let e = r.evicted();
+        assert!(e.is_evicted() && !e.same(&r));
+        assert_eq!(
+            (e.meta(), e.key(), e.value(), e.value_len()),
+            (meta, &b"some-key"[..], &[][..], 5000)
+        );
+        assert_eq!(e.resident_bytes(), 8);
+        assert!(e.evicted().same(&e), "evicting an evicted record is free");
+        let back = e.with_value(&value);
+        assert_eq!(back, r);
+        assert!(!back.same(&r));
+
+        let q = QueuedItem::deletion(b"k", meta);
+        assert_eq!(
+            (q.op, q.key(), q.value(), q.seqno()),
+            (QueueOp::Deletion, &b"k"[..], &[][..], meta.by_seqno)
+        );
+    }
 }

@@ -10,7 +10,7 @@
 //! use tapkv_engine::{Engine, WriteOptions, Durability};
 //! let engine = Engine::builder("./data").open()?;
 //! engine.set(b"greeting", "hello", WriteOptions::durable(Durability::Persist))?;
-//! assert_eq!(&engine.get(b"greeting")?.value[..], b"hello");
+//! assert_eq!(engine.get(b"greeting")?.value(), b"hello");
 //! engine.close()?;
 //! # Ok::<(), tapkv_engine::Error>(())
 //! ```

@@ -22,14 +22,12 @@
 //! - An open window is recorded on disk (synced) at START and cleared at its
 //!   end; one still recorded at open time was lost to a crash or close.
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use hashbrown::HashTable;
 
 use crate::error::{Error, Result};
-use crate::hash_table::{KeyRef, StoredValue};
-use crate::item::{ItemMeta, PartitionId, QueueOp, QueuedItem};
+use crate::item::{ItemMeta, PartitionId, QueueOp, QueuedItem, Record};
 use crate::partition::{Partition, PartitionWriter};
 use crate::store::{Store, WindowRecord};
 use crate::sync::Ordering;
@@ -37,17 +35,25 @@ use crate::sync::Ordering;
 /// Keys a REVERT looks up together before applying them.
 const REVERT_GROUP: usize = 16;
 
-/// What a window remembers of a key it touches first: the key as the hash
-/// table holds it, and its pre-window state (`None`: absent).
-pub(crate) type Undo = (KeyRef, Option<StoredValue>);
+/// What a window remembers of a key it touches first: its pre-window record
+/// (`None`: absent).
+pub(crate) type Undo = Option<Record>;
+
+/// An undo-map entry: the key's hash-table hash, a record holding the key
+/// (the pre-window one, or the window's first), and the pre-window state.
+struct UndoEntry {
+    hash: u64,
+    key: Record,
+    before: Option<Record>,
+}
 
 /// An open online-update window.
 pub(crate) struct Window {
     pub(crate) checkpoint_id: u64,
     pub(crate) start_seqno: u64,
-    /// Pre-window state of every key mutated in the window (`None`: absent),
-    /// keyed by the hash table's own key buffer, with the key's hash.
-    undo: HashMap<Bytes, (u64, Option<StoredValue>), foldhash::fast::RandomState>,
+    /// Pre-window state of every key mutated in the window, found by the
+    /// key's hash-table hash (no key is hashed twice).
+    undo: HashTable<UndoEntry>,
     /// Bytes queued in the window so far.
     pub(crate) bytes: usize,
     limit: usize,
@@ -69,17 +75,21 @@ impl Window {
         Ok(())
     }
 
-    /// Whether the window has not touched `key` yet.
-    pub(crate) fn first_touch(&self, key: &[u8]) -> bool {
-        !self.undo.contains_key(key)
+    /// Whether the window has not touched `key` (hash-table hash `hash`) yet.
+    pub(crate) fn first_touch(&self, hash: u64, key: &[u8]) -> bool {
+        self.undo
+            .find(hash, |e| e.hash == hash && e.key.key() == key)
+            .is_none()
     }
 
     /// Records a key's pre-window state (`Some` on its first touch, see
-    /// [`Partition::touch`]) and charges the window `size` bytes (the queued
-    /// entry).
-    pub(crate) fn remember(&mut self, undo: Option<Undo>, size: usize) {
-        if let Some((key, before)) = undo {
-            self.undo.entry(key.key).or_insert((key.hash, before));
+    /// [`Partition::touch`]; `new` is the record the write made) and charges
+    /// the window `size` bytes (the queued entry).
+    pub(crate) fn remember(&mut self, hash: u64, undo: Option<Undo>, new: &Record, size: usize) {
+        if let Some(before) = undo {
+            let key = before.clone().unwrap_or_else(|| new.clone());
+            self.undo
+                .insert_unique(hash, UndoEntry { hash, key, before }, |e| e.hash);
         }
         self.bytes += size;
     }
@@ -117,16 +127,14 @@ pub struct RevertReport {
 }
 
 fn marker(op: QueueOp, seqno: u64, cas: u64) -> QueuedItem {
-    QueuedItem {
+    QueuedItem::marker(
         op,
-        key: Bytes::new(),
-        value: Bytes::new(),
-        meta: ItemMeta {
+        ItemMeta {
             by_seqno: seqno,
             cas,
             ..ItemMeta::default()
         },
-    }
+    )
 }
 
 /// Where a marker's seqno and CAS come from: this node (a primary) or the
@@ -227,7 +235,7 @@ impl Partition {
         w.window = Some(Window {
             checkpoint_id,
             start_seqno,
-            undo: HashMap::default(),
+            undo: HashTable::new(),
             bytes: 0,
             limit,
             started: Instant::now(),
@@ -290,34 +298,34 @@ impl Partition {
         let (mut removed, mut restored) = (0, 0);
         {
             let mut shards = self.table.lock_all();
-            // The undo map holds the table's own key buffers and hashes: no
-            // key is hashed or compared byte by byte again. Keys go in
-            // groups: every key of a group is first looked up without
-            // changes, so their cache misses overlap instead of queueing one
-            // behind the other, then the group is applied. This keeps the
-            // per-key cost from growing with the partition's size.
-            let mut group: Vec<(Bytes, (u64, Option<StoredValue>))> =
-                Vec::with_capacity(REVERT_GROUP);
+            // The undo map holds each key's hash: no key is hashed again.
+            // Keys go in groups: every key of a group is first looked up
+            // without changes, so their cache misses overlap instead of
+            // queueing one behind the other, then the group is applied. This
+            // keeps the per-key cost from growing with the partition's size.
+            let mut group: Vec<UndoEntry> = Vec::with_capacity(REVERT_GROUP);
             let mut undo = win.undo.into_iter().peekable();
             while undo.peek().is_some() {
                 group.extend(undo.by_ref().take(REVERT_GROUP));
-                for (key, (hash, _)) in &group {
-                    shards.touch(*hash, key);
+                for e in &group {
+                    shards.touch(e.hash, e.key.key());
                 }
-                for (key, (hash, before)) in group.drain(..) {
-                    match before {
+                for e in group.drain(..) {
+                    match e.before {
                         None => {
                             // Created then deleted inside the window: nothing
                             // to remove, and not counted.
-                            if shards.remove_hashed(hash, &key).is_some() {
+                            if shards.remove_hashed(e.hash, e.key.key()).is_some() {
                                 removed += 1;
                             }
                         }
-                        Some(mut v) => {
-                            if v.meta.by_seqno <= clean_upto {
-                                v.value = None;
-                            }
-                            shards.put_ref(&KeyRef { hash, key }, v);
+                        Some(before) => {
+                            let before = if before.by_seqno() <= clean_upto {
+                                before.evicted()
+                            } else {
+                                before
+                            };
+                            shards.put_hashed(e.hash, before);
                             restored += 1;
                         }
                     }

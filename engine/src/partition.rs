@@ -9,13 +9,11 @@
 //! REVERT) live in `online_update.rs`; this module records each key's
 //! pre-window state when a window is open.
 
-use bytes::Bytes;
-
 use crate::checkpoint::{CheckpointConfig, CheckpointManager};
 use crate::error::{Error, Result};
-use crate::hash_table::{HashTable, KeyRef, ShardsGuard, StoredValue};
+use crate::hash_table::{HashTable, ShardsGuard};
 use crate::item::{
-    now_secs, Durability, Item, ItemMeta, MutationResult, PartitionId, QueueOp, QueuedItem,
+    now_secs, Durability, Item, ItemMeta, MutationResult, PartitionId, QueueOp, QueuedItem, Record,
     WriteOptions,
 };
 use crate::online_update::{Undo, Window};
@@ -185,31 +183,28 @@ impl Partition {
         // An evicted entry may change while its value is read from disk (a
         // newer write, or a reset): then look again, a few times.
         for _ in 0..4 {
-            let Some((key, v)) = self.table.get(key) else {
+            let Some(rec) = self.table.get(key) else {
                 return Err(Error::NotFound);
             };
-            if is_expired(&v.meta) {
+            let meta = rec.meta();
+            if is_expired(&meta) {
                 return Err(Error::NotFound);
             }
-            let value = match v.value {
-                Some(value) => value,
-                None => match store.get_item(self.id, &key)? {
-                    Some(r) if !r.deleted && r.meta.by_seqno == v.meta.by_seqno => {
-                        self.progress.bg_fetches.fetch_add(1, Ordering::Relaxed);
-                        self.table
-                            .slot(&key)
-                            .fill(&key, v.meta.by_seqno, r.value.clone());
-                        r.value
-                    }
-                    _ => continue,
-                },
-            };
-            return Ok(Item {
-                partition: self.id,
-                key,
-                value,
-                meta: v.meta,
-            });
+            if !rec.is_evicted() {
+                return Ok(Item::new(self.id, rec));
+            }
+            match store.get_item(self.id, key)? {
+                Some(r) if !r.deleted && r.meta.by_seqno == meta.by_seqno => {
+                    self.progress.bg_fetches.fetch_add(1, Ordering::Relaxed);
+                    let filled = self
+                        .table
+                        .slot(key)
+                        .fill(key, meta.by_seqno, &r.value)
+                        .unwrap_or_else(|| rec.with_value(&r.value));
+                    return Ok(Item::new(self.id, filled));
+                }
+                _ => continue,
+            }
         }
         Err(Error::Corruption(format!(
             "evicted key {:?} of partition {}: the disk does not hold the version the \
@@ -261,13 +256,14 @@ impl Partition {
     }
 
     /// Applies a key mutation: checks, assigns seqno and CAS, updates the hash
-    /// table and queues the change, all under the writer lock.
+    /// table and queues the change, all under the writer lock. The key,
+    /// value and metadata go into one record shared by table and checkpoint.
     pub(crate) fn mutate(
         &self,
         store: &Store,
         kind: MutationKind,
-        key: Bytes,
-        value: Bytes,
+        key: &[u8],
+        value: &[u8],
         opts: &WriteOptions,
         admit: impl FnOnce() -> Result<()>,
     ) -> Result<MutationResult> {
@@ -283,8 +279,8 @@ impl Partition {
         }
         let seqno = w.checkpoints.high_seqno() + 1;
         self.ensure_reserved(&mut w, store, seqno)?;
-        let mut slot = self.table.slot(&key);
-        let (current, undo) = self.touch(w.window.as_ref(), &mut slot, &key);
+        let mut slot = self.table.slot(key);
+        let (hash, current, undo) = self.touch(w.window.as_ref(), &mut slot, key);
         let current = current.filter(|m| !is_expired(m));
         match (kind, current) {
             (MutationKind::Add, Some(_)) => return Err(Error::Exists),
@@ -304,12 +300,12 @@ impl Partition {
             }
         }
         admit()?;
-        let incoming = key.len() + value.len() + crate::item::QUEUED_ITEM_OVERHEAD;
-        if let Some(win) = w.window.as_mut() {
-            win.admit(self.id, incoming)?;
-            win.remember(undo, incoming);
-        }
         let deleting = kind == MutationKind::Delete;
+        let value = if deleting { &[][..] } else { value };
+        let incoming = key.len() + value.len() + crate::item::QUEUED_ITEM_OVERHEAD;
+        if let Some(win) = &w.window {
+            win.admit(self.id, incoming)?;
+        }
         let meta = ItemMeta {
             by_seqno: seqno,
             cas: w.cas.next(),
@@ -317,33 +313,19 @@ impl Partition {
             flags: if deleting { 0 } else { opts.flags },
             expiry: if deleting { 0 } else { opts.expiry },
         };
+        let rec = Record::new(&meta, key, value);
         let op = if deleting {
+            slot.remove_hashed(hash, key);
             QueueOp::Deletion
         } else {
+            slot.put_hashed(hash, rec.clone());
             QueueOp::Mutation
         };
-        if deleting {
-            slot.remove(&key);
-        } else {
-            slot.put(
-                &key,
-                StoredValue {
-                    value: Some(value.clone()),
-                    meta,
-                },
-            );
-        }
         drop(slot);
-        w.checkpoints.queue(QueuedItem {
-            op,
-            key,
-            value: if op == QueueOp::Deletion {
-                Bytes::new()
-            } else {
-                value
-            },
-            meta,
-        });
+        if let Some(win) = w.window.as_mut() {
+            win.remember(hash, undo, &rec, incoming);
+        }
+        w.checkpoints.queue(QueuedItem::from_record(op, rec));
         Ok(MutationResult {
             partition: self.id,
             seqno,
@@ -351,28 +333,22 @@ impl Partition {
         })
     }
 
-    /// Looks `key` up in its locked slot before a write: the current
-    /// metadata (expired or not), and, when `window` is open and has not
-    /// touched `key` yet, what the window must remember of it.
+    /// Looks `key` up in its locked slot before a write: its hash, the
+    /// current metadata (expired or not), and, when `window` is open and has
+    /// not touched `key` yet, the key's pre-window state for the undo map.
     pub(crate) fn touch(
         &self,
         window: Option<&Window>,
         slot: &mut ShardsGuard<'_>,
-        key: &Bytes,
-    ) -> (Option<ItemMeta>, Option<Undo>) {
+        key: &[u8],
+    ) -> (u64, Option<ItemMeta>, Option<Undo>) {
         let (hash, cur) = slot.current_entry(key);
-        let meta = cur.map(|(_, v)| v.meta);
-        let undo = window.filter(|win| win.first_touch(key)).map(|_| {
+        let meta = cur.map(Record::meta);
+        let undo = window.filter(|win| win.first_touch(hash, key)).map(|_| {
             let clean_upto = self.progress.persisted_seqno.load(Ordering::Acquire);
-            // The table's own key buffer when present (REVERT then matches
-            // by pointer), else the one the write is about to insert.
-            let key_ref = KeyRef {
-                hash,
-                key: cur.map_or_else(|| key.clone(), |(k, _)| k.clone()),
-            };
-            (key_ref, pre_image(cur.map(|(_, v)| v), clean_upto))
+            pre_image(cur, clean_upto)
         });
-        (meta, undo)
+        (hash, meta, undo)
     }
 
     /// Closes the open checkpoint on demand; returns the new open id.
@@ -385,17 +361,15 @@ impl Partition {
 }
 
 /// What a window records of a key it touches first: nothing if absent; if its
-/// version is already on disk, only the metadata (the value is read back from
-/// disk after a revert, so holding it would only cost memory); else all of it.
-pub(crate) fn pre_image(cur: Option<&StoredValue>, clean_upto: u64) -> Option<StoredValue> {
-    cur.map(|v| {
-        if v.meta.by_seqno <= clean_upto {
-            StoredValue {
-                value: None,
-                meta: v.meta,
-            }
+/// version is already on disk, only key and metadata (the value is read back
+/// from disk after a revert, so holding it would only cost memory); else the
+/// record itself.
+pub(crate) fn pre_image(cur: Option<&Record>, clean_upto: u64) -> Option<Record> {
+    cur.map(|r| {
+        if r.by_seqno() <= clean_upto {
+            r.evicted()
         } else {
-            v.clone()
+            r.clone()
         }
     })
 }

@@ -10,7 +10,6 @@
 use crate::checkpoint::{CheckpointManager, Registration};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
-use crate::hash_table::StoredValue;
 use crate::item::{PartitionId, QueueOp, QueuedItem};
 use crate::online_update::MarkerSource;
 use crate::partition::{Partition, PERSISTENCE_CURSOR};
@@ -62,45 +61,41 @@ impl Partition {
         store: &crate::store::Store,
         item: &QueuedItem,
     ) -> Result<ApplyOutcome> {
+        let meta = item.meta();
         let given = MarkerSource::Given {
-            seqno: item.meta.by_seqno,
-            cas: item.meta.cas,
+            seqno: meta.by_seqno,
+            cas: meta.cas,
         };
-        if item.meta.by_seqno >= u64::MAX / 2 {
+        if meta.by_seqno >= u64::MAX / 2 {
             return Err(Error::InvalidArgument(format!(
                 "seqno {} from the stream is out of range",
-                item.meta.by_seqno
+                meta.by_seqno
             )));
         }
         // Anything at or below the high seqno — entry or marker — is held
         // already (a stream restarted from an older acknowledged seqno).
-        if item.meta.by_seqno <= self.lock().checkpoints.high_seqno() {
+        if meta.by_seqno <= self.lock().checkpoints.high_seqno() {
             return Ok(ApplyOutcome::Duplicate);
         }
         match item.op {
             QueueOp::Mutation | QueueOp::Deletion => {
                 let mut w = self.lock();
-                if item.meta.by_seqno <= w.checkpoints.high_seqno() {
+                if meta.by_seqno <= w.checkpoints.high_seqno() {
                     return Ok(ApplyOutcome::Duplicate);
                 }
-                let mut slot = self.table.slot(&item.key);
-                let (_, undo) = self.touch(w.window.as_ref(), &mut slot, &item.key);
-                if let Some(win) = w.window.as_mut() {
-                    win.remember(undo, item.mem_size());
-                }
+                let key = item.key();
+                let mut slot = self.table.slot(key);
+                let (hash, _, undo) = self.touch(w.window.as_ref(), &mut slot, key);
                 if item.op == QueueOp::Deletion {
-                    slot.remove(&item.key);
+                    slot.remove_hashed(hash, key);
                 } else {
-                    slot.put(
-                        &item.key,
-                        StoredValue {
-                            value: Some(item.value.clone()),
-                            meta: item.meta,
-                        },
-                    );
+                    slot.put_hashed(hash, item.record().clone());
                 }
                 drop(slot);
-                w.cas.observe(item.meta.cas);
+                if let Some(win) = w.window.as_mut() {
+                    win.remember(hash, undo, item.record(), item.mem_size());
+                }
+                w.cas.observe(meta.cas);
                 w.checkpoints.queue(item.clone());
                 Ok(ApplyOutcome::Applied)
             }
@@ -224,15 +219,10 @@ impl Engine {
             let seqno = rec.meta.by_seqno;
             if seqno > after && seqno <= upto {
                 n += 1;
-                f(QueuedItem {
-                    op: if rec.deleted {
-                        QueueOp::Deletion
-                    } else {
-                        QueueOp::Mutation
-                    },
-                    key,
-                    value: rec.value,
-                    meta: rec.meta,
+                f(if rec.deleted {
+                    QueuedItem::deletion(key, rec.meta)
+                } else {
+                    QueuedItem::mutation(key, rec.value, rec.meta)
                 })?;
             }
             Ok(())

@@ -161,6 +161,32 @@ fn be_u64(b: &[u8]) -> u64 {
 /// Decodes an item record; `what` names it in a corruption error. The value
 /// shares `raw`'s buffer (no copy).
 pub(crate) fn decode_record(raw: Bytes, what: &dyn Fn() -> String) -> Result<DiskRecord> {
+    let (deleted, meta, header) = parse_record(&raw, what)?;
+    Ok(DiskRecord {
+        deleted,
+        meta,
+        value: raw.slice(header..),
+    })
+}
+
+/// A record on disk, borrowed from the iterator that read it.
+pub(crate) struct RecordRef<'a> {
+    pub(crate) meta: ItemMeta,
+    pub(crate) deleted: bool,
+    pub(crate) value: &'a [u8],
+}
+
+fn decode_record_ref<'a>(raw: &'a [u8], what: &dyn Fn() -> String) -> Result<RecordRef<'a>> {
+    let (deleted, meta, header) = parse_record(raw, what)?;
+    Ok(RecordRef {
+        meta,
+        deleted,
+        value: &raw[header..],
+    })
+}
+
+/// Parses a record's header: (tombstone, metadata, header length).
+fn parse_record(raw: &[u8], what: &dyn Fn() -> String) -> Result<(bool, ItemMeta, usize)> {
     let parse = |b: &[u8]| -> Option<(bool, ItemMeta, usize)> {
         if b.len() < 2 || b[0] != RECORD_VERSION || b[1] > 1 {
             return None;
@@ -181,18 +207,13 @@ pub(crate) fn decode_record(raw: Bytes, what: &dyn Fn() -> String) -> Result<Dis
         };
         Some((b[1] == 1, meta, pos))
     };
-    let Some((deleted, meta, header)) = parse(&raw) else {
-        return Err(Error::Corruption(format!(
+    parse(raw).ok_or_else(|| {
+        Error::Corruption(format!(
             "item record of {} is malformed ({} bytes, version {})",
             what(),
             raw.len(),
             raw.first().copied().unwrap_or(0)
-        )));
-    };
-    Ok(DiskRecord {
-        deleted,
-        meta,
-        value: raw.slice(header..),
+        ))
     })
 }
 
@@ -394,11 +415,12 @@ impl Store {
         Ok(())
     }
 
-    /// Calls `f` for every item record of partition `p`, in key order.
+    /// Calls `f` for every item record of partition `p`, in key order, with
+    /// key and record borrowed from the iterator.
     pub(crate) fn for_each_item_of(
         &self,
         p: PartitionId,
-        mut f: impl FnMut(Bytes, DiskRecord) -> Result<()>,
+        mut f: impl FnMut(&[u8], RecordRef<'_>) -> Result<()>,
     ) -> Result<()> {
         let mut it = self.db.raw_iterator_cf(self.cf(CF_ITEMS)?);
         it.seek(p.to_be_bytes());
@@ -410,14 +432,8 @@ impl Store {
             if kp != p {
                 break;
             }
-            // One allocation holds key and record; both share it.
-            let mut buf = Vec::with_capacity(key.len() + v.len());
-            buf.extend_from_slice(key);
-            buf.extend_from_slice(v);
-            let buf = Bytes::from(buf);
-            let key = buf.slice(..key.len());
-            let rec = decode_record(buf.slice(key.len()..), &|| {
-                format!("key {:?} in partition {p}", String::from_utf8_lossy(&key))
+            let rec = decode_record_ref(v, &|| {
+                format!("key {:?} in partition {p}", String::from_utf8_lossy(key))
             })?;
             f(key, rec)?;
             it.next();
@@ -516,8 +532,8 @@ impl Store {
         let cf = self.cf(CF_ITEMS)?;
         batch.key_buf.clear();
         batch.key_buf.extend_from_slice(&p.to_be_bytes());
-        batch.key_buf.extend_from_slice(&item.key);
-        encode_record_into(&mut batch.value_buf, &item.meta, deleted, &item.value);
+        batch.key_buf.extend_from_slice(item.key());
+        encode_record_into(&mut batch.value_buf, &item.meta(), deleted, item.value());
         batch.batch.put_cf(cf, &batch.key_buf, &batch.value_buf);
         batch.items += 1;
         Ok(())

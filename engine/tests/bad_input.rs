@@ -63,14 +63,14 @@ fn each_bad_request_is_a_typed_error_and_the_engine_keeps_serving() {
         Err(Error::InvalidArgument(_))
     ));
     // None of that changed anything, and the engine still serves.
-    assert_eq!(&e.get(b"k").unwrap().value[..], b"v1");
+    assert_eq!(&e.get(b"k").unwrap().value(), b"v1");
     let r2 = e.set(b"k", "v4", ok.with_cas(r.cas)).unwrap();
     assert!(r2.cas > r.cas && r2.seqno > r.seqno);
     e.replace(b"k", "v5", ok).unwrap();
     e.add(b"fresh", "v", ok).unwrap();
     e.delete(b"fresh", ok.with_cas(e.get(b"fresh").unwrap().meta.cas))
         .unwrap();
-    assert_eq!(&e.get(b"k").unwrap().value[..], b"v5");
+    assert_eq!(&e.get(b"k").unwrap().value(), b"v5");
     assert!(matches!(e.get(b"fresh"), Err(Error::NotFound)));
 }
 
@@ -114,5 +114,5 @@ fn expired_items_read_as_absent() {
     .unwrap();
     assert!(matches!(e.get(b"old"), Err(Error::NotFound)));
     e.add(b"old", "new", WriteOptions::default()).unwrap();
-    assert_eq!(&e.get(b"old").unwrap().value[..], b"new");
+    assert_eq!(&e.get(b"old").unwrap().value(), b"new");
 }

@@ -7,10 +7,9 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use bytes::Bytes;
 use proptest::prelude::*;
 use tapkv_engine::{
-    CheckpointConfig, CheckpointManager, CursorEvent, ItemMeta, QueueOp, QueuedItem, Registration,
+    CheckpointConfig, CheckpointManager, CursorEvent, ItemMeta, QueuedItem, Registration,
 };
 
 fn mgr(max_items: usize) -> (CheckpointManager, Arc<AtomicUsize>) {
@@ -28,25 +27,26 @@ fn mgr(max_items: usize) -> (CheckpointManager, Arc<AtomicUsize>) {
 }
 
 fn item(key: &str, seqno: u64) -> QueuedItem {
-    QueuedItem {
-        op: QueueOp::Mutation,
-        key: Bytes::copy_from_slice(key.as_bytes()),
-        value: Bytes::from(format!("v{seqno}")),
-        meta: ItemMeta {
+    QueuedItem::mutation(
+        key.as_bytes(),
+        format!("v{seqno}").as_bytes(),
+        ItemMeta {
             by_seqno: seqno,
             cas: seqno,
             rev_seqno: 1,
             flags: 0,
             expiry: 0,
         },
-    }
+    )
 }
 
 fn items_of(events: &[CursorEvent]) -> Vec<(String, u64)> {
     events
         .iter()
         .filter_map(|e| match e {
-            CursorEvent::Item(i) => Some((String::from_utf8_lossy(&i.key).into_owned(), i.seqno())),
+            CursorEvent::Item(i) => {
+                Some((String::from_utf8_lossy(i.key()).into_owned(), i.seqno()))
+            }
             _ => None,
         })
         .collect()

@@ -73,7 +73,7 @@ fn repeated_flush_failures_poison_the_engine_but_keep_persisted_data() {
     let e = builder(dir.path()).open().unwrap();
     assert!(e.stats().unwrap().recovered_from_crash);
     for i in 0..100 {
-        assert_eq!(&e.get(&key(i)).unwrap().value[..], &value(i)[..], "key {i}");
+        assert_eq!(e.get(&key(i)).unwrap().value(), &value(i)[..], "key {i}");
     }
     // Seqnos never go back, even past a poisoned shutdown.
     let r = e.set(&key(0), "after", WriteOptions::default()).unwrap();
@@ -212,12 +212,12 @@ fn a_round_persists_only_consistent_points_despite_deduplication() {
     let persisted = e.stats().unwrap().partitions[0].persisted_seqno;
     e.crash();
     let e = open();
-    let got = e.get(b"k").map(|i| i.value.to_vec());
+    let got = e.get(b"k").map(|i| i.value().to_vec());
     assert_eq!(
         got.as_deref().ok(),
         Some(&b"v2"[..]),
         "persisted seqno {persisted}, but k reads {got:?}"
     );
-    assert_eq!(&e.get(b"a").unwrap().value[..], b"a");
-    assert_eq!(&e.get(b"b").unwrap().value[..], b"b");
+    assert_eq!(&e.get(b"a").unwrap().value(), b"a");
+    assert_eq!(&e.get(b"b").unwrap().value(), b"b");
 }

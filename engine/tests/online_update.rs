@@ -40,8 +40,8 @@ fn ops(events: &[CursorEvent]) -> Vec<String> {
         .iter()
         .filter_map(|e| match e {
             CursorEvent::Item(i) => Some(match i.op {
-                QueueOp::Mutation => format!("set {}", String::from_utf8_lossy(&i.key)),
-                QueueOp::Deletion => format!("del {}", String::from_utf8_lossy(&i.key)),
+                QueueOp::Mutation => format!("set {}", String::from_utf8_lossy(i.key())),
+                QueueOp::Deletion => format!("del {}", String::from_utf8_lossy(i.key())),
                 QueueOp::OnlineUpdateStart { checkpoint_id } => format!("START {checkpoint_id}"),
                 QueueOp::OnlineUpdateEnd { checkpoint_id } => format!("END {checkpoint_id}"),
                 QueueOp::OnlineUpdateRevert { checkpoint_id } => format!("REVERT {checkpoint_id}"),
@@ -105,9 +105,9 @@ fn revert_restores_every_key_and_leaves_no_ghost() {
     e.close().unwrap();
     let e = builder(dir.path()).open().unwrap();
     for (key, old) in [a, b, c, h].iter().zip(&before) {
-        assert_eq!(e.get(key).unwrap().value, old.value);
+        assert_eq!(e.get(key).unwrap().value(), old.value());
     }
-    assert_eq!(&e.get(d).unwrap().value[..], b"after");
+    assert_eq!(&e.get(d).unwrap().value(), b"after");
     assert!(matches!(e.get(g), Err(Error::NotFound)));
 }
 
@@ -145,7 +145,7 @@ fn no_ghost_key_after_create_then_delete_inside_a_window() {
         ));
     }
     e.add(&k[1], b"added".to_vec(), MEM).unwrap();
-    assert_eq!(&e.get(&k[1]).unwrap().value[..], b"added");
+    assert_eq!(&e.get(&k[1]).unwrap().value(), b"added");
 }
 
 /// Review fault: keys deleted inside a window stayed deleted after REVERT.
@@ -176,7 +176,7 @@ fn keys_deleted_inside_a_window_come_back_after_revert() {
     e.close().unwrap();
     let e = builder(dir.path()).open().unwrap();
     for (key, old) in k.iter().zip(&before) {
-        assert_eq!(e.get(key).unwrap().value, old.value);
+        assert_eq!(e.get(key).unwrap().value(), old.value());
     }
 }
 
@@ -338,7 +338,7 @@ fn operations_blocked_by_a_revert_all_resume() {
         // write fell inside the reverted window.
         for k in mine.iter().step_by(2) {
             match e.get(k) {
-                Ok(item) => assert_eq!(item.value, format!("{t}").into_bytes()),
+                Ok(item) => assert_eq!(item.value(), format!("{t}").into_bytes()),
                 Err(Error::NotFound) => {}
                 Err(other) => panic!("{other:?}"),
             }
@@ -539,7 +539,7 @@ fn crash_or_close_inside_a_window(crash: bool) {
     );
     assert!(st.partitions[0].open_checkpoint_id > w);
     for key in &k[..5] {
-        assert_eq!(e.get(key).unwrap().value, value(1));
+        assert_eq!(e.get(key).unwrap().value(), value(1));
     }
     for key in &k[5..] {
         assert!(matches!(e.get(key), Err(Error::NotFound)));
@@ -577,7 +577,7 @@ fn evicted_values_are_read_back_and_dirty_ones_are_never_evicted() {
     e.evict(b"clean").unwrap();
     let p = usize::from(e.partition_of(b"clean"));
     assert_eq!(e.stats().unwrap().partitions[p].evicted_items, 1);
-    assert_eq!(&e.get(b"clean").unwrap().value[..], b"on disk");
+    assert_eq!(&e.get(b"clean").unwrap().value(), b"on disk");
     let st = e.stats().unwrap();
     assert_eq!(st.partitions[p].evicted_items, 0);
     assert_eq!(st.partitions[p].bg_fetches, 1);
@@ -588,7 +588,7 @@ fn evicted_values_are_read_back_and_dirty_ones_are_never_evicted() {
     e.flush().unwrap();
     assert!(matches!(e.evict(b"clean"), Err(Error::WrongState(_))));
     e.online_update_revert(wp).unwrap();
-    assert_eq!(&e.get(b"clean").unwrap().value[..], b"on disk");
+    assert_eq!(&e.get(b"clean").unwrap().value(), b"on disk");
     assert!(matches!(e.evict(b"absent"), Err(Error::NotFound)));
 }
 
@@ -623,7 +623,7 @@ fn the_pager_keeps_memory_under_the_quota() {
     assert!(used <= 200 * 1024, "resident bytes {used} above the quota");
     for i in 0..4000 {
         assert_eq!(
-            e.get(format!("key-{i}").as_bytes()).unwrap().value.len(),
+            e.get(format!("key-{i}").as_bytes()).unwrap().value().len(),
             200
         );
     }

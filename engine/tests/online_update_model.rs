@@ -179,7 +179,7 @@ proptest! {
             let eng = e.as_ref().unwrap();
             for k in 0..KEYS {
                 match (eng.get(&key(k)), m.values.get(&k)) {
-                    (Ok(item), Some(v)) => prop_assert_eq!(&item.value[..], &v[..], "key {}", k),
+                    (Ok(item), Some(v)) => prop_assert_eq!(item.value(), &v[..], "key {}", k),
                     (Err(Error::NotFound), None) => {}
                     (got, want) => prop_assert!(false, "key {k}: engine {got:?}, model {want:?}"),
                 }

@@ -7,7 +7,6 @@
 
 mod common;
 
-use bytes::Bytes;
 use common::builder;
 use tapkv_engine::{
     ApplyOutcome, Durability, Engine, Error, ItemMeta, QueueOp, QueuedItem, StreamStart,
@@ -15,22 +14,23 @@ use tapkv_engine::{
 };
 
 fn entry(op: QueueOp, key: &str, seqno: u64) -> QueuedItem {
-    QueuedItem {
+    let value = if op == QueueOp::Mutation {
+        format!("v{seqno}")
+    } else {
+        String::new()
+    };
+    QueuedItem::new(
         op,
-        key: Bytes::copy_from_slice(key.as_bytes()),
-        value: if op == QueueOp::Mutation {
-            Bytes::from(format!("v{seqno}"))
-        } else {
-            Bytes::new()
-        },
-        meta: ItemMeta {
+        key.as_bytes(),
+        value.as_bytes(),
+        ItemMeta {
             by_seqno: seqno,
             cas: 1000 + seqno,
             rev_seqno: 1,
             flags: 0,
             expiry: 0,
         },
-    }
+    )
 }
 
 fn key_in(e: &Engine, p: u16, i: usize) -> String {
@@ -136,11 +136,14 @@ fn streams_backfill_when_memory_no_longer_holds_the_history() {
                 })
                 .unwrap();
             assert_eq!(n as usize, items.len());
-            assert!(items.windows(2).all(|w| w[0].key < w[1].key), "key order");
+            assert!(
+                items.windows(2).all(|w| w[0].key() < w[1].key()),
+                "key order"
+            );
             items.sort_unstable_by_key(|i| i.seqno());
             assert!(items
                 .iter()
-                .any(|i| i.op == QueueOp::Deletion && &i.key[..] == b"k0"));
+                .any(|i| i.op == QueueOp::Deletion && &i.key() == b"k0"));
             assert_eq!(items.last().unwrap().seqno(), snapshot_end);
         }
         other => panic!("expected a backfill, got {other:?}"),

@@ -91,7 +91,7 @@ fn dropping_the_engine_is_a_clean_shutdown() {
     let e = builder(dir.path()).open().unwrap();
     assert!(!e.stats().unwrap().recovered_from_crash);
     for i in 0..500 {
-        assert_eq!(&e.get(&key(i)).unwrap().value[..], &value(i)[..]);
+        assert_eq!(e.get(&key(i)).unwrap().value(), &value(i)[..]);
     }
 }
 

@@ -240,7 +240,7 @@ impl StreamMessage {
                 Frame::request(opcode::SNAPSHOT, *partition).with_extras(e.freeze())
             }
             StreamMessage::Item { partition, item } => {
-                let m = &item.meta;
+                let m = &item.meta();
                 let (op, extras) = match item.op {
                     QueueOp::Mutation | QueueOp::Deletion => {
                         let mut e = BytesMut::with_capacity(24);
@@ -271,8 +271,8 @@ impl StreamMessage {
                 };
                 Frame::request(op, *partition)
                     .with_extras(extras)
-                    .with_key(item.key.clone())
-                    .with_value(item.value.clone())
+                    .with_key(Bytes::copy_from_slice(item.key()))
+                    .with_value(item.value_bytes())
                     .with_cas(m.cas)
             }
             StreamMessage::CheckpointStart { partition, id } => {
@@ -328,14 +328,12 @@ impl StreamMessage {
                 };
                 StreamMessage::Item {
                     partition,
-                    item: QueuedItem {
-                        op,
-                        // The key gets its own buffer: a replica's hash table
-                        // keeps a key for as long as the key exists, and must
-                        // not keep this frame (and its value) alive with it.
-                        key: Bytes::copy_from_slice(&f.key),
-                        value: f.value.clone(),
-                        meta,
+                    // Key, value and metadata are copied into one record: a
+                    // replica's hash table keeps it, never this frame.
+                    item: if op == QueueOp::Mutation {
+                        QueuedItem::mutation(&f.key, &f.value, meta)
+                    } else {
+                        QueuedItem::deletion(&f.key, meta)
                     },
                 }
             }
@@ -350,16 +348,14 @@ impl StreamMessage {
                 };
                 StreamMessage::Item {
                     partition,
-                    item: QueuedItem {
+                    item: QueuedItem::marker(
                         op,
-                        key: Bytes::new(),
-                        value: Bytes::new(),
-                        meta: ItemMeta {
+                        ItemMeta {
                             by_seqno,
                             cas: f.cas,
                             ..ItemMeta::default()
                         },
-                    },
+                    ),
                 }
             }
             opcode::CHECKPOINT_START => StreamMessage::CheckpointStart {

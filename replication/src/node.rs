@@ -513,7 +513,7 @@ fn handle_request_inner(state: &NodeState, f: &Frame) -> Result<Frame, Frame> {
             let item = e.get(&f.key).map_err(fail)?;
             Ok(Frame::response(f, status::SUCCESS)
                 .with_extras(item.meta.flags.to_be_bytes().to_vec())
-                .with_value(item.value)
+                .with_value(item.value_bytes())
                 .with_cas(item.meta.cas))
         }
         opcode::SET | opcode::ADD | opcode::REPLACE => {

@@ -83,7 +83,7 @@ proptest! {
             3 => (QueueOp::OnlineUpdateEnd { checkpoint_id: id }, vec![], vec![], ItemMeta { by_seqno: seqno, cas, ..ItemMeta::default() }),
             _ => (QueueOp::OnlineUpdateRevert { checkpoint_id: id }, vec![], vec![], ItemMeta { by_seqno: seqno, cas, ..ItemMeta::default() }),
         };
-        let m = StreamMessage::Item { partition: p, item: QueuedItem { op, key: key.into(), value: value.into(), meta } };
+        let m = StreamMessage::Item { partition: p, item: QueuedItem::new(op, &key, &value, meta) };
         let back = StreamMessage::from_frame(&m.to_frame()).unwrap();
         prop_assert_eq!(back, m);
     }

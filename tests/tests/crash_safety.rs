@@ -81,7 +81,7 @@ fn persist_writes_survive_sigkill_and_seqnos_never_go_back() {
             let item = engine
                 .get(key.as_bytes())
                 .unwrap_or_else(|e| panic!("round {round}: acknowledged {key} lost: {e}"));
-            assert_eq!(&item.value[..], &load_value(i, VALUE_SIZE)[..], "{key}");
+            assert_eq!(item.value(), &load_value(i, VALUE_SIZE)[..], "{key}");
             assert_eq!(item.meta.by_seqno, seqno, "{key}");
             assert_eq!(item.partition, p);
             let h = highest.entry(p).or_default();

@@ -97,7 +97,7 @@ pub(crate) fn run(args: DemoArgs) -> Result<ExitCode, Error> {
                 "   item     seqno {:>3}  {:?} = {}",
                 it.seqno(),
                 it.op,
-                String::from_utf8_lossy(&it.key)
+                String::from_utf8_lossy(it.key())
             ),
             other => println!("   {other:?}"),
         }
@@ -197,7 +197,7 @@ pub(crate) fn run(args: DemoArgs) -> Result<ExitCode, Error> {
     );
     println!(
         "   user:00000 = {}",
-        String::from_utf8_lossy(&engine.get(b"user:00000")?.value)
+        String::from_utf8_lossy(engine.get(b"user:00000")?.value())
     );
     let r = engine.set(b"user:00000", "v4", WriteOptions::default())?;
     println!(

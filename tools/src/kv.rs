@@ -57,7 +57,7 @@ pub(crate) fn run(args: KvArgs) -> Result<ExitCode, Error> {
             match engine.get(key.as_bytes()) {
                 Ok(item) => {
                     let mut out = std::io::stdout().lock();
-                    out.write_all(&item.value)?;
+                    out.write_all(item.value())?;
                     out.write_all(b"\n")?;
                     Ok(ExitCode::SUCCESS)
                 }

@@ -120,7 +120,7 @@ impl Shell {
             return usage("usage: get KEY");
         }
         match self.engine().and_then(|e| e.get(key.as_bytes())) {
-            Ok(item) => format!("VALUE {}", String::from_utf8_lossy(&item.value)),
+            Ok(item) => format!("VALUE {}", String::from_utf8_lossy(item.value())),
             Err(e) => err(&e),
         }
     }
