@@ -355,6 +355,8 @@ fn main() {
         "replication" => replication::bench(),
         // Only the backfill comparison, for profilers.
         "backfill" => replication::backfill_only(),
+        // The replica throughput and catch-up runs alone.
+        "replica" => replication::replica_only(),
         // Only tapkv's Memory-durability set loop, for profilers.
         "set" => set_only(ops),
         "all" => {
@@ -363,7 +365,7 @@ fn main() {
             replication::bench();
         }
         "--help" | "-h" | "help" => {
-            println!("usage: tapkv-benches [engine|revert|replication|all] [--ops N]   (default all; --ops sizes the engine bench, default 1000000)");
+            println!("usage: tapkv-benches [engine|revert|replication|all|set|backfill|replica] [--ops N]   (default all; --ops sizes the engine bench and set, default 1000000)");
         }
         other => {
             eprintln!("unknown benchmark {other:?}; try `help`");

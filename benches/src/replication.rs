@@ -309,6 +309,17 @@ pub(crate) fn backfill_only() {
     );
 }
 
+/// The concurrent throughput run and the catch-up run alone (for profilers).
+pub(crate) fn replica_only() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let tp = throughput(tmp.path());
+    let cu = catch_up(tmp.path());
+    println!(
+        "single node {:.0}/s, primary {:.0}/s, replica {:?}/s, catch-up {:?}/s",
+        tp.single, tp.primary, tp.replica, cu
+    );
+}
+
 fn backfill(dir: &Path) -> (f64, f64, u64) {
     let path = dir.join("backfill");
     let engine = open_engine(&path, false);

@@ -21,7 +21,7 @@
 
 use std::io::{Read, Write};
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 
 /// Size of the fixed header.
 pub const HEADER_LEN: usize = 24;
@@ -269,13 +269,11 @@ pub fn decode(buf: &mut BytesMut, max_body: usize) -> Result<Option<Frame>, Prot
     if buf.len() < HEADER_LEN + header.body_len {
         return Ok(None);
     }
-    // The body gets an allocation of its own: a value kept by the engine (a
-    // replica's hash table) must not pin the connection's whole read buffer,
-    // nor share one reference count with every other frame of it. (Keys are
-    // copied out again when a stream entry is decoded.)
+    // The body shares the read buffer (no copy): the engine copies key and
+    // value into a record of its own when it stores them, so a frame lives
+    // only until it is handled and never pins the buffer for longer.
     let total = HEADER_LEN + header.body_len;
-    let body = Bytes::copy_from_slice(&buf[HEADER_LEN..total]);
-    buf.advance(total);
+    let body = buf.split_to(total).freeze().slice(HEADER_LEN..);
     Ok(Some(frame_from(header, body)))
 }
 
