@@ -8,8 +8,9 @@
 //!    from the first write until every partition's high seqno equals the
 //!    primary's. Compared with the same N writes to a plain engine (no node).
 //!    Goal: replica apply rate >= 0.8x the single-node write rate.
-//! 2. Lag at 50% load: a fresh pair, writes paced at half the single-node rate
-//!    for ~5 s; every 10 ms the lag (primary seqnos - replica seqnos, summed
+//! 2. Lag at 50% load: a fresh pair, writes paced at half the replica's
+//!    apply rate measured in 1 (the issue's "50% of that rate"; the
+//!    single-node rate when the replica did not catch up) for ~5 s; every 10 ms the lag (primary seqnos - replica seqnos, summed
 //!    over partitions) is sampled, and the time until that sample's primary
 //!    seqnos are all visible on the replica is measured (1 ms polling).
 //! 3. Backfill: `Engine::backfill` over all partitions of a reopened engine
@@ -413,7 +414,7 @@ pub fn bench() {
             ))
     );
     let cu = catch_up(tmp.path());
-    let lg = lag(tmp.path(), tp.single * 0.5);
+    let lg = lag(tmp.path(), tp.replica.unwrap_or(tp.single) * 0.5);
     let (bf, raw, bf_items) = backfill(tmp.path());
 
     let mut rows = vec![Row {
@@ -461,7 +462,7 @@ pub fn bench() {
     }
 
     println!(
-        "\nreplica lag at 50% load: writes paced at {:.0}/s (50% of single-node), {} items in {:.1} s \
+        "\nreplica lag at 50% load: writes paced at {:.0}/s (50% of the replica's apply rate), {} items in {:.1} s \
          (achieved {:.0}/s = {:.0}% of target); sampled every 10 ms nominal, {:.1} ms actual mean",
         lg.target_rate,
         lg.written,
