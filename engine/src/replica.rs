@@ -73,8 +73,9 @@ impl Partition {
             )));
         }
         // Anything at or below the high seqno — entry or marker — is held
-        // already (a stream restarted from an older acknowledged seqno).
-        if meta.by_seqno <= self.lock().checkpoints.high_seqno() {
+        // already (a stream restarted from an older acknowledged seqno). An
+        // entry checks under the lock it applies with.
+        if !item.op.is_key_op() && meta.by_seqno <= self.lock().checkpoints.high_seqno() {
             return Ok(ApplyOutcome::Duplicate);
         }
         match item.op {

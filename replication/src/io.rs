@@ -98,6 +98,14 @@ impl FrameWriter {
         self.buf.len() - before
     }
 
+    /// Queues whatever `encode` appends (one or more whole frames); returns
+    /// its size on the wire.
+    pub fn push_encoded(&mut self, encode: impl FnOnce(&mut BytesMut)) -> usize {
+        let before = self.buf.len();
+        encode(&mut self.buf);
+        self.buf.len() - before
+    }
+
     /// Bytes queued and not yet sent.
     pub fn pending(&self) -> usize {
         self.buf.len()

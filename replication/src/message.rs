@@ -8,7 +8,7 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tapkv_engine::{ItemMeta, QueueOp, QueuedItem};
 
-use crate::protocol::{Frame, ProtocolError};
+use crate::protocol::{encode_request_parts, Frame, FrameParts, ProtocolError, MAGIC_REQUEST};
 
 /// Protocol version exchanged in `HELLO`.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -220,6 +220,45 @@ fn need(f: &Frame, what: &'static str, extras: usize) -> Result<Bytes, ProtocolE
 }
 
 impl StreamMessage {
+    /// Appends the message's frame to `out`; an entry is written straight
+    /// from its record (no intermediate frame or copies of key and value).
+    /// The bytes are those of [`to_frame`](Self::to_frame)'s encoding.
+    pub fn encode(&self, out: &mut BytesMut) {
+        let StreamMessage::Item { partition, item } = self else {
+            self.to_frame().encode(out);
+            return;
+        };
+        if !item.op.is_key_op() {
+            self.to_frame().encode(out);
+            return;
+        }
+        let m = item.meta();
+        let mut extras = [0u8; 24];
+        extras[..8].copy_from_slice(&m.by_seqno.to_be_bytes());
+        extras[8..16].copy_from_slice(&m.rev_seqno.to_be_bytes());
+        extras[16..20].copy_from_slice(&m.flags.to_be_bytes());
+        extras[20..].copy_from_slice(&m.expiry.to_be_bytes());
+        let opcode = if item.op == QueueOp::Mutation {
+            opcode::MUTATION
+        } else {
+            opcode::DELETION
+        };
+        encode_request_parts(
+            out,
+            FrameParts {
+                magic: MAGIC_REQUEST,
+                opcode,
+                datatype: 0,
+                vbucket_or_status: *partition,
+                opaque: 0,
+                cas: m.cas,
+            },
+            &extras,
+            item.key(),
+            item.value(),
+        );
+    }
+
     /// Encodes the message as a request frame.
     pub fn to_frame(&self) -> Frame {
         match self {

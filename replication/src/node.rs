@@ -872,7 +872,7 @@ fn ack_reader(s: &StreamShared, mut reader: FrameReader) {
 }
 
 fn send(writer: &mut FrameWriter, s: &StreamShared, m: &StreamMessage) -> usize {
-    let n = writer.push(&m.to_frame());
+    let n = writer.push_encoded(|buf| m.encode(buf));
     s.unacked.fetch_add(n as u64, Ordering::AcqRel);
     n
 }

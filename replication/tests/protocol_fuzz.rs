@@ -85,6 +85,10 @@ proptest! {
         };
         let m = StreamMessage::Item { partition: p, item: QueuedItem::new(op, &key, &value, meta) };
         let back = StreamMessage::from_frame(&m.to_frame()).unwrap();
+        // The allocation-free encoding writes exactly the frame's bytes.
+        let mut direct = BytesMut::new();
+        m.encode(&mut direct);
+        prop_assert_eq!(&direct[..], &m.to_frame().to_bytes()[..]);
         prop_assert_eq!(back, m);
     }
 }
