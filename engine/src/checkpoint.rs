@@ -244,16 +244,29 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
-    fn new(id: u64, start_seqno: u64) -> Self {
+    /// An open checkpoint sized for `capacity` entries up front, so filling
+    /// it never re-allocates or re-hashes (a re-hash would read every key).
+    fn new(id: u64, start_seqno: u64, capacity: usize) -> Self {
         Checkpoint {
             id,
             open: true,
             start_seqno,
-            seqnos: Vec::new(),
-            slots: Vec::new(),
+            seqnos: Vec::with_capacity(capacity),
+            slots: Vec::with_capacity(capacity),
             live: 0,
             mem: 0,
-            keys: HashTable::new(),
+            keys: HashTable::with_capacity(capacity),
+        }
+    }
+
+    /// Closes the checkpoint: drops the key index and the unused part of a
+    /// checkpoint closed early (on demand), which may live long.
+    fn close(&mut self) {
+        self.open = false;
+        self.keys = HashTable::new();
+        if self.slots.len() < self.slots.capacity() / 2 {
+            self.slots.shrink_to_fit();
+            self.seqnos.shrink_to_fit();
         }
     }
 
@@ -314,7 +327,8 @@ impl CheckpointManager {
         shared_mem: Arc<AtomicUsize>,
     ) -> Self {
         let mut checkpoints = VecDeque::new();
-        checkpoints.push_back(Checkpoint::new(checkpoint_id, high_seqno + 1));
+        let capacity = Self::capacity(&config);
+        checkpoints.push_back(Checkpoint::new(checkpoint_id, high_seqno + 1, capacity));
         CheckpointManager {
             checkpoints,
             cursors: BTreeMap::new(),
@@ -326,6 +340,12 @@ impl CheckpointManager {
             mem: 0,
             shared_mem,
         }
+    }
+
+    /// Entries an open checkpoint is sized for: its item limit, capped so a
+    /// huge limit does not reserve memory nobody uses.
+    fn capacity(config: &CheckpointConfig) -> usize {
+        config.max_items.min(4096)
     }
 
     fn open(&self) -> &Checkpoint {
@@ -436,10 +456,11 @@ impl CheckpointManager {
     pub fn create_checkpoint_with_id(&mut self, id: u64) -> u64 {
         let start = self.high_seqno.saturating_add(1);
         let open = self.open_mut();
-        open.open = false;
-        open.keys = HashTable::new();
+        open.close();
         let id = id.max(open.id.saturating_add(1));
-        self.checkpoints.push_back(Checkpoint::new(id, start));
+        let capacity = Self::capacity(&self.config);
+        self.checkpoints
+            .push_back(Checkpoint::new(id, start, capacity));
         tracing::debug!(
             checkpoint_id = id,
             start_seqno = start,
