@@ -1,6 +1,6 @@
 //! Side-by-side benchmarks: tapkv against RocksDB used directly, in one run.
 //!
-//! `cargo run --release -p tapkv-benches -- engine [--ops N]` prints a table of
+//! `cargo run --release -p tapkv-benches -- engine [--ops N] [--reps R]` prints a table of
 //! ops/s and ratios; `docs/performance.md` records the figures and targets.
 //! Each figure is measured in the same process, on the same machine, with the
 //! same keys (16–24 bytes) and values (100 bytes).
@@ -133,13 +133,12 @@ fn rocks_sync_run(db: &Arc<DB>, threads: u64, per: u64, base: u64) -> f64 {
     rate(threads * per, t.elapsed())
 }
 
-fn engine_bench(ops: u64) {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let order = shuffled(ops);
-    println!("engine benchmark: {ops} ops, keys 16-24 bytes, values {VALUE_SIZE} bytes");
-
+/// One repetition of the memory-path comparisons, in a fresh directory:
+/// tapkv set, tapkv get, RocksDB put (WAL), RocksDB get, RocksDB put (no
+/// WAL), flusher drain, raw WriteBatch — in that order.
+fn memory_round(dir: &std::path::Path, ops: u64, order: &[u64]) -> [f64; 7] {
     // tapkv set (Memory durability), flusher running as usual.
-    let engine = Engine::builder(tmp.path().join("tapkv"))
+    let engine = Engine::builder(dir.join("tapkv"))
         .open()
         .expect("open tapkv");
     let t = Instant::now();
@@ -151,7 +150,7 @@ fn engine_bench(ops: u64) {
     let tapkv_set = rate(ops, t.elapsed());
     engine.flush().expect("flush");
     let t = Instant::now();
-    for &i in &order {
+    for &i in order {
         let item = engine.get(&key(i)).expect("get");
         std::hint::black_box(item);
     }
@@ -159,19 +158,19 @@ fn engine_bench(ops: u64) {
     engine.close().expect("close");
 
     // RocksDB put, WAL on (no sync) and WAL off; then get.
-    let db = rocks(&tmp.path().join("rocks-wal"));
+    let db = rocks(&dir.join("rocks-wal"));
     let t = Instant::now();
     for i in 0..ops {
         db.put(key(i), value(i)).expect("put");
     }
     let rocks_put_wal = rate(ops, t.elapsed());
     let t = Instant::now();
-    for &i in &order {
+    for &i in order {
         std::hint::black_box(db.get_pinned(key(i)).expect("get"));
     }
     let rocks_get = rate(ops, t.elapsed());
     drop(db);
-    let db = rocks(&tmp.path().join("rocks-nowal"));
+    let db = rocks(&dir.join("rocks-nowal"));
     let mut wo = RocksWriteOptions::default();
     wo.disable_wal(true);
     let t = Instant::now();
@@ -182,7 +181,7 @@ fn engine_bench(ops: u64) {
     drop(db);
 
     // Flusher drain: queue everything with the flusher stalled, then time the drain.
-    let engine = Engine::builder(tmp.path().join("tapkv-drain"))
+    let engine = Engine::builder(dir.join("tapkv-drain"))
         .checkpoint_memory_limit(4 << 30)
         .open()
         .expect("open tapkv");
@@ -197,7 +196,7 @@ fn engine_bench(ops: u64) {
     engine.flush().expect("drain");
     let drain = rate(ops, t.elapsed());
     engine.close().expect("close");
-    let db = rocks(&tmp.path().join("rocks-batch"));
+    let db = rocks(&dir.join("rocks-batch"));
     let t = Instant::now();
     let mut i = 0;
     while i < ops {
@@ -212,6 +211,52 @@ fn engine_bench(ops: u64) {
     db.flush_wal(true).expect("sync");
     let raw_batch = rate(ops, t.elapsed());
     drop(db);
+    [
+        tapkv_set,
+        tapkv_get,
+        rocks_put_wal,
+        rocks_get,
+        rocks_put_nowal,
+        drain,
+        raw_batch,
+    ]
+}
+
+fn engine_bench(ops: u64, reps: usize) {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let order = shuffled(ops);
+    println!(
+        "engine benchmark: {ops} ops, keys 16-24 bytes, values {VALUE_SIZE} bytes; \
+         memory-path figures are medians of {reps} runs"
+    );
+    let mut runs: Vec<[f64; 7]> = Vec::new();
+    for rep in 0..reps {
+        let dir = tmp.path().join(format!("rep{rep}"));
+        let r = memory_round(&dir, ops, &order);
+        println!(
+            "  run {}: set {:.0}/s vs put(WAL) {:.0}/s = {:.2}x; get {:.2}x; drain {:.2}x",
+            rep + 1,
+            r[0],
+            r[2],
+            r[0] / r[2],
+            r[1] / r[3],
+            r[5] / r[6]
+        );
+        runs.push(r);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    // Each comparison is reported from the run whose ratio is the median
+    // one, so both figures of a row come from the same run.
+    let pick = |a: usize, b: usize| -> (f64, f64) {
+        let mut idx: Vec<usize> = (0..runs.len()).collect();
+        idx.sort_by(|&x, &y| (runs[x][a] / runs[x][b]).total_cmp(&(runs[y][a] / runs[y][b])));
+        let r = &runs[idx[idx.len() / 2]];
+        (r[a], r[b])
+    };
+    let (set_vs_wal, rocks_put_wal) = pick(0, 2);
+    let (set_vs_nowal, rocks_put_nowal) = pick(0, 4);
+    let (tapkv_get, rocks_get) = pick(1, 3);
+    let (drain, raw_batch) = pick(5, 6);
 
     // Persist durability: 1 thread and 32 threads, against RocksDB sync puts.
     let engine = Arc::new(
@@ -232,14 +277,14 @@ fn engine_bench(ops: u64) {
         &[
             Row {
                 name: "set, Memory durability".into(),
-                tapkv: tapkv_set,
+                tapkv: set_vs_wal,
                 other_name: "RocksDB put, WAL on, no sync".into(),
                 other: rocks_put_wal,
                 target: Some(5.0),
             },
             Row {
                 name: "set, Memory durability".into(),
-                tapkv: tapkv_set,
+                tapkv: set_vs_nowal,
                 other_name: "RocksDB put, WAL off".into(),
                 other: rocks_put_nowal,
                 target: None,
@@ -349,8 +394,15 @@ fn main() {
         .and_then(|i| args.get(i + 1))
         .and_then(|s| s.parse().ok())
         .unwrap_or(1_000_000u64);
+    let reps = args
+        .iter()
+        .position(|a| a == "--reps")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3usize)
+        .max(1);
     match what {
-        "engine" => engine_bench(ops),
+        "engine" => engine_bench(ops, reps),
         "revert" => revert::bench(),
         "replication" => replication::bench(),
         // Only the backfill comparison, for profilers.
@@ -360,12 +412,12 @@ fn main() {
         // Only tapkv's Memory-durability set loop, for profilers.
         "set" => set_only(ops),
         "all" => {
-            engine_bench(ops);
+            engine_bench(ops, reps);
             revert::bench();
             replication::bench();
         }
         "--help" | "-h" | "help" => {
-            println!("usage: tapkv-benches [engine|revert|replication|all|set|backfill|replica] [--ops N]   (default all; --ops sizes the engine bench and set, default 1000000)");
+            println!("usage: tapkv-benches [engine|revert|replication|all|set|backfill|replica] [--ops N] [--reps R]   (default all; --ops sizes the engine bench and set, default 1000000; --reps repeats the engine bench's memory-path runs, default 3, medians reported)");
         }
         other => {
             eprintln!("unknown benchmark {other:?}; try `help`");
