@@ -9,8 +9,6 @@ use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-
 use crate::checkpoint::{CheckpointInfo, CursorBatch, CursorInfo, Registration};
 use crate::config::{EngineBuilder, EngineConfig};
 use crate::error::{Error, Result};
@@ -546,46 +544,48 @@ impl Engine {
         Ok(report)
     }
 
-    /// Stores `value` under `key`, creating or replacing it.
+    /// Stores `value` under `key`, creating or replacing it. Key and value
+    /// are copied into one engine-owned record (any byte container will do:
+    /// `&[u8]`, `Vec<u8>`, `Bytes`, `&str`…).
     pub fn set(
         &self,
         key: &[u8],
-        value: impl Into<Bytes>,
+        value: impl AsRef<[u8]>,
         opts: WriteOptions,
     ) -> Result<MutationResult> {
-        self.mutate(MutationKind::Set, key, value.into(), &opts)
+        self.mutate(MutationKind::Set, key, value.as_ref(), &opts)
     }
 
     /// Stores `value` under `key` only if the key does not exist.
     pub fn add(
         &self,
         key: &[u8],
-        value: impl Into<Bytes>,
+        value: impl AsRef<[u8]>,
         opts: WriteOptions,
     ) -> Result<MutationResult> {
-        self.mutate(MutationKind::Add, key, value.into(), &opts)
+        self.mutate(MutationKind::Add, key, value.as_ref(), &opts)
     }
 
     /// Stores `value` under `key` only if the key exists.
     pub fn replace(
         &self,
         key: &[u8],
-        value: impl Into<Bytes>,
+        value: impl AsRef<[u8]>,
         opts: WriteOptions,
     ) -> Result<MutationResult> {
-        self.mutate(MutationKind::Replace, key, value.into(), &opts)
+        self.mutate(MutationKind::Replace, key, value.as_ref(), &opts)
     }
 
     /// Deletes `key`.
     pub fn delete(&self, key: &[u8], opts: WriteOptions) -> Result<MutationResult> {
-        self.mutate(MutationKind::Delete, key, Bytes::new(), &opts)
+        self.mutate(MutationKind::Delete, key, &[], &opts)
     }
 
     fn mutate(
         &self,
         kind: MutationKind,
         key: &[u8],
-        value: Bytes,
+        value: &[u8],
         opts: &WriteOptions,
     ) -> Result<MutationResult> {
         let s = self.live()?;
@@ -620,7 +620,7 @@ impl Engine {
             }
             Ok(())
         };
-        let res = part.mutate(&s.store, kind, key, &value, opts, admit)?;
+        let res = part.mutate(&s.store, kind, key, value, opts, admit)?;
         s.changed(res.partition);
         if opts.durability == Durability::Persist {
             s.wait_synced(&[(res.partition, res.seqno)])?;

@@ -202,12 +202,10 @@ fn a_round_persists_only_consistent_points_despite_deduplication() {
     e.set_flusher_paused(true);
     // A barrier: from here on only explicit rounds run.
     e.run_flush_round().unwrap();
-    e.set(b"k", b"v1".to_vec(), WriteOptions::default())
-        .unwrap();
-    e.set(b"a", b"a".to_vec(), WriteOptions::default()).unwrap();
-    e.set(b"b", b"b".to_vec(), WriteOptions::default()).unwrap();
-    e.set(b"k", b"v2".to_vec(), WriteOptions::default())
-        .unwrap();
+    e.set(b"k", b"v1", WriteOptions::default()).unwrap();
+    e.set(b"a", b"a", WriteOptions::default()).unwrap();
+    e.set(b"b", b"b", WriteOptions::default()).unwrap();
+    e.set(b"k", b"v2", WriteOptions::default()).unwrap();
     e.run_flush_round().unwrap();
     let persisted = e.stats().unwrap().partitions[0].persisted_seqno;
     e.crash();

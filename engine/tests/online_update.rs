@@ -61,20 +61,20 @@ fn revert_restores_every_key_and_leaves_no_ghost() {
         e.set(key, value(1), MEM).unwrap();
     }
     e.flush().unwrap();
-    e.set(h, b"dirty before the window".to_vec(), MEM).unwrap(); // pre-window, maybe unflushed
+    e.set(h, b"dirty before the window", MEM).unwrap(); // pre-window, maybe unflushed
     let before: Vec<_> = [a, b, c, h].iter().map(|k| e.get(k).unwrap()).collect();
     let items_before = e.stats().unwrap().partitions[1].items;
 
     let w = e.online_update_start(1).unwrap();
-    e.set(a, b"updated".to_vec(), MEM).unwrap();
-    e.set(a, b"updated twice".to_vec(), MEM).unwrap();
+    e.set(a, b"updated", MEM).unwrap();
+    e.set(a, b"updated twice", MEM).unwrap();
     e.delete(b, MEM).unwrap(); // deleted in the window
     e.delete(c, MEM).unwrap(); // deleted then recreated
-    e.set(c, b"recreated".to_vec(), MEM).unwrap();
-    e.set(d, b"created".to_vec(), MEM).unwrap(); // created
-    e.set(g, b"created".to_vec(), MEM).unwrap(); // created then deleted
+    e.set(c, b"recreated", MEM).unwrap();
+    e.set(d, b"created", MEM).unwrap(); // created
+    e.set(g, b"created", MEM).unwrap(); // created then deleted
     e.delete(g, MEM).unwrap();
-    e.set(h, b"window".to_vec(), MEM).unwrap();
+    e.set(h, b"window", MEM).unwrap();
     let info = e.stats().unwrap().partitions[1].window.unwrap();
     assert_eq!(info.checkpoint_id, w);
     assert_eq!(info.keys, 6);
@@ -101,7 +101,7 @@ fn revert_restores_every_key_and_leaves_no_ghost() {
     assert!(st.partitions[1].window.is_none());
     assert!(st.partitions[1].bg_fetches >= 3);
     // The partition keeps working, and the revert reached disk as "nothing".
-    e.set(d, b"after".to_vec(), MEM).unwrap();
+    e.set(d, b"after", MEM).unwrap();
     e.close().unwrap();
     let e = builder(dir.path()).open().unwrap();
     for (key, old) in [a, b, c, h].iter().zip(&before) {
@@ -122,12 +122,12 @@ fn no_ghost_key_after_create_then_delete_inside_a_window() {
     e.flush().unwrap();
     let items_before = e.stats().unwrap().partitions[2].items;
     e.online_update_start(2).unwrap();
-    e.set(&k[1], b"created".to_vec(), MEM).unwrap();
+    e.set(&k[1], b"created", MEM).unwrap();
     e.delete(&k[1], MEM).unwrap();
     // And created, deleted, created again.
-    e.set(&k[2], b"one".to_vec(), MEM).unwrap();
+    e.set(&k[2], b"one", MEM).unwrap();
     e.delete(&k[2], MEM).unwrap();
-    e.set(&k[2], b"two".to_vec(), MEM).unwrap();
+    e.set(&k[2], b"two", MEM).unwrap();
     let r = e.online_update_revert(2).unwrap();
     // Only the key present at REVERT time needed removing.
     assert_eq!((r.removed, r.restored), (1, 0));
@@ -139,12 +139,9 @@ fn no_ghost_key_after_create_then_delete_inside_a_window() {
     for key in &k[1..] {
         assert!(matches!(e.get(key), Err(Error::NotFound)));
         // Absent, not a tombstone: add succeeds, replace does not.
-        assert!(matches!(
-            e.replace(key, b"x".to_vec(), MEM),
-            Err(Error::NotFound)
-        ));
+        assert!(matches!(e.replace(key, b"x", MEM), Err(Error::NotFound)));
     }
-    e.add(&k[1], b"added".to_vec(), MEM).unwrap();
+    e.add(&k[1], b"added", MEM).unwrap();
     assert_eq!(&e.get(&k[1]).unwrap().value(), b"added");
 }
 
@@ -160,7 +157,7 @@ fn keys_deleted_inside_a_window_come_back_after_revert() {
     e.flush().unwrap();
     // One of them changed again before START and not yet flushed: its
     // pre-window value lives only in memory.
-    e.set(&k[2], b"dirty".to_vec(), MEM).unwrap();
+    e.set(&k[2], b"dirty", MEM).unwrap();
     let before: Vec<_> = k.iter().map(|key| e.get(key).unwrap()).collect();
     e.online_update_start(3).unwrap();
     for key in &k {
@@ -189,11 +186,11 @@ fn the_revert_marker_carries_the_window_checkpoint_id() {
     e.register_cursor(3, "watch", 0).unwrap();
     // Two windows, so the id is not a coincidence of the first checkpoint.
     let first = e.online_update_start(3).unwrap();
-    e.set(key, b"a".to_vec(), MEM).unwrap();
+    e.set(key, b"a", MEM).unwrap();
     e.online_update_complete(3).unwrap();
     let second = e.online_update_start(3).unwrap();
     assert_ne!(first, second);
-    e.set(key, b"b".to_vec(), MEM).unwrap();
+    e.set(key, b"b", MEM).unwrap();
     let report = e.online_update_revert(3).unwrap();
     assert_eq!(report.checkpoint_id, second);
     let events = e.read_cursor(3, "watch", 1000).unwrap().events;

@@ -27,7 +27,7 @@ fn clean_reopen_restores_everything_written_with_memory_durability() {
         for i in (1..n).step_by(11) {
             e.set(
                 &key(i),
-                b"updated".to_vec(),
+                b"updated",
                 WriteOptions {
                     flags: 7,
                     ..Default::default()
@@ -65,9 +65,7 @@ fn clean_reopen_restores_everything_written_with_memory_durability() {
     // New writes continue above: seqno and CAS.
     for i in 0..200 {
         let old = expect.get(&key(i));
-        let r = e
-            .set(&key(i), b"again".to_vec(), WriteOptions::default())
-            .unwrap();
+        let r = e.set(&key(i), b"again", WriteOptions::default()).unwrap();
         assert!(r.seqno > highs[usize::from(r.partition)]);
         if let Some(old) = old {
             assert!(r.cas > old.meta.cas);
