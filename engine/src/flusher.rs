@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 use crate::checkpoint::{CursorProgress, EventRef};
 use crate::engine::Shared;
 use crate::error::{Error, Result};
-use crate::item::{PartitionId, QueuedItem};
 use crate::partition::{Partition, PERSISTENCE_CURSOR};
 use crate::store::{FlushBatch, PartitionDiskState};
 use crate::sync::{Arc, Ordering};
@@ -122,18 +121,14 @@ pub(crate) fn run_round(shared: &Shared, mine: &[&Partition], forced: bool) -> R
     let cfg = &shared.config;
     let mut batch = FlushBatch::default();
     let mut pending: Vec<(&Partition, CursorProgress, PartitionDiskState, usize)> = Vec::new();
-    // Entries of the round, staged as shared records (a reference count
-    // each, no copy) and written in RocksDB key order after the scan:
-    // sorted keys make RocksDB's memtable insertions cheap (each lands next
-    // to the previous one) instead of a random skip-list search each.
-    let mut staged: Vec<(PartitionId, QueuedItem)> = Vec::new();
     let mut more = false;
     for p in mine {
-        let before = staged.len();
+        let before = batch.len();
         let mut max_cas = p.progress.max_cas.load(Ordering::Relaxed);
         // The scan goes in pieces of `SCAN_PIECE` items, re-taking the
-        // partition's writer lock for each, so a writer never waits behind a
-        // whole batch. The batch limits are soft: a round stops only where
+        // partition's writer lock for each and encoding into the batch's
+        // staging buffer (the store writes it in key order), so a writer
+        // never waits behind a whole batch. The batch limits are soft: a round stops only where
         // the disk is consistent — at the barrier (a window's START, which
         // begins a checkpoint), at a checkpoint boundary once past the
         // limits, or at the current end of the open checkpoint. Stopping
@@ -141,6 +136,7 @@ pub(crate) fn run_round(shared: &Shared, mine: &[&Partition], forced: bool) -> R
         // de-duplication moved later in it, and acknowledge a durable write
         // whose key is on disk in neither version.
         let mut scanned: Option<CursorProgress> = None;
+        let mut encode_err = None;
         let limits = (cfg.flush_batch_max_items, cfg.flush_batch_max_bytes);
         let progress = loop {
             let w = p.lock();
@@ -157,15 +153,20 @@ pub(crate) fn run_round(shared: &Shared, mine: &[&Partition], forced: bool) -> R
                 Some(limits),
                 |ev| {
                     if let EventRef::Item(item) = ev {
-                        if !item.op.is_key_op() || w.is_reverted(item.seqno()) {
+                        if w.is_reverted(item.seqno()) {
                             return;
                         }
+                        if let Err(e) = shared.store.add_to_batch(&mut batch, p.id, item) {
+                            encode_err.get_or_insert(e);
+                        }
                         max_cas = max_cas.max(item.meta().cas);
-                        staged.push((p.id, item.clone()));
                     }
                 },
             )?;
             drop(w);
+            if let Some(e) = encode_err.take() {
+                return Err(e);
+            }
             let over = next.items >= limits.0 || next.bytes >= limits.1;
             if next.blocked || next.items < upto || (over && next.at_checkpoint_boundary()) {
                 break next;
@@ -183,15 +184,8 @@ pub(crate) fn run_round(shared: &Shared, mine: &[&Partition], forced: bool) -> R
             max_cas,
         };
         shared.store.add_state_to_batch(&mut batch, p.id, &state)?;
-        pending.push((p, progress, state, staged.len() - before));
+        pending.push((p, progress, state, batch.len() - before));
     }
-    // Stable: two versions of one key (from two checkpoints) keep their
-    // order, so the later one wins in the batch as it did in memory.
-    staged.sort_by(|(pa, a), (pb, b)| pa.cmp(pb).then_with(|| a.key().cmp(b.key())));
-    for (p, item) in &staged {
-        shared.store.add_to_batch(&mut batch, *p, item)?;
-    }
-    drop(staged);
     if pending.is_empty() {
         if thread_is_pager(mine) {
             crate::pager::run(shared);

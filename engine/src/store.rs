@@ -118,8 +118,14 @@ pub(crate) fn item_key(p: PartitionId, key: &[u8]) -> Vec<u8> {
 /// (u64 big-endian: a clock value, rarely small), rev seqno and by-seqno
 /// (varints), then the value. About 16 bytes of header instead of 34 with
 /// fixed widths: less for every flush, WAL write, compaction and backfill.
+#[cfg(test)]
 fn encode_record_into(v: &mut Vec<u8>, meta: &ItemMeta, deleted: bool, value: &[u8]) {
     v.clear();
+    append_record(v, meta, deleted, value);
+}
+
+/// Appends a record's encoding to `v`.
+fn append_record(v: &mut Vec<u8>, meta: &ItemMeta, deleted: bool, value: &[u8]) {
     v.push(RECORD_VERSION);
     v.push(u8::from(deleted));
     put_varint(v, u64::from(meta.flags));
@@ -273,8 +279,11 @@ impl DirLock {
 pub(crate) struct FlushBatch {
     batch: WriteBatch,
     items: usize,
-    key_buf: Vec<u8>,
-    value_buf: Vec<u8>,
+    /// Item entries staged for the batch, encoded back to back: RocksDB key
+    /// (partition + key), then the record.
+    staged: Vec<u8>,
+    /// (start, key end, end) of each staged entry in `staged`.
+    entries: Vec<(u32, u32, u32)>,
 }
 
 /// The RocksDB store of an engine.
@@ -517,7 +526,12 @@ impl Store {
         Ok(())
     }
 
-    /// Adds one queued entry of partition `p` to `batch`. Markers write nothing.
+    /// Stages one queued entry of partition `p` in `batch`, encoded (markers
+    /// write nothing). Staged entries go into the RocksDB batch in key order
+    /// when it is written: sorted keys make RocksDB's memtable inserts land
+    /// next to each other instead of each searching the skip list from the
+    /// top. Sorting the encoded copies, not the records, touches each record
+    /// once.
     pub(crate) fn add_to_batch(
         &self,
         batch: &mut FlushBatch,
@@ -529,12 +543,14 @@ impl Store {
             QueueOp::Deletion => true,
             _ => return Ok(()),
         };
-        let cf = self.cf(CF_ITEMS)?;
-        batch.key_buf.clear();
-        batch.key_buf.extend_from_slice(&p.to_be_bytes());
-        batch.key_buf.extend_from_slice(item.key());
-        encode_record_into(&mut batch.value_buf, &item.meta(), deleted, item.value());
-        batch.batch.put_cf(cf, &batch.key_buf, &batch.value_buf);
+        let too_big = || Error::Storage("a flush batch cannot stage 4 GiB or more".into());
+        let start = u32::try_from(batch.staged.len()).map_err(|_| too_big())?;
+        batch.staged.extend_from_slice(&p.to_be_bytes());
+        batch.staged.extend_from_slice(item.key());
+        let key_end = u32::try_from(batch.staged.len()).map_err(|_| too_big())?;
+        append_record(&mut batch.staged, &item.meta(), deleted, item.value());
+        let end = u32::try_from(batch.staged.len()).map_err(|_| too_big())?;
+        batch.entries.push((start, key_end, end));
         batch.items += 1;
         Ok(())
     }
@@ -555,7 +571,21 @@ impl Store {
     }
 
     /// Writes `batch` atomically (WAL on); `sync` makes it durable before return.
-    pub(crate) fn write(&self, batch: FlushBatch, sync: bool) -> Result<()> {
+    pub(crate) fn write(&self, mut batch: FlushBatch, sync: bool) -> Result<()> {
+        let cf = self.cf(CF_ITEMS)?;
+        let FlushBatch {
+            batch: rocks_batch,
+            staged,
+            entries,
+            ..
+        } = &mut batch;
+        let key = |e: &(u32, u32, u32)| &staged[e.0 as usize..e.1 as usize];
+        // Stable: two versions of one key (from two checkpoints) keep their
+        // seqno order, so the later one wins in the batch as in memory.
+        entries.sort_by(|a, b| key(a).cmp(key(b)));
+        for e in entries.iter() {
+            rocks_batch.put_cf(cf, key(e), &staged[e.1 as usize..e.2 as usize]);
+        }
         let mut wo = rocksdb::WriteOptions::default();
         wo.set_sync(sync);
         self.db.write_opt(batch.batch, &wo)?;
