@@ -1,13 +1,15 @@
 //! A blocking client for a tapkv node: data, online-update and admin commands.
 
 use std::net::TcpStream;
-use std::time::Duration;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
 use crate::io::{FrameReader, FrameWriter};
 use crate::message::{hello, opcode, status, store_extras};
 use crate::protocol::{Frame, ProtocolError, DEFAULT_MAX_BODY};
+use crate::sync::{Arc, AtomicU64, Condvar, Mutex, Ordering};
 
 /// A failed request: the node's status and message, or a transport error.
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +58,7 @@ pub struct Client {
     role: String,
     opaque: u32,
     polls: usize,
+    last_request: Instant,
 }
 
 fn u64_at(b: &Bytes, i: usize) -> u64 {
@@ -100,6 +103,7 @@ impl Client {
             role: String::new(),
             opaque: 0,
             polls: (timeout.as_millis() / 100).max(1) as usize,
+            last_request: Instant::now(),
         };
         let r = c.call(hello("tapkv-client"))?;
         let info: serde_json::Value = serde_json::from_slice(&r.value).unwrap_or_default();
@@ -123,6 +127,7 @@ impl Client {
     pub fn call(&mut self, mut req: Frame) -> Result<Frame, ClientError> {
         self.opaque = self.opaque.wrapping_add(1);
         req.opaque = self.opaque;
+        self.last_request = Instant::now();
         self.writer.send(&req)?;
         let r = self.reader.next_within(self.polls)?;
         if r.status() != status::SUCCESS {
@@ -132,6 +137,16 @@ impl Client {
             });
         }
         Ok(r)
+    }
+
+    /// Sends a NOOP and waits for its answer (a heartbeat).
+    pub fn noop(&mut self) -> Result<(), ClientError> {
+        self.call(Frame::request(opcode::NOOP, 0)).map(|_| ())
+    }
+
+    /// Time since the last request was sent.
+    pub fn idle_for(&self) -> Duration {
+        self.last_request.elapsed()
     }
 
     /// The partition `key` belongs to.
@@ -323,5 +338,84 @@ impl Client {
         })?;
         rows.sort();
         Ok(rows)
+    }
+}
+
+/// A [`Client`] kept alive while idle: a background thread sends a NOOP
+/// whenever `every` has passed without a request, so a node's idle timeout
+/// (default 300 s) never closes a connection a person or script still holds
+/// (an interactive `tapkv shell --addr`). The node answers NOOPs; it never
+/// sends unsolicited frames to a client, as in the memcached protocol.
+/// Dropping it stops the thread (within one interval).
+pub struct KeptAlive {
+    shared: Arc<KeepAliveShared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+struct KeepAliveShared {
+    client: Mutex<Client>,
+    stop: Mutex<bool>,
+    wake: Condvar,
+    heartbeats: AtomicU64,
+}
+
+impl KeptAlive {
+    /// Wraps `client`, sending a heartbeat after every `every` of idleness.
+    pub fn new(client: Client, every: Duration) -> Result<KeptAlive, ClientError> {
+        let every = every.max(Duration::from_millis(10));
+        let shared = Arc::new(KeepAliveShared {
+            client: Mutex::new(client),
+            stop: Mutex::new(false),
+            wake: Condvar::new(),
+            heartbeats: AtomicU64::new(0),
+        });
+        let bg = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name("tapkv-keepalive".into())
+            .spawn(move || loop {
+                {
+                    let mut stop = bg.stop.lock();
+                    if !*stop {
+                        bg.wake.wait_for(&mut stop, every);
+                    }
+                    if *stop {
+                        return;
+                    }
+                }
+                let mut c = bg.client.lock();
+                if c.idle_for() >= every {
+                    if let Err(e) = c.noop() {
+                        // The next real request reports the broken connection.
+                        tracing::debug!(error = %e, "keep-alive NOOP failed; heartbeats stop");
+                        return;
+                    }
+                    bg.heartbeats.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+            .map_err(ProtocolError::Io)?;
+        Ok(KeptAlive {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// Runs `f` with the client (heartbeats wait meanwhile).
+    pub fn with<R>(&self, f: impl FnOnce(&mut Client) -> R) -> R {
+        f(&mut self.shared.client.lock())
+    }
+
+    /// Heartbeats sent so far.
+    pub fn heartbeats(&self) -> u64 {
+        self.shared.heartbeats.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for KeptAlive {
+    fn drop(&mut self) {
+        *self.shared.stop.lock() = true;
+        self.shared.wake.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }

@@ -6,17 +6,23 @@
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Args;
 use tapkv_engine::{Engine, Error, PartitionId, WriteOptions};
 
 use crate::{connect, Target};
-use tapkv_replication::client::{Client, ClientError};
+use tapkv_replication::client::{Client, ClientError, KeptAlive};
 
 #[derive(Args, Debug)]
 pub(crate) struct ShellArgs {
     #[command(flatten)]
     target: Target,
+    /// With --addr: send a NOOP heartbeat after this many seconds without a
+    /// command, so the node's idle timeout (default 300 s) does not close a
+    /// shell that is only waiting for input. 0 turns heartbeats off.
+    #[arg(long, default_value_t = 30, value_name = "SECONDS")]
+    heartbeat_s: u64,
 }
 
 const HELP: &str = "commands: set KEY VALUE | add KEY VALUE | replace KEY VALUE | get KEY | \
@@ -27,7 +33,7 @@ update start|complete|revert P | stats | restart | crash | help | quit";
 pub(crate) struct Shell {
     path: PathBuf,
     engine: Option<Engine>,
-    remote: Option<Client>,
+    remote: Option<KeptAlive>,
 }
 
 /// What one command line produced.
@@ -71,8 +77,8 @@ impl Shell {
 
     /// Executes one command line.
     pub(crate) fn execute(&mut self, line: &str) -> Reply {
-        if let Some(client) = self.remote.as_mut() {
-            return remote_execute(client, line);
+        if let Some(remote) = self.remote.as_ref() {
+            return remote.with(|c| remote_execute(c, line));
         }
         let line = line.trim_end_matches(['\r', '\n']);
         let mut words = line.splitn(2, ' ');
@@ -299,11 +305,21 @@ impl Shell {
 pub(crate) fn run(args: ShellArgs) -> Result<ExitCode, Error> {
     let mut shell = match (args.target.data, args.target.addr) {
         (Some(dir), _) => Shell::open(dir)?,
-        (None, Some(addr)) => Shell {
-            path: PathBuf::new(),
-            engine: None,
-            remote: Some(connect(&addr)?),
-        },
+        (None, Some(addr)) => {
+            let client = connect(&addr)?;
+            // Zero: an interval no idle connection reaches.
+            let every = match args.heartbeat_s {
+                0 => Duration::from_secs(u64::from(u32::MAX)),
+                s => Duration::from_secs(s),
+            };
+            let remote = KeptAlive::new(client, every)
+                .map_err(|e| Error::Io(std::io::Error::other(format!("keep-alive thread: {e}"))))?;
+            Shell {
+                path: PathBuf::new(),
+                engine: None,
+                remote: Some(remote),
+            }
+        }
         (None, None) => {
             return Err(Error::InvalidArgument(
                 "give --data DIR or --addr ADDR".into(),
