@@ -21,6 +21,11 @@ use crate::error::{Error, Result};
 use crate::item::QueuedItem;
 use crate::sync::{Arc, AtomicUsize, Ordering};
 
+/// A checkpoint shared between its manager and readers of closed runs: a
+/// data handle (like a record), not a synchronisation point, so it is
+/// `std`'s `Arc` even in loom builds.
+type SharedCheckpoint = std::sync::Arc<Checkpoint>;
+
 const KEY_HASHER: foldhash::fast::FixedState = foldhash::fast::FixedState::with_seed(0x636b_7074);
 
 /// Limits of one checkpoint.
@@ -204,7 +209,7 @@ impl AsRef<CursorProgress> for CursorProgress {
 /// Returned so callers can drop them outside their own locks.
 #[must_use = "dropping frees the checkpoints; keep it to free them later"]
 #[derive(Debug, Default)]
-pub struct FreedCheckpoints(Vec<Checkpoint>);
+pub struct FreedCheckpoints(Vec<SharedCheckpoint>);
 
 impl FreedCheckpoints {
     /// Number of checkpoints freed.
@@ -226,7 +231,7 @@ struct CursorPosition {
     start_pending: bool,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 #[doc(hidden)]
 pub struct Checkpoint {
     id: u64,
@@ -304,11 +309,141 @@ impl Checkpoint {
     }
 }
 
+/// A scan in progress: the position and what it has seen.
+#[derive(Debug, Clone, Copy)]
+struct ScanState {
+    pos: CursorPosition,
+    items: usize,
+    bytes: usize,
+    blocked: bool,
+    moved: bool,
+}
+
+impl ScanState {
+    /// A scan from `pos`, adding to the counts of `after` if it continues one.
+    fn continuing(pos: CursorPosition, after: Option<&CursorProgress>) -> Self {
+        let (items, bytes, moved) = after.map_or((0, 0, false), |a| (a.items, a.bytes, a.moved));
+        ScanState {
+            pos,
+            items,
+            bytes,
+            blocked: false,
+            moved,
+        }
+    }
+
+    /// Reads `ck` (the checkpoint `pos` is in) from `pos` on. Returns whether
+    /// it read to the end of `ck`, rather than stopping at `max_items` /
+    /// `max_bytes` or at an entry above `limit` (then `blocked`).
+    fn read(
+        &mut self,
+        ck: &Checkpoint,
+        max_items: usize,
+        max_bytes: usize,
+        limit: u64,
+        visit: &mut impl FnMut(EventRef<'_>),
+    ) -> bool {
+        if self.pos.start_pending {
+            visit(EventRef::CheckpointStart { id: ck.id });
+            self.pos.start_pending = false;
+            self.moved = true;
+        }
+        for j in ck.first_after(self.pos.seqno)..ck.slots.len() {
+            if self.items >= max_items || (self.items > 0 && self.bytes >= max_bytes) {
+                return false;
+            }
+            if ck.seqnos[j] > limit {
+                self.blocked = true;
+                return false;
+            }
+            if let Some(item) = &ck.slots[j] {
+                self.items += 1;
+                self.bytes += item.mem_size();
+                visit(EventRef::Item(item));
+            }
+            self.pos.seqno = ck.seqnos[j];
+            self.moved = true;
+        }
+        true
+    }
+
+    /// Leaves the finished checkpoint `done` for the one with id `next`;
+    /// returns whether the scan stops here, at this boundary, because the
+    /// whole scan reached `round_limit`.
+    fn next_checkpoint(
+        &mut self,
+        done: u64,
+        next: u64,
+        round_limit: Option<(usize, usize)>,
+        visit: &mut impl FnMut(EventRef<'_>),
+    ) -> bool {
+        visit(EventRef::CheckpointEnd { id: done });
+        self.pos.checkpoint_id = next;
+        self.pos.start_pending = true;
+        self.moved = true;
+        round_limit.is_some_and(|(i, b)| self.items >= i || self.bytes >= b)
+    }
+
+    fn progress(&self) -> CursorProgress {
+        CursorProgress {
+            items: self.items,
+            bytes: self.bytes,
+            blocked: self.blocked,
+            moved: self.moved,
+            position: self.pos,
+        }
+    }
+}
+
+/// Closed checkpoints a cursor reads next, shared with their manager (see
+/// [`CheckpointManager::closed_run`]). Scanning it needs no lock; commit the
+/// result with [`CheckpointManager::advance`] as for any scan.
+#[derive(Debug, Clone)]
+pub struct ClosedRun {
+    start: ScanState,
+    checkpoints: Vec<SharedCheckpoint>,
+    /// Id of the checkpoint after the run's last one.
+    next_id: u64,
+}
+
+impl ClosedRun {
+    /// Whether the run holds no checkpoint (the cursor is in the open one).
+    pub fn is_empty(&self) -> bool {
+        self.checkpoints.is_empty()
+    }
+
+    /// Reads the run like [`CheckpointManager::scan_on`]: every entry after
+    /// the start position up to `upto_seqno` (then `blocked`), ending at
+    /// checkpoint boundaries; `round_limit` stops it at the first boundary
+    /// past that many items or bytes of the whole scan.
+    pub fn scan(
+        &self,
+        upto_seqno: Option<u64>,
+        round_limit: Option<(usize, usize)>,
+        mut visit: impl FnMut(EventRef<'_>),
+    ) -> CursorProgress {
+        let mut st = self.start;
+        let limit = upto_seqno.unwrap_or(u64::MAX);
+        for (i, ck) in self.checkpoints.iter().enumerate() {
+            if !st.read(ck, usize::MAX, usize::MAX, limit, &mut visit) {
+                break;
+            }
+            let next = self.checkpoints.get(i + 1).map_or(self.next_id, |c| c.id);
+            if st.next_checkpoint(ck.id, next, round_limit, &mut visit) {
+                break;
+            }
+        }
+        st.progress()
+    }
+}
+
 /// The checkpoint manager of one partition. Not synchronised: the partition
 /// holds it under a lock.
 #[derive(Debug)]
 pub struct CheckpointManager {
-    checkpoints: VecDeque<Checkpoint>,
+    /// Shared so a reader can scan closed checkpoints (which never change)
+    /// without the partition's lock; see [`ClosedRun`].
+    checkpoints: VecDeque<SharedCheckpoint>,
     cursors: BTreeMap<String, CursorPosition>,
     config: CheckpointConfig,
     high_seqno: u64,
@@ -328,7 +463,11 @@ impl CheckpointManager {
     ) -> Self {
         let mut checkpoints = VecDeque::new();
         let capacity = Self::capacity(&config);
-        checkpoints.push_back(Checkpoint::new(checkpoint_id, high_seqno + 1, capacity));
+        checkpoints.push_back(SharedCheckpoint::new(Checkpoint::new(
+            checkpoint_id,
+            high_seqno + 1,
+            capacity,
+        )));
         CheckpointManager {
             checkpoints,
             cursors: BTreeMap::new(),
@@ -355,9 +494,13 @@ impl CheckpointManager {
     }
 
     fn open_mut(&mut self) -> &mut Checkpoint {
-        self.checkpoints
-            .back_mut()
-            .expect("a checkpoint manager always has an open checkpoint")
+        // The open checkpoint is never handed out (only closed ones are), so
+        // this does not copy.
+        SharedCheckpoint::make_mut(
+            self.checkpoints
+                .back_mut()
+                .expect("a checkpoint manager always has an open checkpoint"),
+        )
     }
 
     /// Whether the open checkpoint holds no live entry.
@@ -460,7 +603,7 @@ impl CheckpointManager {
         let id = id.max(open.id.saturating_add(1));
         let capacity = Self::capacity(&self.config);
         self.checkpoints
-            .push_back(Checkpoint::new(id, start, capacity));
+            .push_back(SharedCheckpoint::new(Checkpoint::new(id, start, capacity)));
         tracing::debug!(
             checkpoint_id = id,
             start_seqno = start,
@@ -570,8 +713,75 @@ impl CheckpointManager {
         round_limit: Option<(usize, usize)>,
         mut visit: impl FnMut(EventRef<'_>),
     ) -> Result<CursorProgress> {
+        let pos = self.resume_position(name, after)?;
+        let mut st = ScanState::continuing(pos, after);
+        let limit = upto_seqno.unwrap_or(u64::MAX);
+        let mut idx = self.index_of(st.pos.checkpoint_id);
+        loop {
+            let ck = &self.checkpoints[idx];
+            if !st.read(ck, max_items, max_bytes, limit, &mut visit)
+                || ck.open
+                || idx + 1 >= self.checkpoints.len()
+            {
+                break;
+            }
+            idx += 1;
+            if st.next_checkpoint(ck.id, self.checkpoints[idx].id, round_limit, &mut visit) {
+                break;
+            }
+        }
+        Ok(st.progress())
+    }
+
+    /// The closed checkpoints the cursor `name` reads next — continuing
+    /// `after` if given, as [`scan_on`](Self::scan_on) — taking whole
+    /// checkpoints until they hold at least `max_items` live items. They are
+    /// shared, not copied: closed checkpoints never change, so the run can be
+    /// scanned after the caller has released the manager's lock. Empty when
+    /// the cursor is in the open checkpoint.
+    pub fn closed_run(
+        &self,
+        name: &str,
+        after: Option<&CursorProgress>,
+        max_items: usize,
+    ) -> Result<ClosedRun> {
+        let pos = self.resume_position(name, after)?;
+        let mut run = ClosedRun {
+            start: ScanState::continuing(pos, after),
+            checkpoints: Vec::new(),
+            next_id: 0,
+        };
+        let mut items = 0;
+        for (i, ck) in self
+            .checkpoints
+            .iter()
+            .enumerate()
+            .skip(self.index_of(pos.checkpoint_id))
+        {
+            let Some(next) = self.checkpoints.get(i + 1) else {
+                break;
+            };
+            if ck.open || items >= max_items.max(1) {
+                break;
+            }
+            // Whole checkpoints' counts: cheap, and the budget is soft.
+            items += ck.live;
+            run.checkpoints.push(SharedCheckpoint::clone(ck));
+            run.next_id = next.id;
+        }
+        Ok(run)
+    }
+
+    /// Where a scan of cursor `name` resumes: after the uncommitted scan
+    /// `after` if given (it must not be behind the cursor), else at the
+    /// cursor's committed position.
+    fn resume_position(
+        &self,
+        name: &str,
+        after: Option<&CursorProgress>,
+    ) -> Result<CursorPosition> {
         let committed = self.cursor(name)?;
-        let mut pos = match after {
+        match after {
             Some(a) => {
                 if a.position.seqno < committed.seqno
                     || a.position.checkpoint_id < committed.checkpoint_id
@@ -582,58 +792,10 @@ impl CheckpointManager {
                         a.position.seqno, committed.seqno
                     )));
                 }
-                a.position
+                Ok(a.position)
             }
-            None => committed,
-        };
-        let limit = upto_seqno.unwrap_or(u64::MAX);
-        let (mut items, mut bytes, mut blocked, mut moved) = after
-            .map_or((0usize, 0usize, false, false), |a| {
-                (a.items, a.bytes, false, a.moved)
-            });
-        let mut idx = self.index_of(pos.checkpoint_id);
-        'outer: loop {
-            let ck = &self.checkpoints[idx];
-            if pos.start_pending {
-                visit(EventRef::CheckpointStart { id: ck.id });
-                pos.start_pending = false;
-                moved = true;
-            }
-            for j in ck.first_after(pos.seqno)..ck.slots.len() {
-                if items >= max_items || (items > 0 && bytes >= max_bytes) {
-                    break 'outer;
-                }
-                if ck.seqnos[j] > limit {
-                    blocked = true;
-                    break 'outer;
-                }
-                if let Some(item) = &ck.slots[j] {
-                    items += 1;
-                    bytes += item.mem_size();
-                    visit(EventRef::Item(item));
-                }
-                pos.seqno = ck.seqnos[j];
-                moved = true;
-            }
-            if ck.open || idx + 1 >= self.checkpoints.len() {
-                break;
-            }
-            visit(EventRef::CheckpointEnd { id: ck.id });
-            idx += 1;
-            pos.checkpoint_id = self.checkpoints[idx].id;
-            pos.start_pending = true;
-            moved = true;
-            if round_limit.is_some_and(|(i, b)| items >= i || bytes >= b) {
-                break;
-            }
+            None => Ok(committed),
         }
-        Ok(CursorProgress {
-            items,
-            bytes,
-            blocked,
-            moved,
-            position: pos,
-        })
     }
 
     /// Like [`scan`](Self::scan), returning owned events.
@@ -718,7 +880,7 @@ impl CheckpointManager {
 
     /// Every checkpoint, oldest first.
     pub fn checkpoints(&self) -> Vec<CheckpointInfo> {
-        self.checkpoints.iter().map(Checkpoint::info).collect()
+        self.checkpoints.iter().map(|c| c.info()).collect()
     }
 
     /// Every cursor, by name.

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use crate::checkpoint::{CursorProgress, EventRef};
 use crate::engine::Shared;
 use crate::error::{Error, Result};
-use crate::partition::{Partition, PERSISTENCE_CURSOR};
+use crate::partition::{in_ranges, Partition, PERSISTENCE_CURSOR};
 use crate::store::{FlushBatch, PartitionDiskState};
 use crate::sync::{Arc, Ordering};
 
@@ -125,50 +125,76 @@ pub(crate) fn run_round(shared: &Shared, mine: &[&Partition], forced: bool) -> R
     for p in mine {
         let before = batch.len();
         let mut max_cas = p.progress.max_cas.load(Ordering::Relaxed);
-        // The scan goes in pieces of `SCAN_PIECE` items, re-taking the
-        // partition's writer lock for each and encoding into the batch's
-        // staging buffer (the store writes it in key order), so a writer
-        // never waits behind a whole batch. The batch limits are soft: a round stops only where
-        // the disk is consistent — at the barrier (a window's START, which
-        // begins a checkpoint), at a checkpoint boundary once past the
-        // limits, or at the current end of the open checkpoint. Stopping
-        // inside a checkpoint could persist a seqno beyond a change that
+        // Closed checkpoints never change: each step takes the next run of
+        // them (shared, not copied) under the partition's writer lock, then
+        // reads and encodes it without the lock, so writers never wait on
+        // that work. Only the open checkpoint is read under the lock, in
+        // pieces of `SCAN_PIECE` items. Entries are encoded into the batch's
+        // staging buffer (the store writes them in key order).
+        //
+        // The batch limits are soft: a round stops only where the disk is
+        // consistent — at the barrier (a window's START, which begins a
+        // checkpoint), at a checkpoint boundary once past the limits, or at
+        // the current end of the open checkpoint. Stopping inside a
+        // checkpoint could persist a seqno beyond a change that
         // de-duplication moved later in it, and acknowledge a durable write
         // whose key is on disk in neither version.
         let mut scanned: Option<CursorProgress> = None;
-        let mut encode_err = None;
         let limits = (cfg.flush_batch_max_items, cfg.flush_batch_max_bytes);
+        let mut encode = |item: &crate::item::QueuedItem, reverted: &[(u64, u64)]| -> Result<()> {
+            if !in_ranges(reverted, item.seqno()) {
+                shared.store.add_to_batch(&mut batch, p.id, item)?;
+                max_cas = max_cas.max(item.meta().cas);
+            }
+            Ok(())
+        };
         let progress = loop {
+            let mut failed = None;
             let w = p.lock();
-            let upto = scanned
-                .as_ref()
-                .map_or(0, |s| s.items)
-                .saturating_add(SCAN_PIECE);
-            let next = w.checkpoints.scan_on(
+            let done = scanned.as_ref().map_or(0, |s| s.items);
+            let run = w.checkpoints.closed_run(
                 PERSISTENCE_CURSOR,
                 scanned.as_ref(),
-                upto,
-                usize::MAX,
-                w.persist_barrier(),
-                Some(limits),
-                |ev| {
-                    if let EventRef::Item(item) = ev {
-                        if w.is_reverted(item.seqno()) {
-                            return;
-                        }
-                        if let Err(e) = shared.store.add_to_batch(&mut batch, p.id, item) {
-                            encode_err.get_or_insert(e);
-                        }
-                        max_cas = max_cas.max(item.meta().cas);
-                    }
-                },
+                limits.0.saturating_sub(done),
             )?;
-            drop(w);
-            if let Some(e) = encode_err.take() {
+            let (next, at_end) = if run.is_empty() {
+                // The open checkpoint: a piece under the lock.
+                let upto = done.saturating_add(SCAN_PIECE);
+                let next = w.checkpoints.scan_on(
+                    PERSISTENCE_CURSOR,
+                    scanned.as_ref(),
+                    upto,
+                    usize::MAX,
+                    w.persist_barrier(),
+                    Some(limits),
+                    |ev| {
+                        if let EventRef::Item(item) = ev {
+                            if let Err(e) = encode(item, &w.reverted) {
+                                failed.get_or_insert(e);
+                            }
+                        }
+                    },
+                )?;
+                drop(w);
+                // Short of the piece: the open checkpoint's current end.
+                (next, next.items < upto)
+            } else {
+                let (barrier, reverted) = (w.persist_barrier(), w.reverted.clone());
+                drop(w);
+                let next = run.scan(barrier, Some(limits), |ev| {
+                    if let EventRef::Item(item) = ev {
+                        if let Err(e) = encode(item, &reverted) {
+                            failed.get_or_insert(e);
+                        }
+                    }
+                });
+                (next, false)
+            };
+            if let Some(e) = failed {
                 return Err(e);
             }
             let over = next.items >= limits.0 || next.bytes >= limits.1;
-            if next.blocked || next.items < upto || (over && next.at_checkpoint_boundary()) {
+            if at_end || next.blocked || (over && next.at_checkpoint_boundary()) {
                 break next;
             }
             scanned = Some(next);

@@ -34,8 +34,8 @@ mod store;
 mod sync;
 
 pub use checkpoint::{
-    CheckpointConfig, CheckpointInfo, CheckpointManager, CursorBatch, CursorEvent, CursorInfo,
-    CursorProgress, EventRef, FreedCheckpoints, Registration,
+    CheckpointConfig, CheckpointInfo, CheckpointManager, ClosedRun, CursorBatch, CursorEvent,
+    CursorInfo, CursorProgress, EventRef, FreedCheckpoints, Registration,
 };
 pub use config::{EngineBuilder, EngineConfig};
 pub use engine::{Engine, ReplicationGate};

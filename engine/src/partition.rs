@@ -77,13 +77,6 @@ impl PartitionWriter {
     pub(crate) fn persist_barrier(&self) -> Option<u64> {
         self.window.as_ref().map(|w| w.start_seqno - 1)
     }
-
-    /// Whether the entry at `seqno` belongs to a reverted window.
-    pub(crate) fn is_reverted(&self, seqno: u64) -> bool {
-        self.reverted
-            .iter()
-            .any(|(a, b)| (*a..=*b).contains(&seqno))
-    }
 }
 
 /// Persistence progress and flush figures, readable without locks.
@@ -372,6 +365,11 @@ pub(crate) fn pre_image(cur: Option<&Record>, clean_upto: u64) -> Option<Record>
             r.clone()
         }
     })
+}
+
+/// Whether `seqno` lies in one of the inclusive `ranges`.
+pub(crate) fn in_ranges(ranges: &[(u64, u64)], seqno: u64) -> bool {
+    ranges.iter().any(|(a, b)| (*a..=*b).contains(&seqno))
 }
 
 pub(crate) fn is_expired(meta: &ItemMeta) -> bool {

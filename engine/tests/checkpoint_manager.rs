@@ -428,3 +428,98 @@ proptest! {
         }
     }
 }
+
+/// Events as comparable strings.
+fn describe(ev: tapkv_engine::EventRef<'_>) -> String {
+    match ev.to_owned() {
+        CursorEvent::CheckpointStart { id } => format!("start {id}"),
+        CursorEvent::CheckpointEnd { id } => format!("end {id}"),
+        CursorEvent::Item(i) => format!("{} @{}", String::from_utf8_lossy(i.key()), i.seqno()),
+    }
+}
+
+proptest! {
+    /// Reading closed runs without the manager (then the open checkpoint
+    /// through `scan_on`) yields exactly what one `scan_on` yields, and
+    /// ends at the same position.
+    #[test]
+    fn closed_runs_read_what_scan_on_reads(
+        keys in proptest::collection::vec(0u8..12, 1..120),
+        max_items in 2usize..9,
+        budget in 1usize..20,
+        read_first in 0usize..30,
+    ) {
+        let (mut m, _) = mgr(max_items);
+        m.register_cursor("c", 0).unwrap();
+        for (i, k) in keys.iter().enumerate() {
+            m.queue(item(&format!("k{k}"), i as u64 + 1));
+        }
+        // Move the cursor part of the way first, maybe into a checkpoint.
+        let first = m.peek("c", read_first, usize::MAX, None).unwrap();
+        drop(m.advance("c", &first).unwrap());
+
+        let mut whole = Vec::new();
+        let expected = m
+            .scan_on("c", None, usize::MAX, usize::MAX, None, None, |ev| whole.push(describe(ev)))
+            .unwrap();
+
+        let mut pieces = Vec::new();
+        let mut after = None;
+        loop {
+            let run = m.closed_run("c", after.as_ref(), budget).unwrap();
+            if run.is_empty() {
+                break;
+            }
+            let p = run.scan(None, None, |ev| pieces.push(describe(ev)));
+            after = Some(p);
+        }
+        let end = m
+            .scan_on("c", after.as_ref(), usize::MAX, usize::MAX, None, None, |ev| {
+                pieces.push(describe(ev))
+            })
+            .unwrap();
+        prop_assert_eq!(&pieces, &whole);
+        prop_assert_eq!(end.end_seqno(), expected.end_seqno());
+        prop_assert_eq!(end.end_checkpoint_id(), expected.end_checkpoint_id());
+        prop_assert_eq!(end.items, expected.items);
+        drop(m.advance("c", &end).unwrap());
+        prop_assert_eq!(m.remaining("c").unwrap(), 0);
+    }
+}
+
+#[test]
+fn a_closed_run_is_unchanged_by_later_writes_and_stops_at_a_barrier() {
+    let (mut m, _) = mgr(3);
+    m.register_cursor("c", 0).unwrap();
+    for s in 1..=7 {
+        m.queue(item(&format!("k{s}"), s));
+    }
+    // Checkpoints 1 [1..3], 2 [4..6] closed; 3 [7] open.
+    let run = m.closed_run("c", None, usize::MAX).unwrap();
+    // Later writes (and de-duplication in the open checkpoint) do not
+    // touch the run.
+    m.queue(item("k7", 8));
+    m.queue(item("k1", 9));
+    let mut seen = Vec::new();
+    let p = run.scan(None, None, |ev| seen.push(describe(ev)));
+    assert_eq!(
+        seen,
+        [
+            "start 1", "k1 @1", "k2 @2", "k3 @3", "end 1", "start 2", "k4 @4", "k5 @5", "k6 @6",
+            "end 2"
+        ]
+    );
+    assert_eq!((p.end_seqno(), p.end_checkpoint_id(), p.items), (6, 3, 6));
+    assert!(p.at_checkpoint_boundary() && !p.blocked);
+
+    let mut seen = Vec::new();
+    let p = run.scan(Some(4), None, |ev| seen.push(describe(ev)));
+    assert!(p.blocked, "stops at the barrier");
+    assert_eq!(p.end_seqno(), 4);
+    assert_eq!(seen.last().map(String::as_str), Some("k4 @4"));
+
+    // A round limit stops it at the first boundary past it.
+    let p = run.scan(None, Some((2, usize::MAX)), |_| {});
+    assert_eq!((p.end_seqno(), p.end_checkpoint_id()), (3, 2));
+    assert!(p.at_checkpoint_boundary());
+}
