@@ -482,7 +482,7 @@ proptest! {
         prop_assert_eq!(end.end_seqno(), expected.end_seqno());
         prop_assert_eq!(end.end_checkpoint_id(), expected.end_checkpoint_id());
         prop_assert_eq!(end.items, expected.items);
-        drop(m.advance("c", &end).unwrap());
+        drop(m.advance("c", end).unwrap());
         prop_assert_eq!(m.remaining("c").unwrap(), 0);
     }
 }
