@@ -180,8 +180,9 @@ pub(crate) struct Shared {
     pub(crate) changes: ChangeFeed,
     /// Where `Replicate` writes wait for replicas (set by a node).
     pub(crate) gate: RwLock<Option<Arc<dyn ReplicationGate>>>,
-    /// Held by the flusher for a whole round, and by a partition reset.
-    pub(crate) flush_lock: Mutex<()>,
+    /// Held by the flusher for a whole round (it holds the round's batch,
+    /// whose buffers are reused), and by a partition reset.
+    pub(crate) flush_lock: Mutex<crate::store::FlushBatch>,
     /// Set by `crash()`: the flusher stops without draining.
     pub(crate) aborted: AtomicBool,
     /// Test and benchmark hook: while set, the flusher writes nothing.
@@ -438,7 +439,7 @@ impl Engine {
             syncs: AtomicU64::new(0),
             flusher_paused: AtomicBool::new(false),
             aborted: AtomicBool::new(false),
-            flush_lock: Mutex::new(()),
+            flush_lock: Mutex::new(crate::store::FlushBatch::default()),
             gate: RwLock::new(None),
             changes: ChangeFeed::default(),
             injected_flush_failures: AtomicUsize::new(0),

@@ -112,14 +112,16 @@ pub(crate) enum Round {
 /// round lock, so once a caller holding that lock has seen the pause set, no
 /// background round runs until it is lifted.
 pub(crate) fn run_round(shared: &Shared, mine: &[&Partition], forced: bool) -> Result<Round> {
-    let _round = shared.flush_lock.lock();
+    let mut round = shared.flush_lock.lock();
     if !forced && shared.flusher_paused.load(Ordering::Acquire) {
         return Ok(Round::Paused);
     }
     let started = Instant::now();
     let wants_sync = shared.persist_waiters.load(Ordering::Acquire) > 0;
     let cfg = &shared.config;
-    let mut batch = FlushBatch::default();
+    // The round lock holds the batch, so its buffers are reused.
+    let batch: &mut FlushBatch = &mut round;
+    batch.reset();
     let mut pending: Vec<(&Partition, CursorProgress, PartitionDiskState, usize)> = Vec::new();
     let mut more = false;
     for p in mine {
@@ -143,7 +145,7 @@ pub(crate) fn run_round(shared: &Shared, mine: &[&Partition], forced: bool) -> R
         let limits = (cfg.flush_batch_max_items, cfg.flush_batch_max_bytes);
         let mut encode = |item: &crate::item::QueuedItem, reverted: &[(u64, u64)]| -> Result<()> {
             if !in_ranges(reverted, item.seqno()) {
-                shared.store.add_to_batch(&mut batch, p.id, item)?;
+                shared.store.add_to_batch(batch, p.id, item)?;
                 max_cas = max_cas.max(item.meta().cas);
             }
             Ok(())
@@ -209,7 +211,7 @@ pub(crate) fn run_round(shared: &Shared, mine: &[&Partition], forced: bool) -> R
             checkpoint_id: progress.end_checkpoint_id(),
             max_cas,
         };
-        shared.store.add_state_to_batch(&mut batch, p.id, &state)?;
+        shared.store.add_state_to_batch(batch, p.id, &state)?;
         pending.push((p, progress, state, batch.len() - before));
     }
     if pending.is_empty() {

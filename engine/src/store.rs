@@ -571,14 +571,15 @@ impl Store {
     }
 
     /// Writes `batch` atomically (WAL on); `sync` makes it durable before return.
-    pub(crate) fn write(&self, mut batch: FlushBatch, sync: bool) -> Result<()> {
+    /// Writes the batch (staged entries in key order); leaves it empty.
+    pub(crate) fn write(&self, batch: &mut FlushBatch, sync: bool) -> Result<()> {
         let cf = self.cf(CF_ITEMS)?;
         let FlushBatch {
             batch: rocks_batch,
             staged,
             entries,
             ..
-        } = &mut batch;
+        } = batch;
         let key = |e: &(u32, u32, u32)| &staged[e.0 as usize..e.1 as usize];
         // Stable: two versions of one key (from two checkpoints) keep their
         // seqno order, so the later one wins in the batch as in memory.
@@ -588,7 +589,9 @@ impl Store {
         }
         let mut wo = rocksdb::WriteOptions::default();
         wo.set_sync(sync);
-        self.db.write_opt(batch.batch, &wo)?;
+        let rocks_batch = std::mem::take(&mut batch.batch);
+        batch.reset();
+        self.db.write_opt(rocks_batch, &wo)?;
         Ok(())
     }
 
@@ -602,6 +605,20 @@ impl Store {
 impl FlushBatch {
     pub(crate) fn len(&self) -> usize {
         self.items
+    }
+
+    /// Empties the batch for a new round, keeping the staging buffers'
+    /// memory: re-growing them every round re-faulted fresh pages, about a
+    /// fifth of the flusher's time.
+    pub(crate) fn reset(&mut self) {
+        self.batch = WriteBatch::default();
+        self.items = 0;
+        self.staged.clear();
+        self.entries.clear();
+        // A round of huge values does not pin its buffer for good.
+        if self.staged.capacity() > 64 << 20 {
+            self.staged = Vec::new();
+        }
     }
 }
 
