@@ -5,6 +5,7 @@
 //! Each figure is measured in the same process, on the same machine, with the
 //! same keys (16–24 bytes) and values (100 bytes).
 
+mod pinned;
 mod replication;
 mod revert;
 
@@ -426,15 +427,22 @@ fn main() {
         "backfill" => replication::backfill_only(),
         // The replica throughput and catch-up runs alone.
         "replica" => replication::replica_only(),
+        // Replication with each node a process pinned to its own core.
+        "pinned" => pinned::bench(),
+        // The pinned run's child processes.
+        "pinned-single" => pinned::single_child(),
+        "pinned-primary" => pinned::primary_child(),
+        "pinned-replica" => pinned::replica_child(args.get(1).map_or("", String::as_str)),
         // Only tapkv's Memory-durability set loop, for profilers.
         "set" => set_only(ops),
         "all" => {
             engine_bench(ops, reps);
             revert::bench();
             replication::bench();
+            pinned::bench();
         }
         "--help" | "-h" | "help" => {
-            println!("usage: tapkv-benches [engine|revert|replication|all|set|backfill|replica] [--ops N] [--reps R]   (default all; --ops sizes the engine bench and set, default 1000000; --reps repeats the engine bench's memory-path runs, default 3, medians reported)");
+            println!("usage: tapkv-benches [engine|revert|replication|pinned|all|set|backfill|replica] [--ops N] [--reps R]   (default all; --ops sizes the engine bench and set, default 1000000; --reps repeats the engine bench's memory-path runs, default 3, medians reported)");
         }
         other => {
             eprintln!("unknown benchmark {other:?}; try `help`");

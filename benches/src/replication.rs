@@ -42,7 +42,7 @@ const CATCH_UP_DEADLINE: Duration = Duration::from_secs(120);
 /// Repetitions of the backfill and raw iteration timings (median reported).
 const SCAN_REPS: usize = 3;
 
-fn open_engine(path: &Path, replica: bool) -> Engine {
+pub(crate) fn open_engine(path: &Path, replica: bool) -> Engine {
     Engine::builder(path)
         .replica(replica)
         .memory_quota(4 << 30)
@@ -51,7 +51,7 @@ fn open_engine(path: &Path, replica: bool) -> Engine {
 }
 
 /// `set` that waits out temporary memory pressure; returns the retries.
-fn set(engine: &Engine, i: u64) -> u64 {
+pub(crate) fn set(engine: &Engine, i: u64) -> u64 {
     let mut retries = 0;
     loop {
         match engine.set(&key(i), value(i), WriteOptions::default()) {

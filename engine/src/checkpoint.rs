@@ -128,6 +128,17 @@ pub enum EventRef<'a> {
     },
 }
 
+impl CursorEvent {
+    /// The event, borrowed.
+    pub fn as_event_ref(&self) -> EventRef<'_> {
+        match self {
+            CursorEvent::CheckpointStart { id } => EventRef::CheckpointStart { id: *id },
+            CursorEvent::Item(i) => EventRef::Item(i),
+            CursorEvent::CheckpointEnd { id } => EventRef::CheckpointEnd { id: *id },
+        }
+    }
+}
+
 impl EventRef<'_> {
     /// An owned copy of the event.
     pub fn to_owned(self) -> CursorEvent {

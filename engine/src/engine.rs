@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::checkpoint::{CheckpointInfo, CursorBatch, CursorInfo, Registration};
+use crate::checkpoint::{CheckpointInfo, CursorBatch, CursorInfo, EventRef, Registration};
 use crate::config::{EngineBuilder, EngineConfig};
 use crate::error::{Error, Result};
 use crate::flusher;
@@ -709,6 +709,48 @@ impl Engine {
         };
         drop(freed);
         Ok(batch)
+    }
+
+    /// Reads and consumes up to about `max_items` items from cursor `name`,
+    /// calling `visit` for each event in order, and returns how many items
+    /// it visited. Closed checkpoints are read without the partition's lock
+    /// (whole checkpoints, so a call may pass `max_items` to finish one);
+    /// entries of the open checkpoint are copied under the lock (reference
+    /// counts only) and visited after it. `read_cursor` without copies, for
+    /// readers that encode events as they go (replication streams).
+    pub fn read_cursor_with(
+        &self,
+        p: PartitionId,
+        name: &str,
+        max_items: usize,
+        mut visit: impl FnMut(EventRef<'_>),
+    ) -> Result<usize> {
+        if name == PERSISTENCE_CURSOR {
+            return Err(Error::InvalidArgument(format!(
+                "cursor {PERSISTENCE_CURSOR:?} belongs to the flusher"
+            )));
+        }
+        let s = self.live()?;
+        let part = s.partition(p)?;
+        let mut w = part.lock();
+        let run = w.checkpoints.closed_run(name, None, max_items)?;
+        if !run.is_empty() {
+            drop(w);
+            let progress = run.scan(None, Some((max_items, usize::MAX)), &mut visit);
+            // The cursor moves only once its events were visited; a cursor
+            // dropped or moved meanwhile makes this fail, not skip.
+            let freed = part.lock().checkpoints.advance(name, progress)?;
+            drop(freed);
+            return Ok(progress.items);
+        }
+        let batch = w.checkpoints.peek(name, max_items, usize::MAX, None)?;
+        let freed = w.checkpoints.advance(name, &batch)?;
+        drop(w);
+        drop(freed);
+        for ev in &batch.events {
+            visit(ev.as_event_ref());
+        }
+        Ok(batch.items())
     }
 
     /// Drops cursor `name`; returns whether it existed.

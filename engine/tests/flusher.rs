@@ -269,3 +269,46 @@ fn a_round_holding_two_versions_of_a_key_persists_the_later_one() {
         }
     }
 }
+
+#[test]
+fn read_cursor_with_visits_what_read_cursor_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = builder(dir.path())
+        .partitions(1)
+        .checkpoint_max_items(10)
+        .open()
+        .unwrap();
+    e.register_cursor(0, "owned", 0).unwrap();
+    e.register_cursor(0, "visited", 0).unwrap();
+    for i in 0..95usize {
+        // Some keys repeat, so open checkpoints de-duplicate.
+        e.set(&key(i % 70), value(i), WriteOptions::default())
+            .unwrap();
+    }
+    e.delete(&key(3), WriteOptions::default()).unwrap();
+    let show = |ev: tapkv_engine::EventRef<'_>| format!("{:?}", ev.to_owned());
+    let mut owned = Vec::new();
+    while let Ok(b) = e.read_cursor(0, "owned", 7) {
+        if b.is_empty() {
+            break;
+        }
+        owned.extend(b.events.iter().map(|ev| show(ev.as_event_ref())));
+    }
+    let mut visited = Vec::new();
+    let mut calls = 0;
+    loop {
+        let before = visited.len();
+        e.read_cursor_with(0, "visited", 7, |ev| visited.push(show(ev)))
+            .unwrap();
+        calls += 1;
+        if visited.len() == before || calls > 1000 {
+            break;
+        }
+    }
+    assert_eq!(visited, owned);
+    let cursors = e.cursors(0).unwrap();
+    assert!(cursors
+        .iter()
+        .filter(|c| c.name != "persistence")
+        .all(|c| c.remaining == 0));
+}

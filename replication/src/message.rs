@@ -224,12 +224,26 @@ impl StreamMessage {
     /// from its record (no intermediate frame or copies of key and value).
     /// The bytes are those of [`to_frame`](Self::to_frame)'s encoding.
     pub fn encode(&self, out: &mut BytesMut) {
-        let StreamMessage::Item { partition, item } = self else {
-            self.to_frame().encode(out);
-            return;
-        };
+        match self {
+            StreamMessage::Item { partition, item } if item.op.is_key_op() => {
+                Self::encode_item(*partition, item, out);
+            }
+            _ => self.to_frame().encode(out),
+        }
+    }
+
+    /// Appends the frame of a mutation or deletion of `partition` straight
+    /// from the entry's record (no intermediate frame, no copy but into
+    /// `out`); the bytes of `StreamMessage::Item { partition, item }`'s
+    /// frame. Markers go through [`to_frame`](Self::to_frame).
+    pub fn encode_item(partition: u16, item: &QueuedItem, out: &mut BytesMut) {
         if !item.op.is_key_op() {
-            self.to_frame().encode(out);
+            StreamMessage::Item {
+                partition,
+                item: item.clone(),
+            }
+            .to_frame()
+            .encode(out);
             return;
         }
         let m = item.meta();
@@ -249,7 +263,7 @@ impl StreamMessage {
                 magic: MAGIC_REQUEST,
                 opcode,
                 datatype: 0,
-                vbucket_or_status: *partition,
+                vbucket_or_status: partition,
                 opaque: 0,
                 cas: m.cas,
             },

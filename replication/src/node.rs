@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::Serialize;
 use tapkv_engine::{
-    ApplyOutcome, CursorEvent, DiskView, Engine, Error, PartitionId, StreamStart, WriteOptions,
+    ApplyOutcome, DiskView, Engine, Error, EventRef, PartitionId, StreamStart, WriteOptions,
 };
 
 use crate::io::{FrameReader, FrameWriter};
@@ -1029,26 +1029,31 @@ fn stream_loop(
             }
             let mut sent = 0;
             for p in &active {
-                let batch = engine.read_cursor(*p, &s.cursor, cfg.stream_batch)?;
                 let mut last = None;
-                for ev in batch.events {
-                    let m = match ev {
-                        CursorEvent::CheckpointStart { id } => {
-                            StreamMessage::CheckpointStart { partition: *p, id }
-                        }
-                        CursorEvent::CheckpointEnd { id } => {
-                            StreamMessage::CheckpointEnd { partition: *p, id }
-                        }
-                        CursorEvent::Item(item) => {
+                // Entries are encoded straight from the checkpoints into the
+                // connection buffer (closed checkpoints without the
+                // partition's lock).
+                engine.read_cursor_with(*p, &s.cursor, cfg.stream_batch, |ev| {
+                    sent += match ev {
+                        EventRef::CheckpointStart { id } => send(
+                            writer,
+                            s,
+                            &StreamMessage::CheckpointStart { partition: *p, id },
+                        ),
+                        EventRef::CheckpointEnd { id } => send(
+                            writer,
+                            s,
+                            &StreamMessage::CheckpointEnd { partition: *p, id },
+                        ),
+                        EventRef::Item(item) => {
                             last = Some(item.seqno());
-                            StreamMessage::Item {
-                                partition: *p,
-                                item,
-                            }
+                            let n = writer
+                                .push_encoded(|buf| StreamMessage::encode_item(*p, item, buf));
+                            s.unacked.fetch_add(n as u64, Ordering::AcqRel);
+                            n
                         }
                     };
-                    sent += send(writer, s, &m);
-                }
+                })?;
                 if let Some(seqno) = last {
                     if let Some(e) = s.parts.lock().get_mut(p) {
                         e.1 = seqno;
@@ -1085,7 +1090,7 @@ fn apply_one(
     engine: &Engine,
     partition: PartitionId,
     item: &tapkv_engine::QueuedItem,
-    seqnos: &mut HashMap<PartitionId, u64>,
+    seqnos: &mut [u64],
 ) -> Result<bool, Error> {
     let seqno = item.seqno();
     let outcome = engine
@@ -1100,8 +1105,9 @@ fn apply_one(
         engine.reset_partition(partition)?;
         return Ok(false);
     }
-    let e = seqnos.entry(partition).or_default();
-    *e = (*e).max(seqno);
+    if let Some(e) = seqnos.get_mut(usize::from(partition)) {
+        *e = (*e).max(seqno);
+    }
     Ok(true)
 }
 
@@ -1190,7 +1196,14 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
     }
     tracing::info!(%primary, "replication stream open");
     let mut ack = Ack::default();
-    let mut seqnos: HashMap<PartitionId, u64> = HashMap::new();
+    // Highest seqno applied per partition (0: nothing yet), for acks.
+    let mut seqnos = vec![0u64; usize::from(engine.num_partitions())];
+    let applied = |seqnos: &[u64]| -> Vec<(PartitionId, u64)> {
+        (0..)
+            .zip(seqnos.iter().copied())
+            .filter(|(_, s)| *s > 0)
+            .collect()
+    };
     // Disk snapshots arrive in key order: held per partition until their end
     // marker, then applied in seqno order.
     let mut snapshots: HashMap<PartitionId, Vec<tapkv_engine::QueuedItem>> = HashMap::new();
@@ -1208,7 +1221,7 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
                     });
                 }
                 if ack.bytes > 0 {
-                    ack.seqnos = seqnos.iter().map(|(p, s)| (*p, *s)).collect();
+                    ack.seqnos = applied(&seqnos);
                     writer.send(&ack.to_frame()).map_err(perr)?;
                     ack = Ack::default();
                     last_ack = Instant::now();
@@ -1216,7 +1229,8 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
                 continue;
             }
         };
-        last_heard = Instant::now();
+        let now = Instant::now();
+        last_heard = now;
         ack.bytes += frame.wire_len() as u64;
         let msg = StreamMessage::from_frame(&frame).map_err(perr)?;
         match msg {
@@ -1256,7 +1270,12 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
             }
             StreamMessage::CheckpointEnd { .. } => {}
             StreamMessage::Item { partition, item } => {
-                if let Some(buffer) = snapshots.get_mut(&partition) {
+                let buffer = if snapshots.is_empty() {
+                    None
+                } else {
+                    snapshots.get_mut(&partition)
+                };
+                if let Some(buffer) = buffer {
                     buffer.push(item);
                 } else if !apply_one(engine, partition, &item, &mut seqnos)? {
                     return Ok(());
@@ -1272,11 +1291,11 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
             }
             StreamMessage::StreamEnd => return Ok(()),
         }
-        if ack.bytes >= 64 * 1024 || last_ack.elapsed() >= Duration::from_millis(20) {
-            ack.seqnos = seqnos.iter().map(|(p, s)| (*p, *s)).collect();
+        if ack.bytes >= 64 * 1024 || now.duration_since(last_ack) >= Duration::from_millis(20) {
+            ack.seqnos = applied(&seqnos);
             writer.send(&ack.to_frame()).map_err(perr)?;
             ack = Ack::default();
-            last_ack = Instant::now();
+            last_ack = now;
         }
     }
     Ok(())

@@ -1,0 +1,269 @@
+//! Replica throughput with each node on its own core, as if on its own
+//! machine: the fair form of issue 4's goal on a small machine.
+//!
+//! In the in-process benchmark (`replication.rs`) the primary's writer,
+//! flusher and stream thread and the replica's apply thread and flusher all
+//! share the machine's cores, while the single-node figure has them to
+//! itself. Here every node is a process of this binary pinned with
+//! `taskset` to one core:
+//!
+//! 1. single node on core 0: N writes into a plain engine (writer, flusher
+//!    and RocksDB's threads share that core);
+//! 2. a primary node on core 0 (the writer writes straight into its engine)
+//!    and a replica node on core 1; the replica is timed from the primary's
+//!    first write until it holds every seqno the primary wrote.
+//!
+//! Goal: replica rate >= 0.8x the single-node rate. Needs at least 2 cores
+//! and `taskset` (util-linux); otherwise the run says so and is skipped.
+//! Timestamps cross processes as wall-clock nanoseconds (same machine).
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tapkv_engine::Engine;
+use tapkv_replication::node::{Node, NodeConfig};
+
+use super::replication::{open_engine, set};
+use super::{print_rows, Row};
+
+/// Items each timed run writes.
+const ITEMS: u64 = 500_000;
+/// Longest wait for the replica to catch up.
+const DEADLINE: Duration = Duration::from_secs(120);
+
+fn now_nanos() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
+}
+
+fn high_seqnos(engine: &Engine) -> Vec<u64> {
+    (0..engine.num_partitions())
+        .map(|p| engine.high_seqno(p).expect("high seqno"))
+        .collect()
+}
+
+fn join(v: &[u64]) -> String {
+    v.iter().map(u64::to_string).collect::<Vec<_>>().join(" ")
+}
+
+fn say(line: &str) {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}").expect("stdout");
+    out.flush().expect("stdout");
+}
+
+fn commands() -> impl Iterator<Item = String> {
+    std::io::stdin().lock().lines().map_while(Result::ok)
+}
+
+/// Child: a plain engine on this process's core; prints `rate R`.
+pub(crate) fn single_child() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = open_engine(dir.path(), false);
+    let t = Instant::now();
+    for i in 0..ITEMS {
+        set(&engine, i);
+    }
+    let r = ITEMS as f64 / t.elapsed().as_secs_f64();
+    say(&format!("rate {r}"));
+    engine.close().expect("close");
+}
+
+/// Child: a primary node. Prints `addr A`; on `warm` writes one item and
+/// prints `seqnos ...`; on `go` writes the run and prints
+/// `done T0 T1 seqnos...`; ends on `stop` or end of input.
+pub(crate) fn primary_child() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = NodeConfig::new("127.0.0.1:0");
+    cfg.name = "pinned-primary".into();
+    let node = Node::start(open_engine(dir.path(), false), cfg).expect("start primary");
+    say(&format!("addr {}", node.local_addr()));
+    let engine = node.engine().expect("primary engine");
+    for cmd in commands() {
+        match cmd.as_str() {
+            "warm" => {
+                set(engine, u64::MAX / 2);
+                say(&format!("seqnos {}", join(&high_seqnos(engine))));
+            }
+            "go" => {
+                let t0 = now_nanos();
+                for i in 0..ITEMS {
+                    set(engine, i);
+                }
+                let t1 = now_nanos();
+                say(&format!("done {t0} {t1} {}", join(&high_seqnos(engine))));
+            }
+            _ => break,
+        }
+    }
+    node.shutdown().expect("primary shutdown");
+}
+
+/// Child: a replica of `primary`. Prints `ready`; on `wait S...` polls its
+/// engine every millisecond until it holds those seqnos and prints
+/// `caught T` (or `timeout`); ends on `stop` or end of input.
+pub(crate) fn replica_child(primary: &str) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = NodeConfig::new("127.0.0.1:0");
+    cfg.name = "pinned-replica".into();
+    cfg.replica_of = Some(primary.to_owned());
+    let node = Node::start(open_engine(dir.path(), true), cfg).expect("start replica");
+    let engine = node.engine().expect("replica engine");
+    say("ready");
+    for cmd in commands() {
+        let Some(rest) = cmd.strip_prefix("wait ") else {
+            break;
+        };
+        let want: Vec<u64> = rest.split(' ').filter_map(|s| s.parse().ok()).collect();
+        let t = Instant::now();
+        let held = |e: &Engine| {
+            want.iter()
+                .enumerate()
+                .all(|(p, s)| e.high_seqno(p as u16).expect("high seqno") >= *s)
+        };
+        while !held(engine) && t.elapsed() < DEADLINE {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if held(engine) {
+            say(&format!("caught {}", now_nanos()));
+        } else {
+            say("timeout");
+        }
+    }
+    node.shutdown().expect("replica shutdown");
+}
+
+/// A child process of this binary pinned to `cpu`, talked to by lines.
+struct Pinned {
+    child: Child,
+    input: ChildStdin,
+    output: BufReader<ChildStdout>,
+}
+
+impl Pinned {
+    fn spawn(cpu: usize, args: &[&str]) -> Pinned {
+        let exe = std::env::current_exe().expect("current exe");
+        let mut child = Command::new("taskset")
+            .arg("-c")
+            .arg(cpu.to_string())
+            .arg(exe)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn pinned child");
+        let input = child.stdin.take().expect("child stdin");
+        let output = BufReader::new(child.stdout.take().expect("child stdout"));
+        Pinned {
+            child,
+            input,
+            output,
+        }
+    }
+
+    fn send(&mut self, line: &str) {
+        writeln!(self.input, "{line}").expect("write to child");
+        self.input.flush().expect("write to child");
+    }
+
+    /// The next line, which must start with `tag`; the words after it.
+    fn expect(&mut self, tag: &str) -> Vec<String> {
+        let mut line = String::new();
+        self.output.read_line(&mut line).expect("read from child");
+        let mut words = line.split_whitespace().map(str::to_owned);
+        let first = words.next().unwrap_or_default();
+        assert_eq!(first, tag, "child said {line:?}");
+        words.collect()
+    }
+
+    fn finish(mut self) {
+        let _ = writeln!(self.input, "stop");
+        drop(self.input);
+        let t = Instant::now();
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(_)) => return,
+                Ok(None) if t.elapsed() < Duration::from_secs(60) => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                _ => {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn nanos(words: &[String], i: usize) -> u128 {
+    words
+        .get(i)
+        .and_then(|w| w.parse().ok())
+        .expect("timestamp")
+}
+
+/// The orchestrating run; prints its table.
+pub fn bench() {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let taskset = Command::new("taskset")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if cores < 2 || !taskset {
+        println!("\npinned replication: skipped (needs 2 cores and taskset; have {cores} cores)");
+        return;
+    }
+    println!("\npinned replication: each node a process on its own core (taskset), {ITEMS} items");
+    let mut single = Pinned::spawn(0, &["pinned-single"]);
+    let single_rate: f64 = single.expect("rate")[0].parse().expect("rate");
+    single.finish();
+
+    let mut primary = Pinned::spawn(0, &["pinned-primary"]);
+    let addr = primary.expect("addr")[0].clone();
+    let mut replica = Pinned::spawn(1, &["pinned-replica", &addr]);
+    replica.expect("ready");
+    // The replica connects and holds the warm-up item before the clock starts.
+    primary.send("warm");
+    let warm = primary.expect("seqnos").join(" ");
+    replica.send(&format!("wait {warm}"));
+    replica.expect("caught");
+    primary.send("go");
+    let done = primary.expect("done");
+    let (t0, t1) = (nanos(&done, 0), nanos(&done, 1));
+    replica.send(&format!("wait {}", done[2..].join(" ")));
+    let caught = replica.expect("caught");
+    let t2 = nanos(&caught, 0);
+    replica.finish();
+    primary.finish();
+
+    let secs = |a: u128, b: u128| (b.saturating_sub(a) as f64 / 1e9).max(1e-9);
+    let primary_rate = ITEMS as f64 / secs(t0, t1);
+    let replica_rate = ITEMS as f64 / secs(t0, t2);
+    println!(
+        "  single node {single_rate:.0}/s on core 0; primary {primary_rate:.0}/s on core 0; \
+         replica {replica_rate:.0}/s on core 1, caught up {:.1} ms after the last write",
+        secs(t1, t2) * 1e3
+    );
+    print_rows(
+        "replication with a core per node (items/s)",
+        &[
+            Row {
+                name: "replica apply, own core (first write -> caught up)".into(),
+                tapkv: replica_rate,
+                other_name: "single node, one core, same items".into(),
+                other: single_rate,
+                target: Some(0.8),
+            },
+            Row {
+                name: "primary node set, one core".into(),
+                tapkv: primary_rate,
+                other_name: "single node, one core, same items".into(),
+                other: single_rate,
+                target: None,
+            },
+        ],
+    );
+}
