@@ -118,15 +118,17 @@ pub(crate) fn replica_child(primary: &str) {
         };
         let want: Vec<u64> = rest.split(' ').filter_map(|s| s.parse().ok()).collect();
         let t = Instant::now();
-        let held = |e: &Engine| {
-            want.iter()
-                .enumerate()
-                .all(|(p, s)| e.high_seqno(p as u16).expect("high seqno") >= *s)
-        };
-        while !held(engine) && t.elapsed() < DEADLINE {
+        // Partitions already caught up are not asked again: the poll stays
+        // cheap next to the apply thread it shares the core with.
+        let mut pending: Vec<(u16, u64)> = (0..).zip(want.iter().copied()).collect();
+        loop {
+            pending.retain(|(p, s)| engine.high_seqno(*p).expect("high seqno") < *s);
+            if pending.is_empty() || t.elapsed() >= DEADLINE {
+                break;
+            }
             std::thread::sleep(Duration::from_millis(1));
         }
-        if held(engine) {
+        if pending.is_empty() {
             say(&format!("caught {}", now_nanos()));
         } else {
             say("timeout");
@@ -205,18 +207,9 @@ fn nanos(words: &[String], i: usize) -> u128 {
         .expect("timestamp")
 }
 
-/// The orchestrating run; prints its table.
-pub fn bench() {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let taskset = Command::new("taskset")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if cores < 2 || !taskset {
-        println!("\npinned replication: skipped (needs 2 cores and taskset; have {cores} cores)");
-        return;
-    }
-    println!("\npinned replication: each node a process on its own core (taskset), {ITEMS} items");
+/// One round: the single node, then the pair; (single, primary, replica)
+/// items/s.
+fn pinned_round() -> (f64, f64, f64) {
     let mut single = Pinned::spawn(0, &["pinned-single"]);
     let single_rate: f64 = single.expect("rate")[0].parse().expect("rate");
     single.finish();
@@ -244,9 +237,30 @@ pub fn bench() {
     let replica_rate = ITEMS as f64 / secs(t0, t2);
     println!(
         "  single node {single_rate:.0}/s on core 0; primary {primary_rate:.0}/s on core 0; \
-         replica {replica_rate:.0}/s on core 1, caught up {:.1} ms after the last write",
+         replica {replica_rate:.0}/s on core 1 ({:.2}x), caught up {:.1} ms after the last write",
+        replica_rate / single_rate,
         secs(t1, t2) * 1e3
     );
+    (single_rate, primary_rate, replica_rate)
+}
+
+/// The orchestrating run; prints its table.
+pub fn bench() {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let taskset = Command::new("taskset")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if cores < 2 || !taskset {
+        println!("\npinned replication: skipped (needs 2 cores and taskset; have {cores} cores)");
+        return;
+    }
+    println!("\npinned replication: each node a process on its own core (taskset), {ITEMS} items");
+    // Three rounds; the table shows the round with the median ratio (every
+    // round's figures are printed).
+    let mut rounds: Vec<(f64, f64, f64)> = (0..3).map(|_| pinned_round()).collect();
+    rounds.sort_by(|a, b| (a.2 / a.0).total_cmp(&(b.2 / b.0)));
+    let (single_rate, primary_rate, replica_rate) = rounds[1];
     print_rows(
         "replication with a core per node (items/s)",
         &[

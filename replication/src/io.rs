@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 
-use crate::protocol::{decode, Frame, ProtocolError};
+use crate::protocol::{decode, decode_ref, Frame, FrameRef, ProtocolError};
 
 /// Reads frames; a read timeout returns `Ok(None)` and keeps partial data.
 pub struct FrameReader {
@@ -38,7 +38,35 @@ impl FrameReader {
             if let Some(f) = decode(&mut self.buf, self.max_body)? {
                 return Ok(Some(f));
             }
-            let mut chunk = [0u8; 64 * 1024];
+            if !self.fill()? {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Like [`poll`](Self::poll), but hands the frame to `f` borrowed from
+    /// the read buffer (no allocation or reference count per frame) and
+    /// returns what `f` returns.
+    pub fn poll_map<R>(
+        &mut self,
+        f: impl FnOnce(FrameRef<'_>) -> R,
+    ) -> Result<Option<R>, ProtocolError> {
+        loop {
+            if let Some((frame, len)) = decode_ref(&self.buf, self.max_body)? {
+                let r = f(frame);
+                bytes::Buf::advance(&mut self.buf, len);
+                return Ok(Some(r));
+            }
+            if !self.fill()? {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Reads more bytes into the buffer; `Ok(false)` on a read timeout.
+    fn fill(&mut self) -> Result<bool, ProtocolError> {
+        let mut chunk = [0u8; 64 * 1024];
+        loop {
             match self.stream.read(&mut chunk) {
                 Ok(0) if self.buf.is_empty() => return Err(ProtocolError::Closed),
                 Ok(0) => {
@@ -47,14 +75,17 @@ impl FrameReader {
                         "connection closed inside a frame",
                     )))
                 }
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Ok(n) => {
+                    self.buf.extend_from_slice(&chunk[..n]);
+                    return Ok(true);
+                }
                 Err(e)
                     if matches!(
                         e.kind(),
                         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                     ) =>
                 {
-                    return Ok(None)
+                    return Ok(false)
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(ProtocolError::Io(e)),

@@ -8,7 +8,9 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tapkv_engine::{ItemMeta, QueueOp, QueuedItem};
 
-use crate::protocol::{encode_request_parts, Frame, FrameParts, ProtocolError, MAGIC_REQUEST};
+use crate::protocol::{
+    encode_request_parts, Frame, FrameParts, FrameRef, ProtocolError, MAGIC_REQUEST,
+};
 
 /// Protocol version exchanged in `HELLO`.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -209,14 +211,18 @@ pub enum StreamMessage {
     StreamEnd,
 }
 
-fn need(f: &Frame, what: &'static str, extras: usize) -> Result<Bytes, ProtocolError> {
+fn need<'a>(
+    f: &FrameRef<'a>,
+    what: &'static str,
+    extras: usize,
+) -> Result<&'a [u8], ProtocolError> {
     if f.extras.len() != extras {
         return Err(ProtocolError::Malformed {
             what,
             why: format!("{} bytes of extras, expected {extras}", f.extras.len()),
         });
     }
-    Ok(f.extras.clone())
+    Ok(f.extras)
 }
 
 impl StreamMessage {
@@ -344,6 +350,12 @@ impl StreamMessage {
 
     /// Decodes a stream frame.
     pub fn from_frame(f: &Frame) -> Result<StreamMessage, ProtocolError> {
+        Self::from_frame_ref(&f.as_frame_ref())
+    }
+
+    /// Decodes a stream frame borrowed from a read buffer; keys and values
+    /// are copied into the entry's record, nothing else is kept.
+    pub fn from_frame_ref(f: &FrameRef<'_>) -> Result<StreamMessage, ProtocolError> {
         let partition = f.partition();
         Ok(match f.opcode {
             opcode::FAILOVER => StreamMessage::Failover {
@@ -384,9 +396,9 @@ impl StreamMessage {
                     // Key, value and metadata are copied into one record: a
                     // replica's hash table keeps it, never this frame.
                     item: if op == QueueOp::Mutation {
-                        QueuedItem::mutation(&f.key, &f.value, meta)
+                        QueuedItem::mutation(f.key, f.value, meta)
                     } else {
-                        QueuedItem::deletion(&f.key, meta)
+                        QueuedItem::deletion(f.key, meta)
                     },
                 }
             }
@@ -457,6 +469,7 @@ impl Ack {
 
     /// Decodes an `ACK`.
     pub fn from_frame(f: &Frame) -> Result<Ack, ProtocolError> {
+        let f = &f.as_frame_ref();
         let bytes = need(f, "ACK", 8)?.get_u64();
         if f.value.len() % 10 != 0 {
             return Err(ProtocolError::Malformed {
@@ -464,7 +477,7 @@ impl Ack {
                 why: "value is not a list of (u16, u64)".into(),
             });
         }
-        let mut v = f.value.clone();
+        let mut v = f.value;
         let mut seqnos = Vec::new();
         while v.has_remaining() {
             seqnos.push((v.get_u16(), v.get_u64()));
@@ -482,7 +495,7 @@ pub fn hello(name: &str) -> Frame {
 
 /// The version a `HELLO` carries.
 pub fn hello_version(f: &Frame) -> Result<u32, ProtocolError> {
-    Ok(need(f, "HELLO", 4)?.get_u32())
+    Ok(need(&f.as_frame_ref(), "HELLO", 4)?.get_u32())
 }
 
 /// memcached SET/ADD/REPLACE extras: flags, expiry.
@@ -495,7 +508,7 @@ pub fn store_extras(flags: u32, expiry: u32) -> Bytes {
 
 /// Parses memcached SET/ADD/REPLACE extras.
 pub fn parse_store_extras(f: &Frame) -> Result<(u32, u32), ProtocolError> {
-    let mut e = need(f, "SET", 8)?;
+    let mut e = need(&f.as_frame_ref(), "SET", 8)?;
     Ok((e.get_u32(), e.get_u32()))
 }
 

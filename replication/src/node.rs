@@ -1211,8 +1211,13 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
     let mut last_heard = Instant::now();
     let silence_limit = cfg.heartbeat * 10;
     while !state.stop.load(Ordering::Acquire) {
-        let frame = match reader.poll().map_err(perr)? {
-            Some(f) => f,
+        // Frames are decoded in place in the read buffer: an entry's key and
+        // value are copied once, into its record.
+        let polled = reader
+            .poll_map(|f| (f.wire_len(), StreamMessage::from_frame_ref(&f)))
+            .map_err(perr)?;
+        let (wire_len, msg) = match polled {
+            Some(m) => m,
             None => {
                 if last_heard.elapsed() > silence_limit {
                     return Err(Error::Timeout {
@@ -1231,8 +1236,8 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
         };
         let now = Instant::now();
         last_heard = now;
-        ack.bytes += frame.wire_len() as u64;
-        let msg = StreamMessage::from_frame(&frame).map_err(perr)?;
+        ack.bytes += wire_len as u64;
+        let msg = msg.map_err(perr)?;
         match msg {
             StreamMessage::Failover { partition, uuid } => {
                 let log = engine.failover_log(partition)?;

@@ -190,6 +190,95 @@ impl Frame {
     }
 }
 
+/// A frame borrowed from a read buffer (no reference counts, no copies):
+/// what [`FrameReader::poll_map`](crate::io::FrameReader::poll_map) hands
+/// to its callback.
+#[derive(Debug, Clone, Copy)]
+pub struct FrameRef<'a> {
+    /// [`MAGIC_REQUEST`] or [`MAGIC_RESPONSE`].
+    pub magic: u8,
+    /// Operation code.
+    pub opcode: u8,
+    /// Data type.
+    pub datatype: u8,
+    /// Partition in requests, status in responses.
+    pub vbucket_or_status: u16,
+    /// Opaque value.
+    pub opaque: u32,
+    /// CAS.
+    pub cas: u64,
+    /// Extras.
+    pub extras: &'a [u8],
+    /// Key.
+    pub key: &'a [u8],
+    /// Value.
+    pub value: &'a [u8],
+}
+
+impl FrameRef<'_> {
+    /// Partition of a request.
+    pub fn partition(&self) -> u16 {
+        self.vbucket_or_status
+    }
+
+    /// Length on the wire.
+    pub fn wire_len(&self) -> usize {
+        HEADER_LEN + self.extras.len() + self.key.len() + self.value.len()
+    }
+}
+
+impl Frame {
+    /// The frame, borrowed.
+    pub fn as_frame_ref(&self) -> FrameRef<'_> {
+        FrameRef {
+            magic: self.magic,
+            opcode: self.opcode,
+            datatype: self.datatype,
+            vbucket_or_status: self.vbucket_or_status,
+            opaque: self.opaque,
+            cas: self.cas,
+            extras: &self.extras,
+            key: &self.key,
+            value: &self.value,
+        }
+    }
+}
+
+/// Decodes one frame at the front of `buf` without copying it: the frame
+/// and its length on the wire, or `Ok(None)` if more bytes are needed.
+pub fn decode_ref(
+    buf: &[u8],
+    max_body: usize,
+) -> Result<Option<(FrameRef<'_>, usize)>, ProtocolError> {
+    if buf.len() < HEADER_LEN {
+        return Ok(None);
+    }
+    let mut h = [0u8; HEADER_LEN];
+    h.copy_from_slice(&buf[..HEADER_LEN]);
+    let header = parse_header(&h, max_body)?;
+    let total = HEADER_LEN + header.body_len;
+    if buf.len() < total {
+        return Ok(None);
+    }
+    let body = &buf[HEADER_LEN..total];
+    let (extras, rest) = body.split_at(header.extras_len);
+    let (key, value) = rest.split_at(header.key_len);
+    Ok(Some((
+        FrameRef {
+            magic: header.magic,
+            opcode: header.opcode,
+            datatype: header.datatype,
+            vbucket_or_status: header.vbucket_or_status,
+            opaque: header.opaque,
+            cas: header.cas,
+            extras,
+            key,
+            value,
+        },
+        total,
+    )))
+}
+
 /// The header fields of a frame other than the lengths.
 #[derive(Debug, Clone, Copy)]
 pub struct FrameParts {

@@ -5,7 +5,9 @@ use bytes::{Bytes, BytesMut};
 use proptest::prelude::*;
 use tapkv_engine::{ItemMeta, QueueOp, QueuedItem};
 use tapkv_replication::message::{Ack, StreamMessage};
-use tapkv_replication::protocol::{decode, read_frame, Frame, ProtocolError, HEADER_LEN};
+use tapkv_replication::protocol::{
+    decode, decode_ref, read_frame, Frame, ProtocolError, HEADER_LEN,
+};
 
 const MAX: usize = 4096;
 
@@ -43,10 +45,21 @@ proptest! {
     fn arbitrary_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..600)) {
         let mut buf = BytesMut::from(&data[..]);
         // Decode until error or need-more; every frame is within the limit.
-        while let Ok(Some(f)) = decode(&mut buf, MAX) {
-            prop_assert!(f.wire_len() <= HEADER_LEN + MAX);
-            let _ = StreamMessage::from_frame(&f);
-            let _ = Ack::from_frame(&f);
+        // The borrowing decoder agrees with the owning one at every step.
+        loop {
+            let borrowed = decode_ref(&buf, MAX)
+                .map(|r| r.map(|(f, len)| (format!("{f:?}"), len, StreamMessage::from_frame_ref(&f).ok())));
+            let owned = decode(&mut buf, MAX);
+            match (owned, borrowed) {
+                (Ok(Some(f)), Ok(Some((_, len, msg)))) => {
+                    prop_assert!(f.wire_len() <= HEADER_LEN + MAX);
+                    prop_assert_eq!(len, f.wire_len());
+                    prop_assert_eq!(msg, StreamMessage::from_frame(&f).ok());
+                    let _ = Ack::from_frame(&f);
+                }
+                (Ok(None), Ok(None)) | (Err(_), Err(_)) => break,
+                (o, b) => prop_assert!(false, "decoders disagree: {:?} vs {:?}", o.map(|f| f.is_some()), b.map(|r| r.is_some())),
+            }
         }
         let _ = read_frame(&mut &data[..], MAX);
     }
@@ -61,6 +74,12 @@ proptest! {
             prop_assert!(decode(&mut buf, MAX).unwrap().is_none());
             buf.extend_from_slice(&bytes[cut..]);
         }
+        let (borrowed, len) = decode_ref(&buf, MAX).unwrap().unwrap();
+        prop_assert_eq!(len, bytes.len());
+        prop_assert_eq!(
+            (borrowed.opcode, borrowed.cas, borrowed.extras, borrowed.key, borrowed.value),
+            (f.opcode, f.cas, &f.extras[..], &f.key[..], &f.value[..])
+        );
         let got = decode(&mut buf, MAX).unwrap().unwrap();
         prop_assert_eq!(&got, &f);
         prop_assert!(buf.is_empty());
