@@ -40,6 +40,10 @@ pub(crate) struct Signal {
     cv: Condvar,
 }
 
+/// Entries of the open checkpoint `read_cursor_with` copies per hold of a
+/// partition's writer lock.
+const OPEN_PIECE: usize = 64;
+
 const PENDING: u64 = 1;
 const URGENT: u64 = 2;
 const IDLE: u64 = 4;
@@ -743,14 +747,24 @@ impl Engine {
             drop(freed);
             return Ok(progress.items);
         }
-        let batch = w.checkpoints.peek(name, max_items, usize::MAX, None)?;
-        let freed = w.checkpoints.advance(name, &batch)?;
-        drop(w);
-        drop(freed);
-        for ev in &batch.events {
-            visit(ev.as_event_ref());
+        // The open checkpoint: short pieces copied under the lock, so a
+        // writer of the partition never waits behind a whole batch.
+        let mut items = 0;
+        loop {
+            let piece = (max_items - items).clamp(1, OPEN_PIECE);
+            let batch = w.checkpoints.peek(name, piece, usize::MAX, None)?;
+            let freed = w.checkpoints.advance(name, &batch)?;
+            drop(w);
+            drop(freed);
+            for ev in &batch.events {
+                visit(ev.as_event_ref());
+            }
+            items += batch.items();
+            if batch.items() < piece || items >= max_items {
+                return Ok(items);
+            }
+            w = part.lock();
         }
-        Ok(batch.items())
     }
 
     /// Drops cursor `name`; returns whether it existed.
