@@ -8,9 +8,7 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tapkv_engine::{ItemMeta, QueueOp, QueuedItem};
 
-use crate::protocol::{
-    encode_request_parts, Frame, FrameParts, FrameRef, ProtocolError, MAGIC_REQUEST,
-};
+use crate::protocol::{Frame, FrameRef, ProtocolError, MAGIC_REQUEST};
 
 /// Protocol version exchanged in `HELLO`.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -263,20 +261,18 @@ impl StreamMessage {
         } else {
             opcode::DELETION
         };
-        encode_request_parts(
-            out,
-            FrameParts {
-                magic: MAGIC_REQUEST,
-                opcode,
-                datatype: 0,
-                vbucket_or_status: partition,
-                opaque: 0,
-                cas: m.cas,
-            },
-            &extras,
-            item.key(),
-            item.value(),
-        );
+        FrameRef {
+            magic: MAGIC_REQUEST,
+            opcode,
+            datatype: 0,
+            vbucket_or_status: partition,
+            opaque: 0,
+            cas: m.cas,
+            extras: &extras,
+            key: item.key(),
+            value: item.value(),
+        }
+        .encode(out);
     }
 
     /// Encodes the message as a request frame.

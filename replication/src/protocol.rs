@@ -160,26 +160,13 @@ impl Frame {
 
     /// Length on the wire.
     pub fn wire_len(&self) -> usize {
-        HEADER_LEN + self.extras.len() + self.key.len() + self.value.len()
+        self.as_frame_ref().wire_len()
     }
 
-    /// Appends the encoded frame to `out`. Panics only if a field exceeds its
-    /// wire width, which the constructors in `message` never produce.
+    /// Appends the encoded frame to `out`. A length wider than its header
+    /// field is clamped (the constructors in `message` never produce one).
     pub fn encode(&self, out: &mut BytesMut) {
-        encode_request_parts(
-            out,
-            FrameParts {
-                magic: self.magic,
-                opcode: self.opcode,
-                datatype: self.datatype,
-                vbucket_or_status: self.vbucket_or_status,
-                opaque: self.opaque,
-                cas: self.cas,
-            },
-            &self.extras,
-            &self.key,
-            &self.value,
-        );
+        self.as_frame_ref().encode(out);
     }
 
     /// The encoded frame.
@@ -279,46 +266,24 @@ pub fn decode_ref(
     )))
 }
 
-/// The header fields of a frame other than the lengths.
-#[derive(Debug, Clone, Copy)]
-pub struct FrameParts {
-    /// [`MAGIC_REQUEST`] or [`MAGIC_RESPONSE`].
-    pub magic: u8,
-    /// Operation code.
-    pub opcode: u8,
-    /// Data type.
-    pub datatype: u8,
-    /// Partition in requests, status in responses.
-    pub vbucket_or_status: u16,
-    /// Opaque value.
-    pub opaque: u32,
-    /// CAS.
-    pub cas: u64,
-}
-
-/// Appends one frame made of borrowed parts to `out` (no intermediate
-/// [`Frame`], so nothing is allocated per frame).
-pub fn encode_request_parts(
-    out: &mut BytesMut,
-    h: FrameParts,
-    extras: &[u8],
-    key: &[u8],
-    value: &[u8],
-) {
-    let body = extras.len() + key.len() + value.len();
-    out.reserve(HEADER_LEN + body);
-    out.put_u8(h.magic);
-    out.put_u8(h.opcode);
-    out.put_u16(u16::try_from(key.len()).unwrap_or(u16::MAX));
-    out.put_u8(u8::try_from(extras.len()).unwrap_or(u8::MAX));
-    out.put_u8(h.datatype);
-    out.put_u16(h.vbucket_or_status);
-    out.put_u32(u32::try_from(body).unwrap_or(u32::MAX));
-    out.put_u32(h.opaque);
-    out.put_u64(h.cas);
-    out.put_slice(extras);
-    out.put_slice(key);
-    out.put_slice(value);
+impl FrameRef<'_> {
+    /// Appends the encoded frame to `out` (see [`Frame::encode`]).
+    pub fn encode(&self, out: &mut BytesMut) {
+        let body = self.extras.len() + self.key.len() + self.value.len();
+        out.reserve(HEADER_LEN + body);
+        out.put_u8(self.magic);
+        out.put_u8(self.opcode);
+        out.put_u16(u16::try_from(self.key.len()).unwrap_or(u16::MAX));
+        out.put_u8(u8::try_from(self.extras.len()).unwrap_or(u8::MAX));
+        out.put_u8(self.datatype);
+        out.put_u16(self.vbucket_or_status);
+        out.put_u32(u32::try_from(body).unwrap_or(u32::MAX));
+        out.put_u32(self.opaque);
+        out.put_u64(self.cas);
+        out.put_slice(self.extras);
+        out.put_slice(self.key);
+        out.put_slice(self.value);
+    }
 }
 
 /// A validated header.
