@@ -240,6 +240,10 @@ struct CursorPosition {
     seqno: u64,
     /// The reader has not yet been told it entered `checkpoint_id`.
     start_pending: bool,
+    /// Which registration of the cursor this position belongs to: a scan
+    /// made before the cursor was registered again cannot be committed to
+    /// the new registration (its events went to the old reader).
+    registration: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -456,6 +460,8 @@ pub struct CheckpointManager {
     /// without the partition's lock; see [`ClosedRun`].
     checkpoints: VecDeque<SharedCheckpoint>,
     cursors: BTreeMap<String, CursorPosition>,
+    /// Cursor registrations so far (numbers each one).
+    registrations: u64,
     config: CheckpointConfig,
     high_seqno: u64,
     mem: usize,
@@ -489,6 +495,7 @@ impl CheckpointManager {
             high_seqno,
             mem: 0,
             shared_mem,
+            registrations: 0,
         }
     }
 
@@ -644,12 +651,14 @@ impl CheckpointManager {
             .partition_point(|c| c.start_seqno <= from_seqno + 1)
             .saturating_sub(1);
         let checkpoint_id = self.checkpoints[idx].id;
+        self.registrations += 1;
         self.cursors.insert(
             name.to_owned(),
             CursorPosition {
                 checkpoint_id,
                 seqno: from_seqno,
                 start_pending: true,
+                registration: self.registrations,
             },
         );
         drop(self.remove_unreferenced());
@@ -793,6 +802,9 @@ impl CheckpointManager {
     ) -> Result<CursorPosition> {
         let committed = self.cursor(name)?;
         match after {
+            Some(a) if a.position.registration != committed.registration => Err(Error::WrongState(
+                format!("cursor {name:?} was registered again since this scan began"),
+            )),
             Some(a) => {
                 if a.position.seqno < committed.seqno
                     || a.position.checkpoint_id < committed.checkpoint_id
@@ -834,6 +846,12 @@ impl CheckpointManager {
     ) -> Result<FreedCheckpoints> {
         let to = progress.as_ref().position;
         let current = self.cursor(name)?;
+        if to.registration != current.registration {
+            return Err(Error::WrongState(format!(
+                "cursor {name:?} was registered again since this scan began; the scan's \
+                 events belong to the old registration and are not committed"
+            )));
+        }
         if to.seqno < current.seqno || to.checkpoint_id < current.checkpoint_id {
             return Err(Error::InvalidArgument(format!(
                 "cursor {name:?} cannot move back from seqno {} to {}",

@@ -721,7 +721,9 @@ impl Engine {
     /// (whole checkpoints, so a call may pass `max_items` to finish one);
     /// entries of the open checkpoint are copied under the lock (reference
     /// counts only) and visited after it. `read_cursor` without copies, for
-    /// readers that encode events as they go (replication streams).
+    /// readers that encode events as they go (replication streams). On an
+    /// error the cursor has not moved and the events visited by this call
+    /// must be discarded (a replication stream ends and reconnects).
     pub fn read_cursor_with(
         &self,
         p: PartitionId,
@@ -741,8 +743,10 @@ impl Engine {
         if !run.is_empty() {
             drop(w);
             let progress = run.scan(None, Some((max_items, usize::MAX)), &mut visit);
-            // The cursor moves only once its events were visited; a cursor
-            // dropped or moved meanwhile makes this fail, not skip.
+            // The cursor moves only once its events were visited. If it was
+            // removed or registered again meanwhile this fails (nothing is
+            // committed, and the events visited belong to the old
+            // registration: the caller must discard them).
             let freed = part.lock().checkpoints.advance(name, progress)?;
             drop(freed);
             return Ok(progress.items);

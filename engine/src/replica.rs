@@ -72,6 +72,18 @@ impl Partition {
                 meta.by_seqno
             )));
         }
+        if let QueueOp::OnlineUpdateStart { checkpoint_id }
+        | QueueOp::OnlineUpdateEnd { checkpoint_id }
+        | QueueOp::OnlineUpdateRevert { checkpoint_id } = item.op
+        {
+            // As for CHECKPOINT_START: ids near the top of the range would
+            // stop increasing (saturating) and break checkpoint ordering.
+            if checkpoint_id >= u64::MAX / 2 {
+                return Err(Error::InvalidArgument(format!(
+                    "window checkpoint id {checkpoint_id} from the stream is out of range"
+                )));
+            }
+        }
         // Anything at or below the high seqno — entry or marker — is held
         // already (a stream restarted from an older acknowledged seqno). An
         // entry checks under the lock it applies with.

@@ -283,7 +283,7 @@ pub(crate) struct FlushBatch {
     /// (partition + key), then the record.
     staged: Vec<u8>,
     /// (start, key end, end) of each staged entry in `staged`.
-    entries: Vec<(u32, u32, u32)>,
+    entries: Vec<(usize, usize, usize)>,
 }
 
 /// The RocksDB store of an engine.
@@ -543,13 +543,12 @@ impl Store {
             QueueOp::Deletion => true,
             _ => return Ok(()),
         };
-        let too_big = || Error::Storage("a flush batch cannot stage 4 GiB or more".into());
-        let start = u32::try_from(batch.staged.len()).map_err(|_| too_big())?;
+        let start = batch.staged.len();
         batch.staged.extend_from_slice(&p.to_be_bytes());
         batch.staged.extend_from_slice(item.key());
-        let key_end = u32::try_from(batch.staged.len()).map_err(|_| too_big())?;
+        let key_end = batch.staged.len();
         append_record(&mut batch.staged, &item.meta(), deleted, item.value());
-        let end = u32::try_from(batch.staged.len()).map_err(|_| too_big())?;
+        let end = batch.staged.len();
         batch.entries.push((start, key_end, end));
         batch.items += 1;
         Ok(())
@@ -580,12 +579,12 @@ impl Store {
             entries,
             ..
         } = batch;
-        let key = |e: &(u32, u32, u32)| &staged[e.0 as usize..e.1 as usize];
+        let key = |e: &(usize, usize, usize)| &staged[e.0..e.1];
         // Stable: two versions of one key (from two checkpoints) keep their
         // seqno order, so the later one wins in the batch as in memory.
         entries.sort_by(|a, b| key(a).cmp(key(b)));
         for e in entries.iter() {
-            rocks_batch.put_cf(cf, key(e), &staged[e.1 as usize..e.2 as usize]);
+            rocks_batch.put_cf(cf, key(e), &staged[e.1..e.2]);
         }
         let mut wo = rocksdb::WriteOptions::default();
         wo.set_sync(sync);

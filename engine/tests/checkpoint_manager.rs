@@ -523,3 +523,27 @@ fn a_closed_run_is_unchanged_by_later_writes_and_stops_at_a_barrier() {
     assert_eq!((p.end_seqno(), p.end_checkpoint_id()), (3, 2));
     assert!(p.at_checkpoint_boundary());
 }
+
+#[test]
+fn a_scan_from_an_earlier_registration_is_not_committed() {
+    let (mut m, _) = mgr(3);
+    m.register_cursor("c", 0).unwrap();
+    for s in 1..=7 {
+        m.queue(item(&format!("k{s}"), s));
+    }
+    let run = m.closed_run("c", None, usize::MAX).unwrap();
+    let p = run.scan(None, None, |_| {});
+    assert_eq!(p.end_seqno(), 6);
+    // The cursor is registered again (a new reader) before the old scan
+    // commits: the old scan's events are not the new reader's.
+    m.register_cursor("c", 2).unwrap();
+    assert!(m.advance("c", p).is_err());
+    assert!(m
+        .scan_on("c", Some(&p), usize::MAX, usize::MAX, None, None, |_| {})
+        .is_err());
+    assert_eq!(
+        m.remaining("c").unwrap(),
+        5,
+        "the new registration reads 3..=7"
+    );
+}

@@ -165,3 +165,38 @@ fn replicate_durability_needs_a_node() {
         "refused before applying"
     );
 }
+
+#[test]
+fn out_of_range_ids_from_a_stream_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = builder(dir.path()).replica(true).open().unwrap();
+    for op in [
+        QueueOp::OnlineUpdateStart {
+            checkpoint_id: u64::MAX - 1,
+        },
+        QueueOp::OnlineUpdateEnd {
+            checkpoint_id: u64::MAX / 2,
+        },
+        QueueOp::OnlineUpdateRevert {
+            checkpoint_id: u64::MAX,
+        },
+    ] {
+        assert!(
+            matches!(
+                e.apply_replicated(0, &entry(op, "", 3)),
+                Err(Error::InvalidArgument(_))
+            ),
+            "{op:?}"
+        );
+    }
+    assert!(matches!(
+        e.replica_checkpoint(0, u64::MAX - 1),
+        Err(Error::InvalidArgument(_))
+    ));
+    // Nothing was applied: the partition still takes a normal window.
+    let start = entry(QueueOp::OnlineUpdateStart { checkpoint_id: 9 }, "", 3);
+    assert_eq!(
+        e.apply_replicated(0, &start).unwrap(),
+        ApplyOutcome::Applied
+    );
+}
