@@ -346,6 +346,32 @@ fn engine_bench(ops: u64, reps: usize) {
     );
 }
 
+fn persist_only(ops: u64) {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let engine = Arc::new(
+        Engine::builder(tmp.path().join("tapkv-persist"))
+            .open()
+            .expect("open tapkv"),
+    );
+    let per1 = (ops / 500).max(200);
+    for round in 0..3 {
+        let base = round * 20_000_000;
+        let syncs = || engine.stats().map_or(0, |s| s.syncs);
+        let s0 = syncs();
+        let p1 = persist_run(&engine, 1, per1, base);
+        let s1 = syncs();
+        let p32 = persist_run(&engine, 32, per1 / 4, base + 10_000_000);
+        let s2 = syncs();
+        println!(
+            "persist: 1 thread {p1:.0}/s ({:.1} writes/sync), 32 threads {p32:.0}/s \
+             ({:.1} writes/sync), ratio {:.2}x",
+            per1 as f64 / (s1 - s0).max(1) as f64,
+            (per1 / 4 * 32) as f64 / (s2 - s1).max(1) as f64,
+            p32 / p1
+        );
+    }
+}
+
 fn set_only(ops: u64) {
     let tmp = tempfile::tempdir().expect("tempdir");
     let engine = Engine::builder(tmp.path().join("tapkv"))
@@ -433,6 +459,8 @@ fn main() {
         "pinned-single" => pinned::single_child(),
         "pinned-primary" => pinned::primary_child(),
         "pinned-replica" => pinned::replica_child(args.get(1).map_or("", String::as_str)),
+        // Only the Persist group-commit comparison, three times.
+        "persist" => persist_only(ops),
         // Only tapkv's Memory-durability set loop, for profilers.
         "set" => set_only(ops),
         "all" => {

@@ -62,6 +62,11 @@ pub struct EngineConfig {
     pub max_value_size: usize,
     /// How long a `Persist` write or `flush()` waits for the disk (default 30 s).
     pub persist_timeout: Duration,
+    /// Group commit: when a flush round starts with two or more `Persist`
+    /// writers waiting, it waits up to this long, while more keep arriving,
+    /// so one sync serves the whole burst (default 200 µs; zero disables).
+    /// A lone `Persist` writer never waits for it.
+    pub group_commit_wait: Duration,
     /// How long a `Replicate` write waits for a majority of replicas (default 5 s).
     pub replicate_timeout: Duration,
     /// Seqnos and checkpoint ids reserved on disk at a time, so numbers are
@@ -91,6 +96,7 @@ impl EngineConfig {
             replica: false,
             max_value_size: 20 << 20,
             persist_timeout: Duration::from_secs(30),
+            group_commit_wait: Duration::from_micros(200),
             replicate_timeout: Duration::from_secs(5),
             seqno_reservation: 1_000_000,
         }
@@ -207,6 +213,13 @@ impl EngineBuilder {
     /// Longest value; default 20 MiB (at most 1 GiB).
     pub fn max_value_size(mut self, n: usize) -> Self {
         self.config.max_value_size = n.min(1 << 30);
+        self
+    }
+
+    /// Group-commit gathering time; default 200 µs, zero disables (see
+    /// [`EngineConfig::group_commit_wait`]).
+    pub fn group_commit_wait(mut self, d: Duration) -> Self {
+        self.config.group_commit_wait = d;
         self
     }
 

@@ -40,6 +40,24 @@ pub(crate) struct Signal {
     cv: Condvar,
 }
 
+/// Lock/condvar pairs durable writers wait on (see `Shared::persist_slots`).
+const PERSIST_SLOTS: usize = 8;
+
+/// One place durable writers wait.
+pub(crate) struct PersistSlot {
+    lock: Mutex<()>,
+    cv: Condvar,
+}
+
+impl PersistSlot {
+    fn new() -> Self {
+        PersistSlot {
+            lock: Mutex::new(()),
+            cv: Condvar::new(),
+        }
+    }
+}
+
 /// Entries of the open checkpoint `read_cursor_with` copies per hold of a
 /// partition's writer lock.
 const OPEN_PIECE: usize = 64;
@@ -176,8 +194,13 @@ pub(crate) struct Shared {
     pub(crate) flush_signals: Vec<Signal>,
     /// Number of callers waiting for a sync; the flusher syncs while non-zero.
     pub(crate) persist_waiters: AtomicUsize,
-    pub(crate) persist_lock: Mutex<()>,
-    pub(crate) persist_cv: Condvar,
+    /// Where durable writers wait for their sync: several lock/condvar
+    /// pairs, writers spread over them, so waking a whole group after a sync
+    /// is several short hand-off chains instead of one long one (a woken
+    /// waiter must re-take its mutex, one after the other).
+    pub(crate) persist_slots: Box<[PersistSlot]>,
+    /// Picks the next waiter's slot.
+    pub(crate) persist_next_slot: AtomicUsize,
     /// WAL syncs performed for durable writes (one serves many waiters).
     pub(crate) syncs: AtomicU64,
     /// Bumped on every checkpoint change, for stream readers.
@@ -215,12 +238,19 @@ impl Shared {
         }
     }
 
+    /// Wakes every durable writer (they re-check their seqnos).
+    pub(crate) fn wake_persist_waiters(&self) {
+        for slot in self.persist_slots.iter() {
+            let _g = slot.lock.lock();
+            slot.cv.notify_all();
+        }
+    }
+
     pub(crate) fn poison(&self, reason: String) {
         tracing::error!(%reason, "engine poisoned");
         *self.poisoned.lock() = Some(reason);
         self.is_poisoned.store(true, Ordering::Release);
-        let _g = self.persist_lock.lock();
-        self.persist_cv.notify_all();
+        self.wake_persist_waiters();
     }
 
     fn check_poisoned(&self) -> Result<()> {
@@ -258,7 +288,9 @@ impl Shared {
         let deadline = Instant::now() + timeout;
         self.persist_waiters.fetch_add(1, Ordering::AcqRel);
         self.notify_flushers();
-        let mut g = self.persist_lock.lock();
+        let slot = &self.persist_slots
+            [self.persist_next_slot.fetch_add(1, Ordering::Relaxed) % self.persist_slots.len()];
+        let mut g = slot.lock.lock();
         let outcome = loop {
             if done(self) {
                 break Ok(());
@@ -273,7 +305,7 @@ impl Shared {
                     millis: timeout.as_millis() as u64,
                 });
             }
-            self.persist_cv.wait_for(&mut g, deadline - now);
+            slot.cv.wait_for(&mut g, deadline - now);
         };
         drop(g);
         self.persist_waiters.fetch_sub(1, Ordering::AcqRel);
@@ -438,8 +470,8 @@ impl Engine {
                 .map(|_| Signal::default())
                 .collect(),
             persist_waiters: AtomicUsize::new(0),
-            persist_lock: Mutex::new(()),
-            persist_cv: Condvar::new(),
+            persist_slots: (0..PERSIST_SLOTS).map(|_| PersistSlot::new()).collect(),
+            persist_next_slot: AtomicUsize::new(0),
             syncs: AtomicU64::new(0),
             flusher_paused: AtomicBool::new(false),
             aborted: AtomicBool::new(false),

@@ -22,6 +22,9 @@ use crate::sync::{Arc, Ordering};
 /// Items scanned per hold of a partition's writer lock.
 const SCAN_PIECE: usize = 256;
 
+/// One nap while a group commit gathers writers.
+const GROUP_NAP: Duration = Duration::from_micros(20);
+
 /// How long an idle flusher sleeps before looking again.
 const IDLE_WAIT: Duration = Duration::from_millis(100);
 
@@ -118,6 +121,9 @@ pub(crate) fn run_round(shared: &Shared, mine: &[&Partition], forced: bool) -> R
     }
     let started = Instant::now();
     let wants_sync = shared.persist_waiters.load(Ordering::Acquire) > 0;
+    if wants_sync {
+        gather_group(shared);
+    }
     let cfg = &shared.config;
     // The round lock holds the batch, so its buffers are reused.
     let batch: &mut FlushBatch = &mut round;
@@ -267,6 +273,28 @@ pub(crate) fn run_round(shared: &Shared, mine: &[&Partition], forced: bool) -> R
     Ok(if more { Round::More } else { Round::Done })
 }
 
+/// Group commit: with two or more `Persist` writers waiting, lets the rest
+/// of a burst (writers just woken by the last sync, now writing their next
+/// item) queue before this round's sync, so one sync serves them all. Waits
+/// in short naps while the number of waiters still rises, at most
+/// `group_commit_wait`; a lone waiter never waits (its latency is the sync's).
+fn gather_group(shared: &Shared) {
+    let max = shared.config.group_commit_wait;
+    let started = Instant::now();
+    let mut seen = shared.persist_waiters.load(Ordering::Acquire);
+    if seen < 2 || max.is_zero() {
+        return;
+    }
+    while started.elapsed() < max {
+        std::thread::sleep(GROUP_NAP);
+        let now = shared.persist_waiters.load(Ordering::Acquire);
+        if now <= seen {
+            break;
+        }
+        seen = now;
+    }
+}
+
 /// The flusher thread that owns partition 0 also runs the pager.
 fn thread_is_pager(mine: &[&Partition]) -> bool {
     mine.first().is_some_and(|p| p.id == 0)
@@ -281,6 +309,5 @@ fn mark_synced(shared: &Shared, mine: &[&Partition]) {
             .synced_seqno
             .fetch_max(persisted, Ordering::AcqRel);
     }
-    let _g = shared.persist_lock.lock();
-    shared.persist_cv.notify_all();
+    shared.wake_persist_waiters();
 }

@@ -17,7 +17,7 @@
 use hashbrown::hash_table::Entry as TableEntry;
 use hashbrown::HashTable as RawTable;
 
-use crate::item::Record;
+use crate::item::{ItemMeta, Record};
 use crate::sync::{AtomicUsize, Ordering, RwLock, RwLockWriteGuard};
 
 const SHARDS: usize = 16;
@@ -151,7 +151,8 @@ impl HashTable {
             if freed >= target {
                 break;
             }
-            if !e.rec.is_evicted() && e.rec.by_seqno() <= clean_upto {
+            // An empty value frees nothing and would cost a disk read.
+            if !e.rec.is_evicted() && e.rec.value_len() > 0 && e.rec.by_seqno() <= clean_upto {
                 freed += e.rec.value_len();
                 n += 1;
                 e.rec = e.rec.evicted();
@@ -258,13 +259,14 @@ impl ShardsGuard<'_> {
     }
 
     /// Puts a value read back from disk into an evicted entry, if the entry
-    /// still holds the same version (`by_seqno`) and is still evicted;
-    /// returns the resident record.
-    pub(crate) fn fill(&mut self, key: &[u8], by_seqno: u64, value: &[u8]) -> Option<Record> {
+    /// still holds the same version (all of `meta`: a seqno alone can repeat
+    /// after a partition reset) and is still evicted; returns the resident
+    /// record.
+    pub(crate) fn fill(&mut self, key: &[u8], meta: &ItemMeta, value: &[u8]) -> Option<Record> {
         let table = self.table;
         let (shard, hash) = self.shard(key);
         let e = shard.find_mut(hash, |e| same_key(e, hash, key))?;
-        if e.rec.is_evicted() && e.rec.by_seqno() == by_seqno {
+        if e.rec.is_evicted() && e.rec.meta() == *meta {
             table.bytes.fetch_add(value.len(), Ordering::Relaxed);
             table.evicted.fetch_sub(1, Ordering::Relaxed);
             e.rec = e.rec.with_value(value);
@@ -289,5 +291,47 @@ impl ShardsGuard<'_> {
             e.rec = e.rec.evicted();
         }
         Some(true)
+    }
+}
+
+#[cfg(all(test, not(any(loom, feature = "loom"))))]
+mod tests {
+    use super::*;
+
+    fn meta(seqno: u64, cas: u64) -> ItemMeta {
+        ItemMeta {
+            by_seqno: seqno,
+            cas,
+            rev_seqno: 1,
+            flags: 0,
+            expiry: 0,
+        }
+    }
+
+    #[test]
+    fn fill_takes_only_the_same_version_and_counts_stay_exact() {
+        let t = HashTable::new();
+        t.slot(b"k").put(Record::new(&meta(5, 100), b"k", b"value"));
+        t.slot(b"e").put(Record::new(&meta(6, 101), b"e", b""));
+        assert_eq!((t.len(), t.mem_bytes(), t.evicted()), (2, 7, 0));
+        // An empty value is not worth evicting.
+        assert_eq!(
+            t.evict_clean(HashTable::shard_index(t.hash(b"e")), 10, 100),
+            (0, 0)
+        );
+        assert_eq!(t.slot(b"k").evict(b"k", 10), Some(true));
+        assert_eq!((t.len(), t.mem_bytes(), t.evicted()), (2, 2, 1));
+        // Same seqno, other CAS: another history's version (after a
+        // partition reset); not filled.
+        assert!(t.slot(b"k").fill(b"k", &meta(5, 999), b"other").is_none());
+        assert_eq!(t.evicted(), 1);
+        let filled = t.slot(b"k").fill(b"k", &meta(5, 100), b"value").unwrap();
+        assert_eq!(filled.value(), b"value");
+        assert_eq!((t.len(), t.mem_bytes(), t.evicted()), (2, 7, 0));
+        // Removing an evicted entry un-counts it.
+        assert_eq!(t.slot(b"k").evict(b"k", 10), Some(true));
+        let h = t.hash(b"k");
+        assert!(t.slot(b"k").remove_hashed(h, b"k").is_some());
+        assert_eq!((t.len(), t.mem_bytes(), t.evicted()), (1, 1, 0));
     }
 }

@@ -275,7 +275,7 @@ impl Record {
         h[H_REV..H_REV + 8].copy_from_slice(&meta.rev_seqno.to_le_bytes());
         h[H_FLAGS..H_FLAGS + 4].copy_from_slice(&meta.flags.to_le_bytes());
         h[H_EXPIRY..H_EXPIRY + 4].copy_from_slice(&meta.expiry.to_le_bytes());
-        // Keys are at most 250 bytes and values at most the configured
+        // Keys are at most 65,535 bytes and values at most the configured
         // maximum (below 4 GiB, checked by the builder).
         h[H_KEY_LEN..H_KEY_LEN + 4].copy_from_slice(&(key.len() as u32).to_le_bytes());
         h[H_VALUE_LEN..H_VALUE_LEN + 4].copy_from_slice(&(value_len as u32).to_le_bytes());

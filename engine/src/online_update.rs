@@ -87,7 +87,9 @@ impl Window {
     /// the window `size` bytes (the queued entry).
     pub(crate) fn remember(&mut self, hash: u64, undo: Option<Undo>, new: &Record, size: usize) {
         if let Some(before) = undo {
-            let key = before.clone().unwrap_or_else(|| new.clone());
+            // A key the window creates is remembered by a key-only copy: its
+            // first value would otherwise stay alive until the window ends.
+            let key = before.clone().unwrap_or_else(|| new.evicted());
             self.undo
                 .insert_unique(hash, UndoEntry { hash, key, before }, |e| e.hash);
         }

@@ -187,12 +187,14 @@ impl Partition {
                 return Ok(Item::new(self.id, rec));
             }
             match store.get_item(self.id, key)? {
-                Some(r) if !r.deleted && r.meta.by_seqno == meta.by_seqno => {
+                // The same version: all of the metadata, since a seqno alone
+                // can repeat after a partition reset.
+                Some(r) if !r.deleted && r.meta == meta => {
                     self.progress.bg_fetches.fetch_add(1, Ordering::Relaxed);
                     let filled = self
                         .table
                         .slot(key)
-                        .fill(key, meta.by_seqno, &r.value)
+                        .fill(key, &meta, &r.value)
                         .unwrap_or_else(|| rec.with_value(&r.value));
                     return Ok(Item::new(self.id, filled));
                 }
