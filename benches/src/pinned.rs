@@ -48,6 +48,47 @@ fn join(v: &[u64]) -> String {
     v.iter().map(u64::to_string).collect::<Vec<_>>().join(" ")
 }
 
+/// CPU time (ms) used so far by each thread of this process, by thread name
+/// (summed over threads of the same name), from `/proc/self/task`.
+fn thread_cpu_ms() -> std::collections::BTreeMap<String, f64> {
+    let mut out = std::collections::BTreeMap::new();
+    let tick = 100.0; // USER_HZ on Linux
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return out;
+    };
+    for t in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else {
+            continue;
+        };
+        // "pid (comm) state ... utime stime": fields after the ')' split.
+        let Some((head, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let name = head.split_once('(').map_or("?", |(_, n)| n).to_owned();
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: f64 = [11, 12]
+            .iter()
+            .filter_map(|&i| f.get(i).and_then(|v| v.parse::<f64>().ok()))
+            .sum();
+        *out.entry(name).or_insert(0.0) += ticks * 1000.0 / tick;
+    }
+    out
+}
+
+/// The CPU each thread used between two `thread_cpu_ms` readings.
+fn cpu_delta(
+    before: &std::collections::BTreeMap<String, f64>,
+    after: &std::collections::BTreeMap<String, f64>,
+) -> String {
+    after
+        .iter()
+        .map(|(n, ms)| (n, ms - before.get(n).copied().unwrap_or(0.0)))
+        .filter(|(_, ms)| *ms > 0.0)
+        .map(|(n, ms)| format!("{n}={ms:.0}ms"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 fn say(line: &str) {
     let mut out = std::io::stdout().lock();
     writeln!(out, "{line}").expect("stdout");
@@ -62,12 +103,13 @@ fn commands() -> impl Iterator<Item = String> {
 pub(crate) fn single_child() {
     let dir = tempfile::tempdir().expect("tempdir");
     let engine = open_engine(dir.path(), false);
+    let cpu = thread_cpu_ms();
     let t = Instant::now();
     for i in 0..ITEMS {
         set(&engine, i);
     }
     let r = ITEMS as f64 / t.elapsed().as_secs_f64();
-    say(&format!("rate {r}"));
+    say(&format!("rate {r} {}", cpu_delta(&cpu, &thread_cpu_ms())));
     engine.close().expect("close");
 }
 
@@ -88,11 +130,16 @@ pub(crate) fn primary_child() {
                 say(&format!("seqnos {}", join(&high_seqnos(engine))));
             }
             "go" => {
+                let cpu = thread_cpu_ms();
                 let t0 = now_nanos();
                 for i in 0..ITEMS {
                     set(engine, i);
                 }
                 let t1 = now_nanos();
+                eprintln!(
+                    "  primary CPU during the writes: {}",
+                    cpu_delta(&cpu, &thread_cpu_ms())
+                );
                 say(&format!("done {t0} {t1} {}", join(&high_seqnos(engine))));
             }
             _ => break,
@@ -211,7 +258,11 @@ fn nanos(words: &[String], i: usize) -> u128 {
 /// items/s.
 fn pinned_round() -> (f64, f64, f64) {
     let mut single = Pinned::spawn(0, &["pinned-single"]);
-    let single_rate: f64 = single.expect("rate")[0].parse().expect("rate");
+    let said = single.expect("rate");
+    let single_rate: f64 = said[0].parse().expect("rate");
+    if let Some(cpu) = said.get(1) {
+        println!("  single-node CPU during the writes: {cpu}");
+    }
     single.finish();
 
     let mut primary = Pinned::spawn(0, &["pinned-primary"]);
