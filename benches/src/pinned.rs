@@ -21,10 +21,9 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use tapkv_engine::Engine;
 use tapkv_replication::node::{Node, NodeConfig};
 
-use super::replication::{open_engine, set};
+use super::replication::{high_seqnos, open_engine, set};
 use super::{print_rows, Row};
 
 /// Items each timed run writes.
@@ -36,12 +35,6 @@ fn now_nanos() -> u128 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos())
-}
-
-fn high_seqnos(engine: &Engine) -> Vec<u64> {
-    (0..engine.num_partitions())
-        .map(|p| engine.high_seqno(p).expect("high seqno"))
-        .collect()
 }
 
 fn join(v: &[u64]) -> String {

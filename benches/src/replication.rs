@@ -65,7 +65,7 @@ pub(crate) fn set(engine: &Engine, i: u64) -> u64 {
     }
 }
 
-fn high_seqnos(engine: &Engine) -> Vec<u64> {
+pub(crate) fn high_seqnos(engine: &Engine) -> Vec<u64> {
     (0..engine.num_partitions())
         .map(|p| engine.high_seqno(p).expect("high seqno"))
         .collect()

@@ -149,15 +149,13 @@ pub(crate) fn run_round(shared: &Shared, mine: &[&Partition], forced: bool) -> R
         // whose key is on disk in neither version.
         let mut scanned: Option<CursorProgress> = None;
         let limits = (cfg.flush_batch_max_items, cfg.flush_batch_max_bytes);
-        let mut encode = |item: &crate::item::QueuedItem, reverted: &[(u64, u64)]| -> Result<()> {
+        let mut encode = |item: &crate::item::QueuedItem, reverted: &[(u64, u64)]| {
             if !in_ranges(reverted, item.seqno()) {
-                shared.store.add_to_batch(batch, p.id, item)?;
+                batch.stage(p.id, item);
                 max_cas = max_cas.max(item.meta().cas);
             }
-            Ok(())
         };
         let progress = loop {
-            let mut failed = None;
             let w = p.lock();
             let done = scanned.as_ref().map_or(0, |s| s.items);
             let run = w.checkpoints.closed_run(
@@ -177,9 +175,7 @@ pub(crate) fn run_round(shared: &Shared, mine: &[&Partition], forced: bool) -> R
                     Some(limits),
                     |ev| {
                         if let EventRef::Item(item) = ev {
-                            if let Err(e) = encode(item, &w.reverted) {
-                                failed.get_or_insert(e);
-                            }
+                            encode(item, &w.reverted);
                         }
                     },
                 )?;
@@ -191,16 +187,11 @@ pub(crate) fn run_round(shared: &Shared, mine: &[&Partition], forced: bool) -> R
                 drop(w);
                 let next = run.scan(barrier, Some(limits), |ev| {
                     if let EventRef::Item(item) = ev {
-                        if let Err(e) = encode(item, &reverted) {
-                            failed.get_or_insert(e);
-                        }
+                        encode(item, &reverted);
                     }
                 });
                 (next, false)
             };
-            if let Some(e) = failed {
-                return Err(e);
-            }
             let over = next.items >= limits.0 || next.bytes >= limits.1;
             if at_end || next.blocked || (over && next.at_checkpoint_boundary()) {
                 break next;

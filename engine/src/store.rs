@@ -340,6 +340,13 @@ impl Store {
         Ok(self.db.get_cf(self.cf(CF_META)?, key)?)
     }
 
+    /// The JSON metadata record at `key`, decoded; `what` names it in errors.
+    fn get_json<T: for<'de> Deserialize<'de>>(&self, key: &[u8], what: &str) -> Result<Option<T>> {
+        self.get_meta(key)?
+            .map(|raw| decode_json(&raw, what))
+            .transpose()
+    }
+
     fn put_meta_synced(&self, key: &[u8], value: &[u8]) -> Result<()> {
         let mut wo = rocksdb::WriteOptions::default();
         wo.set_sync(true);
@@ -348,9 +355,7 @@ impl Store {
     }
 
     pub(crate) fn engine_meta(&self) -> Result<Option<EngineMeta>> {
-        self.get_meta(ENGINE_META_KEY)?
-            .map(|raw| decode_json(&raw, "engine metadata"))
-            .transpose()
+        self.get_json(ENGINE_META_KEY, "engine metadata")
     }
 
     pub(crate) fn put_engine_meta(&self, meta: &EngineMeta) -> Result<()> {
@@ -358,15 +363,14 @@ impl Store {
     }
 
     pub(crate) fn partition_state(&self, p: PartitionId) -> Result<Option<PartitionDiskState>> {
-        self.get_meta(&meta_key(META_STATE, p))?
-            .map(|raw| decode_json(&raw, &format!("state of partition {p}")))
-            .transpose()
+        self.get_json(&meta_key(META_STATE, p), &format!("state of partition {p}"))
     }
 
     pub(crate) fn reservation(&self, p: PartitionId) -> Result<Option<Reservation>> {
-        self.get_meta(&meta_key(META_RESERVATION, p))?
-            .map(|raw| decode_json(&raw, &format!("reservation of partition {p}")))
-            .transpose()
+        self.get_json(
+            &meta_key(META_RESERVATION, p),
+            &format!("reservation of partition {p}"),
+        )
     }
 
     /// Durably records a reservation before any number in it is handed out.
@@ -376,9 +380,10 @@ impl Store {
 
     /// The window recorded as open on partition `p`, if any.
     pub(crate) fn open_window(&self, p: PartitionId) -> Result<Option<WindowRecord>> {
-        self.get_meta(&meta_key(META_WINDOW, p))?
-            .map(|raw| decode_json(&raw, &format!("window of partition {p}")))
-            .transpose()
+        self.get_json(
+            &meta_key(META_WINDOW, p),
+            &format!("window of partition {p}"),
+        )
     }
 
     /// Records (synced) that a window is open on `p`, or that none is.
@@ -398,9 +403,10 @@ impl Store {
     /// Partition `p`'s failover log, oldest first.
     pub(crate) fn failover_log(&self, p: PartitionId) -> Result<Vec<FailoverEntry>> {
         Ok(self
-            .get_meta(&meta_key(META_FAILOVER, p))?
-            .map(|raw| decode_json(&raw, &format!("failover log of partition {p}")))
-            .transpose()?
+            .get_json(
+                &meta_key(META_FAILOVER, p),
+                &format!("failover log of partition {p}"),
+            )?
             .unwrap_or_default())
     }
 
@@ -454,9 +460,10 @@ impl Store {
     /// Windows of partition `p` lost to a crash or close, oldest first.
     pub(crate) fn lost_windows(&self, p: PartitionId) -> Result<Vec<WindowRecord>> {
         Ok(self
-            .get_meta(&meta_key(META_LOST, p))?
-            .map(|raw| decode_json(&raw, &format!("lost windows of partition {p}")))
-            .transpose()?
+            .get_json(
+                &meta_key(META_LOST, p),
+                &format!("lost windows of partition {p}"),
+            )?
             .unwrap_or_default())
     }
 
@@ -526,34 +533,6 @@ impl Store {
         Ok(())
     }
 
-    /// Stages one queued entry of partition `p` in `batch`, encoded (markers
-    /// write nothing). Staged entries go into the RocksDB batch in key order
-    /// when it is written: sorted keys make RocksDB's memtable inserts land
-    /// next to each other instead of each searching the skip list from the
-    /// top. Sorting the encoded copies, not the records, touches each record
-    /// once.
-    pub(crate) fn add_to_batch(
-        &self,
-        batch: &mut FlushBatch,
-        p: PartitionId,
-        item: &QueuedItem,
-    ) -> Result<()> {
-        let deleted = match item.op {
-            QueueOp::Mutation => false,
-            QueueOp::Deletion => true,
-            _ => return Ok(()),
-        };
-        let start = batch.staged.len();
-        batch.staged.extend_from_slice(&p.to_be_bytes());
-        batch.staged.extend_from_slice(item.key());
-        let key_end = batch.staged.len();
-        append_record(&mut batch.staged, &item.meta(), deleted, item.value());
-        let end = batch.staged.len();
-        batch.entries.push((start, key_end, end));
-        batch.items += 1;
-        Ok(())
-    }
-
     /// Adds partition `p`'s new persisted state to `batch`.
     pub(crate) fn add_state_to_batch(
         &self,
@@ -604,6 +583,26 @@ impl Store {
 impl FlushBatch {
     pub(crate) fn len(&self) -> usize {
         self.items
+    }
+
+    /// Stages one queued entry of partition `p`, encoded (markers write
+    /// nothing). Staged entries go into the RocksDB batch in key order when
+    /// it is written: sorted keys make RocksDB's memtable inserts land next
+    /// to each other instead of each searching the skip list from the top.
+    /// Sorting the encoded copies, not the records, touches each record once.
+    pub(crate) fn stage(&mut self, p: PartitionId, item: &QueuedItem) {
+        let deleted = match item.op {
+            QueueOp::Mutation => false,
+            QueueOp::Deletion => true,
+            _ => return,
+        };
+        let start = self.staged.len();
+        self.staged.extend_from_slice(&p.to_be_bytes());
+        self.staged.extend_from_slice(item.key());
+        let key_end = self.staged.len();
+        append_record(&mut self.staged, &item.meta(), deleted, item.value());
+        self.entries.push((start, key_end, self.staged.len()));
+        self.items += 1;
     }
 
     /// Empties the batch for a new round, keeping the staging buffers'
