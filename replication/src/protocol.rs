@@ -237,16 +237,10 @@ pub fn decode_ref(
     buf: &[u8],
     max_body: usize,
 ) -> Result<Option<(FrameRef<'_>, usize)>, ProtocolError> {
-    if buf.len() < HEADER_LEN {
+    let Some(header) = whole_frame(buf, max_body)? else {
         return Ok(None);
-    }
-    let mut h = [0u8; HEADER_LEN];
-    h.copy_from_slice(&buf[..HEADER_LEN]);
-    let header = parse_header(&h, max_body)?;
+    };
     let total = HEADER_LEN + header.body_len;
-    if buf.len() < total {
-        return Ok(None);
-    }
     let body = &buf[HEADER_LEN..total];
     let (extras, rest) = body.split_at(header.extras_len);
     let (key, value) = rest.split_at(header.key_len);
@@ -336,6 +330,18 @@ fn parse_header(h: &[u8; HEADER_LEN], max_body: usize) -> Result<Header, Protoco
     })
 }
 
+/// The validated header of the frame at the front of `buf`, if `buf` holds
+/// all of it; `Ok(None)` if more bytes are needed.
+fn whole_frame(buf: &[u8], max_body: usize) -> Result<Option<Header>, ProtocolError> {
+    if buf.len() < HEADER_LEN {
+        return Ok(None);
+    }
+    let mut h = [0u8; HEADER_LEN];
+    h.copy_from_slice(&buf[..HEADER_LEN]);
+    let header = parse_header(&h, max_body)?;
+    Ok((buf.len() >= HEADER_LEN + header.body_len).then_some(header))
+}
+
 fn frame_from(h: Header, body: Bytes) -> Frame {
     let extras = body.slice(..h.extras_len);
     let key = body.slice(h.extras_len..h.extras_len + h.key_len);
@@ -356,15 +362,9 @@ fn frame_from(h: Header, body: Bytes) -> Frame {
 /// Decodes one frame from the front of `buf` if it holds a whole one
 /// (removing it); `Ok(None)` if more bytes are needed.
 pub fn decode(buf: &mut BytesMut, max_body: usize) -> Result<Option<Frame>, ProtocolError> {
-    if buf.len() < HEADER_LEN {
+    let Some(header) = whole_frame(buf, max_body)? else {
         return Ok(None);
-    }
-    let mut h = [0u8; HEADER_LEN];
-    h.copy_from_slice(&buf[..HEADER_LEN]);
-    let header = parse_header(&h, max_body)?;
-    if buf.len() < HEADER_LEN + header.body_len {
-        return Ok(None);
-    }
+    };
     // The body shares the read buffer (no copy): the engine copies key and
     // value into a record of its own when it stores them, so a frame lives
     // only until it is handled and never pins the buffer for longer.
