@@ -26,8 +26,16 @@ use tapkv_replication::node::{Node, NodeConfig};
 use super::replication::{high_seqnos, open_engine, set};
 use super::{print_rows, Row};
 
-/// Items each timed run writes.
-const ITEMS: u64 = 500_000;
+/// Items each timed run writes by default (`TAPKV_PINNED_ITEMS` overrides).
+const DEFAULT_ITEMS: u64 = 500_000;
+
+/// Items each timed run writes; children inherit the environment.
+fn items() -> u64 {
+    std::env::var("TAPKV_PINNED_ITEMS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(DEFAULT_ITEMS)
+}
 /// Longest wait for the replica to catch up.
 const DEADLINE: Duration = Duration::from_secs(120);
 
@@ -41,43 +49,47 @@ fn join(v: &[u64]) -> String {
     v.iter().map(u64::to_string).collect::<Vec<_>>().join(" ")
 }
 
-/// CPU time (ms) used so far by each thread of this process, by thread name
-/// (summed over threads of the same name), from `/proc/self/task`.
-fn thread_cpu_ms() -> std::collections::BTreeMap<String, f64> {
-    let mut out = std::collections::BTreeMap::new();
-    let tick = 100.0; // USER_HZ on Linux
+/// Per thread name (summed over threads of the same name): CPU time in ms
+/// and the number of times it was scheduled in, from
+/// `/proc/self/task/*/schedstat`.
+type ThreadCpu = std::collections::BTreeMap<String, (f64, f64)>;
+
+fn thread_cpu_ms() -> ThreadCpu {
+    let mut out = ThreadCpu::new();
     let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
         return out;
     };
     for t in tasks.flatten() {
-        let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else {
+        let (Ok(comm), Ok(sched)) = (
+            std::fs::read_to_string(t.path().join("comm")),
+            std::fs::read_to_string(t.path().join("schedstat")),
+        ) else {
             continue;
         };
-        // "pid (comm) state ... utime stime": fields after the ')' split.
-        let Some((head, rest)) = stat.rsplit_once(')') else {
-            continue;
-        };
-        let name = head.split_once('(').map_or("?", |(_, n)| n).to_owned();
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let ticks: f64 = [11, 12]
-            .iter()
-            .filter_map(|&i| f.get(i).and_then(|v| v.parse::<f64>().ok()))
-            .sum();
-        *out.entry(name).or_insert(0.0) += ticks * 1000.0 / tick;
+        // "cpu-time-ns runqueue-wait-ns timeslices"
+        let f: Vec<f64> = sched
+            .split_whitespace()
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        if let [cpu_ns, _, slices, ..] = f[..] {
+            let e = out.entry(comm.trim().to_owned()).or_insert((0.0, 0.0));
+            e.0 += cpu_ns / 1e6;
+            e.1 += slices;
+        }
     }
     out
 }
 
-/// The CPU each thread used between two `thread_cpu_ms` readings.
-fn cpu_delta(
-    before: &std::collections::BTreeMap<String, f64>,
-    after: &std::collections::BTreeMap<String, f64>,
-) -> String {
+/// Each thread's CPU and times scheduled in between two readings.
+fn cpu_delta(before: &ThreadCpu, after: &ThreadCpu) -> String {
     after
         .iter()
-        .map(|(n, ms)| (n, ms - before.get(n).copied().unwrap_or(0.0)))
-        .filter(|(_, ms)| *ms > 0.0)
-        .map(|(n, ms)| format!("{n}={ms:.0}ms"))
+        .map(|(n, (ms, sl))| {
+            let (b_ms, b_sl) = before.get(n).copied().unwrap_or((0.0, 0.0));
+            (n, ms - b_ms, sl - b_sl)
+        })
+        .filter(|(_, ms, _)| *ms >= 1.0)
+        .map(|(n, ms, sl)| format!("{n}={ms:.0}ms/{sl:.0}x"))
         .collect::<Vec<_>>()
         .join(",")
 }
@@ -98,10 +110,10 @@ pub(crate) fn single_child() {
     let engine = open_engine(dir.path(), false);
     let cpu = thread_cpu_ms();
     let t = Instant::now();
-    for i in 0..ITEMS {
+    for i in 0..items() {
         set(&engine, i);
     }
-    let r = ITEMS as f64 / t.elapsed().as_secs_f64();
+    let r = items() as f64 / t.elapsed().as_secs_f64();
     say(&format!("rate {r} {}", cpu_delta(&cpu, &thread_cpu_ms())));
     engine.close().expect("close");
 }
@@ -125,7 +137,7 @@ pub(crate) fn primary_child() {
             "go" => {
                 let cpu = thread_cpu_ms();
                 let t0 = now_nanos();
-                for i in 0..ITEMS {
+                for i in 0..items() {
                     set(engine, i);
                 }
                 let t1 = now_nanos();
@@ -157,6 +169,7 @@ pub(crate) fn replica_child(primary: &str) {
             break;
         };
         let want: Vec<u64> = rest.split(' ').filter_map(|s| s.parse().ok()).collect();
+        let cpu = thread_cpu_ms();
         let t = Instant::now();
         // Partitions already caught up are not asked again: the poll stays
         // cheap next to the apply thread it shares the core with.
@@ -169,7 +182,14 @@ pub(crate) fn replica_child(primary: &str) {
             std::thread::sleep(Duration::from_millis(1));
         }
         if pending.is_empty() {
-            say(&format!("caught {}", now_nanos()));
+            let caught = now_nanos();
+            if want.len() > 1 && want.iter().sum::<u64>() > 1000 {
+                eprintln!(
+                    "  replica CPU until caught up: {}",
+                    cpu_delta(&cpu, &thread_cpu_ms())
+                );
+            }
+            say(&format!("caught {caught}"));
         } else {
             say("timeout");
         }
@@ -277,8 +297,8 @@ fn pinned_round() -> (f64, f64, f64) {
     primary.finish();
 
     let secs = |a: u128, b: u128| (b.saturating_sub(a) as f64 / 1e9).max(1e-9);
-    let primary_rate = ITEMS as f64 / secs(t0, t1);
-    let replica_rate = ITEMS as f64 / secs(t0, t2);
+    let primary_rate = items() as f64 / secs(t0, t1);
+    let replica_rate = items() as f64 / secs(t0, t2);
     println!(
         "  single node {single_rate:.0}/s on core 0; primary {primary_rate:.0}/s on core 0; \
          replica {replica_rate:.0}/s on core 1 ({:.2}x), caught up {:.1} ms after the last write",
@@ -299,7 +319,10 @@ pub fn bench() {
         println!("\npinned replication: skipped (needs 2 cores and taskset; have {cores} cores)");
         return;
     }
-    println!("\npinned replication: each node a process on its own core (taskset), {ITEMS} items");
+    println!(
+        "\npinned replication: each node a process on its own core (taskset), {} items",
+        items()
+    );
     // Three rounds; the table shows the round with the median ratio (every
     // round's figures are printed).
     let mut rounds: Vec<(f64, f64, f64)> = (0..3).map(|_| pinned_round()).collect();

@@ -14,15 +14,22 @@ pub struct FrameReader {
     stream: TcpStream,
     buf: BytesMut,
     max_body: usize,
+    /// The last read returned less than it asked for: the connection held
+    /// nothing more at that moment.
+    drained: bool,
 }
+
+/// Bytes asked of the socket per read.
+const READ_CHUNK: usize = 64 * 1024;
 
 impl FrameReader {
     /// Wraps `stream` (its read timeout decides how long `next` blocks).
     pub fn new(stream: TcpStream, max_body: usize) -> FrameReader {
         FrameReader {
             stream,
-            buf: BytesMut::with_capacity(64 * 1024),
+            buf: BytesMut::with_capacity(READ_CHUNK),
             max_body,
+            drained: false,
         }
     }
 
@@ -63,9 +70,19 @@ impl FrameReader {
         }
     }
 
+    /// Whether everything received so far has been handed out: no whole
+    /// frame is buffered and the last read found the connection empty (a
+    /// reader that applies what it receives acknowledges then).
+    pub fn caught_up(&self) -> bool {
+        if !self.drained {
+            return false;
+        }
+        crate::protocol::frame_len(&self.buf).is_none_or(|n| self.buf.len() < n)
+    }
+
     /// Reads more bytes into the buffer; `Ok(false)` on a read timeout.
     fn fill(&mut self) -> Result<bool, ProtocolError> {
-        let mut chunk = [0u8; 64 * 1024];
+        let mut chunk = [0u8; READ_CHUNK];
         loop {
             match self.stream.read(&mut chunk) {
                 Ok(0) if self.buf.is_empty() => return Err(ProtocolError::Closed),
@@ -76,6 +93,7 @@ impl FrameReader {
                     )))
                 }
                 Ok(n) => {
+                    self.drained = n < chunk.len();
                     self.buf.extend_from_slice(&chunk[..n]);
                     return Ok(true);
                 }

@@ -57,7 +57,23 @@ pub struct NodeConfig {
     pub slow_replica_timeout: Duration,
     /// Items read per partition per stream round (default 512).
     pub stream_batch: usize,
+    /// After a round that sent less than [`LINGER_BELOW`] bytes, a stream
+    /// waits this long before reading the checkpoints again, so a primary
+    /// under steady writes sends fewer, larger bursts instead of waking for
+    /// every few items (default 1 ms; zero turns it off). Skipped while a
+    /// `Replicate` write waits for acknowledgements; a stream that found
+    /// nothing new sleeps on the engine's change feed instead and sends
+    /// the next write at once.
+    pub stream_linger: Duration,
+    /// A replica acknowledges after applying this many bytes of the stream
+    /// (default 512 KiB; keep it well under the primary's
+    /// `max_unacked_bytes`), and at once whenever it has applied everything
+    /// the connection held.
+    pub ack_bytes: u64,
 }
+
+/// Rounds smaller than this are followed by the stream's linger.
+pub const LINGER_BELOW: usize = 256 * 1024;
 
 impl NodeConfig {
     /// Defaults, listening on `listen`.
@@ -73,6 +89,8 @@ impl NodeConfig {
             max_unacked_bytes: 4 << 20,
             slow_replica_timeout: Duration::from_secs(3),
             stream_batch: 512,
+            stream_linger: Duration::from_millis(1),
+            ack_bytes: 512 * 1024,
         }
     }
 }
@@ -145,6 +163,25 @@ type Streams = Arc<Mutex<HashMap<String, Arc<StreamShared>>>>;
 struct AckSignal {
     lock: Mutex<()>,
     cv: Condvar,
+    /// `Replicate` writes waiting for acknowledgements (streams do not
+    /// linger while any does).
+    waiting: AtomicU64,
+}
+
+/// Counts a `Replicate` writer as waiting while it lives.
+struct Waiting<'a>(&'a AtomicU64);
+
+impl<'a> Waiting<'a> {
+    fn new(n: &'a AtomicU64) -> Self {
+        n.fetch_add(1, Ordering::AcqRel);
+        Waiting(n)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// `Durability::Replicate`: waits until a majority of the connected
@@ -157,6 +194,7 @@ struct AckGate {
 impl tapkv_engine::ReplicationGate for AckGate {
     fn wait_replicated(&self, p: PartitionId, seqno: u64, timeout: Duration) -> Result<(), Error> {
         let deadline = Instant::now() + timeout;
+        let _waiting = Waiting::new(&self.acks.waiting);
         let mut g = self.acks.lock.lock();
         loop {
             let (connected, acked) = {
@@ -1070,6 +1108,12 @@ fn stream_loop(
             writer.flush().map_err(io_err)?;
             if sent > 0 {
                 last_send = Instant::now();
+                if sent < LINGER_BELOW
+                    && !cfg.stream_linger.is_zero()
+                    && state.acks.waiting.load(Ordering::Acquire) == 0
+                {
+                    std::thread::sleep(cfg.stream_linger);
+                }
             } else {
                 // Nothing new since `generation` was read: sleep until the
                 // engine queues something (or a heartbeat is due).
@@ -1296,7 +1340,10 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
             }
             StreamMessage::StreamEnd => return Ok(()),
         }
-        if ack.bytes >= 64 * 1024 || now.duration_since(last_ack) >= Duration::from_millis(20) {
+        if ack.bytes >= cfg.ack_bytes
+            || reader.caught_up()
+            || now.duration_since(last_ack) >= Duration::from_millis(20)
+        {
             ack.seqnos = applied(&seqnos);
             writer.send(&ack.to_frame()).map_err(perr)?;
             ack = Ack::default();

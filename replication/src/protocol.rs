@@ -294,6 +294,13 @@ struct Header {
     cas: u64,
 }
 
+/// The whole length (header and body) of the frame starting `buf`, once its
+/// header is there; nothing is validated.
+pub fn frame_len(buf: &[u8]) -> Option<usize> {
+    let len = buf.get(8..12)?;
+    Some(HEADER_LEN + u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize)
+}
+
 fn parse_header(h: &[u8; HEADER_LEN], max_body: usize) -> Result<Header, ProtocolError> {
     let magic = h[0];
     if magic != MAGIC_REQUEST && magic != MAGIC_RESPONSE {
@@ -301,7 +308,7 @@ fn parse_header(h: &[u8; HEADER_LEN], max_body: usize) -> Result<Header, Protoco
     }
     let key_len = usize::from(u16::from_be_bytes([h[2], h[3]]));
     let extras_len = usize::from(h[4]);
-    let body_len = u32::from_be_bytes([h[8], h[9], h[10], h[11]]) as usize;
+    let body_len = frame_len(h).map_or(0, |n| n - HEADER_LEN);
     if body_len > max_body {
         return Err(ProtocolError::BodyTooLarge {
             len: body_len,

@@ -47,6 +47,16 @@ pub(crate) struct NodeArgs {
     /// Stream heartbeat interval in ms (a replica reconnects after 10 silent ones).
     #[arg(long, default_value_t = 1000)]
     heartbeat_ms: u64,
+    /// After a stream round that sent less than 256 KiB, wait this many
+    /// microseconds before the next, so steady writes go out in fewer,
+    /// larger bursts (skipped while a Replicate write waits; 0: off).
+    #[arg(long, default_value_t = 1000)]
+    stream_linger_us: u64,
+    /// As a replica: acknowledge after applying this many stream bytes (and
+    /// whenever everything received is applied). Keep it well under the
+    /// primary's --max-unacked-bytes.
+    #[arg(long, default_value_t = 512 * 1024)]
+    ack_bytes: u64,
     /// Memory quota for keys and resident values, in bytes (engine default 1 GiB).
     #[arg(long)]
     memory_quota: Option<usize>,
@@ -93,6 +103,8 @@ pub(crate) fn run(args: NodeArgs) -> Result<ExitCode, Error> {
     cfg.io_timeout = Duration::from_millis(args.io_timeout_ms);
     cfg.idle_timeout = Duration::from_secs(args.idle_timeout_s);
     cfg.heartbeat = Duration::from_millis(args.heartbeat_ms);
+    cfg.stream_linger = Duration::from_micros(args.stream_linger_us);
+    cfg.ack_bytes = args.ack_bytes.max(1);
     let name = cfg.name.clone();
     let node = Node::start(engine, cfg)?;
     println!(

@@ -1,0 +1,69 @@
+//! `FrameReader::caught_up`: what a replica's acknowledgement policy relies on.
+
+use std::io::Write;
+use std::net::{TcpListener, TcpStream};
+use std::time::Duration;
+
+use tapkv_replication::io::FrameReader;
+use tapkv_replication::protocol::{frame_len, Frame, DEFAULT_MAX_BODY, HEADER_LEN};
+
+fn pair() -> (TcpStream, FrameReader) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let client = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+    let (server, _) = listener.accept().expect("accept");
+    let reader = FrameReader::new(server, DEFAULT_MAX_BODY);
+    reader
+        .set_timeout(Duration::from_secs(5))
+        .expect("read timeout");
+    (client, reader)
+}
+
+#[test]
+fn frame_len_reads_the_header_body_length() {
+    let f = Frame::request(0x01, 3)
+        .with_key(&b"key"[..])
+        .with_value(&b"value"[..]);
+    let bytes = f.to_bytes();
+    assert_eq!(frame_len(&bytes), Some(bytes.len()));
+    assert_eq!(frame_len(&bytes[..HEADER_LEN]), Some(bytes.len()));
+    assert_eq!(frame_len(&bytes[..11]), None);
+}
+
+#[test]
+fn caught_up_only_once_every_received_frame_is_handed_out() {
+    let (mut client, mut reader) = pair();
+    assert!(!reader.caught_up(), "nothing read yet");
+    let f = Frame::request(0x0a, 0).with_value(vec![7u8; 100]);
+    let mut burst = Vec::new();
+    for _ in 0..3 {
+        burst.extend_from_slice(&f.to_bytes());
+    }
+    client.write_all(&burst).expect("write");
+    // The first poll reads the whole (short) burst: two whole frames remain
+    // buffered, so the reader is not caught up until they are handed out.
+    assert!(reader.poll().expect("poll").is_some());
+    assert!(!reader.caught_up());
+    assert!(reader.poll().expect("poll").is_some());
+    assert!(!reader.caught_up());
+    assert!(reader.poll().expect("poll").is_some());
+    assert!(reader.caught_up());
+    // Half a frame buffered: caught up (nothing whole is waiting).
+    let bytes = f.to_bytes();
+    client.write_all(&bytes[..30]).expect("write");
+    reader
+        .set_timeout(Duration::from_millis(50))
+        .expect("timeout");
+    let mut polls = 0;
+    while reader.poll().expect("poll").is_none() {
+        polls += 1;
+        assert!(polls < 100, "the half frame never arrived");
+        if reader.caught_up() {
+            break;
+        }
+    }
+    assert!(reader.caught_up());
+    client.write_all(&bytes[30..]).expect("write");
+    reader.set_timeout(Duration::from_secs(5)).expect("timeout");
+    assert!(reader.poll().expect("poll").is_some());
+    assert!(reader.caught_up());
+}
