@@ -51,10 +51,16 @@ type Shard = RawTable<Entry>;
 /// Write access to shards; positioned per key with a precomputed hash.
 pub(crate) struct ShardsGuard<'a> {
     table: &'a HashTable,
-    guards: Vec<RwLockWriteGuard<'a, Shard>>,
-    /// Index of the shard in `guards[0]` and the hash of the key it was
-    /// locked for, when only one shard is held.
-    single: Option<(usize, u64)>,
+    held: Held<'a>,
+}
+
+/// The shard locks a [`ShardsGuard`] holds.
+enum Held<'a> {
+    /// One shard (index, and the hash of the key it was locked for): every
+    /// single-key write. No allocation.
+    One(RwLockWriteGuard<'a, Shard>, usize, u64),
+    /// Every shard, in index order.
+    All(Vec<RwLockWriteGuard<'a, Shard>>),
 }
 
 impl HashTable {
@@ -92,8 +98,7 @@ impl HashTable {
         let idx = Self::shard_index(hash);
         ShardsGuard {
             table: self,
-            guards: vec![self.shards[idx].write()],
-            single: Some((idx, hash)),
+            held: Held::One(self.shards[idx].write(), idx, hash),
         }
     }
 
@@ -101,8 +106,7 @@ impl HashTable {
     pub(crate) fn lock_all(&self) -> ShardsGuard<'_> {
         ShardsGuard {
             table: self,
-            guards: self.shards.iter().map(|s| s.write()).collect(),
-            single: None,
+            held: Held::All(self.shards.iter().map(|s| s.write()).collect()),
         }
     }
 
@@ -171,25 +175,24 @@ impl HashTable {
 
 impl ShardsGuard<'_> {
     fn shard(&mut self, key: &[u8]) -> (&mut Shard, u64) {
-        let hash = match self.single {
-            Some((_, hash)) => {
+        let hash = match self.held {
+            Held::One(_, _, hash) => {
                 debug_assert_eq!(hash, self.table.hash(key), "slot locked for another key");
                 hash
             }
-            None => self.table.hash(key),
+            Held::All(_) => self.table.hash(key),
         };
         self.shard_of(hash)
     }
 
     fn shard_of(&mut self, hash: u64) -> (&mut Shard, u64) {
-        let pos = match self.single {
-            Some((idx, _)) => {
-                debug_assert_eq!(idx, HashTable::shard_index(hash));
-                0
+        match &mut self.held {
+            Held::One(guard, idx, _) => {
+                debug_assert_eq!(*idx, HashTable::shard_index(hash));
+                (guard, hash)
             }
-            None => HashTable::shard_index(hash),
-        };
-        (&mut self.guards[pos], hash)
+            Held::All(guards) => (&mut guards[HashTable::shard_index(hash)], hash),
+        }
     }
 
     /// The hash of `key` and its current record, if present.
@@ -251,7 +254,11 @@ impl ShardsGuard<'_> {
     /// Removes every entry of the locked shards.
     pub(crate) fn clear(&mut self) {
         let table = self.table;
-        for shard in &mut self.guards {
+        let shards: &mut [RwLockWriteGuard<'_, Shard>] = match &mut self.held {
+            Held::One(guard, _, _) => std::slice::from_mut(guard),
+            Held::All(guards) => guards,
+        };
+        for shard in shards {
             for e in shard.drain() {
                 table.account(Some(&e.rec), None);
             }
