@@ -29,6 +29,8 @@ test: build
 	$(CARGO) test --release -p tapkv-engine --features loom --lib loom_
 
 bench: build
+	@command -v memcached >/dev/null || { echo "installing memcached (the network benchmark's competitor)"; \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq memcached; }
 	$(CARGO) run --release -p tapkv-benches -- all
 
 fmt:

@@ -5,6 +5,7 @@
 //! Each figure is measured in the same process, on the same machine, with the
 //! same keys (16–24 bytes) and values (100 bytes).
 
+mod network;
 mod pinned;
 mod replication;
 mod revert;
@@ -459,6 +460,9 @@ fn main() {
         "pinned-single" => pinned::single_child(),
         "pinned-primary" => pinned::primary_child(),
         "pinned-replica" => pinned::replica_child(args.get(1).map_or("", String::as_str)),
+        // A tapkv node against Debian's memcached over loopback.
+        "network" => network::bench(),
+        "network-node" => network::node_child(),
         // Only the Persist group-commit comparison, three times.
         "persist" => persist_only(ops),
         // Only tapkv's Memory-durability set loop, for profilers.
@@ -468,9 +472,10 @@ fn main() {
             revert::bench();
             replication::bench();
             pinned::bench();
+            network::bench();
         }
         "--help" | "-h" | "help" => {
-            println!("usage: tapkv-benches [engine|revert|replication|pinned|all|set|backfill|replica] [--ops N] [--reps R]   (default all; --ops sizes the engine bench and set, default 1000000; --reps repeats the engine bench's memory-path runs, default 3, medians reported)");
+            println!("usage: tapkv-benches [engine|revert|replication|pinned|network|all|set|persist|backfill|replica] [--ops N] [--reps R]   (default all; --ops sizes the engine bench and set, default 1000000; --reps repeats the engine bench's memory-path runs, default 3, medians reported)");
         }
         other => {
             eprintln!("unknown benchmark {other:?}; try `help`");

@@ -74,10 +74,14 @@ impl FrameReader {
     /// frame is buffered and the last read found the connection empty (a
     /// reader that applies what it receives acknowledges then).
     pub fn caught_up(&self) -> bool {
-        if !self.drained {
-            return false;
-        }
-        crate::protocol::frame_len(&self.buf).is_none_or(|n| self.buf.len() < n)
+        self.drained && !self.has_frame()
+    }
+
+    /// Whether a whole frame is buffered (the next `poll` returns without
+    /// reading): a server answering pipelined requests sends its replies
+    /// together once this turns false.
+    pub fn has_frame(&self) -> bool {
+        crate::protocol::frame_len(&self.buf).is_some_and(|n| self.buf.len() >= n)
     }
 
     /// Reads more bytes into the buffer; `Ok(false)` on a read timeout.

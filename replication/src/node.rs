@@ -503,9 +503,17 @@ fn serve_connection(
             continue;
         }
         let resp = handle_request(state, &frame);
-        writer.send(&resp)?;
+        // Replies to pipelined requests go out together: one write once
+        // every buffered request is answered (or past 64 KiB).
+        writer.push(&resp);
+        if !reader.has_frame() || writer.pending() >= REPLY_BATCH {
+            writer.flush()?;
+        }
     }
 }
+
+/// Replies held back for one write at most, while pipelined requests wait.
+const REPLY_BATCH: usize = 64 * 1024;
 
 fn check_partition(state: &NodeState, f: &Frame) -> Result<(), Frame> {
     let p = state.engine.partition_of(&f.key);
