@@ -56,6 +56,22 @@ fn rocks(dir: &std::path::Path) -> DB {
     DB::open(&o, dir).expect("open rocksdb")
 }
 
+/// A node configuration listening on an ephemeral loopback port, with the
+/// stream settings optionally overridden for experiments:
+/// `TAPKV_STREAM_LINGER_US` (`NodeConfig::stream_linger`) and
+/// `TAPKV_ACK_BYTES` (`NodeConfig::ack_bytes`).
+pub(crate) fn node_config() -> tapkv_replication::node::NodeConfig {
+    let mut cfg = tapkv_replication::node::NodeConfig::new("127.0.0.1:0");
+    let env = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u64>().ok());
+    if let Some(us) = env("TAPKV_STREAM_LINGER_US") {
+        cfg.stream_linger = Duration::from_micros(us);
+    }
+    if let Some(b) = env("TAPKV_ACK_BYTES") {
+        cfg.ack_bytes = b.max(1);
+    }
+    cfg
+}
+
 fn rate(ops: u64, d: Duration) -> f64 {
     ops as f64 / d.as_secs_f64().max(1e-9)
 }

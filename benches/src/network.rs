@@ -217,7 +217,7 @@ pub(crate) fn node_child() {
     let partitions = engine.num_partitions();
     let node = tapkv_replication::node::Node::start(
         engine,
-        tapkv_replication::node::NodeConfig::new("127.0.0.1:0"),
+        super::node_config(),
     )
     .expect("start node");
     {

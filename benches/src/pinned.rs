@@ -21,7 +21,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use tapkv_replication::node::{Node, NodeConfig};
+use tapkv_replication::node::Node;
 
 use super::replication::{high_seqnos, open_engine, set};
 use super::{print_rows, Row};
@@ -135,7 +135,7 @@ pub(crate) fn single_child() {
 /// `done T0 T1 seqnos...`; ends on `stop` or end of input.
 pub(crate) fn primary_child() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut cfg = NodeConfig::new("127.0.0.1:0");
+    let mut cfg = super::node_config();
     cfg.name = "pinned-primary".into();
     let node = Node::start(open_engine(dir.path(), false), cfg).expect("start primary");
     say(&format!("addr {}", node.local_addr()));
@@ -172,7 +172,7 @@ pub(crate) fn primary_child() {
 /// input.
 pub(crate) fn replica_child(primary: &str) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut cfg = NodeConfig::new("127.0.0.1:0");
+    let mut cfg = super::node_config();
     cfg.name = "pinned-replica".into();
     cfg.replica_of = Some(primary.to_owned());
     let node = Node::start(open_engine(dir.path(), true), cfg).expect("start replica");

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use rocksdb::IteratorMode;
 use tapkv_engine::{Engine, Error, WriteOptions};
-use tapkv_replication::node::{Node, NodeConfig};
+use tapkv_replication::node::Node;
 
 use super::{key, print_rows, rate, rocks, value, Row, VALUE_SIZE};
 
@@ -94,11 +94,11 @@ fn wait_caught_up(primary: &Engine, replica: &Engine, deadline: Duration) -> boo
 /// (one warm-up item, key outside the benchmark's range, has reached the
 /// replica).
 fn pair(dir: &Path, tag: &str) -> (Node, Node) {
-    let mut pcfg = NodeConfig::new("127.0.0.1:0");
+    let mut pcfg = super::node_config();
     pcfg.name = format!("bench-primary-{tag}");
     let primary =
         Node::start(open_engine(&dir.join("primary"), false), pcfg).expect("start primary");
-    let mut rcfg = NodeConfig::new("127.0.0.1:0");
+    let mut rcfg = super::node_config();
     rcfg.name = format!("bench-replica-{tag}");
     rcfg.replica_of = Some(primary.local_addr().to_string());
     let replica =
@@ -166,7 +166,7 @@ fn throughput(dir: &Path) -> Throughput {
 /// primary first, then a fresh replica started; time until it holds them all.
 /// Unlike the concurrent run above, the writer does not compete for the cores.
 fn catch_up(dir: &Path) -> Option<f64> {
-    let mut pcfg = NodeConfig::new("127.0.0.1:0");
+    let mut pcfg = super::node_config();
     pcfg.name = "bench-primary-cu".into();
     let primary =
         Node::start(open_engine(&dir.join("cu-primary"), false), pcfg).expect("start primary");
@@ -175,7 +175,7 @@ fn catch_up(dir: &Path) -> Option<f64> {
         set(pe, i);
     }
     pe.flush().expect("flush");
-    let mut rcfg = NodeConfig::new("127.0.0.1:0");
+    let mut rcfg = super::node_config();
     rcfg.name = "bench-replica-cu".into();
     rcfg.replica_of = Some(primary.local_addr().to_string());
     let t = Instant::now();
