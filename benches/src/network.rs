@@ -215,11 +215,8 @@ pub(crate) fn node_child() {
         .open()
         .expect("open engine");
     let partitions = engine.num_partitions();
-    let node = tapkv_replication::node::Node::start(
-        engine,
-        super::node_config(),
-    )
-    .expect("start node");
+    let node =
+        tapkv_replication::node::Node::start(engine, super::node_config()).expect("start node");
     {
         let mut out = std::io::stdout().lock();
         writeln!(out, "addr {} {partitions}", node.local_addr()).expect("stdout");

@@ -60,7 +60,8 @@ pub struct NodeConfig {
     /// After a round that sent less than [`LINGER_BELOW`] bytes, a stream
     /// waits this long before reading the checkpoints again, so a primary
     /// under steady writes sends fewer, larger bursts instead of waking for
-    /// every few items (default 1 ms; zero turns it off). Skipped while a
+    /// every few items (default 1 ms; zero turns it off; at most
+    /// [`MAX_LINGER`]). Skipped while a
     /// `Replicate` write waits for acknowledgements; a stream that found
     /// nothing new sleeps on the engine's change feed instead and sends
     /// the next write at once.
@@ -74,6 +75,11 @@ pub struct NodeConfig {
 
 /// Rounds smaller than this are followed by the stream's linger.
 pub const LINGER_BELOW: usize = 256 * 1024;
+
+/// The longest linger used, whatever `stream_linger` says: a `Replicate`
+/// write that starts waiting during a linger, and a shutdown, wait at most
+/// this long for it.
+pub const MAX_LINGER: Duration = Duration::from_millis(10);
 
 impl NodeConfig {
     /// Defaults, listening on `listen`.
@@ -457,6 +463,8 @@ fn serve_connection(
     let mut idle = 0;
     loop {
         if state.stop.load(Ordering::Acquire) {
+            // Replies to requests already carried out still go out.
+            let _ = writer.flush();
             return Ok(());
         }
         let frame = match reader.poll() {
@@ -502,6 +510,10 @@ fn serve_connection(
             admin_dump(state, &frame, &mut writer)?;
             continue;
         }
+        if writer.pending() > 0 && may_block(&frame) {
+            // Earlier replies do not wait behind a durable write or a flush.
+            writer.flush()?;
+        }
         let resp = handle_request(state, &frame);
         // Replies to pipelined requests go out together: one write once
         // every buffered request is answered (or past 64 KiB).
@@ -514,6 +526,19 @@ fn serve_connection(
 
 /// Replies held back for one write at most, while pipelined requests wait.
 const REPLY_BATCH: usize = 64 * 1024;
+
+/// Whether answering `f` may wait on something slow (the disk, replicas, a
+/// revert): everything but memory-durability data operations and trivia.
+fn may_block(f: &Frame) -> bool {
+    let quick = match f.opcode {
+        opcode::GET | opcode::NOOP | opcode::VERSION | opcode::PARTITION_OF => true,
+        opcode::SET | opcode::ADD | opcode::REPLACE | opcode::DELETE => {
+            crate::message::durability_of(f.datatype) == tapkv_engine::Durability::Memory
+        }
+        _ => false,
+    };
+    !quick
+}
 
 fn check_partition(state: &NodeState, f: &Frame) -> Result<(), Frame> {
     let p = state.engine.partition_of(&f.key);
@@ -1112,6 +1137,10 @@ fn stream_loop(
             if sent == 0 && last_send.elapsed() >= cfg.heartbeat {
                 writer.push(&StreamMessage::Noop.to_frame());
                 sent += 1;
+            } else if sent > 0 && state.acks.waiting.load(Ordering::Acquire) > 0 {
+                // A `Replicate` write waits: the replica acknowledges a NOOP
+                // at once, so its ack does not wait for a byte count.
+                send(writer, s, &StreamMessage::Noop);
             }
             writer.flush().map_err(io_err)?;
             if sent > 0 {
@@ -1120,7 +1149,7 @@ fn stream_loop(
                     && !cfg.stream_linger.is_zero()
                     && state.acks.waiting.load(Ordering::Acquire) == 0
                 {
-                    std::thread::sleep(cfg.stream_linger);
+                    std::thread::sleep(cfg.stream_linger.min(MAX_LINGER));
                 }
             } else {
                 // Nothing new since `generation` was read: sleep until the
@@ -1290,6 +1319,7 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
         last_heard = now;
         ack.bytes += wire_len as u64;
         let msg = msg.map_err(perr)?;
+        let mut ack_now = false;
         match msg {
             StreamMessage::Failover { partition, uuid } => {
                 let log = engine.failover_log(partition)?;
@@ -1321,7 +1351,9 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
                     }
                 }
             }
-            StreamMessage::Noop => {}
+            // A heartbeat, or the primary asking for an ack now (a
+            // `Replicate` write waits).
+            StreamMessage::Noop => ack_now = true,
             StreamMessage::CheckpointStart { partition, id } => {
                 engine.replica_checkpoint(partition, id)?;
             }
@@ -1348,7 +1380,8 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
             }
             StreamMessage::StreamEnd => return Ok(()),
         }
-        if ack.bytes >= cfg.ack_bytes
+        if ack_now
+            || ack.bytes >= cfg.ack_bytes
             || reader.caught_up()
             || now.duration_since(last_ack) >= Duration::from_millis(20)
         {

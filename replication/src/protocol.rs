@@ -294,11 +294,18 @@ struct Header {
     cas: u64,
 }
 
+/// The body length a header names.
+fn body_len(h: &[u8]) -> Option<usize> {
+    let len = h.get(8..12)?;
+    usize::try_from(u32::from_be_bytes([len[0], len[1], len[2], len[3]])).ok()
+}
+
 /// The whole length (header and body) of the frame starting `buf`, once its
-/// header is there; nothing is validated.
+/// header is there (`usize::MAX` if it cannot be represented); nothing is
+/// validated.
 pub fn frame_len(buf: &[u8]) -> Option<usize> {
-    let len = buf.get(8..12)?;
-    Some(HEADER_LEN + u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize)
+    buf.get(..HEADER_LEN)?;
+    Some(body_len(buf).map_or(usize::MAX, |b| b.saturating_add(HEADER_LEN)))
 }
 
 fn parse_header(h: &[u8; HEADER_LEN], max_body: usize) -> Result<Header, ProtocolError> {
@@ -308,7 +315,7 @@ fn parse_header(h: &[u8; HEADER_LEN], max_body: usize) -> Result<Header, Protoco
     }
     let key_len = usize::from(u16::from_be_bytes([h[2], h[3]]));
     let extras_len = usize::from(h[4]);
-    let body_len = frame_len(h).map_or(0, |n| n - HEADER_LEN);
+    let body_len = body_len(h).unwrap_or(usize::MAX);
     if body_len > max_body {
         return Err(ProtocolError::BodyTooLarge {
             len: body_len,

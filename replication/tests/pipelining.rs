@@ -62,3 +62,49 @@ fn pipelined_requests_are_all_answered_in_order() {
     }
     node.shutdown().unwrap();
 }
+
+#[test]
+fn replies_do_not_wait_behind_a_durable_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::builder(dir.path()).open().unwrap();
+    let parts = engine.num_partitions();
+    engine
+        .set(b"there", b"v", tapkv_engine::WriteOptions::default())
+        .unwrap();
+    let node = Node::start(engine, NodeConfig::new("127.0.0.1:0")).unwrap();
+    // With the flusher paused, a Persist write blocks until it resumes.
+    node.engine().unwrap().set_flusher_paused(true);
+    let mut conn = TcpStream::connect(node.local_addr()).unwrap();
+    let mut reader = FrameReader::new(conn.try_clone().unwrap(), DEFAULT_MAX_BODY);
+    reader.set_timeout(Duration::from_secs(10)).unwrap();
+
+    let mut wire = hello("pipeline").to_bytes().to_vec();
+    let mut get =
+        Frame::request(opcode::GET, partition_of(b"there", parts)).with_key(&b"there"[..]);
+    get.opaque = 1;
+    wire.extend_from_slice(&get.to_bytes());
+    let mut durable = Frame::request(opcode::SET, partition_of(b"durable", parts))
+        .with_extras(store_extras(0, 0))
+        .with_key(&b"durable"[..])
+        .with_value(&b"d"[..]);
+    durable.datatype |=
+        tapkv_replication::message::durability_bits(tapkv_engine::Durability::Persist);
+    durable.opaque = 2;
+    wire.extend_from_slice(&durable.to_bytes());
+    conn.write_all(&wire).unwrap();
+
+    // HELLO's and GET's replies arrive while the Persist write still waits.
+    let hello_reply = reader.poll().unwrap().expect("HELLO reply");
+    assert_eq!(hello_reply.status(), status::SUCCESS);
+    let get_reply = reader
+        .poll()
+        .unwrap()
+        .expect("the GET's reply, sent before the durable write blocks");
+    assert_eq!((get_reply.opaque, get_reply.status()), (1, status::SUCCESS));
+    assert_eq!(&get_reply.value[..], b"v");
+
+    node.engine().unwrap().set_flusher_paused(false);
+    let set_reply = reader.poll().unwrap().expect("the Persist write's reply");
+    assert_eq!((set_reply.opaque, set_reply.status()), (2, status::SUCCESS));
+    node.shutdown().unwrap();
+}

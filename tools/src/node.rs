@@ -49,8 +49,9 @@ pub(crate) struct NodeArgs {
     heartbeat_ms: u64,
     /// After a stream round that sent less than 256 KiB, wait this many
     /// microseconds before the next, so steady writes go out in fewer,
-    /// larger bursts (skipped while a Replicate write waits; 0: off).
-    #[arg(long, default_value_t = 1000)]
+    /// larger bursts (skipped while a Replicate write waits; 0: off; at
+    /// most 10000).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(0..=10_000))]
     stream_linger_us: u64,
     /// As a replica: acknowledge after applying this many stream bytes (and
     /// whenever everything received is applied). Keep it well under the
