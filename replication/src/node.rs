@@ -61,15 +61,15 @@ pub struct NodeConfig {
     /// waits this long before reading the checkpoints again, so a primary
     /// under steady writes sends fewer, larger bursts instead of waking for
     /// every few items (default 1 ms; zero turns it off; at most
-    /// [`MAX_LINGER`]). Skipped while a
-    /// `Replicate` write waits for acknowledgements; a stream that found
-    /// nothing new sleeps on the engine's change feed instead and sends
-    /// the next write at once.
+    /// [`MAX_LINGER`]). Skipped while a `Replicate` write waits for
+    /// acknowledgements; a stream that found nothing new sleeps on the
+    /// engine's change feed instead and sends the next write at once.
     pub stream_linger: Duration,
     /// A replica acknowledges after applying this many bytes of the stream
     /// (default 512 KiB; keep it well under the primary's
     /// `max_unacked_bytes`), and at once whenever it has applied everything
-    /// the connection held.
+    /// the connection held or reads a `NOOP` (which the primary sends while
+    /// a `Replicate` write waits).
     pub ack_bytes: u64,
 }
 
