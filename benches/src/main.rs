@@ -72,6 +72,19 @@ pub(crate) fn node_config() -> tapkv_replication::node::NodeConfig {
     cfg
 }
 
+/// The element of `items` whose `key` is the median (the upper one of an
+/// even count); `items` must not be empty.
+pub(crate) fn median_by<T: Clone>(items: &[T], key: impl Fn(&T) -> f64) -> T {
+    let mut sorted = items.to_vec();
+    sorted.sort_by(|a, b| key(a).total_cmp(&key(b)));
+    sorted[sorted.len() / 2].clone()
+}
+
+/// The median duration of a non-empty set of repetitions.
+pub(crate) fn median(v: &[Duration]) -> Duration {
+    median_by(v, Duration::as_secs_f64)
+}
+
 fn rate(ops: u64, d: Duration) -> f64 {
     ops as f64 / d.as_secs_f64().max(1e-9)
 }

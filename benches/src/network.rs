@@ -315,9 +315,8 @@ pub fn bench() {
         );
     }
     let median = |pick: &dyn Fn(&(Rates, Rates)) -> f64| {
-        let mut v: Vec<f64> = rounds.iter().map(pick).collect();
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
+        let v: Vec<f64> = rounds.iter().map(pick).collect();
+        super::median_by(&v, |x| *x)
     };
     let tapkv: Vec<f64> = (0..4).map(|i| median(&|r| r.0[i])).collect();
     let memcached: Vec<f64> = (0..4).map(|i| median(&|r| r.1[i])).collect();

@@ -386,11 +386,7 @@ pub fn bench() {
     // Three rounds; each row shows the round with its median ratio (every
     // round's figures are printed).
     let rounds: Vec<RoundRates> = (0..3).map(|_| pinned_round()).collect();
-    let median = |ratio: fn(&RoundRates) -> f64| -> RoundRates {
-        let mut sorted = rounds.clone();
-        sorted.sort_by(|a, b| ratio(a).total_cmp(&ratio(b)));
-        sorted[sorted.len() / 2]
-    };
+    let median = |ratio: fn(&RoundRates) -> f64| super::median_by(&rounds, ratio);
     let applied = median(|r| r.replica / r.single);
     let durable = median(|r| r.replica_durable / r.single_durable);
     let primary = median(|r| r.primary / r.single);

@@ -29,7 +29,7 @@ use rocksdb::IteratorMode;
 use tapkv_engine::{Engine, Error, WriteOptions};
 use tapkv_replication::node::Node;
 
-use super::{key, print_rows, rate, rocks, value, Row, VALUE_SIZE};
+use super::{key, median, print_rows, rate, rocks, value, Row, VALUE_SIZE};
 
 /// Items of the throughput run.
 const N: u64 = 200_000;
@@ -294,11 +294,6 @@ fn lag(dir: &Path, target_rate: f64) -> Lag {
     }
 }
 
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort_unstable();
-    v[v.len() / 2]
-}
-
 /// (backfill items/s, raw RocksDB iteration items/s, items backfilled).
 /// The backfill comparison alone (for profilers).
 pub(crate) fn backfill_only() {
@@ -360,7 +355,7 @@ fn backfill(dir: &Path) -> (f64, f64, u64) {
         count, BACKFILL_ITEMS,
         "backfill returned a different item count"
     );
-    let backfill_rate = rate(count, median(times));
+    let backfill_rate = rate(count, median(&times));
 
     let rpath = dir.join("rocks");
     let db = rocks(&rpath);
@@ -387,7 +382,7 @@ fn backfill(dir: &Path) -> (f64, f64, u64) {
         })
         .collect();
     assert_eq!(raw_count, BACKFILL_ITEMS, "RocksDB iteration count");
-    (backfill_rate, rate(raw_count, median(times)), count)
+    (backfill_rate, rate(raw_count, median(&times)), count)
 }
 
 fn ms(d: Duration) -> String {

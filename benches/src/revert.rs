@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use rocksdb::{OptimisticTransactionDB, Options};
 use tapkv_engine::{Engine, Error, PartitionId, RevertReport, WriteOptions};
 
-use super::{key, print_rows, rate, value, Row, VALUE_SIZE};
+use super::{key, median, print_rows, rate, value, Row, VALUE_SIZE};
 
 /// Windows (distinct keys) of part 1.
 const WINDOWS: [u64; 4] = [1_000, 10_000, 100_000, 1_000_000];
@@ -56,11 +56,6 @@ fn new_value(i: u64) -> Vec<u8> {
     let mut v = value(i);
     v[8..].fill(b'w');
     v
-}
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
 }
 
 fn ns_per(d: Duration, n: u64) -> f64 {
@@ -184,7 +179,7 @@ fn revert_cells() -> Vec<Cell> {
                 window,
                 items,
                 reps,
-                wall: median(walls.clone()),
+                wall: median(&walls),
                 reported: reports[mid].duration,
                 removed: reports[mid].removed,
                 restored: reports[mid].restored,
@@ -345,7 +340,7 @@ fn rollback_rows() -> Vec<(u64, usize, Duration, Duration)> {
             t.push(tapkv_apply_revert(&tmp.path().join(format!("t{i}")), n));
             r.push(rocks_apply_rollback(&tmp.path().join(format!("r{i}")), n));
         }
-        let (t, r) = (median(t), median(r));
+        let (t, r) = (median(&t), median(&r));
         println!(
             "  N = {n}: tapkv start+sets+revert {}, RocksDB txn puts+rollback {}",
             fmt_dur(t),
@@ -367,7 +362,7 @@ pub fn bench() {
     let empty: Vec<Duration> = (0..5)
         .map(|r| revert_once(&tmp.path().join(format!("e{r}")), 0, 1_000).0)
         .collect();
-    let fixed = median(empty);
+    let fixed = median(&empty);
     drop(tmp);
     println!(
         "  fixed cost: REVERT of an empty window (1000 items): {}",
