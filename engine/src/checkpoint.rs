@@ -26,6 +26,13 @@ use crate::sync::{Arc, AtomicUsize, Ordering};
 /// `std`'s `Arc` even in loom builds.
 type SharedCheckpoint = std::sync::Arc<Checkpoint>;
 
+/// Events [`CheckpointManager::peek`] reserves room for up front.
+const PEEK_RESERVE: usize = 1024;
+
+fn no_cursor(name: &str) -> Error {
+    Error::InvalidArgument(format!("no cursor named {name:?}"))
+}
+
 const KEY_HASHER: foldhash::fast::FixedState = foldhash::fast::FixedState::with_seed(0x636b_7074);
 
 /// Limits of one checkpoint.
@@ -687,10 +694,7 @@ impl CheckpointManager {
     }
 
     fn cursor(&self, name: &str) -> Result<CursorPosition> {
-        self.cursors
-            .get(name)
-            .copied()
-            .ok_or_else(|| Error::InvalidArgument(format!("no cursor named {name:?}")))
+        self.cursors.get(name).copied().ok_or_else(|| no_cursor(name))
     }
 
     /// Visits up to `max_items` items (and at most about `max_bytes`) after
@@ -829,7 +833,7 @@ impl CheckpointManager {
         max_bytes: usize,
         upto_seqno: Option<u64>,
     ) -> Result<CursorBatch> {
-        let mut events = Vec::new();
+        let mut events = Vec::with_capacity(max_items.min(PEEK_RESERVE));
         let progress = self.scan(name, max_items, max_bytes, upto_seqno, |e| {
             events.push(e.to_owned());
         })?;
@@ -845,7 +849,10 @@ impl CheckpointManager {
         progress: impl AsRef<CursorProgress>,
     ) -> Result<FreedCheckpoints> {
         let to = progress.as_ref().position;
-        let current = self.cursor(name)?;
+        let current = self
+            .cursors
+            .get_mut(name)
+            .ok_or_else(|| no_cursor(name))?;
         if to.registration != current.registration {
             return Err(Error::WrongState(format!(
                 "cursor {name:?} was registered again since this scan began; the scan's \
@@ -858,7 +865,8 @@ impl CheckpointManager {
                 current.seqno, to.seqno
             )));
         }
-        self.cursors.insert(name.to_owned(), to);
+        // In place: no key allocated on every batch.
+        *current = to;
         Ok(self.remove_unreferenced())
     }
 

@@ -1101,6 +1101,7 @@ fn stream_loop(
             let mut sent = 0;
             for p in &active {
                 let mut last = None;
+                let mut items_bytes = 0;
                 // Entries are encoded straight from the checkpoints into the
                 // connection buffer (closed checkpoints without the
                 // partition's lock).
@@ -1120,11 +1121,15 @@ fn stream_loop(
                             last = Some(item.seqno());
                             let n = writer
                                 .push_encoded(|buf| StreamMessage::encode_item(*p, item, buf));
-                            s.unacked.fetch_add(n as u64, Ordering::AcqRel);
+                            items_bytes += n;
                             n
                         }
                     };
                 })?;
+                // Counted once per partition rather than per item: nothing
+                // was sent meanwhile (the buffer is flushed below), so no
+                // ack can cover these bytes yet.
+                s.unacked.fetch_add(items_bytes as u64, Ordering::AcqRel);
                 if let Some(seqno) = last {
                     if let Some(e) = s.parts.lock().get_mut(p) {
                         e.1 = seqno;
