@@ -694,7 +694,10 @@ impl CheckpointManager {
     }
 
     fn cursor(&self, name: &str) -> Result<CursorPosition> {
-        self.cursors.get(name).copied().ok_or_else(|| no_cursor(name))
+        self.cursors
+            .get(name)
+            .copied()
+            .ok_or_else(|| no_cursor(name))
     }
 
     /// Visits up to `max_items` items (and at most about `max_bytes`) after
@@ -849,10 +852,7 @@ impl CheckpointManager {
         progress: impl AsRef<CursorProgress>,
     ) -> Result<FreedCheckpoints> {
         let to = progress.as_ref().position;
-        let current = self
-            .cursors
-            .get_mut(name)
-            .ok_or_else(|| no_cursor(name))?;
+        let current = self.cursors.get_mut(name).ok_or_else(|| no_cursor(name))?;
         if to.registration != current.registration {
             return Err(Error::WrongState(format!(
                 "cursor {name:?} was registered again since this scan began; the scan's \
