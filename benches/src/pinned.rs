@@ -89,6 +89,12 @@ fn thread_cpu_ms() -> ThreadCpu {
     out
 }
 
+/// CPU milliseconds of all the process's threads between two readings.
+fn cpu_total_ms(before: &ThreadCpu, after: &ThreadCpu) -> f64 {
+    let sum = |c: &ThreadCpu| c.values().map(|(ms, _)| ms).sum::<f64>();
+    sum(after) - sum(before)
+}
+
 /// Each thread's CPU and times scheduled in between two readings.
 fn cpu_delta(before: &ThreadCpu, after: &ThreadCpu) -> String {
     after
@@ -113,12 +119,15 @@ fn commands() -> impl Iterator<Item = String> {
     std::io::stdin().lock().lines().map_while(Result::ok)
 }
 
-/// Child: a plain engine on this process's core; prints `rate A D CPU`:
-/// items/s until every write was acknowledged, and until all were on disk.
+/// Child: a plain engine on this process's core; prints `rate A D MS CPU`:
+/// items/s until every write was acknowledged, and until all were on disk,
+/// the process's CPU milliseconds until all were on disk, and the threads'
+/// CPU until acknowledged.
 pub(crate) fn single_child() {
     let dir = tempfile::tempdir().expect("tempdir");
     let engine = open_engine(dir.path(), false);
-    let cpu = thread_cpu_ms();
+    let start_cpu = thread_cpu_ms();
+    let cpu = start_cpu.clone();
     let t = Instant::now();
     for i in 0..items() {
         set(&engine, i);
@@ -135,7 +144,12 @@ pub(crate) fn single_child() {
         cpu_delta(&cpu, &thread_cpu_ms())
     );
     let rate = |d: Duration| items() as f64 / d.as_secs_f64();
-    say(&format!("rate {} {} {during}", rate(acked), rate(durable)));
+    let total = cpu_total_ms(&start_cpu, &thread_cpu_ms());
+    say(&format!(
+        "rate {} {} {total} {during}",
+        rate(acked),
+        rate(durable)
+    ));
     engine.close().expect("close");
 }
 
@@ -228,7 +242,11 @@ pub(crate) fn replica_child(primary: &str) {
                     cpu_delta(&cpu, &thread_cpu_ms())
                 );
             }
-            say(&format!("caught {caught}"));
+            // With the process's CPU since `mark`.
+            say(&format!(
+                "caught {caught} {}",
+                cpu_total_ms(&cpu, &thread_cpu_ms())
+            ));
         } else {
             say("timeout");
         }
@@ -324,19 +342,38 @@ struct RoundRates {
     replica: f64,
     /// Replica, from the primary's first write until it had persisted every item.
     replica_durable: f64,
+    /// Items per CPU-second of the single node on the replica's core, first
+    /// write to all on disk (every thread of the process counted).
+    single_per_cpu: f64,
+    /// Items per CPU-second of the replica, the primary's first write to all
+    /// on the replica's disk.
+    replica_per_cpu: f64,
 }
 
-/// A single node on `core`: items/s until acknowledged and until on disk.
-fn single_on(core: usize) -> (f64, f64) {
+/// What a single node did: items/s until acknowledged and until on disk,
+/// and items per CPU-second until on disk.
+#[derive(Clone, Copy)]
+struct Single {
+    acked: f64,
+    durable: f64,
+    per_cpu: f64,
+}
+
+/// A single node on `core`.
+fn single_on(core: usize) -> Single {
     let mut single = Pinned::spawn(core, &["pinned-single"]);
     let said = single.expect("rate");
-    let acked: f64 = said[0].parse().expect("rate");
-    let durable: f64 = said[1].parse().expect("rate");
-    if let Some(cpu) = said.get(2) {
+    let number = |i: usize| -> f64 { said[i].parse().expect("number") };
+    let (acked, durable, cpu_ms) = (number(0), number(1), number(2));
+    if let Some(cpu) = said.get(3) {
         println!("  single node on core {core}, CPU during the writes: {cpu}");
     }
     single.finish();
-    (acked, durable)
+    Single {
+        acked,
+        durable,
+        per_cpu: items() as f64 / (cpu_ms / 1e3).max(1e-9),
+    }
 }
 
 /// One round: a single node on each core, then the pair with the primary
@@ -363,7 +400,9 @@ fn pinned_round(primary_core: usize) -> RoundRates {
     let caught = replica.expect("caught");
     let t2 = nanos(&caught, 0);
     replica.send(&format!("durable {}", done[2..].join(" ")));
-    let t3 = nanos(&replica.expect("caught"), 0);
+    let durable = replica.expect("caught");
+    let t3 = nanos(&durable, 0);
+    let replica_cpu_ms: f64 = durable[1].parse().expect("cpu");
     replica.finish();
     primary.finish();
 
@@ -371,18 +410,20 @@ fn pinned_round(primary_core: usize) -> RoundRates {
     let r = RoundRates {
         primary_core,
         replica_core,
-        single: singles[replica_core].0,
-        single_durable: singles[replica_core].1,
-        single_on_primary_core: singles[primary_core].0,
+        single: singles[replica_core].acked,
+        single_durable: singles[replica_core].durable,
+        single_on_primary_core: singles[primary_core].acked,
         primary: items() as f64 / secs(t0, t1),
         replica: items() as f64 / secs(t0, t2),
         replica_durable: items() as f64 / secs(t0, t3),
+        single_per_cpu: singles[replica_core].per_cpu,
+        replica_per_cpu: items() as f64 / (replica_cpu_ms / 1e3).max(1e-9),
     };
     println!(
         "  single node {:.0}/s on core 0, {:.0}/s on core 1; primary {:.0}/s on core {} ({:.2}x); \
          replica {:.0}/s on core {} ({:.2}x), caught up {:.1} ms after the last write",
-        singles[0].0,
-        singles[1].0,
+        singles[0].acked,
+        singles[1].acked,
         r.primary,
         r.primary_core,
         r.primary / r.single_on_primary_core,
@@ -392,11 +433,15 @@ fn pinned_round(primary_core: usize) -> RoundRates {
         secs(t1, t2) * 1e3
     );
     println!(
-        "  until on disk: single node {:.0}/s on core 0, {:.0}/s on core 1; replica {:.0}/s ({:.2}x)",
-        singles[0].1,
-        singles[1].1,
+        "  until on disk: single node {:.0}/s on core 0, {:.0}/s on core 1; replica {:.0}/s ({:.2}x); \
+         items per CPU-second: single node {:.0}, replica {:.0} ({:.2}x)",
+        singles[0].durable,
+        singles[1].durable,
         r.replica_durable,
-        r.replica_durable / r.single_durable
+        r.replica_durable / r.single_durable,
+        r.single_per_cpu,
+        r.replica_per_cpu,
+        r.replica_per_cpu / r.single_per_cpu
     );
     r
 }
@@ -423,6 +468,7 @@ pub fn bench() {
     let applied = median(|r| r.replica / r.single);
     let durable = median(|r| r.replica_durable / r.single_durable);
     let primary = median(|r| r.primary / r.single_on_primary_core);
+    let per_cpu = median(|r| r.replica_per_cpu / r.single_per_cpu);
     print_rows(
         "replication with a core per node (items/s)",
         &[
@@ -439,6 +485,13 @@ pub fn bench() {
                 other_name: "single node, same core, first write -> all on disk".into(),
                 other: durable.single_durable,
                 target: Some(0.8),
+            },
+            Row {
+                name: "replica, items per CPU-second (first write -> on disk)".into(),
+                tapkv: per_cpu.replica_per_cpu,
+                other_name: "single node, items per CPU-second, same span".into(),
+                other: per_cpu.single_per_cpu,
+                target: None,
             },
             Row {
                 name: "primary node set, one core".into(),
