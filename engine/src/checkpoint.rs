@@ -13,7 +13,6 @@
 //! This module never touches the hash table or the disk, and never blocks.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::hash::BuildHasher;
 
 use hashbrown::HashTable;
 
@@ -33,7 +32,7 @@ fn no_cursor(name: &str) -> Error {
     Error::InvalidArgument(format!("no cursor named {name:?}"))
 }
 
-const KEY_HASHER: foldhash::fast::FixedState = foldhash::fast::FixedState::with_seed(0x636b_7074);
+use crate::hash_table::key_hash;
 
 /// Limits of one checkpoint.
 #[derive(Debug, Clone, Copy)]
@@ -567,6 +566,15 @@ impl CheckpointManager {
     /// de-duplicated: the older entry becomes a hole. Closes the open checkpoint
     /// first when it is full. Returns whether an older entry was replaced.
     pub fn queue(&mut self, item: QueuedItem) -> bool {
+        let hash = item.op.is_key_op().then(|| key_hash(item.key()));
+        self.queue_hashed(item, hash)
+    }
+
+    /// [`queue`](Self::queue) with the key's hash already known
+    /// (`key_hash(item.key())` for a key operation, `None` for a marker):
+    /// a write hashed its key for the hash table already.
+    pub(crate) fn queue_hashed(&mut self, item: QueuedItem, hash: Option<u64>) -> bool {
+        debug_assert_eq!(hash, item.op.is_key_op().then(|| key_hash(item.key())));
         let seqno = item.seqno();
         assert!(
             seqno > self.high_seqno,
@@ -581,7 +589,6 @@ impl CheckpointManager {
         }
         self.high_seqno = seqno;
         let size = item.mem_size();
-        let hash = item.op.is_key_op().then(|| KEY_HASHER.hash_one(item.key()));
         let open = self.open_mut();
         let slot = open.slots.len();
         let mut freed = 0;
@@ -594,9 +601,7 @@ impl CheckpointManager {
                 Some(idx) => old_slot = Some(std::mem::replace(idx, slot)),
                 None => {
                     keys.insert_unique(hash, slot, |i| {
-                        slots[*i]
-                            .as_ref()
-                            .map_or(0, |s| KEY_HASHER.hash_one(s.key()))
+                        slots[*i].as_ref().map_or(0, |s| key_hash(s.key()))
                     });
                 }
             }

@@ -262,12 +262,15 @@ impl Shared {
     }
 
     pub(crate) fn partition(&self, p: PartitionId) -> Result<&Partition> {
-        self.partitions
-            .get(usize::from(p))
-            .ok_or(Error::NoSuchPartition {
+        // A `match`, not `ok_or`: that would build (and drop) the error on
+        // every write.
+        match self.partitions.get(usize::from(p)) {
+            Some(part) => Ok(part),
+            None => Err(Error::NoSuchPartition {
                 partition: p,
                 count: self.config.partitions,
-            })
+            }),
+        }
     }
 
     /// Waits until every partition in `targets` has synced up to its seqno.
@@ -493,7 +496,9 @@ impl Engine {
     }
 
     pub(crate) fn live(&self) -> Result<&Shared> {
-        let s = self.shared.as_deref().ok_or(Error::Closed)?;
+        let Some(s) = self.shared.as_deref() else {
+            return Err(Error::Closed);
+        };
         s.check_poisoned()?;
         Ok(s)
     }

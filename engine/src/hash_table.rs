@@ -22,7 +22,17 @@ use crate::sync::{AtomicUsize, Ordering, RwLock, RwLockWriteGuard};
 
 const SHARDS: usize = 16;
 
-type Hasher64 = foldhash::fast::FixedState;
+/// The one hash of a key in the engine: the hash table's and the open
+/// checkpoint's de-duplication index's, so a write hashes its key once.
+const KEY_HASHER: foldhash::fast::FixedState =
+    foldhash::fast::FixedState::with_seed(0x0074_6170_6b76);
+
+/// The hash of `key` (not persisted anywhere: it may change between
+/// versions).
+pub(crate) fn key_hash(key: &[u8]) -> u64 {
+    use std::hash::BuildHasher;
+    KEY_HASHER.hash_one(key)
+}
 
 /// A table slot: the key's hash (so growing a shard never re-reads the key,
 /// and most mismatches are settled without touching the record) and the
@@ -40,7 +50,6 @@ fn same_key(e: &Entry, hash: u64, key: &[u8]) -> bool {
 
 pub(crate) struct HashTable {
     shards: Box<[RwLock<RawTable<Entry>>]>,
-    hasher: Hasher64,
     items: AtomicUsize,
     bytes: AtomicUsize,
     evicted: AtomicUsize,
@@ -67,7 +76,6 @@ impl HashTable {
     pub(crate) fn new() -> Self {
         HashTable {
             shards: (0..SHARDS).map(|_| RwLock::new(RawTable::new())).collect(),
-            hasher: Hasher64::with_seed(0x0074_6170_6b76),
             items: AtomicUsize::new(0),
             bytes: AtomicUsize::new(0),
             evicted: AtomicUsize::new(0),
@@ -75,8 +83,7 @@ impl HashTable {
     }
 
     fn hash(&self, key: &[u8]) -> u64 {
-        use std::hash::BuildHasher;
-        self.hasher.hash_one(key)
+        key_hash(key)
     }
 
     /// The shard of a hash: bits 32 and up, clear of both parts of the hash

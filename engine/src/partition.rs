@@ -320,7 +320,8 @@ impl Partition {
         if let Some(win) = w.window.as_mut() {
             win.remember(hash, undo, &rec, incoming);
         }
-        w.checkpoints.queue(QueuedItem::from_record(op, rec));
+        w.checkpoints
+            .queue_hashed(QueuedItem::from_record(op, rec), Some(hash));
         Ok(MutationResult {
             partition: self.id,
             seqno,
