@@ -109,7 +109,7 @@ impl Partition {
                     win.remember(hash, undo, item.record(), item.mem_size());
                 }
                 w.cas.observe(meta.cas);
-                w.checkpoints.queue(item.clone());
+                w.checkpoints.queue_hashed(item.clone(), Some(hash));
                 Ok(ApplyOutcome::Applied)
             }
             QueueOp::OnlineUpdateStart { checkpoint_id } => {
