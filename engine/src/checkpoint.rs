@@ -532,6 +532,18 @@ impl CheckpointManager {
         self.open().live == 0
     }
 
+    /// Whether the open checkpoint holds live entries and every cursor has
+    /// read all of them (closing it then frees them as soon as the cursors
+    /// move past its end).
+    pub fn open_checkpoint_read_by_all(&self) -> bool {
+        let open = self.open();
+        open.live > 0
+            && self
+                .cursors
+                .values()
+                .all(|pos| pos.checkpoint_id == open.id && pos.seqno >= self.high_seqno)
+    }
+
     /// Id of the open checkpoint.
     pub fn open_checkpoint_id(&self) -> u64 {
         self.open().id

@@ -220,6 +220,9 @@ pub(crate) fn run_round(shared: &Shared, mine: &[&Partition], forced: bool) -> R
             shared.store.sync_wal()?;
             mark_synced(shared, mine);
         }
+        if release_read_open_checkpoints(shared, mine)? {
+            return Ok(Round::More);
+        }
         return Ok(Round::Idle);
     }
     if shared
@@ -261,7 +264,44 @@ pub(crate) fn run_round(shared: &Shared, mine: &[&Partition], forced: bool) -> R
     if thread_is_pager(mine) {
         crate::pager::run(shared);
     }
+    more |= release_read_open_checkpoints(shared, mine)?;
     Ok(if more { Round::More } else { Round::Done })
+}
+
+/// Under checkpoint-memory pressure (half the limit or more in use) on a
+/// primary, closes each partition's open checkpoint that every cursor has
+/// read to its end (so it is all on disk, and streamed); returns whether it
+/// closed any (the next round moves the persistence cursor past it, which
+/// frees it; a stream's cursor crosses on its next read). Without this, persisted items in open checkpoints that have not
+/// reached their size limit would hold the memory refused writes wait for,
+/// for ever: 16 partitions of 32 MiB open checkpoints are the whole default
+/// 512 MiB limit. A replica never closes a checkpoint on its own (it follows
+/// its primary's ids), nor does a partition with an online-update window.
+fn release_read_open_checkpoints(shared: &Shared, mine: &[&Partition]) -> Result<bool> {
+    let limit = shared.config.checkpoint_memory_limit;
+    if shared.config.replica || shared.checkpoint_mem.load(Ordering::Relaxed) < limit / 2 {
+        return Ok(false);
+    }
+    let mut closed = false;
+    for p in mine {
+        // Checked under the lock, closed under it again: a write in between
+        // only lands in the checkpoint being closed, which is harmless.
+        let read = {
+            let w = p.lock();
+            w.window.is_none() && w.checkpoints.open_checkpoint_read_by_all()
+        };
+        if read {
+            let id = p.create_checkpoint(&shared.store)?;
+            tracing::debug!(
+                partition = p.id,
+                id,
+                "closed a persisted open checkpoint under memory pressure"
+            );
+            shared.changed(p.id);
+            closed = true;
+        }
+    }
+    Ok(closed)
 }
 
 /// Group commit: with two or more `Persist` writers waiting, lets the rest

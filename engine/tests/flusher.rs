@@ -7,7 +7,7 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{builder, key, value};
 use tapkv_engine::{CursorEvent, Durability, Error, WriteOptions};
@@ -147,6 +147,45 @@ fn checkpoint_memory_is_bounded_and_nothing_accepted_is_dropped() {
     let e = builder(dir.path()).open().unwrap();
     for i in &accepted {
         assert!(e.get(&key(*i)).is_ok(), "accepted key {i} lost");
+    }
+}
+
+#[test]
+fn persisted_open_checkpoints_do_not_hold_memory_writers_wait_for() {
+    // Open checkpoints that never reach their size limit: once everything
+    // in them is on disk, the flusher closes them under memory pressure so
+    // refused writes get in again. (Before, they waited for ever.)
+    let dir = tempfile::tempdir().unwrap();
+    let limit = 64 * 1024;
+    let e = builder(dir.path())
+        .checkpoint_max_items(100_000)
+        .checkpoint_memory_limit(limit)
+        .open()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut refused = 0;
+    for i in 0..2000 {
+        loop {
+            match e.set(&key(i), vec![b'x'; 200], WriteOptions::default()) {
+                Ok(_) => break,
+                Err(Error::TempOutOfMemory { .. }) => {
+                    refused += 1;
+                    assert!(
+                        Instant::now() < deadline,
+                        "write {i} still refused after 20 s with everything before it persisted"
+                    );
+                    // Backing off between retries, as a client would.
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(other) => panic!("unexpected {other:?}"),
+            }
+        }
+        assert!(e.stats().unwrap().checkpoint_mem_bytes <= limit + 1024);
+    }
+    assert!(refused > 0, "the memory bound was never reached");
+    e.flush().unwrap();
+    for i in 0..2000 {
+        assert!(e.get(&key(i)).is_ok(), "key {i}");
     }
 }
 
