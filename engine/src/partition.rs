@@ -347,6 +347,13 @@ impl Partition {
         (hash, meta, undo)
     }
 
+    /// Whether entries outside an online-update window wait to be persisted.
+    pub(crate) fn has_flushable(&self) -> bool {
+        let w = self.lock();
+        w.window.is_none()
+            && w.checkpoints.high_seqno() > self.progress.persisted_seqno.load(Ordering::Acquire)
+    }
+
     /// Closes the open checkpoint on demand; returns the new open id.
     pub(crate) fn create_checkpoint(&self, store: &Store) -> Result<u64> {
         let mut w = self.writer.lock();

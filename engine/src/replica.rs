@@ -245,8 +245,34 @@ impl Engine {
 
     /// Applies one entry of a primary's stream to partition `p`, keeping its
     /// seqno and CAS.
+    ///
+    /// Backpressure: a key operation that finds the engine's checkpoint
+    /// memory at its limit while anything outside an online-update window
+    /// still waits to be persisted is refused with `Error::TempOutOfMemory`
+    /// (nothing applied; the flusher is woken). The caller retries it and
+    /// stops reading its stream meanwhile, so a replica whose disk is slower
+    /// than its primary holds the primary back through flow control instead
+    /// of growing without bound. Once nothing flushable is left the entry is
+    /// applied whatever the memory: what remains is persisted items in open
+    /// checkpoints (a replica closes checkpoints only when its primary
+    /// does) and window items (freed when the window ends), and waiting for
+    /// those could wait for ever.
     pub fn apply_replicated(&self, p: PartitionId, item: &QueuedItem) -> Result<ApplyOutcome> {
         let s = self.live()?;
+        if item.op.is_key_op() {
+            let used = s.checkpoint_mem.load(Ordering::Relaxed);
+            let incoming = item.key().len() + item.value().len();
+            let limit = s.config.checkpoint_memory_limit;
+            if used + incoming > limit && s.partitions.iter().any(Partition::has_flushable) {
+                s.notify_flushers();
+                return Err(Error::TempOutOfMemory {
+                    reason: format!(
+                        "checkpoint memory {used} bytes is at its limit of {limit} bytes; the \
+                         replica applies more once its flusher has persisted queued items"
+                    ),
+                });
+            }
+        }
         let out = s
             .partition(p)?
             .apply(s.config.online_update_memory_limit, &s.store, item)?;

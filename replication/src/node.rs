@@ -1170,18 +1170,40 @@ fn stream_loop(
     run().map_err(|e| ProtocolError::Io(std::io::Error::other(e.to_string())))
 }
 
+/// How long a replica waits before it tries again to apply an entry its
+/// checkpoint memory had no room for.
+const MEMORY_RETRY: Duration = Duration::from_millis(1);
+
 /// Applies one entry on a replica; `Ok(false)` when the partition had to be
-/// reset for a resynchronisation (the session then reconnects).
+/// reset for a resynchronisation (the session then reconnects). Waits while
+/// the replica's checkpoint memory is full of unpersisted entries (see
+/// [`Engine::apply_replicated`]); `Err(Error::Closed)` if the node stops
+/// meanwhile.
 fn apply_one(
     engine: &Engine,
+    stop: &AtomicBool,
     partition: PartitionId,
     item: &tapkv_engine::QueuedItem,
     seqnos: &mut [u64],
 ) -> Result<bool, Error> {
     let seqno = item.seqno();
-    let outcome = engine
-        .apply_replicated(partition, item)
-        .unwrap_or(ApplyOutcome::Resync);
+    let outcome = loop {
+        match engine.apply_replicated(partition, item) {
+            Ok(outcome) => break outcome,
+            // Checkpoint memory is full of what the flusher has still to
+            // persist: wait for it without reading further, so the primary's
+            // flow control holds the rest back (and drops this stream's
+            // cursor if the wait is long). The flusher frees memory a batch
+            // at a time; a short nap between tries costs nothing next to it.
+            Err(Error::TempOutOfMemory { .. }) => {
+                if stop.load(Ordering::Acquire) {
+                    return Err(Error::Closed);
+                }
+                std::thread::sleep(MEMORY_RETRY);
+            }
+            Err(_) => break ApplyOutcome::Resync,
+        }
+    };
     if outcome == ApplyOutcome::Resync {
         tracing::warn!(
             partition,
@@ -1350,7 +1372,7 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
                 if let Some(mut items) = snapshots.remove(&partition) {
                     items.sort_unstable_by_key(tapkv_engine::QueuedItem::seqno);
                     for item in &items {
-                        if !apply_one(engine, partition, item, &mut seqnos)? {
+                        if !apply_one(engine, &state.stop, partition, item, &mut seqnos)? {
                             return Ok(());
                         }
                     }
@@ -1371,7 +1393,7 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
                 };
                 if let Some(buffer) = buffer {
                     buffer.push(item);
-                } else if !apply_one(engine, partition, &item, &mut seqnos)? {
+                } else if !apply_one(engine, &state.stop, partition, &item, &mut seqnos)? {
                     return Ok(());
                 }
             }
