@@ -16,6 +16,8 @@ use std::collections::{BTreeMap, VecDeque};
 
 use hashbrown::HashTable;
 
+use crate::hash_table::key_hash;
+
 use crate::error::{Error, Result};
 use crate::item::QueuedItem;
 use crate::sync::{Arc, AtomicUsize, Ordering};
@@ -31,8 +33,6 @@ const PEEK_RESERVE: usize = 1024;
 fn no_cursor(name: &str) -> Error {
     Error::InvalidArgument(format!("no cursor named {name:?}"))
 }
-
-use crate::hash_table::key_hash;
 
 /// Limits of one checkpoint.
 #[derive(Debug, Clone, Copy)]

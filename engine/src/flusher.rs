@@ -272,11 +272,12 @@ pub(crate) fn run_round(shared: &Shared, mine: &[&Partition], forced: bool) -> R
 /// primary, closes each partition's open checkpoint that every cursor has
 /// read to its end (so it is all on disk, and streamed); returns whether it
 /// closed any (the next round moves the persistence cursor past it, which
-/// frees it; a stream's cursor crosses on its next read). Without this, persisted items in open checkpoints that have not
-/// reached their size limit would hold the memory refused writes wait for,
-/// for ever: 16 partitions of 32 MiB open checkpoints are the whole default
-/// 512 MiB limit. A replica never closes a checkpoint on its own (it follows
-/// its primary's ids), nor does a partition with an online-update window.
+/// frees it; a stream's cursor crosses on its next read). Without this,
+/// persisted items in open checkpoints that have not reached their size
+/// limit would hold the memory refused writes wait for, for ever: 16
+/// partitions of 32 MiB open checkpoints are the whole default 512 MiB
+/// limit. A replica never closes a checkpoint on its own (it follows its
+/// primary's ids), nor does a partition with an online-update window.
 fn release_read_open_checkpoints(shared: &Shared, mine: &[&Partition]) -> Result<bool> {
     let limit = shared.config.checkpoint_memory_limit;
     if shared.config.replica || shared.checkpoint_mem.load(Ordering::Relaxed) < limit / 2 {
