@@ -16,10 +16,8 @@ use std::collections::{BTreeMap, VecDeque};
 
 use hashbrown::HashTable;
 
-use crate::hash_table::key_hash;
-
 use crate::error::{Error, Result};
-use crate::item::QueuedItem;
+use crate::item::{key_hash, QueuedItem};
 use crate::sync::{Arc, AtomicUsize, Ordering};
 
 /// A checkpoint shared between its manager and readers of closed runs: a

@@ -17,22 +17,10 @@
 use hashbrown::hash_table::Entry as TableEntry;
 use hashbrown::HashTable as RawTable;
 
-use crate::item::{ItemMeta, Record};
+use crate::item::{key_hash, ItemMeta, Record};
 use crate::sync::{AtomicUsize, Ordering, RwLock, RwLockWriteGuard};
 
 const SHARDS: usize = 16;
-
-/// The one hash of a key in the engine: the hash table's and the open
-/// checkpoint's de-duplication index's, so a write hashes its key once.
-const KEY_HASHER: foldhash::fast::FixedState =
-    foldhash::fast::FixedState::with_seed(0x0074_6170_6b76);
-
-/// The hash of `key` (not persisted anywhere: it may change between
-/// versions).
-pub(crate) fn key_hash(key: &[u8]) -> u64 {
-    use std::hash::BuildHasher;
-    KEY_HASHER.hash_one(key)
-}
 
 /// A table slot: the key's hash (so growing a shard never re-reads the key,
 /// and most mismatches are settled without touching the record) and the

@@ -399,6 +399,18 @@ impl std::fmt::Debug for Record {
     }
 }
 
+/// The one hash of a key in the engine: the hash table's and the open
+/// checkpoint's de-duplication index's, so a write hashes its key once.
+const KEY_HASHER: foldhash::fast::FixedState =
+    foldhash::fast::FixedState::with_seed(0x0074_6170_6b76);
+
+/// The hash of `key` (held in memory only, never persisted: it may change
+/// between versions).
+pub(crate) fn key_hash(key: &[u8]) -> u64 {
+    use std::hash::BuildHasher;
+    KEY_HASHER.hash_one(key)
+}
+
 /// Seconds since the Unix epoch, saturating into `u32`.
 pub(crate) fn now_secs() -> u32 {
     let secs = std::time::SystemTime::now()
