@@ -15,7 +15,9 @@ use crate::error::{Error, Result};
 use crate::flusher;
 use crate::item::{Durability, Item, MutationResult, PartitionId, Record, WriteOptions};
 use crate::online_update::{MarkerSource, RevertReport};
-use crate::partition::{partition_of, MutationKind, Partition, PartitionStart, PERSISTENCE_CURSOR};
+use crate::partition::{
+    partition_of, reserved_cursor_check, MutationKind, Partition, PartitionStart,
+};
 use crate::stats::{EngineStats, PartitionStats};
 use crate::store::{DirLock, EngineMeta, Reservation, Store, FORMAT_VERSION};
 use crate::sync::{Arc, AtomicBool, AtomicU64, AtomicUsize, Condvar, Mutex, Ordering, RwLock};
@@ -719,11 +721,7 @@ impl Engine {
         name: &str,
         from_seqno: u64,
     ) -> Result<Registration> {
-        if name == PERSISTENCE_CURSOR {
-            return Err(Error::InvalidArgument(format!(
-                "cursor name {PERSISTENCE_CURSOR:?} is reserved"
-            )));
-        }
+        reserved_cursor_check(name)?;
         let s = self.live()?;
         s.partition(p)?
             .lock()
@@ -733,11 +731,7 @@ impl Engine {
 
     /// Reads and consumes up to `max_items` items from cursor `name`.
     pub fn read_cursor(&self, p: PartitionId, name: &str, max_items: usize) -> Result<CursorBatch> {
-        if name == PERSISTENCE_CURSOR {
-            return Err(Error::InvalidArgument(format!(
-                "cursor {PERSISTENCE_CURSOR:?} belongs to the flusher"
-            )));
-        }
+        reserved_cursor_check(name)?;
         let s = self.live()?;
         let part = s.partition(p)?;
         // Checkpoints the move frees are dropped after the lock is released:
@@ -768,11 +762,7 @@ impl Engine {
         max_items: usize,
         mut visit: impl FnMut(EventRef<'_>),
     ) -> Result<usize> {
-        if name == PERSISTENCE_CURSOR {
-            return Err(Error::InvalidArgument(format!(
-                "cursor {PERSISTENCE_CURSOR:?} belongs to the flusher"
-            )));
-        }
+        reserved_cursor_check(name)?;
         let s = self.live()?;
         let part = s.partition(p)?;
         let mut w = part.lock();
@@ -810,11 +800,7 @@ impl Engine {
 
     /// Drops cursor `name`; returns whether it existed.
     pub fn remove_cursor(&self, p: PartitionId, name: &str) -> Result<bool> {
-        if name == PERSISTENCE_CURSOR {
-            return Err(Error::InvalidArgument(format!(
-                "cursor {PERSISTENCE_CURSOR:?} cannot be removed"
-            )));
-        }
+        reserved_cursor_check(name)?;
         let s = self.live()?;
         Ok(s.partition(p)?.lock().checkpoints.remove_cursor(name))
     }

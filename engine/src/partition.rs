@@ -23,6 +23,17 @@ use crate::sync::{Arc, AtomicU64, AtomicUsize, Mutex, MutexGuard, Ordering};
 /// Name of the cursor the flusher drains; reserved.
 pub const PERSISTENCE_CURSOR: &str = "persistence";
 
+/// Refuses `name` if it is the flusher's cursor, which callers of the public
+/// cursor API may not register, read, move or remove.
+pub(crate) fn reserved_cursor_check(name: &str) -> Result<()> {
+    if name == PERSISTENCE_CURSOR {
+        return Err(Error::InvalidArgument(format!(
+            "cursor name {PERSISTENCE_CURSOR:?} is reserved for the flusher"
+        )));
+    }
+    Ok(())
+}
+
 /// Hybrid logical clock for CAS: milliseconds since the epoch in the high 48
 /// bits, a counter in the low 16; never goes backwards.
 #[derive(Debug)]

@@ -12,7 +12,7 @@ use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::item::{PartitionId, QueueOp, QueuedItem};
 use crate::online_update::MarkerSource;
-use crate::partition::{Partition, PERSISTENCE_CURSOR};
+use crate::partition::{reserved_cursor_check, Partition, PERSISTENCE_CURSOR};
 use crate::store::FailoverEntry;
 use crate::sync::{Arc, Ordering};
 
@@ -182,11 +182,7 @@ impl Engine {
     /// after `from`, from memory if it still holds that history, else after a
     /// backfill from disk up to the persisted seqno.
     pub fn stream_start(&self, p: PartitionId, name: &str, from: u64) -> Result<StreamStart> {
-        if name == PERSISTENCE_CURSOR {
-            return Err(Error::InvalidArgument(format!(
-                "cursor name {name:?} is reserved"
-            )));
-        }
+        reserved_cursor_check(name)?;
         let s = self.live()?;
         let part = s.partition(p)?;
         let mut w = part.lock();
