@@ -72,6 +72,12 @@ pub struct EngineConfig {
     /// Seqnos and checkpoint ids reserved on disk at a time, so numbers are
     /// never reused after a crash (default 1,000,000 seqnos; ids use 1/1000).
     pub seqno_reservation: u64,
+    /// Bytes of a disk snapshot (a backfill from a primary) a replica holds
+    /// in memory per partition before it spills the snapshot to a scratch
+    /// column family on disk (default 64 MiB). A disk snapshot arrives in key
+    /// order and is applied in seqno order at its end, so without this bound
+    /// a replica would hold a whole partition in memory while it backfills.
+    pub snapshot_buffer_limit: usize,
 }
 
 impl EngineConfig {
@@ -99,6 +105,7 @@ impl EngineConfig {
             group_commit_wait: Duration::from_micros(200),
             replicate_timeout: Duration::from_secs(5),
             seqno_reservation: 1_000_000,
+            snapshot_buffer_limit: 64 << 20,
         }
     }
 }
@@ -232,6 +239,13 @@ impl EngineBuilder {
     /// How long `Replicate` writes wait; default 5 s.
     pub fn replicate_timeout(mut self, d: Duration) -> Self {
         self.config.replicate_timeout = d;
+        self
+    }
+
+    /// Memory a replica holds of one disk snapshot before spilling it to
+    /// disk; default 64 MiB (see [`EngineConfig::snapshot_buffer_limit`]).
+    pub fn snapshot_buffer_limit(mut self, bytes: usize) -> Self {
+        self.config.snapshot_buffer_limit = bytes;
         self
     }
 

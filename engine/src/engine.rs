@@ -221,6 +221,8 @@ pub(crate) struct Shared {
     /// The pager's rotation: the next (partition, shard) slot it looks at.
     pub(crate) pager_next: AtomicUsize,
     recovered_from_crash: bool,
+    /// Disk-snapshot entries spilled to the staging column family.
+    pub(crate) snapshot_staged_items: AtomicU64,
 }
 
 impl Shared {
@@ -486,6 +488,7 @@ impl Engine {
             injected_flush_failures: AtomicUsize::new(0),
             pager_next: AtomicUsize::new(0),
             recovered_from_crash: !clean,
+            snapshot_staged_items: AtomicU64::new(0),
             config,
         });
         let flushers = flusher::spawn(&shared)?;
@@ -853,6 +856,7 @@ impl Engine {
             syncs: s.syncs.load(Ordering::Relaxed),
             poisoned: s.poisoned.lock().clone(),
             recovered_from_crash: s.recovered_from_crash,
+            snapshot_staged_items: s.snapshot_staged_items.load(Ordering::Relaxed),
         })
     }
 

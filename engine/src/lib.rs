@@ -29,6 +29,7 @@ mod online_update;
 mod pager;
 mod partition;
 mod replica;
+mod snapshot;
 mod stats;
 mod store;
 mod sync;
@@ -46,6 +47,7 @@ pub use item::{
 pub use online_update::{RevertReport, WindowInfo};
 pub use partition::{partition_of, PERSISTENCE_CURSOR};
 pub use replica::{ApplyOutcome, StreamStart};
+pub use snapshot::SnapshotBuffer;
 pub use stats::{EngineStats, PartitionStats};
 pub use store::{
     DiskItem, DiskRecord, DiskView, EngineMeta, FailoverEntry, PartitionDiskInfo, WindowRecord,

@@ -22,6 +22,9 @@ pub struct EngineStats {
     pub poisoned: Option<String>,
     /// Whether the previous shutdown of the data directory was clean.
     pub recovered_from_crash: bool,
+    /// Disk-snapshot entries a replica spilled to its staging column family
+    /// because a snapshot outgrew `snapshot_buffer_limit` (since open).
+    pub snapshot_staged_items: u64,
 }
 
 impl EngineStats {

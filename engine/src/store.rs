@@ -6,7 +6,11 @@
 //! - `rocksdb/`: the RocksDB database with column families
 //!   - `items`: `[partition u16 BE][key]` → item record (live or tombstone);
 //!   - `meta`: engine metadata, per-partition persisted state, seqno and
-//!     checkpoint-id reservations, the clean-shutdown mark.
+//!     checkpoint-id reservations, the clean-shutdown mark;
+//!   - `staging`: `[partition u16 BE][seqno u64 BE]` → `[key length varint]
+//!     [key][item record]`, a replica's scratch space for a disk snapshot
+//!     too large to hold in memory (written without the WAL, emptied when
+//!     the snapshot is applied and whenever the store opens).
 //!
 //! Everything a flush writes for a partition goes in one `WriteBatch` with the
 //! partition's state, so the disk always holds a consistent prefix of each
@@ -24,6 +28,7 @@ use crate::item::{ItemMeta, PartitionId, QueueOp, QueuedItem};
 
 const CF_ITEMS: &str = "items";
 const CF_META: &str = "meta";
+const CF_STAGING: &str = "staging";
 const ENGINE_META_KEY: &[u8] = b"engine";
 const CLEAN_SHUTDOWN_KEY: &[u8] = b"clean-shutdown";
 /// Version of the on-disk format written by this build.
@@ -111,6 +116,14 @@ pub(crate) fn item_key(p: PartitionId, key: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(2 + key.len());
     k.extend_from_slice(&p.to_be_bytes());
     k.extend_from_slice(key);
+    k
+}
+
+/// The staging key of a snapshot entry with `seqno` of partition `p`.
+fn staging_key(p: PartitionId, seqno: u64) -> [u8; 10] {
+    let mut k = [0u8; 10];
+    k[..2].copy_from_slice(&p.to_be_bytes());
+    k[2..].copy_from_slice(&seqno.to_be_bytes());
     k
 }
 
@@ -307,11 +320,14 @@ impl Store {
     pub(crate) fn open(dir: &Path) -> Result<Store> {
         let path = dir.join("rocksdb");
         let opts = db_options(true);
-        let cfs = [CF_ITEMS, CF_META]
+        let cfs = [CF_ITEMS, CF_META, CF_STAGING]
             .into_iter()
             .map(|n| ColumnFamilyDescriptor::new(n, db_options(true)));
         let db = DB::open_cf_descriptors(&opts, &path, cfs)?;
-        Ok(Store { db, path })
+        let store = Store { db, path };
+        // A snapshot staged before a crash or close is never resumed.
+        store.clear_staged(None)?;
+        Ok(store)
     }
 
     /// Opens an existing store read-only (works while a node holds it).
@@ -454,6 +470,108 @@ impl Store {
             it.next();
         }
         it.status()?;
+        Ok(())
+    }
+
+    /// Writes snapshot entries of partition `p` into the staging column
+    /// family, keyed by seqno (without the WAL: staged entries are scratch,
+    /// dropped at the next open). Markers are skipped.
+    pub(crate) fn stage_snapshot(&self, p: PartitionId, items: &[QueuedItem]) -> Result<()> {
+        let cf = self.cf(CF_STAGING)?;
+        let mut batch = WriteBatch::default();
+        let mut v = Vec::new();
+        for item in items {
+            let deleted = match item.op {
+                QueueOp::Mutation => false,
+                QueueOp::Deletion => true,
+                _ => continue,
+            };
+            v.clear();
+            put_varint(&mut v, item.key().len() as u64);
+            v.extend_from_slice(item.key());
+            append_record(&mut v, &item.meta(), deleted, item.value());
+            batch.put_cf(cf, staging_key(p, item.seqno()), &v);
+        }
+        let mut wo = rocksdb::WriteOptions::default();
+        wo.disable_wal(true);
+        self.db.write_opt(batch, &wo)?;
+        Ok(())
+    }
+
+    /// Calls `f` with every staged entry of partition `p`, in seqno order,
+    /// until it returns `false`; returns whether it ran to the end.
+    pub(crate) fn for_each_staged(
+        &self,
+        p: PartitionId,
+        mut f: impl FnMut(QueuedItem) -> Result<bool>,
+    ) -> Result<bool> {
+        let mut it = self.db.raw_iterator_cf(self.cf(CF_STAGING)?);
+        it.seek(p.to_be_bytes());
+        while it.valid() {
+            let (Some(k), Some(v)) = (it.key(), it.value()) else {
+                break;
+            };
+            if k.len() != 10 || k[..2] != p.to_be_bytes() {
+                break;
+            }
+            let what = || format!("staged snapshot entry of partition {p}");
+            let mut pos = 0;
+            let key_len = get_varint(v, &mut pos)
+                .and_then(|n| usize::try_from(n).ok())
+                .filter(|n| pos + n <= v.len())
+                .ok_or_else(|| Error::Corruption(format!("{}: bad key length", what())))?;
+            let key = &v[pos..pos + key_len];
+            let rec = decode_record_ref(&v[pos + key_len..], &what)?;
+            let item = if rec.deleted {
+                QueuedItem::deletion(key, rec.meta)
+            } else {
+                QueuedItem::mutation(key, rec.value, rec.meta)
+            };
+            if !f(item)? {
+                return Ok(false);
+            }
+            it.next();
+        }
+        it.status()?;
+        Ok(true)
+    }
+
+    /// Empties the staging column family for partition `p`, or entirely.
+    pub(crate) fn clear_staged(&self, p: Option<PartitionId>) -> Result<()> {
+        let cf = self.cf(CF_STAGING)?;
+        let (from, to) = match p {
+            Some(p) => (staging_key(p, 0), staging_key(p, u64::MAX)),
+            None => (staging_key(0, 0), staging_key(u16::MAX, u64::MAX)),
+        };
+        let mut batch = WriteBatch::default();
+        batch.delete_range_cf(cf, from, to);
+        // `delete_range` excludes its end.
+        batch.delete_cf(cf, to);
+        let mut wo = rocksdb::WriteOptions::default();
+        wo.disable_wal(true);
+        self.db.write_opt(batch, &wo)?;
+        Ok(())
+    }
+
+    /// Number of staged entries (for tests).
+    #[cfg(test)]
+    pub(crate) fn staged_len(&self) -> Result<usize> {
+        let mut n = 0;
+        for entry in self
+            .db
+            .iterator_cf(self.cf(CF_STAGING)?, IteratorMode::Start)
+        {
+            entry?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Flushes the staging column family's memtable to a table file (for
+    /// tests: staged entries then outlive a close).
+    #[cfg(test)]
+    pub(crate) fn flush_staged(&self) -> Result<()> {
+        self.db.flush_cf(self.cf(CF_STAGING)?)?;
         Ok(())
     }
 

@@ -21,7 +21,8 @@ use std::time::{Duration, Instant};
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::Serialize;
 use tapkv_engine::{
-    ApplyOutcome, DiskView, Engine, Error, EventRef, PartitionId, StreamStart, WriteOptions,
+    ApplyOutcome, DiskView, Engine, Error, EventRef, PartitionId, SnapshotBuffer, StreamStart,
+    WriteOptions,
 };
 
 use crate::io::{FrameReader, FrameWriter};
@@ -695,6 +696,7 @@ fn handle_request_inner(state: &NodeState, f: &Frame) -> Result<Frame, Frame> {
                     "checkpoint_mem_bytes": st.checkpoint_mem_bytes,
                     "syncs": st.syncs,
                     "recovered_from_crash": st.recovered_from_crash,
+                    "snapshot_staged_items": st.snapshot_staged_items,
                     "partitions": parts,
                 }),
             ))
@@ -1312,9 +1314,10 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
             .filter(|(_, s)| *s > 0)
             .collect()
     };
-    // Disk snapshots arrive in key order: held per partition until their end
-    // marker, then applied in seqno order.
-    let mut snapshots: HashMap<PartitionId, Vec<tapkv_engine::QueuedItem>> = HashMap::new();
+    // Disk snapshots arrive in key order: held per partition (spilled to
+    // disk past the engine's `snapshot_buffer_limit`) until their end marker,
+    // then applied in seqno order.
+    let mut snapshots: HashMap<PartitionId, SnapshotBuffer<'_>> = HashMap::new();
     let mut last_ack = Instant::now();
     let mut last_heard = Instant::now();
     let silence_limit = cfg.heartbeat * 10;
@@ -1362,19 +1365,26 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
                 from_disk: true,
                 ..
             } => {
-                snapshots.insert(partition, Vec::new());
+                snapshots.insert(partition, engine.snapshot_buffer(partition)?);
             }
             StreamMessage::Snapshot {
                 partition,
                 from_disk: false,
                 ..
             } => {
-                if let Some(mut items) = snapshots.remove(&partition) {
-                    items.sort_unstable_by_key(tapkv_engine::QueuedItem::seqno);
-                    for item in &items {
-                        if !apply_one(engine, &state.stop, partition, item, &mut seqnos)? {
-                            return Ok(());
-                        }
+                if let Some(snapshot) = snapshots.remove(&partition) {
+                    let staged = snapshot.staged_items();
+                    if !snapshot.apply(|item| {
+                        apply_one(engine, &state.stop, partition, item, &mut seqnos)
+                    })? {
+                        return Ok(());
+                    }
+                    if staged > 0 {
+                        tracing::info!(
+                            partition,
+                            staged,
+                            "disk snapshot applied (spilled to disk past snapshot_buffer_limit)"
+                        );
                     }
                 }
             }
@@ -1392,7 +1402,7 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
                     snapshots.get_mut(&partition)
                 };
                 if let Some(buffer) = buffer {
-                    buffer.push(item);
+                    buffer.push(item)?;
                 } else if !apply_one(engine, &state.stop, partition, &item, &mut seqnos)? {
                     return Ok(());
                 }

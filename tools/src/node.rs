@@ -67,6 +67,10 @@ pub(crate) struct NodeArgs {
     /// Bytes one online-update window may queue, per partition (engine default 256 MiB).
     #[arg(long)]
     online_update_memory_limit: Option<usize>,
+    /// As a replica: bytes of one partition's disk snapshot (backfill) held
+    /// in memory before it is spilled to disk (engine default 64 MiB).
+    #[arg(long)]
+    snapshot_buffer_limit: Option<usize>,
     /// Largest accepted frame body in bytes.
     #[arg(long, default_value_t = tapkv_replication::protocol::DEFAULT_MAX_BODY)]
     max_body: usize,
@@ -90,6 +94,9 @@ pub(crate) fn run(args: NodeArgs) -> Result<ExitCode, Error> {
     }
     if let Some(l) = args.online_update_memory_limit {
         builder = builder.online_update_memory_limit(l);
+    }
+    if let Some(l) = args.snapshot_buffer_limit {
+        builder = builder.snapshot_buffer_limit(l);
     }
     let engine = builder.open()?;
     let mut cfg = NodeConfig::new(args.listen.clone());
