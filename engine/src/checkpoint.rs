@@ -653,6 +653,12 @@ impl CheckpointManager {
         id
     }
 
+    /// Whether memory still holds every item after `from_seqno`, so a cursor
+    /// registered there would not need a backfill.
+    pub fn holds_after(&self, from_seqno: u64) -> bool {
+        from_seqno + 1 >= self.checkpoints.front().map_or(0, |c| c.start_seqno)
+    }
+
     /// Registers (or re-registers) the cursor `name` to read every item after
     /// `from_seqno`.
     pub fn register_cursor(&mut self, name: &str, from_seqno: u64) -> Result<Registration> {
@@ -662,10 +668,9 @@ impl CheckpointManager {
                 self.high_seqno
             )));
         }
-        let oldest = self.checkpoints.front().map_or(0, |c| c.start_seqno);
-        if from_seqno + 1 < oldest {
+        if !self.holds_after(from_seqno) {
             return Ok(Registration::NeedsBackfill {
-                oldest_seqno: oldest,
+                oldest_seqno: self.checkpoints.front().map_or(0, |c| c.start_seqno),
             });
         }
         let idx = self

@@ -210,6 +210,22 @@ impl Engine {
         }
     }
 
+    /// Where a backfill of partition `p` from `from` could end without a
+    /// cursor: `Some(persisted seqno)` when memory no longer holds the items
+    /// after `from` and the disk holds more than `from`, `None` otherwise.
+    /// Registers nothing, so nothing is pinned while a caller sends
+    /// `(from, end]` from disk; [`Engine::stream_start`] afterwards covers
+    /// what was persisted meanwhile. A stream joining a large partition
+    /// backfills most of it this way, and its cursor pins checkpoints only
+    /// for the short rest.
+    pub fn backfill_end(&self, p: PartitionId, from: u64) -> Result<Option<u64>> {
+        let s = self.live()?;
+        let part = s.partition(p)?;
+        let w = part.lock();
+        let persisted = part.progress.persisted_seqno.load(Ordering::Acquire);
+        Ok((!w.checkpoints.holds_after(from) && persisted > from).then_some(persisted))
+    }
+
     /// Calls `f` for every item and tombstone of partition `p` on disk with a
     /// seqno in `(after, upto]`, in **key order** (the backfill of a stream:
     /// it streams from the iterator and holds nothing; the receiver orders a

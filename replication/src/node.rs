@@ -950,7 +950,63 @@ fn send(writer: &mut FrameWriter, s: &StreamShared, m: &StreamMessage) -> usize 
     n
 }
 
-/// Starts (or restarts after a drop) partition `p` of a stream from `from`.
+/// Backfill passes a stream makes without cursors, over all its partitions
+/// that need one, before it registers them (see `stream_loop`).
+const BACKFILL_PASSES: usize = 3;
+
+/// Sends partition `p`'s disk snapshot `(from, end]`: a disk `SNAPSHOT`
+/// marker, the disk's items and tombstones in that range straight from the
+/// RocksDB iterator (in key order: the replica orders the snapshot by seqno
+/// once it has all of it), and a closing memory `SNAPSHOT` marker.
+fn send_disk_snapshot(
+    engine: &Engine,
+    s: &StreamShared,
+    writer: &mut FrameWriter,
+    p: PartitionId,
+    from: u64,
+    end: u64,
+) -> Result<(), Error> {
+    s.parts
+        .lock()
+        .insert(p, (PartitionStreamState::Backfilling, from));
+    send(
+        writer,
+        s,
+        &StreamMessage::Snapshot {
+            partition: p,
+            start: from + 1,
+            end,
+            from_disk: true,
+        },
+    );
+    let items = engine.backfill(p, from, end, |item| {
+        send(writer, s, &StreamMessage::Item { partition: p, item });
+        if writer.pending() > 256 * 1024 {
+            writer
+                .flush()
+                .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))?;
+        }
+        Ok(())
+    })?;
+    send(
+        writer,
+        s,
+        &StreamMessage::Snapshot {
+            partition: p,
+            start: end + 1,
+            end,
+            from_disk: false,
+        },
+    );
+    s.parts
+        .lock()
+        .insert(p, (PartitionStreamState::Backfilling, end));
+    tracing::info!(stream = %s.name, partition = p, from, end, items, "disk snapshot sent");
+    Ok(())
+}
+
+/// Registers partition `p`'s stream cursor after `from` (the end of what was
+/// sent so far), sending from disk first what memory no longer holds.
 fn start_partition(
     engine: &Engine,
     s: &StreamShared,
@@ -958,60 +1014,16 @@ fn start_partition(
     p: PartitionId,
     from: u64,
 ) -> Result<(), Error> {
-    s.resumed_from.lock().insert(p, from);
-    {
-        let mut acked = s.acked.lock();
-        let a = acked.entry(p).or_default();
-        *a = (*a).max(from);
-    }
-    match engine.stream_start(p, &s.cursor, from)? {
-        StreamStart::InMemory => {
-            s.parts
-                .lock()
-                .insert(p, (PartitionStreamState::InMemory, from));
-        }
+    let sent = match engine.stream_start(p, &s.cursor, from)? {
+        StreamStart::InMemory => from,
         StreamStart::Backfill { snapshot_end } => {
-            s.parts
-                .lock()
-                .insert(p, (PartitionStreamState::Backfilling, from));
-            send(
-                writer,
-                s,
-                &StreamMessage::Snapshot {
-                    partition: p,
-                    start: from + 1,
-                    end: snapshot_end,
-                    from_disk: true,
-                },
-            );
-            // Straight from the disk iterator, in key order; the replica
-            // orders the snapshot by seqno once it has all of it.
-            engine.backfill(p, from, snapshot_end, |item| {
-                send(writer, s, &StreamMessage::Item { partition: p, item });
-                if writer.pending() > 256 * 1024 {
-                    writer
-                        .flush()
-                        .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))?;
-                }
-                Ok(())
-            })?;
-            // A memory snapshot marker ends the disk snapshot.
-            send(
-                writer,
-                s,
-                &StreamMessage::Snapshot {
-                    partition: p,
-                    start: snapshot_end + 1,
-                    end: snapshot_end,
-                    from_disk: false,
-                },
-            );
-            s.parts
-                .lock()
-                .insert(p, (PartitionStreamState::InMemory, snapshot_end));
-            tracing::info!(stream = %s.name, partition = p, snapshot_end, "backfill sent");
+            send_disk_snapshot(engine, s, writer, p, from, snapshot_end)?;
+            snapshot_end
         }
-    }
+    };
+    s.parts
+        .lock()
+        .insert(p, (PartitionStreamState::InMemory, sent));
     Ok(())
 }
 
@@ -1028,7 +1040,8 @@ fn stream_loop(
     let cfg = &state.config;
     let engine = &state.engine;
     let mut run = || -> Result<(), Error> {
-        let mut active = Vec::new();
+        // Where each partition resumes; advanced by the backfill passes.
+        let mut starts: Vec<(PartitionId, u64)> = Vec::new();
         for r in reqs {
             match resume_decision(engine, r)? {
                 Some(from) => {
@@ -1044,8 +1057,13 @@ fn stream_loop(
                             uuid,
                         },
                     );
-                    start_partition(engine, s, writer, r.partition, from)?;
-                    active.push(r.partition);
+                    s.resumed_from.lock().insert(r.partition, from);
+                    {
+                        let mut acked = s.acked.lock();
+                        let a = acked.entry(r.partition).or_default();
+                        *a = (*a).max(from);
+                    }
+                    starts.push((r.partition, from));
                 }
                 None => {
                     tracing::info!(stream = %s.name, partition = r.partition, "replica diverged: rollback");
@@ -1061,6 +1079,34 @@ fn stream_loop(
                         .insert(r.partition, (PartitionStreamState::RolledBack, 0));
                 }
             }
+        }
+        // Partitions whose history memory no longer holds are backfilled
+        // without cursors first, round after round, so the big part of a
+        // backfill pins no checkpoints (a stream joining a large primary
+        // would otherwise pin every partition's checkpoints while the
+        // others are read from disk, and under writes fill the primary's
+        // checkpoint memory). Only what was persisted during the last pass
+        // is sent with a cursor registered.
+        for _ in 0..BACKFILL_PASSES {
+            let mut sent_any = false;
+            for (p, from) in &mut starts {
+                if s.stop.load(Ordering::Acquire) || state.stop.load(Ordering::Acquire) {
+                    return Ok(());
+                }
+                if let Some(end) = engine.backfill_end(*p, *from)? {
+                    send_disk_snapshot(engine, s, writer, *p, *from, end)?;
+                    *from = end;
+                    sent_any = true;
+                }
+            }
+            if !sent_any {
+                break;
+            }
+        }
+        let mut active = Vec::new();
+        for (p, from) in starts {
+            start_partition(engine, s, writer, p, from)?;
+            active.push(p);
         }
         writer.flush().map_err(io_err)?;
         let mut last_send = Instant::now();

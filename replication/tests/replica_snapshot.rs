@@ -1,10 +1,14 @@
-//! A replica backfilling a partition larger than its snapshot buffer spills
-//! the disk snapshot to its staging column family instead of holding it in
-//! memory, applies it in seqno order, and converges with its primary.
+//! Backfills of large partitions keep memory bounded on both ends: a replica
+//! spills a disk snapshot larger than its snapshot buffer to its staging
+//! column family (and applies it in seqno order), and a primary pins no
+//! checkpoints while it reads most of a backfill from disk.
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use tapkv_engine::{Engine, WriteOptions};
+use tapkv_engine::{Engine, Error, WriteOptions, PERSISTENCE_CURSOR};
+use tapkv_replication::client::Client;
+use tapkv_replication::message::{stream_open, StreamRequest};
 use tapkv_replication::node::{Node, NodeConfig};
 
 const ITEMS: usize = 20_000;
@@ -56,15 +60,45 @@ fn a_backfill_larger_than_the_snapshot_buffer_is_spilled_and_converges() {
         .unwrap();
     let mut cfg = NodeConfig::new("127.0.0.1:0");
     cfg.replica_of = Some(primary.local_addr().to_string());
-    let replica = Node::start(replica_engine, cfg).unwrap();
-
+    // Writes go on while the replica joins: updates of the first 2,000 keys,
+    // some of them persisted during the backfill passes.
     let p = primary.engine().unwrap();
+    let writing = AtomicBool::new(true);
+    let written = AtomicUsize::new(0);
+    let replica = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let mut n = 0;
+            while writing.load(Ordering::Acquire) && n < 500_000 {
+                let v = format!("during-{n}");
+                p.set(&key(n % 2_000), v.as_bytes(), WriteOptions::default())
+                    .unwrap();
+                n += 1;
+                written.store(n, Ordering::Release);
+            }
+        });
+        // Some writes before the replica asks to join.
+        wait_until("the first writes", Duration::from_secs(30), || {
+            written.load(Ordering::Acquire) > 100
+        });
+        let replica = Node::start(replica_engine, cfg).unwrap();
+        let r = replica.engine().unwrap();
+        wait_until("the replica's backfill", Duration::from_secs(60), || {
+            r.stats().unwrap().snapshot_staged_items > (ITEMS / 2) as u64
+        });
+        writing.store(false, Ordering::Release);
+        replica
+    });
+    assert!(written.load(Ordering::Acquire) > 100);
     let r = replica.engine().unwrap();
     let caught_up = || {
         (0..p.num_partitions())
             .all(|part| p.high_seqno(part).unwrap() == r.high_seqno(part).unwrap())
     };
-    wait_until("the replica's backfill", Duration::from_secs(60), caught_up);
+    wait_until(
+        "the replica to catch up",
+        Duration::from_secs(60),
+        caught_up,
+    );
     let staged = r.stats().unwrap().snapshot_staged_items;
     assert!(
         staged > (ITEMS / 2) as u64,
@@ -99,5 +133,94 @@ fn a_backfill_larger_than_the_snapshot_buffer_is_spilled_and_converges() {
         );
     }
     replica.shutdown().unwrap();
+    primary.shutdown().unwrap();
+}
+
+/// A stream that stops reading in the middle of a large backfill must not
+/// pin the primary's checkpoints: writes keep going within the primary's
+/// checkpoint memory limit, with the stream still open.
+#[test]
+fn a_stalled_backfill_pins_no_checkpoints_and_writes_go_on() {
+    const LIMIT: usize = 1 << 20;
+    let pdir = tempfile::tempdir().unwrap();
+    let value = vec![b'd'; 400];
+    {
+        let e = Engine::builder(pdir.path()).open().unwrap();
+        for i in 0..60_000 {
+            e.set(&key(i), &value, WriteOptions::default()).unwrap();
+        }
+        e.close().unwrap();
+    }
+    let mut cfg = NodeConfig::new("127.0.0.1:0");
+    // The stalled stream's writes would time out after this; the test is
+    // over long before.
+    cfg.io_timeout = Duration::from_secs(120);
+    let primary = Node::start(
+        Engine::builder(pdir.path())
+            .checkpoint_memory_limit(LIMIT)
+            .open()
+            .unwrap(),
+        cfg,
+    )
+    .unwrap();
+    let p = primary.engine().unwrap();
+    let addr = primary.local_addr().to_string();
+
+    // A "replica" that asks for everything and then reads nothing: 24 MB of
+    // backfill, far more than the connection's buffers hold.
+    let mut stalled = Client::connect(&addr, Duration::from_secs(10)).unwrap();
+    let reqs: Vec<StreamRequest> = (0..p.num_partitions())
+        .map(|partition| StreamRequest {
+            partition,
+            uuid: 0,
+            seqno: 0,
+        })
+        .collect();
+    stalled.call(stream_open("stalled", &reqs)).unwrap();
+    let mut admin = Client::connect(&addr, Duration::from_secs(10)).unwrap();
+    wait_until("the stream to backfill", Duration::from_secs(30), || {
+        let streams = admin.admin("streams").unwrap();
+        streams[0]["partitions"]
+            .as_array()
+            .is_some_and(|ps| ps.iter().any(|x| x["state"] == "backfilling"))
+    });
+    let stream_cursors = |e: &Engine| -> Vec<(u16, String)> {
+        (0..e.num_partitions())
+            .flat_map(|part| {
+                e.cursors(part)
+                    .unwrap()
+                    .into_iter()
+                    .filter(|c| c.name != PERSISTENCE_CURSOR)
+                    .map(move |c| (part, c.name))
+            })
+            .collect()
+    };
+    assert_eq!(stream_cursors(p), vec![], "cursors registered mid-backfill");
+
+    // Sixteen times the checkpoint memory limit in writes over every
+    // partition.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let other = vec![b'w'; 400];
+    for i in 0..40_000 {
+        loop {
+            match p.set(&key(i), &other, WriteOptions::default()) {
+                Ok(_) => break,
+                Err(Error::TempOutOfMemory { .. }) => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "write {i} still refused for memory: the stalled stream pins checkpoints ({:?})",
+                        stream_cursors(p)
+                    );
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(e) => panic!("write {i}: {e}"),
+            }
+        }
+    }
+    // The stream is still there, still backfilling, and pins nothing.
+    let streams = admin.admin("streams").unwrap();
+    assert_eq!(streams[0]["name"], "stalled");
+    assert!(stream_cursors(p).is_empty());
+    drop(stalled);
     primary.shutdown().unwrap();
 }
