@@ -248,6 +248,8 @@ struct CursorPosition {
     /// made before the cursor was registered again cannot be committed to
     /// the new registration (its events went to the old reader).
     registration: u64,
+    /// May be dropped under memory pressure ([`CheckpointManager::drop_cursors_behind`]).
+    droppable: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -686,6 +688,7 @@ impl CheckpointManager {
                 seqno: from_seqno,
                 start_pending: true,
                 registration: self.registrations,
+                droppable: false,
             },
         );
         drop(self.remove_unreferenced());
@@ -699,6 +702,41 @@ impl CheckpointManager {
             drop(self.remove_unreferenced());
         }
         existed
+    }
+
+    /// Lets the cursor `name` be dropped under memory pressure (a stream's
+    /// cursor: its reader can backfill from disk instead). Returns whether
+    /// the cursor exists.
+    pub fn set_droppable(&mut self, name: &str) -> bool {
+        self.cursors
+            .get_mut(name)
+            .map(|c| c.droppable = true)
+            .is_some()
+    }
+
+    /// Drops every droppable cursor behind the cursor `leader` (the
+    /// persistence cursor: what such a cursor holds is on disk, and only it
+    /// keeps closed checkpoints, or an open one from being closed), freeing
+    /// what only they held. Returns the dropped cursors' names.
+    pub fn drop_cursors_behind(&mut self, leader: &str) -> Vec<String> {
+        let Some((lead_id, lead_seqno)) =
+            self.cursors.get(leader).map(|c| (c.checkpoint_id, c.seqno))
+        else {
+            return Vec::new();
+        };
+        let names: Vec<String> = self
+            .cursors
+            .iter()
+            .filter(|(_, c)| c.droppable && (c.checkpoint_id < lead_id || c.seqno < lead_seqno))
+            .map(|(n, _)| n.clone())
+            .collect();
+        if !names.is_empty() {
+            for n in &names {
+                self.cursors.remove(n);
+            }
+            drop(self.remove_unreferenced());
+        }
+        names
     }
 
     /// Whether a cursor called `name` exists.

@@ -78,6 +78,13 @@ pub struct EngineConfig {
     /// order and is applied in seqno order at its end, so without this bound
     /// a replica would hold a whole partition in memory while it backfills.
     pub snapshot_buffer_limit: usize,
+    /// Fraction of `checkpoint_memory_limit` in use at which the flusher
+    /// drops stream cursors (those of [`Engine::stream_start`]) that hold
+    /// checkpoints the persistence cursor has left behind (default 0.9). A
+    /// replica that reads slowly would otherwise hold the primary's
+    /// checkpoints until writes are refused; a dropped stream ends, and the
+    /// replica resumes with a backfill from disk. 1.0 or more: never.
+    pub cursor_drop_threshold: f64,
 }
 
 impl EngineConfig {
@@ -106,6 +113,7 @@ impl EngineConfig {
             replicate_timeout: Duration::from_secs(5),
             seqno_reservation: 1_000_000,
             snapshot_buffer_limit: 64 << 20,
+            cursor_drop_threshold: 0.9,
         }
     }
 }
@@ -246,6 +254,13 @@ impl EngineBuilder {
     /// disk; default 64 MiB (see [`EngineConfig::snapshot_buffer_limit`]).
     pub fn snapshot_buffer_limit(mut self, bytes: usize) -> Self {
         self.config.snapshot_buffer_limit = bytes;
+        self
+    }
+
+    /// Checkpoint-memory fraction at which lagging stream cursors are
+    /// dropped; default 0.9 (see [`EngineConfig::cursor_drop_threshold`]).
+    pub fn cursor_drop_threshold(mut self, fraction: f64) -> Self {
+        self.config.cursor_drop_threshold = fraction;
         self
     }
 

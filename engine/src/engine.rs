@@ -223,6 +223,8 @@ pub(crate) struct Shared {
     recovered_from_crash: bool,
     /// Disk-snapshot entries spilled to the staging column family.
     pub(crate) snapshot_staged_items: AtomicU64,
+    /// Stream cursors the flusher dropped under memory pressure.
+    pub(crate) cursors_dropped: AtomicU64,
 }
 
 impl Shared {
@@ -489,6 +491,7 @@ impl Engine {
             pager_next: AtomicUsize::new(0),
             recovered_from_crash: !clean,
             snapshot_staged_items: AtomicU64::new(0),
+            cursors_dropped: AtomicU64::new(0),
             config,
         });
         let flushers = flusher::spawn(&shared)?;
@@ -801,6 +804,14 @@ impl Engine {
         }
     }
 
+    /// Whether partition `p` has a cursor called `name` (a stream's cursor
+    /// disappears when the flusher drops it under memory pressure; see
+    /// [`EngineConfig::cursor_drop_threshold`](crate::EngineConfig::cursor_drop_threshold)).
+    pub fn has_cursor(&self, p: PartitionId, name: &str) -> Result<bool> {
+        let s = self.live()?;
+        Ok(s.partition(p)?.lock().checkpoints.has_cursor(name))
+    }
+
     /// Drops cursor `name`; returns whether it existed.
     pub fn remove_cursor(&self, p: PartitionId, name: &str) -> Result<bool> {
         reserved_cursor_check(name)?;
@@ -857,6 +868,7 @@ impl Engine {
             poisoned: s.poisoned.lock().clone(),
             recovered_from_crash: s.recovered_from_crash,
             snapshot_staged_items: s.snapshot_staged_items.load(Ordering::Relaxed),
+            cursors_dropped: s.cursors_dropped.load(Ordering::Relaxed),
         })
     }
 
@@ -995,6 +1007,12 @@ fn validate(c: &EngineConfig) -> Result<()> {
     }
     if c.flush_batch_max_items == 0 {
         return bad("flush_batch_max_items must be at least 1".into());
+    }
+    if c.cursor_drop_threshold.is_nan() || c.cursor_drop_threshold <= 0.0 {
+        return bad(format!(
+            "cursor_drop_threshold must be above 0, got {}",
+            c.cursor_drop_threshold
+        ));
     }
     Ok(())
 }

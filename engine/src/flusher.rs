@@ -220,7 +220,7 @@ pub(crate) fn run_round(shared: &Shared, mine: &[&Partition], forced: bool) -> R
             shared.store.sync_wal()?;
             mark_synced(shared, mine);
         }
-        if release_read_open_checkpoints(shared, mine)? {
+        if relieve_memory_pressure(shared, mine)? {
             return Ok(Round::More);
         }
         return Ok(Round::Idle);
@@ -264,8 +264,48 @@ pub(crate) fn run_round(shared: &Shared, mine: &[&Partition], forced: bool) -> R
     if thread_is_pager(mine) {
         crate::pager::run(shared);
     }
-    more |= release_read_open_checkpoints(shared, mine)?;
+    more |= relieve_memory_pressure(shared, mine)?;
     Ok(if more { Round::More } else { Round::Done })
+}
+
+/// Frees checkpoint memory that persisted items would otherwise hold:
+/// [`drop_lagging_stream_cursors`], then [`release_read_open_checkpoints`].
+/// Returns whether it closed a checkpoint (another round frees it).
+fn relieve_memory_pressure(shared: &Shared, mine: &[&Partition]) -> Result<bool> {
+    drop_lagging_stream_cursors(shared, mine);
+    release_read_open_checkpoints(shared, mine)
+}
+
+/// At `cursor_drop_threshold` of the checkpoint memory limit, drops the
+/// stream cursors behind the persistence cursor: what they hold is on disk,
+/// and only they keep it in memory (closed checkpoints, and open ones that
+/// `release_read_open_checkpoints` could otherwise close). A
+/// slow replica's stream would otherwise hold the primary's memory until
+/// writes are refused; instead its stream ends and the replica resumes
+/// with a backfill from disk (as Couchbase's cursor dropping does). Other
+/// cursors are never dropped.
+fn drop_lagging_stream_cursors(shared: &Shared, mine: &[&Partition]) {
+    let limit = shared.config.checkpoint_memory_limit as f64;
+    let used = shared.checkpoint_mem.load(Ordering::Relaxed) as f64;
+    if used < limit * shared.config.cursor_drop_threshold {
+        return;
+    }
+    for p in mine {
+        let dropped = p.lock().checkpoints.drop_cursors_behind(PERSISTENCE_CURSOR);
+        if !dropped.is_empty() {
+            shared
+                .cursors_dropped
+                .fetch_add(dropped.len() as u64, Ordering::Relaxed);
+            tracing::warn!(
+                partition = p.id,
+                cursors = ?dropped,
+                used_bytes = used as u64,
+                "checkpoint memory at its cursor-drop threshold: lagging stream cursors dropped"
+            );
+            // Their readers find the cursors gone.
+            shared.changed(p.id);
+        }
+    }
 }
 
 /// Under checkpoint-memory pressure (half the limit or more in use) on a

@@ -187,7 +187,7 @@ impl Engine {
         let part = s.partition(p)?;
         let mut w = part.lock();
         let from = from.min(w.checkpoints.high_seqno());
-        match w.checkpoints.register_cursor(name, from)? {
+        let start = match w.checkpoints.register_cursor(name, from)? {
             Registration::InMemory { .. } => Ok(StreamStart::InMemory),
             Registration::NeedsBackfill { .. } => {
                 // The persistence cursor pins the checkpoint holding the next
@@ -207,7 +207,11 @@ impl Engine {
                     ))),
                 }
             }
-        }
+        }?;
+        // A stream can backfill later: under memory pressure the flusher may
+        // drop its cursor rather than refuse writes.
+        w.checkpoints.set_droppable(name);
+        Ok(start)
     }
 
     /// Where a backfill of partition `p` from `from` could end without a

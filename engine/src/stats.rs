@@ -25,6 +25,9 @@ pub struct EngineStats {
     /// Disk-snapshot entries a replica spilled to its staging column family
     /// because a snapshot outgrew `snapshot_buffer_limit` (since open).
     pub snapshot_staged_items: u64,
+    /// Stream cursors dropped under checkpoint-memory pressure (since open;
+    /// see `EngineConfig::cursor_drop_threshold`).
+    pub cursors_dropped: u64,
 }
 
 impl EngineStats {

@@ -547,3 +547,53 @@ fn a_scan_from_an_earlier_registration_is_not_committed() {
         "the new registration reads 3..=7"
     );
 }
+
+#[test]
+fn only_droppable_cursors_behind_the_leader_are_dropped() {
+    let (mut m, mem) = mgr(2);
+    for c in [
+        "lead",
+        "slow-stream",
+        "slow-user",
+        "fast-stream",
+        "same-stream",
+    ] {
+        m.register_cursor(c, 0).unwrap();
+    }
+    for c in ["slow-stream", "fast-stream", "same-stream"] {
+        assert!(m.set_droppable(c));
+    }
+    assert!(!m.set_droppable("nobody"));
+    for s in 1..=6 {
+        m.queue(item(&format!("k{s}"), s));
+    }
+    // Checkpoints 1,2 closed, 3 open (items 5, 6).
+    m.read("lead", 5).unwrap();
+    m.read("fast-stream", 6).unwrap();
+    m.read("same-stream", 4).unwrap(); // in checkpoint 3 too, but behind
+    assert_eq!(m.checkpoints().len(), 3);
+    let before = m.mem_bytes();
+
+    let mut dropped = m.drop_cursors_behind("lead");
+    dropped.sort();
+    assert_eq!(dropped, vec!["same-stream", "slow-stream"]);
+    for (c, exists) in [
+        ("lead", true),
+        ("slow-user", true),
+        ("fast-stream", true),
+        ("slow-stream", false),
+        ("same-stream", false),
+    ] {
+        assert_eq!(m.has_cursor(c), exists, "{c}");
+    }
+    // The user's cursor is never dropped, so it still holds everything.
+    assert_eq!(m.checkpoints().len(), 3);
+    assert_eq!(m.mem_bytes(), before);
+    assert!(m.remove_cursor("slow-user"));
+    let ids: Vec<u64> = m.checkpoints().iter().map(|c| c.id).collect();
+    assert_eq!(ids, vec![3]);
+    assert_eq!(mem.load(Ordering::Relaxed), m.mem_bytes());
+    // Nothing behind any more: nothing dropped.
+    assert!(m.drop_cursors_behind("lead").is_empty());
+    assert!(m.drop_cursors_behind("no-such-leader").is_empty());
+}

@@ -130,8 +130,16 @@ fn streams_backfill_when_memory_no_longer_holds_the_history() {
     let persisted = e.persisted_seqno(p).unwrap();
     assert!(persisted > 0);
     assert_eq!(e.backfill_end(p, 0).unwrap(), Some(persisted));
-    assert_eq!(e.backfill_end(p, persisted).unwrap(), None, "memory holds it");
-    assert_eq!(e.cursors(p).unwrap().len(), 1, "only the persistence cursor");
+    assert_eq!(
+        e.backfill_end(p, persisted).unwrap(),
+        None,
+        "memory holds it"
+    );
+    assert_eq!(
+        e.cursors(p).unwrap().len(),
+        1,
+        "only the persistence cursor"
+    );
     match e.stream_start(p, "s", 0).unwrap() {
         StreamStart::Backfill { snapshot_end } => {
             let mut items = Vec::new();

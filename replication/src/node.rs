@@ -1147,13 +1147,14 @@ fn stream_loop(
                 break;
             }
             let mut sent = 0;
+            let mut lost = None;
             for p in &active {
                 let mut last = None;
                 let mut items_bytes = 0;
                 // Entries are encoded straight from the checkpoints into the
                 // connection buffer (closed checkpoints without the
                 // partition's lock).
-                engine.read_cursor_with(*p, &s.cursor, cfg.stream_batch, |ev| {
+                let read = engine.read_cursor_with(*p, &s.cursor, cfg.stream_batch, |ev| {
                     sent += match ev {
                         EventRef::CheckpointStart { id } => send(
                             writer,
@@ -1173,7 +1174,17 @@ fn stream_loop(
                             n
                         }
                     };
-                })?;
+                });
+                if let Err(e) = read {
+                    if engine.has_cursor(*p, &s.cursor)? {
+                        return Err(e);
+                    }
+                    // The primary's flusher dropped the cursor: checkpoint
+                    // memory reached its cursor-drop threshold with this
+                    // stream behind the disk.
+                    lost = Some(*p);
+                    break;
+                }
                 // Counted once per partition rather than per item: nothing
                 // was sent meanwhile (the buffer is flushed below), so no
                 // ack can cover these bytes yet.
@@ -1186,6 +1197,20 @@ fn stream_loop(
                 if writer.pending() > 256 * 1024 {
                     writer.flush().map_err(io_err)?;
                 }
+            }
+            if let Some(p) = lost {
+                for p in &active {
+                    if let Some(e) = s.parts.lock().get_mut(p) {
+                        e.0 = PartitionStreamState::Dropped;
+                    }
+                }
+                tracing::warn!(
+                    stream = %s.name,
+                    partition = p,
+                    "stream cursor dropped under checkpoint-memory pressure: ending the stream; \
+                     the replica resumes with a backfill"
+                );
+                break;
             }
             if sent == 0 && last_send.elapsed() >= cfg.heartbeat {
                 writer.push(&StreamMessage::Noop.to_frame());

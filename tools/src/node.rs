@@ -71,6 +71,11 @@ pub(crate) struct NodeArgs {
     /// in memory before it is spilled to disk (engine default 64 MiB).
     #[arg(long)]
     snapshot_buffer_limit: Option<usize>,
+    /// Fraction of the checkpoint memory limit at which stream cursors
+    /// behind the disk are dropped (the replica resumes with a backfill);
+    /// engine default 0.9; 1 or more: never.
+    #[arg(long)]
+    cursor_drop_threshold: Option<f64>,
     /// Largest accepted frame body in bytes.
     #[arg(long, default_value_t = tapkv_replication::protocol::DEFAULT_MAX_BODY)]
     max_body: usize,
@@ -97,6 +102,9 @@ pub(crate) fn run(args: NodeArgs) -> Result<ExitCode, Error> {
     }
     if let Some(l) = args.snapshot_buffer_limit {
         builder = builder.snapshot_buffer_limit(l);
+    }
+    if let Some(t) = args.cursor_drop_threshold {
+        builder = builder.cursor_drop_threshold(t);
     }
     let engine = builder.open()?;
     let mut cfg = NodeConfig::new(args.listen.clone());
