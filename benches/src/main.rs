@@ -484,6 +484,8 @@ fn main() {
         // The replica throughput and catch-up runs alone.
         "replica" => replication::replica_only(),
         "sender" => replication::sender_only(ops.min(500_000)),
+        // A replica joining by disk snapshots, held in memory vs spilled.
+        "snapshot" => replication::snapshot_join(),
         // Replication with each node a process pinned to its own core.
         "pinned" => pinned::bench(),
         // The pinned run's child processes.
@@ -505,7 +507,7 @@ fn main() {
             network::bench();
         }
         "--help" | "-h" | "help" => {
-            println!("usage: tapkv-benches [engine|revert|replication|pinned|network|all|set|persist|backfill|replica|sender] [--ops N] [--reps R]   (default all; --ops sizes the engine bench, set and sender (at most 500000), default 1000000; --reps repeats the engine bench's memory-path runs, default 3, medians reported)");
+            println!("usage: tapkv-benches [engine|revert|replication|pinned|network|all|set|persist|backfill|replica|sender|snapshot] [--ops N] [--reps R]   (default all; --ops sizes the engine bench, set and sender (at most 500000), default 1000000; --reps repeats the engine bench's memory-path runs, default 3, medians reported)");
         }
         other => {
             eprintln!("unknown benchmark {other:?}; try `help`");

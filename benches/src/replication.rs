@@ -305,6 +305,60 @@ pub(crate) fn backfill_only() {
     );
 }
 
+/// A replica joining a primary whose history is on disk only (reopened):
+/// every partition comes as a disk snapshot. Items/s from the replica's
+/// start until it holds everything, with its disk snapshots held in memory
+/// (the default 64 MiB buffer) and spilled to its staging column family
+/// (a 64 KiB buffer), one after the other on the same primary data.
+pub(crate) fn snapshot_join() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("join-primary");
+    {
+        let e = open_engine(&dir, false);
+        for i in 0..BACKFILL_ITEMS {
+            set(&e, i);
+        }
+        e.close().expect("close");
+    }
+    let mut rates = Vec::new();
+    for (round, limit) in [(0, 64 << 20), (1, 64 << 10), (2, 64 << 20), (3, 64 << 10)] {
+        let mut pcfg = super::node_config();
+        pcfg.name = "bench-primary-join".into();
+        let primary = Node::start(open_engine(&dir, false), pcfg).expect("start primary");
+        let pe = primary.engine().expect("primary engine");
+        let mut rcfg = super::node_config();
+        rcfg.name = format!("bench-replica-join-{round}");
+        rcfg.replica_of = Some(primary.local_addr().to_string());
+        let replica_engine = Engine::builder(tmp.path().join(format!("join-replica-{round}")))
+            .replica(true)
+            .memory_quota(4 << 30)
+            .snapshot_buffer_limit(limit)
+            .open()
+            .expect("open replica");
+        let t = Instant::now();
+        let replica = Node::start(replica_engine, rcfg).expect("start replica");
+        let re = replica.engine().expect("replica engine");
+        let ok = wait_caught_up(pe, re, CATCH_UP_DEADLINE);
+        let took = t.elapsed();
+        let staged = re.stats().expect("stats").snapshot_staged_items;
+        shutdown(primary, replica);
+        assert!(ok, "the replica did not catch up");
+        let r = rate(BACKFILL_ITEMS, took);
+        println!("  buffer {limit:>9} bytes: {r:>10.0} items/s, {staged} entries spilled");
+        rates.push((limit, r));
+    }
+    let mean = |l: usize| {
+        let v: Vec<f64> = rates.iter().filter(|x| x.0 == l).map(|x| x.1).collect();
+        v.iter().sum::<f64>() / v.len() as f64
+    };
+    println!(
+        "replica joining by backfill ({BACKFILL_ITEMS} items): in memory {:.0}/s, spilled {:.0}/s: {:.2}x",
+        mean(64 << 20),
+        mean(64 << 10),
+        mean(64 << 10) / mean(64 << 20)
+    );
+}
+
 /// The concurrent throughput run and the catch-up run alone (for profilers).
 pub(crate) fn replica_only() {
     let tmp = tempfile::tempdir().expect("tempdir");
