@@ -6,25 +6,19 @@
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use tapkv_engine::{Engine, Error, WriteOptions, PERSISTENCE_CURSOR};
+mod common;
+use common::{
+    from_the_start, primary_with_limit, set_through_memory_pressure, stream_cursors, wait_until,
+};
 use tapkv_replication::io::{FrameReader, FrameWriter};
-use tapkv_replication::message::{hello, stream_open, StreamMessage, StreamRequest};
-use tapkv_replication::node::{Node, NodeConfig};
+use tapkv_replication::message::{hello, stream_open, StreamMessage};
+use tapkv_replication::node::NodeConfig;
 use tapkv_replication::protocol::DEFAULT_MAX_BODY;
 
 const LIMIT: usize = 1 << 20;
 
 fn key(i: usize) -> Vec<u8> {
     format!("drop-key-{i:06}").into_bytes()
-}
-
-/// Polls `cond` every 5 ms until it holds; panics after `limit`.
-fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }
 
 #[test]
@@ -36,14 +30,7 @@ fn a_stream_behind_the_disk_is_dropped_under_memory_pressure_and_ends() {
     cfg.max_unacked_bytes = 1 << 40;
     cfg.slow_replica_timeout = Duration::from_secs(600);
     cfg.io_timeout = Duration::from_secs(120);
-    let primary = Node::start(
-        Engine::builder(dir.path())
-            .checkpoint_memory_limit(LIMIT)
-            .open()
-            .unwrap(),
-        cfg,
-    )
-    .unwrap();
+    let primary = primary_with_limit(dir.path(), LIMIT, cfg);
     let p = primary.engine().unwrap();
 
     // A "replica" that opens a stream from the start (held in memory) and
@@ -54,27 +41,11 @@ fn a_stream_behind_the_disk_is_dropped_under_memory_pressure_and_ends() {
     let mut writer = FrameWriter::new(conn);
     writer.send(&hello("stalled")).unwrap();
     reader.next_within(200).unwrap();
-    let reqs: Vec<StreamRequest> = (0..p.num_partitions())
-        .map(|partition| StreamRequest {
-            partition,
-            uuid: 0,
-            seqno: 0,
-        })
-        .collect();
-    writer.send(&stream_open("stalled", &reqs)).unwrap();
-    let stream_cursors = || -> usize {
-        (0..p.num_partitions())
-            .map(|part| {
-                p.cursors(part)
-                    .unwrap()
-                    .iter()
-                    .filter(|c| c.name != PERSISTENCE_CURSOR)
-                    .count()
-            })
-            .sum()
-    };
+    writer
+        .send(&stream_open("stalled", &from_the_start(p)))
+        .unwrap();
     wait_until("the stream's cursors", Duration::from_secs(30), || {
-        stream_cursors() == usize::from(p.num_partitions())
+        stream_cursors(p).len() == usize::from(p.num_partitions())
     });
 
     // Sixteen times the checkpoint memory limit in writes: far more than
@@ -82,20 +53,9 @@ fn a_stream_behind_the_disk_is_dropped_under_memory_pressure_and_ends() {
     let value = vec![b'v'; 400];
     let deadline = Instant::now() + Duration::from_secs(30);
     for i in 0..40_000 {
-        loop {
-            match p.set(&key(i), &value, WriteOptions::default()) {
-                Ok(_) => break,
-                Err(Error::TempOutOfMemory { .. }) => {
-                    assert!(
-                        Instant::now() < deadline,
-                        "write {i} still refused for memory; {} stream cursors left",
-                        stream_cursors()
-                    );
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                Err(e) => panic!("write {i}: {e}"),
-            }
-        }
+        set_through_memory_pressure(p, &key(i), &value, deadline, || {
+            format!("{} stream cursors left", stream_cursors(p).len())
+        });
         let used = p.stats().unwrap().checkpoint_mem_bytes;
         assert!(
             used <= LIMIT + 1024,
@@ -104,7 +64,7 @@ fn a_stream_behind_the_disk_is_dropped_under_memory_pressure_and_ends() {
     }
     let st = p.stats().unwrap();
     assert!(st.cursors_dropped > 0, "no cursor was dropped");
-    assert!(stream_cursors() < usize::from(p.num_partitions()));
+    assert!(stream_cursors(p).len() < usize::from(p.num_partitions()));
 
     // Reading again, the "replica" finds the stream ended.
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -120,7 +80,7 @@ fn a_stream_behind_the_disk_is_dropped_under_memory_pressure_and_ends() {
     wait_until(
         "the stream's cursors to go",
         Duration::from_secs(30),
-        || stream_cursors() == 0,
+        || stream_cursors(p).is_empty(),
     );
     primary.shutdown().unwrap();
 }

@@ -4,6 +4,9 @@
 
 use std::time::{Duration, Instant};
 
+mod common;
+use common::{primary, wait_until};
+
 use tapkv_engine::{Engine, WriteOptions};
 use tapkv_replication::node::{Node, NodeConfig};
 
@@ -17,24 +20,11 @@ fn key(i: usize) -> Vec<u8> {
     format!("memory-key-{i:06}").into_bytes()
 }
 
-/// Polls `cond` every 5 ms until it holds; panics after `limit`.
-fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 #[test]
 fn a_replica_stops_at_its_checkpoint_memory_limit_and_catches_up_later() {
     let pdir = tempfile::tempdir().unwrap();
     let rdir = tempfile::tempdir().unwrap();
-    let primary = Node::start(
-        Engine::builder(pdir.path()).open().unwrap(),
-        NodeConfig::new("127.0.0.1:0"),
-    )
-    .unwrap();
+    let primary = primary(pdir.path());
     let replica_engine = Engine::builder(rdir.path())
         .replica(true)
         .checkpoint_memory_limit(LIMIT)

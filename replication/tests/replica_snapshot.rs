@@ -6,9 +6,14 @@
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use tapkv_engine::{Engine, Error, WriteOptions, PERSISTENCE_CURSOR};
+mod common;
+use common::{
+    from_the_start, primary, primary_with_limit, set_through_memory_pressure, stream_cursors,
+    wait_until,
+};
+use tapkv_engine::{Engine, WriteOptions};
 use tapkv_replication::client::Client;
-use tapkv_replication::message::{stream_open, StreamRequest};
+use tapkv_replication::message::stream_open;
 use tapkv_replication::node::{Node, NodeConfig};
 
 const ITEMS: usize = 20_000;
@@ -16,15 +21,6 @@ const BUFFER: usize = 16 << 10;
 
 fn key(i: usize) -> Vec<u8> {
     format!("snapshot-key-{i:06}").into_bytes()
-}
-
-/// Polls `cond` every 5 ms until it holds; panics after `limit`.
-fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }
 
 #[test]
@@ -48,11 +44,7 @@ fn a_backfill_larger_than_the_snapshot_buffer_is_spilled_and_converges() {
         }
         p.close().unwrap();
     }
-    let primary = Node::start(
-        Engine::builder(pdir.path()).open().unwrap(),
-        NodeConfig::new("127.0.0.1:0"),
-    )
-    .unwrap();
+    let primary = primary(pdir.path());
     let replica_engine = Engine::builder(rdir.path())
         .replica(true)
         .snapshot_buffer_limit(BUFFER)
@@ -155,28 +147,16 @@ fn a_stalled_backfill_pins_no_checkpoints_and_writes_go_on() {
     // The stalled stream's writes would time out after this; the test is
     // over long before.
     cfg.io_timeout = Duration::from_secs(120);
-    let primary = Node::start(
-        Engine::builder(pdir.path())
-            .checkpoint_memory_limit(LIMIT)
-            .open()
-            .unwrap(),
-        cfg,
-    )
-    .unwrap();
+    let primary = primary_with_limit(pdir.path(), LIMIT, cfg);
     let p = primary.engine().unwrap();
     let addr = primary.local_addr().to_string();
 
     // A "replica" that asks for everything and then reads nothing: 24 MB of
     // backfill, far more than the connection's buffers hold.
     let mut stalled = Client::connect(&addr, Duration::from_secs(10)).unwrap();
-    let reqs: Vec<StreamRequest> = (0..p.num_partitions())
-        .map(|partition| StreamRequest {
-            partition,
-            uuid: 0,
-            seqno: 0,
-        })
-        .collect();
-    stalled.call(stream_open("stalled", &reqs)).unwrap();
+    stalled
+        .call(stream_open("stalled", &from_the_start(p)))
+        .unwrap();
     let mut admin = Client::connect(&addr, Duration::from_secs(10)).unwrap();
     wait_until("the stream to backfill", Duration::from_secs(30), || {
         let streams = admin.admin("streams").unwrap();
@@ -184,17 +164,6 @@ fn a_stalled_backfill_pins_no_checkpoints_and_writes_go_on() {
             .as_array()
             .is_some_and(|ps| ps.iter().any(|x| x["state"] == "backfilling"))
     });
-    let stream_cursors = |e: &Engine| -> Vec<(u16, String)> {
-        (0..e.num_partitions())
-            .flat_map(|part| {
-                e.cursors(part)
-                    .unwrap()
-                    .into_iter()
-                    .filter(|c| c.name != PERSISTENCE_CURSOR)
-                    .map(move |c| (part, c.name))
-            })
-            .collect()
-    };
     assert_eq!(stream_cursors(p), vec![], "cursors registered mid-backfill");
 
     // Sixteen times the checkpoint memory limit in writes over every
@@ -202,20 +171,12 @@ fn a_stalled_backfill_pins_no_checkpoints_and_writes_go_on() {
     let deadline = Instant::now() + Duration::from_secs(30);
     let other = vec![b'w'; 400];
     for i in 0..40_000 {
-        loop {
-            match p.set(&key(i), &other, WriteOptions::default()) {
-                Ok(_) => break,
-                Err(Error::TempOutOfMemory { .. }) => {
-                    assert!(
-                        Instant::now() < deadline,
-                        "write {i} still refused for memory: the stalled stream pins checkpoints ({:?})",
-                        stream_cursors(p)
-                    );
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                Err(e) => panic!("write {i}: {e}"),
-            }
-        }
+        set_through_memory_pressure(p, &key(i), &other, deadline, || {
+            format!(
+                "the stalled stream pins checkpoints ({:?})",
+                stream_cursors(p)
+            )
+        });
     }
     // The stream is still there, still backfilling, and pins nothing.
     let streams = admin.admin("streams").unwrap();

@@ -1,0 +1,87 @@
+//! Helpers shared by the in-process node tests (each test binary uses some).
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use tapkv_engine::{Engine, Error, WriteOptions, PERSISTENCE_CURSOR};
+use tapkv_replication::message::StreamRequest;
+use tapkv_replication::node::{Node, NodeConfig};
+
+/// Polls `cond` every 5 ms until it holds; panics after `limit`.
+pub fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Every cursor but the persistence cursors, as (partition, name).
+pub fn stream_cursors(e: &Engine) -> Vec<(u16, String)> {
+    (0..e.num_partitions())
+        .flat_map(|part| {
+            e.cursors(part)
+                .unwrap()
+                .into_iter()
+                .filter(|c| c.name != PERSISTENCE_CURSOR)
+                .map(move |c| (part, c.name))
+        })
+        .collect()
+}
+
+/// Sets `key`, retrying while the engine refuses it for memory; panics,
+/// with `why()` in the message, if it is still refused at `deadline`.
+pub fn set_through_memory_pressure(
+    e: &Engine,
+    key: &[u8],
+    value: &[u8],
+    deadline: Instant,
+    why: impl Fn() -> String,
+) {
+    loop {
+        match e.set(key, value, WriteOptions::default()) {
+            Ok(_) => return,
+            Err(Error::TempOutOfMemory { .. }) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "{} still refused for memory: {}",
+                    String::from_utf8_lossy(key),
+                    why()
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(e) => panic!("{}: {e}", String::from_utf8_lossy(key)),
+        }
+    }
+}
+
+/// Stream requests for every partition of `e` from seqno 0 (a new replica).
+pub fn from_the_start(e: &Engine) -> Vec<StreamRequest> {
+    (0..e.num_partitions())
+        .map(|partition| StreamRequest {
+            partition,
+            uuid: 0,
+            seqno: 0,
+        })
+        .collect()
+}
+
+/// A primary node on an ephemeral port over the data directory `dir`, with
+/// a checkpoint memory limit of `limit` bytes.
+pub fn primary_with_limit(dir: &Path, limit: usize, cfg: NodeConfig) -> Node {
+    let engine = Engine::builder(dir)
+        .checkpoint_memory_limit(limit)
+        .open()
+        .unwrap();
+    Node::start(engine, cfg).unwrap()
+}
+
+/// A primary node on an ephemeral port with engine defaults.
+pub fn primary(dir: &Path) -> Node {
+    Node::start(
+        Engine::builder(dir).open().unwrap(),
+        NodeConfig::new("127.0.0.1:0"),
+    )
+    .unwrap()
+}
