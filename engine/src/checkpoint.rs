@@ -714,29 +714,68 @@ impl CheckpointManager {
             .is_some()
     }
 
-    /// Drops every droppable cursor behind the cursor `leader` (the
-    /// persistence cursor: what such a cursor holds is on disk, and only it
-    /// keeps closed checkpoints, or an open one from being closed), freeing
-    /// what only they held. Returns the dropped cursors' names.
-    pub fn drop_cursors_behind(&mut self, leader: &str) -> Vec<String> {
-        let Some((lead_id, lead_seqno)) =
-            self.cursors.get(leader).map(|c| (c.checkpoint_id, c.seqno))
-        else {
-            return Vec::new();
+    /// Drops the droppable cursors that alone hold closed checkpoints the
+    /// cursor `leader` (the persistence cursor) has left, when those
+    /// checkpoints hold at least `min_bytes`: what they hold is on disk, and
+    /// only they keep it in memory. A droppable cursor that has passed every
+    /// seqno `leader` has is never dropped (it is only waiting to step into
+    /// the next checkpoint), and nothing is dropped when it would free less
+    /// than `min_bytes` (the memory is held by something else: a
+    /// non-droppable cursor, the open checkpoint, unpersisted items).
+    /// Returns the dropped cursors' names and the freed checkpoints, for the
+    /// caller to drop after releasing its lock.
+    pub fn drop_cursors_behind(
+        &mut self,
+        leader: &str,
+        min_bytes: usize,
+    ) -> (Vec<String>, FreedCheckpoints) {
+        let nothing = (Vec::new(), FreedCheckpoints::default());
+        let Some(lead_seqno) = self.cursors.get(leader).map(|c| c.seqno) else {
+            return nothing;
         };
+        // Checkpoints below `bound` are needed by droppable cursors only
+        // (the leader is not droppable, so `bound` is at most its checkpoint).
+        let bound = self
+            .cursors
+            .values()
+            .filter(|c| !c.droppable)
+            .map(|c| c.checkpoint_id)
+            .min()
+            .unwrap_or(u64::MAX);
+        let held: usize = self
+            .checkpoints
+            .iter()
+            .take_while(|c| !c.open && c.id < bound)
+            .map(|c| c.mem)
+            .sum();
+        if held == 0 || held < min_bytes {
+            return nothing;
+        }
         let names: Vec<String> = self
             .cursors
             .iter()
-            .filter(|(_, c)| c.droppable && (c.checkpoint_id < lead_id || c.seqno < lead_seqno))
+            .filter(|(_, c)| c.droppable && c.checkpoint_id < bound && c.seqno < lead_seqno)
             .map(|(n, _)| n.clone())
             .collect();
-        if !names.is_empty() {
-            for n in &names {
-                self.cursors.remove(n);
-            }
-            drop(self.remove_unreferenced());
+        if names.is_empty() {
+            return nothing;
         }
-        names
+        for n in &names {
+            self.cursors.remove(n);
+        }
+        (names, self.remove_unreferenced())
+    }
+
+    /// Whether the open checkpoint holds items and every cursor, droppable
+    /// ones aside, has read all of it.
+    pub fn open_checkpoint_read_by_all_but_droppable(&self) -> bool {
+        let open = self.open();
+        open.live > 0
+            && self
+                .cursors
+                .values()
+                .filter(|pos| !pos.droppable)
+                .all(|pos| pos.checkpoint_id == open.id && pos.seqno >= self.high_seqno)
     }
 
     /// Whether a cursor called `name` exists.

@@ -79,8 +79,9 @@ pub struct EngineConfig {
     /// a replica would hold a whole partition in memory while it backfills.
     pub snapshot_buffer_limit: usize,
     /// Fraction of `checkpoint_memory_limit` in use at which the flusher
-    /// drops stream cursors (those of [`Engine::stream_start`]) that hold
-    /// checkpoints the persistence cursor has left behind (default 0.9). A
+    /// drops stream cursors (those of [`Engine::stream_start`]) that alone
+    /// hold closed checkpoints the persistence cursor has left, once those
+    /// hold at least `limit / (2 × partitions)` (default 0.9). A
     /// replica that reads slowly would otherwise hold the primary's
     /// checkpoints until writes are refused; a dropped stream ends, and the
     /// replica resumes with a backfill from disk. 1.0 or more: never.

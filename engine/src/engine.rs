@@ -225,6 +225,9 @@ pub(crate) struct Shared {
     pub(crate) snapshot_staged_items: AtomicU64,
     /// Stream cursors the flusher dropped under memory pressure.
     pub(crate) cursors_dropped: AtomicU64,
+    /// Per partition: the staging column family may hold entries of it (a
+    /// snapshot was spilled and not yet cleared).
+    pub(crate) staged: Vec<AtomicBool>,
 }
 
 impl Shared {
@@ -360,21 +363,31 @@ impl Engine {
                 format: FORMAT_VERSION,
                 partitions: config.partitions,
             })?,
-            Some(meta) if meta.format != FORMAT_VERSION => {
-                return Err(Error::Incompatible {
-                    path,
-                    reason: format!(
-                        "on-disk format {} but this build reads {FORMAT_VERSION}",
-                        meta.format
-                    ),
-                })
-            }
             Some(meta) if meta.partitions != config.partitions => {
                 return Err(Error::Incompatible {
                     path,
                     reason: format!(
                         "created with {} partitions, opened with {}",
                         meta.partitions, config.partitions
+                    ),
+                })
+            }
+            // Format 3 only added the `staging` column family, which
+            // `Store::open` has just created: a format-2 directory upgrades
+            // in place (and earlier builds can no longer open it).
+            Some(meta) if meta.format == 2 => {
+                tracing::info!(path = %path.display(), "upgrading the data directory from format 2 to 3");
+                store.put_engine_meta(&EngineMeta {
+                    format: FORMAT_VERSION,
+                    partitions: meta.partitions,
+                })?;
+            }
+            Some(meta) if meta.format != FORMAT_VERSION => {
+                return Err(Error::Incompatible {
+                    path,
+                    reason: format!(
+                        "on-disk format {} but this build reads {FORMAT_VERSION}",
+                        meta.format
                     ),
                 })
             }
@@ -492,6 +505,9 @@ impl Engine {
             recovered_from_crash: !clean,
             snapshot_staged_items: AtomicU64::new(0),
             cursors_dropped: AtomicU64::new(0),
+            staged: (0..config.partitions)
+                .map(|_| AtomicBool::new(false))
+                .collect(),
             config,
         });
         let flushers = flusher::spawn(&shared)?;

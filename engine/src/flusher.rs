@@ -272,53 +272,70 @@ pub(crate) fn run_round(shared: &Shared, mine: &[&Partition], forced: bool) -> R
 /// [`drop_lagging_stream_cursors`], then [`release_read_open_checkpoints`].
 /// Returns whether it closed a checkpoint (another round frees it).
 fn relieve_memory_pressure(shared: &Shared, mine: &[&Partition]) -> Result<bool> {
-    drop_lagging_stream_cursors(shared, mine);
-    release_read_open_checkpoints(shared, mine)
+    let pressed = at_cursor_drop_threshold(shared);
+    if pressed {
+        drop_lagging_stream_cursors(shared, mine);
+    }
+    release_read_open_checkpoints(shared, mine, pressed)
 }
 
-/// At `cursor_drop_threshold` of the checkpoint memory limit, drops the
-/// stream cursors behind the persistence cursor: what they hold is on disk,
-/// and only they keep it in memory (closed checkpoints, and open ones that
-/// `release_read_open_checkpoints` could otherwise close). A
-/// slow replica's stream would otherwise hold the primary's memory until
-/// writes are refused; instead its stream ends and the replica resumes
-/// with a backfill from disk (as Couchbase's cursor dropping does). Other
-/// cursors are never dropped.
-fn drop_lagging_stream_cursors(shared: &Shared, mine: &[&Partition]) {
+/// Whether checkpoint memory is at `cursor_drop_threshold` of its limit
+/// (never with a threshold of 1 or more).
+fn at_cursor_drop_threshold(shared: &Shared) -> bool {
+    let threshold = shared.config.cursor_drop_threshold;
     let limit = shared.config.checkpoint_memory_limit as f64;
-    let used = shared.checkpoint_mem.load(Ordering::Relaxed) as f64;
-    if used < limit * shared.config.cursor_drop_threshold {
-        return;
-    }
+    threshold < 1.0 && shared.checkpoint_mem.load(Ordering::Relaxed) as f64 >= limit * threshold
+}
+
+/// Under `cursor_drop_threshold` pressure, drops in each partition the
+/// stream cursors that alone hold closed checkpoints the persistence cursor
+/// has left, once those hold at least a partition's share of half the limit
+/// (`CheckpointManager::drop_cursors_behind`). A slow replica's stream would
+/// otherwise hold the primary's memory until writes are refused; instead
+/// its stream ends and the replica resumes with a backfill from disk (as
+/// Couchbase's cursor dropping does). Other cursors are never dropped.
+fn drop_lagging_stream_cursors(shared: &Shared, mine: &[&Partition]) {
+    let min_bytes = shared.config.checkpoint_memory_limit / (2 * shared.partitions.len().max(1));
     for p in mine {
-        let dropped = p.lock().checkpoints.drop_cursors_behind(PERSISTENCE_CURSOR);
-        if !dropped.is_empty() {
-            shared
-                .cursors_dropped
-                .fetch_add(dropped.len() as u64, Ordering::Relaxed);
-            tracing::warn!(
-                partition = p.id,
-                cursors = ?dropped,
-                used_bytes = used as u64,
-                "checkpoint memory at its cursor-drop threshold: lagging stream cursors dropped"
-            );
-            // Their readers find the cursors gone.
-            shared.changed(p.id);
+        let (dropped, freed) = p
+            .lock()
+            .checkpoints
+            .drop_cursors_behind(PERSISTENCE_CURSOR, min_bytes);
+        if dropped.is_empty() {
+            continue;
         }
+        shared
+            .cursors_dropped
+            .fetch_add(dropped.len() as u64, Ordering::Relaxed);
+        tracing::warn!(
+            partition = p.id,
+            cursors = ?dropped,
+            checkpoints = freed.len(),
+            "checkpoint memory at its cursor-drop threshold: lagging stream cursors dropped"
+        );
+        // Freed outside the partition's lock.
+        drop(freed);
+        // Their readers find the cursors gone.
+        shared.changed(p.id);
     }
 }
 
 /// Under checkpoint-memory pressure (half the limit or more in use) on a
 /// primary, closes each partition's open checkpoint that every cursor has
-/// read to its end (so it is all on disk, and streamed); returns whether it
-/// closed any (the next round moves the persistence cursor past it, which
-/// frees it; a stream's cursor crosses on its next read). Without this,
+/// read (with `pressed`, at the cursor-drop threshold: every cursor but the
+/// droppable stream cursors), so that its persisted items can be freed:
 /// persisted items in open checkpoints that have not reached their size
 /// limit would hold the memory refused writes wait for, for ever: 16
 /// partitions of 32 MiB open checkpoints are the whole default 512 MiB
 /// limit. A replica never closes a checkpoint on its own (it follows its
-/// primary's ids), nor does a partition with an online-update window.
-fn release_read_open_checkpoints(shared: &Shared, mine: &[&Partition]) -> Result<bool> {
+/// primary's ids), nor does a partition with an online-update window. A
+/// stream cursor that has not read the checkpoint reads it closed, and is
+/// dropped by the next round if it still lags.
+fn release_read_open_checkpoints(
+    shared: &Shared,
+    mine: &[&Partition],
+    pressed: bool,
+) -> Result<bool> {
     let limit = shared.config.checkpoint_memory_limit;
     if shared.config.replica || shared.checkpoint_mem.load(Ordering::Relaxed) < limit / 2 {
         return Ok(false);
@@ -329,7 +346,12 @@ fn release_read_open_checkpoints(shared: &Shared, mine: &[&Partition]) -> Result
         // only lands in the checkpoint being closed, which is harmless.
         let read = {
             let w = p.lock();
-            w.window.is_none() && w.checkpoints.open_checkpoint_read_by_all()
+            w.window.is_none()
+                && if pressed {
+                    w.checkpoints.open_checkpoint_read_by_all_but_droppable()
+                } else {
+                    w.checkpoints.open_checkpoint_read_by_all()
+                }
         };
         if read {
             let id = p.create_checkpoint(&shared.store)?;

@@ -2,15 +2,16 @@
 //!
 //! A primary streams a disk snapshot straight from its RocksDB iterator, so
 //! the entries arrive in key order; a replica must apply them in seqno order,
-//! so that whatever it persists is a prefix of the primary's history (a
-//! replica resumes its stream from its persisted seqno). The buffer holds the
+//! so that it never persists a seqno while a lower one of the snapshot is
+//! missing (a replica resumes its stream from its persisted seqno). The
+//! buffer holds the
 //! snapshot's entries until its end; past
 //! [`EngineConfig::snapshot_buffer_limit`](crate::EngineConfig::snapshot_buffer_limit)
 //! bytes it spills them to the store's `staging` column family, keyed by
 //! seqno, and applies them from there. Memory stays bounded whatever the
 //! partition's size.
 
-use crate::engine::Engine;
+use crate::engine::{Engine, Shared};
 use crate::error::Result;
 use crate::item::{PartitionId, QueuedItem};
 use crate::sync::Ordering;
@@ -31,7 +32,7 @@ impl Engine {
     pub fn snapshot_buffer(&self, p: PartitionId) -> Result<SnapshotBuffer<'_>> {
         let s = self.live()?;
         s.partition(p)?;
-        s.store.clear_staged(Some(p))?;
+        clear_staged(s, p)?;
         Ok(SnapshotBuffer {
             engine: self,
             partition: p,
@@ -40,6 +41,17 @@ impl Engine {
             staged: 0,
         })
     }
+}
+
+/// Clears what partition `p` may have in the staging column family (a
+/// range delete only if it was used since it was last cleared).
+fn clear_staged(s: &Shared, p: PartitionId) -> Result<()> {
+    let flag = &s.staged[usize::from(p)];
+    if flag.load(Ordering::Acquire) {
+        s.store.clear_staged(Some(p))?;
+        flag.store(false, Ordering::Release);
+    }
+    Ok(())
 }
 
 impl SnapshotBuffer<'_> {
@@ -75,6 +87,7 @@ impl SnapshotBuffer<'_> {
             return Ok(());
         }
         let s = self.engine.live()?;
+        s.staged[usize::from(self.partition)].store(true, Ordering::Release);
         s.store.stage_snapshot(self.partition, &self.items)?;
         let n = self.items.len() as u64;
         self.staged += n;
@@ -115,7 +128,7 @@ impl Drop for SnapshotBuffer<'_> {
             return;
         }
         if let Ok(s) = self.engine.live() {
-            if let Err(e) = s.store.clear_staged(Some(self.partition)) {
+            if let Err(e) = clear_staged(s, self.partition) {
                 // Harmless: the next buffer of this partition, or the next
                 // open, clears it.
                 tracing::warn!(partition = self.partition, error = %e, "could not clear a staged snapshot");
@@ -173,6 +186,45 @@ mod tests {
             assert_eq!(item.meta(), want.meta());
             assert_eq!(item.op, want.op);
         }
+    }
+
+    #[test]
+    fn a_format_2_directory_gains_the_staging_family_and_becomes_format_3() {
+        use crate::store::{EngineMeta, FORMAT_VERSION};
+        let dir = tempfile::tempdir().unwrap();
+        let e = Engine::builder(dir.path()).open().unwrap();
+        e.set(b"kept", "v", crate::WriteOptions::default()).unwrap();
+        let store = &e.live().unwrap().store;
+        store
+            .put_engine_meta(&EngineMeta {
+                format: 2,
+                partitions: 16,
+            })
+            .unwrap();
+        e.close().unwrap();
+        let e = Engine::builder(dir.path()).open().unwrap();
+        assert_eq!(e.get(b"kept").unwrap().value(), b"v");
+        let meta = e.live().unwrap().store.engine_meta().unwrap().unwrap();
+        assert_eq!(meta.format, FORMAT_VERSION);
+        assert_eq!(FORMAT_VERSION, 3);
+        e.close().unwrap();
+        // Format 1 is still refused.
+        {
+            let e = Engine::builder(dir.path()).open().unwrap();
+            e.live()
+                .unwrap()
+                .store
+                .put_engine_meta(&EngineMeta {
+                    format: 1,
+                    partitions: 16,
+                })
+                .unwrap();
+            e.close().unwrap();
+        }
+        assert!(matches!(
+            Engine::builder(dir.path()).open(),
+            Err(crate::Error::Incompatible { .. })
+        ));
     }
 
     #[test]

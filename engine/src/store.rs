@@ -32,7 +32,7 @@ const CF_STAGING: &str = "staging";
 const ENGINE_META_KEY: &[u8] = b"engine";
 const CLEAN_SHUTDOWN_KEY: &[u8] = b"clean-shutdown";
 /// Version of the on-disk format written by this build.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 const RECORD_VERSION: u8 = 2;
 
 /// Engine-wide settings fixed when a data directory is created.
@@ -511,8 +511,14 @@ impl Store {
             let (Some(k), Some(v)) = (it.key(), it.value()) else {
                 break;
             };
-            if k.len() != 10 || k[..2] != p.to_be_bytes() {
+            if k.get(..2) != Some(&p.to_be_bytes()[..]) {
                 break;
+            }
+            if k.len() != 10 {
+                return Err(Error::Corruption(format!(
+                    "staging key of partition {p} has {} bytes, not 10",
+                    k.len()
+                )));
             }
             let what = || format!("staged snapshot entry of partition {p}");
             let mut pos = 0;

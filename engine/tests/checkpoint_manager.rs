@@ -556,11 +556,11 @@ fn only_droppable_cursors_behind_the_leader_are_dropped() {
         "slow-stream",
         "slow-user",
         "fast-stream",
-        "same-stream",
+        "mid-stream",
     ] {
         m.register_cursor(c, 0).unwrap();
     }
-    for c in ["slow-stream", "fast-stream", "same-stream"] {
+    for c in ["slow-stream", "fast-stream", "mid-stream"] {
         assert!(m.set_droppable(c));
     }
     assert!(!m.set_droppable("nobody"));
@@ -570,30 +570,49 @@ fn only_droppable_cursors_behind_the_leader_are_dropped() {
     // Checkpoints 1,2 closed, 3 open (items 5, 6).
     m.read("lead", 5).unwrap();
     m.read("fast-stream", 6).unwrap();
-    m.read("same-stream", 4).unwrap(); // in checkpoint 3 too, but behind
+    m.read("mid-stream", 3).unwrap();
     assert_eq!(m.checkpoints().len(), 3);
     let before = m.mem_bytes();
 
-    let mut dropped = m.drop_cursors_behind("lead");
-    dropped.sort();
-    assert_eq!(dropped, vec!["same-stream", "slow-stream"]);
-    for (c, exists) in [
-        ("lead", true),
-        ("slow-user", true),
-        ("fast-stream", true),
-        ("slow-stream", false),
-        ("same-stream", false),
-    ] {
-        assert_eq!(m.has_cursor(c), exists, "{c}");
-    }
-    // The user's cursor is never dropped, so it still holds everything.
-    assert_eq!(m.checkpoints().len(), 3);
+    // The user's cursor holds checkpoint 1: dropping streams frees nothing.
+    let (dropped, freed) = m.drop_cursors_behind("lead", 1);
+    assert!(dropped.is_empty() && freed.is_empty());
     assert_eq!(m.mem_bytes(), before);
     assert!(m.remove_cursor("slow-user"));
+
+    // Less than asked for would be freed: nothing is dropped.
+    let (dropped, _) = m.drop_cursors_behind("lead", before);
+    assert!(dropped.is_empty());
+    assert!(m.has_cursor("slow-stream"));
+
+    let lead_checkpoint = m
+        .cursors()
+        .iter()
+        .find(|c| c.name == "lead")
+        .unwrap()
+        .checkpoint_id;
+    let mid_checkpoint = m
+        .cursors()
+        .iter()
+        .find(|c| c.name == "mid-stream")
+        .unwrap()
+        .checkpoint_id;
+    let (mut dropped, freed) = m.drop_cursors_behind("lead", 1);
+    dropped.sort();
+    let mut want = vec!["slow-stream"];
+    if mid_checkpoint < lead_checkpoint {
+        want.insert(0, "mid-stream");
+    }
+    assert_eq!(dropped, want);
+    assert!(!freed.is_empty());
+    drop(freed);
+    // The leader and the stream ahead of it stay.
+    assert!(m.has_cursor("lead") && m.has_cursor("fast-stream"));
     let ids: Vec<u64> = m.checkpoints().iter().map(|c| c.id).collect();
-    assert_eq!(ids, vec![3]);
+    assert_eq!(ids.last(), Some(&3));
+    assert!(m.mem_bytes() < before);
     assert_eq!(mem.load(Ordering::Relaxed), m.mem_bytes());
-    // Nothing behind any more: nothing dropped.
-    assert!(m.drop_cursors_behind("lead").is_empty());
-    assert!(m.drop_cursors_behind("no-such-leader").is_empty());
+    // Nothing left that only streams hold.
+    assert!(m.drop_cursors_behind("lead", 1).0.is_empty());
+    assert!(m.drop_cursors_behind("no-such-leader", 0).0.is_empty());
 }

@@ -1091,6 +1091,7 @@ fn stream_loop(
             let mut sent_any = false;
             for (p, from) in &mut starts {
                 if s.stop.load(Ordering::Acquire) || state.stop.load(Ordering::Acquire) {
+                    let _ = writer.send(&StreamMessage::StreamEnd.to_frame());
                     return Ok(());
                 }
                 if let Some(end) = engine.backfill_end(*p, *from)? {
@@ -1120,7 +1121,14 @@ fn stream_loop(
                 while s.unacked.load(Ordering::Acquire) > cfg.max_unacked_bytes / 2
                     && !s.stop.load(Ordering::Acquire)
                 {
-                    if !dropped && since.elapsed() >= cfg.slow_replica_timeout {
+                    // Dropped when stuck at the limit with no ack at all for
+                    // the timeout: a replica applying a large snapshot still
+                    // acks its progress (and memory pressure is handled by
+                    // the engine's cursor drop).
+                    if !dropped
+                        && since.elapsed() >= cfg.slow_replica_timeout
+                        && s.last_ack.lock().elapsed() >= cfg.slow_replica_timeout
+                    {
                         // A slow replica must not pin checkpoints forever.
                         drop(g);
                         for p in &active {
@@ -1242,6 +1250,10 @@ fn stream_loop(
     };
     run().map_err(|e| ProtocolError::Io(std::io::Error::other(e.to_string())))
 }
+
+/// How often a replica acknowledges its progress while it applies a disk
+/// snapshot (without reading its stream meanwhile).
+const PROGRESS_ACK_EVERY: Duration = Duration::from_millis(100);
 
 /// How long a replica waits before it tries again to apply an entry its
 /// checkpoint memory had no room for.
@@ -1445,8 +1457,23 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
             } => {
                 if let Some(snapshot) = snapshots.remove(&partition) {
                     let staged = snapshot.staged_items();
+                    // Applying a large snapshot takes a while without
+                    // reading: acknowledge progress meanwhile, so the
+                    // primary sees a live replica.
+                    let mut progress_at = Instant::now();
                     if !snapshot.apply(|item| {
-                        apply_one(engine, &state.stop, partition, item, &mut seqnos)
+                        if !apply_one(engine, &state.stop, partition, item, &mut seqnos)? {
+                            return Ok(false);
+                        }
+                        if progress_at.elapsed() >= PROGRESS_ACK_EVERY {
+                            let progress = Ack {
+                                bytes: 0,
+                                seqnos: applied(&seqnos),
+                            };
+                            writer.send(&progress.to_frame()).map_err(perr)?;
+                            progress_at = Instant::now();
+                        }
+                        Ok(true)
                     })? {
                         return Ok(());
                     }

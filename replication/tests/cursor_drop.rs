@@ -11,7 +11,7 @@ use common::{
     from_the_start, primary_with_limit, set_through_memory_pressure, stream_cursors, wait_until,
 };
 use tapkv_replication::io::{FrameReader, FrameWriter};
-use tapkv_replication::message::{hello, stream_open, StreamMessage};
+use tapkv_replication::message::{hello, stream_open, Ack, StreamMessage};
 use tapkv_replication::node::NodeConfig;
 use tapkv_replication::protocol::DEFAULT_MAX_BODY;
 
@@ -82,5 +82,65 @@ fn a_stream_behind_the_disk_is_dropped_under_memory_pressure_and_ends() {
         Duration::from_secs(30),
         || stream_cursors(p).is_empty(),
     );
+    primary.shutdown().unwrap();
+}
+
+/// A replica stuck at the unacknowledged limit keeps its cursors while it
+/// still acknowledges progress (as it does while applying a large disk
+/// snapshot), and loses them once it falls silent for the slow-replica
+/// timeout.
+#[test]
+fn a_stream_at_its_limit_keeps_its_cursors_while_acks_arrive() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = NodeConfig::new("127.0.0.1:0");
+    cfg.max_unacked_bytes = 64 << 10;
+    cfg.slow_replica_timeout = Duration::from_secs(1);
+    cfg.io_timeout = Duration::from_secs(120);
+    let engine = tapkv_engine::Engine::builder(dir.path())
+        .cursor_drop_threshold(10.0)
+        .open()
+        .unwrap();
+    let primary = tapkv_replication::node::Node::start(engine, cfg).unwrap();
+    let p = primary.engine().unwrap();
+
+    let conn = TcpStream::connect(primary.local_addr()).unwrap();
+    let mut reader = FrameReader::new(conn.try_clone().unwrap(), DEFAULT_MAX_BODY);
+    reader.set_timeout(Duration::from_millis(50)).unwrap();
+    let mut writer = FrameWriter::new(conn);
+    writer.send(&hello("acking")).unwrap();
+    reader.next_within(200).unwrap();
+    writer
+        .send(&stream_open("acking", &from_the_start(p)))
+        .unwrap();
+    wait_until("the stream's cursors", Duration::from_secs(30), || {
+        stream_cursors(p).len() == usize::from(p.num_partitions())
+    });
+    // Far more than the 64 KiB the stream may have unacknowledged.
+    for i in 0..5_000 {
+        p.set(&key(i), [b'a'; 100], tapkv_engine::WriteOptions::default())
+            .unwrap();
+    }
+    // Three timeouts' worth of progress acks (no bytes): the cursors stay.
+    let progress = Ack {
+        bytes: 0,
+        seqnos: vec![(0, 1)],
+    };
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        writer.send(&progress.to_frame()).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        stream_cursors(p).len(),
+        usize::from(p.num_partitions()),
+        "cursors dropped while the replica acknowledged progress"
+    );
+    // Silence: dropped after the timeout.
+    wait_until(
+        "the silent stream's cursors to go",
+        Duration::from_secs(30),
+        || stream_cursors(p).is_empty(),
+    );
+    drop((reader, writer));
     primary.shutdown().unwrap();
 }
