@@ -44,6 +44,9 @@ pub enum StreamStart {
     },
 }
 
+/// Records [`Engine::backfill_scan`] reads between two ticks.
+pub const BACKFILL_TICK: usize = 65_536;
+
 /// A fresh, random branch id.
 pub(crate) fn new_uuid() -> u64 {
     use std::hash::BuildHasher;
@@ -241,18 +244,40 @@ impl Engine {
         upto: u64,
         mut f: impl FnMut(QueuedItem) -> Result<()>,
     ) -> Result<u64> {
+        self.backfill_scan(p, after, upto, |entry| match entry {
+            Some(item) => f(item),
+            None => Ok(()),
+        })
+    }
+
+    /// [`Engine::backfill`], with `f(None)` also called after every
+    /// [`BACKFILL_TICK`] records scanned: the whole partition is read and
+    /// filtered by seqno, so a narrow range of a large partition can go a
+    /// long time without a match, and a stream uses the ticks to keep its
+    /// connection alive.
+    pub fn backfill_scan(
+        &self,
+        p: PartitionId,
+        after: u64,
+        upto: u64,
+        mut f: impl FnMut(Option<QueuedItem>) -> Result<()>,
+    ) -> Result<u64> {
         let s = self.live()?;
         s.partition(p)?;
-        let mut n = 0;
+        let (mut n, mut scanned) = (0, 0usize);
         s.store.for_each_item_of(p, |key, rec| {
+            scanned += 1;
+            if scanned % BACKFILL_TICK == 0 {
+                f(None)?;
+            }
             let seqno = rec.meta.by_seqno;
             if seqno > after && seqno <= upto {
                 n += 1;
-                f(if rec.deleted {
+                f(Some(if rec.deleted {
                     QueuedItem::deletion(key, rec.meta)
                 } else {
                     QueuedItem::mutation(key, rec.value, rec.meta)
-                })?;
+                }))?;
             }
             Ok(())
         })?;

@@ -962,9 +962,8 @@ fn send_disk_snapshot(
     engine: &Engine,
     s: &StreamShared,
     writer: &mut FrameWriter,
-    p: PartitionId,
-    from: u64,
-    end: u64,
+    heartbeat: Duration,
+    (p, from, end): (PartitionId, u64, u64),
 ) -> Result<(), Error> {
     s.parts
         .lock()
@@ -979,12 +978,29 @@ fn send_disk_snapshot(
             from_disk: true,
         },
     );
-    let items = engine.backfill(p, from, end, |item| {
-        send(writer, s, &StreamMessage::Item { partition: p, item });
-        if writer.pending() > 256 * 1024 {
-            writer
-                .flush()
-                .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))?;
+    let flush = |writer: &mut FrameWriter| {
+        writer
+            .flush()
+            .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))
+    };
+    let mut last_sent = Instant::now();
+    let items = engine.backfill_scan(p, from, end, |entry| {
+        match entry {
+            Some(item) => {
+                send(writer, s, &StreamMessage::Item { partition: p, item });
+                if writer.pending() > 256 * 1024 {
+                    flush(writer)?;
+                    last_sent = Instant::now();
+                }
+            }
+            // A long stretch of the partition outside the range: keep the
+            // replica from taking the silence for a dead primary.
+            None if last_sent.elapsed() >= heartbeat => {
+                send(writer, s, &StreamMessage::Noop);
+                flush(writer)?;
+                last_sent = Instant::now();
+            }
+            None => {}
         }
         Ok(())
     })?;
@@ -1011,13 +1027,13 @@ fn start_partition(
     engine: &Engine,
     s: &StreamShared,
     writer: &mut FrameWriter,
-    p: PartitionId,
-    from: u64,
+    heartbeat: Duration,
+    (p, from): (PartitionId, u64),
 ) -> Result<(), Error> {
     let sent = match engine.stream_start(p, &s.cursor, from)? {
         StreamStart::InMemory => from,
         StreamStart::Backfill { snapshot_end } => {
-            send_disk_snapshot(engine, s, writer, p, from, snapshot_end)?;
+            send_disk_snapshot(engine, s, writer, heartbeat, (p, from, snapshot_end))?;
             snapshot_end
         }
     };
@@ -1095,7 +1111,7 @@ fn stream_loop(
                     return Ok(());
                 }
                 if let Some(end) = engine.backfill_end(*p, *from)? {
-                    send_disk_snapshot(engine, s, writer, *p, *from, end)?;
+                    send_disk_snapshot(engine, s, writer, cfg.heartbeat, (*p, *from, end))?;
                     *from = end;
                     sent_any = true;
                 }
@@ -1106,7 +1122,7 @@ fn stream_loop(
         }
         let mut active = Vec::new();
         for (p, from) in starts {
-            start_partition(engine, s, writer, p, from)?;
+            start_partition(engine, s, writer, cfg.heartbeat, (p, from))?;
             active.push(p);
         }
         writer.flush().map_err(io_err)?;
