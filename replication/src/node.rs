@@ -53,8 +53,9 @@ pub struct NodeConfig {
     pub heartbeat: Duration,
     /// Unacknowledged bytes allowed per stream (default 4 MiB).
     pub max_unacked_bytes: u64,
-    /// A stream stuck at its unacknowledged limit this long drops its cursors
-    /// (freeing the checkpoints they pin) and backfills later (default 3 s).
+    /// A stream stuck at its unacknowledged limit this long, with no ack at
+    /// all meanwhile, drops its cursors (freeing the checkpoints they pin)
+    /// and backfills later (default 3 s).
     pub slow_replica_timeout: Duration,
     /// Items read per partition per stream round (default 512).
     pub stream_batch: usize,

@@ -31,8 +31,9 @@ pub(crate) struct NodeArgs {
     /// Unacknowledged bytes allowed per replication stream.
     #[arg(long, default_value_t = 4 << 20)]
     max_unacked_bytes: u64,
-    /// Milliseconds a stream may sit at its unacknowledged limit before its
-    /// cursors are dropped (the replica is backfilled later).
+    /// Milliseconds a stream may sit at its unacknowledged limit with no
+    /// acknowledgement at all before its cursors are dropped (the replica is
+    /// backfilled later).
     #[arg(long, default_value_t = 3000)]
     slow_replica_ms: u64,
     /// Milliseconds a `Replicate` write waits for a majority of replicas.
