@@ -585,18 +585,14 @@ fn only_droppable_cursors_behind_the_leader_are_dropped() {
     assert!(dropped.is_empty());
     assert!(m.has_cursor("slow-stream"));
 
-    let lead_checkpoint = m
-        .cursors()
-        .iter()
-        .find(|c| c.name == "lead")
-        .unwrap()
-        .checkpoint_id;
-    let mid_checkpoint = m
-        .cursors()
-        .iter()
-        .find(|c| c.name == "mid-stream")
-        .unwrap()
-        .checkpoint_id;
+    let checkpoint_of = |m: &CheckpointManager, name: &str| {
+        m.cursors()
+            .into_iter()
+            .find(|c| c.name == name)
+            .map(|c| c.checkpoint_id)
+    };
+    let lead_checkpoint = checkpoint_of(&m, "lead").unwrap();
+    let mid_checkpoint = checkpoint_of(&m, "mid-stream").unwrap();
     let (mut dropped, freed) = m.drop_cursors_behind("lead", 1);
     dropped.sort();
     let mut want = vec!["slow-stream"];

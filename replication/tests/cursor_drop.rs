@@ -12,13 +12,31 @@ use common::{
 };
 use tapkv_replication::io::{FrameReader, FrameWriter};
 use tapkv_replication::message::{hello, stream_open, Ack, StreamMessage};
-use tapkv_replication::node::NodeConfig;
+use tapkv_replication::node::{Node, NodeConfig};
 use tapkv_replication::protocol::DEFAULT_MAX_BODY;
 
 const LIMIT: usize = 1 << 20;
 
 fn key(i: usize) -> Vec<u8> {
     format!("drop-key-{i:06}").into_bytes()
+}
+
+/// Opens a stream named `name` on `primary` from seqno 0 over a raw
+/// connection that reads only when the test says so; returns once the
+/// primary has registered its cursors.
+fn open_stream(primary: &Node, name: &str) -> (FrameReader, FrameWriter) {
+    let p = primary.engine().unwrap();
+    let conn = TcpStream::connect(primary.local_addr()).unwrap();
+    let mut reader = FrameReader::new(conn.try_clone().unwrap(), DEFAULT_MAX_BODY);
+    reader.set_timeout(Duration::from_millis(50)).unwrap();
+    let mut writer = FrameWriter::new(conn);
+    writer.send(&hello(name)).unwrap();
+    reader.next_within(200).unwrap();
+    writer.send(&stream_open(name, &from_the_start(p))).unwrap();
+    wait_until("the stream's cursors", Duration::from_secs(30), || {
+        stream_cursors(p).len() == usize::from(p.num_partitions())
+    });
+    (reader, writer)
 }
 
 #[test]
@@ -35,18 +53,7 @@ fn a_stream_behind_the_disk_is_dropped_under_memory_pressure_and_ends() {
 
     // A "replica" that opens a stream from the start (held in memory) and
     // then reads nothing.
-    let conn = TcpStream::connect(primary.local_addr()).unwrap();
-    let mut reader = FrameReader::new(conn.try_clone().unwrap(), DEFAULT_MAX_BODY);
-    reader.set_timeout(Duration::from_millis(50)).unwrap();
-    let mut writer = FrameWriter::new(conn);
-    writer.send(&hello("stalled")).unwrap();
-    reader.next_within(200).unwrap();
-    writer
-        .send(&stream_open("stalled", &from_the_start(p)))
-        .unwrap();
-    wait_until("the stream's cursors", Duration::from_secs(30), || {
-        stream_cursors(p).len() == usize::from(p.num_partitions())
-    });
+    let (mut reader, writer) = open_stream(&primary, "stalled");
 
     // Sixteen times the checkpoint memory limit in writes: far more than
     // the connection's buffers take, so the stream falls behind.
@@ -100,21 +107,10 @@ fn a_stream_at_its_limit_keeps_its_cursors_while_acks_arrive() {
         .cursor_drop_threshold(10.0)
         .open()
         .unwrap();
-    let primary = tapkv_replication::node::Node::start(engine, cfg).unwrap();
+    let primary = Node::start(engine, cfg).unwrap();
     let p = primary.engine().unwrap();
 
-    let conn = TcpStream::connect(primary.local_addr()).unwrap();
-    let mut reader = FrameReader::new(conn.try_clone().unwrap(), DEFAULT_MAX_BODY);
-    reader.set_timeout(Duration::from_millis(50)).unwrap();
-    let mut writer = FrameWriter::new(conn);
-    writer.send(&hello("acking")).unwrap();
-    reader.next_within(200).unwrap();
-    writer
-        .send(&stream_open("acking", &from_the_start(p)))
-        .unwrap();
-    wait_until("the stream's cursors", Duration::from_secs(30), || {
-        stream_cursors(p).len() == usize::from(p.num_partitions())
-    });
+    let (reader, mut writer) = open_stream(&primary, "acking");
     // Far more than the 64 KiB the stream may have unacknowledged.
     for i in 0..5_000 {
         p.set(&key(i), [b'a'; 100], tapkv_engine::WriteOptions::default())
