@@ -273,11 +273,7 @@ impl Engine {
             let seqno = rec.meta.by_seqno;
             if seqno > after && seqno <= upto {
                 n += 1;
-                f(Some(if rec.deleted {
-                    QueuedItem::deletion(key, rec.meta)
-                } else {
-                    QueuedItem::mutation(key, rec.value, rec.meta)
-                }))?;
+                f(Some(rec.to_queued(key)))?;
             }
             Ok(())
         })?;

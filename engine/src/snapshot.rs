@@ -23,6 +23,8 @@ pub struct SnapshotBuffer<'e> {
     partition: PartitionId,
     items: Vec<QueuedItem>,
     bytes: usize,
+    /// `snapshot_buffer_limit`, read once.
+    limit: usize,
     staged: u64,
 }
 
@@ -38,6 +40,7 @@ impl Engine {
             partition: p,
             items: Vec::new(),
             bytes: 0,
+            limit: s.config.snapshot_buffer_limit,
             staged: 0,
         })
     }
@@ -75,8 +78,7 @@ impl SnapshotBuffer<'_> {
     pub fn push(&mut self, item: QueuedItem) -> Result<()> {
         self.bytes += item.mem_size();
         self.items.push(item);
-        let s = self.engine.live()?;
-        if self.bytes > s.config.snapshot_buffer_limit {
+        if self.bytes > self.limit {
             self.spill()?;
         }
         Ok(())

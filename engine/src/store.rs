@@ -195,6 +195,28 @@ pub(crate) struct RecordRef<'a> {
     pub(crate) value: &'a [u8],
 }
 
+impl RecordRef<'_> {
+    /// The queued entry this record of `key` stands for (a mutation, or a
+    /// deletion for a tombstone).
+    pub(crate) fn to_queued(&self, key: &[u8]) -> QueuedItem {
+        if self.deleted {
+            QueuedItem::deletion(key, self.meta)
+        } else {
+            QueuedItem::mutation(key, self.value, self.meta)
+        }
+    }
+}
+
+/// Whether an entry with `op` is written as a tombstone; `None` for markers,
+/// which write nothing.
+fn tombstone(op: QueueOp) -> Option<bool> {
+    match op {
+        QueueOp::Mutation => Some(false),
+        QueueOp::Deletion => Some(true),
+        _ => None,
+    }
+}
+
 fn decode_record_ref<'a>(raw: &'a [u8], what: &dyn Fn() -> String) -> Result<RecordRef<'a>> {
     let (deleted, meta, header) = parse_record(raw, what)?;
     Ok(RecordRef {
@@ -481,10 +503,8 @@ impl Store {
         let mut batch = WriteBatch::default();
         let mut v = Vec::new();
         for item in items {
-            let deleted = match item.op {
-                QueueOp::Mutation => false,
-                QueueOp::Deletion => true,
-                _ => continue,
+            let Some(deleted) = tombstone(item.op) else {
+                continue;
             };
             v.clear();
             put_varint(&mut v, item.key().len() as u64);
@@ -528,12 +548,7 @@ impl Store {
                 .ok_or_else(|| Error::Corruption(format!("{}: bad key length", what())))?;
             let key = &v[pos..pos + key_len];
             let rec = decode_record_ref(&v[pos + key_len..], &what)?;
-            let item = if rec.deleted {
-                QueuedItem::deletion(key, rec.meta)
-            } else {
-                QueuedItem::mutation(key, rec.value, rec.meta)
-            };
-            if !f(item)? {
+            if !f(rec.to_queued(key))? {
                 return Ok(false);
             }
             it.next();
@@ -715,10 +730,8 @@ impl FlushBatch {
     /// to each other instead of each searching the skip list from the top.
     /// Sorting the encoded copies, not the records, touches each record once.
     pub(crate) fn stage(&mut self, p: PartitionId, item: &QueuedItem) {
-        let deleted = match item.op {
-            QueueOp::Mutation => false,
-            QueueOp::Deletion => true,
-            _ => return,
+        let Some(deleted) = tombstone(item.op) else {
+            return;
         };
         let start = self.staged.len();
         self.staged.extend_from_slice(&p.to_be_bytes());

@@ -979,18 +979,13 @@ fn send_disk_snapshot(
             from_disk: true,
         },
     );
-    let flush = |writer: &mut FrameWriter| {
-        writer
-            .flush()
-            .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))
-    };
     let mut last_sent = Instant::now();
     let items = engine.backfill_scan(p, from, end, |entry| {
         match entry {
             Some(item) => {
                 send(writer, s, &StreamMessage::Item { partition: p, item });
                 if writer.pending() > 256 * 1024 {
-                    flush(writer)?;
+                    writer.flush().map_err(io_err)?;
                     last_sent = Instant::now();
                 }
             }
@@ -998,7 +993,7 @@ fn send_disk_snapshot(
             // replica from taking the silence for a dead primary.
             None if last_sent.elapsed() >= heartbeat => {
                 send(writer, s, &StreamMessage::Noop);
-                flush(writer)?;
+                writer.flush().map_err(io_err)?;
                 last_sent = Instant::now();
             }
             None => {}
