@@ -536,11 +536,18 @@ impl CheckpointManager {
     /// read all of them (closing it then frees them as soon as the cursors
     /// move past its end).
     pub fn open_checkpoint_read_by_all(&self) -> bool {
+        self.open_checkpoint_read_by(|_| true)
+    }
+
+    /// Whether the open checkpoint holds items and every cursor `counts`
+    /// has read all of it.
+    fn open_checkpoint_read_by(&self, counts: impl Fn(&CursorPosition) -> bool) -> bool {
         let open = self.open();
         open.live > 0
             && self
                 .cursors
                 .values()
+                .filter(|pos| counts(pos))
                 .all(|pos| pos.checkpoint_id == open.id && pos.seqno >= self.high_seqno)
     }
 
@@ -658,7 +665,12 @@ impl CheckpointManager {
     /// Whether memory still holds every item after `from_seqno`, so a cursor
     /// registered there would not need a backfill.
     pub fn holds_after(&self, from_seqno: u64) -> bool {
-        from_seqno + 1 >= self.checkpoints.front().map_or(0, |c| c.start_seqno)
+        from_seqno + 1 >= self.oldest_seqno()
+    }
+
+    /// The first seqno of the oldest checkpoint held.
+    fn oldest_seqno(&self) -> u64 {
+        self.checkpoints.front().map_or(0, |c| c.start_seqno)
     }
 
     /// Registers (or re-registers) the cursor `name` to read every item after
@@ -672,7 +684,7 @@ impl CheckpointManager {
         }
         if !self.holds_after(from_seqno) {
             return Ok(Registration::NeedsBackfill {
-                oldest_seqno: self.checkpoints.front().map_or(0, |c| c.start_seqno),
+                oldest_seqno: self.oldest_seqno(),
             });
         }
         let idx = self
@@ -769,13 +781,7 @@ impl CheckpointManager {
     /// Whether the open checkpoint holds items and every cursor, droppable
     /// ones aside, has read all of it.
     pub fn open_checkpoint_read_by_all_but_droppable(&self) -> bool {
-        let open = self.open();
-        open.live > 0
-            && self
-                .cursors
-                .values()
-                .filter(|pos| !pos.droppable)
-                .all(|pos| pos.checkpoint_id == open.id && pos.seqno >= self.high_seqno)
+        self.open_checkpoint_read_by(|pos| !pos.droppable)
     }
 
     /// Whether a cursor called `name` exists.
