@@ -267,6 +267,9 @@ pub struct Checkpoint {
     /// Slot of each key's live entry, kept only while the checkpoint is open;
     /// hashed by key, compared through the slot (no key copy).
     keys: HashTable<usize>,
+    /// Slots before this one have been looked at by
+    /// [`CheckpointManager::expel_read_items`].
+    expel_from: usize,
 }
 
 impl Checkpoint {
@@ -282,6 +285,7 @@ impl Checkpoint {
             live: 0,
             mem: 0,
             keys: HashTable::with_capacity(capacity),
+            expel_from: 0,
         }
     }
 
@@ -470,6 +474,9 @@ pub struct CheckpointManager {
     registrations: u64,
     config: CheckpointConfig,
     high_seqno: u64,
+    /// Highest seqno whose entry [`expel_read_items`](Self::expel_read_items)
+    /// has taken out of memory (0: none); a cursor cannot start before it.
+    expelled_upto: u64,
     mem: usize,
     shared_mem: Arc<AtomicUsize>,
 }
@@ -499,6 +506,7 @@ impl CheckpointManager {
                 max_bytes: config.max_bytes.max(1),
             },
             high_seqno,
+            expelled_upto: 0,
             mem: 0,
             shared_mem,
             registrations: 0,
@@ -668,9 +676,12 @@ impl CheckpointManager {
         from_seqno + 1 >= self.oldest_seqno()
     }
 
-    /// The first seqno of the oldest checkpoint held.
+    /// The lowest seqno memory can serve a new cursor from: the first seqno
+    /// of the oldest checkpoint held, or the one after the last expelled
+    /// entry, whichever is higher.
     fn oldest_seqno(&self) -> u64 {
-        self.checkpoints.front().map_or(0, |c| c.start_seqno)
+        let front = self.checkpoints.front().map_or(0, |c| c.start_seqno);
+        front.max(self.expelled_upto.saturating_add(1))
     }
 
     /// Registers (or re-registers) the cursor `name` to read every item after
@@ -993,6 +1004,69 @@ impl CheckpointManager {
             .skip(idx)
             .map(|ck| ck.live_after(pos.seqno))
             .sum()
+    }
+
+    /// Takes out of the open checkpoint the entries that every cursor has
+    /// read (as Couchbase's checkpoint expelling does): the open checkpoint
+    /// cannot be freed whole while it takes writes, and on a replica, which
+    /// closes checkpoints only when its primary does, persisted entries in
+    /// open checkpoints could otherwise hold the whole checkpoint memory
+    /// limit. An expelled entry becomes a hole, as a de-duplicated one does,
+    /// so positions, remaining counts and later de-duplication are
+    /// unaffected; a cursor can no longer be registered before it
+    /// ([`Registration::NeedsBackfill`]). Nothing is expelled while a cursor
+    /// is still in an earlier checkpoint. Returns the items and bytes
+    /// expelled; the items are dropped before it returns (their records are
+    /// shared with the hash table, so this is only reference counts).
+    pub fn expel_read_items(&mut self) -> (usize, usize) {
+        let open_id = self.open().id;
+        let read_upto = self
+            .cursors
+            .values()
+            .map(|c| {
+                if c.checkpoint_id < open_id {
+                    0
+                } else {
+                    c.seqno
+                }
+            })
+            .min()
+            .unwrap_or(self.high_seqno);
+        let open = self.open();
+        let end = open.first_after(read_upto);
+        if end <= open.expel_from {
+            return (0, 0);
+        }
+        let Checkpoint {
+            keys,
+            slots,
+            seqnos,
+            expel_from,
+            live,
+            mem,
+            ..
+        } = self.open_mut();
+        let (mut items, mut bytes, mut last) = (0, 0, 0);
+        for (i, slot) in slots.iter_mut().enumerate().take(end).skip(*expel_from) {
+            let Some(item) = slot.take() else {
+                continue;
+            };
+            last = seqnos[i];
+            if item.op.is_key_op() {
+                let hash = key_hash(item.key());
+                if let Ok(entry) = keys.find_entry(hash, |s| *s == i) {
+                    entry.remove();
+                }
+            }
+            items += 1;
+            bytes += item.mem_size();
+        }
+        *expel_from = end;
+        *live -= items;
+        *mem -= bytes;
+        self.expelled_upto = self.expelled_upto.max(last);
+        self.charge(0, bytes);
+        (items, bytes)
     }
 
     /// Detaches the oldest closed checkpoints that every cursor has left.

@@ -225,6 +225,8 @@ pub(crate) struct Shared {
     pub(crate) snapshot_staged_items: AtomicU64,
     /// Stream cursors the flusher dropped under memory pressure.
     pub(crate) cursors_dropped: AtomicU64,
+    /// Entries the flusher expelled from open checkpoints.
+    pub(crate) items_expelled: AtomicU64,
     /// Per partition: the staging column family may hold entries of it (a
     /// snapshot was spilled and not yet cleared).
     pub(crate) staged: Vec<AtomicBool>,
@@ -505,6 +507,7 @@ impl Engine {
             recovered_from_crash: !clean,
             snapshot_staged_items: AtomicU64::new(0),
             cursors_dropped: AtomicU64::new(0),
+            items_expelled: AtomicU64::new(0),
             staged: (0..config.partitions)
                 .map(|_| AtomicBool::new(false))
                 .collect(),
@@ -885,6 +888,7 @@ impl Engine {
             recovered_from_crash: s.recovered_from_crash,
             snapshot_staged_items: s.snapshot_staged_items.load(Ordering::Relaxed),
             cursors_dropped: s.cursors_dropped.load(Ordering::Relaxed),
+            items_expelled: s.items_expelled.load(Ordering::Relaxed),
         })
     }
 

@@ -269,14 +269,52 @@ pub(crate) fn run_round(shared: &Shared, mine: &[&Partition], forced: bool) -> R
 }
 
 /// Frees checkpoint memory that persisted items would otherwise hold:
-/// [`drop_lagging_stream_cursors`], then [`release_read_open_checkpoints`].
-/// Returns whether it closed a checkpoint (another round frees it).
+/// [`drop_lagging_stream_cursors`] (at `cursor_drop_threshold`), then, at
+/// half the limit, [`expel_read_items`] and
+/// [`release_read_open_checkpoints`]. Returns whether it closed a
+/// checkpoint (another round frees it).
 fn relieve_memory_pressure(shared: &Shared, mine: &[&Partition]) -> Result<bool> {
     let pressed = at_cursor_drop_threshold(shared);
     if pressed {
         drop_lagging_stream_cursors(shared, mine);
     }
+    if !under_memory_pressure(shared) {
+        return Ok(false);
+    }
+    expel_read_items(shared, mine);
     release_read_open_checkpoints(shared, mine, pressed)
+}
+
+/// Takes out of each open checkpoint the persisted entries every cursor has
+/// read (`CheckpointManager::expel_read_items`). A replica's only way to
+/// free them: it closes checkpoints only when its primary does, so with a
+/// smaller checkpoint-memory limit than its primary's open checkpoints add
+/// up to, it would otherwise end up refusing every entry but one per flush
+/// round. Entries inside an online-update window are never read by the
+/// persistence cursor, so never expelled.
+fn expel_read_items(shared: &Shared, mine: &[&Partition]) {
+    for p in mine {
+        let (items, bytes) = p.lock().checkpoints.expel_read_items();
+        if items > 0 {
+            shared
+                .items_expelled
+                .fetch_add(items as u64, Ordering::Relaxed);
+            tracing::debug!(
+                partition = p.id,
+                items,
+                bytes,
+                "expelled persisted checkpoint entries"
+            );
+        }
+    }
+}
+
+/// Whether checkpoint memory is at half its limit or more (the flusher then
+/// expels read entries and closes read open checkpoints). Below half,
+/// entries stay until their checkpoint closes and is freed, so a stream
+/// registering at a recent seqno still finds them in memory.
+fn under_memory_pressure(shared: &Shared) -> bool {
+    shared.checkpoint_mem.load(Ordering::Relaxed) >= shared.config.checkpoint_memory_limit / 2
 }
 
 /// Whether checkpoint memory is at `cursor_drop_threshold` of its limit
@@ -320,15 +358,15 @@ fn drop_lagging_stream_cursors(shared: &Shared, mine: &[&Partition]) {
     }
 }
 
-/// Under checkpoint-memory pressure (half the limit or more in use) on a
-/// primary, closes each partition's open checkpoint that every cursor has
+/// Under checkpoint-memory pressure on a primary, closes each partition's open checkpoint that every cursor has
 /// read (with `pressed`, at the cursor-drop threshold: every cursor but the
 /// droppable stream cursors), so that its persisted items can be freed:
 /// persisted items in open checkpoints that have not reached their size
 /// limit would hold the memory refused writes wait for, for ever: 16
 /// partitions of 32 MiB open checkpoints are the whole default 512 MiB
 /// limit. A replica never closes a checkpoint on its own (it follows its
-/// primary's ids), nor does a partition with an online-update window. A
+/// primary's ids; [`expel_read_items`] frees its persisted entries), nor
+/// does a partition with an online-update window. A
 /// stream cursor that has not read the checkpoint reads it closed, and is
 /// dropped by the next round if it still lags.
 fn release_read_open_checkpoints(
@@ -336,8 +374,7 @@ fn release_read_open_checkpoints(
     mine: &[&Partition],
     pressed: bool,
 ) -> Result<bool> {
-    let limit = shared.config.checkpoint_memory_limit;
-    if shared.config.replica || shared.checkpoint_mem.load(Ordering::Relaxed) < limit / 2 {
+    if shared.config.replica {
         return Ok(false);
     }
     let mut closed = false;

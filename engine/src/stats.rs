@@ -28,6 +28,10 @@ pub struct EngineStats {
     /// Stream cursors dropped under checkpoint-memory pressure (since open;
     /// see `EngineConfig::cursor_drop_threshold`).
     pub cursors_dropped: u64,
+    /// Persisted entries the flusher took out of open checkpoints under
+    /// checkpoint-memory pressure, every cursor having read them (since
+    /// open; see `CheckpointManager::expel_read_items`).
+    pub items_expelled: u64,
 }
 
 impl EngineStats {

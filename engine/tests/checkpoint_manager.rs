@@ -328,6 +328,7 @@ enum Op {
     Read(u8, u8),
     Register(u8, u8),
     Remove(u8),
+    Expel,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -337,6 +338,7 @@ fn op() -> impl Strategy<Value = Op> {
         3 => (0u8..3, 0u8..6).prop_map(|(c, n)| Op::Read(c, n)),
         1 => (0u8..3, any::<u8>()).prop_map(|(c, f)| Op::Register(c, f)),
         1 => (0u8..3).prop_map(Op::Remove),
+        1 => Just(Op::Expel),
     ]
 }
 
@@ -346,6 +348,8 @@ fn op() -> impl Strategy<Value = Op> {
 struct Model {
     entries: Vec<(u64, u8, bool, u64)>, // seqno, key, live, checkpoint id
     cursors: [Option<u64>; 3],
+    /// Highest seqno expelled so far.
+    expelled_upto: u64,
 }
 
 proptest! {
@@ -390,10 +394,34 @@ proptest! {
                 Op::Register(c, f) => {
                     let from = if seqno == 0 { 0 } else { u64::from(f) % (seqno + 1) };
                     match m.register_cursor(&format!("c{c}"), from).unwrap() {
-                        Registration::InMemory { .. } => model.cursors[c as usize] = Some(from),
+                        Registration::InMemory { .. } => {
+                            prop_assert!(from >= model.expelled_upto);
+                            model.cursors[c as usize] = Some(from);
+                        }
                         Registration::NeedsBackfill { oldest_seqno } => {
                             prop_assert!(from + 1 < oldest_seqno);
-                            prop_assert_eq!(m.checkpoints()[0].start_seqno, oldest_seqno);
+                            let front = m.checkpoints()[0].start_seqno;
+                            prop_assert_eq!(front.max(model.expelled_upto + 1), oldest_seqno);
+                        }
+                    }
+                }
+                Op::Expel => {
+                    let (n, bytes) = m.expel_read_items();
+                    let open = m.open_checkpoint_id();
+                    let read_upto = model.cursors.iter().flatten().min().copied().unwrap_or(u64::MAX);
+                    // Only live entries of the open checkpoint every cursor
+                    // has read; all of them unless a cursor is still in an
+                    // earlier checkpoint (then none).
+                    let readable: Vec<usize> = model.entries.iter().enumerate()
+                        .filter(|(_, e)| e.2 && e.3 == open && e.0 <= read_upto)
+                        .map(|(i, _)| i)
+                        .collect();
+                    prop_assert!(n == 0 || n == readable.len(), "{} expelled of {}", n, readable.len());
+                    prop_assert_eq!(n == 0, bytes == 0);
+                    if n > 0 {
+                        for i in readable {
+                            model.entries[i].2 = false;
+                            model.expelled_upto = model.expelled_upto.max(model.entries[i].0);
                         }
                     }
                 }
@@ -611,4 +639,71 @@ fn only_droppable_cursors_behind_the_leader_are_dropped() {
     // Nothing left that only streams hold.
     assert!(m.drop_cursors_behind("lead", 1).0.is_empty());
     assert!(m.drop_cursors_behind("no-such-leader", 0).0.is_empty());
+}
+
+#[test]
+fn expelling_frees_only_what_every_cursor_has_read() {
+    let (mut m, mem) = mgr(100);
+    m.register_cursor("slow", 0).unwrap();
+    m.register_cursor("fast", 0).unwrap();
+    for s in 1..=6 {
+        m.queue(item(&format!("k{s}"), s));
+    }
+    // Nothing is read yet.
+    assert_eq!(m.expel_read_items(), (0, 0));
+    m.read("fast", 6).unwrap();
+    m.read("slow", 2).unwrap();
+    let before = m.mem_bytes();
+    let (n, bytes) = m.expel_read_items();
+    assert_eq!(n, 2);
+    assert_eq!(m.mem_bytes(), before - bytes);
+    assert_eq!(mem.load(Ordering::Relaxed), m.mem_bytes());
+    assert_eq!(m.checkpoints()[0].items, 4);
+    // Remaining counts are unchanged; the slow cursor reads on from seqno 3.
+    assert_eq!(m.remaining("slow").unwrap(), 4);
+    assert_eq!(m.remaining("fast").unwrap(), 0);
+    // A second call has nothing new to expel.
+    assert_eq!(m.expel_read_items(), (0, 0));
+    // A key expelled and written again is queued afresh, then de-duplicated
+    // as usual.
+    assert!(!m.queue(item("k1", 7)));
+    assert!(m.queue(item("k1", 8)));
+    let b = m.read("slow", 100).unwrap();
+    assert_eq!(
+        items_of(&b.events),
+        vec![
+            ("k3".into(), 3),
+            ("k4".into(), 4),
+            ("k5".into(), 5),
+            ("k6".into(), 6),
+            ("k1".into(), 8)
+        ]
+    );
+    // Nothing before the expelled seqnos can be served from memory.
+    assert_eq!(
+        m.register_cursor("late", 1).unwrap(),
+        Registration::NeedsBackfill { oldest_seqno: 3 }
+    );
+    assert!(matches!(
+        m.register_cursor("late", 2).unwrap(),
+        Registration::InMemory { .. }
+    ));
+    // A cursor still in an earlier checkpoint holds everything after it.
+    m.remove_cursor("late");
+    m.register_cursor("behind", 7).unwrap();
+    m.create_checkpoint();
+    m.queue(item("k9", 9));
+    m.read("fast", 100).unwrap();
+    m.read("slow", 100).unwrap();
+    assert_eq!(
+        m.cursors()
+            .iter()
+            .find(|c| c.name == "behind")
+            .unwrap()
+            .checkpoint_id,
+        1
+    );
+    assert_eq!(m.expel_read_items(), (0, 0));
+    m.read("behind", 100).unwrap();
+    assert_eq!(m.expel_read_items().0, 1);
 }

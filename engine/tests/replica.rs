@@ -247,3 +247,92 @@ fn a_backfill_scan_ticks_through_stretches_outside_its_range() {
     .unwrap();
     assert_eq!(plain, 10);
 }
+
+#[test]
+fn a_replica_expels_persisted_entries_when_its_open_checkpoint_outgrows_memory() {
+    // A replica closes checkpoints only when its primary does, so with a
+    // checkpoint-memory limit smaller than the primary's open checkpoint,
+    // persisted entries fill that memory: before expelling, the replica then
+    // refused every entry but one per flush round (nothing flushable left,
+    // one entry applied, refused again until it was flushed).
+    let dir = tempfile::tempdir().unwrap();
+    let limit = 64 * 1024;
+    let e = builder(dir.path())
+        .replica(true)
+        .checkpoint_max_items(100_000)
+        .checkpoint_memory_limit(limit)
+        .open()
+        .unwrap();
+    // Flush rounds run only when the test asks: deterministic.
+    e.set_flusher_paused(true);
+    let keys: Vec<String> = (0..)
+        .map(|n| format!("x{n}"))
+        .filter(|k| e.partition_of(k.as_bytes()) == 0)
+        .take(2000)
+        .collect();
+    let big = |key: &str, seqno: u64| {
+        QueuedItem::new(
+            QueueOp::Mutation,
+            key.as_bytes(),
+            &[b'v'; 200],
+            ItemMeta {
+                by_seqno: seqno,
+                cas: 1000 + seqno,
+                rev_seqno: 1,
+                flags: 0,
+                expiry: 0,
+            },
+        )
+    };
+    let mut refused = 0;
+    for (i, k) in keys.iter().enumerate() {
+        let item = big(k, i as u64 + 1);
+        loop {
+            match e.apply_replicated(0, &item) {
+                Ok(out) => {
+                    assert_eq!(out, ApplyOutcome::Applied);
+                    break;
+                }
+                Err(Error::TempOutOfMemory { .. }) => {
+                    refused += 1;
+                    assert!(refused <= 2000, "entry {i} refused again and again");
+                    e.run_flush_round().unwrap();
+                }
+                Err(other) => panic!("unexpected {other:?}"),
+            }
+        }
+        assert!(e.stats().unwrap().checkpoint_mem_bytes <= limit + 1024);
+    }
+    // About 470 KiB of entries through a 64 KiB limit: a refusal per
+    // limit's worth, not one per entry.
+    assert!(refused > 0, "the memory limit was never reached");
+    assert!(refused <= 40, "{refused} refusals for 2000 entries");
+    let st = e.stats().unwrap();
+    assert!(st.items_expelled > 1000, "{} expelled", st.items_expelled);
+    // Still the one open checkpoint the primary started: expelled, not closed.
+    let cks = e.checkpoints(0).unwrap();
+    assert_eq!(cks.len(), 1);
+    assert!(cks[0].items < 2000);
+    // A stream can no longer start inside the expelled entries: it is
+    // backfilled from disk up to what is persisted.
+    let persisted = e.persisted_seqno(0).unwrap();
+    assert!(persisted > 100);
+    assert_eq!(
+        e.stream_start(0, "late", 10).unwrap(),
+        StreamStart::Backfill {
+            snapshot_end: persisted
+        }
+    );
+    // A key expelled and written again is one live entry, read by cursors.
+    let again = big(&keys[0], 2001);
+    e.apply_replicated(0, &again).unwrap();
+    assert_eq!(e.get(keys[0].as_bytes()).unwrap().meta.by_seqno, 2001);
+    e.set_flusher_paused(false);
+    e.flush().unwrap();
+    e.close().unwrap();
+    let e = builder(dir.path()).replica(true).open().unwrap();
+    for k in &keys {
+        assert!(e.get(k.as_bytes()).is_ok(), "{k} lost");
+    }
+    assert_eq!(e.get(keys[0].as_bytes()).unwrap().meta.by_seqno, 2001);
+}

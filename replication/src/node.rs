@@ -698,6 +698,8 @@ fn handle_request_inner(state: &NodeState, f: &Frame) -> Result<Frame, Frame> {
                     "syncs": st.syncs,
                     "recovered_from_crash": st.recovered_from_crash,
                     "snapshot_staged_items": st.snapshot_staged_items,
+                    "cursors_dropped": st.cursors_dropped,
+                    "items_expelled": st.items_expelled,
                     "partitions": parts,
                 }),
             ))
