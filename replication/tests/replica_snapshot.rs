@@ -1,7 +1,8 @@
 //! Backfills of large partitions keep memory bounded on both ends: a replica
 //! spills a disk snapshot larger than its snapshot buffer to its staging
 //! column family (and applies it in seqno order), and a primary pins no
-//! checkpoints while it reads most of a backfill from disk.
+//! checkpoints while it reads most of a backfill from disk; a backfill that
+//! scans long stretches outside its range keeps its stream alive.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -13,8 +14,10 @@ use common::{
 };
 use tapkv_engine::{Engine, WriteOptions};
 use tapkv_replication::client::Client;
-use tapkv_replication::message::stream_open;
+use tapkv_replication::io::{FrameReader, FrameWriter};
+use tapkv_replication::message::{hello, stream_open, StreamMessage, StreamRequest};
 use tapkv_replication::node::{Node, NodeConfig};
+use tapkv_replication::protocol::DEFAULT_MAX_BODY;
 
 const ITEMS: usize = 20_000;
 const BUFFER: usize = 16 << 10;
@@ -184,4 +187,75 @@ fn a_stalled_backfill_pins_no_checkpoints_and_writes_go_on() {
     assert!(stream_cursors(p).is_empty());
     drop(stalled);
     primary.shutdown().unwrap();
+}
+
+/// A backfill of a narrow seqno range still reads the whole partition from
+/// disk (it is stored in key order); through long stretches without a
+/// match the primary sends NOOPs, so the replica does not take the silence
+/// for a dead primary.
+#[test]
+fn a_backfill_scanning_outside_its_range_sends_heartbeats() {
+    const WRITTEN: u64 = 150_000;
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let e = Engine::builder(dir.path()).partitions(1).open().unwrap();
+        for i in 0..WRITTEN as usize {
+            e.set(&key(i), b"v", WriteOptions::default()).unwrap();
+        }
+        e.close().unwrap();
+    }
+    let mut cfg = NodeConfig::new("127.0.0.1:0");
+    // Scanning the 65,536 records between two backfill ticks takes
+    // milliseconds on any machine.
+    cfg.heartbeat = Duration::from_millis(1);
+    let engine = Engine::builder(dir.path()).partitions(1).open().unwrap();
+    let uuid = engine.failover_log(0).unwrap().last().unwrap().uuid;
+    assert_eq!(engine.high_seqno(0).unwrap(), WRITTEN);
+    let node = Node::start(engine, cfg).unwrap();
+
+    // A replica that holds all but the last ten seqnos; memory (reopened)
+    // holds none of them, so they come from disk.
+    let conn = std::net::TcpStream::connect(node.local_addr()).unwrap();
+    let mut reader = FrameReader::new(conn.try_clone().unwrap(), DEFAULT_MAX_BODY);
+    reader.set_timeout(Duration::from_millis(50)).unwrap();
+    let mut writer = FrameWriter::new(conn);
+    writer.send(&hello("narrow")).unwrap();
+    reader.next_within(200).unwrap();
+    let from = WRITTEN - 10;
+    writer
+        .send(&stream_open(
+            "narrow",
+            &[StreamRequest {
+                partition: 0,
+                uuid,
+                seqno: from,
+            }],
+        ))
+        .unwrap();
+    let (mut in_snapshot, mut noops, mut items) = (false, 0, Vec::new());
+    loop {
+        let f = reader.next_within(600).unwrap();
+        match StreamMessage::from_frame(&f) {
+            Ok(StreamMessage::Snapshot {
+                from_disk: true,
+                start,
+                end,
+                ..
+            }) => {
+                assert_eq!((start, end), (from + 1, WRITTEN));
+                in_snapshot = true;
+            }
+            Ok(StreamMessage::Snapshot {
+                from_disk: false, ..
+            }) if in_snapshot => break,
+            Ok(StreamMessage::Noop) if in_snapshot => noops += 1,
+            Ok(StreamMessage::Item { item, .. }) if in_snapshot => items.push(item.seqno()),
+            _ => {}
+        }
+    }
+    items.sort_unstable();
+    assert_eq!(items, ((from + 1)..=WRITTEN).collect::<Vec<_>>());
+    assert!(noops > 0, "no heartbeat during a scan of {WRITTEN} records");
+    drop((reader, writer));
+    node.shutdown().unwrap();
 }
