@@ -79,3 +79,120 @@ fn a_replica_stops_at_its_checkpoint_memory_limit_and_catches_up_later() {
     replica.shutdown().unwrap();
     primary.shutdown().unwrap();
 }
+
+/// While a replica applies a disk snapshot it reads nothing from its stream,
+/// so it acknowledges progress (an ack of zero bytes with the seqnos applied
+/// so far) at least every `PROGRESS_ACK_EVERY` (100 ms) of applying: the
+/// primary's slow-replica timeout counts only a replica that acknowledges
+/// nothing. Here the test is the primary, and the replica's apply is held
+/// up by its memory limit with its flusher paused.
+#[test]
+fn a_replica_applying_a_long_snapshot_acknowledges_progress() {
+    use tapkv_engine::{ItemMeta, QueuedItem};
+    use tapkv_replication::io::{FrameReader, FrameWriter};
+    use tapkv_replication::message::{opcode, status, Ack, StreamMessage};
+    use tapkv_replication::protocol::{Frame, DEFAULT_MAX_BODY};
+
+    const N: u64 = 3_000;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let rdir = tempfile::tempdir().unwrap();
+    let engine = Engine::builder(rdir.path())
+        .partitions(1)
+        .replica(true)
+        .checkpoint_memory_limit(64 << 10)
+        .open()
+        .unwrap();
+    engine.set_flusher_paused(true);
+    let mut cfg = NodeConfig::new("127.0.0.1:0");
+    cfg.replica_of = Some(listener.local_addr().unwrap().to_string());
+    let replica = Node::start(engine, cfg).unwrap();
+    let r = replica.engine().unwrap();
+
+    let (conn, _) = listener.accept().unwrap();
+    let mut reader = FrameReader::new(conn.try_clone().unwrap(), DEFAULT_MAX_BODY);
+    reader.set_timeout(Duration::from_millis(50)).unwrap();
+    let mut writer = FrameWriter::new(conn);
+    let hello = reader.next_within(200).unwrap();
+    assert_eq!(hello.opcode, opcode::HELLO);
+    writer
+        .send(&Frame::response(&hello, status::SUCCESS))
+        .unwrap();
+    let open = reader.next_within(200).unwrap();
+    writer
+        .send(&Frame::response(&open, status::SUCCESS))
+        .unwrap();
+    writer
+        .send(
+            &StreamMessage::Snapshot {
+                partition: 0,
+                start: 1,
+                end: N,
+                from_disk: true,
+            }
+            .to_frame(),
+        )
+        .unwrap();
+    let value = vec![b'v'; 100];
+    for s in 1..=N {
+        let meta = ItemMeta {
+            by_seqno: s,
+            cas: s,
+            rev_seqno: 1,
+            flags: 0,
+            expiry: 0,
+        };
+        let item = QueuedItem::mutation(&key(s as usize), &value, meta);
+        writer
+            .send(&StreamMessage::Item { partition: 0, item }.to_frame())
+            .unwrap();
+    }
+    writer
+        .send(
+            &StreamMessage::Snapshot {
+                partition: 0,
+                start: N + 1,
+                end: N,
+                from_disk: false,
+            }
+            .to_frame(),
+        )
+        .unwrap();
+
+    // The apply starts, fills the replica's checkpoint memory and waits for
+    // its (paused) flusher.
+    wait_until(
+        "the snapshot's apply to start",
+        Duration::from_secs(30),
+        || r.stats().unwrap().items() > 0,
+    );
+    // Longer than the progress period: the next entry applied is acknowledged.
+    std::thread::sleep(Duration::from_millis(150));
+    r.run_flush_round().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let progress = loop {
+        assert!(Instant::now() < deadline, "no progress ack");
+        let Some(f) = reader.poll().unwrap() else {
+            continue;
+        };
+        if f.opcode != opcode::ACK {
+            continue;
+        }
+        let ack = Ack::from_frame(&f).unwrap();
+        if ack.bytes == 0 {
+            break ack;
+        }
+    };
+    let applied = progress.seqnos.iter().find(|(p, _)| *p == 0).unwrap().1;
+    assert!(
+        applied > 0 && applied < N,
+        "progress ack at seqno {applied}"
+    );
+
+    // With its flusher running again the replica applies the rest.
+    r.set_flusher_paused(false);
+    wait_until("the snapshot applied", Duration::from_secs(30), || {
+        r.high_seqno(0).unwrap() == N
+    });
+    drop((reader, writer));
+    replica.shutdown().unwrap();
+}
