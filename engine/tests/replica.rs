@@ -19,10 +19,14 @@ fn entry(op: QueueOp, key: &str, seqno: u64) -> QueuedItem {
     } else {
         String::new()
     };
+    entry_with(op, key, value.as_bytes(), seqno)
+}
+
+fn entry_with(op: QueueOp, key: &str, value: &[u8], seqno: u64) -> QueuedItem {
     QueuedItem::new(
         op,
         key.as_bytes(),
-        value.as_bytes(),
+        value,
         ItemMeta {
             by_seqno: seqno,
             cas: 1000 + seqno,
@@ -270,20 +274,7 @@ fn a_replica_expels_persisted_entries_when_its_open_checkpoint_outgrows_memory()
         .filter(|k| e.partition_of(k.as_bytes()) == 0)
         .take(2000)
         .collect();
-    let big = |key: &str, seqno: u64| {
-        QueuedItem::new(
-            QueueOp::Mutation,
-            key.as_bytes(),
-            &[b'v'; 200],
-            ItemMeta {
-                by_seqno: seqno,
-                cas: 1000 + seqno,
-                rev_seqno: 1,
-                flags: 0,
-                expiry: 0,
-            },
-        )
-    };
+    let big = |key: &str, seqno: u64| entry_with(QueueOp::Mutation, key, &[b'v'; 200], seqno);
     let mut refused = 0;
     for (i, k) in keys.iter().enumerate() {
         let item = big(k, i as u64 + 1);
