@@ -1016,8 +1016,9 @@ impl CheckpointManager {
     /// unaffected; a cursor can no longer be registered before it
     /// ([`Registration::NeedsBackfill`]). Nothing is expelled while a cursor
     /// is still in an earlier checkpoint. Returns the items and bytes
-    /// expelled; the items are dropped before it returns (their records are
-    /// shared with the hash table, so this is only reference counts).
+    /// expelled. The items are dropped before it returns, under the caller's
+    /// lock: at most one open checkpoint's worth, and mostly only reference
+    /// counts (a record is usually still held by the hash table).
     pub fn expel_read_items(&mut self) -> (usize, usize) {
         let open_id = self.open().id;
         let read_upto = self
