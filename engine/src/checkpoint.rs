@@ -540,25 +540,6 @@ impl CheckpointManager {
         self.open().live == 0
     }
 
-    /// Whether the open checkpoint holds live entries and every cursor has
-    /// read all of them (closing it then frees them as soon as the cursors
-    /// move past its end).
-    pub fn open_checkpoint_read_by_all(&self) -> bool {
-        self.open_checkpoint_read_by(|_| true)
-    }
-
-    /// Whether the open checkpoint holds items and every cursor `counts`
-    /// has read all of it.
-    fn open_checkpoint_read_by(&self, counts: impl Fn(&CursorPosition) -> bool) -> bool {
-        let open = self.open();
-        open.live > 0
-            && self
-                .cursors
-                .values()
-                .filter(|pos| counts(pos))
-                .all(|pos| pos.checkpoint_id == open.id && pos.seqno >= self.high_seqno)
-    }
-
     /// Id of the open checkpoint.
     pub fn open_checkpoint_id(&self) -> u64 {
         self.open().id
@@ -792,7 +773,13 @@ impl CheckpointManager {
     /// Whether the open checkpoint holds items and every cursor, droppable
     /// ones aside, has read all of it.
     pub fn open_checkpoint_read_by_all_but_droppable(&self) -> bool {
-        self.open_checkpoint_read_by(|pos| !pos.droppable)
+        let open = self.open();
+        open.live > 0
+            && self
+                .cursors
+                .values()
+                .filter(|pos| !pos.droppable)
+                .all(|pos| pos.checkpoint_id == open.id && pos.seqno >= self.high_seqno)
     }
 
     /// Whether a cursor called `name` exists.

@@ -270,8 +270,8 @@ pub(crate) fn run_round(shared: &Shared, mine: &[&Partition], forced: bool) -> R
 
 /// Frees checkpoint memory that persisted items would otherwise hold:
 /// [`drop_lagging_stream_cursors`] (at `cursor_drop_threshold`), then, at
-/// half the limit, [`expel_read_items`] and
-/// [`release_read_open_checkpoints`]. Returns whether it closed a
+/// half the limit, [`expel_read_items`], and at the threshold again
+/// [`close_open_checkpoints_streams_lag_in`]. Returns whether it closed a
 /// checkpoint (another round frees it).
 fn relieve_memory_pressure(shared: &Shared, mine: &[&Partition]) -> Result<bool> {
     let pressed = at_cursor_drop_threshold(shared);
@@ -282,7 +282,10 @@ fn relieve_memory_pressure(shared: &Shared, mine: &[&Partition]) -> Result<bool>
         return Ok(false);
     }
     expel_read_items(shared, mine);
-    release_read_open_checkpoints(shared, mine, pressed)
+    if !pressed {
+        return Ok(false);
+    }
+    close_open_checkpoints_streams_lag_in(shared, mine)
 }
 
 /// Takes out of each open checkpoint the persisted entries every cursor has
@@ -310,7 +313,7 @@ fn expel_read_items(shared: &Shared, mine: &[&Partition]) {
 }
 
 /// Whether checkpoint memory is at half its limit or more (the flusher then
-/// expels read entries and closes read open checkpoints). Below half,
+/// expels read entries). Below half,
 /// entries stay until their checkpoint closes and is freed, so a stream
 /// registering at a recent seqno still finds them in memory.
 fn under_memory_pressure(shared: &Shared) -> bool {
@@ -358,22 +361,17 @@ fn drop_lagging_stream_cursors(shared: &Shared, mine: &[&Partition]) {
     }
 }
 
-/// Under checkpoint-memory pressure on a primary, closes each partition's open checkpoint that every cursor has
-/// read (with `pressed`, at the cursor-drop threshold: every cursor but the
-/// droppable stream cursors), so that its persisted items can be freed:
-/// persisted items in open checkpoints that have not reached their size
-/// limit would hold the memory refused writes wait for, for ever: 16
-/// partitions of 32 MiB open checkpoints are the whole default 512 MiB
-/// limit. A replica never closes a checkpoint on its own (it follows its
-/// primary's ids; [`expel_read_items`] frees its persisted entries), nor
-/// does a partition with an online-update window. A
-/// stream cursor that has not read the checkpoint reads it closed, and is
-/// dropped by the next round if it still lags.
-fn release_read_open_checkpoints(
-    shared: &Shared,
-    mine: &[&Partition],
-    pressed: bool,
-) -> Result<bool> {
+/// At the cursor-drop threshold on a primary, closes each partition's open
+/// checkpoint that every cursor but the droppable stream cursors has read
+/// to its end. Expelling has freed what every cursor has read; what is left
+/// in such a checkpoint is held only by lagging streams, which read it
+/// closed and are dropped by the next round if they still lag. Persisted
+/// items in open checkpoints below their size limit could otherwise hold
+/// the memory refused writes wait for: 16 partitions of 32 MiB open
+/// checkpoints are the whole default 512 MiB limit. A replica never closes
+/// a checkpoint on its own (it follows its primary's ids), nor does a
+/// partition with an online-update window.
+fn close_open_checkpoints_streams_lag_in(shared: &Shared, mine: &[&Partition]) -> Result<bool> {
     if shared.config.replica {
         return Ok(false);
     }
@@ -383,19 +381,14 @@ fn release_read_open_checkpoints(
         // only lands in the checkpoint being closed, which is harmless.
         let read = {
             let w = p.lock();
-            w.window.is_none()
-                && if pressed {
-                    w.checkpoints.open_checkpoint_read_by_all_but_droppable()
-                } else {
-                    w.checkpoints.open_checkpoint_read_by_all()
-                }
+            w.window.is_none() && w.checkpoints.open_checkpoint_read_by_all_but_droppable()
         };
         if read {
             let id = p.create_checkpoint(&shared.store)?;
             tracing::debug!(
                 partition = p.id,
                 id,
-                "closed a persisted open checkpoint under memory pressure"
+                "closed an open checkpoint only lagging streams hold, under memory pressure"
             );
             shared.changed(p.id);
             closed = true;
