@@ -57,7 +57,7 @@ pub struct Client {
     partitions: u16,
     role: String,
     opaque: u32,
-    polls: usize,
+    timeout: Duration,
     last_request: Instant,
 }
 
@@ -102,7 +102,7 @@ impl Client {
             partitions: 0,
             role: String::new(),
             opaque: 0,
-            polls: (timeout.as_millis() / 100).max(1) as usize,
+            timeout,
             last_request: Instant::now(),
         };
         let r = c.call(hello("tapkv-client"))?;
@@ -124,19 +124,49 @@ impl Client {
 
     /// Sends a request and waits for its response; error statuses become
     /// [`ClientError::Status`].
-    pub fn call(&mut self, mut req: Frame) -> Result<Frame, ClientError> {
+    pub fn call(&mut self, req: Frame) -> Result<Frame, ClientError> {
+        self.send_request(req)?;
+        self.reply()
+    }
+
+    /// Sends `req` under the next opaque, which its replies echo.
+    fn send_request(&mut self, mut req: Frame) -> Result<(), ClientError> {
         self.opaque = self.opaque.wrapping_add(1);
         req.opaque = self.opaque;
         self.last_request = Instant::now();
         self.writer.send(&req)?;
-        let r = self.reader.next_within(self.polls)?;
-        if r.status() != status::SUCCESS {
-            return Err(ClientError::Status {
-                status: r.status(),
-                message: String::from_utf8_lossy(&r.value).into_owned(),
-            });
+        Ok(())
+    }
+
+    /// The next reply to the request in flight, waiting at most the
+    /// client's timeout. Replies are matched by opaque: those of an earlier
+    /// request that timed out (it may still be answered later, say a
+    /// `Replicate` write, a `FLUSH` or the rest of a dump) are skipped
+    /// rather than taken as this request's answer.
+    fn reply(&mut self) -> Result<Frame, ClientError> {
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            match self.reader.poll()? {
+                Some(r) if r.opaque == self.opaque => {
+                    if r.status() != status::SUCCESS {
+                        return Err(ClientError::Status {
+                            status: r.status(),
+                            message: String::from_utf8_lossy(&r.value).into_owned(),
+                        });
+                    }
+                    return Ok(r);
+                }
+                // Nothing yet, or a late reply to an earlier request.
+                _ => {}
+            }
+            if Instant::now() >= deadline {
+                return Err(ProtocolError::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no reply within {:?}", self.timeout),
+                ))
+                .into());
+            }
         }
-        Ok(r)
     }
 
     /// Sends a NOOP and waits for its answer (a heartbeat).
@@ -303,18 +333,9 @@ impl Client {
 
     /// Every persisted item of the node, one JSON object each.
     pub fn dump(&mut self, mut row: impl FnMut(serde_json::Value)) -> Result<(), ClientError> {
-        self.opaque = self.opaque.wrapping_add(1);
-        let mut req = Frame::request(opcode::ADMIN, 0).with_key(b"dump".to_vec());
-        req.opaque = self.opaque;
-        self.writer.send(&req)?;
+        self.send_request(Frame::request(opcode::ADMIN, 0).with_key(b"dump".to_vec()))?;
         loop {
-            let r = self.reader.next_within(self.polls)?;
-            if r.status() != status::SUCCESS {
-                return Err(ClientError::Status {
-                    status: r.status(),
-                    message: String::from_utf8_lossy(&r.value).into_owned(),
-                });
-            }
+            let r = self.reply()?;
             if &r.key[..] == b"end" {
                 return Ok(());
             }
