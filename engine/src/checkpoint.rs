@@ -100,6 +100,11 @@ pub struct CheckpointInfo {
     pub items: usize,
     /// Bytes charged for its items.
     pub mem_bytes: usize,
+    /// Entries it holds: its live items plus the holes de-duplication and
+    /// expelling leave. The open checkpoint drops its holes once they are
+    /// half its entries (and it holds at least twice its item limit, capped
+    /// at 4,096), so a few keys written again and again keep it small.
+    pub entries: usize,
 }
 
 /// A cursor, as reported by [`CheckpointManager::cursors`].
@@ -300,6 +305,38 @@ impl Checkpoint {
         }
     }
 
+    /// Drops the holes of the open checkpoint, all but its last slot (whose
+    /// seqno is the checkpoint's high seqno). A checkpoint kept open by
+    /// de-duplication (a few keys written again and again never reach the
+    /// item limit) or by expelling would otherwise keep a slot for every
+    /// write it ever took. Cursors are positioned by seqno, so none moves;
+    /// the key index and the expel mark are moved to the new slots.
+    fn compact(&mut self) {
+        debug_assert!(self.open, "only the open checkpoint is compacted");
+        let last = self.slots.len().saturating_sub(1);
+        let mut to = vec![usize::MAX; self.slots.len()];
+        let mut kept = 0;
+        let mut expel_from = 0;
+        for (from, dest) in to.iter_mut().enumerate() {
+            if self.slots[from].is_none() && from != last {
+                continue;
+            }
+            *dest = kept;
+            self.slots.swap(kept, from);
+            self.seqnos[kept] = self.seqnos[from];
+            kept += 1;
+            if from < self.expel_from {
+                expel_from = kept;
+            }
+        }
+        self.slots.truncate(kept);
+        self.seqnos.truncate(kept);
+        self.expel_from = expel_from;
+        for slot in self.keys.iter_mut() {
+            *slot = to[*slot];
+        }
+    }
+
     fn high_seqno(&self) -> u64 {
         self.seqnos
             .last()
@@ -330,6 +367,7 @@ impl Checkpoint {
             high_seqno: self.high_seqno(),
             items: self.live,
             mem_bytes: self.mem,
+            entries: self.slots.len(),
         }
     }
 }
@@ -597,6 +635,7 @@ impl CheckpointManager {
         }
         self.high_seqno = seqno;
         let size = item.mem_size();
+        let capacity = Self::capacity(&self.config);
         let open = self.open_mut();
         let slot = open.slots.len();
         let mut freed = 0;
@@ -623,6 +662,11 @@ impl CheckpointManager {
         }
         open.live += 1;
         open.mem = open.mem + size - freed;
+        // Holes are at least half the slots: dropping them costs about what
+        // the writes that made them did.
+        if open.slots.len() >= 2 * open.live.max(capacity) {
+            open.compact();
+        }
         self.charge(size, freed);
         replaced
     }

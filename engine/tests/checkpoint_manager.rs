@@ -315,6 +315,56 @@ fn a_round_limit_stops_only_at_a_checkpoint_boundary() {
     assert_eq!((p.items, p.end_seqno()), (10, 10));
 }
 
+#[test]
+fn an_open_checkpoint_kept_open_by_deduplication_stays_small() {
+    // Three keys written again and again never reach the item limit, so the
+    // checkpoint stays open; it must not keep an entry for every write.
+    let (mut m, mem) = mgr(10);
+    m.register_cursor("slow", 0).unwrap();
+    m.register_cursor("fast", 0).unwrap();
+    let mut seen = Vec::new();
+    for s in 1..=100_000u64 {
+        m.queue(item(&format!("k{}", s % 3), s));
+        if s % 1_000 == 0 {
+            // One cursor keeps up, one reads a little, then stops.
+            seen.extend(items_of(&m.read("fast", 10).unwrap().events));
+            if s == 50_000 {
+                seen.extend(items_of(&m.read("slow", 2).unwrap().events));
+            }
+        }
+        let open = m.checkpoints().pop().unwrap();
+        assert!(open.entries < 20, "after {s} writes: {open:?}");
+    }
+    let cks = m.checkpoints();
+    assert_eq!(cks.len(), 1, "{cks:?}");
+    assert_eq!(
+        (cks[0].start_seqno, cks[0].high_seqno, cks[0].items),
+        (1, 100_000, 3)
+    );
+    assert_eq!(mem.load(Ordering::Relaxed), m.mem_bytes());
+    // Every read returned each key's latest write at the time.
+    assert!(seen.iter().all(|(k, s)| *k == format!("k{}", s % 3)));
+    // Both cursors still read exactly the live entries after their position.
+    assert_eq!(m.remaining("fast").unwrap(), 0);
+    assert_eq!(m.remaining("slow").unwrap(), 3);
+    let got = items_of(&m.read("slow", 10).unwrap().events);
+    assert_eq!(
+        got,
+        vec![
+            ("k2".to_string(), 99_998),
+            ("k0".to_string(), 99_999),
+            ("k1".to_string(), 100_000)
+        ]
+    );
+    // De-duplication still finds the keys through the moved slots.
+    m.queue(item("k1", 100_001));
+    assert_eq!(m.checkpoints()[0].items, 3);
+    assert_eq!(
+        items_of(&m.read("slow", 10).unwrap().events),
+        vec![("k1".to_string(), 100_001)]
+    );
+}
+
 fn queue_more(m: &mut CheckpointManager) {
     for s in 12..=14 {
         m.queue(item(&format!("k{s}"), s));
@@ -371,6 +421,9 @@ proptest! {
                         }
                     }
                     model.entries.push((seqno, k, true, open));
+                    // Holes never make up half of a grown open checkpoint.
+                    let ck = m.checkpoints().pop().unwrap();
+                    prop_assert!(ck.entries < 2 * ck.items.max(max_items), "{:?}", ck);
                 }
                 Op::Close => { m.create_checkpoint(); }
                 Op::Read(c, n) => {

@@ -243,6 +243,9 @@ struct NodeState {
     acks: Arc<AckSignal>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     connections: AtomicU64,
+    /// A replica's last replication-link error, until a stream opens again
+    /// (reported by `stat` as `link_error`).
+    link_error: Mutex<Option<String>>,
 }
 
 /// A running node. Dropping it (or [`Node::shutdown`]) stops it gracefully:
@@ -308,6 +311,7 @@ impl Node {
             acks: Arc::new(AckSignal::default()),
             threads: Mutex::new(Vec::new()),
             connections: AtomicU64::new(0),
+            link_error: Mutex::new(None),
         });
         if !replica {
             state.engine.set_replication_gate(Arc::new(AckGate {
@@ -662,7 +666,8 @@ fn handle_request_inner(state: &NodeState, f: &Frame) -> Result<Frame, Frame> {
                         .iter()
                         .map(|c| {
                             serde_json::json!({"id": c.id, "open": c.open, "start_seqno": c.start_seqno,
-                                "high_seqno": c.high_seqno, "items": c.items, "mem_bytes": c.mem_bytes})
+                                "high_seqno": c.high_seqno, "items": c.items, "mem_bytes": c.mem_bytes,
+                                "entries": c.entries})
                         })
                         .collect();
                     Ok(json_response(f, &v))
@@ -700,6 +705,7 @@ fn handle_request_inner(state: &NodeState, f: &Frame) -> Result<Frame, Frame> {
                     "snapshot_staged_items": st.snapshot_staged_items,
                     "cursors_dropped": st.cursors_dropped,
                     "items_expelled": st.items_expelled,
+                    "link_error": *state.link_error.lock(),
                     "partitions": parts,
                 }),
             ))
@@ -1326,6 +1332,7 @@ fn replica_link(state: &Arc<NodeState>, primary: &str) {
             Ok(()) => backoff = Duration::from_millis(50),
             Err(e) => {
                 tracing::info!(%primary, error = %e, "replication link down; reconnecting");
+                *state.link_error.lock() = Some(e.to_string());
                 let deadline = Instant::now() + backoff;
                 while Instant::now() < deadline && !state.stop.load(Ordering::Acquire) {
                     std::thread::sleep(Duration::from_millis(10));
@@ -1366,6 +1373,21 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
             String::from_utf8_lossy(&r.value)
         )));
     }
+    // Partitions are replicated by number, and a key's partition depends on
+    // the count: a replica with another count would hold keys under
+    // partitions its own reads never look in (or miss some partitions).
+    let info: serde_json::Value = serde_json::from_slice(&r.value).unwrap_or_default();
+    let theirs = info["partitions"].as_u64();
+    if theirs != Some(u64::from(engine.num_partitions())) {
+        let msg = format!(
+            "the primary at {primary} has {} partitions and this replica {}: a replica \
+             needs a data directory created with the primary's partition count; not replicating",
+            theirs.map_or_else(|| "an unknown number of".into(), |n| n.to_string()),
+            engine.num_partitions()
+        );
+        tracing::error!("{msg}");
+        return Err(Error::WrongState(msg));
+    }
     // A window held across a reconnect may have ended on the primary while
     // the link was down, its markers gone from the primary's memory: such a
     // partition is resynchronised rather than left waiting for an END/REVERT
@@ -1402,6 +1424,7 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
         )));
     }
     tracing::info!(%primary, "replication stream open");
+    *state.link_error.lock() = None;
     let mut ack = Ack::default();
     // Highest seqno applied per partition (0: nothing yet), for acks.
     let mut seqnos = vec![0u64; usize::from(engine.num_partitions())];
