@@ -1133,13 +1133,32 @@ fn stream_loop(
         let mut last_send = Instant::now();
         let mut dropped = false;
         let mut generation = engine.change_generation();
+        // A replica acknowledges every heartbeat at once: one that has left
+        // bytes unacknowledged this long is hung or gone (its host may be,
+        // with the connection still open), and must neither hold a thread
+        // nor count towards a `Replicate` write's majority.
+        let silence_limit = cfg.heartbeat * SILENT_HEARTBEATS;
+        let silent = || {
+            s.unacked.load(Ordering::Acquire) > 0 && s.last_ack.lock().elapsed() >= silence_limit
+        };
         while !s.stop.load(Ordering::Acquire) && !state.stop.load(Ordering::Acquire) {
+            if silent() {
+                tracing::warn!(stream = %s.name, ?silence_limit, "replica silent: ending its stream");
+                return Err(Error::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "replica {} acknowledged nothing for {silence_limit:?}",
+                        s.name
+                    ),
+                )));
+            }
             // Flow control: wait for acks while too much is unacknowledged.
             if s.unacked.load(Ordering::Acquire) > cfg.max_unacked_bytes {
                 let since = Instant::now();
                 let mut g = s.lock.lock();
                 while s.unacked.load(Ordering::Acquire) > cfg.max_unacked_bytes / 2
                     && !s.stop.load(Ordering::Acquire)
+                    && !silent()
                 {
                     // Dropped when stuck at the limit with no ack at all for
                     // the timeout: a replica applying a large snapshot still
@@ -1241,8 +1260,7 @@ fn stream_loop(
                 break;
             }
             if sent == 0 && last_send.elapsed() >= cfg.heartbeat {
-                writer.push(&StreamMessage::Noop.to_frame());
-                sent += 1;
+                sent += send(writer, s, &StreamMessage::Noop);
             } else if sent > 0 && state.acks.waiting.load(Ordering::Acquire) > 0 {
                 // A `Replicate` write waits: the replica acknowledges a NOOP
                 // at once, so its ack does not wait for a byte count.
@@ -1270,6 +1288,11 @@ fn stream_loop(
     };
     run().map_err(|e| ProtocolError::Io(std::io::Error::other(e.to_string())))
 }
+
+/// A stream whose replica has acknowledged nothing for this many heartbeats
+/// while bytes are unacknowledged is ended; a replica gives up on a primary
+/// it has not heard from for as long.
+const SILENT_HEARTBEATS: u32 = 10;
 
 /// How often a replica acknowledges its progress while it applies a disk
 /// snapshot (without reading its stream meanwhile).
@@ -1440,7 +1463,7 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
     let mut snapshots: HashMap<PartitionId, SnapshotBuffer<'_>> = HashMap::new();
     let mut last_ack = Instant::now();
     let mut last_heard = Instant::now();
-    let silence_limit = cfg.heartbeat * 10;
+    let silence_limit = cfg.heartbeat * SILENT_HEARTBEATS;
     while !state.stop.load(Ordering::Acquire) {
         // Frames are decoded in place in the read buffer: an entry's key and
         // value are copied once, into its record.

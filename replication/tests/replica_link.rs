@@ -1,14 +1,18 @@
 //! A replica's link to its primary: refused when the two data directories
-//! were created with different partition counts, and the refusal reported.
+//! were created with different partition counts, and the refusal reported;
+//! a replica that goes silent has its stream ended by the primary.
 
 mod common;
 
 use std::time::Duration;
 
-use common::wait_until;
-use tapkv_engine::{Engine, WriteOptions};
+use common::{from_the_start, stream_cursors, wait_until};
+use tapkv_engine::{Durability, Engine, WriteOptions};
 use tapkv_replication::client::Client;
+use tapkv_replication::io::{FrameReader, FrameWriter};
+use tapkv_replication::message::{hello, stream_open};
 use tapkv_replication::node::{Node, NodeConfig};
+use tapkv_replication::protocol::DEFAULT_MAX_BODY;
 
 #[test]
 fn a_replica_with_another_partition_count_refuses_to_replicate() {
@@ -59,6 +63,89 @@ fn a_replica_with_another_partition_count_refuses_to_replicate() {
     let r = replica.engine().unwrap();
     assert_eq!(r.stats().unwrap().items(), 0);
     assert_eq!(common::stream_cursors(p), Vec::<(u16, String)>::new());
+    replica.shutdown().unwrap();
+    primary.shutdown().unwrap();
+}
+
+#[test]
+fn a_silent_replica_has_its_stream_ended_and_stops_counting_for_replicate() {
+    let pdir = tempfile::tempdir().unwrap();
+    let rdir = tempfile::tempdir().unwrap();
+    let mut pcfg = NodeConfig::new("127.0.0.1:0");
+    // Ten heartbeats of silence end a stream: 200 ms here.
+    pcfg.heartbeat = Duration::from_millis(20);
+    let primary = Node::start(
+        Engine::builder(pdir.path())
+            .partitions(2)
+            .replicate_timeout(Duration::from_millis(500))
+            .open()
+            .unwrap(),
+        pcfg,
+    )
+    .unwrap();
+    let p = primary.engine().unwrap();
+    p.set(b"before", b"v", WriteOptions::default()).unwrap();
+
+    // A live replica, which acknowledges every heartbeat.
+    let mut rcfg = NodeConfig::new("127.0.0.1:0");
+    rcfg.replica_of = Some(primary.local_addr().to_string());
+    rcfg.name = "live".into();
+    let replica = Node::start(
+        Engine::builder(rdir.path())
+            .replica(true)
+            .partitions(2)
+            .open()
+            .unwrap(),
+        rcfg,
+    )
+    .unwrap();
+    wait_until("the live replica's stream", Duration::from_secs(10), || {
+        stream_cursors(p).len() == 2
+    });
+    let live_cursors = stream_cursors(p);
+
+    // A "replica" that opens a stream, then never reads or acknowledges
+    // again, with its connection left open (a hung process).
+    let conn = std::net::TcpStream::connect(primary.local_addr()).unwrap();
+    let mut reader = FrameReader::new(conn.try_clone().unwrap(), DEFAULT_MAX_BODY);
+    reader.set_timeout(Duration::from_millis(50)).unwrap();
+    let mut writer = FrameWriter::new(conn);
+    writer.send(&hello("hung")).unwrap();
+    reader.next_within(200).unwrap();
+    writer
+        .send(&stream_open("hung", &from_the_start(p)))
+        .unwrap();
+    wait_until("the hung replica's stream", Duration::from_secs(10), || {
+        stream_cursors(p).len() == 4
+    });
+
+    // The primary ends the hung stream; the live one stays, the same stream
+    // (its cursors are named after their connection).
+    wait_until("the hung stream to end", Duration::from_secs(10), || {
+        stream_cursors(p).len() == 2
+    });
+    assert_eq!(stream_cursors(p), live_cursors);
+    let mut c = Client::connect(&primary.local_addr().to_string(), Duration::from_secs(5)).unwrap();
+    let streams = c.admin("streams").unwrap();
+    let names: Vec<&str> = streams
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| s["name"].as_str())
+        .collect();
+    assert_eq!(names, ["live"], "{streams}");
+
+    // A `Replicate` write needs only the live replica now.
+    p.set(
+        b"after",
+        b"v",
+        WriteOptions {
+            durability: Durability::Replicate,
+            ..WriteOptions::default()
+        },
+    )
+    .unwrap();
+    drop((reader, writer));
     replica.shutdown().unwrap();
     primary.shutdown().unwrap();
 }

@@ -115,7 +115,10 @@ fn a_replica_applying_a_long_snapshot_acknowledges_progress() {
     let hello = reader.next_within(200).unwrap();
     assert_eq!(hello.opcode, opcode::HELLO);
     writer
-        .send(&Frame::response(&hello, status::SUCCESS))
+        .send(
+            // A replica checks that its primary has as many partitions.
+            &Frame::response(&hello, status::SUCCESS).with_value(br#"{"partitions":1}"#.to_vec()),
+        )
         .unwrap();
     let open = reader.next_within(200).unwrap();
     writer
