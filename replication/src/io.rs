@@ -129,10 +129,15 @@ impl FrameReader {
     }
 }
 
+/// Whether a writer whose peer has not read for a write timeout should keep
+/// waiting (see [`FrameWriter::set_patience`]).
+pub type Patience = Box<dyn FnMut() -> bool + Send>;
+
 /// Writes frames through a buffer; `flush` sends them.
 pub struct FrameWriter {
     stream: TcpStream,
     buf: BytesMut,
+    patience: Option<Patience>,
 }
 
 impl FrameWriter {
@@ -141,7 +146,18 @@ impl FrameWriter {
         FrameWriter {
             stream,
             buf: BytesMut::with_capacity(64 * 1024),
+            patience: None,
         }
+    }
+
+    /// When a flush has waited a whole write timeout for the peer to read,
+    /// it asks `keep_waiting` and waits another timeout if it says yes,
+    /// instead of failing. A replication stream uses it to wait for a
+    /// replica that applies a large snapshot without reading, as long as
+    /// the replica keeps acknowledging its progress. Without it, a flush
+    /// fails at the first timeout.
+    pub fn set_patience(&mut self, keep_waiting: Patience) {
+        self.patience = Some(keep_waiting);
     }
 
     /// Queues a frame; returns its size on the wire.
@@ -166,10 +182,24 @@ impl FrameWriter {
 
     /// Sends everything queued.
     pub fn flush(&mut self) -> Result<(), ProtocolError> {
-        if !self.buf.is_empty() {
-            self.stream.write_all(&self.buf)?;
-            self.buf.clear();
+        let mut sent = 0;
+        while sent < self.buf.len() {
+            match self.stream.write(&self.buf[sent..]) {
+                Ok(0) => return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into()),
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) && self
+                        .patience
+                        .as_mut()
+                        .is_some_and(|keep_waiting| keep_waiting()) => {}
+                Err(e) => return Err(e.into()),
+            }
         }
+        self.buf.clear();
         Ok(())
     }
 

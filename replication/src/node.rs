@@ -896,6 +896,19 @@ fn serve_stream(
         old.cv.notify_all();
     }
     tracing::info!(stream = %name, partitions = reqs.len(), "replication stream opened");
+    {
+        // A replica applying a large disk snapshot reads nothing for a while
+        // but acknowledges its progress: a write that waits on it fails only
+        // once it has been silent as long as the silence rule allows.
+        let s = Arc::clone(&shared);
+        let st = Arc::clone(state);
+        let silence_limit = state.config.heartbeat * SILENT_HEARTBEATS;
+        writer.set_patience(Box::new(move || {
+            !s.stop.load(Ordering::Acquire)
+                && !st.stop.load(Ordering::Acquire)
+                && s.last_ack.lock().elapsed() < silence_limit
+        }));
+    }
     let acker = {
         let s = Arc::clone(&shared);
         std::thread::Builder::new()

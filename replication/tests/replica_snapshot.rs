@@ -15,7 +15,7 @@ use common::{
 use tapkv_engine::{Engine, WriteOptions};
 use tapkv_replication::client::Client;
 use tapkv_replication::io::{FrameReader, FrameWriter};
-use tapkv_replication::message::{hello, stream_open, StreamMessage, StreamRequest};
+use tapkv_replication::message::{hello, stream_open, Ack, StreamMessage, StreamRequest};
 use tapkv_replication::node::{Node, NodeConfig};
 use tapkv_replication::protocol::DEFAULT_MAX_BODY;
 
@@ -256,6 +256,103 @@ fn a_backfill_scanning_outside_its_range_sends_heartbeats() {
     items.sort_unstable();
     assert_eq!(items, ((from + 1)..=WRITTEN).collect::<Vec<_>>());
     assert!(noops > 0, "no heartbeat during a scan of {WRITTEN} records");
+    drop((reader, writer));
+    node.shutdown().unwrap();
+}
+
+/// A replica applying a large disk snapshot reads nothing for a while but
+/// acknowledges its progress: the primary, blocked writing to it, keeps
+/// waiting past its write timeout instead of ending the stream (which would
+/// make the replica start the backfill over).
+#[test]
+fn a_primary_waits_past_its_write_timeout_for_a_replica_that_acknowledges_progress() {
+    use std::os::fd::AsRawFd;
+    const WRITTEN: u64 = 80_000;
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let e = Engine::builder(dir.path()).partitions(1).open().unwrap();
+        let value = vec![b'v'; 100];
+        for i in 0..WRITTEN as usize {
+            e.set(&key(i), &value, WriteOptions::default()).unwrap();
+        }
+        e.close().unwrap();
+    }
+    let mut cfg = NodeConfig::new("127.0.0.1:0");
+    cfg.io_timeout = Duration::from_millis(300);
+    // Silence (no ack at all) would still end the stream after 1 s.
+    cfg.heartbeat = Duration::from_millis(100);
+    let engine = Engine::builder(dir.path()).partitions(1).open().unwrap();
+    let node = Node::start(engine, cfg).unwrap();
+
+    let conn = std::net::TcpStream::connect(node.local_addr()).unwrap();
+    // A small receive buffer, so the 13 MB backfill cannot all wait in
+    // socket buffers while the replica does not read.
+    let small: libc::c_int = 64 << 10;
+    // SAFETY: a valid socket and a c_int option of its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            conn.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&small as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0);
+    let mut reader = FrameReader::new(conn.try_clone().unwrap(), DEFAULT_MAX_BODY);
+    reader.set_timeout(Duration::from_millis(50)).unwrap();
+    let mut writer = FrameWriter::new(conn);
+    writer.send(&hello("busy")).unwrap();
+    reader.next_within(200).unwrap();
+    writer
+        .send(&stream_open(
+            "busy",
+            &[StreamRequest {
+                partition: 0,
+                uuid: 0,
+                seqno: 0,
+            }],
+        ))
+        .unwrap();
+    let mut items = 0u64;
+    let mut paused = false;
+    loop {
+        let f = reader.next_within(100).unwrap();
+        match StreamMessage::from_frame(&f) {
+            Ok(StreamMessage::Snapshot {
+                from_disk: true, ..
+            }) if !paused => {
+                // "Apply" for five write timeouts without reading, saying
+                // so every 50 ms.
+                paused = true;
+                let until = Instant::now() + Duration::from_millis(1_500);
+                while Instant::now() < until {
+                    let progress = Ack {
+                        bytes: 0,
+                        seqnos: vec![(0, 1)],
+                    };
+                    writer.send(&progress.to_frame()).unwrap();
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+            Ok(StreamMessage::Item { .. }) => {
+                items += 1;
+                if items % 10_000 == 0 {
+                    let ack = Ack {
+                        bytes: 1 << 30,
+                        seqnos: vec![(0, items)],
+                    };
+                    writer.send(&ack.to_frame()).unwrap();
+                }
+            }
+            Ok(StreamMessage::Snapshot {
+                from_disk: false, ..
+            }) => break,
+            _ => {}
+        }
+    }
+    assert!(paused);
+    assert_eq!(items, WRITTEN, "the whole backfill arrived on one stream");
     drop((reader, writer));
     node.shutdown().unwrap();
 }
