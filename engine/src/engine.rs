@@ -901,6 +901,16 @@ impl Engine {
         }
     }
 
+    /// Test hook: makes the next `n` writes of an online-update window's
+    /// on-disk record (at START, COMPLETE and REVERT) fail as if RocksDB had
+    /// returned an error.
+    #[doc(hidden)]
+    pub fn inject_window_record_failures(&self, n: usize) {
+        if let Some(s) = self.shared.as_deref() {
+            s.store.injected_window_failures.store(n, Ordering::Release);
+        }
+    }
+
     /// The current change generation (see [`wait_for_changes`](Self::wait_for_changes)).
     pub fn change_generation(&self) -> u64 {
         self.shared.as_deref().map_or(0, |s| s.changes.current())

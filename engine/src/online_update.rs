@@ -221,6 +221,12 @@ impl Partition {
         // The window is named by the primary's id, even if this replica's
         // local checkpoint numbering had to differ.
         let checkpoint_id = if wanted_id != 0 { wanted_id } else { local_id };
+        // Reserved before the record is written, so queueing the marker
+        // cannot fail after it (a record without a window in memory would
+        // be reported lost at the next open).
+        if matches!(src, MarkerSource::Local) {
+            self.ensure_reserved(&mut w, store, high + 1)?;
+        }
         store.set_open_window(
             self.id,
             Some(&WindowRecord {
@@ -255,6 +261,23 @@ impl Partition {
     pub(crate) fn online_update_complete(&self, store: &Store, src: MarkerSource) -> Result<u64> {
         let mut w = self.lock();
         let checkpoint_id = self.window_or_err(&w)?.checkpoint_id;
+        // Reserve and check first, then clear the window's record on disk,
+        // and only then end the window in memory: if the record cannot be
+        // cleared the window stays open, whole. (Ending it first let the
+        // flusher persist the window while the disk still said it was open,
+        // so the next open reported it lost and started a new branch.)
+        let high = w.checkpoints.high_seqno();
+        match src {
+            MarkerSource::Local => self.ensure_reserved(&mut w, store, high + 1)?,
+            MarkerSource::Given { seqno, .. } if seqno <= high => {
+                return Err(Error::InvalidArgument(format!(
+                    "COMPLETE seqno {seqno} is not above partition {}'s high seqno {high}",
+                    self.id
+                )));
+            }
+            MarkerSource::Given { .. } => {}
+        }
+        store.set_open_window(self.id, None)?;
         self.queue_marker(
             &mut w,
             store,
@@ -263,7 +286,6 @@ impl Partition {
         )?;
         w.checkpoints.create_checkpoint();
         let win = w.window.take();
-        store.set_open_window(self.id, None)?;
         tracing::info!(
             partition = self.id,
             checkpoint_id,

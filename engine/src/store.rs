@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::item::{ItemMeta, PartitionId, QueueOp, QueuedItem};
+use crate::sync::{AtomicUsize, Ordering};
 
 const CF_ITEMS: &str = "items";
 const CF_META: &str = "meta";
@@ -325,6 +326,9 @@ pub(crate) struct FlushBatch {
 pub(crate) struct Store {
     db: DB,
     path: PathBuf,
+    /// Test hook: window-record writes still to fail
+    /// ([`Engine::inject_window_record_failures`](crate::Engine::inject_window_record_failures)).
+    pub(crate) injected_window_failures: AtomicUsize,
 }
 
 fn db_options(create: bool) -> Options {
@@ -346,7 +350,11 @@ impl Store {
             .into_iter()
             .map(|n| ColumnFamilyDescriptor::new(n, db_options(true)));
         let db = DB::open_cf_descriptors(&opts, &path, cfs)?;
-        let store = Store { db, path };
+        let store = Store {
+            db,
+            path,
+            injected_window_failures: AtomicUsize::new(0),
+        };
         // A snapshot staged before a crash or close is never resumed.
         store.clear_staged(None)?;
         Ok(store)
@@ -362,7 +370,11 @@ impl Store {
             )));
         }
         let db = DB::open_cf_for_read_only(&db_options(false), &path, [CF_ITEMS, CF_META], false)?;
-        Ok(Store { db, path })
+        Ok(Store {
+            db,
+            path,
+            injected_window_failures: AtomicUsize::new(0),
+        })
     }
 
     fn cf(&self, name: &str) -> Result<&rocksdb::ColumnFamily> {
@@ -426,6 +438,16 @@ impl Store {
 
     /// Records (synced) that a window is open on `p`, or that none is.
     pub(crate) fn set_open_window(&self, p: PartitionId, w: Option<&WindowRecord>) -> Result<()> {
+        let inject = |n: usize| n.checked_sub(1);
+        if self
+            .injected_window_failures
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, inject)
+            .is_ok()
+        {
+            return Err(Error::Storage(
+                "injected window-record write failure".into(),
+            ));
+        }
         match w {
             Some(w) => self.put_meta_synced(&meta_key(META_WINDOW, p), &encode_json(w)),
             None => {

@@ -503,6 +503,55 @@ fn nothing_of_a_window_reaches_disk_and_complete_persists_it() {
         .is_none());
 }
 
+#[test]
+fn a_complete_or_start_whose_record_write_fails_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = builder(dir.path()).open().unwrap();
+    let k = keys_in(&e, 0, 4, "r");
+    e.set(&k[0], value(1), MEM).unwrap();
+    let w = e.online_update_start(0).unwrap();
+    e.set(&k[1], value(2), MEM).unwrap();
+
+    // COMPLETE cannot clear the window's record: the window stays open,
+    // whole, and nothing of it is persisted.
+    e.inject_window_record_failures(1);
+    assert!(matches!(
+        e.online_update_complete(0),
+        Err(Error::Storage(_))
+    ));
+    let window = |e: &Engine| {
+        e.stats().unwrap().partitions[0]
+            .window
+            .map(|x| x.checkpoint_id)
+    };
+    assert_eq!(window(&e), Some(w));
+    e.set(&k[2], value(2), MEM).unwrap();
+    e.flush().unwrap();
+    assert_eq!(e.stats().unwrap().partitions[0].persisted_seqno, 1);
+    // Tried again, it completes, and the whole window persists.
+    assert_eq!(e.online_update_complete(0).unwrap(), w);
+    assert_eq!(window(&e), None);
+
+    // START cannot write its record: no window, in memory or on disk.
+    e.inject_window_record_failures(1);
+    assert!(matches!(e.online_update_start(0), Err(Error::Storage(_))));
+    assert_eq!(window(&e), None);
+    e.set(&k[3], value(3), MEM).unwrap();
+    e.close().unwrap();
+
+    let e = builder(dir.path()).open().unwrap();
+    let st = e.stats().unwrap();
+    assert!(
+        st.partitions[0].lost_windows.is_empty(),
+        "{:?}",
+        st.partitions[0].lost_windows
+    );
+    assert_eq!(e.get(&k[0]).unwrap().value(), value(1));
+    assert_eq!(e.get(&k[1]).unwrap().value(), value(2));
+    assert_eq!(e.get(&k[2]).unwrap().value(), value(2));
+    assert_eq!(e.get(&k[3]).unwrap().value(), value(3));
+}
+
 fn crash_or_close_inside_a_window(crash: bool) {
     let dir = tempfile::tempdir().unwrap();
     let e = builder(dir.path()).open().unwrap();
