@@ -56,7 +56,9 @@ impl CasClock {
         self.last = if candidate > self.last {
             candidate
         } else {
-            self.last + 1
+            // Cannot overflow: replicated CAS values are checked to be below
+            // `u64::MAX / 2`, and local ones are milliseconds << 16.
+            self.last.saturating_add(1)
         };
         self.last
     }
@@ -222,8 +224,12 @@ impl Partition {
 
     /// Evicts `key`'s value if it is persisted; `WrongState` if it is dirty.
     pub(crate) fn evict(&self, key: &[u8]) -> Result<()> {
+        let mut slot = self.table.slot(key);
+        // Read under the shard lock: a partition reset (which holds every
+        // shard) cannot slip in between and make `clean_upto` name seqnos
+        // that are no longer on disk.
         let clean_upto = self.progress.persisted_seqno.load(Ordering::Acquire);
-        match self.table.slot(key).evict(key, clean_upto) {
+        match slot.evict(key, clean_upto) {
             None => Err(Error::NotFound),
             Some(false) => Err(Error::WrongState(format!(
                 "key {:?} is dirty (not yet persisted, or inside an online-update window); \

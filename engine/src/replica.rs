@@ -75,6 +75,14 @@ impl Partition {
                 meta.by_seqno
             )));
         }
+        // A CAS is milliseconds << 16 plus a counter (about 2^57 today): one
+        // near the top would leave the CAS clock no room to increase.
+        if meta.cas >= u64::MAX / 2 {
+            return Err(Error::InvalidArgument(format!(
+                "CAS {} from the stream is out of range",
+                meta.cas
+            )));
+        }
         if let QueueOp::OnlineUpdateStart { checkpoint_id }
         | QueueOp::OnlineUpdateEnd { checkpoint_id }
         | QueueOp::OnlineUpdateRevert { checkpoint_id } = item.op
@@ -342,6 +350,9 @@ impl Engine {
         let _no_flush = s.flush_lock.lock();
         let mut w = part.lock();
         let mut shards = part.table.lock_all();
+        // Disk first: if it fails, memory still matches it (new entries
+        // starting again at seqno 1 must never be flushed over old ones).
+        s.store.reset_partition(p)?;
         shards.clear();
         let next_id = w.checkpoints.open_checkpoint_id() + 1;
         let mut fresh = CheckpointManager::new(
@@ -354,7 +365,6 @@ impl Engine {
         w.checkpoints = fresh;
         w.window = None;
         w.reverted.clear();
-        s.store.reset_partition(p)?;
         part.progress.persisted_seqno.store(0, Ordering::Release);
         part.progress.synced_seqno.store(0, Ordering::Release);
         tracing::warn!(partition = p, "partition reset for resynchronisation");

@@ -211,6 +211,16 @@ fn out_of_range_ids_from_a_stream_are_refused() {
         e.replica_checkpoint(0, u64::MAX - 1),
         Err(Error::InvalidArgument(_))
     ));
+    // A CAS at the top of the range would leave the CAS clock nowhere to go
+    // (an overflow once the replica takes writes of its own).
+    let mut huge = entry(QueueOp::Mutation, "k", 2).meta();
+    huge.cas = u64::MAX;
+    let item = QueuedItem::new(QueueOp::Mutation, b"k", b"v", huge);
+    assert!(matches!(
+        e.apply_replicated(0, &item),
+        Err(Error::InvalidArgument(_))
+    ));
+    assert!(matches!(e.get(b"k"), Err(Error::NotFound)));
     // Nothing was applied: the partition still takes a normal window.
     let start = entry(QueueOp::OnlineUpdateStart { checkpoint_id: 9 }, "", 3);
     assert_eq!(
