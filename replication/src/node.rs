@@ -914,22 +914,34 @@ fn serve_stream(
         std::thread::Builder::new()
             .name(format!("tapkv-acks-{name}"))
             .spawn(move || ack_reader(&s, reader))
-            .map_err(ProtocolError::Io)?
+    };
+    let acker = match acker {
+        Ok(t) => t,
+        Err(e) => {
+            // Out of threads: the stream must not stay registered (it would
+            // count towards `Replicate` majorities with nobody serving it).
+            unregister_stream(state, &name, &shared);
+            return Err(ProtocolError::Io(e));
+        }
     };
     let result = stream_loop(state, &shared, &reqs, &mut writer);
     shared.stop.store(true, Ordering::Release);
     for r in &reqs {
         let _ = engine.remove_cursor(r.partition, &shared.cursor);
     }
-    {
-        let mut streams = state.streams.lock();
-        if streams.get(&name).is_some_and(|s| Arc::ptr_eq(s, &shared)) {
-            streams.remove(&name);
-        }
-    }
+    unregister_stream(state, &name, &shared);
     let _ = acker.join();
     tracing::info!(stream = %name, ok = result.is_ok(), "replication stream closed");
     result
+}
+
+/// Removes `stream` from the node's streams, unless a newer stream of the
+/// same replica has replaced it there.
+fn unregister_stream(state: &NodeState, name: &str, stream: &Arc<StreamShared>) {
+    let mut streams = state.streams.lock();
+    if streams.get(name).is_some_and(|s| Arc::ptr_eq(s, stream)) {
+        streams.remove(name);
+    }
 }
 
 fn ack_reader(s: &StreamShared, mut reader: FrameReader) {
