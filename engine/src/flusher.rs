@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use crate::checkpoint::{CursorProgress, EventRef};
 use crate::engine::Shared;
 use crate::error::{Error, Result};
-use crate::partition::{in_ranges, Partition, PERSISTENCE_CURSOR};
+use crate::partition::{in_ranges, Partition, PartitionWriter, PERSISTENCE_CURSOR};
 use crate::store::{FlushBatch, PartitionDiskState};
 use crate::sync::{Arc, Ordering};
 
@@ -377,14 +377,12 @@ fn close_open_checkpoints_streams_lag_in(shared: &Shared, mine: &[&Partition]) -
     }
     let mut closed = false;
     for p in mine {
-        // Checked under the lock, closed under it again: a write in between
-        // only lands in the checkpoint being closed, which is harmless.
-        let read = {
-            let w = p.lock();
+        // Checked and closed under one lock: a START in between would
+        // otherwise have its window's checkpoint closed.
+        let read = |w: &PartitionWriter| {
             w.window.is_none() && w.checkpoints.open_checkpoint_read_by_all_but_droppable()
         };
-        if read {
-            let id = p.create_checkpoint(&shared.store)?;
+        if let Some(id) = p.create_checkpoint_if(&shared.store, read)? {
             tracing::debug!(
                 partition = p.id,
                 id,

@@ -373,10 +373,24 @@ impl Partition {
 
     /// Closes the open checkpoint on demand; returns the new open id.
     pub(crate) fn create_checkpoint(&self, store: &Store) -> Result<u64> {
+        self.create_checkpoint_if(store, |_| true)
+            .map(|id| id.unwrap_or_default())
+    }
+
+    /// Closes the open checkpoint if `close` says so, decided under the same
+    /// lock; returns the new open id if it closed one.
+    pub(crate) fn create_checkpoint_if(
+        &self,
+        store: &Store,
+        close: impl FnOnce(&PartitionWriter) -> bool,
+    ) -> Result<Option<u64>> {
         let mut w = self.writer.lock();
+        if !close(&w) {
+            return Ok(None);
+        }
         let high = w.checkpoints.high_seqno();
         self.ensure_reserved(&mut w, store, high)?;
-        Ok(w.checkpoints.create_checkpoint())
+        Ok(Some(w.checkpoints.create_checkpoint()))
     }
 }
 
