@@ -8,12 +8,12 @@ use std::time::{Duration, Instant};
 
 mod common;
 use common::{
-    from_the_start, primary_with_limit, set_through_memory_pressure, stream_cursors, wait_until,
+    from_the_start, primary_with_limit, set_through_memory_pressure, stream_by_hand,
+    stream_cursors, wait_until,
 };
 use tapkv_replication::io::{FrameReader, FrameWriter};
-use tapkv_replication::message::{hello, stream_open, Ack, StreamMessage};
+use tapkv_replication::message::{Ack, StreamMessage};
 use tapkv_replication::node::{Node, NodeConfig};
-use tapkv_replication::protocol::DEFAULT_MAX_BODY;
 
 const LIMIT: usize = 1 << 20;
 
@@ -27,12 +27,7 @@ fn key(i: usize) -> Vec<u8> {
 fn open_stream(primary: &Node, name: &str) -> (FrameReader, FrameWriter) {
     let p = primary.engine().unwrap();
     let conn = TcpStream::connect(primary.local_addr()).unwrap();
-    let mut reader = FrameReader::new(conn.try_clone().unwrap(), DEFAULT_MAX_BODY);
-    reader.set_timeout(Duration::from_millis(50)).unwrap();
-    let mut writer = FrameWriter::new(conn);
-    writer.send(&hello(name)).unwrap();
-    reader.next_within(200).unwrap();
-    writer.send(&stream_open(name, &from_the_start(p))).unwrap();
+    let (reader, writer) = stream_by_hand(conn, name, &from_the_start(p));
     wait_until("the stream's cursors", Duration::from_secs(30), || {
         stream_cursors(p).len() == usize::from(p.num_partitions())
     });

@@ -6,13 +6,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{from_the_start, stream_cursors, wait_until};
+use common::{from_the_start, stream_by_hand, stream_cursors, wait_until};
 use tapkv_engine::{Durability, Engine, WriteOptions};
 use tapkv_replication::client::Client;
-use tapkv_replication::io::{FrameReader, FrameWriter};
-use tapkv_replication::message::{hello, stream_open};
 use tapkv_replication::node::{Node, NodeConfig};
-use tapkv_replication::protocol::DEFAULT_MAX_BODY;
 
 #[test]
 fn a_replica_with_another_partition_count_refuses_to_replicate() {
@@ -107,14 +104,7 @@ fn a_silent_replica_has_its_stream_ended_and_stops_counting_for_replicate() {
     // A "replica" that opens a stream, then never reads or acknowledges
     // again, with its connection left open (a hung process).
     let conn = std::net::TcpStream::connect(primary.local_addr()).unwrap();
-    let mut reader = FrameReader::new(conn.try_clone().unwrap(), DEFAULT_MAX_BODY);
-    reader.set_timeout(Duration::from_millis(50)).unwrap();
-    let mut writer = FrameWriter::new(conn);
-    writer.send(&hello("hung")).unwrap();
-    reader.next_within(200).unwrap();
-    writer
-        .send(&stream_open("hung", &from_the_start(p)))
-        .unwrap();
+    let hung = stream_by_hand(conn, "hung", &from_the_start(p));
     wait_until("the hung replica's stream", Duration::from_secs(10), || {
         stream_cursors(p).len() == 4
     });
@@ -145,7 +135,7 @@ fn a_silent_replica_has_its_stream_ended_and_stops_counting_for_replicate() {
         },
     )
     .unwrap();
-    drop((reader, writer));
+    drop(hung);
     replica.shutdown().unwrap();
     primary.shutdown().unwrap();
 }

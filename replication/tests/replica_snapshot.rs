@@ -9,15 +9,13 @@ use std::time::{Duration, Instant};
 
 mod common;
 use common::{
-    from_the_start, primary, primary_with_limit, set_through_memory_pressure, stream_cursors,
-    wait_until,
+    from_the_start, primary, primary_with_limit, set_through_memory_pressure, stream_by_hand,
+    stream_cursors, wait_until,
 };
 use tapkv_engine::{Engine, WriteOptions};
 use tapkv_replication::client::Client;
-use tapkv_replication::io::{FrameReader, FrameWriter};
-use tapkv_replication::message::{hello, stream_open, Ack, StreamMessage, StreamRequest};
+use tapkv_replication::message::{stream_open, Ack, StreamMessage, StreamRequest};
 use tapkv_replication::node::{Node, NodeConfig};
-use tapkv_replication::protocol::DEFAULT_MAX_BODY;
 
 const ITEMS: usize = 20_000;
 const BUFFER: usize = 16 << 10;
@@ -216,22 +214,16 @@ fn a_backfill_scanning_outside_its_range_sends_heartbeats() {
     // A replica that holds all but the last ten seqnos; memory (reopened)
     // holds none of them, so they come from disk.
     let conn = std::net::TcpStream::connect(node.local_addr()).unwrap();
-    let mut reader = FrameReader::new(conn.try_clone().unwrap(), DEFAULT_MAX_BODY);
-    reader.set_timeout(Duration::from_millis(50)).unwrap();
-    let mut writer = FrameWriter::new(conn);
-    writer.send(&hello("narrow")).unwrap();
-    reader.next_within(200).unwrap();
     let from = WRITTEN - 10;
-    writer
-        .send(&stream_open(
-            "narrow",
-            &[StreamRequest {
-                partition: 0,
-                uuid,
-                seqno: from,
-            }],
-        ))
-        .unwrap();
+    let (mut reader, writer) = stream_by_hand(
+        conn,
+        "narrow",
+        &[StreamRequest {
+            partition: 0,
+            uuid,
+            seqno: from,
+        }],
+    );
     let (mut in_snapshot, mut noops, mut items) = (false, 0, Vec::new());
     loop {
         let f = reader.next_within(600).unwrap();
@@ -299,21 +291,15 @@ fn a_primary_waits_past_its_write_timeout_for_a_replica_that_acknowledges_progre
         )
     };
     assert_eq!(rc, 0);
-    let mut reader = FrameReader::new(conn.try_clone().unwrap(), DEFAULT_MAX_BODY);
-    reader.set_timeout(Duration::from_millis(50)).unwrap();
-    let mut writer = FrameWriter::new(conn);
-    writer.send(&hello("busy")).unwrap();
-    reader.next_within(200).unwrap();
-    writer
-        .send(&stream_open(
-            "busy",
-            &[StreamRequest {
-                partition: 0,
-                uuid: 0,
-                seqno: 0,
-            }],
-        ))
-        .unwrap();
+    let (mut reader, mut writer) = stream_by_hand(
+        conn,
+        "busy",
+        &[StreamRequest {
+            partition: 0,
+            uuid: 0,
+            seqno: 0,
+        }],
+    );
     let mut items = 0u64;
     let mut paused = false;
     loop {

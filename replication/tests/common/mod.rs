@@ -5,8 +5,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use tapkv_engine::{Engine, Error, WriteOptions, PERSISTENCE_CURSOR};
-use tapkv_replication::message::StreamRequest;
+use tapkv_replication::io::{FrameReader, FrameWriter};
+use tapkv_replication::message::{hello, stream_open, StreamRequest};
 use tapkv_replication::node::{Node, NodeConfig};
+use tapkv_replication::protocol::DEFAULT_MAX_BODY;
 
 /// Polls `cond` every 5 ms until it holds; panics after `limit`.
 pub fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
@@ -84,4 +86,21 @@ pub fn primary(dir: &Path) -> Node {
         NodeConfig::new("127.0.0.1:0"),
     )
     .unwrap()
+}
+
+/// Plays a replica by hand on `conn`, connected to a node: says HELLO and
+/// asks for a stream called `name` from `reqs` (its reply is left to read).
+/// Reads wait at most 50 ms each.
+pub fn stream_by_hand(
+    conn: std::net::TcpStream,
+    name: &str,
+    reqs: &[StreamRequest],
+) -> (FrameReader, FrameWriter) {
+    let mut reader = FrameReader::new(conn.try_clone().unwrap(), DEFAULT_MAX_BODY);
+    reader.set_timeout(Duration::from_millis(50)).unwrap();
+    let mut writer = FrameWriter::new(conn);
+    writer.send(&hello(name)).unwrap();
+    reader.next_within(200).unwrap();
+    writer.send(&stream_open(name, reqs)).unwrap();
+    (reader, writer)
 }
