@@ -187,6 +187,17 @@ fn a_stalled_backfill_pins_no_checkpoints_and_writes_go_on() {
     primary.shutdown().unwrap();
 }
 
+/// Writes `n` items of `value` into a one-partition engine in `dir` and
+/// closes it: reopened, memory holds none of them, so a stream backfills
+/// them from disk.
+fn persist_one_partition(dir: &std::path::Path, n: u64, value: &[u8]) {
+    let e = Engine::builder(dir).partitions(1).open().unwrap();
+    for i in 0..n as usize {
+        e.set(&key(i), value, WriteOptions::default()).unwrap();
+    }
+    e.close().unwrap();
+}
+
 /// A backfill of a narrow seqno range still reads the whole partition from
 /// disk (it is stored in key order); through long stretches without a
 /// match the primary sends NOOPs, so the replica does not take the silence
@@ -195,13 +206,7 @@ fn a_stalled_backfill_pins_no_checkpoints_and_writes_go_on() {
 fn a_backfill_scanning_outside_its_range_sends_heartbeats() {
     const WRITTEN: u64 = 150_000;
     let dir = tempfile::tempdir().unwrap();
-    {
-        let e = Engine::builder(dir.path()).partitions(1).open().unwrap();
-        for i in 0..WRITTEN as usize {
-            e.set(&key(i), b"v", WriteOptions::default()).unwrap();
-        }
-        e.close().unwrap();
-    }
+    persist_one_partition(dir.path(), WRITTEN, b"v");
     let mut cfg = NodeConfig::new("127.0.0.1:0");
     // Scanning the 65,536 records between two backfill ticks takes
     // milliseconds on any machine.
@@ -261,14 +266,7 @@ fn a_primary_waits_past_its_write_timeout_for_a_replica_that_acknowledges_progre
     use std::os::fd::AsRawFd;
     const WRITTEN: u64 = 80_000;
     let dir = tempfile::tempdir().unwrap();
-    {
-        let e = Engine::builder(dir.path()).partitions(1).open().unwrap();
-        let value = vec![b'v'; 100];
-        for i in 0..WRITTEN as usize {
-            e.set(&key(i), &value, WriteOptions::default()).unwrap();
-        }
-        e.close().unwrap();
-    }
+    persist_one_partition(dir.path(), WRITTEN, &[b'v'; 100]);
     let mut cfg = NodeConfig::new("127.0.0.1:0");
     cfg.io_timeout = Duration::from_millis(300);
     // Silence (no ack at all) would still end the stream after 1 s.
