@@ -56,6 +56,8 @@ pub struct Client {
     writer: FrameWriter,
     partitions: u16,
     role: String,
+    /// The node's largest accepted frame body (from its HELLO reply).
+    max_body: usize,
     opaque: u32,
     timeout: Duration,
     last_request: Instant,
@@ -101,6 +103,7 @@ impl Client {
             writer: FrameWriter::new(conn),
             partitions: 0,
             role: String::new(),
+            max_body: DEFAULT_MAX_BODY,
             opaque: 0,
             timeout,
             last_request: Instant::now(),
@@ -109,6 +112,9 @@ impl Client {
         let info: serde_json::Value = serde_json::from_slice(&r.value).unwrap_or_default();
         c.partitions = info["partitions"].as_u64().unwrap_or(0) as u16;
         c.role = info["role"].as_str().unwrap_or("").to_owned();
+        if let Some(m) = info["max_body"].as_u64() {
+            c.max_body = usize::try_from(m).unwrap_or(usize::MAX);
+        }
         Ok(c)
     }
 
@@ -129,8 +135,31 @@ impl Client {
         self.reply()
     }
 
-    /// Sends `req` under the next opaque, which its replies echo.
+    /// Sends `req` under the next opaque, which its replies echo. A request
+    /// the node could only refuse by closing the connection (a key longer
+    /// than the header's 16-bit length, a body over the node's limit) is
+    /// refused here instead, unsent, and the connection stays usable.
     fn send_request(&mut self, mut req: Frame) -> Result<(), ClientError> {
+        let body = req.extras.len() + req.key.len() + req.value.len();
+        if req.key.len() > usize::from(u16::MAX) {
+            return Err(ClientError::Status {
+                status: status::INVALID_ARGUMENTS,
+                message: format!(
+                    "key_too_large: key of {} bytes cannot be framed (at most {}); not sent",
+                    req.key.len(),
+                    u16::MAX
+                ),
+            });
+        }
+        if body > self.max_body {
+            return Err(ClientError::Status {
+                status: status::VALUE_TOO_LARGE,
+                message: format!(
+                    "value_too_large: request body of {body} bytes is over the node's limit of {} bytes; not sent",
+                    self.max_body
+                ),
+            });
+        }
         self.opaque = self.opaque.wrapping_add(1);
         req.opaque = self.opaque;
         self.last_request = Instant::now();
@@ -257,10 +286,22 @@ impl Client {
         )
     }
 
-    /// DELETE.
+    /// DELETE (memory durability).
     pub fn delete(&mut self, key: &[u8]) -> Result<WriteReply, ClientError> {
+        self.delete_durable(key, tapkv_engine::Durability::Memory)
+    }
+
+    /// DELETE with any durability (`Persist` returns once the deletion is on
+    /// disk, `Replicate` once a majority of replicas hold it).
+    pub fn delete_durable(
+        &mut self,
+        key: &[u8],
+        durability: tapkv_engine::Durability,
+    ) -> Result<WriteReply, ClientError> {
         let p = self.partition_of(key);
-        let r = self.call(Frame::request(opcode::DELETE, p).with_key(key.to_vec()))?;
+        let mut f = Frame::request(opcode::DELETE, p).with_key(key.to_vec());
+        f.datatype |= crate::message::durability_bits(durability);
+        let r = self.call(f)?;
         Ok(WriteReply {
             partition: p,
             seqno: u64_at(&r.extras, 0),

@@ -109,6 +109,26 @@ pub mod status {
     pub const BAD_VERSION: u16 = 0x00c2;
     /// tapkv: the request must start with HELLO.
     pub const HANDSHAKE_REQUIRED: u16 = 0x00c3;
+
+    /// The `<kind>` an error response of status `st` starts with when the
+    /// node, not the engine, refused the request (engine errors carry their
+    /// own `Error::kind()`).
+    pub fn kind(st: u16) -> &'static str {
+        match st {
+            KEY_NOT_FOUND => "not_found",
+            KEY_EXISTS => "exists",
+            VALUE_TOO_LARGE => "value_too_large",
+            INVALID_ARGUMENTS => "invalid_argument",
+            NOT_MY_VBUCKET => "not_my_partition",
+            UNKNOWN_COMMAND => "unknown_command",
+            TEMP_FAILURE => "temp_oom",
+            WRONG_STATE => "wrong_state",
+            TIMEOUT => "timeout",
+            BAD_VERSION => "bad_version",
+            HANDSHAKE_REQUIRED => "handshake_required",
+            _ => "internal",
+        }
+    }
 }
 
 /// What a replica asks per partition when it opens a stream.

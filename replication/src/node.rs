@@ -277,8 +277,10 @@ fn error_response(req: &Frame, e: &Error) -> Frame {
     Frame::response(req, engine_status(e)).with_value(format!("{}: {e}", e.kind()).into_bytes())
 }
 
+/// An error response the node itself makes: `<kind>: <message>`, as every
+/// error response (see `status::kind`).
 fn status_response(req: &Frame, st: u16, msg: &str) -> Frame {
-    Frame::response(req, st).with_value(msg.as_bytes().to_vec())
+    Frame::response(req, st).with_value(format!("{}: {msg}", status::kind(st)).into_bytes())
 }
 
 fn u64s(vals: &[u64]) -> Bytes {
@@ -463,6 +465,7 @@ fn serve_connection(
         "name": cfg.name,
         "role": if state.replica { "replica" } else { "primary" },
         "partitions": state.engine.num_partitions(),
+        "max_body": cfg.max_body,
     });
     writer
         .send(&json_response(&first, &info).with_extras(PROTOCOL_VERSION.to_be_bytes().to_vec()))?;
@@ -619,6 +622,7 @@ fn handle_request_inner(state: &NodeState, f: &Frame) -> Result<Frame, Frame> {
             check_partition(state, f)?;
             let opts = WriteOptions {
                 cas: (f.cas != 0).then_some(f.cas),
+                durability: crate::message::durability_of(f.datatype),
                 ..WriteOptions::default()
             };
             let r = e.delete(&f.key, opts).map_err(fail)?;
