@@ -4,7 +4,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
@@ -35,17 +35,28 @@ pub struct Proc {
 impl Proc {
     /// Starts `tapkv ARGS` with stdout piped into a line channel.
     pub fn spawn(args: &[&str]) -> Proc {
+        Proc::spawn_with(args, Stdio::null()).0
+    }
+
+    /// As [`Proc::spawn`], with a pipe to the child's stdin.
+    pub fn spawn_piped(args: &[&str]) -> (Proc, ChildStdin) {
+        let (p, stdin) = Proc::spawn_with(args, Stdio::piped());
+        (p, stdin.expect("piped stdin"))
+    }
+
+    fn spawn_with(args: &[&str], stdin: Stdio) -> (Proc, Option<ChildStdin>) {
         let mut cmd = Command::new(tapkv_bin());
         if std::env::var_os("TAPKV_LOG").is_none() {
             cmd.env("TAPKV_LOG", "warn");
         }
         let mut child = cmd
             .args(args)
-            .stdin(Stdio::null())
+            .stdin(stdin)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
             .expect("spawn tapkv");
+        let input = child.stdin.take();
         let stdout = child.stdout.take().expect("piped stdout");
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -60,10 +71,13 @@ impl Proc {
                 }
             }
         });
-        Proc {
-            child: Some(child),
-            lines: Some(rx),
-        }
+        (
+            Proc {
+                child: Some(child),
+                lines: Some(rx),
+            },
+            input,
+        )
     }
 
     /// The next stdout line, or `None` at end of output; panics after `timeout`.
@@ -96,14 +110,18 @@ impl Proc {
 
     /// Waits for a normal exit (bounded) and returns whether it succeeded.
     pub fn wait_success(&mut self, timeout: Duration) -> bool {
-        let Some(c) = self.child.as_mut() else {
-            return false;
-        };
+        self.wait_status(timeout).is_some_and(|s| s.success())
+    }
+
+    /// Waits (bounded: panics after `timeout`) for the process to end and
+    /// returns its status (`None` if it was already reaped).
+    pub fn wait_status(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let c = self.child.as_mut()?;
         let deadline = Instant::now() + timeout;
         loop {
             if let Ok(Some(status)) = c.try_wait() {
                 self.child = None;
-                return status.success();
+                return Some(status);
             }
             assert!(
                 Instant::now() < deadline,
@@ -121,7 +139,7 @@ impl Drop for Proc {
 }
 
 /// Runs `tapkv ARGS` to completion (bounded) and returns (success, stdout, stderr).
-pub fn run(args: &[&str], stdin: &str, timeout: Duration) -> (bool, String, String) {
+pub fn run(args: &[&str], stdin: impl AsRef<[u8]>, timeout: Duration) -> (bool, String, String) {
     use std::io::Write;
     let mut child = Command::new(tapkv_bin())
         .args(args)
@@ -131,9 +149,9 @@ pub fn run(args: &[&str], stdin: &str, timeout: Duration) -> (bool, String, Stri
         .spawn()
         .expect("spawn tapkv");
     let mut input = child.stdin.take().expect("piped stdin");
-    let data = stdin.to_owned();
+    let data = stdin.as_ref().to_vec();
     let writer = std::thread::spawn(move || {
-        let _ = input.write_all(data.as_bytes());
+        let _ = input.write_all(&data);
     });
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {

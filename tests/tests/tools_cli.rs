@@ -210,3 +210,208 @@ fn shell_online_update_commands_and_crash() {
     assert!(ok);
     assert!(out.contains(&format!("window {w3} lost")), "{out}");
 }
+
+#[test]
+fn demo_refuses_a_directory_it_did_not_make() {
+    let dir = tempfile::tempdir().unwrap();
+    let precious = dir.path().join("precious.txt");
+    std::fs::write(&precious, "keep me").unwrap();
+    let d = dir.path().to_str().unwrap();
+    let (ok, _, err) = run(&["demo", "--data", d, "--items", "10"], "", T);
+    assert!(!ok, "the demo must refuse a foreign non-empty directory");
+    assert!(err.contains("not made by `tapkv demo`"), "{err}");
+    assert_eq!(std::fs::read_to_string(&precious).unwrap(), "keep me");
+    assert!(!dir.path().join("engine").exists());
+}
+
+/// `kv del --addr --durability persist` asks the node for a durable
+/// deletion: inside an online-update window, where nothing may be made
+/// durable, the node refuses it (a deletion sent as Memory would succeed).
+#[test]
+fn kv_del_over_the_network_carries_its_durability() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = tapkv_tests::NodeProc::start(dir.path(), "127.0.0.1:0", None, "del-node", &[]);
+    let a = node.addr.as_str();
+    let (ok, out, err) = run(&["kv", "set", "--addr", a, "doomed", "v"], "", T);
+    assert!(ok, "{out}{err}");
+    let mut c = node.client();
+    let p = c.partition_of(b"doomed");
+    c.update_start(p).unwrap();
+    let del = |durability: &str| {
+        run(
+            &[
+                "kv",
+                "del",
+                "--addr",
+                a,
+                "doomed",
+                "--durability",
+                durability,
+            ],
+            "",
+            T,
+        )
+    };
+    let (ok, _, err) = del("persist");
+    assert!(!ok, "a Persist deletion inside a window must be refused");
+    assert!(err.contains("window"), "{err}");
+    let (ok, out, _) = run(&["kv", "get", "--addr", a, "doomed"], "", T);
+    assert!(ok && out == "v\n", "{out}");
+    let (ok, out, err) = del("memory");
+    assert!(ok, "{out}{err}");
+    c.update_complete(p).unwrap();
+    let (ok, _, _) = run(&["kv", "get", "--addr", a, "doomed"], "", T);
+    assert!(!ok);
+}
+
+/// Lines that are not UTF-8 and values holding line breaks: each command
+/// still gets one answer line, values are escaped (docs/shell.md), and the
+/// shell goes on.
+#[test]
+fn shell_takes_any_bytes_and_answers_each_command_on_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let mut script = Vec::new();
+    script.extend_from_slice(b"set k caf\xc3\xa9 \xff line\\nbreak\\\\\n");
+    script.extend_from_slice(b"get k\n");
+    script.extend_from_slice(b"\xfe\xfe\n");
+    script.extend_from_slice(b"set k2 a\\qb\n");
+    script.extend_from_slice(b"set k2 a\rb\r\n");
+    script.extend_from_slice(b"get k2\n");
+    script.extend_from_slice(b"get k\n");
+    let (ok, out, err) = run(&["shell", "--data", d], &script, T);
+    assert!(ok, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 7, "{out}");
+    assert!(lines[0].starts_with("OK PARTITION"), "{}", lines[0]);
+    assert_eq!(lines[1], "VALUE caf\u{e9} \\xff line\\nbreak\\\\");
+    assert!(
+        lines[2].starts_with("ERROR invalid_argument:"),
+        "{}",
+        lines[2]
+    );
+    assert!(
+        lines[3].starts_with("ERROR invalid_argument: bad escape"),
+        "{}",
+        lines[3]
+    );
+    assert!(lines[4].starts_with("OK PARTITION"), "{}", lines[4]);
+    assert_eq!(lines[5], "VALUE a\\rb");
+    assert_eq!(lines[6], lines[1]);
+    // The stored bytes are the unescaped ones.
+    let (ok, out, _) = run(&["kv", "get", "--data", d, "k"], "", T);
+    assert!(ok);
+    assert_eq!(
+        out.as_bytes(),
+        "caf\u{e9} \u{fffd} line\nbreak\\\n".as_bytes()
+    );
+}
+
+/// `shell --addr` parses and answers as `shell --data` does, and a value
+/// over the node's frame limit is refused without ending the session.
+#[test]
+fn shell_over_the_network_answers_like_the_local_shell() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = tapkv_tests::NodeProc::start(
+        dir.path(),
+        "127.0.0.1:0",
+        None,
+        "shell-node",
+        &["--max-body", "4096"],
+    );
+    let big = "x".repeat(5000);
+    let script = format!(
+        "set big {big}\nset a 1\nget a\nget a b\nget\npartition\nset t tab\\there\nget t\n\
+         checkpoints 0\ncursors 0\nstats\nflush now\nbogus\nrestart\n"
+    );
+    let (ok, out, err) = run(&["shell", "--addr", &node.addr], &script, T);
+    assert!(ok, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 14, "{out}");
+    assert!(
+        lines[0].starts_with("ERROR value_too_large:"),
+        "{}",
+        lines[0]
+    );
+    assert!(lines[1].starts_with("OK PARTITION"), "{}", lines[1]);
+    assert_eq!(lines[2], "VALUE 1");
+    for i in [3, 4, 5, 11, 12, 13] {
+        assert!(
+            lines[i].starts_with("ERROR invalid_argument:"),
+            "{i}: {}",
+            lines[i]
+        );
+    }
+    assert!(lines[6].starts_with("OK PARTITION"), "{}", lines[6]);
+    assert_eq!(lines[7], "VALUE tab\\there");
+    assert!(lines[8].starts_with("OK id="), "{}", lines[8]);
+    assert!(lines[9].starts_with("OK "), "{}", lines[9]);
+    assert!(
+        lines[10].starts_with("OK items=2 dirty=")
+            && lines[10].contains(" partitions=16 ")
+            && lines[10].contains(" open_windows=- lost_windows=0")
+            && lines[10].ends_with(" role=primary"),
+        "{}",
+        lines[10]
+    );
+    // The same script on a local data directory: the same answers, but
+    // for the figures and what only a node has.
+    let local = tempfile::tempdir().unwrap();
+    let (ok, lout, err) = run(
+        &["shell", "--data", local.path().to_str().unwrap()],
+        &script,
+        T,
+    );
+    assert!(ok, "{err}");
+    let llines: Vec<&str> = lout.lines().collect();
+    assert_eq!(llines.len(), 14, "{lout}");
+    let shape = |l: &str| l.split([' ', '=']).next().unwrap_or("").to_owned();
+    for (i, (r, l)) in lines.iter().zip(&llines).enumerate() {
+        if i == 0 || i == 13 {
+            continue; // frame limit and `restart` are the node's and the directory's
+        }
+        assert_eq!(shape(r), shape(l), "line {i}: {r} / {l}");
+    }
+    assert_eq!(llines[2], "VALUE 1");
+    assert_eq!(llines[7], "VALUE tab\\there");
+}
+
+/// SIGINT ends a local shell as end of input does: the engine is closed
+/// cleanly (all answered writes flushed), exit status 130.
+#[test]
+fn shell_closes_the_engine_cleanly_on_sigint() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let (mut shell, mut stdin) = tapkv_tests::Proc::spawn_piped(&["shell", "--data", d]);
+    let mut script = String::new();
+    for i in 0..2000 {
+        script.push_str(&format!("set key-{i} value-{i}\n"));
+    }
+    stdin.write_all(script.as_bytes()).unwrap();
+    stdin.flush().unwrap();
+    for _ in 0..2000 {
+        let line = shell.next_line(T).expect("an answer");
+        assert!(line.starts_with("OK PARTITION"), "{line}");
+    }
+    let pid = shell.child.as_ref().unwrap().id() as i32;
+    // SAFETY: kill(2) on our own child's pid.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::kill(pid, libc::SIGINT);
+    }
+    let status = shell.wait_status(T).expect("exit status");
+    assert_eq!(status.code(), Some(130), "{status:?}");
+    drop(stdin);
+    let (ok, out, err) = run(&["admin", "inspect", "--data", d, "--json"], "", T);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["clean_shutdown"], true, "{out}");
+    let items: u64 = v["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["items"].as_u64().unwrap())
+        .sum();
+    assert_eq!(items, 2000, "{out}");
+}

@@ -2,13 +2,20 @@
 //!
 //! The grammar is documented in `docs/shell.md`. Answers start with `OK`,
 //! `VALUE`, `NOT_FOUND` or `ERROR <kind>:`; an error never ends the shell.
+//! One parser serves both targets: an engine embedded in this process
+//! (`--data`) and a running node (`--addr`), whose answers are formatted by
+//! the same functions, so a script sees the same lines from either.
 
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::Args;
+use serde::Deserialize;
+use signal_hook::consts::{SIGINT, SIGTERM};
 use tapkv_engine::{Engine, Error, PartitionId, WriteOptions};
 
 use crate::{connect, Target};
@@ -27,13 +34,350 @@ pub(crate) struct ShellArgs {
 
 const HELP: &str = "commands: set KEY VALUE | add KEY VALUE | replace KEY VALUE | get KEY | \
 del KEY | partition KEY | evict KEY | flush | checkpoint P | checkpoints P | cursors P | \
-update start|complete|revert P | stats | restart | crash | help | quit";
+update start|complete|revert P | stats | restart | crash | help | quit \
+(escapes in KEY and VALUE: \\\\ \\n \\r \\t \\xNN)";
 
-/// A shell over an embedded engine.
+/// A parsed command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Command {
+    Write {
+        op: WriteOp,
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+    Get(Vec<u8>),
+    Del(Vec<u8>),
+    Partition(Vec<u8>),
+    Evict(Vec<u8>),
+    Update(UpdateOp, PartitionId),
+    Flush,
+    Checkpoint(PartitionId),
+    Checkpoints(PartitionId),
+    Cursors(PartitionId),
+    Stats,
+    Restart,
+    Crash,
+    Help,
+    Quit,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WriteOp {
+    Set,
+    Add,
+    Replace,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum UpdateOp {
+    Start,
+    Complete,
+    Revert,
+}
+
+fn usage(msg: &str) -> String {
+    format!("ERROR invalid_argument: {msg}")
+}
+
+/// Escapes `v` for a one-line answer: `\` becomes `\\`; newline, carriage
+/// return and tab become `\n`, `\r`, `\t`; other control characters, line
+/// and paragraph separators and bytes that are not UTF-8 become `\xNN`;
+/// everything else (spaces and non-ASCII text included) is written as is.
+/// [`unescape`] reverses it.
+pub(crate) fn escape(v: &[u8]) -> String {
+    let mut out = String::with_capacity(v.len());
+    let hex = |out: &mut String, bytes: &[u8]| {
+        for b in bytes {
+            out.push_str(&format!("\\x{b:02x}"));
+        }
+    };
+    for chunk in v.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            match c {
+                '\\' => out.push_str("\\\\"),
+                '\n' => out.push_str("\\n"),
+                '\r' => out.push_str("\\r"),
+                '\t' => out.push_str("\\t"),
+                c if c.is_control() || c == '\u{2028}' || c == '\u{2029}' => {
+                    let mut buf = [0; 4];
+                    hex(&mut out, c.encode_utf8(&mut buf).as_bytes());
+                }
+                c => out.push(c),
+            }
+        }
+        hex(&mut out, chunk.invalid());
+    }
+    out
+}
+
+/// Reads the escapes [`escape`] writes (`\\`, `\n`, `\r`, `\t`, `\xNN`);
+/// any other backslash sequence is an error.
+pub(crate) fn unescape(s: &[u8]) -> Result<Vec<u8>, String> {
+    let mut out = Vec::with_capacity(s.len());
+    let mut i = 0;
+    while i < s.len() {
+        if s[i] != b'\\' {
+            out.push(s[i]);
+            i += 1;
+            continue;
+        }
+        let byte = match s.get(i + 1) {
+            Some(b'\\') => b'\\',
+            Some(b'n') => b'\n',
+            Some(b'r') => b'\r',
+            Some(b't') => b'\t',
+            Some(b'x') => {
+                let digits = s
+                    .get(i + 2..i + 4)
+                    .and_then(|d| std::str::from_utf8(d).ok())
+                    .and_then(|d| u8::from_str_radix(d, 16).ok());
+                match digits {
+                    Some(b) => {
+                        out.push(b);
+                        i += 4;
+                        continue;
+                    }
+                    None => {
+                        return Err(format!("bad escape at byte {i}: \\x needs two hex digits"))
+                    }
+                }
+            }
+            _ => {
+                return Err(format!(
+                    "bad escape at byte {i}: use \\\\, \\n, \\r, \\t or \\xNN"
+                ))
+            }
+        };
+        out.push(byte);
+        i += 2;
+    }
+    Ok(out)
+}
+
+/// Parses one command line (without its line ending).
+fn parse(line: &[u8]) -> Result<Command, String> {
+    let (cmd, rest) = match line.iter().position(|&b| b == b' ') {
+        Some(i) => (&line[..i], &line[i + 1..]),
+        None => (line, &b""[..]),
+    };
+    let cmd = std::str::from_utf8(cmd).unwrap_or("\u{fffd}");
+    let rest_text = || std::str::from_utf8(rest).unwrap_or("");
+    // KEY: exactly one word, unescaped, not empty.
+    let key = || -> Result<Vec<u8>, String> {
+        if rest.is_empty() || rest.contains(&b' ') {
+            return Err(usage(&format!("usage: {cmd} KEY")));
+        }
+        unescape(rest).map_err(|e| usage(&e))
+    };
+    let partition = |arg: &str| -> Result<PartitionId, String> {
+        arg.parse::<PartitionId>().map_err(|_| {
+            usage(&format!(
+                "usage: {cmd} P ({arg:?} is not a partition number)"
+            ))
+        })
+    };
+    let none = |c: Command| -> Result<Command, String> {
+        if rest.is_empty() {
+            Ok(c)
+        } else {
+            Err(usage(&format!("`{cmd}` takes no arguments")))
+        }
+    };
+    match cmd {
+        "" => Err(usage("empty command; try `help`")),
+        "quit" | "exit" => none(Command::Quit),
+        "help" => none(Command::Help),
+        "crash" => none(Command::Crash),
+        "flush" => none(Command::Flush),
+        "stats" => none(Command::Stats),
+        "restart" => none(Command::Restart),
+        "set" | "add" | "replace" => {
+            let Some(i) = rest.iter().position(|&b| b == b' ') else {
+                return Err(usage(&format!("usage: {cmd} KEY VALUE")));
+            };
+            let key = unescape(&rest[..i]).map_err(|e| usage(&e))?;
+            if key.is_empty() {
+                return Err(usage(&format!("usage: {cmd} KEY VALUE")));
+            }
+            let value = unescape(&rest[i + 1..]).map_err(|e| usage(&e))?;
+            let op = match cmd {
+                "add" => WriteOp::Add,
+                "replace" => WriteOp::Replace,
+                _ => WriteOp::Set,
+            };
+            Ok(Command::Write { op, key, value })
+        }
+        "get" => Ok(Command::Get(key()?)),
+        "del" => Ok(Command::Del(key()?)),
+        "partition" => Ok(Command::Partition(key()?)),
+        "evict" => Ok(Command::Evict(key()?)),
+        "checkpoint" => Ok(Command::Checkpoint(partition(rest_text())?)),
+        "checkpoints" => Ok(Command::Checkpoints(partition(rest_text())?)),
+        "cursors" => Ok(Command::Cursors(partition(rest_text())?)),
+        "update" => {
+            let bad = || usage("usage: update start|complete|revert P");
+            let (what, p) = rest_text().split_once(' ').ok_or_else(bad)?;
+            let op = match what {
+                "start" => UpdateOp::Start,
+                "complete" => UpdateOp::Complete,
+                "revert" => UpdateOp::Revert,
+                _ => return Err(bad()),
+            };
+            Ok(Command::Update(op, partition(p)?))
+        }
+        other => Err(usage(&format!("unknown command {other:?}; try `help`"))),
+    }
+}
+
+/// One checkpoint, as both targets report it.
+#[derive(Debug, Deserialize)]
+struct CheckpointView {
+    id: u64,
+    open: bool,
+    start_seqno: u64,
+    high_seqno: u64,
+    items: u64,
+    mem_bytes: u64,
+}
+
+/// One cursor, as both targets report it.
+#[derive(Debug, Deserialize)]
+struct CursorView {
+    name: String,
+    checkpoint_id: u64,
+    seqno: u64,
+    remaining: u64,
+}
+
+/// The figures `stats` prints, from an engine or from a node's `STAT` JSON.
+#[derive(Debug, Deserialize)]
+struct StatsView {
+    items: u64,
+    dirty: u64,
+    checkpoint_mem_bytes: u64,
+    partitions: Vec<PartitionView>,
+    /// A node's role (absent for an embedded engine).
+    #[serde(default)]
+    role: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct PartitionView {
+    partition: PartitionId,
+    flushes: u64,
+    flushed_items: u64,
+    high_seqno: u64,
+    evicted_items: u64,
+    bg_fetches: u64,
+    window: Option<WindowView>,
+    lost_windows: Vec<serde::de::IgnoredAny>,
+}
+
+#[derive(Debug, Deserialize)]
+struct WindowView {
+    checkpoint_id: u64,
+}
+
+fn format_write(partition: PartitionId, seqno: u64, cas: u64) -> String {
+    format!("OK PARTITION {partition} SEQNO {seqno} CAS {cas}")
+}
+
+fn format_del(partition: PartitionId, seqno: u64) -> String {
+    format!("OK PARTITION {partition} SEQNO {seqno}")
+}
+
+fn format_revert(id: u64, removed: u64, restored: u64) -> String {
+    format!("OK CHECKPOINT {id} REMOVED {removed} RESTORED {restored}")
+}
+
+fn format_checkpoints(cks: &[CheckpointView]) -> String {
+    let parts: Vec<String> = cks
+        .iter()
+        .map(|c| {
+            format!(
+                "id={} state={} start={} high={} items={} mem={}",
+                c.id,
+                if c.open { "open" } else { "closed" },
+                c.start_seqno,
+                c.high_seqno,
+                c.items,
+                c.mem_bytes
+            )
+        })
+        .collect();
+    format!("OK {}", parts.join("; "))
+}
+
+fn format_cursors(cs: &[CursorView]) -> String {
+    let parts: Vec<String> = cs
+        .iter()
+        .map(|c| {
+            format!(
+                "{} checkpoint={} seqno={} remaining={}",
+                c.name, c.checkpoint_id, c.seqno, c.remaining
+            )
+        })
+        .collect();
+    format!("OK {}", parts.join("; "))
+}
+
+fn format_stats(st: &StatsView) -> String {
+    let sum = |f: fn(&PartitionView) -> u64| -> u64 { st.partitions.iter().map(f).sum() };
+    let high = st
+        .partitions
+        .iter()
+        .map(|p| p.high_seqno)
+        .max()
+        .unwrap_or(0);
+    let windows: Vec<String> = st
+        .partitions
+        .iter()
+        .filter_map(|p| {
+            p.window
+                .as_ref()
+                .map(|w| format!("{}:{}", p.partition, w.checkpoint_id))
+        })
+        .collect();
+    let lost: usize = st.partitions.iter().map(|p| p.lost_windows.len()).sum();
+    let mut line = format!(
+        "OK items={} dirty={} checkpoint_mem={} flushes={} flushed_items={} \
+         max_high_seqno={high} partitions={} evicted={} bg_fetches={} \
+         open_windows={} lost_windows={lost}",
+        st.items,
+        st.dirty,
+        st.checkpoint_mem_bytes,
+        sum(|p| p.flushes),
+        sum(|p| p.flushed_items),
+        st.partitions.len(),
+        sum(|p| p.evicted_items),
+        sum(|p| p.bg_fetches),
+        if windows.is_empty() {
+            "-".to_string()
+        } else {
+            windows.join(",")
+        },
+    );
+    if let Some(role) = &st.role {
+        line.push_str(&format!(" role={role}"));
+    }
+    line
+}
+
+/// What a shell runs its commands on.
+enum Backend {
+    /// An engine in this process (`None` only between `restart`'s close
+    /// and reopen, or after a failed reopen).
+    Local {
+        path: PathBuf,
+        engine: Option<Engine>,
+    },
+    /// A running node.
+    Remote(KeptAlive),
+}
+
+/// A shell over an embedded engine or a node.
 pub(crate) struct Shell {
-    path: PathBuf,
-    engine: Option<Engine>,
-    remote: Option<KeptAlive>,
+    backend: Backend,
 }
 
 /// What one command line produced.
@@ -49,261 +393,243 @@ fn err(e: &Error) -> String {
     }
 }
 
-fn usage(msg: &str) -> String {
-    format!("ERROR invalid_argument: {msg}")
+fn remote_err(e: &ClientError) -> String {
+    if e.is_not_found() {
+        return "NOT_FOUND".into();
+    }
+    match e {
+        // The node's message is `<kind>: <text>` (docs/protocol.md).
+        ClientError::Status { message, .. } => format!("ERROR {message}"),
+        other => format!("ERROR io: {other}"),
+    }
+}
+
+/// Decodes a node's JSON answer into the view the formatter takes.
+fn from_json<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> Result<T, String> {
+    serde_json::from_value(v).map_err(|e| format!("ERROR io: unexpected answer from the node: {e}"))
 }
 
 impl Shell {
     pub(crate) fn open(path: PathBuf) -> Result<Shell, Error> {
         let engine = Engine::builder(&path).open()?;
         Ok(Shell {
-            path,
-            engine: Some(engine),
-            remote: None,
+            backend: Backend::Local {
+                path,
+                engine: Some(engine),
+            },
         })
     }
 
-    fn engine(&self) -> Result<&Engine, Error> {
-        self.engine.as_ref().ok_or(Error::Closed)
-    }
-
-    fn partition(&self, arg: Option<&str>) -> Result<PartitionId, String> {
-        let Some(arg) = arg else {
-            return Err(usage("missing partition number"));
+    /// Executes one command line (its line ending, if any, is ignored).
+    pub(crate) fn execute(&mut self, line: &[u8]) -> Reply {
+        let line = line.strip_suffix(b"\n").unwrap_or(line);
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let cmd = match parse(line) {
+            Ok(c) => c,
+            Err(e) => return Reply::Line(e),
         };
-        arg.parse::<PartitionId>()
-            .map_err(|_| usage(&format!("{arg:?} is not a partition number")))
-    }
-
-    /// Executes one command line.
-    pub(crate) fn execute(&mut self, line: &str) -> Reply {
-        if let Some(remote) = self.remote.as_ref() {
-            return remote.with(|c| remote_execute(c, line));
-        }
-        let line = line.trim_end_matches(['\r', '\n']);
-        let mut words = line.splitn(2, ' ');
-        let cmd = words.next().unwrap_or("");
-        let rest = words.next().unwrap_or("");
         let text = match cmd {
-            "" => return Reply::Line(usage("empty command; try `help`")),
-            "quit" | "exit" => return Reply::Quit,
-            // Exit at once, without flushing or closing: as a kill would.
-            "crash" => std::process::exit(137),
-            "help" => format!("OK {HELP}"),
-            "set" | "add" | "replace" => self.write(cmd, rest),
-            "get" => self.get(rest),
-            "del" => self.del(rest),
-            _ => self.admin(cmd, rest),
+            Command::Quit => return Reply::Quit,
+            Command::Help => format!("OK {HELP}"),
+            cmd => match &mut self.backend {
+                Backend::Local { path, engine } => {
+                    // Exit at once, without flushing or closing: as a kill would.
+                    if cmd == Command::Crash {
+                        std::process::exit(137);
+                    }
+                    local(path, engine, cmd).unwrap_or_else(|e| e)
+                }
+                Backend::Remote(r) => r.with(|c| remote(c, cmd)).unwrap_or_else(|e| e),
+            },
         };
         Reply::Line(text)
     }
 
-    fn write(&self, cmd: &str, rest: &str) -> String {
-        let Some((key, value)) = rest.split_once(' ') else {
-            return usage(&format!("usage: {cmd} KEY VALUE"));
-        };
-        let engine = match self.engine() {
-            Ok(e) => e,
-            Err(e) => return err(&e),
-        };
-        let value = value.as_bytes().to_vec();
-        let r = match cmd {
-            "add" => engine.add(key.as_bytes(), value, WriteOptions::default()),
-            "replace" => engine.replace(key.as_bytes(), value, WriteOptions::default()),
-            _ => engine.set(key.as_bytes(), value, WriteOptions::default()),
-        };
-        match r {
-            Ok(r) => format!(
-                "OK PARTITION {} SEQNO {} CAS {}",
-                r.partition, r.seqno, r.cas
-            ),
-            Err(e) => err(&e),
-        }
-    }
-
-    fn get(&self, key: &str) -> String {
-        if key.is_empty() || key.contains(' ') {
-            return usage("usage: get KEY");
-        }
-        match self.engine().and_then(|e| e.get(key.as_bytes())) {
-            Ok(item) => format!("VALUE {}", String::from_utf8_lossy(item.value())),
-            Err(e) => err(&e),
-        }
-    }
-
-    fn del(&self, key: &str) -> String {
-        if key.is_empty() || key.contains(' ') {
-            return usage("usage: del KEY");
-        }
-        match self
-            .engine()
-            .and_then(|e| e.delete(key.as_bytes(), WriteOptions::default()))
-        {
-            Ok(r) => format!("OK PARTITION {} SEQNO {}", r.partition, r.seqno),
-            Err(e) => err(&e),
-        }
-    }
-
-    fn admin(&mut self, cmd: &str, rest: &str) -> String {
-        let arg = rest.split_whitespace().next();
-        let key_arg = || -> Result<&str, String> {
-            match arg {
-                Some(k) if !rest.contains(' ') => Ok(k),
-                _ => Err(usage(&format!("usage: {cmd} KEY"))),
-            }
-        };
-        let result: Result<String, String> = (|| match cmd {
-            "partition" => {
-                let key = key_arg()?;
-                let e = self.engine().map_err(|e| err(&e))?;
-                Ok(format!("OK PARTITION {}", e.partition_of(key.as_bytes())))
-            }
-            "evict" => {
-                let key = key_arg()?;
-                self.engine()
-                    .and_then(|e| e.evict(key.as_bytes()))
-                    .map_err(|e| err(&e))?;
-                Ok("OK EVICTED".into())
-            }
-            "update" => {
-                let mut w = rest.split_whitespace();
-                let (what, p) = (w.next(), w.next());
-                let p = self.partition(p)?;
-                let e = self.engine().map_err(|e| err(&e))?;
-                match what {
-                    Some("start") => e
-                        .online_update_start(p)
-                        .map(|id| format!("OK CHECKPOINT {id}")),
-                    Some("complete") => e
-                        .online_update_complete(p)
-                        .map(|id| format!("OK CHECKPOINT {id}")),
-                    Some("revert") => e.online_update_revert(p).map(|r| {
-                        format!(
-                            "OK CHECKPOINT {} REMOVED {} RESTORED {}",
-                            r.checkpoint_id, r.removed, r.restored
-                        )
-                    }),
-                    _ => return Err(usage("usage: update start|complete|revert P")),
-                }
-                .map_err(|e| err(&e))
-            }
-            "flush" => {
-                self.engine().and_then(Engine::flush).map_err(|e| err(&e))?;
-                Ok("OK".into())
-            }
-            "checkpoint" => {
-                let p = self.partition(arg)?;
-                let id = self
-                    .engine()
-                    .and_then(|e| e.create_checkpoint(p))
-                    .map_err(|e| err(&e))?;
-                Ok(format!("OK CHECKPOINT {id}"))
-            }
-            "checkpoints" => {
-                let p = self.partition(arg)?;
-                let cks = self
-                    .engine()
-                    .and_then(|e| e.checkpoints(p))
-                    .map_err(|e| err(&e))?;
-                let parts: Vec<String> = cks
-                    .iter()
-                    .map(|c| {
-                        format!(
-                            "id={} state={} start={} high={} items={} mem={}",
-                            c.id,
-                            if c.open { "open" } else { "closed" },
-                            c.start_seqno,
-                            c.high_seqno,
-                            c.items,
-                            c.mem_bytes
-                        )
-                    })
-                    .collect();
-                Ok(format!("OK {}", parts.join("; ")))
-            }
-            "cursors" => {
-                let p = self.partition(arg)?;
-                let cs = self
-                    .engine()
-                    .and_then(|e| e.cursors(p))
-                    .map_err(|e| err(&e))?;
-                let parts: Vec<String> = cs
-                    .iter()
-                    .map(|c| {
-                        format!(
-                            "{} checkpoint={} seqno={} remaining={}",
-                            c.name, c.checkpoint_id, c.seqno, c.remaining
-                        )
-                    })
-                    .collect();
-                Ok(format!("OK {}", parts.join("; ")))
-            }
-            "stats" => {
-                let st = self.engine().and_then(Engine::stats).map_err(|e| err(&e))?;
-                let flushes: u64 = st.partitions.iter().map(|p| p.flushes).sum();
-                let flushed: u64 = st.partitions.iter().map(|p| p.flushed_items).sum();
-                let high: u64 = st
-                    .partitions
-                    .iter()
-                    .map(|p| p.high_seqno)
-                    .max()
-                    .unwrap_or(0);
-                let evicted: usize = st.partitions.iter().map(|p| p.evicted_items).sum();
-                let fetches: u64 = st.partitions.iter().map(|p| p.bg_fetches).sum();
-                let windows: Vec<String> = st
-                    .partitions
-                    .iter()
-                    .filter_map(|p| {
-                        p.window
-                            .map(|w| format!("{}:{}", p.partition, w.checkpoint_id))
-                    })
-                    .collect();
-                let lost: usize = st.partitions.iter().map(|p| p.lost_windows.len()).sum();
-                Ok(format!(
-                    "OK items={} dirty={} checkpoint_mem={} flushes={} flushed_items={} \
-                     max_high_seqno={} partitions={} evicted={} bg_fetches={} \
-                     open_windows={} lost_windows={}",
-                    st.items(),
-                    st.dirty(),
-                    st.checkpoint_mem_bytes,
-                    flushes,
-                    flushed,
-                    high,
-                    st.partitions.len(),
-                    evicted,
-                    fetches,
-                    if windows.is_empty() {
-                        "-".to_string()
-                    } else {
-                        windows.join(",")
-                    },
-                    lost
-                ))
-            }
-            "restart" => {
-                if let Some(engine) = self.engine.take() {
-                    engine.close().map_err(|e| err(&e))?;
-                }
-                let engine = Engine::builder(&self.path).open().map_err(|e| err(&e))?;
-                let items = engine.stats().map(|s| s.items()).unwrap_or(0);
-                self.engine = Some(engine);
-                Ok(format!("OK RESTARTED ITEMS {items}"))
-            }
-            other => Err(usage(&format!("unknown command {other:?}; try `help`"))),
-        })();
-        result.unwrap_or_else(|e| e)
-    }
-
-    pub(crate) fn close(mut self) -> Result<(), Error> {
-        match self.engine.take() {
-            Some(e) => e.close(),
-            None => Ok(()),
+    /// Closes an embedded engine cleanly (everything is flushed).
+    pub(crate) fn close(self) -> Result<(), Error> {
+        match self.backend {
+            Backend::Local {
+                engine: Some(e), ..
+            } => e.close(),
+            _ => Ok(()),
         }
     }
 }
 
+/// Runs `cmd` on the embedded engine.
+fn local(path: &PathBuf, slot: &mut Option<Engine>, cmd: Command) -> Result<String, String> {
+    if cmd == Command::Restart {
+        if let Some(engine) = slot.take() {
+            engine.close().map_err(|e| err(&e))?;
+        }
+        let engine = Engine::builder(path).open().map_err(|e| err(&e))?;
+        let items = engine.stats().map(|s| s.items()).unwrap_or(0);
+        *slot = Some(engine);
+        return Ok(format!("OK RESTARTED ITEMS {items}"));
+    }
+    let e = slot.as_ref().ok_or_else(|| err(&Error::Closed))?;
+    let fail = |x: Error| err(&x);
+    Ok(match cmd {
+        Command::Write { op, key, value } => {
+            let r = match op {
+                WriteOp::Add => e.add(&key, value, WriteOptions::default()),
+                WriteOp::Replace => e.replace(&key, value, WriteOptions::default()),
+                WriteOp::Set => e.set(&key, value, WriteOptions::default()),
+            }
+            .map_err(fail)?;
+            format_write(r.partition, r.seqno, r.cas)
+        }
+        Command::Get(key) => format!("VALUE {}", escape(e.get(&key).map_err(fail)?.value())),
+        Command::Del(key) => {
+            let r = e.delete(&key, WriteOptions::default()).map_err(fail)?;
+            format_del(r.partition, r.seqno)
+        }
+        Command::Partition(key) => format!("OK PARTITION {}", e.partition_of(&key)),
+        Command::Evict(key) => {
+            e.evict(&key).map_err(fail)?;
+            "OK EVICTED".into()
+        }
+        Command::Update(UpdateOp::Start, p) => {
+            format!("OK CHECKPOINT {}", e.online_update_start(p).map_err(fail)?)
+        }
+        Command::Update(UpdateOp::Complete, p) => {
+            format!(
+                "OK CHECKPOINT {}",
+                e.online_update_complete(p).map_err(fail)?
+            )
+        }
+        Command::Update(UpdateOp::Revert, p) => {
+            let r = e.online_update_revert(p).map_err(fail)?;
+            format_revert(r.checkpoint_id, r.removed as u64, r.restored as u64)
+        }
+        Command::Flush => {
+            e.flush().map_err(fail)?;
+            "OK".into()
+        }
+        Command::Checkpoint(p) => {
+            format!("OK CHECKPOINT {}", e.create_checkpoint(p).map_err(fail)?)
+        }
+        Command::Checkpoints(p) => {
+            let cks: Vec<CheckpointView> = e
+                .checkpoints(p)
+                .map_err(fail)?
+                .iter()
+                .map(|c| CheckpointView {
+                    id: c.id,
+                    open: c.open,
+                    start_seqno: c.start_seqno,
+                    high_seqno: c.high_seqno,
+                    items: c.items as u64,
+                    mem_bytes: c.mem_bytes as u64,
+                })
+                .collect();
+            format_checkpoints(&cks)
+        }
+        Command::Cursors(p) => {
+            let cs: Vec<CursorView> = e
+                .cursors(p)
+                .map_err(fail)?
+                .into_iter()
+                .map(|c| CursorView {
+                    name: c.name,
+                    checkpoint_id: c.checkpoint_id,
+                    seqno: c.seqno,
+                    remaining: c.remaining as u64,
+                })
+                .collect();
+            format_cursors(&cs)
+        }
+        Command::Stats => {
+            let st = e.stats().map_err(fail)?;
+            format_stats(&StatsView {
+                items: st.items() as u64,
+                dirty: st.dirty(),
+                checkpoint_mem_bytes: st.checkpoint_mem_bytes as u64,
+                partitions: st
+                    .partitions
+                    .iter()
+                    .map(|p| PartitionView {
+                        partition: p.partition,
+                        flushes: p.flushes,
+                        flushed_items: p.flushed_items,
+                        high_seqno: p.high_seqno,
+                        evicted_items: p.evicted_items as u64,
+                        bg_fetches: p.bg_fetches,
+                        window: p.window.map(|w| WindowView {
+                            checkpoint_id: w.checkpoint_id,
+                        }),
+                        lost_windows: p
+                            .lost_windows
+                            .iter()
+                            .map(|_| serde::de::IgnoredAny)
+                            .collect(),
+                    })
+                    .collect(),
+                role: None,
+            })
+        }
+        Command::Restart | Command::Crash | Command::Help | Command::Quit => {
+            unreachable!("handled before")
+        }
+    })
+}
+
+/// Runs `cmd` on a node over the network.
+fn remote(c: &mut Client, cmd: Command) -> Result<String, String> {
+    let fail = |x: ClientError| remote_err(&x);
+    Ok(match cmd {
+        Command::Write { op, key, value } => {
+            let r = match op {
+                WriteOp::Add => c.add(&key, &value),
+                WriteOp::Replace => c.replace(&key, &value),
+                WriteOp::Set => c.set(&key, &value, 0, false),
+            }
+            .map_err(fail)?;
+            format_write(r.partition, r.seqno, r.cas)
+        }
+        Command::Get(key) => format!("VALUE {}", escape(&c.get(&key).map_err(fail)?.0)),
+        Command::Del(key) => {
+            let r = c.delete(&key).map_err(fail)?;
+            format_del(r.partition, r.seqno)
+        }
+        Command::Partition(key) => format!("OK PARTITION {}", c.partition_of(&key)),
+        Command::Evict(key) => {
+            c.evict(&key).map_err(fail)?;
+            "OK EVICTED".into()
+        }
+        Command::Update(UpdateOp::Start, p) => {
+            format!("OK CHECKPOINT {}", c.update_start(p).map_err(fail)?)
+        }
+        Command::Update(UpdateOp::Complete, p) => {
+            format!("OK CHECKPOINT {}", c.update_complete(p).map_err(fail)?)
+        }
+        Command::Update(UpdateOp::Revert, p) => {
+            let (id, removed, restored) = c.update_revert(p).map_err(fail)?;
+            format_revert(id, removed, restored)
+        }
+        Command::Flush => {
+            c.flush().map_err(fail)?;
+            "OK".into()
+        }
+        Command::Checkpoint(p) => format!("OK CHECKPOINT {}", c.checkpoint(p).map_err(fail)?),
+        Command::Checkpoints(p) => format_checkpoints(&from_json::<Vec<CheckpointView>>(
+            c.partition_info(p, "checkpoints").map_err(fail)?,
+        )?),
+        Command::Cursors(p) => format_cursors(&from_json::<Vec<CursorView>>(
+            c.partition_info(p, "cursors").map_err(fail)?,
+        )?),
+        Command::Stats => format_stats(&from_json::<StatsView>(c.stats().map_err(fail)?)?),
+        Command::Restart | Command::Crash => {
+            return Err(usage(
+                "`restart` and `crash` work only on a local data directory (--data)",
+            ))
+        }
+        Command::Help | Command::Quit => unreachable!("handled before"),
+    })
+}
+
 pub(crate) fn run(args: ShellArgs) -> Result<ExitCode, Error> {
-    let mut shell = match (args.target.data, args.target.addr) {
+    let shell = match (args.target.data, args.target.addr) {
         (Some(dir), _) => Shell::open(dir)?,
         (None, Some(addr)) => {
             let client = connect(&addr)?;
@@ -315,9 +641,7 @@ pub(crate) fn run(args: ShellArgs) -> Result<ExitCode, Error> {
             let remote = KeptAlive::new(client, every)
                 .map_err(|e| Error::Io(std::io::Error::other(format!("keep-alive thread: {e}"))))?;
             Shell {
-                path: PathBuf::new(),
-                engine: None,
-                remote: Some(remote),
+                backend: Backend::Remote(remote),
             }
         }
         (None, None) => {
@@ -326,11 +650,46 @@ pub(crate) fn run(args: ShellArgs) -> Result<ExitCode, Error> {
             ))
         }
     };
-    let stdin = std::io::stdin();
+    // SIGINT / SIGTERM: a thread waits for the command in progress, closes
+    // the engine cleanly (everything answered OK is flushed), and exits
+    // 128 + the signal's number. A second signal exits at once.
+    let shell = Arc::new(Mutex::new(Some(shell)));
+    let closing = Arc::new(AtomicBool::new(false));
+    for sig in [SIGTERM, SIGINT] {
+        signal_hook::flag::register_conditional_shutdown(sig, 1, Arc::clone(&closing))?;
+    }
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
+    let on_signal = Arc::clone(&shell);
+    std::thread::Builder::new()
+        .name("tapkv-shell-signals".into())
+        .spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                closing.store(true, Ordering::Release);
+                let taken = on_signal.lock().unwrap_or_else(|p| p.into_inner()).take();
+                let code = match taken.map_or(Ok(()), Shell::close) {
+                    Ok(()) => 128 + sig,
+                    Err(e) => {
+                        eprintln!("error: closing after signal {sig}: {e}");
+                        1
+                    }
+                };
+                std::process::exit(code);
+            }
+        })?;
+    let mut input = std::io::stdin().lock();
     let mut out = std::io::stdout().lock();
-    for line in stdin.lock().lines() {
-        let line = line?;
-        match shell.execute(&line) {
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        if input.read_until(b'\n', &mut line)? == 0 {
+            break;
+        }
+        let mut guard = shell.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(sh) = guard.as_mut() else {
+            // Closing after a signal: the signal thread exits the process.
+            break;
+        };
+        match sh.execute(&line) {
             Reply::Line(text) => {
                 writeln!(out, "{text}")?;
                 out.flush()?;
@@ -338,109 +697,71 @@ pub(crate) fn run(args: ShellArgs) -> Result<ExitCode, Error> {
             Reply::Quit => break,
         }
     }
-    shell.close()?;
+    let taken = shell.lock().unwrap_or_else(|p| p.into_inner()).take();
+    if let Some(shell) = taken {
+        shell.close()?;
+    } else {
+        // The signal thread is closing the engine and will exit the process.
+        loop {
+            std::thread::park();
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
 
-fn remote_err(e: &ClientError) -> String {
-    if e.is_not_found() {
-        return "NOT_FOUND".into();
-    }
-    match e {
-        ClientError::Status { message, .. } => format!("ERROR {message}"),
-        other => format!("ERROR io: {other}"),
-    }
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
 
-/// The same grammar, executed by a node over the network.
-fn remote_execute(c: &mut Client, line: &str) -> Reply {
-    let line = line.trim_end_matches(['\r', '\n']);
-    let (cmd, rest) = line.split_once(' ').unwrap_or((line, ""));
-    let arg = rest.split_whitespace().next();
-    let part = |a: Option<&str>| -> Result<u16, String> {
-        a.and_then(|a| a.parse().ok())
-            .ok_or_else(|| usage("missing or bad partition number"))
-    };
-    let text: Result<String, String> = match cmd {
-        "" => Err(usage("empty command; try `help`")),
-        "quit" | "exit" => return Reply::Quit,
-        "help" => Ok(format!("OK {HELP}")),
-        "set" | "add" | "replace" => match rest.split_once(' ') {
-            None => Err(usage(&format!("usage: {cmd} KEY VALUE"))),
-            Some((k, v)) => match cmd {
-                "add" => c.add(k.as_bytes(), v.as_bytes()),
-                "replace" => c.replace(k.as_bytes(), v.as_bytes()),
-                _ => c.set(k.as_bytes(), v.as_bytes(), 0, false),
-            }
-            .map(|r| {
-                format!(
-                    "OK PARTITION {} SEQNO {} CAS {}",
-                    r.partition, r.seqno, r.cas
-                )
-            })
-            .map_err(|e| remote_err(&e)),
-        },
-        "get" => c
-            .get(rest.as_bytes())
-            .map(|(v, _)| format!("VALUE {}", String::from_utf8_lossy(&v)))
-            .map_err(|e| remote_err(&e)),
-        "del" => c
-            .delete(rest.as_bytes())
-            .map(|r| format!("OK PARTITION {} SEQNO {}", r.partition, r.seqno))
-            .map_err(|e| remote_err(&e)),
-        "partition" => Ok(format!("OK PARTITION {}", c.partition_of(rest.as_bytes()))),
-        "evict" => c
-            .evict(rest.as_bytes())
-            .map(|_| "OK EVICTED".into())
-            .map_err(|e| remote_err(&e)),
-        "flush" => c.flush().map(|_| "OK".into()).map_err(|e| remote_err(&e)),
-        "checkpoint" => part(arg).and_then(|p| {
-            c.checkpoint(p)
-                .map(|id| format!("OK CHECKPOINT {id}"))
-                .map_err(|e| remote_err(&e))
-        }),
-        "checkpoints" | "cursors" => part(arg).and_then(|p| {
-            c.partition_info(p, cmd)
-                .map(|v| format!("OK {v}"))
-                .map_err(|e| remote_err(&e))
-        }),
-        "stats" => c
-            .stats()
-            .map(|v| {
-                format!(
-                    "OK items={} dirty={} checkpoint_mem={} role={}",
-                    v["items"],
-                    v["dirty"],
-                    v["checkpoint_mem_bytes"],
-                    v["role"].as_str().unwrap_or("")
-                )
-            })
-            .map_err(|e| remote_err(&e)),
-        "update" => {
-            let mut w = rest.split_whitespace();
-            let what = w.next();
-            part(w.next()).and_then(|p| match what {
-                Some("start") => c
-                    .update_start(p)
-                    .map(|id| format!("OK CHECKPOINT {id}"))
-                    .map_err(|e| remote_err(&e)),
-                Some("complete") => c
-                    .update_complete(p)
-                    .map(|id| format!("OK CHECKPOINT {id}"))
-                    .map_err(|e| remote_err(&e)),
-                Some("revert") => c
-                    .update_revert(p)
-                    .map(|(id, removed, restored)| {
-                        format!("OK CHECKPOINT {id} REMOVED {removed} RESTORED {restored}")
-                    })
-                    .map_err(|e| remote_err(&e)),
-                _ => Err(usage("usage: update start|complete|revert P")),
-            })
+    proptest! {
+        #[test]
+        fn escaping_round_trips_and_stays_on_one_line(v in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let e = escape(&v);
+            let breaks = ['\n', '\r', '\u{2028}', '\u{2029}', '\u{85}', '\u{b}', '\u{c}'];
+            prop_assert!(!e.contains(breaks), "{:?}", e);
+            prop_assert_eq!(unescape(e.as_bytes()).unwrap(), v);
         }
-        "restart" | "crash" => Err(usage(&format!(
-            "`{cmd}` works only on a local data directory (--data)"
-        ))),
-        other => Err(usage(&format!("unknown command {other:?}; try `help`"))),
-    };
-    Reply::Line(text.unwrap_or_else(|e| e))
+
+        #[test]
+        fn text_without_backslashes_or_controls_is_written_as_is(s in "[^\\\\\\p{Cc}\u{2028}\u{2029}]{0,40}") {
+            prop_assert_eq!(escape(s.as_bytes()), s);
+        }
+    }
+
+    #[test]
+    fn parses_the_grammar() {
+        assert_eq!(
+            parse(b"set k\\x20y two words\\n"),
+            Ok(Command::Write {
+                op: WriteOp::Set,
+                key: b"k y".to_vec(),
+                value: b"two words\n".to_vec()
+            })
+        );
+        assert_eq!(parse(b"get k"), Ok(Command::Get(b"k".to_vec())));
+        assert_eq!(
+            parse(b"update revert 3"),
+            Ok(Command::Update(UpdateOp::Revert, 3))
+        );
+        assert_eq!(parse(b"checkpoints 7"), Ok(Command::Checkpoints(7)));
+        for bad in [
+            &b"get"[..],
+            b"get a b",
+            b"set k",
+            b"set  v",
+            b"partition",
+            b"update start",
+            b"update stop 1",
+            b"checkpoints x",
+            b"flush now",
+            b"set k bad\\q",
+            b"set k \\x4",
+            b"\xff",
+            b"",
+        ] {
+            let e = parse(bad).unwrap_err();
+            assert!(e.starts_with("ERROR invalid_argument: "), "{bad:?}: {e}");
+        }
+    }
 }
