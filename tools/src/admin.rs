@@ -44,20 +44,24 @@ pub(crate) fn run(cmd: AdminCommand) -> Result<ExitCode, Error> {
             (None, Some(addr)) => {
                 let v = connect(&addr)?.admin("inspect").map_err(remote)?;
                 if json {
-                    println!("{v}");
+                    outln!("{v}")?;
                 } else {
                     let text = |x: &serde_json::Value| x.as_str().unwrap_or("").to_owned();
                     let num = |x: &serde_json::Value| x.as_u64().unwrap_or(0);
-                    println!(
+                    outln!(
                         "node {} ({}), data directory {}",
                         text(&v["name"]),
                         text(&v["role"]),
                         text(&v["data"])
-                    );
-                    println!(
+                    )?;
+                    outln!(
                         "{:>9} {:>12} {:>10} {:>13} {:>8}  online update",
-                        "partition", "high_seqno", "persisted", "checkpoint_id", "items"
-                    );
+                        "partition",
+                        "high_seqno",
+                        "persisted",
+                        "checkpoint_id",
+                        "items"
+                    )?;
                     for p in v["partitions"].as_array().into_iter().flatten() {
                         let mut notes = Vec::new();
                         if !p["window"].is_null() {
@@ -69,7 +73,7 @@ pub(crate) fn run(cmd: AdminCommand) -> Result<ExitCode, Error> {
                         for w in p["lost_windows"].as_array().into_iter().flatten() {
                             notes.push(format!("window {} lost", num(&w["checkpoint_id"])));
                         }
-                        println!(
+                        outln!(
                             "{:>9} {:>12} {:>10} {:>13} {:>8}  {}",
                             num(&p["partition"]),
                             num(&p["high_seqno"]),
@@ -81,7 +85,7 @@ pub(crate) fn run(cmd: AdminCommand) -> Result<ExitCode, Error> {
                             } else {
                                 notes.join("; ")
                             }
-                        );
+                        )?;
                     }
                 }
                 Ok(ExitCode::SUCCESS)
@@ -132,25 +136,25 @@ pub(crate) fn run(cmd: AdminCommand) -> Result<ExitCode, Error> {
             let v = connect(&addr)?.admin("streams").map_err(remote)?;
             let streams = v.as_array().cloned().unwrap_or_default();
             if streams.is_empty() {
-                println!("no replication streams");
+                outln!("no replication streams")?;
             }
             for s in streams {
-                println!(
+                outln!(
                     "stream {} from {}: {} bytes unacknowledged, last ack {} ms ago",
                     s["name"].as_str().unwrap_or(""),
                     s["peer"].as_str().unwrap_or(""),
                     s["unacked_bytes"],
                     s["last_ack_ms"]
-                );
+                )?;
                 for p in s["partitions"].as_array().into_iter().flatten() {
-                    println!(
+                    outln!(
                         "  partition {:>3}: {:<11} sent {:>8} acked {:>8} lag {:>6} items",
                         p["partition"],
                         p["state"].as_str().unwrap_or(""),
                         p["sent_seqno"],
                         p["acked_seqno"],
                         p["lag_items"]
-                    );
+                    )?;
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -172,10 +176,10 @@ fn inspect(data: &PathBuf, json: bool) -> Result<ExitCode, Error> {
             "clean_shutdown": clean,
             "partitions": parts,
         });
-        println!("{doc}");
+        outln!("{doc}")?;
         return Ok(ExitCode::SUCCESS);
     }
-    println!(
+    outln!(
         "data directory {} (last shutdown: {})",
         data.display(),
         if clean {
@@ -183,11 +187,15 @@ fn inspect(data: &PathBuf, json: bool) -> Result<ExitCode, Error> {
         } else {
             "not clean / still open"
         }
-    );
-    println!(
+    )?;
+    outln!(
         "{:>9} {:>12} {:>13} {:>10} {:>10}  online update",
-        "partition", "high_seqno", "checkpoint_id", "items", "tombstones"
-    );
+        "partition",
+        "high_seqno",
+        "checkpoint_id",
+        "items",
+        "tombstones"
+    )?;
     for p in &parts {
         let mut notes = Vec::new();
         if let Some(w) = p.open_window {
@@ -202,7 +210,7 @@ fn inspect(data: &PathBuf, json: bool) -> Result<ExitCode, Error> {
                 w.checkpoint_id
             ));
         }
-        println!(
+        outln!(
             "{:>9} {:>12} {:>13} {:>10} {:>10}  {}",
             p.partition,
             p.high_seqno,
@@ -214,10 +222,10 @@ fn inspect(data: &PathBuf, json: bool) -> Result<ExitCode, Error> {
             } else {
                 notes.join("; ")
             }
-        );
+        )?;
     }
     let items: u64 = parts.iter().map(|p| p.items).sum();
-    println!("total items: {items}");
+    outln!("total items: {items}")?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -1,6 +1,6 @@
 //! `tapkv demo`: a short guided run of the engine on a real data directory.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
@@ -10,10 +10,13 @@ use tapkv_engine::{Durability, Engine, Error, PartitionId, WriteOptions};
 
 #[derive(Args, Debug)]
 pub(crate) struct DemoArgs {
-    /// Data directory (wiped first unless --keep).
+    /// Data directory. The demo writes only its own subdirectories
+    /// (`engine`, `primary`, `replica-1`, `replica-2`) and a `.tapkv-demo`
+    /// marker; it clears them first unless --keep, and refuses a non-empty
+    /// directory without the marker (it never wipes data it did not make).
     #[arg(long, value_name = "DIR", default_value = "./tapkv-data")]
     data: PathBuf,
-    /// Keep what the directory already holds (shows warmup of older data).
+    /// Keep what the demo's subdirectories already hold (shows warmup of older data).
     #[arg(long)]
     keep: bool,
     /// Items to write.
@@ -21,13 +24,45 @@ pub(crate) struct DemoArgs {
     items: u64,
 }
 
-fn step(n: u32, title: &str) {
-    println!("\n== {n}. {title}");
+/// The file that marks a directory as the demo's own.
+const DEMO_MARKER: &str = ".tapkv-demo";
+/// The subdirectories the demo writes (and clears on the next run).
+const DEMO_PARTS: [&str; 4] = ["engine", "primary", "replica-1", "replica-2"];
+
+/// Makes `dir` ready for a run: clears the demo's own subdirectories
+/// (unless `keep`), after checking that `dir` is empty, new, or marked as
+/// the demo's, so that a mistyped `--data` cannot destroy anything else.
+fn prepare(dir: &Path, keep: bool) -> Result<(), Error> {
+    if dir.exists() && !dir.join(DEMO_MARKER).exists() && std::fs::read_dir(dir)?.next().is_some() {
+        return Err(Error::InvalidArgument(format!(
+            "{} is not empty and was not made by `tapkv demo` (no {DEMO_MARKER} in it); \
+             give the demo a new or empty directory",
+            dir.display()
+        )));
+    }
+    if !keep {
+        for part in DEMO_PARTS {
+            let p = dir.join(part);
+            if p.exists() {
+                std::fs::remove_dir_all(&p)?;
+            }
+        }
+    }
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(
+        dir.join(DEMO_MARKER),
+        "made by `tapkv demo`; the demo clears its subdirectories on its next run\n",
+    )?;
+    Ok(())
+}
+
+fn step(n: u32, title: &str) -> std::io::Result<()> {
+    outln!("\n== {n}. {title}")
 }
 
 fn show_partition(engine: &Engine, p: PartitionId) -> Result<(), Error> {
     for c in engine.checkpoints(p)? {
-        println!(
+        outln!(
             "   checkpoint {:>3} {:<6} seqnos {:>5}..={:<5} items {:>5}  {:>7} bytes",
             c.id,
             if c.open { "open" } else { "closed" },
@@ -35,39 +70,40 @@ fn show_partition(engine: &Engine, p: PartitionId) -> Result<(), Error> {
             c.high_seqno,
             c.items,
             c.mem_bytes
-        );
+        )?;
     }
     for c in engine.cursors(p)? {
-        println!(
+        outln!(
             "   cursor {:<12} in checkpoint {:>3} at seqno {:>5}, {:>5} items remaining",
-            c.name, c.checkpoint_id, c.seqno, c.remaining
-        );
+            c.name,
+            c.checkpoint_id,
+            c.seqno,
+            c.remaining
+        )?;
     }
     Ok(())
 }
 
 pub(crate) fn run(args: DemoArgs) -> Result<ExitCode, Error> {
     let dir = args.data.clone();
-    if !args.keep && dir.exists() {
-        std::fs::remove_dir_all(&dir)?;
-    }
-    println!("tapkv demo: data directory {}", dir.display());
+    prepare(&dir, args.keep)?;
+    outln!("tapkv demo: data directory {}", dir.display())?;
     let cluster_dir = dir.clone();
     let dir = &dir.join("engine");
 
-    step(1, "open the engine (16 partitions, defaults)");
+    step(1, "open the engine (16 partitions, defaults)")?;
     let engine = Engine::builder(dir).checkpoint_max_items(1000).open()?;
     let st = engine.stats()?;
-    println!(
+    outln!(
         "   opened with {} partitions, {} items warmed up",
         st.partitions.len(),
         st.items()
-    );
+    )?;
 
     step(
         2,
         &format!("write {} items with Memory durability", args.items),
-    );
+    )?;
     let t = Instant::now();
     for i in 0..args.items {
         engine.set(
@@ -76,54 +112,54 @@ pub(crate) fn run(args: DemoArgs) -> Result<ExitCode, Error> {
             WriteOptions::default(),
         )?;
     }
-    println!(
+    outln!(
         "   {} writes in {:.1} ms",
         args.items,
         t.elapsed().as_secs_f64() * 1e3
-    );
+    )?;
     let p = engine.partition_of(b"user:00000");
-    println!("   user:00000 lives in partition {p}; its checkpoints and cursors now:");
+    outln!("   user:00000 lives in partition {p}; its checkpoints and cursors now:")?;
     show_partition(&engine, p)?;
 
     step(
         3,
         "a second cursor reads the partition's changes in seqno order",
-    );
+    )?;
     engine.register_cursor(p, "demo-reader", 0).ok();
     let batch = engine.read_cursor(p, "demo-reader", 3)?;
     for ev in &batch.events {
         match ev {
-            tapkv_engine::CursorEvent::Item(it) => println!(
+            tapkv_engine::CursorEvent::Item(it) => outln!(
                 "   item     seqno {:>3}  {:?} = {}",
                 it.seqno(),
                 it.op,
                 String::from_utf8_lossy(it.key())
-            ),
-            other => println!("   {other:?}"),
+            )?,
+            other => outln!("   {other:?}")?,
         }
     }
-    println!("   updating user:00000 twice de-duplicates it inside the open checkpoint:");
+    outln!("   updating user:00000 twice de-duplicates it inside the open checkpoint:")?;
     engine.set(b"user:00000", "v2", WriteOptions::default())?;
     let r = engine.set(b"user:00000", "v3", WriteOptions::default())?;
-    println!("   last write got seqno {} cas {}", r.seqno, r.cas);
+    outln!("   last write got seqno {} cas {}", r.seqno, r.cas)?;
     show_partition(&engine, p)?;
     engine.remove_cursor(p, "demo-reader")?;
 
-    step(4, "the flusher persists everything to RocksDB");
+    step(4, "the flusher persists everything to RocksDB")?;
     engine.flush()?;
     let st = engine.stats()?;
     let flushes: u64 = st.partitions.iter().map(|x| x.flushes).sum();
     let flushed: u64 = st.partitions.iter().map(|x| x.flushed_items).sum();
-    println!(
+    outln!(
         "   {flushed} items written in {flushes} partition flushes; {} not yet persisted",
         st.dirty()
-    );
+    )?;
     show_partition(&engine, p)?;
 
     step(
         5,
         "Persist writes from 8 threads share syncs (group commit)",
-    );
+    )?;
     let engine = Arc::new(engine);
     let before = engine.stats()?.syncs;
     let t = Instant::now();
@@ -147,16 +183,16 @@ pub(crate) fn run(args: DemoArgs) -> Result<ExitCode, Error> {
             .map_err(|_| Error::Poisoned("demo thread panicked".into()))??;
     }
     let after = engine.stats()?.syncs;
-    println!(
+    outln!(
         "   200 durable writes in {:.1} ms needed only {} WAL syncs",
         t.elapsed().as_secs_f64() * 1e3,
         after - before
-    );
+    )?;
 
     step(
         6,
         "bad input gets a typed error and the engine keeps serving",
-    );
+    )?;
     for (what, r) in [
         (
             "300-byte key",
@@ -176,12 +212,12 @@ pub(crate) fn run(args: DemoArgs) -> Result<ExitCode, Error> {
         ),
     ] {
         match r {
-            Err(e) => println!("   {what:<25} -> {} ({e})", e.kind()),
-            Ok(_) => println!("   {what:<25} -> unexpectedly accepted"),
+            Err(e) => outln!("   {what:<25} -> {} ({e})", e.kind())?,
+            Ok(_) => outln!("   {what:<25} -> unexpectedly accepted")?,
         }
     }
 
-    step(7, "close cleanly, reopen: warmup restores the data");
+    step(7, "close cleanly, reopen: warmup restores the data")?;
     let high_before = engine.stats()?.partitions[usize::from(p)].high_seqno;
     let engine = Arc::try_unwrap(engine)
         .map_err(|_| Error::InvalidArgument("engine still shared".into()))?;
@@ -190,39 +226,42 @@ pub(crate) fn run(args: DemoArgs) -> Result<ExitCode, Error> {
     let t = Instant::now();
     let engine = Engine::builder(dir).checkpoint_max_items(1000).open()?;
     let st = engine.stats()?;
-    println!(
+    outln!(
         "   reopened in {:.1} ms: {} items (before close: {items_before})",
         t.elapsed().as_secs_f64() * 1e3,
         st.items()
-    );
-    println!(
+    )?;
+    outln!(
         "   user:00000 = {}",
         String::from_utf8_lossy(engine.get(b"user:00000")?.value())
-    );
+    )?;
     let r = engine.set(b"user:00000", "v4", WriteOptions::default())?;
-    println!(
+    outln!(
         "   partition {p}: high seqno before restart {high_before}, next write got seqno {}",
         r.seqno
-    );
+    )?;
     engine.close()?;
 
-    step(8, "what is on disk (tapkv admin inspect)");
+    step(8, "what is on disk (tapkv admin inspect)")?;
     let view = tapkv_engine::DiskView::open(dir)?;
     let parts = view.partitions()?;
     let total: u64 = parts.iter().map(|x| x.items).sum();
     for x in parts.iter().take(4) {
-        println!(
+        outln!(
             "   partition {:>2}: high seqno {:>4}, checkpoint {:>3}, {:>4} items",
-            x.partition, x.high_seqno, x.checkpoint_id, x.items
-        );
+            x.partition,
+            x.high_seqno,
+            x.checkpoint_id,
+            x.items
+        )?;
     }
-    println!("   ... {} partitions, {total} items in all", parts.len());
+    outln!("   ... {} partitions, {total} items in all", parts.len())?;
     drop(view);
     crate::demo_cluster::run(&cluster_dir, &step)?;
-    println!(
+    outln!(
         "\ndemo finished: data left in {} (try `tapkv admin inspect --data {}`)",
         cluster_dir.display(),
         dir.display()
-    );
+    )?;
     Ok(ExitCode::SUCCESS)
 }

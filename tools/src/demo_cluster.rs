@@ -57,17 +57,20 @@ fn converge(primary: &Node, replicas: [&Node; 2]) -> Result<(Vec<Row>, Duration)
     }
 }
 
-pub(crate) fn run(dir: &Path, step: &dyn Fn(u32, &str)) -> Result<(), Error> {
-    step(9, "a primary and two replicas on loopback");
+pub(crate) fn run(
+    dir: &Path,
+    step: &dyn Fn(u32, &str) -> std::io::Result<()>,
+) -> Result<(), Error> {
+    step(9, "a primary and two replicas on loopback")?;
     let primary = start(dir, "primary", None)?;
     let paddr = primary.local_addr().to_string();
     let mut r1 = start(dir, "replica-1", Some(&paddr))?;
     let r2 = start(dir, "replica-2", Some(&paddr))?;
-    println!(
+    outln!(
         "   primary on {paddr}; replica-1 on {}; replica-2 on {}",
         r1.local_addr(),
         r2.local_addr()
-    );
+    )?;
     let mut c = client(&primary)?;
     for i in 0..2000 {
         c.set(
@@ -79,18 +82,18 @@ pub(crate) fn run(dir: &Path, step: &dyn Fn(u32, &str)) -> Result<(), Error> {
         .map_err(remote)?;
     }
     let (rows, took) = converge(&primary, [&r1, &r2])?;
-    println!(
+    outln!(
         "   2000 writes to the primary; all three nodes hold the same {} items after {:.0} ms",
         rows.len(),
         took.as_secs_f64() * 1e3
-    );
+    )?;
     let err = client(&r1)?.set(b"order:0000", b"x", 0, false).unwrap_err();
-    println!("   a write sent to a replica is refused: {err}");
+    outln!("   a write sent to a replica is refused: {err}")?;
 
     step(
         10,
         "an online update, streamed live, then reverted on all three",
-    );
+    )?;
     let key = b"order:0042";
     let p = c.partition_of(key);
     // Keys of the same partition: one to create, one to delete in the window.
@@ -116,13 +119,13 @@ pub(crate) fn run(dir: &Path, step: &dyn Fn(u32, &str)) -> Result<(), Error> {
         }
         std::thread::sleep(Duration::from_millis(5));
     };
-    println!(
+    outln!(
         "   window {w} open on partition {p}; replica-2 already reads order:0042 = {}",
         String::from_utf8_lossy(&seen.0)
-    );
+    )?;
     let (id, removed, restored) = c.update_revert(p).map_err(remote)?;
-    println!("   in the window: updated order:0042, created {created}, deleted {deleted}");
-    println!("   REVERT of window {id}: {removed} key removed, {restored} keys restored");
+    outln!("   in the window: updated order:0042, created {created}, deleted {deleted}")?;
+    outln!("   REVERT of window {id}: {removed} key removed, {restored} keys restored")?;
     let (after, _) = converge(&primary, [&r1, &r2])?;
     for (name, node) in [
         ("primary", &primary),
@@ -133,19 +136,19 @@ pub(crate) fn run(dir: &Path, step: &dyn Fn(u32, &str)) -> Result<(), Error> {
         let v = nc.get(key).map_err(remote)?;
         let gone = nc.get(created.as_bytes()).is_err();
         let back = nc.get(deleted.as_bytes()).is_ok();
-        println!(
+        outln!(
             "   {name:<9}: order:0042 = {}, {created} {}, {deleted} {}",
             String::from_utf8_lossy(&v.0),
             if gone { "gone" } else { "STILL THERE" },
             if back { "back" } else { "MISSING" }
-        );
+        )?;
     }
-    println!(
+    outln!(
         "   every node's disk equals its pre-window state: {}",
         after == rows
-    );
+    )?;
 
-    step(11, "replica-1 restarts and catches up");
+    step(11, "replica-1 restarts and catches up")?;
     r1.shutdown()?;
     for i in 0..500 {
         c.set(format!("order:{i:04}").as_bytes(), b"state=paid", 0, false)
@@ -153,11 +156,11 @@ pub(crate) fn run(dir: &Path, step: &dyn Fn(u32, &str)) -> Result<(), Error> {
     }
     r1 = start(dir, "replica-1", Some(&paddr))?;
     let (rows, took) = converge(&primary, [&r1, &r2])?;
-    println!(
+    outln!(
         "   500 writes while it was down; caught up {:.0} ms after restart ({} items)",
         took.as_secs_f64() * 1e3,
         rows.len()
-    );
+    )?;
     let streams = client(&primary)?.admin("streams").map_err(remote)?;
     for s in streams
         .as_array()
@@ -171,20 +174,20 @@ pub(crate) fn run(dir: &Path, step: &dyn Fn(u32, &str)) -> Result<(), Error> {
             .flatten()
             .map(|p| p["resumed_from"].as_u64().unwrap_or(0))
             .sum();
-        println!(
+        outln!(
             "   stream {}: resumed from seqnos summing to {resumed} (0 would be a full resync)",
             s["name"]
-        );
+        )?;
     }
 
-    step(12, "check: all three nodes hold identical data");
+    step(12, "check: all three nodes hold identical data")?;
     let d = [dump(&primary)?, dump(&r1)?, dump(&r2)?];
     let same = d[0] == d[1] && d[1] == d[2];
-    println!(
+    outln!(
         "   {} items (keys, seqnos, CAS, sizes) on each node: {}",
         d[0].len(),
         if same { "identical" } else { "DIFFERENT" }
-    );
+    )?;
     r1.shutdown()?;
     r2.shutdown()?;
     primary.shutdown()?;

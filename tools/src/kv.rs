@@ -31,7 +31,8 @@ enum KvOp {
         key: String,
         /// The value.
         value: String,
-        /// Wait for memory (default) or for the disk.
+        /// Wait for memory (default), the disk, or (with --addr) a
+        /// majority of the node's replicas.
         #[arg(long, value_enum, default_value_t)]
         durability: DurabilityArg,
     },
@@ -41,7 +42,8 @@ enum KvOp {
         target: Target,
         /// The key.
         key: String,
-        /// Wait for memory (default) or for the disk.
+        /// Wait for memory (default), the disk, or (with --addr) a
+        /// majority of the node's replicas.
         #[arg(long, value_enum, default_value_t)]
         durability: DurabilityArg,
     },
@@ -80,11 +82,14 @@ pub(crate) fn run(args: KvArgs) -> Result<ExitCode, Error> {
                 value.into_bytes(),
                 WriteOptions::durable(durability.into()),
             )?;
-            println!(
-                "OK partition={} seqno={} cas={}",
-                r.partition, r.seqno, r.cas
-            );
+            // Closed (flushed) before OK is printed: OK means it is on disk.
             engine.close()?;
+            outln!(
+                "OK partition={} seqno={} cas={}",
+                r.partition,
+                r.seqno,
+                r.cas
+            )?;
             Ok(ExitCode::SUCCESS)
         }
         KvOp::Del {
@@ -95,8 +100,8 @@ pub(crate) fn run(args: KvArgs) -> Result<ExitCode, Error> {
             let engine = Engine::builder(local(&target)?).open()?;
             match engine.delete(key.as_bytes(), WriteOptions::durable(durability.into())) {
                 Ok(r) => {
-                    println!("OK partition={} seqno={}", r.partition, r.seqno);
                     engine.close()?;
+                    outln!("OK partition={} seqno={}", r.partition, r.seqno)?;
                     Ok(ExitCode::SUCCESS)
                 }
                 Err(Error::NotFound) => {
@@ -149,20 +154,24 @@ fn remote(op: &KvOp) -> Result<Option<ExitCode>, Error> {
             value, durability, ..
         } => match c.set_durable(key.as_bytes(), value.as_bytes(), 0, (*durability).into()) {
             Ok(r) => {
-                println!(
+                outln!(
                     "OK partition={} seqno={} cas={}",
-                    r.partition, r.seqno, r.cas
-                );
+                    r.partition,
+                    r.seqno,
+                    r.cas
+                )?;
                 Ok(Some(ExitCode::SUCCESS))
             }
             Err(e) => fail(e),
         },
-        KvOp::Del { .. } => match c.delete(key.as_bytes()) {
-            Ok(r) => {
-                println!("OK partition={} seqno={}", r.partition, r.seqno);
-                Ok(Some(ExitCode::SUCCESS))
+        KvOp::Del { durability, .. } => {
+            match c.delete_durable(key.as_bytes(), (*durability).into()) {
+                Ok(r) => {
+                    outln!("OK partition={} seqno={}", r.partition, r.seqno)?;
+                    Ok(Some(ExitCode::SUCCESS))
+                }
+                Err(e) => fail(e),
             }
-            Err(e) => fail(e),
-        },
+        }
     }
 }

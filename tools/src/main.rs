@@ -2,6 +2,16 @@
 //! directory, a load generator, admin inspection, and the guided demo.
 #![deny(unsafe_code)]
 
+/// `println!` that returns the write's error instead of panicking, so a
+/// closed stdout (`tapkv admin inspect | head -1`) ends the command quietly
+/// (see `main`) rather than with a panic.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*)
+    }};
+}
+
 mod admin;
 mod demo;
 mod demo_cluster;

@@ -84,7 +84,10 @@ pub(crate) struct NodeArgs {
 
 pub(crate) fn run(args: NodeArgs) -> Result<ExitCode, Error> {
     let stop = Arc::new(AtomicBool::new(false));
+    // The first signal starts a graceful shutdown; a second one, while
+    // it runs, exits at once (status 1).
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register_conditional_shutdown(sig, 1, Arc::clone(&stop))?;
         signal_hook::flag::register(sig, Arc::clone(&stop))?;
     }
     let replica = args.replica_of.is_some();
@@ -124,7 +127,7 @@ pub(crate) fn run(args: NodeArgs) -> Result<ExitCode, Error> {
     cfg.ack_bytes = args.ack_bytes.max(1);
     let name = cfg.name.clone();
     let node = Node::start(engine, cfg)?;
-    println!(
+    outln!(
         "tapkv node {name} listening on {} as {}, data directory {}",
         node.local_addr(),
         match &args.replica_of {
@@ -132,7 +135,7 @@ pub(crate) fn run(args: NodeArgs) -> Result<ExitCode, Error> {
             None => "primary".to_string(),
         },
         args.data.display()
-    );
+    )?;
     use std::io::Write;
     std::io::stdout().flush()?;
     while !stop.load(Ordering::Acquire) {
@@ -140,6 +143,6 @@ pub(crate) fn run(args: NodeArgs) -> Result<ExitCode, Error> {
     }
     tracing::info!("signal received: shutting down");
     node.shutdown()?;
-    println!("tapkv node {name} stopped cleanly");
+    outln!("tapkv node {name} stopped cleanly")?;
     Ok(ExitCode::SUCCESS)
 }
