@@ -23,8 +23,10 @@ build: deps
 demo: build
 	$(TAPKV) demo --data ./tapkv-data
 
+# Shrinking a failed property test is bounded (60 s), so a failure ends
+# the run with a report rather than holding it.
 test: build
-	TAPKV_BIN=$(TAPKV) $(CARGO) test --release --workspace
+	PROPTEST_MAX_SHRINK_TIME=60000 TAPKV_BIN=$(TAPKV) $(CARGO) test --release --workspace
 	# Loom models of the wake-up handshakes (engine/src/engine.rs, loom_models).
 	$(CARGO) test --release -p tapkv-engine --features loom --lib loom_
 

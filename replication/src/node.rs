@@ -1210,7 +1210,13 @@ fn stream_loop(
                         g = s.lock.lock();
                         continue;
                     }
-                    s.cv.wait_for(&mut g, cfg.heartbeat);
+                    // Acks wake this wait; otherwise it looks again often
+                    // enough to drop on time whatever the heartbeat.
+                    let tick = cfg
+                        .heartbeat
+                        .min(cfg.slow_replica_timeout / 4)
+                        .max(Duration::from_millis(1));
+                    s.cv.wait_for(&mut g, tick);
                 }
                 drop(g);
                 continue;

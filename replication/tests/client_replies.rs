@@ -16,7 +16,9 @@ fn a_late_reply_is_not_taken_for_the_next_requests_answer() {
     let addr = node.local_addr().to_string();
     let engine = node.engine().unwrap();
 
-    let mut c = Client::connect(&addr, Duration::from_millis(300)).unwrap();
+    // Long enough for a loaded machine to answer every request below once
+    // the flusher runs; the paused FLUSH takes this long to give up on.
+    let mut c = Client::connect(&addr, Duration::from_secs(2)).unwrap();
     // A FLUSH cannot finish while the flusher is paused: the client gives up
     // on it, and the node answers it later, once the flusher runs again.
     engine.set_flusher_paused(true);
@@ -26,6 +28,9 @@ fn a_late_reply_is_not_taken_for_the_next_requests_answer() {
         "the flush waits past the client's timeout"
     );
     engine.set_flusher_paused(false);
+    // The node's FLUSH is now satisfied (its sync done); only its reply is
+    // left to arrive ahead of the GET's.
+    engine.flush().unwrap();
 
     // The node answers the FLUSH (an empty success) before this GET; the
     // client must skip it and return the GET's own reply.

@@ -53,9 +53,9 @@ fn a_stream_behind_the_disk_is_dropped_under_memory_pressure_and_ends() {
     // Sixteen times the checkpoint memory limit in writes: far more than
     // the connection's buffers take, so the stream falls behind.
     let value = vec![b'v'; 400];
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let patience = Duration::from_secs(30);
     for i in 0..40_000 {
-        set_through_memory_pressure(p, &key(i), &value, deadline, || {
+        set_through_memory_pressure(p, &key(i), &value, patience, || {
             format!("{} stream cursors left", stream_cursors(p).len())
         });
         let used = p.stats().unwrap().checkpoint_mem_bytes;
@@ -97,6 +97,9 @@ fn a_stream_at_its_limit_keeps_its_cursors_while_acks_arrive() {
     let mut cfg = NodeConfig::new("127.0.0.1:0");
     cfg.max_unacked_bytes = 64 << 10;
     cfg.slow_replica_timeout = Duration::from_secs(1);
+    // Heartbeats a minute apart: the silence rule (ten silent heartbeats
+    // end a stream) cannot be what removes the cursors below.
+    cfg.heartbeat = Duration::from_secs(60);
     cfg.io_timeout = Duration::from_secs(120);
     let engine = tapkv_engine::Engine::builder(dir.path())
         .cursor_drop_threshold(10.0)

@@ -69,12 +69,14 @@ fn a_silent_replica_has_its_stream_ended_and_stops_counting_for_replicate() {
     let pdir = tempfile::tempdir().unwrap();
     let rdir = tempfile::tempdir().unwrap();
     let mut pcfg = NodeConfig::new("127.0.0.1:0");
-    // Ten heartbeats of silence end a stream: 200 ms here.
-    pcfg.heartbeat = Duration::from_millis(20);
+    // Ten heartbeats of silence end a stream: 2 s here, long enough for a
+    // loaded machine to see the hung stream's cursors first and for the
+    // live replica to acknowledge in time.
+    pcfg.heartbeat = Duration::from_millis(200);
     let primary = Node::start(
         Engine::builder(pdir.path())
             .partitions(2)
-            .replicate_timeout(Duration::from_millis(500))
+            .replicate_timeout(Duration::from_secs(10))
             .open()
             .unwrap(),
         pcfg,

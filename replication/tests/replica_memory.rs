@@ -108,7 +108,7 @@ fn a_replica_applying_a_long_snapshot_acknowledges_progress() {
     let replica = Node::start(engine, cfg).unwrap();
     let r = replica.engine().unwrap();
 
-    let (conn, _) = listener.accept().unwrap();
+    let conn = common::accept_within(&listener, Duration::from_secs(30));
     let mut reader = FrameReader::new(conn.try_clone().unwrap(), DEFAULT_MAX_BODY);
     reader.set_timeout(Duration::from_millis(50)).unwrap();
     let mut writer = FrameWriter::new(conn);

@@ -169,10 +169,10 @@ fn a_stalled_backfill_pins_no_checkpoints_and_writes_go_on() {
 
     // Sixteen times the checkpoint memory limit in writes over every
     // partition.
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let patience = Duration::from_secs(30);
     let other = vec![b'w'; 400];
     for i in 0..40_000 {
-        set_through_memory_pressure(p, &key(i), &other, deadline, || {
+        set_through_memory_pressure(p, &key(i), &other, patience, || {
             format!(
                 "the stalled stream pins checkpoints ({:?})",
                 stream_cursors(p)
@@ -269,8 +269,9 @@ fn a_primary_waits_past_its_write_timeout_for_a_replica_that_acknowledges_progre
     persist_one_partition(dir.path(), WRITTEN, &[b'v'; 100]);
     let mut cfg = NodeConfig::new("127.0.0.1:0");
     cfg.io_timeout = Duration::from_millis(300);
-    // Silence (no ack at all) would still end the stream after 1 s.
-    cfg.heartbeat = Duration::from_millis(100);
+    // Silence (no ack at all) would still end the stream after 5 s: far
+    // longer than any gap between this test's acks, even on a loaded machine.
+    cfg.heartbeat = Duration::from_millis(500);
     let engine = Engine::builder(dir.path()).partitions(1).open().unwrap();
     let node = Node::start(engine, cfg).unwrap();
 
@@ -321,7 +322,7 @@ fn a_primary_waits_past_its_write_timeout_for_a_replica_that_acknowledges_progre
             }
             Ok(StreamMessage::Item { .. }) => {
                 items += 1;
-                if items % 10_000 == 0 {
+                if items % 1_000 == 0 {
                     let ack = Ack {
                         bytes: 1 << 30,
                         seqnos: vec![(0, items)],

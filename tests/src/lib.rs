@@ -153,13 +153,23 @@ pub fn run(args: &[&str], stdin: impl AsRef<[u8]>, timeout: Duration) -> (bool, 
     let writer = std::thread::spawn(move || {
         let _ = input.write_all(&data);
     });
+    let pid = child.id() as i32;
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         let _ = tx.send(child.wait_with_output());
     });
     let out = rx
         .recv_timeout(timeout)
-        .unwrap_or_else(|_| panic!("tapkv {args:?} did not finish within {timeout:?}"))
+        .unwrap_or_else(|_| {
+            // Not reaped yet (the waiter still holds it), so the pid is
+            // still this child's: kill it rather than leave it running.
+            // SAFETY: kill(2) on our own child's pid.
+            #[allow(unsafe_code)]
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+            panic!("tapkv {args:?} did not finish within {timeout:?}")
+        })
         .expect("wait for tapkv");
     let _ = writer.join();
     (

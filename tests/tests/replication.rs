@@ -434,7 +434,7 @@ fn replicate_durability_waits_for_a_majority_of_replicas() {
         "127.0.0.1:0",
         None,
         "primary",
-        &["--replicate-timeout-ms", "500"],
+        &["--replicate-timeout-ms", "5000"],
     );
     let reps: Vec<NodeProc> = (0..2)
         .map(|i| {

@@ -19,6 +19,26 @@ pub fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// Accepts one connection on `listener`; panics after `limit` rather than
+/// waiting forever for a peer that never connects.
+pub fn accept_within(listener: &std::net::TcpListener, limit: Duration) -> std::net::TcpStream {
+    listener.set_nonblocking(true).unwrap();
+    let deadline = Instant::now() + limit;
+    loop {
+        match listener.accept() {
+            Ok((conn, _)) => {
+                conn.set_nonblocking(false).unwrap();
+                return conn;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                assert!(Instant::now() < deadline, "no connection within {limit:?}");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
+    }
+}
+
 /// Every cursor but the persistence cursors, as (partition, name).
 pub fn stream_cursors(e: &Engine) -> Vec<(u16, String)> {
     (0..e.num_partitions())
@@ -33,14 +53,16 @@ pub fn stream_cursors(e: &Engine) -> Vec<(u16, String)> {
 }
 
 /// Sets `key`, retrying while the engine refuses it for memory; panics,
-/// with `why()` in the message, if it is still refused at `deadline`.
+/// with `why()` in the message, if it is still refused after `patience`.
 pub fn set_through_memory_pressure(
     e: &Engine,
     key: &[u8],
     value: &[u8],
-    deadline: Instant,
+    patience: Duration,
     why: impl Fn() -> String,
 ) {
+    // Bounds a stall of this one write, not the pace of a test's writes.
+    let deadline = Instant::now() + patience;
     loop {
         match e.set(key, value, WriteOptions::default()) {
             Ok(_) => return,
