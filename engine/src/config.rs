@@ -16,6 +16,12 @@ pub struct EngineConfig {
     pub path: PathBuf,
     /// Number of partitions (default 16). Fixed when the directory is created.
     pub partitions: u16,
+    /// Whether an existing directory's own partition count replaces
+    /// `partitions` on open (default true, so a directory made with any
+    /// count reopens with default settings). [`EngineBuilder::partitions`]
+    /// turns it off: an explicit count that differs from the directory's is
+    /// then refused as `Incompatible`.
+    pub partitions_from_disk: bool,
     /// Per-checkpoint limits (default 2,000 items or 32 MiB).
     pub checkpoint: CheckpointConfig,
     /// Bound on the memory held by all checkpoints together (default 512 MiB).
@@ -94,6 +100,7 @@ impl EngineConfig {
         EngineConfig {
             path: path.into(),
             partitions: 16,
+            partitions_from_disk: true,
             checkpoint: CheckpointConfig::default(),
             checkpoint_memory_limit: 512 << 20,
             flush_batch_max_items: 2_000,
@@ -132,9 +139,12 @@ impl EngineBuilder {
         }
     }
 
-    /// Number of partitions; default 16, range 1..=1024.
+    /// Number of partitions; default 16, range 1..=1024. Without this call
+    /// an existing directory opens with the count it was created with; with
+    /// it, a directory created with another count is refused.
     pub fn partitions(mut self, n: u16) -> Self {
         self.config.partitions = n;
+        self.config.partitions_from_disk = false;
         self
     }
 

@@ -349,7 +349,7 @@ impl Engine {
         EngineBuilder::new(path.as_ref().to_path_buf())
     }
 
-    pub(crate) fn open_with(config: EngineConfig) -> Result<Engine> {
+    pub(crate) fn open_with(mut config: EngineConfig) -> Result<Engine> {
         validate(&config)?;
         let started = Instant::now();
         let path = config.path.clone();
@@ -360,6 +360,12 @@ impl Engine {
             other => other,
         })?;
         let fresh = store.engine_meta()?.is_none();
+        if let Some(meta) = store.engine_meta()? {
+            if config.partitions_from_disk && meta.partitions != config.partitions {
+                config.partitions = meta.partitions;
+                validate(&config)?;
+            }
+        }
         match store.engine_meta()? {
             None => store.put_engine_meta(&EngineMeta {
                 format: FORMAT_VERSION,

@@ -100,6 +100,26 @@ fn reopening_with_another_partition_count_is_refused() {
 }
 
 #[test]
+fn a_directory_reopens_with_its_own_partition_count_unless_one_is_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = Engine::builder(dir.path()).partitions(4).open().unwrap();
+    e.set(b"k", "v", WriteOptions::default()).unwrap();
+    e.close().unwrap();
+    // Default settings: the directory's own count, not the default 16.
+    let e = Engine::builder(dir.path()).open().unwrap();
+    assert_eq!(e.num_partitions(), 4);
+    assert_eq!(&e.get(b"k").unwrap().value(), b"v");
+    e.close().unwrap();
+    // A flusher thread count only a larger default would allow is refused.
+    let err = Engine::builder(dir.path())
+        .flusher_threads(8)
+        .open()
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidArgument(_)), "{err:?}");
+    assert!(Engine::builder(dir.path()).partitions(4).open().is_ok());
+}
+
+#[test]
 fn expired_items_read_as_absent() {
     let dir = tempfile::tempdir().unwrap();
     let e = builder(dir.path()).open().unwrap();

@@ -415,3 +415,42 @@ fn shell_closes_the_engine_cleanly_on_sigint() {
         .sum();
     assert_eq!(items, 2000, "{out}");
 }
+
+/// A directory made with `--partitions 8` opens with every command's
+/// defaults afterwards; a different explicit count is refused.
+#[test]
+fn a_directory_keeps_its_partition_count_across_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let mut node = tapkv_tests::NodeProc::start(
+        dir.path(),
+        "127.0.0.1:0",
+        None,
+        "eight",
+        &["--partitions", "8"],
+    );
+    assert_eq!(node.client().partitions(), 8);
+    node.stop();
+    let (ok, out, err) = run(&["kv", "set", "--data", d, "k", "v"], "", T);
+    assert!(ok, "{out}{err}");
+    let (ok, out, _) = run(&["kv", "get", "--data", d, "k"], "", T);
+    assert!(ok && out == "v\n", "{out}");
+    let mut node = tapkv_tests::NodeProc::start(dir.path(), "127.0.0.1:0", None, "again", &[]);
+    assert_eq!(node.client().partitions(), 8);
+    node.stop();
+    let (ok, _, err) = run(
+        &[
+            "node",
+            "--data",
+            d,
+            "--listen",
+            "127.0.0.1:0",
+            "--partitions",
+            "16",
+        ],
+        "",
+        T,
+    );
+    assert!(!ok);
+    assert!(err.contains("created with 8 partitions"), "{err}");
+}

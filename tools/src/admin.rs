@@ -8,7 +8,20 @@ use std::process::ExitCode;
 use clap::Subcommand;
 use tapkv_engine::{DiskView, Error};
 
-use crate::{connect, Target};
+use crate::connect;
+
+/// Where an admin command reads: a data directory or a running node.
+#[derive(clap::Args, Debug, Clone)]
+#[group(required = true, multiple = false)]
+pub(crate) struct Target {
+    /// Data directory to read, read-only: never created or changed, and
+    /// readable while a process holds it.
+    #[arg(long, value_name = "DIR")]
+    data: Option<PathBuf>,
+    /// Address of a running node (`tapkv node`), e.g. 127.0.0.1:11311.
+    #[arg(long, value_name = "ADDR")]
+    addr: Option<String>,
+}
 
 #[derive(Subcommand, Debug)]
 pub(crate) enum AdminCommand {

@@ -123,7 +123,7 @@ fn main() -> ExitCode {
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("TAPKV_LOG").unwrap_or_else(|_| {
                 // A node logs its lifecycle by default; one-shot commands stay quiet.
-                let node = std::env::args().nth(1).is_some_and(|a| a == "node");
+                let node = std::env::args_os().nth(1).is_some_and(|a| a == "node");
                 tracing_subscriber::EnvFilter::new(if node { "info" } else { "warn" })
             }),
         )

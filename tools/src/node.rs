@@ -25,28 +25,30 @@ pub(crate) struct NodeArgs {
     /// Name of this node (used as its replication stream's name).
     #[arg(long)]
     name: Option<String>,
-    /// Number of partitions when creating the data directory.
-    #[arg(long, default_value_t = 16)]
-    partitions: u16,
+    /// Number of partitions when creating the data directory (default 16).
+    /// An existing directory keeps its own count; giving a different one is
+    /// refused.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    partitions: Option<u16>,
     /// Unacknowledged bytes allowed per replication stream.
-    #[arg(long, default_value_t = 4 << 20)]
+    #[arg(long, default_value_t = 4 << 20, value_parser = clap::value_parser!(u64).range(1..))]
     max_unacked_bytes: u64,
     /// Milliseconds a stream may sit at its unacknowledged limit with no
     /// acknowledgement at all before its cursors are dropped (the replica is
     /// backfilled later).
-    #[arg(long, default_value_t = 3000)]
+    #[arg(long, default_value_t = 3000, value_parser = clap::value_parser!(u64).range(1..))]
     slow_replica_ms: u64,
     /// Milliseconds a `Replicate` write waits for a majority of replicas.
-    #[arg(long, default_value_t = 5000)]
+    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..))]
     replicate_timeout_ms: u64,
     /// Timeout of every socket write and of waiting for a reply, in ms.
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     io_timeout_ms: u64,
     /// Close client connections idle this many seconds.
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
     idle_timeout_s: u64,
     /// Stream heartbeat interval in ms (a replica reconnects after 10 silent ones).
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
     heartbeat_ms: u64,
     /// After a stream round that sent less than 256 KiB, wait this many
     /// microseconds before the next, so steady writes go out in fewer,
@@ -57,7 +59,7 @@ pub(crate) struct NodeArgs {
     /// As a replica: acknowledge after applying this many stream bytes (and
     /// whenever everything received is applied). Keep it well under the
     /// primary's --max-unacked-bytes.
-    #[arg(long, default_value_t = 512 * 1024)]
+    #[arg(long, default_value_t = 512 * 1024, value_parser = clap::value_parser!(u64).range(1..))]
     ack_bytes: u64,
     /// Memory quota for keys and resident values, in bytes (engine default 1 GiB).
     #[arg(long)]
@@ -92,9 +94,11 @@ pub(crate) fn run(args: NodeArgs) -> Result<ExitCode, Error> {
     }
     let replica = args.replica_of.is_some();
     let mut builder = Engine::builder(&args.data)
-        .partitions(args.partitions)
         .replica(replica)
         .replicate_timeout(Duration::from_millis(args.replicate_timeout_ms));
+    if let Some(n) = args.partitions {
+        builder = builder.partitions(n);
+    }
     if let Some(q) = args.memory_quota {
         builder = builder.memory_quota(q);
     }
