@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Args;
+use hdrhistogram::Histogram;
 use tapkv_engine::{Engine, Error, WriteOptions};
 
 use crate::{DataArg, DurabilityArg};
@@ -46,12 +47,11 @@ pub(crate) fn value_for(i: u64, size: usize) -> Vec<u8> {
     unit.bytes().cycle().take(size).collect()
 }
 
-fn percentile(sorted: &[u64], p: f64) -> u64 {
-    if sorted.is_empty() {
-        return 0;
-    }
-    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[idx.min(sorted.len() - 1)]
+/// Write latencies in nanoseconds, 1 ns to one hour (longer ones count as
+/// an hour), to three significant digits.
+fn latency_histogram() -> Result<Histogram<u64>, Error> {
+    Histogram::new_with_bounds(1, 3_600_000_000_000, 3)
+        .map_err(|e| Error::InvalidArgument(format!("latency histogram: {e}")))
 }
 
 pub(crate) fn run(args: LoadArgs) -> Result<ExitCode, Error> {
@@ -84,8 +84,9 @@ pub(crate) fn run(args: LoadArgs) -> Result<ExitCode, Error> {
             let done = Arc::clone(&done);
             let (count, size, print, start) =
                 (args.count, args.value_size, args.print_acked, args.start);
-            std::thread::spawn(move || -> Result<(Vec<u64>, u64), Error> {
-                let mut lat = Vec::new();
+            std::thread::spawn(move || -> Result<(Histogram<u64>, u64), Error> {
+                // Fixed size (about 0.5 MiB) whatever --count is.
+                let mut lat = latency_histogram()?;
                 let mut oom_retries = 0u64;
                 loop {
                     let n = next.fetch_add(1, Ordering::Relaxed);
@@ -105,7 +106,7 @@ pub(crate) fn run(args: LoadArgs) -> Result<ExitCode, Error> {
                             other => break other?,
                         }
                     };
-                    lat.push(t.elapsed().as_nanos() as u64);
+                    lat.saturating_record(t.elapsed().as_nanos() as u64);
                     done.fetch_add(1, Ordering::Relaxed);
                     if print {
                         let mut out = std::io::stdout().lock();
@@ -116,13 +117,14 @@ pub(crate) fn run(args: LoadArgs) -> Result<ExitCode, Error> {
             })
         })
         .collect();
-    let mut all = Vec::with_capacity(args.count as usize);
+    let mut all = latency_histogram()?;
     let mut retries = 0;
     let mut first_err = None;
     for t in threads {
         match t.join() {
             Ok(Ok((lat, r))) => {
-                all.extend(lat);
+                all.add(&lat)
+                    .map_err(|e| Error::InvalidArgument(format!("latency histogram: {e}")))?;
                 retries += r;
             }
             Ok(Err(e)) => first_err = first_err.or(Some(e)),
@@ -139,7 +141,6 @@ pub(crate) fn run(args: LoadArgs) -> Result<ExitCode, Error> {
     if let Some(e) = first_err {
         return Err(e);
     }
-    all.sort_unstable();
     let ops = all.len() as f64;
     let us = |n: u64| n as f64 / 1000.0;
     eprintln!(
@@ -153,11 +154,11 @@ pub(crate) fn run(args: LoadArgs) -> Result<ExitCode, Error> {
     );
     eprintln!(
         "latency us: p50 {:.1}  p90 {:.1}  p99 {:.1}  p99.9 {:.1}  max {:.1}   (temp-oom retries: {retries})",
-        us(percentile(&all, 0.50)),
-        us(percentile(&all, 0.90)),
-        us(percentile(&all, 0.99)),
-        us(percentile(&all, 0.999)),
-        us(all.last().copied().unwrap_or(0)),
+        us(all.value_at_quantile(0.50)),
+        us(all.value_at_quantile(0.90)),
+        us(all.value_at_quantile(0.99)),
+        us(all.value_at_quantile(0.999)),
+        us(all.max()),
     );
     let engine = Arc::try_unwrap(engine)
         .map_err(|_| Error::InvalidArgument("engine still shared at exit".into()))?;
