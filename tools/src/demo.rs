@@ -33,9 +33,24 @@ const DEMO_PARTS: [&str; 4] = ["engine", "primary", "replica-1", "replica-2"];
 /// (unless `keep`), after checking that `dir` is empty, new, or marked as
 /// the demo's, so that a mistyped `--data` cannot destroy anything else.
 fn prepare(dir: &Path, keep: bool) -> Result<(), Error> {
-    if dir.exists() && !dir.join(DEMO_MARKER).exists() && std::fs::read_dir(dir)?.next().is_some() {
+    // Made by the demo: marked, or (from before the marker) holding
+    // nothing but the demo's own subdirectories; an empty one is free.
+    let ours = |dir: &Path| -> Result<bool, Error> {
+        if dir.join(DEMO_MARKER).exists() {
+            return Ok(true);
+        }
+        for entry in std::fs::read_dir(dir)? {
+            let name = entry?.file_name();
+            if !DEMO_PARTS.iter().any(|p| name == *p) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    };
+    if dir.exists() && !ours(dir)? {
         return Err(Error::InvalidArgument(format!(
-            "{} is not empty and was not made by `tapkv demo` (no {DEMO_MARKER} in it); \
+            "{} is not empty and was not made by `tapkv demo` (no {DEMO_MARKER} in it, and \
+             it holds more than the demo's subdirectories); \
              give the demo a new or empty directory",
             dir.display()
         )));
