@@ -84,12 +84,7 @@ pub(crate) fn run(args: KvArgs) -> Result<ExitCode, Error> {
             )?;
             // Closed (flushed) before OK is printed: OK means it is on disk.
             engine.close()?;
-            outln!(
-                "OK partition={} seqno={} cas={}",
-                r.partition,
-                r.seqno,
-                r.cas
-            )?;
+            outln!("{}", set_ok(r.partition, r.seqno, r.cas))?;
             Ok(ExitCode::SUCCESS)
         }
         KvOp::Del {
@@ -112,6 +107,11 @@ pub(crate) fn run(args: KvArgs) -> Result<ExitCode, Error> {
             }
         }
     }
+}
+
+/// The answer to a successful `kv set`, local or remote.
+fn set_ok(partition: u16, seqno: u64, cas: u64) -> String {
+    format!("OK partition={partition} seqno={seqno} cas={cas}")
 }
 
 fn local(t: &Target) -> Result<&std::path::Path, Error> {
@@ -154,12 +154,7 @@ fn remote(op: &KvOp) -> Result<Option<ExitCode>, Error> {
             value, durability, ..
         } => match c.set_durable(key.as_bytes(), value.as_bytes(), 0, (*durability).into()) {
             Ok(r) => {
-                outln!(
-                    "OK partition={} seqno={} cas={}",
-                    r.partition,
-                    r.seqno,
-                    r.cas
-                )?;
+                outln!("{}", set_ok(r.partition, r.seqno, r.cas))?;
                 Ok(Some(ExitCode::SUCCESS))
             }
             Err(e) => fail(e),
