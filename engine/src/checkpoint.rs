@@ -32,6 +32,47 @@ fn no_cursor(name: &str) -> Error {
     Error::InvalidArgument(format!("no cursor named {name:?}"))
 }
 
+/// Checkpoint memory a write took on the engine-wide counter before it is
+/// queued, so that writers on different partitions cannot all pass the
+/// limit on the same reading of it. Dropped unqueued (the write failed),
+/// it gives the bytes back; queued, the entry holds them.
+#[must_use]
+#[derive(Debug)]
+pub(crate) struct MemReservation<'a> {
+    shared: &'a AtomicUsize,
+    bytes: usize,
+}
+
+impl<'a> MemReservation<'a> {
+    /// Takes `bytes` on `shared` if that keeps it within `limit`; otherwise
+    /// the counter's reading, unchanged.
+    pub(crate) fn take(
+        shared: &'a AtomicUsize,
+        bytes: usize,
+        limit: usize,
+    ) -> std::result::Result<Self, usize> {
+        let prev = shared.fetch_add(bytes, Ordering::Relaxed);
+        if prev.saturating_add(bytes) > limit {
+            shared.fetch_sub(bytes, Ordering::Relaxed);
+            return Err(prev);
+        }
+        Ok(MemReservation { shared, bytes })
+    }
+
+    /// Hands the bytes over to the entry that now holds them.
+    fn keep(mut self) -> usize {
+        std::mem::take(&mut self.bytes)
+    }
+}
+
+impl Drop for MemReservation<'_> {
+    fn drop(&mut self) {
+        if self.bytes > 0 {
+            self.shared.fetch_sub(self.bytes, Ordering::Relaxed);
+        }
+    }
+}
+
 /// Limits of one checkpoint.
 #[derive(Debug, Clone, Copy)]
 pub struct CheckpointConfig {
@@ -599,7 +640,14 @@ impl CheckpointManager {
     }
 
     fn charge(&mut self, add: usize, sub: usize) {
+        self.charge_reserved(add, sub, 0);
+    }
+
+    /// Adds `add` and takes `sub` bytes from this manager's memory; the
+    /// engine-wide counter already holds `reserved` of `add`.
+    fn charge_reserved(&mut self, add: usize, sub: usize, reserved: usize) {
         self.mem = self.mem + add - sub;
+        let sub = sub + reserved;
         if add > sub {
             self.shared_mem.fetch_add(add - sub, Ordering::Relaxed);
         } else if sub > add {
@@ -613,13 +661,21 @@ impl CheckpointManager {
     /// first when it is full. Returns whether an older entry was replaced.
     pub fn queue(&mut self, item: QueuedItem) -> bool {
         let hash = item.op.is_key_op().then(|| key_hash(item.key()));
-        self.queue_hashed(item, hash)
+        self.queue_hashed(item, hash, None) > 0
     }
 
     /// [`queue`](Self::queue) with the key's hash already known
     /// (`key_hash(item.key())` for a key operation, `None` for a marker):
-    /// a write hashed its key for the hash table already.
-    pub(crate) fn queue_hashed(&mut self, item: QueuedItem, hash: Option<u64>) -> bool {
+    /// a write hashed its key for the hash table already. `reserved` is the
+    /// write's admission on the engine-wide counter, which the entry now
+    /// holds. Returns the bytes of the older entry it de-duplicated (0 if
+    /// none).
+    pub(crate) fn queue_hashed(
+        &mut self,
+        item: QueuedItem,
+        hash: Option<u64>,
+        reserved: Option<MemReservation<'_>>,
+    ) -> usize {
         debug_assert_eq!(hash, item.op.is_key_op().then(|| key_hash(item.key())));
         let seqno = item.seqno();
         assert!(
@@ -639,7 +695,6 @@ impl CheckpointManager {
         let open = self.open_mut();
         let slot = open.slots.len();
         let mut freed = 0;
-        let mut replaced = false;
         let mut old_slot = None;
         if let Some(hash) = hash {
             let Checkpoint { keys, slots, .. } = &mut *open;
@@ -658,7 +713,6 @@ impl CheckpointManager {
         if let Some(old_item) = old_slot.and_then(|old| open.slots[old].take()) {
             freed = old_item.mem_size();
             open.live -= 1;
-            replaced = true;
         }
         open.live += 1;
         open.mem = open.mem + size - freed;
@@ -667,8 +721,8 @@ impl CheckpointManager {
         if open.slots.len() >= 2 * open.live.max(capacity) {
             open.compact();
         }
-        self.charge(size, freed);
-        replaced
+        self.charge_reserved(size, freed, reserved.map_or(0, MemReservation::keep));
+        freed
     }
 
     /// Closes the open checkpoint and opens a new one; returns the new id.

@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::checkpoint::{CheckpointInfo, CursorBatch, CursorInfo, EventRef, Registration};
+use crate::checkpoint::{
+    CheckpointInfo, CursorBatch, CursorInfo, EventRef, MemReservation, Registration,
+};
 use crate::config::{EngineBuilder, EngineConfig};
 use crate::error::{Error, Result};
 use crate::flusher;
@@ -680,20 +682,17 @@ impl Engine {
             })?),
             _ => None,
         };
-        let incoming = key.len() + value.len();
-        let admit = || {
-            let used = s.checkpoint_mem.load(Ordering::Relaxed);
-            if used + incoming > s.config.checkpoint_memory_limit {
+        let limit = s.config.checkpoint_memory_limit;
+        let admit = |incoming| {
+            MemReservation::take(&s.checkpoint_mem, incoming, limit).map_err(|used| {
                 s.notify_flushers();
-                return Err(Error::TempOutOfMemory {
+                Error::TempOutOfMemory {
                     reason: format!(
-                        "checkpoint memory {used} bytes is at its limit of {} bytes; \
-                         retry once the flusher has persisted queued items",
-                        s.config.checkpoint_memory_limit
+                        "checkpoint memory {used} bytes is at its limit of {limit} bytes; \
+                         retry once the flusher has persisted queued items"
                     ),
-                });
-            }
-            Ok(())
+                }
+            })
         };
         let res = part.mutate(&s.store, kind, key, value, opts, admit)?;
         s.changed(res.partition);

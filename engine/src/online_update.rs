@@ -96,6 +96,13 @@ impl Window {
         self.bytes += size;
     }
 
+    /// Gives back the bytes of a window entry that a later write of the
+    /// same key de-duplicated (the open checkpoint, where de-duplication
+    /// happens, lies inside the window).
+    pub(crate) fn refund(&mut self, freed: usize) {
+        self.bytes = self.bytes.saturating_sub(freed);
+    }
+
     pub(crate) fn keys(&self) -> usize {
         self.undo.len()
     }
@@ -304,7 +311,11 @@ impl Partition {
         let started = Instant::now();
         let mut w = self.lock();
         let checkpoint_id = self.window_or_err(&w)?.checkpoint_id;
-        // Reserve and check first, so nothing below can fail half-way.
+        // Reserve and check first, then clear the window's record on disk
+        // (as COMPLETE does): if it cannot be cleared the window stays open,
+        // whole, and a retry can revert it; past it nothing can fail. (A
+        // crash between the two leaves the disk without the window's
+        // entries, which is the reverted state.)
         let high = w.checkpoints.high_seqno();
         self.ensure_reserved(&mut w, store, high + 1)?;
         if let MarkerSource::Given { seqno, .. } = src {
@@ -315,6 +326,7 @@ impl Partition {
                 )));
             }
         }
+        store.set_open_window(self.id, None)?;
         let Some(win) = w.window.take() else {
             return Err(Error::NoOnlineUpdate { partition: self.id });
         };
@@ -364,7 +376,6 @@ impl Partition {
             w.reverted.push((win.start_seqno, revert_seqno));
             w.checkpoints.create_checkpoint();
         }
-        store.set_open_window(self.id, None)?;
         drop(w);
         let report = RevertReport {
             checkpoint_id,

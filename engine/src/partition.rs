@@ -9,7 +9,7 @@
 //! REVERT) live in `online_update.rs`; this module records each key's
 //! pre-window state when a window is open.
 
-use crate::checkpoint::{CheckpointConfig, CheckpointManager};
+use crate::checkpoint::{CheckpointConfig, CheckpointManager, MemReservation};
 use crate::error::{Error, Result};
 use crate::hash_table::{HashTable, ShardsGuard};
 use crate::item::{
@@ -270,14 +270,14 @@ impl Partition {
     /// Applies a key mutation: checks, assigns seqno and CAS, updates the hash
     /// table and queues the change, all under the writer lock. The key,
     /// value and metadata go into one record shared by table and checkpoint.
-    pub(crate) fn mutate(
+    pub(crate) fn mutate<'a>(
         &self,
         store: &Store,
         kind: MutationKind,
         key: &[u8],
         value: &[u8],
         opts: &WriteOptions,
-        admit: impl FnOnce() -> Result<()>,
+        admit: impl FnOnce(usize) -> Result<MemReservation<'a>>,
     ) -> Result<MutationResult> {
         let mut w = self.writer.lock();
         if let Some(win) = &w.window {
@@ -311,10 +311,10 @@ impl Partition {
                 Some(_) => {}
             }
         }
-        admit()?;
         let deleting = kind == MutationKind::Delete;
         let value = if deleting { &[][..] } else { value };
         let incoming = key.len() + value.len() + crate::item::QUEUED_ITEM_OVERHEAD;
+        let reservation = admit(incoming)?;
         if let Some(win) = &w.window {
             win.admit(self.id, incoming)?;
         }
@@ -337,8 +337,14 @@ impl Partition {
         if let Some(win) = w.window.as_mut() {
             win.remember(hash, undo, &rec, incoming);
         }
-        w.checkpoints
-            .queue_hashed(QueuedItem::from_record(op, rec), Some(hash));
+        let freed = w.checkpoints.queue_hashed(
+            QueuedItem::from_record(op, rec),
+            Some(hash),
+            Some(reservation),
+        );
+        if let Some(win) = w.window.as_mut() {
+            win.refund(freed);
+        }
         Ok(MutationResult {
             partition: self.id,
             seqno,

@@ -120,7 +120,10 @@ impl Partition {
                     win.remember(hash, undo, item.record(), item.mem_size());
                 }
                 w.cas.observe(meta.cas);
-                w.checkpoints.queue_hashed(item.clone(), Some(hash));
+                let freed = w.checkpoints.queue_hashed(item.clone(), Some(hash), None);
+                if let Some(win) = w.window.as_mut() {
+                    win.refund(freed);
+                }
                 Ok(ApplyOutcome::Applied)
             }
             QueueOp::OnlineUpdateStart { checkpoint_id } => {

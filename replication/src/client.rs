@@ -228,16 +228,26 @@ impl Client {
         cas: u64,
         durability: tapkv_engine::Durability,
     ) -> Result<WriteReply, ClientError> {
-        let p = self.partition_of(key);
-        let mut f = Frame::request(op, p)
+        let f = Frame::request(op, self.partition_of(key))
             .with_extras(store_extras(0, 0))
             .with_key(key.to_vec())
             .with_value(value.to_vec())
             .with_cas(cas);
+        self.write(f, durability)
+    }
+
+    /// Sends a key write with `durability` in its datatype bits; its reply's
+    /// partition, seqno and CAS.
+    fn write(
+        &mut self,
+        mut f: Frame,
+        durability: tapkv_engine::Durability,
+    ) -> Result<WriteReply, ClientError> {
+        let partition = f.vbucket_or_status;
         f.datatype |= crate::message::durability_bits(durability);
         let r = self.call(f)?;
         Ok(WriteReply {
-            partition: p,
+            partition,
             seqno: u64_at(&r.extras, 0),
             cas: r.cas,
         })
@@ -298,15 +308,8 @@ impl Client {
         key: &[u8],
         durability: tapkv_engine::Durability,
     ) -> Result<WriteReply, ClientError> {
-        let p = self.partition_of(key);
-        let mut f = Frame::request(opcode::DELETE, p).with_key(key.to_vec());
-        f.datatype |= crate::message::durability_bits(durability);
-        let r = self.call(f)?;
-        Ok(WriteReply {
-            partition: p,
-            seqno: u64_at(&r.extras, 0),
-            cas: r.cas,
-        })
+        let f = Frame::request(opcode::DELETE, self.partition_of(key)).with_key(key.to_vec());
+        self.write(f, durability)
     }
 
     /// Online update START on partition `p`: the window's checkpoint id.
