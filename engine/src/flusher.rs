@@ -97,6 +97,15 @@ fn run(shared: &Shared, thread: usize, threads: usize) {
     }
 }
 
+/// Whether a persisted high seqno of `seqno` would lie inside one of the
+/// reverted windows `ranges` (START seqno, REVERT seqno): at or past its
+/// START and short of its REVERT.
+fn inside_reverted(ranges: &[(u64, u64)], seqno: u64) -> bool {
+    ranges
+        .iter()
+        .any(|(start, revert)| (*start..*revert).contains(&seqno))
+}
+
 /// What a flush round found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Round {
@@ -163,7 +172,7 @@ pub(crate) fn run_round(shared: &Shared, mine: &[&Partition], forced: bool) -> R
                 scanned.as_ref(),
                 limits.0.saturating_sub(done),
             )?;
-            let (next, at_end) = if run.is_empty() {
+            let (next, at_end, in_reverted) = if run.is_empty() {
                 // The open checkpoint: a piece under the lock.
                 let upto = done.saturating_add(SCAN_PIECE);
                 let next = w.checkpoints.scan_on(
@@ -179,9 +188,10 @@ pub(crate) fn run_round(shared: &Shared, mine: &[&Partition], forced: bool) -> R
                         }
                     },
                 )?;
+                let in_reverted = inside_reverted(&w.reverted, next.end_seqno());
                 drop(w);
                 // Short of the piece: the open checkpoint's current end.
-                (next, next.items < upto)
+                (next, next.items < upto, in_reverted)
             } else {
                 let (barrier, reverted) = (w.persist_barrier(), w.reverted.clone());
                 drop(w);
@@ -190,10 +200,15 @@ pub(crate) fn run_round(shared: &Shared, mine: &[&Partition], forced: bool) -> R
                         encode(item, &reverted);
                     }
                 });
-                (next, false)
+                (next, false, inside_reverted(&reverted, next.end_seqno()))
             };
+            // Nor inside a reverted window: the disk would then say the
+            // partition's history reaches a seqno between the window's
+            // START and REVERT, and a stream started there (a backfill ends
+            // at the persisted seqno) would send the rest of the window as
+            // ordinary writes, its REVERT never on disk to undo them.
             let over = next.items >= limits.0 || next.bytes >= limits.1;
-            if at_end || next.blocked || (over && next.at_checkpoint_boundary()) {
+            if at_end || next.blocked || (over && next.at_checkpoint_boundary() && !in_reverted) {
                 break next;
             }
             scanned = Some(next);

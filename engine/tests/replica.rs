@@ -337,3 +337,73 @@ fn a_replica_expels_persisted_entries_when_its_open_checkpoint_outgrows_memory()
     }
     assert_eq!(e.get(keys[0].as_bytes()).unwrap().meta.by_seqno, 2001);
 }
+
+#[test]
+fn the_disk_never_stops_inside_a_reverted_window() {
+    // A window of 30 writes spans several checkpoints of 10 and several
+    // flush batches of 10. The flusher skips its entries after the REVERT,
+    // but it must not record a persisted seqno between the window's START
+    // and REVERT: a backfill ends at the persisted seqno, and a stream
+    // started there would send the rest of the window as ordinary writes
+    // with no REVERT on disk to undo them.
+    let dir = tempfile::tempdir().unwrap();
+    let rdir = tempfile::tempdir().unwrap();
+    let p = Engine::builder(dir.path())
+        .partitions(1)
+        .checkpoint_max_items(10)
+        .flush_batch_max_items(10)
+        .open()
+        .unwrap();
+    let keys: Vec<String> = (0..30).map(|i| format!("k{i:02}")).collect();
+    let mem = WriteOptions::default();
+    for k in &keys {
+        p.set(k.as_bytes(), "old", mem).unwrap();
+    }
+    p.flush().unwrap();
+    p.set_flusher_paused(true);
+    p.online_update_start(0).unwrap();
+    let start = p.high_seqno(0).unwrap();
+    for k in &keys {
+        p.set(k.as_bytes(), "new", mem).unwrap();
+    }
+    p.online_update_revert(0).unwrap();
+    let revert = p.high_seqno(0).unwrap();
+    let mut rounds = 0;
+    loop {
+        let persisted = p.stats().unwrap().partitions[0].persisted_seqno;
+        assert!(
+            !(start..revert).contains(&persisted),
+            "persisted seqno {persisted} inside the reverted window {start}..{revert}"
+        );
+        if persisted >= revert {
+            break;
+        }
+        p.run_flush_round().unwrap();
+        rounds += 1;
+        assert!(rounds < 100, "no progress");
+    }
+
+    // A replica that joins now gets the pre-window state from disk, and
+    // nothing of the window.
+    let r = Engine::builder(rdir.path())
+        .partitions(1)
+        .replica(true)
+        .open()
+        .unwrap();
+    let end = p.backfill_end(0, 0).unwrap().unwrap();
+    assert!(end >= revert, "backfill ends at {end}, inside the window");
+    let mut snapshot = Vec::new();
+    p.backfill(0, 0, end, |item| {
+        snapshot.push(item);
+        Ok(())
+    })
+    .unwrap();
+    snapshot.sort_by_key(|i| i.seqno());
+    for item in &snapshot {
+        r.apply_replicated(0, item).unwrap();
+    }
+    for k in &keys {
+        assert_eq!(r.get(k.as_bytes()).unwrap().value(), b"old");
+    }
+    p.set_flusher_paused(false);
+}
