@@ -418,6 +418,53 @@ fn accept_loop(state: &Arc<NodeState>, listener: TcpListener) {
     }
 }
 
+/// The connection's next request; `None` when it should end quietly: the
+/// node stops (replies already made still go out), the peer closed, or it
+/// sent nothing for `idle_polls` read timeouts. A malformed frame is
+/// answered with `INVALID_ARGUMENTS` and ends the connection (the byte
+/// stream cannot be resynchronised).
+fn next_request(
+    state: &NodeState,
+    reader: &mut FrameReader,
+    writer: &mut FrameWriter,
+    idle_polls: usize,
+    idle: &mut usize,
+) -> Result<Option<Frame>, ProtocolError> {
+    loop {
+        if state.stop.load(Ordering::Acquire) {
+            let _ = writer.flush();
+            return Ok(None);
+        }
+        match reader.poll() {
+            Ok(Some(f)) => {
+                *idle = 0;
+                return Ok(Some(f));
+            }
+            Ok(None) => {
+                *idle += 1;
+                if *idle >= idle_polls {
+                    return Ok(None);
+                }
+            }
+            Err(ProtocolError::Closed) => return Ok(None),
+            Err(
+                e @ (ProtocolError::BadMagic(_)
+                | ProtocolError::BodyTooLarge { .. }
+                | ProtocolError::BadLengths { .. }),
+            ) => {
+                let req = Frame::request(0, 0);
+                let _ = writer.send(&status_response(
+                    &req,
+                    status::INVALID_ARGUMENTS,
+                    &e.to_string(),
+                ));
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 fn serve_connection(
     state: &Arc<NodeState>,
     conn: TcpStream,
@@ -430,8 +477,11 @@ fn serve_connection(
     reader.set_timeout(Duration::from_millis(200))?;
     let mut writer = FrameWriter::new(conn.try_clone()?);
     let idle_polls = (cfg.idle_timeout.as_millis() / 200).max(1) as usize;
+    let mut idle = 0;
     // Handshake first.
-    let first = reader.next_within(idle_polls)?;
+    let Some(first) = next_request(state, &mut reader, &mut writer, idle_polls, &mut idle)? else {
+        return Ok(());
+    };
     if first.opcode != opcode::HELLO {
         writer.send(&status_response(
             &first,
@@ -469,40 +519,11 @@ fn serve_connection(
     });
     writer
         .send(&json_response(&first, &info).with_extras(PROTOCOL_VERSION.to_be_bytes().to_vec()))?;
-    let mut idle = 0;
     loop {
-        if state.stop.load(Ordering::Acquire) {
-            // Replies to requests already carried out still go out.
-            let _ = writer.flush();
+        let Some(frame) = next_request(state, &mut reader, &mut writer, idle_polls, &mut idle)?
+        else {
             return Ok(());
-        }
-        let frame = match reader.poll() {
-            Ok(Some(f)) => f,
-            Ok(None) => {
-                idle += 1;
-                if idle >= idle_polls {
-                    return Ok(());
-                }
-                continue;
-            }
-            Err(ProtocolError::Closed) => return Ok(()),
-            Err(
-                e @ (ProtocolError::BadMagic(_)
-                | ProtocolError::BodyTooLarge { .. }
-                | ProtocolError::BadLengths { .. }),
-            ) => {
-                // The byte stream cannot be resynchronised: answer, then close.
-                let req = Frame::request(0, 0);
-                let _ = writer.send(&status_response(
-                    &req,
-                    status::INVALID_ARGUMENTS,
-                    &e.to_string(),
-                ));
-                return Err(e);
-            }
-            Err(e) => return Err(e),
         };
-        idle = 0;
         if frame.opcode == opcode::STREAM_OPEN {
             if let Err(msg) = check_stream_open(state, &frame) {
                 writer.send(&status_response(&frame, status::INVALID_ARGUMENTS, &msg))?;

@@ -68,3 +68,35 @@ fn an_idle_client_is_closed_unless_it_sends_heartbeats() {
     drop(kept);
     node.shutdown().unwrap();
 }
+
+#[test]
+fn a_connection_that_never_says_hello_does_not_hold_up_shutdown() {
+    // Before, the handshake waited out the whole idle timeout (here the
+    // default five minutes) without looking at the stop flag, and shutdown
+    // joined that connection's thread.
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::builder(dir.path()).open().unwrap();
+    let cfg = NodeConfig::new("127.0.0.1:0");
+    assert!(cfg.idle_timeout >= Duration::from_secs(60));
+    let node = Node::start(engine, cfg).unwrap();
+    let addr = node.local_addr().to_string();
+    let silent = TcpStream::connect(&addr).unwrap();
+    // A malformed first frame is answered before the connection closes.
+    let mut bad = TcpStream::connect(&addr).unwrap();
+    bad.write_all(&[0x42; 24]).unwrap();
+    bad.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut reply = Vec::new();
+    bad.read_to_end(&mut reply).unwrap();
+    assert!(reply.len() >= 24, "no answer to a malformed first frame");
+    assert_eq!(reply[0], tapkv_replication::protocol::MAGIC_RESPONSE);
+
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        done.send(node.shutdown().is_ok()).unwrap();
+    });
+    let ok = finished
+        .recv_timeout(Duration::from_secs(10))
+        .expect("shutdown still waits for a connection that never said HELLO");
+    assert!(ok);
+    drop(silent);
+}
