@@ -138,6 +138,9 @@ pub struct FrameWriter {
     stream: TcpStream,
     buf: BytesMut,
     patience: Option<Patience>,
+    /// A flush failed part-way: the peer may hold part of a frame, so
+    /// nothing more may be sent on this connection.
+    broken: bool,
 }
 
 impl FrameWriter {
@@ -147,6 +150,7 @@ impl FrameWriter {
             stream,
             buf: BytesMut::with_capacity(64 * 1024),
             patience: None,
+            broken: false,
         }
     }
 
@@ -180,8 +184,27 @@ impl FrameWriter {
         self.buf.len()
     }
 
-    /// Sends everything queued.
+    /// Sends everything queued. Once a flush has failed, every later one
+    /// fails at once without sending anything (the peer may hold a torn
+    /// frame: the connection must be closed, not written to again).
     pub fn flush(&mut self) -> Result<(), ProtocolError> {
+        if self.broken {
+            self.buf.clear();
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::BrokenPipe,
+                "an earlier write on this connection failed",
+            )
+            .into());
+        }
+        let result = self.send_buffered();
+        if result.is_err() {
+            self.broken = true;
+        }
+        self.buf.clear();
+        result
+    }
+
+    fn send_buffered(&mut self) -> Result<(), ProtocolError> {
         let mut sent = 0;
         while sent < self.buf.len() {
             match self.stream.write(&self.buf[sent..]) {
@@ -199,7 +222,6 @@ impl FrameWriter {
                 Err(e) => return Err(e.into()),
             }
         }
-        self.buf.clear();
         Ok(())
     }
 

@@ -1021,7 +1021,7 @@ fn send_disk_snapshot(
     engine: &Engine,
     s: &StreamShared,
     writer: &mut FrameWriter,
-    heartbeat: Duration,
+    (heartbeat, stopping): (Duration, &dyn Fn() -> bool),
     (p, from, end): (PartitionId, u64, u64),
 ) -> Result<(), Error> {
     s.parts
@@ -1039,6 +1039,12 @@ fn send_disk_snapshot(
     );
     let mut last_sent = Instant::now();
     let items = engine.backfill_scan(p, from, end, |entry| {
+        // A partition's scan can take minutes: a node that stops ends it
+        // (the stream then ends with STREAM_END, and the replica drops the
+        // unfinished snapshot).
+        if stopping() {
+            return Err(Error::Closed);
+        }
         match entry {
             Some(item) => {
                 send(writer, s, &StreamMessage::Item { partition: p, item });
@@ -1081,13 +1087,16 @@ fn start_partition(
     engine: &Engine,
     s: &StreamShared,
     writer: &mut FrameWriter,
-    heartbeat: Duration,
+    timing: (Duration, &dyn Fn() -> bool),
     (p, from): (PartitionId, u64),
 ) -> Result<(), Error> {
+    if (timing.1)() {
+        return Err(Error::Closed);
+    }
     let sent = match engine.stream_start(p, &s.cursor, from)? {
         StreamStart::InMemory => from,
         StreamStart::Backfill { snapshot_end } => {
-            send_disk_snapshot(engine, s, writer, heartbeat, (p, from, snapshot_end))?;
+            send_disk_snapshot(engine, s, writer, timing, (p, from, snapshot_end))?;
             snapshot_end
         }
     };
@@ -1109,6 +1118,7 @@ fn stream_loop(
 ) -> Result<(), ProtocolError> {
     let cfg = &state.config;
     let engine = &state.engine;
+    let stopping = || s.stop.load(Ordering::Acquire) || state.stop.load(Ordering::Acquire);
     let mut run = || -> Result<(), Error> {
         // Where each partition resumes; advanced by the backfill passes.
         let mut starts: Vec<(PartitionId, u64)> = Vec::new();
@@ -1160,12 +1170,17 @@ fn stream_loop(
         for _ in 0..BACKFILL_PASSES {
             let mut sent_any = false;
             for (p, from) in &mut starts {
-                if s.stop.load(Ordering::Acquire) || state.stop.load(Ordering::Acquire) {
-                    let _ = writer.send(&StreamMessage::StreamEnd.to_frame());
-                    return Ok(());
+                if stopping() {
+                    return Err(Error::Closed);
                 }
                 if let Some(end) = engine.backfill_end(*p, *from)? {
-                    send_disk_snapshot(engine, s, writer, cfg.heartbeat, (*p, *from, end))?;
+                    send_disk_snapshot(
+                        engine,
+                        s,
+                        writer,
+                        (cfg.heartbeat, &stopping),
+                        (*p, *from, end),
+                    )?;
                     *from = end;
                     sent_any = true;
                 }
@@ -1176,7 +1191,7 @@ fn stream_loop(
         }
         let mut active = Vec::new();
         for (p, from) in starts {
-            start_partition(engine, s, writer, cfg.heartbeat, (p, from))?;
+            start_partition(engine, s, writer, (cfg.heartbeat, &stopping), (p, from))?;
             active.push(p);
         }
         writer.flush().map_err(io_err)?;
@@ -1191,7 +1206,7 @@ fn stream_loop(
         let silent = || {
             s.unacked.load(Ordering::Acquire) > 0 && s.last_ack.lock().elapsed() >= silence_limit
         };
-        while !s.stop.load(Ordering::Acquire) && !state.stop.load(Ordering::Acquire) {
+        while !stopping() {
             if silent() {
                 tracing::warn!(stream = %s.name, ?silence_limit, "replica silent: ending its stream");
                 return Err(Error::Io(std::io::Error::new(
@@ -1342,7 +1357,14 @@ fn stream_loop(
         let _ = writer.send(&StreamMessage::StreamEnd.to_frame());
         Ok(())
     };
-    run().map_err(|e| ProtocolError::Io(std::io::Error::other(e.to_string())))
+    match run() {
+        // Stopped part-way (the node or this stream): end it like any other.
+        Err(_) if stopping() => {
+            let _ = writer.send(&StreamMessage::StreamEnd.to_frame());
+            Ok(())
+        }
+        r => r.map_err(|e| ProtocolError::Io(std::io::Error::other(e.to_string()))),
+    }
 }
 
 /// A stream whose replica has acknowledged nothing for this many heartbeats
@@ -1578,7 +1600,11 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
                     // primary sees a live replica.
                     let mut progress_at = Instant::now();
                     if !snapshot.apply(|item| {
-                        if !apply_one(engine, &state.stop, partition, item, &mut seqnos)? {
+                        // A node that stops keeps the prefix applied so far
+                        // (it is in seqno order) and resumes after it.
+                        if state.stop.load(Ordering::Acquire)
+                            || !apply_one(engine, &state.stop, partition, item, &mut seqnos)?
+                        {
                             return Ok(false);
                         }
                         if progress_at.elapsed() >= PROGRESS_ACK_EVERY {

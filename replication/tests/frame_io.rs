@@ -4,7 +4,7 @@ use std::io::Write;
 use std::net::{TcpListener, TcpStream};
 use std::time::Duration;
 
-use tapkv_replication::io::FrameReader;
+use tapkv_replication::io::{FrameReader, FrameWriter};
 use tapkv_replication::protocol::{frame_len, Frame, DEFAULT_MAX_BODY, HEADER_LEN};
 
 fn pair() -> (TcpStream, FrameReader) {
@@ -66,4 +66,43 @@ fn caught_up_only_once_every_received_frame_is_handed_out() {
     reader.set_timeout(Duration::from_secs(5)).expect("timeout");
     assert!(reader.poll().expect("poll").is_some());
     assert!(reader.caught_up());
+}
+
+#[test]
+fn a_writer_whose_flush_failed_sends_nothing_more() {
+    // The peer holds part of a frame after a failed flush: sending again
+    // (before, from the start of the old buffer) would garble the stream.
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let client = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+    let (mut server, _) = listener.accept().expect("accept");
+    client
+        .set_write_timeout(Some(Duration::from_millis(50)))
+        .expect("write timeout");
+    let mut writer = FrameWriter::new(client);
+    let big = Frame::request(0x0a, 0).with_value(vec![7u8; 1 << 20]);
+    for _ in 0..16 {
+        writer.push(&big);
+    }
+    assert!(writer.flush().is_err(), "16 MiB fit in the socket buffers");
+    assert_eq!(writer.pending(), 0);
+    // The peer reads again; the writer still refuses to send.
+    let drain = std::thread::spawn(move || {
+        server
+            .set_read_timeout(Some(Duration::from_millis(500)))
+            .expect("read timeout");
+        let mut sink = vec![0u8; 1 << 16];
+        let mut total = 0usize;
+        while let Ok(n) = std::io::Read::read(&mut server, &mut sink) {
+            if n == 0 {
+                break;
+            }
+            total += n;
+        }
+        total
+    });
+    let small = Frame::request(0x0a, 0).with_value(&b"after"[..]);
+    assert!(writer.send(&small).is_err());
+    drop(writer);
+    let received = drain.join().expect("drain");
+    assert!(received < 16 * big.to_bytes().len());
 }

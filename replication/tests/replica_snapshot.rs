@@ -341,3 +341,67 @@ fn a_primary_waits_past_its_write_timeout_for_a_replica_that_acknowledges_progre
     drop((reader, writer));
     node.shutdown().unwrap();
 }
+
+/// A node that stops while it sends a disk snapshot to a replica that
+/// keeps reading (slowly) ends the stream at once with STREAM_END, instead
+/// of scanning the rest of the partition first.
+#[test]
+fn a_primary_stops_in_the_middle_of_a_disk_snapshot() {
+    const WRITTEN: u64 = 20_000;
+    let dir = tempfile::tempdir().unwrap();
+    persist_one_partition(dir.path(), WRITTEN, &[b'v'; 1024]);
+    let mut cfg = NodeConfig::new("127.0.0.1:0");
+    // No silence rule or heartbeat in the way: only the stop can end it.
+    cfg.heartbeat = Duration::from_secs(60);
+    let engine = Engine::builder(dir.path()).partitions(1).open().unwrap();
+    let node = Node::start(engine, cfg).unwrap();
+    let conn = std::net::TcpStream::connect(node.local_addr()).unwrap();
+    let (mut reader, writer) =
+        stream_by_hand(conn, "slow", &from_the_start(node.engine().unwrap()));
+
+    // The replica reads about a frame (1 KiB) a millisecond: the 20 MB
+    // snapshot would take 20 s, every write of the primary still going
+    // through within its write timeout.
+    let fast = std::sync::Arc::new(AtomicBool::new(false));
+    let started = std::sync::Arc::new(AtomicBool::new(false));
+    let reading = {
+        let (fast, started) = (fast.clone(), started.clone());
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(120);
+            let mut last = None;
+            loop {
+                assert!(Instant::now() < deadline, "the stream never ended");
+                match reader.poll() {
+                    Ok(Some(f)) => {
+                        let m = StreamMessage::from_frame(&f).ok();
+                        if matches!(m, Some(StreamMessage::Item { .. })) {
+                            started.store(true, Ordering::Release);
+                        }
+                        last = m;
+                    }
+                    Ok(None) => {}
+                    Err(_) => return last,
+                }
+                if !fast.load(Ordering::Acquire) {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        })
+    };
+    wait_until("the snapshot's first item", Duration::from_secs(30), || {
+        started.load(Ordering::Acquire)
+    });
+    let (done, stopped) = std::sync::mpsc::channel();
+    std::thread::spawn(move || done.send(node.shutdown().is_ok()).unwrap());
+    let ok = stopped
+        .recv_timeout(Duration::from_secs(8))
+        .expect("the node kept scanning its partition after it was told to stop");
+    assert!(ok);
+    fast.store(true, Ordering::Release);
+    let last = reading.join().unwrap();
+    assert!(
+        matches!(last, Some(StreamMessage::StreamEnd)),
+        "the stream's last frame: {last:?}"
+    );
+    drop(writer);
+}
