@@ -879,6 +879,7 @@ impl Engine {
                     evicted_items: p.table.evicted(),
                     bg_fetches: pr.bg_fetches.load(Ordering::Relaxed),
                     evictions: pr.evictions.load(Ordering::Relaxed),
+                    resets: pr.resets.load(Ordering::Relaxed),
                     window: p.window_info(),
                     lost_windows: p.lost_windows.clone(),
                 }

@@ -109,6 +109,8 @@ pub(crate) struct FlushProgress {
     pub(crate) bg_fetches: AtomicU64,
     /// Values evicted (by the pager or on request).
     pub(crate) evictions: AtomicU64,
+    /// Times a replica emptied the partition to resynchronise it.
+    pub(crate) resets: AtomicU64,
 }
 
 /// Where a partition starts after warmup.

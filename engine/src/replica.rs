@@ -370,6 +370,7 @@ impl Engine {
         w.reverted.clear();
         part.progress.persisted_seqno.store(0, Ordering::Release);
         part.progress.synced_seqno.store(0, Ordering::Release);
+        part.progress.resets.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(partition = p, "partition reset for resynchronisation");
         Ok(())
     }

@@ -88,6 +88,9 @@ pub struct PartitionStats {
     pub bg_fetches: u64,
     /// Values evicted so far (pager and explicit).
     pub evictions: u64,
+    /// Times this replica emptied the partition to resynchronise it from
+    /// its primary (since the engine opened).
+    pub resets: u64,
     /// The open online-update window, if any.
     pub window: Option<WindowInfo>,
     /// Online-update windows lost to a crash or close (found at open).

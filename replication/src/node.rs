@@ -1407,6 +1407,21 @@ fn apply_one(
                 }
                 std::thread::sleep(MEMORY_RETRY);
             }
+            // This node's own faults (its disk, its engine closing): the
+            // session ends and the link reconnects with a backoff, keeping
+            // what the partition holds. Emptying it would turn a passing
+            // disk error into a full resynchronisation.
+            Err(
+                e @ (Error::Storage(_)
+                | Error::Io(_)
+                | Error::Closed
+                | Error::Poisoned(_)
+                | Error::Corruption(_)
+                | Error::Timeout { .. }),
+            ) => return Err(e),
+            // Input this partition cannot take consistently (a seqno not
+            // above its high seqno, an id out of range, a window it does
+            // not hold): resynchronise it.
             Err(_) => break ApplyOutcome::Resync,
         }
     };

@@ -141,3 +141,51 @@ fn a_silent_replica_has_its_stream_ended_and_stops_counting_for_replicate() {
     replica.shutdown().unwrap();
     primary.shutdown().unwrap();
 }
+
+#[test]
+fn a_replica_keeps_its_data_through_a_passing_disk_error() {
+    // The replica cannot write the window's record when it applies START
+    // (an injected storage error): the session ends and the link
+    // reconnects, resuming where it was. Before, any apply error emptied
+    // the partition and resynchronised it from seqno 0.
+    let pdir = tempfile::tempdir().unwrap();
+    let rdir = tempfile::tempdir().unwrap();
+    let primary = Node::start(
+        Engine::builder(pdir.path()).partitions(2).open().unwrap(),
+        NodeConfig::new("127.0.0.1:0"),
+    )
+    .unwrap();
+    let p = primary.engine().unwrap();
+    for i in 0..200 {
+        p.set(format!("k{i}").as_bytes(), b"v", WriteOptions::default())
+            .unwrap();
+    }
+    let mut rcfg = NodeConfig::new("127.0.0.1:0");
+    rcfg.replica_of = Some(primary.local_addr().to_string());
+    rcfg.name = "flaky-disk".into();
+    let replica = Node::start(
+        Engine::builder(rdir.path())
+            .replica(true)
+            .partitions(2)
+            .open()
+            .unwrap(),
+        rcfg,
+    )
+    .unwrap();
+    let r = replica.engine().unwrap();
+    wait_until("the replica to catch up", Duration::from_secs(20), || {
+        r.stats().unwrap().items() == 200
+    });
+    r.inject_window_record_failures(1);
+    let w = p.online_update_start(0).unwrap();
+    wait_until("the replica's window", Duration::from_secs(20), || {
+        r.stats().unwrap().partitions[0]
+            .window
+            .is_some_and(|x| x.checkpoint_id == w)
+    });
+    let st = r.stats().unwrap();
+    assert_eq!(st.partitions[0].resets, 0, "the partition was emptied");
+    assert_eq!(st.items(), 200);
+    replica.shutdown().unwrap();
+    primary.shutdown().unwrap();
+}
