@@ -73,6 +73,12 @@ pub struct NodeConfig {
     /// the connection held or reads a `NOOP` (which the primary sends while
     /// a `Replicate` write waits).
     pub ack_bytes: u64,
+    /// As a primary: the replicas a `Replicate` write is measured against
+    /// while fewer are connected (default 1). A write needs acknowledgements
+    /// from a majority of `max(min_replicas, connected streams)`, so with
+    /// the default it is never acknowledged with no replica holding it; 0
+    /// acknowledges it at once when no replica is connected.
+    pub min_replicas: usize,
 }
 
 /// Rounds smaller than this are followed by the stream's linger.
@@ -99,6 +105,7 @@ impl NodeConfig {
             stream_batch: 512,
             stream_linger: Duration::from_millis(1),
             ack_bytes: 512 * 1024,
+            min_replicas: 1,
         }
     }
 }
@@ -192,11 +199,20 @@ impl Drop for Waiting<'_> {
     }
 }
 
-/// `Durability::Replicate`: waits until a majority of the connected
-/// replicas' streams acknowledged the seqno.
+/// `Durability::Replicate`: waits until a majority of the replicas'
+/// streams acknowledged the seqno, counted over the connected streams and
+/// never fewer than `min_replicas`.
 struct AckGate {
     streams: Streams,
     acks: Arc<AckSignal>,
+    min_replicas: usize,
+}
+
+/// Acknowledgements a `Replicate` write needs: a majority of the larger of
+/// `connected` and `min_replicas` (none if both are 0).
+fn replicate_quorum(connected: usize, min_replicas: usize) -> usize {
+    let n = connected.max(min_replicas);
+    n / 2 + usize::from(n > 0)
 }
 
 impl tapkv_engine::ReplicationGate for AckGate {
@@ -217,13 +233,14 @@ impl tapkv_engine::ReplicationGate for AckGate {
                     .count();
                 (live.len(), acked)
             };
-            if acked >= connected / 2 + usize::from(connected > 0) {
+            if acked >= replicate_quorum(connected, self.min_replicas) {
                 return Ok(());
             }
             let now = Instant::now();
             if now >= deadline {
                 return Err(Error::Timeout {
-                    what: "a majority of replicas to acknowledge the write",
+                    what: "a majority of replicas (of the connected ones, and of --replicas) to \
+                           acknowledge the write",
                     millis: timeout.as_millis() as u64,
                 });
             }
@@ -319,6 +336,7 @@ impl Node {
             state.engine.set_replication_gate(Arc::new(AckGate {
                 streams: Arc::clone(&state.streams),
                 acks: Arc::clone(&state.acks),
+                min_replicas: state.config.min_replicas,
             }));
         }
         if let Some(primary) = state.config.replica_of.clone() {

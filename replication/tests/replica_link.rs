@@ -189,3 +189,81 @@ fn a_replica_keeps_its_data_through_a_passing_disk_error() {
     replica.shutdown().unwrap();
     primary.shutdown().unwrap();
 }
+
+#[test]
+fn a_replicate_write_is_never_acknowledged_with_no_replica_holding_it() {
+    let replicate = WriteOptions {
+        durability: Durability::Replicate,
+        ..WriteOptions::default()
+    };
+    let pdir = tempfile::tempdir().unwrap();
+    let rdir = tempfile::tempdir().unwrap();
+    let primary = Node::start(
+        Engine::builder(pdir.path())
+            .partitions(2)
+            .replicate_timeout(Duration::from_millis(300))
+            .open()
+            .unwrap(),
+        NodeConfig::new("127.0.0.1:0"),
+    )
+    .unwrap();
+    let p = primary.engine().unwrap();
+    // No replica yet: the write times out (it is not undone). Before, it
+    // was acknowledged at once.
+    assert!(matches!(
+        p.set(b"alone", b"v", replicate),
+        Err(tapkv_engine::Error::Timeout { .. })
+    ));
+    assert_eq!(p.get(b"alone").unwrap().value(), b"v");
+
+    let mut rcfg = NodeConfig::new("127.0.0.1:0");
+    rcfg.replica_of = Some(primary.local_addr().to_string());
+    rcfg.name = "only".into();
+    let replica = Node::start(
+        Engine::builder(rdir.path())
+            .replica(true)
+            .partitions(2)
+            .open()
+            .unwrap(),
+        rcfg,
+    )
+    .unwrap();
+    wait_until("the replica's stream", Duration::from_secs(10), || {
+        stream_cursors(p).len() == 2
+    });
+    p.set(b"held", b"v", replicate).unwrap();
+    assert_eq!(
+        replica.engine().unwrap().get(b"held").unwrap().value(),
+        b"v"
+    );
+    // The replica leaves: its stream ends, and Replicate writes wait again.
+    replica.shutdown().unwrap();
+    wait_until(
+        "the replica's stream to end",
+        Duration::from_secs(10),
+        || stream_cursors(p).is_empty(),
+    );
+    assert!(matches!(
+        p.set(b"left", b"v", replicate),
+        Err(tapkv_engine::Error::Timeout { .. })
+    ));
+    primary.shutdown().unwrap();
+
+    // `min_replicas` 0 is the explicit choice of the old behaviour.
+    let mut cfg = NodeConfig::new("127.0.0.1:0");
+    cfg.min_replicas = 0;
+    let alone = Node::start(
+        Engine::builder(pdir.path())
+            .replicate_timeout(Duration::from_secs(30))
+            .open()
+            .unwrap(),
+        cfg,
+    )
+    .unwrap();
+    alone
+        .engine()
+        .unwrap()
+        .set(b"unreplicated", b"v", replicate)
+        .unwrap();
+    alone.shutdown().unwrap();
+}

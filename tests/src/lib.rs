@@ -80,6 +80,17 @@ impl Proc {
         )
     }
 
+    /// Sends a signal (e.g. `libc::SIGTERM`) while the child runs.
+    pub fn signal(&self, sig: i32) {
+        if let Some(c) = self.child.as_ref() {
+            // SAFETY: kill(2) on our own child's pid.
+            #[allow(unsafe_code)]
+            unsafe {
+                libc::kill(c.id() as i32, sig);
+            }
+        }
+    }
+
     /// The next stdout line, or `None` at end of output; panics after `timeout`.
     pub fn next_line(&mut self, timeout: Duration) -> Option<String> {
         let rx = self.lines.as_ref()?;
@@ -245,13 +256,7 @@ impl NodeProc {
 
     /// Sends a signal (e.g. `libc::SIGSTOP`).
     pub fn signal(&self, sig: i32) {
-        if let Some(c) = self.proc.child.as_ref() {
-            // SAFETY: kill(2) on our own child's pid.
-            #[allow(unsafe_code)]
-            unsafe {
-                libc::kill(c.id() as i32, sig);
-            }
-        }
+        self.proc.signal(sig);
     }
 
     /// SIGTERM and wait for a clean exit.

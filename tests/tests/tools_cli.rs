@@ -430,12 +430,7 @@ fn shell_closes_the_engine_cleanly_on_sigint() {
         let line = shell.next_line(T).expect("an answer");
         assert!(line.starts_with("OK PARTITION"), "{line}");
     }
-    let pid = shell.child.as_ref().unwrap().id() as i32;
-    // SAFETY: kill(2) on our own child's pid.
-    #[allow(unsafe_code)]
-    unsafe {
-        libc::kill(pid, libc::SIGINT);
-    }
+    shell.signal(libc::SIGINT);
     let status = shell.wait_status(T).expect("exit status");
     assert_eq!(status.code(), Some(130), "{status:?}");
     drop(stdin);
@@ -489,4 +484,40 @@ fn a_directory_keeps_its_partition_count_across_commands() {
     );
     assert!(!ok);
     assert!(err.contains("created with 8 partitions"), "{err}");
+}
+
+#[test]
+fn a_node_without_a_name_keeps_the_one_it_made() {
+    // The default name is made once per data directory (before, it was
+    // `node-<pid>`: `node-1` for every replica run as a container's first
+    // process, and those replaced each other's streams).
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let mut names = Vec::new();
+    for _ in 0..2 {
+        let mut node = tapkv_tests::Proc::spawn(&["node", "--data", d, "--listen", "127.0.0.1:0"]);
+        let line = node.next_line(T).expect("startup line");
+        let name = line
+            .strip_prefix("tapkv node ")
+            .and_then(|r| r.split(' ').next())
+            .unwrap_or_else(|| panic!("unexpected startup line {line:?}"))
+            .to_owned();
+        assert!(name.starts_with("node-") && name.len() == 21, "{name}");
+        node.signal(libc::SIGTERM);
+        assert!(node.wait_success(T), "the node did not stop cleanly");
+        names.push(name);
+    }
+    assert_eq!(names[0], names[1]);
+    let other = tempfile::tempdir().unwrap();
+    let mut node = tapkv_tests::Proc::spawn(&[
+        "node",
+        "--data",
+        other.path().to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    let line = node.next_line(T).expect("startup line");
+    assert!(!line.contains(&names[0]), "{line}");
+    node.signal(libc::SIGTERM);
+    assert!(node.wait_success(T));
 }

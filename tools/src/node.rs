@@ -22,7 +22,9 @@ pub(crate) struct NodeArgs {
     /// Run as a replica of the primary at this address.
     #[arg(long, value_name = "ADDR")]
     replica_of: Option<String>,
-    /// Name of this node (used as its replication stream's name).
+    /// Name of this node, used as its replication stream's name (give each
+    /// replica of a primary its own). Default: `node-<random id>`, made on
+    /// first start and kept in DIR/node-name.
     #[arg(long)]
     name: Option<String>,
     /// Number of partitions when creating the data directory (default 16).
@@ -38,6 +40,13 @@ pub(crate) struct NodeArgs {
     /// backfilled later).
     #[arg(long, default_value_t = 3000, value_parser = clap::value_parser!(u64).range(1..))]
     slow_replica_ms: u64,
+    /// As a primary: the replicas a `Replicate` write is measured against
+    /// while fewer are connected. A write needs a majority of this many or
+    /// of the connected replicas, whichever is larger; with the default 1 it
+    /// is never acknowledged while no replica holds it. 0: acknowledged at
+    /// once when no replica is connected.
+    #[arg(long, default_value_t = 1)]
+    replicas: usize,
     /// Milliseconds a `Replicate` write waits for a majority of replicas.
     #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..))]
     replicate_timeout_ms: u64,
@@ -84,6 +93,34 @@ pub(crate) struct NodeArgs {
     max_body: usize,
 }
 
+/// File in the data directory holding the node's default name.
+const NAME_FILE: &str = "node-name";
+
+/// This node's name when `--name` is not given: `node-<16 hex digits>`,
+/// made once and kept in the data directory, so it stays the same across
+/// restarts (a replica's stream resumes under it) and differs between data
+/// directories. (It used to be `node-<pid>`, which is `node-1` in every
+/// container: such replicas replaced each other's streams in turn.)
+fn default_name(data: &std::path::Path) -> Result<String, Error> {
+    use std::hash::BuildHasher;
+    let path = data.join(NAME_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(s) if !s.trim().is_empty() => return Ok(s.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e.into()),
+    }
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let id = std::collections::hash_map::RandomState::new().hash_one((nanos, std::process::id()));
+    let name = format!("node-{id:016x}");
+    let tmp = data.join(format!("{NAME_FILE}.tmp"));
+    std::fs::write(&tmp, format!("{name}\n"))?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(name)
+}
+
 pub(crate) fn run(args: NodeArgs) -> Result<ExitCode, Error> {
     let stop = Arc::new(AtomicBool::new(false));
     // The first signal starts a graceful shutdown; a second one, while
@@ -116,10 +153,10 @@ pub(crate) fn run(args: NodeArgs) -> Result<ExitCode, Error> {
     }
     let engine = builder.open()?;
     let mut cfg = NodeConfig::new(args.listen.clone());
-    cfg.name = args
-        .name
-        .clone()
-        .unwrap_or_else(|| format!("node-{}", std::process::id()));
+    cfg.name = match &args.name {
+        Some(n) => n.clone(),
+        None => default_name(&args.data)?,
+    };
     cfg.replica_of = args.replica_of.clone();
     cfg.max_unacked_bytes = args.max_unacked_bytes;
     cfg.slow_replica_timeout = Duration::from_millis(args.slow_replica_ms);
@@ -129,6 +166,7 @@ pub(crate) fn run(args: NodeArgs) -> Result<ExitCode, Error> {
     cfg.heartbeat = Duration::from_millis(args.heartbeat_ms);
     cfg.stream_linger = Duration::from_micros(args.stream_linger_us);
     cfg.ack_bytes = args.ack_bytes.max(1);
+    cfg.min_replicas = args.replicas;
     let name = cfg.name.clone();
     let node = Node::start(engine, cfg)?;
     outln!(
