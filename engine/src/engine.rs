@@ -466,6 +466,12 @@ impl Engine {
         }
         let mut max_cas = vec![0u64; partitions.len()];
         let mut loaded = 0u64;
+        // Values are loaded while keys and resident values stay under the
+        // pager's low-water mark; past it items come back with their values
+        // on disk only (everything on disk is clean), so a directory larger
+        // than memory opens within its quota.
+        let resident_limit = (config.memory_quota as f64 * config.low_water) as usize;
+        let mut resident = 0usize;
         store.for_each_item(|p, key, rec| {
             let Some(part) = partitions.get(usize::from(p)) else {
                 return Err(Error::Corruption(format!(
@@ -475,9 +481,13 @@ impl Engine {
             };
             max_cas[usize::from(p)] = max_cas[usize::from(p)].max(rec.meta.cas);
             if !rec.deleted {
-                part.table
-                    .slot(key)
-                    .put(Record::new(&rec.meta, key, &rec.value));
+                let record = if resident < resident_limit {
+                    Record::new(&rec.meta, key, &rec.value)
+                } else {
+                    Record::new_evicted(&rec.meta, key, rec.value.len())
+                };
+                resident += record.resident_bytes();
+                part.table.slot(key).put(record);
                 loaded += 1;
             }
             Ok(())

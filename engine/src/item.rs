@@ -294,12 +294,17 @@ impl Record {
         Record(arc)
     }
 
+    /// A record of `key` whose value (of `value_len` bytes) is on disk only.
+    pub(crate) fn new_evicted(meta: &ItemMeta, key: &[u8], value_len: usize) -> Self {
+        Self::build(meta, key, None, value_len)
+    }
+
     /// A copy with the same metadata and key and no resident value.
     pub(crate) fn evicted(&self) -> Self {
         if self.is_evicted() {
             return self.clone();
         }
-        Self::build(&self.meta(), self.key(), None, self.value_len())
+        Self::new_evicted(&self.meta(), self.key(), self.value_len())
     }
 
     /// A copy of this (evicted) record holding `value` again.

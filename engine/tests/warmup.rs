@@ -127,3 +127,37 @@ fn disk_view_sees_persisted_state() {
     .unwrap();
     assert_eq!(seen, 100);
 }
+
+#[test]
+fn a_reopen_loads_values_only_up_to_the_memory_quota() {
+    // 8 MiB of values reopened under a 1 MiB quota: warmup leaves values
+    // on disk past the pager's low-water mark instead of loading them all
+    // (before, a directory larger than memory could not be reopened), and
+    // the pager finds nothing to evict.
+    let dir = tempfile::tempdir().unwrap();
+    let n = 2000;
+    let big = |i: usize| vec![(i % 251) as u8; 4096];
+    {
+        let e = builder(dir.path()).open().unwrap();
+        for i in 0..n {
+            e.set(&key(i), big(i), WriteOptions::default()).unwrap();
+        }
+        e.close().unwrap();
+    }
+    let quota = 1 << 20;
+    let e = builder(dir.path()).memory_quota(quota).open().unwrap();
+    let st = e.stats().unwrap();
+    let resident: usize = st.partitions.iter().map(|p| p.mem_bytes).sum();
+    let evicted: usize = st.partitions.iter().map(|p| p.evicted_items).sum();
+    let evictions: u64 = st.partitions.iter().map(|p| p.evictions).sum();
+    assert!(
+        resident <= quota,
+        "{resident} bytes resident, quota {quota}"
+    );
+    assert!(evicted > n / 2, "{evicted} of {n} values left on disk");
+    assert_eq!(evictions, 0, "the pager had to evict what warmup loaded");
+    assert_eq!(st.items(), n);
+    for i in 0..n {
+        assert_eq!(e.get(&key(i)).unwrap().value(), big(i), "key {i}");
+    }
+}
