@@ -58,6 +58,12 @@ pub struct EngineConfig {
     pub high_water: f64,
     /// Fraction of the quota the pager evicts down to (default 0.75).
     pub low_water: f64,
+    /// How often the expiry pass looks for expired items and deletes them
+    /// (default 60 s; `Duration::ZERO`: after every flush round). Expired
+    /// items read as absent at once; the pass frees their memory and puts a
+    /// tombstone on disk and on replicas. Primaries only: a replica gets
+    /// its primary's deletions.
+    pub expiry_pager_interval: Duration,
     /// Longest key in bytes (default 250).
     pub max_key_size: usize,
     /// Whether this engine holds replica partitions (default false): seqnos
@@ -113,6 +119,7 @@ impl EngineConfig {
             memory_quota: 1 << 30,
             high_water: 0.85,
             low_water: 0.75,
+            expiry_pager_interval: Duration::from_secs(60),
             max_key_size: 250,
             replica: false,
             max_value_size: 20 << 20,
@@ -221,6 +228,13 @@ impl EngineBuilder {
     pub fn water_marks(mut self, high: f64, low: f64) -> Self {
         self.config.high_water = high;
         self.config.low_water = low;
+        self
+    }
+
+    /// How often expired items are deleted (see
+    /// [`EngineConfig::expiry_pager_interval`]); default 60 s.
+    pub fn expiry_pager_interval(mut self, every: Duration) -> Self {
+        self.config.expiry_pager_interval = every;
         self
     }
 

@@ -222,6 +222,8 @@ pub(crate) struct Shared {
     pub(crate) injected_flush_failures: AtomicUsize,
     /// The pager's rotation: the next (partition, shard) slot it looks at.
     pub(crate) pager_next: AtomicUsize,
+    /// When the expiry pass runs next.
+    pub(crate) expiry_due: Mutex<Instant>,
     recovered_from_crash: bool,
     /// Disk-snapshot entries spilled to the staging column family.
     pub(crate) snapshot_staged_items: AtomicU64,
@@ -245,6 +247,22 @@ impl Shared {
     }
 
     /// Wakes every flusher thread now.
+    /// Takes `bytes` of checkpoint memory for a write about to be queued,
+    /// or refuses it with `TempOutOfMemory` (waking the flushers) if that
+    /// would pass `checkpoint_memory_limit`.
+    pub(crate) fn admit(&self, bytes: usize) -> Result<MemReservation<'_>> {
+        let limit = self.config.checkpoint_memory_limit;
+        MemReservation::take(&self.checkpoint_mem, bytes, limit).map_err(|used| {
+            self.notify_flushers();
+            Error::TempOutOfMemory {
+                reason: format!(
+                    "checkpoint memory {used} bytes is at its limit of {limit} bytes; \
+                     retry once the flusher has persisted queued items"
+                ),
+            }
+        })
+    }
+
     pub(crate) fn notify_flushers(&self) {
         for signal in &self.flush_signals {
             signal.notify();
@@ -522,6 +540,7 @@ impl Engine {
             changes: ChangeFeed::default(),
             injected_flush_failures: AtomicUsize::new(0),
             pager_next: AtomicUsize::new(0),
+            expiry_due: Mutex::new(Instant::now() + config.expiry_pager_interval),
             recovered_from_crash: !clean,
             snapshot_staged_items: AtomicU64::new(0),
             cursors_dropped: AtomicU64::new(0),
@@ -692,19 +711,7 @@ impl Engine {
             })?),
             _ => None,
         };
-        let limit = s.config.checkpoint_memory_limit;
-        let admit = |incoming| {
-            MemReservation::take(&s.checkpoint_mem, incoming, limit).map_err(|used| {
-                s.notify_flushers();
-                Error::TempOutOfMemory {
-                    reason: format!(
-                        "checkpoint memory {used} bytes is at its limit of {limit} bytes; \
-                         retry once the flusher has persisted queued items"
-                    ),
-                }
-            })
-        };
-        let res = part.mutate(&s.store, kind, key, value, opts, admit)?;
+        let res = part.mutate(&s.store, kind, key, value, opts, |bytes| s.admit(bytes))?;
         s.changed(res.partition);
         if opts.durability == Durability::Persist {
             s.wait_synced(&[(res.partition, res.seqno)])?;
@@ -890,6 +897,7 @@ impl Engine {
                     bg_fetches: pr.bg_fetches.load(Ordering::Relaxed),
                     evictions: pr.evictions.load(Ordering::Relaxed),
                     resets: pr.resets.load(Ordering::Relaxed),
+                    expired: pr.expired.load(Ordering::Relaxed),
                     window: p.window_info(),
                     lost_windows: p.lost_windows.clone(),
                 }

@@ -168,6 +168,19 @@ impl HashTable {
         (n, freed)
     }
 
+    /// Keys of shard `shard` expired at `now` (seconds since the epoch),
+    /// with their CAS, read under the shard's read lock.
+    pub(crate) fn expired(&self, shard: usize, now: u32) -> Vec<(Vec<u8>, u64)> {
+        let guard = self.shards[shard % SHARDS].read();
+        guard
+            .iter()
+            .filter_map(|e| {
+                let m = e.rec.meta();
+                m.is_expired(now).then(|| (e.rec.key().to_vec(), m.cas))
+            })
+            .collect()
+    }
+
     /// Number of shards (for the pager's rotation).
     pub(crate) fn shards(&self) -> usize {
         SHARDS

@@ -8,12 +8,67 @@
 //! an evicted value back from disk. Dirty items — not yet persisted, or inside
 //! an online-update window (the persistence cursor stops before it) — are never
 //! evicted. Recency is not tracked: the pager evicts clean values in table
-//! order. It runs on the flusher thread that owns partition 0, after each round.
+//! order. It runs on the flusher thread that owns partition 0, after each round,
+//! and so does the expiry pass ([`expire`]) when it is due.
 
 use crate::engine::Shared;
+use crate::error::Error;
+use crate::item::{now_secs, WriteOptions};
+use crate::partition::MutationKind;
 use crate::sync::Ordering;
 
+/// The expiry pass, every `expiry_pager_interval` on a primary: each item
+/// found expired becomes a deletion through the normal write path (a new
+/// seqno and a tombstone, persisted and streamed to replicas like any
+/// delete; inside an online-update window it is part of the window, so a
+/// REVERT brings the expired item back, still expired). Conditional on the
+/// CAS seen, so a key rewritten meanwhile is left alone. Stops at the
+/// checkpoint memory limit and tries again at the next pass.
+pub(crate) fn expire(shared: &Shared) {
+    if shared.config.replica {
+        return;
+    }
+    {
+        let mut due = shared.expiry_due.lock();
+        let now = std::time::Instant::now();
+        if now < *due {
+            return;
+        }
+        *due = now + shared.config.expiry_pager_interval;
+    }
+    let now = now_secs();
+    let mut deleted = 0u64;
+    for p in &shared.partitions {
+        for shard in 0..p.table.shards() {
+            for (key, cas) in p.table.expired(shard, now) {
+                let opts = WriteOptions {
+                    cas: Some(cas),
+                    ..WriteOptions::default()
+                };
+                let admit = |bytes| shared.admit(bytes);
+                match p.mutate(&shared.store, MutationKind::Expire, &key, &[], &opts, admit) {
+                    Ok(_) => {
+                        deleted += 1;
+                        p.progress.expired.fetch_add(1, Ordering::Relaxed);
+                        shared.changed(p.id);
+                    }
+                    // Rewritten or deleted since it was seen.
+                    Err(Error::NotFound | Error::CasMismatch { .. }) => {}
+                    Err(e) => {
+                        tracing::debug!(partition = p.id, error = %e, "expiry pass stopped");
+                        return;
+                    }
+                }
+            }
+        }
+    }
+    if deleted > 0 {
+        tracing::debug!(deleted, "expiry pass deleted expired items");
+    }
+}
+
 pub(crate) fn run(shared: &Shared) {
+    expire(shared);
     let quota = shared.config.memory_quota as f64;
     let used: usize = shared.partitions.iter().map(|p| p.table.mem_bytes()).sum();
     if (used as f64) <= quota * shared.config.high_water {

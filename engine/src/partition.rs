@@ -71,6 +71,9 @@ pub(crate) enum MutationKind {
     Add,
     Replace,
     Delete,
+    /// A deletion of an item that has expired (the expiry pass): refused
+    /// with `NotFound` unless the current version has expired.
+    Expire,
 }
 
 /// State changed only under the partition's writer lock.
@@ -111,6 +114,8 @@ pub(crate) struct FlushProgress {
     pub(crate) evictions: AtomicU64,
     /// Times a replica emptied the partition to resynchronise it.
     pub(crate) resets: AtomicU64,
+    /// Expired items the expiry pass deleted.
+    pub(crate) expired: AtomicU64,
 }
 
 /// Where a partition starts after warmup.
@@ -295,10 +300,13 @@ impl Partition {
         self.ensure_reserved(&mut w, store, seqno)?;
         let mut slot = self.table.slot(key);
         let (hash, current, undo) = self.touch(w.window.as_ref(), &mut slot, key);
-        let current = current.filter(|m| !is_expired(m));
+        let expiring = kind == MutationKind::Expire;
+        let current = current.filter(|m| is_expired(m) == expiring);
         match (kind, current) {
             (MutationKind::Add, Some(_)) => return Err(Error::Exists),
-            (MutationKind::Replace | MutationKind::Delete, None) => return Err(Error::NotFound),
+            (MutationKind::Replace | MutationKind::Delete | MutationKind::Expire, None) => {
+                return Err(Error::NotFound)
+            }
             _ => {}
         }
         if let Some(expected) = opts.cas {
@@ -313,7 +321,7 @@ impl Partition {
                 Some(_) => {}
             }
         }
-        let deleting = kind == MutationKind::Delete;
+        let deleting = matches!(kind, MutationKind::Delete | MutationKind::Expire);
         let value = if deleting { &[][..] } else { value };
         let incoming = key.len() + value.len() + crate::item::QUEUED_ITEM_OVERHEAD;
         let reservation = admit(incoming)?;

@@ -91,6 +91,8 @@ pub struct PartitionStats {
     /// Times this replica emptied the partition to resynchronise it from
     /// its primary (since the engine opened).
     pub resets: u64,
+    /// Expired items the expiry pass deleted (since the engine opened).
+    pub expired: u64,
     /// The open online-update window, if any.
     pub window: Option<WindowInfo>,
     /// Online-update windows lost to a crash or close (found at open).

@@ -136,3 +136,69 @@ fn expired_items_read_as_absent() {
     e.add(b"old", "new", WriteOptions::default()).unwrap();
     assert_eq!(&e.get(b"old").unwrap().value(), b"new");
 }
+
+#[test]
+fn the_expiry_pass_deletes_expired_items_on_a_primary_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = builder(dir.path())
+        .expiry_pager_interval(std::time::Duration::ZERO)
+        .open()
+        .unwrap();
+    e.set_flusher_paused(true);
+    let with_expiry = |expiry| WriteOptions {
+        expiry,
+        ..Default::default()
+    };
+    for i in 0..300 {
+        let expiry = match i % 3 {
+            0 => 1,        // long past
+            1 => u32::MAX, // far future
+            _ => 0,        // never
+        };
+        e.set(format!("k{i}").as_bytes(), "v", with_expiry(expiry))
+            .unwrap();
+    }
+    // Rewritten with a new expiry after it expired: kept.
+    e.set(b"k0", "again", WriteOptions::default()).unwrap();
+    assert_eq!(e.stats().unwrap().items(), 301 - 1);
+    // One round persists the writes and runs the (due) expiry pass, which
+    // queues a deletion for each expired item; the next persists those.
+    e.run_flush_round().unwrap();
+    e.run_flush_round().unwrap();
+    let st = e.stats().unwrap();
+    assert_eq!(st.items(), 201, "expired items still held");
+    assert_eq!(st.partitions.iter().map(|p| p.expired).sum::<u64>(), 99);
+    assert_eq!(e.get(b"k0").unwrap().value(), b"again");
+    assert!(matches!(e.get(b"k3"), Err(Error::NotFound)));
+    e.set_flusher_paused(false);
+    e.close().unwrap();
+    // The tombstones are on disk: a reopen loads none of them.
+    let e = builder(dir.path()).open().unwrap();
+    assert_eq!(e.stats().unwrap().items(), 201);
+    drop(e);
+
+    // A replica leaves expiry to its primary (whose deletions it applies).
+    let rdir = tempfile::tempdir().unwrap();
+    let r = builder(rdir.path())
+        .replica(true)
+        .expiry_pager_interval(std::time::Duration::ZERO)
+        .open()
+        .unwrap();
+    let item = tapkv_engine::QueuedItem::new(
+        tapkv_engine::QueueOp::Mutation,
+        b"r",
+        b"v",
+        tapkv_engine::ItemMeta {
+            by_seqno: 1,
+            cas: 1,
+            rev_seqno: 1,
+            flags: 0,
+            expiry: 1,
+        },
+    );
+    let p = r.partition_of(b"r");
+    r.apply_replicated(p, &item).unwrap();
+    r.run_flush_round().unwrap();
+    r.run_flush_round().unwrap();
+    assert_eq!(r.stats().unwrap().items(), 1);
+}

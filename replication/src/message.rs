@@ -522,10 +522,30 @@ pub fn store_extras(flags: u32, expiry: u32) -> Bytes {
     e.freeze()
 }
 
-/// Parses memcached SET/ADD/REPLACE extras.
+/// Parses memcached SET/ADD/REPLACE extras: flags, and the expiry as the
+/// engine takes it (absolute, see [`absolute_expiry`]).
 pub fn parse_store_extras(f: &Frame) -> Result<(u32, u32), ProtocolError> {
     let mut e = need(&f.as_frame_ref(), "SET", 8)?;
-    Ok((e.get_u32(), e.get_u32()))
+    let (flags, expiry) = (e.get_u32(), e.get_u32());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX));
+    Ok((flags, absolute_expiry(expiry, now)))
+}
+
+/// Longest expiry memcached reads as relative to now (30 days, in seconds);
+/// a larger one is an absolute Unix time.
+pub const RELATIVE_EXPIRY_MAX: u32 = 30 * 24 * 3600;
+
+/// A memcached expiry as the engine's absolute time: 0 never expires, up to
+/// [`RELATIVE_EXPIRY_MAX`] seconds is relative to `now`, more is already
+/// absolute.
+pub fn absolute_expiry(expiry: u32, now: u32) -> u32 {
+    match expiry {
+        0 => 0,
+        e if e <= RELATIVE_EXPIRY_MAX => now.saturating_add(e),
+        e => e,
+    }
 }
 
 /// Datatype bit of a SET/ADD/REPLACE asking for `Durability::Persist`.

@@ -42,3 +42,49 @@ fn a_late_reply_is_not_taken_for_the_next_requests_answer() {
     assert!(c.get(b"missing").unwrap_err().is_not_found());
     node.shutdown().unwrap();
 }
+
+#[test]
+fn a_set_expiry_follows_memcached_relative_or_absolute() {
+    use tapkv_replication::message::{absolute_expiry, opcode, store_extras, RELATIVE_EXPIRY_MAX};
+    use tapkv_replication::protocol::Frame;
+    assert_eq!(absolute_expiry(0, 1_000), 0);
+    assert_eq!(absolute_expiry(60, 1_000), 1_060);
+    assert_eq!(
+        absolute_expiry(RELATIVE_EXPIRY_MAX, 1_000),
+        1_000 + RELATIVE_EXPIRY_MAX
+    );
+    assert_eq!(
+        absolute_expiry(RELATIVE_EXPIRY_MAX + 1, 1_000),
+        RELATIVE_EXPIRY_MAX + 1
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(
+        Engine::builder(dir.path()).open().unwrap(),
+        NodeConfig::new("127.0.0.1:0"),
+    )
+    .unwrap();
+    let mut c = Client::connect(&node.local_addr().to_string(), Duration::from_secs(5)).unwrap();
+    let set = |c: &mut Client, key: &[u8], expiry: u32| {
+        let f = Frame::request(opcode::SET, c.partition_of(key))
+            .with_extras(store_extras(0, expiry))
+            .with_key(key.to_vec())
+            .with_value(&b"v"[..]);
+        c.call(f).unwrap();
+    };
+    // An hour from now (relative): readable. Before, 3600 was taken as an
+    // absolute time in 1970, so the item had expired when it was written.
+    set(&mut c, b"relative", 3600);
+    assert_eq!(&c.get(b"relative").unwrap().0[..], b"v");
+    // An absolute time in the past: expired at once.
+    set(&mut c, b"past", RELATIVE_EXPIRY_MAX + 1);
+    assert!(c.get(b"past").unwrap_err().is_not_found());
+    let item = node.engine().unwrap().get(b"relative").unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as u32;
+    assert!((now + 3500..=now + 3600).contains(&item.meta.expiry));
+    drop(c);
+    node.shutdown().unwrap();
+}
