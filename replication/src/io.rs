@@ -23,6 +23,11 @@ pub struct FrameReader {
 const READ_CHUNK: usize = 64 * 1024;
 
 impl FrameReader {
+    /// Raises or lowers the largest body accepted from now on.
+    pub fn set_max_body(&mut self, max_body: usize) {
+        self.max_body = max_body;
+    }
+
     /// Wraps `stream` (its read timeout decides how long `next` blocks).
     pub fn new(stream: TcpStream, max_body: usize) -> FrameReader {
         FrameReader {

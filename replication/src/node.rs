@@ -1522,6 +1522,13 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
         tracing::error!("{msg}");
         return Err(Error::WrongState(msg));
     }
+    // The primary's frames are as large as its `--max-body` allows (a value
+    // it accepted is streamed whole): read them, whatever this node's own
+    // limit for clients is (up to 1 GiB, whatever the primary claims).
+    if let Some(theirs) = info["max_body"].as_u64() {
+        let theirs = usize::try_from(theirs).unwrap_or(usize::MAX).min(1 << 30);
+        reader.set_max_body(theirs.max(cfg.max_body));
+    }
     // A window held across a reconnect may have ended on the primary while
     // the link was down, its markers gone from the primary's memory: such a
     // partition is resynchronised rather than left waiting for an END/REVERT

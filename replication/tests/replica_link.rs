@@ -267,3 +267,43 @@ fn a_replicate_write_is_never_acknowledged_with_no_replica_holding_it() {
         .unwrap();
     alone.shutdown().unwrap();
 }
+
+#[test]
+fn a_replica_reads_frames_as_large_as_its_primary_accepts() {
+    // The replica's own --max-body (for its clients) is 4 KiB, its
+    // primary's the default 21 MiB: a 100 KiB value still reaches the
+    // replica. Before, the replica refused the frame and reconnected for
+    // ever without saying why.
+    let pdir = tempfile::tempdir().unwrap();
+    let rdir = tempfile::tempdir().unwrap();
+    let primary = Node::start(
+        Engine::builder(pdir.path()).partitions(2).open().unwrap(),
+        NodeConfig::new("127.0.0.1:0"),
+    )
+    .unwrap();
+    let p = primary.engine().unwrap();
+    p.set(b"big", vec![7u8; 100 << 10], WriteOptions::default())
+        .unwrap();
+    let mut rcfg = NodeConfig::new("127.0.0.1:0");
+    rcfg.replica_of = Some(primary.local_addr().to_string());
+    rcfg.name = "small-body".into();
+    rcfg.max_body = 4096;
+    let replica = Node::start(
+        Engine::builder(rdir.path())
+            .replica(true)
+            .partitions(2)
+            .open()
+            .unwrap(),
+        rcfg,
+    )
+    .unwrap();
+    let r = replica.engine().unwrap();
+    wait_until(
+        "the big value on the replica",
+        Duration::from_secs(20),
+        || r.get(b"big").is_ok(),
+    );
+    assert_eq!(r.get(b"big").unwrap().value().len(), 100 << 10);
+    replica.shutdown().unwrap();
+    primary.shutdown().unwrap();
+}

@@ -521,3 +521,26 @@ fn a_node_without_a_name_keeps_the_one_it_made() {
     node.signal(libc::SIGTERM);
     assert!(node.wait_success(T));
 }
+
+#[test]
+fn node_timing_options_out_of_range_are_refused() {
+    // 0 made a replica reconnect for ever; a huge value overflowed a
+    // deadline (a panic) once the node ran.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    for (opt, bad) in [
+        ("--heartbeat-ms", "0"),
+        ("--heartbeat-ms", "18446744073709551615"),
+        ("--replicate-timeout-ms", "18446744073709551615"),
+        ("--io-timeout-ms", "0"),
+        ("--idle-timeout-s", "18446744073709551615"),
+    ] {
+        let (ok, _, err) = run(
+            &["node", "--data", d, "--listen", "127.0.0.1:0", opt, bad],
+            "",
+            T,
+        );
+        assert!(!ok, "{opt} {bad} accepted");
+        assert!(err.contains(opt), "{opt} {bad}: {err}");
+    }
+}

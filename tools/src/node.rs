@@ -11,6 +11,11 @@ use clap::Args;
 use tapkv_engine::{Engine, Error};
 use tapkv_replication::node::{Node, NodeConfig};
 
+/// Upper bounds of the timing options (beyond them a deadline could
+/// overflow; nobody means a longer one).
+const DAY_MS: u64 = 24 * 3600 * 1000;
+const HOUR_MS: u64 = 3600 * 1000;
+
 #[derive(Args, Debug)]
 pub(crate) struct NodeArgs {
     /// Data directory (created if missing).
@@ -38,7 +43,7 @@ pub(crate) struct NodeArgs {
     /// Milliseconds a stream may sit at its unacknowledged limit with no
     /// acknowledgement at all before its cursors are dropped (the replica is
     /// backfilled later).
-    #[arg(long, default_value_t = 3000, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = 3000, value_parser = clap::value_parser!(u64).range(1..=DAY_MS))]
     slow_replica_ms: u64,
     /// As a primary: the replicas a `Replicate` write is measured against
     /// while fewer are connected. A write needs a majority of this many or
@@ -47,17 +52,18 @@ pub(crate) struct NodeArgs {
     /// once when no replica is connected.
     #[arg(long, default_value_t = 1)]
     replicas: usize,
-    /// Milliseconds a `Replicate` write waits for a majority of replicas.
-    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..))]
+    /// Milliseconds a `Replicate` write waits for a majority of replicas (at most a day).
+    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..=DAY_MS))]
     replicate_timeout_ms: u64,
-    /// Timeout of every socket write and of waiting for a reply, in ms.
-    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    /// Timeout of every socket write and of waiting for a reply, in ms (at most a day).
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=DAY_MS))]
     io_timeout_ms: u64,
-    /// Close client connections idle this many seconds.
-    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    /// Close client connections idle this many seconds (at most a day).
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=DAY_MS / 1000))]
     idle_timeout_s: u64,
-    /// Stream heartbeat interval in ms (a replica reconnects after 10 silent ones).
-    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    /// Stream heartbeat interval in ms (a replica reconnects after 10 silent
+    /// ones; at most an hour).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=HOUR_MS))]
     heartbeat_ms: u64,
     /// After a stream round that sent less than 256 KiB, wait this many
     /// microseconds before the next, so steady writes go out in fewer,
