@@ -11,6 +11,39 @@ use tapkv_engine::{Durability, Engine, WriteOptions};
 use tapkv_replication::client::Client;
 use tapkv_replication::node::{Node, NodeConfig};
 
+/// A replica node of `primary` over `dir` (2 partitions unless `partitions`
+/// says otherwise), named `name`, with `tweak` applied to its config.
+fn replica_of(
+    primary: &Node,
+    dir: &std::path::Path,
+    partitions: u16,
+    name: &str,
+    tweak: impl FnOnce(&mut NodeConfig),
+) -> Node {
+    let mut cfg = NodeConfig::new("127.0.0.1:0");
+    cfg.replica_of = Some(primary.local_addr().to_string());
+    cfg.name = name.into();
+    tweak(&mut cfg);
+    Node::start(
+        Engine::builder(dir)
+            .replica(true)
+            .partitions(partitions)
+            .open()
+            .unwrap(),
+        cfg,
+    )
+    .unwrap()
+}
+
+/// A primary node over `dir` with 2 partitions and the node defaults.
+fn primary_of(dir: &std::path::Path) -> Node {
+    Node::start(
+        Engine::builder(dir).partitions(2).open().unwrap(),
+        NodeConfig::new("127.0.0.1:0"),
+    )
+    .unwrap()
+}
+
 #[test]
 fn a_replica_with_another_partition_count_refuses_to_replicate() {
     let pdir = tempfile::tempdir().unwrap();
@@ -25,17 +58,7 @@ fn a_replica_with_another_partition_count_refuses_to_replicate() {
         p.set(format!("k{i}").as_bytes(), b"v", WriteOptions::default())
             .unwrap();
     }
-    let mut cfg = NodeConfig::new("127.0.0.1:0");
-    cfg.replica_of = Some(primary.local_addr().to_string());
-    let replica = Node::start(
-        Engine::builder(rdir.path())
-            .replica(true)
-            .partitions(4)
-            .open()
-            .unwrap(),
-        cfg,
-    )
-    .unwrap();
+    let replica = replica_of(&primary, rdir.path(), 4, "tapkv", |_| {});
 
     // The replica says why it does not replicate.
     let mut c = Client::connect(&replica.local_addr().to_string(), Duration::from_secs(5)).unwrap();
@@ -86,18 +109,7 @@ fn a_silent_replica_has_its_stream_ended_and_stops_counting_for_replicate() {
     p.set(b"before", b"v", WriteOptions::default()).unwrap();
 
     // A live replica, which acknowledges every heartbeat.
-    let mut rcfg = NodeConfig::new("127.0.0.1:0");
-    rcfg.replica_of = Some(primary.local_addr().to_string());
-    rcfg.name = "live".into();
-    let replica = Node::start(
-        Engine::builder(rdir.path())
-            .replica(true)
-            .partitions(2)
-            .open()
-            .unwrap(),
-        rcfg,
-    )
-    .unwrap();
+    let replica = replica_of(&primary, rdir.path(), 2, "live", |_| {});
     wait_until("the live replica's stream", Duration::from_secs(10), || {
         stream_cursors(p).len() == 2
     });
@@ -150,28 +162,13 @@ fn a_replica_keeps_its_data_through_a_passing_disk_error() {
     // the partition and resynchronised it from seqno 0.
     let pdir = tempfile::tempdir().unwrap();
     let rdir = tempfile::tempdir().unwrap();
-    let primary = Node::start(
-        Engine::builder(pdir.path()).partitions(2).open().unwrap(),
-        NodeConfig::new("127.0.0.1:0"),
-    )
-    .unwrap();
+    let primary = primary_of(pdir.path());
     let p = primary.engine().unwrap();
     for i in 0..200 {
         p.set(format!("k{i}").as_bytes(), b"v", WriteOptions::default())
             .unwrap();
     }
-    let mut rcfg = NodeConfig::new("127.0.0.1:0");
-    rcfg.replica_of = Some(primary.local_addr().to_string());
-    rcfg.name = "flaky-disk".into();
-    let replica = Node::start(
-        Engine::builder(rdir.path())
-            .replica(true)
-            .partitions(2)
-            .open()
-            .unwrap(),
-        rcfg,
-    )
-    .unwrap();
+    let replica = replica_of(&primary, rdir.path(), 2, "flaky-disk", |_| {});
     let r = replica.engine().unwrap();
     wait_until("the replica to catch up", Duration::from_secs(20), || {
         r.stats().unwrap().items() == 200
@@ -216,18 +213,7 @@ fn a_replicate_write_is_never_acknowledged_with_no_replica_holding_it() {
     ));
     assert_eq!(p.get(b"alone").unwrap().value(), b"v");
 
-    let mut rcfg = NodeConfig::new("127.0.0.1:0");
-    rcfg.replica_of = Some(primary.local_addr().to_string());
-    rcfg.name = "only".into();
-    let replica = Node::start(
-        Engine::builder(rdir.path())
-            .replica(true)
-            .partitions(2)
-            .open()
-            .unwrap(),
-        rcfg,
-    )
-    .unwrap();
+    let replica = replica_of(&primary, rdir.path(), 2, "only", |_| {});
     wait_until("the replica's stream", Duration::from_secs(10), || {
         stream_cursors(p).len() == 2
     });
@@ -276,27 +262,13 @@ fn a_replica_reads_frames_as_large_as_its_primary_accepts() {
     // ever without saying why.
     let pdir = tempfile::tempdir().unwrap();
     let rdir = tempfile::tempdir().unwrap();
-    let primary = Node::start(
-        Engine::builder(pdir.path()).partitions(2).open().unwrap(),
-        NodeConfig::new("127.0.0.1:0"),
-    )
-    .unwrap();
+    let primary = primary_of(pdir.path());
     let p = primary.engine().unwrap();
     p.set(b"big", vec![7u8; 100 << 10], WriteOptions::default())
         .unwrap();
-    let mut rcfg = NodeConfig::new("127.0.0.1:0");
-    rcfg.replica_of = Some(primary.local_addr().to_string());
-    rcfg.name = "small-body".into();
-    rcfg.max_body = 4096;
-    let replica = Node::start(
-        Engine::builder(rdir.path())
-            .replica(true)
-            .partitions(2)
-            .open()
-            .unwrap(),
-        rcfg,
-    )
-    .unwrap();
+    let replica = replica_of(&primary, rdir.path(), 2, "small-body", |c| {
+        c.max_body = 4096
+    });
     let r = replica.engine().unwrap();
     wait_until(
         "the big value on the replica",
