@@ -79,6 +79,10 @@ pub struct NodeConfig {
     /// the default it is never acknowledged with no replica holding it; 0
     /// acknowledges it at once when no replica is connected.
     pub min_replicas: usize,
+    /// Connections served at once (clients and replication streams; each
+    /// has a thread). One more is answered `TEMP_FAILURE` ("too many
+    /// connections") and closed. Default 1024.
+    pub max_connections: usize,
 }
 
 /// Rounds smaller than this are followed by the stream's linger.
@@ -106,6 +110,7 @@ impl NodeConfig {
             stream_linger: Duration::from_millis(1),
             ack_bytes: 512 * 1024,
             min_replicas: 1,
+            max_connections: 1024,
         }
     }
 }
@@ -415,7 +420,31 @@ fn accept_loop(state: &Arc<NodeState>, listener: TcpListener) {
         if state.stop.load(Ordering::Acquire) {
             break;
         }
-        let Ok(conn) = conn else { continue };
+        let Ok(mut conn) = conn else { continue };
+        let live = {
+            let mut threads = state.threads.lock();
+            threads.retain(|t| !t.is_finished());
+            threads.len()
+        };
+        if live >= state.config.max_connections {
+            // Answered without a thread (bounded by the write timeout) and
+            // closed: a flood of connections cannot take every thread.
+            let _ = conn.set_write_timeout(Some(Duration::from_secs(1)));
+            let refusal = status_response(
+                &Frame::request(0, 0),
+                status::TEMP_FAILURE,
+                &format!(
+                    "too many connections: this node serves {} at once (--max-connections)",
+                    state.config.max_connections
+                ),
+            );
+            let _ = std::io::Write::write_all(&mut conn, &refusal.to_bytes());
+            tracing::warn!(
+                max = state.config.max_connections,
+                "connection refused: too many connections"
+            );
+            continue;
+        }
         let st = Arc::clone(state);
         let id = state.connections.fetch_add(1, Ordering::Relaxed);
         match std::thread::Builder::new()

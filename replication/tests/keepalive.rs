@@ -100,3 +100,41 @@ fn a_connection_that_never_says_hello_does_not_hold_up_shutdown() {
     assert!(ok);
     drop(silent);
 }
+
+#[test]
+fn connections_past_the_limit_are_refused_with_an_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::builder(dir.path()).open().unwrap();
+    let mut cfg = NodeConfig::new("127.0.0.1:0");
+    cfg.max_connections = 2;
+    let node = Node::start(engine, cfg).unwrap();
+    let addr = node.local_addr().to_string();
+    let timeout = Duration::from_secs(5);
+    let first = Client::connect(&addr, timeout).unwrap();
+    let second = TcpStream::connect(&addr).unwrap();
+    // The third is answered TEMP_FAILURE and closed, without a thread.
+    let mut third = TcpStream::connect(&addr).unwrap();
+    third
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut reply = Vec::new();
+    third.read_to_end(&mut reply).unwrap();
+    let f = tapkv_replication::protocol::decode(&mut BytesMut::from(&reply[..]), 1 << 20)
+        .unwrap()
+        .expect("a whole answer");
+    assert_eq!(f.status(), tapkv_replication::message::status::TEMP_FAILURE);
+    assert!(String::from_utf8_lossy(&f.value).contains("too many connections"));
+    // Once one goes, a new connection is served.
+    drop(second);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut again = loop {
+        if let Ok(c) = Client::connect(&addr, timeout) {
+            break c;
+        }
+        assert!(Instant::now() < deadline, "no connection served again");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    again.noop().unwrap();
+    drop((first, again));
+    node.shutdown().unwrap();
+}

@@ -94,6 +94,10 @@ pub(crate) struct NodeArgs {
     /// engine default 0.9; 1 or more: never.
     #[arg(long)]
     cursor_drop_threshold: Option<f64>,
+    /// Connections served at once (clients and replication streams, a
+    /// thread each); one more is answered TEMP_FAILURE and closed.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
+    max_connections: u64,
     /// Largest accepted frame body in bytes.
     #[arg(long, default_value_t = tapkv_replication::protocol::DEFAULT_MAX_BODY)]
     max_body: usize,
@@ -173,6 +177,7 @@ pub(crate) fn run(args: NodeArgs) -> Result<ExitCode, Error> {
     cfg.stream_linger = Duration::from_micros(args.stream_linger_us);
     cfg.ack_bytes = args.ack_bytes.max(1);
     cfg.min_replicas = args.replicas;
+    cfg.max_connections = usize::try_from(args.max_connections).unwrap_or(usize::MAX);
     let name = cfg.name.clone();
     let node = Node::start(engine, cfg)?;
     outln!(
