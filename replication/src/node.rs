@@ -268,6 +268,9 @@ struct NodeState {
     /// A replica's last replication-link error, until a stream opens again
     /// (reported by `stat` as `link_error`).
     link_error: Mutex<Option<String>>,
+    /// A replica's replication streams opened so far (reported by `stat`
+    /// as `link_sessions`).
+    link_sessions: AtomicU64,
 }
 
 /// A running node. Dropping it (or [`Node::shutdown`]) stops it gracefully:
@@ -336,6 +339,7 @@ impl Node {
             threads: Mutex::new(Vec::new()),
             connections: AtomicU64::new(0),
             link_error: Mutex::new(None),
+            link_sessions: AtomicU64::new(0),
         });
         if !replica {
             state.engine.set_replication_gate(Arc::new(AckGate {
@@ -778,6 +782,7 @@ fn handle_request_inner(state: &NodeState, f: &Frame) -> Result<Frame, Frame> {
                     "cursors_dropped": st.cursors_dropped,
                     "items_expelled": st.items_expelled,
                     "link_error": *state.link_error.lock(),
+                    "link_sessions": state.link_sessions.load(Ordering::Relaxed),
                     "partitions": parts,
                 }),
             ))
@@ -1595,6 +1600,7 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
     }
     tracing::info!(%primary, "replication stream open");
     *state.link_error.lock() = None;
+    state.link_sessions.fetch_add(1, Ordering::Relaxed);
     let mut ack = Ack::default();
     // Highest seqno applied per partition (0: nothing yet), for acks.
     let mut seqnos = vec![0u64; usize::from(engine.num_partitions())];
@@ -1611,6 +1617,12 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
     let mut last_ack = Instant::now();
     let mut last_heard = Instant::now();
     let silence_limit = cfg.heartbeat * SILENT_HEARTBEATS;
+    // The primary answers a stream open with a FAILOVER or a ROLLBACK per
+    // partition, all before anything else: every rolled-back partition is
+    // reset, and the session ends at the first frame after that burst (the
+    // next one asks for those partitions from seqno 0), so any number of
+    // diverged partitions costs one reconnect rather than one each.
+    let mut rolled_back = false;
     while !state.stop.load(Ordering::Acquire) {
         // Frames are decoded in place in the read buffer: an entry's key and
         // value are copied once, into its record.
@@ -1639,6 +1651,14 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
         last_heard = now;
         ack.bytes += wire_len as u64;
         let msg = msg.map_err(perr)?;
+        if rolled_back
+            && !matches!(
+                msg,
+                StreamMessage::Rollback { .. } | StreamMessage::Failover { .. }
+            )
+        {
+            return Ok(());
+        }
         let mut ack_now = false;
         match msg {
             StreamMessage::Failover { partition, uuid } => {
@@ -1722,7 +1742,12 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
                     "primary's history diverged: rolling back the partition"
                 );
                 engine.reset_partition(partition)?;
-                return Ok(());
+                rolled_back = true;
+                if reader.caught_up() {
+                    // Nothing else has arrived (every partition may have
+                    // rolled back): no need to wait for a heartbeat.
+                    return Ok(());
+                }
             }
             StreamMessage::StreamEnd => return Ok(()),
         }

@@ -279,3 +279,58 @@ fn a_replica_reads_frames_as_large_as_its_primary_accepts() {
     replica.shutdown().unwrap();
     primary.shutdown().unwrap();
 }
+
+#[test]
+fn a_replica_rolls_back_every_diverged_partition_in_one_session() {
+    // A replica of primary A is pointed at primary B: none of B's
+    // partitions knows A's branches, so all eight roll back. They do so in
+    // one session, and the next streams them from B. Before, each ROLLBACK
+    // ended the session: nine sessions.
+    let adir = tempfile::tempdir().unwrap();
+    let bdir = tempfile::tempdir().unwrap();
+    let rdir = tempfile::tempdir().unwrap();
+    let start = |dir: &std::path::Path, prefix: &str, n: usize| {
+        let node = Node::start(
+            Engine::builder(dir).partitions(8).open().unwrap(),
+            NodeConfig::new("127.0.0.1:0"),
+        )
+        .unwrap();
+        let e = node.engine().unwrap();
+        for i in 0..n {
+            e.set(
+                format!("{prefix}{i}").as_bytes(),
+                b"v",
+                WriteOptions::default(),
+            )
+            .unwrap();
+        }
+        node
+    };
+    let a = start(adir.path(), "a", 400);
+    let replica = replica_of(&a, rdir.path(), 8, "moved", |_| {});
+    let r = replica.engine().unwrap();
+    wait_until("the replica to follow A", Duration::from_secs(20), || {
+        r.stats().unwrap().items() == 400
+    });
+    replica.shutdown().unwrap();
+    a.shutdown().unwrap();
+
+    let b = start(bdir.path(), "b", 300);
+    let replica = replica_of(&b, rdir.path(), 8, "moved", |_| {});
+    let r = replica.engine().unwrap();
+    wait_until("the replica to follow B", Duration::from_secs(20), || {
+        r.stats().unwrap().items() == 300 && r.get(b"b299").is_ok()
+    });
+    assert!(r.get(b"a0").is_err(), "A's keys survived the rollback");
+    let resets: u64 = r.stats().unwrap().partitions.iter().map(|p| p.resets).sum();
+    assert_eq!(resets, 8);
+    let mut c = Client::connect(&replica.local_addr().to_string(), Duration::from_secs(5)).unwrap();
+    let sessions = c.stats().unwrap()["link_sessions"].as_u64().unwrap();
+    assert!(
+        sessions <= 3,
+        "{sessions} sessions to roll back 8 partitions"
+    );
+    drop(c);
+    replica.shutdown().unwrap();
+    b.shutdown().unwrap();
+}
