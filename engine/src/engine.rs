@@ -375,7 +375,7 @@ impl Engine {
         let path = config.path.clone();
         let _span = tracing::info_span!("warmup", path = %path.display()).entered();
         let lock = DirLock::acquire(&path)?;
-        let store = Store::open(&path).map_err(|e| match e {
+        let mut store = Store::open(&path).map_err(|e| match e {
             Error::Storage(msg) if msg.contains("lock") => Error::Locked { path: path.clone() },
             other => other,
         })?;
@@ -400,11 +400,13 @@ impl Engine {
                     ),
                 })
             }
-            // Format 3 only added the `staging` column family, which
-            // `Store::open` has just created: a format-2 directory upgrades
-            // in place (and earlier builds can no longer open it).
+            // Format 3 only added the `staging` column family: a format-2
+            // directory upgrades in place (and earlier builds can no
+            // longer open it). The family is added first, so an upgrade
+            // cut short is finished by the next open.
             Some(meta) if meta.format == 2 => {
                 tracing::info!(path = %path.display(), "upgrading the data directory from format 2 to 3");
+                store.ensure_staging()?;
                 store.put_engine_meta(&EngineMeta {
                     format: FORMAT_VERSION,
                     partitions: meta.partitions,
@@ -421,6 +423,8 @@ impl Engine {
             }
             Some(_) => {}
         }
+        // Accepted: only now may the directory change.
+        store.ensure_staging()?;
         let clean = fresh || store.was_clean_shutdown()?;
         store.set_clean_shutdown(false)?;
         let checkpoint_mem = Arc::new(AtomicUsize::new(0));

@@ -342,22 +342,39 @@ fn db_options(create: bool) -> Options {
 }
 
 impl Store {
-    /// Opens (creating if needed) the store under `dir` for writing.
+    /// Opens the store under `dir` for writing, creating it (with every
+    /// column family) if it does not exist. An existing store is opened
+    /// with the column families it has and nothing is added, so a
+    /// directory the caller then refuses (another format or partition
+    /// count) is left as the build that wrote it can still open it; the
+    /// caller adds the staging column family once it has accepted the
+    /// directory ([`ensure_staging`](Self::ensure_staging)).
     pub(crate) fn open(dir: &Path) -> Result<Store> {
         let path = dir.join("rocksdb");
-        let opts = db_options(true);
-        let cfs = [CF_ITEMS, CF_META, CF_STAGING]
-            .into_iter()
+        let names: Vec<String> = if path.join("CURRENT").exists() {
+            DB::list_cf(&db_options(false), &path)?
+        } else {
+            [CF_ITEMS, CF_META, CF_STAGING].map(String::from).to_vec()
+        };
+        let cfs = names
+            .iter()
             .map(|n| ColumnFamilyDescriptor::new(n, db_options(true)));
-        let db = DB::open_cf_descriptors(&opts, &path, cfs)?;
-        let store = Store {
+        let db = DB::open_cf_descriptors(&db_options(true), &path, cfs)?;
+        Ok(Store {
             db,
             path,
             injected_window_failures: AtomicUsize::new(0),
-        };
-        // A snapshot staged before a crash or close is never resumed.
-        store.clear_staged(None)?;
-        Ok(store)
+        })
+    }
+
+    /// Adds the staging column family if the store lacks it (a format-2
+    /// directory: after this, earlier builds cannot open it), and empties
+    /// it: a snapshot staged before a crash or close is never resumed.
+    pub(crate) fn ensure_staging(&mut self) -> Result<()> {
+        if self.db.cf_handle(CF_STAGING).is_none() {
+            self.db.create_cf(CF_STAGING, &db_options(true))?;
+        }
+        self.clear_staged(None)
     }
 
     /// Opens an existing store read-only (works while a node holds it).
@@ -566,7 +583,7 @@ impl Store {
             let mut pos = 0;
             let key_len = get_varint(v, &mut pos)
                 .and_then(|n| usize::try_from(n).ok())
-                .filter(|n| pos + n <= v.len())
+                .filter(|n| v.len().saturating_sub(pos) >= *n)
                 .ok_or_else(|| Error::Corruption(format!("{}: bad key length", what())))?;
             let key = &v[pos..pos + key_len];
             let rec = decode_record_ref(&v[pos + key_len..], &what)?;
@@ -926,5 +943,20 @@ mod tests {
             v.len() < 1 + 1 + 4 + 4 + 8 + 8 + 8,
             "varints keep the header small"
         );
+    }
+
+    #[test]
+    fn a_staged_entry_with_an_absurd_key_length_is_corruption() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        store.ensure_staging().unwrap();
+        let mut v = Vec::new();
+        put_varint(&mut v, u64::MAX);
+        store
+            .db
+            .put_cf(store.cf(CF_STAGING).unwrap(), staging_key(0, 1), &v)
+            .unwrap();
+        let r = store.for_each_staged(0, |_| Ok(true));
+        assert!(matches!(r, Err(Error::Corruption(_))), "{r:?}");
     }
 }

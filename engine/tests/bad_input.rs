@@ -202,3 +202,40 @@ fn the_expiry_pass_deletes_expired_items_on_a_primary_only() {
     r.run_flush_round().unwrap();
     assert_eq!(r.stats().unwrap().items(), 1);
 }
+
+#[test]
+fn a_refused_directory_is_left_as_the_build_that_wrote_it_can_open_it() {
+    // What a format-1 or format-2 build leaves: only the `items` and
+    // `meta` column families. This build refuses format 1, and format 2
+    // opened with another partition count, without adding its `staging`
+    // family (before, the refused open added it, and the writing build
+    // could no longer open its own directory).
+    for (format, partitions) in [(1, None), (2, Some(8))] {
+        let dir = tempfile::tempdir().unwrap();
+        let db_path = dir.path().join("rocksdb");
+        {
+            let mut o = rocksdb::Options::default();
+            o.create_if_missing(true);
+            o.create_missing_column_families(true);
+            let db = rocksdb::DB::open_cf(&o, &db_path, ["items", "meta"]).unwrap();
+            let meta = format!(r#"{{"format":{format},"partitions":16}}"#);
+            db.put_cf(db.cf_handle("meta").unwrap(), b"engine", meta)
+                .unwrap();
+        }
+        let mut b = Engine::builder(dir.path());
+        if let Some(n) = partitions {
+            b = b.partitions(n);
+        }
+        assert!(
+            matches!(b.open(), Err(Error::Incompatible { .. })),
+            "format {format}"
+        );
+        let cfs = rocksdb::DB::list_cf(&rocksdb::Options::default(), &db_path).unwrap();
+        assert!(
+            !cfs.iter().any(|c| c == "staging"),
+            "format {format}: {cfs:?}"
+        );
+        rocksdb::DB::open_cf(&rocksdb::Options::default(), &db_path, ["items", "meta"])
+            .unwrap_or_else(|e| panic!("format {format}: {e}"));
+    }
+}
