@@ -433,6 +433,17 @@ impl Engine {
         for p in 0..config.partitions {
             let state = store.partition_state(p)?.unwrap_or_default();
             let res = store.reservation(p)?.unwrap_or_default();
+            // Numbers near the top of the range could no longer increase
+            // (the arithmetic below would wrap): only corruption makes them.
+            for (what, n) in [
+                ("high seqno", state.high_seqno),
+                ("checkpoint id", state.checkpoint_id),
+                ("CAS", state.max_cas),
+                ("reserved seqno", res.seqno),
+                ("reserved checkpoint id", res.checkpoint_id),
+            ] {
+                check_in_range(p, what, n)?;
+            }
             let start = PartitionStart {
                 high_seqno: if config.replica {
                     state.high_seqno
@@ -501,6 +512,8 @@ impl Engine {
                     config.partitions
                 )));
             };
+            check_in_range(p, "item seqno", rec.meta.by_seqno)?;
+            check_in_range(p, "item CAS", rec.meta.cas)?;
             max_cas[usize::from(p)] = max_cas[usize::from(p)].max(rec.meta.cas);
             if !rec.deleted {
                 let record = if resident < resident_limit {
@@ -1079,6 +1092,18 @@ fn validate(c: &EngineConfig) -> Result<()> {
 /// streams. Under loom a timed wait is untimed (see `sync.rs`), so a lost
 /// wake-up shows up as a deadlock. Run with
 /// `cargo test --release -p tapkv-engine --features loom --lib loom_`.
+/// Refuses a persisted seqno, checkpoint id or CAS at or above `u64::MAX / 2`
+/// (the bound replicated ones are held to): from there it could no longer
+/// increase.
+fn check_in_range(p: PartitionId, what: &str, n: u64) -> Result<()> {
+    if n >= u64::MAX / 2 {
+        return Err(Error::Corruption(format!(
+            "partition {p}: persisted {what} {n} is out of range"
+        )));
+    }
+    Ok(())
+}
+
 #[cfg(all(test, any(loom, feature = "loom")))]
 mod loom_models {
     use super::{ChangeFeed, Signal};

@@ -296,23 +296,36 @@ impl ShardsGuard<'_> {
         None
     }
 
-    /// Evicts `key`'s value if it is clean (`by_seqno <= clean_upto`).
-    /// Returns `Some(true)` if evicted now or already, `Some(false)` if dirty,
-    /// `None` if absent.
-    pub(crate) fn evict(&mut self, key: &[u8], clean_upto: u64) -> Option<bool> {
+    /// Evicts `key`'s value if it is clean (`by_seqno <= clean_upto`);
+    /// `None` if the key is absent.
+    pub(crate) fn evict(&mut self, key: &[u8], clean_upto: u64) -> Option<Eviction> {
         let table = self.table;
         let (shard, hash) = self.shard(key);
         let e = shard.find_mut(hash, |e| same_key(e, hash, key))?;
         if e.rec.by_seqno() > clean_upto {
-            return Some(false);
+            return Some(Eviction::Dirty);
         }
-        if !e.rec.is_evicted() {
-            table.bytes.fetch_sub(e.rec.value_len(), Ordering::Relaxed);
-            table.evicted.fetch_add(1, Ordering::Relaxed);
-            e.rec = e.rec.evicted();
+        // An empty value frees nothing and would cost a disk read (as in
+        // `evict_clean`).
+        if e.rec.is_evicted() || e.rec.value_len() == 0 {
+            return Some(Eviction::Already);
         }
-        Some(true)
+        table.bytes.fetch_sub(e.rec.value_len(), Ordering::Relaxed);
+        table.evicted.fetch_add(1, Ordering::Relaxed);
+        e.rec = e.rec.evicted();
+        Some(Eviction::Now)
     }
+}
+
+/// What [`ShardsGuard::evict`] did with a key's value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Eviction {
+    /// Evicted by this call.
+    Now,
+    /// Nothing to do: already on disk only, or empty.
+    Already,
+    /// Not persisted yet (or inside an online-update window): kept.
+    Dirty,
 }
 
 #[cfg(all(test, not(any(loom, feature = "loom"))))]
@@ -340,7 +353,11 @@ mod tests {
             t.evict_clean(HashTable::shard_index(t.hash(b"e")), 10, 100),
             (0, 0)
         );
-        assert_eq!(t.slot(b"k").evict(b"k", 10), Some(true));
+        assert_eq!(t.slot(b"k").evict(b"k", 4), Some(Eviction::Dirty));
+        assert_eq!(t.slot(b"k").evict(b"k", 10), Some(Eviction::Now));
+        assert_eq!(t.slot(b"k").evict(b"k", 10), Some(Eviction::Already));
+        assert_eq!(t.slot(b"e").evict(b"e", 10), Some(Eviction::Already));
+        assert_eq!(t.slot(b"x").evict(b"x", 10), None);
         assert_eq!((t.len(), t.mem_bytes(), t.evicted()), (2, 2, 1));
         // Same seqno, other CAS: another history's version (after a
         // partition reset); not filled.
@@ -350,7 +367,7 @@ mod tests {
         assert_eq!(filled.value(), b"value");
         assert_eq!((t.len(), t.mem_bytes(), t.evicted()), (2, 7, 0));
         // Removing an evicted entry un-counts it.
-        assert_eq!(t.slot(b"k").evict(b"k", 10), Some(true));
+        assert_eq!(t.slot(b"k").evict(b"k", 10), Some(Eviction::Now));
         let h = t.hash(b"k");
         assert!(t.slot(b"k").remove_hashed(h, b"k").is_some());
         assert_eq!((t.len(), t.mem_bytes(), t.evicted()), (1, 1, 0));

@@ -11,7 +11,7 @@
 
 use crate::checkpoint::{CheckpointConfig, CheckpointManager, MemReservation};
 use crate::error::{Error, Result};
-use crate::hash_table::{HashTable, ShardsGuard};
+use crate::hash_table::{Eviction, HashTable, ShardsGuard};
 use crate::item::{
     now_secs, Durability, Item, ItemMeta, MutationResult, PartitionId, QueueOp, QueuedItem, Record,
     WriteOptions,
@@ -238,15 +238,16 @@ impl Partition {
         let clean_upto = self.progress.persisted_seqno.load(Ordering::Acquire);
         match slot.evict(key, clean_upto) {
             None => Err(Error::NotFound),
-            Some(false) => Err(Error::WrongState(format!(
+            Some(Eviction::Dirty) => Err(Error::WrongState(format!(
                 "key {:?} is dirty (not yet persisted, or inside an online-update window); \
                  only clean values can be evicted",
                 String::from_utf8_lossy(key)
             ))),
-            Some(true) => {
+            Some(Eviction::Now) => {
                 self.progress.evictions.fetch_add(1, Ordering::Relaxed);
                 Ok(())
             }
+            Some(Eviction::Already) => Ok(()),
         }
     }
 

@@ -239,3 +239,27 @@ fn a_refused_directory_is_left_as_the_build_that_wrote_it_can_open_it() {
             .unwrap_or_else(|e| panic!("format {format}: {e}"));
     }
 }
+
+#[test]
+fn persisted_numbers_out_of_range_are_corruption() {
+    // A state record that parses but whose high seqno could no longer
+    // increase: before, the release build's arithmetic wrapped and seqnos
+    // were handed out again.
+    let dir = tempfile::tempdir().unwrap();
+    builder(dir.path()).open().unwrap().close().unwrap();
+    {
+        let db_path = dir.path().join("rocksdb");
+        let cfs = rocksdb::DB::list_cf(&rocksdb::Options::default(), &db_path).unwrap();
+        let db = rocksdb::DB::open_cf(&rocksdb::Options::default(), &db_path, cfs).unwrap();
+        let mut key = b"state/".to_vec();
+        key.extend_from_slice(&0u16.to_be_bytes());
+        db.put_cf(
+            db.cf_handle("meta").unwrap(),
+            key,
+            br#"{"high_seqno":18446744073709551615,"checkpoint_id":1,"max_cas":0}"#,
+        )
+        .unwrap();
+    }
+    let r = builder(dir.path()).open();
+    assert!(matches!(r, Err(Error::Corruption(_))), "{:?}", r.err());
+}
