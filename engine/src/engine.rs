@@ -231,6 +231,11 @@ pub(crate) struct Shared {
     pub(crate) cursors_dropped: AtomicU64,
     /// Entries the flusher expelled from open checkpoints.
     pub(crate) items_expelled: AtomicU64,
+    /// Table entries the pager has looked at.
+    pub(crate) pager_scanned: AtomicU64,
+    /// Flush rounds the pager still sits out after a pass that could not
+    /// reach its target (see `pager::run`).
+    pub(crate) pager_rest_rounds: AtomicUsize,
     /// Per partition: the staging column family may hold entries of it (a
     /// snapshot was spilled and not yet cleared).
     pub(crate) staged: Vec<AtomicBool>,
@@ -562,6 +567,8 @@ impl Engine {
             snapshot_staged_items: AtomicU64::new(0),
             cursors_dropped: AtomicU64::new(0),
             items_expelled: AtomicU64::new(0),
+            pager_scanned: AtomicU64::new(0),
+            pager_rest_rounds: AtomicUsize::new(0),
             staged: (0..config.partitions)
                 .map(|_| AtomicBool::new(false))
                 .collect(),
@@ -930,6 +937,7 @@ impl Engine {
             snapshot_staged_items: s.snapshot_staged_items.load(Ordering::Relaxed),
             cursors_dropped: s.cursors_dropped.load(Ordering::Relaxed),
             items_expelled: s.items_expelled.load(Ordering::Relaxed),
+            pager_scanned: s.pager_scanned.load(Ordering::Relaxed),
         })
     }
 

@@ -143,19 +143,21 @@ impl HashTable {
     }
 
     /// Evicts values of clean items (`by_seqno <= clean_upto`) from shard
-    /// `shard` until about `target` bytes are freed; returns (items, bytes).
+    /// `shard` until about `target` bytes are freed; returns (items, bytes,
+    /// entries looked at).
     pub(crate) fn evict_clean(
         &self,
         shard: usize,
         clean_upto: u64,
         target: usize,
-    ) -> (usize, usize) {
+    ) -> (usize, usize, usize) {
         let mut guard = self.shards[shard % SHARDS].write();
-        let (mut n, mut freed) = (0, 0);
+        let (mut n, mut freed, mut scanned) = (0, 0, 0);
         for e in guard.iter_mut() {
             if freed >= target {
                 break;
             }
+            scanned += 1;
             // An empty value frees nothing and would cost a disk read.
             if !e.rec.is_evicted() && e.rec.value_len() > 0 && e.rec.by_seqno() <= clean_upto {
                 freed += e.rec.value_len();
@@ -165,7 +167,7 @@ impl HashTable {
         }
         self.bytes.fetch_sub(freed, Ordering::Relaxed);
         self.evicted.fetch_add(n, Ordering::Relaxed);
-        (n, freed)
+        (n, freed, scanned)
     }
 
     /// Keys of shard `shard` expired at `now` (seconds since the epoch),
@@ -350,8 +352,9 @@ mod tests {
         assert_eq!((t.len(), t.mem_bytes(), t.evicted()), (2, 7, 0));
         // An empty value is not worth evicting.
         assert_eq!(
-            t.evict_clean(HashTable::shard_index(t.hash(b"e")), 10, 100),
-            (0, 0)
+            t.evict_clean(HashTable::shard_index(t.hash(b"e")), 10, 100)
+                .0,
+            0
         );
         assert_eq!(t.slot(b"k").evict(b"k", 4), Some(Eviction::Dirty));
         assert_eq!(t.slot(b"k").evict(b"k", 10), Some(Eviction::Now));

@@ -67,6 +67,14 @@ pub(crate) fn expire(shared: &Shared) {
     }
 }
 
+/// Table entries a pager pass that could not get under its target may
+/// look at per flush round, on average: after such a pass the pager sits
+/// out one round per this many entries it scanned. What it counts includes
+/// keys and dirty values, which it cannot free, and without the rest it
+/// would scan the whole table after every flush round (every 2 ms under
+/// writes) for as long as that lasts.
+pub(crate) const PAGER_SCAN_PER_ROUND: usize = 16_384;
+
 pub(crate) fn run(shared: &Shared) {
     expire(shared);
     let quota = shared.config.memory_quota as f64;
@@ -74,11 +82,18 @@ pub(crate) fn run(shared: &Shared) {
     if (used as f64) <= quota * shared.config.high_water {
         return;
     }
+    if shared
+        .pager_rest_rounds
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+        .is_ok()
+    {
+        return;
+    }
     let target = (quota * shared.config.low_water) as usize;
     let mut to_free = used.saturating_sub(target);
     let shards = shared.partitions.first().map_or(1, |p| p.table.shards());
     let slots = shared.partitions.len() * shards;
-    let (mut evicted, mut freed) = (0usize, 0usize);
+    let (mut evicted, mut freed, mut looked_at) = (0usize, 0usize, 0usize);
     for _ in 0..slots {
         if to_free == 0 {
             break;
@@ -86,11 +101,20 @@ pub(crate) fn run(shared: &Shared) {
         let slot = shared.pager_next.fetch_add(1, Ordering::Relaxed) % slots;
         let p = &shared.partitions[slot / shards];
         let clean_upto = p.progress.persisted_seqno.load(Ordering::Acquire);
-        let (n, bytes) = p.table.evict_clean(slot % shards, clean_upto, to_free);
+        let (n, bytes, scanned) = p.table.evict_clean(slot % shards, clean_upto, to_free);
         p.progress.evictions.fetch_add(n as u64, Ordering::Relaxed);
+        looked_at += scanned;
         evicted += n;
         freed += bytes;
         to_free = to_free.saturating_sub(bytes);
+    }
+    shared
+        .pager_scanned
+        .fetch_add(looked_at as u64, Ordering::Relaxed);
+    if to_free > 0 {
+        shared
+            .pager_rest_rounds
+            .store(looked_at / PAGER_SCAN_PER_ROUND, Ordering::Relaxed);
     }
     tracing::debug!(
         evicted,

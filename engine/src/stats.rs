@@ -32,6 +32,8 @@ pub struct EngineStats {
     /// checkpoint-memory pressure, every cursor having read them (since
     /// open; see `CheckpointManager::expel_read_items`).
     pub items_expelled: u64,
+    /// Hash-table entries the pager has looked at for values to evict.
+    pub pager_scanned: u64,
 }
 
 impl EngineStats {

@@ -837,11 +837,23 @@ pub struct DiskView {
 }
 
 impl DiskView {
-    /// Opens the data directory `dir` read-only.
+    /// Opens the data directory `dir` read-only. A directory of an on-disk
+    /// format this build cannot read is `Incompatible` (format 2 differs
+    /// from 3 only by a column family this view does not use).
     pub fn open(dir: impl AsRef<Path>) -> Result<DiskView> {
-        Ok(DiskView {
-            store: Store::open_read_only(dir.as_ref())?,
-        })
+        let store = Store::open_read_only(dir.as_ref())?;
+        if let Some(meta) = store.engine_meta()? {
+            if !(2..=FORMAT_VERSION).contains(&meta.format) {
+                return Err(Error::Incompatible {
+                    path: dir.as_ref().to_path_buf(),
+                    reason: format!(
+                        "on-disk format {} but this build reads 2 to {FORMAT_VERSION}",
+                        meta.format
+                    ),
+                });
+            }
+        }
+        Ok(DiskView { store })
     }
 
     /// Engine metadata, if the directory was ever initialised.
@@ -873,12 +885,15 @@ impl DiskView {
             })
             .collect::<Result<_>>()?;
         self.store.for_each_item(|p, _, rec| {
-            if let Some(info) = out.get_mut(usize::from(p)) {
-                if rec.deleted {
-                    info.tombstones += 1;
-                } else {
-                    info.items += 1;
-                }
+            // As warmup: an item outside the partition count is corruption,
+            // not something to leave out of the counts.
+            let info = out.get_mut(usize::from(p)).ok_or_else(|| {
+                Error::Corruption(format!("item in partition {p} but the directory has {n}"))
+            })?;
+            if rec.deleted {
+                info.tombstones += 1;
+            } else {
+                info.items += 1;
             }
             Ok(())
         })?;

@@ -713,6 +713,33 @@ fn evicted_values_are_read_back_and_dirty_ones_are_never_evicted() {
 }
 
 #[test]
+fn a_pager_that_cannot_reach_its_target_does_not_rescan_every_round() {
+    // 100,000 keys with empty values: the keys alone are over the 1 MiB
+    // quota's high-water mark and nothing can be evicted. Before, every
+    // flush round scanned the whole table; now a pass that cannot reach its
+    // target sits out a round per 16,384 entries it looked at.
+    let dir = tempfile::tempdir().unwrap();
+    let e = builder(dir.path()).memory_quota(1 << 20).open().unwrap();
+    let n = 100_000;
+    for i in 0..n {
+        e.set(format!("key-{i:06}").as_bytes(), "", MEM).unwrap();
+    }
+    e.flush().unwrap();
+    e.set_flusher_paused(true);
+    let before = e.stats().unwrap().pager_scanned;
+    for _ in 0..20 {
+        e.run_flush_round().unwrap();
+    }
+    let scanned = e.stats().unwrap().pager_scanned - before;
+    assert!(
+        scanned <= 4 * n as u64,
+        "{scanned} entries scanned in 20 rounds of a {n}-item table"
+    );
+    assert!(scanned >= n as u64, "the pager never looked");
+    e.set_flusher_paused(false);
+}
+
+#[test]
 fn the_pager_keeps_memory_under_the_quota() {
     let dir = tempfile::tempdir().unwrap();
     let e = builder(dir.path()).memory_quota(200 * 1024).open().unwrap();
