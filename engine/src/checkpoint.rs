@@ -51,12 +51,12 @@ impl<'a> MemReservation<'a> {
         bytes: usize,
         limit: usize,
     ) -> std::result::Result<Self, usize> {
-        let prev = shared.fetch_add(bytes, Ordering::Relaxed);
-        if prev.saturating_add(bytes) > limit {
-            shared.fetch_sub(bytes, Ordering::Relaxed);
-            return Err(prev);
-        }
-        Ok(MemReservation { shared, bytes })
+        // Compare-and-swap: a refused amount is never visible to others.
+        shared
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
+                used.checked_add(bytes).filter(|n| *n <= limit)
+            })
+            .map(|_| MemReservation { shared, bytes })
     }
 
     /// Hands the bytes over to the entry that now holds them.

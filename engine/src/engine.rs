@@ -122,8 +122,9 @@ impl Signal {
 /// installs one with [`Engine::set_replication_gate`]; the engine itself knows
 /// nothing of replicas.
 pub trait ReplicationGate: Send + Sync {
-    /// Returns once a majority of the connected replicas acknowledged `seqno`
-    /// of partition `p`, or `Error::Timeout` after `timeout`.
+    /// Returns once a majority of the replicas acknowledged `seqno` of
+    /// partition `p` (the node counts them as the larger of its connected
+    /// streams and its `min_replicas`), or `Error::Timeout` after `timeout`.
     fn wait_replicated(&self, p: PartitionId, seqno: u64, timeout: Duration) -> Result<()>;
 }
 
@@ -222,8 +223,10 @@ pub(crate) struct Shared {
     pub(crate) injected_flush_failures: AtomicUsize,
     /// The pager's rotation: the next (partition, shard) slot it looks at.
     pub(crate) pager_next: AtomicUsize,
-    /// When the expiry pass runs next.
-    pub(crate) expiry_due: Mutex<Instant>,
+    /// When the expiry pass runs next (`None`: never).
+    pub(crate) expiry_due: Mutex<Option<Instant>>,
+    /// The (partition, shard) slot the expiry pass goes on from.
+    pub(crate) expiry_next: AtomicUsize,
     recovered_from_crash: bool,
     /// Disk-snapshot entries spilled to the staging column family.
     pub(crate) snapshot_staged_items: AtomicU64,
@@ -251,7 +254,6 @@ impl Shared {
         self.changes.bump();
     }
 
-    /// Wakes every flusher thread now.
     /// Takes `bytes` of checkpoint memory for a write about to be queued,
     /// or refuses it with `TempOutOfMemory` (waking the flushers) if that
     /// would pass `checkpoint_memory_limit`.
@@ -268,6 +270,7 @@ impl Shared {
         })
     }
 
+    /// Wakes every flusher thread now.
     pub(crate) fn notify_flushers(&self) {
         for signal in &self.flush_signals {
             signal.notify();
@@ -521,7 +524,9 @@ impl Engine {
             check_in_range(p, "item CAS", rec.meta.cas)?;
             max_cas[usize::from(p)] = max_cas[usize::from(p)].max(rec.meta.cas);
             if !rec.deleted {
-                let record = if resident < resident_limit {
+                // An empty value is kept: evicting it frees nothing and its
+                // read would cost a disk fetch.
+                let record = if resident < resident_limit || rec.value.is_empty() {
                     Record::new(&rec.meta, key, &rec.value)
                 } else {
                     Record::new_evicted(&rec.meta, key, rec.value.len())
@@ -562,7 +567,8 @@ impl Engine {
             changes: ChangeFeed::default(),
             injected_flush_failures: AtomicUsize::new(0),
             pager_next: AtomicUsize::new(0),
-            expiry_due: Mutex::new(Instant::now() + config.expiry_pager_interval),
+            expiry_due: Mutex::new(Instant::now().checked_add(config.expiry_pager_interval)),
+            expiry_next: AtomicUsize::new(0),
             recovered_from_crash: !clean,
             snapshot_staged_items: AtomicU64::new(0),
             cursors_dropped: AtomicU64::new(0),
@@ -990,6 +996,14 @@ impl Engine {
             s.flusher_paused.store(paused, Ordering::Release);
             s.notify_flushers();
         }
+    }
+
+    /// Test hook: runs an expiry pass now on the calling thread (as the
+    /// flusher does every `expiry_pager_interval`); returns the expired
+    /// items it deleted.
+    #[doc(hidden)]
+    pub fn run_expiry_pass(&self) -> Result<usize> {
+        Ok(crate::pager::expire(self.live()?, true))
     }
 
     /// Test hook: runs one flush round over every partition on the calling

@@ -48,9 +48,13 @@ fn run(shared: &Shared, thread: usize, threads: usize) {
         .filter(|p| usize::from(p.id) % threads == thread)
         .collect();
     let mut failures = 0u32;
+    let expires = thread_is_pager(&mine);
     loop {
         if shared.aborted.load(Ordering::Acquire) {
             return;
+        }
+        if expires {
+            crate::pager::expire(shared, false);
         }
         let stopping = shared.shutdown.load(Ordering::Acquire);
         let found_work = match run_round(shared, &mine, false) {
@@ -331,7 +335,7 @@ fn expel_read_items(shared: &Shared, mine: &[&Partition]) {
 /// expels read entries). Below half,
 /// entries stay until their checkpoint closes and is freed, so a stream
 /// registering at a recent seqno still finds them in memory.
-fn under_memory_pressure(shared: &Shared) -> bool {
+pub(crate) fn under_memory_pressure(shared: &Shared) -> bool {
     shared.checkpoint_mem.load(Ordering::Relaxed) >= shared.config.checkpoint_memory_limit / 2
 }
 

@@ -76,8 +76,10 @@ pub enum Durability {
     /// Return once the write is on disk and synced. Concurrent `Persist`
     /// writers share one sync (group commit).
     Persist,
-    /// Return once a majority of the connected replicas acknowledged the
-    /// write (needs a node: see `Engine::set_replication_gate`). On timeout the
+    /// Return once a majority of the replicas acknowledged the write (a
+    /// node counts the larger of its connected streams and its
+    /// `min_replicas`, default 1; needs a node: see
+    /// `Engine::set_replication_gate`). On timeout the
     /// call fails with `Error::Timeout`; the write itself stays applied.
     Replicate,
 }

@@ -8,8 +8,8 @@
 //! an evicted value back from disk. Dirty items — not yet persisted, or inside
 //! an online-update window (the persistence cursor stops before it) — are never
 //! evicted. Recency is not tracked: the pager evicts clean values in table
-//! order. It runs on the flusher thread that owns partition 0, after each round,
-//! and so does the expiry pass ([`expire`]) when it is due.
+//! order. It runs on the flusher thread that owns partition 0, after each round.
+//! The same thread runs the expiry pass ([`expire`]) between rounds.
 
 use crate::engine::Shared;
 use crate::error::Error;
@@ -17,54 +17,91 @@ use crate::item::{now_secs, WriteOptions};
 use crate::partition::MutationKind;
 use crate::sync::Ordering;
 
-/// The expiry pass, every `expiry_pager_interval` on a primary: each item
-/// found expired becomes a deletion through the normal write path (a new
-/// seqno and a tombstone, persisted and streamed to replicas like any
-/// delete; inside an online-update window it is part of the window, so a
-/// REVERT brings the expired item back, still expired). Conditional on the
-/// CAS seen, so a key rewritten meanwhile is left alone. Stops at the
-/// checkpoint memory limit and tries again at the next pass.
-pub(crate) fn expire(shared: &Shared) {
-    if shared.config.replica {
-        return;
+/// Deletions one expiry pass makes at most (it goes on at the next flush
+/// round where it stopped).
+pub(crate) const EXPIRY_BATCH: usize = 10_000;
+
+/// The expiry pass, every `expiry_pager_interval` on a primary (`forced`:
+/// now): each item found expired becomes a deletion through the normal
+/// write path (a new seqno and a tombstone, persisted and streamed to
+/// replicas like any delete; inside an online-update window it is part of
+/// the window, so a REVERT brings the expired item back, still expired).
+/// Conditional on the CAS seen, so a key rewritten meanwhile is left alone.
+///
+/// It runs on the flusher thread that owns partition 0, between flush
+/// rounds (never under the round lock, so flushing and durable writes do
+/// not wait for it), visits shards in rotation, and stops after
+/// [`EXPIRY_BATCH`] deletions or once checkpoint memory is at half its
+/// limit; it then goes on at the next round from where it stopped. A
+/// partition whose online-update window is full is skipped. Not while the
+/// engine closes (the last round would not persist its tombstones).
+/// Returns the deletions it made.
+pub(crate) fn expire(shared: &Shared, forced: bool) -> usize {
+    if shared.config.replica || shared.shutdown.load(Ordering::Acquire) {
+        return 0;
     }
-    {
-        let mut due = shared.expiry_due.lock();
-        let now = std::time::Instant::now();
-        if now < *due {
-            return;
-        }
-        *due = now + shared.config.expiry_pager_interval;
+    if !forced && shared.flusher_paused.load(Ordering::Acquire) {
+        return 0;
+    }
+    let started = std::time::Instant::now();
+    if !forced && shared.expiry_due.lock().is_none_or(|due| started < due) {
+        return 0;
     }
     let now = now_secs();
-    let mut deleted = 0u64;
-    for p in &shared.partitions {
-        for shard in 0..p.table.shards() {
-            for (key, cas) in p.table.expired(shard, now) {
-                let opts = WriteOptions {
-                    cas: Some(cas),
-                    ..WriteOptions::default()
-                };
-                let admit = |bytes| shared.admit(bytes);
-                match p.mutate(&shared.store, MutationKind::Expire, &key, &[], &opts, admit) {
-                    Ok(_) => {
-                        deleted += 1;
-                        p.progress.expired.fetch_add(1, Ordering::Relaxed);
-                        shared.changed(p.id);
-                    }
-                    // Rewritten or deleted since it was seen.
-                    Err(Error::NotFound | Error::CasMismatch { .. }) => {}
-                    Err(e) => {
-                        tracing::debug!(partition = p.id, error = %e, "expiry pass stopped");
-                        return;
-                    }
+    let shards = shared.partitions.first().map_or(1, |p| p.table.shards());
+    let slots = shared.partitions.len() * shards;
+    let first = shared.expiry_next.load(Ordering::Relaxed) % slots.max(1);
+    let (mut deleted, mut stopped_at) = (0usize, None);
+    'slots: for i in 0..slots {
+        let slot = (first + i) % slots;
+        if deleted >= EXPIRY_BATCH || crate::flusher::under_memory_pressure(shared) {
+            stopped_at = Some(slot);
+            break;
+        }
+        let p = &shared.partitions[slot / shards];
+        for (key, cas) in p.table.expired(slot % shards, now) {
+            if deleted >= EXPIRY_BATCH {
+                // The rest of this shard is found again by the next pass.
+                stopped_at = Some(slot);
+                break 'slots;
+            }
+            let opts = WriteOptions {
+                cas: Some(cas),
+                ..WriteOptions::default()
+            };
+            let admit = |bytes| shared.admit(bytes);
+            match p.mutate(&shared.store, MutationKind::Expire, &key, &[], &opts, admit) {
+                Ok(_) => {
+                    deleted += 1;
+                    p.progress.expired.fetch_add(1, Ordering::Relaxed);
+                    shared.changed(p.id);
+                }
+                // Rewritten or deleted since it was seen.
+                Err(Error::NotFound | Error::CasMismatch { .. }) => {}
+                // A full window (or the engine-wide limit, which the next
+                // shard's check sees): the rest of this shard waits.
+                Err(Error::TempOutOfMemory { .. }) => break,
+                Err(e) => {
+                    tracing::debug!(partition = p.id, error = %e, "expiry pass stopped");
+                    stopped_at = Some(slot);
+                    break 'slots;
                 }
             }
         }
     }
+    shared
+        .expiry_next
+        .store(stopped_at.unwrap_or(first), Ordering::Relaxed);
+    // Stopped early: go on at the next round; else wait for the interval
+    // (never, if it does not fit in an `Instant`).
+    *shared.expiry_due.lock() = match stopped_at {
+        Some(_) => Some(started),
+        None => started.checked_add(shared.config.expiry_pager_interval),
+    };
     if deleted > 0 {
         tracing::debug!(deleted, "expiry pass deleted expired items");
     }
+    deleted
 }
 
 /// Table entries a pager pass that could not get under its target may
@@ -76,7 +113,6 @@ pub(crate) fn expire(shared: &Shared) {
 pub(crate) const PAGER_SCAN_PER_ROUND: usize = 16_384;
 
 pub(crate) fn run(shared: &Shared) {
-    expire(shared);
     let quota = shared.config.memory_quota as f64;
     let used: usize = shared.partitions.iter().map(|p| p.table.mem_bytes()).sum();
     if (used as f64) <= quota * shared.config.high_water {

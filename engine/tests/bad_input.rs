@@ -140,10 +140,7 @@ fn expired_items_read_as_absent() {
 #[test]
 fn the_expiry_pass_deletes_expired_items_on_a_primary_only() {
     let dir = tempfile::tempdir().unwrap();
-    let e = builder(dir.path())
-        .expiry_pager_interval(std::time::Duration::ZERO)
-        .open()
-        .unwrap();
+    let e = builder(dir.path()).open().unwrap();
     e.set_flusher_paused(true);
     let with_expiry = |expiry| WriteOptions {
         expiry,
@@ -161,9 +158,10 @@ fn the_expiry_pass_deletes_expired_items_on_a_primary_only() {
     // Rewritten with a new expiry after it expired: kept.
     e.set(b"k0", "again", WriteOptions::default()).unwrap();
     assert_eq!(e.stats().unwrap().items(), 301 - 1);
-    // One round persists the writes and runs the (due) expiry pass, which
-    // queues a deletion for each expired item; the next persists those.
-    e.run_flush_round().unwrap();
+    // The pass queues a deletion for each expired item; a flush round
+    // persists them.
+    assert_eq!(e.run_expiry_pass().unwrap(), 99);
+    assert_eq!(e.run_expiry_pass().unwrap(), 0, "deleted twice");
     e.run_flush_round().unwrap();
     let st = e.stats().unwrap();
     assert_eq!(st.items(), 201, "expired items still held");
@@ -175,6 +173,32 @@ fn the_expiry_pass_deletes_expired_items_on_a_primary_only() {
     // The tombstones are on disk: a reopen loads none of them.
     let e = builder(dir.path()).open().unwrap();
     assert_eq!(e.stats().unwrap().items(), 201);
+    drop(e);
+
+    // In the background, every `expiry_pager_interval`.
+    let bdir = tempfile::tempdir().unwrap();
+    let e = builder(bdir.path())
+        .expiry_pager_interval(std::time::Duration::from_millis(1))
+        .open()
+        .unwrap();
+    for i in 0..50 {
+        e.set(format!("b{i}").as_bytes(), "v", with_expiry(1))
+            .unwrap();
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while e.stats().unwrap().items() > 0 {
+        assert!(std::time::Instant::now() < deadline, "never expired");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert_eq!(
+        e.stats()
+            .unwrap()
+            .partitions
+            .iter()
+            .map(|p| p.expired)
+            .sum::<u64>(),
+        50
+    );
     drop(e);
 
     // A replica leaves expiry to its primary (whose deletions it applies).
@@ -198,8 +222,7 @@ fn the_expiry_pass_deletes_expired_items_on_a_primary_only() {
     );
     let p = r.partition_of(b"r");
     r.apply_replicated(p, &item).unwrap();
-    r.run_flush_round().unwrap();
-    r.run_flush_round().unwrap();
+    assert_eq!(r.run_expiry_pass().unwrap(), 0);
     assert_eq!(r.stats().unwrap().items(), 1);
 }
 
@@ -269,4 +292,26 @@ fn persisted_numbers_out_of_range_are_corruption() {
     }
     let r = builder(dir.path()).open();
     assert!(matches!(r, Err(Error::Corruption(_))), "{:?}", r.err());
+}
+
+#[test]
+fn the_expiry_pass_works_in_batches_and_goes_on_where_it_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = builder(dir.path()).open().unwrap();
+    e.set_flusher_paused(true);
+    let expired = WriteOptions {
+        expiry: 1,
+        ..Default::default()
+    };
+    for i in 0..25_000 {
+        e.set(format!("x{i}").as_bytes(), "v", expired).unwrap();
+    }
+    // Each pass stops after 10,000 deletions (the flusher goes on between
+    // passes); the next picks up from there.
+    assert_eq!(e.run_expiry_pass().unwrap(), 10_000);
+    assert_eq!(e.run_expiry_pass().unwrap(), 10_000);
+    assert_eq!(e.run_expiry_pass().unwrap(), 5_000);
+    assert_eq!(e.run_expiry_pass().unwrap(), 0);
+    assert_eq!(e.stats().unwrap().items(), 0);
+    e.set_flusher_paused(false);
 }

@@ -158,7 +158,7 @@ fn writers_on_different_partitions_cannot_pass_the_memory_limit_together() {
     // limit, get exactly one write in. (Before, each read the counter under
     // its own partition's lock and several passed on the same reading.)
     let dir = tempfile::tempdir().unwrap();
-    let limit = 24 << 20;
+    let limit = 3 << 20;
     let e = Arc::new(
         builder(dir.path())
             .partitions(8)
@@ -176,7 +176,7 @@ fn writers_on_different_partitions_cannot_pass_the_memory_limit_together() {
         .map(|k| {
             let (e, start) = (Arc::clone(&e), Arc::clone(&start));
             std::thread::spawn(move || {
-                let v = vec![b'v'; 16 << 20];
+                let v = vec![b'v'; 2 << 20];
                 start.wait();
                 match e.set(&k, v, WriteOptions::default()) {
                     Ok(_) => true,

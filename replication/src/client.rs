@@ -160,7 +160,8 @@ impl Client {
                 ),
             });
         }
-        self.opaque = self.opaque.wrapping_add(1);
+        // Opaque 0 is left to the node's answers about the connection itself.
+        self.opaque = self.opaque.wrapping_add(1).max(1);
         req.opaque = self.opaque;
         self.last_request = Instant::now();
         self.writer.send(&req)?;
@@ -184,6 +185,14 @@ impl Client {
                         });
                     }
                     return Ok(r);
+                }
+                // The node's answer about the connection itself (too many
+                // connections, a malformed frame): it closes next.
+                Some(r) if r.opaque == 0 && r.status() != status::SUCCESS => {
+                    return Err(ClientError::Status {
+                        status: r.status(),
+                        message: String::from_utf8_lossy(&r.value).into_owned(),
+                    });
                 }
                 // Nothing yet, or a late reply to an earlier request.
                 _ => {}

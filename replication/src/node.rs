@@ -31,7 +31,7 @@ use crate::message::{
     StreamMessage, StreamRequest, PROTOCOL_VERSION,
 };
 use crate::protocol::{Frame, ProtocolError, DEFAULT_MAX_BODY};
-use crate::sync::{Arc, AtomicBool, AtomicU64, Condvar, Mutex, Ordering};
+use crate::sync::{Arc, AtomicBool, AtomicU64, AtomicUsize, Condvar, Mutex, Ordering};
 
 /// Settings of a node, each with its default.
 #[derive(Debug, Clone)]
@@ -271,6 +271,8 @@ struct NodeState {
     /// A replica's replication streams opened so far (reported by `stat`
     /// as `link_sessions`).
     link_sessions: AtomicU64,
+    /// Connections being served (each on its own thread).
+    live_connections: AtomicUsize,
 }
 
 /// A running node. Dropping it (or [`Node::shutdown`]) stops it gracefully:
@@ -340,6 +342,7 @@ impl Node {
             connections: AtomicU64::new(0),
             link_error: Mutex::new(None),
             link_sessions: AtomicU64::new(0),
+            live_connections: AtomicUsize::new(0),
         });
         if !replica {
             state.engine.set_replication_gate(Arc::new(AckGate {
@@ -425,12 +428,7 @@ fn accept_loop(state: &Arc<NodeState>, listener: TcpListener) {
             break;
         }
         let Ok(mut conn) = conn else { continue };
-        let live = {
-            let mut threads = state.threads.lock();
-            threads.retain(|t| !t.is_finished());
-            threads.len()
-        };
-        if live >= state.config.max_connections {
+        if state.live_connections.load(Ordering::Acquire) >= state.config.max_connections {
             // Answered without a thread (bounded by the write timeout) and
             // closed: a flood of connections cannot take every thread.
             let _ = conn.set_write_timeout(Some(Duration::from_secs(1)));
@@ -443,6 +441,12 @@ fn accept_loop(state: &Arc<NodeState>, listener: TcpListener) {
                 ),
             );
             let _ = std::io::Write::write_all(&mut conn, &refusal.to_bytes());
+            // Read what the peer sent (its HELLO) before closing, briefly:
+            // closing with unread input resets the connection, and a reset
+            // can discard the answer before the peer reads it.
+            let _ = conn.shutdown(std::net::Shutdown::Write);
+            let _ = conn.set_read_timeout(Some(Duration::from_millis(50)));
+            let _ = std::io::Read::read(&mut conn, &mut [0u8; 4096]);
             tracing::warn!(
                 max = state.config.max_connections,
                 "connection refused: too many connections"
@@ -451,6 +455,7 @@ fn accept_loop(state: &Arc<NodeState>, listener: TcpListener) {
         }
         let st = Arc::clone(state);
         let id = state.connections.fetch_add(1, Ordering::Relaxed);
+        state.live_connections.fetch_add(1, Ordering::AcqRel);
         match std::thread::Builder::new()
             .name(format!("tapkv-conn-{id}"))
             .spawn(move || {
@@ -458,13 +463,17 @@ fn accept_loop(state: &Arc<NodeState>, listener: TcpListener) {
                 if let Err(e) = serve_connection(&st, conn, id) {
                     tracing::debug!(%peer, error = %e, "connection ended");
                 }
+                st.live_connections.fetch_sub(1, Ordering::AcqRel);
             }) {
             Ok(h) => {
                 let mut threads = state.threads.lock();
                 threads.retain(|t| !t.is_finished());
                 threads.push(h);
             }
-            Err(e) => tracing::warn!(error = %e, "cannot spawn a connection thread"),
+            Err(e) => {
+                state.live_connections.fetch_sub(1, Ordering::AcqRel);
+                tracing::warn!(error = %e, "cannot spawn a connection thread");
+            }
         }
     }
 }
@@ -1419,6 +1428,11 @@ fn stream_loop(
     }
 }
 
+/// How much larger than the largest request body a primary accepts its
+/// stream frames can be (a MUTATION's 24 bytes of extras against a SET's 8,
+/// with room to spare).
+const STREAM_BODY_MARGIN: usize = 64;
+
 /// A stream whose replica has acknowledged nothing for this many heartbeats
 /// while bytes are unacknowledged is ended; a replica gives up on a primary
 /// it has not heard from for as long.
@@ -1557,10 +1571,14 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
         return Err(Error::WrongState(msg));
     }
     // The primary's frames are as large as its `--max-body` allows (a value
-    // it accepted is streamed whole): read them, whatever this node's own
-    // limit for clients is (up to 1 GiB, whatever the primary claims).
+    // it accepted is streamed whole, with a stream entry's extras, 16
+    // bytes more than a SET's): read them, whatever this node's own limit
+    // for clients is (up to 1 GiB, whatever the primary claims).
     if let Some(theirs) = info["max_body"].as_u64() {
-        let theirs = usize::try_from(theirs).unwrap_or(usize::MAX).min(1 << 30);
+        let theirs = usize::try_from(theirs)
+            .unwrap_or(usize::MAX)
+            .saturating_add(STREAM_BODY_MARGIN)
+            .min(1 << 30);
         reader.set_max_body(theirs.max(cfg.max_body));
     }
     // A window held across a reconnect may have ended on the primary while

@@ -80,10 +80,10 @@ fn a_writer_whose_flush_failed_sends_nothing_more() {
         .expect("write timeout");
     let mut writer = FrameWriter::new(client);
     let big = Frame::request(0x0a, 0).with_value(vec![7u8; 1 << 20]);
-    for _ in 0..16 {
+    for _ in 0..32 {
         writer.push(&big);
     }
-    assert!(writer.flush().is_err(), "16 MiB fit in the socket buffers");
+    assert!(writer.flush().is_err(), "32 MiB fit in the socket buffers");
     assert_eq!(writer.pending(), 0);
     // The peer reads again; the writer still refuses to send.
     let drain = std::thread::spawn(move || {
@@ -91,18 +91,24 @@ fn a_writer_whose_flush_failed_sends_nothing_more() {
             .set_read_timeout(Some(Duration::from_millis(500)))
             .expect("read timeout");
         let mut sink = vec![0u8; 1 << 16];
-        let mut total = 0usize;
+        let mut received = Vec::new();
         while let Ok(n) = std::io::Read::read(&mut server, &mut sink) {
             if n == 0 {
                 break;
             }
-            total += n;
+            received.extend_from_slice(&sink[..n]);
         }
-        total
+        received
     });
-    let small = Frame::request(0x0a, 0).with_value(&b"after"[..]);
+    let small = Frame::request(0x0a, 0).with_value(&b"sent-after-the-failure"[..]);
     assert!(writer.send(&small).is_err());
     drop(writer);
     let received = drain.join().expect("drain");
-    assert!(received < 16 * big.to_bytes().len());
+    assert!(received.len() < 32 * big.to_bytes().len());
+    assert!(
+        !received
+            .windows(b"sent-after-the-failure".len())
+            .any(|w| w == b"sent-after-the-failure"),
+        "a frame was sent after the failed flush"
+    );
 }

@@ -124,6 +124,15 @@ fn connections_past_the_limit_are_refused_with_an_answer() {
         .expect("a whole answer");
     assert_eq!(f.status(), tapkv_replication::message::status::TEMP_FAILURE);
     assert!(String::from_utf8_lossy(&f.value).contains("too many connections"));
+    // The project's client reports the refusal rather than a reset.
+    match Client::connect(&addr, timeout) {
+        Ok(_) => panic!("a connection past the limit was served"),
+        Err(tapkv_replication::client::ClientError::Status { status, message }) => {
+            assert_eq!(status, tapkv_replication::message::status::TEMP_FAILURE);
+            assert!(message.contains("too many connections"), "{message}");
+        }
+        Err(other) => panic!("not the refusal: {other}"),
+    }
     // Once one goes, a new connection is served.
     drop(second);
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -183,6 +183,14 @@ fn a_replica_keeps_its_data_through_a_passing_disk_error() {
     let st = r.stats().unwrap();
     assert_eq!(st.partitions[0].resets, 0, "the partition was emptied");
     assert_eq!(st.items(), 200);
+    // The injected failure was hit: it ended a session.
+    let mut c = Client::connect(&replica.local_addr().to_string(), Duration::from_secs(5)).unwrap();
+    let sessions = c.stats().unwrap()["link_sessions"].as_u64().unwrap();
+    assert!(
+        sessions >= 2,
+        "{sessions} session(s): the failure never struck"
+    );
+    drop(c);
     replica.shutdown().unwrap();
     primary.shutdown().unwrap();
 }
@@ -198,7 +206,7 @@ fn a_replicate_write_is_never_acknowledged_with_no_replica_holding_it() {
     let primary = Node::start(
         Engine::builder(pdir.path())
             .partitions(2)
-            .replicate_timeout(Duration::from_millis(300))
+            .replicate_timeout(Duration::from_secs(2))
             .open()
             .unwrap(),
         NodeConfig::new("127.0.0.1:0"),
@@ -276,6 +284,30 @@ fn a_replica_reads_frames_as_large_as_its_primary_accepts() {
         || r.get(b"big").is_ok(),
     );
     assert_eq!(r.get(b"big").unwrap().value().len(), 100 << 10);
+    replica.shutdown().unwrap();
+    primary.shutdown().unwrap();
+
+    // Both at 4 KiB: the largest value a client SET can carry (body 4096 =
+    // 8 bytes of extras, key, value) is 16 bytes larger as a stream entry.
+    let pdir = tempfile::tempdir().unwrap();
+    let rdir = tempfile::tempdir().unwrap();
+    let mut cfg = NodeConfig::new("127.0.0.1:0");
+    cfg.max_body = 4096;
+    let primary = Node::start(
+        Engine::builder(pdir.path()).partitions(2).open().unwrap(),
+        cfg,
+    )
+    .unwrap();
+    let mut c = Client::connect(&primary.local_addr().to_string(), Duration::from_secs(5)).unwrap();
+    c.set(b"max", &vec![9u8; 4096 - 8 - 3], 0, false).unwrap();
+    drop(c);
+    let replica = replica_of(&primary, rdir.path(), 2, "same-body", |c| c.max_body = 4096);
+    let r = replica.engine().unwrap();
+    wait_until(
+        "the largest value on the replica",
+        Duration::from_secs(20),
+        || r.get(b"max").is_ok(),
+    );
     replica.shutdown().unwrap();
     primary.shutdown().unwrap();
 }
