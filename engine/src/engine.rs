@@ -1136,10 +1136,9 @@ mod loom_models {
     const IDLE_WAIT: Duration = Duration::from_millis(100);
 
     /// Explores every interleaving of a flusher's `wait(found_work)` with
-    /// another thread running `other(signal, stop)`, then hands the signal's
-    /// final state bits to `check`. A wait nobody ends is reported by loom as
-    /// a deadlock.
-    fn flusher_waits_with(found_work: bool, other: fn(&Signal, &AtomicBool), check: fn(u64)) {
+    /// another thread running `other(signal, stop)`. A wait nobody ends is
+    /// reported by loom as a deadlock.
+    fn flusher_waits_with(found_work: bool, other: fn(&Signal, &AtomicBool)) {
         loom::model(move || {
             let signal = Arc::new(Signal::default());
             let stop = Arc::new(AtomicBool::new(false));
@@ -1149,40 +1148,33 @@ mod loom_models {
             };
             signal.wait(found_work, NAP, IDLE_WAIT, &stop);
             peer.join().expect("peer thread");
-            check(signal.state.load(Ordering::Acquire));
         });
     }
 
     /// A writer marks work while the flusher goes idle: whatever the
-    /// interleaving, the flusher does not sleep through it, and is not left
-    /// marked idle.
+    /// interleaving, the flusher does not sleep through it. The check is
+    /// loom's: a wait nobody ends is reported as a deadlock. (The final
+    /// state says nothing more: a mark consumed by the wait and one left
+    /// pending for the next round are both correct.)
     #[test]
     fn loom_mark_wakes_an_idle_flusher() {
-        flusher_waits_with(
-            false,
-            |signal, _| signal.mark(),
-            |state| assert_eq!(state & super::IDLE, 0, "flusher left marked idle"),
-        );
+        flusher_waits_with(false, |signal, _| signal.mark());
     }
 
     /// A durable writer's urgent notify cuts the flusher's busy nap short.
     #[test]
     fn loom_notify_cuts_a_busy_nap_short() {
-        flusher_waits_with(true, |signal, _| signal.notify(), |_| {});
+        flusher_waits_with(true, |signal, _| signal.notify());
     }
 
     /// Shutdown wakes an idle flusher: only the stop flag and a plain
     /// wake-up, no PENDING or URGENT bit, so the flusher must honour `stop`.
     #[test]
     fn loom_stop_wakes_an_idle_flusher() {
-        flusher_waits_with(
-            false,
-            |signal, stop| {
-                stop.store(true, Ordering::Release);
-                signal.wake();
-            },
-            |_| {},
-        );
+        flusher_waits_with(false, |signal, stop| {
+            stop.store(true, Ordering::Release);
+            signal.wake();
+        });
     }
 
     /// A stream waiting for changes sees a write made while it registers.

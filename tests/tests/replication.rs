@@ -104,7 +104,9 @@ fn assert_reads(node: &NodeProc, key: &str, want: Option<&[u8]>) {
 }
 
 fn cluster(dir: &std::path::Path, replicas: usize) -> (NodeProc, Vec<NodeProc>) {
-    let primary = NodeProc::start(&dir.join("primary"), "127.0.0.1:0", None, "primary", &[]);
+    // Some tests restart the primary on its address.
+    let addr = tapkv_tests::restartable_addr();
+    let primary = NodeProc::start(&dir.join("primary"), &addr, None, "primary", &[]);
     let reps = (0..replicas)
         .map(|i| {
             let name = format!("replica-{i}");
