@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use tapkv_replication::node::Node;
 
-use super::replication::{high_seqnos, open_engine, set};
+use super::replication::{high_seqnos, open_engine, set, Inputs};
 use super::{print_rows, Row};
 
 /// Items each timed run writes by default (`TAPKV_PINNED_ITEMS` overrides).
@@ -126,17 +126,28 @@ fn commands() -> impl Iterator<Item = String> {
 pub(crate) fn single_child() {
     let dir = tempfile::tempdir().expect("tempdir");
     let engine = open_engine(dir.path(), false);
+    let input = Inputs::new(items());
     let start_cpu = thread_cpu_ms();
     let cpu = start_cpu.clone();
     let t = Instant::now();
     for i in 0..items() {
-        set(&engine, i);
+        input.set(&engine, i);
     }
     let acked = t.elapsed();
     let during = cpu_delta(&cpu, &thread_cpu_ms());
-    // What the flusher still had to do once the timed writes were acknowledged.
+    // What the flusher still had to do once the timed writes were
+    // acknowledged: until every partition's persisted seqno reaches its high
+    // seqno, polled every millisecond as the replica's is (no sync on either
+    // side).
     let cpu = thread_cpu_ms();
-    engine.flush().expect("flush");
+    let highs = high_seqnos(&engine);
+    let mut pending: Vec<(u16, u64)> = (0..).zip(highs).collect();
+    while !pending.is_empty() {
+        pending.retain(|(p, s)| engine.persisted_seqno(*p).expect("persisted") < *s);
+        if !pending.is_empty() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
     let durable = t.elapsed();
     eprintln!(
         "  single node: persisting what was left after the timed writes took {:.0} ms: {}",
@@ -170,10 +181,11 @@ pub(crate) fn primary_child() {
                 say(&format!("seqnos {}", join(&high_seqnos(engine))));
             }
             "go" => {
+                let input = Inputs::new(items());
                 let cpu = thread_cpu_ms();
                 let t0 = now_nanos();
                 for i in 0..items() {
-                    set(engine, i);
+                    input.set(engine, i);
                 }
                 let t1 = now_nanos();
                 eprintln!(

@@ -10,7 +10,7 @@
 use crate::checkpoint::{CheckpointManager, Registration};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
-use crate::item::{PartitionId, QueueOp, QueuedItem};
+use crate::item::{ItemMeta, PartitionId, QueueOp, QueuedItem};
 use crate::online_update::MarkerSource;
 use crate::partition::{reserved_cursor_check, Partition, PERSISTENCE_CURSOR};
 use crate::store::FailoverEntry;
@@ -46,6 +46,31 @@ pub enum StreamStart {
 
 /// Records [`Engine::backfill_scan`] reads between two ticks.
 pub const BACKFILL_TICK: usize = 65_536;
+
+/// One item or tombstone of a backfill, borrowed from the disk iterator
+/// ([`Engine::backfill_scan_ref`]).
+#[derive(Debug, Clone, Copy)]
+pub struct BackfillEntry<'a> {
+    /// `Mutation` for an item, `Deletion` for a tombstone.
+    pub op: QueueOp,
+    /// The key.
+    pub key: &'a [u8],
+    /// The value (empty for a tombstone).
+    pub value: &'a [u8],
+    /// Its metadata.
+    pub meta: ItemMeta,
+}
+
+impl BackfillEntry<'_> {
+    /// An owned copy, as a queued entry.
+    pub fn to_queued(&self) -> QueuedItem {
+        if self.op == QueueOp::Deletion {
+            QueuedItem::deletion(self.key, self.meta)
+        } else {
+            QueuedItem::mutation(self.key, self.value, self.meta)
+        }
+    }
+}
 
 /// A fresh, random branch id.
 pub(crate) fn new_uuid() -> u64 {
@@ -273,6 +298,21 @@ impl Engine {
         upto: u64,
         mut f: impl FnMut(Option<QueuedItem>) -> Result<()>,
     ) -> Result<u64> {
+        self.backfill_scan_ref(p, after, upto, |entry| {
+            f(entry.as_ref().map(BackfillEntry::to_queued))
+        })
+    }
+
+    /// [`Engine::backfill_scan`] handing out each entry borrowed from the
+    /// disk iterator, valid only during the call: a stream encodes it
+    /// straight into its connection buffer, with no allocation per item.
+    pub fn backfill_scan_ref(
+        &self,
+        p: PartitionId,
+        after: u64,
+        upto: u64,
+        mut f: impl FnMut(Option<BackfillEntry<'_>>) -> Result<()>,
+    ) -> Result<u64> {
         let s = self.live()?;
         s.partition(p)?;
         let (mut n, mut scanned) = (0, 0usize);
@@ -284,7 +324,16 @@ impl Engine {
             let seqno = rec.meta.by_seqno;
             if seqno > after && seqno <= upto {
                 n += 1;
-                f(Some(rec.to_queued(key)))?;
+                f(Some(BackfillEntry {
+                    op: if rec.deleted {
+                        QueueOp::Deletion
+                    } else {
+                        QueueOp::Mutation
+                    },
+                    key,
+                    value: if rec.deleted { &[] } else { rec.value },
+                    meta: rec.meta,
+                }))?;
             }
             Ok(())
         })?;

@@ -270,13 +270,24 @@ impl StreamMessage {
             .encode(out);
             return;
         }
-        let m = item.meta();
+        let entry = (item.op, item.key(), item.value(), item.meta());
+        Self::encode_entry(partition, entry, out);
+    }
+
+    /// Appends a `MUTATION` or `DELETION` frame of a key entry given by its
+    /// parts (`op` must be a key operation; a backfill encodes its disk
+    /// entries this way without copying them first).
+    pub fn encode_entry(
+        partition: u16,
+        (op, key, value, m): (QueueOp, &[u8], &[u8], tapkv_engine::ItemMeta),
+        out: &mut BytesMut,
+    ) {
         let mut extras = [0u8; 24];
         extras[..8].copy_from_slice(&m.by_seqno.to_be_bytes());
         extras[8..16].copy_from_slice(&m.rev_seqno.to_be_bytes());
         extras[16..20].copy_from_slice(&m.flags.to_be_bytes());
         extras[20..].copy_from_slice(&m.expiry.to_be_bytes());
-        let opcode = if item.op == QueueOp::Mutation {
+        let opcode = if op == QueueOp::Mutation {
             opcode::MUTATION
         } else {
             opcode::DELETION
@@ -289,8 +300,8 @@ impl StreamMessage {
             opaque: 0,
             cas: m.cas,
             extras: &extras,
-            key: item.key(),
-            value: item.value(),
+            key,
+            value,
         }
         .encode(out);
     }

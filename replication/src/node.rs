@@ -1099,7 +1099,7 @@ fn send_disk_snapshot(
         },
     );
     let mut last_sent = Instant::now();
-    let items = engine.backfill_scan(p, from, end, |entry| {
+    let items = engine.backfill_scan_ref(p, from, end, |entry| {
         // A partition's scan can take minutes: a node that stops ends it
         // (the stream then ends with STREAM_END, and the replica drops the
         // unfinished snapshot).
@@ -1107,8 +1107,11 @@ fn send_disk_snapshot(
             return Err(Error::Closed);
         }
         match entry {
-            Some(item) => {
-                send(writer, s, &StreamMessage::Item { partition: p, item });
+            Some(e) => {
+                // Encoded straight from the disk iterator's slices.
+                let entry = (e.op, e.key, e.value, e.meta);
+                let n = writer.push_encoded(|buf| StreamMessage::encode_entry(p, entry, buf));
+                s.unacked.fetch_add(n as u64, Ordering::AcqRel);
                 if writer.pending() > 256 * 1024 {
                     writer.flush().map_err(io_err)?;
                     last_sent = Instant::now();
