@@ -365,13 +365,16 @@ fn engine_bench(ops: u64, reps: usize) {
         let dir = tmp.path().join(format!("rep{rep}"));
         let r = memory_round(&dir, &input, &order, rep);
         println!(
-            "  run {}: set {:.0}/s vs put(WAL) {:.0}/s = {:.2}x; get {:.2}x (default RocksDB {:.2}x); drain {:.2}x",
+            "  run {}: set {:.0}/s vs put(WAL) {:.0}/s = {:.2}x; get {:.2}x (default RocksDB {:.2}x); \
+             drain {:.0}/s vs batch {:.0}/s = {:.2}x",
             rep + 1,
             r.tapkv_set,
             r.rocks_put_wal,
             r.tapkv_set / r.rocks_put_wal,
             r.tapkv_get / r.rocks_get_tuned,
             r.tapkv_get / r.rocks_get_default,
+            r.drain,
+            r.raw_batch,
             r.drain / r.raw_batch
         );
         runs.push(r);
