@@ -245,7 +245,7 @@ impl tapkv_engine::ReplicationGate for AckGate {
             if now >= deadline {
                 return Err(Error::Timeout {
                     what: "a majority of replicas (of the connected ones, and of --replicas) to \
-                           acknowledge the write",
+                           acknowledge the write; the write itself is applied and not undone",
                     millis: timeout.as_millis() as u64,
                 });
             }
@@ -817,6 +817,9 @@ fn handle_request_inner(state: &NodeState, f: &Frame) -> Result<Frame, Frame> {
                         "name": state.config.name,
                         "role": if state.replica { "replica" } else { "primary" },
                         "data": e.path().display().to_string(),
+                        "primary": state.config.replica_of,
+                        "link_error": *state.link_error.lock(),
+                        "link_sessions": state.link_sessions.load(Ordering::Relaxed),
                         "partitions": parts,
                     }),
                 ))

@@ -520,3 +520,30 @@ fn a_replica_holding_a_window_that_ended_while_it_was_away_converges() {
     assert!(ac.get(k[7].as_bytes()).unwrap_err().is_not_found());
     assert!(ac.admin("inspect").unwrap()["partitions"][usize::from(p)]["window"].is_null());
 }
+
+#[test]
+fn a_new_replica_takes_its_primarys_partition_count() {
+    // Before, a new replica directory always had 16 partitions: against an
+    // 8-partition primary it refused to replicate and served empty reads.
+    let dir = tempfile::tempdir().unwrap();
+    let primary = NodeProc::start(
+        &dir.path().join("primary"),
+        "127.0.0.1:0",
+        None,
+        "primary",
+        &["--partitions", "8"],
+    );
+    let mut c = primary.client();
+    for i in 0..200 {
+        c.set(format!("p{i}").as_bytes(), b"v", 0, false).unwrap();
+    }
+    let replica = NodeProc::start(
+        &dir.path().join("replica"),
+        "127.0.0.1:0",
+        Some(&primary.addr),
+        "replica",
+        &[],
+    );
+    assert_eq!(replica.client().partitions(), 8);
+    wait_converged(&primary, &[&replica], CONVERGE);
+}

@@ -544,3 +544,36 @@ fn node_timing_options_out_of_range_are_refused() {
         assert!(err.contains(opt), "{opt} {bad}: {err}");
     }
 }
+
+#[test]
+fn admin_inspect_says_when_a_replica_does_not_replicate() {
+    // A replica whose directory has another partition count than its
+    // primary's refuses to replicate; `admin inspect --addr` says so (before,
+    // only the replica's log did).
+    let dir = tempfile::tempdir().unwrap();
+    let primary = tapkv_tests::NodeProc::start(
+        &dir.path().join("primary"),
+        "127.0.0.1:0",
+        None,
+        "primary",
+        &["--partitions", "8"],
+    );
+    let replica = tapkv_tests::NodeProc::start(
+        &dir.path().join("replica"),
+        "127.0.0.1:0",
+        Some(&primary.addr),
+        "replica",
+        &["--partitions", "4"],
+    );
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let (ok, out, err) = run(&["admin", "inspect", "--addr", &replica.addr], "", T);
+        assert!(ok, "{err}");
+        if out.contains("NOT REPLICATING") {
+            assert!(out.contains("8 partitions"), "{out}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{out}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

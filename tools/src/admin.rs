@@ -67,6 +67,17 @@ pub(crate) fn run(cmd: AdminCommand) -> Result<ExitCode, Error> {
                         text(&v["role"]),
                         text(&v["data"])
                     )?;
+                    if v["role"] == "replica" {
+                        outln!(
+                            "replica of {}: {} stream(s) opened; {}",
+                            text(&v["primary"]),
+                            num(&v["link_sessions"]),
+                            match v["link_error"].as_str() {
+                                Some(e) => format!("NOT REPLICATING: {e}"),
+                                None => "link up".to_string(),
+                            }
+                        )?;
+                    }
                     outln!(
                         "{:>9} {:>12} {:>10} {:>13} {:>8}  online update",
                         "partition",

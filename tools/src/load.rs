@@ -33,7 +33,8 @@ pub(crate) struct LoadArgs {
     /// Writer threads.
     #[arg(long, default_value_t = 1)]
     threads: usize,
-    /// Wait for memory (default) or for the disk on every write.
+    /// Wait for memory (default) or for the disk on every write (`load`
+    /// embeds the engine, so `replicate`, which needs a node, is refused).
     #[arg(long, value_enum, default_value_t)]
     durability: DurabilityArg,
     /// Print `key-<i> <partition> <seqno>` on stdout as each write is acknowledged.
@@ -55,6 +56,13 @@ fn latency_histogram() -> Result<Histogram<u64>, Error> {
 }
 
 pub(crate) fn run(args: LoadArgs) -> Result<ExitCode, Error> {
+    if matches!(args.durability, DurabilityArg::Replicate) {
+        return Err(Error::InvalidArgument(
+            "--durability replicate needs a node with replicas; `load` writes to a data \
+             directory in this process (use memory or persist)"
+                .into(),
+        ));
+    }
     let engine = Arc::new(Engine::builder(&args.data.data).open()?);
     let next = Arc::new(AtomicU64::new(0));
     let done = Arc::new(AtomicU64::new(0));

@@ -36,8 +36,12 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// Every command that takes `--data DIR` opens the engine embedded in this
 /// process on that data directory (created if missing). A directory can be
 /// open in one process at a time; `admin` commands read it without the lock.
+///
+/// Exit status: 0 success, 1 a key not found (`kv get`/`kv del`), 2 a usage
+/// error, 3 any other error (the message is on stderr). Commands that talk
+/// to a node (`--addr`) wait up to 30 s for each answer.
 #[derive(Parser, Debug)]
-#[command(name = "tapkv", version, about, long_about = None)]
+#[command(name = "tapkv", version, about, long_about)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -69,7 +73,8 @@ pub(crate) enum DurabilityArg {
     Memory,
     /// Return once the write is synced to disk.
     Persist,
-    /// Return once a majority of the node's replicas hold it (with --addr).
+    /// Return once a majority of the node's replicas hold it (needs a node:
+    /// `--addr`). A timeout is an error, but the write stays applied.
     Replicate,
 }
 
@@ -128,6 +133,8 @@ fn main() -> ExitCode {
             }),
         )
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: a log file gets plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
@@ -146,7 +153,11 @@ fn main() -> ExitCode {
         }
         Err(e) => {
             eprintln!("error: {e}");
-            ExitCode::FAILURE
+            ExitCode::from(EXIT_ERROR)
         }
     }
 }
+
+/// Exit status of a command that failed (not a missing key, which is 1,
+/// nor a usage error, which is 2).
+const EXIT_ERROR: u8 = 3;

@@ -79,9 +79,10 @@ pub(crate) struct NodeArgs {
     /// Memory quota for keys and resident values, in bytes (engine default 1 GiB).
     #[arg(long)]
     memory_quota: Option<usize>,
-    /// Bound on all checkpoint memory, in bytes (engine default 512 MiB).
-    #[arg(long)]
-    checkpoint_memory_limit: Option<usize>,
+    /// Bound on all checkpoint memory, in bytes (engine default 512 MiB; at
+    /// least 64 KiB).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(65_536..))]
+    checkpoint_memory_limit: Option<u64>,
     /// Bytes one online-update window may queue, per partition (engine default 256 MiB).
     #[arg(long)]
     online_update_memory_limit: Option<usize>,
@@ -98,9 +99,24 @@ pub(crate) struct NodeArgs {
     /// thread each); one more is answered TEMP_FAILURE and closed.
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
     max_connections: u64,
-    /// Largest accepted frame body in bytes.
-    #[arg(long, default_value_t = tapkv_replication::protocol::DEFAULT_MAX_BODY)]
-    max_body: usize,
+    /// Largest accepted frame body in bytes (a request's extras, key and
+    /// value; at least 4096).
+    #[arg(long, default_value_t = tapkv_replication::protocol::DEFAULT_MAX_BODY as u64,
+          value_parser = clap::value_parser!(u64).range(4096..))]
+    max_body: u64,
+}
+
+/// Whether `data` already holds a store (then its own partition count is
+/// kept).
+fn has_store(data: &std::path::Path) -> bool {
+    data.join("rocksdb").join("CURRENT").exists()
+}
+
+/// The partition count of the node at `primary` (from its HELLO).
+fn primary_partitions(primary: &str, timeout: Duration) -> Result<u16, Error> {
+    let client = tapkv_replication::client::Client::connect(primary, timeout)
+        .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))?;
+    Ok(client.partitions())
 }
 
 /// File in the data directory holding the node's default name.
@@ -143,14 +159,29 @@ pub(crate) fn run(args: NodeArgs) -> Result<ExitCode, Error> {
     let mut builder = Engine::builder(&args.data)
         .replica(replica)
         .replicate_timeout(Duration::from_millis(args.replicate_timeout_ms));
-    if let Some(n) = args.partitions {
-        builder = builder.partitions(n);
+    match (args.partitions, &args.replica_of) {
+        (Some(n), _) => builder = builder.partitions(n),
+        // A new replica takes its primary's partition count (partitions are
+        // replicated by number, so any other count could not replicate).
+        (None, Some(primary)) if !has_store(&args.data) => {
+            match primary_partitions(primary, Duration::from_millis(args.io_timeout_ms)) {
+                Ok(n) => builder = builder.partitions(n),
+                Err(e) => tracing::warn!(
+                    %primary,
+                    error = %e,
+                    "cannot ask the primary for its partition count: creating the directory \
+                     with the default; if the primary has another count this replica will \
+                     refuse to replicate"
+                ),
+            }
+        }
+        _ => {}
     }
     if let Some(q) = args.memory_quota {
         builder = builder.memory_quota(q);
     }
     if let Some(l) = args.checkpoint_memory_limit {
-        builder = builder.checkpoint_memory_limit(l);
+        builder = builder.checkpoint_memory_limit(usize::try_from(l).unwrap_or(usize::MAX));
     }
     if let Some(l) = args.online_update_memory_limit {
         builder = builder.online_update_memory_limit(l);
@@ -170,7 +201,7 @@ pub(crate) fn run(args: NodeArgs) -> Result<ExitCode, Error> {
     cfg.replica_of = args.replica_of.clone();
     cfg.max_unacked_bytes = args.max_unacked_bytes;
     cfg.slow_replica_timeout = Duration::from_millis(args.slow_replica_ms);
-    cfg.max_body = args.max_body;
+    cfg.max_body = usize::try_from(args.max_body).unwrap_or(usize::MAX);
     cfg.io_timeout = Duration::from_millis(args.io_timeout_ms);
     cfg.idle_timeout = Duration::from_secs(args.idle_timeout_s);
     cfg.heartbeat = Duration::from_millis(args.heartbeat_ms);

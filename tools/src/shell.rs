@@ -259,6 +259,9 @@ struct StatsView {
     /// A node's role (absent for an embedded engine).
     #[serde(default)]
     role: Option<String>,
+    /// A replica's last link error, while it does not replicate.
+    #[serde(default)]
+    link_error: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -359,6 +362,10 @@ fn format_stats(st: &StatsView) -> String {
     );
     if let Some(role) = &st.role {
         line.push_str(&format!(" role={role}"));
+    }
+    if let Some(err) = &st.link_error {
+        // Last on the line: the message has spaces.
+        line.push_str(&format!(" link_error={}", escape(err.as_bytes())));
     }
     line
 }
@@ -566,6 +573,7 @@ fn local(path: &PathBuf, slot: &mut Option<Engine>, cmd: Command) -> Result<Stri
                     })
                     .collect(),
                 role: None,
+                link_error: None,
             })
         }
         Command::Restart | Command::Crash | Command::Help | Command::Quit => {
