@@ -577,3 +577,29 @@ fn admin_inspect_says_when_a_replica_does_not_replicate() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn a_data_shell_ending_with_a_window_open_says_it_was_reverted() {
+    // Before, `quit` with a window open exited 0 and the window's writes
+    // were silently reverted; `flush` inside it answered a plain OK.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let p = tapkv_engine::partition_of(b"a", 16);
+    let script = format!("set a base\nupdate start {p}\nset a new\nflush\nquit\n");
+    let (ok, out, err) = run(&["shell", "--data", d], script, T);
+    assert!(!ok, "exit 0 after losing a window: {out}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(
+        lines[3].starts_with(&format!("OK NOT_FLUSHED_WINDOWS {p}:")),
+        "{out}"
+    );
+    assert!(err.contains("was still open"), "{err}");
+    let (ok, out, _) = run(&["kv", "get", "--data", d, "a"], "", T);
+    assert!(ok);
+    assert_eq!(out.trim_end(), "base");
+    // Completed, nothing is lost and the shell exits 0.
+    let script = format!("update start {p}\nset a kept\nupdate complete {p}\nflush\nquit\n");
+    let (ok, out, err) = run(&["shell", "--data", d], script, T);
+    assert!(ok, "{out}{err}");
+    assert_eq!(out.lines().nth(3), Some("OK"), "{out}");
+}

@@ -38,8 +38,9 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// open in one process at a time; `admin` commands read it without the lock.
 ///
 /// Exit status: 0 success, 1 a key not found (`kv get`/`kv del`), 2 a usage
-/// error, 3 any other error (the message is on stderr). Commands that talk
-/// to a node (`--addr`) wait up to 30 s for each answer.
+/// error, 3 any other error (the message is on stderr), 4 a `shell --data`
+/// that closed with online-update windows open (they are reverted).
+/// Commands that talk to a node (`--addr`) wait up to 30 s for each answer.
 #[derive(Parser, Debug)]
 #[command(name = "tapkv", version, about, long_about)]
 struct Cli {

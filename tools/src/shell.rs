@@ -461,6 +461,26 @@ impl Shell {
             _ => Ok(()),
         }
     }
+
+    /// Online-update windows open on the embedded engine, as (partition,
+    /// checkpoint id): closing it reverts them (none over `--addr`, where
+    /// the node keeps them).
+    fn open_windows(&self) -> Vec<(PartitionId, u64)> {
+        match &self.backend {
+            Backend::Local {
+                engine: Some(e), ..
+            } => e.stats().map_or_else(
+                |_| Vec::new(),
+                |st| {
+                    st.partitions
+                        .iter()
+                        .filter_map(|p| p.window.map(|w| (p.partition, w.checkpoint_id)))
+                        .collect()
+                },
+            ),
+            _ => Vec::new(),
+        }
+    }
 }
 
 /// Runs `cmd` on the embedded engine.
@@ -511,7 +531,14 @@ fn local(path: &PathBuf, slot: &mut Option<Engine>, cmd: Command) -> Result<Stri
         }
         Command::Flush => {
             e.flush().map_err(fail)?;
-            "OK".into()
+            let open: Vec<(PartitionId, u64)> = e
+                .stats()
+                .map_err(fail)?
+                .partitions
+                .iter()
+                .filter_map(|p| p.window.map(|w| (p.partition, w.checkpoint_id)))
+                .collect();
+            format_flush(&open)
         }
         Command::Checkpoint(p) => {
             format!("OK CHECKPOINT {}", e.create_checkpoint(p).map_err(fail)?)
@@ -617,7 +644,13 @@ fn remote(c: &mut Client, cmd: Command) -> Result<String, String> {
         }
         Command::Flush => {
             c.flush().map_err(fail)?;
-            "OK".into()
+            let st = from_json::<StatsView>(c.stats().map_err(fail)?)?;
+            let open: Vec<(PartitionId, u64)> = st
+                .partitions
+                .iter()
+                .filter_map(|p| p.window.as_ref().map(|w| (p.partition, w.checkpoint_id)))
+                .collect();
+            format_flush(&open)
         }
         Command::Checkpoint(p) => format!("OK CHECKPOINT {}", c.checkpoint(p).map_err(fail)?),
         Command::Checkpoints(p) => format_checkpoints(&from_json::<Vec<CheckpointView>>(
@@ -707,7 +740,20 @@ pub(crate) fn run(args: ShellArgs) -> Result<ExitCode, Error> {
     }
     let taken = shell.lock().unwrap_or_else(|p| p.into_inner()).take();
     if let Some(shell) = taken {
+        // A window still open is reverted by the close (a directory cannot
+        // keep a window across processes): say so, and fail.
+        let open = shell.open_windows();
         shell.close()?;
+        if !open.is_empty() {
+            for (p, id) in &open {
+                eprintln!(
+                    "warning: online-update window {id} on partition {p} was still open: \
+                     closing the engine reverted it (`update complete {p}` keeps a window's \
+                     writes)"
+                );
+            }
+            return Ok(ExitCode::from(SHELL_WINDOWS_LOST));
+        }
     } else {
         // The signal thread is closing the engine and will exit the process.
         loop {
@@ -715,6 +761,20 @@ pub(crate) fn run(args: ShellArgs) -> Result<ExitCode, Error> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Exit status of a `--data` shell that closed its engine with
+/// online-update windows open (their writes are reverted).
+const SHELL_WINDOWS_LOST: u8 = 4;
+
+/// The answer to `flush`: `OK`, naming the open windows whose writes it
+/// left in memory (nothing of a window is persisted before COMPLETE).
+fn format_flush(open: &[(PartitionId, u64)]) -> String {
+    if open.is_empty() {
+        return "OK".into();
+    }
+    let windows: Vec<String> = open.iter().map(|(p, id)| format!("{p}:{id}")).collect();
+    format!("OK NOT_FLUSHED_WINDOWS {}", windows.join(","))
 }
 
 #[cfg(test)]
