@@ -6,6 +6,7 @@
 //! - [`node`]: a node serving clients and replication streams over TCP, and
 //!   the replica side that applies a primary's stream to a local engine.
 //! - [`client`]: a blocking client for data, online-update and admin commands.
+//! - [`text`]: one-line escapes of arbitrary key and value bytes.
 #![deny(unsafe_code)]
 #![deny(missing_docs)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
@@ -16,3 +17,4 @@ pub mod message;
 pub mod node;
 pub mod protocol;
 mod sync;
+pub mod text;

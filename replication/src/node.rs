@@ -851,7 +851,7 @@ fn admin_dump(state: &NodeState, f: &Frame, w: &mut FrameWriter) -> Result<(), P
             let r = &it.record;
             let row = serde_json::json!({
                 "partition": it.partition, "seqno": r.meta.by_seqno, "cas": r.meta.cas,
-                "key": String::from_utf8_lossy(&it.key), "value_len": r.value.len(),
+                "key": crate::text::escape(&it.key), "value_len": r.value.len(),
                 "deleted": r.deleted, "rev_seqno": r.meta.rev_seqno,
             });
             w.push(&json_response(f, &row).with_key(b"row".to_vec()));

@@ -603,3 +603,37 @@ fn a_data_shell_ending_with_a_window_open_says_it_was_reverted() {
     assert!(ok, "{out}{err}");
     assert_eq!(out.lines().nth(3), Some("OK"), "{out}");
 }
+
+#[test]
+fn admin_dump_escapes_keys_one_record_a_line() {
+    // Before, a key with a newline split its record over two lines, and
+    // bytes that are not UTF-8 were replaced (two keys could dump alike).
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let script = "set sp\\x20ace v\nset nl\\nkey v\nset \\xffbin v\nset \\xfebin v\n";
+    let (ok, _, err) = run(&["shell", "--data", d], script, T);
+    assert!(ok, "{err}");
+    let (ok, out, err) = run(&["admin", "dump", "--data", d], "", T);
+    assert!(ok, "{err}");
+    let keys: Vec<&str> = out
+        .lines()
+        .filter_map(|l| l.split(' ').find_map(|f| f.strip_prefix("key=")))
+        .collect();
+    assert_eq!(out.lines().count(), 4, "{out}");
+    for want in ["sp\\x20ace", "nl\\nkey", "\\xffbin", "\\xfebin"] {
+        assert!(keys.contains(&want), "{want} not in {keys:?}");
+    }
+    let (ok, out, _) = run(&["admin", "dump", "--data", d, "--json"], "", T);
+    assert!(ok);
+    let json_keys: Vec<String> = out
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["key"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert!(json_keys.contains(&"sp ace".to_string()), "{json_keys:?}");
+    assert!(json_keys.contains(&"\\xffbin".to_string()), "{json_keys:?}");
+}

@@ -38,7 +38,10 @@ pub(crate) enum AdminCommand {
     Dump {
         #[command(flatten)]
         target: Target,
-        /// One JSON object per line: partition, seqno, cas, key, value_len, deleted.
+        /// One JSON object per line: partition, seqno, cas, key, value_len,
+        /// deleted, rev_seqno, flags, expiry. Keys are escaped as in the
+        /// shell (`\\`, `\n`, `\r`, `\t`, `\xNN`), in the text lines also
+        /// spaces (`\x20`).
         #[arg(long)]
         json: bool,
     },
@@ -133,7 +136,7 @@ pub(crate) fn run(cmd: AdminCommand) -> Result<ExitCode, Error> {
                                 row["partition"],
                                 row["seqno"],
                                 row["cas"],
-                                row["key"].as_str().unwrap_or(""),
+                                text_key(row["key"].as_str().unwrap_or("")),
                                 row["value_len"],
                                 if row["deleted"] == true {
                                     " deleted"
@@ -253,11 +256,18 @@ fn inspect(data: &PathBuf, json: bool) -> Result<ExitCode, Error> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// A key as a dump's text line shows it: escaped (`tapkv_replication::text`,
+/// as the shell's answers), with spaces as `\x20` too, so a line splits on
+/// spaces into its fields.
+fn text_key(escaped: &str) -> String {
+    escaped.replace(' ', "\\x20")
+}
+
 fn dump(data: &PathBuf, json: bool) -> Result<ExitCode, Error> {
     let view = DiskView::open(data)?;
     let mut out = std::io::stdout().lock();
     view.for_each_item(|it| {
-        let key = String::from_utf8_lossy(&it.key);
+        let key = tapkv_replication::text::escape(&it.key);
         let r = &it.record;
         if json {
             let line = serde_json::json!({
@@ -275,10 +285,11 @@ fn dump(data: &PathBuf, json: bool) -> Result<ExitCode, Error> {
         } else {
             writeln!(
                 out,
-                "partition={} seqno={} cas={} key={key} value_len={}{}",
+                "partition={} seqno={} cas={} key={} value_len={}{}",
                 it.partition,
                 r.meta.by_seqno,
                 r.meta.cas,
+                text_key(&key),
                 r.value.len(),
                 if r.deleted { " deleted" } else { "" }
             )?;

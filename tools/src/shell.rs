@@ -75,83 +75,10 @@ enum UpdateOp {
     Revert,
 }
 
+pub(crate) use tapkv_replication::text::{escape, unescape};
+
 fn usage(msg: &str) -> String {
     format!("ERROR invalid_argument: {msg}")
-}
-
-/// Escapes `v` for a one-line answer: `\` becomes `\\`; newline, carriage
-/// return and tab become `\n`, `\r`, `\t`; other control characters, line
-/// and paragraph separators and bytes that are not UTF-8 become `\xNN`;
-/// everything else (spaces and non-ASCII text included) is written as is.
-/// [`unescape`] reverses it.
-pub(crate) fn escape(v: &[u8]) -> String {
-    let mut out = String::with_capacity(v.len());
-    let hex = |out: &mut String, bytes: &[u8]| {
-        for b in bytes {
-            out.push_str(&format!("\\x{b:02x}"));
-        }
-    };
-    for chunk in v.utf8_chunks() {
-        for c in chunk.valid().chars() {
-            match c {
-                '\\' => out.push_str("\\\\"),
-                '\n' => out.push_str("\\n"),
-                '\r' => out.push_str("\\r"),
-                '\t' => out.push_str("\\t"),
-                c if c.is_control() || c == '\u{2028}' || c == '\u{2029}' => {
-                    let mut buf = [0; 4];
-                    hex(&mut out, c.encode_utf8(&mut buf).as_bytes());
-                }
-                c => out.push(c),
-            }
-        }
-        hex(&mut out, chunk.invalid());
-    }
-    out
-}
-
-/// Reads the escapes [`escape`] writes (`\\`, `\n`, `\r`, `\t`, `\xNN`);
-/// any other backslash sequence is an error.
-pub(crate) fn unescape(s: &[u8]) -> Result<Vec<u8>, String> {
-    let mut out = Vec::with_capacity(s.len());
-    let mut i = 0;
-    while i < s.len() {
-        if s[i] != b'\\' {
-            out.push(s[i]);
-            i += 1;
-            continue;
-        }
-        let byte = match s.get(i + 1) {
-            Some(b'\\') => b'\\',
-            Some(b'n') => b'\n',
-            Some(b'r') => b'\r',
-            Some(b't') => b'\t',
-            Some(b'x') => {
-                let digits = s
-                    .get(i + 2..i + 4)
-                    .and_then(|d| std::str::from_utf8(d).ok())
-                    .and_then(|d| u8::from_str_radix(d, 16).ok());
-                match digits {
-                    Some(b) => {
-                        out.push(b);
-                        i += 4;
-                        continue;
-                    }
-                    None => {
-                        return Err(format!("bad escape at byte {i}: \\x needs two hex digits"))
-                    }
-                }
-            }
-            _ => {
-                return Err(format!(
-                    "bad escape at byte {i}: use \\\\, \\n, \\r, \\t or \\xNN"
-                ))
-            }
-        };
-        out.push(byte);
-        i += 2;
-    }
-    Ok(out)
 }
 
 /// Parses one command line (without its line ending).
