@@ -398,6 +398,7 @@ impl Engine {
             None => store.put_engine_meta(&EngineMeta {
                 format: FORMAT_VERSION,
                 partitions: config.partitions,
+                replica: Some(config.replica),
             })?,
             Some(meta) if meta.partitions != config.partitions => {
                 return Err(Error::Incompatible {
@@ -418,6 +419,7 @@ impl Engine {
                 store.put_engine_meta(&EngineMeta {
                     format: FORMAT_VERSION,
                     partitions: meta.partitions,
+                    replica: meta.replica,
                 })?;
             }
             Some(meta) if meta.format != FORMAT_VERSION => {
@@ -430,6 +432,27 @@ impl Engine {
                 })
             }
             Some(_) => {}
+        }
+        // A replica's directory follows its primary: opened as a primary,
+        // writes made to it would be rolled back when the replica rejoins.
+        // (A primary's directory may seed a replica: its history is the
+        // primary's, so the replica resumes from it.)
+        if let Some(meta) = store.engine_meta()? {
+            if meta.replica == Some(true) && !config.replica {
+                return Err(Error::Incompatible {
+                    path,
+                    reason: "it is a replica's data directory: writes made to it directly would \
+                             be rolled back when the replica rejoins its primary; run it with \
+                             `tapkv node --replica-of ADDR`, or read it with `tapkv admin`"
+                        .into(),
+                });
+            }
+            if meta.replica != Some(config.replica) {
+                store.put_engine_meta(&EngineMeta {
+                    replica: Some(config.replica),
+                    ..meta
+                })?;
+            }
         }
         // Accepted: only now may the directory change.
         store.ensure_staging()?;

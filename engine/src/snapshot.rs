@@ -201,6 +201,7 @@ mod tests {
             .put_engine_meta(&EngineMeta {
                 format: 2,
                 partitions: 16,
+                replica: None,
             })
             .unwrap();
         e.close().unwrap();
@@ -219,6 +220,7 @@ mod tests {
                 .put_engine_meta(&EngineMeta {
                     format: 1,
                     partitions: 16,
+                    replica: None,
                 })
                 .unwrap();
             e.close().unwrap();

@@ -43,6 +43,12 @@ pub struct EngineMeta {
     pub format: u32,
     /// Number of partitions: keys map to partitions by it, so it never changes.
     pub partitions: u16,
+    /// Whether a replica holds the directory (`None`: written by a build
+    /// that did not record it; the next open records its role). A replica's
+    /// directory is refused to an engine opened as a primary: writes made
+    /// to it directly would be rolled back when its replica rejoins.
+    #[serde(default)]
+    pub replica: Option<bool>,
 }
 
 /// A partition's state as of its last successful flush.
