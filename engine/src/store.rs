@@ -294,12 +294,27 @@ pub(crate) struct DirLock {
 impl DirLock {
     pub(crate) fn acquire(dir: &Path) -> Result<DirLock> {
         use std::os::unix::io::AsRawFd;
-        std::fs::create_dir_all(dir)?;
+        // Errors name the directory: "File exists" alone does not say that
+        // the path is a file.
+        let named = |e: std::io::Error| {
+            Error::Io(std::io::Error::new(
+                e.kind(),
+                format!("data directory {}: {e}", dir.display()),
+            ))
+        };
+        if dir.exists() && !dir.is_dir() {
+            return Err(Error::InvalidArgument(format!(
+                "{} is not a directory",
+                dir.display()
+            )));
+        }
+        std::fs::create_dir_all(dir).map_err(named)?;
         let file = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
-            .open(dir.join("tapkv.lock"))?;
+            .open(dir.join("tapkv.lock"))
+            .map_err(named)?;
         // SAFETY: flock on a file descriptor we own; no memory is involved.
         #[allow(unsafe_code)]
         let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };

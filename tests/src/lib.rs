@@ -347,3 +347,34 @@ pub fn restartable_addr() -> String {
     }
     panic!("no free port between 10000 and {high}");
 }
+
+/// Runs `tapkv ARGS` with empty stdin; returns its exit code (`None` if a
+/// signal ended it) and its stderr. Bounded by `timeout` as [`run`] is.
+pub fn run_status(args: &[&str], timeout: Duration) -> (Option<i32>, String) {
+    let mut child = Command::new(tapkv_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn tapkv");
+    let mut stderr = child.stderr.take().expect("piped stderr");
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut s);
+        s
+    });
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("tapkv {args:?} still running after {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    (status.code(), reader.join().expect("stderr reader"))
+}

@@ -637,3 +637,27 @@ fn admin_dump_escapes_keys_one_record_a_line() {
     assert!(json_keys.contains(&"sp ace".to_string()), "{json_keys:?}");
     assert!(json_keys.contains(&"\\xffbin".to_string()), "{json_keys:?}");
 }
+
+#[test]
+fn kv_get_on_a_path_that_holds_no_store_creates_nothing() {
+    // Before, a mistyped --data made an empty store and answered "not
+    // found" (exit 1, as for a missing key).
+    let dir = tempfile::tempdir().unwrap();
+    let typo = dir.path().join("typo");
+    let t = typo.to_str().unwrap();
+    let out = tapkv_tests::run_status(&["kv", "get", "--data", t, "k"], T);
+    assert_eq!(out.0, Some(3), "{}", out.1);
+    assert!(out.1.contains("not a tapkv data directory"), "{}", out.1);
+    assert!(!typo.exists());
+    let out = tapkv_tests::run_status(&["kv", "del", "--data", t, "k"], T);
+    assert_eq!(out.0, Some(3), "{}", out.1);
+    // A missing key in a real store is still 1.
+    let d = dir.path().join("real");
+    let d = d.to_str().unwrap();
+    let (ok, _, _) = run(&["kv", "set", "--data", d, "a", "1"], "", T);
+    assert!(ok);
+    assert_eq!(
+        tapkv_tests::run_status(&["kv", "get", "--data", d, "nope"], T).0,
+        Some(1)
+    );
+}

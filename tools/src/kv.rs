@@ -55,7 +55,7 @@ pub(crate) fn run(args: KvArgs) -> Result<ExitCode, Error> {
     }
     match args.op {
         KvOp::Get { target, key } => {
-            let engine = Engine::builder(local(&target)?).open()?;
+            let engine = Engine::builder(existing(local(&target)?)?).open()?;
             match engine.get(key.as_bytes()) {
                 Ok(item) => {
                     let mut out = std::io::stdout().lock();
@@ -92,7 +92,7 @@ pub(crate) fn run(args: KvArgs) -> Result<ExitCode, Error> {
             key,
             durability,
         } => {
-            let engine = Engine::builder(local(&target)?).open()?;
+            let engine = Engine::builder(existing(local(&target)?)?).open()?;
             match engine.delete(key.as_bytes(), WriteOptions::durable(durability.into())) {
                 Ok(r) => {
                     engine.close()?;
@@ -118,6 +118,20 @@ fn local(t: &Target) -> Result<&std::path::Path, Error> {
     t.data
         .as_deref()
         .ok_or_else(|| Error::InvalidArgument("give --data DIR or --addr ADDR".into()))
+}
+
+/// `dir`, if it holds a store: a read or a delete does not create one (a
+/// mistyped path would otherwise answer "not found" from a new, empty
+/// directory).
+fn existing(dir: &std::path::Path) -> Result<&std::path::Path, Error> {
+    if dir.join("rocksdb").join("CURRENT").exists() {
+        Ok(dir)
+    } else {
+        Err(Error::InvalidArgument(format!(
+            "{} is not a tapkv data directory (nothing has been written there)",
+            dir.display()
+        )))
+    }
 }
 
 /// Runs the operation against a node when `--addr` is given.

@@ -155,6 +155,14 @@ pub(crate) fn run(args: NodeArgs) -> Result<ExitCode, Error> {
         signal_hook::flag::register_conditional_shutdown(sig, 1, Arc::clone(&stop))?;
         signal_hook::flag::register(sig, Arc::clone(&stop))?;
     }
+    // The address is checked before the data directory is touched, and
+    // the error names it.
+    drop(std::net::TcpListener::bind(&args.listen).map_err(|e| {
+        Error::Io(std::io::Error::new(
+            e.kind(),
+            format!("cannot listen on {:?} (--listen): {e}", args.listen),
+        ))
+    })?);
     let replica = args.replica_of.is_some();
     let mut builder = Engine::builder(&args.data)
         .replica(replica)
