@@ -19,7 +19,8 @@ pub(crate) struct DemoArgs {
     /// Keep what the demo's subdirectories already hold (shows warmup of older data).
     #[arg(long)]
     keep: bool,
-    /// Items to write.
+    /// Items the first steps write to the embedded engine (the cluster
+    /// steps write a fixed 2,000).
     #[arg(long, default_value_t = 5000)]
     items: u64,
 }

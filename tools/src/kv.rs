@@ -27,7 +27,7 @@ enum KvOp {
     Set {
         #[command(flatten)]
         target: Target,
-        /// The key (at most 250 bytes by default).
+        /// The key (1 to 250 bytes).
         key: String,
         /// The value.
         value: String,
