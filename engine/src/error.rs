@@ -125,6 +125,17 @@ pub enum Error {
 }
 
 impl Error {
+    /// The message without a leading restatement of [`kind`](Self::kind)
+    /// (`wrong state: ...` for `wrong_state`), for `<kind>: <detail>` lines.
+    pub fn detail(&self) -> String {
+        let text = self.to_string();
+        let said = format!("{}: ", self.kind().replace('_', " "));
+        match text.strip_prefix(&said) {
+            Some(rest) => rest.to_string(),
+            None => text,
+        }
+    }
+
     /// A short machine-readable name of the variant, for tools and protocols.
     pub fn kind(&self) -> &'static str {
         match self {

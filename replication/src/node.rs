@@ -301,7 +301,8 @@ fn engine_status(e: &Error) -> u16 {
 }
 
 fn error_response(req: &Frame, e: &Error) -> Frame {
-    Frame::response(req, engine_status(e)).with_value(format!("{}: {e}", e.kind()).into_bytes())
+    Frame::response(req, engine_status(e))
+        .with_value(format!("{}: {}", e.kind(), e.detail()).into_bytes())
 }
 
 /// An error response the node itself makes: `<kind>: <message>`, as every

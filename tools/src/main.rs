@@ -117,10 +117,25 @@ pub(crate) const CLIENT_TIMEOUT: std::time::Duration = std::time::Duration::from
 pub(crate) fn connect(
     addr: &str,
 ) -> Result<tapkv_replication::client::Client, tapkv_engine::Error> {
+    use tapkv_replication::client::ClientError;
+    use tapkv_replication::protocol::ProtocolError;
     tapkv_replication::client::Client::connect(addr, CLIENT_TIMEOUT).map_err(|e| {
-        tapkv_engine::Error::Io(std::io::Error::other(format!(
-            "cannot reach node at {addr}: {e}"
-        )))
+        let (kind, msg) = match e {
+            // Reached, but it refused the session (too many connections,
+            // a limit): say so rather than "cannot reach".
+            ClientError::Status { message, .. } => (
+                std::io::ErrorKind::Other,
+                format!("the node at {addr} refused the connection: {message}"),
+            ),
+            ClientError::Protocol(ProtocolError::Io(io)) => {
+                (io.kind(), format!("cannot reach node at {addr}: {io}"))
+            }
+            other => (
+                std::io::ErrorKind::Other,
+                format!("cannot talk to node at {addr}: {other}"),
+            ),
+        };
+        tapkv_engine::Error::Io(std::io::Error::new(kind, msg))
     })
 }
 

@@ -323,7 +323,7 @@ pub(crate) enum Reply {
 fn err(e: &Error) -> String {
     match e {
         Error::NotFound => "NOT_FOUND".into(),
-        e => format!("ERROR {}: {e}", e.kind()),
+        e => format!("ERROR {}: {}", e.kind(), e.detail()),
     }
 }
 
