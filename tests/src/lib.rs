@@ -151,6 +151,23 @@ impl Drop for Proc {
 
 /// Runs `tapkv ARGS` to completion (bounded) and returns (success, stdout, stderr).
 pub fn run(args: &[&str], stdin: impl AsRef<[u8]>, timeout: Duration) -> (bool, String, String) {
+    let (code, out, err) = run_with_status(args, stdin, timeout);
+    (code == Some(0), out, err)
+}
+
+/// Runs `tapkv ARGS` with empty stdin; returns its exit code (`None` if a
+/// signal ended it) and its stderr. Bounded by `timeout` as [`run`] is.
+pub fn run_status(args: &[&str], timeout: Duration) -> (Option<i32>, String) {
+    let (code, _, err) = run_with_status(args, "", timeout);
+    (code, err)
+}
+
+/// [`run`], returning the exit code (`None` if a signal ended it).
+pub fn run_with_status(
+    args: &[&str],
+    stdin: impl AsRef<[u8]>,
+    timeout: Duration,
+) -> (Option<i32>, String, String) {
     use std::io::Write;
     let mut child = Command::new(tapkv_bin())
         .args(args)
@@ -184,7 +201,7 @@ pub fn run(args: &[&str], stdin: impl AsRef<[u8]>, timeout: Duration) -> (bool, 
         .expect("wait for tapkv");
     let _ = writer.join();
     (
-        out.status.success(),
+        out.status.code(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
@@ -346,35 +363,4 @@ pub fn restartable_addr() -> String {
         }
     }
     panic!("no free port between 10000 and {high}");
-}
-
-/// Runs `tapkv ARGS` with empty stdin; returns its exit code (`None` if a
-/// signal ended it) and its stderr. Bounded by `timeout` as [`run`] is.
-pub fn run_status(args: &[&str], timeout: Duration) -> (Option<i32>, String) {
-    let mut child = Command::new(tapkv_bin())
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn tapkv");
-    let mut stderr = child.stderr.take().expect("piped stderr");
-    let reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = std::io::Read::read_to_string(&mut stderr, &mut s);
-        s
-    });
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("tapkv {args:?} still running after {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
-    (status.code(), reader.join().expect("stderr reader"))
 }
