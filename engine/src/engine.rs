@@ -1133,10 +1133,6 @@ fn validate(c: &EngineConfig) -> Result<()> {
     Ok(())
 }
 
-/// Loom models of the wake-up handshakes between writers, the flusher and
-/// streams. Under loom a timed wait is untimed (see `sync.rs`), so a lost
-/// wake-up shows up as a deadlock. Run with
-/// `cargo test --release -p tapkv-engine --features loom --lib loom_`.
 /// Refuses a persisted seqno, checkpoint id or CAS at or above `u64::MAX / 2`
 /// (the bound replicated ones are held to): from there it could no longer
 /// increase.
@@ -1148,6 +1144,11 @@ fn check_in_range(p: PartitionId, what: &str, n: u64) -> Result<()> {
     }
     Ok(())
 }
+
+/// Loom models of the wake-up handshakes between writers, the flusher and
+/// streams. Under loom a timed wait is untimed (see `sync.rs`), so a lost
+/// wake-up shows up as a deadlock. Run with
+/// `cargo test --release -p tapkv-engine --features loom --lib loom_`.
 
 #[cfg(all(test, any(loom, feature = "loom")))]
 mod loom_models {

@@ -335,7 +335,7 @@ fn expel_read_items(shared: &Shared, mine: &[&Partition]) {
 /// expels read entries). Below half,
 /// entries stay until their checkpoint closes and is freed, so a stream
 /// registering at a recent seqno still finds them in memory.
-pub(crate) fn under_memory_pressure(shared: &Shared) -> bool {
+fn under_memory_pressure(shared: &Shared) -> bool {
     shared.checkpoint_mem.load(Ordering::Relaxed) >= shared.config.checkpoint_memory_limit / 2
 }
 

@@ -29,12 +29,14 @@ pub(crate) const EXPIRY_BATCH: usize = 10_000;
 /// Conditional on the CAS seen, so a key rewritten meanwhile is left alone.
 ///
 /// It runs on the flusher thread that owns partition 0, between flush
-/// rounds (never under the round lock, so flushing and durable writes do
-/// not wait for it), visits shards in rotation, and stops after
-/// [`EXPIRY_BATCH`] deletions or once checkpoint memory is at half its
-/// limit; it then goes on at the next round from where it stopped. A
-/// partition whose online-update window is full is skipped. Not while the
-/// engine closes (the last round would not persist its tombstones).
+/// rounds (never under the round lock; that thread's next round, and a
+/// durable write waiting for it, waits for at most one batch), visits
+/// shards in rotation, and stops after [`EXPIRY_BATCH`] deletions, going
+/// on at the next round from where it stopped, so each round adds at most
+/// a batch of tombstones to checkpoint memory. A shard whose deletion is
+/// refused for memory (its partition's window is full, or the engine-wide
+/// limit is reached) is left for the next pass. Not while the engine
+/// closes (the last round would not persist its tombstones).
 /// Returns the deletions it made.
 pub(crate) fn expire(shared: &Shared, forced: bool) -> usize {
     if shared.config.replica || shared.shutdown.load(Ordering::Acquire) {
@@ -54,7 +56,7 @@ pub(crate) fn expire(shared: &Shared, forced: bool) -> usize {
     let (mut deleted, mut stopped_at) = (0usize, None);
     'slots: for i in 0..slots {
         let slot = (first + i) % slots;
-        if deleted >= EXPIRY_BATCH || crate::flusher::under_memory_pressure(shared) {
+        if deleted >= EXPIRY_BATCH {
             stopped_at = Some(slot);
             break;
         }
@@ -116,6 +118,8 @@ pub(crate) fn run(shared: &Shared) {
     let quota = shared.config.memory_quota as f64;
     let used: usize = shared.partitions.iter().map(|p| p.table.mem_bytes()).sum();
     if (used as f64) <= quota * shared.config.high_water {
+        // Under the mark: a rest left from an earlier pass no longer applies.
+        shared.pager_rest_rounds.store(0, Ordering::Relaxed);
         return;
     }
     if shared

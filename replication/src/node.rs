@@ -423,6 +423,20 @@ impl Drop for Node {
     }
 }
 
+/// How long the accept thread reads a refused connection's first bytes
+/// before closing it (so the close does not reset the answer away); a
+/// flood of connections past the limit is refused at up to 100 a second.
+const REFUSAL_READ: Duration = Duration::from_millis(10);
+
+/// Counts a connection thread out when it ends.
+struct Live<'a>(&'a AtomicUsize);
+
+impl Drop for Live<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 fn accept_loop(state: &Arc<NodeState>, listener: TcpListener) {
     for conn in listener.incoming() {
         if state.stop.load(Ordering::Acquire) {
@@ -446,7 +460,7 @@ fn accept_loop(state: &Arc<NodeState>, listener: TcpListener) {
             // closing with unread input resets the connection, and a reset
             // can discard the answer before the peer reads it.
             let _ = conn.shutdown(std::net::Shutdown::Write);
-            let _ = conn.set_read_timeout(Some(Duration::from_millis(50)));
+            let _ = conn.set_read_timeout(Some(REFUSAL_READ));
             let _ = std::io::Read::read(&mut conn, &mut [0u8; 4096]);
             tracing::warn!(
                 max = state.config.max_connections,
@@ -460,11 +474,12 @@ fn accept_loop(state: &Arc<NodeState>, listener: TcpListener) {
         match std::thread::Builder::new()
             .name(format!("tapkv-conn-{id}"))
             .spawn(move || {
+                // Counted out however the thread ends, a panic included.
+                let _live = Live(&st.live_connections);
                 let peer = conn.peer_addr().map(|a| a.to_string()).unwrap_or_default();
                 if let Err(e) = serve_connection(&st, conn, id) {
                     tracing::debug!(%peer, error = %e, "connection ended");
                 }
-                st.live_connections.fetch_sub(1, Ordering::AcqRel);
             }) {
             Ok(h) => {
                 let mut threads = state.threads.lock();
@@ -853,6 +868,7 @@ fn admin_dump(state: &NodeState, f: &Frame, w: &mut FrameWriter) -> Result<(), P
             let row = serde_json::json!({
                 "partition": it.partition, "seqno": r.meta.by_seqno, "cas": r.meta.cas,
                 "key": crate::text::escape(&it.key), "value_len": r.value.len(),
+                "flags": r.meta.flags, "expiry": r.meta.expiry,
                 "deleted": r.deleted, "rev_seqno": r.meta.rev_seqno,
             });
             w.push(&json_response(f, &row).with_key(b"row".to_vec()));

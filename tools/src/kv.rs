@@ -150,8 +150,9 @@ fn remote(op: &KvOp) -> Result<Option<ExitCode>, Error> {
             eprintln!("error: key {key:?} not found");
             Ok(Some(ExitCode::FAILURE))
         } else {
+            // As every other failure: 3 (`tapkv --help`), not a missing key.
             eprintln!("error: {e}");
-            Ok(Some(ExitCode::FAILURE))
+            Ok(Some(ExitCode::from(crate::EXIT_ERROR)))
         }
     };
     match op {

@@ -176,4 +176,4 @@ fn main() -> ExitCode {
 
 /// Exit status of a command that failed (not a missing key, which is 1,
 /// nor a usage error, which is 2).
-const EXIT_ERROR: u8 = 3;
+pub(crate) const EXIT_ERROR: u8 = 3;

@@ -173,7 +173,11 @@ pub(crate) fn run(args: NodeArgs) -> Result<ExitCode, Error> {
         // replicated by number, so any other count could not replicate).
         (None, Some(primary)) if !has_store(&args.data) => {
             match primary_partitions(primary, Duration::from_millis(args.io_timeout_ms)) {
-                Ok(n) => builder = builder.partitions(n),
+                Ok(n) if n > 0 => builder = builder.partitions(n),
+                Ok(_) => tracing::warn!(
+                    %primary,
+                    "the primary reported no partitions: creating the directory with the default"
+                ),
                 Err(e) => tracing::warn!(
                     %primary,
                     error = %e,

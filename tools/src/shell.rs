@@ -634,6 +634,9 @@ pub(crate) fn run(args: ShellArgs) -> Result<ExitCode, Error> {
             if let Some(sig) = signals.forever().next() {
                 closing.store(true, Ordering::Release);
                 let taken = on_signal.lock().unwrap_or_else(|p| p.into_inner()).take();
+                if let Some(sh) = &taken {
+                    warn_reverted(&sh.open_windows());
+                }
                 let code = match taken.map_or(Ok(()), Shell::close) {
                     Ok(()) => 128 + sig,
                     Err(e) => {
@@ -672,13 +675,7 @@ pub(crate) fn run(args: ShellArgs) -> Result<ExitCode, Error> {
         let open = shell.open_windows();
         shell.close()?;
         if !open.is_empty() {
-            for (p, id) in &open {
-                eprintln!(
-                    "warning: online-update window {id} on partition {p} was still open: \
-                     closing the engine reverted it (`update complete {p}` keeps a window's \
-                     writes)"
-                );
-            }
+            warn_reverted(&open);
             return Ok(ExitCode::from(SHELL_WINDOWS_LOST));
         }
     } else {
@@ -688,6 +685,17 @@ pub(crate) fn run(args: ShellArgs) -> Result<ExitCode, Error> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Says on stderr that closing the engine reverts each of these open
+/// windows (partition, checkpoint id).
+fn warn_reverted(open: &[(PartitionId, u64)]) {
+    for (p, id) in open {
+        eprintln!(
+            "warning: online-update window {id} on partition {p} was still open: closing the \
+             engine reverts it (`update complete {p}` keeps a window's writes)"
+        );
+    }
 }
 
 /// Exit status of a `--data` shell that closed its engine with
