@@ -456,16 +456,12 @@ impl Engine {
         }
         // Accepted: only now may the directory change.
         store.ensure_staging()?;
-        let clean = fresh || store.was_clean_shutdown()?;
-        store.set_clean_shutdown(false)?;
-        let checkpoint_mem = Arc::new(AtomicUsize::new(0));
-        let step = config.seqno_reservation.max(1);
-        let mut partitions = Vec::with_capacity(usize::from(config.partitions));
+        // Numbers near the top of the range could no longer increase (the
+        // arithmetic below would wrap): only corruption makes them. Checked
+        // before the directory's clean-shutdown mark is cleared.
         for p in 0..config.partitions {
             let state = store.partition_state(p)?.unwrap_or_default();
             let res = store.reservation(p)?.unwrap_or_default();
-            // Numbers near the top of the range could no longer increase
-            // (the arithmetic below would wrap): only corruption makes them.
             for (what, n) in [
                 ("high seqno", state.high_seqno),
                 ("checkpoint id", state.checkpoint_id),
@@ -475,6 +471,15 @@ impl Engine {
             ] {
                 check_in_range(p, what, n)?;
             }
+        }
+        let clean = fresh || store.was_clean_shutdown()?;
+        store.set_clean_shutdown(false)?;
+        let checkpoint_mem = Arc::new(AtomicUsize::new(0));
+        let step = config.seqno_reservation.max(1);
+        let mut partitions = Vec::with_capacity(usize::from(config.partitions));
+        for p in 0..config.partitions {
+            let state = store.partition_state(p)?.unwrap_or_default();
+            let res = store.reservation(p)?.unwrap_or_default();
             let start = PartitionStart {
                 high_seqno: if config.replica {
                     state.high_seqno

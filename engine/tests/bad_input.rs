@@ -292,6 +292,9 @@ fn persisted_numbers_out_of_range_are_corruption() {
     }
     let r = builder(dir.path()).open();
     assert!(matches!(r, Err(Error::Corruption(_))), "{:?}", r.err());
+    // Refused before the open changed anything: still a clean shutdown.
+    let view = tapkv_engine::DiskView::open(dir.path()).unwrap();
+    assert!(view.clean_shutdown().unwrap());
 }
 
 #[test]
