@@ -661,3 +661,18 @@ fn kv_get_on_a_path_that_holds_no_store_creates_nothing() {
         Some(1)
     );
 }
+
+#[test]
+fn a_node_that_does_not_answer_is_waited_for_timeout_s() {
+    // A listener that accepts and never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap().to_string();
+    for args in [
+        vec!["kv", "get", "--addr", &addr, "k", "--timeout-s", "1"],
+        vec!["admin", "streams", "--addr", &addr, "--timeout-s", "1"],
+    ] {
+        let (code, err) = tapkv_tests::run_status(&args, T);
+        assert_eq!(code, Some(3), "{args:?}: {err}");
+        assert!(err.contains("did not answer"), "{args:?}: {err}");
+    }
+}

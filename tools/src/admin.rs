@@ -33,6 +33,8 @@ pub(crate) enum AdminCommand {
         /// One JSON document instead of a table.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        wait: crate::Wait,
     },
     /// Every persisted item (tombstones included), in partition and key order.
     Dump {
@@ -44,21 +46,27 @@ pub(crate) enum AdminCommand {
         /// spaces (`\x20`).
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        wait: crate::Wait,
     },
     /// Replication streams of a running node: cursor position, lag, state, last ack.
     Streams {
         /// Address of the node.
         #[arg(long, value_name = "ADDR")]
         addr: String,
+        #[command(flatten)]
+        wait: crate::Wait,
     },
 }
 
 pub(crate) fn run(cmd: AdminCommand) -> Result<ExitCode, Error> {
     match cmd {
-        AdminCommand::Inspect { target, json } => match (target.data, target.addr) {
+        AdminCommand::Inspect { target, json, wait } => match (target.data, target.addr) {
             (Some(data), _) => inspect(&data, json),
             (None, Some(addr)) => {
-                let v = connect(&addr)?.admin("inspect").map_err(remote)?;
+                let v = connect(&addr, wait.timeout())?
+                    .admin("inspect")
+                    .map_err(remote)?;
                 if json {
                     outln!("{v}")?;
                 } else {
@@ -121,12 +129,12 @@ pub(crate) fn run(cmd: AdminCommand) -> Result<ExitCode, Error> {
                 "give --data DIR or --addr ADDR".into(),
             )),
         },
-        AdminCommand::Dump { target, json } => match (target.data, target.addr) {
+        AdminCommand::Dump { target, json, wait } => match (target.data, target.addr) {
             (Some(data), _) => dump(&data, json),
             (None, Some(addr)) => {
                 let mut out = std::io::stdout().lock();
                 let mut err = None;
-                connect(&addr)?
+                connect(&addr, wait.timeout())?
                     .dump(|row| {
                         let line = if json {
                             row.to_string()
@@ -159,8 +167,10 @@ pub(crate) fn run(cmd: AdminCommand) -> Result<ExitCode, Error> {
                 "give --data DIR or --addr ADDR".into(),
             )),
         },
-        AdminCommand::Streams { addr } => {
-            let v = connect(&addr)?.admin("streams").map_err(remote)?;
+        AdminCommand::Streams { addr, wait } => {
+            let v = connect(&addr, wait.timeout())?
+                .admin("streams")
+                .map_err(remote)?;
             let streams = v.as_array().cloned().unwrap_or_default();
             if streams.is_empty() {
                 outln!("no replication streams")?;

@@ -20,7 +20,10 @@ fn start(dir: &Path, name: &str, primary: Option<&str>) -> Result<Node, Error> {
 }
 
 fn client(node: &Node) -> Result<Client, Error> {
-    crate::connect(&node.local_addr().to_string())
+    crate::connect(
+        &node.local_addr().to_string(),
+        std::time::Duration::from_secs(30),
+    )
 }
 
 fn remote(e: tapkv_replication::client::ClientError) -> Error {

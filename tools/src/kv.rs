@@ -12,6 +12,8 @@ use crate::{connect, DurabilityArg, Target};
 pub(crate) struct KvArgs {
     #[command(subcommand)]
     op: KvOp,
+    #[command(flatten)]
+    wait: crate::Wait,
 }
 
 #[derive(Subcommand, Debug)]
@@ -50,7 +52,7 @@ enum KvOp {
 }
 
 pub(crate) fn run(args: KvArgs) -> Result<ExitCode, Error> {
-    if let Some(code) = remote(&args.op)? {
+    if let Some(code) = remote(&args.op, args.wait)? {
         return Ok(code);
     }
     match args.op {
@@ -135,7 +137,7 @@ fn existing(dir: &std::path::Path) -> Result<&std::path::Path, Error> {
 }
 
 /// Runs the operation against a node when `--addr` is given.
-fn remote(op: &KvOp) -> Result<Option<ExitCode>, Error> {
+fn remote(op: &KvOp, wait: crate::Wait) -> Result<Option<ExitCode>, Error> {
     let (target, key) = match op {
         KvOp::Get { target, key }
         | KvOp::Set { target, key, .. }
@@ -144,7 +146,7 @@ fn remote(op: &KvOp) -> Result<Option<ExitCode>, Error> {
     let Some(addr) = &target.addr else {
         return Ok(None);
     };
-    let mut c = connect(addr)?;
+    let mut c = connect(addr, wait.timeout())?;
     let fail = |e: tapkv_replication::client::ClientError| -> Result<Option<ExitCode>, Error> {
         if e.is_not_found() {
             eprintln!("error: key {key:?} not found");

@@ -40,7 +40,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// Exit status: 0 success, 1 a key not found (`kv get`/`kv del`), 2 a usage
 /// error, 3 any other error (the message is on stderr), 4 a `shell --data`
 /// that closed with online-update windows open (they are reverted).
-/// Commands that talk to a node (`--addr`) wait up to 30 s for each answer.
+/// Commands that talk to a node (`--addr`) wait up to `--timeout-s` (30 s)
+/// for each answer.
 #[derive(Parser, Debug)]
 #[command(name = "tapkv", version, about, long_about)]
 struct Cli {
@@ -102,6 +103,21 @@ pub(crate) struct Target {
     pub(crate) addr: Option<String>,
 }
 
+/// How long the command-line client waits for a node.
+#[derive(clap::Args, Debug, Clone, Copy)]
+pub(crate) struct Wait {
+    /// With --addr: seconds to wait to connect and for each answer.
+    #[arg(long = "timeout-s", value_name = "SECONDS", default_value_t = 30, global = true,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub(crate) timeout_s: u64,
+}
+
+impl Wait {
+    pub(crate) fn timeout(self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.timeout_s)
+    }
+}
+
 /// The `--data` option of commands that always embed the engine.
 #[derive(clap::Args, Debug, Clone)]
 pub(crate) struct DataArg {
@@ -110,16 +126,15 @@ pub(crate) struct DataArg {
     pub(crate) data: PathBuf,
 }
 
-/// How long the command-line client waits for a node's answer.
-pub(crate) const CLIENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
-
-/// Connects to a node, with a readable error.
+/// Connects to a node, waiting up to `timeout` for it and for each answer,
+/// with a readable error.
 pub(crate) fn connect(
     addr: &str,
+    timeout: std::time::Duration,
 ) -> Result<tapkv_replication::client::Client, tapkv_engine::Error> {
     use tapkv_replication::client::ClientError;
     use tapkv_replication::protocol::ProtocolError;
-    tapkv_replication::client::Client::connect(addr, CLIENT_TIMEOUT).map_err(|e| {
+    tapkv_replication::client::Client::connect(addr, timeout).map_err(|e| {
         let (kind, msg) = match e {
             // Reached, but it refused the session (too many connections,
             // a limit): say so rather than "cannot reach".
@@ -127,6 +142,17 @@ pub(crate) fn connect(
                 std::io::ErrorKind::Other,
                 format!("the node at {addr} refused the connection: {message}"),
             ),
+            ClientError::Protocol(ProtocolError::Io(io))
+                if matches!(
+                    io.kind(),
+                    std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
+                ) =>
+            {
+                (
+                    io.kind(),
+                    format!("the node at {addr} did not answer: {io} (--timeout-s)"),
+                )
+            }
             ClientError::Protocol(ProtocolError::Io(io)) => {
                 (io.kind(), format!("cannot reach node at {addr}: {io}"))
             }

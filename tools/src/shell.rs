@@ -30,6 +30,8 @@ pub(crate) struct ShellArgs {
     /// shell that is only waiting for input. 0 turns heartbeats off.
     #[arg(long, default_value_t = 30, value_name = "SECONDS")]
     heartbeat_s: u64,
+    #[command(flatten)]
+    wait: crate::Wait,
 }
 
 const HELP: &str = "commands: set KEY VALUE | add KEY VALUE | replace KEY VALUE | get KEY | \
@@ -600,7 +602,7 @@ pub(crate) fn run(args: ShellArgs) -> Result<ExitCode, Error> {
     let shell = match (args.target.data, args.target.addr) {
         (Some(dir), _) => Shell::open(dir)?,
         (None, Some(addr)) => {
-            let client = connect(&addr)?;
+            let client = connect(&addr, args.wait.timeout())?;
             // Zero: an interval no idle connection reaches.
             let every = match args.heartbeat_s {
                 0 => Duration::from_secs(u64::from(u32::MAX)),
