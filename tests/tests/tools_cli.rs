@@ -676,3 +676,30 @@ fn a_node_that_does_not_answer_is_waited_for_timeout_s() {
         assert!(err.contains("did not answer"), "{args:?}: {err}");
     }
 }
+
+#[test]
+fn a_shell_over_the_network_reconnects_after_the_node_restarts() {
+    // Before, once the connection was gone every later command answered
+    // "Broken pipe" until the shell was restarted.
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let addr = tapkv_tests::restartable_addr();
+    let data = dir.path().join("node");
+    let mut node = tapkv_tests::NodeProc::start(&data, &addr, None, "n", &[]);
+    let (mut shell, mut stdin) = tapkv_tests::Proc::spawn_piped(&["shell", "--addr", &addr]);
+    let mut ask = |line: &str| -> String {
+        stdin.write_all(format!("{line}\n").as_bytes()).unwrap();
+        stdin.flush().unwrap();
+        shell.next_line(T).expect("an answer")
+    };
+    assert!(ask("set a 1").starts_with("OK PARTITION"));
+    node.stop();
+    let node = tapkv_tests::NodeProc::start(&data, &addr, None, "n", &[]);
+    let first = ask("get a");
+    assert!(
+        first == "VALUE 1" || first.contains("the next command reconnects"),
+        "{first}"
+    );
+    assert_eq!(ask("get a"), "VALUE 1");
+    drop(node);
+}

@@ -308,7 +308,54 @@ enum Backend {
         engine: Option<Engine>,
     },
     /// A running node.
-    Remote(KeptAlive),
+    Remote(Remote),
+}
+
+/// A shell's connection to a node. A command whose connection fails
+/// (the node restarted, closed an idle connection, or did not answer in
+/// time) drops it, and the next command connects again.
+struct Remote {
+    addr: String,
+    heartbeat: Duration,
+    timeout: Duration,
+    conn: Option<KeptAlive>,
+}
+
+impl Remote {
+    fn connect(addr: String, heartbeat: Duration, timeout: Duration) -> Result<Remote, Error> {
+        let mut r = Remote {
+            addr,
+            heartbeat,
+            timeout,
+            conn: None,
+        };
+        r.conn = Some(r.open()?);
+        Ok(r)
+    }
+
+    fn open(&self) -> Result<KeptAlive, Error> {
+        let client = connect(&self.addr, self.timeout)?;
+        KeptAlive::new(client, self.heartbeat)
+            .map_err(|e| Error::Io(std::io::Error::other(format!("keep-alive thread: {e}"))))
+    }
+
+    fn run(&mut self, cmd: Command) -> String {
+        if self.conn.is_none() {
+            match self.open() {
+                Ok(c) => self.conn = Some(c),
+                Err(e) => return format!("{} (the next command tries again)", err(&e)),
+            }
+        }
+        let Some(conn) = &self.conn else {
+            return err(&Error::Closed);
+        };
+        let answer = conn.with(|c| remote(c, cmd)).unwrap_or_else(|e| e);
+        if answer.starts_with("ERROR io:") {
+            self.conn = None;
+            return format!("{answer} (connection dropped: the next command reconnects)");
+        }
+        answer
+    }
 }
 
 /// A shell over an embedded engine or a node.
@@ -375,7 +422,7 @@ impl Shell {
                     }
                     local(path, engine, cmd).unwrap_or_else(|e| e)
                 }
-                Backend::Remote(r) => r.with(|c| remote(c, cmd)).unwrap_or_else(|e| e),
+                Backend::Remote(r) => r.run(cmd),
             },
         };
         Reply::Line(text)
@@ -602,16 +649,13 @@ pub(crate) fn run(args: ShellArgs) -> Result<ExitCode, Error> {
     let shell = match (args.target.data, args.target.addr) {
         (Some(dir), _) => Shell::open(dir)?,
         (None, Some(addr)) => {
-            let client = connect(&addr, args.wait.timeout())?;
             // Zero: an interval no idle connection reaches.
             let every = match args.heartbeat_s {
                 0 => Duration::from_secs(u64::from(u32::MAX)),
                 s => Duration::from_secs(s),
             };
-            let remote = KeptAlive::new(client, every)
-                .map_err(|e| Error::Io(std::io::Error::other(format!("keep-alive thread: {e}"))))?;
             Shell {
-                backend: Backend::Remote(remote),
+                backend: Backend::Remote(Remote::connect(addr, every, args.wait.timeout())?),
             }
         }
         (None, None) => {
