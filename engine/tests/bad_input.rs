@@ -323,35 +323,28 @@ fn the_expiry_pass_works_in_batches_and_goes_on_where_it_stopped() {
 fn a_replicas_directory_is_refused_to_a_primary() {
     // Before, `tapkv kv set --data <a replica's directory>` answered OK and
     // the write was rolled back when the replica rejoined its primary.
+    let open_close = |dir: &std::path::Path, replica: bool| {
+        builder(dir)
+            .replica(replica)
+            .open()
+            .unwrap()
+            .close()
+            .unwrap()
+    };
     let dir = tempfile::tempdir().unwrap();
-    builder(dir.path())
-        .replica(true)
-        .open()
-        .unwrap()
-        .close()
-        .unwrap();
+    open_close(dir.path(), true);
     match builder(dir.path()).open() {
         Err(Error::Incompatible { reason, .. }) => {
             assert!(reason.contains("replica's data directory"), "{reason}")
         }
         other => panic!("opened as a primary: {:?}", other.err()),
     }
-    builder(dir.path())
-        .replica(true)
-        .open()
-        .unwrap()
-        .close()
-        .unwrap();
+    open_close(dir.path(), true);
     // A primary's directory may seed a replica (its history is the
     // primary's); from then on it is a replica's.
     let seed = tempfile::tempdir().unwrap();
-    builder(seed.path()).open().unwrap().close().unwrap();
-    builder(seed.path())
-        .replica(true)
-        .open()
-        .unwrap()
-        .close()
-        .unwrap();
+    open_close(seed.path(), false);
+    open_close(seed.path(), true);
     assert!(matches!(
         builder(seed.path()).open(),
         Err(Error::Incompatible { .. })
