@@ -394,6 +394,22 @@ impl Engine {
                 validate(&config)?;
             }
         }
+        // Numbers near the top of the range could no longer increase (the
+        // arithmetic below would wrap): only corruption makes them. Checked
+        // before the open changes any of the directory's records.
+        for p in 0..config.partitions {
+            let state = store.partition_state(p)?.unwrap_or_default();
+            let res = store.reservation(p)?.unwrap_or_default();
+            for (what, n) in [
+                ("high seqno", state.high_seqno),
+                ("checkpoint id", state.checkpoint_id),
+                ("CAS", state.max_cas),
+                ("reserved seqno", res.seqno),
+                ("reserved checkpoint id", res.checkpoint_id),
+            ] {
+                check_in_range(p, what, n)?;
+            }
+        }
         match store.engine_meta()? {
             None => store.put_engine_meta(&EngineMeta {
                 format: FORMAT_VERSION,
@@ -456,22 +472,6 @@ impl Engine {
         }
         // Accepted: only now may the directory change.
         store.ensure_staging()?;
-        // Numbers near the top of the range could no longer increase (the
-        // arithmetic below would wrap): only corruption makes them. Checked
-        // before the directory's clean-shutdown mark is cleared.
-        for p in 0..config.partitions {
-            let state = store.partition_state(p)?.unwrap_or_default();
-            let res = store.reservation(p)?.unwrap_or_default();
-            for (what, n) in [
-                ("high seqno", state.high_seqno),
-                ("checkpoint id", state.checkpoint_id),
-                ("CAS", state.max_cas),
-                ("reserved seqno", res.seqno),
-                ("reserved checkpoint id", res.checkpoint_id),
-            ] {
-                check_in_range(p, what, n)?;
-            }
-        }
         let clean = fresh || store.was_clean_shutdown()?;
         store.set_clean_shutdown(false)?;
         let checkpoint_mem = Arc::new(AtomicUsize::new(0));

@@ -61,6 +61,9 @@ pub struct Client {
     opaque: u32,
     timeout: Duration,
     last_request: Instant,
+    /// A request failed on the connection itself (closed, reset, no answer
+    /// in time): the connection is not to be used again.
+    broken: bool,
 }
 
 fn u64_at(b: &Bytes, i: usize) -> u64 {
@@ -107,6 +110,7 @@ impl Client {
             opaque: 0,
             timeout,
             last_request: Instant::now(),
+            broken: false,
         };
         let r = c.call(hello("tapkv-client"))?;
         let info: serde_json::Value = serde_json::from_slice(&r.value).unwrap_or_default();
@@ -131,8 +135,15 @@ impl Client {
     /// Sends a request and waits for its response; error statuses become
     /// [`ClientError::Status`].
     pub fn call(&mut self, req: Frame) -> Result<Frame, ClientError> {
-        self.send_request(req)?;
-        self.reply()
+        let reply = self.send_request(req).and_then(|()| self.reply());
+        if matches!(reply, Err(ClientError::Protocol(_))) {
+            self.broken = true;
+        }
+        // Idle from the end of the request, answered or not: a heartbeat
+        // right after a request that waited its whole timeout would only
+        // wait as long again.
+        self.last_request = Instant::now();
+        reply
     }
 
     /// Sends `req` under the next opaque, which its replies echo. A request
@@ -212,7 +223,13 @@ impl Client {
         self.call(Frame::request(opcode::NOOP, 0)).map(|_| ())
     }
 
-    /// Time since the last request was sent.
+    /// Whether a request failed on the connection itself (it closed or
+    /// reset, or gave no answer in time): open a new client.
+    pub fn is_broken(&self) -> bool {
+        self.broken
+    }
+
+    /// Time since the last request ended (was answered or gave up).
     pub fn idle_for(&self) -> Duration {
         self.last_request.elapsed()
     }
@@ -386,14 +403,21 @@ impl Client {
 
     /// Every persisted item of the node, one JSON object each.
     pub fn dump(&mut self, mut row: impl FnMut(serde_json::Value)) -> Result<(), ClientError> {
-        self.send_request(Frame::request(opcode::ADMIN, 0).with_key(b"dump".to_vec()))?;
-        loop {
-            let r = self.reply()?;
-            if &r.key[..] == b"end" {
-                return Ok(());
+        let mut rows = || -> Result<(), ClientError> {
+            self.send_request(Frame::request(opcode::ADMIN, 0).with_key(b"dump".to_vec()))?;
+            loop {
+                let r = self.reply()?;
+                if &r.key[..] == b"end" {
+                    return Ok(());
+                }
+                row(serde_json::from_slice(&r.value).unwrap_or_default());
             }
-            row(serde_json::from_slice(&r.value).unwrap_or_default());
+        };
+        let result = rows();
+        if matches!(result, Err(ClientError::Protocol(_))) {
+            self.broken = true;
         }
+        result
     }
 
     /// Flushes the node, then returns its persisted items as sorted rows.

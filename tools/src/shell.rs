@@ -340,6 +340,14 @@ impl Remote {
     }
 
     fn run(&mut self, cmd: Command) -> String {
+        // A heartbeat that failed left the connection broken: start afresh.
+        if self
+            .conn
+            .as_ref()
+            .is_some_and(|c| c.with(|c| c.is_broken()))
+        {
+            self.conn = None;
+        }
         if self.conn.is_none() {
             match self.open() {
                 Ok(c) => self.conn = Some(c),
@@ -349,8 +357,8 @@ impl Remote {
         let Some(conn) = &self.conn else {
             return err(&Error::Closed);
         };
-        let answer = conn.with(|c| remote(c, cmd)).unwrap_or_else(|e| e);
-        if answer.starts_with("ERROR io:") {
+        let (answer, broken) = conn.with(|c| (remote(c, cmd).unwrap_or_else(|e| e), c.is_broken()));
+        if broken {
             self.conn = None;
             return format!("{answer} (connection dropped: the next command reconnects)");
         }
