@@ -1721,6 +1721,7 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
             StreamMessage::Snapshot {
                 partition,
                 from_disk: false,
+                end,
                 ..
             } => {
                 if let Some(snapshot) = snapshots.remove(&partition) {
@@ -1755,6 +1756,13 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
                             staged,
                             "disk snapshot applied (spilled to disk past snapshot_buffer_limit)"
                         );
+                    }
+                    // The replica now holds the partition as of the
+                    // snapshot's end, also when its last seqnos were markers
+                    // (not on disk, so not in the snapshot): acknowledge
+                    // that, not only the last item applied.
+                    if let Some(s) = seqnos.get_mut(usize::from(partition)) {
+                        *s = (*s).max(end);
                     }
                 }
             }

@@ -366,3 +366,49 @@ fn a_replica_rolls_back_every_diverged_partition_in_one_session() {
     replica.shutdown().unwrap();
     b.shutdown().unwrap();
 }
+
+#[test]
+fn a_replica_acknowledges_a_disk_snapshot_up_to_its_end() {
+    // The partition's last seqnos on the primary are markers (a window
+    // started and completed), which are not on disk: a replica joining by
+    // disk snapshot used to acknowledge only its last item, and the
+    // primary's `admin streams` showed it behind for good.
+    let pdir = tempfile::tempdir().unwrap();
+    let rdir = tempfile::tempdir().unwrap();
+    {
+        let e = Engine::builder(pdir.path()).partitions(2).open().unwrap();
+        let k = (0..)
+            .map(|i| format!("k{i}"))
+            .find(|k| e.partition_of(k.as_bytes()) == 0)
+            .unwrap();
+        e.set(k.as_bytes(), b"v", WriteOptions::default()).unwrap();
+        e.online_update_start(0).unwrap();
+        e.online_update_complete(0).unwrap();
+        e.close().unwrap();
+    }
+    // Reopened: memory holds none of it, so the replica gets it from disk.
+    let primary = primary_of(pdir.path());
+    let p = primary.engine().unwrap();
+    let end = p.persisted_seqno(0).unwrap();
+    assert!(
+        end >= 3,
+        "persisted {end}: the markers are not behind the item"
+    );
+    let replica = replica_of(&primary, rdir.path(), 2, "snap", |_| {});
+    let mut c = Client::connect(&primary.local_addr().to_string(), Duration::from_secs(5)).unwrap();
+    wait_until(
+        "the replica's ack of the snapshot end",
+        Duration::from_secs(20),
+        || {
+            let streams = c.admin("streams").unwrap();
+            streams[0]["partitions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|x| x["partition"] == 0 && x["acked_seqno"].as_u64() == Some(end))
+        },
+    );
+    drop(c);
+    replica.shutdown().unwrap();
+    primary.shutdown().unwrap();
+}
