@@ -453,18 +453,19 @@ impl Shell {
         match &self.backend {
             Backend::Local {
                 engine: Some(e), ..
-            } => e.stats().map_or_else(
-                |_| Vec::new(),
-                |st| {
-                    st.partitions
-                        .iter()
-                        .filter_map(|p| p.window.map(|w| (p.partition, w.checkpoint_id)))
-                        .collect()
-                },
-            ),
+            } => engine_windows(e).unwrap_or_default(),
             _ => Vec::new(),
         }
     }
+}
+
+/// The online-update windows open on `e`, as (partition, checkpoint id).
+fn engine_windows(e: &Engine) -> Result<Vec<(PartitionId, u64)>, Error> {
+    Ok(e.stats()?
+        .partitions
+        .iter()
+        .filter_map(|p| p.window.map(|w| (p.partition, w.checkpoint_id)))
+        .collect())
 }
 
 /// Runs `cmd` on the embedded engine.
@@ -515,14 +516,7 @@ fn local(path: &PathBuf, slot: &mut Option<Engine>, cmd: Command) -> Result<Stri
         }
         Command::Flush => {
             e.flush().map_err(fail)?;
-            let open: Vec<(PartitionId, u64)> = e
-                .stats()
-                .map_err(fail)?
-                .partitions
-                .iter()
-                .filter_map(|p| p.window.map(|w| (p.partition, w.checkpoint_id)))
-                .collect();
-            format_flush(&open)
+            format_flush(&engine_windows(e).map_err(fail)?)
         }
         Command::Checkpoint(p) => {
             format!("OK CHECKPOINT {}", e.create_checkpoint(p).map_err(fail)?)
