@@ -229,32 +229,41 @@ fn tapkv_round(dir: &std::path::Path, input: &Inputs, order: &[u64], r: &mut Rou
     r.tapkv_get = rate(ops, t.elapsed());
     engine.close().expect("close");
 
-    // Flusher drain: queue everything with the flusher stalled, then time
-    // until every partition's persisted seqno reaches its high seqno (the
-    // rounds unsynced, as nobody waits), plus one sync, as the raw side.
+    r.drain = tapkv_drain(dir, input, &mut String::new());
+}
+
+/// The flusher drain: queue every input item with the flusher stalled, then
+/// time until every partition's persisted seqno reaches its high seqno (the
+/// rounds unsynced, as nobody waits), plus one sync, as the raw side.
+fn tapkv_drain(dir: &std::path::Path, input: &Inputs, cpu: &mut String) -> f64 {
+    let ops = input.keys.len() as u64;
     let engine = Engine::builder(dir.join("tapkv-drain"))
         .checkpoint_memory_limit(4 << 30)
         .open()
         .expect("open tapkv");
     engine.set_flusher_paused(true);
-    for i in 0..ops {
-        engine
-            .set(key(i), value(i), WriteOptions::default())
-            .expect("set");
+    for (k, v) in input.keys.iter().zip(&input.vals) {
+        engine.set(k, &v[..], WriteOptions::default()).expect("set");
     }
     let highs: Vec<(u16, u64)> = (0..engine.num_partitions())
         .map(|p| (p, engine.high_seqno(p).expect("high seqno")))
         .collect();
+    let cpu_before = pinned::thread_cpu_ms();
     let t = Instant::now();
     engine.set_flusher_paused(false);
+    // Polled every millisecond (at most 0.25% of a 1M-item drain's time):
+    // polling every 200 µs took 1,500 wake-ups and 30-60 ms of CPU a run
+    // from the two threads doing the work on this 2-core machine.
     for &(p, high) in &highs {
         while engine.persisted_seqno(p).expect("persisted seqno") < high {
-            std::thread::sleep(Duration::from_micros(200));
+            std::thread::sleep(Duration::from_millis(1));
         }
     }
     engine.flush().expect("sync");
-    r.drain = rate(ops, t.elapsed());
+    let r = rate(ops, t.elapsed());
+    *cpu = pinned::cpu_delta(&cpu_before, &pinned::thread_cpu_ms());
     engine.close().expect("close");
+    r
 }
 
 /// RocksDB's side of one repetition: put (WAL on and off), get (default
@@ -308,10 +317,20 @@ fn rocks_round(dir: &std::path::Path, input: &Inputs, order: &[u64], r: &mut Rou
     r.rocks_get_tuned = rate(ops, t.elapsed());
     drop(db);
 
-    // WriteBatches of 10,000 items, each sorted by key first as the
-    // flusher sorts its rounds (RocksDB's memtable inserts sorted keys
-    // faster), the sort inside the clock as the flusher's is.
+    r.raw_batch = rocks_batches(dir, input, &mut String::new());
+}
+
+/// WriteBatches of 10,000 items, each sorted by key first as the flusher
+/// sorts its rounds (RocksDB's memtable inserts sorted keys faster), the
+/// sort inside the clock as the flusher's is; one sync at the end.
+fn rocks_batches(dir: &std::path::Path, input: &Inputs, cpu: &mut String) -> f64 {
+    let ops = input.keys.len() as u64;
+    let (key, value) = (
+        |i: u64| &input.keys[i as usize][..],
+        |i: u64| &input.vals[i as usize][..],
+    );
     let db = rocks(&dir.join("rocks-batch"));
+    let cpu_before = pinned::thread_cpu_ms();
     let t = Instant::now();
     let mut i = 0;
     let mut idx: Vec<u64> = Vec::with_capacity(10_000);
@@ -328,8 +347,10 @@ fn rocks_round(dir: &std::path::Path, input: &Inputs, order: &[u64], r: &mut Rou
         i = end;
     }
     db.flush_wal(true).expect("sync");
-    r.raw_batch = rate(ops, t.elapsed());
+    let r = rate(ops, t.elapsed());
+    *cpu = pinned::cpu_delta(&cpu_before, &pinned::thread_cpu_ms());
     drop(db);
+    r
 }
 
 /// One repetition of the memory-path comparisons, in a fresh directory;
@@ -497,6 +518,36 @@ fn persist_only(ops: u64) {
     }
 }
 
+/// Only the drain comparison, `reps` times alternating which side goes
+/// first (for A/B runs of flusher changes).
+fn drain_only(ops: u64, reps: usize) {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let input = Inputs {
+        keys: (0..ops).map(key).collect(),
+        vals: (0..ops).map(value).collect(),
+    };
+    let mut ratios = Vec::new();
+    for rep in 0..reps {
+        let dir = tmp.path().join(format!("rep{rep}"));
+        let (mut dc, mut bc) = (String::new(), String::new());
+        let (d, b) = if rep % 2 == 0 {
+            let d = tapkv_drain(&dir, &input, &mut dc);
+            (d, rocks_batches(&dir, &input, &mut bc))
+        } else {
+            let b = rocks_batches(&dir, &input, &mut bc);
+            (tapkv_drain(&dir, &input, &mut dc), b)
+        };
+        println!(
+            "  run {}: drain {d:.0}/s vs batch {b:.0}/s = {:.2}x\n    CPU drain {dc}\n    CPU batch {bc}",
+            rep + 1,
+            d / b
+        );
+        ratios.push(d / b);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    println!("median drain ratio {:.2}x", median_by(&ratios, |r| *r));
+}
+
 fn set_only(ops: u64) {
     let tmp = tempfile::tempdir().expect("tempdir");
     let engine = Engine::builder(tmp.path().join("tapkv"))
@@ -594,6 +645,8 @@ fn main() {
         "persist" => persist_only(ops),
         // Only tapkv's Memory-durability set loop, for profilers.
         "set" => set_only(ops),
+        // Only the flusher drain against raw sorted WriteBatches.
+        "drain" => drain_only(ops, reps),
         "all" => {
             engine_bench(ops, reps);
             revert::bench();
@@ -603,7 +656,7 @@ fn main() {
             network::bench();
         }
         "--help" | "-h" | "help" => {
-            println!("usage: tapkv-benches [engine|revert|replication|pinned|network|all|set|persist|backfill|replica|sender|snapshot] [--ops N] [--reps R]   (default all; --ops sizes the engine bench, set and sender (at most 500000), default 1000000; --reps repeats the engine bench's memory-path runs, default 3, medians reported)");
+            println!("usage: tapkv-benches [engine|revert|replication|pinned|network|all|set|drain|persist|backfill|replica|sender|snapshot] [--ops N] [--reps R]   (default all; --ops sizes the engine bench, set and sender (at most 500000), default 1000000; --reps repeats the engine bench's memory-path runs, default 3, medians reported)");
         }
         other => {
             eprintln!("unknown benchmark {other:?}; try `help`");

@@ -61,9 +61,9 @@ fn join(v: &[u64]) -> String {
 /// Per thread name (summed over threads of the same name): CPU time in ms
 /// and the number of times it was scheduled in, from
 /// `/proc/self/task/*/schedstat`.
-type ThreadCpu = std::collections::BTreeMap<String, (f64, f64)>;
+pub(crate) type ThreadCpu = std::collections::BTreeMap<String, (f64, f64)>;
 
-fn thread_cpu_ms() -> ThreadCpu {
+pub(crate) fn thread_cpu_ms() -> ThreadCpu {
     let mut out = ThreadCpu::new();
     let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
         return out;
@@ -96,7 +96,7 @@ fn cpu_total_ms(before: &ThreadCpu, after: &ThreadCpu) -> f64 {
 }
 
 /// Each thread's CPU and times scheduled in between two readings.
-fn cpu_delta(before: &ThreadCpu, after: &ThreadCpu) -> String {
+pub(crate) fn cpu_delta(before: &ThreadCpu, after: &ThreadCpu) -> String {
     after
         .iter()
         .map(|(n, (ms, sl))| {

@@ -334,7 +334,8 @@ impl DirLock {
 /// Items and state of one flush, for one or more partitions.
 #[derive(Default)]
 pub(crate) struct FlushBatch {
-    batch: WriteBatch,
+    /// Each partition's new persisted state: (meta key, record).
+    states: Vec<(Vec<u8>, Vec<u8>)>,
     items: usize,
     /// Item entries staged for the batch, encoded back to back: RocksDB key
     /// (partition + key), then the record.
@@ -739,34 +740,41 @@ impl Store {
         p: PartitionId,
         state: &PartitionDiskState,
     ) -> Result<()> {
-        batch.batch.put_cf(
-            self.cf(CF_META)?,
-            meta_key(META_STATE, p),
-            encode_json(state),
-        );
+        batch
+            .states
+            .push((meta_key(META_STATE, p), encode_json(state)));
         Ok(())
     }
 
-    /// Writes `batch` atomically (WAL on); `sync` makes it durable before return.
-    /// Writes the batch (staged entries in key order); leaves it empty.
+    /// Writes `batch` atomically (WAL on): the partitions' states and the
+    /// staged entries in key order; `sync` makes it durable before return.
+    /// Leaves the batch empty.
     pub(crate) fn write(&self, batch: &mut FlushBatch, sync: bool) -> Result<()> {
-        let cf = self.cf(CF_ITEMS)?;
+        let (items_cf, meta_cf) = (self.cf(CF_ITEMS)?, self.cf(CF_META)?);
         let FlushBatch {
-            batch: rocks_batch,
+            states,
             staged,
             entries,
             ..
-        } = batch;
+        } = &mut *batch;
         let key = |e: &(usize, usize, usize)| &staged[e.0..e.1];
-        // Stable: two versions of one key (from two checkpoints) keep their
-        // seqno order, so the later one wins in the batch as in memory.
-        entries.sort_by(|a, b| key(a).cmp(key(b)));
+        // Two versions of one key (from two checkpoints) keep their seqno
+        // order (they were staged in it, so the later one starts later in
+        // `staged`), so the later one wins in the batch as in memory.
+        entries.sort_unstable_by(|a, b| key(a).cmp(key(b)).then(a.0.cmp(&b.0)));
+        // Sized up front: growing the batch's buffer copied it at every
+        // doubling. Per entry: a tag, the column family and two lengths.
+        let state_bytes: usize = states.iter().map(|(k, v)| k.len() + v.len() + 8).sum();
+        let mut rocks_batch =
+            WriteBatch::with_capacity_bytes(64 + state_bytes + staged.len() + 8 * entries.len());
+        for (k, v) in states.iter() {
+            rocks_batch.put_cf(meta_cf, k, v);
+        }
         for e in entries.iter() {
-            rocks_batch.put_cf(cf, key(e), &staged[e.1..e.2]);
+            rocks_batch.put_cf(items_cf, key(e), &staged[e.1..e.2]);
         }
         let mut wo = rocksdb::WriteOptions::default();
         wo.set_sync(sync);
-        let rocks_batch = std::mem::take(&mut batch.batch);
         batch.reset();
         self.db.write_opt(rocks_batch, &wo)?;
         Ok(())
@@ -806,7 +814,7 @@ impl FlushBatch {
     /// memory: re-growing them every round re-faulted fresh pages, about a
     /// fifth of the flusher's time.
     pub(crate) fn reset(&mut self) {
-        self.batch = WriteBatch::default();
+        self.states.clear();
         self.items = 0;
         self.staged.clear();
         self.entries.clear();
