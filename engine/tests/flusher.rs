@@ -441,8 +441,7 @@ fn one_round_over_two_versions_of_a_key_persists_the_later_one() {
             .unwrap();
         e.set_flusher_paused(true);
         for i in 0..300 {
-            e.set(&key(i), b"first".to_vec(), WriteOptions::default())
-                .unwrap();
+            e.set(&key(i), b"first", WriteOptions::default()).unwrap();
         }
         for p in 0..e.num_partitions() {
             e.create_checkpoint(p).unwrap();
@@ -461,11 +460,7 @@ fn one_round_over_two_versions_of_a_key_persists_the_later_one() {
     }
     let e = builder(dir.path()).open().unwrap();
     for i in 0..300 {
-        assert_eq!(
-            &e.get(&key(i)).unwrap().value()[..],
-            &value(i)[..],
-            "key {i}"
-        );
+        assert_eq!(e.get(&key(i)).unwrap().value(), &value(i)[..], "key {i}");
     }
     e.close().unwrap();
 }
