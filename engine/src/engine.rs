@@ -507,7 +507,7 @@ impl Engine {
                 Arc::clone(&checkpoint_mem),
             );
             let lost_before = store.lost_windows(p)?.len();
-            part.lost_windows = store.mark_window_lost(p)?;
+            part.lost_windows = store.mark_window_lost(p, !config.replica)?;
             let lost_now = part.lost_windows.len() > lost_before;
             let mut log = store.failover_log(p)?;
             // A window lost to a crash *or a clean close* ends a branch too:
@@ -1071,8 +1071,10 @@ impl Engine {
         let Some(shared) = self.shared.take() else {
             return Ok(());
         };
-        shared.shutdown.store(true, Ordering::Release);
+        // Unpause first: a flusher that sees the shutdown must also see the
+        // pause lifted, or it would stop without writing what is queued.
         shared.flusher_paused.store(false, Ordering::Release);
+        shared.shutdown.store(true, Ordering::Release);
         shared.notify_flushers();
         for t in self.flushers.drain(..) {
             if t.join().is_err() {
@@ -1081,6 +1083,12 @@ impl Engine {
         }
         let result = (|| {
             shared.check_poisoned()?;
+            // With several flusher threads, the expiry pass (on the first)
+            // can queue deletions in a partition whose own thread has
+            // already stopped: with every thread joined, nothing changes
+            // any more, so one last drain writes whatever is left.
+            let all: Vec<&Partition> = shared.partitions.iter().collect();
+            while flusher::run_round(&shared, &all, true)? == flusher::Round::More {}
             for p in &shared.partitions {
                 let w = p.lock();
                 shared.store.put_reservation(

@@ -30,15 +30,27 @@ const IDLE_WAIT: Duration = Duration::from_millis(100);
 
 pub(crate) fn spawn(shared: &Arc<Shared>) -> Result<Vec<JoinHandle<()>>> {
     let n = shared.config.flusher_threads;
-    (0..n)
-        .map(|t| {
-            let shared = Arc::clone(shared);
-            std::thread::Builder::new()
-                .name(format!("tapkv-flusher-{t}"))
-                .spawn(move || run(&shared, t, n))
-                .map_err(Error::Io)
-        })
-        .collect()
+    let mut handles = Vec::with_capacity(n);
+    for t in 0..n {
+        let mine = Arc::clone(shared);
+        match std::thread::Builder::new()
+            .name(format!("tapkv-flusher-{t}"))
+            .spawn(move || run(&mine, t, n))
+        {
+            Ok(h) => handles.push(h),
+            Err(e) => {
+                // The open fails: the threads already started must not go
+                // on using the store.
+                shared.aborted.store(true, Ordering::Release);
+                shared.notify_flushers();
+                for h in handles {
+                    let _ = h.join();
+                }
+                return Err(Error::Io(e));
+            }
+        }
+    }
+    Ok(handles)
 }
 
 fn run(shared: &Shared, thread: usize, threads: usize) {
@@ -102,12 +114,23 @@ fn run(shared: &Shared, thread: usize, threads: usize) {
 }
 
 /// Whether a persisted high seqno of `seqno` would lie inside one of the
-/// reverted windows `ranges` (START seqno, REVERT seqno): at or past its
-/// START and short of its REVERT.
-fn inside_reverted(ranges: &[(u64, u64)], seqno: u64) -> bool {
+/// windows `ranges` (START seqno, REVERT or END seqno): at or past its
+/// START and short of its last marker.
+fn inside_window(ranges: &[(u64, u64)], seqno: u64) -> bool {
     ranges
         .iter()
-        .any(|(start, revert)| (*start..*revert).contains(&seqno))
+        .any(|(start, last)| (*start..*last).contains(&seqno))
+}
+
+/// Whether a round may stop with the partition's persisted seqno at
+/// `seqno`: not inside a reverted window (the disk would say the history
+/// reaches a seqno between the window's START and REVERT, and a stream
+/// started there — a backfill ends at the persisted seqno — would send the
+/// rest of the window as ordinary writes, its REVERT never on disk to undo
+/// them), nor inside a completed one (a crash would leave part of the window
+/// on disk).
+fn may_stop_at(reverted: &[(u64, u64)], completed: &[(u64, u64)], seqno: u64) -> bool {
+    !inside_window(reverted, seqno) && !inside_window(completed, seqno)
 }
 
 /// What a flush round found.
@@ -176,7 +199,7 @@ pub(crate) fn run_round(shared: &Shared, mine: &[&Partition], forced: bool) -> R
                 scanned.as_ref(),
                 limits.0.saturating_sub(done),
             )?;
-            let (next, at_end, in_reverted) = if run.is_empty() {
+            let (next, at_end, may_stop) = if run.is_empty() {
                 // The open checkpoint: a piece under the lock.
                 let upto = done.saturating_add(SCAN_PIECE);
                 let next = w.checkpoints.scan_on(
@@ -192,27 +215,26 @@ pub(crate) fn run_round(shared: &Shared, mine: &[&Partition], forced: bool) -> R
                         }
                     },
                 )?;
-                let in_reverted = inside_reverted(&w.reverted, next.end_seqno());
+                let may_stop = may_stop_at(&w.reverted, &w.completed, next.end_seqno());
                 drop(w);
                 // Short of the piece: the open checkpoint's current end.
-                (next, next.items < upto, in_reverted)
+                (next, next.items < upto, may_stop)
             } else {
-                let (barrier, reverted) = (w.persist_barrier(), w.reverted.clone());
+                let barrier = w.persist_barrier();
+                let (reverted, completed) = (w.reverted.clone(), w.completed.clone());
                 drop(w);
                 let next = run.scan(barrier, Some(limits), |ev| {
                     if let EventRef::Item(item) = ev {
                         encode(item, &reverted);
                     }
                 });
-                (next, false, inside_reverted(&reverted, next.end_seqno()))
+                let may_stop = may_stop_at(&reverted, &completed, next.end_seqno());
+                (next, false, may_stop)
             };
-            // Nor inside a reverted window: the disk would then say the
-            // partition's history reaches a seqno between the window's
-            // START and REVERT, and a stream started there (a backfill ends
-            // at the persisted seqno) would send the rest of the window as
-            // ordinary writes, its REVERT never on disk to undo them.
+            // Past the limits, only at a checkpoint boundary outside every
+            // window (`may_stop_at`).
             let over = next.items >= limits.0 || next.bytes >= limits.1;
-            if at_end || next.blocked || (over && next.at_checkpoint_boundary() && !in_reverted) {
+            if at_end || next.blocked || (over && next.at_checkpoint_boundary() && may_stop) {
                 break next;
             }
             scanned = Some(next);
@@ -261,6 +283,7 @@ pub(crate) fn run_round(shared: &Shared, mine: &[&Partition], forced: bool) -> R
             let mut w = p.lock();
             let end = progress.end_seqno();
             w.reverted.retain(|(_, last)| *last > end);
+            w.completed.retain(|(_, last)| *last > end);
             w.checkpoints.advance(PERSISTENCE_CURSOR, progress)?
         };
         drop(freed);

@@ -285,7 +285,7 @@ impl Partition {
             MarkerSource::Given { .. } => {}
         }
         store.set_open_window(self.id, None)?;
-        self.queue_marker(
+        let end_seqno = self.queue_marker(
             &mut w,
             store,
             QueueOp::OnlineUpdateEnd { checkpoint_id },
@@ -293,6 +293,9 @@ impl Partition {
         )?;
         w.checkpoints.create_checkpoint();
         let win = w.window.take();
+        if let Some(win) = &win {
+            w.completed.push((win.start_seqno, end_seqno));
+        }
         tracing::info!(
             partition = self.id,
             checkpoint_id,

@@ -86,6 +86,10 @@ pub(crate) struct PartitionWriter {
     /// Seqno ranges of reverted windows the persistence cursor has not yet
     /// passed: their entries are skipped, never written.
     pub(crate) reverted: Vec<(u64, u64)>,
+    /// Seqno ranges (START, END) of completed windows the persistence cursor
+    /// has not yet passed: a flush round never stops inside one, so a window
+    /// reaches the disk whole or not at all.
+    pub(crate) completed: Vec<(u64, u64)>,
 }
 
 impl PartitionWriter {
@@ -172,6 +176,7 @@ impl Partition {
                 reservation,
                 window: None,
                 reverted: Vec::new(),
+                completed: Vec::new(),
             }),
             progress,
             reservation_step: reservation_step.max(1),

@@ -417,6 +417,7 @@ impl Engine {
         w.checkpoints = fresh;
         w.window = None;
         w.reverted.clear();
+        w.completed.clear();
         part.progress.persisted_seqno.store(0, Ordering::Release);
         part.progress.synced_seqno.store(0, Ordering::Release);
         part.progress.resets.fetch_add(1, Ordering::Relaxed);

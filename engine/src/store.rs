@@ -514,7 +514,8 @@ impl Store {
         self.put_meta_synced(&meta_key(META_FAILOVER, p), &encode_json(&log))
     }
 
-    /// Deletes every item and the persisted state of partition `p`, synced.
+    /// Deletes every item, the persisted state, the window record and the
+    /// lost windows of partition `p` (a history it no longer has), synced.
     pub(crate) fn reset_partition(&self, p: PartitionId) -> Result<()> {
         let mut batch = WriteBatch::default();
         let items = self.cf(CF_ITEMS)?;
@@ -523,6 +524,7 @@ impl Store {
         let meta = self.cf(CF_META)?;
         batch.delete_cf(meta, meta_key(META_STATE, p));
         batch.delete_cf(meta, meta_key(META_WINDOW, p));
+        batch.delete_cf(meta, meta_key(META_LOST, p));
         let mut wo = rocksdb::WriteOptions::default();
         wo.set_sync(true);
         self.db.write_opt(batch, &wo)?;
@@ -668,17 +670,21 @@ impl Store {
     }
 
     /// Moves the open-window record of `p` (if any) to its lost list, in one
-    /// synced batch; returns the lost list.
-    pub(crate) fn mark_window_lost(&self, p: PartitionId) -> Result<Vec<WindowRecord>> {
+    /// synced batch; returns the lost list. With `list` false (a replica,
+    /// whose windows are its primary's: the stream sends the window again
+    /// from its START) the record is only removed.
+    pub(crate) fn mark_window_lost(&self, p: PartitionId, list: bool) -> Result<Vec<WindowRecord>> {
         let mut lost = self.lost_windows(p)?;
         if let Some(w) = self.open_window(p)? {
-            lost.push(w);
             let mut batch = WriteBatch::default();
-            batch.put_cf(
-                self.cf(CF_META)?,
-                meta_key(META_LOST, p),
-                encode_json(&lost),
-            );
+            if list {
+                lost.push(w);
+                batch.put_cf(
+                    self.cf(CF_META)?,
+                    meta_key(META_LOST, p),
+                    encode_json(&lost),
+                );
+            }
             batch.delete_cf(self.cf(CF_META)?, meta_key(META_WINDOW, p));
             let mut wo = rocksdb::WriteOptions::default();
             wo.set_sync(true);

@@ -407,3 +407,33 @@ fn the_disk_never_stops_inside_a_reverted_window() {
     }
     p.set_flusher_paused(false);
 }
+
+/// A replica that stops inside its primary's window does not list the
+/// window as lost (it is the primary's, and the stream sends it again from
+/// its START); a primary does.
+#[test]
+fn a_replica_stopped_inside_a_window_lists_no_lost_window() {
+    for replica in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let e = builder(dir.path()).replica(replica).open().unwrap();
+        let a = key_in(&e, 1, 0);
+        if replica {
+            e.apply_replicated(1, &entry(QueueOp::Mutation, &a, 1))
+                .unwrap();
+            let start = entry(QueueOp::OnlineUpdateStart { checkpoint_id: 7 }, "", 2);
+            e.apply_replicated(1, &start).unwrap();
+            e.apply_replicated(1, &entry(QueueOp::Mutation, &a, 3))
+                .unwrap();
+        } else {
+            e.set(a.as_bytes(), b"v", WriteOptions::default()).unwrap();
+            e.online_update_start(1).unwrap();
+            e.set(a.as_bytes(), b"w", WriteOptions::default()).unwrap();
+        }
+        e.crash();
+        let e = builder(dir.path()).replica(replica).open().unwrap();
+        let lost = e.stats().unwrap().partitions[1].lost_windows.len();
+        assert_eq!(lost, usize::from(!replica), "replica {replica}");
+        assert!(e.stats().unwrap().partitions[1].window.is_none());
+        e.close().unwrap();
+    }
+}

@@ -447,6 +447,47 @@ fn shell_closes_the_engine_cleanly_on_sigint() {
     assert_eq!(items, 2000, "{out}");
 }
 
+/// A signal that arrives while a local shell is closing after `quit` waits
+/// for that close: the process never exits in the middle of the final
+/// flush (everything answered OK is on disk, the directory is clean).
+#[test]
+fn a_signal_during_the_close_after_quit_waits_for_it() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let (mut shell, mut stdin) = tapkv_tests::Proc::spawn_piped(&["shell", "--data", d]);
+    // About 160 MB of values, so the close has a flush backlog to write.
+    let value = "x".repeat(8 << 10);
+    let n = 20_000;
+    let writer = std::thread::spawn(move || {
+        for i in 0..n {
+            writeln!(stdin, "set key-{i} {value}").unwrap();
+        }
+        writeln!(stdin, "quit").unwrap();
+        stdin.flush().unwrap();
+        stdin
+    });
+    for _ in 0..n {
+        let line = shell.next_line(T).expect("an answer");
+        assert!(line.starts_with("OK PARTITION"), "{line}");
+    }
+    shell.signal(libc::SIGTERM);
+    let status = shell.wait_status(T).expect("exit status");
+    assert!(matches!(status.code(), Some(0 | 143)), "{status:?}");
+    drop(writer.join().unwrap());
+    let (ok, out, err) = run(&["admin", "inspect", "--data", d, "--json"], "", T);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["clean_shutdown"], true, "{out}");
+    let items: u64 = v["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["items"].as_u64().unwrap())
+        .sum();
+    assert_eq!(items, n, "{out}");
+}
+
 /// A directory made with `--partitions 8` opens with every command's
 /// defaults afterwards; a different explicit count is refused.
 #[test]

@@ -716,17 +716,22 @@ pub(crate) fn run(args: ShellArgs) -> Result<ExitCode, Error> {
             Reply::Quit => break,
         }
     }
-    let taken = shell.lock().unwrap_or_else(|p| p.into_inner()).take();
-    if let Some(shell) = taken {
+    // The close runs under the lock: a signal arriving meanwhile waits for
+    // it in the signal thread (which then finds nothing left to close)
+    // instead of exiting the process in the middle of the final flush.
+    let mut guard = shell.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(shell) = guard.take() {
         // A window still open is reverted by the close (a directory cannot
         // keep a window across processes): say so, and fail.
         let open = shell.open_windows();
         shell.close()?;
+        drop(guard);
         if !open.is_empty() {
             warn_reverted(&open);
             return Ok(ExitCode::from(SHELL_WINDOWS_LOST));
         }
     } else {
+        drop(guard);
         // The signal thread is closing the engine and will exit the process.
         loop {
             std::thread::park();
