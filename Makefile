@@ -42,6 +42,8 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
 	$(CARGO) clippy --release -p tapkv-engine --features loom --lib --tests -- -D warnings
+	# The replication crate takes its primitives from the engine's sync module.
+	$(CARGO) clippy --release -p tapkv-replication --features tapkv-engine/loom --lib -- -D warnings
 
 clean:
 	rm -rf ./tapkv-data

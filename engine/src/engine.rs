@@ -211,7 +211,9 @@ pub(crate) struct Shared {
     /// Bumped on every checkpoint change, for stream readers.
     pub(crate) changes: ChangeFeed,
     /// Where `Replicate` writes wait for replicas (set by a node).
-    pub(crate) gate: RwLock<Option<Arc<dyn ReplicationGate>>>,
+    /// A data handle, `std`'s `Arc` also in a loom build (loom's cannot
+    /// hold a trait object).
+    pub(crate) gate: RwLock<Option<std::sync::Arc<dyn ReplicationGate>>>,
     /// Held by the flusher for a whole round (it holds the round's batch,
     /// whose buffers are reused), and by a partition reset.
     pub(crate) flush_lock: Mutex<crate::store::FlushBatch>,
@@ -1010,7 +1012,7 @@ impl Engine {
     }
 
     /// Installs what `Durability::Replicate` writes wait on (a node does this).
-    pub fn set_replication_gate(&self, gate: Arc<dyn ReplicationGate>) {
+    pub fn set_replication_gate(&self, gate: std::sync::Arc<dyn ReplicationGate>) {
         if let Some(s) = self.shared.as_deref() {
             *s.gate.write() = Some(gate);
         }
@@ -1162,7 +1164,6 @@ fn check_in_range(p: PartitionId, what: &str, n: u64) -> Result<()> {
 /// streams. Under loom a timed wait is untimed (see `sync.rs`), so a lost
 /// wake-up shows up as a deadlock. Run with
 /// `cargo test --release -p tapkv-engine --features loom --lib loom_`.
-
 #[cfg(all(test, any(loom, feature = "loom")))]
 mod loom_models {
     use super::{ChangeFeed, Signal};

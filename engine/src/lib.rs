@@ -32,7 +32,8 @@ mod replica;
 mod snapshot;
 mod stats;
 mod store;
-mod sync;
+#[doc(hidden)]
+pub mod sync;
 
 pub use checkpoint::{
     CheckpointConfig, CheckpointInfo, CheckpointManager, ClosedRun, CursorBatch, CursorEvent,

@@ -1,6 +1,7 @@
-//! The one place that chooses synchronisation primitives.
+//! The one place that chooses synchronisation primitives, for the engine and
+//! for `tapkv-replication` (which re-exports these; not a stable API).
 //!
-//! Every atomic, lock and condition variable in the engine is imported from here,
+//! Every atomic, lock and condition variable in tapkv is imported from here,
 //! never from `std::sync` or `parking_lot` directly, so that a loom build
 //! (`--features loom`, or `RUSTFLAGS="--cfg loom"`) swaps the whole engine
 //! onto loom's model-checked primitives. Outside loom, locks are
@@ -11,36 +12,36 @@
 //! (in `engine.rs`) rely on exactly that to prove no wake-up is lost.
 
 #[cfg(not(any(loom, feature = "loom")))]
-pub(crate) use parking_lot::{Condvar, Mutex, MutexGuard, RwLock, RwLockWriteGuard};
+pub use parking_lot::{Condvar, Mutex, MutexGuard, RwLock, RwLockWriteGuard};
 #[cfg(not(any(loom, feature = "loom")))]
-pub(crate) use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+pub use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 #[cfg(not(any(loom, feature = "loom")))]
-pub(crate) use std::sync::Arc;
+pub use std::sync::Arc;
 
 #[cfg(any(loom, feature = "loom"))]
-pub(crate) use model::*;
+pub use model::*;
 
 /// parking_lot-shaped wrappers over loom's primitives.
 #[cfg(any(loom, feature = "loom"))]
-mod model {
+pub mod model {
     use std::ops::{Deref, DerefMut};
     use std::sync::PoisonError;
     use std::time::Duration;
 
-    pub(crate) use loom::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-    pub(crate) use loom::sync::{Arc, RwLockReadGuard, RwLockWriteGuard};
+    pub use loom::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+    pub use loom::sync::{Arc, RwLockReadGuard, RwLockWriteGuard};
 
     #[derive(Debug, Default)]
-    pub(crate) struct Mutex<T>(loom::sync::Mutex<T>);
+    pub struct Mutex<T>(loom::sync::Mutex<T>);
 
-    pub(crate) struct MutexGuard<'a, T>(Option<loom::sync::MutexGuard<'a, T>>);
+    pub struct MutexGuard<'a, T>(Option<loom::sync::MutexGuard<'a, T>>);
 
     impl<T> Mutex<T> {
-        pub(crate) fn new(value: T) -> Self {
+        pub fn new(value: T) -> Self {
             Mutex(loom::sync::Mutex::new(value))
         }
 
-        pub(crate) fn lock(&self) -> MutexGuard<'_, T> {
+        pub fn lock(&self) -> MutexGuard<'_, T> {
             MutexGuard(Some(self.0.lock().unwrap_or_else(PoisonError::into_inner)))
         }
     }
@@ -63,36 +64,36 @@ mod model {
     }
 
     #[derive(Debug, Default)]
-    pub(crate) struct RwLock<T>(loom::sync::RwLock<T>);
+    pub struct RwLock<T>(loom::sync::RwLock<T>);
 
     impl<T> RwLock<T> {
-        pub(crate) fn new(value: T) -> Self {
+        pub fn new(value: T) -> Self {
             RwLock(loom::sync::RwLock::new(value))
         }
 
-        pub(crate) fn read(&self) -> RwLockReadGuard<'_, T> {
+        pub fn read(&self) -> RwLockReadGuard<'_, T> {
             self.0.read().unwrap_or_else(PoisonError::into_inner)
         }
 
-        pub(crate) fn write(&self) -> RwLockWriteGuard<'_, T> {
+        pub fn write(&self) -> RwLockWriteGuard<'_, T> {
             self.0.write().unwrap_or_else(PoisonError::into_inner)
         }
     }
 
     #[derive(Debug, Default)]
-    pub(crate) struct Condvar(loom::sync::Condvar);
+    pub struct Condvar(loom::sync::Condvar);
 
     impl Condvar {
-        pub(crate) fn new() -> Self {
+        pub fn new() -> Self {
             Condvar(loom::sync::Condvar::new())
         }
 
-        pub(crate) fn notify_all(&self) {
+        pub fn notify_all(&self) {
             self.0.notify_all();
         }
 
         /// Waits for a notification; the timeout is not modelled.
-        pub(crate) fn wait_for<T>(&self, guard: &mut MutexGuard<'_, T>, _timeout: Duration) {
+        pub fn wait_for<T>(&self, guard: &mut MutexGuard<'_, T>, _timeout: Duration) {
             let inner = guard.0.take().expect("guard present before a condvar wait");
             guard.0 = Some(self.0.wait(inner).unwrap_or_else(PoisonError::into_inner));
         }

@@ -346,11 +346,13 @@ impl Node {
             live_connections: AtomicUsize::new(0),
         });
         if !replica {
-            state.engine.set_replication_gate(Arc::new(AckGate {
-                streams: Arc::clone(&state.streams),
-                acks: Arc::clone(&state.acks),
-                min_replicas: state.config.min_replicas,
-            }));
+            state
+                .engine
+                .set_replication_gate(std::sync::Arc::new(AckGate {
+                    streams: Arc::clone(&state.streams),
+                    acks: Arc::clone(&state.acks),
+                    min_replicas: state.config.min_replicas,
+                }));
         }
         if let Some(primary) = state.config.replica_of.clone() {
             let st = Arc::clone(&state);

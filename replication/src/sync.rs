@@ -1,15 +1,9 @@
-//! The one place the replication crate takes atomics and locks from, as in the
-//! engine: `parking_lot` and `std` normally, loom's model-checked primitives
-//! under `cfg(loom)` (no loom model covers this crate yet).
+//! The one place the replication crate takes atomics and locks from: the
+//! engine's `sync` module, so a loom build of the engine (`--features
+//! tapkv-engine/loom` or `RUSTFLAGS="--cfg loom"`) swaps this crate's
+//! primitives too. No loom model covers this crate yet (its threads work on
+//! sockets, which loom cannot run).
 
-#[cfg(not(loom))]
-pub(crate) use parking_lot::{Condvar, Mutex};
-#[cfg(not(loom))]
-pub(crate) use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-#[cfg(not(loom))]
-pub(crate) use std::sync::Arc;
-
-#[cfg(loom)]
-pub(crate) use loom::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-#[cfg(loom)]
-pub(crate) use loom::sync::{Arc, Condvar, Mutex};
+pub(crate) use tapkv_engine::sync::{
+    Arc, AtomicBool, AtomicU64, AtomicUsize, Condvar, Mutex, Ordering,
+};
