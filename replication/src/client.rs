@@ -26,6 +26,27 @@ pub enum ClientError {
     /// Transport or framing error.
     #[error(transparent)]
     Protocol(#[from] ProtocolError),
+    /// The node's reply did not have the shape this client reads (for
+    /// example a JSON body that does not parse, or a dump row without one
+    /// of its fields).
+    #[error("malformed {what} reply: {detail}")]
+    Malformed {
+        /// Which reply.
+        what: &'static str,
+        /// What was wrong with it.
+        detail: String,
+    },
+}
+
+/// A reply's JSON body, parsed; `what` names the reply in the error.
+fn json_body<T: serde::de::DeserializeOwned>(
+    r: &Frame,
+    what: &'static str,
+) -> Result<T, ClientError> {
+    serde_json::from_slice(&r.value).map_err(|e| ClientError::Malformed {
+        what,
+        detail: e.to_string(),
+    })
 }
 
 impl ClientError {
@@ -46,9 +67,30 @@ pub struct WriteReply {
     pub cas: u64,
 }
 
-/// One persisted item as a node's dump reports it, comparable across nodes:
-/// (partition, key, seqno, CAS, value length, deleted).
-pub type DumpRow = (u64, String, u64, u64, u64, bool);
+/// One persisted item as a node's dump reports it, comparable across nodes
+/// (ordered by partition, then key). Every field is required.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DumpRow {
+    /// Partition.
+    pub partition: u64,
+    /// Key, escaped as `crate::text` writes it.
+    pub key: String,
+    /// By-seqno.
+    pub seqno: u64,
+    /// CAS.
+    pub cas: u64,
+    /// Value length in bytes.
+    pub value_len: u64,
+    /// A tombstone.
+    pub deleted: bool,
+    /// Client flags.
+    pub flags: u32,
+    /// Expiry (0: none).
+    pub expiry: u32,
+    /// Revision seqno.
+    pub rev_seqno: u64,
+}
 
 /// A connection to a node.
 pub struct Client {
@@ -386,31 +428,38 @@ impl Client {
     pub fn partition_info(&mut self, p: u16, what: &str) -> Result<serde_json::Value, ClientError> {
         let r = self
             .call(Frame::request(opcode::PARTITION_INFO, p).with_key(what.as_bytes().to_vec()))?;
-        Ok(serde_json::from_slice(&r.value).unwrap_or_default())
+        json_body(&r, "partition info")
     }
 
     /// Node statistics, as JSON.
     pub fn stats(&mut self) -> Result<serde_json::Value, ClientError> {
         let r = self.call(Frame::request(opcode::STAT, 0))?;
-        Ok(serde_json::from_slice(&r.value).unwrap_or_default())
+        json_body(&r, "stat")
     }
 
     /// `inspect` or `streams`, as JSON.
     pub fn admin(&mut self, what: &str) -> Result<serde_json::Value, ClientError> {
         let r = self.call(Frame::request(opcode::ADMIN, 0).with_key(what.as_bytes().to_vec()))?;
-        Ok(serde_json::from_slice(&r.value).unwrap_or_default())
+        json_body(&r, "admin")
     }
 
-    /// Every persisted item of the node, one JSON object each.
+    /// Every persisted item of the node, one JSON object each. A row that
+    /// is not JSON ends the dump with `Malformed` (the rest of the dump is
+    /// still read, so the connection stays usable).
     pub fn dump(&mut self, mut row: impl FnMut(serde_json::Value)) -> Result<(), ClientError> {
         let mut rows = || -> Result<(), ClientError> {
             self.send_request(Frame::request(opcode::ADMIN, 0).with_key(b"dump".to_vec()))?;
+            let mut bad = None;
             loop {
                 let r = self.reply()?;
                 if &r.key[..] == b"end" {
-                    return Ok(());
+                    return bad.map_or(Ok(()), Err);
                 }
-                row(serde_json::from_slice(&r.value).unwrap_or_default());
+                match json_body(&r, "dump row") {
+                    Ok(v) if bad.is_none() => row(v),
+                    Ok(_) => {}
+                    Err(e) => bad = bad.or(Some(e)),
+                }
             }
         };
         let result = rows();
@@ -421,19 +470,24 @@ impl Client {
     }
 
     /// Flushes the node, then returns its persisted items as sorted rows.
+    /// A row missing any field is `Malformed`, so two dumps never compare
+    /// equal only because both lost a field.
     pub fn dump_rows(&mut self) -> Result<Vec<DumpRow>, ClientError> {
         self.flush()?;
         let mut rows = Vec::new();
-        self.dump(|r| {
-            rows.push((
-                r["partition"].as_u64().unwrap_or(0),
-                r["key"].as_str().unwrap_or("").to_owned(),
-                r["seqno"].as_u64().unwrap_or(0),
-                r["cas"].as_u64().unwrap_or(0),
-                r["value_len"].as_u64().unwrap_or(0),
-                r["deleted"].as_bool().unwrap_or(false),
-            ))
+        let mut bad = None;
+        self.dump(|r| match serde_json::from_value::<DumpRow>(r) {
+            Ok(row) => rows.push(row),
+            Err(e) => {
+                bad.get_or_insert(ClientError::Malformed {
+                    what: "dump row",
+                    detail: e.to_string(),
+                });
+            }
         })?;
+        if let Some(e) = bad {
+            return Err(e);
+        }
         rows.sort();
         Ok(rows)
     }

@@ -176,6 +176,17 @@ struct StreamShared {
     node_acks: Arc<AckSignal>,
 }
 
+impl StreamShared {
+    /// Tells the stream's threads to stop. The notify is sent under the
+    /// wait's lock, so a thread that has just checked `stop` and is about
+    /// to wait cannot miss it.
+    fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        let _g = self.lock.lock();
+        self.cv.notify_all();
+    }
+}
+
 type Streams = Arc<Mutex<HashMap<String, Arc<StreamShared>>>>;
 
 /// Wakes `Replicate` writers when any replica acknowledges something.
@@ -402,8 +413,7 @@ impl Node {
         let state = self.state.take()?;
         state.stop.store(true, Ordering::Release);
         for s in state.streams.lock().values() {
-            s.stop.store(true, Ordering::Release);
-            s.cv.notify_all();
+            s.stop();
         }
         // Wake the accept loop.
         let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
@@ -1000,8 +1010,7 @@ fn serve_stream(
         .lock()
         .insert(name.clone(), Arc::clone(&shared))
     {
-        old.stop.store(true, Ordering::Release);
-        old.cv.notify_all();
+        old.stop();
     }
     tracing::info!(stream = %name, partitions = reqs.len(), "replication stream opened");
     {
@@ -1081,9 +1090,7 @@ fn ack_reader(s: &StreamShared, mut reader: FrameReader) {
             Err(_) => break,
         }
     }
-    s.stop.store(true, Ordering::Release);
-    let _g = s.lock.lock();
-    s.cv.notify_all();
+    s.stop();
 }
 
 fn send(writer: &mut FrameWriter, s: &StreamShared, m: &StreamMessage) -> usize {

@@ -88,3 +88,66 @@ fn a_set_expiry_follows_memcached_relative_or_absolute() {
     drop(c);
     node.shutdown().unwrap();
 }
+
+/// A dump row carries every field (flags, expiry and rev seqno included),
+/// and a reply whose JSON body does not parse is a `Malformed` error, not
+/// an empty value that would compare equal to another empty one.
+#[test]
+fn dump_rows_are_complete_and_malformed_replies_are_errors() {
+    use std::io::Write;
+    use tapkv_replication::client::ClientError;
+    use tapkv_replication::protocol::{read_frame, Frame};
+
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(
+        Engine::builder(dir.path()).open().unwrap(),
+        NodeConfig::new("127.0.0.1:0"),
+    )
+    .unwrap();
+    let mut c = Client::connect(&node.local_addr().to_string(), Duration::from_secs(5)).unwrap();
+    {
+        use tapkv_replication::message::{opcode, store_extras};
+        let f = Frame::request(opcode::SET, c.partition_of(b"flagged"))
+            .with_extras(store_extras(7, 0))
+            .with_key(b"flagged".to_vec())
+            .with_value(&b"value"[..]);
+        c.call(f).unwrap();
+    }
+    let rows = c.dump_rows().unwrap();
+    assert_eq!(rows.len(), 1);
+    let r = &rows[0];
+    assert_eq!(
+        (r.key.as_str(), r.flags, r.value_len, r.deleted, r.rev_seqno),
+        ("flagged", 7, 5, false, 1)
+    );
+    assert!(r.seqno > 0 && r.cas > 0);
+    node.shutdown().unwrap();
+
+    // A server that answers HELLO properly, then a STAT with a body that
+    // is not JSON.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let server = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let answer = |conn: &mut std::net::TcpStream, value: &'static [u8]| {
+            let req = read_frame(conn, 1 << 20).unwrap();
+            let mut out = bytes::BytesMut::new();
+            Frame::response(&req, 0).with_value(value).encode(&mut out);
+            conn.write_all(&out).unwrap();
+        };
+        answer(&mut conn, br#"{"partitions":16,"role":"primary"}"#);
+        answer(&mut conn, b"not json");
+        // Hold the connection until the client has read the replies.
+        let _ = read_frame(&mut conn, 1 << 20);
+    });
+    let mut c = Client::connect(&addr, Duration::from_secs(5)).unwrap();
+    let err = c.stats().unwrap_err();
+    assert!(
+        matches!(err, ClientError::Malformed { what: "stat", .. }),
+        "{err:?}"
+    );
+    drop(c);
+    server.join().unwrap();
+}

@@ -323,15 +323,15 @@ pub fn wait_converged(
         if diff.is_none() {
             let mut pc = primary.client();
             let mut rcs: Vec<_> = replicas.iter().map(|r| r.client()).collect();
-            for row in want.iter().filter(|r| !r.5) {
+            for row in want.iter().filter(|r| !r.deleted) {
                 // Dumps escape keys (`tapkv_replication::text`).
-                let key = tapkv_replication::text::unescape(row.1.as_bytes())
-                    .unwrap_or_else(|e| panic!("dumped key {:?}: {e}", row.1));
+                let key = tapkv_replication::text::unescape(row.key.as_bytes())
+                    .unwrap_or_else(|e| panic!("dumped key {:?}: {e}", row.key));
                 let v = pc.get(&key).map(|x| x.0).ok();
                 for (rc, r) in rcs.iter_mut().zip(replicas) {
                     let rv = rc.get(&key).map(|x| x.0).ok();
                     if rv != v {
-                        diff = Some(format!("{}: value of {} differs", r.name, row.1));
+                        diff = Some(format!("{}: value of {} differs", r.name, row.key));
                     }
                 }
             }
