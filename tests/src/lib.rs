@@ -347,23 +347,39 @@ pub fn wait_converged(
 }
 
 /// A loopback address for a node that a test stops and starts again on the
-/// same port: a free port below the kernel's ephemeral range
+/// same port: a free port outside the kernel's ephemeral range
 /// (`/proc/sys/net/ipv4/ip_local_port_range`), so no outgoing connection
 /// can be handed that port while the node is down. (A port 0 listener gets
-/// an ephemeral port, which another connection may take in between.)
+/// an ephemeral port, which another connection may take in between.) Ports
+/// come from 10000 up to the range's start, or, when the range starts lower
+/// than 11000, from above its end.
 pub fn restartable_addr() -> String {
     use rand::Rng;
-    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+    let range: Vec<u16> = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
-        .unwrap_or(32_768);
-    let high = ephemeral_low.clamp(11_000, 32_768);
+        .map(|s| {
+            s.split_whitespace()
+                .filter_map(|v| v.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    let (low, high) = match range[..] {
+        [low, high] => (low, high),
+        _ => (32_768, 60_999),
+    };
+    let ports = if low >= 11_000 {
+        10_000..low
+    } else if high <= 64_000 {
+        high + 1..65_535
+    } else {
+        panic!("the ephemeral port range {low}-{high} leaves no room for a fixed test port");
+    };
     let mut rng = rand::thread_rng();
     for _ in 0..1000 {
-        let port = rng.gen_range(10_000..high);
+        let port = rng.gen_range(ports.clone());
         if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return format!("127.0.0.1:{port}");
         }
     }
-    panic!("no free port between 10000 and {high}");
+    panic!("no free port in {ports:?}");
 }

@@ -34,6 +34,24 @@ fn closed(s: &mut TcpStream) -> bool {
     }
 }
 
+/// Reads until the node ends the connection: true at end of stream or a
+/// reset, false if it stays open until the read timeout.
+fn ended(s: &mut TcpStream) -> bool {
+    let mut buf = [0u8; 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) => {
+                return !matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                )
+            }
+        }
+    }
+}
+
 #[test]
 fn malformed_frames_get_errors_and_the_node_keeps_serving() {
     let dir = tempfile::tempdir().unwrap();
@@ -127,10 +145,21 @@ fn malformed_frames_get_errors_and_the_node_keeps_serving() {
                 .collect()
         })
         .collect();
-    for j in &junk {
-        let mut s = raw(&node.addr);
-        let _ = s.write_all(j);
-        let _ = closed(&mut s);
+    let senders: Vec<_> = junk
+        .into_iter()
+        .map(|j| {
+            let addr = node.addr.clone();
+            std::thread::spawn(move || {
+                let mut s = raw(&addr);
+                let _ = s.write_all(&j);
+                ended(&mut s)
+            })
+        })
+        .collect();
+    for (i, t) in senders.into_iter().enumerate() {
+        // Each is answered and closed (or reset), never left hanging until
+        // the read timeout.
+        assert!(t.join().unwrap(), "junk connection {i} was left open");
     }
 
     // The node still serves.

@@ -43,6 +43,31 @@ fn high_seqno(node: &NodeProc, p: u16) -> u64 {
         .unwrap()
 }
 
+/// Waits until the primary serves a stream to each of `names` with every
+/// partition in memory (past any backfill).
+fn wait_streaming(primary: &NodeProc, names: &[&str]) {
+    let deadline = Instant::now() + CONVERGE;
+    let mut c = primary.client();
+    loop {
+        let streams = c.admin("streams").unwrap();
+        let ready = names.iter().all(|n| {
+            streams.as_array().is_some_and(|ss| {
+                ss.iter().any(|st| {
+                    st["name"] == *n
+                        && st["partitions"].as_array().is_some_and(|ps| {
+                            !ps.is_empty() && ps.iter().all(|p| p["state"] == "in-memory")
+                        })
+                })
+            })
+        });
+        if ready {
+            return;
+        }
+        assert!(Instant::now() < deadline, "streams never ready: {streams}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A primary with a small unacknowledged window and a short slow-replica
 /// timeout, and one replica named `name`.
 fn slow_pair(dir: &std::path::Path, name: &str) -> (NodeProc, NodeProc) {
@@ -103,9 +128,15 @@ fn assert_reads(node: &NodeProc, key: &str, want: Option<&[u8]>) {
     }
 }
 
-fn cluster(dir: &std::path::Path, replicas: usize) -> (NodeProc, Vec<NodeProc>) {
-    // Some tests restart the primary on its address.
-    let addr = tapkv_tests::restartable_addr();
+/// A primary and `replicas` replicas. `restartable`: the test restarts the
+/// primary on its address, so it listens on a port outside the ephemeral
+/// range (`restartable_addr`); otherwise on an ephemeral port.
+fn cluster(dir: &std::path::Path, replicas: usize, restartable: bool) -> (NodeProc, Vec<NodeProc>) {
+    let addr = if restartable {
+        tapkv_tests::restartable_addr()
+    } else {
+        "127.0.0.1:0".to_owned()
+    };
     let primary = NodeProc::start(&dir.join("primary"), &addr, None, "primary", &[]);
     let reps = (0..replicas)
         .map(|i| {
@@ -125,7 +156,10 @@ fn cluster(dir: &std::path::Path, replicas: usize) -> (NodeProc, Vec<NodeProc>) 
 #[test]
 fn replicas_converge_under_concurrent_writes() {
     let dir = tempfile::tempdir().unwrap();
-    let (primary, reps) = cluster(dir.path(), 2);
+    let (primary, reps) = cluster(dir.path(), 2, false);
+    // Both replicas stream from memory before the writes start, so the
+    // writes are streamed while they happen, not only caught up afterwards.
+    wait_streaming(&primary, &["replica-0", "replica-1"]);
     let addr = Arc::new(primary.addr.clone());
     let writers: Vec<_> = (0..4)
         .map(|t| {
@@ -159,7 +193,7 @@ fn replicas_converge_under_concurrent_writes() {
 
 fn window_scenario(complete: bool) {
     let dir = tempfile::tempdir().unwrap();
-    let (primary, reps) = cluster(dir.path(), 2);
+    let (primary, reps) = cluster(dir.path(), 2, false);
     let mut c = primary.client();
     let p = 5;
     let k = keys_in(&c, p, 30, "win");
@@ -237,27 +271,40 @@ fn a_complete_reaches_every_replica() {
 #[test]
 fn a_killed_replica_resumes_without_a_full_resync() {
     let dir = tempfile::tempdir().unwrap();
-    let (primary, mut reps) = cluster(dir.path(), 1);
+    let (primary, mut reps) = cluster(dir.path(), 1, false);
     let mut c = primary.client();
     for i in 0..3000 {
         c.set(format!("k{i}").as_bytes(), b"first", 0, false)
             .unwrap();
     }
     wait_converged(&primary, &[&reps[0]], CONVERGE);
-    // Kill it while the primary keeps writing.
+    // Kill it mid-stream: once it has applied part of a second round of
+    // writes that goes on while it is down.
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = {
         let addr = primary.addr.clone();
+        let done = Arc::clone(&done);
         std::thread::spawn(move || {
             let mut c =
                 tapkv_replication::client::Client::connect(&addr, Duration::from_secs(30)).unwrap();
-            for i in 0..3000 {
-                c.set(format!("k{i}").as_bytes(), b"second", 0, false)
-                    .unwrap();
+            let mut i = 0u64;
+            // At least 6,000 writes, and on until the replica is back.
+            while i < 6000 || !done.load(std::sync::atomic::Ordering::Acquire) {
+                c.set(
+                    format!("k{}", i % 3000).as_bytes(),
+                    format!("second-{i}").as_bytes(),
+                    0,
+                    false,
+                )
+                .unwrap();
+                i += 1;
             }
         })
     };
+    let p = 0;
+    let before = high_seqno(&reps[0], p);
+    wait_seqno(&reps[0], p, before + 50);
     reps[0].kill();
-    writer.join().unwrap();
     let r = NodeProc::start(
         &dir.path().join("replica-0"),
         "127.0.0.1:0",
@@ -266,6 +313,8 @@ fn a_killed_replica_resumes_without_a_full_resync() {
         &[],
     );
     reps[0] = r;
+    done.store(true, std::sync::atomic::Ordering::Release);
+    writer.join().unwrap();
     wait_converged(&primary, &[&reps[0]], CONVERGE);
     let streams = primary.client().admin("streams").unwrap();
     let parts = streams[0]["partitions"].as_array().unwrap();
@@ -282,7 +331,7 @@ fn a_killed_replica_resumes_without_a_full_resync() {
 #[test]
 fn a_replica_joining_mid_window_reverts_only_that_window() {
     let dir = tempfile::tempdir().unwrap();
-    let (primary, mut reps) = cluster(dir.path(), 1);
+    let (primary, mut reps) = cluster(dir.path(), 1, false);
     let mut c = primary.client();
     let p = 2;
     let k = keys_in(&c, p, 20, "mid");
@@ -311,9 +360,22 @@ fn a_replica_joining_mid_window_reverts_only_that_window() {
         &[],
     );
     let high = high_seqno(&primary, p);
+    // Nothing from START on is persisted while the window is open, so a
+    // backfill ends before START and both receive the window from its START
+    // marker: they hold window W as their own, and its REVERT is an ordinary
+    // one (no partition reset). (A replica that does not hold the window
+    // from its START resynchronises instead: engine/tests/replica.rs and
+    // `a_replica_holding_a_window_that_ended_while_it_was_away_converges`.)
     for r in [&late, &back] {
         wait_seqno(r, p, high);
         assert_eq!(r.client().get(k[15].as_bytes()).unwrap().0, &b"window"[..]);
+        let v = r.client().admin("inspect").unwrap();
+        assert_eq!(
+            v["partitions"][usize::from(p)]["window"]["checkpoint_id"],
+            w,
+            "{}",
+            r.name
+        );
     }
     c.set(k[0].as_bytes(), b"window again", 0, false).unwrap();
     let (id, _, _) = c.update_revert(p).unwrap();
@@ -322,6 +384,10 @@ fn a_replica_joining_mid_window_reverts_only_that_window() {
     for r in [&primary, &late, &back] {
         assert_reads(r, &k[0], Some(b"before"));
         assert_reads(r, &k[15], None);
+    }
+    for r in [&late, &back] {
+        let resets = r.client().stats().unwrap()["partitions"][usize::from(p)]["resets"].as_u64();
+        assert_eq!(resets, Some(0), "{}: reverted in place, not reset", r.name);
     }
 }
 
@@ -337,7 +403,7 @@ fn replicas_roll_back_after_the_primary_closes_cleanly_inside_a_window() {
 
 fn primary_stops_inside_a_window(kill: bool) {
     let dir = tempfile::tempdir().unwrap();
-    let (mut primary, reps) = cluster(dir.path(), 2);
+    let (mut primary, reps) = cluster(dir.path(), 2, true);
     let mut c = primary.client();
     let p = 7;
     let k = keys_in(&c, p, 20, "crash");
@@ -384,18 +450,21 @@ fn a_slow_replica_has_its_cursor_dropped_and_is_backfilled_later() {
     wait_converged(&primary, &[&slow], CONVERGE);
     slow.signal(libc::SIGSTOP);
     let value = vec![b'x'; 1000];
-    let start = write_until_dropped(&mut c, "bulk");
-    // With the cursor gone, checkpoints are freed: while the replica stays
-    // stopped, 60 MB more writes leave checkpoint memory at about two
-    // checkpoints' worth (10,000 items each), not growing with the writes.
-    for i in start..start + 60_000 {
-        c.set(format!("bulk-{}", i % 20_000).as_bytes(), &value, 0, false)
+    write_until_dropped(&mut c, "bulk");
+    // With the cursor gone, checkpoints are freed once persisted: while the
+    // replica stays stopped, 100 MB more writes of distinct keys (which a
+    // cursor still held would pin, all of them, in closed checkpoints) leave
+    // checkpoint memory at most the open checkpoints' worth: 16 partitions
+    // of at most 2,000 items (the default `checkpoint_max_items`) of about
+    // 1 KB.
+    for i in 0..100_000 {
+        c.set(format!("more-{i}").as_bytes(), &value, 0, false)
             .unwrap();
     }
     c.flush().unwrap();
     let mem = c.stats().unwrap()["checkpoint_mem_bytes"].as_u64().unwrap();
     assert!(
-        mem < 30 << 20,
+        mem < 40 << 20,
         "checkpoint memory {mem} grows with a stopped replica"
     );
     slow.signal(libc::SIGCONT);
@@ -405,7 +474,7 @@ fn a_slow_replica_has_its_cursor_dropped_and_is_backfilled_later() {
 #[test]
 fn replica_reads_and_primary_dump_agree_with_the_disk_after_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut primary, mut reps) = cluster(dir.path(), 1);
+    let (mut primary, mut reps) = cluster(dir.path(), 1, true);
     let mut c = primary.client();
     for i in 0..500 {
         c.set(format!("r{i}").as_bytes(), b"v", 0, false).unwrap();

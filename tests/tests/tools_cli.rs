@@ -172,13 +172,14 @@ fn load_then_admin_inspect_and_dump() {
 fn a_directory_held_by_another_process_is_named_in_the_error() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().to_str().unwrap();
-    // A long load holds the directory; its first acknowledged write shows it is open.
-    let mut holder =
-        tapkv_tests::Proc::spawn(&["load", "--data", d, "--count", "100000000", "--print-acked"]);
-    assert!(
-        holder.next_line(T).is_some(),
-        "holder never opened the directory"
-    );
+    // An idle shell holds the directory; its answer shows it is open.
+    let (mut holder, mut stdin) = tapkv_tests::Proc::spawn_piped(&["shell", "--data", d]);
+    {
+        use std::io::Write;
+        writeln!(stdin, "get x").unwrap();
+        stdin.flush().unwrap();
+    }
+    assert_eq!(holder.next_line(T).as_deref(), Some("NOT_FOUND"));
     let (ok, _, err) = run(&["kv", "get", "--data", d, "x"], "", T);
     assert!(!ok);
     assert!(
@@ -729,7 +730,11 @@ fn a_shell_over_the_network_reconnects_after_the_node_restarts() {
     let addr = tapkv_tests::restartable_addr();
     let data = dir.path().join("node");
     let mut node = tapkv_tests::NodeProc::start(&data, &addr, None, "n", &[]);
-    let (mut shell, mut stdin) = tapkv_tests::Proc::spawn_piped(&["shell", "--addr", &addr]);
+    // No heartbeat: one failing during a slow restart would reconnect
+    // silently, and this test is about the command that finds the
+    // connection gone.
+    let (mut shell, mut stdin) =
+        tapkv_tests::Proc::spawn_piped(&["shell", "--addr", &addr, "--heartbeat-s", "0"]);
     let mut ask = |line: &str| -> String {
         stdin.write_all(format!("{line}\n").as_bytes()).unwrap();
         stdin.flush().unwrap();
