@@ -61,7 +61,8 @@ pub mod opcode {
     pub const ACK: u8 = 0xdc;
     /// Stream: the primary ends the stream.
     pub const STREAM_END: u8 = 0xdd;
-    /// Admin query: key = `inspect` | `dump` | `streams` | `stats`; JSON answer.
+    /// Admin query: key = `inspect` | `dump` | `streams`; JSON answer
+    /// (statistics are `STAT`).
     pub const ADMIN: u8 = 0xde;
     /// Stream: a snapshot (from disk or memory) of seqnos start..=end follows.
     pub const SNAPSHOT: u8 = 0xdf;
