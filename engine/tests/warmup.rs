@@ -161,3 +161,42 @@ fn a_reopen_loads_values_only_up_to_the_memory_quota() {
         assert_eq!(e.get(&key(i)).unwrap().value(), big(i), "key {i}");
     }
 }
+
+/// The failover log gets a new branch after an unclean restart, starting at
+/// the persisted seqno, and none after a clean one.
+#[test]
+fn an_unclean_restart_starts_a_new_failover_branch_and_a_clean_one_does_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = builder(dir.path()).open().unwrap();
+    let first = e.failover_log(0).unwrap();
+    assert_eq!(first.len(), 1, "a new partition has one branch");
+    for i in 0..100 {
+        e.set(&key(i), value(i), WriteOptions::default()).unwrap();
+    }
+    e.close().unwrap();
+    let e = builder(dir.path()).open().unwrap();
+    assert_eq!(
+        e.failover_log(0).unwrap(),
+        first,
+        "a clean restart keeps the branch"
+    );
+    for i in 100..200 {
+        e.set(&key(i), value(i), WriteOptions::default()).unwrap();
+    }
+    e.flush().unwrap();
+    let persisted = e.persisted_seqno(0).unwrap();
+    // Written but never flushed: lost with the crash.
+    e.set_flusher_paused(true);
+    e.set(&key(0), b"lost", WriteOptions::default()).unwrap();
+    e.crash();
+    let e = builder(dir.path()).open().unwrap();
+    let log = e.failover_log(0).unwrap();
+    assert_eq!(log.len(), 2, "{log:?}");
+    assert_eq!(log[0], first[0]);
+    assert_ne!(log[1].uuid, first[0].uuid);
+    assert_eq!(
+        log[1].seqno, persisted,
+        "the new branch starts at the persisted seqno"
+    );
+    e.close().unwrap();
+}

@@ -616,3 +616,68 @@ fn a_new_replica_takes_its_primarys_partition_count() {
     assert_eq!(replica.client().partitions(), 8);
     wait_converged(&primary, &[&replica], CONVERGE);
 }
+
+/// `tapkv admin streams --addr` and `tapkv admin dump --addr` on a primary
+/// with a replica: one table row per partition of the stream (state, sent,
+/// acked, lag), the JSON forms, and the dump's rows with escaped keys.
+#[test]
+fn admin_streams_and_dump_over_the_network() {
+    use tapkv_tests::run;
+    let t = Duration::from_secs(60);
+    let dir = tempfile::tempdir().unwrap();
+    let (primary, reps) = cluster(dir.path(), 1, false);
+    wait_streaming(&primary, &["replica-0"]);
+    let mut c = primary.client();
+    c.set(b"a", b"1", 0, false).unwrap();
+    c.set(b"b c", b"22", 0, false).unwrap();
+    c.delete(b"a").unwrap();
+    wait_converged(&primary, &[&reps[0]], CONVERGE);
+    let pa = usize::from(c.partition_of(b"a"));
+
+    let (ok, out, err) = run(&["admin", "streams", "--addr", &primary.addr], "", t);
+    assert!(ok, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(
+        lines[0].starts_with("stream replica-0 from 127.0.0.1:"),
+        "{out}"
+    );
+    let rows: Vec<&str> = lines
+        .iter()
+        .filter(|l| l.contains("partition"))
+        .copied()
+        .collect();
+    assert_eq!(rows.len(), 16, "{out}");
+    assert!(rows.iter().all(|r| r.contains("in-memory")), "{out}");
+    // Widths apply: the partition number is right-aligned in 3 columns.
+    assert!(rows[0].starts_with("  partition   0: in-memory"), "{out}");
+    let (ok, out, err) = run(
+        &["admin", "streams", "--addr", &primary.addr, "--json"],
+        "",
+        t,
+    );
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v[0]["name"], "replica-0", "{out}");
+    // `a`'s partition sent its SET and DELETE (seqnos 1 and 2).
+    assert_eq!(v[0]["partitions"][pa]["sent_seqno"], 2, "{out}");
+
+    let (ok, out, err) = run(&["admin", "dump", "--addr", &primary.addr], "", t);
+    assert!(ok, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert!(out.contains("key=b\\x20c value_len=2"), "{out}");
+    let (ok, out, err) = run(&["admin", "dump", "--addr", &primary.addr, "--json"], "", t);
+    assert!(ok, "{err}");
+    let rows: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 2, "{out}");
+    let tomb = rows.iter().find(|r| r["key"] == "a").unwrap();
+    assert_eq!(tomb["deleted"], true, "{out}");
+    assert_eq!(
+        rows.iter().find(|r| r["key"] == "b c").unwrap()["value_len"],
+        2,
+        "{out}"
+    );
+}

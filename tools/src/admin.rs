@@ -54,6 +54,11 @@ pub(crate) enum AdminCommand {
         /// Address of the node.
         #[arg(long, value_name = "ADDR")]
         addr: String,
+        /// The node's JSON array (name, peer, unacked_bytes, last_ack_ms,
+        /// and per partition: partition, state, sent_seqno, acked_seqno,
+        /// lag_items, resumed_from) instead of the table.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         wait: crate::Wait,
     },
@@ -167,10 +172,14 @@ pub(crate) fn run(cmd: AdminCommand) -> Result<ExitCode, Error> {
                 "give --data DIR or --addr ADDR".into(),
             )),
         },
-        AdminCommand::Streams { addr, wait } => {
+        AdminCommand::Streams { addr, json, wait } => {
             let v = connect(&addr, wait.timeout())?
                 .admin("streams")
                 .map_err(remote)?;
+            if json {
+                outln!("{v}")?;
+                return Ok(ExitCode::SUCCESS);
+            }
             let streams = v.as_array().cloned().unwrap_or_default();
             if streams.is_empty() {
                 outln!("no replication streams")?;
@@ -184,13 +193,15 @@ pub(crate) fn run(cmd: AdminCommand) -> Result<ExitCode, Error> {
                     s["last_ack_ms"]
                 )?;
                 for p in s["partitions"].as_array().into_iter().flatten() {
+                    // Numbers as integers: a JSON value ignores the widths.
+                    let n = |k: &str| p[k].as_u64().unwrap_or(0);
                     outln!(
                         "  partition {:>3}: {:<11} sent {:>8} acked {:>8} lag {:>6} items",
-                        p["partition"],
+                        n("partition"),
                         p["state"].as_str().unwrap_or(""),
-                        p["sent_seqno"],
-                        p["acked_seqno"],
-                        p["lag_items"]
+                        n("sent_seqno"),
+                        n("acked_seqno"),
+                        n("lag_items")
                     )?;
                 }
             }
