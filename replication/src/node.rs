@@ -1557,22 +1557,77 @@ fn replica_link(state: &Arc<NodeState>, primary: &str) {
     }
 }
 
-fn connect(addr: &str, timeout: Duration) -> std::io::Result<TcpStream> {
+/// A slice of a wait the replica link makes: between slices it looks at
+/// the node's stop flag, so a stop never waits out a whole `io_timeout`
+/// against a primary that does not answer.
+const LINK_WAIT_SLICE: Duration = Duration::from_millis(250);
+
+/// Connects to `addr` (each address it resolves to in turn), for up to
+/// `timeout` per address, giving up early once `stop` is set.
+fn connect(addr: &str, timeout: Duration, stop: &AtomicBool) -> std::io::Result<TcpStream> {
     let mut last = None;
     for a in addr.to_socket_addrs()? {
-        match TcpStream::connect_timeout(&a, timeout) {
-            Ok(s) => return Ok(s),
-            Err(e) => last = Some(e),
+        let deadline = Instant::now() + timeout;
+        loop {
+            if stop.load(Ordering::Acquire) {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::Interrupted,
+                    "node stopping",
+                ));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match TcpStream::connect_timeout(
+                &a,
+                left.min(LINK_WAIT_SLICE).max(Duration::from_millis(1)),
+            ) {
+                Ok(s) => return Ok(s),
+                // An attempt that ran out of its slice: try again while
+                // the timeout lasts (a new SYN, as a retransmission would).
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut && !left.is_zero() => {
+                    last = Some(e)
+                }
+                Err(e) => {
+                    last = Some(e);
+                    break;
+                }
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
         }
     }
     Err(last.unwrap_or_else(|| std::io::Error::other(format!("{addr} resolves to no address"))))
+}
+
+/// The next frame within `polls` reads of the reader's timeout, or an error
+/// once `stop` is set.
+fn reply_within(
+    reader: &mut FrameReader,
+    polls: usize,
+    stop: &AtomicBool,
+) -> Result<Frame, ProtocolError> {
+    for _ in 0..polls.max(1) {
+        if stop.load(Ordering::Acquire) {
+            return Err(ProtocolError::Io(std::io::Error::new(
+                std::io::ErrorKind::Interrupted,
+                "node stopping",
+            )));
+        }
+        if let Some(f) = reader.poll()? {
+            return Ok(f);
+        }
+    }
+    Err(ProtocolError::Io(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        "no frame within the timeout",
+    )))
 }
 
 fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
     let cfg = &state.config;
     let engine = &state.engine;
     let perr = |e: ProtocolError| Error::Io(std::io::Error::other(e.to_string()));
-    let conn = connect(primary, cfg.io_timeout)?;
+    let conn = connect(primary, cfg.io_timeout, &state.stop)?;
     conn.set_nodelay(true)?;
     conn.set_write_timeout(Some(cfg.io_timeout))?;
     let mut reader = FrameReader::new(conn.try_clone()?, cfg.max_body);
@@ -1580,7 +1635,7 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
     let mut writer = FrameWriter::new(conn);
     let polls = (cfg.io_timeout.as_millis() / 50).max(1) as usize;
     writer.send(&hello(&cfg.name)).map_err(perr)?;
-    let r = reader.next_within(polls).map_err(perr)?;
+    let r = reply_within(&mut reader, polls, &state.stop).map_err(perr)?;
     if r.status() != status::SUCCESS {
         return Err(Error::WrongState(format!(
             "primary refused HELLO: {}",
@@ -1641,7 +1696,7 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
     writer
         .send(&message::stream_open(&cfg.name, &reqs))
         .map_err(perr)?;
-    let r = reader.next_within(polls).map_err(perr)?;
+    let r = reply_within(&mut reader, polls, &state.stop).map_err(perr)?;
     if r.status() != status::SUCCESS {
         return Err(Error::WrongState(format!(
             "primary refused the stream: {}",

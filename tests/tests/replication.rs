@@ -681,3 +681,36 @@ fn admin_streams_and_dump_over_the_network() {
         "{out}"
     );
 }
+
+/// A replica whose primary accepts connections and never answers stops
+/// promptly on SIGTERM: its link gives up the handshake wait at the stop,
+/// not after `--io-timeout-ms` (here a minute).
+#[test]
+fn a_replica_of_a_silent_primary_stops_promptly() {
+    let dir = tempfile::tempdir().unwrap();
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap().to_string();
+    let mut replica = NodeProc::start(
+        &dir.path().join("r"),
+        "127.0.0.1:0",
+        Some(&addr),
+        "r",
+        // With a partition count given, a new replica does not ask its
+        // primary for one before it starts.
+        &["--io-timeout-ms", "60000", "--partitions", "16"],
+    );
+    // The link has connected and sent its HELLO: it now waits for a reply.
+    let (_conn, _) = silent.accept().unwrap();
+    let started = Instant::now();
+    replica.signal(libc::SIGTERM);
+    let status = replica
+        .proc
+        .wait_status(Duration::from_secs(30))
+        .expect("the replica stops within 30 s");
+    assert!(status.success(), "{status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "stopping took {:?}",
+        started.elapsed()
+    );
+}
