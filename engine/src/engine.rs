@@ -773,7 +773,10 @@ impl Engine {
         };
         let res = part.mutate(&s.store, kind, key, value, opts, |bytes| s.admit(bytes))?;
         s.changed(res.partition);
-        if opts.durability == Durability::Persist {
+        // A Replicate write is on this node's disk too: after a crash the
+        // primary rolls its replicas back to what it persisted, so a write
+        // only its replicas held would be lost everywhere.
+        if opts.durability.needs_disk() {
             s.wait_synced(&[(res.partition, res.seqno)])?;
         }
         if let Some(gate) = gate {

@@ -76,12 +76,22 @@ pub enum Durability {
     /// Return once the write is on disk and synced. Concurrent `Persist`
     /// writers share one sync (group commit).
     Persist,
-    /// Return once a majority of the replicas acknowledged the write (a
-    /// node counts the larger of its connected streams and its
-    /// `min_replicas`, default 1; needs a node: see
-    /// `Engine::set_replication_gate`). On timeout the
-    /// call fails with `Error::Timeout`; the write itself stays applied.
+    /// Return once the write is on this node's disk and synced, as with
+    /// `Persist`, *and* a majority of the replicas acknowledged it (a node
+    /// counts the larger of its connected streams and its `min_replicas`,
+    /// default 1; needs a node: see `Engine::set_replication_gate`). The
+    /// primary's own copy matters: a primary that restarts after a crash
+    /// rolls its replicas back to what it has on disk. On timeout the call
+    /// fails with `Error::Timeout`; the write itself stays applied.
     Replicate,
+}
+
+impl Durability {
+    /// Whether the write must be on this node's disk before it returns
+    /// (`Persist` and `Replicate`).
+    pub fn needs_disk(self) -> bool {
+        matches!(self, Durability::Persist | Durability::Replicate)
+    }
 }
 
 /// Options of a mutating call.

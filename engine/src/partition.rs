@@ -13,7 +13,7 @@ use crate::checkpoint::{CheckpointConfig, CheckpointManager, MemReservation};
 use crate::error::{Error, Result};
 use crate::hash_table::{Eviction, HashTable, ShardsGuard};
 use crate::item::{
-    now_secs, Durability, Item, ItemMeta, MutationResult, PartitionId, QueueOp, QueuedItem, Record,
+    now_secs, Item, ItemMeta, MutationResult, PartitionId, QueueOp, QueuedItem, Record,
     WriteOptions,
 };
 use crate::online_update::{Undo, Window};
@@ -294,11 +294,12 @@ impl Partition {
     ) -> Result<MutationResult> {
         let mut w = self.writer.lock();
         if let Some(win) = &w.window {
-            if opts.durability == Durability::Persist {
+            if opts.durability.needs_disk() {
                 return Err(Error::OnlineUpdateOpen {
                     partition: self.id,
                     checkpoint_id: win.checkpoint_id,
-                    what: "a Persist write cannot be made durable before the window completes",
+                    what: "a Persist or Replicate write cannot be made durable before the window \
+                           completes",
                 });
             }
         }

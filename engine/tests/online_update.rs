@@ -394,7 +394,7 @@ fn commands_in_the_wrong_state_are_typed_errors() {
 }
 
 #[test]
-fn a_persist_write_inside_a_window_fails_fast() {
+fn a_persist_or_replicate_write_inside_a_window_fails_fast() {
     let dir = tempfile::tempdir().unwrap();
     let e = builder(dir.path()).open().unwrap();
     let k = keys_in(&e, 0, 1, "p");
@@ -408,12 +408,26 @@ fn a_persist_write_inside_a_window_fails_fast() {
         }) => assert_eq!(checkpoint_id, w),
         other => panic!("{other:?}"),
     }
+    // A Replicate write waits for this node's disk too: refused the same way.
+    struct AllAck;
+    impl tapkv_engine::ReplicationGate for AllAck {
+        fn wait_replicated(&self, _: PartitionId, _: u64, _: Duration) -> tapkv_engine::Result<()> {
+            Ok(())
+        }
+    }
+    e.set_replication_gate(Arc::new(AllAck));
+    assert!(matches!(
+        e.set(&k[0], "v", WriteOptions::durable(Durability::Replicate)),
+        Err(Error::OnlineUpdateOpen { partition: 0, .. })
+    ));
     assert!(
         matches!(e.get(&k[0]), Err(Error::NotFound)),
-        "the refused write was not applied"
+        "the refused writes were not applied"
     );
     e.set(&k[0], "v", MEM).unwrap();
     e.set(&other[0], "v", WriteOptions::durable(Durability::Persist))
+        .unwrap();
+    e.set(&other[0], "v", WriteOptions::durable(Durability::Replicate))
         .unwrap();
     e.online_update_complete(0).unwrap();
     e.set(&k[0], "v2", WriteOptions::durable(Durability::Persist))

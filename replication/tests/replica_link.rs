@@ -412,3 +412,48 @@ fn a_replica_acknowledges_a_disk_snapshot_up_to_its_end() {
     replica.shutdown().unwrap();
     primary.shutdown().unwrap();
 }
+
+/// A `Replicate` write returns only once it is on the primary's disk as
+/// well as applied by a majority of replicas: a primary that crashed with
+/// it only in memory would roll its replicas back to what it persisted, and
+/// the write would be lost on every node.
+#[test]
+fn a_replicate_write_waits_for_the_primarys_disk_too() {
+    let pdir = tempfile::tempdir().unwrap();
+    let rdir = tempfile::tempdir().unwrap();
+    let primary = primary_of(pdir.path());
+    let p = primary.engine().unwrap();
+    let replica = replica_of(&primary, rdir.path(), 2, "r", |_| {});
+    let r = replica.engine().unwrap();
+    // A first write both hold, so the stream is up.
+    p.set(b"warm", b"v", WriteOptions::durable(Durability::Replicate))
+        .unwrap();
+    p.set_flusher_paused(true);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let seqno = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let res = p.set(b"k", b"v", WriteOptions::durable(Durability::Replicate));
+            tx.send(res.map(|m| m.seqno)).unwrap();
+        });
+        wait_until(
+            "the replica to apply the write",
+            Duration::from_secs(20),
+            || r.get(b"k").is_ok(),
+        );
+        // Applied on the replica, not on the primary's disk: still waiting.
+        assert!(
+            rx.recv_timeout(Duration::from_secs(1)).is_err(),
+            "a Replicate write returned before the primary persisted it"
+        );
+        p.set_flusher_paused(false);
+        rx.recv_timeout(Duration::from_secs(20))
+            .expect("the write returns once persisted")
+            .unwrap()
+    });
+    let part = p.partition_of(b"k");
+    assert!(p.persisted_seqno(part).unwrap() >= seqno);
+    drop(r);
+    drop(p);
+    replica.shutdown().unwrap();
+    primary.shutdown().unwrap();
+}
