@@ -452,8 +452,6 @@ fn a_replicate_write_waits_for_the_primarys_disk_too() {
     });
     let part = p.partition_of(b"k");
     assert!(p.persisted_seqno(part).unwrap() >= seqno);
-    drop(r);
-    drop(p);
     replica.shutdown().unwrap();
     primary.shutdown().unwrap();
 }
