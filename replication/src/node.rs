@@ -944,6 +944,9 @@ fn check_stream_open(state: &NodeState, open: &Frame) -> Result<(), String> {
         return Err("stream name is empty".into());
     }
     let reqs = parse_stream_open(open).map_err(|e| e.to_string())?;
+    if reqs.is_empty() {
+        return Err("a stream asks for no partition".into());
+    }
     if let Some(bad) = reqs
         .iter()
         .find(|r| r.partition >= state.engine.num_partitions())
@@ -1061,32 +1064,77 @@ fn unregister_stream(state: &NodeState, name: &str, stream: &Arc<StreamShared>) 
     }
 }
 
+/// Reads a stream's acknowledgements. An ACK frees at most the bytes still
+/// unacknowledged, and counts a seqno only for a partition the stream
+/// serves and only up to what it sent there: a replica (or any peer that
+/// opened a stream) acknowledging ahead cannot satisfy a `Replicate` write
+/// nobody holds. Only an ACK that frees bytes or advances a seqno is
+/// progress (`last_ack`, which the slow-replica and silence rules look at):
+/// empty ACKs do not keep a stream that reads nothing alive. A malformed
+/// ACK or any other frame ends the stream.
 fn ack_reader(s: &StreamShared, mut reader: FrameReader) {
+    let mut warned = false;
     while !s.stop.load(Ordering::Acquire) {
         match reader.poll() {
             Ok(Some(f)) if f.opcode == opcode::ACK => {
-                if let Ok(ack) = Ack::from_frame(&f) {
-                    let _ = s
-                        .unacked
-                        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
-                            Some(u.saturating_sub(ack.bytes))
-                        });
+                let ack = match Ack::from_frame(&f) {
+                    Ok(ack) => ack,
+                    Err(e) => {
+                        tracing::warn!(stream = %s.name, error = %e, "malformed ACK: ending the stream");
+                        break;
+                    }
+                };
+                let before = s
+                    .unacked
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                        Some(u.saturating_sub(ack.bytes))
+                    })
+                    .unwrap_or(0);
+                let freed = before.min(ack.bytes);
+                let (mut advanced, mut ahead) = (false, ack.bytes > before);
+                {
+                    let parts = s.parts.lock();
                     let mut acked = s.acked.lock();
                     for (p, seqno) in ack.seqnos {
+                        let Some((_, sent)) = parts.get(&p) else {
+                            ahead = true;
+                            continue;
+                        };
+                        ahead |= seqno > *sent;
                         let e = acked.entry(p).or_default();
-                        *e = (*e).max(seqno);
+                        if seqno.min(*sent) > *e {
+                            *e = seqno.min(*sent);
+                            advanced = true;
+                        }
                     }
-                    drop(acked);
-                    *s.last_ack.lock() = Instant::now();
-                    {
-                        let _g = s.lock.lock();
-                        s.cv.notify_all();
-                    }
-                    let _g = s.node_acks.lock.lock();
-                    s.node_acks.cv.notify_all();
                 }
+                if ahead && !warned {
+                    warned = true;
+                    tracing::warn!(
+                        stream = %s.name,
+                        "the replica acknowledged bytes or seqnos it was never sent (counted \
+                         only up to what was sent)"
+                    );
+                }
+                if freed > 0 || advanced {
+                    *s.last_ack.lock() = Instant::now();
+                }
+                {
+                    let _g = s.lock.lock();
+                    s.cv.notify_all();
+                }
+                let _g = s.node_acks.lock.lock();
+                s.node_acks.cv.notify_all();
             }
-            Ok(Some(_)) | Ok(None) => {}
+            Ok(Some(f)) => {
+                tracing::warn!(
+                    stream = %s.name,
+                    opcode = f.opcode,
+                    "unexpected frame from a replica on its stream: ending the stream"
+                );
+                break;
+            }
+            Ok(None) => {}
             Err(_) => break,
         }
     }

@@ -114,10 +114,12 @@ fn a_stream_at_its_limit_keeps_its_cursors_while_acks_arrive() {
         p.set(&key(i), [b'a'; 100], tapkv_engine::WriteOptions::default())
             .unwrap();
     }
-    // Three timeouts' worth of progress acks (no bytes): the cursors stay.
+    // Three timeouts' worth of acks that each report progress (a byte
+    // applied; an ACK that frees nothing and advances no seqno is not
+    // progress): the cursors stay.
     let progress = Ack {
-        bytes: 0,
-        seqnos: vec![(0, 1)],
+        bytes: 1,
+        seqnos: vec![],
     };
     let until = Instant::now() + Duration::from_secs(3);
     while Instant::now() < until {

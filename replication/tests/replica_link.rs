@@ -455,3 +455,97 @@ fn a_replicate_write_waits_for_the_primarys_disk_too() {
     replica.shutdown().unwrap();
     primary.shutdown().unwrap();
 }
+
+/// A peer that opens a stream and acknowledges seqnos it was never sent (or
+/// partitions its stream does not serve) does not satisfy `Replicate`
+/// writes: acks count only up to what the stream sent. Empty
+/// acknowledgements are not progress, so such a stream that reads nothing
+/// has its cursors dropped as a slow replica; a stream asking for no
+/// partition is refused.
+#[test]
+fn acknowledgements_count_only_what_was_sent() {
+    use tapkv_replication::message::{status, Ack, StreamRequest};
+    let pdir = tempfile::tempdir().unwrap();
+    let mut pcfg = NodeConfig::new("127.0.0.1:0");
+    pcfg.max_unacked_bytes = 4096;
+    pcfg.slow_replica_timeout = Duration::from_millis(500);
+    let primary = Node::start(
+        Engine::builder(pdir.path())
+            .partitions(2)
+            .replicate_timeout(Duration::from_millis(500))
+            .open()
+            .unwrap(),
+        pcfg,
+    )
+    .unwrap();
+    let p = primary.engine().unwrap();
+    let (k0, k1) = (
+        (0..)
+            .map(|i| format!("a{i}"))
+            .find(|k| p.partition_of(k.as_bytes()) == 0)
+            .unwrap(),
+        (0..)
+            .map(|i| format!("b{i}"))
+            .find(|k| p.partition_of(k.as_bytes()) == 1)
+            .unwrap(),
+    );
+
+    // No partition at all: refused.
+    let conn = std::net::TcpStream::connect(primary.local_addr()).unwrap();
+    let (mut reader, _w) = stream_by_hand(conn, "none", &[]);
+    let r = reader.next_within(200).unwrap();
+    assert_eq!(r.status(), status::INVALID_ARGUMENTS, "{r:?}");
+
+    // A stream of partition 0 only, then an ACK of everything.
+    let conn = std::net::TcpStream::connect(primary.local_addr()).unwrap();
+    let req = StreamRequest {
+        partition: 0,
+        uuid: 0,
+        seqno: 0,
+    };
+    let (mut reader, mut writer) = stream_by_hand(conn, "liar", &[req]);
+    assert_eq!(reader.next_within(200).unwrap().status(), status::SUCCESS);
+    wait_until("the stream's cursor", Duration::from_secs(10), || {
+        stream_cursors(p).len() == 1
+    });
+    let lie = Ack {
+        bytes: u64::MAX,
+        seqnos: vec![(0, u64::MAX / 4), (1, u64::MAX / 4)],
+    };
+    writer.send(&lie.to_frame()).unwrap();
+    let replicate = WriteOptions::durable(Durability::Replicate);
+    for k in [&k0, &k1] {
+        match p.set(k.as_bytes(), b"v", replicate) {
+            Err(tapkv_engine::Error::Timeout { .. }) => {}
+            other => panic!("{k}: a lie satisfied a Replicate write: {other:?}"),
+        }
+    }
+    // Fill the stream past its unacknowledged limit while it reads nothing,
+    // acknowledging nothing new every 100 ms: it is dropped all the same.
+    let value = vec![b'x'; 1024];
+    for i in 0..64 {
+        p.set(
+            format!("{k0}-{i}").as_bytes(),
+            &value[..],
+            WriteOptions::default(),
+        )
+        .unwrap();
+    }
+    let mut c = Client::connect(&primary.local_addr().to_string(), Duration::from_secs(5)).unwrap();
+    let empty = Ack {
+        bytes: 0,
+        seqnos: vec![],
+    };
+    wait_until(
+        "the silent stream's cursor to be dropped",
+        Duration::from_secs(20),
+        || {
+            writer.send(&empty.to_frame()).unwrap();
+            std::thread::sleep(Duration::from_millis(100));
+            let streams = c.admin("streams").unwrap();
+            streams[0]["partitions"][0]["state"] == "dropped"
+        },
+    );
+    drop((reader, writer));
+    primary.shutdown().unwrap();
+}
