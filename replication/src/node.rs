@@ -282,6 +282,9 @@ struct NodeState {
     /// A replica's replication streams opened so far (reported by `stat`
     /// as `link_sessions`).
     link_sessions: AtomicU64,
+    /// Replica: partitions to reset before the next stream opens (they held
+    /// a window the primary could only backfill; see `replica_session`).
+    resync_next: Mutex<Vec<PartitionId>>,
     /// Connections being served (each on its own thread).
     live_connections: AtomicUsize,
 }
@@ -354,6 +357,7 @@ impl Node {
             connections: AtomicU64::new(0),
             link_error: Mutex::new(None),
             link_sessions: AtomicU64::new(0),
+            resync_next: Mutex::new(Vec::new()),
             live_connections: AtomicUsize::new(0),
         });
         if !replica {
@@ -1716,21 +1720,18 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
             .min(1 << 30);
         reader.set_max_body(theirs.max(cfg.max_body));
     }
-    // A window held across a reconnect may have ended on the primary while
-    // the link was down, its markers gone from the primary's memory: such a
-    // partition is resynchronised rather than left waiting for an END/REVERT
-    // that a backfill cannot carry.
-    for p in engine
-        .stats()?
-        .partitions
-        .iter()
-        .filter(|p| p.window.is_some())
-    {
+    // A window held across a reconnect resumes like anything else while the
+    // primary still holds what follows in memory (the window's END or
+    // REVERT comes with it). Only a partition the primary could answer with
+    // a backfill (below: the window ended and its markers were freed) is
+    // reset, before this session asks for it again from seqno 0.
+    let resync: Vec<PartitionId> = std::mem::take(&mut *state.resync_next.lock());
+    for p in resync {
         tracing::warn!(
-            partition = p.partition,
-            "window open across a reconnect: resynchronising"
+            partition = p,
+            "the window held across a reconnect ended on the primary: resynchronising"
         );
-        engine.reset_partition(p.partition)?;
+        engine.reset_partition(p)?;
     }
     let reqs: Vec<StreamRequest> = (0..engine.num_partitions())
         .map(|p| -> Result<StreamRequest, Error> {
@@ -1828,6 +1829,18 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
                 from_disk: true,
                 ..
             } => {
+                // A backfill carries items only: a window this replica holds
+                // open would wait for ever for its END or REVERT. Reset the
+                // partition and ask for it from the start.
+                if engine
+                    .stats()?
+                    .partitions
+                    .get(usize::from(partition))
+                    .is_some_and(|p| p.window.is_some())
+                {
+                    state.resync_next.lock().push(partition);
+                    return Ok(());
+                }
                 snapshots.insert(partition, engine.snapshot_buffer(partition)?);
             }
             StreamMessage::Snapshot {

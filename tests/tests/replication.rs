@@ -714,3 +714,77 @@ fn a_replica_of_a_silent_primary_stops_promptly() {
         started.elapsed()
     );
 }
+
+/// A replica whose link drops while a window is open, and reconnects while
+/// the primary still holds the window, resumes it: no partition reset (its
+/// reads of older keys keep working), and the window's REVERT reaches it.
+#[test]
+fn a_link_drop_inside_an_open_window_resumes_without_a_reset() {
+    let dir = tempfile::tempdir().unwrap();
+    // Ten 200 ms heartbeats of silence end a stream.
+    let primary = NodeProc::start(
+        &dir.path().join("primary"),
+        "127.0.0.1:0",
+        None,
+        "primary",
+        &["--heartbeat-ms", "200"],
+    );
+    let replica = NodeProc::start(
+        &dir.path().join("replica"),
+        "127.0.0.1:0",
+        Some(&primary.addr),
+        "replica",
+        &[],
+    );
+    let mut c = primary.client();
+    let p = 3;
+    let k = keys_in(&c, p, 20, "blip");
+    for key in &k[..10] {
+        c.set(key.as_bytes(), b"before", 0, false).unwrap();
+    }
+    wait_converged(&primary, &[&replica], CONVERGE);
+    let w = c.update_start(p).unwrap();
+    for key in &k[5..15] {
+        c.set(key.as_bytes(), b"window", 0, false).unwrap();
+    }
+    wait_seqno(&replica, p, high_seqno(&primary, p));
+    // The replica stops reading; the primary ends its silent stream.
+    replica.signal(libc::SIGSTOP);
+    let deadline = Instant::now() + CONVERGE;
+    while c
+        .admin("streams")
+        .unwrap()
+        .as_array()
+        .is_some_and(|s| !s.is_empty())
+    {
+        assert!(Instant::now() < deadline, "the silent stream never ended");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    replica.signal(libc::SIGCONT);
+    // It reconnects: a second session, streaming from memory again.
+    let deadline = Instant::now() + CONVERGE;
+    let mut rc = replica.client();
+    while rc.stats().unwrap()["link_sessions"].as_u64() < Some(2) {
+        assert!(Instant::now() < deadline, "the replica never reconnected");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    wait_streaming(&primary, &["replica"]);
+    let stats = rc.stats().unwrap();
+    assert_eq!(stats["partitions"][usize::from(p)]["resets"], 0, "{stats}");
+    let v = rc.admin("inspect").unwrap();
+    assert_eq!(
+        v["partitions"][usize::from(p)]["window"]["checkpoint_id"],
+        w,
+        "{v}"
+    );
+    assert_reads(&replica, &k[0], Some(b"before"));
+    assert_reads(&replica, &k[12], Some(b"window"));
+    // The window's REVERT reaches it through the resumed stream.
+    let (id, _, _) = c.update_revert(p).unwrap();
+    assert_eq!(id, w);
+    wait_converged(&primary, &[&replica], CONVERGE);
+    assert_reads(&replica, &k[7], Some(b"before"));
+    assert_reads(&replica, &k[12], None);
+    let stats = rc.stats().unwrap();
+    assert_eq!(stats["partitions"][usize::from(p)]["resets"], 0, "{stats}");
+}
