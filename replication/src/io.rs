@@ -3,11 +3,11 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 
-use crate::protocol::{decode, decode_ref, Frame, FrameRef, ProtocolError};
+use crate::protocol::{decode, decode_ref, Frame, FrameRef, ProtocolError, HEADER_LEN};
 
 /// Reads frames; a read timeout returns `Ok(None)` and keeps partial data.
 pub struct FrameReader {
@@ -17,6 +17,11 @@ pub struct FrameReader {
     /// The last read returned less than it asked for: the connection held
     /// nothing more at that moment.
     drained: bool,
+    /// Longest time a frame may take to arrive once its first byte has
+    /// (`None`: no limit).
+    frame_deadline: Option<Duration>,
+    /// When the partial frame in `buf` began arriving.
+    partial_since: Option<Instant>,
 }
 
 /// Bytes asked of the socket per read.
@@ -35,6 +40,33 @@ impl FrameReader {
             buf: BytesMut::with_capacity(READ_CHUNK),
             max_body,
             drained: false,
+            frame_deadline: None,
+            partial_since: None,
+        }
+    }
+
+    /// Limits how long a frame may take to arrive once its first byte has:
+    /// past it, `poll` fails with a timeout (a peer trickling a frame a byte
+    /// at a time cannot hold the connection, nor keep `poll` from
+    /// returning).
+    pub fn set_frame_deadline(&mut self, limit: Option<Duration>) {
+        self.frame_deadline = limit;
+    }
+
+    /// Fails once the partial frame in the buffer has been arriving for
+    /// longer than the frame deadline.
+    fn check_partial(&mut self) -> Result<(), ProtocolError> {
+        if self.buf.is_empty() {
+            self.partial_since = None;
+            return Ok(());
+        }
+        let since = *self.partial_since.get_or_insert_with(Instant::now);
+        match self.frame_deadline {
+            Some(limit) if since.elapsed() > limit => Err(ProtocolError::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("a frame did not arrive whole within {limit:?} of its first byte"),
+            ))),
+            _ => Ok(()),
         }
     }
 
@@ -48,8 +80,10 @@ impl FrameReader {
     pub fn poll(&mut self) -> Result<Option<Frame>, ProtocolError> {
         loop {
             if let Some(f) = decode(&mut self.buf, self.max_body)? {
+                self.partial_since = None;
                 return Ok(Some(f));
             }
+            self.check_partial()?;
             if !self.fill()? {
                 return Ok(None);
             }
@@ -67,8 +101,10 @@ impl FrameReader {
             if let Some((frame, len)) = decode_ref(&self.buf, self.max_body)? {
                 let r = f(frame);
                 bytes::Buf::advance(&mut self.buf, len);
+                self.partial_since = None;
                 return Ok(Some(r));
             }
+            self.check_partial()?;
             if !self.fill()? {
                 return Ok(None);
             }
@@ -103,6 +139,14 @@ impl FrameReader {
                 }
                 Ok(n) => {
                     self.drained = n < chunk.len();
+                    // A large frame's buffer is sized once, from its header,
+                    // not grown by doubling (which could hold up to twice
+                    // the frame).
+                    if let Some(len) = crate::protocol::frame_len(&self.buf) {
+                        if len > self.buf.capacity() && len <= self.max_body + HEADER_LEN {
+                            self.buf.reserve(len - self.buf.len());
+                        }
+                    }
                     self.buf.extend_from_slice(&chunk[..n]);
                     return Ok(true);
                 }

@@ -567,11 +567,16 @@ fn serve_connection(
     conn.set_write_timeout(Some(cfg.io_timeout))?;
     let mut reader = FrameReader::new(conn.try_clone()?, cfg.max_body);
     reader.set_timeout(Duration::from_millis(200))?;
+    // A frame must arrive whole within the I/O timeout of its first byte: a
+    // peer trickling bytes cannot hold a connection slot (and its thread).
+    reader.set_frame_deadline(Some(cfg.io_timeout));
     let mut writer = FrameWriter::new(conn.try_clone()?);
     let idle_polls = (cfg.idle_timeout.as_millis() / 200).max(1) as usize;
     let mut idle = 0;
-    // Handshake first.
-    let Some(first) = next_request(state, &mut reader, &mut writer, idle_polls, &mut idle)? else {
+    // Handshake first, within the I/O timeout (not the idle timeout): a
+    // connection that never says HELLO does not keep its slot for minutes.
+    let hello_polls = (cfg.io_timeout.min(cfg.idle_timeout).as_millis() / 200).max(1) as usize;
+    let Some(first) = next_request(state, &mut reader, &mut writer, hello_polls, &mut idle)? else {
         return Ok(());
     };
     if first.opcode != opcode::HELLO {

@@ -147,3 +147,76 @@ fn connections_past_the_limit_are_refused_with_an_answer() {
     drop((first, again));
     node.shutdown().unwrap();
 }
+
+/// Reads until the node ends the connection (end of stream or reset);
+/// false if it is still open after `limit`.
+fn ended_within(s: &mut TcpStream, limit: Duration) -> bool {
+    s.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let deadline = Instant::now() + limit;
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return true,
+        }
+    }
+    false
+}
+
+/// A connection that never says HELLO is closed after the I/O timeout, not
+/// the (much longer) idle timeout; a frame trickled a byte at a time is
+/// cut off once it has taken longer than the I/O timeout, however steadily
+/// the bytes come.
+#[test]
+fn silent_handshakes_and_trickled_frames_are_cut_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = NodeConfig::new("127.0.0.1:0");
+    cfg.io_timeout = Duration::from_secs(1);
+    cfg.idle_timeout = Duration::from_secs(300);
+    let node = Node::start(Engine::builder(dir.path()).open().unwrap(), cfg).unwrap();
+    let addr = node.local_addr().to_string();
+
+    let mut silent = TcpStream::connect(&addr).unwrap();
+    assert!(
+        ended_within(&mut silent, Duration::from_secs(20)),
+        "a connection without HELLO kept its slot"
+    );
+
+    let mut trickle = TcpStream::connect(&addr).unwrap();
+    let mut buf = BytesMut::new();
+    hello("trickle").encode(&mut buf);
+    trickle.write_all(&buf).unwrap();
+    let mut frame = BytesMut::new();
+    tapkv_replication::protocol::Frame::request(tapkv_replication::message::opcode::SET, 0)
+        .with_extras(vec![0u8; 8])
+        .with_key(b"k".to_vec())
+        .with_value(vec![b'v'; 1000])
+        .encode(&mut frame);
+    let writer = {
+        let mut w = trickle.try_clone().unwrap();
+        std::thread::spawn(move || {
+            // One byte every 20 ms: the whole frame would take 20 s.
+            for b in frame.iter() {
+                if w.write_all(&[*b]).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    // Read the HELLO reply, then wait for the cut.
+    assert!(
+        ended_within(&mut trickle, Duration::from_secs(15)),
+        "a trickled frame held its connection"
+    );
+    let _ = trickle.shutdown(std::net::Shutdown::Both);
+    writer.join().unwrap();
+    node.shutdown().unwrap();
+}
