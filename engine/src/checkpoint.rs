@@ -539,6 +539,28 @@ impl ClosedRun {
         }
         st.progress()
     }
+
+    /// Reads the run up to `max_items` items or about `max_bytes` (at least
+    /// one item), stopping anywhere, inside a checkpoint too: for readers
+    /// whose stopping point need not be consistent on disk (replication
+    /// streams; a cursor resumes at any seqno).
+    pub fn scan_within(
+        &self,
+        (max_items, max_bytes): (usize, usize),
+        mut visit: impl FnMut(EventRef<'_>),
+    ) -> CursorProgress {
+        let mut st = self.start;
+        for (i, ck) in self.checkpoints.iter().enumerate() {
+            if !st.read(ck, max_items, max_bytes, u64::MAX, &mut visit) {
+                break;
+            }
+            let next = self.checkpoints.get(i + 1).map_or(self.next_id, |c| c.id);
+            if st.next_checkpoint(ck.id, next, Some((max_items, max_bytes)), &mut visit) {
+                break;
+            }
+        }
+        st.progress()
+    }
 }
 
 /// The checkpoint manager of one partition. Not synchronised: the partition

@@ -856,12 +856,12 @@ impl Engine {
         Ok(batch)
     }
 
-    /// Reads and consumes up to about `max_items` items from cursor `name`,
+    /// Reads and consumes up to `max_items` items from cursor `name`,
     /// calling `visit` for each event in order, and returns how many items
     /// it visited. Closed checkpoints are read without the partition's lock
-    /// (whole checkpoints, so a call may pass `max_items` to finish one);
-    /// entries of the open checkpoint are copied under the lock (reference
-    /// counts only) and visited after it. `read_cursor` without copies, for
+    /// (a read may stop inside one; the cursor resumes there); entries of
+    /// the open checkpoint are copied under the lock (reference counts
+    /// only) and visited after it. `read_cursor` without copies, for
     /// readers that encode events as they go (replication streams). On an
     /// error the cursor has not moved and the events visited by this call
     /// must be discarded (a replication stream ends and reconnects).
@@ -870,16 +870,30 @@ impl Engine {
         p: PartitionId,
         name: &str,
         max_items: usize,
+        visit: impl FnMut(EventRef<'_>),
+    ) -> Result<usize> {
+        self.read_cursor_within(p, name, (max_items, usize::MAX), visit)
+    }
+
+    /// [`read_cursor_with`](Self::read_cursor_with) that also stops once
+    /// about `max_bytes` of items were visited (at the first item past it;
+    /// at least one item is read if any is there).
+    pub fn read_cursor_within(
+        &self,
+        p: PartitionId,
+        name: &str,
+        (max_items, max_bytes): (usize, usize),
         mut visit: impl FnMut(EventRef<'_>),
     ) -> Result<usize> {
         reserved_cursor_check(name)?;
+        let (max_items, max_bytes) = (max_items.max(1), max_bytes.max(1));
         let s = self.live()?;
         let part = s.partition(p)?;
         let mut w = part.lock();
         let run = w.checkpoints.closed_run(name, None, max_items)?;
         if !run.is_empty() {
             drop(w);
-            let progress = run.scan(None, Some((max_items, usize::MAX)), &mut visit);
+            let progress = run.scan_within((max_items, max_bytes), &mut visit);
             // The cursor moves only once its events were visited. If it was
             // removed or registered again meanwhile this fails (nothing is
             // committed, and the events visited belong to the old
@@ -890,10 +904,10 @@ impl Engine {
         }
         // The open checkpoint: short pieces copied under the lock, so a
         // writer of the partition never waits behind a whole batch.
-        let mut items = 0;
+        let (mut items, mut bytes) = (0, 0);
         loop {
             let piece = (max_items - items).clamp(1, OPEN_PIECE);
-            let batch = w.checkpoints.peek(name, piece, usize::MAX, None)?;
+            let batch = w.checkpoints.peek(name, piece, max_bytes - bytes, None)?;
             let freed = w.checkpoints.advance(name, &batch)?;
             drop(w);
             drop(freed);
@@ -901,7 +915,8 @@ impl Engine {
                 visit(ev.as_event_ref());
             }
             items += batch.items();
-            if batch.items() < piece || items >= max_items {
+            bytes = bytes.saturating_add(batch.progress.bytes);
+            if batch.items() < piece || items >= max_items || bytes >= max_bytes {
                 return Ok(items);
             }
             w = part.lock();

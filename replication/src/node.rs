@@ -1347,6 +1347,7 @@ fn stream_loop(
         writer.flush().map_err(io_err)?;
         let mut last_send = Instant::now();
         let mut dropped = false;
+        let mut first = 0usize;
         let mut generation = engine.change_generation();
         // A replica acknowledges every heartbeat at once: one that has left
         // bytes unacknowledged this long is hung or gone (its host may be,
@@ -1416,13 +1417,32 @@ fn stream_loop(
             }
             let mut sent = 0;
             let mut lost = None;
-            for p in &active {
+            // Each round starts one partition further on, so a round cut
+            // short by the byte limit does not always leave out the same
+            // partitions.
+            first = (first + 1) % active.len().max(1);
+            let order = active.iter().cycle().skip(first).take(active.len());
+            for p in order {
+                // A round stops once the stream has its limit of bytes
+                // unacknowledged: one partition's read can pass it by at
+                // most a checkpoint (closed checkpoints are read whole),
+                // not every partition's batch on top of each other.
+                let budget = cfg
+                    .max_unacked_bytes
+                    .saturating_sub(s.unacked.load(Ordering::Acquire));
+                if budget == 0 {
+                    break;
+                }
                 let mut last = None;
                 let mut items_bytes = 0;
                 // Entries are encoded straight from the checkpoints into the
                 // connection buffer (closed checkpoints without the
                 // partition's lock).
-                let read = engine.read_cursor_with(*p, &s.cursor, cfg.stream_batch, |ev| {
+                let limits = (
+                    cfg.stream_batch,
+                    usize::try_from(budget).unwrap_or(usize::MAX),
+                );
+                let read = engine.read_cursor_within(*p, &s.cursor, limits, |ev| {
                     sent += match ev {
                         EventRef::CheckpointStart { id } => send(
                             writer,

@@ -549,3 +549,63 @@ fn acknowledgements_count_only_what_was_sent() {
     drop((reader, writer));
     primary.shutdown().unwrap();
 }
+
+/// A stream that reads nothing holds at most its `max_unacked_bytes` plus
+/// one item unacknowledged, also with large values in closed checkpoints
+/// (a read may stop inside a checkpoint): before, one read took a whole
+/// checkpoint (up to 32 MiB) and a round every partition's batch.
+#[test]
+fn a_stream_stays_within_its_unacknowledged_limit() {
+    use tapkv_replication::message::StreamRequest;
+    let pdir = tempfile::tempdir().unwrap();
+    let mut pcfg = NodeConfig::new("127.0.0.1:0");
+    pcfg.max_unacked_bytes = 1 << 20;
+    pcfg.slow_replica_timeout = Duration::from_secs(600);
+    let primary = Node::start(
+        Engine::builder(pdir.path()).partitions(2).open().unwrap(),
+        pcfg,
+    )
+    .unwrap();
+    let p = primary.engine().unwrap();
+    // 60 values of 512 KiB in closed checkpoints, kept in memory (the
+    // flusher paused) until the stream has opened: its first reads find
+    // them all queued.
+    let value = vec![b'x'; 512 << 10];
+    p.set_flusher_paused(true);
+    for i in 0..60 {
+        p.set(
+            format!("big-{i}").as_bytes(),
+            &value[..],
+            WriteOptions::default(),
+        )
+        .unwrap();
+    }
+    for part in 0..2 {
+        p.create_checkpoint(part).unwrap();
+    }
+    let conn = std::net::TcpStream::connect(primary.local_addr()).unwrap();
+    let reqs: Vec<StreamRequest> = (0..2)
+        .map(|partition| StreamRequest {
+            partition,
+            uuid: 0,
+            seqno: 0,
+        })
+        .collect();
+    let (reader, writer) = stream_by_hand(conn, "still", &reqs);
+    wait_until("the stream's cursors", Duration::from_secs(10), || {
+        stream_cursors(p).len() == 2
+    });
+    p.set_flusher_paused(false);
+    let mut c = Client::connect(&primary.local_addr().to_string(), Duration::from_secs(5)).unwrap();
+    let unacked = |c: &mut Client| c.admin("streams").unwrap()[0]["unacked_bytes"].as_u64();
+    wait_until(
+        "the stream to reach its limit",
+        Duration::from_secs(20),
+        || unacked(&mut c).is_some_and(|u| u >= 1 << 20),
+    );
+    let bound = (1 << 20) + (512 << 10) + 4096;
+    let u = unacked(&mut c).unwrap();
+    assert!(u <= bound, "{u} bytes unacknowledged against a 1 MiB limit");
+    drop((reader, writer));
+    primary.shutdown().unwrap();
+}

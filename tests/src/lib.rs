@@ -91,6 +91,36 @@ impl Proc {
         }
     }
 
+    /// SIGSTOP, then waits (bounded) until every thread of the process is
+    /// stopped: `kill` returns before a thread running on another core has
+    /// taken the signal.
+    pub fn stop_all_threads(&self) {
+        self.signal(libc::SIGSTOP);
+        let Some(pid) = self.child.as_ref().map(|c| c.id()) else {
+            return;
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let stopped = std::fs::read_dir(format!("/proc/{pid}/task"))
+                .map(|tasks| {
+                    tasks.flatten().all(|t| {
+                        std::fs::read_to_string(t.path().join("stat")).is_ok_and(|st| {
+                            // The state follows the parenthesised command.
+                            st.rsplit_once(") ").is_some_and(|(_, rest)| {
+                                rest.starts_with('T') || rest.starts_with('t')
+                            })
+                        })
+                    })
+                })
+                .unwrap_or(true);
+            if stopped {
+                return;
+            }
+            assert!(Instant::now() < deadline, "process {pid} did not stop");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// The next stdout line, or `None` at end of output; panics after `timeout`.
     pub fn next_line(&mut self, timeout: Duration) -> Option<String> {
         let rx = self.lines.as_ref()?;

@@ -448,7 +448,7 @@ fn a_slow_replica_has_its_cursor_dropped_and_is_backfilled_later() {
     let mut c = primary.client();
     c.set(b"hello", b"world", 0, false).unwrap();
     wait_converged(&primary, &[&slow], CONVERGE);
-    slow.signal(libc::SIGSTOP);
+    slow.proc.stop_all_threads();
     let value = vec![b'x'; 1000];
     write_until_dropped(&mut c, "bulk");
     // With the cursor gone, checkpoints are freed once persisted: while the
@@ -540,7 +540,7 @@ fn replicate_durability_waits_for_a_majority_of_replicas() {
     // With both replicas stopped, the write times out with a typed error but
     // is not undone.
     for r in &reps {
-        r.signal(libc::SIGSTOP);
+        r.proc.stop_all_threads();
     }
     let err = c
         .set_durable(b"stalled", b"v", 0, Durability::Replicate)
@@ -574,7 +574,7 @@ fn a_replica_holding_a_window_that_ended_while_it_was_away_converges() {
     );
     // The replica stops reading; its cursor is dropped; the window is
     // reverted and its checkpoints freed while it is away.
-    away.signal(libc::SIGSTOP);
+    away.proc.stop_all_threads();
     c.update_revert(p).unwrap();
     write_until_dropped(&mut c, "fill");
     let value = vec![b'x'; 1000];
@@ -749,7 +749,7 @@ fn a_link_drop_inside_an_open_window_resumes_without_a_reset() {
     }
     wait_seqno(&replica, p, high_seqno(&primary, p));
     // The replica stops reading; the primary ends its silent stream.
-    replica.signal(libc::SIGSTOP);
+    replica.proc.stop_all_threads();
     let deadline = Instant::now() + CONVERGE;
     while c
         .admin("streams")
