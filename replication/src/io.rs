@@ -118,6 +118,15 @@ impl FrameReader {
         self.drained && !self.has_frame()
     }
 
+    /// The opcode and opaque of the frame at the front of the buffer, if its
+    /// header has arrived (whether or not the header is valid): an error
+    /// answer to a malformed frame carries them, so a pipelining client can
+    /// tell which request it answers.
+    pub fn pending_header(&self) -> Option<(u8, u32)> {
+        let h = self.buf.get(..crate::protocol::HEADER_LEN)?;
+        Some((h[1], u32::from_be_bytes([h[12], h[13], h[14], h[15]])))
+    }
+
     /// Whether a whole frame is buffered (the next `poll` returns without
     /// reading): a server answering pipelined requests sends its replies
     /// together once this turns false.

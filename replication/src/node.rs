@@ -528,6 +528,15 @@ fn next_request(
             return Ok(None);
         }
         match reader.poll() {
+            Ok(Some(f)) if f.magic != crate::protocol::MAGIC_REQUEST => {
+                // A response where a request belongs: answered, skipped.
+                *idle = 0;
+                writer.send(&status_response(
+                    &f,
+                    status::INVALID_ARGUMENTS,
+                    "expected a request (magic 0x80), got a response frame",
+                ))?;
+            }
             Ok(Some(f)) => {
                 *idle = 0;
                 return Ok(Some(f));
@@ -544,7 +553,11 @@ fn next_request(
                 | ProtocolError::BodyTooLarge { .. }
                 | ProtocolError::BadLengths { .. }),
             ) => {
-                let req = Frame::request(0, 0);
+                let mut req = Frame::request(0, 0);
+                if let Some((op, opaque)) = reader.pending_header() {
+                    req.opcode = op;
+                    req.opaque = opaque;
+                }
                 let _ = writer.send(&status_response(
                     &req,
                     status::INVALID_ARGUMENTS,

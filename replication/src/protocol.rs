@@ -347,6 +347,14 @@ fn parse_header(h: &[u8; HEADER_LEN], max_body: usize) -> Result<Header, Protoco
 /// The validated header of the frame at the front of `buf`, if `buf` holds
 /// all of it; `Ok(None)` if more bytes are needed.
 fn whole_frame(buf: &[u8], max_body: usize) -> Result<Option<Header>, ProtocolError> {
+    // A wrong first byte is refused at once, not once 24 bytes arrived: a
+    // text-protocol line (`get foo\r\n`, 9 bytes) gets its answer instead
+    // of waiting out a timeout.
+    if let Some(&magic) = buf.first() {
+        if magic != MAGIC_REQUEST && magic != MAGIC_RESPONSE {
+            return Err(ProtocolError::BadMagic(magic));
+        }
+    }
     if buf.len() < HEADER_LEN {
         return Ok(None);
     }

@@ -167,3 +167,61 @@ fn malformed_frames_get_errors_and_the_node_keeps_serving() {
     c.set(b"still", b"alive", 0, false).unwrap();
     assert_eq!(c.get(b"still").unwrap().0, &b"alive"[..]);
 }
+
+/// A text-protocol line is refused at its first byte (not after waiting for
+/// 24); a response frame sent as a request is answered with an error and
+/// the connection goes on; an error answer to a frame whose header arrived
+/// carries that frame's opcode and opaque.
+#[test]
+fn wrong_magic_response_frames_and_oversized_bodies_are_answered_promptly() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = NodeProc::start(
+        dir.path(),
+        "127.0.0.1:0",
+        None,
+        "target",
+        &["--max-body", "4096"],
+    );
+
+    // memcached's text protocol: 9 bytes, answered and closed at once.
+    let mut s = raw(&node.addr);
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"get foo\r\n").unwrap();
+    let f = read_frame(&mut s, 1 << 20).expect("an answer within 5 s, not the idle timeout");
+    assert_eq!(f.status(), status::INVALID_ARGUMENTS);
+    assert!(String::from_utf8_lossy(&f.value).contains("magic"), "{f:?}");
+
+    // A response frame where a request belongs.
+    let mut s = raw(&node.addr);
+    handshake(&mut s);
+    let mut noop = Frame::request(opcode::NOOP, 0);
+    noop.magic = 0x81;
+    noop.opaque = 77;
+    s.write_all(&noop.to_bytes()).unwrap();
+    let f = read_frame(&mut s, 1 << 20).unwrap();
+    assert_eq!(
+        (f.status(), f.opaque),
+        (status::INVALID_ARGUMENTS, 77),
+        "{f:?}"
+    );
+    let mut noop = Frame::request(opcode::NOOP, 0);
+    noop.opaque = 78;
+    s.write_all(&noop.to_bytes()).unwrap();
+    let f = read_frame(&mut s, 1 << 20).unwrap();
+    assert_eq!(
+        (f.status(), f.opaque),
+        (status::SUCCESS, 78),
+        "the connection goes on"
+    );
+
+    // A body over --max-body: the answer names the request's opcode and opaque.
+    let mut set = Frame::request(opcode::SET, 0)
+        .with_extras(vec![0u8; 8])
+        .with_key(b"k".to_vec())
+        .with_value(vec![b'v'; 8192]);
+    set.opaque = 0x1234;
+    s.write_all(&set.to_bytes()[..24]).unwrap();
+    let f = read_frame(&mut s, 1 << 20).unwrap();
+    assert_eq!(f.status(), status::INVALID_ARGUMENTS, "{f:?}");
+    assert_eq!((f.opcode, f.opaque), (opcode::SET, 0x1234), "{f:?}");
+}
