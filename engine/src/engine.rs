@@ -648,7 +648,10 @@ impl Engine {
     }
 
     fn check_key(&self, s: &Shared, key: &[u8]) -> Result<()> {
-        if key.is_empty() || key.len() > s.config.max_key_size {
+        if key.is_empty() {
+            return Err(Error::InvalidArgument("the key is empty".into()));
+        }
+        if key.len() > s.config.max_key_size {
             return Err(Error::KeyTooLarge {
                 len: key.len(),
                 max: s.config.max_key_size,

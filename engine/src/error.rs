@@ -26,8 +26,9 @@ pub enum Error {
         /// CAS the item has now (0 if the key is absent).
         current: u64,
     },
-    /// The key is empty or longer than the configured maximum.
-    #[error("key length {len} is outside 1..={max} bytes")]
+    /// The key is longer than the configured maximum (an empty key is
+    /// `InvalidArgument`).
+    #[error("key length {len} is over the maximum of {max} bytes")]
     KeyTooLarge {
         /// Length of the rejected key.
         len: usize,

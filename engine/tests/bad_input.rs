@@ -19,8 +19,9 @@ fn each_bad_request_is_a_typed_error_and_the_engine_keeps_serving() {
     ));
     assert!(matches!(
         e.set(b"", "v", ok),
-        Err(Error::KeyTooLarge { len: 0, .. })
+        Err(Error::InvalidArgument(m)) if m.contains("empty")
     ));
+    assert!(matches!(e.get(b""), Err(Error::InvalidArgument(_))));
     assert!(matches!(
         e.get(&[b'k'; 251]),
         Err(Error::KeyTooLarge { .. })

@@ -809,3 +809,26 @@ fn a_node_stops_cleanly_on_sigint() {
         .sum();
     assert_eq!(items, 1000, "{out}");
 }
+
+/// `tapkv node --max-key-size / --max-value-size` set the engine's limits;
+/// past them a write is a typed error and the connection goes on.
+#[test]
+fn a_nodes_key_and_value_limits_are_options() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = tapkv_tests::NodeProc::start(
+        dir.path(),
+        "127.0.0.1:0",
+        None,
+        "limits",
+        &["--max-key-size", "10", "--max-value-size", "100"],
+    );
+    let mut c = node.client();
+    c.set(b"0123456789", &[b'v'; 100], 0, false).unwrap();
+    let err = c.set(b"0123456789a", b"v", 0, false).unwrap_err();
+    assert!(err.to_string().starts_with("key_too_large"), "{err}");
+    let err = c.set(b"k", &[b'v'; 101], 0, false).unwrap_err();
+    assert!(err.to_string().starts_with("value_too_large"), "{err}");
+    let err = c.set(b"", b"v", 0, false).unwrap_err();
+    assert!(err.to_string().starts_with("invalid_argument"), "{err}");
+    assert_eq!(c.get(b"0123456789").unwrap().0.len(), 100);
+}

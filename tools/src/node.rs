@@ -41,8 +41,8 @@ pub(crate) struct NodeArgs {
     #[arg(long, default_value_t = 4 << 20, value_parser = clap::value_parser!(u64).range(1..))]
     max_unacked_bytes: u64,
     /// Milliseconds a stream may sit at its unacknowledged limit with no
-    /// acknowledgement at all before its cursors are dropped (the replica is
-    /// backfilled later).
+    /// acknowledgement of progress (bytes applied or a seqno advanced)
+    /// before its cursors are dropped (the replica is backfilled later).
     #[arg(long, default_value_t = 3000, value_parser = clap::value_parser!(u64).range(1..=DAY_MS))]
     slow_replica_ms: u64,
     /// As a primary: the replicas a `Replicate` write is measured against
@@ -99,6 +99,14 @@ pub(crate) struct NodeArgs {
     /// thread each); one more is answered TEMP_FAILURE and closed.
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
     max_connections: u64,
+    /// Longest key accepted, in bytes (engine default 250, memcached's; at
+    /// most 65535, the frame's key-length field).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=65_535))]
+    max_key_size: Option<u64>,
+    /// Largest value accepted, in bytes (engine default 20 MiB; at most
+    /// 1 GiB). Raise --max-body with it: a larger frame is refused whole.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1 << 30))]
+    max_value_size: Option<u64>,
     /// Largest accepted frame body in bytes (a request's extras, key and
     /// value; at least 4096).
     #[arg(long, default_value_t = tapkv_replication::protocol::DEFAULT_MAX_BODY as u64,
@@ -204,7 +212,31 @@ pub(crate) fn run(args: NodeArgs) -> Result<ExitCode, Error> {
     if let Some(t) = args.cursor_drop_threshold {
         builder = builder.cursor_drop_threshold(t);
     }
+    if let Some(n) = args.max_key_size {
+        builder = builder.max_key_size(usize::try_from(n).unwrap_or(usize::MAX));
+    }
+    if let Some(n) = args.max_value_size {
+        builder = builder.max_value_size(usize::try_from(n).unwrap_or(usize::MAX));
+    }
     let engine = builder.open()?;
+    {
+        // A SET of the largest key and value the engine takes, with its
+        // extras: a smaller --max-body refuses such a request as a frame
+        // (and closes the connection) instead of answering VALUE_TOO_LARGE.
+        let c = engine.config()?;
+        let largest = (c.max_value_size as u64)
+            .saturating_add(c.max_key_size as u64)
+            .saturating_add(8);
+        if args.max_body < largest {
+            tracing::warn!(
+                max_body = args.max_body,
+                largest_set = largest,
+                "--max-body is below the largest SET the engine accepts (--max-value-size + \
+                 --max-key-size + 8 bytes of extras): such requests are refused as frames \
+                 and their connections closed"
+            );
+        }
+    }
     let mut cfg = NodeConfig::new(args.listen.clone());
     cfg.name = match &args.name {
         Some(n) => n.clone(),
