@@ -1035,6 +1035,15 @@ fn serve_stream(
         .lock()
         .insert(name.clone(), Arc::clone(&shared))
     {
+        // A restarted replica taking over its stream; also anyone else who
+        // opens a stream under that name (the protocol has no
+        // authentication), so both peers are named.
+        tracing::warn!(
+            stream = %name,
+            old_peer = %old.peer,
+            new_peer = %shared.peer,
+            "a stream under this name replaces the one already open"
+        );
         old.stop();
     }
     tracing::info!(stream = %name, partitions = reqs.len(), "replication stream opened");
