@@ -6,6 +6,22 @@ use tapkv_tests::run;
 
 const T: Duration = Duration::from_secs(60);
 
+/// Asserts that the data directory `d` was closed cleanly and holds
+/// `items` live items (from `tapkv admin inspect --json`).
+fn assert_clean_with_items(d: &str, items: u64) {
+    let (ok, out, err) = run(&["admin", "inspect", "--data", d, "--json"], "", T);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["clean_shutdown"], true, "{out}");
+    let held: u64 = v["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["items"].as_u64().unwrap())
+        .sum();
+    assert_eq!(held, items, "{out}");
+}
+
 #[test]
 fn kv_set_get_del_and_missing_key_exit_code() {
     let dir = tempfile::tempdir().unwrap();
@@ -435,17 +451,7 @@ fn shell_closes_the_engine_cleanly_on_sigint() {
     let status = shell.wait_status(T).expect("exit status");
     assert_eq!(status.code(), Some(130), "{status:?}");
     drop(stdin);
-    let (ok, out, err) = run(&["admin", "inspect", "--data", d, "--json"], "", T);
-    assert!(ok, "{err}");
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(v["clean_shutdown"], true, "{out}");
-    let items: u64 = v["partitions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["items"].as_u64().unwrap())
-        .sum();
-    assert_eq!(items, 2000, "{out}");
+    assert_clean_with_items(d, 2000);
 }
 
 /// A signal that arrives while a local shell is closing after `quit` waits
@@ -476,17 +482,7 @@ fn a_signal_during_the_close_after_quit_waits_for_it() {
     let status = shell.wait_status(T).expect("exit status");
     assert!(matches!(status.code(), Some(0 | 143)), "{status:?}");
     drop(writer.join().unwrap());
-    let (ok, out, err) = run(&["admin", "inspect", "--data", d, "--json"], "", T);
-    assert!(ok, "{err}");
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(v["clean_shutdown"], true, "{out}");
-    let items: u64 = v["partitions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["items"].as_u64().unwrap())
-        .sum();
-    assert_eq!(items, n, "{out}");
+    assert_clean_with_items(d, n);
 }
 
 /// A directory made with `--partitions 8` opens with every command's
@@ -797,17 +793,7 @@ fn a_node_stops_cleanly_on_sigint() {
     let status = node.proc.wait_status(T).expect("exit status");
     assert!(status.success(), "{status:?}");
     let d = dir.path().to_str().unwrap();
-    let (ok, out, err) = run(&["admin", "inspect", "--data", d, "--json"], "", T);
-    assert!(ok, "{err}");
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(v["clean_shutdown"], true, "{out}");
-    let items: u64 = v["partitions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["items"].as_u64().unwrap())
-        .sum();
-    assert_eq!(items, 1000, "{out}");
+    assert_clean_with_items(d, 1000);
 }
 
 /// `tapkv node --max-key-size / --max-value-size` set the engine's limits;
