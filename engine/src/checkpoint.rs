@@ -159,6 +159,9 @@ pub struct CursorInfo {
     pub seqno: u64,
     /// Exact number of items still to read.
     pub remaining: usize,
+    /// Checkpoint memory the items still to read hold (key, value and the
+    /// per-entry overhead, as checkpoint memory counts them).
+    pub remaining_bytes: usize,
 }
 
 /// An entry seen by [`CheckpointManager::scan`], borrowed from the checkpoint.
@@ -388,6 +391,18 @@ impl Checkpoint {
     /// Index of the first slot with a seqno above `seqno`.
     fn first_after(&self, seqno: u64) -> usize {
         self.seqnos.partition_point(|s| *s <= seqno)
+    }
+
+    /// Checkpoint memory of the live entries after `seqno`.
+    fn bytes_after(&self, seqno: u64) -> usize {
+        if seqno < self.start_seqno {
+            return self.mem;
+        }
+        self.slots[self.first_after(seqno)..]
+            .iter()
+            .flatten()
+            .map(QueuedItem::mem_size)
+            .sum()
     }
 
     fn live_after(&self, seqno: u64) -> usize {
@@ -1104,6 +1119,17 @@ impl CheckpointManager {
         Ok(self.remaining_from(&pos))
     }
 
+    /// Checkpoint memory of what a cursor at `pos` has still to read (only
+    /// its own checkpoint is walked; later ones count whole).
+    fn remaining_bytes_from(&self, pos: &CursorPosition) -> usize {
+        let idx = self.index_of(pos.checkpoint_id);
+        self.checkpoints
+            .iter()
+            .skip(idx)
+            .map(|ck| ck.bytes_after(pos.seqno))
+            .sum()
+    }
+
     fn remaining_from(&self, pos: &CursorPosition) -> usize {
         let idx = self.index_of(pos.checkpoint_id);
         self.checkpoints
@@ -1214,6 +1240,7 @@ impl CheckpointManager {
                 checkpoint_id: pos.checkpoint_id,
                 seqno: pos.seqno,
                 remaining: self.remaining_from(pos),
+                remaining_bytes: self.remaining_bytes_from(pos),
             })
             .collect()
     }

@@ -760,3 +760,37 @@ fn expelling_frees_only_what_every_cursor_has_read() {
     m.read("behind", 100).unwrap();
     assert_eq!(m.expel_read_items().0, 1);
 }
+
+/// A cursor's remaining bytes are the checkpoint memory of the live items
+/// it has still to read, across checkpoints and de-duplication.
+#[test]
+fn remaining_bytes_follow_reads_closes_and_dedup() {
+    let (mut m, mem) = mgr(3);
+    m.register_cursor("c", 0).unwrap();
+    let size = |k: &str, s: u64| item(k, s).mem_size();
+    let at = |m: &CheckpointManager| {
+        let c = m.cursors().into_iter().find(|c| c.name == "c").unwrap();
+        (c.remaining, c.remaining_bytes)
+    };
+    for (i, k) in ["a", "b", "c", "d", "e"].iter().enumerate() {
+        m.queue(item(k, i as u64 + 1));
+    }
+    // Closed at 3 items: [a b c] [d e].
+    let all: usize = ["a", "b", "c", "d", "e"]
+        .iter()
+        .enumerate()
+        .map(|(i, k)| size(k, i as u64 + 1))
+        .sum();
+    assert_eq!(at(&m), (5, all));
+    assert_eq!(all, mem.load(std::sync::atomic::Ordering::Relaxed));
+    // De-duplication replaces `e` in the open checkpoint.
+    m.queue(item("e", 6));
+    let all = all - size("e", 5) + size("e", 6);
+    assert_eq!(at(&m), (5, all));
+    // Reading two leaves the rest of the first checkpoint and the second.
+    let batch = m.read("c", 2).unwrap();
+    assert_eq!(items_of(&batch.events).len(), 2);
+    assert_eq!(at(&m), (3, all - size("a", 1) - size("b", 2)));
+    m.read("c", 10).unwrap();
+    assert_eq!(at(&m), (0, 0));
+}

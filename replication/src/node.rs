@@ -157,6 +157,9 @@ pub struct StreamPartitionInfo {
     pub acked_seqno: u64,
     /// Items the cursor has still to send.
     pub lag_items: usize,
+    /// Checkpoint memory of those items (key, value and per-entry
+    /// overhead): about the bytes still to send.
+    pub lag_bytes: usize,
     /// Seqno the stream (re)started this partition from.
     pub resumed_from: u64,
 }
@@ -930,18 +933,21 @@ fn streams_info(state: &NodeState) -> Vec<StreamInfo> {
                 .parts
                 .lock()
                 .iter()
-                .map(|(p, (st, sent))| StreamPartitionInfo {
-                    partition: *p,
-                    state: *st,
-                    sent_seqno: *sent,
-                    acked_seqno: acked.get(p).copied().unwrap_or(0),
-                    lag_items: state
+                .map(|(p, (st, sent))| {
+                    let cursor = state
                         .engine
                         .cursors(*p)
                         .ok()
-                        .and_then(|cs| cs.into_iter().find(|c| c.name == s.cursor))
-                        .map_or(0, |c| c.remaining),
-                    resumed_from: resumed.get(p).copied().unwrap_or(0),
+                        .and_then(|cs| cs.into_iter().find(|c| c.name == s.cursor));
+                    StreamPartitionInfo {
+                        partition: *p,
+                        state: *st,
+                        sent_seqno: *sent,
+                        acked_seqno: acked.get(p).copied().unwrap_or(0),
+                        lag_items: cursor.as_ref().map_or(0, |c| c.remaining),
+                        lag_bytes: cursor.as_ref().map_or(0, |c| c.remaining_bytes),
+                        resumed_from: resumed.get(p).copied().unwrap_or(0),
+                    }
                 })
                 .collect();
             parts.sort_by_key(|p| p.partition);

@@ -647,7 +647,11 @@ fn admin_streams_and_dump_over_the_network() {
         .copied()
         .collect();
     assert_eq!(rows.len(), 16, "{out}");
-    assert!(rows.iter().all(|r| r.contains("in-memory")), "{out}");
+    assert!(
+        rows.iter()
+            .all(|r| r.contains("in-memory") && r.ends_with(" bytes")),
+        "{out}"
+    );
     // Widths apply: the partition number is right-aligned in 3 columns.
     assert!(rows[0].starts_with("  partition   0: in-memory"), "{out}");
     let (ok, out, err) = run(
@@ -658,8 +662,11 @@ fn admin_streams_and_dump_over_the_network() {
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v[0]["name"], "replica-0", "{out}");
-    // `a`'s partition sent its SET and DELETE (seqnos 1 and 2).
+    // `a`'s partition sent its SET and DELETE (seqnos 1 and 2), and the
+    // caught-up stream has nothing left to send.
     assert_eq!(v[0]["partitions"][pa]["sent_seqno"], 2, "{out}");
+    assert_eq!(v[0]["partitions"][pa]["lag_items"], 0, "{out}");
+    assert_eq!(v[0]["partitions"][pa]["lag_bytes"], 0, "{out}");
 
     let (ok, out, err) = run(&["admin", "dump", "--addr", &primary.addr], "", t);
     assert!(ok, "{err}");

@@ -56,7 +56,7 @@ pub(crate) enum AdminCommand {
         addr: String,
         /// The node's JSON array (name, peer, unacked_bytes, last_ack_ms,
         /// and per partition: partition, state, sent_seqno, acked_seqno,
-        /// lag_items, resumed_from) instead of the table.
+        /// lag_items, lag_bytes, resumed_from) instead of the table.
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -196,12 +196,13 @@ pub(crate) fn run(cmd: AdminCommand) -> Result<ExitCode, Error> {
                     // Numbers as integers: a JSON value ignores the widths.
                     let n = |k: &str| p[k].as_u64().unwrap_or(0);
                     outln!(
-                        "  partition {:>3}: {:<11} sent {:>8} acked {:>8} lag {:>6} items",
+                        "  partition {:>3}: {:<11} sent {:>8} acked {:>8} lag {:>6} items {:>10} bytes",
                         n("partition"),
                         p["state"].as_str().unwrap_or(""),
                         n("sent_seqno"),
                         n("acked_seqno"),
-                        n("lag_items")
+                        n("lag_items"),
+                        n("lag_bytes")
                     )?;
                 }
             }
