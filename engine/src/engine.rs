@@ -230,6 +230,8 @@ pub(crate) struct Shared {
     /// The (partition, shard) slot the expiry pass goes on from.
     pub(crate) expiry_next: AtomicUsize,
     recovered_from_crash: bool,
+    /// See [`Engine::holds_primary_data`].
+    primary_data: AtomicBool,
     /// Disk-snapshot entries spilled to the staging column family.
     pub(crate) snapshot_staged_items: AtomicU64,
     /// Stream cursors the flusher dropped under memory pressure.
@@ -417,6 +419,7 @@ impl Engine {
                 format: FORMAT_VERSION,
                 partitions: config.partitions,
                 replica: Some(config.replica),
+                primary_data: false,
             })?,
             Some(meta) if meta.partitions != config.partitions => {
                 return Err(Error::Incompatible {
@@ -438,6 +441,7 @@ impl Engine {
                     format: FORMAT_VERSION,
                     partitions: meta.partitions,
                     replica: meta.replica,
+                    primary_data: meta.primary_data,
                 })?;
             }
             Some(meta) if meta.format != FORMAT_VERSION => {
@@ -468,10 +472,14 @@ impl Engine {
             if meta.replica != Some(config.replica) {
                 store.put_engine_meta(&EngineMeta {
                     replica: Some(config.replica),
+                    // A primary's data, now a replica's: kept until a
+                    // replication session confirms the history matches.
+                    primary_data: config.replica && meta.replica == Some(false),
                     ..meta
                 })?;
             }
         }
+        let primary_data = store.engine_meta()?.is_some_and(|m| m.primary_data);
         // Accepted: only now may the directory change.
         store.ensure_staging()?;
         let clean = fresh || store.was_clean_shutdown()?;
@@ -600,6 +608,7 @@ impl Engine {
             expiry_due: Mutex::new(Instant::now().checked_add(config.expiry_pager_interval)),
             expiry_next: AtomicUsize::new(0),
             recovered_from_crash: !clean,
+            primary_data: AtomicBool::new(primary_data),
             snapshot_staged_items: AtomicU64::new(0),
             cursors_dropped: AtomicU64::new(0),
             items_expelled: AtomicU64::new(0),
@@ -1030,6 +1039,34 @@ impl Engine {
             Some(s) => s.changes.wait(since, timeout),
             None => since,
         }
+    }
+
+    /// Whether this replica's directory held a primary's data and no
+    /// replication session has yet confirmed that its history is its
+    /// primary's ([`confirm_replica`](Self::confirm_replica)). A node then
+    /// refuses to roll its partitions back unless told to: pointed at the
+    /// wrong primary, a rollback would replace that data.
+    pub fn holds_primary_data(&self) -> bool {
+        self.shared
+            .as_deref()
+            .is_some_and(|s| s.primary_data.load(Ordering::Acquire))
+    }
+
+    /// Records (synced) that the directory's history is its primary's: from
+    /// now on it is an ordinary replica's (see
+    /// [`holds_primary_data`](Self::holds_primary_data)).
+    pub fn confirm_replica(&self) -> Result<()> {
+        let s = self.live()?;
+        if let Some(meta) = s.store.engine_meta()? {
+            if meta.primary_data {
+                s.store.put_engine_meta(&EngineMeta {
+                    primary_data: false,
+                    ..meta
+                })?;
+            }
+        }
+        s.primary_data.store(false, Ordering::Release);
+        Ok(())
     }
 
     /// Installs what `Durability::Replicate` writes wait on (a node does this).

@@ -202,6 +202,7 @@ mod tests {
                 format: 2,
                 partitions: 16,
                 replica: None,
+                primary_data: false,
             })
             .unwrap();
         e.close().unwrap();
@@ -221,6 +222,7 @@ mod tests {
                     format: 1,
                     partitions: 16,
                     replica: None,
+                    primary_data: false,
                 })
                 .unwrap();
             e.close().unwrap();

@@ -49,6 +49,11 @@ pub struct EngineMeta {
     /// to it directly would be rolled back when its replica rejoins.
     #[serde(default)]
     pub replica: Option<bool>,
+    /// A primary's directory opened as a replica, and no replication
+    /// session has confirmed it yet: a node refuses to roll back its
+    /// partitions (which would replace a primary's data) unless told to.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub primary_data: bool,
 }
 
 /// A partition's state as of its last successful flush.

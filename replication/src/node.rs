@@ -83,6 +83,11 @@ pub struct NodeConfig {
     /// has a thread). One more is answered `TEMP_FAILURE` ("too many
     /// connections") and closed. Default 1024.
     pub max_connections: usize,
+    /// Replica: roll back partitions of a directory that held a primary's
+    /// data (`Engine::holds_primary_data`) when the primary's history
+    /// differs, replacing that data. Default false: such a rollback is
+    /// refused and reported as the link's error.
+    pub replace_primary_data: bool,
 }
 
 /// Rounds smaller than this are followed by the stream's linger.
@@ -111,6 +116,7 @@ impl NodeConfig {
             ack_bytes: 512 * 1024,
             min_replicas: 1,
             max_connections: 1024,
+            replace_primary_data: false,
         }
     }
 }
@@ -1858,13 +1864,17 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
         last_heard = now;
         ack.bytes += wire_len as u64;
         let msg = msg.map_err(perr)?;
-        if rolled_back
-            && !matches!(
-                msg,
-                StreamMessage::Rollback { .. } | StreamMessage::Failover { .. }
-            )
-        {
+        let opening = matches!(
+            msg,
+            StreamMessage::Rollback { .. } | StreamMessage::Failover { .. }
+        );
+        if rolled_back && !opening {
             return Ok(());
+        }
+        if !opening && engine.holds_primary_data() {
+            // The opening burst is over and nothing was refused: this
+            // directory's history is its primary's.
+            engine.confirm_replica()?;
         }
         let mut ack_now = false;
         match msg {
@@ -1964,6 +1974,19 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
                 }
             }
             StreamMessage::Rollback { partition } => {
+                if engine.holds_primary_data()
+                    && !cfg.replace_primary_data
+                    && engine.high_seqno(partition)? > 0
+                {
+                    let msg = format!(
+                        "the primary at {primary} has another history for partition {partition}, \
+                         and this directory holds a primary's data, which a rollback would \
+                         replace: not replicating (check --replica-of, or start the node with \
+                         --replace-data to replace it)"
+                    );
+                    tracing::error!("{msg}");
+                    return Err(Error::WrongState(msg));
+                }
                 tracing::warn!(
                     partition,
                     "primary's history diverged: rolling back the partition"

@@ -609,3 +609,102 @@ fn a_stream_stays_within_its_unacknowledged_limit() {
     drop((reader, writer));
     primary.shutdown().unwrap();
 }
+
+/// Copies directory `from` into `to` (both plain directories of files).
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// A primary's directory opened as a replica of a primary with another
+/// history is not rolled back (that would replace its data) unless the node
+/// is told to; seeded from its own primary, it resumes and is confirmed as
+/// an ordinary replica's.
+#[test]
+fn a_primarys_directory_is_not_replaced_by_a_wrong_primary_unless_asked() {
+    let adir = tempfile::tempdir().unwrap();
+    let bdir = tempfile::tempdir().unwrap();
+    let seed = tempfile::tempdir().unwrap();
+    let write = |node: &Node, prefix: &str, n: usize| {
+        let e = node.engine().unwrap();
+        for i in 0..n {
+            e.set(
+                format!("{prefix}{i}").as_bytes(),
+                b"v",
+                WriteOptions::default(),
+            )
+            .unwrap();
+        }
+    };
+    // Primary A, with data; its directory is copied while it is down.
+    let a = primary_of(adir.path());
+    write(&a, "a", 100);
+    a.shutdown().unwrap();
+    copy_dir(adir.path(), &seed.path().join("copy"));
+    let b = primary_of(bdir.path());
+    write(&b, "b", 50);
+
+    // A's directory pointed at B: refused, A's data kept.
+    let wrong = replica_of(&b, adir.path(), 2, "wrong", |_| {});
+    let mut c = Client::connect(&wrong.local_addr().to_string(), Duration::from_secs(5)).unwrap();
+    let mut error = String::new();
+    wait_until("the refusal", Duration::from_secs(20), || {
+        error = c.stats().unwrap()["link_error"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        error.contains("primary's data")
+    });
+    assert!(error.contains("--replace-data"), "{error}");
+    let w = wrong.engine().unwrap();
+    assert!(w.holds_primary_data());
+    assert_eq!(w.stats().unwrap().items(), 100, "A's data was kept");
+    wrong.shutdown().unwrap();
+
+    // Told to replace it: it follows B.
+    let replaced = replica_of(&b, adir.path(), 2, "wrong", |cfg| {
+        cfg.replace_primary_data = true
+    });
+    let r = replaced.engine().unwrap();
+    wait_until("the replica to follow B", Duration::from_secs(20), || {
+        r.stats().unwrap().items() == 50 && !r.holds_primary_data()
+    });
+    assert!(r.get(b"a0").is_err());
+    replaced.shutdown().unwrap();
+    b.shutdown().unwrap();
+
+    // A's copy seeds a replica of A itself: it resumes, no rollback, and
+    // becomes an ordinary replica's directory.
+    let a2dir = seed.path().join("copy");
+    let a_again = {
+        // Restart A on a second copy of its original data (its directory
+        // above now belongs to a replica of B).
+        let orig = seed.path().join("orig");
+        copy_dir(&a2dir, &orig);
+        Node::start(
+            Engine::builder(&orig).partitions(2).open().unwrap(),
+            NodeConfig::new("127.0.0.1:0"),
+        )
+        .unwrap()
+    };
+    let seeded = replica_of(&a_again, &a2dir, 2, "seeded", |_| {});
+    let s = seeded.engine().unwrap();
+    wait_until(
+        "the seeded replica to be confirmed",
+        Duration::from_secs(20),
+        || !s.holds_primary_data(),
+    );
+    assert_eq!(s.stats().unwrap().items(), 100);
+    let resets: u64 = s.stats().unwrap().partitions.iter().map(|p| p.resets).sum();
+    assert_eq!(resets, 0, "a seed from its own primary resumes");
+    seeded.shutdown().unwrap();
+    a_again.shutdown().unwrap();
+}

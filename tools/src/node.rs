@@ -107,6 +107,12 @@ pub(crate) struct NodeArgs {
     /// 1 GiB). Raise --max-body with it: a larger frame is refused whole.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1 << 30))]
     max_value_size: Option<u64>,
+    /// As a replica over a directory that held a primary's data: accept
+    /// that partitions whose history differs from the primary's are rolled
+    /// back, replacing that data (without it, such a rollback is refused and
+    /// the node does not replicate; see `stat`'s link_error).
+    #[arg(long)]
+    replace_data: bool,
     /// Largest accepted frame body in bytes (a request's extras, key and
     /// value; at least 4096).
     #[arg(long, default_value_t = tapkv_replication::protocol::DEFAULT_MAX_BODY as u64,
@@ -252,6 +258,7 @@ pub(crate) fn run(args: NodeArgs) -> Result<ExitCode, Error> {
     cfg.stream_linger = Duration::from_micros(args.stream_linger_us);
     cfg.ack_bytes = args.ack_bytes.max(1);
     cfg.min_replicas = args.replicas;
+    cfg.replace_primary_data = args.replace_data;
     cfg.max_connections = usize::try_from(args.max_connections).unwrap_or(usize::MAX);
     let name = cfg.name.clone();
     let node = Node::start(engine, cfg)?;
