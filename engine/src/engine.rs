@@ -508,7 +508,7 @@ impl Engine {
                 checkpoint_id: start.checkpoint_id + (step / 1000).max(1),
             };
             store.put_reservation(p, &reservation)?;
-            let mut part = Partition::new(
+            let part = Partition::new(
                 p,
                 config.checkpoint,
                 &start,
@@ -517,8 +517,10 @@ impl Engine {
                 Arc::clone(&checkpoint_mem),
             );
             let lost_before = store.lost_windows(p)?.len();
-            part.lost_windows = store.mark_window_lost(p, !config.replica)?;
-            let lost_now = part.lost_windows.len() > lost_before;
+            let lost = store.mark_window_lost(p, !config.replica)?;
+            let lost_now = lost.len() > lost_before;
+            let last_lost = lost.last().cloned();
+            *part.lost_windows.lock() = lost;
             let mut log = store.failover_log(p)?;
             // A window lost to a crash *or a clean close* ends a branch too:
             // replicas may hold its entries.
@@ -532,7 +534,7 @@ impl Engine {
                 store.put_failover_log(p, &log)?;
             }
             *part.failover.lock() = log;
-            if let Some(lost) = part.lost_windows.last() {
+            if let Some(lost) = last_lost {
                 if lost.start_seqno > state.high_seqno {
                     tracing::warn!(
                         partition = p,
@@ -989,7 +991,7 @@ impl Engine {
                     resets: pr.resets.load(Ordering::Relaxed),
                     expired: pr.expired.load(Ordering::Relaxed),
                     window: p.window_info(),
-                    lost_windows: p.lost_windows.clone(),
+                    lost_windows: p.lost_windows.lock().clone(),
                 }
             })
             .collect();
@@ -1147,8 +1149,22 @@ impl Engine {
             // can queue deletions in a partition whose own thread has
             // already stopped: with every thread joined, nothing changes
             // any more, so one last drain writes whatever is left.
+            // Failures are retried as the flusher threads retry them.
             let all: Vec<&Partition> = shared.partitions.iter().collect();
-            while flusher::run_round(&shared, &all, true)? == flusher::Round::More {}
+            let mut failures = 0;
+            loop {
+                match flusher::run_round(&shared, &all, true) {
+                    Ok(flusher::Round::More) => failures = 0,
+                    Ok(_) => break,
+                    Err(e) => {
+                        failures += 1;
+                        if failures >= shared.config.flush_retry_limit.max(1) {
+                            return Err(e);
+                        }
+                        std::thread::sleep(shared.config.flush_retry_backoff);
+                    }
+                }
+            }
             for p in &shared.partitions {
                 let w = p.lock();
                 shared.store.put_reservation(

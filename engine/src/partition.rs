@@ -132,7 +132,8 @@ pub(crate) struct PartitionStart {
 pub(crate) struct Partition {
     pub(crate) id: PartitionId,
     /// Windows lost to a crash or close before this open, oldest first.
-    pub(crate) lost_windows: Vec<crate::store::WindowRecord>,
+    /// Windows lost to a crash or close (as on disk; a reset clears both).
+    pub(crate) lost_windows: Mutex<Vec<crate::store::WindowRecord>>,
     /// Failover log (branches of this partition's history).
     pub(crate) failover: Mutex<Vec<crate::store::FailoverEntry>>,
     pub(crate) table: HashTable,
@@ -165,7 +166,7 @@ impl Partition {
         progress.max_cas.store(start.max_cas, Ordering::Relaxed);
         Partition {
             id,
-            lost_windows: Vec::new(),
+            lost_windows: Mutex::new(Vec::new()),
             failover: Mutex::new(Vec::new()),
             table: HashTable::new(),
             writer: Mutex::new(PartitionWriter {

@@ -418,6 +418,7 @@ impl Engine {
         w.window = None;
         w.reverted.clear();
         w.completed.clear();
+        part.lost_windows.lock().clear();
         part.progress.persisted_seqno.store(0, Ordering::Release);
         part.progress.synced_seqno.store(0, Ordering::Release);
         part.progress.resets.fetch_add(1, Ordering::Relaxed);

@@ -434,6 +434,11 @@ fn a_replica_stopped_inside_a_window_lists_no_lost_window() {
         let lost = e.stats().unwrap().partitions[1].lost_windows.len();
         assert_eq!(lost, usize::from(!replica), "replica {replica}");
         assert!(e.stats().unwrap().partitions[1].window.is_none());
+        // A reset clears the partition's lost windows, in memory and on disk.
+        e.reset_partition(1).unwrap();
+        assert!(e.stats().unwrap().partitions[1].lost_windows.is_empty());
         e.close().unwrap();
+        let view = tapkv_engine::DiskView::open(dir.path()).unwrap();
+        assert!(view.partitions().unwrap()[1].lost_windows.is_empty());
     }
 }

@@ -155,7 +155,7 @@ impl Client {
             broken: false,
         };
         let r = c.call(hello("tapkv-client"))?;
-        let info: serde_json::Value = serde_json::from_slice(&r.value).unwrap_or_default();
+        let info: serde_json::Value = json_body(&r, "hello")?;
         c.partitions = info["partitions"].as_u64().unwrap_or(0) as u16;
         c.role = info["role"].as_str().unwrap_or("").to_owned();
         if let Some(m) = info["max_body"].as_u64() {

@@ -17,15 +17,19 @@ pub struct FrameReader {
     /// The last read returned less than it asked for: the connection held
     /// nothing more at that moment.
     drained: bool,
-    /// Longest time a frame may take to arrive once its first byte has
-    /// (`None`: no limit).
+    /// Longest time a partial frame may go without `FRAME_PROGRESS` more
+    /// bytes arriving (`None`: no limit).
     frame_deadline: Option<Duration>,
-    /// When the partial frame in `buf` began arriving.
-    partial_since: Option<Instant>,
+    /// Since when, and from which buffered length, the partial frame in
+    /// `buf` is timed.
+    partial_since: Option<(Instant, usize)>,
 }
 
 /// Bytes asked of the socket per read.
 const READ_CHUNK: usize = 64 * 1024;
+
+/// Progress a partial frame must make per frame deadline.
+const FRAME_PROGRESS: usize = 64 * 1024;
 
 impl FrameReader {
     /// Raises or lowers the largest body accepted from now on.
@@ -45,26 +49,34 @@ impl FrameReader {
         }
     }
 
-    /// Limits how long a frame may take to arrive once its first byte has:
-    /// past it, `poll` fails with a timeout (a peer trickling a frame a byte
-    /// at a time cannot hold the connection, nor keep `poll` from
-    /// returning).
+    /// Limits how long a partial frame may go without progress: its first
+    /// `FRAME_PROGRESS` bytes (the whole of a small frame), and every
+    /// `FRAME_PROGRESS` bytes after them, must arrive within `limit`, or
+    /// `poll` fails with a timeout. A peer trickling a frame a byte at a
+    /// time cannot hold the connection (nor keep `poll` from returning),
+    /// while a large frame over a slow link (at least 64 KiB per `limit`)
+    /// is not cut off.
     pub fn set_frame_deadline(&mut self, limit: Option<Duration>) {
         self.frame_deadline = limit;
     }
 
-    /// Fails once the partial frame in the buffer has been arriving for
-    /// longer than the frame deadline.
+    /// Fails once the partial frame in the buffer has gone longer than the
+    /// frame deadline without progress.
     fn check_partial(&mut self) -> Result<(), ProtocolError> {
         if self.buf.is_empty() {
             self.partial_since = None;
             return Ok(());
         }
-        let since = *self.partial_since.get_or_insert_with(Instant::now);
+        let len = self.buf.len();
+        let (since, mark) = match self.partial_since {
+            Some((since, mark)) if len < mark + FRAME_PROGRESS => (since, mark),
+            _ => (Instant::now(), len),
+        };
+        self.partial_since = Some((since, mark));
         match self.frame_deadline {
             Some(limit) if since.elapsed() > limit => Err(ProtocolError::Io(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
-                format!("a frame did not arrive whole within {limit:?} of its first byte"),
+                format!("a frame made no progress ({FRAME_PROGRESS} bytes) within {limit:?}"),
             ))),
             _ => Ok(()),
         }

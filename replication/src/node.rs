@@ -1403,7 +1403,8 @@ fn stream_loop(
                 )));
             }
             // Flow control: wait for acks while too much is unacknowledged.
-            if s.unacked.load(Ordering::Acquire) > cfg.max_unacked_bytes {
+            // (At the limit exactly, a round could send nothing: wait.)
+            if s.unacked.load(Ordering::Acquire) >= cfg.max_unacked_bytes {
                 let since = Instant::now();
                 let mut g = s.lock.lock();
                 while s.unacked.load(Ordering::Acquire) > cfg.max_unacked_bytes / 2
@@ -1458,9 +1459,9 @@ fn stream_loop(
             let order = active.iter().cycle().skip(first).take(active.len());
             for p in order {
                 // A round stops once the stream has its limit of bytes
-                // unacknowledged: one partition's read can pass it by at
-                // most a checkpoint (closed checkpoints are read whole),
-                // not every partition's batch on top of each other.
+                // unacknowledged; each read stops at the first item past
+                // the bytes left, so a stream passes its limit by at most
+                // one item.
                 let budget = cfg
                     .max_unacked_bytes
                     .saturating_sub(s.unacked.load(Ordering::Acquire));
@@ -1674,37 +1675,40 @@ fn replica_link(state: &Arc<NodeState>, primary: &str) {
 const LINK_WAIT_SLICE: Duration = Duration::from_millis(250);
 
 /// Connects to `addr` (each address it resolves to in turn), for up to
-/// `timeout` per address, giving up early once `stop` is set.
+/// `timeout` per address, giving up early once `stop` is set. Each attempt
+/// runs on a short-lived thread while this one waits in slices and looks at
+/// `stop` between them: a stop never waits out the timeout, and a slow
+/// handshake (a distant primary) is not cut short and retried.
 fn connect(addr: &str, timeout: Duration, stop: &AtomicBool) -> std::io::Result<TcpStream> {
     let mut last = None;
     for a in addr.to_socket_addrs()? {
-        let deadline = Instant::now() + timeout;
-        loop {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("tapkv-connect".into())
+            .spawn(move || {
+                let _ = tx.send(TcpStream::connect_timeout(&a, timeout));
+            })?;
+        let result = loop {
             if stop.load(Ordering::Acquire) {
+                // The attempt ends on its own within the timeout.
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::Interrupted,
                     "node stopping",
                 ));
             }
-            let left = deadline.saturating_duration_since(Instant::now());
-            match TcpStream::connect_timeout(
-                &a,
-                left.min(LINK_WAIT_SLICE).max(Duration::from_millis(1)),
-            ) {
-                Ok(s) => return Ok(s),
-                // An attempt that ran out of its slice: try again while
-                // the timeout lasts (a new SYN, as a retransmission would).
-                Err(e) if e.kind() == std::io::ErrorKind::TimedOut && !left.is_zero() => {
-                    last = Some(e)
-                }
-                Err(e) => {
-                    last = Some(e);
-                    break;
+            match rx.recv_timeout(LINK_WAIT_SLICE) {
+                Ok(r) => break r,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    break Err(std::io::Error::other(
+                        "the connect attempt ended without a result",
+                    ))
                 }
             }
-            if Instant::now() >= deadline {
-                break;
-            }
+        };
+        match result {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
         }
     }
     Err(last.unwrap_or_else(|| std::io::Error::other(format!("{addr} resolves to no address"))))

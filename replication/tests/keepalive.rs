@@ -201,5 +201,33 @@ fn silent_handshakes_and_trickled_frames_are_cut_off() {
     );
     let _ = trickle.shutdown(std::net::Shutdown::Both);
     writer.join().unwrap();
+
+    // A large frame over a slow link that keeps making progress (64 KiB
+    // every 400 ms, about 2.4 s for the frame) is not cut off.
+    let mut slow = Client::connect(&addr, Duration::from_secs(10)).unwrap();
+    let big = vec![b'v'; 384 << 10];
+    let mut frame = BytesMut::new();
+    tapkv_replication::protocol::Frame::request(
+        tapkv_replication::message::opcode::SET,
+        slow.partition_of(b"big"),
+    )
+    .with_extras(vec![0u8; 8])
+    .with_key(b"big".to_vec())
+    .with_value(big.clone())
+    .encode(&mut frame);
+    let mut raw = TcpStream::connect(&addr).unwrap();
+    let mut hello_frame = BytesMut::new();
+    hello("slow").encode(&mut hello_frame);
+    raw.write_all(&hello_frame).unwrap();
+    for chunk in frame.chunks(64 << 10) {
+        raw.write_all(chunk).unwrap();
+        std::thread::sleep(Duration::from_millis(400));
+    }
+    raw.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let hello_reply = tapkv_replication::protocol::read_frame(&mut raw, 1 << 20).unwrap();
+    assert_eq!(hello_reply.status(), 0);
+    let reply = tapkv_replication::protocol::read_frame(&mut raw, 1 << 20).unwrap();
+    assert_eq!(reply.status(), 0, "{reply:?}");
+    assert_eq!(slow.get(b"big").unwrap().0.len(), big.len());
     node.shutdown().unwrap();
 }

@@ -104,8 +104,10 @@ pub(crate) struct NodeArgs {
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=65_535))]
     max_key_size: Option<u64>,
     /// Largest value accepted, in bytes (engine default 20 MiB; at most
-    /// 1 GiB). Raise --max-body with it: a larger frame is refused whole.
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1 << 30))]
+    /// 1 GiB less 128 KiB, so a stream frame carrying it stays under the
+    /// 1 GiB a replica reads). Raise --max-body with it: a larger frame is
+    /// refused whole.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=(1 << 30) - (128 << 10)))]
     max_value_size: Option<u64>,
     /// As a replica over a directory that held a primary's data: accept
     /// that partitions whose history differs from the primary's are rolled
@@ -114,9 +116,10 @@ pub(crate) struct NodeArgs {
     #[arg(long)]
     replace_data: bool,
     /// Largest accepted frame body in bytes (a request's extras, key and
-    /// value; at least 4096).
+    /// value; at least 4096, at most 1 GiB less 64 KiB: a replica reads
+    /// stream frames of up to 1 GiB).
     #[arg(long, default_value_t = tapkv_replication::protocol::DEFAULT_MAX_BODY as u64,
-          value_parser = clap::value_parser!(u64).range(4096..))]
+          value_parser = clap::value_parser!(u64).range(4096..=(1 << 30) - (64 << 10)))]
     max_body: u64,
 }
 

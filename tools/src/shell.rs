@@ -723,11 +723,16 @@ pub(crate) fn run(args: ShellArgs) -> Result<ExitCode, Error> {
     if let Some(shell) = guard.take() {
         // A window still open is reverted by the close (a directory cannot
         // keep a window across processes): say so, and fail.
+        // Said before the close: a signal arriving during it exits the
+        // process once the close is done, possibly before this thread
+        // could say it.
         let open = shell.open_windows();
+        if !open.is_empty() {
+            warn_reverted(&open);
+        }
         shell.close()?;
         drop(guard);
         if !open.is_empty() {
-            warn_reverted(&open);
             return Ok(ExitCode::from(SHELL_WINDOWS_LOST));
         }
     } else {
