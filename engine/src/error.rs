@@ -126,6 +126,23 @@ pub enum Error {
 }
 
 impl Error {
+    /// Whether the error is the engine's own fault (its storage, its I/O,
+    /// its being closed, poisoned or corrupt, a wait that timed out) rather
+    /// than something wrong with the request: a replica that meets one
+    /// while applying its primary's entry keeps what the partition holds
+    /// and tries again later, where bad input makes it resynchronise.
+    pub fn is_own_fault(&self) -> bool {
+        matches!(
+            self,
+            Error::Storage(_)
+                | Error::Io(_)
+                | Error::Closed
+                | Error::Poisoned(_)
+                | Error::Corruption(_)
+                | Error::Timeout { .. }
+        )
+    }
+
     /// The message without a leading restatement of [`kind`](Self::kind)
     /// (`wrong state: ...` for `wrong_state`), for `<kind>: <detail>` lines.
     pub fn detail(&self) -> String {

@@ -185,6 +185,24 @@ impl Partition {
 }
 
 impl Engine {
+    /// Where a replica asking to resume partition `p` from `seqno` on the
+    /// branch `uuid` resumes in this (the primary's) history: `Some(seqno)`
+    /// (0 for a replica that holds nothing), or `None` when that position is
+    /// not in this history — the branch is unknown, or the replica holds
+    /// more of it than this node kept (it must roll back).
+    pub fn resume_position(&self, p: PartitionId, uuid: u64, seqno: u64) -> Result<Option<u64>> {
+        if seqno == 0 {
+            return Ok(Some(0));
+        }
+        let log = self.failover_log(p)?;
+        let high = self.high_seqno(p)?;
+        let Some(i) = log.iter().position(|e| e.uuid == uuid) else {
+            return Ok(None);
+        };
+        let valid_upto = log.get(i + 1).map_or(high, |next| next.seqno);
+        Ok((seqno <= valid_upto).then_some(seqno))
+    }
+
     /// Partition `p`'s failover log, oldest first (never empty).
     pub fn failover_log(&self, p: PartitionId) -> Result<Vec<FailoverEntry>> {
         let s = self.live()?;

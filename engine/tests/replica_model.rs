@@ -170,19 +170,6 @@ struct Counters {
     checks_in_window: usize,
 }
 
-/// The node's `resume_decision`: where a replica asking for `(uuid, seqno)`
-/// resumes in the primary's history, `None` for a rollback.
-fn resume_decision(primary: &Engine, p: PartitionId, uuid: u64, seqno: u64) -> Option<u64> {
-    if seqno == 0 {
-        return Some(0);
-    }
-    let log = primary.failover_log(p).unwrap();
-    let high = primary.high_seqno(p).unwrap();
-    let i = log.iter().position(|e| e.uuid == uuid)?;
-    let valid_upto = log.get(i + 1).map_or(high, |next| next.seqno);
-    (seqno <= valid_upto).then_some(seqno)
-}
-
 /// The node's `apply_one`: applies an entry, waiting (here: flushing) while
 /// the replica's checkpoint memory is full; `false` when the partition had
 /// to be reset for a resynchronisation.
@@ -196,14 +183,9 @@ fn apply_one(replica: &Engine, p: PartitionId, item: &QueuedItem, c: &mut Counte
                 assert!(tries < 100, "replica memory never frees for {item:?}");
                 replica.run_flush_round().unwrap();
             }
-            Err(
-                e @ (Error::Storage(_)
-                | Error::Io(_)
-                | Error::Closed
-                | Error::Poisoned(_)
-                | Error::Corruption(_)
-                | Error::Timeout { .. }),
-            ) => panic!("replica fault applying {item:?} to partition {p}: {e}"),
+            Err(e) if e.is_own_fault() => {
+                panic!("replica fault applying {item:?} to partition {p}: {e}")
+            }
             Err(_) => break ApplyOutcome::Resync,
         }
     };
@@ -366,7 +348,7 @@ impl Pair {
         let mut starts = Vec::new();
         let mut rolled_back = false;
         for (p, uuid, seqno) in reqs {
-            match resume_decision(self.primary(), p, uuid, seqno) {
+            match self.primary().resume_position(p, uuid, seqno).unwrap() {
                 Some(from) => {
                     let theirs = self
                         .primary()

@@ -990,20 +990,6 @@ fn check_stream_open(state: &NodeState, open: &Frame) -> Result<(), String> {
     Ok(())
 }
 
-/// Where a replica's requested position stands in the partition's history.
-fn resume_decision(engine: &Engine, req: &StreamRequest) -> Result<Option<u64>, Error> {
-    if req.seqno == 0 {
-        return Ok(Some(0));
-    }
-    let log = engine.failover_log(req.partition)?;
-    let high = engine.high_seqno(req.partition)?;
-    let Some(i) = log.iter().position(|e| e.uuid == req.uuid) else {
-        return Ok(None);
-    };
-    let valid_upto = log.get(i + 1).map_or(high, |next| next.seqno);
-    Ok((req.seqno <= valid_upto).then_some(req.seqno))
-}
-
 fn serve_stream(
     state: &Arc<NodeState>,
     open: &Frame,
@@ -1307,7 +1293,7 @@ fn stream_loop(
         // Where each partition resumes; advanced by the backfill passes.
         let mut starts: Vec<(PartitionId, u64)> = Vec::new();
         for r in reqs {
-            match resume_decision(engine, r)? {
+            match engine.resume_position(r.partition, r.uuid, r.seqno)? {
                 Some(from) => {
                     let uuid = engine
                         .failover_log(r.partition)?
@@ -1621,14 +1607,7 @@ fn apply_one(
             // session ends and the link reconnects with a backoff, keeping
             // what the partition holds. Emptying it would turn a passing
             // disk error into a full resynchronisation.
-            Err(
-                e @ (Error::Storage(_)
-                | Error::Io(_)
-                | Error::Closed
-                | Error::Poisoned(_)
-                | Error::Corruption(_)
-                | Error::Timeout { .. }),
-            ) => return Err(e),
+            Err(e) if e.is_own_fault() => return Err(e),
             // Input this partition cannot take consistently (a seqno not
             // above its high seqno, an id out of range, a window it does
             // not hold): resynchronise it.

@@ -132,12 +132,22 @@ fn assert_reads(node: &NodeProc, key: &str, want: Option<&[u8]>) {
 /// primary on its address, so it listens on a port outside the ephemeral
 /// range (`restartable_addr`); otherwise on an ephemeral port.
 fn cluster(dir: &std::path::Path, replicas: usize, restartable: bool) -> (NodeProc, Vec<NodeProc>) {
+    cluster_with(dir, replicas, restartable, &[])
+}
+
+/// [`cluster`] with extra arguments for the primary.
+fn cluster_with(
+    dir: &std::path::Path,
+    replicas: usize,
+    restartable: bool,
+    primary_args: &[&str],
+) -> (NodeProc, Vec<NodeProc>) {
     let addr = if restartable {
         tapkv_tests::restartable_addr()
     } else {
         "127.0.0.1:0".to_owned()
     };
-    let primary = NodeProc::start(&dir.join("primary"), &addr, None, "primary", &[]);
+    let primary = NodeProc::start(&dir.join("primary"), &addr, None, "primary", primary_args);
     let reps = (0..replicas)
         .map(|i| {
             let name = format!("replica-{i}");
@@ -500,25 +510,7 @@ fn replica_reads_and_primary_dump_agree_with_the_disk_after_restart() {
 fn replicate_durability_waits_for_a_majority_of_replicas() {
     use tapkv_engine::Durability;
     let dir = tempfile::tempdir().unwrap();
-    let primary = NodeProc::start(
-        &dir.path().join("primary"),
-        "127.0.0.1:0",
-        None,
-        "primary",
-        &["--replicate-timeout-ms", "5000"],
-    );
-    let reps: Vec<NodeProc> = (0..2)
-        .map(|i| {
-            let name = format!("replica-{i}");
-            NodeProc::start(
-                &dir.path().join(&name),
-                "127.0.0.1:0",
-                Some(&primary.addr),
-                &name,
-                &[],
-            )
-        })
-        .collect();
+    let (primary, reps) = cluster_with(dir.path(), 2, false, &["--replicate-timeout-ms", "5000"]);
     let mut c = primary.client();
     // Wait until both streams are connected (one write acknowledged by both).
     c.set(b"warmup", b"x", 0, false).unwrap();
@@ -729,20 +721,8 @@ fn a_replica_of_a_silent_primary_stops_promptly() {
 fn a_link_drop_inside_an_open_window_resumes_without_a_reset() {
     let dir = tempfile::tempdir().unwrap();
     // Ten 200 ms heartbeats of silence end a stream.
-    let primary = NodeProc::start(
-        &dir.path().join("primary"),
-        "127.0.0.1:0",
-        None,
-        "primary",
-        &["--heartbeat-ms", "200"],
-    );
-    let replica = NodeProc::start(
-        &dir.path().join("replica"),
-        "127.0.0.1:0",
-        Some(&primary.addr),
-        "replica",
-        &[],
-    );
+    let (primary, mut reps) = cluster_with(dir.path(), 1, false, &["--heartbeat-ms", "200"]);
+    let replica = reps.remove(0);
     let mut c = primary.client();
     let p = 3;
     let k = keys_in(&c, p, 20, "blip");
@@ -775,7 +755,7 @@ fn a_link_drop_inside_an_open_window_resumes_without_a_reset() {
         assert!(Instant::now() < deadline, "the replica never reconnected");
         std::thread::sleep(Duration::from_millis(50));
     }
-    wait_streaming(&primary, &["replica"]);
+    wait_streaming(&primary, &["replica-0"]);
     let stats = rc.stats().unwrap();
     assert_eq!(stats["partitions"][usize::from(p)]["resets"], 0, "{stats}");
     let v = rc.admin("inspect").unwrap();
