@@ -1,6 +1,8 @@
 //! The client matches replies to requests by opaque: a reply that arrives
 //! after its request timed out is never taken for a later request's answer.
 
+mod common;
+
 use std::time::Duration;
 
 use tapkv_engine::{Engine, WriteOptions};
@@ -59,11 +61,7 @@ fn a_set_expiry_follows_memcached_relative_or_absolute() {
     );
 
     let dir = tempfile::tempdir().unwrap();
-    let node = Node::start(
-        Engine::builder(dir.path()).open().unwrap(),
-        NodeConfig::new("127.0.0.1:0"),
-    )
-    .unwrap();
+    let node = common::primary(dir.path());
     let mut c = Client::connect(&node.local_addr().to_string(), Duration::from_secs(5)).unwrap();
     let set = |c: &mut Client, key: &[u8], expiry: u32| {
         let f = Frame::request(opcode::SET, c.partition_of(key))
@@ -99,11 +97,7 @@ fn dump_rows_are_complete_and_malformed_replies_are_errors() {
     use tapkv_replication::protocol::{read_frame, Frame};
 
     let dir = tempfile::tempdir().unwrap();
-    let node = Node::start(
-        Engine::builder(dir.path()).open().unwrap(),
-        NodeConfig::new("127.0.0.1:0"),
-    )
-    .unwrap();
+    let node = common::primary(dir.path());
     let mut c = Client::connect(&node.local_addr().to_string(), Duration::from_secs(5)).unwrap();
     {
         use tapkv_replication::message::{opcode, store_extras};
