@@ -5,6 +5,8 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
+use crate::sync::{Arc, AtomicUsize, Ordering};
+
 use bytes::BytesMut;
 
 use crate::protocol::{decode, decode_ref, Frame, FrameRef, ProtocolError, HEADER_LEN};
@@ -23,6 +25,59 @@ pub struct FrameReader {
     /// Since when, and from which buffered length, the partial frame in
     /// `buf` is timed.
     partial_since: Option<(Instant, usize)>,
+    /// The budget large partial frames are held against (see
+    /// [`BodyBudget`]), and what this reader holds of it.
+    budget: Option<(Arc<BodyBudget>, usize)>,
+}
+
+/// Bytes that partly received large frames may hold across every
+/// connection of a node together: a frame larger than
+/// [`BodyBudget::LARGE`] takes its length from the budget once its header
+/// has arrived, and gives it back once it is whole (or its connection
+/// ends). A frame that does not fit is refused with
+/// [`ProtocolError::Busy`], so many connections each sending part of a
+/// maximum-size frame cannot exhaust the node's memory.
+#[derive(Debug)]
+pub struct BodyBudget {
+    limit: usize,
+    used: AtomicUsize,
+}
+
+impl BodyBudget {
+    /// Frames up to this size are not counted (a connection holds at most
+    /// one partial frame, so they are bounded by the connection limit).
+    pub const LARGE: usize = 1 << 20;
+
+    /// A budget of `limit` bytes.
+    pub fn new(limit: usize) -> Arc<BodyBudget> {
+        Arc::new(BodyBudget {
+            limit,
+            used: AtomicUsize::new(0),
+        })
+    }
+
+    /// Bytes held now.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Acquire)
+    }
+
+    fn try_take(&self, n: usize) -> bool {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                u.checked_add(n).filter(|t| *t <= self.limit)
+            })
+            .is_ok()
+    }
+
+    fn give(&self, n: usize) {
+        self.used.fetch_sub(n, Ordering::AcqRel);
+    }
+}
+
+impl Drop for FrameReader {
+    fn drop(&mut self) {
+        self.release();
+    }
 }
 
 /// Bytes asked of the socket per read.
@@ -46,7 +101,43 @@ impl FrameReader {
             drained: false,
             frame_deadline: None,
             partial_since: None,
+            budget: None,
         }
+    }
+
+    /// Holds large partial frames against `budget` from now on.
+    pub fn set_body_budget(&mut self, budget: Arc<BodyBudget>) {
+        self.release();
+        self.budget = Some((budget, 0));
+    }
+
+    /// Gives back what the frame just taken from the buffer held.
+    fn release(&mut self) {
+        if let Some((b, held)) = &mut self.budget {
+            b.give(std::mem::take(held));
+        }
+    }
+
+    /// Takes the length of the large frame at the front of the buffer from
+    /// the budget, once per frame; `Busy` if it does not fit.
+    fn hold_large_frame(&mut self) -> Result<(), ProtocolError> {
+        let Some((budget, held)) = &mut self.budget else {
+            return Ok(());
+        };
+        let Some(len) = crate::protocol::frame_len(&self.buf) else {
+            return Ok(());
+        };
+        if *held > 0 || len <= BodyBudget::LARGE || len > self.max_body + HEADER_LEN {
+            return Ok(());
+        }
+        if !budget.try_take(len) {
+            return Err(ProtocolError::Busy {
+                len,
+                limit: budget.limit,
+            });
+        }
+        *held = len;
+        Ok(())
     }
 
     /// Limits how long a partial frame may go without progress: its first
@@ -93,9 +184,11 @@ impl FrameReader {
         loop {
             if let Some(f) = decode(&mut self.buf, self.max_body)? {
                 self.partial_since = None;
+                self.release();
                 return Ok(Some(f));
             }
             self.check_partial()?;
+            self.hold_large_frame()?;
             if !self.fill()? {
                 return Ok(None);
             }
@@ -114,9 +207,11 @@ impl FrameReader {
                 let r = f(frame);
                 bytes::Buf::advance(&mut self.buf, len);
                 self.partial_since = None;
+                self.release();
                 return Ok(Some(r));
             }
             self.check_partial()?;
+            self.hold_large_frame()?;
             if !self.fill()? {
                 return Ok(None);
             }

@@ -88,6 +88,11 @@ pub struct NodeConfig {
     /// differs, replacing that data. Default false: such a rollback is
     /// refused and reported as the link's error.
     pub replace_primary_data: bool,
+    /// Bytes that partly received frames larger than 1 MiB may hold across
+    /// all connections together (`io::BodyBudget`); a large frame past it
+    /// is answered `TEMP_FAILURE` and its connection closed. Default
+    /// 256 MiB.
+    pub max_pending_body_bytes: usize,
 }
 
 /// Rounds smaller than this are followed by the stream's linger.
@@ -117,6 +122,7 @@ impl NodeConfig {
             min_replicas: 1,
             max_connections: 1024,
             replace_primary_data: false,
+            max_pending_body_bytes: 256 << 20,
         }
     }
 }
@@ -294,6 +300,8 @@ struct NodeState {
     /// Replica: partitions to reset before the next stream opens (they held
     /// a window the primary could only backfill; see `replica_session`).
     resync_next: Mutex<Vec<PartitionId>>,
+    /// What partly received large frames hold, all connections together.
+    body_budget: Arc<crate::io::BodyBudget>,
     /// Connections being served (each on its own thread).
     live_connections: AtomicUsize,
 }
@@ -355,6 +363,7 @@ impl Node {
         let listener = TcpListener::bind(&config.listen)?;
         let addr = listener.local_addr()?;
         let replica = config.replica_of.is_some();
+        let body_budget = crate::io::BodyBudget::new(config.max_pending_body_bytes);
         let state = Arc::new(NodeState {
             engine: Arc::new(engine),
             config,
@@ -367,6 +376,7 @@ impl Node {
             link_error: Mutex::new(None),
             link_sessions: AtomicU64::new(0),
             resync_next: Mutex::new(Vec::new()),
+            body_budget,
             live_connections: AtomicUsize::new(0),
         });
         if !replica {
@@ -557,6 +567,15 @@ fn next_request(
                 }
             }
             Err(ProtocolError::Closed) => return Ok(None),
+            Err(e @ ProtocolError::Busy { .. }) => {
+                let mut req = Frame::request(0, 0);
+                if let Some((op, opaque)) = reader.pending_header() {
+                    req.opcode = op;
+                    req.opaque = opaque;
+                }
+                let _ = writer.send(&status_response(&req, status::TEMP_FAILURE, &e.to_string()));
+                return Err(e);
+            }
             Err(
                 e @ (ProtocolError::BadMagic(_)
                 | ProtocolError::BodyTooLarge { .. }
@@ -592,6 +611,7 @@ fn serve_connection(
     // A frame must arrive whole within the I/O timeout of its first byte: a
     // peer trickling bytes cannot hold a connection slot (and its thread).
     reader.set_frame_deadline(Some(cfg.io_timeout));
+    reader.set_body_budget(Arc::clone(&state.body_budget));
     let mut writer = FrameWriter::new(conn.try_clone()?);
     let idle_polls = (cfg.idle_timeout.as_millis() / 200).max(1) as usize;
     let mut idle = 0;
@@ -851,6 +871,7 @@ fn handle_request_inner(state: &NodeState, f: &Frame) -> Result<Frame, Frame> {
                     "items_expelled": st.items_expelled,
                     "link_error": *state.link_error.lock(),
                     "link_sessions": state.link_sessions.load(Ordering::Relaxed),
+                    "pending_body_bytes": state.body_budget.used(),
                     "partitions": parts,
                 }),
             ))

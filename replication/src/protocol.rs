@@ -64,6 +64,18 @@ pub enum ProtocolError {
         /// Body length.
         body: usize,
     },
+    /// A large frame does not fit in what the node lets partly received
+    /// frames hold together (see `io::BodyBudget`); try again later.
+    #[error(
+        "busy: a frame of {len} bytes does not fit in the {limit} bytes partly received \
+         large frames may hold together (--max-pending-body-bytes); try again later"
+    )]
+    Busy {
+        /// The frame's length.
+        len: usize,
+        /// The node's budget.
+        limit: usize,
+    },
     /// The frame is well formed but its contents are not what its opcode needs.
     #[error("malformed {what}: {why}")]
     Malformed {

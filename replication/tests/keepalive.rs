@@ -231,3 +231,80 @@ fn silent_handshakes_and_trickled_frames_are_cut_off() {
     assert_eq!(slow.get(b"big").unwrap().0.len(), big.len());
     node.shutdown().unwrap();
 }
+
+/// Partly received large frames hold a node-wide budget: one that does not
+/// fit is answered TEMP_FAILURE (with its opaque) and its connection
+/// closed; the budget comes back once a frame is whole.
+#[test]
+fn partly_received_large_frames_share_a_budget() {
+    use tapkv_replication::message::{opcode, status};
+    use tapkv_replication::protocol::{read_frame, Frame};
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = NodeConfig::new("127.0.0.1:0");
+    cfg.max_body = 4 << 20;
+    cfg.max_pending_body_bytes = 5 << 20;
+    let node = Node::start(Engine::builder(dir.path()).open().unwrap(), cfg).unwrap();
+    let addr = node.local_addr().to_string();
+    let mut c = Client::connect(&addr, Duration::from_secs(10)).unwrap();
+    let set = |c: &Client, key: &[u8], opaque: u32| {
+        let mut f = Frame::request(opcode::SET, c.partition_of(key))
+            .with_extras(vec![0u8; 8])
+            .with_key(key.to_vec())
+            .with_value(vec![b'v'; 3 << 20]);
+        f.opaque = opaque;
+        f.to_bytes()
+    };
+    let open = |name: &str| {
+        let mut s = TcpStream::connect(&addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut buf = BytesMut::new();
+        hello(name).encode(&mut buf);
+        s.write_all(&buf).unwrap();
+        assert_eq!(
+            read_frame(&mut s, 1 << 20).unwrap().status(),
+            status::SUCCESS
+        );
+        s
+    };
+    let pending = |c: &mut Client| c.stats().unwrap()["pending_body_bytes"].as_u64().unwrap();
+    let wait_pending = |c: &mut Client, want: &dyn Fn(u64) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !want(pending(c)) {
+            assert!(Instant::now() < deadline, "pending stuck at {}", pending(c));
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    // A holds 3 MiB of the 5.
+    let a_frame = set(&c, b"a", 1);
+    let mut a = open("a");
+    a.write_all(&a_frame[..200 << 10]).unwrap();
+    wait_pending(&mut c, &|p| p >= 3 << 20);
+    // B's 3 MiB does not fit.
+    let mut b = open("b");
+    b.write_all(&set(&c, b"b", 2)[..200 << 10]).unwrap();
+    let refusal = read_frame(&mut b, 1 << 20).unwrap();
+    assert_eq!(
+        (refusal.status(), refusal.opaque),
+        (status::TEMP_FAILURE, 2),
+        "{refusal:?}"
+    );
+    assert!(
+        String::from_utf8_lossy(&refusal.value).contains("busy"),
+        "{refusal:?}"
+    );
+    // A completes; its budget comes back; C's whole frame is stored.
+    a.write_all(&a_frame[200 << 10..]).unwrap();
+    assert_eq!(
+        read_frame(&mut a, 1 << 20).unwrap().status(),
+        status::SUCCESS
+    );
+    wait_pending(&mut c, &|p| p == 0);
+    let mut cc = open("c");
+    cc.write_all(&set(&c, b"c", 3)).unwrap();
+    assert_eq!(
+        read_frame(&mut cc, 1 << 20).unwrap().status(),
+        status::SUCCESS
+    );
+    assert_eq!(c.get(b"c").unwrap().0.len(), 3 << 20);
+    node.shutdown().unwrap();
+}

@@ -115,6 +115,11 @@ pub(crate) struct NodeArgs {
     /// the node does not replicate; see `stat`'s link_error).
     #[arg(long)]
     replace_data: bool,
+    /// Bytes that partly received frames larger than 1 MiB may hold across
+    /// all connections together; a large frame past it is answered
+    /// TEMP_FAILURE and its connection closed (at least 1 MiB).
+    #[arg(long, default_value_t = 256 << 20, value_parser = clap::value_parser!(u64).range(1 << 20..))]
+    max_pending_body_bytes: u64,
     /// Largest accepted frame body in bytes (a request's extras, key and
     /// value; at least 4096, at most 1 GiB less 64 KiB: a replica reads
     /// stream frames of up to 1 GiB).
@@ -262,6 +267,7 @@ pub(crate) fn run(args: NodeArgs) -> Result<ExitCode, Error> {
     cfg.ack_bytes = args.ack_bytes.max(1);
     cfg.min_replicas = args.replicas;
     cfg.replace_primary_data = args.replace_data;
+    cfg.max_pending_body_bytes = usize::try_from(args.max_pending_body_bytes).unwrap_or(usize::MAX);
     cfg.max_connections = usize::try_from(args.max_connections).unwrap_or(usize::MAX);
     let name = cfg.name.clone();
     let node = Node::start(engine, cfg)?;
