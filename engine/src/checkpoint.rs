@@ -1235,14 +1235,23 @@ impl CheckpointManager {
     pub fn cursors(&self) -> Vec<CursorInfo> {
         self.cursors
             .iter()
-            .map(|(name, pos)| CursorInfo {
-                name: name.clone(),
-                checkpoint_id: pos.checkpoint_id,
-                seqno: pos.seqno,
-                remaining: self.remaining_from(pos),
-                remaining_bytes: self.remaining_bytes_from(pos),
-            })
+            .map(|(name, pos)| self.info_of(name, pos))
             .collect()
+    }
+
+    /// The cursor called `name`, if registered.
+    pub fn cursor_info(&self, name: &str) -> Option<CursorInfo> {
+        self.cursors.get(name).map(|pos| self.info_of(name, pos))
+    }
+
+    fn info_of(&self, name: &str, pos: &CursorPosition) -> CursorInfo {
+        CursorInfo {
+            name: name.to_owned(),
+            checkpoint_id: pos.checkpoint_id,
+            seqno: pos.seqno,
+            remaining: self.remaining_from(pos),
+            remaining_bytes: self.remaining_bytes_from(pos),
+        }
     }
 }
 

@@ -460,7 +460,10 @@ impl Engine {
         // (A primary's directory may seed a replica: its history is the
         // primary's, so the replica resumes from it.)
         if let Some(meta) = store.engine_meta()? {
-            if meta.replica == Some(true) && !config.replica {
+            // (A primary's directory opened as a replica whose history no
+            // session has confirmed yet, `primary_data`, is still its
+            // primary's: it may be run as a primary again.)
+            if meta.replica == Some(true) && !meta.primary_data && !config.replica {
                 return Err(Error::Incompatible {
                     path,
                     reason: "it is a replica's data directory: writes made to it directly would \
@@ -472,9 +475,10 @@ impl Engine {
             if meta.replica != Some(config.replica) {
                 store.put_engine_meta(&EngineMeta {
                     replica: Some(config.replica),
-                    // A primary's data, now a replica's: kept until a
+                    // A primary's data (or a directory whose role an older
+                    // build did not record), now a replica's: kept until a
                     // replication session confirms the history matches.
-                    primary_data: config.replica && meta.replica == Some(false),
+                    primary_data: config.replica && meta.replica != Some(true),
                     ..meta
                 })?;
             }
@@ -835,6 +839,13 @@ impl Engine {
     pub fn cursors(&self, p: PartitionId) -> Result<Vec<CursorInfo>> {
         let s = self.live()?;
         Ok(s.partition(p)?.lock().checkpoints.cursors())
+    }
+
+    /// Partition `p`'s cursor called `name`, if registered (only its own
+    /// remaining counts are computed).
+    pub fn cursor_info(&self, p: PartitionId, name: &str) -> Result<Option<CursorInfo>> {
+        let s = self.live()?;
+        Ok(s.partition(p)?.lock().checkpoints.cursor_info(name))
     }
 
     /// Registers the cursor `name` on partition `p` to read everything after

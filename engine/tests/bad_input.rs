@@ -342,12 +342,27 @@ fn a_replicas_directory_is_refused_to_a_primary() {
     }
     open_close(dir.path(), true);
     // A primary's directory may seed a replica (its history is the
-    // primary's); from then on it is a replica's.
+    // primary's). Until a replication session confirms that history it
+    // still holds a primary's data, and may be run as a primary again;
+    // once confirmed it is a replica's.
     let seed = tempfile::tempdir().unwrap();
     open_close(seed.path(), false);
-    open_close(seed.path(), true);
+    let e = builder(seed.path()).replica(true).open().unwrap();
+    assert!(e.holds_primary_data());
+    e.close().unwrap();
+    open_close(seed.path(), false);
+    let e = builder(seed.path()).replica(true).open().unwrap();
+    assert!(e.holds_primary_data());
+    e.confirm_replica().unwrap();
+    assert!(!e.holds_primary_data());
+    e.close().unwrap();
     assert!(matches!(
         builder(seed.path()).open(),
         Err(Error::Incompatible { .. })
     ));
+    // A fresh replica's directory holds no primary's data.
+    let fresh = tempfile::tempdir().unwrap();
+    let e = builder(fresh.path()).replica(true).open().unwrap();
+    assert!(!e.holds_primary_data());
+    e.close().unwrap();
 }

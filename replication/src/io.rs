@@ -28,6 +28,9 @@ pub struct FrameReader {
     /// The budget large partial frames are held against (see
     /// [`BodyBudget`]), and what this reader holds of it.
     budget: Option<(Arc<BodyBudget>, usize)>,
+    /// Bytes arrived since [`take_progress`](FrameReader::take_progress)
+    /// last looked.
+    progressed: bool,
 }
 
 /// Bytes that partly received large frames may hold across every
@@ -102,7 +105,14 @@ impl FrameReader {
             frame_deadline: None,
             partial_since: None,
             budget: None,
+            progressed: false,
         }
+    }
+
+    /// Whether any bytes arrived since the last call: a connection slowly
+    /// receiving a large frame is not idle.
+    pub fn take_progress(&mut self) -> bool {
+        std::mem::take(&mut self.progressed)
     }
 
     /// Holds large partial frames against `budget` from now on.
@@ -255,6 +265,7 @@ impl FrameReader {
                 }
                 Ok(n) => {
                     self.drained = n < chunk.len();
+                    self.progressed = true;
                     // A large frame's buffer is sized once, from its header,
                     // not grown by doubling (which could hold up to twice
                     // the frame).

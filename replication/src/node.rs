@@ -561,7 +561,13 @@ fn next_request(
                 return Ok(Some(f));
             }
             Ok(None) => {
-                *idle += 1;
+                // A frame still arriving (slowly, but within its deadline)
+                // is not idleness.
+                if reader.take_progress() {
+                    *idle = 0;
+                } else {
+                    *idle += 1;
+                }
                 if *idle >= idle_polls {
                     return Ok(None);
                 }
@@ -961,11 +967,7 @@ fn streams_info(state: &NodeState) -> Vec<StreamInfo> {
                 .lock()
                 .iter()
                 .map(|(p, (st, sent))| {
-                    let cursor = state
-                        .engine
-                        .cursors(*p)
-                        .ok()
-                        .and_then(|cs| cs.into_iter().find(|c| c.name == s.cursor));
+                    let cursor = state.engine.cursor_info(*p, &s.cursor).ok().flatten();
                     StreamPartitionInfo {
                         partition: *p,
                         state: *st,
@@ -1579,10 +1581,9 @@ fn stream_loop(
     }
 }
 
-/// How much larger than the largest request body a primary accepts its
-/// stream frames can be (a MUTATION's 24 bytes of extras against a SET's 8,
-/// with room to spare).
-const STREAM_BODY_MARGIN: usize = 64;
+/// Largest stream frame body a replica reads (a node's `--max-body` and
+/// `--max-value-size` stay below it, so every value fits with its extras).
+const STREAM_FRAME_LIMIT: usize = 1 << 30;
 
 /// A stream whose replica has acknowledged nothing for this many heartbeats
 /// while bytes are unacknowledged is ended; a replica gives up on a primary
@@ -1772,17 +1773,12 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
         tracing::error!("{msg}");
         return Err(Error::WrongState(msg));
     }
-    // The primary's frames are as large as its `--max-body` allows (a value
-    // it accepted is streamed whole, with a stream entry's extras, 16
-    // bytes more than a SET's): read them, whatever this node's own limit
-    // for clients is (up to 1 GiB, whatever the primary claims).
-    if let Some(theirs) = info["max_body"].as_u64() {
-        let theirs = usize::try_from(theirs)
-            .unwrap_or(usize::MAX)
-            .saturating_add(STREAM_BODY_MARGIN)
-            .min(1 << 30);
-        reader.set_max_body(theirs.max(cfg.max_body));
-    }
+    // The primary streams every value it holds whole, whatever its
+    // `--max-body` is now (it may have stored larger values under an
+    // earlier limit) and whatever this node's own limit for clients is:
+    // stream frames are read up to 1 GiB (a node caps its values below
+    // that). The primary is trusted with that much.
+    reader.set_max_body(STREAM_FRAME_LIMIT.max(cfg.max_body));
     // A window held across a reconnect resumes like anything else while the
     // primary still holds what follows in memory (the window's END or
     // REVERT comes with it). Only a partition the primary could answer with
@@ -1840,6 +1836,8 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
     // next one asks for those partitions from seqno 0), so any number of
     // diverged partitions costs one reconnect rather than one each.
     let mut rolled_back = false;
+    // Partitions the opening burst has answered (FAILOVER or ROLLBACK).
+    let mut answered = vec![false; usize::from(engine.num_partitions())];
     while !state.stop.load(Ordering::Acquire) {
         // Frames are decoded in place in the read buffer: an entry's key and
         // value are copied once, into its record.
@@ -1868,16 +1866,21 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
         last_heard = now;
         ack.bytes += wire_len as u64;
         let msg = msg.map_err(perr)?;
-        let opening = matches!(
-            msg,
-            StreamMessage::Rollback { .. } | StreamMessage::Failover { .. }
-        );
+        let opening = match msg {
+            StreamMessage::Rollback { partition } | StreamMessage::Failover { partition, .. } => {
+                if let Some(seen) = answered.get_mut(usize::from(partition)) {
+                    *seen = true;
+                }
+                true
+            }
+            _ => false,
+        };
         if rolled_back && !opening {
             return Ok(());
         }
-        if !opening && engine.holds_primary_data() {
-            // The opening burst is over and nothing was refused: this
-            // directory's history is its primary's.
+        if !opening && engine.holds_primary_data() && answered.iter().all(|a| *a) {
+            // The opening burst answered every partition and nothing was
+            // refused: this directory's history is its primary's.
             engine.confirm_replica()?;
         }
         let mut ack_now = false;

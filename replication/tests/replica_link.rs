@@ -668,6 +668,10 @@ fn a_primarys_directory_is_not_replaced_by_a_wrong_primary_unless_asked() {
     assert!(w.holds_primary_data());
     assert_eq!(w.stats().unwrap().items(), 100, "A's data was kept");
     wrong.shutdown().unwrap();
+    // Still a primary's data: it can be run as a primary again.
+    let again = Engine::builder(adir.path()).partitions(2).open().unwrap();
+    assert_eq!(again.get(b"a7").unwrap().value(), b"v");
+    again.close().unwrap();
 
     // Told to replace it: it follows B.
     let replaced = replica_of(&b, adir.path(), 2, "wrong", |cfg| {
