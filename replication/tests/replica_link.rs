@@ -37,11 +37,23 @@ fn replica_of(
 
 /// A primary node over `dir` with 2 partitions and the node defaults.
 fn primary_of(dir: &std::path::Path) -> Node {
-    Node::start(
-        Engine::builder(dir).partitions(2).open().unwrap(),
-        NodeConfig::new("127.0.0.1:0"),
-    )
-    .unwrap()
+    primary_with(dir, None, |_| {})
+}
+
+/// A primary node over `dir` with 2 partitions, `Replicate` writes timing
+/// out after `replicate_timeout` if given, and `tweak` applied to its config.
+fn primary_with(
+    dir: &std::path::Path,
+    replicate_timeout: Option<Duration>,
+    tweak: impl FnOnce(&mut NodeConfig),
+) -> Node {
+    let mut builder = Engine::builder(dir).partitions(2);
+    if let Some(t) = replicate_timeout {
+        builder = builder.replicate_timeout(t);
+    }
+    let mut cfg = NodeConfig::new("127.0.0.1:0");
+    tweak(&mut cfg);
+    Node::start(builder.open().unwrap(), cfg).unwrap()
 }
 
 #[test]
@@ -91,20 +103,12 @@ fn a_replica_with_another_partition_count_refuses_to_replicate() {
 fn a_silent_replica_has_its_stream_ended_and_stops_counting_for_replicate() {
     let pdir = tempfile::tempdir().unwrap();
     let rdir = tempfile::tempdir().unwrap();
-    let mut pcfg = NodeConfig::new("127.0.0.1:0");
     // Ten heartbeats of silence end a stream: 2 s here, long enough for a
     // loaded machine to see the hung stream's cursors first and for the
     // live replica to acknowledge in time.
-    pcfg.heartbeat = Duration::from_millis(200);
-    let primary = Node::start(
-        Engine::builder(pdir.path())
-            .partitions(2)
-            .replicate_timeout(Duration::from_secs(10))
-            .open()
-            .unwrap(),
-        pcfg,
-    )
-    .unwrap();
+    let primary = primary_with(pdir.path(), Some(Duration::from_secs(10)), |c| {
+        c.heartbeat = Duration::from_millis(200)
+    });
     let p = primary.engine().unwrap();
     p.set(b"before", b"v", WriteOptions::default()).unwrap();
 
@@ -203,15 +207,7 @@ fn a_replicate_write_is_never_acknowledged_with_no_replica_holding_it() {
     };
     let pdir = tempfile::tempdir().unwrap();
     let rdir = tempfile::tempdir().unwrap();
-    let primary = Node::start(
-        Engine::builder(pdir.path())
-            .partitions(2)
-            .replicate_timeout(Duration::from_secs(2))
-            .open()
-            .unwrap(),
-        NodeConfig::new("127.0.0.1:0"),
-    )
-    .unwrap();
+    let primary = primary_with(pdir.path(), Some(Duration::from_secs(2)), |_| {});
     let p = primary.engine().unwrap();
     // No replica yet: the write times out (it is not undone). Before, it
     // was acknowledged at once.
@@ -291,13 +287,7 @@ fn a_replica_reads_frames_as_large_as_its_primary_accepts() {
     // 8 bytes of extras, key, value) is 16 bytes larger as a stream entry.
     let pdir = tempfile::tempdir().unwrap();
     let rdir = tempfile::tempdir().unwrap();
-    let mut cfg = NodeConfig::new("127.0.0.1:0");
-    cfg.max_body = 4096;
-    let primary = Node::start(
-        Engine::builder(pdir.path()).partitions(2).open().unwrap(),
-        cfg,
-    )
-    .unwrap();
+    let primary = primary_with(pdir.path(), None, |c| c.max_body = 4096);
     let mut c = Client::connect(&primary.local_addr().to_string(), Duration::from_secs(5)).unwrap();
     c.set(b"max", &vec![9u8; 4096 - 8 - 3], 0, false).unwrap();
     drop(c);
@@ -466,18 +456,10 @@ fn a_replicate_write_waits_for_the_primarys_disk_too() {
 fn acknowledgements_count_only_what_was_sent() {
     use tapkv_replication::message::{status, Ack, StreamRequest};
     let pdir = tempfile::tempdir().unwrap();
-    let mut pcfg = NodeConfig::new("127.0.0.1:0");
-    pcfg.max_unacked_bytes = 4096;
-    pcfg.slow_replica_timeout = Duration::from_millis(500);
-    let primary = Node::start(
-        Engine::builder(pdir.path())
-            .partitions(2)
-            .replicate_timeout(Duration::from_millis(500))
-            .open()
-            .unwrap(),
-        pcfg,
-    )
-    .unwrap();
+    let primary = primary_with(pdir.path(), Some(Duration::from_millis(500)), |c| {
+        c.max_unacked_bytes = 4096;
+        c.slow_replica_timeout = Duration::from_millis(500);
+    });
     let p = primary.engine().unwrap();
     let (k0, k1) = (
         (0..)
@@ -558,14 +540,10 @@ fn acknowledgements_count_only_what_was_sent() {
 fn a_stream_stays_within_its_unacknowledged_limit() {
     use tapkv_replication::message::StreamRequest;
     let pdir = tempfile::tempdir().unwrap();
-    let mut pcfg = NodeConfig::new("127.0.0.1:0");
-    pcfg.max_unacked_bytes = 1 << 20;
-    pcfg.slow_replica_timeout = Duration::from_secs(600);
-    let primary = Node::start(
-        Engine::builder(pdir.path()).partitions(2).open().unwrap(),
-        pcfg,
-    )
-    .unwrap();
+    let primary = primary_with(pdir.path(), None, |c| {
+        c.max_unacked_bytes = 1 << 20;
+        c.slow_replica_timeout = Duration::from_secs(600);
+    });
     let p = primary.engine().unwrap();
     // 60 values of 512 KiB in closed checkpoints, kept in memory (the
     // flusher paused) until the stream has opened: its first reads find
@@ -693,11 +671,7 @@ fn a_primarys_directory_is_not_replaced_by_a_wrong_primary_unless_asked() {
         // above now belongs to a replica of B).
         let orig = seed.path().join("orig");
         copy_dir(&a2dir, &orig);
-        Node::start(
-            Engine::builder(&orig).partitions(2).open().unwrap(),
-            NodeConfig::new("127.0.0.1:0"),
-        )
-        .unwrap()
+        primary_of(&orig)
     };
     let seeded = replica_of(&a_again, &a2dir, 2, "seeded", |_| {});
     let s = seeded.engine().unwrap();
