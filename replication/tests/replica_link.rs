@@ -35,6 +35,19 @@ fn replica_of(
     .unwrap()
 }
 
+/// Writes `{prefix}0..n` with value `v` to `node`'s engine.
+fn write_keys(node: &Node, prefix: &str, n: usize) {
+    let e = node.engine().unwrap();
+    for i in 0..n {
+        e.set(
+            format!("{prefix}{i}").as_bytes(),
+            b"v",
+            WriteOptions::default(),
+        )
+        .unwrap();
+    }
+}
+
 /// A primary node over `dir` with 2 partitions and the node defaults.
 fn primary_of(dir: &std::path::Path) -> Node {
     primary_with(dir, None, |_| {})
@@ -317,15 +330,7 @@ fn a_replica_rolls_back_every_diverged_partition_in_one_session() {
             NodeConfig::new("127.0.0.1:0"),
         )
         .unwrap();
-        let e = node.engine().unwrap();
-        for i in 0..n {
-            e.set(
-                format!("{prefix}{i}").as_bytes(),
-                b"v",
-                WriteOptions::default(),
-            )
-            .unwrap();
-        }
+        write_keys(&node, prefix, n);
         node
     };
     let a = start(adir.path(), "a", 400);
@@ -611,17 +616,7 @@ fn a_primarys_directory_is_not_replaced_by_a_wrong_primary_unless_asked() {
     let adir = tempfile::tempdir().unwrap();
     let bdir = tempfile::tempdir().unwrap();
     let seed = tempfile::tempdir().unwrap();
-    let write = |node: &Node, prefix: &str, n: usize| {
-        let e = node.engine().unwrap();
-        for i in 0..n {
-            e.set(
-                format!("{prefix}{i}").as_bytes(),
-                b"v",
-                WriteOptions::default(),
-            )
-            .unwrap();
-        }
-    };
+    let write = write_keys;
     // Primary A, with data; its directory is copied while it is down.
     let a = primary_of(adir.path());
     write(&a, "a", 100);
