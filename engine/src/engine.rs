@@ -1160,22 +1160,7 @@ impl Engine {
             // can queue deletions in a partition whose own thread has
             // already stopped: with every thread joined, nothing changes
             // any more, so one last drain writes whatever is left.
-            // Failures are retried as the flusher threads retry them.
-            let all: Vec<&Partition> = shared.partitions.iter().collect();
-            let mut failures = 0;
-            loop {
-                match flusher::run_round(&shared, &all, true) {
-                    Ok(flusher::Round::More) => failures = 0,
-                    Ok(_) => break,
-                    Err(e) => {
-                        failures += 1;
-                        if failures >= shared.config.flush_retry_limit.max(1) {
-                            return Err(e);
-                        }
-                        std::thread::sleep(shared.config.flush_retry_backoff);
-                    }
-                }
-            }
+            flusher::drain_all(&shared)?;
             for p in &shared.partitions {
                 let w = p.lock();
                 shared.store.put_reservation(

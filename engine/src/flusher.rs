@@ -113,6 +113,27 @@ fn run(shared: &Shared, thread: usize, threads: usize) {
     }
 }
 
+/// Writes everything queued in every partition, on the caller's thread
+/// (the close, once the flusher threads have ended), retrying failed rounds
+/// as the flusher threads do.
+pub(crate) fn drain_all(shared: &Shared) -> Result<()> {
+    let all: Vec<&Partition> = shared.partitions.iter().collect();
+    let mut failures = 0;
+    loop {
+        match run_round(shared, &all, true) {
+            Ok(Round::More) => failures = 0,
+            Ok(_) => return Ok(()),
+            Err(e) => {
+                failures += 1;
+                if failures >= shared.config.flush_retry_limit.max(1) {
+                    return Err(e);
+                }
+                std::thread::sleep(shared.config.flush_retry_backoff);
+            }
+        }
+    }
+}
+
 /// Whether a persisted high seqno of `seqno` would lie inside one of the
 /// windows `ranges` (START seqno, REVERT or END seqno): at or past its
 /// START and short of its last marker.

@@ -67,9 +67,10 @@ pub struct WriteReply {
     pub cas: u64,
 }
 
-/// One persisted item as a node's dump reports it, comparable across nodes
-/// (ordered by partition, then key). Every field is required.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Deserialize)]
+/// One persisted item as a dump reports it (a node's `ADMIN dump`, and
+/// `tapkv admin dump --json`), comparable across nodes (ordered by
+/// partition, then key). Every field is required.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DumpRow {
     /// Partition.
@@ -90,6 +91,24 @@ pub struct DumpRow {
     pub expiry: u32,
     /// Revision seqno.
     pub rev_seqno: u64,
+}
+
+impl DumpRow {
+    /// The row of a persisted item (its key escaped as `crate::text` does).
+    pub fn of(item: &tapkv_engine::DiskItem) -> DumpRow {
+        let r = &item.record;
+        DumpRow {
+            partition: u64::from(item.partition),
+            key: crate::text::escape(&item.key),
+            seqno: r.meta.by_seqno,
+            cas: r.meta.cas,
+            value_len: r.value.len() as u64,
+            deleted: r.deleted,
+            flags: r.meta.flags,
+            expiry: r.meta.expiry,
+            rev_seqno: r.meta.rev_seqno,
+        }
+    }
 }
 
 /// A connection to a node.

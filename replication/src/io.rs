@@ -5,7 +5,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use crate::sync::{Arc, AtomicUsize, Ordering};
+use crate::sync::{Arc, AtomicBool, AtomicUsize, Ordering};
 
 use bytes::BytesMut;
 
@@ -293,7 +293,23 @@ impl FrameReader {
 
     /// The next frame, waiting at most `attempts` read timeouts.
     pub fn next_within(&mut self, attempts: usize) -> Result<Frame, ProtocolError> {
+        self.next_within_unless(attempts, &AtomicBool::new(false))
+    }
+
+    /// [`next_within`](Self::next_within) that gives up (`Interrupted`) once
+    /// `stop` is set, looked at between read timeouts.
+    pub fn next_within_unless(
+        &mut self,
+        attempts: usize,
+        stop: &AtomicBool,
+    ) -> Result<Frame, ProtocolError> {
         for _ in 0..attempts.max(1) {
+            if stop.load(Ordering::Acquire) {
+                return Err(ProtocolError::Io(std::io::Error::new(
+                    std::io::ErrorKind::Interrupted,
+                    "stopping",
+                )));
+            }
             if let Some(f) = self.poll()? {
                 return Ok(f);
             }

@@ -573,30 +573,25 @@ fn next_request(
                 }
             }
             Err(ProtocolError::Closed) => return Ok(None),
-            Err(e @ ProtocolError::Busy { .. }) => {
-                let mut req = Frame::request(0, 0);
-                if let Some((op, opaque)) = reader.pending_header() {
-                    req.opcode = op;
-                    req.opaque = opaque;
-                }
-                let _ = writer.send(&status_response(&req, status::TEMP_FAILURE, &e.to_string()));
-                return Err(e);
-            }
+            // Answered (with the frame's opcode and opaque, if its header
+            // arrived), then the connection is closed: the byte stream
+            // cannot be resynchronised.
             Err(
                 e @ (ProtocolError::BadMagic(_)
                 | ProtocolError::BodyTooLarge { .. }
-                | ProtocolError::BadLengths { .. }),
+                | ProtocolError::BadLengths { .. }
+                | ProtocolError::Busy { .. }),
             ) => {
                 let mut req = Frame::request(0, 0);
                 if let Some((op, opaque)) = reader.pending_header() {
                     req.opcode = op;
                     req.opaque = opaque;
                 }
-                let _ = writer.send(&status_response(
-                    &req,
-                    status::INVALID_ARGUMENTS,
-                    &e.to_string(),
-                ));
+                let st = match e {
+                    ProtocolError::Busy { .. } => status::TEMP_FAILURE,
+                    _ => status::INVALID_ARGUMENTS,
+                };
+                let _ = writer.send(&status_response(&req, st, &e.to_string()));
                 return Err(e);
             }
             Err(e) => return Err(e),
@@ -614,7 +609,7 @@ fn serve_connection(
     conn.set_write_timeout(Some(cfg.io_timeout))?;
     let mut reader = FrameReader::new(conn.try_clone()?, cfg.max_body);
     reader.set_timeout(Duration::from_millis(200))?;
-    // A frame must arrive whole within the I/O timeout of its first byte: a
+    // A partial frame must make progress (64 KiB) within the I/O timeout: a
     // peer trickling bytes cannot hold a connection slot (and its thread).
     reader.set_frame_deadline(Some(cfg.io_timeout));
     reader.set_body_budget(Arc::clone(&state.body_budget));
@@ -934,13 +929,7 @@ fn admin_dump(state: &NodeState, f: &Frame, w: &mut FrameWriter) -> Result<(), P
     let result = (|| -> Result<(), Error> {
         let view = DiskView::open(state.engine.path())?;
         view.for_each_item(|it| {
-            let r = &it.record;
-            let row = serde_json::json!({
-                "partition": it.partition, "seqno": r.meta.by_seqno, "cas": r.meta.cas,
-                "key": crate::text::escape(&it.key), "value_len": r.value.len(),
-                "flags": r.meta.flags, "expiry": r.meta.expiry,
-                "deleted": r.deleted, "rev_seqno": r.meta.rev_seqno,
-            });
+            let row = crate::client::DumpRow::of(&it);
             w.push(&json_response(f, &row).with_key(b"row".to_vec()));
             if w.pending() > 256 * 1024 {
                 w.flush()
@@ -1715,30 +1704,6 @@ fn connect(addr: &str, timeout: Duration, stop: &AtomicBool) -> std::io::Result<
     Err(last.unwrap_or_else(|| std::io::Error::other(format!("{addr} resolves to no address"))))
 }
 
-/// The next frame within `polls` reads of the reader's timeout, or an error
-/// once `stop` is set.
-fn reply_within(
-    reader: &mut FrameReader,
-    polls: usize,
-    stop: &AtomicBool,
-) -> Result<Frame, ProtocolError> {
-    for _ in 0..polls.max(1) {
-        if stop.load(Ordering::Acquire) {
-            return Err(ProtocolError::Io(std::io::Error::new(
-                std::io::ErrorKind::Interrupted,
-                "node stopping",
-            )));
-        }
-        if let Some(f) = reader.poll()? {
-            return Ok(f);
-        }
-    }
-    Err(ProtocolError::Io(std::io::Error::new(
-        std::io::ErrorKind::TimedOut,
-        "no frame within the timeout",
-    )))
-}
-
 fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
     let cfg = &state.config;
     let engine = &state.engine;
@@ -1751,7 +1716,9 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
     let mut writer = FrameWriter::new(conn);
     let polls = (cfg.io_timeout.as_millis() / 50).max(1) as usize;
     writer.send(&hello(&cfg.name)).map_err(perr)?;
-    let r = reply_within(&mut reader, polls, &state.stop).map_err(perr)?;
+    let r = reader
+        .next_within_unless(polls, &state.stop)
+        .map_err(perr)?;
     if r.status() != status::SUCCESS {
         return Err(Error::WrongState(format!(
             "primary refused HELLO: {}",
@@ -1804,7 +1771,9 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
     writer
         .send(&message::stream_open(&cfg.name, &reqs))
         .map_err(perr)?;
-    let r = reply_within(&mut reader, polls, &state.stop).map_err(perr)?;
+    let r = reader
+        .next_within_unless(polls, &state.stop)
+        .map_err(perr)?;
     if r.status() != status::SUCCESS {
         return Err(Error::WrongState(format!(
             "primary refused the stream: {}",

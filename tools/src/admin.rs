@@ -289,31 +289,21 @@ fn dump(data: &PathBuf, json: bool) -> Result<ExitCode, Error> {
     let view = DiskView::open(data)?;
     let mut out = std::io::stdout().lock();
     view.for_each_item(|it| {
-        let key = tapkv_replication::text::escape(&it.key);
-        let r = &it.record;
+        let row = tapkv_replication::client::DumpRow::of(&it);
         if json {
-            let line = serde_json::json!({
-                "partition": it.partition,
-                "seqno": r.meta.by_seqno,
-                "cas": r.meta.cas,
-                "key": key,
-                "value_len": r.value.len(),
-                "deleted": r.deleted,
-                "rev_seqno": r.meta.rev_seqno,
-                "flags": r.meta.flags,
-                "expiry": r.meta.expiry,
-            });
+            let line = serde_json::to_string(&row)
+                .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))?;
             writeln!(out, "{line}")?;
         } else {
             writeln!(
                 out,
                 "partition={} seqno={} cas={} key={} value_len={}{}",
-                it.partition,
-                r.meta.by_seqno,
-                r.meta.cas,
-                text_key(&key),
-                r.value.len(),
-                if r.deleted { " deleted" } else { "" }
+                row.partition,
+                row.seqno,
+                row.cas,
+                text_key(&row.key),
+                row.value_len,
+                if row.deleted { " deleted" } else { "" }
             )?;
         }
         Ok(())
