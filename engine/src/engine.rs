@@ -15,13 +15,17 @@ use crate::checkpoint::{
 use crate::config::{EngineBuilder, EngineConfig};
 use crate::error::{Error, Result};
 use crate::flusher;
+use crate::hash_table::HashTable;
 use crate::item::{Durability, Item, MutationResult, PartitionId, Record, WriteOptions};
 use crate::online_update::{MarkerSource, RevertReport};
 use crate::partition::{
     partition_of, reserved_cursor_check, MutationKind, Partition, PartitionStart,
 };
 use crate::stats::{EngineStats, PartitionStats};
-use crate::store::{DirLock, EngineMeta, Reservation, Store, FORMAT_VERSION};
+use crate::store::{
+    check_disk_item, check_in_range, DirLock, EngineMeta, Reservation, Store, FORMAT_VERSION,
+    MAX_PARTITIONS,
+};
 use crate::sync::{Arc, AtomicBool, AtomicU64, AtomicUsize, Condvar, Mutex, Ordering, RwLock};
 
 /// How writers wake the flusher without a system call per write.
@@ -391,8 +395,9 @@ impl Engine {
             Error::Storage(msg) if msg.contains("lock") => Error::Locked { path: path.clone() },
             other => other,
         })?;
-        let fresh = store.engine_meta()?.is_none();
-        if let Some(meta) = store.engine_meta()? {
+        let disk_meta = store.checked_engine_meta(&path)?;
+        let fresh = disk_meta.is_none();
+        if let Some(meta) = disk_meta {
             if config.partitions_from_disk && meta.partitions != config.partitions {
                 config.partitions = meta.partitions;
                 validate(&config)?;
@@ -455,6 +460,10 @@ impl Engine {
             }
             Some(_) => {}
         }
+        // Every item is read and checked before the open changes anything
+        // (a directory refused here is left as it was: no reservation
+        // raised, no failover branch added, still marked clean).
+        let items = load_items(&store, &config)?;
         // A replica's directory follows its primary: opened as a primary,
         // writes made to it would be rolled back when the replica rejoins.
         // (A primary's directory may seed a replica: its history is the
@@ -491,7 +500,7 @@ impl Engine {
         let checkpoint_mem = Arc::new(AtomicUsize::new(0));
         let step = config.seqno_reservation.max(1);
         let mut partitions = Vec::with_capacity(usize::from(config.partitions));
-        for p in 0..config.partitions {
+        for (p, table) in (0..config.partitions).zip(items.tables) {
             let state = store.partition_state(p)?.unwrap_or_default();
             let res = store.reservation(p)?.unwrap_or_default();
             let start = PartitionStart {
@@ -519,6 +528,7 @@ impl Engine {
                 reservation,
                 step,
                 Arc::clone(&checkpoint_mem),
+                table,
             );
             let lost_before = store.lost_windows(p)?.len();
             let lost = store.mark_window_lost(p, !config.replica)?;
@@ -549,43 +559,11 @@ impl Engine {
             }
             partitions.push(part);
         }
-        let mut max_cas = vec![0u64; partitions.len()];
-        let mut loaded = 0u64;
-        // Values are loaded while keys and resident values stay under the
-        // pager's low-water mark; past it items come back with their values
-        // on disk only (everything on disk is clean), so a directory larger
-        // than memory opens within its quota.
-        let resident_limit = (config.memory_quota as f64 * config.low_water) as usize;
-        let mut resident = 0usize;
-        store.for_each_item(|p, key, rec| {
-            let Some(part) = partitions.get(usize::from(p)) else {
-                return Err(Error::Corruption(format!(
-                    "item in partition {p} but the engine has {}",
-                    config.partitions
-                )));
-            };
-            check_in_range(p, "item seqno", rec.meta.by_seqno)?;
-            check_in_range(p, "item CAS", rec.meta.cas)?;
-            max_cas[usize::from(p)] = max_cas[usize::from(p)].max(rec.meta.cas);
-            if !rec.deleted {
-                // An empty value is kept: evicting it frees nothing and its
-                // read would cost a disk fetch.
-                let record = if resident < resident_limit || rec.value.is_empty() {
-                    Record::new(&rec.meta, key, &rec.value)
-                } else {
-                    Record::new_evicted(&rec.meta, key, rec.value.len())
-                };
-                resident += record.resident_bytes();
-                part.table.slot(key).put(record);
-                loaded += 1;
-            }
-            Ok(())
-        })?;
-        for (part, cas) in partitions.iter().zip(max_cas) {
+        for (part, cas) in partitions.iter().zip(items.max_cas) {
             part.observe_cas(cas);
         }
         tracing::info!(
-            items = loaded,
+            items = items.loaded,
             clean_shutdown = clean,
             millis = started.elapsed().as_millis() as u64,
             "warmup complete"
@@ -1189,10 +1167,59 @@ impl Drop for Engine {
     }
 }
 
+/// What warmup read from the items family: a hash table per partition, the
+/// highest CAS per partition (tombstones included), the live item count.
+struct LoadedItems {
+    tables: Vec<HashTable>,
+    max_cas: Vec<u64>,
+    loaded: u64,
+}
+
+/// Reads and checks every persisted item ([`check_disk_item`]) into a hash
+/// table per partition, changing nothing on disk. Values are loaded while
+/// keys and resident values stay under the pager's low-water mark; past it
+/// items come back with their values on disk only (everything on disk is
+/// clean), so a directory larger than memory opens within its quota.
+fn load_items(store: &Store, config: &EngineConfig) -> Result<LoadedItems> {
+    let n = usize::from(config.partitions);
+    let highs = (0..config.partitions)
+        .map(|p| Ok(store.partition_state(p)?.unwrap_or_default().high_seqno))
+        .collect::<Result<Vec<u64>>>()?;
+    let mut out = LoadedItems {
+        tables: (0..n).map(|_| HashTable::new()).collect(),
+        max_cas: vec![0; n],
+        loaded: 0,
+    };
+    let resident_limit = (config.memory_quota as f64 * config.low_water) as usize;
+    let mut resident = 0usize;
+    store.for_each_item(|p, key, rec| {
+        check_disk_item(p, key, &rec.meta, &highs)?;
+        let i = usize::from(p);
+        out.max_cas[i] = out.max_cas[i].max(rec.meta.cas);
+        if !rec.deleted {
+            // An empty value is kept: evicting it frees nothing and its
+            // read would cost a disk fetch.
+            let record = if resident < resident_limit || rec.value.is_empty() {
+                Record::new(&rec.meta, key, &rec.value)
+            } else {
+                Record::new_evicted(&rec.meta, key, rec.value.len())
+            };
+            resident += record.resident_bytes();
+            out.tables[i].slot(key).put(record);
+            out.loaded += 1;
+        }
+        Ok(())
+    })?;
+    Ok(out)
+}
+
 fn validate(c: &EngineConfig) -> Result<()> {
     let bad = |m: String| Err(Error::InvalidArgument(m));
-    if c.partitions == 0 || c.partitions > 1024 {
-        return bad(format!("partitions must be 1..=1024, got {}", c.partitions));
+    if c.partitions == 0 || c.partitions > MAX_PARTITIONS {
+        return bad(format!(
+            "partitions must be 1..={MAX_PARTITIONS}, got {}",
+            c.partitions
+        ));
     }
     if c.flusher_threads == 0 || c.flusher_threads > usize::from(c.partitions) {
         return bad(format!(
@@ -1218,88 +1245,3 @@ fn validate(c: &EngineConfig) -> Result<()> {
     Ok(())
 }
 
-/// Refuses a persisted seqno, checkpoint id or CAS at or above `u64::MAX / 2`
-/// (the bound replicated ones are held to): from there it could no longer
-/// increase.
-fn check_in_range(p: PartitionId, what: &str, n: u64) -> Result<()> {
-    if n >= u64::MAX / 2 {
-        return Err(Error::Corruption(format!(
-            "partition {p}: persisted {what} {n} is out of range"
-        )));
-    }
-    Ok(())
-}
-
-/// Loom models of the wake-up handshakes between writers, the flusher and
-/// streams. Under loom a timed wait is untimed (see `sync.rs`), so a lost
-/// wake-up shows up as a deadlock. Run with
-/// `cargo test --release -p tapkv-engine --features loom --lib loom_`.
-#[cfg(all(test, any(loom, feature = "loom")))]
-mod loom_models {
-    use super::{ChangeFeed, Signal};
-    use crate::sync::{Arc, AtomicBool, Ordering};
-    use std::time::Duration;
-
-    const NAP: Duration = Duration::from_millis(2);
-    const IDLE_WAIT: Duration = Duration::from_millis(100);
-
-    /// Explores every interleaving of a flusher's `wait(found_work)` with
-    /// another thread running `other(signal, stop)`. A wait nobody ends is
-    /// reported by loom as a deadlock.
-    fn flusher_waits_with(found_work: bool, other: fn(&Signal, &AtomicBool)) {
-        loom::model(move || {
-            let signal = Arc::new(Signal::default());
-            let stop = Arc::new(AtomicBool::new(false));
-            let peer = {
-                let (signal, stop) = (Arc::clone(&signal), Arc::clone(&stop));
-                loom::thread::spawn(move || other(&signal, &stop))
-            };
-            signal.wait(found_work, NAP, IDLE_WAIT, &stop);
-            peer.join().expect("peer thread");
-        });
-    }
-
-    /// A writer marks work while the flusher goes idle: whatever the
-    /// interleaving, the flusher does not sleep through it. The check is
-    /// loom's: a wait nobody ends is reported as a deadlock. (The final
-    /// state says nothing more: a mark consumed by the wait and one left
-    /// pending for the next round are both correct.)
-    #[test]
-    fn loom_mark_wakes_an_idle_flusher() {
-        flusher_waits_with(false, |signal, _| signal.mark());
-    }
-
-    /// A durable writer's urgent notify cuts the flusher's busy nap short.
-    #[test]
-    fn loom_notify_cuts_a_busy_nap_short() {
-        flusher_waits_with(true, |signal, _| signal.notify());
-    }
-
-    /// Shutdown wakes an idle flusher: only the stop flag and a plain
-    /// wake-up, no PENDING or URGENT bit, so the flusher must honour `stop`.
-    #[test]
-    fn loom_stop_wakes_an_idle_flusher() {
-        flusher_waits_with(false, |signal, stop| {
-            stop.store(true, Ordering::Release);
-            signal.wake();
-        });
-    }
-
-    /// A stream waiting for changes sees a write made while it registers.
-    #[test]
-    fn loom_bump_wakes_a_waiting_stream() {
-        loom::model(|| {
-            let feed = Arc::new(ChangeFeed::default());
-            let since = feed.current();
-            let writer = {
-                let feed = Arc::clone(&feed);
-                loom::thread::spawn(move || feed.bump())
-            };
-            // The timeout is real time, not modelled: make it long enough
-            // that no explored interleaving can reach it.
-            let seen = feed.wait(since, Duration::from_secs(3600));
-            writer.join().expect("writer thread");
-            assert_ne!(seen, since, "the stream woke without seeing the change");
-        });
-    }
-}

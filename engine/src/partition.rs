@@ -150,6 +150,7 @@ impl Partition {
         reservation: Reservation,
         reservation_step: u64,
         shared_mem: Arc<AtomicUsize>,
+        table: HashTable,
     ) -> Self {
         let mut checkpoints =
             CheckpointManager::new(config, start.checkpoint_id, start.high_seqno, shared_mem);
@@ -168,7 +169,7 @@ impl Partition {
             id,
             lost_windows: Mutex::new(Vec::new()),
             failover: Mutex::new(Vec::new()),
-            table: HashTable::new(),
+            table,
             writer: Mutex::new(PartitionWriter {
                 checkpoints,
                 cas: CasClock {
@@ -339,7 +340,8 @@ impl Partition {
         let meta = ItemMeta {
             by_seqno: seqno,
             cas: w.cas.next(),
-            rev_seqno: current.map_or(1, |m| m.rev_seqno + 1),
+            // Persisted and replicated revisions are below `u64::MAX / 2`.
+            rev_seqno: current.map_or(1, |m| m.rev_seqno.saturating_add(1)),
             flags: if deleting { 0 } else { opts.flags },
             expiry: if deleting { 0 } else { opts.expiry },
         };

@@ -108,6 +108,13 @@ impl Partition {
                 meta.cas
             )));
         }
+        // As warmup refuses one from disk: the next local write would wrap.
+        if meta.rev_seqno >= u64::MAX / 2 {
+            return Err(Error::InvalidArgument(format!(
+                "rev seqno {} from the stream is out of range",
+                meta.rev_seqno
+            )));
+        }
         if let QueueOp::OnlineUpdateStart { checkpoint_id }
         | QueueOp::OnlineUpdateEnd { checkpoint_id }
         | QueueOp::OnlineUpdateRevert { checkpoint_id } = item.op

@@ -34,6 +34,8 @@ const ENGINE_META_KEY: &[u8] = b"engine";
 const CLEAN_SHUTDOWN_KEY: &[u8] = b"clean-shutdown";
 /// Version of the on-disk format written by this build.
 pub const FORMAT_VERSION: u32 = 3;
+/// The most partitions an engine can have (the range is 1 to this).
+pub(crate) const MAX_PARTITIONS: u16 = 1024;
 const RECORD_VERSION: u8 = 2;
 
 /// Engine-wide settings fixed when a data directory is created.
@@ -281,6 +283,67 @@ pub(crate) fn split_item_key(raw: &[u8]) -> Result<(PartitionId, &[u8])> {
     Ok((u16::from_be_bytes([raw[0], raw[1]]), &raw[2..]))
 }
 
+/// Refuses a persisted seqno, checkpoint id, CAS or rev seqno at or above
+/// `u64::MAX / 2` (the bound replicated ones are held to): from there it
+/// could no longer increase; only corruption makes one.
+pub(crate) fn check_in_range(p: PartitionId, what: &str, n: u64) -> Result<()> {
+    if n >= u64::MAX / 2 {
+        return Err(Error::Corruption(format!(
+            "partition {p}: persisted {what} {n} is out of range"
+        )));
+    }
+    Ok(())
+}
+
+/// The checks every persisted item passes, at warmup and in [`DiskView`]:
+/// `highs` holds each partition's persisted high seqno (0 where its state
+/// record is missing). A flush writes items and their partition's state in
+/// one batch, so an item above its partition's high seqno means the state
+/// record was lost or damaged: the seqnos after it would be handed out
+/// again. An item must also sit under the partition its key hashes to (it
+/// could never be read otherwise) and have a key the wire can carry.
+pub(crate) fn check_disk_item(
+    p: PartitionId,
+    key: &[u8],
+    meta: &ItemMeta,
+    highs: &[u64],
+) -> Result<()> {
+    let Some(&high) = highs.get(usize::from(p)) else {
+        return Err(Error::Corruption(format!(
+            "item in partition {p} but the directory has {} partitions",
+            highs.len()
+        )));
+    };
+    let name = || format!("key {:?} in partition {p}", String::from_utf8_lossy(key));
+    if key.len() > usize::from(u16::MAX) {
+        return Err(Error::Corruption(format!(
+            "{}: key of {} bytes is over the 65,535-byte maximum",
+            name(),
+            key.len()
+        )));
+    }
+    // `highs.len()` is the partition count, at most 1024.
+    let home = crate::partition::partition_of(key, highs.len() as u16);
+    if home != p {
+        return Err(Error::Corruption(format!(
+            "{} belongs to partition {home}",
+            name()
+        )));
+    }
+    check_in_range(p, "item seqno", meta.by_seqno)?;
+    check_in_range(p, "item CAS", meta.cas)?;
+    check_in_range(p, "item rev seqno", meta.rev_seqno)?;
+    if meta.by_seqno > high {
+        return Err(Error::Corruption(format!(
+            "{}: seqno {} is above the partition's persisted high seqno {high} (its state \
+             record is missing or behind its items)",
+            name(),
+            meta.by_seqno
+        )));
+    }
+    Ok(())
+}
+
 fn decode_json<T: for<'de> Deserialize<'de>>(raw: &[u8], what: &str) -> Result<T> {
     serde_json::from_slice(raw).map_err(|e| Error::Corruption(format!("{what}: {e}")))
 }
@@ -450,6 +513,37 @@ impl Store {
 
     pub(crate) fn engine_meta(&self) -> Result<Option<EngineMeta>> {
         self.get_json(ENGINE_META_KEY, "engine metadata")
+    }
+
+    /// The engine record, checked: `None` only for a directory that holds
+    /// no items. Without the record a full directory would be taken for a
+    /// new one, given the configured partition count, and its keys looked
+    /// for in the wrong partitions; a partition count outside 1..=1024 is
+    /// damage too.
+    pub(crate) fn checked_engine_meta(&self, dir: &Path) -> Result<Option<EngineMeta>> {
+        let meta = self.engine_meta()?;
+        match &meta {
+            None if self.holds_items()? => Err(Error::Corruption(format!(
+                "{}: the engine record is missing but the directory holds items",
+                dir.display()
+            ))),
+            Some(m) if !(1..=MAX_PARTITIONS).contains(&m.partitions) => {
+                Err(Error::Corruption(format!(
+                    "{}: the engine record gives {} partitions (1 to {MAX_PARTITIONS} are possible)",
+                    dir.display(),
+                    m.partitions
+                )))
+            }
+            _ => Ok(meta),
+        }
+    }
+
+    /// Whether the items family holds any record (tombstones included).
+    fn holds_items(&self) -> Result<bool> {
+        let mut it = self.db.raw_iterator_cf(self.cf(CF_ITEMS)?);
+        it.seek_to_first();
+        it.status()?;
+        Ok(it.valid())
     }
 
     pub(crate) fn put_engine_meta(&self, meta: &EngineMeta) -> Result<()> {
@@ -882,7 +976,7 @@ impl DiskView {
     /// from 3 only by a column family this view does not use).
     pub fn open(dir: impl AsRef<Path>) -> Result<DiskView> {
         let store = Store::open_read_only(dir.as_ref())?;
-        if let Some(meta) = store.engine_meta()? {
+        if let Some(meta) = store.checked_engine_meta(dir.as_ref())? {
             if !(2..=FORMAT_VERSION).contains(&meta.format) {
                 return Err(Error::Incompatible {
                     path: dir.as_ref().to_path_buf(),
@@ -906,7 +1000,9 @@ impl DiskView {
         self.store.was_clean_shutdown()
     }
 
-    /// Per-partition persisted state and item counts.
+    /// Per-partition persisted state and item counts. Every item passes
+    /// the checks warmup makes, so a directory the engine would refuse is
+    /// refused here with the same error.
     pub fn partitions(&self) -> Result<Vec<PartitionDiskInfo>> {
         let n = self.store.engine_meta()?.map_or(0, |m| m.partitions);
         let mut out: Vec<PartitionDiskInfo> = (0..n)
@@ -924,12 +1020,10 @@ impl DiskView {
                 })
             })
             .collect::<Result<_>>()?;
-        self.store.for_each_item(|p, _, rec| {
-            // As warmup: an item outside the partition count is corruption,
-            // not something to leave out of the counts.
-            let info = out.get_mut(usize::from(p)).ok_or_else(|| {
-                Error::Corruption(format!("item in partition {p} but the directory has {n}"))
-            })?;
+        let highs: Vec<u64> = out.iter().map(|i| i.high_seqno).collect();
+        self.store.for_each_item(|p, key, rec| {
+            check_disk_item(p, key, &rec.meta, &highs)?;
+            let info = &mut out[usize::from(p)];
             if rec.deleted {
                 info.tombstones += 1;
             } else {

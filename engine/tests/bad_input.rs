@@ -366,3 +366,139 @@ fn a_replicas_directory_is_refused_to_a_primary() {
     assert!(!e.holds_primary_data());
     e.close().unwrap();
 }
+
+/// Opens the RocksDB database of a closed data directory, to damage it.
+fn raw_db(dir: &std::path::Path) -> rocksdb::DB {
+    let db_path = dir.join("rocksdb");
+    let cfs = rocksdb::DB::list_cf(&rocksdb::Options::default(), &db_path).unwrap();
+    rocksdb::DB::open_cf(&rocksdb::Options::default(), &db_path, cfs).unwrap()
+}
+
+type RawRecord = (Box<[u8]>, Box<[u8]>);
+
+/// Every raw record of the `meta` family, to show a refused open changed
+/// nothing.
+fn meta_records(dir: &std::path::Path) -> Vec<RawRecord> {
+    let db = raw_db(dir);
+    db.iterator_cf(db.cf_handle("meta").unwrap(), rocksdb::IteratorMode::Start)
+        .map(Result::unwrap)
+        .collect()
+}
+
+/// A directory holding 200 keys in its 4 partitions, closed cleanly.
+fn full_directory() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let e = builder(dir.path()).open().unwrap();
+    for i in 0..200 {
+        e.set(&common::key(i), common::value(i), WriteOptions::default())
+            .unwrap();
+    }
+    e.close().unwrap();
+    dir
+}
+
+/// Asserts the engine and `DiskView` both refuse `dir` as corruption whose
+/// message contains `says`, and that the refused open left every meta
+/// record (clean-shutdown mark, reservations, failover logs) as it was.
+fn assert_refused_unchanged(dir: &std::path::Path, says: &str) {
+    let before = meta_records(dir);
+    for _ in 0..3 {
+        match Engine::builder(dir).open() {
+            Err(Error::Corruption(m)) => assert!(m.contains(says), "{m}"),
+            other => panic!("expected corruption, got {:?}", other.map(|_| ())),
+        }
+    }
+    assert!(
+        before == meta_records(dir),
+        "a refused open changed the directory"
+    );
+    let view = tapkv_engine::DiskView::open(dir).and_then(|v| v.partitions());
+    match view {
+        Err(Error::Corruption(m)) => assert!(m.contains(says), "{m}"),
+        other => panic!("DiskView: expected corruption, got {:?}", other.map(|_| ())),
+    }
+}
+
+#[test]
+fn a_missing_engine_record_beside_items_is_corruption_not_a_new_directory() {
+    // Before, the open took the directory for a new one: it wrote a fresh
+    // record with its own partition count (16 here, not the directory's
+    // 4), and 3 keys in 4 could no longer be found.
+    let dir = full_directory();
+    {
+        let db = raw_db(dir.path());
+        db.delete_cf(db.cf_handle("meta").unwrap(), b"engine")
+            .unwrap();
+    }
+    assert_refused_unchanged(dir.path(), "the engine record is missing");
+}
+
+#[test]
+fn items_above_their_partitions_persisted_state_are_corruption() {
+    // A state record lost, or one behind its items: before, the partition
+    // started from the state (or the reservation) and handed out seqnos
+    // the items on disk already had.
+    for damage in ["missing", "behind"] {
+        let dir = full_directory();
+        {
+            let db = raw_db(dir.path());
+            let mut key = b"state/".to_vec();
+            key.extend_from_slice(&0u16.to_be_bytes());
+            let meta = db.cf_handle("meta").unwrap();
+            if damage == "missing" {
+                db.delete_cf(meta, key).unwrap();
+            } else {
+                db.put_cf(
+                    meta,
+                    key,
+                    br#"{"high_seqno":1,"checkpoint_id":1,"max_cas":0}"#,
+                )
+                .unwrap();
+            }
+        }
+        assert_refused_unchanged(dir.path(), "above the partition's persisted high seqno");
+    }
+}
+
+#[test]
+fn an_item_under_another_partition_is_corruption() {
+    // Before, it loaded into a partition no lookup of its key goes to:
+    // counted, streamed to replicas, never readable.
+    let dir = full_directory();
+    {
+        let db = raw_db(dir.path());
+        let items = db.cf_handle("items").unwrap();
+        let (k, v) = db
+            .iterator_cf(items, rocksdb::IteratorMode::Start)
+            .next()
+            .unwrap()
+            .unwrap();
+        let mut moved = k.to_vec();
+        moved[..2].copy_from_slice(&(u16::from_be_bytes([k[0], k[1]]) + 1).to_be_bytes());
+        db.delete_cf(items, &k).unwrap();
+        db.put_cf(items, moved, v).unwrap();
+    }
+    assert_refused_unchanged(dir.path(), "belongs to partition");
+}
+
+#[test]
+fn a_replicated_rev_seqno_out_of_range_is_refused() {
+    // The next local write of the key would have wrapped its revision.
+    let dir = tempfile::tempdir().unwrap();
+    let r = builder(dir.path()).replica(true).open().unwrap();
+    let meta = |rev_seqno| tapkv_engine::ItemMeta {
+        by_seqno: 1,
+        cas: 1,
+        rev_seqno,
+        ..Default::default()
+    };
+    let item =
+        |rev| tapkv_engine::QueuedItem::new(tapkv_engine::QueueOp::Mutation, b"k", b"v", meta(rev));
+    let p = r.partition_of(b"k");
+    assert!(matches!(
+        r.apply_replicated(p, &item(u64::MAX)),
+        Err(Error::InvalidArgument(_))
+    ));
+    r.apply_replicated(p, &item(7)).unwrap();
+    assert_eq!(r.get(b"k").unwrap().meta.rev_seqno, 7);
+}
