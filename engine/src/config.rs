@@ -217,14 +217,18 @@ impl EngineBuilder {
         self
     }
 
-    /// Memory quota for keys and resident values; default 1 GiB.
+    /// Memory quota for keys and resident values; default 1 GiB. The pager
+    /// evicts clean values to stay under it; it is not a bound on what it
+    /// cannot evict (keys, metadata, values not yet persisted: those are
+    /// bounded by the checkpoint and window memory limits), and the
+    /// per-item overhead (about 80 bytes) is not counted against it.
     pub fn memory_quota(mut self, bytes: usize) -> Self {
         self.config.memory_quota = bytes;
         self
     }
 
     /// Pager high and low water marks as fractions of the quota; defaults
-    /// 0.85 and 0.75.
+    /// 0.85 and 0.75. The open refuses marks outside 0 < low < high <= 1.
     pub fn water_marks(mut self, high: f64, low: f64) -> Self {
         self.config.high_water = high;
         self.config.low_water = low;

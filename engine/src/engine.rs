@@ -244,9 +244,9 @@ pub(crate) struct Shared {
     pub(crate) items_expelled: AtomicU64,
     /// Table entries the pager has looked at.
     pub(crate) pager_scanned: AtomicU64,
-    /// Flush rounds the pager still sits out after a pass that could not
-    /// reach its target (see `pager::run`).
-    pub(crate) pager_rest_rounds: AtomicUsize,
+    /// Entries of the pager's current shard (`pager_next`) its last pass
+    /// already looked at (see `pager::run`).
+    pub(crate) pager_offset: AtomicUsize,
     /// Per partition: the staging column family may hold entries of it (a
     /// snapshot was spilled and not yet cleared).
     pub(crate) staged: Vec<AtomicBool>,
@@ -597,7 +597,7 @@ impl Engine {
             cursors_dropped: AtomicU64::new(0),
             items_expelled: AtomicU64::new(0),
             pager_scanned: AtomicU64::new(0),
-            pager_rest_rounds: AtomicUsize::new(0),
+            pager_offset: AtomicUsize::new(0),
             staged: (0..config.partitions)
                 .map(|_| AtomicBool::new(false))
                 .collect(),
@@ -1221,6 +1221,13 @@ fn validate(c: &EngineConfig) -> Result<()> {
             c.partitions
         ));
     }
+    // Written as a negation, so NaN (which fails every comparison) is refused.
+    let (low, high) = (c.low_water, c.high_water);
+    if !(low > 0.0 && low < high && high <= 1.0) {
+        return bad(format!(
+            "water marks must satisfy 0 < low < high <= 1, got low {low} and high {high}"
+        ));
+    }
     if c.flusher_threads == 0 || c.flusher_threads > usize::from(c.partitions) {
         return bad(format!(
             "flusher_threads must be 1..=partitions, got {}",
@@ -1244,4 +1251,3 @@ fn validate(c: &EngineConfig) -> Result<()> {
     }
     Ok(())
 }
-

@@ -31,6 +31,21 @@ struct Entry {
     rec: Record,
 }
 
+/// What one [`HashTable::evict_clean`] call did.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct EvictPass {
+    /// Values evicted.
+    pub(crate) items: usize,
+    /// Bytes they held.
+    pub(crate) bytes: usize,
+    /// Entries looked at.
+    pub(crate) scanned: usize,
+    /// Entries looked at and left.
+    pub(crate) kept: usize,
+    /// Whether it reached the shard's end.
+    pub(crate) finished: bool,
+}
+
 /// Whether `e` holds `key` (whose hash is `hash`).
 fn same_key(e: &Entry, hash: u64, key: &[u8]) -> bool {
     e.hash == hash && e.rec.key() == key
@@ -143,31 +158,43 @@ impl HashTable {
     }
 
     /// Evicts values of clean items (`by_seqno <= clean_upto`) from shard
-    /// `shard` until about `target` bytes are freed; returns (items, bytes,
-    /// entries looked at).
+    /// `shard`, starting at its `skip`th entry, until about `target` bytes
+    /// are freed or `max_kept` entries were looked at and left (keys with no
+    /// value, dirty or already evicted ones).
     pub(crate) fn evict_clean(
         &self,
         shard: usize,
         clean_upto: u64,
         target: usize,
-    ) -> (usize, usize, usize) {
+        skip: usize,
+        max_kept: usize,
+    ) -> EvictPass {
         let mut guard = self.shards[shard % SHARDS].write();
-        let (mut n, mut freed, mut scanned) = (0, 0, 0);
-        for e in guard.iter_mut() {
-            if freed >= target {
+        let mut pass = EvictPass {
+            items: 0,
+            bytes: 0,
+            scanned: 0,
+            kept: 0,
+            finished: true,
+        };
+        for e in guard.iter_mut().skip(skip) {
+            if pass.bytes >= target || pass.kept >= max_kept {
+                pass.finished = false;
                 break;
             }
-            scanned += 1;
+            pass.scanned += 1;
             // An empty value frees nothing and would cost a disk read.
             if !e.rec.is_evicted() && e.rec.value_len() > 0 && e.rec.by_seqno() <= clean_upto {
-                freed += e.rec.value_len();
-                n += 1;
+                pass.bytes += e.rec.value_len();
+                pass.items += 1;
                 e.rec = e.rec.evicted();
+            } else {
+                pass.kept += 1;
             }
         }
-        self.bytes.fetch_sub(freed, Ordering::Relaxed);
-        self.evicted.fetch_add(n, Ordering::Relaxed);
-        (n, freed, scanned)
+        self.bytes.fetch_sub(pass.bytes, Ordering::Relaxed);
+        self.evicted.fetch_add(pass.items, Ordering::Relaxed);
+        pass
     }
 
     /// Keys of shard `shard` expired at `now` (seconds since the epoch),
@@ -351,11 +378,8 @@ mod tests {
         t.slot(b"e").put(Record::new(&meta(6, 101), b"e", b""));
         assert_eq!((t.len(), t.mem_bytes(), t.evicted()), (2, 7, 0));
         // An empty value is not worth evicting.
-        assert_eq!(
-            t.evict_clean(HashTable::shard_index(t.hash(b"e")), 10, 100)
-                .0,
-            0
-        );
+        let pass = t.evict_clean(HashTable::shard_index(t.hash(b"e")), 10, 100, 0, 100);
+        assert_eq!((pass.items, pass.kept), (0, 1));
         assert_eq!(t.slot(b"k").evict(b"k", 4), Some(Eviction::Dirty));
         assert_eq!(t.slot(b"k").evict(b"k", 10), Some(Eviction::Now));
         assert_eq!(t.slot(b"k").evict(b"k", 10), Some(Eviction::Already));

@@ -54,7 +54,7 @@ pub(crate) struct Window {
     /// Pre-window state of every key mutated in the window, found by the
     /// key's hash-table hash (no key is hashed twice).
     undo: HashTable<UndoEntry>,
-    /// Bytes queued in the window so far.
+    /// Bytes queued in the window so far, plus what its undo map keeps.
     pub(crate) bytes: usize,
     limit: usize,
     started: Instant,
@@ -82,10 +82,25 @@ impl Window {
             .is_none()
     }
 
+    /// What the undo map's entry for `undo` (see [`Window::remember`])
+    /// keeps in memory: the pre-window record's key and resident value, or
+    /// a created key's key-only copy. A pre-window value not yet persisted
+    /// stays resident in the undo map, and once the flusher has freed its
+    /// checkpoint nothing else counts it, so the window does.
+    pub(crate) fn undo_charge(undo: Option<&Undo>, key_len: usize) -> usize {
+        match undo {
+            None => 0,
+            Some(Some(before)) => before.resident_bytes(),
+            Some(None) => key_len,
+        }
+    }
+
     /// Records a key's pre-window state (`Some` on its first touch, see
     /// [`Partition::touch`]; `new` is the record the write made) and charges
-    /// the window `size` bytes (the queued entry).
+    /// the window `size` bytes (the queued entry) plus what the undo map
+    /// keeps ([`Window::undo_charge`]).
     pub(crate) fn remember(&mut self, hash: u64, undo: Option<Undo>, new: &Record, size: usize) {
+        self.bytes += size + Self::undo_charge(undo.as_ref(), new.key().len());
         if let Some(before) = undo {
             // A key the window creates is remembered by a key-only copy: its
             // first value would otherwise stay alive until the window ends.
@@ -93,7 +108,6 @@ impl Window {
             self.undo
                 .insert_unique(hash, UndoEntry { hash, key, before }, |e| e.hash);
         }
-        self.bytes += size;
     }
 
     /// Gives back the bytes of a window entry that a later write of the
@@ -117,7 +131,8 @@ pub struct WindowInfo {
     pub start_seqno: u64,
     /// Distinct keys mutated in it.
     pub keys: usize,
-    /// Bytes it has queued.
+    /// Bytes it has queued, plus the pre-window keys and values it keeps
+    /// to revert (counted against `online_update_memory_limit`).
     pub bytes: usize,
 }
 

@@ -1,5 +1,6 @@
-//! The pager: keeps keys plus resident values under the memory quota by
-//! evicting values of clean items.
+//! The pager: evicts values of clean items to keep keys plus resident
+//! values under the memory quota (what it cannot evict — keys, metadata,
+//! dirty values — is bounded by the checkpoint and window limits instead).
 //!
 //! When the hash tables' bytes pass `high_water × memory_quota`, values of
 //! items already persisted (`by_seqno <= persisted seqno` of their partition)
@@ -106,56 +107,73 @@ pub(crate) fn expire(shared: &Shared, forced: bool) -> usize {
     deleted
 }
 
-/// Table entries a pager pass that could not get under its target may
-/// look at per flush round, on average: after such a pass the pager sits
-/// out one round per this many entries it scanned. What it counts includes
-/// keys and dirty values, which it cannot free, and without the rest it
-/// would scan the whole table after every flush round (every 2 ms under
-/// writes) for as long as that lasts.
+/// Table entries a pager pass may look at and leave (keys without a
+/// value, dirty values, values evicted already) before it stops for the
+/// flush round; the next pass goes on from the entry where it stopped.
+/// Without a bound, a table the pager cannot bring under its target (keys
+/// alone over the quota, or everything dirty) would be scanned whole after
+/// every flush round (every 2 ms under writes), under the round lock.
+/// Entries it evicts do not count: that work is what the pass is for.
 pub(crate) const PAGER_SCAN_PER_ROUND: usize = 16_384;
 
+/// One pager pass, after a flush round: when the hash tables hold more
+/// than `high_water × memory_quota`, evicts clean values, shard by shard
+/// in rotation from where the last pass stopped (`pager_next`, and
+/// `pager_offset` inside that shard), until the total is under
+/// `low_water × memory_quota` or [`PAGER_SCAN_PER_ROUND`] entries were
+/// looked at and left. So a pass is bounded, and there is no pause in
+/// which values that became clean wait: each round goes on with the
+/// entries the last one did not reach.
 pub(crate) fn run(shared: &Shared) {
     let quota = shared.config.memory_quota as f64;
     let used: usize = shared.partitions.iter().map(|p| p.table.mem_bytes()).sum();
     if (used as f64) <= quota * shared.config.high_water {
-        // Under the mark: a rest left from an earlier pass no longer applies.
-        shared.pager_rest_rounds.store(0, Ordering::Relaxed);
-        return;
-    }
-    if shared
-        .pager_rest_rounds
-        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
-        .is_ok()
-    {
         return;
     }
     let target = (quota * shared.config.low_water) as usize;
     let mut to_free = used.saturating_sub(target);
     let shards = shared.partitions.first().map_or(1, |p| p.table.shards());
-    let slots = shared.partitions.len() * shards;
-    let (mut evicted, mut freed, mut looked_at) = (0usize, 0usize, 0usize);
-    for _ in 0..slots {
-        if to_free == 0 {
+    let slots = (shared.partitions.len() * shards).max(1);
+    let (mut evicted, mut freed, mut looked_at, mut kept) = (0usize, 0usize, 0usize, 0usize);
+    // Every slot once at most (the first one may be visited again from its
+    // start, after a pass that stopped inside it).
+    for _ in 0..=slots {
+        if to_free == 0 || kept >= PAGER_SCAN_PER_ROUND {
             break;
         }
-        let slot = shared.pager_next.fetch_add(1, Ordering::Relaxed) % slots;
+        let slot = shared.pager_next.load(Ordering::Relaxed) % slots;
+        let skip = shared.pager_offset.load(Ordering::Relaxed);
         let p = &shared.partitions[slot / shards];
         let clean_upto = p.progress.persisted_seqno.load(Ordering::Acquire);
-        let (n, bytes, scanned) = p.table.evict_clean(slot % shards, clean_upto, to_free);
-        p.progress.evictions.fetch_add(n as u64, Ordering::Relaxed);
-        looked_at += scanned;
-        evicted += n;
-        freed += bytes;
-        to_free = to_free.saturating_sub(bytes);
+        let pass = p.table.evict_clean(
+            slot % shards,
+            clean_upto,
+            to_free,
+            skip,
+            PAGER_SCAN_PER_ROUND - kept,
+        );
+        p.progress
+            .evictions
+            .fetch_add(pass.items as u64, Ordering::Relaxed);
+        looked_at += pass.scanned;
+        kept += pass.kept;
+        evicted += pass.items;
+        freed += pass.bytes;
+        to_free = to_free.saturating_sub(pass.bytes);
+        if pass.finished {
+            shared
+                .pager_next
+                .store((slot + 1) % slots, Ordering::Relaxed);
+            shared.pager_offset.store(0, Ordering::Relaxed);
+        } else {
+            shared
+                .pager_offset
+                .store(skip + pass.scanned, Ordering::Relaxed);
+        }
     }
     shared
         .pager_scanned
         .fetch_add(looked_at as u64, Ordering::Relaxed);
-    if to_free > 0 {
-        shared
-            .pager_rest_rounds
-            .store(looked_at / PAGER_SCAN_PER_ROUND, Ordering::Relaxed);
-    }
     tracing::debug!(
         evicted,
         freed,

@@ -201,8 +201,13 @@ impl Partition {
     /// back from the store and kept resident again.
     pub(crate) fn get(&self, store: &Store, key: &[u8]) -> Result<Item> {
         // An evicted entry may change while its value is read from disk (a
-        // newer write, or a reset): then look again, a few times.
-        for _ in 0..4 {
+        // newer write, evicted in turn, or a reset): then look again, for as
+        // long as the table names another version each time (others make
+        // progress). The same evicted version missing from disk twice is
+        // corruption; before, four misses in a row were, even when each
+        // was a different version lost to such a race.
+        let mut missed: Option<ItemMeta> = None;
+        loop {
             let Some(rec) = self.table.get(key) else {
                 return Err(Error::NotFound);
             };
@@ -225,15 +230,17 @@ impl Partition {
                         .unwrap_or_else(|| rec.with_value(&r.value));
                     return Ok(Item::new(self.id, filled));
                 }
-                _ => continue,
+                _ if missed == Some(meta) => {
+                    return Err(Error::Corruption(format!(
+                        "evicted key {:?} of partition {}: the disk does not hold the version \
+                         the hash table names",
+                        String::from_utf8_lossy(key),
+                        self.id
+                    )))
+                }
+                _ => missed = Some(meta),
             }
         }
-        Err(Error::Corruption(format!(
-            "evicted key {:?} of partition {}: the disk does not hold the version the \
-             hash table names",
-            String::from_utf8_lossy(key),
-            self.id
-        )))
     }
 
     /// Evicts `key`'s value if it is persisted; `WrongState` if it is dirty.
@@ -335,7 +342,10 @@ impl Partition {
         let incoming = key.len() + value.len() + crate::item::QUEUED_ITEM_OVERHEAD;
         let reservation = admit(incoming)?;
         if let Some(win) = &w.window {
-            win.admit(self.id, incoming)?;
+            win.admit(
+                self.id,
+                incoming + Window::undo_charge(undo.as_ref(), key.len()),
+            )?;
         }
         let meta = ItemMeta {
             by_seqno: seqno,

@@ -502,3 +502,30 @@ fn a_replicated_rev_seqno_out_of_range_is_refused() {
     r.apply_replicated(p, &item(7)).unwrap();
     assert_eq!(r.get(b"k").unwrap().meta.rev_seqno, 7);
 }
+
+#[test]
+fn water_marks_outside_zero_low_high_one_are_refused() {
+    // Before, swapped marks left memory just under high water, a low mark
+    // over 1 stopped eviction, and a NaN evicted every clean value each round.
+    let dir = tempfile::tempdir().unwrap();
+    for (high, low) in [
+        (0.5, 0.9),
+        (0.9, 0.9),
+        (1.5, 1.2),
+        (f64::NAN, 0.5),
+        (0.9, 0.0),
+    ] {
+        let r = builder(dir.path()).water_marks(high, low).open();
+        assert!(
+            matches!(r, Err(Error::InvalidArgument(ref m)) if m.contains("water marks")),
+            "high {high} low {low}: {:?}",
+            r.map(|_| ())
+        );
+    }
+    builder(dir.path())
+        .water_marks(1.0, 0.5)
+        .open()
+        .unwrap()
+        .close()
+        .unwrap();
+}
