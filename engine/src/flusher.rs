@@ -172,6 +172,16 @@ pub(crate) enum Round {
 /// round lock, so once a caller holding that lock has seen the pause set, no
 /// background round runs until it is lifted.
 pub(crate) fn run_round(shared: &Shared, mine: &[&Partition], forced: bool) -> Result<Round> {
+    let round = round_under_lock(shared, mine, forced);
+    // The pager after the round lock is released; it reads each
+    // partition's persisted seqno under the shard lock it evicts under.
+    if matches!(round, Ok(Round::Idle | Round::Done | Round::More)) && thread_is_pager(mine) {
+        crate::pager::run(shared);
+    }
+    round
+}
+
+fn round_under_lock(shared: &Shared, mine: &[&Partition], forced: bool) -> Result<Round> {
     let mut round = shared.flush_lock.lock();
     if !forced && shared.flusher_paused.load(Ordering::Acquire) {
         return Ok(Round::Paused);
@@ -274,9 +284,6 @@ pub(crate) fn run_round(shared: &Shared, mine: &[&Partition], forced: bool) -> R
         pending.push((p, progress, state, batch.len() - before));
     }
     if pending.is_empty() {
-        if thread_is_pager(mine) {
-            crate::pager::run(shared);
-        }
         if wants_sync {
             // Earlier unsynced writes may be what the waiters need.
             shared.store.sync_wal()?;
@@ -323,9 +330,6 @@ pub(crate) fn run_round(shared: &Shared, mine: &[&Partition], forced: bool) -> R
     } else if shared.persist_waiters.load(Ordering::Acquire) > 0 {
         shared.store.sync_wal()?;
         mark_synced(shared, mine);
-    }
-    if thread_is_pager(mine) {
-        crate::pager::run(shared);
     }
     more |= relieve_memory_pressure(shared, mine)?;
     Ok(if more { Round::More } else { Round::Done })

@@ -18,7 +18,7 @@ use hashbrown::hash_table::Entry as TableEntry;
 use hashbrown::HashTable as RawTable;
 
 use crate::item::{key_hash, ItemMeta, Record};
-use crate::sync::{AtomicUsize, Ordering, RwLock, RwLockWriteGuard};
+use crate::sync::{AtomicU64, AtomicUsize, Ordering, RwLock, RwLockWriteGuard};
 
 const SHARDS: usize = 16;
 
@@ -157,19 +157,23 @@ impl HashTable {
         }
     }
 
-    /// Evicts values of clean items (`by_seqno <= clean_upto`) from shard
-    /// `shard`, starting at its `skip`th entry, until about `target` bytes
-    /// are freed or `max_kept` entries were looked at and left (keys with no
-    /// value, dirty or already evicted ones).
+    /// Evicts values of clean items (`by_seqno <=` the partition's
+    /// `persisted` seqno) from shard `shard`, starting at its `skip`th
+    /// entry, until about `target` bytes are freed or `max_kept` entries
+    /// were looked at and left (keys with no value, dirty or already
+    /// evicted ones). `persisted` is read under the shard lock: a partition
+    /// reset, which holds every shard while it stores 0 there, cannot slip
+    /// in between and make it name seqnos no longer on disk.
     pub(crate) fn evict_clean(
         &self,
         shard: usize,
-        clean_upto: u64,
+        persisted: &AtomicU64,
         target: usize,
         skip: usize,
         max_kept: usize,
     ) -> EvictPass {
         let mut guard = self.shards[shard % SHARDS].write();
+        let clean_upto = persisted.load(Ordering::Acquire);
         let mut pass = EvictPass {
             items: 0,
             bytes: 0,
@@ -378,7 +382,13 @@ mod tests {
         t.slot(b"e").put(Record::new(&meta(6, 101), b"e", b""));
         assert_eq!((t.len(), t.mem_bytes(), t.evicted()), (2, 7, 0));
         // An empty value is not worth evicting.
-        let pass = t.evict_clean(HashTable::shard_index(t.hash(b"e")), 10, 100, 0, 100);
+        let pass = t.evict_clean(
+            HashTable::shard_index(t.hash(b"e")),
+            &AtomicU64::new(10),
+            100,
+            0,
+            100,
+        );
         assert_eq!((pass.items, pass.kept), (0, 1));
         assert_eq!(t.slot(b"k").evict(b"k", 4), Some(Eviction::Dirty));
         assert_eq!(t.slot(b"k").evict(b"k", 10), Some(Eviction::Now));

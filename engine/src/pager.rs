@@ -116,7 +116,9 @@ pub(crate) fn expire(shared: &Shared, forced: bool) -> usize {
 /// Entries it evicts do not count: that work is what the pass is for.
 pub(crate) const PAGER_SCAN_PER_ROUND: usize = 16_384;
 
-/// One pager pass, after a flush round: when the hash tables hold more
+/// One pager pass, after a flush round and outside its lock (a pass
+/// never holds up a round, a durable write or the freeing of checkpoint
+/// memory; before, it ran under the round lock): when the hash tables hold more
 /// than `high_water × memory_quota`, evicts clean values, shard by shard
 /// in rotation from where the last pass stopped (`pager_next`, and
 /// `pager_offset` inside that shard), until the total is under
@@ -144,10 +146,9 @@ pub(crate) fn run(shared: &Shared) {
         let slot = shared.pager_next.load(Ordering::Relaxed) % slots;
         let skip = shared.pager_offset.load(Ordering::Relaxed);
         let p = &shared.partitions[slot / shards];
-        let clean_upto = p.progress.persisted_seqno.load(Ordering::Acquire);
         let pass = p.table.evict_clean(
             slot % shards,
-            clean_upto,
+            &p.progress.persisted_seqno,
             to_free,
             skip,
             PAGER_SCAN_PER_ROUND - kept,
