@@ -203,7 +203,9 @@ impl HashTable {
 
     /// Keys of shard `shard` expired at `now` (seconds since the epoch),
     /// with their CAS, read under the shard's read lock.
-    pub(crate) fn expired(&self, shard: usize, now: u32) -> Vec<(Vec<u8>, u64)> {
+    /// At most `max` of them: the caller deletes at most that many, and
+    /// the next pass finds the rest.
+    pub(crate) fn expired(&self, shard: usize, now: u32, max: usize) -> Vec<(Vec<u8>, u64)> {
         let guard = self.shards[shard % SHARDS].read();
         guard
             .iter()
@@ -211,6 +213,7 @@ impl HashTable {
                 let m = e.rec.meta();
                 m.is_expired(now).then(|| (e.rec.key().to_vec(), m.cas))
             })
+            .take(max)
             .collect()
     }
 

@@ -62,7 +62,10 @@ pub(crate) fn expire(shared: &Shared, forced: bool) -> usize {
             break;
         }
         let p = &shared.partitions[slot / shards];
-        for (key, cas) in p.table.expired(slot % shards, now) {
+        // One more than the batch has room for, so a shard with more than
+        // that is seen to stop the pass (and is found again by the next).
+        let room = EXPIRY_BATCH - deleted + 1;
+        for (key, cas) in p.table.expired(slot % shards, now, room) {
             if deleted >= EXPIRY_BATCH {
                 // The rest of this shard is found again by the next pass.
                 stopped_at = Some(slot);
