@@ -23,7 +23,7 @@ use crate::partition::{
 };
 use crate::stats::{EngineStats, PartitionStats};
 use crate::store::{
-    check_disk_item, check_in_range, DirLock, EngineMeta, Reservation, Store, FORMAT_VERSION,
+    check_disk_item, DirLock, EngineMeta, Reservation, Store, FORMAT_VERSION,
     MAX_PARTITIONS,
 };
 use crate::sync::{Arc, AtomicBool, AtomicU64, AtomicUsize, Condvar, Mutex, Ordering, RwLock};
@@ -407,17 +407,7 @@ impl Engine {
         // arithmetic below would wrap): only corruption makes them. Checked
         // before the open changes any of the directory's records.
         for p in 0..config.partitions {
-            let state = store.partition_state(p)?.unwrap_or_default();
-            let res = store.reservation(p)?.unwrap_or_default();
-            for (what, n) in [
-                ("high seqno", state.high_seqno),
-                ("checkpoint id", state.checkpoint_id),
-                ("CAS", state.max_cas),
-                ("reserved seqno", res.seqno),
-                ("reserved checkpoint id", res.checkpoint_id),
-            ] {
-                check_in_range(p, what, n)?;
-            }
+            store.checked_partition_records(p)?;
         }
         match store.engine_meta()? {
             None => store.put_engine_meta(&EngineMeta {

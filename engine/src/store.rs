@@ -538,6 +538,31 @@ impl Store {
         }
     }
 
+    /// Partition `p`'s state, reservation and failover log, each parsed and
+    /// its numbers checked ([`check_in_range`]), for the open and for
+    /// [`DiskView`] alike: numbers near the top of the range could no
+    /// longer increase (the open's arithmetic would wrap).
+    pub(crate) fn checked_partition_records(
+        &self,
+        p: PartitionId,
+    ) -> Result<(PartitionDiskState, Reservation)> {
+        let state = self.partition_state(p)?.unwrap_or_default();
+        let res = self.reservation(p)?.unwrap_or_default();
+        for (what, n) in [
+            ("high seqno", state.high_seqno),
+            ("checkpoint id", state.checkpoint_id),
+            ("CAS", state.max_cas),
+            ("reserved seqno", res.seqno),
+            ("reserved checkpoint id", res.checkpoint_id),
+        ] {
+            check_in_range(p, what, n)?;
+        }
+        for entry in self.failover_log(p)? {
+            check_in_range(p, "failover seqno", entry.seqno)?;
+        }
+        Ok((state, res))
+    }
+
     /// Whether the items family holds any record (tombstones included).
     fn holds_items(&self) -> Result<bool> {
         let mut it = self.db.raw_iterator_cf(self.cf(CF_ITEMS)?);
@@ -1007,7 +1032,7 @@ impl DiskView {
         let n = self.store.engine_meta()?.map_or(0, |m| m.partitions);
         let mut out: Vec<PartitionDiskInfo> = (0..n)
             .map(|p| -> Result<PartitionDiskInfo> {
-                let st = self.store.partition_state(p)?.unwrap_or_default();
+                let (st, _) = self.store.checked_partition_records(p)?;
                 Ok(PartitionDiskInfo {
                     partition: p,
                     high_seqno: st.high_seqno,
