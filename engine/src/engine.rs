@@ -23,8 +23,7 @@ use crate::partition::{
 };
 use crate::stats::{EngineStats, PartitionStats};
 use crate::store::{
-    check_disk_item, DirLock, EngineMeta, Reservation, Store, FORMAT_VERSION,
-    MAX_PARTITIONS,
+    check_disk_item, DirLock, EngineMeta, Reservation, Store, FORMAT_VERSION, MAX_PARTITIONS,
 };
 use crate::sync::{Arc, AtomicBool, AtomicU64, AtomicUsize, Condvar, Mutex, Ordering, RwLock};
 
