@@ -1647,7 +1647,7 @@ fn replica_link(state: &Arc<NodeState>, primary: &str) {
         match replica_session(state, primary) {
             Ok(()) => backoff = Duration::from_millis(50),
             Err(e) => {
-                tracing::info!(%primary, error = %e, "replication link down; reconnecting");
+                tracing::warn!(%primary, error = %e, "replication link down; reconnecting");
                 *state.link_error.lock() = Some(e.to_string());
                 let deadline = Instant::now() + backoff;
                 while Instant::now() < deadline && !state.stop.load(Ordering::Acquire) {

@@ -818,3 +818,273 @@ fn a_nodes_key_and_value_limits_are_options() {
     assert!(err.to_string().starts_with("invalid_argument"), "{err}");
     assert_eq!(c.get(b"0123456789").unwrap().0.len(), 100);
 }
+
+#[test]
+fn load_refuses_a_key_range_past_u64_max_and_a_zero_count() {
+    // Before, `--start` near u64::MAX wrapped around and overwrote key-0...
+    // without a word (a debug build panicked).
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("d");
+    let d = data.to_str().unwrap();
+    let (code, err) = tapkv_tests::run_status(
+        &[
+            "load",
+            "--data",
+            d,
+            "--count",
+            "5",
+            "--start",
+            "18446744073709551613",
+        ],
+        T,
+    );
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--start") && err.contains("--count"), "{err}");
+    assert!(!data.exists(), "refused after opening the directory");
+    let (code, err) = tapkv_tests::run_status(&["load", "--data", d, "--count", "0"], T);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--count"), "{err}");
+    // The last key number itself is fine.
+    let (ok, out, err) = run(
+        &[
+            "load",
+            "--data",
+            d,
+            "--count",
+            "3",
+            "--start",
+            "18446744073709551613",
+            "--print-acked",
+        ],
+        "",
+        T,
+    );
+    assert!(ok, "{err}");
+    let keys: Vec<&str> = out.lines().filter_map(|l| l.split(' ').next()).collect();
+    assert_eq!(keys.len(), 3, "{out}");
+    assert!(keys.contains(&"key-18446744073709551615"), "{out}");
+    assert!(!keys.contains(&"key-0"), "{out}");
+}
+
+#[test]
+fn load_threads_are_bounded_and_no_more_than_the_writes() {
+    // Before, --threads 100000 panicked on a failed spawn, and --threads
+    // 5000 for one write started 5000 threads (1.8 GB).
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    for bad in ["0", "1025", "100000"] {
+        let (code, err) =
+            tapkv_tests::run_status(&["load", "--data", d, "--count", "1", "--threads", bad], T);
+        assert_eq!(code, Some(2), "--threads {bad}: {err}");
+        assert!(err.contains("--threads"), "--threads {bad}: {err}");
+    }
+    let (ok, _, err) = run(
+        &["load", "--data", d, "--count", "2", "--threads", "1024"],
+        "",
+        T,
+    );
+    assert!(ok, "{err}");
+    // Two writes, two threads; the durability as the command line spells it.
+    assert!(err.contains("with 2 thread(s)"), "{err}");
+    assert!(err.contains("durability memory,"), "{err}");
+    let (ok, _, err) = run(
+        &[
+            "load",
+            "--data",
+            d,
+            "--count",
+            "1",
+            "--durability",
+            "persist",
+        ],
+        "",
+        T,
+    );
+    assert!(ok, "{err}");
+    assert!(err.contains("durability persist,"), "{err}");
+}
+
+#[test]
+fn a_node_refuses_an_unusable_replica_of_before_making_its_directory() {
+    // Before, the node created its directory and retried for ever.
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("replica");
+    let d = data.to_str().unwrap();
+    for bad in ["nonsense", "127.0.0.1", ""] {
+        let (code, err) = tapkv_tests::run_status(
+            &[
+                "node",
+                "--data",
+                d,
+                "--listen",
+                "127.0.0.1:0",
+                "--replica-of",
+                bad,
+            ],
+            T,
+        );
+        assert!(matches!(code, Some(2 | 3)), "{bad:?}: {code:?} {err}");
+        assert!(err.contains("--replica-of"), "{bad:?}: {err}");
+        assert!(!data.exists(), "{bad:?}: the directory was created");
+    }
+}
+
+#[test]
+fn kv_replicate_on_a_data_directory_is_a_usage_error_and_creates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("fresh");
+    let d = data.to_str().unwrap();
+    for args in [
+        vec![
+            "kv",
+            "set",
+            "--data",
+            d,
+            "k",
+            "v",
+            "--durability",
+            "replicate",
+        ],
+        vec!["kv", "del", "--data", d, "k", "--durability", "replicate"],
+    ] {
+        let (code, err) = tapkv_tests::run_status(&args, T);
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains("--durability replicate needs a node") && err.contains("--addr"),
+            "{args:?}: {err}"
+        );
+        assert!(!err.contains("Durability::"), "{err}");
+        assert!(!data.exists(), "{args:?}: the directory was created");
+    }
+}
+
+#[test]
+fn a_write_that_times_out_names_the_node_and_may_have_been_applied() {
+    // A primary with no replica holds a Replicate write for 20 s: the
+    // client gives up after its 1 s, the write itself is applied.
+    let dir = tempfile::tempdir().unwrap();
+    let node = tapkv_tests::NodeProc::start(
+        dir.path(),
+        "127.0.0.1:0",
+        None,
+        "slow-ack",
+        &["--replicate-timeout-ms", "20000"],
+    );
+    let a = node.addr.as_str();
+    let (code, out, err) = tapkv_tests::run_with_status(
+        &[
+            "kv",
+            "set",
+            "--addr",
+            a,
+            "rk",
+            "v",
+            "--durability",
+            "replicate",
+            "--timeout-s",
+            "1",
+        ],
+        "",
+        T,
+    );
+    assert_eq!(code, Some(3), "{out}{err}");
+    assert!(err.contains(a), "{err}");
+    assert!(err.contains("--timeout-s"), "{err}");
+    assert!(err.contains("within 1s"), "{err}");
+    assert!(err.contains("the write may have been applied"), "{err}");
+    assert!(!err.contains("I/O error"), "{err}");
+    let (ok, out, err) = run(&["kv", "get", "--addr", a, "rk"], "", T);
+    assert!(ok && out == "v\n", "{out}{err}");
+}
+
+#[test]
+fn a_busy_node_is_reported_busy_not_out_of_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = tapkv_tests::NodeProc::start(
+        dir.path(),
+        "127.0.0.1:0",
+        None,
+        "one-conn",
+        &["--max-connections", "1"],
+    );
+    // The one connection it serves.
+    let _held = node.client();
+    let (code, err) = tapkv_tests::run_status(&["kv", "get", "--addr", &node.addr, "k"], T);
+    assert_eq!(code, Some(3), "{err}");
+    assert!(
+        err.contains("busy") && err.contains("too many connections"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("temp_oom") && !err.contains("I/O error"),
+        "{err}"
+    );
+}
+
+#[test]
+fn node_values_that_cannot_work_are_usage_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("n");
+    let d = data.to_str().unwrap();
+    for (opt, bad) in [
+        ("--name", ""),
+        ("--name", "  "),
+        ("--online-update-memory-limit", "0"),
+        ("--memory-quota", "0"),
+        ("--snapshot-buffer-limit", "0"),
+        ("--cursor-drop-threshold", "-1"),
+        ("--cursor-drop-threshold", "0"),
+        ("--cursor-drop-threshold", "NaN"),
+        ("--cursor-drop-threshold", "inf"),
+    ] {
+        let (code, err) = tapkv_tests::run_status(
+            &["node", "--data", d, "--listen", "127.0.0.1:0", opt, bad],
+            T,
+        );
+        assert_eq!(code, Some(2), "{opt} {bad:?}: {err}");
+        assert!(err.contains(opt), "{opt} {bad:?}: {err}");
+        assert!(!data.exists(), "{opt} {bad:?}: the directory was created");
+    }
+}
+
+#[test]
+fn demo_errors_name_the_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("afile");
+    std::fs::write(&file, "x").unwrap();
+    let f = file.to_str().unwrap();
+    let (code, err) = tapkv_tests::run_status(&["demo", "--data", f, "--items", "1"], T);
+    assert_eq!(code, Some(3), "{err}");
+    assert!(err.contains(f), "{err}");
+}
+
+#[test]
+fn shell_update_usage_names_its_subcommands() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let (ok, out, err) = run(
+        &["shell", "--data", d],
+        "update start 0 1\nupdate start\n",
+        T,
+    );
+    assert!(ok, "{err}");
+    for line in out.lines() {
+        assert!(
+            line.starts_with("ERROR invalid_argument: usage: update start|complete|revert P"),
+            "{line}"
+        );
+    }
+    assert_eq!(out.lines().count(), 2, "{out}");
+}
+
+#[test]
+fn an_invalid_tapkv_log_is_reported() {
+    let out = std::process::Command::new(tapkv_tests::tapkv_bin())
+        .env("TAPKV_LOG", "[[bad")
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("TAPKV_LOG") && err.contains("[[bad"), "{err}");
+}

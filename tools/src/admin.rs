@@ -71,7 +71,7 @@ pub(crate) fn run(cmd: AdminCommand) -> Result<ExitCode, Error> {
             (None, Some(addr)) => {
                 let v = connect(&addr, wait.timeout())?
                     .admin("inspect")
-                    .map_err(remote)?;
+                    .map_err(|e| remote(&addr, wait, e))?;
                 if json {
                     outln!("{v}")?;
                 } else {
@@ -162,7 +162,7 @@ pub(crate) fn run(cmd: AdminCommand) -> Result<ExitCode, Error> {
                             err.get_or_insert(e);
                         }
                     })
-                    .map_err(remote)?;
+                    .map_err(|e| remote(&addr, wait, e))?;
                 if let Some(e) = err {
                     return Err(e.into());
                 }
@@ -175,7 +175,7 @@ pub(crate) fn run(cmd: AdminCommand) -> Result<ExitCode, Error> {
         AdminCommand::Streams { addr, json, wait } => {
             let v = connect(&addr, wait.timeout())?
                 .admin("streams")
-                .map_err(remote)?;
+                .map_err(|e| remote(&addr, wait, e))?;
             if json {
                 outln!("{v}")?;
                 return Ok(ExitCode::SUCCESS);
@@ -211,8 +211,12 @@ pub(crate) fn run(cmd: AdminCommand) -> Result<ExitCode, Error> {
     }
 }
 
-fn remote(e: tapkv_replication::client::ClientError) -> Error {
-    Error::Io(std::io::Error::other(e.to_string()))
+/// A failed request to the node at `addr`, naming it (and without a
+/// doubled "I/O error: " prefix).
+fn remote(addr: &str, wait: crate::Wait, e: tapkv_replication::client::ClientError) -> Error {
+    Error::Io(std::io::Error::other(crate::request_failed(
+        addr, wait, &e, false,
+    )))
 }
 
 fn inspect(data: &PathBuf, json: bool) -> Result<ExitCode, Error> {

@@ -34,14 +34,24 @@ const DEMO_PARTS: [&str; 4] = ["engine", "primary", "replica-1", "replica-2"];
 /// (unless `keep`), after checking that `dir` is empty, new, or marked as
 /// the demo's, so that a mistyped `--data` cannot destroy anything else.
 fn prepare(dir: &Path, keep: bool) -> Result<(), Error> {
+    // File system errors name the path (as the engine's name the directory).
+    let at = |path: &Path| {
+        let path = path.display().to_string();
+        move |e: std::io::Error| {
+            Error::Io(std::io::Error::new(
+                e.kind(),
+                format!("data directory {path}: {e}"),
+            ))
+        }
+    };
     // Made by the demo: marked, or (from before the marker) holding
     // nothing but the demo's own subdirectories; an empty one is free.
     let ours = |dir: &Path| -> Result<bool, Error> {
         if dir.join(DEMO_MARKER).exists() {
             return Ok(true);
         }
-        for entry in std::fs::read_dir(dir)? {
-            let name = entry?.file_name();
+        for entry in std::fs::read_dir(dir).map_err(at(dir))? {
+            let name = entry.map_err(at(dir))?.file_name();
             if !DEMO_PARTS.iter().any(|p| name == *p) {
                 return Ok(false);
             }
@@ -60,15 +70,22 @@ fn prepare(dir: &Path, keep: bool) -> Result<(), Error> {
         for part in DEMO_PARTS {
             let p = dir.join(part);
             if p.exists() {
-                std::fs::remove_dir_all(&p)?;
+                std::fs::remove_dir_all(&p).map_err(at(&p))?;
             }
         }
     }
-    std::fs::create_dir_all(dir)?;
+    std::fs::create_dir_all(dir).map_err(at(dir))?;
+    let marker = dir.join(DEMO_MARKER);
     std::fs::write(
-        dir.join(DEMO_MARKER),
+        &marker,
         "made by `tapkv demo`; the demo clears its subdirectories on its next run\n",
-    )?;
+    )
+    .map_err(|e| {
+        Error::Io(std::io::Error::new(
+            e.kind(),
+            format!("{}: {e}", marker.display()),
+        ))
+    })?;
     Ok(())
 }
 

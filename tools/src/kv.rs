@@ -51,7 +51,28 @@ enum KvOp {
     },
 }
 
+/// The refusal of `--durability replicate` on a data directory (worded as
+/// `load`'s).
+const REPLICATE_NEEDS_A_NODE: &str = "--durability replicate needs a node with replicas; \
+     `kv --data` writes to a data directory in this process (use --addr ADDR, or memory or persist)";
+
 pub(crate) fn run(args: KvArgs) -> Result<ExitCode, Error> {
+    // Refused before the directory is opened (or created).
+    if let KvOp::Set {
+        target,
+        durability: DurabilityArg::Replicate,
+        ..
+    }
+    | KvOp::Del {
+        target,
+        durability: DurabilityArg::Replicate,
+        ..
+    } = &args.op
+    {
+        if target.data.is_some() {
+            return Ok(crate::usage_error(REPLICATE_NEEDS_A_NODE));
+        }
+    }
     if let Some(code) = remote(&args.op, args.wait)? {
         return Ok(code);
     }
@@ -147,13 +168,14 @@ fn remote(op: &KvOp, wait: crate::Wait) -> Result<Option<ExitCode>, Error> {
         return Ok(None);
     };
     let mut c = connect(addr, wait.timeout())?;
+    let write = !matches!(op, KvOp::Get { .. });
     let fail = |e: tapkv_replication::client::ClientError| -> Result<Option<ExitCode>, Error> {
         if e.is_not_found() {
             eprintln!("error: key {key:?} not found");
             Ok(Some(ExitCode::FAILURE))
         } else {
             // As every other failure: 3 (`tapkv --help`), not a missing key.
-            eprintln!("error: {e}");
+            eprintln!("error: {}", crate::request_failed(addr, wait, &e, write));
             Ok(Some(ExitCode::from(crate::EXIT_ERROR)))
         }
     };

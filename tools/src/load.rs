@@ -21,18 +21,19 @@ use crate::{DataArg, DurabilityArg};
 pub(crate) struct LoadArgs {
     #[command(flatten)]
     data: DataArg,
-    /// Number of writes.
-    #[arg(long)]
+    /// Number of writes (at least 1).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     count: u64,
-    /// Number of the first key (keys are `key-<start>` .. `key-<start+count-1>`).
+    /// Number of the first key (keys are `key-<start>` .. `key-<start+count-1>`;
+    /// the last must not pass 18446744073709551615).
     #[arg(long, default_value_t = 0)]
     start: u64,
     /// Value size in bytes.
     #[arg(long, default_value_t = 100)]
     value_size: usize,
-    /// Writer threads.
-    #[arg(long, default_value_t = 1)]
-    threads: usize,
+    /// Writer threads (1 to 1024; no more than --count are started).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=MAX_THREADS))]
+    threads: u64,
     /// Wait for memory (default) or for the disk on every write (`load`
     /// embeds the engine, so `replicate`, which needs a node, is refused).
     #[arg(long, value_enum, default_value_t)]
@@ -55,52 +56,85 @@ fn latency_histogram() -> Result<Histogram<u64>, Error> {
         .map_err(|e| Error::InvalidArgument(format!("latency histogram: {e}")))
 }
 
+/// Most writer threads `load` starts (each holds a latency histogram of
+/// about 0.35 MiB and a stack).
+const MAX_THREADS: u64 = 1024;
+
+/// Why `load` with a given `--start` and `--count` cannot run: the last
+/// key number, `start + count - 1`, must fit in a u64 (it used to wrap and
+/// overwrite `key-0`...).
+fn check_range(start: u64, count: u64) -> Result<(), String> {
+    match count.checked_sub(1) {
+        None => Err("--count must be at least 1".into()),
+        Some(last) if start.checked_add(last).is_none() => Err(format!(
+            "--start {start} with --count {count} runs past the last key number \
+             {}: give at most --count {}",
+            u64::MAX,
+            u64::MAX - start + 1
+        )),
+        Some(_) => Ok(()),
+    }
+}
+
 pub(crate) fn run(args: LoadArgs) -> Result<ExitCode, Error> {
     if matches!(args.durability, DurabilityArg::Replicate) {
-        return Err(Error::InvalidArgument(
+        return Ok(crate::usage_error(
             "--durability replicate needs a node with replicas; `load` writes to a data \
-             directory in this process (use memory or persist)"
-                .into(),
+             directory in this process (use memory or persist)",
         ));
     }
+    if let Err(msg) = check_range(args.start, args.count) {
+        return Ok(crate::usage_error(&msg));
+    }
+    let thread_count = args.threads.clamp(1, args.count.max(1));
     let engine = Arc::new(Engine::builder(&args.data.data).open()?);
     let next = Arc::new(AtomicU64::new(0));
     let done = Arc::new(AtomicU64::new(0));
     let opts = WriteOptions::durable(args.durability.into());
     let started = Instant::now();
-    let progress = std::io::stderr().is_terminal().then(|| {
-        let done = Arc::clone(&done);
-        let total = args.count;
-        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
-        let handle = std::thread::spawn(move || {
-            while stop_rx.recv_timeout(Duration::from_millis(200)).is_err() {
-                let d = done.load(Ordering::Relaxed);
-                let pct = (d * 100).checked_div(total).unwrap_or(100);
-                let bar: String = (0..40)
-                    .map(|i| if i * 100 / 40 < pct { '#' } else { '.' })
-                    .collect();
-                eprint!("\r[{bar}] {d}/{total} ({pct}%)");
-            }
-            eprintln!();
-        });
-        (stop_tx, handle)
-    });
-    let threads: Vec<_> = (0..args.threads.max(1))
-        .map(|_| {
-            let engine = Arc::clone(&engine);
-            let next = Arc::clone(&next);
+    // No bar (rather than an error) if its thread cannot start.
+    let progress = std::io::stderr()
+        .is_terminal()
+        .then(|| {
             let done = Arc::clone(&done);
-            let (count, size, print, start) =
-                (args.count, args.value_size, args.print_acked, args.start);
-            std::thread::spawn(move || -> Result<(Histogram<u64>, u64), Error> {
+            let total = args.count;
+            let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+            let handle = std::thread::Builder::new()
+                .name("tapkv-load-progress".into())
+                .spawn(move || {
+                    while stop_rx.recv_timeout(Duration::from_millis(200)).is_err() {
+                        let d = done.load(Ordering::Relaxed);
+                        let pct = d.saturating_mul(100).checked_div(total).unwrap_or(100);
+                        let bar: String = (0..40)
+                            .map(|i| if i * 100 / 40 < pct { '#' } else { '.' })
+                            .collect();
+                        eprint!("\r[{bar}] {d}/{total} ({pct}%)");
+                    }
+                    eprintln!();
+                });
+            handle.ok().map(|h| (stop_tx, h))
+        })
+        .flatten();
+    let mut threads = Vec::new();
+    let mut spawn_err = None;
+    for n in 0..thread_count {
+        let engine = Arc::clone(&engine);
+        let work = Arc::clone(&next);
+        let done = Arc::clone(&done);
+        let (count, size, print, start) =
+            (args.count, args.value_size, args.print_acked, args.start);
+        let spawned = std::thread::Builder::new()
+            .name(format!("tapkv-load-{n}"))
+            .spawn(move || -> Result<(Histogram<u64>, u64), Error> {
                 // Fixed size (about 0.5 MiB) whatever --count is.
                 let mut lat = latency_histogram()?;
                 let mut oom_retries = 0u64;
                 loop {
-                    let n = next.fetch_add(1, Ordering::Relaxed);
+                    let n = work.fetch_add(1, Ordering::Relaxed);
                     if n >= count {
                         return Ok((lat, oom_retries));
                     }
+                    // No overflow: start + count - 1 fits (check_range).
                     let i = start + n;
                     let key = format!("key-{i}");
                     let value = value_for(i, size);
@@ -122,9 +156,20 @@ pub(crate) fn run(args: LoadArgs) -> Result<ExitCode, Error> {
                         out.flush()?;
                     }
                 }
-            })
-        })
-        .collect();
+            });
+        match spawned {
+            Ok(h) => threads.push(h),
+            Err(e) => {
+                // The started threads find no work left and end.
+                next.store(args.count, Ordering::Relaxed);
+                spawn_err = Some(Error::Io(std::io::Error::new(
+                    e.kind(),
+                    format!("cannot start {thread_count} load threads: {e}"),
+                )));
+                break;
+            }
+        }
+    }
     let mut all = latency_histogram()?;
     let mut retries = 0;
     let mut first_err = None;
@@ -146,17 +191,17 @@ pub(crate) fn run(args: LoadArgs) -> Result<ExitCode, Error> {
         let _ = stop.send(());
         let _ = handle.join();
     }
-    if let Some(e) = first_err {
+    if let Some(e) = spawn_err.or(first_err) {
         return Err(e);
     }
     let ops = all.len() as f64;
     let us = |n: u64| n as f64 / 1000.0;
     eprintln!(
-        "wrote {} items of {} bytes with {} thread(s), durability {:?}, in {:.3} s: {:.0} ops/s",
+        "wrote {} items of {} bytes with {} thread(s), durability {}, in {:.3} s: {:.0} ops/s",
         all.len(),
         args.value_size,
-        args.threads.max(1),
-        args.durability,
+        thread_count,
+        args.durability.name(),
         elapsed.as_secs_f64(),
         ops / elapsed.as_secs_f64().max(1e-9)
     );

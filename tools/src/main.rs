@@ -54,6 +54,11 @@ enum Command {
     /// Read, write or delete one key.
     Kv(kv::KvArgs),
     /// Generate write load (keys `key-<i>`) and report throughput and latency.
+    ///
+    /// The summary goes to stderr at the end, with a progress bar while it
+    /// runs if stderr is a terminal. An interrupted run (Ctrl-C) prints no
+    /// summary and does not close the engine: its `memory` writes not yet
+    /// flushed are lost, as in a crash (the crash tests rely on that).
     Load(load::LoadArgs),
     /// Line-oriented command shell on stdin/stdout (see docs/shell.md).
     Shell(shell::ShellArgs),
@@ -78,6 +83,17 @@ pub(crate) enum DurabilityArg {
     /// Return once a majority of the node's replicas hold it (needs a node:
     /// `--addr`). A timeout is an error, but the write stays applied.
     Replicate,
+}
+
+impl DurabilityArg {
+    /// The name the command line uses (`memory`, `persist`, `replicate`).
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            DurabilityArg::Memory => "memory",
+            DurabilityArg::Persist => "persist",
+            DurabilityArg::Replicate => "replicate",
+        }
+    }
 }
 
 impl From<DurabilityArg> for Durability {
@@ -106,7 +122,8 @@ pub(crate) struct Target {
 /// How long the command-line client waits for a node.
 #[derive(clap::Args, Debug, Clone, Copy)]
 pub(crate) struct Wait {
-    /// With --addr: seconds to wait to connect and for each answer.
+    /// Seconds to wait for the node (--addr) to accept the connection and
+    /// for each answer (1 to 86400).
     #[arg(long = "timeout-s", value_name = "SECONDS", default_value_t = 30, global = true,
           value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub(crate) timeout_s: u64,
@@ -133,11 +150,23 @@ pub(crate) fn connect(
     timeout: std::time::Duration,
 ) -> Result<tapkv_replication::client::Client, tapkv_engine::Error> {
     use tapkv_replication::client::ClientError;
+    use tapkv_replication::message::status;
     use tapkv_replication::protocol::ProtocolError;
     tapkv_replication::client::Client::connect(addr, timeout).map_err(|e| {
         let (kind, msg) = match e {
             // Reached, but it refused the session (too many connections,
-            // a limit): say so rather than "cannot reach".
+            // a limit): say so rather than "cannot reach". TEMP_FAILURE
+            // means busy, not out of memory (the kind its message carries).
+            ClientError::Status { status, message } if status == status::TEMP_FAILURE => (
+                std::io::ErrorKind::Other,
+                format!(
+                    "the node at {addr} is busy and refused the connection (try again later): {}",
+                    message
+                        .strip_prefix(status::kind(status))
+                        .and_then(|m| m.strip_prefix(": "))
+                        .unwrap_or(&message)
+                ),
+            ),
             ClientError::Status { message, .. } => (
                 std::io::ErrorKind::Other,
                 format!("the node at {addr} refused the connection: {message}"),
@@ -153,9 +182,14 @@ pub(crate) fn connect(
                     format!("the node at {addr} did not answer: {io} (--timeout-s)"),
                 )
             }
-            ClientError::Protocol(ProtocolError::Io(io)) => {
-                (io.kind(), format!("cannot reach node at {addr}: {io}"))
-            }
+            ClientError::Protocol(ProtocolError::Io(io)) => (
+                // Not BrokenPipe, which `main` takes for a closed stdout.
+                match io.kind() {
+                    std::io::ErrorKind::BrokenPipe => std::io::ErrorKind::Other,
+                    k => k,
+                },
+                format!("cannot reach node at {addr}: {io}"),
+            ),
             other => (
                 std::io::ErrorKind::Other,
                 format!("cannot talk to node at {addr}: {other}"),
@@ -165,15 +199,79 @@ pub(crate) fn connect(
     })
 }
 
+/// A request to the node at `addr` that failed: the text to print, which
+/// names the node; a transport failure (no answer within `--timeout-s`, a
+/// lost connection) during a write says that the write may have been
+/// applied, since the node may have done it before the answer was lost.
+pub(crate) fn request_failed(
+    addr: &str,
+    wait: Wait,
+    e: &tapkv_replication::client::ClientError,
+    write: bool,
+) -> String {
+    use tapkv_replication::client::ClientError;
+    use tapkv_replication::protocol::ProtocolError;
+    let maybe = if write {
+        "; the write may have been applied"
+    } else {
+        ""
+    };
+    match e {
+        ClientError::Protocol(ProtocolError::Io(io))
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
+            ) =>
+        {
+            format!(
+                "the node at {addr} did not answer within {}s (--timeout-s){maybe}",
+                wait.timeout_s
+            )
+        }
+        ClientError::Protocol(ProtocolError::Io(io)) => {
+            format!("lost the connection to the node at {addr}: {io}{maybe}")
+        }
+        ClientError::Protocol(p) => {
+            format!("lost the connection to the node at {addr}: {p}{maybe}")
+        }
+        other => other.to_string(),
+    }
+}
+
+/// Exit status of a usage error found after parsing (as clap's own).
+pub(crate) const EXIT_USAGE: u8 = 2;
+
+/// Prints a usage error found after parsing (arguments that are each valid
+/// but do not go together) and returns its exit status.
+pub(crate) fn usage_error(msg: &str) -> ExitCode {
+    eprintln!("error: {msg}");
+    ExitCode::from(EXIT_USAGE)
+}
+
+/// The log filter: `TAPKV_LOG` if set and valid (an invalid one is
+/// reported on stderr, not silently ignored), else `info` for a node and
+/// `warn` for other commands.
+fn log_filter() -> tracing_subscriber::EnvFilter {
+    let default = || {
+        // A node logs its lifecycle by default; one-shot commands stay quiet.
+        let node = std::env::args_os().nth(1).is_some_and(|a| a == "node");
+        tracing_subscriber::EnvFilter::new(if node { "info" } else { "warn" })
+    };
+    match std::env::var_os("TAPKV_LOG") {
+        None => default(),
+        Some(v) => match tracing_subscriber::EnvFilter::try_from_env("TAPKV_LOG") {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!("warning: ignoring TAPKV_LOG={v:?} ({e}); using the default log level");
+                default()
+            }
+        },
+    }
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("TAPKV_LOG").unwrap_or_else(|_| {
-                // A node logs its lifecycle by default; one-shot commands stay quiet.
-                let node = std::env::args_os().nth(1).is_some_and(|a| a == "node");
-                tracing_subscriber::EnvFilter::new(if node { "info" } else { "warn" })
-            }),
-        )
+        .with_env_filter(log_filter())
         .with_writer(std::io::stderr)
         // Colours only on a terminal: a log file gets plain text.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -192,6 +290,12 @@ fn main() -> ExitCode {
         // A closed stdout (`tapkv admin dump | head`) is not an error.
         Err(tapkv_engine::Error::Io(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
             ExitCode::SUCCESS
+        }
+        // A message the CLI (or the engine) wrote as a sentence, often
+        // naming a path or a node: without the generic "I/O error: ".
+        Err(tapkv_engine::Error::Io(e)) if e.get_ref().is_some() => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_ERROR)
         }
         Err(e) => {
             eprintln!("error: {e}");

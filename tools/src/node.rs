@@ -24,17 +24,19 @@ pub(crate) struct NodeArgs {
     /// Address to listen on (port 0 picks a free port; the startup line says which).
     #[arg(long, default_value = "127.0.0.1:11311")]
     listen: String,
-    /// Run as a replica of the primary at this address.
+    /// Run as a replica of the primary at this address (HOST:PORT; it must
+    /// resolve when the node starts).
     #[arg(long, value_name = "ADDR")]
     replica_of: Option<String>,
     /// Name of this node, used as its replication stream's name (give each
     /// replica of a primary its own). Default: `node-<random id>`, made on
-    /// first start and kept in DIR/node-name.
-    #[arg(long)]
+    /// first start and kept in DIR/node-name. Must not be empty.
+    #[arg(long, value_parser = node_name)]
     name: Option<String>,
     /// Number of partitions when creating the data directory (default 16).
     /// An existing directory keeps its own count; giving a different one is
-    /// refused.
+    /// refused. A new replica without it takes its primary's count; a
+    /// replica given another count than its primary's does not replicate.
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
     partitions: Option<u16>,
     /// Unacknowledged bytes allowed per replication stream.
@@ -76,24 +78,27 @@ pub(crate) struct NodeArgs {
     /// primary's --max-unacked-bytes.
     #[arg(long, default_value_t = 512 * 1024, value_parser = clap::value_parser!(u64).range(1..))]
     ack_bytes: u64,
-    /// Memory quota for keys and resident values, in bytes (engine default 1 GiB).
-    #[arg(long)]
-    memory_quota: Option<usize>,
+    /// Memory quota for keys and resident values, in bytes (engine default
+    /// 1 GiB; at least 1 MiB).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1 << 20..))]
+    memory_quota: Option<u64>,
     /// Bound on all checkpoint memory, in bytes (engine default 512 MiB; at
     /// least 64 KiB).
     #[arg(long, value_parser = clap::value_parser!(u64).range(65_536..))]
     checkpoint_memory_limit: Option<u64>,
-    /// Bytes one online-update window may queue, per partition (engine default 256 MiB).
-    #[arg(long)]
-    online_update_memory_limit: Option<usize>,
+    /// Bytes one online-update window may queue, per partition (engine
+    /// default 256 MiB; at least 64 KiB).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(65_536..))]
+    online_update_memory_limit: Option<u64>,
     /// As a replica: bytes of one partition's disk snapshot (backfill) held
-    /// in memory before it is spilled to disk (engine default 64 MiB).
-    #[arg(long)]
-    snapshot_buffer_limit: Option<usize>,
+    /// in memory before it is spilled to disk (engine default 64 MiB; at
+    /// least 64 KiB).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(65_536..))]
+    snapshot_buffer_limit: Option<u64>,
     /// Fraction of the checkpoint memory limit at which stream cursors
     /// behind the disk are dropped (the replica resumes with a backfill);
-    /// engine default 0.9; 1 or more: never.
-    #[arg(long)]
+    /// must be > 0; engine default 0.9; 1 or more: never.
+    #[arg(long, value_parser = positive_fraction, allow_negative_numbers = true)]
     cursor_drop_threshold: Option<f64>,
     /// Connections served at once (clients and replication streams, a
     /// thread each); one more is answered TEMP_FAILURE and closed.
@@ -112,7 +117,8 @@ pub(crate) struct NodeArgs {
     /// As a replica over a directory that held a primary's data: accept
     /// that partitions whose history differs from the primary's are rolled
     /// back, replacing that data (without it, such a rollback is refused and
-    /// the node does not replicate; see `stat`'s link_error).
+    /// the node does not replicate; `tapkv admin inspect --addr` on the
+    /// replica then says NOT REPLICATING and why).
     #[arg(long)]
     replace_data: bool,
     /// Bytes that partly received frames larger than 1 MiB may hold across
@@ -136,9 +142,48 @@ fn has_store(data: &std::path::Path) -> bool {
 
 /// The partition count of the node at `primary` (from its HELLO).
 fn primary_partitions(primary: &str, timeout: Duration) -> Result<u16, Error> {
-    let client = tapkv_replication::client::Client::connect(primary, timeout)
-        .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))?;
-    Ok(client.partitions())
+    Ok(crate::connect(primary, timeout)?.partitions())
+}
+
+/// `--name`: any text but an empty or blank one (it names the replication
+/// stream and the node in its startup line).
+fn node_name(s: &str) -> Result<String, String> {
+    if s.trim().is_empty() {
+        Err("the name is empty or blank".into())
+    } else {
+        Ok(s.to_string())
+    }
+}
+
+/// `--cursor-drop-threshold`: a finite number above 0.
+fn positive_fraction(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(f) if f.is_finite() && f > 0.0 => Ok(f),
+        Ok(_) => Err("must be a finite number > 0".into()),
+        Err(e) => Err(format!("not a number: {e}")),
+    }
+}
+
+/// Checks that `--replica-of` is an address this node can connect to
+/// (`HOST:PORT` that parses or resolves), before the data directory is
+/// touched: a node given a bad one used to create its directory and then
+/// retry for ever.
+fn check_primary_addr(primary: &str) -> Result<(), Error> {
+    use std::net::ToSocketAddrs;
+    let bad = |kind: std::io::ErrorKind, why: String| {
+        Error::Io(std::io::Error::new(
+            kind,
+            format!("cannot use --replica-of {primary:?}: {why}"),
+        ))
+    };
+    match primary.to_socket_addrs().map(|mut a| a.next()) {
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => Err(bad(
+            std::io::ErrorKind::NotFound,
+            "it resolves to no address".into(),
+        )),
+        Err(e) => Err(bad(e.kind(), e.to_string())),
+    }
 }
 
 /// File in the data directory holding the node's default name.
@@ -185,6 +230,9 @@ pub(crate) fn run(args: NodeArgs) -> Result<ExitCode, Error> {
             format!("cannot listen on {:?} (--listen): {e}", args.listen),
         ))
     })?);
+    if let Some(primary) = &args.replica_of {
+        check_primary_addr(primary)?;
+    }
     let replica = args.replica_of.is_some();
     let mut builder = Engine::builder(&args.data)
         .replica(replica)
@@ -212,16 +260,16 @@ pub(crate) fn run(args: NodeArgs) -> Result<ExitCode, Error> {
         _ => {}
     }
     if let Some(q) = args.memory_quota {
-        builder = builder.memory_quota(q);
+        builder = builder.memory_quota(usize::try_from(q).unwrap_or(usize::MAX));
     }
     if let Some(l) = args.checkpoint_memory_limit {
         builder = builder.checkpoint_memory_limit(usize::try_from(l).unwrap_or(usize::MAX));
     }
     if let Some(l) = args.online_update_memory_limit {
-        builder = builder.online_update_memory_limit(l);
+        builder = builder.online_update_memory_limit(usize::try_from(l).unwrap_or(usize::MAX));
     }
     if let Some(l) = args.snapshot_buffer_limit {
-        builder = builder.snapshot_buffer_limit(l);
+        builder = builder.snapshot_buffer_limit(usize::try_from(l).unwrap_or(usize::MAX));
     }
     if let Some(t) = args.cursor_drop_threshold {
         builder = builder.cursor_drop_threshold(t);

@@ -152,7 +152,12 @@ fn parse(line: &[u8]) -> Result<Command, String> {
                 "revert" => UpdateOp::Revert,
                 _ => return Err(bad()),
             };
-            Ok(Command::Update(op, partition(p)?))
+            let p = p.parse::<PartitionId>().map_err(|_| {
+                usage(&format!(
+                    "usage: update start|complete|revert P ({p:?} is not a partition number)"
+                ))
+            })?;
+            Ok(Command::Update(op, p))
         }
         other => Err(usage(&format!("unknown command {other:?}; try `help`"))),
     }
