@@ -679,6 +679,24 @@ fn admin_streams_and_dump_over_the_network() {
         2,
         "{out}"
     );
+    // The node's dump and the offline dump of its directory print the same
+    // lines, so the two can be diffed (before, the node's JSON rows came
+    // with their fields in another order).
+    let data = primary.data.to_str().unwrap();
+    for json in [false, true] {
+        let json_flag: &[&str] = if json { &["--json"] } else { &[] };
+        let remote = [
+            &["admin", "dump", "--addr", primary.addr.as_str()][..],
+            json_flag,
+        ]
+        .concat();
+        let local = [&["admin", "dump", "--data", data][..], json_flag].concat();
+        let (ok, over_network, err) = run(&remote, "", t);
+        assert!(ok, "{err}");
+        let (ok, offline, err) = run(&local, "", t);
+        assert!(ok, "{err}");
+        assert_eq!(over_network, offline, "json: {json}");
+    }
 }
 
 /// A replica whose primary accepts connections and never answers stops

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use clap::Subcommand;
 use tapkv_engine::{DiskView, Error};
+use tapkv_replication::client::DumpRow;
 
 use crate::connect;
 
@@ -138,33 +139,27 @@ pub(crate) fn run(cmd: AdminCommand) -> Result<ExitCode, Error> {
             (Some(data), _) => dump(&data, json),
             (None, Some(addr)) => {
                 let mut out = std::io::stdout().lock();
-                let mut err = None;
+                let mut err: Option<Error> = None;
                 connect(&addr, wait.timeout())?
                     .dump(|row| {
-                        let line = if json {
-                            row.to_string()
-                        } else {
-                            format!(
-                                "partition={} seqno={} cas={} key={} value_len={}{}",
-                                row["partition"],
-                                row["seqno"],
-                                row["cas"],
-                                text_key(row["key"].as_str().unwrap_or("")),
-                                row["value_len"],
-                                if row["deleted"] == true {
-                                    " deleted"
-                                } else {
-                                    ""
-                                }
-                            )
-                        };
-                        if let Err(e) = writeln!(out, "{line}") {
+                        // The same strict row and the same line as the
+                        // offline dump, so the two can be diffed.
+                        let line = serde_json::from_value::<DumpRow>(row)
+                            .map_err(|e| {
+                                Error::Corruption(format!(
+                                    "the node at {addr} sent a malformed dump row: {e}"
+                                ))
+                            })
+                            .and_then(|row| dump_line(&row, json));
+                        let written =
+                            line.and_then(|line| writeln!(out, "{line}").map_err(Error::from));
+                        if let Err(e) = written {
                             err.get_or_insert(e);
                         }
                     })
                     .map_err(|e| remote(&addr, wait, e))?;
                 if let Some(e) = err {
-                    return Err(e.into());
+                    return Err(e);
                 }
                 Ok(ExitCode::SUCCESS)
             }
@@ -293,24 +288,25 @@ fn dump(data: &PathBuf, json: bool) -> Result<ExitCode, Error> {
     let view = DiskView::open(data)?;
     let mut out = std::io::stdout().lock();
     view.for_each_item(|it| {
-        let row = tapkv_replication::client::DumpRow::of(&it);
-        if json {
-            let line = serde_json::to_string(&row)
-                .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))?;
-            writeln!(out, "{line}")?;
-        } else {
-            writeln!(
-                out,
-                "partition={} seqno={} cas={} key={} value_len={}{}",
-                row.partition,
-                row.seqno,
-                row.cas,
-                text_key(&row.key),
-                row.value_len,
-                if row.deleted { " deleted" } else { "" }
-            )?;
-        }
+        writeln!(out, "{}", dump_line(&DumpRow::of(&it), json)?)?;
         Ok(())
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// One dump line: the row as JSON, or as `name=value` fields.
+fn dump_line(row: &DumpRow, json: bool) -> Result<String, Error> {
+    if json {
+        return serde_json::to_string(row)
+            .map_err(|e| Error::Io(std::io::Error::other(e.to_string())));
+    }
+    Ok(format!(
+        "partition={} seqno={} cas={} key={} value_len={}{}",
+        row.partition,
+        row.seqno,
+        row.cas,
+        text_key(&row.key),
+        row.value_len,
+        if row.deleted { " deleted" } else { "" }
+    ))
 }
