@@ -100,7 +100,9 @@ pub mod status {
     pub const UNKNOWN_COMMAND: u16 = 0x0081;
     /// Internal error.
     pub const INTERNAL: u16 = 0x0084;
-    /// Temporary failure (temporarily out of memory).
+    /// Temporary failure: the engine temporarily out of memory (its
+    /// message says `temp_oom`), or the node busy (`temp_failure`: too many
+    /// connections, the pending-body budget full). Try again later.
     pub const TEMP_FAILURE: u16 = 0x0086;
     /// tapkv: wrong state for the command (e.g. online-update order).
     pub const WRONG_STATE: u16 = 0x00c0;
@@ -122,7 +124,9 @@ pub mod status {
             INVALID_ARGUMENTS => "invalid_argument",
             NOT_MY_VBUCKET => "not_my_partition",
             UNKNOWN_COMMAND => "unknown_command",
-            TEMP_FAILURE => "temp_oom",
+            // The node's own refusals are for load, not memory: an engine
+            // `TempOutOfMemory` carries its own kind, `temp_oom`.
+            TEMP_FAILURE => "temp_failure",
             WRONG_STATE => "wrong_state",
             TIMEOUT => "timeout",
             BAD_VERSION => "bad_version",

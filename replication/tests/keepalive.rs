@@ -106,7 +106,12 @@ fn connections_past_the_limit_are_refused_with_an_answer() {
         .unwrap()
         .expect("a whole answer");
     assert_eq!(f.status(), tapkv_replication::message::status::TEMP_FAILURE);
-    assert!(String::from_utf8_lossy(&f.value).contains("too many connections"));
+    // A refusal for load, not memory (before, it was labelled `temp_oom`).
+    assert!(
+        String::from_utf8_lossy(&f.value).starts_with("temp_failure: too many connections"),
+        "{:?}",
+        f.value
+    );
     // The project's client reports the refusal rather than a reset.
     match Client::connect(&addr, timeout) {
         Ok(_) => panic!("a connection past the limit was served"),
