@@ -402,65 +402,37 @@ impl Engine {
                 validate(&config)?;
             }
         }
-        // Numbers near the top of the range could no longer increase (the
-        // arithmetic below would wrap): only corruption makes them. Checked
-        // before the open changes any of the directory's records.
-        for p in 0..config.partitions {
-            store.checked_partition_records(p)?;
-        }
-        match store.engine_meta()? {
-            None => store.put_engine_meta(&EngineMeta {
-                format: FORMAT_VERSION,
-                partitions: config.partitions,
-                replica: Some(config.replica),
-                primary_data: false,
-            })?,
-            Some(meta) if meta.partitions != config.partitions => {
+        // Everything that can refuse the directory comes before anything
+        // that changes it: a refused directory is left as it was (its own
+        // build can still open it; no reservation raised, no failover
+        // branch added, still marked clean).
+        if let Some(meta) = store.engine_meta()? {
+            if meta.partitions != config.partitions {
                 return Err(Error::Incompatible {
                     path,
                     reason: format!(
                         "created with {} partitions, opened with {}",
                         meta.partitions, config.partitions
                     ),
-                })
+                });
             }
-            // Format 3 only added the `staging` column family: a format-2
-            // directory upgrades in place (and earlier builds can no
-            // longer open it). The family is added first, so an upgrade
-            // cut short is finished by the next open.
-            Some(meta) if meta.format == 2 => {
-                tracing::info!(path = %path.display(), "upgrading the data directory from format 2 to 3");
-                store.ensure_staging()?;
-                store.put_engine_meta(&EngineMeta {
-                    format: FORMAT_VERSION,
-                    partitions: meta.partitions,
-                    replica: meta.replica,
-                    primary_data: meta.primary_data,
-                })?;
-            }
-            Some(meta) if meta.format != FORMAT_VERSION => {
+            // Format 2 is upgraded in place below.
+            if meta.format != 2 && meta.format != FORMAT_VERSION {
                 return Err(Error::Incompatible {
                     path,
                     reason: format!(
                         "on-disk format {} but this build reads {FORMAT_VERSION}",
                         meta.format
                     ),
-                })
+                });
             }
-            Some(_) => {}
-        }
-        // Every item is read and checked before the open changes anything
-        // (a directory refused here is left as it was: no reservation
-        // raised, no failover branch added, still marked clean).
-        let items = load_items(&store, &config)?;
-        // A replica's directory follows its primary: opened as a primary,
-        // writes made to it would be rolled back when the replica rejoins.
-        // (A primary's directory may seed a replica: its history is the
-        // primary's, so the replica resumes from it.)
-        if let Some(meta) = store.engine_meta()? {
-            // (A primary's directory opened as a replica whose history no
-            // session has confirmed yet, `primary_data`, is still its
-            // primary's: it may be run as a primary again.)
+            // A replica's directory follows its primary: opened as a
+            // primary, writes made to it would be rolled back when the
+            // replica rejoins. (A primary's directory may seed a replica:
+            // its history is the primary's, so the replica resumes from
+            // it. And one opened as a replica whose history no session
+            // has confirmed yet, `primary_data`, is still its primary's:
+            // it may be run as a primary again.)
             if meta.replica == Some(true) && !meta.primary_data && !config.replica {
                 return Err(Error::Incompatible {
                     path,
@@ -470,19 +442,50 @@ impl Engine {
                         .into(),
                 });
             }
-            if meta.replica != Some(config.replica) {
-                store.put_engine_meta(&EngineMeta {
-                    replica: Some(config.replica),
-                    // A primary's data (or a directory whose role an older
-                    // build did not record), now a replica's: kept until a
-                    // replication session confirms the history matches.
-                    primary_data: config.replica && meta.replica != Some(true),
-                    ..meta
-                })?;
+        }
+        // Numbers near the top of the range could no longer increase (the
+        // arithmetic below would wrap): only corruption makes them.
+        for p in 0..config.partitions {
+            store.checked_partition_records(p)?;
+        }
+        // Every item is read and checked.
+        let items = load_items(&store, &config)?;
+        // Accepted: only now may the directory change.
+        match store.engine_meta()? {
+            None => store.put_engine_meta(&EngineMeta {
+                format: FORMAT_VERSION,
+                partitions: config.partitions,
+                replica: Some(config.replica),
+                primary_data: false,
+            })?,
+            Some(meta) => {
+                // Format 3 only added the `staging` column family: a format-2
+                // directory upgrades in place (and earlier builds can no
+                // longer open it). The family is added first, so an upgrade
+                // cut short is finished by the next open.
+                if meta.format == 2 {
+                    tracing::info!(path = %path.display(), "upgrading the data directory from format 2 to 3");
+                    store.ensure_staging()?;
+                }
+                if meta.format != FORMAT_VERSION || meta.replica != Some(config.replica) {
+                    store.put_engine_meta(&EngineMeta {
+                        format: FORMAT_VERSION,
+                        replica: Some(config.replica),
+                        // A primary's data (or a directory whose role an
+                        // older build did not record), now a replica's:
+                        // kept until a replication session confirms the
+                        // history matches.
+                        primary_data: if meta.replica == Some(config.replica) {
+                            meta.primary_data
+                        } else {
+                            config.replica && meta.replica != Some(true)
+                        },
+                        ..meta
+                    })?;
+                }
             }
         }
         let primary_data = store.engine_meta()?.is_some_and(|m| m.primary_data);
-        // Accepted: only now may the directory change.
         store.ensure_staging()?;
         let clean = fresh || store.was_clean_shutdown()?;
         store.set_clean_shutdown(false)?;

@@ -115,7 +115,7 @@ pub(crate) fn expire(shared: &Shared, forced: bool) -> usize {
 /// flush round; the next pass goes on from the entry where it stopped.
 /// Without a bound, a table the pager cannot bring under its target (keys
 /// alone over the quota, or everything dirty) would be scanned whole after
-/// every flush round (every 2 ms under writes), under the round lock.
+/// every flush round (every 2 ms under writes), holding shard locks.
 /// Entries it evicts do not count: that work is what the pass is for.
 pub(crate) const PAGER_SCAN_PER_ROUND: usize = 16_384;
 

@@ -220,6 +220,13 @@ impl Engine {
     /// branch), durably.
     pub fn set_failover_log(&self, p: PartitionId, log: Vec<FailoverEntry>) -> Result<()> {
         let s = self.live()?;
+        // As the open checks the persisted log.
+        if let Some(e) = log.iter().find(|e| e.seqno >= u64::MAX / 2) {
+            return Err(Error::InvalidArgument(format!(
+                "failover log entry at seqno {} is out of range",
+                e.seqno
+            )));
+        }
         let part = s.partition(p)?;
         let mut f = part.failover.lock();
         s.store.put_failover_log(p, &log)?;
@@ -382,6 +389,18 @@ impl Engine {
     pub fn apply_replicated(&self, p: PartitionId, item: &QueuedItem) -> Result<ApplyOutcome> {
         let s = self.live()?;
         if item.op.is_key_op() {
+            // What this replica's own next open would refuse (see
+            // `store::check_disk_item`) is refused here, before it is kept.
+            let key = item.key();
+            let home = crate::partition::partition_of(key, s.config.partitions);
+            if key.is_empty() || key.len() > usize::from(u16::MAX) || home != p {
+                return Err(Error::InvalidArgument(format!(
+                    "replicated key {:?} of {} bytes cannot be applied to partition {p} (its \
+                     partition is {home}; keys are 1 to 65,535 bytes)",
+                    String::from_utf8_lossy(&key[..key.len().min(64)]),
+                    key.len()
+                )));
+            }
             let used = s.checkpoint_mem.load(Ordering::Relaxed);
             let incoming = item.key().len() + item.value().len();
             let limit = s.config.checkpoint_memory_limit;

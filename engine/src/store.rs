@@ -1059,9 +1059,15 @@ impl DiskView {
         Ok(out)
     }
 
-    /// Calls `f` for every persisted item, tombstones included.
+    /// Calls `f` for every persisted item, tombstones included; an item
+    /// warmup would refuse ends the walk with the same `Corruption`.
     pub fn for_each_item(&self, mut f: impl FnMut(DiskItem) -> Result<()>) -> Result<()> {
+        let n = self.store.engine_meta()?.map_or(0, |m| m.partitions);
+        let highs = (0..n)
+            .map(|p| Ok(self.store.checked_partition_records(p)?.0.high_seqno))
+            .collect::<Result<Vec<u64>>>()?;
         self.store.for_each_item(|partition, key, record| {
+            check_disk_item(partition, key, &record.meta, &highs)?;
             f(DiskItem {
                 partition,
                 key: Bytes::copy_from_slice(key),

@@ -506,8 +506,24 @@ fn a_replicated_rev_seqno_out_of_range_is_refused() {
         r.apply_replicated(p, &item(u64::MAX)),
         Err(Error::InvalidArgument(_))
     ));
+    // A key under another partition than its own, which the replica's
+    // next open would refuse as corruption (before, it was kept).
+    let other = (p + 1) % r.num_partitions();
+    assert!(matches!(
+        r.apply_replicated(other, &item(7)),
+        Err(Error::InvalidArgument(_))
+    ));
     r.apply_replicated(p, &item(7)).unwrap();
     assert_eq!(r.get(b"k").unwrap().meta.rev_seqno, 7);
+    // Failover log entries are held to the bound the open checks.
+    let entry = |seqno| tapkv_engine::FailoverEntry { uuid: 1, seqno };
+    assert!(matches!(
+        r.set_failover_log(p, vec![entry(0), entry(u64::MAX - 1)]),
+        Err(Error::InvalidArgument(_))
+    ));
+    r.set_failover_log(p, vec![entry(0)]).unwrap();
+    r.close().unwrap();
+    builder(dir.path()).replica(true).open().unwrap();
 }
 
 #[test]
@@ -535,4 +551,26 @@ fn water_marks_outside_zero_low_high_one_are_refused() {
         .unwrap()
         .close()
         .unwrap();
+}
+
+#[test]
+fn a_damaged_format_2_directory_is_refused_without_being_upgraded() {
+    // Before, the upgrade to format 3 (a new column family, a rewritten
+    // engine record) ran before the items were checked, so a directory
+    // refused as damaged could no longer be opened by its own build.
+    let dir = full_directory();
+    let db_path = dir.path().join("rocksdb");
+    {
+        let mut db = raw_db(dir.path());
+        db.drop_cf("staging").unwrap();
+        let meta = db.cf_handle("meta").unwrap();
+        db.put_cf(meta, b"engine", br#"{"format":2,"partitions":4}"#)
+            .unwrap();
+        let mut key = b"state/".to_vec();
+        key.extend_from_slice(&0u16.to_be_bytes());
+        db.delete_cf(meta, key).unwrap();
+    }
+    assert_refused_unchanged(dir.path(), "above the partition's persisted high seqno");
+    let cfs = rocksdb::DB::list_cf(&rocksdb::Options::default(), &db_path).unwrap();
+    assert!(!cfs.iter().any(|c| c == "staging"), "{cfs:?}");
 }
