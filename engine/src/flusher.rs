@@ -175,7 +175,13 @@ pub(crate) fn run_round(shared: &Shared, mine: &[&Partition], forced: bool) -> R
     let round = round_under_lock(shared, mine, forced);
     // The pager after the round lock is released; it reads each
     // partition's persisted seqno under the shard lock it evicts under.
-    if matches!(round, Ok(Round::Idle | Round::Done | Round::More)) && thread_is_pager(mine) {
+    // (Not for a paused flusher's background round: a pause stops the
+    // table work too.)
+    let paused = !forced && shared.flusher_paused.load(Ordering::Acquire);
+    if matches!(round, Ok(Round::Idle | Round::Done | Round::More))
+        && thread_is_pager(mine)
+        && !paused
+    {
         crate::pager::run(shared);
     }
     round

@@ -910,7 +910,14 @@ fn a_node_refuses_an_unusable_replica_of_before_making_its_directory() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("replica");
     let d = data.to_str().unwrap();
-    for bad in ["nonsense", "127.0.0.1", ""] {
+    for bad in [
+        "nonsense",
+        "127.0.0.1",
+        "",
+        ":80",
+        "host:port",
+        "host:70000",
+    ] {
         let (code, err) = tapkv_tests::run_status(
             &[
                 "node",
@@ -923,10 +930,29 @@ fn a_node_refuses_an_unusable_replica_of_before_making_its_directory() {
             ],
             T,
         );
-        assert!(matches!(code, Some(2 | 3)), "{bad:?}: {code:?} {err}");
+        assert_eq!(code, Some(2), "{bad:?}: {err}");
         assert!(err.contains("--replica-of"), "{bad:?}: {err}");
         assert!(!data.exists(), "{bad:?}: the directory was created");
     }
+}
+
+#[test]
+fn a_replica_whose_primary_does_not_resolve_yet_starts_and_retries() {
+    // A host that does not resolve yet (a primary still starting, its
+    // name not yet published) is retried, not fatal: the replica serves
+    // reads meanwhile and stops cleanly.
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = tapkv_tests::NodeProc::start(
+        &dir.path().join("r"),
+        "127.0.0.1:0",
+        Some("primary.invalid:11311"),
+        "r",
+        &["--partitions", "4"],
+    );
+    let mut c = node.client();
+    assert_eq!(c.partitions(), 4);
+    assert!(c.get(b"k").is_err());
+    node.stop();
 }
 
 #[test]

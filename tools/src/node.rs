@@ -24,9 +24,10 @@ pub(crate) struct NodeArgs {
     /// Address to listen on (port 0 picks a free port; the startup line says which).
     #[arg(long, default_value = "127.0.0.1:11311")]
     listen: String,
-    /// Run as a replica of the primary at this address (HOST:PORT; it must
-    /// resolve when the node starts).
-    #[arg(long, value_name = "ADDR")]
+    /// Run as a replica of the primary at this address (HOST:PORT). A host
+    /// that does not resolve yet (a primary still starting) is retried,
+    /// with a warning each time, until it does.
+    #[arg(long, value_name = "ADDR", value_parser = primary_addr)]
     replica_of: Option<String>,
     /// Name of this node, used as its replication stream's name (give each
     /// replica of a primary its own). Default: `node-<random id>`, made on
@@ -164,26 +165,21 @@ fn positive_fraction(s: &str) -> Result<f64, String> {
     }
 }
 
-/// Checks that `--replica-of` is an address this node can connect to
-/// (`HOST:PORT` that parses or resolves), before the data directory is
-/// touched: a node given a bad one used to create its directory and then
-/// retry for ever.
-fn check_primary_addr(primary: &str) -> Result<(), Error> {
-    use std::net::ToSocketAddrs;
-    let bad = |kind: std::io::ErrorKind, why: String| {
-        Error::Io(std::io::Error::new(
-            kind,
-            format!("cannot use --replica-of {primary:?}: {why}"),
-        ))
-    };
-    match primary.to_socket_addrs().map(|mut a| a.next()) {
-        Ok(Some(_)) => Ok(()),
-        Ok(None) => Err(bad(
-            std::io::ErrorKind::NotFound,
-            "it resolves to no address".into(),
-        )),
-        Err(e) => Err(bad(e.kind(), e.to_string())),
+/// `--replica-of`: `HOST:PORT` with a port number (a usage error
+/// otherwise, before the data directory is touched: a node given a
+/// malformed one used to create its directory and then retry for ever).
+/// Whether the host resolves is not checked here: one that does not yet is
+/// retried.
+fn primary_addr(s: &str) -> Result<String, String> {
+    let (host, port) = s
+        .rsplit_once(':')
+        .ok_or_else(|| "expected HOST:PORT".to_string())?;
+    if host.trim().is_empty() {
+        return Err("expected HOST:PORT (the host is empty)".into());
     }
+    port.parse::<u16>()
+        .map_err(|e| format!("expected HOST:PORT (port {port:?}: {e})"))?;
+    Ok(s.to_string())
 }
 
 /// File in the data directory holding the node's default name.
@@ -230,9 +226,6 @@ pub(crate) fn run(args: NodeArgs) -> Result<ExitCode, Error> {
             format!("cannot listen on {:?} (--listen): {e}", args.listen),
         ))
     })?);
-    if let Some(primary) = &args.replica_of {
-        check_primary_addr(primary)?;
-    }
     let replica = args.replica_of.is_some();
     let mut builder = Engine::builder(&args.data)
         .replica(replica)
