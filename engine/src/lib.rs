@@ -34,6 +34,7 @@ mod stats;
 mod store;
 #[doc(hidden)]
 pub mod sync;
+pub mod text;
 
 pub use checkpoint::{
     CheckpointConfig, CheckpointInfo, CheckpointManager, ClosedRun, CursorBatch, CursorEvent,

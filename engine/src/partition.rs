@@ -232,9 +232,9 @@ impl Partition {
                 }
                 _ if missed == Some(meta) => {
                     return Err(Error::Corruption(format!(
-                        "evicted key {:?} of partition {}: the disk does not hold the version \
+                        "evicted key {} of partition {}: the disk does not hold the version \
                          the hash table names",
-                        String::from_utf8_lossy(key),
+                        crate::text::quoted(key),
                         self.id
                     )))
                 }
@@ -253,9 +253,9 @@ impl Partition {
         match slot.evict(key, clean_upto) {
             None => Err(Error::NotFound),
             Some(Eviction::Dirty) => Err(Error::WrongState(format!(
-                "key {:?} is dirty (not yet persisted, or inside an online-update window); \
+                "key {} is dirty (not yet persisted, or inside an online-update window); \
                  only clean values can be evicted",
-                String::from_utf8_lossy(key)
+                crate::text::quoted(key)
             ))),
             Some(Eviction::Now) => {
                 self.progress.evictions.fetch_add(1, Ordering::Relaxed);

@@ -395,9 +395,9 @@ impl Engine {
             let home = crate::partition::partition_of(key, s.config.partitions);
             if key.is_empty() || key.len() > usize::from(u16::MAX) || home != p {
                 return Err(Error::InvalidArgument(format!(
-                    "replicated key {:?} of {} bytes cannot be applied to partition {p} (its \
+                    "replicated key {} of {} bytes cannot be applied to partition {p} (its \
                      partition is {home}; keys are 1 to 65,535 bytes)",
-                    String::from_utf8_lossy(&key[..key.len().min(64)]),
+                    crate::text::quoted(&key[..key.len().min(64)]),
                     key.len()
                 )));
             }

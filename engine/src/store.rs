@@ -314,7 +314,7 @@ pub(crate) fn check_disk_item(
             highs.len()
         )));
     };
-    let name = || format!("key {:?} in partition {p}", String::from_utf8_lossy(key));
+    let name = || format!("key {} in partition {p}", crate::text::quoted(key));
     if key.len() > usize::from(u16::MAX) {
         return Err(Error::Corruption(format!(
             "{}: key of {} bytes is over the 65,535-byte maximum",
@@ -673,7 +673,7 @@ impl Store {
                 break;
             }
             let rec = decode_record_ref(v, &|| {
-                format!("key {:?} in partition {p}", String::from_utf8_lossy(key))
+                format!("key {} in partition {p}", crate::text::quoted(key))
             })?;
             f(key, rec)?;
             it.next();
@@ -841,7 +841,7 @@ impl Store {
             .get_pinned_cf(self.cf(CF_ITEMS)?, item_key(p, key))?;
         raw.map(|raw| {
             decode_record(Bytes::copy_from_slice(&raw), &|| {
-                format!("key {:?} in partition {p}", String::from_utf8_lossy(key))
+                format!("key {} in partition {p}", crate::text::quoted(key))
             })
         })
         .transpose()
@@ -856,7 +856,7 @@ impl Store {
             let (k, v) = entry?;
             let (p, key) = split_item_key(&k)?;
             let rec = decode_record(Bytes::from(v), &|| {
-                format!("key {:?} in partition {p}", String::from_utf8_lossy(key))
+                format!("key {} in partition {p}", crate::text::quoted(key))
             })?;
             f(p, key, rec)?;
         }

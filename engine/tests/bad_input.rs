@@ -574,3 +574,19 @@ fn a_damaged_format_2_directory_is_refused_without_being_upgraded() {
     let cfs = rocksdb::DB::list_cf(&rocksdb::Options::default(), &db_path).unwrap();
     assert!(!cfs.iter().any(|c| c == "staging"), "{cfs:?}");
 }
+
+#[test]
+fn keys_in_error_messages_are_escaped_as_the_shell_writes_them() {
+    // Before, a key's bytes that are not UTF-8 were lost in the message
+    // (printed as U+FFFD), so it could not be read back.
+    let dir = tempfile::tempdir().unwrap();
+    let e = builder(dir.path()).open().unwrap();
+    e.set_flusher_paused(true);
+    let key = b"a\nb\xff";
+    e.set(key, "v", WriteOptions::default()).unwrap();
+    match e.evict(key) {
+        Err(Error::WrongState(m)) => assert!(m.contains(r#"key "a\nb\xff" is dirty"#), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    e.set_flusher_paused(false);
+}

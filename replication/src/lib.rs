@@ -17,4 +17,6 @@ pub mod message;
 pub mod node;
 pub mod protocol;
 mod sync;
-pub mod text;
+/// One-line escapes of key and value bytes (the engine's, which its own
+/// error messages use too).
+pub use tapkv_engine::text;

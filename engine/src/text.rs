@@ -1,6 +1,6 @@
 //! Text escapes for keys and values on one line (the shell's answers,
-//! `admin dump`): any bytes, written so that every record stays on one line
-//! and reads back exactly.
+//! `admin dump`, and keys in the engine's error messages): any bytes,
+//! written so that every record stays on one line and reads back exactly.
 
 /// Escapes `v` for a one-line answer: `\` becomes `\\`; newline, carriage
 /// return and tab become `\n`, `\r`, `\t`; other control characters, line
@@ -75,4 +75,10 @@ pub fn unescape(s: &[u8]) -> Result<Vec<u8>, String> {
         i += 2;
     }
     Ok(out)
+}
+
+/// A key as error messages name it: escaped ([`escape`]) and quoted, so a
+/// message stays on one line and the key reads back exactly.
+pub(crate) fn quoted(key: &[u8]) -> String {
+    format!("\"{}\"", escape(key))
 }
