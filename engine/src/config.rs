@@ -82,7 +82,8 @@ pub struct EngineConfig {
     /// How long a `Replicate` write waits for a majority of replicas (default 5 s).
     pub replicate_timeout: Duration,
     /// Seqnos and checkpoint ids reserved on disk at a time, so numbers are
-    /// never reused after a crash (default 1,000,000 seqnos; ids use 1/1000).
+    /// never reused after a crash (default 1,000,000 seqnos, at most 2^40;
+    /// ids use 1/1000).
     pub seqno_reservation: u64,
     /// Bytes of a disk snapshot (a backfill from a primary) a replica holds
     /// in memory per partition before it spills the snapshot to a scratch

@@ -1159,6 +1159,11 @@ impl Drop for Engine {
     }
 }
 
+/// The largest seqno reservation step (2^40): with replicated numbers
+/// below `replica::STREAM_NUMBER_LIMIT`, a reservation stays below the
+/// bound the open accepts.
+pub(crate) const MAX_SEQNO_RESERVATION: u64 = 1 << 40;
+
 /// What warmup read from the items family: a hash table per partition, the
 /// highest CAS per partition (tombstones included), the live item count.
 struct LoadedItems {
@@ -1207,6 +1212,12 @@ fn load_items(store: &Store, config: &EngineConfig) -> Result<LoadedItems> {
 
 fn validate(c: &EngineConfig) -> Result<()> {
     let bad = |m: String| Err(Error::InvalidArgument(m));
+    if c.seqno_reservation > MAX_SEQNO_RESERVATION {
+        return bad(format!(
+            "seqno_reservation must be at most {MAX_SEQNO_RESERVATION}, got {}",
+            c.seqno_reservation
+        ));
+    }
     if c.partitions == 0 || c.partitions > MAX_PARTITIONS {
         return bad(format!(
             "partitions must be 1..={MAX_PARTITIONS}, got {}",

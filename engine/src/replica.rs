@@ -82,6 +82,25 @@ pub(crate) fn new_uuid() -> u64 {
     std::collections::hash_map::RandomState::new().hash_one((nanos, std::process::id())) | 1
 }
 
+/// Replicated seqnos, CAS values, revisions and checkpoint ids must be
+/// below this, a quarter of the range: what a replica derives from them
+/// (a seqno reservation up to `engine::MAX_SEQNO_RESERVATION` above its high seqno,
+/// checkpoint ids and revisions one above the last) then stays below the
+/// half that the open accepts (`store::check_in_range`). With the open's
+/// own bound, a primary that sent a number just under it left a replica
+/// whose next open refused its directory.
+pub(crate) const STREAM_NUMBER_LIMIT: u64 = u64::MAX / 4;
+
+/// Refuses a number from the stream at or above [`STREAM_NUMBER_LIMIT`].
+fn check_stream_number(what: &str, n: u64) -> Result<()> {
+    if n >= STREAM_NUMBER_LIMIT {
+        return Err(Error::InvalidArgument(format!(
+            "{what} {n} from the stream is out of range (at most 2^62 - 1)"
+        )));
+    }
+    Ok(())
+}
+
 impl Partition {
     fn apply(
         &self,
@@ -94,38 +113,19 @@ impl Partition {
             seqno: meta.by_seqno,
             cas: meta.cas,
         };
-        if meta.by_seqno >= u64::MAX / 2 {
-            return Err(Error::InvalidArgument(format!(
-                "seqno {} from the stream is out of range",
-                meta.by_seqno
-            )));
-        }
+        check_stream_number("seqno", meta.by_seqno)?;
         // A CAS is milliseconds << 16 plus a counter (about 2^57 today): one
         // near the top would leave the CAS clock no room to increase.
-        if meta.cas >= u64::MAX / 2 {
-            return Err(Error::InvalidArgument(format!(
-                "CAS {} from the stream is out of range",
-                meta.cas
-            )));
-        }
+        check_stream_number("CAS", meta.cas)?;
         // As warmup refuses one from disk: the next local write would wrap.
-        if meta.rev_seqno >= u64::MAX / 2 {
-            return Err(Error::InvalidArgument(format!(
-                "rev seqno {} from the stream is out of range",
-                meta.rev_seqno
-            )));
-        }
+        check_stream_number("rev seqno", meta.rev_seqno)?;
         if let QueueOp::OnlineUpdateStart { checkpoint_id }
         | QueueOp::OnlineUpdateEnd { checkpoint_id }
         | QueueOp::OnlineUpdateRevert { checkpoint_id } = item.op
         {
             // As for CHECKPOINT_START: ids near the top of the range would
             // stop increasing (saturating) and break checkpoint ordering.
-            if checkpoint_id >= u64::MAX / 2 {
-                return Err(Error::InvalidArgument(format!(
-                    "window checkpoint id {checkpoint_id} from the stream is out of range"
-                )));
-            }
+            check_stream_number("window checkpoint id", checkpoint_id)?;
         }
         // Anything at or below the high seqno — entry or marker — is held
         // already (a stream restarted from an older acknowledged seqno). An
@@ -220,12 +220,9 @@ impl Engine {
     /// branch), durably.
     pub fn set_failover_log(&self, p: PartitionId, log: Vec<FailoverEntry>) -> Result<()> {
         let s = self.live()?;
-        // As the open checks the persisted log.
-        if let Some(e) = log.iter().find(|e| e.seqno >= u64::MAX / 2) {
-            return Err(Error::InvalidArgument(format!(
-                "failover log entry at seqno {} is out of range",
-                e.seqno
-            )));
+        // The open checks the persisted log.
+        for e in &log {
+            check_stream_number("failover log seqno", e.seqno)?;
         }
         let part = s.partition(p)?;
         let mut f = part.failover.lock();
@@ -424,11 +421,7 @@ impl Engine {
     /// Follows the primary into checkpoint `id` (a replica builds its
     /// checkpoints with the primary's ids).
     pub fn replica_checkpoint(&self, p: PartitionId, id: u64) -> Result<()> {
-        if id >= u64::MAX / 2 {
-            return Err(Error::InvalidArgument(format!(
-                "checkpoint id {id} from the stream is out of range"
-            )));
-        }
+        check_stream_number("checkpoint id", id)?;
         let s = self.live()?;
         let part = s.partition(p)?;
         let mut w = part.lock();

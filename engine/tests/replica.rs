@@ -442,3 +442,49 @@ fn a_replica_stopped_inside_a_window_lists_no_lost_window() {
         assert!(view.partitions().unwrap()[1].lost_windows.is_empty());
     }
 }
+
+#[test]
+fn numbers_from_the_stream_stay_where_the_replicas_own_open_accepts_them() {
+    // The stream's bound is a quarter of the range, the open's a half: a
+    // replica adds to what it accepts (checkpoint ids one above the last, a
+    // seqno reservation above its high seqno). Before, the stream took
+    // numbers up to the open's bound, and a checkpoint id or seqno just
+    // under it left a replica whose next open refused its directory.
+    let limit = u64::MAX / 4;
+    let dir = tempfile::tempdir().unwrap();
+    let e = builder(dir.path()).replica(true).open().unwrap();
+    let keys: Vec<Vec<u8>> = (0..)
+        .map(|n| format!("r{n}").into_bytes())
+        .filter(|k| e.partition_of(k) == 1)
+        .take(120)
+        .collect();
+    let item = |key: &[u8], seqno| {
+        tapkv_engine::QueuedItem::new(
+            tapkv_engine::QueueOp::Mutation,
+            key,
+            b"v",
+            tapkv_engine::ItemMeta {
+                by_seqno: seqno,
+                cas: 1000,
+                rev_seqno: 1,
+                ..Default::default()
+            },
+        )
+    };
+    assert!(e.replica_checkpoint(1, limit).is_err());
+    assert!(e.apply_replicated(1, &item(&keys[0], limit)).is_err());
+    e.replica_checkpoint(1, limit - 1).unwrap();
+    // The common builder closes a checkpoint every 50 items: the replica
+    // opens ids above the primary's last one.
+    for (i, k) in keys.iter().enumerate() {
+        e.apply_replicated(1, &item(k, limit - 200 + i as u64))
+            .unwrap();
+    }
+    e.flush().unwrap();
+    e.crash();
+    for _ in 0..2 {
+        let e = builder(dir.path()).replica(true).open().unwrap();
+        assert_eq!(e.high_seqno(1).unwrap(), limit - 200 + 119);
+        e.crash();
+    }
+}
