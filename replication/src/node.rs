@@ -1642,22 +1642,36 @@ fn apply_one(
 
 /// The replica side: connect, open a stream, apply, acknowledge, repeat.
 fn replica_link(state: &Arc<NodeState>, primary: &str) {
-    let mut backoff = Duration::from_millis(50);
+    const FIRST: Duration = Duration::from_millis(50);
+    let mut backoff = FIRST;
     while !state.stop.load(Ordering::Acquire) {
-        match replica_session(state, primary) {
-            Ok(()) => backoff = Duration::from_millis(50),
-            Err(e) => {
-                tracing::warn!(%primary, error = %e, "replication link down; reconnecting");
-                *state.link_error.lock() = Some(e.to_string());
-                let deadline = Instant::now() + backoff;
-                while Instant::now() < deadline && !state.stop.load(Ordering::Acquire) {
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-            }
+        let started = Instant::now();
+        if let Err(e) = replica_session(state, primary) {
+            tracing::warn!(%primary, error = %e, "replication link down; reconnecting");
+            *state.link_error.lock() = Some(e.to_string());
         }
+        // Every session end waits before the next connect, and only a
+        // session that lasted (a working stream) starts the wait over:
+        // one that ends at once, however it ends, doubles it (to 1 s). A
+        // session that ends normally — STREAM_END, a ROLLBACK burst, an
+        // entry that resynchronises a partition — used to reconnect at
+        // once, so a primary ending every session that way spun the link
+        // at about 900 connects a second, each ROLLBACK or resync emptying
+        // the partition again.
+        if started.elapsed() >= SESSION_THAT_LASTED {
+            backoff = FIRST;
+        }
+        let deadline = Instant::now() + backoff;
+        while Instant::now() < deadline && !state.stop.load(Ordering::Acquire) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(1));
     }
 }
+
+/// A replication session that lasted this long was a working stream: the
+/// link's wait before the next connect starts over at its shortest.
+const SESSION_THAT_LASTED: Duration = Duration::from_secs(1);
 
 /// A slice of a wait the replica link makes: between slices it looks at
 /// the node's stop flag, so a stop never waits out a whole `io_timeout`
@@ -1704,6 +1718,24 @@ fn connect(addr: &str, timeout: Duration, stop: &AtomicBool) -> std::io::Result<
     Err(last.unwrap_or_else(|| std::io::Error::other(format!("{addr} resolves to no address"))))
 }
 
+/// Refuses a handshake reply that is not the answer to `op` (a response
+/// with that opcode): before, any frame whose status field was 0 passed
+/// as success, a stream frame for partition 0 included.
+fn expect_answer(r: &Frame, op: u8) -> Result<(), Error> {
+    if r.is_response() && r.opcode == op {
+        return Ok(());
+    }
+    Err(Error::WrongState(format!(
+        "the primary answered opcode 0x{op:02x} with a {} of opcode 0x{:02x}",
+        if r.is_response() {
+            "response"
+        } else {
+            "request"
+        },
+        r.opcode
+    )))
+}
+
 fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
     let cfg = &state.config;
     let engine = &state.engine;
@@ -1713,12 +1745,17 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
     conn.set_write_timeout(Some(cfg.io_timeout))?;
     let mut reader = FrameReader::new(conn.try_clone()?, cfg.max_body);
     reader.set_timeout(Duration::from_millis(50))?;
+    // A frame must make progress (64 KiB per `io_timeout`), as the node
+    // asks of its clients: a primary trickling one a byte at a time would
+    // otherwise hold the link, and a shutdown, for as long as it liked.
+    reader.set_frame_deadline(Some(cfg.io_timeout));
     let mut writer = FrameWriter::new(conn);
     let polls = (cfg.io_timeout.as_millis() / 50).max(1) as usize;
     writer.send(&hello(&cfg.name)).map_err(perr)?;
     let r = reader
         .next_within_unless(polls, &state.stop)
         .map_err(perr)?;
+    expect_answer(&r, opcode::HELLO)?;
     if r.status() != status::SUCCESS {
         return Err(Error::WrongState(format!(
             "primary refused HELLO: {}",
@@ -1774,6 +1811,7 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
     let r = reader
         .next_within_unless(polls, &state.stop)
         .map_err(perr)?;
+    expect_answer(&r, opcode::STREAM_OPEN)?;
     if r.status() != status::SUCCESS {
         return Err(Error::WrongState(format!(
             "primary refused the stream: {}",
@@ -1816,6 +1854,10 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
         let (wire_len, msg) = match polled {
             Some(m) => m,
             None => {
+                // A large frame still arriving is not silence.
+                if reader.take_progress() {
+                    last_heard = Instant::now();
+                }
                 if last_heard.elapsed() > silence_limit {
                     return Err(Error::Timeout {
                         what: "the primary's stream",

@@ -1,0 +1,181 @@
+//! A replica facing a primary that misbehaves: a fake primary on a
+//! `TcpListener` speaking the protocol. The replica must cut off a frame
+//! that trickles in, stop promptly, refuse a handshake answer that is not
+//! one, and not spin its link when every session ends at once.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::accept_within;
+use tapkv_engine::Engine;
+use tapkv_replication::io::{FrameReader, FrameWriter};
+use tapkv_replication::message::{opcode, status, StreamMessage};
+use tapkv_replication::node::{Node, NodeConfig};
+use tapkv_replication::protocol::{Frame, DEFAULT_MAX_BODY};
+
+/// A one-partition replica of whatever listens on `listener`, with a 1 s
+/// I/O timeout and 100 ms heartbeats.
+fn replica(listener: &TcpListener, dir: &std::path::Path) -> Node {
+    let engine = Engine::builder(dir)
+        .partitions(1)
+        .replica(true)
+        .open()
+        .unwrap();
+    let mut cfg = NodeConfig::new("127.0.0.1:0");
+    cfg.replica_of = Some(listener.local_addr().unwrap().to_string());
+    cfg.io_timeout = Duration::from_secs(1);
+    cfg.heartbeat = Duration::from_millis(100);
+    Node::start(engine, cfg).unwrap()
+}
+
+/// Answers the replica's HELLO and STREAM_OPEN as a primary would.
+fn open_stream(conn: &TcpStream) -> (FrameReader, FrameWriter) {
+    let mut reader = FrameReader::new(conn.try_clone().unwrap(), DEFAULT_MAX_BODY);
+    reader.set_timeout(Duration::from_millis(50)).unwrap();
+    let mut writer = FrameWriter::new(conn.try_clone().unwrap());
+    let hello = reader.next_within(200).unwrap();
+    assert_eq!(hello.opcode, opcode::HELLO);
+    writer
+        .send(&Frame::response(&hello, status::SUCCESS).with_value(br#"{"partitions":1}"#.to_vec()))
+        .unwrap();
+    let open = reader.next_within(200).unwrap();
+    assert_eq!(open.opcode, opcode::STREAM_OPEN);
+    writer
+        .send(&Frame::response(&open, status::SUCCESS))
+        .unwrap();
+    (reader, writer)
+}
+
+/// Shuts `node` down on another thread; how long it took, or `None` past
+/// `limit`.
+fn shutdown_within(node: Node, limit: Duration) -> Option<Duration> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let t0 = Instant::now();
+    std::thread::spawn(move || {
+        let _ = node.shutdown();
+        let _ = tx.send(());
+    });
+    rx.recv_timeout(limit).ok().map(|_| t0.elapsed())
+}
+
+#[test]
+fn a_trickled_stream_frame_is_cut_off_and_does_not_hold_a_shutdown() {
+    // A 1 MiB MUTATION whose bytes come one per 20 ms. Before, neither
+    // the I/O timeout nor the silence limit (10 heartbeats) fired while
+    // bytes kept coming, and a shutdown waited for the primary to stop.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let node = replica(&listener, dir.path());
+    let conn = accept_within(&listener, Duration::from_secs(10));
+    let (_reader, _writer) = open_stream(&conn);
+    let stop = Arc::new(AtomicBool::new(false));
+    let trickling = Arc::clone(&stop);
+    let mut out = conn.try_clone().unwrap();
+    let trickler = std::thread::spawn(move || {
+        let item = tapkv_engine::QueuedItem::mutation(
+            b"k",
+            &vec![b'v'; 1 << 20],
+            tapkv_engine::ItemMeta {
+                by_seqno: 1,
+                cas: 1,
+                ..Default::default()
+            },
+        );
+        let frame = StreamMessage::Item { partition: 0, item }.to_frame();
+        // Bounded, so a regression fails the test instead of holding it.
+        let give_up = Instant::now() + Duration::from_secs(40);
+        for b in frame.to_bytes().iter() {
+            if trickling.load(Ordering::Relaxed)
+                || Instant::now() > give_up
+                || out.write_all(&[*b]).is_err()
+            {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    // The replica gives up on the frame (64 KiB of progress per 1 s I/O
+    // timeout) and closes the connection: the fake primary reads EOF.
+    let mut conn = conn;
+    conn.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut buf = [0u8; 4096];
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "the replica kept the trickled frame's connection for 30 s"
+        );
+        match conn.read(&mut buf) {
+            Ok(0) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            // Acks and heartbeats, or nothing yet.
+            Ok(_) | Err(_) => {}
+        }
+    }
+    // ... and it reconnects.
+    let again = accept_within(&listener, Duration::from_secs(10));
+    let took = shutdown_within(node, Duration::from_secs(10));
+    stop.store(true, Ordering::Relaxed);
+    trickler.join().unwrap();
+    drop(again);
+    assert!(took.is_some(), "the shutdown hung");
+}
+
+#[test]
+fn a_handshake_answer_must_answer_the_request() {
+    // A stream frame for partition 0 has status field 0: before, it passed
+    // as the SUCCESS answer to HELLO.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let node = replica(&listener, dir.path());
+    let conn = accept_within(&listener, Duration::from_secs(10));
+    let mut reader = FrameReader::new(conn.try_clone().unwrap(), DEFAULT_MAX_BODY);
+    reader.set_timeout(Duration::from_millis(50)).unwrap();
+    let mut writer = FrameWriter::new(conn.try_clone().unwrap());
+    let hello = reader.next_within(200).unwrap();
+    assert_eq!(hello.opcode, opcode::HELLO);
+    writer.send(&StreamMessage::StreamEnd.to_frame()).unwrap();
+    let mut c = tapkv_replication::client::Client::connect(
+        &node.local_addr().to_string(),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    common::wait_until("the refusal reported", Duration::from_secs(10), || {
+        c.stats().unwrap()["link_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("answered opcode"))
+    });
+    drop(c);
+    assert!(shutdown_within(node, Duration::from_secs(10)).is_some());
+}
+
+#[test]
+fn a_primary_that_ends_every_session_at_once_is_reconnected_to_with_a_backoff() {
+    // Before, a session that ended normally (STREAM_END here; a ROLLBACK
+    // burst or a resynchronising entry alike) reconnected at once: about
+    // 900 sessions a second, each ROLLBACK emptying the partition again.
+    // Now the waits double from 50 ms: six sessions take at least
+    // 50 + 100 + 200 + 400 + 800 ms between the first and the sixth.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let node = replica(&listener, dir.path());
+    let mut accepted = Vec::new();
+    for _ in 0..6 {
+        let conn = accept_within(&listener, Duration::from_secs(10));
+        accepted.push(Instant::now());
+        let (_reader, mut writer) = open_stream(&conn);
+        writer.send(&StreamMessage::StreamEnd.to_frame()).unwrap();
+    }
+    let spent = accepted[5] - accepted[0];
+    assert!(
+        spent >= Duration::from_millis(1550),
+        "six sessions in {spent:?}"
+    );
+    assert!(shutdown_within(node, Duration::from_secs(10)).is_some());
+}
