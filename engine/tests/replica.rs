@@ -488,3 +488,64 @@ fn numbers_from_the_stream_stay_where_the_replicas_own_open_accepts_them() {
         e.crash();
     }
 }
+
+#[test]
+fn a_window_from_the_stream_is_held_to_the_replicas_own_limit() {
+    // Before, a replica applied whatever a window its primary opened
+    // brought: 30 MB with 1 MiB limits in a review's probe.
+    let dir = tempfile::tempdir().unwrap();
+    let r = builder(dir.path())
+        .replica(true)
+        .online_update_memory_limit(256 * 1024)
+        .open()
+        .unwrap();
+    let p = 0;
+    let keys: Vec<Vec<u8>> = (0..)
+        .map(|n| format!("w{n}").into_bytes())
+        .filter(|k| r.partition_of(k) == p)
+        .take(100)
+        .collect();
+    let meta = |seqno| ItemMeta {
+        by_seqno: seqno,
+        cas: seqno,
+        rev_seqno: 1,
+        ..Default::default()
+    };
+    let start = QueuedItem::marker(QueueOp::OnlineUpdateStart { checkpoint_id: 2 }, meta(1));
+    r.replica_checkpoint(p, 2).unwrap();
+    assert_eq!(
+        r.apply_replicated(p, &start).unwrap(),
+        ApplyOutcome::Applied
+    );
+    let value = vec![b'v'; 10 * 1024];
+    let mut applied = 0;
+    let refused = loop {
+        let item = QueuedItem::new(
+            QueueOp::Mutation,
+            &keys[applied],
+            &value,
+            meta(2 + applied as u64),
+        );
+        match r.apply_replicated(p, &item) {
+            Ok(ApplyOutcome::Applied) => applied += 1,
+            Ok(other) => panic!("{other:?}"),
+            Err(e) => break e,
+        }
+        assert!(applied < 100, "100 entries of 10 KiB fit a 256 KiB window");
+    };
+    assert!(
+        matches!(refused, Error::TempOutOfMemory { .. }),
+        "{refused}"
+    );
+    let window = r.stats().unwrap().partitions[usize::from(p)]
+        .window
+        .unwrap();
+    assert!(window.bytes <= 256 * 1024, "{}", window.bytes);
+    // The refused entry changed nothing: the window's END still applies.
+    let end = QueuedItem::marker(
+        QueueOp::OnlineUpdateEnd { checkpoint_id: 2 },
+        meta(2 + applied as u64),
+    );
+    assert_eq!(r.apply_replicated(p, &end).unwrap(), ApplyOutcome::Applied);
+    assert_eq!(r.stats().unwrap().items(), applied);
+}

@@ -1595,11 +1595,13 @@ const MEMORY_RETRY: Duration = Duration::from_millis(1);
 fn apply_one(
     engine: &Engine,
     stop: &AtomicBool,
+    memory_wait: Duration,
     partition: PartitionId,
     item: &tapkv_engine::QueuedItem,
     seqnos: &mut [u64],
 ) -> Result<bool, Error> {
     let seqno = item.seqno();
+    let waiting_since = Instant::now();
     let outcome = loop {
         match engine.apply_replicated(partition, item) {
             Ok(outcome) => break outcome,
@@ -1608,9 +1610,16 @@ fn apply_one(
             // flow control holds the rest back (and drops this stream's
             // cursor if the wait is long). The flusher frees memory a batch
             // at a time; a short nap between tries costs nothing next to it.
-            Err(Error::TempOutOfMemory { .. }) => {
+            // A wait past `memory_wait` (a window over this replica's limit,
+            // which only its END or REVERT, further on in the stream, would
+            // free) ends the session, keeping the data: the link reconnects
+            // with a backoff and reports why in `link_error`.
+            Err(e @ Error::TempOutOfMemory { .. }) => {
                 if stop.load(Ordering::Acquire) {
                     return Err(Error::Closed);
+                }
+                if waiting_since.elapsed() > memory_wait {
+                    return Err(e);
                 }
                 std::thread::sleep(MEMORY_RETRY);
             }
@@ -1940,7 +1949,14 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
                         // A node that stops keeps the prefix applied so far
                         // (it is in seqno order) and resumes after it.
                         if state.stop.load(Ordering::Acquire)
-                            || !apply_one(engine, &state.stop, partition, item, &mut seqnos)?
+                            || !apply_one(
+                                engine,
+                                &state.stop,
+                                cfg.io_timeout,
+                                partition,
+                                item,
+                                &mut seqnos,
+                            )?
                         {
                             return Ok(false);
                         }
@@ -1987,7 +2003,14 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
                 };
                 if let Some(buffer) = buffer {
                     buffer.push(item)?;
-                } else if !apply_one(engine, &state.stop, partition, &item, &mut seqnos)? {
+                } else if !apply_one(
+                    engine,
+                    &state.stop,
+                    cfg.io_timeout,
+                    partition,
+                    &item,
+                    &mut seqnos,
+                )? {
                     return Ok(());
                 }
             }
