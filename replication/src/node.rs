@@ -1727,6 +1727,12 @@ fn connect(addr: &str, timeout: Duration, stop: &AtomicBool) -> std::io::Result<
     Err(last.unwrap_or_else(|| std::io::Error::other(format!("{addr} resolves to no address"))))
 }
 
+/// A stream the primary got wrong: the session ends (the link reconnects
+/// with its backoff and reports it in `link_error`) and the data stays.
+fn protocol_violation(what: String) -> Error {
+    Error::WrongState(format!("the primary broke the stream protocol: {what}"))
+}
+
 /// Refuses a handshake reply that is not the answer to `op` (a response
 /// with that opcode): before, any frame whose status field was 0 passed
 /// as success, a stream frame for partition 0 included.
@@ -1842,7 +1848,9 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
     // Disk snapshots arrive in key order: held per partition (spilled to
     // disk past the engine's `snapshot_buffer_limit`) until their end marker,
     // then applied in seqno order.
-    let mut snapshots: HashMap<PartitionId, SnapshotBuffer<'_>> = HashMap::new();
+    // (With each snapshot its seqno range: what arrives inside it must lie
+    // there.)
+    let mut snapshots: HashMap<PartitionId, (SnapshotBuffer<'_>, u64, u64)> = HashMap::new();
     let mut last_ack = Instant::now();
     let mut last_heard = Instant::now();
     let silence_limit = cfg.heartbeat * SILENT_HEARTBEATS;
@@ -1917,8 +1925,18 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
             StreamMessage::Snapshot {
                 partition,
                 from_disk: true,
-                ..
+                start,
+                end,
             } => {
+                // A primary sends one partition's disk snapshot whole, then
+                // the next: one open at a time bounds what the replica
+                // buffers to one `snapshot_buffer_limit`.
+                if let Some(open) = snapshots.keys().next() {
+                    return Err(protocol_violation(format!(
+                        "a disk snapshot of partition {partition} began while partition {open}'s \
+                         was open"
+                    )));
+                }
                 // A backfill carries items only: a window this replica holds
                 // open would wait for ever for its END or REVERT. Reset the
                 // partition and ask for it from the start.
@@ -1931,7 +1949,7 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
                     state.resync_next.lock().push(partition);
                     return Ok(());
                 }
-                snapshots.insert(partition, engine.snapshot_buffer(partition)?);
+                snapshots.insert(partition, (engine.snapshot_buffer(partition)?, start, end));
             }
             StreamMessage::Snapshot {
                 partition,
@@ -1939,7 +1957,7 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
                 end,
                 ..
             } => {
-                if let Some(snapshot) = snapshots.remove(&partition) {
+                if let Some((snapshot, _, _)) = snapshots.remove(&partition) {
                     let staged = snapshot.staged_items();
                     // Applying a large snapshot takes a while without
                     // reading: acknowledge progress meanwhile, so the
@@ -2001,7 +2019,18 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
                 } else {
                     snapshots.get_mut(&partition)
                 };
-                if let Some(buffer) = buffer {
+                if let Some((buffer, start, end)) = buffer {
+                    // A disk snapshot carries items and tombstones of its
+                    // range only: a marker inside it would be applied if the
+                    // snapshot stayed in memory and dropped if it spilled.
+                    let seqno = item.seqno();
+                    if !item.op.is_key_op() || seqno < *start || seqno > *end {
+                        return Err(protocol_violation(format!(
+                            "an entry at seqno {seqno} ({:?}) inside the disk snapshot \
+                             {start}..={end} of partition {partition}",
+                            item.op
+                        )));
+                    }
                     buffer.push(item)?;
                 } else if !apply_one(
                     engine,

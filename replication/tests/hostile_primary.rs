@@ -141,17 +141,7 @@ fn a_handshake_answer_must_answer_the_request() {
     let hello = reader.next_within(200).unwrap();
     assert_eq!(hello.opcode, opcode::HELLO);
     writer.send(&StreamMessage::StreamEnd.to_frame()).unwrap();
-    let mut c = tapkv_replication::client::Client::connect(
-        &node.local_addr().to_string(),
-        Duration::from_secs(5),
-    )
-    .unwrap();
-    common::wait_until("the refusal reported", Duration::from_secs(10), || {
-        c.stats().unwrap()["link_error"]
-            .as_str()
-            .is_some_and(|e| e.contains("answered opcode"))
-    });
-    drop(c);
+    wait_link_error(&node, "answered opcode");
     assert!(shutdown_within(node, Duration::from_secs(10)).is_some());
 }
 
@@ -178,4 +168,70 @@ fn a_primary_that_ends_every_session_at_once_is_reconnected_to_with_a_backoff() 
         "six sessions in {spent:?}"
     );
     assert!(shutdown_within(node, Duration::from_secs(10)).is_some());
+}
+
+/// Waits until the replica `node` reports a link error containing `says`.
+fn wait_link_error(node: &Node, says: &str) {
+    let mut c = tapkv_replication::client::Client::connect(
+        &node.local_addr().to_string(),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let mut seen = String::new();
+    common::wait_until(says, Duration::from_secs(10), || {
+        seen = c.stats().unwrap()["link_error"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        seen.contains(says)
+    });
+}
+
+#[test]
+fn a_disk_snapshot_holds_only_entries_of_its_range_and_one_is_open_at_a_time() {
+    // A marker inside a disk snapshot was applied if the snapshot stayed in
+    // memory and dropped if it spilled to disk; a second snapshot while
+    // one was open let a primary make the replica buffer one per partition.
+    let meta = |seqno| tapkv_engine::ItemMeta {
+        by_seqno: seqno,
+        cas: seqno,
+        rev_seqno: 1,
+        ..Default::default()
+    };
+    let mutation = |seqno| StreamMessage::Item {
+        partition: 0,
+        item: tapkv_engine::QueuedItem::mutation(b"k", b"v", meta(seqno)),
+    };
+    let snapshot = |start, end| StreamMessage::Snapshot {
+        partition: 0,
+        start,
+        end,
+        from_disk: true,
+    };
+    let marker = StreamMessage::Item {
+        partition: 0,
+        item: tapkv_engine::QueuedItem::marker(
+            tapkv_engine::QueueOp::OnlineUpdateStart { checkpoint_id: 2 },
+            meta(2),
+        ),
+    };
+    let cases: [Vec<StreamMessage>; 3] = [
+        vec![snapshot(1, 3), mutation(1), marker],
+        vec![snapshot(1, 3), mutation(4)],
+        vec![snapshot(1, 3), snapshot(1, 3)],
+    ];
+    for frames in cases {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let node = replica(&listener, dir.path());
+        let conn = accept_within(&listener, Duration::from_secs(10));
+        let (_reader, mut writer) = open_stream(&conn);
+        for f in &frames {
+            writer.send(&f.to_frame()).unwrap();
+        }
+        wait_link_error(&node, "broke the stream protocol");
+        // The session ended; nothing of the snapshot was applied.
+        assert_eq!(node.engine().unwrap().high_seqno(0).unwrap(), 0);
+        assert!(shutdown_within(node, Duration::from_secs(10)).is_some());
+    }
 }
