@@ -25,6 +25,10 @@ pub struct FrameReader {
     /// Since when, and from which buffered length, the partial frame in
     /// `buf` is timed.
     partial_since: Option<(Instant, usize)>,
+    /// When the last `poll` returned: time until the next one is the
+    /// reader's own (busy elsewhere), not the peer's, and does not count
+    /// against the frame deadline.
+    away_since: Option<Instant>,
     /// The budget large partial frames are held against (see
     /// [`BodyBudget`]), and what this reader holds of it.
     budget: Option<(Arc<BodyBudget>, usize)>,
@@ -104,6 +108,7 @@ impl FrameReader {
             drained: false,
             frame_deadline: None,
             partial_since: None,
+            away_since: None,
             budget: None,
             progressed: false,
         }
@@ -161,6 +166,20 @@ impl FrameReader {
         self.frame_deadline = limit;
     }
 
+    /// Moves the partial frame's clock past the time since the last poll
+    /// returned (the reader was busy elsewhere, not waiting for the peer).
+    fn back(&mut self) {
+        if let (Some(left), Some((since, mark))) = (self.away_since.take(), self.partial_since) {
+            self.partial_since = Some((since + left.elapsed(), mark));
+        }
+    }
+
+    /// Marks the reader away from now (a poll returning `out`).
+    fn away<T>(&mut self, out: T) -> T {
+        self.away_since = Some(Instant::now());
+        out
+    }
+
     /// Fails once the partial frame in the buffer has gone longer than the
     /// frame deadline without progress.
     fn check_partial(&mut self) -> Result<(), ProtocolError> {
@@ -191,6 +210,12 @@ impl FrameReader {
     /// Polls for the next frame; `Ok(None)` if none arrived within the read timeout;
     /// `Err(Closed)` when the peer closed at a frame boundary.
     pub fn poll(&mut self) -> Result<Option<Frame>, ProtocolError> {
+        self.back();
+        let out = self.poll_here();
+        self.away(out)
+    }
+
+    fn poll_here(&mut self) -> Result<Option<Frame>, ProtocolError> {
         loop {
             if let Some(f) = decode(&mut self.buf, self.max_body)? {
                 self.partial_since = None;
@@ -209,6 +234,15 @@ impl FrameReader {
     /// the read buffer (no allocation or reference count per frame) and
     /// returns what `f` returns.
     pub fn poll_map<R>(
+        &mut self,
+        f: impl FnOnce(FrameRef<'_>) -> R,
+    ) -> Result<Option<R>, ProtocolError> {
+        self.back();
+        let out = self.poll_map_here(f);
+        self.away(out)
+    }
+
+    fn poll_map_here<R>(
         &mut self,
         f: impl FnOnce(FrameRef<'_>) -> R,
     ) -> Result<Option<R>, ProtocolError> {

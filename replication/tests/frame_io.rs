@@ -112,3 +112,38 @@ fn a_writer_whose_flush_failed_sends_nothing_more() {
         "a frame was sent after the failed flush"
     );
 }
+
+#[test]
+fn the_frame_deadline_counts_only_time_spent_waiting_for_the_frame() {
+    // A reader busy elsewhere between polls (a replica applying a large
+    // snapshot, a connection thread waiting on a durable write) is not the
+    // peer being slow: before, the first poll after such a pause found the
+    // partial frame older than the deadline and cut the connection.
+    let (mut client, mut reader) = pair();
+    reader
+        .set_timeout(Duration::from_millis(50))
+        .expect("read timeout");
+    reader.set_frame_deadline(Some(Duration::from_millis(300)));
+    let bytes = Frame::request(0x01, 0)
+        .with_key(&b"key"[..])
+        .with_value(vec![b'v'; 1000])
+        .to_bytes();
+    client.write_all(&bytes[..100]).expect("write");
+    assert!(reader.poll().expect("partial frame").is_none());
+    // Busy elsewhere for longer than the deadline.
+    std::thread::sleep(Duration::from_millis(600));
+    client.write_all(&bytes[100..]).expect("write");
+    let mut got = None;
+    for _ in 0..100 {
+        got = reader.poll().expect("the rest arrives within the deadline");
+        if got.is_some() {
+            break;
+        }
+    }
+    assert_eq!(got.expect("the whole frame").value.len(), 1000);
+    // A peer that does stall mid-frame while the reader waits is still
+    // cut off.
+    client.write_all(&bytes[..100]).expect("write");
+    let stalled = (0..100).find_map(|_| reader.poll().err());
+    assert!(stalled.is_some(), "a stalled frame was never cut off");
+}
