@@ -56,6 +56,8 @@ pub(crate) struct Window {
     undo: HashTable<UndoEntry>,
     /// Bytes queued in the window so far, plus what its undo map keeps.
     pub(crate) bytes: usize,
+    /// Bytes queued in the window so far, alone.
+    queued: usize,
     limit: usize,
     started: Instant,
 }
@@ -69,6 +71,26 @@ impl Window {
                     "online-update window {} on partition {partition} holds {} bytes, its limit \
                      is {}; complete or revert the window",
                     self.checkpoint_id, self.bytes, self.limit
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// A replica's admission of its primary's window entry: against the
+    /// queued bytes alone, which are the same on both nodes, so a replica
+    /// with its primary's limit takes every window its primary took. (What
+    /// the undo map keeps depends on what each node had persisted when the
+    /// window first touched a key, which a replica does later than its
+    /// primary; it is counted in `bytes` and bounded, until persisted, by
+    /// the checkpoint memory limit.)
+    pub(crate) fn admit_replicated(&self, partition: PartitionId, incoming: usize) -> Result<()> {
+        if self.queued + incoming > self.limit {
+            return Err(Error::TempOutOfMemory {
+                reason: format!(
+                    "the primary's online-update window {} on partition {partition} queues more \
+                     than this replica's limit of {} bytes (--online-update-memory-limit)",
+                    self.checkpoint_id, self.limit
                 ),
             });
         }
@@ -101,6 +123,7 @@ impl Window {
     /// keeps ([`Window::undo_charge`]).
     pub(crate) fn remember(&mut self, hash: u64, undo: Option<Undo>, new: &Record, size: usize) {
         self.bytes += size + Self::undo_charge(undo.as_ref(), new.key().len());
+        self.queued += size;
         if let Some(before) = undo {
             // A key the window creates is remembered by a key-only copy: its
             // first value would otherwise stay alive until the window ends.
@@ -115,6 +138,7 @@ impl Window {
     /// happens, lies inside the window).
     pub(crate) fn refund(&mut self, freed: usize) {
         self.bytes = self.bytes.saturating_sub(freed);
+        self.queued = self.queued.saturating_sub(freed);
     }
 
     pub(crate) fn keys(&self) -> usize {
@@ -267,6 +291,7 @@ impl Partition {
             start_seqno,
             undo: HashTable::new(),
             bytes: 0,
+            queued: 0,
             limit,
             started: Instant::now(),
         });

@@ -11,7 +11,7 @@ use crate::checkpoint::{CheckpointManager, Registration};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::item::{ItemMeta, PartitionId, QueueOp, QueuedItem};
-use crate::online_update::{MarkerSource, Window};
+use crate::online_update::MarkerSource;
 use crate::partition::{reserved_cursor_check, Partition, PERSISTENCE_CURSOR};
 use crate::store::FailoverEntry;
 use crate::sync::{Arc, Ordering};
@@ -143,13 +143,13 @@ impl Partition {
                 let mut slot = self.table.slot(key);
                 let (hash, _, undo) = self.touch(w.window.as_ref(), &mut slot, key);
                 // A window the primary opened is held to this replica's own
-                // `online_update_memory_limit`, as the primary's writes are
-                // to its own: past it the entry is refused (before, the
-                // replica took whatever a window brought). Nothing is
-                // changed yet; the node ends its session and keeps the data.
+                // `online_update_memory_limit` (its queued bytes, see
+                // `Window::admit_replicated`): past it the entry is refused
+                // (before, the replica took whatever a window brought).
+                // Nothing is changed yet; the node ends its session and
+                // keeps the data.
                 if let Some(win) = w.window.as_ref() {
-                    let charge = item.mem_size() + Window::undo_charge(undo.as_ref(), key.len());
-                    win.admit(self.id, charge)?;
+                    win.admit_replicated(self.id, item.mem_size())?;
                 }
                 if item.op == QueueOp::Deletion {
                     slot.remove_hashed(hash, key);

@@ -538,7 +538,8 @@ impl Store {
         }
     }
 
-    /// Partition `p`'s state, reservation and failover log, each parsed and
+    /// Partition `p`'s state, reservation, failover log and window records,
+    /// each parsed and
     /// its numbers checked ([`check_in_range`]), for the open and for
     /// [`DiskView`] alike: numbers near the top of the range could no
     /// longer increase (the open's arithmetic would wrap).
@@ -560,6 +561,9 @@ impl Store {
         for entry in self.failover_log(p)? {
             check_in_range(p, "failover seqno", entry.seqno)?;
         }
+        // Parsed here so the open refuses them before it writes anything.
+        self.open_window(p)?;
+        self.lost_windows(p)?;
         Ok((state, res))
     }
 

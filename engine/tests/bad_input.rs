@@ -556,23 +556,36 @@ fn water_marks_outside_zero_low_high_one_are_refused() {
 #[test]
 fn a_damaged_format_2_directory_is_refused_without_being_upgraded() {
     // Before, the upgrade to format 3 (a new column family, a rewritten
-    // engine record) ran before the items were checked, so a directory
-    // refused as damaged could no longer be opened by its own build.
-    let dir = full_directory();
-    let db_path = dir.path().join("rocksdb");
-    {
-        let mut db = raw_db(dir.path());
-        db.drop_cf("staging").unwrap();
-        let meta = db.cf_handle("meta").unwrap();
-        db.put_cf(meta, b"engine", br#"{"format":2,"partitions":4}"#)
-            .unwrap();
-        let mut key = b"state/".to_vec();
-        key.extend_from_slice(&0u16.to_be_bytes());
-        db.delete_cf(meta, key).unwrap();
+    // engine record) ran before the items (and then the window records)
+    // were checked, so a directory refused as damaged could no longer be
+    // opened by its own build.
+    for (record, damage, says) in [
+        (
+            &b"state/"[..],
+            None,
+            "above the partition's persisted high seqno",
+        ),
+        (&b"lost-windows/"[..], Some(&b"[{"[..]), "lost"),
+    ] {
+        let dir = full_directory();
+        let db_path = dir.path().join("rocksdb");
+        {
+            let mut db = raw_db(dir.path());
+            db.drop_cf("staging").unwrap();
+            let meta = db.cf_handle("meta").unwrap();
+            db.put_cf(meta, b"engine", br#"{"format":2,"partitions":4}"#)
+                .unwrap();
+            let mut key = record.to_vec();
+            key.extend_from_slice(&0u16.to_be_bytes());
+            match damage {
+                None => db.delete_cf(meta, key).unwrap(),
+                Some(bytes) => db.put_cf(meta, key, bytes).unwrap(),
+            }
+        }
+        assert_refused_unchanged(dir.path(), says);
+        let cfs = rocksdb::DB::list_cf(&rocksdb::Options::default(), &db_path).unwrap();
+        assert!(!cfs.iter().any(|c| c == "staging"), "{cfs:?}");
     }
-    assert_refused_unchanged(dir.path(), "above the partition's persisted high seqno");
-    let cfs = rocksdb::DB::list_cf(&rocksdb::Options::default(), &db_path).unwrap();
-    assert!(!cfs.iter().any(|c| c == "staging"), "{cfs:?}");
 }
 
 #[test]

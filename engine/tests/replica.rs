@@ -549,3 +549,52 @@ fn a_window_from_the_stream_is_held_to_the_replicas_own_limit() {
     assert_eq!(r.apply_replicated(p, &end).unwrap(), ApplyOutcome::Applied);
     assert_eq!(r.stats().unwrap().items(), applied);
 }
+
+#[test]
+fn a_replica_takes_every_window_its_primary_took_with_the_same_limit() {
+    // The undo map's charge depends on what a node had persisted when the
+    // window first touched a key, and a replica persists later than its
+    // primary: a key the primary had persisted (charged its key only) may
+    // be unpersisted on the replica (charged its whole value). Before, the
+    // replica refused such a window at the limit its primary accepted it
+    // under, and its link stalled until the window ended.
+    let dir = tempfile::tempdir().unwrap();
+    let limit = 1 << 20;
+    let r = builder(dir.path())
+        .replica(true)
+        .online_update_memory_limit(limit)
+        .checkpoint_memory_limit(64 << 20)
+        .open()
+        .unwrap();
+    r.set_flusher_paused(true);
+    let p = 0;
+    let keys: Vec<Vec<u8>> = (0..)
+        .map(|n| format!("x{n}").into_bytes())
+        .filter(|k| r.partition_of(k) == p)
+        .take(61)
+        .collect();
+    let meta = |seqno| ItemMeta {
+        by_seqno: seqno,
+        cas: seqno,
+        rev_seqno: 1,
+        ..Default::default()
+    };
+    let put = |key: &[u8], value: &[u8], seqno| {
+        let item = QueuedItem::new(QueueOp::Mutation, key, value, meta(seqno));
+        r.apply_replicated(p, &item)
+    };
+    // Not yet persisted here (the primary had persisted it).
+    put(&keys[0], &vec![b'k'; 600 * 1024], 1).unwrap();
+    r.replica_checkpoint(p, 2).unwrap();
+    let start = QueuedItem::marker(QueueOp::OnlineUpdateStart { checkpoint_id: 2 }, meta(2));
+    assert_eq!(
+        r.apply_replicated(p, &start).unwrap(),
+        ApplyOutcome::Applied
+    );
+    put(&keys[0], b"x", 3).unwrap();
+    // 600 KiB more queued in the window: under the 1 MiB limit.
+    for (i, k) in keys[1..].iter().enumerate() {
+        put(k, &vec![b'v'; 10 * 1024], 4 + i as u64).unwrap();
+    }
+    r.set_flusher_paused(false);
+}

@@ -1610,16 +1610,25 @@ fn apply_one(
             // flow control holds the rest back (and drops this stream's
             // cursor if the wait is long). The flusher frees memory a batch
             // at a time; a short nap between tries costs nothing next to it.
-            // A wait past `memory_wait` (a window over this replica's limit,
-            // which only its END or REVERT, further on in the stream, would
-            // free) ends the session, keeping the data: the link reconnects
-            // with a backoff and reports why in `link_error`.
+            // Inside a window, though, a wait past `memory_wait` ends the
+            // session, keeping the data (the window over this replica's
+            // limit is freed only by its END or REVERT, further on in the
+            // stream): the link reconnects with a backoff and reports why
+            // in `link_error`. Ordinary backpressure waits on: the flusher
+            // frees memory however slow the disk.
             Err(e @ Error::TempOutOfMemory { .. }) => {
                 if stop.load(Ordering::Acquire) {
                     return Err(Error::Closed);
                 }
                 if waiting_since.elapsed() > memory_wait {
-                    return Err(e);
+                    let in_window = engine
+                        .stats()?
+                        .partitions
+                        .get(usize::from(partition))
+                        .is_some_and(|p| p.window.is_some());
+                    if in_window {
+                        return Err(e);
+                    }
                 }
                 std::thread::sleep(MEMORY_RETRY);
             }
@@ -1688,43 +1697,50 @@ const SESSION_THAT_LASTED: Duration = Duration::from_secs(1);
 const LINK_WAIT_SLICE: Duration = Duration::from_millis(250);
 
 /// Connects to `addr` (each address it resolves to in turn), for up to
-/// `timeout` per address, giving up early once `stop` is set. Each attempt
-/// runs on a short-lived thread while this one waits in slices and looks at
-/// `stop` between them: a stop never waits out the timeout, and a slow
-/// handshake (a distant primary) is not cut short and retried.
+/// `timeout` per address, giving up early once `stop` is set. The lookup
+/// and the attempts run on a short-lived thread while this one waits in
+/// slices and looks at `stop` between them: a stop never waits out a slow
+/// resolver or a connect timeout, and a slow handshake (a distant primary)
+/// is not cut short and retried.
 fn connect(addr: &str, timeout: Duration, stop: &AtomicBool) -> std::io::Result<TcpStream> {
-    let mut last = None;
-    for a in addr.to_socket_addrs()? {
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::Builder::new()
-            .name("tapkv-connect".into())
-            .spawn(move || {
-                let _ = tx.send(TcpStream::connect_timeout(&a, timeout));
-            })?;
-        let result = loop {
-            if stop.load(Ordering::Acquire) {
-                // The attempt ends on its own within the timeout.
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::Interrupted,
-                    "node stopping",
-                ));
-            }
-            match rx.recv_timeout(LINK_WAIT_SLICE) {
-                Ok(r) => break r,
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                    break Err(std::io::Error::other(
-                        "the connect attempt ended without a result",
-                    ))
+    let (tx, rx) = std::sync::mpsc::channel();
+    let target = addr.to_owned();
+    std::thread::Builder::new()
+        .name("tapkv-connect".into())
+        .spawn(move || {
+            let attempt = || -> std::io::Result<TcpStream> {
+                let mut last = None;
+                for a in target.to_socket_addrs()? {
+                    match TcpStream::connect_timeout(&a, timeout) {
+                        Ok(s) => return Ok(s),
+                        Err(e) => last = Some(e),
+                    }
                 }
+                Err(last.unwrap_or_else(|| {
+                    std::io::Error::other(format!("{target} resolves to no address"))
+                }))
+            };
+            let _ = tx.send(attempt());
+        })?;
+    loop {
+        if stop.load(Ordering::Acquire) {
+            // The attempt ends on its own (the lookup, then within the
+            // timeout per address).
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::Interrupted,
+                "node stopping",
+            ));
+        }
+        match rx.recv_timeout(LINK_WAIT_SLICE) {
+            Ok(r) => return r,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(std::io::Error::other(
+                    "the connect attempt ended without a result",
+                ))
             }
-        };
-        match result {
-            Ok(s) => return Ok(s),
-            Err(e) => last = Some(e),
         }
     }
-    Err(last.unwrap_or_else(|| std::io::Error::other(format!("{addr} resolves to no address"))))
 }
 
 /// A stream the primary got wrong: the session ends (the link reconnects
@@ -1737,7 +1753,10 @@ fn protocol_violation(what: String) -> Error {
 /// with that opcode): before, any frame whose status field was 0 passed
 /// as success, a stream frame for partition 0 included.
 fn expect_answer(r: &Frame, op: u8) -> Result<(), Error> {
-    if r.is_response() && r.opcode == op {
+    // A refusal (any response with an error status) is reported as such
+    // by the caller, whatever its opcode: a node past `--max-connections`
+    // answers before it has read the request.
+    if r.is_response() && (r.opcode == op || r.status() != status::SUCCESS) {
         return Ok(());
     }
     Err(Error::WrongState(format!(
@@ -1834,7 +1853,11 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
         )));
     }
     tracing::info!(%primary, "replication stream open");
-    *state.link_error.lock() = None;
+    // The last session's error stays in `link_error` until this one has
+    // lasted (`SESSION_THAT_LASTED`): a link whose sessions each open and
+    // then fail shows why, not a clean slate at every reconnect.
+    let opened_at = Instant::now();
+    let mut error_cleared = false;
     state.link_sessions.fetch_add(1, Ordering::Relaxed);
     let mut ack = Ack::default();
     // Highest seqno applied per partition (0: nothing yet), for acks.
@@ -1863,6 +1886,10 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
     // Partitions the opening burst has answered (FAILOVER or ROLLBACK).
     let mut answered = vec![false; usize::from(engine.num_partitions())];
     while !state.stop.load(Ordering::Acquire) {
+        if !error_cleared && opened_at.elapsed() >= SESSION_THAT_LASTED {
+            *state.link_error.lock() = None;
+            error_cleared = true;
+        }
         // Frames are decoded in place in the read buffer: an entry's key and
         // value are copied once, into its record.
         let polled = reader

@@ -235,3 +235,23 @@ fn a_disk_snapshot_holds_only_entries_of_its_range_and_one_is_open_at_a_time() {
         assert!(shutdown_within(node, Duration::from_secs(10)).is_some());
     }
 }
+
+#[test]
+fn a_primary_refusing_the_connection_is_reported_with_its_reason() {
+    // A node past `--max-connections` answers before reading the request,
+    // with opcode 0: the replica reports the refusal, not an opcode
+    // mismatch.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let node = replica(&listener, dir.path());
+    let conn = accept_within(&listener, Duration::from_secs(10));
+    let mut writer = FrameWriter::new(conn.try_clone().unwrap());
+    writer
+        .send(
+            &Frame::response(&Frame::request(0, 0), status::TEMP_FAILURE)
+                .with_value(b"temp_failure: too many connections".to_vec()),
+        )
+        .unwrap();
+    wait_link_error(&node, "too many connections");
+    assert!(shutdown_within(node, Duration::from_secs(10)).is_some());
+}

@@ -917,6 +917,8 @@ fn a_node_refuses_an_unusable_replica_of_before_making_its_directory() {
         ":80",
         "host:port",
         "host:70000",
+        "fe80::1:11311",
+        "127.0.0.1:0",
     ] {
         let (code, err) = tapkv_tests::run_status(
             &[

@@ -177,9 +177,17 @@ fn primary_addr(s: &str) -> Result<String, String> {
     if host.trim().is_empty() {
         return Err("expected HOST:PORT (the host is empty)".into());
     }
-    port.parse::<u16>()
-        .map_err(|e| format!("expected HOST:PORT (port {port:?}: {e})"))?;
-    Ok(s.to_string())
+    // An IPv6 address is written in brackets (`[::1]:11311`): without
+    // them, `fe80::1:11311` could never resolve and would be retried for
+    // ever.
+    if host.contains(':') && !(host.starts_with('[') && host.ends_with(']')) {
+        return Err("expected HOST:PORT (an IPv6 host goes in brackets: [ADDR]:PORT)".into());
+    }
+    match port.parse::<u16>() {
+        Ok(0) => Err("expected HOST:PORT (port 0 cannot be connected to)".into()),
+        Ok(_) => Ok(s.to_string()),
+        Err(e) => Err(format!("expected HOST:PORT (port {port:?}: {e})")),
+    }
 }
 
 /// File in the data directory holding the node's default name.
