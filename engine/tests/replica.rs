@@ -443,6 +443,25 @@ fn a_replica_stopped_inside_a_window_lists_no_lost_window() {
     }
 }
 
+/// `n` keys of partition `p` of `e`, named `prefix<i>`.
+fn keys_of(e: &Engine, p: u16, prefix: &str, n: usize) -> Vec<Vec<u8>> {
+    (0..)
+        .map(|i| format!("{prefix}{i}").into_bytes())
+        .filter(|k| e.partition_of(k) == p)
+        .take(n)
+        .collect()
+}
+
+/// Metadata of a replicated entry at `seqno` (its CAS the same number).
+fn meta_at(seqno: u64) -> ItemMeta {
+    ItemMeta {
+        by_seqno: seqno,
+        cas: seqno,
+        rev_seqno: 1,
+        ..Default::default()
+    }
+}
+
 #[test]
 fn numbers_from_the_stream_stay_where_the_replicas_own_open_accepts_them() {
     // The stream's bound is a quarter of the range, the open's a half: a
@@ -453,11 +472,7 @@ fn numbers_from_the_stream_stay_where_the_replicas_own_open_accepts_them() {
     let limit = u64::MAX / 4;
     let dir = tempfile::tempdir().unwrap();
     let e = builder(dir.path()).replica(true).open().unwrap();
-    let keys: Vec<Vec<u8>> = (0..)
-        .map(|n| format!("r{n}").into_bytes())
-        .filter(|k| e.partition_of(k) == 1)
-        .take(120)
-        .collect();
+    let keys = keys_of(&e, 1, "r", 120);
     let item = |key: &[u8], seqno| {
         tapkv_engine::QueuedItem::new(
             tapkv_engine::QueueOp::Mutation,
@@ -500,17 +515,8 @@ fn a_window_from_the_stream_is_held_to_the_replicas_own_limit() {
         .open()
         .unwrap();
     let p = 0;
-    let keys: Vec<Vec<u8>> = (0..)
-        .map(|n| format!("w{n}").into_bytes())
-        .filter(|k| r.partition_of(k) == p)
-        .take(100)
-        .collect();
-    let meta = |seqno| ItemMeta {
-        by_seqno: seqno,
-        cas: seqno,
-        rev_seqno: 1,
-        ..Default::default()
-    };
+    let keys = keys_of(&r, p, "w", 100);
+    let meta = meta_at;
     let start = QueuedItem::marker(QueueOp::OnlineUpdateStart { checkpoint_id: 2 }, meta(1));
     r.replica_checkpoint(p, 2).unwrap();
     assert_eq!(
@@ -568,17 +574,8 @@ fn a_replica_takes_every_window_its_primary_took_with_the_same_limit() {
         .unwrap();
     r.set_flusher_paused(true);
     let p = 0;
-    let keys: Vec<Vec<u8>> = (0..)
-        .map(|n| format!("x{n}").into_bytes())
-        .filter(|k| r.partition_of(k) == p)
-        .take(61)
-        .collect();
-    let meta = |seqno| ItemMeta {
-        by_seqno: seqno,
-        cas: seqno,
-        rev_seqno: 1,
-        ..Default::default()
-    };
+    let keys = keys_of(&r, p, "x", 61);
+    let meta = meta_at;
     let put = |key: &[u8], value: &[u8], seqno| {
         let item = QueuedItem::new(QueueOp::Mutation, key, value, meta(seqno));
         r.apply_replicated(p, &item)

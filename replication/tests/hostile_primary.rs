@@ -33,6 +33,14 @@ fn replica(listener: &TcpListener, dir: &std::path::Path) -> Node {
     Node::start(engine, cfg).unwrap()
 }
 
+/// A fake primary's listener and a replica of it (with its directory).
+fn fake_primary_and_replica() -> (TcpListener, tempfile::TempDir, Node) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let node = replica(&listener, dir.path());
+    (listener, dir, node)
+}
+
 /// Answers the replica's HELLO and STREAM_OPEN as a primary would.
 fn open_stream(conn: &TcpStream) -> (FrameReader, FrameWriter) {
     let mut reader = FrameReader::new(conn.try_clone().unwrap(), DEFAULT_MAX_BODY);
@@ -68,9 +76,7 @@ fn a_trickled_stream_frame_is_cut_off_and_does_not_hold_a_shutdown() {
     // A 1 MiB MUTATION whose bytes come one per 20 ms. Before, neither
     // the I/O timeout nor the silence limit (10 heartbeats) fired while
     // bytes kept coming, and a shutdown waited for the primary to stop.
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let node = replica(&listener, dir.path());
+    let (listener, _dir, node) = fake_primary_and_replica();
     let conn = accept_within(&listener, Duration::from_secs(10));
     let (_reader, _writer) = open_stream(&conn);
     let stop = Arc::new(AtomicBool::new(false));
@@ -131,9 +137,7 @@ fn a_trickled_stream_frame_is_cut_off_and_does_not_hold_a_shutdown() {
 fn a_handshake_answer_must_answer_the_request() {
     // A stream frame for partition 0 has status field 0: before, it passed
     // as the SUCCESS answer to HELLO.
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let node = replica(&listener, dir.path());
+    let (listener, _dir, node) = fake_primary_and_replica();
     let conn = accept_within(&listener, Duration::from_secs(10));
     let mut reader = FrameReader::new(conn.try_clone().unwrap(), DEFAULT_MAX_BODY);
     reader.set_timeout(Duration::from_millis(50)).unwrap();
@@ -152,9 +156,7 @@ fn a_primary_that_ends_every_session_at_once_is_reconnected_to_with_a_backoff() 
     // 900 sessions a second, each ROLLBACK emptying the partition again.
     // Now the waits double from 50 ms: six sessions take at least
     // 50 + 100 + 200 + 400 + 800 ms between the first and the sixth.
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let node = replica(&listener, dir.path());
+    let (listener, _dir, node) = fake_primary_and_replica();
     let mut accepted = Vec::new();
     for _ in 0..6 {
         let conn = accept_within(&listener, Duration::from_secs(10));
@@ -221,9 +223,7 @@ fn a_disk_snapshot_holds_only_entries_of_its_range_and_one_is_open_at_a_time() {
         vec![snapshot(1, 3), snapshot(1, 3)],
     ];
     for frames in cases {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let node = replica(&listener, dir.path());
+        let (listener, _dir, node) = fake_primary_and_replica();
         let conn = accept_within(&listener, Duration::from_secs(10));
         let (_reader, mut writer) = open_stream(&conn);
         for f in &frames {
@@ -241,9 +241,7 @@ fn a_primary_refusing_the_connection_is_reported_with_its_reason() {
     // A node past `--max-connections` answers before reading the request,
     // with opcode 0: the replica reports the refusal, not an opcode
     // mismatch.
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let node = replica(&listener, dir.path());
+    let (listener, _dir, node) = fake_primary_and_replica();
     let conn = accept_within(&listener, Duration::from_secs(10));
     let mut writer = FrameWriter::new(conn.try_clone().unwrap());
     writer
