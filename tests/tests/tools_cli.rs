@@ -1116,3 +1116,62 @@ fn an_invalid_tapkv_log_is_reported() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("TAPKV_LOG") && err.contains("[[bad"), "{err}");
 }
+
+#[test]
+fn kv_set_takes_a_value_file_or_stdin_and_get_raw_writes_it_exactly() {
+    // Before, a value could only be an argument: none over about 128 KiB
+    // (the command line's limit), no bytes that are not text, and `get`
+    // always added a newline.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("kv");
+    let d = d.to_str().unwrap();
+    let big: String = (0..200_000)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    let file = dir.path().join("value");
+    std::fs::write(&file, &big).unwrap();
+    let node =
+        tapkv_tests::NodeProc::start(&dir.path().join("node"), "127.0.0.1:0", None, "kvf", &[]);
+    for target in [["--data", d], ["--addr", node.addr.as_str()]] {
+        let set = [
+            &["kv", "set"][..],
+            &target[..],
+            &["big", "--value-file", file.to_str().unwrap()],
+        ]
+        .concat();
+        let (ok, _, err) = run(&set, "", T);
+        assert!(ok, "{err}");
+        let get = [&["kv", "get"][..], &target[..], &["big", "--raw"]].concat();
+        let (ok, out, err) = run(&get, "", T);
+        assert!(ok, "{err}");
+        assert!(out == big, "{} bytes back for {}", out.len(), big.len());
+        // From standard input, a trailing newline kept.
+        let set = [
+            &["kv", "set"][..],
+            &target[..],
+            &["line", "--value-file", "-"],
+        ]
+        .concat();
+        let (ok, _, err) = run(&set, "one line\n", T);
+        assert!(ok, "{err}");
+        let get = [&["kv", "get"][..], &target[..], &["line", "--raw"]].concat();
+        assert_eq!(run(&get, "", T).1, "one line\n");
+        let get = [&["kv", "get"][..], &target[..], &["line"]].concat();
+        assert_eq!(run(&get, "", T).1, "one line\n\n");
+    }
+    // An unreadable file is named.
+    let (code, err) = tapkv_tests::run_status(
+        &[
+            "kv",
+            "set",
+            "--data",
+            d,
+            "k",
+            "--value-file",
+            "/nonexistent/v",
+        ],
+        T,
+    );
+    assert_eq!(code, Some(3));
+    assert!(err.contains("/nonexistent/v (--value-file)"), "{err}");
+}

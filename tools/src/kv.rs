@@ -18,21 +18,32 @@ pub(crate) struct KvArgs {
 
 #[derive(Subcommand, Debug)]
 enum KvOp {
-    /// Print the value of KEY; exits 1 with a message on stderr if absent.
+    /// Print the value of KEY, then a newline (none with --raw); exits 1
+    /// with a message on stderr if absent.
     Get {
         #[command(flatten)]
         target: Target,
         /// The key.
         key: String,
+        /// Write the value's bytes exactly, without the newline after them
+        /// (for binary values: `kv get --raw K > FILE`).
+        #[arg(long)]
+        raw: bool,
     },
-    /// Store VALUE under KEY.
+    /// Store VALUE (or the bytes of --value-file) under KEY.
     Set {
         #[command(flatten)]
         target: Target,
-        /// The key (1 to 250 bytes).
+        /// The key (1 to 250 bytes by default; a node's --max-key-size).
         key: String,
-        /// The value.
-        value: String,
+        /// The value, as text (at most 20 MiB by default; the command line
+        /// itself allows about 128 KiB: use --value-file for more, or for
+        /// bytes that are not text).
+        #[arg(required_unless_present = "value_file", conflicts_with = "value_file")]
+        value: Option<String>,
+        /// Read the value's bytes from FILE (`-`: standard input), exactly.
+        #[arg(long, value_name = "FILE")]
+        value_file: Option<std::path::PathBuf>,
         /// Wait for memory (default), the disk, or (with --addr) a
         /// majority of the node's replicas.
         #[arg(long, value_enum, default_value_t)]
@@ -77,13 +88,11 @@ pub(crate) fn run(args: KvArgs) -> Result<ExitCode, Error> {
         return Ok(code);
     }
     match args.op {
-        KvOp::Get { target, key } => {
+        KvOp::Get { target, key, raw } => {
             let engine = Engine::builder(existing(local(&target)?)?).open()?;
             match engine.get(key.as_bytes()) {
                 Ok(item) => {
-                    let mut out = std::io::stdout().lock();
-                    out.write_all(item.value())?;
-                    out.write_all(b"\n")?;
+                    print_value(item.value(), raw)?;
                     Ok(ExitCode::SUCCESS)
                 }
                 Err(Error::NotFound) => {
@@ -97,12 +106,14 @@ pub(crate) fn run(args: KvArgs) -> Result<ExitCode, Error> {
             target,
             key,
             value,
+            value_file,
             durability,
         } => {
+            let value = value_bytes(value.as_deref(), value_file.as_deref())?;
             let engine = Engine::builder(local(&target)?).open()?;
             let r = engine.set(
                 key.as_bytes(),
-                value.into_bytes(),
+                value,
                 WriteOptions::durable(durability.into()),
             )?;
             // Closed (flushed) before OK is printed: OK means it is on disk.
@@ -129,6 +140,48 @@ pub(crate) fn run(args: KvArgs) -> Result<ExitCode, Error> {
                 Err(e) => Err(e),
             }
         }
+    }
+}
+
+/// Writes a value to standard output, with a newline after it unless `raw`.
+fn print_value(value: &[u8], raw: bool) -> Result<(), Error> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(value)?;
+    if !raw {
+        out.write_all(b"\n")?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// The value of `kv set`: the argument's text, or the bytes of `file`
+/// (`-`: standard input), read whole; an unreadable file is named.
+fn value_bytes(value: Option<&str>, file: Option<&std::path::Path>) -> Result<Vec<u8>, Error> {
+    use std::io::Read;
+    match (value, file) {
+        (Some(v), _) => Ok(v.as_bytes().to_vec()),
+        (None, Some(f)) if f == std::path::Path::new("-") => {
+            let mut v = Vec::new();
+            std::io::stdin().lock().read_to_end(&mut v).map_err(|e| {
+                Error::Io(std::io::Error::new(
+                    e.kind(),
+                    format!("cannot read the value from standard input: {e}"),
+                ))
+            })?;
+            Ok(v)
+        }
+        (None, Some(f)) => std::fs::read(f).map_err(|e| {
+            Error::Io(std::io::Error::new(
+                e.kind(),
+                format!(
+                    "cannot read the value from {} (--value-file): {e}",
+                    f.display()
+                ),
+            ))
+        }),
+        (None, None) => Err(Error::InvalidArgument(
+            "give VALUE or --value-file FILE".into(),
+        )),
     }
 }
 
@@ -160,7 +213,7 @@ fn existing(dir: &std::path::Path) -> Result<&std::path::Path, Error> {
 /// Runs the operation against a node when `--addr` is given.
 fn remote(op: &KvOp, wait: crate::Wait) -> Result<Option<ExitCode>, Error> {
     let (target, key) = match op {
-        KvOp::Get { target, key }
+        KvOp::Get { target, key, .. }
         | KvOp::Set { target, key, .. }
         | KvOp::Del { target, key, .. } => (target, key),
     };
@@ -180,18 +233,24 @@ fn remote(op: &KvOp, wait: crate::Wait) -> Result<Option<ExitCode>, Error> {
         }
     };
     match op {
-        KvOp::Get { .. } => match c.get(key.as_bytes()) {
+        KvOp::Get { raw, .. } => match c.get(key.as_bytes()) {
             Ok((v, _)) => {
-                let mut out = std::io::stdout().lock();
-                out.write_all(&v)?;
-                out.write_all(b"\n")?;
+                print_value(&v, *raw)?;
                 Ok(Some(ExitCode::SUCCESS))
             }
             Err(e) => fail(e),
         },
         KvOp::Set {
-            value, durability, ..
-        } => match c.set_durable(key.as_bytes(), value.as_bytes(), 0, (*durability).into()) {
+            value,
+            value_file,
+            durability,
+            ..
+        } => match c.set_durable(
+            key.as_bytes(),
+            &value_bytes(value.as_deref(), value_file.as_deref())?,
+            0,
+            (*durability).into(),
+        ) {
             Ok(r) => {
                 outln!("{}", set_ok(r.partition, r.seqno, r.cas))?;
                 Ok(Some(ExitCode::SUCCESS))
