@@ -47,8 +47,10 @@ pub struct EngineConfig {
     pub flush_retry_limit: u32,
     /// Pause between flush attempts after a failure (default 20 ms).
     pub flush_retry_backoff: Duration,
-    /// Bytes an online-update window may queue per partition (default
-    /// 256 MiB). Past it, writes to that partition fail with
+    /// Bytes an online-update window may hold per partition: its queued
+    /// entries plus the pre-window keys and values it keeps to revert (a
+    /// replica counts its primary's window's queued bytes); default
+    /// 256 MiB. Past it, writes to that partition fail with
     /// `TempOutOfMemory` naming the window until it is completed or reverted.
     pub online_update_memory_limit: usize,
     /// Memory quota for keys and resident values (default 1 GiB).
@@ -212,7 +214,8 @@ impl EngineBuilder {
         self
     }
 
-    /// Bytes one online-update window may queue; default 256 MiB.
+    /// Bytes one online-update window may hold (see
+    /// [`EngineConfig::online_update_memory_limit`]); default 256 MiB.
     pub fn online_update_memory_limit(mut self, bytes: usize) -> Self {
         self.config.online_update_memory_limit = bytes;
         self
@@ -220,9 +223,10 @@ impl EngineBuilder {
 
     /// Memory quota for keys and resident values; default 1 GiB. The pager
     /// evicts clean values to stay under it; it is not a bound on what it
-    /// cannot evict (keys, metadata, values not yet persisted: those are
-    /// bounded by the checkpoint and window memory limits), and the
-    /// per-item overhead (about 80 bytes) is not counted against it.
+    /// cannot evict (values not yet persisted are bounded by the checkpoint
+    /// and window memory limits; keys and metadata stay resident whatever
+    /// their size), and the per-item overhead (about 80 bytes) is not
+    /// counted against it.
     pub fn memory_quota(mut self, bytes: usize) -> Self {
         self.config.memory_quota = bytes;
         self

@@ -1,6 +1,7 @@
 //! The pager: evicts values of clean items to keep keys plus resident
-//! values under the memory quota (what it cannot evict — keys, metadata,
-//! dirty values — is bounded by the checkpoint and window limits instead).
+//! values under the memory quota (what it cannot evict is not held to it:
+//! dirty values are bounded by the checkpoint and window limits, keys and
+//! metadata not at all).
 //!
 //! When the hash tables' bytes pass `high_water × memory_quota`, values of
 //! items already persisted (`by_seqno <= persisted seqno` of their partition)

@@ -57,7 +57,7 @@ impl CasClock {
             candidate
         } else {
             // Cannot overflow: replicated CAS values are checked to be below
-            // `u64::MAX / 2`, and local ones are milliseconds << 16.
+            // `u64::MAX / 4`, and local ones are milliseconds << 16.
             self.last.saturating_add(1)
         };
         self.last

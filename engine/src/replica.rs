@@ -95,7 +95,7 @@ pub(crate) const STREAM_NUMBER_LIMIT: u64 = u64::MAX / 4;
 fn check_stream_number(what: &str, n: u64) -> Result<()> {
     if n >= STREAM_NUMBER_LIMIT {
         return Err(Error::InvalidArgument(format!(
-            "{what} {n} from the stream is out of range (at most 2^62 - 1)"
+            "{what} {n} from the stream is out of range (it must be below {STREAM_NUMBER_LIMIT})"
         )));
     }
     Ok(())

@@ -284,8 +284,9 @@ pub(crate) fn split_item_key(raw: &[u8]) -> Result<(PartitionId, &[u8])> {
 }
 
 /// Refuses a persisted seqno, checkpoint id, CAS or rev seqno at or above
-/// `u64::MAX / 2` (the bound replicated ones are held to): from there it
-/// could no longer increase; only corruption makes one.
+/// `u64::MAX / 2` (replicated ones are held below `u64::MAX / 4`, see
+/// `replica::STREAM_NUMBER_LIMIT`): from there it could no longer
+/// increase; only corruption makes one.
 pub(crate) fn check_in_range(p: PartitionId, what: &str, n: u64) -> Result<()> {
     if n >= u64::MAX / 2 {
         return Err(Error::Corruption(format!(

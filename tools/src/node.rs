@@ -58,7 +58,10 @@ pub(crate) struct NodeArgs {
     /// Milliseconds a `Replicate` write waits for a majority of replicas (at most a day).
     #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..=DAY_MS))]
     replicate_timeout_ms: u64,
-    /// Timeout of every socket write and of waiting for a reply, in ms (at most a day).
+    /// Timeout of every socket write and of waiting for a reply, in ms (at
+    /// most a day). Also: a connection must say HELLO within it, a partly
+    /// received frame must make 64 KiB of progress per timeout, and a
+    /// replica waits this long for memory inside an online-update window.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=DAY_MS))]
     io_timeout_ms: u64,
     /// Close client connections idle this many seconds (at most a day).
@@ -87,8 +90,10 @@ pub(crate) struct NodeArgs {
     /// least 64 KiB).
     #[arg(long, value_parser = clap::value_parser!(u64).range(65_536..))]
     checkpoint_memory_limit: Option<u64>,
-    /// Bytes one online-update window may queue, per partition (engine
-    /// default 256 MiB; at least 64 KiB).
+    /// Bytes one online-update window may hold, per partition: its queued
+    /// entries plus the pre-window values it keeps to revert; a replica
+    /// counts its primary's window's queued bytes (engine default 256 MiB;
+    /// at least 64 KiB; give replicas at least their primary's).
     #[arg(long, value_parser = clap::value_parser!(u64).range(65_536..))]
     online_update_memory_limit: Option<u64>,
     /// As a replica: bytes of one partition's disk snapshot (backfill) held
