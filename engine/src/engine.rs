@@ -396,7 +396,7 @@ impl Engine {
         })?;
         let disk_meta = store.checked_engine_meta(&path)?;
         let fresh = disk_meta.is_none();
-        if let Some(meta) = disk_meta {
+        if let Some(meta) = &disk_meta {
             if config.partitions_from_disk && meta.partitions != config.partitions {
                 config.partitions = meta.partitions;
                 validate(&config)?;
@@ -406,7 +406,7 @@ impl Engine {
         // that changes it: a refused directory is left as it was (its own
         // build can still open it; no reservation raised, no failover
         // branch added, still marked clean).
-        if let Some(meta) = store.engine_meta()? {
+        if let Some(meta) = &disk_meta {
             if meta.partitions != config.partitions {
                 return Err(Error::Incompatible {
                     path,
@@ -445,13 +445,14 @@ impl Engine {
         }
         // Numbers near the top of the range could no longer increase (the
         // arithmetic below would wrap): only corruption makes them.
-        for p in 0..config.partitions {
-            store.checked_partition_records(p)?;
-        }
+        let records = (0..config.partitions)
+            .map(|p| store.checked_partition_records(p))
+            .collect::<Result<Vec<_>>>()?;
         // Every item is read and checked.
-        let items = load_items(&store, &config)?;
+        let highs: Vec<u64> = records.iter().map(|(s, _)| s.high_seqno).collect();
+        let items = load_items(&store, &config, &highs)?;
         // Accepted: only now may the directory change.
-        match store.engine_meta()? {
+        match disk_meta {
             None => store.put_engine_meta(&EngineMeta {
                 format: FORMAT_VERSION,
                 partitions: config.partitions,
@@ -492,9 +493,7 @@ impl Engine {
         let checkpoint_mem = Arc::new(AtomicUsize::new(0));
         let step = config.seqno_reservation.max(1);
         let mut partitions = Vec::with_capacity(usize::from(config.partitions));
-        for (p, table) in (0..config.partitions).zip(items.tables) {
-            let state = store.partition_state(p)?.unwrap_or_default();
-            let res = store.reservation(p)?.unwrap_or_default();
+        for ((p, table), (state, res)) in (0..config.partitions).zip(items.tables).zip(records) {
             let start = PartitionStart {
                 high_seqno: if config.replica {
                     state.high_seqno
@@ -1172,16 +1171,14 @@ struct LoadedItems {
     loaded: u64,
 }
 
-/// Reads and checks every persisted item ([`check_disk_item`]) into a hash
+/// Reads and checks every persisted item ([`check_disk_item`], against each
+/// partition's persisted high seqno in `highs`) into a hash
 /// table per partition, changing nothing on disk. Values are loaded while
 /// keys and resident values stay under the pager's low-water mark; past it
 /// items come back with their values on disk only (everything on disk is
 /// clean), so a directory larger than memory opens within its quota.
-fn load_items(store: &Store, config: &EngineConfig) -> Result<LoadedItems> {
+fn load_items(store: &Store, config: &EngineConfig, highs: &[u64]) -> Result<LoadedItems> {
     let n = usize::from(config.partitions);
-    let highs = (0..config.partitions)
-        .map(|p| Ok(store.partition_state(p)?.unwrap_or_default().high_seqno))
-        .collect::<Result<Vec<u64>>>()?;
     let mut out = LoadedItems {
         tables: (0..n).map(|_| HashTable::new()).collect(),
         max_cas: vec![0; n],
@@ -1190,7 +1187,7 @@ fn load_items(store: &Store, config: &EngineConfig) -> Result<LoadedItems> {
     let resident_limit = (config.memory_quota as f64 * config.low_water) as usize;
     let mut resident = 0usize;
     store.for_each_item(|p, key, rec| {
-        check_disk_item(p, key, &rec.meta, &highs)?;
+        check_disk_item(p, key, &rec.meta, highs)?;
         let i = usize::from(p);
         out.max_cas[i] = out.max_cas[i].max(rec.meta.cas);
         if !rec.deleted {
