@@ -152,6 +152,10 @@ pub struct StreamInfo {
     pub unacked_bytes: u64,
     /// Milliseconds since the last ack.
     pub last_ack_ms: u64,
+    /// ACKs that acknowledged bytes or seqnos the stream never sent, or a
+    /// partition it does not serve (each counted only up to what was sent;
+    /// a healthy replica has none).
+    pub acks_ahead: u64,
     /// Per partition: state, seqno sent, seqno acked, items behind.
     pub partitions: Vec<StreamPartitionInfo>,
 }
@@ -182,6 +186,8 @@ struct StreamShared {
     cursor: String,
     unacked: AtomicU64,
     last_ack: Mutex<Instant>,
+    /// ACKs that acknowledged ahead of what was sent (see `ack_reader`).
+    acks_ahead: AtomicU64,
     acked: Mutex<HashMap<PartitionId, u64>>,
     parts: Mutex<HashMap<PartitionId, (PartitionStreamState, u64)>>,
     resumed_from: Mutex<HashMap<PartitionId, u64>>,
@@ -974,6 +980,7 @@ fn streams_info(state: &NodeState) -> Vec<StreamInfo> {
                 peer: s.peer.clone(),
                 unacked_bytes: s.unacked.load(Ordering::Acquire),
                 last_ack_ms: s.last_ack.lock().elapsed().as_millis() as u64,
+                acks_ahead: s.acks_ahead.load(Ordering::Acquire),
                 partitions: parts,
             }
         })
@@ -1032,6 +1039,7 @@ fn serve_stream(
         peer,
         unacked: AtomicU64::new(0),
         last_ack: Mutex::new(Instant::now()),
+        acks_ahead: AtomicU64::new(0),
         acked: Mutex::new(HashMap::new()),
         parts: Mutex::new(HashMap::new()),
         resumed_from: Mutex::new(HashMap::new()),
@@ -1148,6 +1156,9 @@ fn ack_reader(s: &StreamShared, mut reader: FrameReader) {
                             advanced = true;
                         }
                     }
+                }
+                if ahead {
+                    s.acks_ahead.fetch_add(1, Ordering::AcqRel);
                 }
                 if ahead && !warned {
                     warned = true;

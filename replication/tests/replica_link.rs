@@ -500,6 +500,12 @@ fn acknowledgements_count_only_what_was_sent() {
         seqnos: vec![(0, u64::MAX / 4), (1, u64::MAX / 4)],
     };
     writer.send(&lie.to_frame()).unwrap();
+    // The lie must be read before the writes below are sent: read after, it
+    // would (rightly) count up to what was sent by then.
+    let mut c = Client::connect(&primary.local_addr().to_string(), Duration::from_secs(5)).unwrap();
+    wait_until("the lie to be read", Duration::from_secs(10), || {
+        c.admin("streams").unwrap()[0]["acks_ahead"] == 1
+    });
     let replicate = WriteOptions::durable(Durability::Replicate);
     for k in [&k0, &k1] {
         match p.set(k.as_bytes(), b"v", replicate) {
@@ -518,7 +524,6 @@ fn acknowledgements_count_only_what_was_sent() {
         )
         .unwrap();
     }
-    let mut c = Client::connect(&primary.local_addr().to_string(), Duration::from_secs(5)).unwrap();
     let empty = Ack {
         bytes: 0,
         seqnos: vec![],

@@ -55,7 +55,7 @@ pub(crate) enum AdminCommand {
         /// Address of the node.
         #[arg(long, value_name = "ADDR")]
         addr: String,
-        /// The node's JSON array (name, peer, unacked_bytes, last_ack_ms,
+        /// The node's JSON array (name, peer, unacked_bytes, last_ack_ms, acks_ahead,
         /// and per partition: partition, state, sent_seqno, acked_seqno,
         /// lag_items, lag_bytes, resumed_from) instead of the table.
         #[arg(long)]
@@ -187,6 +187,13 @@ pub(crate) fn run(cmd: AdminCommand) -> Result<ExitCode, Error> {
                     s["unacked_bytes"],
                     s["last_ack_ms"]
                 )?;
+                let ahead = s["acks_ahead"].as_u64().unwrap_or(0);
+                if ahead > 0 {
+                    outln!(
+                        "  warning: {ahead} acknowledgements ahead of what was sent \
+                         (a misbehaving replica; counted only up to what was sent)"
+                    )?;
+                }
                 for p in s["partitions"].as_array().into_iter().flatten() {
                     // Numbers as integers: a JSON value ignores the widths.
                     let n = |k: &str| p[k].as_u64().unwrap_or(0);
