@@ -48,11 +48,7 @@ impl CasClock {
     }
 
     pub(crate) fn next(&mut self) -> u64 {
-        let ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
-        let candidate = ms << 16;
+        let candidate = coarse_unix_ms() << 16;
         self.last = if candidate > self.last {
             candidate
         } else {
@@ -62,6 +58,32 @@ impl CasClock {
         };
         self.last
     }
+}
+
+/// Milliseconds since the Unix epoch from the kernel's coarse real-time
+/// clock: a CAS needs the time to about a tick (1–4 ms), and reading the
+/// coarse clock costs about a tenth of reading the precise one (measured
+/// 3.6 ns against 33 ns here), which every write pays once.
+fn coarse_unix_ms() -> u64 {
+    #[cfg(target_os = "linux")]
+    {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `ts` is a valid, writable timespec; the call only writes it.
+        #[allow(unsafe_code)]
+        let rc = unsafe { libc::clock_gettime(libc::CLOCK_REALTIME_COARSE, &mut ts) };
+        if rc == 0 {
+            let secs = u64::try_from(ts.tv_sec).unwrap_or(0);
+            let ms = u64::try_from(ts.tv_nsec).unwrap_or(0) / 1_000_000;
+            return secs.saturating_mul(1000).saturating_add(ms);
+        }
+    }
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// The kinds of key mutation.
@@ -457,4 +479,40 @@ pub(crate) fn is_expired(meta: &ItemMeta) -> bool {
 /// count (stable across versions and platforms, as data placement depends on it).
 pub fn partition_of(key: &[u8], partitions: u16) -> PartitionId {
     (crc32fast::hash(key) % u32::from(partitions.max(1))) as PartitionId
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn precise_ms() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
+    }
+
+    /// The coarse clock reads milliseconds since the epoch, within a tick
+    /// of the precise clock, and CAS values carry them in their high bits.
+    #[test]
+    fn cas_values_carry_the_wall_clock_and_never_go_back() {
+        let before = precise_ms();
+        let coarse = coarse_unix_ms();
+        let after = precise_ms();
+        assert!(
+            coarse + 1000 >= before && coarse <= after + 1000,
+            "coarse clock {coarse} ms against precise {before}..{after}"
+        );
+        let mut clock = CasClock { last: 0 };
+        let mut last = 0;
+        for _ in 0..100_000 {
+            let cas = clock.next();
+            assert!(cas > last, "CAS {cas} after {last}");
+            last = cas;
+        }
+        assert!((last >> 16) + 1000 >= before && (last >> 16) <= precise_ms() + 1000);
+        // A floor from a primary ahead of this clock is kept.
+        clock.observe(u64::MAX / 4);
+        assert_eq!(clock.next(), u64::MAX / 4 + 1);
+    }
 }
