@@ -1059,11 +1059,18 @@ impl Engine {
     }
 
     /// Test and benchmark hook: pauses (or resumes) the flusher. While paused,
-    /// nothing reaches disk and durable writes wait.
+    /// nothing reaches disk and durable writes wait. A pause returns once
+    /// no round is in progress: a round that had started before it has
+    /// finished, so nothing written after the pause reaches disk (except
+    /// through [`run_flush_round`](Self::run_flush_round)).
     #[doc(hidden)]
     pub fn set_flusher_paused(&self, paused: bool) {
         if let Some(s) = self.shared.as_deref() {
             s.flusher_paused.store(paused, Ordering::Release);
+            if paused {
+                // Every round holds the lock and checks the flag under it.
+                drop(s.flush_lock.lock());
+            }
             s.notify_flushers();
         }
     }
