@@ -1095,10 +1095,12 @@ fn serve_stream(
     };
     let result = stream_loop(state, &shared, &reqs, &mut writer);
     shared.stop.store(true, Ordering::Release);
+    // Unregistered before its cursors go: once they are gone, `admin
+    // streams` no longer lists it either.
+    unregister_stream(state, &name, &shared);
     for r in &reqs {
         let _ = engine.remove_cursor(r.partition, &shared.cursor);
     }
-    unregister_stream(state, &name, &shared);
     let _ = acker.join();
     tracing::info!(stream = %name, ok = result.is_ok(), "replication stream closed");
     result

@@ -134,11 +134,25 @@ fn a_silent_replica_has_its_stream_ended_and_stops_counting_for_replicate() {
 
     // A "replica" that opens a stream, then never reads or acknowledges
     // again, with its connection left open (a hung process).
+    // Until its cursors are seen it reads and acknowledges what it gets, so
+    // the silence starts only then, however late the test sees them.
     let conn = std::net::TcpStream::connect(primary.local_addr()).unwrap();
-    let hung = stream_by_hand(conn, "hung", &from_the_start(p));
+    let (mut reader, mut writer) = stream_by_hand(conn, "hung", &from_the_start(p));
     wait_until("the hung replica's stream", Duration::from_secs(10), || {
+        let mut bytes = 0;
+        while let Ok(Some(f)) = reader.poll() {
+            bytes += f.wire_len() as u64;
+        }
+        if bytes > 0 {
+            let ack = tapkv_replication::message::Ack {
+                bytes,
+                seqnos: vec![],
+            };
+            writer.send(&ack.to_frame()).unwrap();
+        }
         stream_cursors(p).len() == 4
     });
+    let hung = (reader, writer);
 
     // The primary ends the hung stream; the live one stays, the same stream
     // (its cursors are named after their connection).
@@ -234,7 +248,18 @@ fn a_replicate_write_is_never_acknowledged_with_no_replica_holding_it() {
     wait_until("the replica's stream", Duration::from_secs(10), || {
         stream_cursors(p).len() == 2
     });
-    p.set(b"held", b"v", replicate).unwrap();
+    // With a replica, it is acknowledged. (The 2 s timeout is short for the
+    // writes above and below that must time out; a loaded machine may take
+    // longer to carry one round trip, so this write may be retried: a
+    // retry that times out five times running fails.)
+    let mut attempts = 0;
+    loop {
+        match p.set(b"held", b"v", replicate) {
+            Ok(_) => break,
+            Err(tapkv_engine::Error::Timeout { .. }) if attempts < 4 => attempts += 1,
+            Err(e) => panic!("a Replicate write with a replica failed: {e}"),
+        }
+    }
     assert_eq!(
         replica.engine().unwrap().get(b"held").unwrap().value(),
         b"v"
@@ -420,6 +445,9 @@ fn a_replicate_write_waits_for_the_primarys_disk_too() {
     let p = primary.engine().unwrap();
     let replica = replica_of(&primary, rdir.path(), 2, "r", |_| {});
     let r = replica.engine().unwrap();
+    wait_until("the replica's stream", Duration::from_secs(10), || {
+        stream_cursors(p).len() == 2
+    });
     // A first write both hold, so the stream is up.
     p.set(b"warm", b"v", WriteOptions::durable(Durability::Replicate))
         .unwrap();
