@@ -193,6 +193,12 @@ impl Client {
         &self.role
     }
 
+    /// Changes how long each later reply is waited for (the `timeout` given
+    /// to [`connect`](Self::connect); socket writes keep that one).
+    pub fn set_reply_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
+    }
+
     /// Sends a request and waits for its response; error statuses become
     /// [`ClientError::Status`].
     pub fn call(&mut self, req: Frame) -> Result<Frame, ClientError> {

@@ -18,17 +18,19 @@ fn a_late_reply_is_not_taken_for_the_next_requests_answer() {
     let addr = node.local_addr().to_string();
     let engine = node.engine().unwrap();
 
-    // Long enough for a loaded machine to answer every request below once
-    // the flusher runs; the paused FLUSH takes this long to give up on.
-    let mut c = Client::connect(&addr, Duration::from_secs(2)).unwrap();
+    // Long enough for a loaded machine to answer every request below,
+    // except the paused FLUSH, which the client gives up on after 1 s.
+    let mut c = Client::connect(&addr, Duration::from_secs(30)).unwrap();
     // A FLUSH cannot finish while the flusher is paused: the client gives up
     // on it, and the node answers it later, once the flusher runs again.
     engine.set_flusher_paused(true);
     c.set(b"other", b"x", 0, false).unwrap();
+    c.set_reply_timeout(Duration::from_secs(1));
     assert!(
         c.flush().is_err(),
         "the flush waits past the client's timeout"
     );
+    c.set_reply_timeout(Duration::from_secs(30));
     engine.set_flusher_paused(false);
     // The node's FLUSH is now satisfied (its sync done); only its reply is
     // left to arrive ahead of the GET's.
