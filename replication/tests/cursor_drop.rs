@@ -96,7 +96,9 @@ fn a_stream_at_its_limit_keeps_its_cursors_while_acks_arrive() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = NodeConfig::new("127.0.0.1:0");
     cfg.max_unacked_bytes = 64 << 10;
-    cfg.slow_replica_timeout = Duration::from_secs(1);
+    // A timeout no scheduling stall on a loaded machine comes near: the
+    // test's acks, 20 ms apart, must never look like silence.
+    cfg.slow_replica_timeout = Duration::from_secs(3);
     // Heartbeats a minute apart: the silence rule (ten silent heartbeats
     // end a stream) cannot be what removes the cursors below.
     cfg.heartbeat = Duration::from_secs(60);
@@ -109,23 +111,28 @@ fn a_stream_at_its_limit_keeps_its_cursors_while_acks_arrive() {
     let p = primary.engine().unwrap();
 
     let (reader, mut writer) = open_stream(&primary, "acking");
+    // Acks that each report progress (a byte applied; an ACK that frees
+    // nothing and advances no seqno is not progress), from before the
+    // stream reaches its limit until well past one timeout after it: the
+    // cursors stay.
+    let acking = std::thread::spawn(move || {
+        let progress = Ack {
+            bytes: 1,
+            seqnos: vec![],
+        };
+        let until = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < until {
+            writer.send(&progress.to_frame()).unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        writer
+    });
     // Far more than the 64 KiB the stream may have unacknowledged.
     for i in 0..5_000 {
         p.set(&key(i), [b'a'; 100], tapkv_engine::WriteOptions::default())
             .unwrap();
     }
-    // Three timeouts' worth of acks that each report progress (a byte
-    // applied; an ACK that frees nothing and advances no seqno is not
-    // progress): the cursors stay.
-    let progress = Ack {
-        bytes: 1,
-        seqnos: vec![],
-    };
-    let until = Instant::now() + Duration::from_secs(3);
-    while Instant::now() < until {
-        writer.send(&progress.to_frame()).unwrap();
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let writer = acking.join().unwrap();
     assert_eq!(
         stream_cursors(p).len(),
         usize::from(p.num_partitions()),

@@ -18,9 +18,9 @@ use tapkv_replication::message::{opcode, status, StreamMessage};
 use tapkv_replication::node::{Node, NodeConfig};
 use tapkv_replication::protocol::{Frame, DEFAULT_MAX_BODY};
 
-/// A one-partition replica of whatever listens on `listener`, with a 1 s
-/// I/O timeout and 100 ms heartbeats.
-fn replica(listener: &TcpListener, dir: &std::path::Path) -> Node {
+/// A one-partition replica of whatever listens on `listener`, with
+/// `io_timeout` and 100 ms heartbeats.
+fn replica(listener: &TcpListener, dir: &std::path::Path, io_timeout: Duration) -> Node {
     let engine = Engine::builder(dir)
         .partitions(1)
         .replica(true)
@@ -28,16 +28,26 @@ fn replica(listener: &TcpListener, dir: &std::path::Path) -> Node {
         .unwrap();
     let mut cfg = NodeConfig::new("127.0.0.1:0");
     cfg.replica_of = Some(listener.local_addr().unwrap().to_string());
-    cfg.io_timeout = Duration::from_secs(1);
+    cfg.io_timeout = io_timeout;
     cfg.heartbeat = Duration::from_millis(100);
     Node::start(engine, cfg).unwrap()
 }
 
 /// A fake primary's listener and a replica of it (with its directory).
+/// The replica's I/O timeout is 10 s: after the fake primary's one
+/// session, the replica's next one waits that long for the HELLO answer
+/// the fake never sends, so the link error the session left stays that
+/// long for the test to read (a loaded machine may take a while).
 fn fake_primary_and_replica() -> (TcpListener, tempfile::TempDir, Node) {
+    fake_primary_and_replica_timing_out_in(Duration::from_secs(10))
+}
+
+fn fake_primary_and_replica_timing_out_in(
+    io_timeout: Duration,
+) -> (TcpListener, tempfile::TempDir, Node) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let node = replica(&listener, dir.path());
+    let node = replica(&listener, dir.path(), io_timeout);
     (listener, dir, node)
 }
 
@@ -76,7 +86,7 @@ fn a_trickled_stream_frame_is_cut_off_and_does_not_hold_a_shutdown() {
     // A 1 MiB MUTATION whose bytes come one per 20 ms. Before, neither
     // the I/O timeout nor the silence limit (10 heartbeats) fired while
     // bytes kept coming, and a shutdown waited for the primary to stop.
-    let (listener, _dir, node) = fake_primary_and_replica();
+    let (listener, _dir, node) = fake_primary_and_replica_timing_out_in(Duration::from_secs(1));
     let conn = accept_within(&listener, Duration::from_secs(10));
     let (_reader, _writer) = open_stream(&conn);
     let stop = Arc::new(AtomicBool::new(false));

@@ -209,7 +209,9 @@ fn silent_handshakes_and_trickled_frames_are_cut_off() {
     writer.join().unwrap();
 
     // A large frame over a slow link that keeps making progress (64 KiB
-    // every 400 ms, about 2.4 s for the frame) is not cut off.
+    // every 200 ms, about 1.2 s for the frame: longer than the idle
+    // timeout, with 800 ms of slack on the 1 s frame deadline for each
+    // chunk) is not cut off.
     let slow = Client::connect(&addr, Duration::from_secs(10)).unwrap();
     let big = vec![b'v'; 384 << 10];
     let mut frame = BytesMut::new();
@@ -227,7 +229,7 @@ fn silent_handshakes_and_trickled_frames_are_cut_off() {
     raw.write_all(&hello_frame).unwrap();
     for chunk in frame.chunks(64 << 10) {
         raw.write_all(chunk).unwrap();
-        std::thread::sleep(Duration::from_millis(400));
+        std::thread::sleep(Duration::from_millis(200));
     }
     raw.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let hello_reply = tapkv_replication::protocol::read_frame(&mut raw, 1 << 20).unwrap();

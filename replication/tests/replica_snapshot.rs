@@ -269,9 +269,10 @@ fn a_primary_waits_past_its_write_timeout_for_a_replica_that_acknowledges_progre
     persist_one_partition(dir.path(), WRITTEN, &[b'v'; 100]);
     let mut cfg = NodeConfig::new("127.0.0.1:0");
     cfg.io_timeout = Duration::from_millis(300);
-    // Silence (no ack at all) would still end the stream after 5 s: far
-    // longer than any gap between this test's acks, even on a loaded machine.
-    cfg.heartbeat = Duration::from_millis(500);
+    // Silence (no progress acknowledged) ends the stream after 2 s: shorter
+    // than the replica's pause below, so only its acks keep the stream, and
+    // far longer than any gap between them, even on a loaded machine.
+    cfg.heartbeat = Duration::from_millis(200);
     let engine = Engine::builder(dir.path()).partitions(1).open().unwrap();
     let node = Node::start(engine, cfg).unwrap();
 
@@ -307,14 +308,16 @@ fn a_primary_waits_past_its_write_timeout_for_a_replica_that_acknowledges_progre
             Ok(StreamMessage::Snapshot {
                 from_disk: true, ..
             }) if !paused => {
-                // "Apply" for five write timeouts without reading, saying
-                // so every 50 ms.
+                // "Apply" for ten write timeouts and longer than the
+                // silence limit without reading, acknowledging a byte
+                // applied every 50 ms (a seqno cannot be: the snapshot's
+                // entries count as sent only at its end).
                 paused = true;
-                let until = Instant::now() + Duration::from_millis(1_500);
+                let until = Instant::now() + Duration::from_millis(3_000);
                 while Instant::now() < until {
                     let progress = Ack {
-                        bytes: 0,
-                        seqnos: vec![(0, 1)],
+                        bytes: 1,
+                        seqnos: vec![],
                     };
                     writer.send(&progress.to_frame()).unwrap();
                     std::thread::sleep(Duration::from_millis(50));
