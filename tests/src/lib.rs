@@ -413,3 +413,30 @@ pub fn restartable_addr() -> String {
     }
     panic!("no free port in {ports:?}");
 }
+
+/// Checks a directory a killed process left: it was not shut down cleanly,
+/// and no partition is torn (nothing on disk above the partition's
+/// persisted high seqno). Returns the partitions' disk records. `what`
+/// prefixes the messages (the round, say).
+pub fn assert_killed_and_not_torn(
+    view: &tapkv_engine::DiskView,
+    what: &str,
+) -> Vec<tapkv_engine::PartitionDiskInfo> {
+    assert!(
+        !view.clean_shutdown().unwrap(),
+        "{what}: a killed process cannot have shut down cleanly"
+    );
+    let parts = view.partitions().unwrap();
+    view.for_each_item(|it| {
+        let high = parts[usize::from(it.partition)].high_seqno;
+        assert!(
+            it.record.meta.by_seqno <= high,
+            "{what}: partition {} is torn: item seqno {} above persisted {high}",
+            it.partition,
+            it.record.meta.by_seqno
+        );
+        Ok(())
+    })
+    .unwrap();
+    parts
+}

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
 use tapkv_engine::{DiskView, Engine, WriteOptions};
-use tapkv_tests::{load_value, Proc};
+use tapkv_tests::{assert_killed_and_not_torn, load_value, Proc};
 
 const VALUE_SIZE: usize = 48;
 
@@ -51,22 +51,7 @@ fn persist_writes_survive_sigkill_and_seqnos_never_go_back() {
         acked.extend(child.drain(Duration::from_secs(10)));
 
         let view = DiskView::open(dir.path()).unwrap();
-        assert!(
-            !view.clean_shutdown().unwrap(),
-            "a killed process cannot have shut down cleanly"
-        );
-        let parts = view.partitions().unwrap();
-        view.for_each_item(|it| {
-            let high = parts[usize::from(it.partition)].high_seqno;
-            assert!(
-                it.record.meta.by_seqno <= high,
-                "partition {} is torn: item seqno {} above persisted {high}",
-                it.partition,
-                it.record.meta.by_seqno
-            );
-            Ok(())
-        })
-        .unwrap();
+        assert_killed_and_not_torn(&view, &format!("round {round}"));
         drop(view);
 
         let engine = Engine::builder(dir.path()).open().unwrap();

@@ -39,7 +39,7 @@ use std::time::Duration;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tapkv_engine::{partition_of, DiskView, Engine, Error, WriteOptions};
-use tapkv_tests::Proc;
+use tapkv_tests::{assert_killed_and_not_torn, Proc};
 
 const SEED: u64 = 0x5eed_c0de;
 const ROUNDS: u64 = 8;
@@ -845,19 +845,7 @@ fn windows_survive_sigkill_as_the_docs_promise() {
 
         // The disk as the kill left it.
         let view = DiskView::open(dir.path()).unwrap();
-        assert!(!view.clean_shutdown().unwrap());
-        let disk = view.partitions().unwrap();
-        view.for_each_item(|it| {
-            let high = disk[usize::from(it.partition)].high_seqno;
-            assert!(
-                it.record.meta.by_seqno <= high,
-                "round {round}: partition {} is torn: item seqno {} above persisted {high}",
-                it.partition,
-                it.record.meta.by_seqno
-            );
-            Ok(())
-        })
-        .unwrap();
+        let disk = assert_killed_and_not_torn(&view, &format!("round {round}"));
         for w in &r.windows {
             let recorded = disk[usize::from(w.partition)]
                 .open_window
