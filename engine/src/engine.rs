@@ -1059,10 +1059,12 @@ impl Engine {
     }
 
     /// Test and benchmark hook: pauses (or resumes) the flusher. While paused,
-    /// nothing reaches disk and durable writes wait. A pause returns once
-    /// no round is in progress: a round that had started before it has
-    /// finished, so nothing written after the pause reaches disk (except
-    /// through [`run_flush_round`](Self::run_flush_round)).
+    /// no item is persisted (metadata such as seqno reservations and window
+    /// records still is) and durable writes wait. A pause returns once no
+    /// flush round is in progress: a round that had started before it has
+    /// finished, so no item written after the pause reaches disk (except
+    /// through [`run_flush_round`](Self::run_flush_round)). A pager or
+    /// expiry pass already running when the pause is set may finish.
     #[doc(hidden)]
     pub fn set_flusher_paused(&self, paused: bool) {
         if let Some(s) = self.shared.as_deref() {

@@ -176,7 +176,7 @@ pub(crate) fn run_round(shared: &Shared, mine: &[&Partition], forced: bool) -> R
     // The pager after the round lock is released; it reads each
     // partition's persisted seqno under the shard lock it evicts under.
     // (Not for a paused flusher's background round: a pause stops the
-    // table work too.)
+    // table work too, from the next round on.)
     let paused = !forced && shared.flusher_paused.load(Ordering::Acquire);
     if matches!(round, Ok(Round::Idle | Round::Done | Round::More))
         && thread_is_pager(mine)

@@ -4,6 +4,7 @@
 //! with a backfill.
 
 use std::net::TcpStream;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 mod common;
@@ -113,25 +114,29 @@ fn a_stream_at_its_limit_keeps_its_cursors_while_acks_arrive() {
     let (reader, mut writer) = open_stream(&primary, "acking");
     // Acks that each report progress (a byte applied; an ACK that frees
     // nothing and advances no seqno is not progress), from before the
-    // stream reaches its limit until well past one timeout after it: the
-    // cursors stay.
-    let acking = std::thread::spawn(move || {
-        let progress = Ack {
-            bytes: 1,
-            seqnos: vec![],
-        };
-        let until = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < until {
-            writer.send(&progress.to_frame()).unwrap();
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        writer
-    });
+    // stream reaches its limit until 5 s (well past one timeout) after the
+    // writes that take it there: the cursors stay.
+    let until: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
+    let acking = {
+        let until = Arc::clone(&until);
+        std::thread::spawn(move || {
+            let progress = Ack {
+                bytes: 1,
+                seqnos: vec![],
+            };
+            while until.lock().unwrap().is_none_or(|t| Instant::now() < t) {
+                writer.send(&progress.to_frame()).unwrap();
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            writer
+        })
+    };
     // Far more than the 64 KiB the stream may have unacknowledged.
     for i in 0..5_000 {
         p.set(&key(i), [b'a'; 100], tapkv_engine::WriteOptions::default())
             .unwrap();
     }
+    *until.lock().unwrap() = Some(Instant::now() + Duration::from_secs(5));
     let writer = acking.join().unwrap();
     assert_eq!(
         stream_cursors(p).len(),

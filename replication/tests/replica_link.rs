@@ -116,9 +116,10 @@ fn a_replica_with_another_partition_count_refuses_to_replicate() {
 fn a_silent_replica_has_its_stream_ended_and_stops_counting_for_replicate() {
     let pdir = tempfile::tempdir().unwrap();
     let rdir = tempfile::tempdir().unwrap();
-    // Ten heartbeats of silence end a stream: 2 s here, long enough for a
-    // loaded machine to see the hung stream's cursors first and for the
-    // live replica to acknowledge in time.
+    // Ten heartbeats of silence end a stream: 2 s here, counted for the
+    // hung stream from when the test has seen its cursors (it acknowledges
+    // until then), and long enough for the live replica to acknowledge in
+    // time on a loaded machine.
     let primary = primary_with(pdir.path(), Some(Duration::from_secs(10)), |c| {
         c.heartbeat = Duration::from_millis(200)
     });

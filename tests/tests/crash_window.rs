@@ -310,7 +310,8 @@ impl Round {
             if r < 75 {
                 let key = self.pick_key(rng, t);
                 let cur = state(&self.current, &key);
-                // Answers stay short (one write(2), so a kill cannot cut one).
+                // Answers stay short (a kill that cuts one before its newline
+                // leaves a partial line, which the reader still parses).
                 if cur.is_some_and(|v| self.versions[v].value.len() > 512) {
                     continue;
                 }
