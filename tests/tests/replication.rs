@@ -644,6 +644,7 @@ fn admin_streams_and_dump_over_the_network() {
             .all(|r| r.contains("in-memory") && r.ends_with(" bytes")),
         "{out}"
     );
+    assert!(!out.contains("warning"), "{out}");
     // Widths apply: the partition number is right-aligned in 3 columns.
     assert!(rows[0].starts_with("  partition   0: in-memory"), "{out}");
     let (ok, out, err) = run(
@@ -659,6 +660,8 @@ fn admin_streams_and_dump_over_the_network() {
     assert_eq!(v[0]["partitions"][pa]["sent_seqno"], 2, "{out}");
     assert_eq!(v[0]["partitions"][pa]["lag_items"], 0, "{out}");
     assert_eq!(v[0]["partitions"][pa]["lag_bytes"], 0, "{out}");
+    // A real replica never acknowledges ahead of what it was sent.
+    assert_eq!(v[0]["acks_ahead"], 0, "{out}");
 
     let (ok, out, err) = run(&["admin", "dump", "--addr", &primary.addr], "", t);
     assert!(ok, "{err}");
