@@ -62,9 +62,9 @@ impl CasClock {
 
 /// Milliseconds since the Unix epoch from the kernel's coarse real-time
 /// clock: a CAS needs the time to about a kernel tick (1–10 ms with
-/// `CONFIG_HZ`), and reading the
-/// coarse clock costs about a tenth of reading the precise one (measured
-/// 3.6 ns against 33 ns here), which every write pays once.
+/// `CONFIG_HZ`), and reading the coarse clock costs about a tenth of
+/// reading the precise one (measured 3.6 ns against 33 ns here), which
+/// every write pays once.
 fn coarse_unix_ms() -> u64 {
     #[cfg(target_os = "linux")]
     {

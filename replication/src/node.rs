@@ -1124,7 +1124,6 @@ fn unregister_stream(state: &NodeState, name: &str, stream: &Arc<StreamShared>) 
 /// empty ACKs do not keep a stream that reads nothing alive. A malformed
 /// ACK or any other frame ends the stream.
 fn ack_reader(s: &StreamShared, mut reader: FrameReader) {
-    let mut warned = false;
     while !s.stop.load(Ordering::Acquire) {
         match reader.poll() {
             Ok(Some(f)) if f.opcode == opcode::ACK => {
@@ -1159,11 +1158,8 @@ fn ack_reader(s: &StreamShared, mut reader: FrameReader) {
                         }
                     }
                 }
-                if ahead {
-                    s.acks_ahead.fetch_add(1, Ordering::AcqRel);
-                }
-                if ahead && !warned {
-                    warned = true;
+                // Warned once per stream: at its first such ACK.
+                if ahead && s.acks_ahead.fetch_add(1, Ordering::AcqRel) == 0 {
                     tracing::warn!(
                         stream = %s.name,
                         "the replica acknowledged bytes or seqnos it was never sent (counted \
