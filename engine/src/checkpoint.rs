@@ -28,6 +28,11 @@ type SharedCheckpoint = std::sync::Arc<Checkpoint>;
 /// Events [`CheckpointManager::peek`] reserves room for up front.
 const PEEK_RESERVE: usize = 1024;
 
+/// How many entries ahead of the one it visits a checkpoint scan asks the
+/// CPU to load (see [`Record::prefetch`](crate::item::Record)): about a
+/// memory latency's worth of visits.
+const PREFETCH_AHEAD: usize = 8;
+
 fn no_cursor(name: &str) -> Error {
     Error::InvalidArgument(format!("no cursor named {name:?}"))
 }
@@ -470,6 +475,13 @@ impl ScanState {
         for j in ck.first_after(self.pos.seqno)..ck.slots.len() {
             if self.items >= max_items || (self.items > 0 && self.bytes >= max_bytes) {
                 return false;
+            }
+            // Records a scan has not touched lately (a lagging flusher or
+            // stream, a backfill's switch-over) are spread over memory one
+            // partition's stride apart: loading the one `PREFETCH_AHEAD`
+            // entries on while this one is visited hides most of the wait.
+            if let Some(Some(ahead)) = ck.slots.get(j + PREFETCH_AHEAD) {
+                ahead.record().prefetch();
             }
             if ck.seqnos[j] > limit {
                 self.blocked = true;

@@ -226,6 +226,9 @@ pub(crate) struct Shared {
     pub(crate) flusher_paused: AtomicBool,
     /// Test hook: the next this-many flush attempts fail.
     pub(crate) injected_flush_failures: AtomicUsize,
+    /// Flush writes still to let through before the injected failures
+    /// start (`inject_flush_failures_after`).
+    pub(crate) injected_flush_skips: AtomicUsize,
     /// The pager's rotation: the next (partition, shard) slot it looks at.
     pub(crate) pager_next: AtomicUsize,
     /// When the expiry pass runs next (`None`: never).
@@ -579,6 +582,7 @@ impl Engine {
             gate: RwLock::new(None),
             changes: ChangeFeed::default(),
             injected_flush_failures: AtomicUsize::new(0),
+            injected_flush_skips: AtomicUsize::new(0),
             pager_next: AtomicUsize::new(0),
             expiry_due: Mutex::new(Instant::now().checked_add(config.expiry_pager_interval)),
             expiry_next: AtomicUsize::new(0),
@@ -993,7 +997,17 @@ impl Engine {
     /// RocksDB had returned an error.
     #[doc(hidden)]
     pub fn inject_flush_failures(&self, n: usize) {
+        self.inject_flush_failures_after(0, n);
+    }
+
+    /// Test hook: lets the next `ok` RocksDB writes of the flusher through,
+    /// then makes `n` fail as if RocksDB had returned an error. A round
+    /// writes in parts of whole partitions, so `ok > 0` can fail a round
+    /// after some of its partitions are on disk.
+    #[doc(hidden)]
+    pub fn inject_flush_failures_after(&self, ok: usize, n: usize) {
         if let Some(s) = self.shared.as_deref() {
+            s.injected_flush_skips.store(ok, Ordering::Release);
             s.injected_flush_failures.store(n, Ordering::Release);
         }
     }

@@ -1,8 +1,9 @@
 //! The flusher: background threads that drain each partition's persistence
 //! cursor into RocksDB.
 //!
-//! One round reads a batch from every partition the thread owns, writes all of
-//! them (items and each partition's new persisted state) in one `WriteBatch`,
+//! One round reads a batch from every partition the thread owns, writes them
+//! (each partition's items with its new persisted state in the same
+//! `WriteBatch`; several partitions share one, up to `WRITE_CHUNK_BYTES`),
 //! and only then advances the persistence cursors: a failed write leaves the
 //! cursors where they were, so the retry writes the same items again — nothing
 //! is lost or counted twice. While callers wait for durability the round's
@@ -288,6 +289,15 @@ fn round_under_lock(shared: &Shared, mine: &[&Partition], forced: bool) -> Resul
         };
         shared.store.add_state_to_batch(batch, p.id, &state)?;
         pending.push((p, progress, state, batch.len() - before));
+        // A partition's items and state are whole in one RocksDB batch;
+        // partitions need not share one. Writing once the staged bytes
+        // reach `WRITE_CHUNK_BYTES` keeps the staging buffer and the
+        // RocksDB batch in the core's cache between staging, the WAL copy
+        // and the memtable inserts; one batch of a whole round (megabytes)
+        // made each of those passes read it from memory.
+        if batch.staged_bytes() >= WRITE_CHUNK_BYTES {
+            write_part(shared, batch, false)?;
+        }
     }
     if pending.is_empty() {
         if wants_sync {
@@ -300,16 +310,15 @@ fn round_under_lock(shared: &Shared, mine: &[&Partition], forced: bool) -> Resul
         }
         return Ok(Round::Idle);
     }
-    if shared
-        .injected_flush_failures
-        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
-        .is_ok()
-    {
-        return Err(Error::Storage("injected flush failure".into()));
+    let items: usize = pending.iter().map(|(.., n)| n).sum();
+    let _span = tracing::debug_span!("flush", partitions = pending.len(), items).entered();
+    if batch.has_states() {
+        // The last part synced (when asked) syncs the earlier ones too: a
+        // synced RocksDB write syncs every live WAL file.
+        write_part(shared, batch, wants_sync)?;
+    } else if wants_sync {
+        shared.store.sync_wal()?;
     }
-    let _span =
-        tracing::debug_span!("flush", partitions = pending.len(), items = batch.len()).entered();
-    shared.store.write(batch, wants_sync)?;
     let micros = started.elapsed().as_micros() as u64;
     for (p, progress, state, n) in &pending {
         // Freed checkpoints are dropped after the partition lock is released.
@@ -339,6 +348,29 @@ fn round_under_lock(shared: &Shared, mine: &[&Partition], forced: bool) -> Resul
     }
     more |= relieve_memory_pressure(shared, mine)?;
     Ok(if more { Round::More } else { Round::Done })
+}
+
+/// Staged bytes after which a round writes what it has staged so far
+/// (whole partitions only) instead of gathering one batch for the round.
+/// About half a core's L2 cache here: the staging buffer and RocksDB's copy
+/// of it stay cached through the WAL append and the memtable inserts.
+const WRITE_CHUNK_BYTES: usize = 512 << 10;
+
+/// Writes the staged part of a round (whole partitions, each with its
+/// state), unsynced unless `sync`. A part failing after earlier parts of
+/// its round were written leaves them on disk but no cursor advanced: the
+/// retry writes the same items and states again, which changes nothing on
+/// disk and counts nothing twice. Each part consumes one injected failure
+/// (`Engine::inject_flush_failures_after`) once the skips are used up.
+fn write_part(shared: &Shared, batch: &mut FlushBatch, sync: bool) -> Result<()> {
+    let take = |n: &crate::sync::AtomicUsize| {
+        n.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok()
+    };
+    if !take(&shared.injected_flush_skips) && take(&shared.injected_flush_failures) {
+        return Err(Error::Storage("injected flush failure".into()));
+    }
+    shared.store.write(batch, sync)
 }
 
 /// Frees checkpoint memory that persisted items would otherwise hold:

@@ -923,8 +923,19 @@ impl Store {
 }
 
 impl FlushBatch {
+    /// Item entries staged since the last write.
     pub(crate) fn len(&self) -> usize {
         self.items
+    }
+
+    /// Bytes of item entries staged since the last write.
+    pub(crate) fn staged_bytes(&self) -> usize {
+        self.staged.len()
+    }
+
+    /// Whether a partition (its state, and any items) waits to be written.
+    pub(crate) fn has_states(&self) -> bool {
+        !self.states.is_empty()
     }
 
     /// Stages one queued entry of partition `p`, encoded (markers write

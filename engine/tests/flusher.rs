@@ -41,6 +41,62 @@ fn failed_flushes_are_retried_without_loss_or_double_counting() {
     );
 }
 
+/// A round writes its partitions in parts (512 KiB of entries each, whole
+/// partitions): when a later part fails, the earlier partitions are on
+/// disk but nothing in memory says so; the retry writes them again and
+/// counts each item once.
+#[test]
+fn a_round_failing_after_some_partitions_are_written_loses_and_double_counts_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = builder(dir.path()).flush_retry_limit(10).open().unwrap();
+    e.set_flusher_paused(true);
+    // About 16 values of 40 KB a partition: 640 KB, a part each.
+    let big = |i: usize| format!("{i}:{}", "v".repeat(40_000)).into_bytes();
+    let n = 64;
+    for i in 0..n {
+        e.set(&key(i), big(i), WriteOptions::default()).unwrap();
+    }
+    let parts = e.num_partitions();
+    let highs: Vec<u64> = (0..parts).map(|p| e.high_seqno(p).unwrap()).collect();
+    assert!(
+        highs.iter().all(|&h| h > 0),
+        "every partition written: {highs:?}"
+    );
+
+    // The first part (partition 0) goes through, the second fails.
+    e.inject_flush_failures_after(1, 1);
+    assert!(e.run_flush_round().is_err());
+    let view = tapkv_engine::DiskView::open(dir.path()).unwrap();
+    let disk = view.partitions().unwrap();
+    assert_eq!(disk[0].high_seqno, highs[0], "{disk:?}");
+    assert!(disk[0].items > 0);
+    for d in &disk[1..] {
+        assert_eq!((d.high_seqno, d.items), (0, 0), "{disk:?}");
+    }
+    drop(view);
+    let st = e.stats().unwrap();
+    assert!(st
+        .partitions
+        .iter()
+        .all(|p| p.persisted_seqno == 0 && p.flushed_items == 0));
+
+    // The retry writes every partition, partition 0 again.
+    while e.run_flush_round().unwrap() {}
+    let st = e.stats().unwrap();
+    for (p, ps) in st.partitions.iter().enumerate() {
+        assert_eq!(ps.persisted_seqno, highs[p], "partition {p}");
+    }
+    assert_eq!(
+        st.partitions.iter().map(|p| p.flushed_items).sum::<u64>(),
+        n as u64
+    );
+    e.close().unwrap();
+    let e = builder(dir.path()).open().unwrap();
+    for i in 0..n {
+        assert_eq!(e.get(&key(i)).unwrap().value(), &big(i)[..], "key {i}");
+    }
+}
+
 #[test]
 fn repeated_flush_failures_poison_the_engine_but_keep_persisted_data() {
     let dir = tempfile::tempdir().unwrap();
