@@ -1110,7 +1110,7 @@ impl Engine {
         Ok(crate::flusher::run_round(s, &all, true)? == crate::flusher::Round::More)
     }
 
-    /// Simulates a crash for tests: stops the flusher after its current write
+    /// Simulates a crash for tests: stops the flusher after its current round
     /// and releases the directory without flushing, reserving or marking a
     /// clean shutdown — as if the process had been killed.
     #[doc(hidden)]

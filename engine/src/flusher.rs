@@ -4,10 +4,11 @@
 //! One round reads a batch from every partition the thread owns, writes them
 //! (each partition's items with its new persisted state in the same
 //! `WriteBatch`; several partitions share one, up to `WRITE_CHUNK_BYTES`),
-//! and only then advances the persistence cursors: a failed write leaves the
-//! cursors where they were, so the retry writes the same items again — nothing
-//! is lost or counted twice. While callers wait for durability the round's
-//! write is synced, and one sync serves all of them (group commit). After
+//! and advances the persistence cursors of what each write held: a failed
+//! write leaves its partitions' cursors where they were, so the retry writes
+//! the same items again — nothing is lost or counted twice. While callers
+//! wait for durability the round's last write is synced, and one sync serves
+//! all of them (group commit). After
 //! `flush_retry_limit` consecutive failures the engine is poisoned.
 
 use std::thread::JoinHandle;
@@ -202,7 +203,9 @@ fn round_under_lock(shared: &Shared, mine: &[&Partition], forced: bool) -> Resul
     // The round lock holds the batch, so its buffers are reused.
     let batch: &mut FlushBatch = &mut round;
     batch.reset();
-    let mut pending: Vec<(&Partition, CursorProgress, PartitionDiskState, usize)> = Vec::new();
+    let mut pending: Vec<Written<'_>> = Vec::new();
+    // `pending[..published]` is written and its cursors advanced.
+    let mut published = 0;
     let mut more = false;
     for p in mine {
         let before = batch.len();
@@ -297,6 +300,8 @@ fn round_under_lock(shared: &Shared, mine: &[&Partition], forced: bool) -> Resul
         // made each of those passes read it from memory.
         if batch.staged_bytes() >= WRITE_CHUNK_BYTES {
             write_part(shared, batch, false)?;
+            publish(&pending[published..], started)?;
+            published = pending.len();
         }
     }
     if pending.is_empty() {
@@ -319,8 +324,31 @@ fn round_under_lock(shared: &Shared, mine: &[&Partition], forced: bool) -> Resul
     } else if wants_sync {
         shared.store.sync_wal()?;
     }
+    publish(&pending[published..], started)?;
     let micros = started.elapsed().as_micros() as u64;
-    for (p, progress, state, n) in &pending {
+    tracing::debug!(micros, synced = wants_sync, "flushed");
+    if wants_sync {
+        mark_synced(shared, mine);
+    } else if shared.persist_waiters.load(Ordering::Acquire) > 0 {
+        shared.store.sync_wal()?;
+        mark_synced(shared, mine);
+    }
+    more |= relieve_memory_pressure(shared, mine)?;
+    Ok(if more { Round::More } else { Round::Done })
+}
+
+/// A partition's part of a round: how far its scan got, its new persisted
+/// state, and the items it staged.
+type Written<'a> = (&'a Partition, CursorProgress, PartitionDiskState, usize);
+
+/// Advances the persistence cursors of partitions just written (each one's
+/// items and state are on disk, not yet synced) and publishes their
+/// persisted seqnos, so that memory never says less than the disk for long
+/// (a backfill ends at the persisted seqno) and a later part of the round
+/// failing does not write them again.
+fn publish(written: &[Written<'_>], started: Instant) -> Result<()> {
+    let micros = started.elapsed().as_micros() as u64;
+    for (p, progress, state, n) in written {
         // Freed checkpoints are dropped after the partition lock is released.
         let freed = {
             let mut w = p.lock();
@@ -339,15 +367,7 @@ fn round_under_lock(shared: &Shared, mine: &[&Partition], forced: bool) -> Resul
         pr.flush_micros_total.fetch_add(micros, Ordering::Relaxed);
         pr.last_flush_micros.store(micros, Ordering::Relaxed);
     }
-    tracing::debug!(micros, synced = wants_sync, "flushed");
-    if wants_sync {
-        mark_synced(shared, mine);
-    } else if shared.persist_waiters.load(Ordering::Acquire) > 0 {
-        shared.store.sync_wal()?;
-        mark_synced(shared, mine);
-    }
-    more |= relieve_memory_pressure(shared, mine)?;
-    Ok(if more { Round::More } else { Round::Done })
+    Ok(())
 }
 
 /// Staged bytes after which a round writes what it has staged so far
@@ -357,10 +377,10 @@ fn round_under_lock(shared: &Shared, mine: &[&Partition], forced: bool) -> Resul
 const WRITE_CHUNK_BYTES: usize = 512 << 10;
 
 /// Writes the staged part of a round (whole partitions, each with its
-/// state), unsynced unless `sync`. A part failing after earlier parts of
-/// its round were written leaves them on disk but no cursor advanced: the
-/// retry writes the same items and states again, which changes nothing on
-/// disk and counts nothing twice. Each part consumes one injected failure
+/// state), unsynced unless `sync`. A failed part leaves its partitions'
+/// cursors where they were (the retry writes the same items again, which
+/// counts nothing twice); the earlier parts of its round are written and
+/// published ([`publish`]). Each part consumes one injected failure
 /// (`Engine::inject_flush_failures_after`) once the skips are used up.
 fn write_part(shared: &Shared, batch: &mut FlushBatch, sync: bool) -> Result<()> {
     let take = |n: &crate::sync::AtomicUsize| {

@@ -276,7 +276,7 @@ pub(crate) struct Record(std::sync::Arc<[u8]>);
 
 impl Record {
     /// Asks the CPU to start loading the record's first cache lines (at
-    /// most three: the counts, header, key and a short value) without
+    /// most three: the header, the key and a short value) without
     /// waiting for them. A hint only: a no-op off x86-64, and prefetching
     /// never faults.
     #[inline]

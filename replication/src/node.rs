@@ -1599,8 +1599,8 @@ const MEMORY_RETRY: Duration = Duration::from_millis(1);
 /// Applies one entry on a replica; `Ok(false)` when the partition had to be
 /// reset for a resynchronisation (the session then reconnects). Waits while
 /// the replica's checkpoint memory is full of unpersisted entries (see
-/// [`Engine::apply_replicated`]); `Err(Error::Closed)` if the node stops
-/// meanwhile.
+/// [`Engine::apply_replicated`]), and then sets `waited`; `Err(Error::Closed)`
+/// if the node stops meanwhile.
 fn apply_one(
     engine: &Engine,
     stop: &AtomicBool,
@@ -1608,6 +1608,7 @@ fn apply_one(
     partition: PartitionId,
     item: &tapkv_engine::QueuedItem,
     seqnos: &mut [u64],
+    waited: &mut bool,
 ) -> Result<bool, Error> {
     let seqno = item.seqno();
     // Read only once a wait begins: a clock read per applied entry was
@@ -1641,6 +1642,7 @@ fn apply_one(
                         return Err(e);
                     }
                 }
+                *waited = true;
                 std::thread::sleep(MEMORY_RETRY);
             }
             // This node's own faults (its disk, its engine closing): the
@@ -1912,6 +1914,9 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
     // frame: a clock read per frame was about 8% of the link's time.
     let mut now = Instant::now();
     let mut frames = 0u64;
+    // Set when handling a frame waited (for checkpoint memory, or applying
+    // a disk snapshot): `now` is read again before the ack check.
+    let mut clock_stale = false;
     while !state.stop.load(Ordering::Acquire) {
         // Frames are decoded in place in the read buffer: an entry's key and
         // value are copied once, into its record.
@@ -2014,6 +2019,7 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
                 ..
             } => {
                 if let Some((snapshot, _, _)) = snapshots.remove(&partition) {
+                    clock_stale = true;
                     let staged = snapshot.staged_items();
                     // Applying a large snapshot takes a while without
                     // reading: acknowledge progress meanwhile, so the
@@ -2030,6 +2036,7 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
                                 partition,
                                 item,
                                 &mut seqnos,
+                                &mut clock_stale,
                             )?
                         {
                             return Ok(false);
@@ -2095,6 +2102,7 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
                     partition,
                     &item,
                     &mut seqnos,
+                    &mut clock_stale,
                 )? {
                     return Ok(());
                 }
@@ -2126,6 +2134,9 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
                 }
             }
             StreamMessage::StreamEnd => return Ok(()),
+        }
+        if std::mem::take(&mut clock_stale) {
+            now = Instant::now();
         }
         if ack_now
             || ack.bytes >= cfg.ack_bytes
