@@ -200,6 +200,9 @@ pub(crate) struct Shared {
     /// owns it (`p % flusher_threads`), so one thread's wait never clears
     /// another's wake-up.
     pub(crate) flush_signals: Vec<Signal>,
+    /// Each flusher thread's niceness as the OS reports it once the thread
+    /// has set it (`None` before, or where it cannot be read).
+    pub(crate) flusher_nice: Mutex<Vec<Option<i32>>>,
     /// Number of callers waiting for a sync; the flusher syncs while non-zero.
     pub(crate) persist_waiters: AtomicUsize,
     /// Where durable writers wait for their sync: several lock/condvar
@@ -572,6 +575,7 @@ impl Engine {
             flush_signals: (0..config.flusher_threads.max(1))
                 .map(|_| Signal::default())
                 .collect(),
+            flusher_nice: Mutex::new(vec![None; config.flusher_threads.max(1)]),
             persist_waiters: AtomicUsize::new(0),
             persist_slots: (0..PERSIST_SLOTS).map(|_| PersistSlot::new()).collect(),
             persist_next_slot: AtomicUsize::new(0),
@@ -990,6 +994,7 @@ impl Engine {
             cursors_dropped: s.cursors_dropped.load(Ordering::Relaxed),
             items_expelled: s.items_expelled.load(Ordering::Relaxed),
             pager_scanned: s.pager_scanned.load(Ordering::Relaxed),
+            flusher_nice: s.flusher_nice.lock().clone(),
         })
     }
 
@@ -1265,6 +1270,13 @@ fn validate(c: &EngineConfig) -> Result<()> {
     }
     if c.flush_batch_max_items == 0 {
         return bad("flush_batch_max_items must be at least 1".into());
+    }
+    if let Some(n) = c.flusher_nice {
+        if !(0..=19).contains(&n) {
+            return bad(format!(
+                "flusher_nice must be 0..=19 (a flusher may only lower its priority), got {n}"
+            ));
+        }
     }
     if c.cursor_drop_threshold.is_nan() || c.cursor_drop_threshold <= 0.0 {
         return bad(format!(

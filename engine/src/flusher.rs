@@ -56,6 +56,10 @@ pub(crate) fn spawn(shared: &Arc<Shared>) -> Result<Vec<JoinHandle<()>>> {
 }
 
 fn run(shared: &Shared, thread: usize, threads: usize) {
+    let nice = take_niceness(shared.config.effective_flusher_nice());
+    if let Some(slot) = shared.flusher_nice.lock().get_mut(thread) {
+        *slot = nice;
+    }
     let mine: Vec<&Partition> = shared
         .partitions
         .iter()
@@ -113,6 +117,40 @@ fn run(shared: &Shared, thread: usize, threads: usize) {
             &shared.shutdown,
         );
     }
+}
+
+/// Sets the calling thread's niceness to `nice` (Linux: `setpriority` on
+/// the thread's id, which is per thread there) and returns what the OS
+/// reports afterwards. A refusal is logged and the thread runs as it was.
+#[cfg(target_os = "linux")]
+fn take_niceness(nice: i32) -> Option<i32> {
+    // SAFETY: `gettid`, `setpriority` and `getpriority` take plain integers
+    // and touch no memory of this program; `errno` is this thread's, read
+    // through libc's accessor right after the call it describes.
+    #[allow(unsafe_code)]
+    let (refused, now) = unsafe {
+        let tid = libc::gettid() as libc::id_t;
+        let refused = (nice != 0 && libc::setpriority(libc::PRIO_PROCESS, tid, nice) != 0)
+            .then(std::io::Error::last_os_error);
+        // -1 is also a valid niceness; errno tells them apart.
+        *libc::__errno_location() = 0;
+        let now = libc::getpriority(libc::PRIO_PROCESS, tid);
+        let failed = now == -1 && *libc::__errno_location() != 0;
+        (refused, (!failed).then_some(now))
+    };
+    if let Some(error) = refused {
+        tracing::warn!(
+            nice,
+            %error,
+            "could not lower the flusher's priority; it runs at its inherited one"
+        );
+    }
+    now
+}
+
+#[cfg(not(target_os = "linux"))]
+fn take_niceness(_nice: i32) -> Option<i32> {
+    None
 }
 
 /// Writes everything queued in every partition, on the caller's thread

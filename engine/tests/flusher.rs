@@ -525,3 +525,84 @@ fn one_round_over_two_versions_of_a_key_persists_the_later_one() {
     }
     e.close().unwrap();
 }
+
+/// This thread's niceness, from `/proc` (field 19 of its `stat`).
+#[cfg(target_os = "linux")]
+fn own_niceness() -> i32 {
+    let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+    let after_name = &stat[stat.rfind(')').unwrap() + 1..];
+    // Fields after the name start at field 3 (the state).
+    after_name
+        .split_whitespace()
+        .nth(19 - 3)
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// Waits (at most 10 s) until every flusher thread has reported its
+/// niceness, and returns them.
+#[cfg(target_os = "linux")]
+fn flusher_niceness(e: &tapkv_engine::Engine) -> Vec<Option<i32>> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let nice = e.stats().unwrap().flusher_nice;
+        if nice.iter().all(Option::is_some) || Instant::now() >= deadline {
+            return nice;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn a_replicas_flusher_runs_at_a_lower_priority_unless_told_otherwise() {
+    let base = own_niceness();
+    let dir = tempfile::tempdir().unwrap();
+    // A primary's flusher keeps the priority it was born with.
+    let e = builder(&dir.path().join("primary")).open().unwrap();
+    assert_eq!(flusher_niceness(&e), vec![Some(base)]);
+    drop(e);
+    // A replica's takes the replica default (a process already nicer than
+    // that, and not allowed to raise its priority, stays as it is).
+    let e = builder(&dir.path().join("replica"))
+        .replica(true)
+        .open()
+        .unwrap();
+    let want = if base > tapkv_engine::REPLICA_FLUSHER_NICE {
+        base
+    } else {
+        tapkv_engine::REPLICA_FLUSHER_NICE
+    };
+    assert_eq!(flusher_niceness(&e), vec![Some(want)]);
+    drop(e);
+    // Set explicitly, on every flusher thread, whatever the role.
+    let e = builder(&dir.path().join("explicit"))
+        .flusher_threads(2)
+        .flusher_nice(base.max(5))
+        .open()
+        .unwrap();
+    assert_eq!(flusher_niceness(&e), vec![Some(base.max(5)); 2]);
+    drop(e);
+    let e = builder(&dir.path().join("replica-at-0"))
+        .replica(true)
+        .flusher_nice(0)
+        .open()
+        .unwrap();
+    assert_eq!(flusher_niceness(&e), vec![Some(base)]);
+}
+
+#[test]
+fn a_flusher_niceness_outside_0_to_19_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    for bad in [-1, 20] {
+        let r = builder(dir.path()).flusher_nice(bad).open();
+        assert!(
+            matches!(r, Err(Error::InvalidArgument(ref m)) if m.contains("flusher_nice")),
+            "{bad}: {:?}",
+            r.err()
+        );
+    }
+    // The refused opens left nothing behind that a good one trips over.
+    builder(dir.path()).flusher_nice(19).open().unwrap();
+}

@@ -106,6 +106,12 @@ pub(crate) struct NodeArgs {
     /// must be > 0; engine default 0.9; 1 or more: never.
     #[arg(long, value_parser = positive_fraction, allow_negative_numbers = true)]
     cursor_drop_threshold: Option<f64>,
+    /// Niceness of the engine's flusher threads, 0 to 19 (engine default:
+    /// 0 on a primary, 10 on a replica, so that applying the primary's
+    /// stream comes first on a busy machine and persisting catches up
+    /// whenever the apply waits; checkpoint memory bounds how far it lags).
+    #[arg(long, value_parser = clap::value_parser!(i32).range(0..=19))]
+    flusher_nice: Option<i32>,
     /// Connections served at once (clients and replication streams, a
     /// thread each); one more is answered TEMP_FAILURE and closed.
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
@@ -279,6 +285,9 @@ pub(crate) fn run(args: NodeArgs) -> Result<ExitCode, Error> {
     }
     if let Some(t) = args.cursor_drop_threshold {
         builder = builder.cursor_drop_threshold(t);
+    }
+    if let Some(n) = args.flusher_nice {
+        builder = builder.flusher_nice(n);
     }
     if let Some(n) = args.max_key_size {
         builder = builder.max_key_size(usize::try_from(n).unwrap_or(usize::MAX));
