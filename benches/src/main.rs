@@ -7,6 +7,7 @@
 
 mod network;
 mod pinned;
+mod prefault;
 mod replication;
 mod revert;
 
@@ -213,6 +214,7 @@ fn tapkv_round(dir: &std::path::Path, input: &Inputs, order: &[u64], r: &mut Rou
     let engine = Engine::builder(dir.join("tapkv"))
         .open()
         .expect("open tapkv");
+    prefault::prefault();
     let t = Instant::now();
     for i in 0..ops {
         engine
@@ -248,6 +250,7 @@ fn tapkv_drain(dir: &std::path::Path, input: &Inputs, cpu: &mut String) -> f64 {
     let highs: Vec<(u16, u64)> = (0..engine.num_partitions())
         .map(|p| (p, engine.high_seqno(p).expect("high seqno")))
         .collect();
+    prefault::prefault();
     let cpu_before = pinned::thread_cpu_ms();
     let t = Instant::now();
     engine.set_flusher_paused(false);
@@ -275,6 +278,7 @@ fn rocks_round(dir: &std::path::Path, input: &Inputs, order: &[u64], r: &mut Rou
         |i: u64| &input.vals[i as usize][..],
     );
     let db = rocks(&dir.join("rocks-wal"));
+    prefault::prefault();
     let t = Instant::now();
     for i in 0..ops {
         db.put(key(i), value(i)).expect("put");
@@ -292,6 +296,7 @@ fn rocks_round(dir: &std::path::Path, input: &Inputs, order: &[u64], r: &mut Rou
     let db = rocks(&dir.join("rocks-nowal"));
     let mut wo = RocksWriteOptions::default();
     wo.disable_wal(true);
+    prefault::prefault();
     let t = Instant::now();
     for i in 0..ops {
         db.put_opt(key(i), value(i), &wo).expect("put");
@@ -330,6 +335,7 @@ fn rocks_batches(dir: &std::path::Path, input: &Inputs, cpu: &mut String) -> f64
         |i: u64| &input.vals[i as usize][..],
     );
     let db = rocks(&dir.join("rocks-batch"));
+    prefault::prefault();
     let cpu_before = pinned::thread_cpu_ms();
     let t = Instant::now();
     let mut i = 0;
@@ -636,6 +642,8 @@ fn main() {
         "pinned" => pinned::bench(),
         // The pinned run's child processes.
         "pinned-single" => pinned::single_child(),
+        // Touches and frees memory before a timed phase (`prefault`).
+        "prefault-child" => prefault::child(),
         "pinned-primary" => pinned::primary_child(),
         "pinned-replica" => pinned::replica_child(args.get(1).map_or("", String::as_str)),
         // A tapkv node against Debian's memcached over loopback.

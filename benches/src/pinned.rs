@@ -373,6 +373,7 @@ struct Single {
 
 /// A single node on `core`.
 fn single_on(core: usize) -> Single {
+    super::prefault::prefault();
     let mut single = Pinned::spawn(core, &["pinned-single"]);
     let said = single.expect("rate");
     let number = |i: usize| -> f64 { said[i].parse().expect("number") };
@@ -393,6 +394,7 @@ fn single_on(core: usize) -> Single {
 fn pinned_round(primary_core: usize) -> RoundRates {
     let replica_core = 1 - primary_core;
     let singles = [single_on(0), single_on(1)];
+    super::prefault::prefault();
 
     let mut primary = Pinned::spawn(primary_core, &["pinned-primary"]);
     let addr = primary.expect("addr")[0].clone();
