@@ -38,18 +38,18 @@ pub struct EngineConfig {
     /// Number of flusher threads; partition `p` is flushed by thread
     /// `p % flusher_threads` (default 1).
     pub flusher_threads: usize,
-    /// Niceness the flusher threads give themselves when they start, 0 to
-    /// 19 (Linux `setpriority`; ignored elsewhere). `None` (the default)
-    /// means 0 on a primary and [`REPLICA_FLUSHER_NICE`] on a replica: a
-    /// replica's foreground is applying its primary's stream (the primary
-    /// waits on its acknowledgements, and its lag is what readers see),
-    /// while its flusher is background work that catches up whenever the
-    /// apply waits. The flusher cannot fall behind without bound: past
-    /// `checkpoint_memory_limit` the apply is refused until it has
-    /// persisted more, and the apply then sleeps. Like RocksDB's option to
-    /// lower its background threads' CPU priority, this only matters on a
-    /// machine whose cores are all busy.
-    pub flusher_nice: Option<i32>,
+    /// A floor on the flusher threads' niceness, 0 to 19 (default 0: they
+    /// keep the process's). A flusher whose niceness is below it raises
+    /// it to it when it starts (Linux `setpriority` on the thread; nothing
+    /// elsewhere); one never raises its own priority. Meant for a replica on
+    /// a machine whose cores are busy: at 10 its flusher (and the pager,
+    /// which runs on flusher thread 0) gets about a tenth of a core the
+    /// stream's apply also wants, so the apply, which the primary waits on,
+    /// comes first, and persisting catches up whenever the apply waits
+    /// (see `docs/engine.md`, "Flusher priority", for what it costs: past
+    /// `checkpoint_memory_limit` the apply waits for this slower flusher,
+    /// and the flusher holds locks the apply needs).
+    pub flusher_nice: i32,
     /// Pause of a busy flusher between rounds, so that writes queue up into
     /// larger batches (default 2 ms). `Persist` writes and `flush()` wake it
     /// at once; this bounds how long a `Memory` write waits to reach disk.
@@ -115,22 +115,7 @@ pub struct EngineConfig {
     pub cursor_drop_threshold: f64,
 }
 
-/// A replica's default flusher niceness (see [`EngineConfig::flusher_nice`]):
-/// with the apply thread at 0, the kernel's fair scheduler gives the
-/// flusher about a tenth of a busy core's time while both want it.
-pub const REPLICA_FLUSHER_NICE: i32 = 10;
-
 impl EngineConfig {
-    /// The niceness the flusher threads take: the configured one, or the
-    /// role's default.
-    pub fn effective_flusher_nice(&self) -> i32 {
-        self.flusher_nice.unwrap_or(if self.replica {
-            REPLICA_FLUSHER_NICE
-        } else {
-            0
-        })
-    }
-
     /// Defaults for a data directory at `path`.
     pub fn new(path: impl Into<PathBuf>) -> Self {
         EngineConfig {
@@ -142,7 +127,7 @@ impl EngineConfig {
             flush_batch_max_items: 2_000,
             flush_batch_max_bytes: 4 << 20,
             flusher_threads: 1,
-            flusher_nice: None,
+            flusher_nice: 0,
             flush_interval: Duration::from_millis(2),
             flush_retry_limit: 5,
             flush_retry_backoff: Duration::from_millis(20),
@@ -224,11 +209,10 @@ impl EngineBuilder {
         self
     }
 
-    /// Niceness of the flusher threads, 0..=19 (see
-    /// [`EngineConfig::flusher_nice`]); default 0 on a primary,
-    /// [`REPLICA_FLUSHER_NICE`] on a replica.
+    /// Floor on the flusher threads' niceness, 0..=19; default 0, the
+    /// process's own (see [`EngineConfig::flusher_nice`]).
     pub fn flusher_nice(mut self, nice: i32) -> Self {
-        self.config.flusher_nice = Some(nice);
+        self.config.flusher_nice = nice;
         self
     }
 

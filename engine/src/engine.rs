@@ -1271,12 +1271,11 @@ fn validate(c: &EngineConfig) -> Result<()> {
     if c.flush_batch_max_items == 0 {
         return bad("flush_batch_max_items must be at least 1".into());
     }
-    if let Some(n) = c.flusher_nice {
-        if !(0..=19).contains(&n) {
-            return bad(format!(
-                "flusher_nice must be 0..=19 (a flusher may only lower its priority), got {n}"
-            ));
-        }
+    if !(0..=19).contains(&c.flusher_nice) {
+        return bad(format!(
+            "flusher_nice must be 0..=19 (a flusher may only lower its priority), got {}",
+            c.flusher_nice
+        ));
     }
     if c.cursor_drop_threshold.is_nan() || c.cursor_drop_threshold <= 0.0 {
         return bad(format!(

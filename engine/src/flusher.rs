@@ -56,7 +56,7 @@ pub(crate) fn spawn(shared: &Arc<Shared>) -> Result<Vec<JoinHandle<()>>> {
 }
 
 fn run(shared: &Shared, thread: usize, threads: usize) {
-    let nice = take_niceness(shared.config.effective_flusher_nice());
+    let nice = take_niceness(shared.config.flusher_nice);
     if let Some(slot) = shared.flusher_nice.lock().get_mut(thread) {
         *slot = nice;
     }
@@ -78,6 +78,12 @@ fn run(shared: &Shared, thread: usize, threads: usize) {
         let found_work = match run_round(shared, &mine, false) {
             Ok(Round::More) => {
                 failures = 0;
+                if stopping {
+                    // The close drains the rest on its own thread
+                    // (`drain_all`), at that thread's priority, not at a
+                    // flusher's lowered one.
+                    return;
+                }
                 continue;
             }
             Ok(Round::Paused) => {
@@ -119,37 +125,49 @@ fn run(shared: &Shared, thread: usize, threads: usize) {
     }
 }
 
-/// Sets the calling thread's niceness to `nice` (Linux: `setpriority` on
-/// the thread's id, which is per thread there) and returns what the OS
-/// reports afterwards. A refusal is logged and the thread runs as it was.
+/// Raises the calling thread's niceness to at least `floor` (Linux:
+/// `setpriority` on the thread's id, which is per thread there; a thread
+/// already nicer keeps its niceness, so a flusher never raises its own
+/// priority) and returns what the OS reports afterwards. A refusal is
+/// logged and the thread runs as it was.
 #[cfg(target_os = "linux")]
-fn take_niceness(nice: i32) -> Option<i32> {
-    // SAFETY: `gettid`, `setpriority` and `getpriority` take plain integers
-    // and touch no memory of this program; `errno` is this thread's, read
-    // through libc's accessor right after the call it describes.
+fn take_niceness(floor: i32) -> Option<i32> {
+    /// The thread's niceness; `getpriority` may return -1 as a niceness,
+    /// so `errno`, cleared before the call, tells a failure apart.
+    fn current(tid: libc::id_t) -> Option<i32> {
+        // SAFETY: `getpriority` takes plain integers and writes nothing
+        // but this thread's `errno`, which `__errno_location` points to.
+        #[allow(unsafe_code)]
+        unsafe {
+            *libc::__errno_location() = 0;
+            let now = libc::getpriority(libc::PRIO_PROCESS, tid);
+            (now != -1 || *libc::__errno_location() == 0).then_some(now)
+        }
+    }
+    // SAFETY: `gettid` takes nothing and returns the caller's thread id.
     #[allow(unsafe_code)]
-    let (refused, now) = unsafe {
-        let tid = libc::gettid() as libc::id_t;
-        let refused = (nice != 0 && libc::setpriority(libc::PRIO_PROCESS, tid, nice) != 0)
-            .then(std::io::Error::last_os_error);
-        // -1 is also a valid niceness; errno tells them apart.
-        *libc::__errno_location() = 0;
-        let now = libc::getpriority(libc::PRIO_PROCESS, tid);
-        let failed = now == -1 && *libc::__errno_location() != 0;
-        (refused, (!failed).then_some(now))
-    };
+    let tid = unsafe { libc::gettid() } as libc::id_t;
+    let before = current(tid)?;
+    if before >= floor {
+        return Some(before);
+    }
+    // SAFETY: `setpriority` takes plain integers and writes nothing but
+    // `errno`, read at once by `last_os_error` when the call failed.
+    #[allow(unsafe_code)]
+    let refused = (unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, floor) } != 0)
+        .then(std::io::Error::last_os_error);
     if let Some(error) = refused {
         tracing::warn!(
-            nice,
+            nice = floor,
             %error,
             "could not lower the flusher's priority; it runs at its inherited one"
         );
     }
-    now
+    current(tid)
 }
 
 #[cfg(not(target_os = "linux"))]
-fn take_niceness(_nice: i32) -> Option<i32> {
+fn take_niceness(_floor: i32) -> Option<i32> {
     None
 }
 

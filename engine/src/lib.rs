@@ -40,7 +40,7 @@ pub use checkpoint::{
     CheckpointConfig, CheckpointInfo, CheckpointManager, ClosedRun, CursorBatch, CursorEvent,
     CursorInfo, CursorProgress, EventRef, FreedCheckpoints, Registration,
 };
-pub use config::{EngineBuilder, EngineConfig, REPLICA_FLUSHER_NICE};
+pub use config::{EngineBuilder, EngineConfig};
 pub use engine::{Engine, ReplicationGate};
 pub use error::{Error, Result};
 pub use item::{

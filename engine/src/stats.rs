@@ -34,9 +34,9 @@ pub struct EngineStats {
     pub items_expelled: u64,
     /// Hash-table entries the pager has looked at for values to evict.
     pub pager_scanned: u64,
-    /// Each flusher thread's niceness as the OS reports it (see
-    /// `EngineConfig::flusher_nice`); `None` until the thread has started,
-    /// or where the OS has no such figure.
+    /// Each flusher thread's niceness as the OS reports it once the thread
+    /// has applied `EngineConfig::flusher_nice`; `None` until then, or
+    /// where the OS has no such figure.
     pub flusher_nice: Vec<Option<i32>>,
 }
 

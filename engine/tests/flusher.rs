@@ -556,40 +556,60 @@ fn flusher_niceness(e: &tapkv_engine::Engine) -> Vec<Option<i32>> {
 
 #[cfg(target_os = "linux")]
 #[test]
-fn a_replicas_flusher_runs_at_a_lower_priority_unless_told_otherwise() {
+fn a_flusher_takes_its_niceness_floor_and_never_raises_its_priority() {
     let base = own_niceness();
     let dir = tempfile::tempdir().unwrap();
-    // A primary's flusher keeps the priority it was born with.
-    let e = builder(&dir.path().join("primary")).open().unwrap();
-    assert_eq!(flusher_niceness(&e), vec![Some(base)]);
-    drop(e);
-    // A replica's takes the replica default (a process already nicer than
-    // that, and not allowed to raise its priority, stays as it is).
-    let e = builder(&dir.path().join("replica"))
-        .replica(true)
-        .open()
-        .unwrap();
-    let want = if base > tapkv_engine::REPLICA_FLUSHER_NICE {
-        base
-    } else {
-        tapkv_engine::REPLICA_FLUSHER_NICE
-    };
-    assert_eq!(flusher_niceness(&e), vec![Some(want)]);
-    drop(e);
-    // Set explicitly, on every flusher thread, whatever the role.
-    let e = builder(&dir.path().join("explicit"))
+    // By default a flusher keeps the priority it was born with, on either
+    // role.
+    for (name, replica) in [("primary", false), ("replica", true)] {
+        let e = builder(&dir.path().join(name))
+            .replica(replica)
+            .open()
+            .unwrap();
+        assert_eq!(flusher_niceness(&e), vec![Some(base)], "{name}");
+    }
+    // A floor applies to every flusher thread, and to them only.
+    let e = builder(&dir.path().join("floor"))
         .flusher_threads(2)
-        .flusher_nice(base.max(5))
+        .flusher_nice(10)
         .open()
         .unwrap();
-    assert_eq!(flusher_niceness(&e), vec![Some(base.max(5)); 2]);
+    assert_eq!(flusher_niceness(&e), vec![Some(base.max(10)); 2]);
+    assert_eq!(own_niceness(), base, "the opening thread is unchanged");
     drop(e);
-    let e = builder(&dir.path().join("replica-at-0"))
-        .replica(true)
-        .flusher_nice(0)
-        .open()
+    // A floor below the thread's niceness leaves it: a flusher never
+    // raises its priority (even where the process may).
+    if base < 19 {
+        let e = builder(&dir.path().join("below"))
+            .flusher_nice(base + 1)
+            .open()
+            .unwrap();
+        assert_eq!(flusher_niceness(&e), vec![Some(base + 1)]);
+        drop(e);
+        let below = dir.path().join("floor-below-thread");
+        let nicer = std::thread::spawn(move || {
+            // This thread at base + 1; the flusher it starts inherits that,
+            // and a floor of `base` must not bring it back up.
+            renice_this_thread(base + 1);
+            let e = builder(&below).flusher_nice(base).open().unwrap();
+            flusher_niceness(&e)
+        })
+        .join()
         .unwrap();
-    assert_eq!(flusher_niceness(&e), vec![Some(base)]);
+        assert_eq!(nicer, vec![Some(base + 1)]);
+    }
+}
+
+/// Sets this thread's niceness (it may only be lowered without privilege).
+#[cfg(target_os = "linux")]
+fn renice_this_thread(nice: i32) {
+    // SAFETY: plain integer arguments; nothing but errno is written.
+    let done = unsafe {
+        let tid = libc::gettid() as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, nice)
+    };
+    assert_eq!(done, 0, "{}", std::io::Error::last_os_error());
+    assert_eq!(own_niceness(), nice);
 }
 
 #[test]

@@ -876,6 +876,7 @@ fn handle_request_inner(state: &NodeState, f: &Frame) -> Result<Frame, Frame> {
                     "snapshot_staged_items": st.snapshot_staged_items,
                     "cursors_dropped": st.cursors_dropped,
                     "items_expelled": st.items_expelled,
+                    "flusher_nice": st.flusher_nice,
                     "link_error": *state.link_error.lock(),
                     "link_sessions": state.link_sessions.load(Ordering::Relaxed),
                     "pending_body_bytes": state.body_budget.used(),

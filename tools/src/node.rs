@@ -106,10 +106,11 @@ pub(crate) struct NodeArgs {
     /// must be > 0; engine default 0.9; 1 or more: never.
     #[arg(long, value_parser = positive_fraction, allow_negative_numbers = true)]
     cursor_drop_threshold: Option<f64>,
-    /// Niceness of the engine's flusher threads, 0 to 19 (engine default:
-    /// 0 on a primary, 10 on a replica, so that applying the primary's
-    /// stream comes first on a busy machine and persisting catches up
-    /// whenever the apply waits; checkpoint memory bounds how far it lags).
+    /// Floor on the niceness of the engine's flusher threads, 0 to 19
+    /// (default 0: the process's). For a replica on busy cores, 10 lets
+    /// applying the primary's stream come first and persisting catch up
+    /// when the apply waits; past the checkpoint memory limit the apply then
+    /// waits for the slower flusher (see docs/engine.md, Flusher priority).
     #[arg(long, value_parser = clap::value_parser!(i32).range(0..=19))]
     flusher_nice: Option<i32>,
     /// Connections served at once (clients and replication streams, a
