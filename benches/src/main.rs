@@ -214,7 +214,7 @@ fn tapkv_round(dir: &std::path::Path, input: &Inputs, order: &[u64], r: &mut Rou
     let engine = Engine::builder(dir.join("tapkv"))
         .open()
         .expect("open tapkv");
-    prefault::prefault();
+    prefault::prefault(ops, 1);
     let t = Instant::now();
     for i in 0..ops {
         engine
@@ -250,7 +250,7 @@ fn tapkv_drain(dir: &std::path::Path, input: &Inputs, cpu: &mut String) -> f64 {
     let highs: Vec<(u16, u64)> = (0..engine.num_partitions())
         .map(|p| (p, engine.high_seqno(p).expect("high seqno")))
         .collect();
-    prefault::prefault();
+    prefault::prefault(ops, 1);
     let cpu_before = pinned::thread_cpu_ms();
     let t = Instant::now();
     engine.set_flusher_paused(false);
@@ -278,7 +278,7 @@ fn rocks_round(dir: &std::path::Path, input: &Inputs, order: &[u64], r: &mut Rou
         |i: u64| &input.vals[i as usize][..],
     );
     let db = rocks(&dir.join("rocks-wal"));
-    prefault::prefault();
+    prefault::prefault(ops, 1);
     let t = Instant::now();
     for i in 0..ops {
         db.put(key(i), value(i)).expect("put");
@@ -296,7 +296,7 @@ fn rocks_round(dir: &std::path::Path, input: &Inputs, order: &[u64], r: &mut Rou
     let db = rocks(&dir.join("rocks-nowal"));
     let mut wo = RocksWriteOptions::default();
     wo.disable_wal(true);
-    prefault::prefault();
+    prefault::prefault(ops, 1);
     let t = Instant::now();
     for i in 0..ops {
         db.put_opt(key(i), value(i), &wo).expect("put");
@@ -335,7 +335,7 @@ fn rocks_batches(dir: &std::path::Path, input: &Inputs, cpu: &mut String) -> f64
         |i: u64| &input.vals[i as usize][..],
     );
     let db = rocks(&dir.join("rocks-batch"));
-    prefault::prefault();
+    prefault::prefault(ops, 1);
     let cpu_before = pinned::thread_cpu_ms();
     let t = Instant::now();
     let mut i = 0;
@@ -643,7 +643,7 @@ fn main() {
         // The pinned run's child processes.
         "pinned-single" => pinned::single_child(),
         // Touches and frees memory before a timed phase (`prefault`).
-        "prefault-child" => prefault::child(),
+        "prefault-child" => prefault::child(args.get(1).map_or("0", String::as_str)),
         "pinned-primary" => pinned::primary_child(),
         "pinned-replica" => pinned::replica_child(args.get(1).map_or("", String::as_str)),
         // A tapkv node against Debian's memcached over loopback.

@@ -373,7 +373,7 @@ struct Single {
 
 /// A single node on `core`.
 fn single_on(core: usize) -> Single {
-    super::prefault::prefault();
+    super::prefault::prefault(items(), 1);
     let mut single = Pinned::spawn(core, &["pinned-single"]);
     let said = single.expect("rate");
     let number = |i: usize| -> f64 { said[i].parse().expect("number") };
@@ -394,7 +394,6 @@ fn single_on(core: usize) -> Single {
 fn pinned_round(primary_core: usize) -> RoundRates {
     let replica_core = 1 - primary_core;
     let singles = [single_on(0), single_on(1)];
-    super::prefault::prefault();
 
     let mut primary = Pinned::spawn(primary_core, &["pinned-primary"]);
     let addr = primary.expect("addr")[0].clone();
@@ -407,6 +406,8 @@ fn pinned_round(primary_core: usize) -> RoundRates {
     replica.expect("caught");
     replica.send("mark");
     replica.expect("marked");
+    // Both nodes take fresh memory from here on (see `prefault`).
+    super::prefault::prefault(items(), 2);
     primary.send("go");
     let done = primary.expect("done");
     let (t0, t1) = (nanos(&done, 0), nanos(&done, 1));

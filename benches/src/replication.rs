@@ -42,11 +42,16 @@ const CATCH_UP_DEADLINE: Duration = Duration::from_secs(120);
 const SCAN_REPS: usize = 3;
 
 pub(crate) fn open_engine(path: &Path, replica: bool) -> Engine {
-    Engine::builder(path)
-        .replica(replica)
-        .memory_quota(4 << 30)
-        .open()
-        .expect("open tapkv")
+    let mut b = Engine::builder(path).replica(replica).memory_quota(4 << 30);
+    // For A/B runs: every engine's flusher at this niceness instead of its
+    // role's default (0 on a primary, 10 on a replica).
+    if let Some(n) = std::env::var("TAPKV_FLUSHER_NICE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        b = b.flusher_nice(n);
+    }
+    b.open().expect("open tapkv")
 }
 
 /// Keys and values of a run, made before any clock starts, so a timed
