@@ -34,7 +34,7 @@ fn megabytes(items: u64, processes: u64) -> u64 {
         .and_then(|v| v.parse().ok())
     {
         Some(mb) => mb,
-        None => (items * processes * BYTES_PER_ITEM >> 20).max(MIN_MB),
+        None => ((items * processes * BYTES_PER_ITEM) >> 20).max(MIN_MB),
     }
 }
 
