@@ -583,6 +583,58 @@ fn node_timing_options_out_of_range_are_refused() {
     }
 }
 
+/// `--flusher-nice` reaches the engine (the node's `STAT` shows what the
+/// OS reports for its flusher thread), and a value a flusher could only
+/// reach by raising its priority, or past 19, is refused.
+#[test]
+fn a_nodes_flusher_niceness_is_an_option_its_stats_show() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("bad");
+    let d = d.to_str().unwrap();
+    for bad in ["-1", "20"] {
+        let (ok, _, err) = run(
+            &[
+                "node",
+                "--data",
+                d,
+                "--listen",
+                "127.0.0.1:0",
+                "--flusher-nice",
+                bad,
+            ],
+            "",
+            T,
+        );
+        assert!(!ok, "--flusher-nice {bad} accepted");
+        assert!(err.contains("--flusher-nice"), "{bad}: {err}");
+    }
+    let node = tapkv_tests::NodeProc::start(
+        &dir.path().join("good"),
+        "127.0.0.1:0",
+        None,
+        "nice",
+        &["--flusher-nice", "19"],
+    );
+    let mut c = node.client();
+    // The flusher reports once it has started: wait for it, bounded.
+    let deadline = std::time::Instant::now() + T;
+    let nice = loop {
+        let st = c.stats().unwrap();
+        let nice = st["flusher_nice"].clone();
+        if nice
+            .as_array()
+            .is_some_and(|a| a.iter().all(|v| !v.is_null()))
+            || std::time::Instant::now() >= deadline
+        {
+            break nice;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    // 19 is the top of the range: whatever this test runs at, the floor
+    // lowers the flusher to it.
+    assert_eq!(nice, serde_json::json!([19]));
+}
+
 #[test]
 fn admin_inspect_says_when_a_replica_does_not_replicate() {
     // A replica whose directory has another partition count than its

@@ -111,7 +111,7 @@ pub(crate) struct NodeArgs {
     /// applying the primary's stream come first and persisting catch up
     /// when the apply waits; past the checkpoint memory limit the apply then
     /// waits for the slower flusher (see docs/engine.md, Flusher priority).
-    #[arg(long, value_parser = clap::value_parser!(i32).range(0..=19))]
+    #[arg(long, value_parser = clap::value_parser!(i32).range(0..=19), allow_negative_numbers = true)]
     flusher_nice: Option<i32>,
     /// Connections served at once (clients and replication streams, a
     /// thread each); one more is answered TEMP_FAILURE and closed.
