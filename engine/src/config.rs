@@ -38,10 +38,11 @@ pub struct EngineConfig {
     /// Number of flusher threads; partition `p` is flushed by thread
     /// `p % flusher_threads` (default 1).
     pub flusher_threads: usize,
-    /// A floor on the flusher threads' niceness, 0 to 19 (default 0: they
-    /// keep the process's). A flusher whose niceness is below it raises
-    /// it to it when it starts (Linux `setpriority` on the thread; nothing
-    /// elsewhere); one never raises its own priority. Meant for a replica on
+    /// A floor on the flusher threads' niceness, 0 to 19 (default 0, off:
+    /// they keep the niceness of the thread that opens the engine, even a
+    /// negative one). A flusher whose niceness is below a floor above 0
+    /// raises it to it when it starts (Linux `setpriority` on the thread;
+    /// nothing elsewhere); one never raises its own priority. Meant for a replica on
     /// a machine whose cores are busy: at 10 its flusher (and the pager,
     /// which runs on flusher thread 0) gets about a tenth of a core the
     /// stream's apply also wants, so the apply, which the primary waits on,
@@ -209,8 +210,8 @@ impl EngineBuilder {
         self
     }
 
-    /// Floor on the flusher threads' niceness, 0..=19; default 0, the
-    /// process's own (see [`EngineConfig::flusher_nice`]).
+    /// Floor on the flusher threads' niceness, 0..=19; default 0, off: they
+    /// keep the opening thread's (see [`EngineConfig::flusher_nice`]).
     pub fn flusher_nice(mut self, nice: i32) -> Self {
         self.config.flusher_nice = nice;
         self

@@ -128,27 +128,46 @@ fn run(shared: &Shared, thread: usize, threads: usize) {
 /// Raises the calling thread's niceness to at least `floor` (Linux:
 /// `setpriority` on the thread's id, which is per thread there; a thread
 /// already nicer keeps its niceness, so a flusher never raises its own
-/// priority) and returns what the OS reports afterwards. A refusal is
-/// logged and the thread runs as it was.
+/// priority; a floor of 0 changes nothing, even for a thread born at a
+/// negative niceness) and returns what the OS reports afterwards. A
+/// refusal is logged and the thread runs as it was.
 #[cfg(target_os = "linux")]
 fn take_niceness(floor: i32) -> Option<i32> {
     /// The thread's niceness; `getpriority` may return -1 as a niceness,
     /// so `errno`, cleared before the call, tells a failure apart.
-    fn current(tid: libc::id_t) -> Option<i32> {
+    fn current(tid: libc::id_t) -> std::io::Result<i32> {
         // SAFETY: `getpriority` takes plain integers and writes nothing
-        // but this thread's `errno`, which `__errno_location` points to.
+        // but this thread's `errno`, which `__errno_location` points to;
+        // `last_os_error` reads it at once.
         #[allow(unsafe_code)]
         unsafe {
             *libc::__errno_location() = 0;
             let now = libc::getpriority(libc::PRIO_PROCESS, tid);
-            (now != -1 || *libc::__errno_location() == 0).then_some(now)
+            if now == -1 && *libc::__errno_location() != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(now)
         }
     }
     // SAFETY: `gettid` takes nothing and returns the caller's thread id.
     #[allow(unsafe_code)]
     let tid = unsafe { libc::gettid() } as libc::id_t;
-    let before = current(tid)?;
-    if before >= floor {
+    let before = match current(tid) {
+        Ok(n) => n,
+        Err(error) => {
+            // Without the current value a floor could raise a privileged
+            // thread's priority: leave it.
+            if floor > 0 {
+                tracing::warn!(
+                    nice = floor,
+                    %error,
+                    "could not read the flusher's niceness; its floor is not applied"
+                );
+            }
+            return None;
+        }
+    };
+    if floor == 0 || before >= floor {
         return Some(before);
     }
     // SAFETY: `setpriority` takes plain integers and writes nothing but
@@ -163,7 +182,7 @@ fn take_niceness(floor: i32) -> Option<i32> {
             "could not lower the flusher's priority; it runs at its inherited one"
         );
     }
-    current(tid)
+    current(tid).ok()
 }
 
 #[cfg(not(target_os = "linux"))]

@@ -25,9 +25,10 @@ pub struct FrameReader {
     /// Since when, and from which buffered length, the partial frame in
     /// `buf` is timed.
     partial_since: Option<(Instant, usize)>,
-    /// When the last `poll` returned: time until the next one is the
-    /// reader's own (busy elsewhere), not the peer's, and does not count
-    /// against the frame deadline.
+    /// When the last `poll` returned leaving a partial frame timed (`None`
+    /// otherwise): time until the next one is the reader's own (busy
+    /// elsewhere), not the peer's, and does not count against the frame
+    /// deadline.
     away_since: Option<Instant>,
     /// The budget large partial frames are held against (see
     /// [`BodyBudget`]), and what this reader holds of it.

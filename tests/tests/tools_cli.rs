@@ -608,6 +608,10 @@ fn a_nodes_flusher_niceness_is_an_option_its_stats_show() {
         assert!(!ok, "--flusher-nice {bad} accepted");
         assert!(err.contains("--flusher-nice"), "{bad}: {err}");
     }
+    // Elsewhere the engine reports no niceness (`null`).
+    if !cfg!(target_os = "linux") {
+        return;
+    }
     let node = tapkv_tests::NodeProc::start(
         &dir.path().join("good"),
         "127.0.0.1:0",

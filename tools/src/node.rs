@@ -107,7 +107,7 @@ pub(crate) struct NodeArgs {
     #[arg(long, value_parser = positive_fraction, allow_negative_numbers = true)]
     cursor_drop_threshold: Option<f64>,
     /// Floor on the niceness of the engine's flusher threads, 0 to 19
-    /// (default 0: the process's). For a replica on busy cores, 10 lets
+    /// (default 0: off, the node's own). For a replica on busy cores, 10 lets
     /// applying the primary's stream come first and persisting catch up
     /// when the apply waits; past the checkpoint memory limit the apply then
     /// waits for the slower flusher (see docs/engine.md, Flusher priority).
