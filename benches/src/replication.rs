@@ -43,8 +43,8 @@ const SCAN_REPS: usize = 3;
 
 pub(crate) fn open_engine(path: &Path, replica: bool) -> Engine {
     let mut b = Engine::builder(path).replica(replica).memory_quota(4 << 30);
-    // For A/B runs: every engine's flusher at this niceness instead of its
-    // role's default (0 on a primary, 10 on a replica).
+    // For A/B runs: every engine's flusher at this niceness floor (the
+    // engine's default, 0, leaves it as it is).
     if let Some(n) = std::env::var("TAPKV_FLUSHER_NICE")
         .ok()
         .and_then(|v| v.parse().ok())

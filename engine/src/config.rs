@@ -42,9 +42,9 @@ pub struct EngineConfig {
     /// they keep the niceness of the thread that opens the engine, even a
     /// negative one). A flusher whose niceness is below a floor above 0
     /// raises it to it when it starts (Linux `setpriority` on the thread;
-    /// nothing elsewhere); one never raises its own priority. Meant for a replica on
-    /// a machine whose cores are busy: at 10 its flusher (and the pager,
-    /// which runs on flusher thread 0) gets about a tenth of a core the
+    /// nothing elsewhere); one never raises its own priority. Meant for a
+    /// replica on a machine whose cores are busy: at 10 its flusher (and the
+    /// pager, which runs on flusher thread 0) gets about a tenth of a core the
     /// stream's apply also wants, so the apply, which the primary waits on,
     /// comes first, and persisting catches up whenever the apply waits
     /// (see `docs/engine.md`, "Flusher priority", for what it costs: past
