@@ -47,6 +47,11 @@ pub enum StreamStart {
 /// Records [`Engine::backfill_scan`] reads between two ticks.
 pub const BACKFILL_TICK: usize = 65_536;
 
+/// Key and value bytes [`Engine::backfill_scan`] reads between two ticks,
+/// whatever the number of records: 65,536 records of megabyte values are
+/// far too many bytes (tens of seconds of reading) for a heartbeat.
+pub const BACKFILL_TICK_BYTES: usize = 16 << 20;
+
 /// One item or tombstone of a backfill, borrowed from the disk iterator
 /// ([`Engine::backfill_scan_ref`]).
 #[derive(Debug, Clone, Copy)]
@@ -325,7 +330,8 @@ impl Engine {
     }
 
     /// [`Engine::backfill`], with `f(None)` also called after every
-    /// [`BACKFILL_TICK`] records scanned: the whole partition is read and
+    /// [`BACKFILL_TICK`] records or [`BACKFILL_TICK_BYTES`] key and value
+    /// bytes scanned, whichever comes first: the whole partition is read and
     /// filtered by seqno, so a narrow range of a large partition can go a
     /// long time without a match, and a stream uses the ticks to keep its
     /// connection alive.
@@ -353,10 +359,12 @@ impl Engine {
     ) -> Result<u64> {
         let s = self.live()?;
         s.partition(p)?;
-        let (mut n, mut scanned) = (0, 0usize);
+        let (mut n, mut scanned, mut bytes) = (0, 0usize, 0usize);
         s.store.for_each_item_of(p, |key, rec| {
             scanned += 1;
-            if scanned % BACKFILL_TICK == 0 {
+            bytes += key.len() + rec.value.len();
+            if scanned >= BACKFILL_TICK || bytes >= BACKFILL_TICK_BYTES {
+                (scanned, bytes) = (0, 0);
                 f(None)?;
             }
             let seqno = rec.meta.by_seqno;

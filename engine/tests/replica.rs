@@ -263,6 +263,39 @@ fn a_backfill_scan_ticks_through_stretches_outside_its_range() {
 }
 
 #[test]
+fn a_backfill_scan_of_large_values_ticks_by_bytes_read() {
+    // Twenty 1 MiB values: far fewer records than `BACKFILL_TICK`, but
+    // more bytes than `BACKFILL_TICK_BYTES`. Before, the scan ticked by
+    // records only, so a narrow range of a partition of large values went
+    // without a tick (and a stream without a heartbeat) for as long as
+    // 65,536 such values took to read.
+    let dir = tempfile::tempdir().unwrap();
+    let e = builder(dir.path()).partitions(1).open().unwrap();
+    let big = vec![b'v'; 1 << 20];
+    let n = tapkv_engine::BACKFILL_TICK_BYTES / big.len() + 4;
+    for i in 0..n {
+        e.set(
+            format!("k{i:03}").as_bytes(),
+            &big[..],
+            WriteOptions::default(),
+        )
+        .unwrap();
+    }
+    e.flush().unwrap();
+    let high = e.high_seqno(0).unwrap();
+    let (mut ticks, mut items) = (0, 0);
+    e.backfill_scan(0, high - 1, high, |entry| {
+        match entry {
+            None => ticks += 1,
+            Some(_) => items += 1,
+        }
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!((ticks, items), (1, 1));
+}
+
+#[test]
 fn a_replica_expels_persisted_entries_when_its_open_checkpoint_outgrows_memory() {
     // A replica closes checkpoints only when its primary does, so with a
     // checkpoint-memory limit smaller than the primary's open checkpoint,

@@ -21,6 +21,16 @@ use tapkv_replication::protocol::{Frame, DEFAULT_MAX_BODY};
 /// A one-partition replica of whatever listens on `listener`, with
 /// `io_timeout` and 100 ms heartbeats.
 fn replica(listener: &TcpListener, dir: &std::path::Path, io_timeout: Duration) -> Node {
+    replica_beating(listener, dir, io_timeout, Duration::from_millis(100))
+}
+
+/// [`replica`] with `heartbeat` (its silence limit is ten of them).
+fn replica_beating(
+    listener: &TcpListener,
+    dir: &std::path::Path,
+    io_timeout: Duration,
+    heartbeat: Duration,
+) -> Node {
     let engine = Engine::builder(dir)
         .partitions(1)
         .replica(true)
@@ -29,7 +39,7 @@ fn replica(listener: &TcpListener, dir: &std::path::Path, io_timeout: Duration) 
     let mut cfg = NodeConfig::new("127.0.0.1:0");
     cfg.replica_of = Some(listener.local_addr().unwrap().to_string());
     cfg.io_timeout = io_timeout;
-    cfg.heartbeat = Duration::from_millis(100);
+    cfg.heartbeat = heartbeat;
     Node::start(engine, cfg).unwrap()
 }
 
@@ -141,6 +151,61 @@ fn a_trickled_stream_frame_is_cut_off_and_does_not_hold_a_shutdown() {
     trickler.join().unwrap();
     drop(again);
     assert!(took.is_some(), "the shutdown hung");
+}
+
+#[test]
+fn a_pause_after_a_slow_steady_stream_is_not_taken_for_silence() {
+    // 40 ms heartbeats: the replica gives up after 400 ms of silence. The
+    // fake primary sends a NOOP every 30 ms (under the link's 50 ms poll,
+    // so the link never idles) for 3 s, then pauses 150 ms. The link reads
+    // the clock only every 64th frame while frames keep coming, so the
+    // time it last heard from the primary can be up to 64 × 30 ms behind
+    // when the pause starts; the first idle poll must count from the last
+    // read that brought bytes (`FrameReader::take_progress`), or it would
+    // end the session (in 52 of 64 phases).
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let node = replica_beating(
+        &listener,
+        dir.path(),
+        Duration::from_secs(10),
+        Duration::from_millis(40),
+    );
+    let conn = accept_within(&listener, Duration::from_secs(10));
+    let (_reader, mut writer) = open_stream(&conn);
+    let noop = StreamMessage::Noop.to_frame();
+    for _ in 0..100 {
+        writer.send(&noop).unwrap();
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    std::thread::sleep(Duration::from_millis(150));
+    // Still the same session: the replica neither closed the connection
+    // nor reported the primary silent; it acknowledges what it reads.
+    writer.send(&noop).unwrap();
+    let mut conn = conn;
+    conn.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let until = Instant::now() + Duration::from_millis(300);
+    let mut buf = [0u8; 4096];
+    while Instant::now() < until {
+        match conn.read(&mut buf) {
+            Ok(0) => panic!("the replica closed the stream after a 150 ms pause"),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                panic!("the replica reset the stream after a 150 ms pause")
+            }
+            Ok(_) | Err(_) => {}
+        }
+    }
+    let mut c = tapkv_replication::client::Client::connect(
+        &node.local_addr().to_string(),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let stats = c.stats().unwrap();
+    let error = stats["link_error"].as_str().unwrap_or_default();
+    assert!(error.is_empty(), "link error: {error}");
+    drop(c);
+    assert!(shutdown_within(node, Duration::from_secs(10)).is_some());
 }
 
 #[test]
