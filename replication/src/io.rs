@@ -415,6 +415,13 @@ impl FrameWriter {
         self.buf.len()
     }
 
+    /// Drops what was queued after the first `len` bytes still queued (a
+    /// caller taking back frames it queued since [`pending`](Self::pending)
+    /// returned `len`; nothing is flushed in between).
+    pub fn truncate(&mut self, len: usize) {
+        self.buf.truncate(len);
+    }
+
     /// Sends everything queued. Once a flush has failed, every later one
     /// fails at once without sending anything (the peer may hold a torn
     /// frame: the connection must be closed, not written to again).

@@ -125,6 +125,28 @@ impl NodeConfig {
             max_pending_body_bytes: 256 << 20,
         }
     }
+
+    /// Refuses settings a node cannot run with (the `tapkv node` flags
+    /// refuse them too): a zero `max_unacked_bytes`, for one, left a stream
+    /// waiting for acknowledgements of nothing, spinning without sending.
+    pub fn validate(&self) -> Result<(), String> {
+        let positive: [(&str, bool); 10] = [
+            ("max_body", self.max_body > 0),
+            ("io_timeout", !self.io_timeout.is_zero()),
+            ("idle_timeout", !self.idle_timeout.is_zero()),
+            ("heartbeat", !self.heartbeat.is_zero()),
+            ("max_unacked_bytes", self.max_unacked_bytes > 0),
+            ("slow_replica_timeout", !self.slow_replica_timeout.is_zero()),
+            ("stream_batch", self.stream_batch > 0),
+            ("ack_bytes", self.ack_bytes > 0),
+            ("max_connections", self.max_connections > 0),
+            ("max_pending_body_bytes", self.max_pending_body_bytes > 0),
+        ];
+        match positive.iter().find(|(_, ok)| !ok) {
+            Some((name, _)) => Err(format!("node setting {name} must be more than zero")),
+            None => Ok(()),
+        }
+    }
 }
 
 /// State of one partition of a stream, as reported by `admin streams`.
@@ -366,6 +388,9 @@ fn json_response(req: &Frame, v: &impl Serialize) -> Frame {
 impl Node {
     /// Starts a node serving `engine` (which it owns from now on).
     pub fn start(engine: Engine, config: NodeConfig) -> std::io::Result<Node> {
+        config
+            .validate()
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
         let listener = TcpListener::bind(&config.listen)?;
         let addr = listener.local_addr()?;
         let replica = config.replica_of.is_some();
@@ -1477,7 +1502,9 @@ fn stream_loop(
                     break;
                 }
                 let mut last = None;
-                let mut items_bytes = 0;
+                // Bytes this read queued: markers and items.
+                let mut read_bytes = 0;
+                let queued_before = writer.pending();
                 // Entries are encoded straight from the checkpoints into the
                 // connection buffer (closed checkpoints without the
                 // partition's lock).
@@ -1486,27 +1513,24 @@ fn stream_loop(
                     usize::try_from(budget).unwrap_or(usize::MAX),
                 );
                 let read = engine.read_cursor_within(*p, &s.cursor, limits, |ev| {
-                    sent += match ev {
-                        EventRef::CheckpointStart { id } => send(
-                            writer,
-                            s,
-                            &StreamMessage::CheckpointStart { partition: *p, id },
-                        ),
-                        EventRef::CheckpointEnd { id } => send(
-                            writer,
-                            s,
-                            &StreamMessage::CheckpointEnd { partition: *p, id },
-                        ),
+                    read_bytes += match ev {
+                        EventRef::CheckpointStart { id } => writer.push_encoded(|buf| {
+                            StreamMessage::CheckpointStart { partition: *p, id }.encode(buf)
+                        }),
+                        EventRef::CheckpointEnd { id } => writer.push_encoded(|buf| {
+                            StreamMessage::CheckpointEnd { partition: *p, id }.encode(buf)
+                        }),
                         EventRef::Item(item) => {
                             last = Some(item.seqno());
-                            let n = writer
-                                .push_encoded(|buf| StreamMessage::encode_item(*p, item, buf));
-                            items_bytes += n;
-                            n
+                            writer.push_encoded(|buf| StreamMessage::encode_item(*p, item, buf))
                         }
                     };
                 });
                 if let Err(e) = read {
+                    // A failed read's events are discarded (the cursor did
+                    // not move past them): sent, the replica's ack for them
+                    // would read as one for bytes never sent.
+                    writer.truncate(queued_before);
                     if engine.has_cursor(*p, &s.cursor)? {
                         return Err(e);
                     }
@@ -1519,7 +1543,8 @@ fn stream_loop(
                 // Counted once per partition rather than per item: nothing
                 // was sent meanwhile (the buffer is flushed below), so no
                 // ack can cover these bytes yet.
-                s.unacked.fetch_add(items_bytes as u64, Ordering::AcqRel);
+                s.unacked.fetch_add(read_bytes as u64, Ordering::AcqRel);
+                sent += read_bytes;
                 if let Some(seqno) = last {
                     if let Some(e) = s.parts.lock().get_mut(p) {
                         e.1 = seqno;
