@@ -774,6 +774,23 @@ impl CheckpointManager {
         freed
     }
 
+    /// The bytes [`queue_hashed`](Self::queue_hashed) would give back for
+    /// an entry of `key` (hash `hash`) queued now: its live entry in the
+    /// open checkpoint, unless the open checkpoint is full and would be
+    /// closed first. A write's admission counts what it adds net of this.
+    pub(crate) fn dedup_refund(&self, hash: u64, key: &[u8]) -> usize {
+        let open = self.open();
+        if open.live >= self.config.max_items || open.mem >= self.config.max_bytes {
+            return 0;
+        }
+        open.keys
+            .find(hash, |i| {
+                open.slots[*i].as_ref().is_some_and(|s| s.key() == key)
+            })
+            .and_then(|i| open.slots[*i].as_ref())
+            .map_or(0, QueuedItem::mem_size)
+    }
+
     /// Closes the open checkpoint and opens a new one; returns the new id.
     pub fn create_checkpoint(&mut self) -> u64 {
         self.create_checkpoint_with_id(0)

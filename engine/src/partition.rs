@@ -322,7 +322,7 @@ impl Partition {
         key: &[u8],
         value: &[u8],
         opts: &WriteOptions,
-        admit: impl FnOnce(usize) -> Result<MemReservation<'a>>,
+        admit: impl Fn(usize) -> Result<MemReservation<'a>>,
     ) -> Result<MutationResult> {
         let mut w = self.writer.lock();
         if let Some(win) = &w.window {
@@ -363,12 +363,28 @@ impl Partition {
         let deleting = matches!(kind, MutationKind::Delete | MutationKind::Expire);
         let value = if deleting { &[][..] } else { value };
         let incoming = key.len() + value.len() + crate::item::QUEUED_ITEM_OVERHEAD;
-        let reservation = admit(incoming)?;
+        // Refused at first sight, a write is admitted net of the entry it
+        // de-duplicates: rewriting a key of the open checkpoint adds only
+        // the difference. (Before, a window refused a second write of a
+        // value over half its limit, and went on refusing it until COMPLETE
+        // or REVERT: nothing in a window frees. Looked up only on a refusal,
+        // so the common write pays nothing for it.)
+        let refund = || w.checkpoints.dedup_refund(hash, key);
+        let reservation = match admit(incoming) {
+            Ok(r) => r,
+            Err(e) => match refund() {
+                0 => return Err(e),
+                r => admit(incoming.saturating_sub(r))?,
+            },
+        };
         if let Some(win) = &w.window {
-            win.admit(
-                self.id,
-                incoming + Window::undo_charge(undo.as_ref(), key.len()),
-            )?;
+            let charge = incoming + Window::undo_charge(undo.as_ref(), key.len());
+            if let Err(e) = win.admit(self.id, charge) {
+                match refund() {
+                    0 => return Err(e),
+                    r => win.admit(self.id, charge.saturating_sub(r))?,
+                }
+            }
         }
         let meta = ItemMeta {
             by_seqno: seqno,

@@ -154,7 +154,16 @@ impl Partition {
                 // Nothing is changed yet; the node ends its session and
                 // keeps the data.
                 if let Some(win) = w.window.as_ref() {
-                    win.admit_replicated(self.id, item.mem_size())?;
+                    // Refused at first sight: net of the entry it
+                    // de-duplicates, as its primary admitted it.
+                    if let Err(e) = win.admit_replicated(self.id, item.mem_size()) {
+                        match w.checkpoints.dedup_refund(hash, key) {
+                            0 => return Err(e),
+                            r => {
+                                win.admit_replicated(self.id, item.mem_size().saturating_sub(r))?
+                            }
+                        }
+                    }
                 }
                 if item.op == QueueOp::Deletion {
                     slot.remove_hashed(hash, key);

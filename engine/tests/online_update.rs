@@ -634,6 +634,35 @@ fn rewriting_one_key_inside_a_window_does_not_use_up_its_memory() {
     assert!(matches!(e.get(&k[0]), Err(Error::NotFound)));
 }
 
+#[test]
+fn a_window_admits_a_rewrite_net_of_the_entry_it_replaces() {
+    // A 600 KiB value rewritten in a 1 MiB window: each rewrite replaces
+    // the last, so the window holds one. Before, admission counted the new
+    // entry before giving back the old one's bytes, so the second write was
+    // refused, and went on being refused until COMPLETE or REVERT.
+    let dir = tempfile::tempdir().unwrap();
+    let e = builder(dir.path())
+        .online_update_memory_limit(1 << 20)
+        .open()
+        .unwrap();
+    let k = keys_in(&e, 0, 2, "big");
+    e.online_update_start(0).unwrap();
+    for i in 0..5u8 {
+        e.set(&k[0], vec![i; 600 << 10], MEM)
+            .unwrap_or_else(|err| panic!("rewrite {i}: {err}"));
+    }
+    let win = e.stats().unwrap().partitions[0].window.unwrap();
+    assert!(win.bytes < 700 << 10, "{} bytes", win.bytes);
+    // The limit still holds for what is added: a second such key is not.
+    assert!(matches!(
+        e.set(&k[1], vec![9; 600 << 10], MEM),
+        Err(Error::TempOutOfMemory { .. })
+    ));
+    assert_eq!(e.get(&k[0]).unwrap().value(), &vec![4; 600 << 10][..]);
+    e.online_update_revert(0).unwrap();
+    assert!(matches!(e.get(&k[0]), Err(Error::NotFound)));
+}
+
 fn crash_or_close_inside_a_window(crash: bool) {
     let dir = tempfile::tempdir().unwrap();
     let e = builder(dir.path()).open().unwrap();

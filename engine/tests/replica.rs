@@ -590,6 +590,46 @@ fn a_window_from_the_stream_is_held_to_the_replicas_own_limit() {
 }
 
 #[test]
+fn a_replica_admits_a_window_rewrite_net_of_the_entry_it_replaces() {
+    // Its primary admits a rewrite of a key net of the entry it replaces
+    // (`a_window_admits_a_rewrite_net_of_the_entry_it_replaces`), so a
+    // replica with the same limit must too: five 600 KiB versions of one
+    // key in a 1 MiB window. Before, the second was refused.
+    let dir = tempfile::tempdir().unwrap();
+    let r = builder(dir.path())
+        .replica(true)
+        .online_update_memory_limit(1 << 20)
+        .open()
+        .unwrap();
+    let p = 0;
+    let keys = keys_of(&r, p, "big", 2);
+    let start = QueuedItem::marker(QueueOp::OnlineUpdateStart { checkpoint_id: 2 }, meta_at(1));
+    r.replica_checkpoint(p, 2).unwrap();
+    assert_eq!(
+        r.apply_replicated(p, &start).unwrap(),
+        ApplyOutcome::Applied
+    );
+    for i in 0..5u8 {
+        let item = QueuedItem::new(
+            QueueOp::Mutation,
+            &keys[0],
+            &vec![i; 600 << 10],
+            meta_at(2 + u64::from(i)),
+        );
+        assert_eq!(
+            r.apply_replicated(p, &item)
+                .unwrap_or_else(|e| panic!("version {i}: {e}")),
+            ApplyOutcome::Applied
+        );
+    }
+    let other = QueuedItem::new(QueueOp::Mutation, &keys[1], &vec![9; 600 << 10], meta_at(7));
+    assert!(matches!(
+        r.apply_replicated(p, &other),
+        Err(Error::TempOutOfMemory { .. })
+    ));
+}
+
+#[test]
 fn a_replica_takes_every_window_its_primary_took_with_the_same_limit() {
     // The undo map's charge depends on what a node had persisted when the
     // window first touched a key, and a replica persists later than its
