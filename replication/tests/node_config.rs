@@ -5,11 +5,14 @@ use std::time::Duration;
 use tapkv_engine::Engine;
 use tapkv_replication::node::{Node, NodeConfig};
 
+/// A setting's name and how to make it zero.
+type ZeroSetting = (&'static str, fn(&mut NodeConfig));
+
 #[test]
 fn a_node_refuses_a_zero_setting_and_names_it() {
     // Before, a zero `max_unacked_bytes` started a node whose streams
     // waited for acknowledgements of nothing and spun without sending.
-    let cases: [(&str, fn(&mut NodeConfig)); 4] = [
+    let cases: [ZeroSetting; 4] = [
         ("max_unacked_bytes", |c| c.max_unacked_bytes = 0),
         ("heartbeat", |c| c.heartbeat = Duration::ZERO),
         ("ack_bytes", |c| c.ack_bytes = 0),
