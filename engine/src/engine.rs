@@ -1017,6 +1017,16 @@ impl Engine {
         }
     }
 
+    /// Test hook: makes the next `n` WAL syncs (and synced writes) fail as
+    /// if RocksDB had returned an error; the engine is then poisoned (see
+    /// `docs/engine.md`, "A failed sync").
+    #[doc(hidden)]
+    pub fn inject_sync_failures(&self, n: usize) {
+        if let Some(s) = self.shared.as_deref() {
+            s.store.injected_sync_failures.store(n, Ordering::Release);
+        }
+    }
+
     /// Test hook: makes the next `n` writes of an online-update window's
     /// on-disk record (at START, COMPLETE and REVERT) fail as if RocksDB had
     /// returned an error.

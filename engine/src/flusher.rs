@@ -107,6 +107,10 @@ fn run(shared: &Shared, thread: usize, threads: usize) {
                 for p in &mine {
                     p.progress.flush_failures.fetch_add(1, Ordering::Relaxed);
                 }
+                if shared.store.sync_failed() {
+                    poison_for_failed_sync(shared, &e);
+                    return;
+                }
                 tracing::warn!(error = %e, attempt = failures, "flush failed; retrying");
                 if failures >= shared.config.flush_retry_limit.max(1) {
                     shared.poison(format!("{failures} consecutive flush failures, last: {e}"));
@@ -383,7 +387,7 @@ fn round_under_lock(shared: &Shared, mine: &[&Partition], forced: bool) -> Resul
         if wants_sync {
             // Earlier unsynced writes may be what the waiters need.
             shared.store.sync_wal()?;
-            mark_synced(shared, mine);
+            mark_synced(shared, mine)?;
         }
         if relieve_memory_pressure(shared, mine)? {
             return Ok(Round::More);
@@ -403,10 +407,10 @@ fn round_under_lock(shared: &Shared, mine: &[&Partition], forced: bool) -> Resul
     let micros = started.elapsed().as_micros() as u64;
     tracing::debug!(micros, synced = wants_sync, "flushed");
     if wants_sync {
-        mark_synced(shared, mine);
+        mark_synced(shared, mine)?;
     } else if shared.persist_waiters.load(Ordering::Acquire) > 0 {
         shared.store.sync_wal()?;
-        mark_synced(shared, mine);
+        mark_synced(shared, mine)?;
     }
     more |= relieve_memory_pressure(shared, mine)?;
     Ok(if more { Round::More } else { Round::Done })
@@ -622,8 +626,28 @@ fn thread_is_pager(mine: &[&Partition]) -> bool {
     mine.first().is_some_and(|p| p.id == 0)
 }
 
+/// A WAL sync (or a synced write) failed: the OS may have dropped the pages
+/// it covered yet report the next sync of the file as a success, so no
+/// later sync can make what was written before it durable (PostgreSQL
+/// learnt this in 2018, "fsyncgate"). The engine is poisoned: durable
+/// writers waiting get the error instead of an acknowledgement, and a
+/// reopen recovers what the disk really holds.
+fn poison_for_failed_sync(shared: &Shared, e: &Error) {
+    shared.poison(format!(
+        "a WAL sync failed ({e}): writes it covered may not be on disk, and no later sync \
+         can tell; reopen the engine to recover what is"
+    ));
+}
+
 /// Records that everything persisted so far is synced, and wakes waiters.
-fn mark_synced(shared: &Shared, mine: &[&Partition]) {
+/// Refuses, poisoning the engine, once any sync has failed (see
+/// [`poison_for_failed_sync`]).
+fn mark_synced(shared: &Shared, mine: &[&Partition]) -> Result<()> {
+    if shared.store.sync_failed() {
+        let e = Error::Storage("an earlier WAL sync failed".into());
+        poison_for_failed_sync(shared, &e);
+        return Err(e);
+    }
     shared.syncs.fetch_add(1, Ordering::Relaxed);
     for p in mine {
         let persisted = p.progress.persisted_seqno.load(Ordering::Acquire);
@@ -632,4 +656,5 @@ fn mark_synced(shared: &Shared, mine: &[&Partition]) {
             .fetch_max(persisted, Ordering::AcqRel);
     }
     shared.wake_persist_waiters();
+    Ok(())
 }

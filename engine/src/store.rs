@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::item::{ItemMeta, PartitionId, QueueOp, QueuedItem};
-use crate::sync::{AtomicUsize, Ordering};
+use crate::sync::{AtomicBool, AtomicUsize, Ordering};
 
 const CF_ITEMS: &str = "items";
 const CF_META: &str = "meta";
@@ -420,6 +420,14 @@ pub(crate) struct Store {
     /// Test hook: window-record writes still to fail
     /// ([`Engine::inject_window_record_failures`](crate::Engine::inject_window_record_failures)).
     pub(crate) injected_window_failures: AtomicUsize,
+    /// Set for good once a synced write or a WAL sync has failed: the OS
+    /// may have dropped pages that sync covered and report a later sync of
+    /// the same file as a success, so nothing written before it can be
+    /// called durable again (the flusher then poisons the engine rather
+    /// than acknowledge a durable write).
+    sync_failed: AtomicBool,
+    /// Test hook: syncs still to fail ([`Engine::inject_sync_failures`](crate::Engine::inject_sync_failures)).
+    pub(crate) injected_sync_failures: AtomicUsize,
 }
 
 fn db_options(create: bool) -> Options {
@@ -455,6 +463,8 @@ impl Store {
             db,
             path,
             injected_window_failures: AtomicUsize::new(0),
+            sync_failed: AtomicBool::new(false),
+            injected_sync_failures: AtomicUsize::new(0),
         })
     }
 
@@ -482,6 +492,8 @@ impl Store {
             db,
             path,
             injected_window_failures: AtomicUsize::new(0),
+            sync_failed: AtomicBool::new(false),
+            injected_sync_failures: AtomicUsize::new(0),
         })
     }
 
@@ -506,10 +518,47 @@ impl Store {
     }
 
     fn put_meta_synced(&self, key: &[u8], value: &[u8]) -> Result<()> {
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(CF_META)?, key, value);
+        self.write_synced(batch)
+    }
+
+    fn delete_meta_synced(&self, key: &[u8]) -> Result<()> {
+        let mut batch = WriteBatch::default();
+        batch.delete_cf(self.cf(CF_META)?, key);
+        self.write_synced(batch)
+    }
+
+    /// Writes `batch` and syncs the WAL; a failure marks the store's syncs
+    /// failed for good (see [`sync_failed`](Self::sync_failed)).
+    fn write_synced(&self, batch: WriteBatch) -> Result<()> {
         let mut wo = rocksdb::WriteOptions::default();
         wo.set_sync(true);
-        self.db.put_cf_opt(self.cf(CF_META)?, key, value, &wo)?;
-        Ok(())
+        let written = match self.injected_sync_failure() {
+            Some(e) => Err(e),
+            None => self.db.write_opt(batch, &wo).map_err(Error::from),
+        };
+        self.note_sync(written)
+    }
+
+    /// Whether a synced write or a WAL sync has failed since the store was
+    /// opened.
+    pub(crate) fn sync_failed(&self) -> bool {
+        self.sync_failed.load(Ordering::Acquire)
+    }
+
+    fn note_sync(&self, outcome: Result<()>) -> Result<()> {
+        if outcome.is_err() {
+            self.sync_failed.store(true, Ordering::Release);
+        }
+        outcome
+    }
+
+    fn injected_sync_failure(&self) -> Option<Error> {
+        self.injected_sync_failures
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok()
+            .then(|| Error::Storage("injected WAL sync failure".into()))
     }
 
     pub(crate) fn engine_meta(&self) -> Result<Option<EngineMeta>> {
@@ -618,13 +667,7 @@ impl Store {
         }
         match w {
             Some(w) => self.put_meta_synced(&meta_key(META_WINDOW, p), &encode_json(w)),
-            None => {
-                let mut wo = rocksdb::WriteOptions::default();
-                wo.set_sync(true);
-                self.db
-                    .delete_cf_opt(self.cf(CF_META)?, meta_key(META_WINDOW, p), &wo)?;
-                Ok(())
-            }
+            None => self.delete_meta_synced(&meta_key(META_WINDOW, p)),
         }
     }
 
@@ -654,10 +697,7 @@ impl Store {
         batch.delete_cf(meta, meta_key(META_STATE, p));
         batch.delete_cf(meta, meta_key(META_WINDOW, p));
         batch.delete_cf(meta, meta_key(META_LOST, p));
-        let mut wo = rocksdb::WriteOptions::default();
-        wo.set_sync(true);
-        self.db.write_opt(batch, &wo)?;
-        Ok(())
+        self.write_synced(batch)
     }
 
     /// Calls `f` for every item record of partition `p`, in key order, with
@@ -815,9 +855,7 @@ impl Store {
                 );
             }
             batch.delete_cf(self.cf(CF_META)?, meta_key(META_WINDOW, p));
-            let mut wo = rocksdb::WriteOptions::default();
-            wo.set_sync(true);
-            self.db.write_opt(batch, &wo)?;
+            self.write_synced(batch)?;
         }
         Ok(lost)
     }
@@ -831,11 +869,7 @@ impl Store {
         if clean {
             self.put_meta_synced(CLEAN_SHUTDOWN_KEY, b"1")
         } else {
-            let mut wo = rocksdb::WriteOptions::default();
-            wo.set_sync(true);
-            self.db
-                .delete_cf_opt(self.cf(CF_META)?, CLEAN_SHUTDOWN_KEY, &wo)?;
-            Ok(())
+            self.delete_meta_synced(CLEAN_SHUTDOWN_KEY)
         }
     }
 
@@ -908,17 +942,22 @@ impl Store {
         for e in entries.iter() {
             rocks_batch.put_cf(items_cf, key(e), &staged[e.1..e.2]);
         }
-        let mut wo = rocksdb::WriteOptions::default();
-        wo.set_sync(sync);
         batch.reset();
-        self.db.write_opt(rocks_batch, &wo)?;
+        if sync {
+            return self.write_synced(rocks_batch);
+        }
+        self.db
+            .write_opt(rocks_batch, &rocksdb::WriteOptions::default())?;
         Ok(())
     }
 
     /// Makes every write so far durable.
     pub(crate) fn sync_wal(&self) -> Result<()> {
-        self.db.flush_wal(true)?;
-        Ok(())
+        let synced = match self.injected_sync_failure() {
+            Some(e) => Err(e),
+            None => self.db.flush_wal(true).map_err(Error::from),
+        };
+        self.note_sync(synced)
     }
 }
 

@@ -13,6 +13,31 @@ use common::{builder, key, value};
 use tapkv_engine::{CursorEvent, Durability, Error, WriteOptions};
 
 #[test]
+fn a_failed_wal_sync_poisons_the_engine_instead_of_a_later_sync_acknowledging() {
+    // After a failed fsync the OS may have dropped the pages it covered and
+    // still report the next sync a success. Before, the flusher retried
+    // the round, the retry's sync succeeded and acknowledged the Persist
+    // write the failed one covered; now no durable write is acknowledged
+    // after a failed sync: the engine is poisoned and the writer told so.
+    let dir = tempfile::tempdir().unwrap();
+    let persist = WriteOptions::durable(Durability::Persist);
+    let e = builder(dir.path()).flush_retry_limit(10).open().unwrap();
+    e.set(b"before", "1", persist.clone()).unwrap();
+    e.inject_sync_failures(1);
+    // Poisoned, not timed out: the waiter is told as the flusher poisons.
+    let err = e.set(b"covered", "2", persist.clone()).unwrap_err();
+    assert!(matches!(err, Error::Poisoned(_)), "{err}");
+    assert!(err.to_string().contains("WAL sync failed"), "{err}");
+    assert!(matches!(e.get(b"before"), Err(Error::Poisoned(_))));
+    assert!(e.stats().unwrap().poisoned.is_some());
+    drop(e);
+    // A reopen recovers what the disk holds: everything synced before.
+    let e = builder(dir.path()).open().unwrap();
+    assert_eq!(e.get(b"before").unwrap().value(), b"1");
+    e.set(b"after", "3", persist).unwrap();
+}
+
+#[test]
 fn failed_flushes_are_retried_without_loss_or_double_counting() {
     let dir = tempfile::tempdir().unwrap();
     let e = builder(dir.path()).flush_retry_limit(10).open().unwrap();
