@@ -22,10 +22,10 @@ fn a_failed_wal_sync_poisons_the_engine_instead_of_a_later_sync_acknowledging() 
     let dir = tempfile::tempdir().unwrap();
     let persist = WriteOptions::durable(Durability::Persist);
     let e = builder(dir.path()).flush_retry_limit(10).open().unwrap();
-    e.set(b"before", "1", persist.clone()).unwrap();
+    e.set(b"before", "1", persist).unwrap();
     e.inject_sync_failures(1);
     // Poisoned, not timed out: the waiter is told as the flusher poisons.
-    let err = e.set(b"covered", "2", persist.clone()).unwrap_err();
+    let err = e.set(b"covered", "2", persist).unwrap_err();
     assert!(matches!(err, Error::Poisoned(_)), "{err}");
     assert!(err.to_string().contains("WAL sync failed"), "{err}");
     assert!(matches!(e.get(b"before"), Err(Error::Poisoned(_))));
