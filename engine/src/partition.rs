@@ -439,11 +439,13 @@ impl Partition {
         (hash, meta, undo)
     }
 
-    /// Whether entries outside an online-update window wait to be persisted.
+    /// Whether entries outside an online-update window wait to be persisted:
+    /// with a window open, those before its START (the persistence barrier).
     pub(crate) fn has_flushable(&self) -> bool {
         let w = self.lock();
-        w.window.is_none()
-            && w.checkpoints.high_seqno() > self.progress.persisted_seqno.load(Ordering::Acquire)
+        let high = w.checkpoints.high_seqno();
+        let flushable_upto = w.persist_barrier().map_or(high, |b| b.min(high));
+        flushable_upto > self.progress.persisted_seqno.load(Ordering::Acquire)
     }
 
     /// Closes the open checkpoint on demand; returns the new open id.

@@ -590,6 +590,50 @@ fn a_window_from_the_stream_is_held_to_the_replicas_own_limit() {
 }
 
 #[test]
+fn a_replica_waits_for_its_pre_window_backlog_before_passing_its_memory_limit() {
+    // Entries before a window's START can be persisted while the window is
+    // open, so a replica at its checkpoint-memory limit refuses (the node
+    // retries once its flusher caught up) rather than apply past it. Before,
+    // a partition with a window open counted as having nothing flushable,
+    // and the window's entries went in past the limit while the backlog
+    // before them waited.
+    let dir = tempfile::tempdir().unwrap();
+    let r = builder(dir.path())
+        .replica(true)
+        .checkpoint_memory_limit(64 * 1024)
+        .open()
+        .unwrap();
+    r.set_flusher_paused(true);
+    let p = 0;
+    let keys = keys_of(&r, p, "b", 6);
+    let value = vec![b'v'; 10 * 1024];
+    for (i, k) in keys[..5].iter().enumerate() {
+        let item = QueuedItem::new(QueueOp::Mutation, k, &value, meta_at(1 + i as u64));
+        assert_eq!(r.apply_replicated(p, &item).unwrap(), ApplyOutcome::Applied);
+    }
+    r.replica_checkpoint(p, 2).unwrap();
+    let start = QueuedItem::marker(QueueOp::OnlineUpdateStart { checkpoint_id: 2 }, meta_at(6));
+    assert_eq!(
+        r.apply_replicated(p, &start).unwrap(),
+        ApplyOutcome::Applied
+    );
+    let big = vec![b'w'; 20 * 1024];
+    let in_window = QueuedItem::new(QueueOp::Mutation, &keys[5], &big, meta_at(7));
+    let refused = r.apply_replicated(p, &in_window).unwrap_err();
+    assert!(
+        matches!(refused, Error::TempOutOfMemory { .. }),
+        "{refused}"
+    );
+    // Once the backlog is on disk, the entry goes in.
+    r.set_flusher_paused(false);
+    r.flush().unwrap();
+    assert_eq!(
+        r.apply_replicated(p, &in_window).unwrap(),
+        ApplyOutcome::Applied
+    );
+}
+
+#[test]
 fn a_replica_admits_a_window_rewrite_net_of_the_entry_it_replaces() {
     // Its primary admits a rewrite of a key net of the entry it replaces
     // (`a_window_admits_a_rewrite_net_of_the_entry_it_replaces`), so a
