@@ -687,6 +687,7 @@ fn serve_connection(
         "role": if state.replica { "replica" } else { "primary" },
         "partitions": state.engine.num_partitions(),
         "max_body": cfg.max_body,
+        "heartbeat_ms": u64::try_from(cfg.heartbeat.as_millis()).unwrap_or(u64::MAX),
     });
     writer
         .send(&json_response(&first, &info).with_extras(PROTOCOL_VERSION.to_be_bytes().to_vec()))?;
@@ -1611,8 +1612,13 @@ const STREAM_FRAME_LIMIT: usize = 1 << 30;
 
 /// A stream whose replica has acknowledged nothing for this many heartbeats
 /// while bytes are unacknowledged is ended; a replica gives up on a primary
-/// it has not heard from for as long.
+/// it has not heard from for as long (counting the slower of the two
+/// nodes' heartbeats: the primary's comes in its HELLO answer).
 const SILENT_HEARTBEATS: u32 = 10;
+
+/// The longest primary heartbeat a replica's silence limit follows (an
+/// hour, as `--heartbeat-ms` allows).
+const HOUR_MS: u64 = 3_600_000;
 
 /// How often a replica acknowledges its progress while it applies a disk
 /// snapshot (without reading its stream meanwhile).
@@ -1862,6 +1868,13 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
     // stream frames are read up to 1 GiB (a node caps its values below
     // that). The primary is trusted with that much.
     reader.set_max_body(STREAM_FRAME_LIMIT.max(cfg.max_body));
+    // Silence is judged by the slower of the two heartbeats: a primary that
+    // beats every 20 s must not have its idle stream cut after this node's
+    // ten 1 s beats (at most an hour, whatever a primary claims).
+    let primary_heartbeat = info["heartbeat_ms"]
+        .as_u64()
+        .map_or(Duration::ZERO, |ms| Duration::from_millis(ms.min(HOUR_MS)));
+    let silence_limit = cfg.heartbeat.max(primary_heartbeat) * SILENT_HEARTBEATS;
     // A window held across a reconnect resumes like anything else while the
     // primary still holds what follows in memory (the window's END or
     // REVERT comes with it). Only a partition the primary could answer with
@@ -1927,7 +1940,6 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
     let mut snapshots: HashMap<PartitionId, (SnapshotBuffer<'_>, u64, u64)> = HashMap::new();
     let mut last_ack = Instant::now();
     let mut last_heard = Instant::now();
-    let silence_limit = cfg.heartbeat * SILENT_HEARTBEATS;
     // The primary answers a stream open with a FAILOVER or a ROLLBACK per
     // partition, all before anything else: every rolled-back partition is
     // reset, and the session ends at the first frame after that burst (the

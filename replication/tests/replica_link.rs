@@ -187,6 +187,37 @@ fn a_silent_replica_has_its_stream_ended_and_stops_counting_for_replicate() {
 }
 
 #[test]
+fn a_replica_judges_silence_by_its_primarys_slower_heartbeat() {
+    // The primary beats every 3 s; the replica every 100 ms, so on its own
+    // it would give up after ten of them, 1 s. Before, an idle stream was
+    // cut and reopened about every second; now the replica follows the
+    // heartbeat the primary announced in its HELLO answer.
+    let (pdir, rdir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let primary = primary_with(pdir.path(), None, |c| c.heartbeat = Duration::from_secs(3));
+    write_keys(&primary, "k", 10);
+    let replica = replica_of(&primary, rdir.path(), 2, "quick-beat", |c| {
+        c.heartbeat = Duration::from_millis(100)
+    });
+    let r = replica.engine().unwrap();
+    wait_until("the replica to catch up", Duration::from_secs(20), || {
+        r.stats().unwrap().items() == 10
+    });
+    // Idle for 2.5 s: two and a half of the replica's own silence limits.
+    std::thread::sleep(Duration::from_millis(2500));
+    let mut c = Client::connect(&replica.local_addr().to_string(), Duration::from_secs(5)).unwrap();
+    let stats = c.stats().unwrap();
+    assert_eq!(
+        stats["link_sessions"].as_u64(),
+        Some(1),
+        "the idle stream was reopened; last error: {}",
+        stats["link_error"]
+    );
+    drop(c);
+    replica.shutdown().unwrap();
+    primary.shutdown().unwrap();
+}
+
+#[test]
 fn a_replica_keeps_its_data_through_a_passing_disk_error() {
     // The replica cannot write the window's record when it applies START
     // (an injected storage error): the session ends and the link
