@@ -259,8 +259,12 @@ impl Drop for Waiting<'_> {
 }
 
 /// `Durability::Replicate`: waits until a majority of the replicas'
-/// streams acknowledged the seqno, counted over the connected streams and
-/// never fewer than `min_replicas`.
+/// streams acknowledged the seqno, counted over the streams that can
+/// acknowledge it (those streaming the partition from memory, and any that
+/// already did) and never fewer than `min_replicas`. A stream still
+/// backfilling the partition, dropped, or rolled back is not counted: a
+/// replica joining a large primary would otherwise make every `Replicate`
+/// write time out for its whole backfill.
 struct AckGate {
     streams: Streams,
     acks: Arc<AckSignal>,
@@ -282,15 +286,18 @@ impl tapkv_engine::ReplicationGate for AckGate {
         loop {
             let (connected, acked) = {
                 let streams = self.streams.lock();
-                let live: Vec<_> = streams
-                    .values()
-                    .filter(|s| !s.stop.load(Ordering::Acquire))
-                    .collect();
-                let acked = live
-                    .iter()
-                    .filter(|s| s.acked.lock().get(&p).is_some_and(|a| *a >= seqno))
-                    .count();
-                (live.len(), acked)
+                let (mut connected, mut acked) = (0, 0);
+                for s in streams.values().filter(|s| !s.stop.load(Ordering::Acquire)) {
+                    let has_acked = s.acked.lock().get(&p).is_some_and(|a| *a >= seqno);
+                    let streaming = s
+                        .parts
+                        .lock()
+                        .get(&p)
+                        .is_some_and(|(state, _)| *state == PartitionStreamState::InMemory);
+                    acked += usize::from(has_acked);
+                    connected += usize::from(has_acked || streaming);
+                }
+                (connected, acked)
             };
             if acked >= replicate_quorum(connected, self.min_replicas) {
                 return Ok(());
@@ -1587,8 +1594,12 @@ fn stream_loop(
                 }
             } else {
                 // Nothing new since `generation` was read: sleep until the
-                // engine queues something (or a heartbeat is due).
-                generation = engine.wait_for_changes(generation, cfg.heartbeat);
+                // engine queues something, a heartbeat is due, or a slice
+                // is up (the loop then looks at the stop flags: a node's
+                // shutdown waited out a whole heartbeat here, up to an hour
+                // with `--heartbeat-ms`).
+                generation =
+                    engine.wait_for_changes(generation, cfg.heartbeat.min(LINK_WAIT_SLICE));
                 continue;
             }
             generation = engine.change_generation();

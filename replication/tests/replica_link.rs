@@ -329,6 +329,93 @@ fn a_replicate_write_is_never_acknowledged_with_no_replica_holding_it() {
 }
 
 #[test]
+fn a_stream_still_backfilling_does_not_count_against_replicate_writes() {
+    // A caught-up replica, and a second stream that is still in its disk
+    // snapshot (it reads nothing, so it stays there). Before, the second
+    // counted as connected, the quorum became two, and every `Replicate`
+    // write timed out until the backfill ended; now only streams that can
+    // acknowledge the write count.
+    let replicate = WriteOptions {
+        durability: Durability::Replicate,
+        ..WriteOptions::default()
+    };
+    let (pdir, rdir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    {
+        // On disk only: a new stream backfills it. 30 MB, more than the
+        // loopback connection's buffers hold, so a stream whose reader
+        // reads nothing stays in its backfill.
+        let e = Engine::builder(pdir.path()).partitions(2).open().unwrap();
+        let v = vec![b'v'; 1000];
+        for i in 0..30_000 {
+            e.set(format!("k{i}").as_bytes(), &v[..], WriteOptions::default())
+                .unwrap();
+        }
+        e.close().unwrap();
+    }
+    let primary = primary_with(pdir.path(), Some(Duration::from_secs(10)), |c| {
+        c.max_unacked_bytes = 64 << 10;
+        // Neither the silence rule nor the slow-replica drop may end the
+        // stuck stream during the test.
+        c.heartbeat = Duration::from_secs(60);
+        c.slow_replica_timeout = Duration::from_secs(600);
+    });
+    let p = primary.engine().unwrap();
+    let replica = replica_of(&primary, rdir.path(), 2, "caught-up", |_| {});
+    let r = replica.engine().unwrap();
+    wait_until("the replica to catch up", Duration::from_secs(30), || {
+        r.stats().unwrap().items() == 30_000
+    });
+    let conn = std::net::TcpStream::connect(primary.local_addr()).unwrap();
+    let (stuck_reader, stuck_writer) = stream_by_hand(conn, "stuck", &from_the_start(p));
+    let mut c = Client::connect(&primary.local_addr().to_string(), Duration::from_secs(5)).unwrap();
+    wait_until(
+        "the second stream's backfill",
+        Duration::from_secs(20),
+        || {
+            let streams = c.admin("streams").unwrap();
+            streams
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|s| s["name"] == "stuck")
+                .flat_map(|s| s["partitions"].as_array().cloned().unwrap_or_default())
+                .any(|x| x["state"] == "backfilling")
+        },
+    );
+    p.set(b"held", b"v", replicate)
+        .unwrap_or_else(|e| panic!("a Replicate write with one caught-up replica: {e}"));
+    assert_eq!(r.get(b"held").unwrap().value(), b"v");
+    // Closed first, so the stuck stream's write fails at once.
+    drop((c, stuck_reader, stuck_writer));
+    replica.shutdown().unwrap();
+    primary.shutdown().unwrap();
+}
+
+#[test]
+fn a_primary_with_long_heartbeats_shuts_down_without_waiting_one_out() {
+    // An idle stream sleeps until the engine queues something or its next
+    // heartbeat is due. Before, a shutdown waited that sleep out: a minute
+    // here, up to an hour with `--heartbeat-ms`.
+    let (pdir, rdir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let primary = primary_with(pdir.path(), None, |c| c.heartbeat = Duration::from_secs(60));
+    write_keys(&primary, "k", 10);
+    let replica = replica_of(&primary, rdir.path(), 2, "idle", |_| {});
+    let r = replica.engine().unwrap();
+    wait_until("the replica to catch up", Duration::from_secs(20), || {
+        r.stats().unwrap().items() == 10
+    });
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(primary.shutdown());
+    });
+    let shut = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the primary's shutdown waited out its streams' 60 s heartbeat");
+    shut.unwrap();
+    replica.shutdown().unwrap();
+}
+
+#[test]
 fn a_replica_reads_frames_as_large_as_its_primary_accepts() {
     // The replica's own --max-body (for its clients) is 4 KiB, its
     // primary's the default 21 MiB: a 100 KiB value still reaches the

@@ -50,7 +50,8 @@ pub(crate) struct NodeArgs {
     slow_replica_ms: u64,
     /// As a primary: the replicas a `Replicate` write is measured against
     /// while fewer are connected. A write needs a majority of this many or
-    /// of the connected replicas, whichever is larger; with the default 1 it
+    /// of the replicas streaming its partition from memory, whichever is
+    /// larger (one still joining does not count yet); with the default 1 it
     /// is never acknowledged while no replica holds it. 0: acknowledged at
     /// once when no replica is connected.
     #[arg(long, default_value_t = 1)]
