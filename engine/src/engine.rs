@@ -788,11 +788,7 @@ impl Engine {
         let targets: Vec<(PartitionId, u64)> = s
             .partitions
             .iter()
-            .map(|p| {
-                let w = p.lock();
-                let high = w.checkpoints.high_seqno();
-                (p.id, w.persist_barrier().map_or(high, |b| b.min(high)))
-            })
+            .map(|p| (p.id, p.lock().flushable_upto()))
             .collect();
         s.wait_synced(&targets)
     }

@@ -51,6 +51,11 @@ struct UndoEntry {
 pub(crate) struct Window {
     pub(crate) checkpoint_id: u64,
     pub(crate) start_seqno: u64,
+    /// The partition's high seqno when START was queued: what the flusher
+    /// can persist while the window is open. `start_seqno - 1` on a
+    /// primary; lower on a replica whose seqnos have a gap before START (a
+    /// disk snapshot that ended on a marker it never queued).
+    pub(crate) before_start: u64,
     /// Pre-window state of every key mutated in the window, found by the
     /// key's hash-table hash (no key is hashed twice).
     undo: HashTable<UndoEntry>,
@@ -289,6 +294,7 @@ impl Partition {
         w.window = Some(Window {
             checkpoint_id,
             start_seqno,
+            before_start: high,
             undo: HashTable::new(),
             bytes: 0,
             queued: 0,

@@ -120,6 +120,17 @@ impl PartitionWriter {
     pub(crate) fn persist_barrier(&self) -> Option<u64> {
         self.window.as_ref().map(|w| w.start_seqno - 1)
     }
+
+    /// The highest seqno the flusher can persist now: everything queued, or
+    /// with a window open what was queued before its START (not the
+    /// barrier: a replica's seqnos can have a gap before START, and a
+    /// target in that gap is never reached).
+    pub(crate) fn flushable_upto(&self) -> u64 {
+        let high = self.checkpoints.high_seqno();
+        self.window
+            .as_ref()
+            .map_or(high, |w| w.before_start.min(high))
+    }
 }
 
 /// Persistence progress and flush figures, readable without locks.
@@ -443,9 +454,7 @@ impl Partition {
     /// with a window open, those before its START (the persistence barrier).
     pub(crate) fn has_flushable(&self) -> bool {
         let w = self.lock();
-        let high = w.checkpoints.high_seqno();
-        let flushable_upto = w.persist_barrier().map_or(high, |b| b.min(high));
-        flushable_upto > self.progress.persisted_seqno.load(Ordering::Acquire)
+        w.flushable_upto() > self.progress.persisted_seqno.load(Ordering::Acquire)
     }
 
     /// Closes the open checkpoint on demand; returns the new open id.

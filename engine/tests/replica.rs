@@ -7,6 +7,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::builder;
 use tapkv_engine::{
     ApplyOutcome, Durability, Engine, Error, ItemMeta, QueueOp, QueuedItem, StreamStart,
@@ -631,6 +633,51 @@ fn a_replica_waits_for_its_pre_window_backlog_before_passing_its_memory_limit() 
         r.apply_replicated(p, &in_window).unwrap(),
         ApplyOutcome::Applied
     );
+}
+
+#[test]
+fn a_replica_with_a_seqno_gap_before_a_window_flushes_and_applies_it() {
+    // A replica's seqnos can skip one before START: a disk snapshot that
+    // ended on its primary's END or REVERT marker (acknowledged, never
+    // queued). Its flusher then stops at the last seqno it holds, below
+    // START - 1. Before, `flush` waited for START - 1 until it timed out,
+    // and at the memory limit the replica refused the window's entries for
+    // as long as the window stayed open, waiting for a flush that could
+    // not come.
+    let dir = tempfile::tempdir().unwrap();
+    let r = builder(dir.path())
+        .replica(true)
+        .checkpoint_memory_limit(64 * 1024)
+        .persist_timeout(Duration::from_secs(5))
+        .open()
+        .unwrap();
+    let p = 0;
+    let keys = keys_of(&r, p, "g", 7);
+    let value = vec![b'v'; 10 * 1024];
+    for (i, k) in keys[..5].iter().enumerate() {
+        let item = QueuedItem::new(QueueOp::Mutation, k, &value, meta_at(1 + i as u64));
+        assert_eq!(r.apply_replicated(p, &item).unwrap(), ApplyOutcome::Applied);
+    }
+    // Seqno 6 was the primary's marker; its window starts at 7.
+    r.replica_checkpoint(p, 2).unwrap();
+    let start = QueuedItem::marker(QueueOp::OnlineUpdateStart { checkpoint_id: 2 }, meta_at(7));
+    assert_eq!(
+        r.apply_replicated(p, &start).unwrap(),
+        ApplyOutcome::Applied
+    );
+    r.flush()
+        .unwrap_or_else(|e| panic!("flush with a window open after a gap: {e}"));
+    // Nothing flushable is left, so entries of the window go in past the
+    // memory limit (held to the window's own limit instead).
+    for (i, k) in keys[5..].iter().enumerate() {
+        let big = vec![b'w'; 40 * 1024];
+        let item = QueuedItem::new(QueueOp::Mutation, k, &big, meta_at(8 + i as u64));
+        assert_eq!(
+            r.apply_replicated(p, &item)
+                .unwrap_or_else(|e| panic!("window entry {i}: {e}")),
+            ApplyOutcome::Applied
+        );
+    }
 }
 
 #[test]
