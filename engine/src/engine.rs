@@ -305,7 +305,26 @@ impl Shared {
         self.wake_persist_waiters();
     }
 
+    /// Poisons the engine after a failed sync (see
+    /// [`Store::sync_failed`](crate::store::Store::sync_failed)): the OS
+    /// may have dropped the pages it covered yet report the next sync of
+    /// the file a success, so nothing written before it can be called
+    /// durable again (PostgreSQL learnt this in 2018, "fsyncgate").
+    pub(crate) fn poison_for_failed_sync(&self, detail: &str) {
+        self.poison(format!(
+            "a WAL sync failed ({detail}): writes it covered may not be on disk, and no later \
+             sync can tell; reopen the engine to recover what is"
+        ));
+    }
+
     fn check_poisoned(&self) -> Result<()> {
+        // A synced write that failed anywhere (a reservation, a window
+        // record) poisons the engine at its next call, durable writers
+        // waiting or not, and before a close could mark the directory
+        // cleanly shut down.
+        if !self.is_poisoned.load(Ordering::Acquire) && self.store.sync_failed() {
+            self.poison_for_failed_sync("a synced write failed");
+        }
         if self.is_poisoned.load(Ordering::Acquire) {
             let reason = self.poisoned.lock().clone().unwrap_or_default();
             return Err(Error::Poisoned(reason));

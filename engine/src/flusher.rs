@@ -626,23 +626,26 @@ fn thread_is_pager(mine: &[&Partition]) -> bool {
     mine.first().is_some_and(|p| p.id == 0)
 }
 
-/// A WAL sync (or a synced write) failed: the OS may have dropped the pages
-/// it covered yet report the next sync of the file as a success, so no
-/// later sync can make what was written before it durable (PostgreSQL
-/// learnt this in 2018, "fsyncgate"). The engine is poisoned: durable
-/// writers waiting get the error instead of an acknowledgement, and a
-/// reopen recovers what the disk really holds.
+/// A WAL sync (or a synced write) failed: the engine is poisoned
+/// (`Shared::poison_for_failed_sync`); durable writers waiting get the
+/// error instead of an acknowledgement, and a reopen recovers what the disk
+/// really holds.
 fn poison_for_failed_sync(shared: &Shared, e: &Error) {
-    shared.poison(format!(
-        "a WAL sync failed ({e}): writes it covered may not be on disk, and no later sync \
-         can tell; reopen the engine to recover what is"
-    ));
+    shared.poison_for_failed_sync(&e.to_string());
 }
 
 /// Records that everything persisted so far is synced, and wakes waiters.
 /// Refuses, poisoning the engine, once any sync has failed (see
-/// [`poison_for_failed_sync`]).
+/// [`poison_for_failed_sync`]); acknowledges nothing this time while a
+/// synced write elsewhere (a reservation, a window record) is under way, as
+/// its sync may yet fail for pages this one reported synced (the next
+/// round syncs and looks again).
 fn mark_synced(shared: &Shared, mine: &[&Partition]) -> Result<()> {
+    // In flight first: a synced write that finished has set its failure
+    // before it stopped counting.
+    if shared.store.synced_writes_in_flight() > 0 {
+        return Ok(());
+    }
     if shared.store.sync_failed() {
         let e = Error::Storage("an earlier WAL sync failed".into());
         poison_for_failed_sync(shared, &e);

@@ -426,6 +426,8 @@ pub(crate) struct Store {
     /// called durable again (the flusher then poisons the engine rather
     /// than acknowledge a durable write).
     sync_failed: AtomicBool,
+    /// Synced writes under way (see [`synced_writes_in_flight`](Self::synced_writes_in_flight)).
+    synced_in_flight: AtomicUsize,
     /// Test hook: syncs still to fail ([`Engine::inject_sync_failures`](crate::Engine::inject_sync_failures)).
     pub(crate) injected_sync_failures: AtomicUsize,
 }
@@ -464,6 +466,7 @@ impl Store {
             path,
             injected_window_failures: AtomicUsize::new(0),
             sync_failed: AtomicBool::new(false),
+            synced_in_flight: AtomicUsize::new(0),
             injected_sync_failures: AtomicUsize::new(0),
         })
     }
@@ -493,6 +496,7 @@ impl Store {
             path,
             injected_window_failures: AtomicUsize::new(0),
             sync_failed: AtomicBool::new(false),
+            synced_in_flight: AtomicUsize::new(0),
             injected_sync_failures: AtomicUsize::new(0),
         })
     }
@@ -534,11 +538,21 @@ impl Store {
     fn write_synced(&self, batch: WriteBatch) -> Result<()> {
         let mut wo = rocksdb::WriteOptions::default();
         wo.set_sync(true);
+        self.synced_in_flight.fetch_add(1, Ordering::AcqRel);
         let written = match self.injected_sync_failure() {
             Some(e) => Err(e),
             None => self.db.write_opt(batch, &wo).map_err(Error::from),
         };
-        self.note_sync(written)
+        let outcome = self.note_sync(written);
+        self.synced_in_flight.fetch_sub(1, Ordering::AcqRel);
+        outcome
+    }
+
+    /// Synced writes under way: one may still fail (and set
+    /// [`sync_failed`](Self::sync_failed)) for pages a sync that has just
+    /// succeeded elsewhere reported synced.
+    pub(crate) fn synced_writes_in_flight(&self) -> usize {
+        self.synced_in_flight.load(Ordering::Acquire)
     }
 
     /// Whether a synced write or a WAL sync has failed since the store was

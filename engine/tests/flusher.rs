@@ -38,6 +38,25 @@ fn a_failed_wal_sync_poisons_the_engine_instead_of_a_later_sync_acknowledging() 
 }
 
 #[test]
+fn a_failed_synced_record_write_poisons_the_engine_and_its_close_is_not_clean() {
+    // A window record's synced write fails, with no durable writer around.
+    // Before, the flag was only read when a durable write was acknowledged:
+    // `Memory` writes went on, and the close marked the directory cleanly
+    // shut down, so the next open added no failover branch although the
+    // disk may have lost what the failed sync covered.
+    let dir = tempfile::tempdir().unwrap();
+    let e = builder(dir.path()).open().unwrap();
+    e.set(b"before", "1", WriteOptions::default()).unwrap();
+    e.inject_sync_failures(1);
+    assert!(e.online_update_start(0).is_err());
+    let err = e.set(b"after", "2", WriteOptions::default()).unwrap_err();
+    assert!(matches!(err, Error::Poisoned(_)), "{err}");
+    assert!(e.close().is_err());
+    let view = tapkv_engine::DiskView::open(dir.path()).unwrap();
+    assert!(!view.clean_shutdown().unwrap());
+}
+
+#[test]
 fn failed_flushes_are_retried_without_loss_or_double_counting() {
     let dir = tempfile::tempdir().unwrap();
     let e = builder(dir.path()).flush_retry_limit(10).open().unwrap();
