@@ -56,6 +56,12 @@ impl<'a> MemReservation<'a> {
         bytes: usize,
         limit: usize,
     ) -> std::result::Result<Self, usize> {
+        // Nothing taken is never refused, even with the counter past the
+        // limit (markers and a replica's applies are charged without one):
+        // a rewrite that adds nothing net of the entry it replaces goes in.
+        if bytes == 0 {
+            return Ok(MemReservation { shared, bytes });
+        }
         // Compare-and-swap: a refused amount is never visible to others.
         shared
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {

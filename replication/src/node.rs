@@ -74,10 +74,13 @@ pub struct NodeConfig {
     /// a `Replicate` write waits).
     pub ack_bytes: u64,
     /// As a primary: the replicas a `Replicate` write is measured against
-    /// while fewer are connected (default 1). A write needs acknowledgements
-    /// from a majority of `max(min_replicas, connected streams)`, so with
-    /// the default it is never acknowledged with no replica holding it; 0
-    /// acknowledges it at once when no replica is connected.
+    /// while fewer can acknowledge it (default 1). A write needs
+    /// acknowledgements from a majority of `max(min_replicas, streams that
+    /// can acknowledge it)` — those streaming its partition from memory, or
+    /// that already did; not one still in its disk snapshot — so with the
+    /// default it is never acknowledged with no replica holding it; 0
+    /// acknowledges it at once when no replica can acknowledge it (none
+    /// connected, or all still joining).
     pub min_replicas: usize,
     /// Connections served at once (clients and replication streams; each
     /// has a thread). One more is answered `TEMP_FAILURE` ("too many
@@ -305,8 +308,9 @@ impl tapkv_engine::ReplicationGate for AckGate {
             let now = Instant::now();
             if now >= deadline {
                 return Err(Error::Timeout {
-                    what: "a majority of replicas (of the connected ones, and of --replicas) to \
-                           acknowledge the write; the write itself is applied and not undone",
+                    what: "a majority of replicas (of those streaming the partition from memory, \
+                           and of --replicas) to acknowledge the write; the write itself is \
+                           applied and not undone",
                     millis: timeout.as_millis() as u64,
                 });
             }
@@ -1535,9 +1539,10 @@ fn stream_loop(
                     };
                 });
                 if let Err(e) = read {
-                    // A failed read's events are discarded (the cursor did
-                    // not move past them): sent, the replica's ack for them
-                    // would read as one for bytes never sent.
+                    // A failed read's events are discarded: the stream ends
+                    // either way (the replica resumes from what it holds),
+                    // and sent, the replica's ack for them would read as one
+                    // for bytes never sent.
                     writer.truncate(queued_before);
                     if engine.has_cursor(*p, &s.cursor)? {
                         return Err(e);
@@ -1594,12 +1599,24 @@ fn stream_loop(
                 }
             } else {
                 // Nothing new since `generation` was read: sleep until the
-                // engine queues something, a heartbeat is due, or a slice
-                // is up (the loop then looks at the stop flags: a node's
-                // shutdown waited out a whole heartbeat here, up to an hour
-                // with `--heartbeat-ms`).
-                generation =
-                    engine.wait_for_changes(generation, cfg.heartbeat.min(LINK_WAIT_SLICE));
+                // engine queues something or a heartbeat is due, looking at
+                // the stop flags between slices (a node's shutdown waited
+                // out a whole heartbeat here, up to an hour with
+                // `--heartbeat-ms`); only a change or a due heartbeat makes
+                // another round.
+                let due = Instant::now() + cfg.heartbeat;
+                loop {
+                    let now = Instant::now();
+                    if now >= due || stopping() {
+                        break;
+                    }
+                    let seen =
+                        engine.wait_for_changes(generation, (due - now).min(LINK_WAIT_SLICE));
+                    if seen != generation {
+                        generation = seen;
+                        break;
+                    }
+                }
                 continue;
             }
             generation = engine.change_generation();

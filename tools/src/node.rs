@@ -49,11 +49,12 @@ pub(crate) struct NodeArgs {
     #[arg(long, default_value_t = 3000, value_parser = clap::value_parser!(u64).range(1..=DAY_MS))]
     slow_replica_ms: u64,
     /// As a primary: the replicas a `Replicate` write is measured against
-    /// while fewer are connected. A write needs a majority of this many or
-    /// of the replicas streaming its partition from memory, whichever is
+    /// while fewer can acknowledge it. A write needs a majority of this many
+    /// or of the replicas streaming its partition from memory, whichever is
     /// larger (one still joining does not count yet); with the default 1 it
     /// is never acknowledged while no replica holds it. 0: acknowledged at
-    /// once when no replica is connected.
+    /// once when no replica can acknowledge it (none connected, or all
+    /// still joining).
     #[arg(long, default_value_t = 1)]
     replicas: usize,
     /// Milliseconds a `Replicate` write waits for a majority of replicas (at most a day).
