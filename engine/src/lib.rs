@@ -48,7 +48,9 @@ pub use item::{
 };
 pub use online_update::{RevertReport, WindowInfo};
 pub use partition::{partition_of, PERSISTENCE_CURSOR};
-pub use replica::{ApplyOutcome, BackfillEntry, StreamStart, BACKFILL_TICK, BACKFILL_TICK_BYTES};
+pub use replica::{
+    ApplyOutcome, BackfillEntry, DiskSnapshot, StreamStart, BACKFILL_TICK, BACKFILL_TICK_BYTES,
+};
 pub use snapshot::SnapshotBuffer;
 pub use stats::{EngineStats, PartitionStats};
 pub use store::{

@@ -44,6 +44,87 @@ pub enum StreamStart {
     },
 }
 
+/// One partition's items and tombstones on disk with seqnos in
+/// `(after, end]`, read through a RocksDB iterator opened while the disk
+/// held exactly `end` ([`Engine::backfill_snapshot`],
+/// [`Engine::stream_start_with_snapshot`]): a key the flusher rewrites
+/// after `end` is still read at its version at or below `end`. (Reading
+/// `end` first and opening the iterator later could find such a key only
+/// at its newer version, outside the range, and send neither.)
+pub struct DiskSnapshot<'a> {
+    it: crate::store::ItemsIter<'a>,
+    partition: PartitionId,
+    after: u64,
+    end: u64,
+}
+
+impl std::fmt::Debug for DiskSnapshot<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DiskSnapshot")
+            .field("partition", &self.partition)
+            .field("after", &self.after)
+            .field("end", &self.end)
+            .finish()
+    }
+}
+
+impl DiskSnapshot<'_> {
+    /// The partition.
+    pub fn partition(&self) -> PartitionId {
+        self.partition
+    }
+
+    /// The seqno the snapshot starts after.
+    pub fn after(&self) -> u64 {
+        self.after
+    }
+
+    /// The snapshot's last seqno: the disk's high seqno for the partition
+    /// when it was taken.
+    pub fn end(&self) -> u64 {
+        self.end
+    }
+
+    /// Reads the snapshot: `f(Some(entry))` for each item and tombstone in
+    /// range, in **key order**, borrowed from the iterator; `f(None)` after
+    /// every [`BACKFILL_TICK`] records or [`BACKFILL_TICK_BYTES`] key and
+    /// value bytes scanned, whichever comes first (the whole partition is
+    /// read and filtered by seqno, so a narrow range of a large partition
+    /// can go a long time without a match, and a stream uses the ticks to
+    /// keep its connection alive). Returns how many entries it handed out.
+    pub fn scan_ref(
+        self,
+        mut f: impl FnMut(Option<BackfillEntry<'_>>) -> Result<()>,
+    ) -> Result<u64> {
+        let (after, upto) = (self.after, self.end);
+        let (mut n, mut scanned, mut bytes) = (0, 0usize, 0usize);
+        crate::store::Store::scan_items(self.it, self.partition, |key, rec| {
+            scanned += 1;
+            bytes += key.len() + rec.value.len();
+            if scanned >= BACKFILL_TICK || bytes >= BACKFILL_TICK_BYTES {
+                (scanned, bytes) = (0, 0);
+                f(None)?;
+            }
+            let seqno = rec.meta.by_seqno;
+            if seqno > after && seqno <= upto {
+                n += 1;
+                f(Some(BackfillEntry {
+                    op: if rec.deleted {
+                        QueueOp::Deletion
+                    } else {
+                        QueueOp::Mutation
+                    },
+                    key,
+                    value: if rec.deleted { &[] } else { rec.value },
+                    meta: rec.meta,
+                }))?;
+            }
+            Ok(())
+        })?;
+        Ok(n)
+    }
+}
+
 /// Records [`Engine::backfill_scan`] reads between two ticks.
 pub const BACKFILL_TICK: usize = 65_536;
 
@@ -273,13 +354,36 @@ impl Engine {
     /// after `from`, from memory if it still holds that history, else after a
     /// backfill from disk up to the persisted seqno.
     pub fn stream_start(&self, p: PartitionId, name: &str, from: u64) -> Result<StreamStart> {
+        Ok(match self.stream_start_with_snapshot(p, name, from)? {
+            None => StreamStart::InMemory,
+            Some(snap) => StreamStart::Backfill {
+                snapshot_end: snap.end(),
+            },
+        })
+    }
+
+    /// [`stream_start`](Self::stream_start), handing out the disk snapshot
+    /// to send first when memory no longer holds the history: `None` when
+    /// everything after `from` comes from memory, else the snapshot
+    /// `(from, end]`, the cursor registered at `end`. The cursor is
+    /// registered and the snapshot's iterator opened under the flusher's
+    /// round lock, so the disk holds exactly `end` when it is read.
+    pub fn stream_start_with_snapshot(
+        &self,
+        p: PartitionId,
+        name: &str,
+        from: u64,
+    ) -> Result<Option<DiskSnapshot<'_>>> {
         reserved_cursor_check(name)?;
         let s = self.live()?;
         let part = s.partition(p)?;
+        // No flush round runs meanwhile: the persistence cursor's seqno is
+        // the disk's high seqno until the lock is released.
+        let _round = s.flush_lock.lock();
         let mut w = part.lock();
         let from = from.min(w.checkpoints.high_seqno());
         let start = match w.checkpoints.register_cursor(name, from)? {
-            Registration::InMemory { .. } => Ok(StreamStart::InMemory),
+            Registration::InMemory { .. } => Ok(None),
             Registration::NeedsBackfill { .. } => {
                 // The persistence cursor pins the checkpoint holding the next
                 // unpersisted seqno, so memory holds everything after it.
@@ -290,9 +394,12 @@ impl Engine {
                     .find(|c| c.name == PERSISTENCE_CURSOR)
                     .map_or(0, |c| c.seqno);
                 match w.checkpoints.register_cursor(name, persisted)? {
-                    Registration::InMemory { .. } => Ok(StreamStart::Backfill {
-                        snapshot_end: persisted,
-                    }),
+                    Registration::InMemory { .. } => Ok(Some(DiskSnapshot {
+                        it: s.store.items_iter(p)?,
+                        partition: p,
+                        after: from,
+                        end: persisted,
+                    })),
                     Registration::NeedsBackfill { .. } => Err(Error::WrongState(format!(
                         "partition {p}: memory does not hold seqno {persisted} + 1"
                     ))),
@@ -314,11 +421,29 @@ impl Engine {
     /// backfills most of it this way, and its cursor pins checkpoints only
     /// for the short rest.
     pub fn backfill_end(&self, p: PartitionId, from: u64) -> Result<Option<u64>> {
+        Ok(self.backfill_snapshot(p, from)?.map(|snap| snap.end()))
+    }
+
+    /// [`backfill_end`](Self::backfill_end) with the snapshot `(from, end]`
+    /// to send, its iterator opened under the flusher's round lock so that
+    /// the disk holds exactly `end` when it is read (see [`DiskSnapshot`]).
+    pub fn backfill_snapshot(&self, p: PartitionId, from: u64) -> Result<Option<DiskSnapshot<'_>>> {
         let s = self.live()?;
         let part = s.partition(p)?;
+        // No flush round runs meanwhile: the persisted seqno is the disk's
+        // high seqno until the lock is released.
+        let _round = s.flush_lock.lock();
         let w = part.lock();
         let persisted = part.progress.persisted_seqno.load(Ordering::Acquire);
-        Ok((!w.checkpoints.holds_after(from) && persisted > from).then_some(persisted))
+        if w.checkpoints.holds_after(from) || persisted <= from {
+            return Ok(None);
+        }
+        Ok(Some(DiskSnapshot {
+            it: s.store.items_iter(p)?,
+            partition: p,
+            after: from,
+            end: persisted,
+        }))
     }
 
     /// Calls `f` for every item and tombstone of partition `p` on disk with a
@@ -359,40 +484,26 @@ impl Engine {
     /// [`Engine::backfill_scan`] handing out each entry borrowed from the
     /// disk iterator, valid only during the call: a stream encodes it
     /// straight into its connection buffer, with no allocation per item.
+    ///
+    /// It reads the disk as it is when called, whatever `upto` is: a
+    /// stream takes a [`DiskSnapshot`] instead, whose end and iterator
+    /// agree.
     pub fn backfill_scan_ref(
         &self,
         p: PartitionId,
         after: u64,
         upto: u64,
-        mut f: impl FnMut(Option<BackfillEntry<'_>>) -> Result<()>,
+        f: impl FnMut(Option<BackfillEntry<'_>>) -> Result<()>,
     ) -> Result<u64> {
         let s = self.live()?;
         s.partition(p)?;
-        let (mut n, mut scanned, mut bytes) = (0, 0usize, 0usize);
-        s.store.for_each_item_of(p, |key, rec| {
-            scanned += 1;
-            bytes += key.len() + rec.value.len();
-            if scanned >= BACKFILL_TICK || bytes >= BACKFILL_TICK_BYTES {
-                (scanned, bytes) = (0, 0);
-                f(None)?;
-            }
-            let seqno = rec.meta.by_seqno;
-            if seqno > after && seqno <= upto {
-                n += 1;
-                f(Some(BackfillEntry {
-                    op: if rec.deleted {
-                        QueueOp::Deletion
-                    } else {
-                        QueueOp::Mutation
-                    },
-                    key,
-                    value: if rec.deleted { &[] } else { rec.value },
-                    meta: rec.meta,
-                }))?;
-            }
-            Ok(())
-        })?;
-        Ok(n)
+        DiskSnapshot {
+            it: s.store.items_iter(p)?,
+            partition: p,
+            after,
+            end: upto,
+        }
+        .scan_ref(f)
     }
 
     /// Applies one entry of a primary's stream to partition `p`, keeping its

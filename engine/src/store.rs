@@ -714,15 +714,23 @@ impl Store {
         self.write_synced(batch)
     }
 
-    /// Calls `f` for every item record of partition `p`, in key order, with
-    /// key and record borrowed from the iterator.
-    pub(crate) fn for_each_item_of(
-        &self,
+    /// An iterator over partition `p`'s item records, reading the disk as
+    /// it is now (RocksDB pins that view until the iterator is dropped,
+    /// whatever is written meanwhile).
+    pub(crate) fn items_iter(&self, p: PartitionId) -> Result<ItemsIter<'_>> {
+        let mut it = self.db.raw_iterator_cf(self.cf(CF_ITEMS)?);
+        it.seek(p.to_be_bytes());
+        Ok(it)
+    }
+
+    /// Calls `f` for every item record of partition `p` that `it` (from
+    /// [`items_iter`](Self::items_iter)) reads, in key order, with key and
+    /// record borrowed from the iterator.
+    pub(crate) fn scan_items(
+        mut it: ItemsIter<'_>,
         p: PartitionId,
         mut f: impl FnMut(&[u8], RecordRef<'_>) -> Result<()>,
     ) -> Result<()> {
-        let mut it = self.db.raw_iterator_cf(self.cf(CF_ITEMS)?);
-        it.seek(p.to_be_bytes());
         while it.valid() {
             let (Some(k), Some(v)) = (it.key(), it.value()) else {
                 break;
@@ -1023,6 +1031,9 @@ impl FlushBatch {
         }
     }
 }
+
+/// A view of one partition's item records on disk, as of its creation.
+pub(crate) type ItemsIter<'a> = rocksdb::DBRawIteratorWithThreadMode<'a, DB>;
 
 /// A persisted partition as reported by [`DiskView::partitions`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

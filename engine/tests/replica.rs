@@ -232,6 +232,68 @@ fn out_of_range_ids_from_a_stream_are_refused() {
 }
 
 #[test]
+fn a_disk_snapshot_reads_the_disk_as_it_was_at_its_end() {
+    // Ten keys on disk only (reopened), so a stream backfills them. After
+    // the snapshot is taken the flusher rewrites one key past its end.
+    // Before, a stream read the end first and opened the disk iterator
+    // later: the iterator then found that key only at its new seqno,
+    // outside the range, and the snapshot sent neither version, while the
+    // replica acknowledged the end.
+    let dir = tempfile::tempdir().unwrap();
+    let keys: Vec<String> = (0..10).map(|i| format!("k{i}")).collect();
+    {
+        let e = builder(dir.path()).partitions(1).open().unwrap();
+        for k in &keys {
+            e.set(k.as_bytes(), "old", WriteOptions::default()).unwrap();
+        }
+        e.close().unwrap();
+    }
+    let e = builder(dir.path()).partitions(1).open().unwrap();
+    let read = |snap: tapkv_engine::DiskSnapshot<'_>| {
+        let mut got = Vec::new();
+        snap.scan_ref(|entry| {
+            if let Some(en) = entry {
+                got.push((en.key.to_vec(), en.meta.by_seqno, en.value.to_vec()));
+            }
+            Ok(())
+        })
+        .unwrap();
+        got.sort();
+        got
+    };
+    // Without a cursor (a backfill pass), then with one (the last part).
+    let pass = e.backfill_snapshot(0, 0).unwrap().expect("a backfill");
+    let last = e
+        .stream_start_with_snapshot(0, "s", 0)
+        .unwrap()
+        .expect("a backfill");
+    assert_eq!((pass.end(), last.end()), (10, 10));
+    e.set(b"k3", "new", WriteOptions::default()).unwrap();
+    e.flush().unwrap();
+    assert_eq!(e.persisted_seqno(0).unwrap(), 11);
+    for snap in [pass, last] {
+        let got = read(snap);
+        assert_eq!(got.len(), 10, "{got:?}");
+        assert!(
+            got.contains(&(b"k3".to_vec(), 4, b"old".to_vec())),
+            "{got:?}"
+        );
+    }
+    // The cursor, registered at the snapshot's end, reads the rewrite.
+    let after: Vec<(Vec<u8>, u64)> = e
+        .read_cursor(0, "s", 100)
+        .unwrap()
+        .events
+        .into_iter()
+        .filter_map(|ev| match ev {
+            tapkv_engine::CursorEvent::Item(item) => Some((item.key().to_vec(), item.seqno())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(after, vec![(b"k3".to_vec(), 11)]);
+}
+
+#[test]
 fn a_backfill_scan_ticks_through_stretches_outside_its_range() {
     let dir = tempfile::tempdir().unwrap();
     let e = builder(dir.path()).partitions(1).open().unwrap();

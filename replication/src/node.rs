@@ -21,8 +21,7 @@ use std::time::{Duration, Instant};
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::Serialize;
 use tapkv_engine::{
-    ApplyOutcome, DiskView, Engine, Error, EventRef, PartitionId, SnapshotBuffer, StreamStart,
-    WriteOptions,
+    ApplyOutcome, DiskView, Engine, Error, EventRef, PartitionId, SnapshotBuffer, WriteOptions,
 };
 
 use crate::io::{FrameReader, FrameWriter};
@@ -1244,12 +1243,12 @@ const BACKFILL_PASSES: usize = 3;
 /// RocksDB iterator (in key order: the replica orders the snapshot by seqno
 /// once it has all of it), and a closing memory `SNAPSHOT` marker.
 fn send_disk_snapshot(
-    engine: &Engine,
     s: &StreamShared,
     writer: &mut FrameWriter,
     (heartbeat, stopping): (Duration, &dyn Fn() -> bool),
-    (p, from, end): (PartitionId, u64, u64),
+    snap: tapkv_engine::DiskSnapshot<'_>,
 ) -> Result<(), Error> {
+    let (p, from, end) = (snap.partition(), snap.after(), snap.end());
     s.parts
         .lock()
         .insert(p, (PartitionStreamState::Backfilling, from));
@@ -1264,7 +1263,7 @@ fn send_disk_snapshot(
         },
     );
     let mut last_sent = Instant::now();
-    let items = engine.backfill_scan_ref(p, from, end, |entry| {
+    let items = snap.scan_ref(|entry| {
         // A partition's scan can take minutes: a node that stops ends it
         // (the stream then ends with STREAM_END, and the replica drops the
         // unfinished snapshot).
@@ -1322,11 +1321,14 @@ fn start_partition(
     if (timing.1)() {
         return Err(Error::Closed);
     }
-    let sent = match engine.stream_start(p, &s.cursor, from)? {
-        StreamStart::InMemory => from,
-        StreamStart::Backfill { snapshot_end } => {
-            send_disk_snapshot(engine, s, writer, timing, (p, from, snapshot_end))?;
-            snapshot_end
+    // The snapshot's iterator was opened with the cursor registered at its
+    // end, so what it reads is the disk at that seqno.
+    let sent = match engine.stream_start_with_snapshot(p, &s.cursor, from)? {
+        None => from,
+        Some(snap) => {
+            let end = snap.end();
+            send_disk_snapshot(s, writer, timing, snap)?;
+            end
         }
     };
     s.parts
@@ -1402,14 +1404,9 @@ fn stream_loop(
                 if stopping() {
                     return Err(Error::Closed);
                 }
-                if let Some(end) = engine.backfill_end(*p, *from)? {
-                    send_disk_snapshot(
-                        engine,
-                        s,
-                        writer,
-                        (cfg.heartbeat, &stopping),
-                        (*p, *from, end),
-                    )?;
+                if let Some(snap) = engine.backfill_snapshot(*p, *from)? {
+                    let end = snap.end();
+                    send_disk_snapshot(s, writer, (cfg.heartbeat, &stopping), snap)?;
                     *from = end;
                     sent_any = true;
                 }
