@@ -298,9 +298,16 @@ impl Shared {
         }
     }
 
+    /// Poisons the engine; the first reason stays (a later caller, or a
+    /// racing one, does not replace it).
     pub(crate) fn poison(&self, reason: String) {
-        tracing::error!(%reason, "engine poisoned");
-        *self.poisoned.lock() = Some(reason);
+        {
+            let mut first = self.poisoned.lock();
+            if first.is_none() {
+                tracing::error!(%reason, "engine poisoned");
+                *first = Some(reason);
+            }
+        }
         self.is_poisoned.store(true, Ordering::Release);
         self.wake_persist_waiters();
     }
@@ -323,7 +330,8 @@ impl Shared {
         // waiting or not, and before a close could mark the directory
         // cleanly shut down.
         if !self.is_poisoned.load(Ordering::Acquire) && self.store.sync_failed() {
-            self.poison_for_failed_sync("a synced write failed");
+            let detail = self.store.sync_failure().unwrap_or_default();
+            self.poison_for_failed_sync(&detail);
         }
         if self.is_poisoned.load(Ordering::Acquire) {
             let reason = self.poisoned.lock().clone().unwrap_or_default();

@@ -27,6 +27,10 @@ const SCAN_PIECE: usize = 256;
 /// One nap while a group commit gathers writers.
 const GROUP_NAP: Duration = Duration::from_micros(20);
 
+/// How long an acknowledgement waits for synced writes elsewhere to finish
+/// (see `mark_synced`).
+const IN_FLIGHT_PATIENCE: Duration = Duration::from_millis(100);
+
 /// How long an idle flusher sleeps before looking again.
 const IDLE_WAIT: Duration = Duration::from_millis(100);
 
@@ -636,15 +640,21 @@ fn poison_for_failed_sync(shared: &Shared, e: &Error) {
 
 /// Records that everything persisted so far is synced, and wakes waiters.
 /// Refuses, poisoning the engine, once any sync has failed (see
-/// [`poison_for_failed_sync`]); acknowledges nothing this time while a
-/// synced write elsewhere (a reservation, a window record) is under way, as
-/// its sync may yet fail for pages this one reported synced (the next
-/// round syncs and looks again).
+/// [`poison_for_failed_sync`]). A synced write elsewhere (a reservation, a
+/// window record) under way may yet fail for pages this sync reported
+/// synced: it waits for those to finish (they are short, and none needs
+/// the round lock this holds), up to `IN_FLIGHT_PATIENCE`; past it, it
+/// acknowledges nothing and asks for another round at once.
 fn mark_synced(shared: &Shared, mine: &[&Partition]) -> Result<()> {
     // In flight first: a synced write that finished has set its failure
     // before it stopped counting.
-    if shared.store.synced_writes_in_flight() > 0 {
-        return Ok(());
+    let waiting_since = Instant::now();
+    while shared.store.synced_writes_in_flight() > 0 {
+        if waiting_since.elapsed() >= IN_FLIGHT_PATIENCE {
+            shared.notify_flushers();
+            return Ok(());
+        }
+        std::thread::sleep(GROUP_NAP);
     }
     if shared.store.sync_failed() {
         let e = Error::Storage("an earlier WAL sync failed".into());

@@ -377,6 +377,16 @@ impl Engine {
         reserved_cursor_check(name)?;
         let s = self.live()?;
         let part = s.partition(p)?;
+        {
+            // Most streams start in memory: that needs the partition's lock
+            // only, not a wait behind a flush round.
+            let mut w = part.lock();
+            let from = from.min(w.checkpoints.high_seqno());
+            if let Registration::InMemory { .. } = w.checkpoints.register_cursor(name, from)? {
+                w.checkpoints.set_droppable(name);
+                return Ok(None);
+            }
+        }
         // No flush round runs meanwhile: the persistence cursor's seqno is
         // the disk's high seqno until the lock is released.
         let _round = s.flush_lock.lock();
@@ -395,7 +405,7 @@ impl Engine {
                     .map_or(0, |c| c.seqno);
                 match w.checkpoints.register_cursor(name, persisted)? {
                     Registration::InMemory { .. } => Ok(Some(DiskSnapshot {
-                        it: s.store.items_iter(p)?,
+                        it: s.store.items_iter()?,
                         partition: p,
                         after: from,
                         end: persisted,
@@ -439,7 +449,7 @@ impl Engine {
             return Ok(None);
         }
         Ok(Some(DiskSnapshot {
-            it: s.store.items_iter(p)?,
+            it: s.store.items_iter()?,
             partition: p,
             after: from,
             end: persisted,
@@ -498,7 +508,7 @@ impl Engine {
         let s = self.live()?;
         s.partition(p)?;
         DiskSnapshot {
-            it: s.store.items_iter(p)?,
+            it: s.store.items_iter()?,
             partition: p,
             after,
             end: upto,

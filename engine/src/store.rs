@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::item::{ItemMeta, PartitionId, QueueOp, QueuedItem};
-use crate::sync::{AtomicBool, AtomicUsize, Ordering};
+use crate::sync::{AtomicBool, AtomicUsize, Mutex, Ordering};
 
 const CF_ITEMS: &str = "items";
 const CF_META: &str = "meta";
@@ -428,6 +428,8 @@ pub(crate) struct Store {
     sync_failed: AtomicBool,
     /// Synced writes under way (see [`synced_writes_in_flight`](Self::synced_writes_in_flight)).
     synced_in_flight: AtomicUsize,
+    /// The first failed sync's error, for the poisoning reason.
+    sync_failure: Mutex<Option<String>>,
     /// Test hook: syncs still to fail ([`Engine::inject_sync_failures`](crate::Engine::inject_sync_failures)).
     pub(crate) injected_sync_failures: AtomicUsize,
 }
@@ -467,6 +469,7 @@ impl Store {
             injected_window_failures: AtomicUsize::new(0),
             sync_failed: AtomicBool::new(false),
             synced_in_flight: AtomicUsize::new(0),
+            sync_failure: Mutex::new(None),
             injected_sync_failures: AtomicUsize::new(0),
         })
     }
@@ -497,6 +500,7 @@ impl Store {
             injected_window_failures: AtomicUsize::new(0),
             sync_failed: AtomicBool::new(false),
             synced_in_flight: AtomicUsize::new(0),
+            sync_failure: Mutex::new(None),
             injected_sync_failures: AtomicUsize::new(0),
         })
     }
@@ -538,14 +542,12 @@ impl Store {
     fn write_synced(&self, batch: WriteBatch) -> Result<()> {
         let mut wo = rocksdb::WriteOptions::default();
         wo.set_sync(true);
-        self.synced_in_flight.fetch_add(1, Ordering::AcqRel);
+        let _in_flight = InFlight::enter(&self.synced_in_flight);
         let written = match self.injected_sync_failure() {
             Some(e) => Err(e),
             None => self.db.write_opt(batch, &wo).map_err(Error::from),
         };
-        let outcome = self.note_sync(written);
-        self.synced_in_flight.fetch_sub(1, Ordering::AcqRel);
-        outcome
+        self.note_sync(written)
     }
 
     /// Synced writes under way: one may still fail (and set
@@ -561,8 +563,16 @@ impl Store {
         self.sync_failed.load(Ordering::Acquire)
     }
 
+    /// What the first failed sync reported, once one has failed.
+    pub(crate) fn sync_failure(&self) -> Option<String> {
+        self.sync_failure.lock().clone()
+    }
+
     fn note_sync(&self, outcome: Result<()>) -> Result<()> {
-        if outcome.is_err() {
+        if let Err(e) = &outcome {
+            self.sync_failure
+                .lock()
+                .get_or_insert_with(|| e.to_string());
             self.sync_failed.store(true, Ordering::Release);
         }
         outcome
@@ -714,13 +724,13 @@ impl Store {
         self.write_synced(batch)
     }
 
-    /// An iterator over partition `p`'s item records, reading the disk as
-    /// it is now (RocksDB pins that view until the iterator is dropped,
-    /// whatever is written meanwhile).
-    pub(crate) fn items_iter(&self, p: PartitionId) -> Result<ItemsIter<'_>> {
-        let mut it = self.db.raw_iterator_cf(self.cf(CF_ITEMS)?);
-        it.seek(p.to_be_bytes());
-        Ok(it)
+    /// An iterator over the item records, reading the disk as it is now
+    /// (RocksDB fixes that view when the iterator is created, whatever is
+    /// written meanwhile). Creating it reads nothing: the seek, which may
+    /// read from disk, comes with [`scan_items`](Self::scan_items), so a
+    /// caller holding locks to fix the view holds them only this long.
+    pub(crate) fn items_iter(&self) -> Result<ItemsIter<'_>> {
+        Ok(self.db.raw_iterator_cf(self.cf(CF_ITEMS)?))
     }
 
     /// Calls `f` for every item record of partition `p` that `it` (from
@@ -731,6 +741,7 @@ impl Store {
         p: PartitionId,
         mut f: impl FnMut(&[u8], RecordRef<'_>) -> Result<()>,
     ) -> Result<()> {
+        it.seek(p.to_be_bytes());
         while it.valid() {
             let (Some(k), Some(v)) = (it.key(), it.value()) else {
                 break;
@@ -1032,8 +1043,25 @@ impl FlushBatch {
     }
 }
 
-/// A view of one partition's item records on disk, as of its creation.
+/// A view of the item records on disk, as of its creation.
 pub(crate) type ItemsIter<'a> = rocksdb::DBRawIteratorWithThreadMode<'a, DB>;
+
+/// Counts a synced write as under way while it lives (a panic inside one
+/// still ends the count).
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    fn enter(n: &'a AtomicUsize) -> Self {
+        n.fetch_add(1, Ordering::AcqRel);
+        InFlight(n)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 /// A persisted partition as reported by [`DiskView::partitions`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
