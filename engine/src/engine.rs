@@ -368,7 +368,7 @@ impl Shared {
         }
         let timeout = self.config.persist_timeout;
         let deadline = Instant::now() + timeout;
-        self.persist_waiters.fetch_add(1, Ordering::AcqRel);
+        let waiting = crate::sync::Counted::new(&self.persist_waiters);
         self.notify_flushers();
         let slot = &self.persist_slots
             [self.persist_next_slot.fetch_add(1, Ordering::Relaxed) % self.persist_slots.len()];
@@ -390,7 +390,7 @@ impl Shared {
             slot.cv.wait_for(&mut g, deadline - now);
         };
         drop(g);
-        self.persist_waiters.fetch_sub(1, Ordering::AcqRel);
+        drop(waiting);
         outcome
     }
 }

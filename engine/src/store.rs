@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::item::{ItemMeta, PartitionId, QueueOp, QueuedItem};
-use crate::sync::{AtomicBool, AtomicUsize, Mutex, Ordering};
+use crate::sync::{AtomicBool, AtomicUsize, Counted, Mutex, Ordering};
 
 const CF_ITEMS: &str = "items";
 const CF_META: &str = "meta";
@@ -542,7 +542,7 @@ impl Store {
     fn write_synced(&self, batch: WriteBatch) -> Result<()> {
         let mut wo = rocksdb::WriteOptions::default();
         wo.set_sync(true);
-        let _in_flight = InFlight::enter(&self.synced_in_flight);
+        let _in_flight = Counted::new(&self.synced_in_flight);
         let written = match self.injected_sync_failure() {
             Some(e) => Err(e),
             None => self.db.write_opt(batch, &wo).map_err(Error::from),
@@ -1045,23 +1045,6 @@ impl FlushBatch {
 
 /// A view of the item records on disk, as of its creation.
 pub(crate) type ItemsIter<'a> = rocksdb::DBRawIteratorWithThreadMode<'a, DB>;
-
-/// Counts a synced write as under way while it lives (a panic inside one
-/// still ends the count).
-struct InFlight<'a>(&'a AtomicUsize);
-
-impl<'a> InFlight<'a> {
-    fn enter(n: &'a AtomicUsize) -> Self {
-        n.fetch_add(1, Ordering::AcqRel);
-        InFlight(n)
-    }
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
 
 /// A persisted partition as reported by [`DiskView::partitions`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

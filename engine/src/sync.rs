@@ -99,3 +99,21 @@ pub mod model {
         }
     }
 }
+
+/// One more on a count while it lives: a waiter or a write in flight that an
+/// early return or a panic still takes off the count.
+pub struct Counted<'a>(&'a AtomicUsize);
+
+impl<'a> Counted<'a> {
+    /// Adds one to `n` until the guard is dropped.
+    pub fn new(n: &'a AtomicUsize) -> Self {
+        n.fetch_add(1, Ordering::AcqRel);
+        Counted(n)
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}

@@ -30,7 +30,7 @@ use crate::message::{
     StreamMessage, StreamRequest, PROTOCOL_VERSION,
 };
 use crate::protocol::{Frame, ProtocolError, DEFAULT_MAX_BODY};
-use crate::sync::{Arc, AtomicBool, AtomicU64, AtomicUsize, Condvar, Mutex, Ordering};
+use crate::sync::{Arc, AtomicBool, AtomicU64, AtomicUsize, Condvar, Counted, Mutex, Ordering};
 
 /// Settings of a node, each with its default.
 #[derive(Debug, Clone)]
@@ -241,23 +241,7 @@ struct AckSignal {
     cv: Condvar,
     /// `Replicate` writes waiting for acknowledgements (streams do not
     /// linger while any does).
-    waiting: AtomicU64,
-}
-
-/// Counts a `Replicate` writer as waiting while it lives.
-struct Waiting<'a>(&'a AtomicU64);
-
-impl<'a> Waiting<'a> {
-    fn new(n: &'a AtomicU64) -> Self {
-        n.fetch_add(1, Ordering::AcqRel);
-        Waiting(n)
-    }
-}
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
+    waiting: AtomicUsize,
 }
 
 /// `Durability::Replicate`: waits until a majority of the replicas'
@@ -283,7 +267,7 @@ fn replicate_quorum(connected: usize, min_replicas: usize) -> usize {
 impl tapkv_engine::ReplicationGate for AckGate {
     fn wait_replicated(&self, p: PartitionId, seqno: u64, timeout: Duration) -> Result<(), Error> {
         let deadline = Instant::now() + timeout;
-        let _waiting = Waiting::new(&self.acks.waiting);
+        let _waiting = Counted::new(&self.acks.waiting);
         let mut g = self.acks.lock.lock();
         loop {
             let (connected, acked) = {

@@ -5,5 +5,5 @@
 //! sockets, which loom cannot run).
 
 pub(crate) use tapkv_engine::sync::{
-    Arc, AtomicBool, AtomicU64, AtomicUsize, Condvar, Mutex, Ordering,
+    Arc, AtomicBool, AtomicU64, AtomicUsize, Condvar, Counted, Mutex, Ordering,
 };
