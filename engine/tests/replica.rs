@@ -653,6 +653,26 @@ fn a_window_from_the_stream_is_held_to_the_replicas_own_limit() {
     assert_eq!(r.stats().unwrap().items(), applied);
 }
 
+/// Applies five 10 KiB entries to partition `p` of replica `r` (seqnos
+/// 1..=5, keys `keys[..5]`), then its primary's window START at seqno
+/// `start_seqno` (checkpoint 2).
+fn backlog_then_window(r: &Engine, p: u16, keys: &[Vec<u8>], start_seqno: u64) {
+    let value = vec![b'v'; 10 * 1024];
+    for (i, k) in keys[..5].iter().enumerate() {
+        let item = QueuedItem::new(QueueOp::Mutation, k, &value, meta_at(1 + i as u64));
+        assert_eq!(r.apply_replicated(p, &item).unwrap(), ApplyOutcome::Applied);
+    }
+    r.replica_checkpoint(p, 2).unwrap();
+    let start = QueuedItem::marker(
+        QueueOp::OnlineUpdateStart { checkpoint_id: 2 },
+        meta_at(start_seqno),
+    );
+    assert_eq!(
+        r.apply_replicated(p, &start).unwrap(),
+        ApplyOutcome::Applied
+    );
+}
+
 #[test]
 fn a_replica_waits_for_its_pre_window_backlog_before_passing_its_memory_limit() {
     // Entries before a window's START can be persisted while the window is
@@ -670,17 +690,7 @@ fn a_replica_waits_for_its_pre_window_backlog_before_passing_its_memory_limit() 
     r.set_flusher_paused(true);
     let p = 0;
     let keys = keys_of(&r, p, "b", 6);
-    let value = vec![b'v'; 10 * 1024];
-    for (i, k) in keys[..5].iter().enumerate() {
-        let item = QueuedItem::new(QueueOp::Mutation, k, &value, meta_at(1 + i as u64));
-        assert_eq!(r.apply_replicated(p, &item).unwrap(), ApplyOutcome::Applied);
-    }
-    r.replica_checkpoint(p, 2).unwrap();
-    let start = QueuedItem::marker(QueueOp::OnlineUpdateStart { checkpoint_id: 2 }, meta_at(6));
-    assert_eq!(
-        r.apply_replicated(p, &start).unwrap(),
-        ApplyOutcome::Applied
-    );
+    backlog_then_window(&r, p, &keys, 6);
     let big = vec![b'w'; 20 * 1024];
     let in_window = QueuedItem::new(QueueOp::Mutation, &keys[5], &big, meta_at(7));
     let refused = r.apply_replicated(p, &in_window).unwrap_err();
@@ -715,18 +725,8 @@ fn a_replica_with_a_seqno_gap_before_a_window_flushes_and_applies_it() {
         .unwrap();
     let p = 0;
     let keys = keys_of(&r, p, "g", 7);
-    let value = vec![b'v'; 10 * 1024];
-    for (i, k) in keys[..5].iter().enumerate() {
-        let item = QueuedItem::new(QueueOp::Mutation, k, &value, meta_at(1 + i as u64));
-        assert_eq!(r.apply_replicated(p, &item).unwrap(), ApplyOutcome::Applied);
-    }
     // Seqno 6 was the primary's marker; its window starts at 7.
-    r.replica_checkpoint(p, 2).unwrap();
-    let start = QueuedItem::marker(QueueOp::OnlineUpdateStart { checkpoint_id: 2 }, meta_at(7));
-    assert_eq!(
-        r.apply_replicated(p, &start).unwrap(),
-        ApplyOutcome::Applied
-    );
+    backlog_then_window(&r, p, &keys, 7);
     r.flush()
         .unwrap_or_else(|e| panic!("flush with a window open after a gap: {e}"));
     // Nothing flushable is left, so entries of the window go in past the
