@@ -146,6 +146,12 @@ impl Error {
     /// The message without a leading restatement of [`kind`](Self::kind)
     /// (`wrong state: ...` for `wrong_state`), for `<kind>: <detail>` lines.
     pub fn detail(&self) -> String {
+        match self {
+            // Their messages say the kind in other words.
+            Error::Io(e) => return e.to_string(),
+            Error::Storage(msg) => return msg.clone(),
+            _ => {}
+        }
         let text = self.to_string();
         let said = format!("{}: ", self.kind().replace('_', " "));
         match text.strip_prefix(&said) {
@@ -183,5 +189,26 @@ impl Error {
 impl From<rocksdb::Error> for Error {
     fn from(e: rocksdb::Error) -> Self {
         Error::Storage(e.into_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_detail_never_restates_its_kind() {
+        // Before, `io` and `storage` errors kept their "I/O error: " and
+        // "storage error: " prefixes, so a tool's `<kind>: <detail>` line
+        // read `ERROR io: I/O error: cannot reach node ...`.
+        let io = Error::Io(std::io::Error::other("cannot reach node"));
+        assert_eq!(
+            format!("{}: {}", io.kind(), io.detail()),
+            "io: cannot reach node"
+        );
+        let storage = Error::Storage("disk full".into());
+        assert_eq!(storage.detail(), "disk full");
+        let wrong = Error::WrongState("no window open".into());
+        assert_eq!(wrong.detail(), "no window open");
     }
 }

@@ -46,11 +46,21 @@ impl EngineStats {
         self.partitions.iter().map(|p| p.items).sum()
     }
 
-    /// Items not yet persisted over all partitions.
+    /// Entries (items, tombstones and online-update markers) the flusher
+    /// has still to write, over all partitions: each persistence cursor's
+    /// exact remaining count. (Not the span between the high and persisted
+    /// seqnos: a replica's seqnos can have gaps, and one replica read a
+    /// million "dirty" seqnos off a primary restarted after a crash, with
+    /// nothing unpersisted.)
     pub fn dirty(&self) -> u64 {
         self.partitions
             .iter()
-            .map(|p| p.high_seqno - p.persisted_seqno)
+            .filter_map(|p| {
+                p.cursors
+                    .iter()
+                    .find(|c| c.name == crate::partition::PERSISTENCE_CURSOR)
+            })
+            .map(|c| c.remaining as u64)
             .sum()
     }
 }

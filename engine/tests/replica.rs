@@ -743,6 +743,28 @@ fn a_replica_with_a_seqno_gap_before_a_window_flushes_and_applies_it() {
 }
 
 #[test]
+fn dirty_counts_entries_to_write_not_a_seqno_span() {
+    // A replica that holds nothing of partition 0 yet sees its primary
+    // open a window at seqno 1,000,003 (a primary restarted after a crash
+    // continues past its seqno reservation). Before, `dirty` was the span
+    // between the high and persisted seqnos: 1,000,003 here, with one
+    // marker unwritten.
+    let dir = tempfile::tempdir().unwrap();
+    let r = builder(dir.path()).replica(true).open().unwrap();
+    r.replica_checkpoint(0, 2).unwrap();
+    let start = QueuedItem::marker(
+        QueueOp::OnlineUpdateStart { checkpoint_id: 2 },
+        meta_at(1_000_003),
+    );
+    assert_eq!(
+        r.apply_replicated(0, &start).unwrap(),
+        ApplyOutcome::Applied
+    );
+    r.flush().unwrap();
+    assert_eq!(r.stats().unwrap().dirty(), 1, "the START marker alone");
+}
+
+#[test]
 fn a_replica_admits_a_window_rewrite_net_of_the_entry_it_replaces() {
     // Its primary admits a rewrite of a key net of the entry it replaces
     // (`a_window_admits_a_rewrite_net_of_the_entry_it_replaces`), so a

@@ -34,7 +34,9 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// tapkv: a checkpointed key-value storage engine with online-update revert.
 ///
 /// Every command that takes `--data DIR` opens the engine embedded in this
-/// process on that data directory (created if missing). A directory can be
+/// process on that data directory (created if missing by the commands that
+/// write; `kv get`, `kv del` and `admin` refuse a directory that holds no
+/// data). A directory can be
 /// open in one process at a time; `admin` commands read it without the lock.
 ///
 /// Exit status: 0 success, 1 a key not found (`kv get`/`kv del`), 2 a usage
@@ -80,8 +82,9 @@ pub(crate) enum DurabilityArg {
     Memory,
     /// Return once the write is synced to disk.
     Persist,
-    /// Return once a majority of the node's replicas hold it (needs a node:
-    /// `--addr`). A timeout is an error, but the write stays applied.
+    /// Return once a majority of the node's replicas hold it (needs a node,
+    /// where a command can reach one). A timeout is an error, but the
+    /// write stays applied.
     Replicate,
 }
 
@@ -111,7 +114,9 @@ impl From<DurabilityArg> for Durability {
 #[derive(clap::Args, Debug, Clone)]
 #[group(required = true, multiple = false)]
 pub(crate) struct Target {
-    /// Data directory (created if missing): the engine runs in this process.
+    /// Data directory: the engine runs in this process. `kv set` and
+    /// `shell` create it if missing; `kv get` and `kv del` refuse one that
+    /// holds no data.
     #[arg(long, value_name = "DIR")]
     pub(crate) data: Option<PathBuf>,
     /// Address of a running node (`tapkv node`), e.g. 127.0.0.1:11311.
