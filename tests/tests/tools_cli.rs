@@ -733,6 +733,38 @@ fn admin_dump_escapes_keys_one_record_a_line() {
 }
 
 #[test]
+fn kv_takes_a_key_as_admin_dump_prints_it_with_escaped() {
+    // `admin dump` prints keys escaped; before, `kv` took keys literally
+    // only, so a key with a space or a byte that is not UTF-8 copied from a
+    // dump was "not found", and the message showed it in Rust's debug form.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let script = "set sp\\x20ace v1\nset \\xffbin v2\n";
+    let (ok, _, err) = run(&["shell", "--data", d], script, T);
+    assert!(ok, "{err}");
+    let (ok, out, err) = run(&["admin", "dump", "--data", d], "", T);
+    assert!(ok, "{err}");
+    for (dumped, value) in [("sp\\x20ace", "v1\n"), ("\\xffbin", "v2\n")] {
+        assert!(out.contains(&format!("key={dumped} ")), "{out}");
+        let (ok, got, err) = run(&["kv", "get", "--data", d, "--escaped", dumped], "", T);
+        assert!(ok, "{dumped}: {err}");
+        assert_eq!(got, value);
+    }
+    // Literal without the flag: a missing key, named escaped.
+    let (ok, _, err) = run(&["kv", "get", "--data", d, "sp\\x20ace"], "", T);
+    assert!(!ok);
+    assert!(err.contains("key \"sp\\\\x20ace\" not found"), "{err}");
+    // A bad escape is named.
+    let (ok, _, err) = run(&["kv", "get", "--data", d, "--escaped", "bad\\q"], "", T);
+    assert!(!ok);
+    assert!(err.contains("bad escape"), "{err}");
+    // A node address without a port is a usage error naming the problem.
+    let (ok, _, err) = run(&["kv", "get", "--addr", "localhost", "k"], "", T);
+    assert!(!ok);
+    assert!(err.contains("expected HOST:PORT"), "{err}");
+}
+
+#[test]
 fn kv_get_on_a_path_that_holds_no_store_creates_nothing() {
     // Before, a mistyped --data made an empty store and answered "not
     // found" (exit 1, as for a missing key).

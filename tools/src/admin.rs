@@ -20,7 +20,7 @@ pub(crate) struct Target {
     #[arg(long, value_name = "DIR")]
     data: Option<PathBuf>,
     /// Address of a running node (`tapkv node`), e.g. 127.0.0.1:11311.
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", value_parser = crate::node::node_addr)]
     addr: Option<String>,
 }
 
@@ -53,7 +53,7 @@ pub(crate) enum AdminCommand {
     /// Replication streams of a running node: cursor position, lag, state, last ack.
     Streams {
         /// Address of the node.
-        #[arg(long, value_name = "ADDR")]
+        #[arg(long, value_name = "ADDR", value_parser = crate::node::node_addr)]
         addr: String,
         /// The node's JSON array (name, peer, unacked_bytes, last_ack_ms, acks_ahead,
         /// and per partition: partition, state, sent_seqno, acked_seqno,

@@ -14,6 +14,12 @@ pub(crate) struct KvArgs {
     op: KvOp,
     #[command(flatten)]
     wait: crate::Wait,
+    /// KEY is written with the shell's escapes (`\\`, `\n`, `\r`, `\t`,
+    /// `\xNN`), as `admin dump` and the shell print keys: a key with
+    /// spaces, control characters or bytes that are not UTF-8 copied from
+    /// a dump. Without it KEY is taken literally.
+    #[arg(long, global = true)]
+    escaped: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -84,63 +90,75 @@ pub(crate) fn run(args: KvArgs) -> Result<ExitCode, Error> {
             return Ok(crate::usage_error(REPLICATE_NEEDS_A_NODE));
         }
     }
-    if let Some(code) = remote(&args.op, args.wait)? {
+    let key = match &args.op {
+        KvOp::Get { key, .. } | KvOp::Set { key, .. } | KvOp::Del { key, .. } => {
+            key_bytes(key, args.escaped)?
+        }
+    };
+    if let Some(code) = remote(&args.op, &key, args.wait)? {
         return Ok(code);
     }
     match args.op {
-        KvOp::Get { target, key, raw } => {
+        KvOp::Get { target, raw, .. } => {
             let engine = Engine::builder(existing(local(&target)?)?).open()?;
-            match engine.get(key.as_bytes()) {
+            match engine.get(&key) {
                 Ok(item) => {
                     print_value(item.value(), raw)?;
                     Ok(ExitCode::SUCCESS)
                 }
-                Err(Error::NotFound) => {
-                    eprintln!("error: key {key:?} not found");
-                    Ok(ExitCode::FAILURE)
-                }
+                Err(Error::NotFound) => not_found(&key),
                 Err(e) => Err(e),
             }
         }
         KvOp::Set {
             target,
-            key,
             value,
             value_file,
             durability,
+            ..
         } => {
             let value = value_bytes(value.as_deref(), value_file.as_deref())?;
             let engine = Engine::builder(local(&target)?).open()?;
-            let r = engine.set(
-                key.as_bytes(),
-                value,
-                WriteOptions::durable(durability.into()),
-            )?;
+            let r = engine.set(&key, value, WriteOptions::durable(durability.into()))?;
             // Closed (flushed) before OK is printed: OK means it is on disk.
             engine.close()?;
             outln!("{}", set_ok(r.partition, r.seqno, r.cas))?;
             Ok(ExitCode::SUCCESS)
         }
         KvOp::Del {
-            target,
-            key,
-            durability,
+            target, durability, ..
         } => {
             let engine = Engine::builder(existing(local(&target)?)?).open()?;
-            match engine.delete(key.as_bytes(), WriteOptions::durable(durability.into())) {
+            match engine.delete(&key, WriteOptions::durable(durability.into())) {
                 Ok(r) => {
                     engine.close()?;
                     outln!("OK partition={} seqno={}", r.partition, r.seqno)?;
                     Ok(ExitCode::SUCCESS)
                 }
-                Err(Error::NotFound) => {
-                    eprintln!("error: key {key:?} not found");
-                    Ok(ExitCode::FAILURE)
-                }
+                Err(Error::NotFound) => not_found(&key),
                 Err(e) => Err(e),
             }
         }
     }
+}
+
+/// KEY's bytes: the argument as is, or with `--escaped` its escapes read.
+fn key_bytes(key: &str, escaped: bool) -> Result<Vec<u8>, Error> {
+    if !escaped {
+        return Ok(key.as_bytes().to_vec());
+    }
+    tapkv_engine::text::unescape(key.as_bytes())
+        .map_err(|e| Error::InvalidArgument(format!("KEY with --escaped: {e}")))
+}
+
+/// The answer to a missing key: a message on stderr naming it (escaped as
+/// `--escaped` reads it back), exit 1.
+fn not_found(key: &[u8]) -> Result<ExitCode, Error> {
+    eprintln!(
+        "error: key \"{}\" not found",
+        tapkv_engine::text::escape(key)
+    );
+    Ok(ExitCode::FAILURE)
 }
 
 /// Writes a value to standard output, with a newline after it unless `raw`.
@@ -211,11 +229,9 @@ fn existing(dir: &std::path::Path) -> Result<&std::path::Path, Error> {
 }
 
 /// Runs the operation against a node when `--addr` is given.
-fn remote(op: &KvOp, wait: crate::Wait) -> Result<Option<ExitCode>, Error> {
-    let (target, key) = match op {
-        KvOp::Get { target, key, .. }
-        | KvOp::Set { target, key, .. }
-        | KvOp::Del { target, key, .. } => (target, key),
+fn remote(op: &KvOp, key: &[u8], wait: crate::Wait) -> Result<Option<ExitCode>, Error> {
+    let target = match op {
+        KvOp::Get { target, .. } | KvOp::Set { target, .. } | KvOp::Del { target, .. } => target,
     };
     let Some(addr) = &target.addr else {
         return Ok(None);
@@ -224,8 +240,7 @@ fn remote(op: &KvOp, wait: crate::Wait) -> Result<Option<ExitCode>, Error> {
     let write = !matches!(op, KvOp::Get { .. });
     let fail = |e: tapkv_replication::client::ClientError| -> Result<Option<ExitCode>, Error> {
         if e.is_not_found() {
-            eprintln!("error: key {key:?} not found");
-            Ok(Some(ExitCode::FAILURE))
+            not_found(key).map(Some)
         } else {
             // As every other failure: 3 (`tapkv --help`), not a missing key.
             eprintln!("error: {}", crate::request_failed(addr, wait, &e, write));
@@ -233,7 +248,7 @@ fn remote(op: &KvOp, wait: crate::Wait) -> Result<Option<ExitCode>, Error> {
         }
     };
     match op {
-        KvOp::Get { raw, .. } => match c.get(key.as_bytes()) {
+        KvOp::Get { raw, .. } => match c.get(key) {
             Ok((v, _)) => {
                 print_value(&v, *raw)?;
                 Ok(Some(ExitCode::SUCCESS))
@@ -246,7 +261,7 @@ fn remote(op: &KvOp, wait: crate::Wait) -> Result<Option<ExitCode>, Error> {
             durability,
             ..
         } => match c.set_durable(
-            key.as_bytes(),
+            key,
             &value_bytes(value.as_deref(), value_file.as_deref())?,
             0,
             (*durability).into(),
@@ -257,14 +272,12 @@ fn remote(op: &KvOp, wait: crate::Wait) -> Result<Option<ExitCode>, Error> {
             }
             Err(e) => fail(e),
         },
-        KvOp::Del { durability, .. } => {
-            match c.delete_durable(key.as_bytes(), (*durability).into()) {
-                Ok(r) => {
-                    outln!("OK partition={} seqno={}", r.partition, r.seqno)?;
-                    Ok(Some(ExitCode::SUCCESS))
-                }
-                Err(e) => fail(e),
+        KvOp::Del { durability, .. } => match c.delete_durable(key, (*durability).into()) {
+            Ok(r) => {
+                outln!("OK partition={} seqno={}", r.partition, r.seqno)?;
+                Ok(Some(ExitCode::SUCCESS))
             }
-        }
+            Err(e) => fail(e),
+        },
     }
 }

@@ -120,7 +120,7 @@ pub(crate) struct Target {
     #[arg(long, value_name = "DIR")]
     pub(crate) data: Option<PathBuf>,
     /// Address of a running node (`tapkv node`), e.g. 127.0.0.1:11311.
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", value_parser = node::node_addr)]
     pub(crate) addr: Option<String>,
 }
 

@@ -27,7 +27,7 @@ pub(crate) struct NodeArgs {
     /// Run as a replica of the primary at this address (HOST:PORT). A host
     /// that does not resolve yet (a primary still starting) is retried,
     /// with a warning each time, until it does.
-    #[arg(long, value_name = "ADDR", value_parser = primary_addr)]
+    #[arg(long, value_name = "ADDR", value_parser = node_addr)]
     replica_of: Option<String>,
     /// Name of this node, used as its replication stream's name (give each
     /// replica of a primary its own). Default: `node-<random id>`, made on
@@ -184,7 +184,10 @@ fn positive_fraction(s: &str) -> Result<f64, String> {
 /// malformed one used to create its directory and then retry for ever).
 /// Whether the host resolves is not checked here: one that does not yet is
 /// retried.
-fn primary_addr(s: &str) -> Result<String, String> {
+/// A node's address as `--replica-of`, `--addr` take it: HOST:PORT, refused
+/// at parse time (a usage error naming the problem) rather than when a
+/// connection is tried.
+pub(crate) fn node_addr(s: &str) -> Result<String, String> {
     let (host, port) = s
         .rsplit_once(':')
         .ok_or_else(|| "expected HOST:PORT".to_string())?;
