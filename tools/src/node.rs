@@ -238,9 +238,11 @@ fn default_name(data: &std::path::Path) -> Result<String, Error> {
 pub(crate) fn run(args: NodeArgs) -> Result<ExitCode, Error> {
     let stop = Arc::new(AtomicBool::new(false));
     // The first signal starts a graceful shutdown; a second one, while
-    // it runs, exits at once (status 1).
+    // it runs, exits at once with 128 + the signal's number (not 1, which
+    // `tapkv` means as "key not found"); the directory is then not marked
+    // cleanly shut down.
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register_conditional_shutdown(sig, 1, Arc::clone(&stop))?;
+        signal_hook::flag::register_conditional_shutdown(sig, 128 + sig, Arc::clone(&stop))?;
         signal_hook::flag::register(sig, Arc::clone(&stop))?;
     }
     // The address is checked before the data directory is touched, and

@@ -673,11 +673,12 @@ pub(crate) fn run(args: ShellArgs) -> Result<ExitCode, Error> {
     };
     // SIGINT / SIGTERM: a thread waits for the command in progress, closes
     // the engine cleanly (everything answered OK is flushed), and exits
-    // 128 + the signal's number. A second signal exits at once.
+    // 128 + the signal's number. A second signal exits at once, with the
+    // same status.
     let shell = Arc::new(Mutex::new(Some(shell)));
     let closing = Arc::new(AtomicBool::new(false));
     for sig in [SIGTERM, SIGINT] {
-        signal_hook::flag::register_conditional_shutdown(sig, 1, Arc::clone(&closing))?;
+        signal_hook::flag::register_conditional_shutdown(sig, 128 + sig, Arc::clone(&closing))?;
     }
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
     let on_signal = Arc::clone(&shell);
