@@ -382,6 +382,55 @@ pub(crate) enum Reply {
     Quit,
 }
 
+/// The longest command line the shell reads (128 MiB): a line with no end
+/// in sight (a stray binary stream) is skipped instead of held whole.
+const MAX_LINE: usize = 128 << 20;
+
+/// What [`read_line_within`] read.
+#[derive(Debug, PartialEq, Eq)]
+enum Line {
+    /// End of input.
+    End,
+    /// A line (with its newline, unless input ended without one).
+    Whole,
+    /// A line longer than the limit, read to its end and dropped.
+    TooLong,
+}
+
+/// Reads one line into `line`, holding at most `max` bytes of it: a longer
+/// one is read on to its newline without being kept.
+fn read_line_within(
+    input: &mut impl BufRead,
+    line: &mut Vec<u8>,
+    max: usize,
+) -> std::io::Result<Line> {
+    let limit = u64::try_from(max).unwrap_or(u64::MAX).saturating_add(1);
+    if std::io::Read::take(&mut *input, limit).read_until(b'\n', line)? == 0 {
+        return Ok(Line::End);
+    }
+    if line.len() <= max || line.ends_with(b"\n") {
+        return Ok(Line::Whole);
+    }
+    line.clear();
+    loop {
+        let buf = input.fill_buf()?;
+        if buf.is_empty() {
+            break;
+        }
+        match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => {
+                input.consume(i + 1);
+                break;
+            }
+            None => {
+                let n = buf.len();
+                input.consume(n);
+            }
+        }
+    }
+    Ok(Line::TooLong)
+}
+
 fn err(e: &Error) -> String {
     match e {
         Error::NotFound => "NOT_FOUND".into(),
@@ -706,8 +755,18 @@ pub(crate) fn run(args: ShellArgs) -> Result<ExitCode, Error> {
     let mut line = Vec::new();
     loop {
         line.clear();
-        if input.read_until(b'\n', &mut line)? == 0 {
-            break;
+        match read_line_within(&mut input, &mut line, MAX_LINE)? {
+            Line::End => break,
+            Line::Whole => {}
+            Line::TooLong => {
+                writeln!(
+                    out,
+                    "ERROR invalid_argument: a line of more than {MAX_LINE} bytes (a 20 MiB \
+                     value written in \\xNN escapes takes 80 MiB); skipped to its end"
+                )?;
+                out.flush()?;
+                continue;
+            }
         }
         let mut guard = shell.lock().unwrap_or_else(|p| p.into_inner());
         let Some(sh) = guard.as_mut() else {
@@ -830,5 +889,40 @@ mod tests {
             let e = parse(bad).unwrap_err();
             assert!(e.starts_with("ERROR invalid_argument: "), "{bad:?}: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod line_tests {
+    use super::*;
+
+    #[test]
+    fn a_line_over_the_limit_is_skipped_to_its_end_not_held() {
+        // Before, the shell read a line whole whatever its length: a stray
+        // stream with no newline grew its memory until end of input.
+        let mut input = std::io::Cursor::new(b"ab\nlonglongline\ncd".to_vec());
+        let mut line = Vec::new();
+        let mut read = |line: &mut Vec<u8>| {
+            line.clear();
+            read_line_within(&mut input, line, 4).unwrap()
+        };
+        assert_eq!((read(&mut line), &line[..]), (Line::Whole, &b"ab\n"[..]));
+        assert_eq!(read(&mut line), Line::TooLong);
+        assert!(line.is_empty(), "nothing of it kept");
+        assert_eq!((read(&mut line), &line[..]), (Line::Whole, &b"cd"[..]));
+        assert_eq!(read(&mut line), Line::End);
+        // At the limit exactly, with or without its newline, a line is whole.
+        let mut input = std::io::Cursor::new(b"abcd\nabcd".to_vec());
+        line.clear();
+        assert_eq!(
+            read_line_within(&mut input, &mut line, 4).unwrap(),
+            Line::Whole
+        );
+        line.clear();
+        assert_eq!(
+            read_line_within(&mut input, &mut line, 4).unwrap(),
+            Line::Whole
+        );
+        assert_eq!(line, b"abcd");
     }
 }
