@@ -112,7 +112,9 @@ fn run(shared: &Shared, thread: usize, threads: usize) {
                     p.progress.flush_failures.fetch_add(1, Ordering::Relaxed);
                 }
                 if shared.store.sync_failed() {
-                    poison_for_failed_sync(shared, &e);
+                    // Durable writers waiting get the error instead of an
+                    // acknowledgement; a reopen recovers what the disk holds.
+                    shared.poison_for_failed_sync(&e.to_string());
                     return;
                 }
                 tracing::warn!(error = %e, attempt = failures, "flush failed; retrying");
@@ -630,17 +632,9 @@ fn thread_is_pager(mine: &[&Partition]) -> bool {
     mine.first().is_some_and(|p| p.id == 0)
 }
 
-/// A WAL sync (or a synced write) failed: the engine is poisoned
-/// (`Shared::poison_for_failed_sync`); durable writers waiting get the
-/// error instead of an acknowledgement, and a reopen recovers what the disk
-/// really holds.
-fn poison_for_failed_sync(shared: &Shared, e: &Error) {
-    shared.poison_for_failed_sync(&e.to_string());
-}
-
 /// Records that everything persisted so far is synced, and wakes waiters.
 /// Refuses, poisoning the engine, once any sync has failed (see
-/// [`poison_for_failed_sync`]). A synced write elsewhere (a reservation, a
+/// `Shared::poison_for_failed_sync`). A synced write elsewhere (a reservation, a
 /// window record) under way may yet fail for pages this sync reported
 /// synced: it waits for those to finish (they are short, and none needs
 /// the round lock this holds), up to `IN_FLIGHT_PATIENCE`; past it, it
@@ -658,7 +652,7 @@ fn mark_synced(shared: &Shared, mine: &[&Partition]) -> Result<()> {
     }
     if shared.store.sync_failed() {
         let e = Error::Storage("an earlier WAL sync failed".into());
-        poison_for_failed_sync(shared, &e);
+        shared.poison_for_failed_sync(&e.to_string());
         return Err(e);
     }
     shared.syncs.fetch_add(1, Ordering::Relaxed);

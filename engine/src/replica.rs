@@ -68,7 +68,18 @@ impl std::fmt::Debug for DiskSnapshot<'_> {
     }
 }
 
-impl DiskSnapshot<'_> {
+impl<'a> DiskSnapshot<'a> {
+    /// A snapshot of partition `p`'s entries in `(after, end]`, reading the
+    /// disk as it is now.
+    fn open(store: &'a crate::store::Store, p: PartitionId, after: u64, end: u64) -> Result<Self> {
+        Ok(DiskSnapshot {
+            it: store.items_iter()?,
+            partition: p,
+            after,
+            end,
+        })
+    }
+
     /// The partition.
     pub fn partition(&self) -> PartitionId {
         self.partition
@@ -404,12 +415,9 @@ impl Engine {
                     .find(|c| c.name == PERSISTENCE_CURSOR)
                     .map_or(0, |c| c.seqno);
                 match w.checkpoints.register_cursor(name, persisted)? {
-                    Registration::InMemory { .. } => Ok(Some(DiskSnapshot {
-                        it: s.store.items_iter()?,
-                        partition: p,
-                        after: from,
-                        end: persisted,
-                    })),
+                    Registration::InMemory { .. } => {
+                        DiskSnapshot::open(&s.store, p, from, persisted).map(Some)
+                    }
                     Registration::NeedsBackfill { .. } => Err(Error::WrongState(format!(
                         "partition {p}: memory does not hold seqno {persisted} + 1"
                     ))),
@@ -448,12 +456,7 @@ impl Engine {
         if w.checkpoints.holds_after(from) || persisted <= from {
             return Ok(None);
         }
-        Ok(Some(DiskSnapshot {
-            it: s.store.items_iter()?,
-            partition: p,
-            after: from,
-            end: persisted,
-        }))
+        DiskSnapshot::open(&s.store, p, from, persisted).map(Some)
     }
 
     /// Calls `f` for every item and tombstone of partition `p` on disk with a
@@ -507,13 +510,7 @@ impl Engine {
     ) -> Result<u64> {
         let s = self.live()?;
         s.partition(p)?;
-        DiskSnapshot {
-            it: s.store.items_iter()?,
-            partition: p,
-            after,
-            end: upto,
-        }
-        .scan_ref(f)
+        DiskSnapshot::open(&s.store, p, after, upto)?.scan_ref(f)
     }
 
     /// Applies one entry of a primary's stream to partition `p`, keeping its

@@ -445,6 +445,18 @@ fn db_options(create: bool) -> Options {
 }
 
 impl Store {
+    fn with_db(db: DB, path: PathBuf) -> Store {
+        Store {
+            db,
+            path,
+            injected_window_failures: AtomicUsize::new(0),
+            sync_failed: AtomicBool::new(false),
+            synced_in_flight: AtomicUsize::new(0),
+            sync_failure: Mutex::new(None),
+            injected_sync_failures: AtomicUsize::new(0),
+        }
+    }
+
     /// Opens the store under `dir` for writing, creating it (with every
     /// column family) if it does not exist. An existing store is opened
     /// with the column families it has and nothing is added, so a
@@ -463,15 +475,7 @@ impl Store {
             .iter()
             .map(|n| ColumnFamilyDescriptor::new(n, db_options(true)));
         let db = DB::open_cf_descriptors(&db_options(true), &path, cfs)?;
-        Ok(Store {
-            db,
-            path,
-            injected_window_failures: AtomicUsize::new(0),
-            sync_failed: AtomicBool::new(false),
-            synced_in_flight: AtomicUsize::new(0),
-            sync_failure: Mutex::new(None),
-            injected_sync_failures: AtomicUsize::new(0),
-        })
+        Ok(Store::with_db(db, path))
     }
 
     /// Adds the staging column family if the store lacks it (a format-2
@@ -494,15 +498,7 @@ impl Store {
             )));
         }
         let db = DB::open_cf_for_read_only(&db_options(false), &path, [CF_ITEMS, CF_META], false)?;
-        Ok(Store {
-            db,
-            path,
-            injected_window_failures: AtomicUsize::new(0),
-            sync_failed: AtomicBool::new(false),
-            synced_in_flight: AtomicUsize::new(0),
-            sync_failure: Mutex::new(None),
-            injected_sync_failures: AtomicUsize::new(0),
-        })
+        Ok(Store::with_db(db, path))
     }
 
     fn cf(&self, name: &str) -> Result<&rocksdb::ColumnFamily> {
