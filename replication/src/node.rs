@@ -907,18 +907,21 @@ fn handle_request_inner(state: &NodeState, f: &Frame) -> Result<Frame, Frame> {
         opcode::ADMIN => match &f.key[..] {
             b"inspect" => {
                 let st = e.stats().map_err(fail)?;
-                let parts: Vec<_> = st
+                // The offline inspect's field names where the two share a
+                // figure (`docs/admin.md`).
+                let parts = st
                     .partitions
                     .iter()
                     .map(|p| {
-                        serde_json::json!({
+                        Ok(serde_json::json!({
                             "partition": p.partition, "high_seqno": p.high_seqno,
                             "persisted_seqno": p.persisted_seqno, "checkpoint_id": p.open_checkpoint_id,
-                            "items": p.items, "window": p.window, "lost_windows": p.lost_windows,
-                            "failover_log": e.failover_log(p.partition).unwrap_or_default(),
-                        })
+                            "items": p.items, "open_window": p.window, "lost_windows": p.lost_windows,
+                            "failover_log": e.failover_log(p.partition)?,
+                        }))
                     })
-                    .collect();
+                    .collect::<tapkv_engine::Result<Vec<_>>>()
+                    .map_err(fail)?;
                 Ok(json_response(
                     f,
                     &serde_json::json!({

@@ -228,7 +228,7 @@ fn window_scenario(complete: bool) {
         wait_seqno(r, p, high);
         let v = r.client().admin("inspect").unwrap();
         assert_eq!(
-            v["partitions"][usize::from(p)]["window"]["checkpoint_id"],
+            v["partitions"][usize::from(p)]["open_window"]["checkpoint_id"],
             w,
             "{}",
             r.name
@@ -243,6 +243,21 @@ fn window_scenario(complete: bool) {
         assert_eq!((id, removed, restored), (w, 9, 15));
     }
     let after = wait_converged(&primary, &[&reps[0], &reps[1]], CONVERGE);
+    // Every replica follows the primary's branch (`admin inspect`'s
+    // `failover_log`, newest entry last).
+    let branch = |n: &NodeProc| {
+        let v = n.client().admin("inspect").unwrap();
+        let log = v["partitions"][usize::from(p)]["failover_log"].clone();
+        assert!(
+            log.as_array().is_some_and(|l| !l.is_empty()),
+            "{}: {v}",
+            n.name
+        );
+        log.as_array().unwrap().last().unwrap()["uuid"].clone()
+    };
+    for r in &reps {
+        assert_eq!(branch(r), branch(&primary), "{}", r.name);
+    }
     for r in [&primary, &reps[0], &reps[1]] {
         let mut rc = r.client();
         let v0 = rc.get(k[0].as_bytes()).map(|x| x.0.to_vec()).ok();
@@ -257,7 +272,7 @@ fn window_scenario(complete: bool) {
             assert_eq!(v12.as_deref(), Some(&b"before"[..]), "{}", r.name);
             assert_eq!(v25, None, "{}", r.name);
             let v = r.client().admin("inspect").unwrap();
-            assert!(v["partitions"][usize::from(p)]["window"].is_null());
+            assert!(v["partitions"][usize::from(p)]["open_window"].is_null());
         }
     }
     if !complete {
@@ -381,7 +396,7 @@ fn a_replica_joining_mid_window_reverts_only_that_window() {
         assert_eq!(r.client().get(k[15].as_bytes()).unwrap().0, &b"window"[..]);
         let v = r.client().admin("inspect").unwrap();
         assert_eq!(
-            v["partitions"][usize::from(p)]["window"]["checkpoint_id"],
+            v["partitions"][usize::from(p)]["open_window"]["checkpoint_id"],
             w,
             "{}",
             r.name
@@ -562,7 +577,8 @@ fn a_replica_holding_a_window_that_ended_while_it_was_away_converges() {
     let high = high_seqno(&primary, p);
     wait_seqno(&away, p, high);
     assert!(
-        !away.client().admin("inspect").unwrap()["partitions"][usize::from(p)]["window"].is_null()
+        !away.client().admin("inspect").unwrap()["partitions"][usize::from(p)]["open_window"]
+            .is_null()
     );
     // The replica stops reading; its cursor is dropped; the window is
     // reverted and its checkpoints freed while it is away.
@@ -579,7 +595,7 @@ fn a_replica_holding_a_window_that_ended_while_it_was_away_converges() {
     let mut ac = away.client();
     assert_eq!(ac.get(k[0].as_bytes()).unwrap().0, &b"before"[..]);
     assert!(ac.get(k[7].as_bytes()).unwrap_err().is_not_found());
-    assert!(ac.admin("inspect").unwrap()["partitions"][usize::from(p)]["window"].is_null());
+    assert!(ac.admin("inspect").unwrap()["partitions"][usize::from(p)]["open_window"].is_null());
 }
 
 #[test]
@@ -781,7 +797,7 @@ fn a_link_drop_inside_an_open_window_resumes_without_a_reset() {
     assert_eq!(stats["partitions"][usize::from(p)]["resets"], 0, "{stats}");
     let v = rc.admin("inspect").unwrap();
     assert_eq!(
-        v["partitions"][usize::from(p)]["window"]["checkpoint_id"],
+        v["partitions"][usize::from(p)]["open_window"]["checkpoint_id"],
         w,
         "{v}"
     );

@@ -105,10 +105,10 @@ pub(crate) fn run(cmd: AdminCommand) -> Result<ExitCode, Error> {
                     )?;
                     for p in v["partitions"].as_array().into_iter().flatten() {
                         let mut notes = Vec::new();
-                        if !p["window"].is_null() {
+                        if !p["open_window"].is_null() {
                             notes.push(format!(
                                 "window {} open",
-                                num(&p["window"]["checkpoint_id"])
+                                num(&p["open_window"]["checkpoint_id"])
                             ));
                         }
                         for w in p["lost_windows"].as_array().into_iter().flatten() {
