@@ -1263,3 +1263,41 @@ fn kv_set_takes_a_value_file_or_stdin_and_get_raw_writes_it_exactly() {
     assert_eq!(code, Some(3));
     assert!(err.contains("/nonexistent/v (--value-file)"), "{err}");
 }
+
+#[test]
+fn kv_prints_the_same_error_line_on_a_directory_and_against_a_node() {
+    // Before, `kv` printed an engine error without its kind on a
+    // directory (`error: key length 300 ...`) and with it against a node
+    // (`error: key_too_large: key length 300 ...`).
+    let dir = tempfile::tempdir().unwrap();
+    let local = dir.path().join("local");
+    let local = local.to_str().unwrap();
+    let node =
+        tapkv_tests::NodeProc::start(&dir.path().join("node"), "127.0.0.1:0", None, "n", &[]);
+    let long = "k".repeat(300);
+    let (ok, _, _) = run(&["kv", "set", "--data", local, "a", "1"], "", T);
+    assert!(ok);
+    for args in [
+        vec!["kv", "set", &long, "v"],
+        vec!["kv", "get", &long],
+        vec!["kv", "del", "missing"],
+    ] {
+        let with = |target: &[&str]| {
+            let mut a = args[..2].to_vec();
+            a.extend_from_slice(target);
+            a.extend_from_slice(&args[2..]);
+            let (ok, _, err) = run(&a, "", T);
+            assert!(!ok, "{a:?} succeeded");
+            err
+        };
+        let on_dir = with(&["--data", local]);
+        let on_node = with(&["--addr", &node.addr]);
+        assert_eq!(on_dir, on_node, "{args:?}");
+        assert!(on_dir.starts_with("error: "), "{on_dir}");
+    }
+    let (_, _, err) = run(&["kv", "get", "--data", local, &long], "", T);
+    assert_eq!(
+        err.trim_end(),
+        "error: key_too_large: key length 300 is over the maximum of 250 bytes"
+    );
+}

@@ -6,6 +6,8 @@ use std::process::ExitCode;
 use clap::{Args, Subcommand};
 use tapkv_engine::{Engine, Error, WriteOptions};
 
+use tapkv_replication::client::ClientError;
+
 use crate::{connect, DurabilityArg, Target};
 
 #[derive(Args, Debug)]
@@ -243,7 +245,14 @@ fn remote(op: &KvOp, key: &[u8], wait: crate::Wait) -> Result<Option<ExitCode>, 
             not_found(key).map(Some)
         } else {
             // As every other failure: 3 (`tapkv --help`), not a missing key.
-            eprintln!("error: {}", crate::request_failed(addr, wait, &e, write));
+            let line = match &e {
+                // The node's own error: already `<kind>: <detail>`.
+                ClientError::Status { message, .. } => format!("error: {message}"),
+                _ => crate::error_line(&Error::Io(std::io::Error::other(crate::request_failed(
+                    addr, wait, &e, write,
+                )))),
+            };
+            eprintln!("{line}");
             Ok(Some(ExitCode::from(crate::EXIT_ERROR)))
         }
     };

@@ -298,17 +298,19 @@ fn main() -> ExitCode {
         Err(tapkv_engine::Error::Io(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
             ExitCode::SUCCESS
         }
-        // A message the CLI (or the engine) wrote as a sentence, often
-        // naming a path or a node: without the generic "I/O error: ".
-        Err(tapkv_engine::Error::Io(e)) if e.get_ref().is_some() => {
-            eprintln!("error: {e}");
-            ExitCode::from(EXIT_ERROR)
-        }
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!("{}", error_line(&e));
             ExitCode::from(EXIT_ERROR)
         }
     }
+}
+
+/// The line a failed command prints on stderr: `error: <kind>: <detail>`,
+/// the kind as the shell's `ERROR` answers and a node's error statuses
+/// name it, whether the command ran on a data directory or against a node
+/// (`docs/shell.md`).
+pub(crate) fn error_line(e: &tapkv_engine::Error) -> String {
+    format!("error: {}: {}", e.kind(), e.detail())
 }
 
 /// Exit status of a command that failed (not a missing key, which is 1,
