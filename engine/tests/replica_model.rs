@@ -23,8 +23,7 @@ use std::path::Path;
 
 use proptest::prelude::*;
 use tapkv_engine::{
-    ApplyOutcome, CursorEvent, Engine, Error, FailoverEntry, PartitionId, QueuedItem, StreamStart,
-    WriteOptions,
+    ApplyOutcome, CursorEvent, Engine, Error, FailoverEntry, PartitionId, QueuedItem, WriteOptions,
 };
 
 const PARTITIONS: PartitionId = 2;
@@ -277,10 +276,12 @@ impl Pair {
         self.replica = Some(open_replica(self.rdir.path(), self.small_snapshot_buffer));
     }
 
-    /// `send_disk_snapshot` on the primary and the replica's handling of the
-    /// two SNAPSHOT markers around it: a snapshot buffer, applied in seqno
-    /// order at the closing marker.
-    fn disk_snapshot(&mut self, p: PartitionId, from: u64, end: u64) -> Link {
+    /// `send_disk_snapshot`'s entries, read whole from the primary's
+    /// `DiskSnapshot` by `read_snapshot` (as the node, through the snapshot
+    /// whose end and iterator are taken together), and the replica's
+    /// handling of the two SNAPSHOT markers around them: a snapshot
+    /// buffer, applied in seqno order at the closing marker.
+    fn disk_snapshot(&mut self, p: PartitionId, entries: Vec<QueuedItem>) -> Link {
         let replica = self.replica.as_ref().unwrap();
         let holds_window = replica.stats().unwrap().partitions[usize::from(p)]
             .window
@@ -294,14 +295,10 @@ impl Pair {
         }
         self.c.disk_snapshots += 1;
         let mut buffer = replica.snapshot_buffer(p).unwrap();
-        let n = self
-            .primary()
-            .backfill_scan_ref(p, from, end, |entry| match entry {
-                Some(e) => buffer.push(e.to_queued()),
-                None => Ok(()),
-            })
-            .unwrap();
-        self.c.snapshot_items += n as usize;
+        self.c.snapshot_items += entries.len();
+        for e in entries {
+            buffer.push(e).unwrap();
+        }
         self.c.staged_items += buffer.staged_items();
         let stop = self.stop_in_snapshot.take();
         let (mut applied, mut stopped) = (0, false);
@@ -379,8 +376,13 @@ impl Pair {
         for _ in 0..BACKFILL_PASSES {
             let mut sent_any = false;
             for (p, from) in &mut starts {
-                if let Some(end) = self.primary().backfill_end(*p, *from).unwrap() {
-                    let link = self.disk_snapshot(*p, *from, end);
+                let snap = self
+                    .primary()
+                    .backfill_snapshot(*p, *from)
+                    .unwrap()
+                    .map(read_snapshot);
+                if let Some((end, entries)) = snap {
+                    let link = self.disk_snapshot(*p, entries);
                     if link != Link::Up {
                         return link;
                     }
@@ -393,13 +395,15 @@ impl Pair {
             }
         }
         for (p, from) in starts {
-            match self.primary().stream_start(p, &cursor, from).unwrap() {
-                StreamStart::InMemory => {}
-                StreamStart::Backfill { snapshot_end } => {
-                    let link = self.disk_snapshot(p, from, snapshot_end);
-                    if link != Link::Up {
-                        return link;
-                    }
+            let snap = self
+                .primary()
+                .stream_start_with_snapshot(p, &cursor, from)
+                .unwrap()
+                .map(read_snapshot);
+            if let Some((_, entries)) = snap {
+                let link = self.disk_snapshot(p, entries);
+                if link != Link::Up {
+                    return link;
                 }
             }
         }
@@ -616,4 +620,18 @@ proptest! {
             eprintln!("{c:?}");
         }
     }
+}
+
+/// A primary's disk snapshot read whole: its end and its entries, in the
+/// order the node sends them (the model then needs no borrow of the primary
+/// while the replica applies them).
+fn read_snapshot(snap: tapkv_engine::DiskSnapshot<'_>) -> (u64, Vec<QueuedItem>) {
+    let end = snap.end();
+    let mut entries = Vec::new();
+    snap.scan_ref(|e| {
+        entries.extend(e.map(|e| e.to_queued()));
+        Ok(())
+    })
+    .unwrap();
+    (end, entries)
 }
