@@ -274,15 +274,17 @@ impl EngineBuilder {
         self
     }
 
-    /// Longest key; default 250 bytes (at most 65,535).
+    /// Longest key; default 250 bytes, 1 to 65,535 (a larger or zero size
+    /// is refused at open with `Error::InvalidArgument`).
     pub fn max_key_size(mut self, n: usize) -> Self {
-        self.config.max_key_size = n.min(u16::MAX as usize);
+        self.config.max_key_size = n;
         self
     }
 
-    /// Longest value; default 20 MiB (at most 1 GiB).
+    /// Largest value; default 20 MiB, at most 1 GiB (a larger size is
+    /// refused at open with `Error::InvalidArgument`).
     pub fn max_value_size(mut self, n: usize) -> Self {
-        self.config.max_value_size = n.min(1 << 30);
+        self.config.max_value_size = n;
         self
     }
 

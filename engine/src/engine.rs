@@ -1268,6 +1268,10 @@ fn load_items(store: &Store, config: &EngineConfig, highs: &[u64]) -> Result<Loa
     Ok(out)
 }
 
+/// The largest `max_value_size` an engine accepts: a record's value length
+/// and a stream frame's body stay well inside their 32-bit fields.
+const MAX_VALUE_SIZE_CAP: usize = 1 << 30;
+
 fn validate(c: &EngineConfig) -> Result<()> {
     let bad = |m: String| Err(Error::InvalidArgument(m));
     if c.seqno_reservation > MAX_SEQNO_RESERVATION {
@@ -1299,6 +1303,12 @@ fn validate(c: &EngineConfig) -> Result<()> {
         return bad(format!(
             "max_key_size must be 1..=65535, got {}",
             c.max_key_size
+        ));
+    }
+    if c.max_value_size > MAX_VALUE_SIZE_CAP {
+        return bad(format!(
+            "max_value_size must be at most {MAX_VALUE_SIZE_CAP} (1 GiB), got {}",
+            c.max_value_size
         ));
     }
     if c.flush_batch_max_items == 0 {

@@ -603,3 +603,35 @@ fn keys_in_error_messages_are_escaped_as_the_shell_writes_them() {
     }
     e.set_flusher_paused(false);
 }
+
+#[test]
+fn key_and_value_size_limits_past_their_caps_are_refused_at_open() {
+    // Before, the builder silently lowered them to the cap.
+    let dir = tempfile::tempdir().unwrap();
+    for (what, b) in [
+        ("max_key_size", builder(dir.path()).max_key_size(65_536)),
+        ("max_key_size", builder(dir.path()).max_key_size(0)),
+        (
+            "max_value_size",
+            builder(dir.path()).max_value_size((1 << 30) + 1),
+        ),
+    ] {
+        match b.open() {
+            Err(Error::InvalidArgument(m)) => assert!(m.contains(what), "{m}"),
+            other => panic!("{what}: {:?}", other.map(|_| ())),
+        }
+    }
+    // At the caps the engine opens and holds a key of the largest size.
+    let e = builder(dir.path())
+        .max_key_size(65_535)
+        .max_value_size(1 << 30)
+        .open()
+        .unwrap();
+    e.set(&vec![b'k'; 65_535], "v", WriteOptions::default())
+        .unwrap();
+    assert!(matches!(
+        e.set(&vec![b'k'; 65_536], "v", WriteOptions::default()),
+        Err(Error::KeyTooLarge { .. })
+    ));
+    e.close().unwrap();
+}

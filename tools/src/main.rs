@@ -42,8 +42,10 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// Exit status: 0 success, 1 a key not found (`kv get`/`kv del`), 2 a usage
 /// error, 3 any other error (the message is on stderr), 4 a `shell --data`
 /// that closed with online-update windows open (they are reverted), 130 or
-/// 143 a `shell` or `node` stopped by SIGINT or SIGTERM while its close was
-/// still under way (a second signal).
+/// 143 a `shell` stopped by SIGINT or SIGTERM (once it has closed cleanly),
+/// or a `node` or `shell` given a second signal while it closes (a `node`
+/// stopped by one signal exits 0 once it has closed cleanly), 137 the
+/// shell's `crash`.
 /// Commands that talk to a node (`--addr`) wait up to `--timeout-s` (30 s)
 /// for each answer.
 #[derive(Parser, Debug)]

@@ -742,9 +742,10 @@ pub(crate) fn run(args: ShellArgs) -> Result<ExitCode, Error> {
                 }
                 let code = match taken.map_or(Ok(()), Shell::close) {
                     Ok(()) => 128 + sig,
+                    // 3, as any failed command: 1 means a missing key.
                     Err(e) => {
-                        eprintln!("error: closing after signal {sig}: {e}");
-                        1
+                        eprintln!("{} (closing after signal {sig})", crate::error_line(&e));
+                        i32::from(crate::EXIT_ERROR)
                     }
                 };
                 std::process::exit(code);
