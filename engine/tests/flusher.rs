@@ -129,8 +129,12 @@ fn a_round_failing_after_some_partitions_are_written_loses_and_double_counts_not
         assert_eq!((ps.persisted_seqno, ps.flushed_items), (0, 0), "{ps:?}");
     }
 
-    // The retry writes the other partitions.
-    while e.run_flush_round().unwrap() {}
+    // The retry writes the other partitions (a few rounds at most).
+    let mut rounds = 0;
+    while e.run_flush_round().unwrap() {
+        rounds += 1;
+        assert!(rounds < 1_000, "flush rounds never ran out of work");
+    }
     let st = e.stats().unwrap();
     for (p, ps) in st.partitions.iter().enumerate() {
         assert_eq!(ps.persisted_seqno, highs[p], "partition {p}");
@@ -389,6 +393,10 @@ fn engine_cursors_read_every_change_in_seqno_order() {
         if b.is_empty() {
             break;
         }
+        assert!(
+            read.len() <= written.len(),
+            "the cursor reads past what was written"
+        );
         for ev in b.events {
             if let CursorEvent::Item(it) = ev {
                 read.push(it.seqno());
@@ -512,6 +520,7 @@ fn read_cursor_with_visits_what_read_cursor_returns() {
         if b.is_empty() {
             break;
         }
+        assert!(owned.len() < 10_000, "the cursor never ran out of events");
         owned.extend(b.events.iter().map(|ev| show(ev.as_event_ref())));
     }
     let mut visited = Vec::new();

@@ -44,7 +44,7 @@ fn a_late_reply_is_not_taken_for_the_next_requests_answer() {
     // And the connection stays in step afterwards.
     assert_eq!(&c.get(b"other").unwrap().0[..], b"x");
     assert!(c.get(b"missing").unwrap_err().is_not_found());
-    node.shutdown().unwrap();
+    common::shutdown(node);
 }
 
 #[test]
@@ -86,7 +86,7 @@ fn a_set_expiry_follows_memcached_relative_or_absolute() {
         .as_secs() as u32;
     assert!((now + 3500..=now + 3600).contains(&item.meta.expiry));
     drop(c);
-    node.shutdown().unwrap();
+    common::shutdown(node);
 }
 
 /// A dump row carries every field (flags, expiry and rev seqno included),
@@ -117,7 +117,7 @@ fn dump_rows_are_complete_and_malformed_replies_are_errors() {
         ("flagged", 7, 5, false, 1)
     );
     assert!(r.seqno > 0 && r.cas > 0);
-    node.shutdown().unwrap();
+    common::shutdown(node);
 
     // A server that answers HELLO properly, then a STAT with a body that
     // is not JSON.

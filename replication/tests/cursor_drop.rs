@@ -85,7 +85,7 @@ fn a_stream_behind_the_disk_is_dropped_under_memory_pressure_and_ends() {
         Duration::from_secs(30),
         || stream_cursors(p).is_empty(),
     );
-    primary.shutdown().unwrap();
+    common::shutdown(primary);
 }
 
 /// A replica stuck at the unacknowledged limit keeps its cursors while it
@@ -150,5 +150,5 @@ fn a_stream_at_its_limit_keeps_its_cursors_while_acks_arrive() {
         || stream_cursors(p).is_empty(),
     );
     drop((reader, writer));
-    primary.shutdown().unwrap();
+    common::shutdown(primary);
 }

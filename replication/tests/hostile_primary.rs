@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::accept_within;
+use common::{accept_within, shutdown_within};
 use tapkv_engine::Engine;
 use tapkv_replication::io::{FrameReader, FrameWriter};
 use tapkv_replication::message::{opcode, status, StreamMessage};
@@ -77,18 +77,6 @@ fn open_stream(conn: &TcpStream) -> (FrameReader, FrameWriter) {
         .send(&Frame::response(&open, status::SUCCESS))
         .unwrap();
     (reader, writer)
-}
-
-/// Shuts `node` down on another thread; how long it took, or `None` past
-/// `limit`.
-fn shutdown_within(node: Node, limit: Duration) -> Option<Duration> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let t0 = Instant::now();
-    std::thread::spawn(move || {
-        let _ = node.shutdown();
-        let _ = tx.send(());
-    });
-    rx.recv_timeout(limit).ok().map(|_| t0.elapsed())
 }
 
 #[test]

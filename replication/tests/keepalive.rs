@@ -1,6 +1,8 @@
 //! Client heartbeats: a node closes a client connection that stays silent
 //! past its idle timeout, and a `KeptAlive` client's NOOPs keep it open.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
@@ -49,7 +51,7 @@ fn an_idle_client_is_closed_unless_it_sends_heartbeats() {
     let got = kept.with(|c| c.get(b"k")).unwrap();
     assert_eq!(&got.0[..], b"v", "the kept-alive connection still serves");
     drop(kept);
-    node.shutdown().unwrap();
+    common::shutdown(node);
 }
 
 #[test]
@@ -133,7 +135,7 @@ fn connections_past_the_limit_are_refused_with_an_answer() {
     };
     again.noop().unwrap();
     drop((first, again));
-    node.shutdown().unwrap();
+    common::shutdown(node);
 }
 
 /// Reads until the node ends the connection (end of stream or reset);
@@ -239,7 +241,7 @@ fn silent_handshakes_and_trickled_frames_are_cut_off() {
     // (A new client: the first one sat idle past the 1 s idle timeout.)
     let mut check = Client::connect(&addr, Duration::from_secs(10)).unwrap();
     assert_eq!(check.get(b"big").unwrap().0.len(), big.len());
-    node.shutdown().unwrap();
+    common::shutdown(node);
 }
 
 /// Partly received large frames hold a node-wide budget: one that does not
@@ -316,5 +318,5 @@ fn partly_received_large_frames_share_a_budget() {
         status::SUCCESS
     );
     assert_eq!(c.get(b"c").unwrap().0.len(), 3 << 20);
-    node.shutdown().unwrap();
+    common::shutdown(node);
 }

@@ -1,5 +1,7 @@
 //! A node refuses settings it cannot run with, naming the setting.
 
+mod common;
+
 use std::time::Duration;
 
 use tapkv_engine::Engine;
@@ -32,5 +34,5 @@ fn a_node_refuses_a_zero_setting_and_names_it() {
     let dir = tempfile::tempdir().unwrap();
     let engine = Engine::builder(dir.path()).partitions(1).open().unwrap();
     let node = Node::start(engine, NodeConfig::new("127.0.0.1:0")).unwrap();
-    node.shutdown().unwrap();
+    common::shutdown(node);
 }

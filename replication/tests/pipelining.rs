@@ -1,6 +1,8 @@
 //! Pipelined requests: a client may send many requests before reading; the
 //! node answers every one, in order, including errors in the middle.
 
+mod common;
+
 use std::io::Write;
 use std::net::TcpStream;
 use std::time::Duration;
@@ -60,7 +62,7 @@ fn pipelined_requests_are_all_answered_in_order() {
             assert_eq!(r.value.len(), 100);
         }
     }
-    node.shutdown().unwrap();
+    common::shutdown(node);
 }
 
 #[test]
@@ -106,5 +108,5 @@ fn replies_do_not_wait_behind_a_durable_write() {
     node.engine().unwrap().set_flusher_paused(false);
     let set_reply = reader.poll().unwrap().expect("the Persist write's reply");
     assert_eq!((set_reply.opaque, set_reply.status()), (2, status::SUCCESS));
-    node.shutdown().unwrap();
+    common::shutdown(node);
 }

@@ -108,8 +108,8 @@ fn a_replica_with_another_partition_count_refuses_to_replicate() {
     let r = replica.engine().unwrap();
     assert_eq!(r.stats().unwrap().items(), 0);
     assert_eq!(common::stream_cursors(p), Vec::<(u16, String)>::new());
-    replica.shutdown().unwrap();
-    primary.shutdown().unwrap();
+    common::shutdown(replica);
+    common::shutdown(primary);
 }
 
 #[test]
@@ -182,8 +182,8 @@ fn a_silent_replica_has_its_stream_ended_and_stops_counting_for_replicate() {
     )
     .unwrap();
     drop(hung);
-    replica.shutdown().unwrap();
-    primary.shutdown().unwrap();
+    common::shutdown(replica);
+    common::shutdown(primary);
 }
 
 #[test]
@@ -213,8 +213,8 @@ fn a_replica_judges_silence_by_its_primarys_slower_heartbeat() {
         stats["link_error"]
     );
     drop(c);
-    replica.shutdown().unwrap();
-    primary.shutdown().unwrap();
+    common::shutdown(replica);
+    common::shutdown(primary);
 }
 
 #[test]
@@ -254,8 +254,8 @@ fn a_replica_keeps_its_data_through_a_passing_disk_error() {
         "{sessions} session(s): the failure never struck"
     );
     drop(c);
-    replica.shutdown().unwrap();
-    primary.shutdown().unwrap();
+    common::shutdown(replica);
+    common::shutdown(primary);
 }
 
 #[test]
@@ -297,7 +297,7 @@ fn a_replicate_write_is_never_acknowledged_with_no_replica_holding_it() {
         b"v"
     );
     // The replica leaves: its stream ends, and Replicate writes wait again.
-    replica.shutdown().unwrap();
+    common::shutdown(replica);
     wait_until(
         "the replica's stream to end",
         Duration::from_secs(10),
@@ -307,7 +307,7 @@ fn a_replicate_write_is_never_acknowledged_with_no_replica_holding_it() {
         p.set(b"left", b"v", replicate),
         Err(tapkv_engine::Error::Timeout { .. })
     ));
-    primary.shutdown().unwrap();
+    common::shutdown(primary);
 
     // `min_replicas` 0 is the explicit choice of the old behaviour.
     let mut cfg = NodeConfig::new("127.0.0.1:0");
@@ -325,7 +325,7 @@ fn a_replicate_write_is_never_acknowledged_with_no_replica_holding_it() {
         .unwrap()
         .set(b"unreplicated", b"v", replicate)
         .unwrap();
-    alone.shutdown().unwrap();
+    common::shutdown(alone);
 }
 
 #[test]
@@ -387,8 +387,8 @@ fn a_stream_still_backfilling_does_not_count_against_replicate_writes() {
     assert_eq!(r.get(b"held").unwrap().value(), b"v");
     // Closed first, so the stuck stream's write fails at once.
     drop((c, stuck_reader, stuck_writer));
-    replica.shutdown().unwrap();
-    primary.shutdown().unwrap();
+    common::shutdown(replica);
+    common::shutdown(primary);
 }
 
 #[test]
@@ -412,7 +412,7 @@ fn a_primary_with_long_heartbeats_shuts_down_without_waiting_one_out() {
         .recv_timeout(Duration::from_secs(30))
         .expect("the primary's shutdown waited out its streams' 60 s heartbeat");
     shut.unwrap();
-    replica.shutdown().unwrap();
+    common::shutdown(replica);
 }
 
 #[test]
@@ -437,8 +437,8 @@ fn a_replica_reads_frames_as_large_as_its_primary_accepts() {
         || r.get(b"big").is_ok(),
     );
     assert_eq!(r.get(b"big").unwrap().value().len(), 100 << 10);
-    replica.shutdown().unwrap();
-    primary.shutdown().unwrap();
+    common::shutdown(replica);
+    common::shutdown(primary);
 
     // Both at 4 KiB: the largest value a client SET can carry (body 4096 =
     // 8 bytes of extras, key, value) is 16 bytes larger as a stream entry.
@@ -455,8 +455,8 @@ fn a_replica_reads_frames_as_large_as_its_primary_accepts() {
         Duration::from_secs(20),
         || r.get(b"max").is_ok(),
     );
-    replica.shutdown().unwrap();
-    primary.shutdown().unwrap();
+    common::shutdown(replica);
+    common::shutdown(primary);
 }
 
 #[test]
@@ -483,8 +483,8 @@ fn a_replica_rolls_back_every_diverged_partition_in_one_session() {
     wait_until("the replica to follow A", Duration::from_secs(20), || {
         r.stats().unwrap().items() == 400
     });
-    replica.shutdown().unwrap();
-    a.shutdown().unwrap();
+    common::shutdown(replica);
+    common::shutdown(a);
 
     let b = start(bdir.path(), "b", 300);
     let replica = replica_of(&b, rdir.path(), 8, "moved", |_| {});
@@ -502,8 +502,8 @@ fn a_replica_rolls_back_every_diverged_partition_in_one_session() {
         "{sessions} sessions to roll back 8 partitions"
     );
     drop(c);
-    replica.shutdown().unwrap();
-    b.shutdown().unwrap();
+    common::shutdown(replica);
+    common::shutdown(b);
 }
 
 #[test]
@@ -548,8 +548,8 @@ fn a_replica_acknowledges_a_disk_snapshot_up_to_its_end() {
         },
     );
     drop(c);
-    replica.shutdown().unwrap();
-    primary.shutdown().unwrap();
+    common::shutdown(replica);
+    common::shutdown(primary);
 }
 
 /// A `Replicate` write returns only once it is on the primary's disk as
@@ -594,8 +594,8 @@ fn a_replicate_write_waits_for_the_primarys_disk_too() {
     });
     let part = p.partition_of(b"k");
     assert!(p.persisted_seqno(part).unwrap() >= seqno);
-    replica.shutdown().unwrap();
-    primary.shutdown().unwrap();
+    common::shutdown(replica);
+    common::shutdown(primary);
 }
 
 /// A peer that opens a stream and acknowledges seqnos it was never sent (or
@@ -686,7 +686,7 @@ fn acknowledgements_count_only_what_was_sent() {
         },
     );
     drop((reader, writer));
-    primary.shutdown().unwrap();
+    common::shutdown(primary);
 }
 
 /// A stream that reads nothing holds at most its `max_unacked_bytes` plus
@@ -742,7 +742,7 @@ fn a_stream_stays_within_its_unacknowledged_limit() {
     let u = unacked(&mut c).unwrap();
     assert!(u <= bound, "{u} bytes unacknowledged against a 1 MiB limit");
     drop((reader, writer));
-    primary.shutdown().unwrap();
+    common::shutdown(primary);
 }
 
 /// Copies directory `from` into `to` (both plain directories of files).
@@ -772,7 +772,7 @@ fn a_primarys_directory_is_not_replaced_by_a_wrong_primary_unless_asked() {
     // Primary A, with data; its directory is copied while it is down.
     let a = primary_of(adir.path());
     write(&a, "a", 100);
-    a.shutdown().unwrap();
+    common::shutdown(a);
     copy_dir(adir.path(), &seed.path().join("copy"));
     let b = primary_of(bdir.path());
     write(&b, "b", 50);
@@ -792,7 +792,7 @@ fn a_primarys_directory_is_not_replaced_by_a_wrong_primary_unless_asked() {
     let w = wrong.engine().unwrap();
     assert!(w.holds_primary_data());
     assert_eq!(w.stats().unwrap().items(), 100, "A's data was kept");
-    wrong.shutdown().unwrap();
+    common::shutdown(wrong);
     // Still a primary's data: it can be run as a primary again.
     let again = Engine::builder(adir.path()).partitions(2).open().unwrap();
     assert_eq!(again.get(b"a7").unwrap().value(), b"v");
@@ -807,8 +807,8 @@ fn a_primarys_directory_is_not_replaced_by_a_wrong_primary_unless_asked() {
         r.stats().unwrap().items() == 50 && !r.holds_primary_data()
     });
     assert!(r.get(b"a0").is_err());
-    replaced.shutdown().unwrap();
-    b.shutdown().unwrap();
+    common::shutdown(replaced);
+    common::shutdown(b);
 
     // A's copy seeds a replica of A itself: it resumes, no rollback, and
     // becomes an ordinary replica's directory.
@@ -830,6 +830,6 @@ fn a_primarys_directory_is_not_replaced_by_a_wrong_primary_unless_asked() {
     assert_eq!(s.stats().unwrap().items(), 100);
     let resets: u64 = s.stats().unwrap().partitions.iter().map(|p| p.resets).sum();
     assert_eq!(resets, 0, "a seed from its own primary resumes");
-    seeded.shutdown().unwrap();
-    a_again.shutdown().unwrap();
+    common::shutdown(seeded);
+    common::shutdown(a_again);
 }

@@ -76,8 +76,8 @@ fn a_replica_stops_at_its_checkpoint_memory_limit_and_catches_up_later() {
     for i in 0..ITEMS {
         assert_eq!(r.get(&key(i)).unwrap().value(), &value[..], "key {i}");
     }
-    replica.shutdown().unwrap();
-    primary.shutdown().unwrap();
+    common::shutdown(replica);
+    common::shutdown(primary);
 }
 
 /// While a replica applies a disk snapshot it reads nothing from its stream,
@@ -109,6 +109,10 @@ fn a_replica_applying_a_long_snapshot_acknowledges_progress() {
     let r = replica.engine().unwrap();
 
     let conn = common::accept_within(&listener, Duration::from_secs(30));
+    // The replica reads the whole snapshot before it applies any of it;
+    // should it stop reading early, a send fails instead of blocking.
+    conn.set_write_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
     let mut reader = FrameReader::new(conn.try_clone().unwrap(), DEFAULT_MAX_BODY);
     reader.set_timeout(Duration::from_millis(50)).unwrap();
     let mut writer = FrameWriter::new(conn);
@@ -197,5 +201,5 @@ fn a_replica_applying_a_long_snapshot_acknowledges_progress() {
         r.high_seqno(0).unwrap() == N
     });
     drop((reader, writer));
-    replica.shutdown().unwrap();
+    common::shutdown(replica);
 }

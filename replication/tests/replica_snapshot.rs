@@ -125,8 +125,8 @@ fn a_backfill_larger_than_the_snapshot_buffer_is_spilled_and_converges() {
             p.high_seqno(part).unwrap()
         );
     }
-    replica.shutdown().unwrap();
-    primary.shutdown().unwrap();
+    common::shutdown(replica);
+    common::shutdown(primary);
 }
 
 /// A stream that stops reading in the middle of a large backfill must not
@@ -184,7 +184,7 @@ fn a_stalled_backfill_pins_no_checkpoints_and_writes_go_on() {
     assert_eq!(streams[0]["name"], "stalled");
     assert!(stream_cursors(p).is_empty());
     drop(stalled);
-    primary.shutdown().unwrap();
+    common::shutdown(primary);
 }
 
 /// Writes `n` items of `value` into a one-partition engine in `dir` and
@@ -254,7 +254,7 @@ fn a_backfill_scanning_outside_its_range_sends_heartbeats() {
     assert_eq!(items, ((from + 1)..=WRITTEN).collect::<Vec<_>>());
     assert!(noops > 0, "no heartbeat during a scan of {WRITTEN} records");
     drop((reader, writer));
-    node.shutdown().unwrap();
+    common::shutdown(node);
 }
 
 /// A replica applying a large disk snapshot reads nothing for a while but
@@ -342,7 +342,7 @@ fn a_primary_waits_past_its_write_timeout_for_a_replica_that_acknowledges_progre
     assert!(paused);
     assert_eq!(items, WRITTEN, "the whole backfill arrived on one stream");
     drop((reader, writer));
-    node.shutdown().unwrap();
+    common::shutdown(node);
 }
 
 /// A node that stops while it sends a disk snapshot to a replica that

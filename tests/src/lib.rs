@@ -2,6 +2,8 @@
 //! running it as a child process that is always reaped, and reading its
 //! output with deadlines (no test may hang).
 
+pub mod net;
+
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -198,9 +200,22 @@ pub fn run_with_status(
     stdin: impl AsRef<[u8]>,
     timeout: Duration,
 ) -> (Option<i32>, String, String) {
+    let mut cmd = Command::new(tapkv_bin());
+    cmd.args(args);
+    run_command(cmd, stdin, timeout)
+}
+
+/// Runs `cmd` (the caller sets its arguments and environment) as
+/// [`run_with_status`] runs `tapkv`: stdin given, output captured, killed
+/// and a panic after `timeout`.
+pub fn run_command(
+    mut cmd: Command,
+    stdin: impl AsRef<[u8]>,
+    timeout: Duration,
+) -> (Option<i32>, String, String) {
     use std::io::Write;
-    let mut child = Command::new(tapkv_bin())
-        .args(args)
+    let shown = format!("{cmd:?}");
+    let mut child = cmd
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -226,7 +241,7 @@ pub fn run_with_status(
             unsafe {
                 libc::kill(pid, libc::SIGKILL);
             }
-            panic!("tapkv {args:?} did not finish within {timeout:?}")
+            panic!("{shown} did not finish within {timeout:?}")
         })
         .expect("wait for tapkv");
     let _ = writer.join();

@@ -1195,13 +1195,10 @@ fn shell_update_usage_names_its_subcommands() {
 
 #[test]
 fn an_invalid_tapkv_log_is_reported() {
-    let out = std::process::Command::new(tapkv_tests::tapkv_bin())
-        .env("TAPKV_LOG", "[[bad")
-        .arg("--version")
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let mut cmd = std::process::Command::new(tapkv_tests::tapkv_bin());
+    cmd.env("TAPKV_LOG", "[[bad").arg("--version");
+    let (code, _, err) = tapkv_tests::run_command(cmd, "", T);
+    assert_eq!(code, Some(0), "{err}");
     assert!(err.contains("TAPKV_LOG") && err.contains("[[bad"), "{err}");
 }
 

@@ -19,25 +19,36 @@ pub fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
     }
 }
 
-/// Accepts one connection on `listener`; panics after `limit` rather than
-/// waiting forever for a peer that never connects.
-pub fn accept_within(listener: &std::net::TcpListener, limit: Duration) -> std::net::TcpStream {
-    listener.set_nonblocking(true).unwrap();
-    let deadline = Instant::now() + limit;
-    loop {
-        match listener.accept() {
-            Ok((conn, _)) => {
-                conn.set_nonblocking(false).unwrap();
-                return conn;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                assert!(Instant::now() < deadline, "no connection within {limit:?}");
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Err(e) => panic!("accept: {e}"),
-        }
+/// Shuts `node` down, bounded: panics if that fails or takes more than a
+/// minute (a thread that never stops would otherwise hang the test binary).
+pub fn shutdown(node: Node) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(node.shutdown());
+    });
+    match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => panic!("shutdown: {e}"),
+        Err(_) => panic!("the node did not shut down within 60 s"),
     }
 }
+
+/// Shuts `node` down in the background; how long it took, or `None` past
+/// `limit` (its result is not looked at).
+pub fn shutdown_within(node: Node, limit: Duration) -> Option<Duration> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let t0 = Instant::now();
+    std::thread::spawn(move || {
+        let _ = node.shutdown();
+        let _ = tx.send(());
+    });
+    rx.recv_timeout(limit).ok().map(|_| t0.elapsed())
+}
+
+#[path = "../../../tests/src/net.rs"]
+mod net;
+#[allow(unused_imports)]
+pub use net::accept_within;
 
 /// Every cursor but the persistence cursors, as (partition, name).
 pub fn stream_cursors(e: &Engine) -> Vec<(u16, String)> {
