@@ -28,6 +28,9 @@ fn key(i: usize) -> Vec<u8> {
 fn open_stream(primary: &Node, name: &str) -> (FrameReader, FrameWriter) {
     let p = primary.engine().unwrap();
     let conn = TcpStream::connect(primary.local_addr()).unwrap();
+    // A stalled reader holds the stream back only once the socket buffers
+    // are full: keep them small whatever the host's settings.
+    common::small_socket_buffers(&conn);
     let (reader, writer) = stream_by_hand(conn, name, &from_the_start(p));
     wait_until("the stream's cursors", Duration::from_secs(30), || {
         stream_cursors(p).len() == usize::from(p.num_partitions())

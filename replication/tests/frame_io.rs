@@ -1,5 +1,7 @@
 //! `FrameReader::caught_up`: what a replica's acknowledgement policy relies on.
 
+mod common;
+
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};
 use std::time::Duration;
@@ -74,7 +76,11 @@ fn a_writer_whose_flush_failed_sends_nothing_more() {
     // (before, from the start of the old buffer) would garble the stream.
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let client = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
-    let (mut server, _) = listener.accept().expect("accept");
+    let mut server = common::accept_within(&listener, Duration::from_secs(10));
+    // 32 MiB must not fit in the buffers between the two, whatever the
+    // host's settings.
+    common::small_socket_buffers(&client);
+    common::small_socket_buffers(&server);
     client
         .set_write_timeout(Some(Duration::from_millis(50)))
         .expect("write timeout");

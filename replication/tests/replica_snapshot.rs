@@ -263,7 +263,6 @@ fn a_backfill_scanning_outside_its_range_sends_heartbeats() {
 /// make the replica start the backfill over).
 #[test]
 fn a_primary_waits_past_its_write_timeout_for_a_replica_that_acknowledges_progress() {
-    use std::os::fd::AsRawFd;
     const WRITTEN: u64 = 80_000;
     let dir = tempfile::tempdir().unwrap();
     persist_one_partition(dir.path(), WRITTEN, &[b'v'; 100]);
@@ -277,20 +276,9 @@ fn a_primary_waits_past_its_write_timeout_for_a_replica_that_acknowledges_progre
     let node = Node::start(engine, cfg).unwrap();
 
     let conn = std::net::TcpStream::connect(node.local_addr()).unwrap();
-    // A small receive buffer, so the 13 MB backfill cannot all wait in
-    // socket buffers while the replica does not read.
-    let small: libc::c_int = 64 << 10;
-    // SAFETY: a valid socket and a c_int option of its size.
-    let rc = unsafe {
-        libc::setsockopt(
-            conn.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUF,
-            (&small as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(rc, 0);
+    // Small socket buffers, so the 13 MB backfill cannot all wait in
+    // them while the replica does not read.
+    common::small_socket_buffers(&conn);
     let (mut reader, mut writer) = stream_by_hand(
         conn,
         "busy",
