@@ -11,6 +11,52 @@ use tapkv_replication::protocol::{
 
 const MAX: usize = 4096;
 
+/// The global allocator of this test binary: `System`, noting the largest
+/// single allocation each thread asks for, so a test can show that a
+/// length field never sizes an allocation past the limit (under Linux's
+/// overcommit a 4 GiB reservation that is never touched would go unseen
+/// otherwise).
+struct Counting;
+
+thread_local! {
+    static LARGEST: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+fn note(size: usize) {
+    let _ = LARGEST.try_with(|l| l.set(l.get().max(size)));
+}
+
+// SAFETY: every call is forwarded to `System` unchanged.
+#[allow(unsafe_code)]
+unsafe impl std::alloc::GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        note(layout.size());
+        std::alloc::System.alloc(layout)
+    }
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        note(layout.size());
+        std::alloc::System.alloc_zeroed(layout)
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new: usize) -> *mut u8 {
+        note(new);
+        std::alloc::System.realloc(ptr, layout, new)
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        std::alloc::System.dealloc(ptr, layout)
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+/// Runs `f`; returns its result and the largest single allocation this
+/// thread made meanwhile.
+fn largest_allocation_in<R>(f: impl FnOnce() -> R) -> (R, usize) {
+    LARGEST.with(|l| l.set(0));
+    let r = f();
+    (r, LARGEST.with(|l| l.get()))
+}
+
 fn frame() -> impl Strategy<Value = Frame> {
     (
         prop_oneof![Just(0x80u8), Just(0x81u8)],
@@ -53,7 +99,11 @@ fn decode_all(data: &[u8]) -> Result<(), TestCaseError> {
                 )
             })
         });
-        let owned = decode(&mut buf, MAX);
+        let (owned, largest) = largest_allocation_in(|| decode(&mut buf, MAX));
+        prop_assert!(
+            largest <= HEADER_LEN + MAX,
+            "decode allocated {largest} bytes"
+        );
         match (owned, borrowed) {
             (Ok(Some(f)), Ok(Some((_, len, msg)))) => {
                 prop_assert!(f.wire_len() <= HEADER_LEN + MAX);
@@ -70,7 +120,11 @@ fn decode_all(data: &[u8]) -> Result<(), TestCaseError> {
             ),
         }
     }
-    let _ = read_frame(&mut &data[..], MAX);
+    let (_, largest) = largest_allocation_in(|| read_frame(&mut &data[..], MAX));
+    prop_assert!(
+        largest <= HEADER_LEN + MAX,
+        "read_frame allocated {largest} bytes"
+    );
     Ok(())
 }
 
@@ -153,14 +207,33 @@ fn oversized_and_inconsistent_headers_are_refused_before_allocating() {
     h.extend_from_slice(&u32::MAX.to_be_bytes()); // 4 GiB body
     h.extend_from_slice(&[0; 12]);
     let mut buf = BytesMut::from(&h[..]);
-    assert!(matches!(
-        decode(&mut buf, MAX),
-        Err(ProtocolError::BodyTooLarge { .. })
-    ));
-    assert!(matches!(
-        read_frame(&mut &h[..], MAX),
-        Err(ProtocolError::BodyTooLarge { .. })
-    ));
+    let (r, largest) = largest_allocation_in(|| decode(&mut buf, MAX));
+    assert!(matches!(r, Err(ProtocolError::BodyTooLarge { .. })));
+    assert!(largest < 1024, "decode allocated {largest} bytes");
+    let (r, largest) = largest_allocation_in(|| read_frame(&mut &h[..], MAX));
+    assert!(matches!(r, Err(ProtocolError::BodyTooLarge { .. })));
+    assert!(largest < 1024, "read_frame allocated {largest} bytes");
+    // A node's connection reader, with the largest body a node accepts.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (conn, _) = listener.accept().unwrap();
+    std::io::Write::write_all(&mut peer, &h).unwrap();
+    let mut reader = tapkv_replication::io::FrameReader::new(
+        conn,
+        tapkv_replication::protocol::DEFAULT_MAX_BODY,
+    );
+    reader
+        .set_timeout(std::time::Duration::from_secs(10))
+        .unwrap();
+    let (r, largest) = largest_allocation_in(|| reader.poll());
+    assert!(
+        matches!(r, Err(ProtocolError::BodyTooLarge { .. })),
+        "{r:?}"
+    );
+    assert!(
+        largest < 1 << 20,
+        "the connection reader allocated {largest} bytes"
+    );
     let mut h = vec![0x80u8, 0x01, 0, 100, 8, 0, 0, 0, 0, 0, 0, 10];
     h.extend_from_slice(&[0; 12]);
     assert!(matches!(
