@@ -56,6 +56,9 @@ fn ended(s: &mut TcpStream) -> bool {
 fn malformed_frames_get_errors_and_the_node_keeps_serving() {
     let dir = tempfile::tempdir().unwrap();
     let node = NodeProc::start(dir.path(), "127.0.0.1:0", None, "target", &[]);
+    // A client connected before all of it, and used after.
+    let mut early = node.client();
+    early.set(b"early", b"before", 0, false).unwrap();
 
     // A request before HELLO.
     let mut s = raw(&node.addr);
@@ -162,10 +165,13 @@ fn malformed_frames_get_errors_and_the_node_keeps_serving() {
         assert!(t.join().unwrap(), "junk connection {i} was left open");
     }
 
-    // The node still serves.
+    // The node still serves, new connections and the one open through it.
     let mut c = node.client();
     c.set(b"still", b"alive", 0, false).unwrap();
     assert_eq!(c.get(b"still").unwrap().0, &b"alive"[..]);
+    assert_eq!(early.get(b"early").unwrap().0, &b"before"[..]);
+    early.set(b"early", b"after", 0, false).unwrap();
+    assert_eq!(c.get(b"early").unwrap().0, &b"after"[..]);
 }
 
 /// A text-protocol line is refused at its first byte (not after waiting for
