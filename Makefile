@@ -3,7 +3,7 @@
 # build the single `release` profile that tests, demo and benches share.
 
 CARGO ?= cargo
-TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
+TARGET_DIR := $(abspath $(or $(CARGO_TARGET_DIR),$(CURDIR)/target))
 TAPKV := $(TARGET_DIR)/release/tapkv
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 

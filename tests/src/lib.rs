@@ -12,19 +12,63 @@ use std::time::{Duration, Instant};
 
 /// Path of the `tapkv` binary: `$TAPKV_BIN`, or `tapkv` next to the test's
 /// `deps/` directory (where `cargo build --release --bins` puts it).
+/// Panics if it is missing or older than a source file of the crates it is
+/// built from: this crate does not depend on the binary's, so a plain
+/// `cargo test` would otherwise run an old binary without a word.
 pub fn tapkv_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("TAPKV_BIN") {
-        return PathBuf::from(p);
+    static CHECKED: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    CHECKED
+        .get_or_init(|| {
+            let bin = match std::env::var_os("TAPKV_BIN") {
+                Some(p) => PathBuf::from(p),
+                None => {
+                    let exe = std::env::current_exe().expect("test executable path");
+                    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+                    dir.join("tapkv")
+                }
+            };
+            let built = std::fs::metadata(&bin)
+                .and_then(|m| m.modified())
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "{}: {e}: run `cargo build --release --bins` first (make test does)",
+                        bin.display()
+                    )
+                });
+            let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+            for krate in ["engine", "replication", "tools"] {
+                if let Some(newer) = newer_source(&root.join(krate).join("src"), built) {
+                    panic!(
+                        "{} is older than {}: rebuild it with `cargo build --release --bins` \
+                         (make test does)",
+                        bin.display(),
+                        newer.display()
+                    );
+                }
+            }
+            bin
+        })
+        .clone()
+}
+
+/// A `.rs` file under `dir` modified after `than`, if any.
+fn newer_source(dir: &std::path::Path, than: std::time::SystemTime) -> Option<PathBuf> {
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            if let Some(p) = newer_source(&path, than) {
+                return Some(p);
+            }
+        } else if path.extension().is_some_and(|e| e == "rs")
+            && entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|m| m > than)
+        {
+            return Some(path);
+        }
     }
-    let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
-    let bin = dir.join("tapkv");
-    assert!(
-        bin.exists(),
-        "{} not found: run `cargo build --release --bins` first (make test does)",
-        bin.display()
-    );
-    bin
+    None
 }
 
 /// A child process killed (SIGKILL) and reaped when dropped.
