@@ -1129,6 +1129,17 @@ impl Engine {
         }
     }
 
+    /// Test hook: the next REVERT of partition `p` stops once it holds the
+    /// partition (its writer lock and every shard lock) until the returned
+    /// hold is released or dropped (at most a minute).
+    #[doc(hidden)]
+    pub fn hold_next_revert(&self, p: PartitionId) -> Result<crate::online_update::RevertHold> {
+        let s = self.live()?;
+        let gate = Arc::new(crate::online_update::RevertGate::default());
+        *s.partition(p)?.revert_gate.lock() = Some(Arc::clone(&gate));
+        Ok(crate::online_update::RevertHold::new(gate))
+    }
+
     /// Test hook: runs an expiry pass now on the calling thread (as the
     /// flusher does every `expiry_pager_interval`); returns the expired
     /// items it deleted.

@@ -46,6 +46,8 @@ pub use error::{Error, Result};
 pub use item::{
     Durability, Item, ItemMeta, MutationResult, PartitionId, QueueOp, QueuedItem, WriteOptions,
 };
+#[doc(hidden)]
+pub use online_update::RevertHold;
 pub use online_update::{RevertReport, WindowInfo};
 pub use partition::{partition_of, PERSISTENCE_CURSOR};
 pub use replica::{

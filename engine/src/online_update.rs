@@ -30,7 +30,7 @@ use crate::error::{Error, Result};
 use crate::item::{ItemMeta, PartitionId, QueueOp, QueuedItem, Record};
 use crate::partition::{Partition, PartitionWriter};
 use crate::store::{Store, WindowRecord};
-use crate::sync::Ordering;
+use crate::sync::{Arc, Condvar, Mutex, Ordering};
 
 /// Keys a REVERT looks up together before applying them.
 const REVERT_GROUP: usize = 16;
@@ -383,6 +383,9 @@ impl Partition {
         let (mut removed, mut restored) = (0, 0);
         {
             let mut shards = self.table.lock_all();
+            if let Some(gate) = self.revert_gate.lock().take() {
+                gate.hold();
+            }
             // The undo map holds each key's hash: no key is hashed again.
             // Keys go in groups: every key of a group is first looked up
             // without changes, so their cache misses overlap instead of
@@ -452,5 +455,67 @@ impl Partition {
             keys: w.keys(),
             bytes: w.bytes,
         })
+    }
+}
+
+/// Test hook ([`Engine::hold_next_revert`](crate::Engine::hold_next_revert)):
+/// the next REVERT of a partition stops once it holds the partition's
+/// writer lock and every shard lock, until the hold is released (or
+/// dropped), so a test can issue operations that must wait for it.
+#[doc(hidden)]
+pub struct RevertHold {
+    gate: Arc<RevertGate>,
+}
+
+/// How long a held REVERT waits for its release at most, so a test that
+/// forgets it cannot hang.
+const REVERT_HOLD_LIMIT: Duration = Duration::from_secs(60);
+
+#[derive(Default)]
+pub(crate) struct RevertGate {
+    /// (the revert has reached the hold, the hold is released)
+    state: Mutex<(bool, bool)>,
+    cv: Condvar,
+}
+
+impl RevertGate {
+    /// Called by the held REVERT: says it is there, waits for the release.
+    fn hold(&self) {
+        let deadline = Instant::now() + REVERT_HOLD_LIMIT;
+        let mut st = self.state.lock();
+        st.0 = true;
+        self.cv.notify_all();
+        while !st.1 && Instant::now() < deadline {
+            self.cv.wait_for(&mut st, Duration::from_millis(100));
+        }
+    }
+}
+
+impl RevertHold {
+    pub(crate) fn new(gate: Arc<RevertGate>) -> RevertHold {
+        RevertHold { gate }
+    }
+
+    /// Waits until the REVERT has reached the hold; false after `limit`.
+    pub fn wait_held(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        let mut st = self.gate.state.lock();
+        while !st.0 {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            self.gate.cv.wait_for(&mut st, Duration::from_millis(100));
+        }
+        true
+    }
+
+    /// Lets the REVERT go on.
+    pub fn release(self) {}
+}
+
+impl Drop for RevertHold {
+    fn drop(&mut self) {
+        self.gate.state.lock().1 = true;
+        self.gate.cv.notify_all();
     }
 }

@@ -168,6 +168,8 @@ pub(crate) struct Partition {
     /// Windows lost to a crash or close before this open, oldest first.
     /// Windows lost to a crash or close (as on disk; a reset clears both).
     pub(crate) lost_windows: Mutex<Vec<crate::store::WindowRecord>>,
+    /// Test hook: where the next REVERT stops (`Engine::hold_next_revert`).
+    pub(crate) revert_gate: Mutex<Option<Arc<crate::online_update::RevertGate>>>,
     /// Failover log (branches of this partition's history).
     pub(crate) failover: Mutex<Vec<crate::store::FailoverEntry>>,
     pub(crate) table: HashTable,
@@ -202,6 +204,7 @@ impl Partition {
         Partition {
             id,
             lost_windows: Mutex::new(Vec::new()),
+            revert_gate: Mutex::new(None),
             failover: Mutex::new(Vec::new()),
             table,
             writer: Mutex::new(PartitionWriter {

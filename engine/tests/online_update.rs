@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::sync::{mpsc, Arc, Barrier};
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use common::{builder, value};
@@ -301,15 +301,26 @@ fn operations_blocked_by_a_revert_all_resume() {
     }
     let threads = 4;
     let per = 2_000;
-    let barrier = Arc::new(Barrier::new(threads + 1));
+    // The revert stops once it holds the partition; every client operation
+    // below is issued while it is held, so each must wait for it.
+    let hold = e.hold_next_revert(p).unwrap();
+    let reverting = {
+        let e = Arc::clone(&e);
+        std::thread::spawn(move || e.online_update_revert(p))
+    };
+    assert!(
+        hold.wait_held(Duration::from_secs(60)),
+        "the revert never started"
+    );
+    let (issued_tx, issued_rx) = mpsc::channel();
     let (tx, rx) = mpsc::channel();
     for t in 0..threads {
         let e = Arc::clone(&e);
-        let barrier = Arc::clone(&barrier);
+        let issued = issued_tx.clone();
         let tx = tx.clone();
         let mine = keys_in(&e, p, per, &format!("t{t}"));
         std::thread::spawn(move || {
-            barrier.wait();
+            issued.send(()).unwrap();
             let mut ok = 0;
             for (i, k) in mine.iter().enumerate() {
                 if i % 2 == 0 {
@@ -322,8 +333,18 @@ fn operations_blocked_by_a_revert_all_resume() {
             tx.send((t, ok, mine)).unwrap();
         });
     }
-    barrier.wait();
-    let report = e.online_update_revert(p).unwrap();
+    for _ in 0..threads {
+        issued_rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("a client thread never started");
+    }
+    // Held, the revert lets no write of the partition through.
+    assert!(
+        rx.try_recv().is_err(),
+        "a client thread finished its writes while the revert held the partition"
+    );
+    hold.release();
+    let report = reverting.join().unwrap().unwrap();
     assert!(report.removed >= window_keys.len());
     let mut done = 0;
     for _ in 0..threads {
@@ -331,14 +352,10 @@ fn operations_blocked_by_a_revert_all_resume() {
             .recv_timeout(Duration::from_secs(60))
             .expect("a client operation never resumed after the revert");
         assert_eq!(ok, per);
-        // Each key written by the thread holds its value, or none if that
-        // write fell inside the reverted window.
+        // Every write waited for the revert and landed after it: none was
+        // reverted with the window.
         for k in mine.iter().step_by(2) {
-            match e.get(k) {
-                Ok(item) => assert_eq!(item.value(), format!("{t}").into_bytes()),
-                Err(Error::NotFound) => {}
-                Err(other) => panic!("{other:?}"),
-            }
+            assert_eq!(e.get(k).unwrap().value(), format!("{t}").into_bytes());
         }
         done += 1;
     }
