@@ -460,6 +460,8 @@ pub fn restartable_addr() -> String {
         10_000..low
     } else if high <= 64_000 {
         high + 1..65_535
+    } else if low > 2_048 {
+        1_024..low
     } else {
         panic!("the ephemeral port range {low}-{high} leaves no room for a fixed test port");
     };
