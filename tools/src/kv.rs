@@ -157,7 +157,7 @@ fn key_bytes(key: &str, escaped: bool) -> Result<Vec<u8>, Error> {
 /// `--escaped` reads it back), exit 1.
 fn not_found(key: &[u8]) -> Result<ExitCode, Error> {
     eprintln!(
-        "error: key \"{}\" not found",
+        "error: not_found: key \"{}\" not found",
         tapkv_engine::text::escape(key)
     );
     Ok(ExitCode::FAILURE)
