@@ -193,6 +193,11 @@ pub(crate) struct Shared {
     pub(crate) store: Store,
     pub(crate) partitions: Vec<Partition>,
     pub(crate) checkpoint_mem: Arc<AtomicUsize>,
+    /// A write was refused for checkpoint memory since the last one
+    /// admitted: the flusher then expels persisted entries every cursor has
+    /// read whatever the memory (below half the limit it otherwise keeps
+    /// them), so clean entries never keep a write out for good.
+    pub(crate) memory_refused: AtomicBool,
     poisoned: Mutex<Option<String>>,
     pub(crate) is_poisoned: AtomicBool,
     pub(crate) shutdown: AtomicBool,
@@ -272,15 +277,26 @@ impl Shared {
     /// would pass `checkpoint_memory_limit`.
     pub(crate) fn admit(&self, bytes: usize) -> Result<MemReservation<'_>> {
         let limit = self.config.checkpoint_memory_limit;
-        MemReservation::take(&self.checkpoint_mem, bytes, limit).map_err(|used| {
-            self.notify_flushers();
-            Error::TempOutOfMemory {
-                reason: format!(
-                    "checkpoint memory {used} bytes is at its limit of {limit} bytes; \
-                     retry once the flusher has persisted queued items"
-                ),
+        match MemReservation::take(&self.checkpoint_mem, bytes, limit) {
+            Ok(r) => {
+                // A load, and a store only after a refusal.
+                if self.memory_refused.load(Ordering::Relaxed) {
+                    self.memory_refused.store(false, Ordering::Relaxed);
+                }
+                Ok(r)
             }
-        })
+            Err(used) => {
+                self.memory_refused.store(true, Ordering::Release);
+                self.notify_flushers();
+                Err(Error::TempOutOfMemory {
+                    reason: format!(
+                        "checkpoint memory holds {used} of its {limit} bytes and this write \
+                         needs {bytes}; retry once the flusher has persisted or released \
+                         queued entries"
+                    ),
+                })
+            }
+        }
     }
 
     /// Wakes every flusher thread now.
@@ -596,6 +612,7 @@ impl Engine {
             store,
             partitions,
             checkpoint_mem,
+            memory_refused: AtomicBool::new(false),
             poisoned: Mutex::new(None),
             is_poisoned: AtomicBool::new(false),
             shutdown: AtomicBool::new(false),
@@ -1320,6 +1337,27 @@ fn validate(c: &EngineConfig) -> Result<()> {
         return bad(format!(
             "max_value_size must be at most {MAX_VALUE_SIZE_CAP} (1 GiB), got {}",
             c.max_value_size
+        ));
+    }
+    // The largest write must fit in the memory that admits it, or it would
+    // be refused as temporary for ever.
+    let item = c.max_key_size + c.max_value_size + crate::item::QUEUED_ITEM_OVERHEAD;
+    if c.checkpoint_memory_limit < item {
+        return bad(format!(
+            "checkpoint_memory_limit (--checkpoint-memory-limit on a node) of {} bytes is \
+             smaller than the largest write, {item} bytes (max_key_size {} + max_value_size {} \
+             + 64 for its entry): raise it or lower max_value_size (--max-value-size)",
+            c.checkpoint_memory_limit, c.max_key_size, c.max_value_size
+        ));
+    }
+    if c.online_update_memory_limit < 2 * item {
+        return bad(format!(
+            "online_update_memory_limit (--online-update-memory-limit on a node) of {} bytes \
+             cannot hold the largest write inside a window, {} bytes (its entry of {item} \
+             bytes and the pre-window version a revert restores): raise it or lower \
+             max_value_size (--max-value-size)",
+            c.online_update_memory_limit,
+            2 * item
         ));
     }
     if c.flush_batch_max_items == 0 {

@@ -480,7 +480,8 @@ fn write_part(shared: &Shared, batch: &mut FlushBatch, sync: bool) -> Result<()>
 
 /// Frees checkpoint memory that persisted items would otherwise hold:
 /// [`drop_lagging_stream_cursors`] (at `cursor_drop_threshold`), then, at
-/// half the limit, [`expel_read_items`], and at the threshold again
+/// half the limit or after a write was refused for memory,
+/// [`expel_read_items`], and at the threshold again
 /// [`close_open_checkpoints_streams_lag_in`]. Returns whether it closed a
 /// checkpoint (another round frees it).
 fn relieve_memory_pressure(shared: &Shared, mine: &[&Partition]) -> Result<bool> {
@@ -488,7 +489,11 @@ fn relieve_memory_pressure(shared: &Shared, mine: &[&Partition]) -> Result<bool>
     if pressed {
         drop_lagging_stream_cursors(shared, mine);
     }
-    if !under_memory_pressure(shared) {
+    // A refused write also expels: below half the limit the entries would
+    // otherwise stay until their checkpoint closes, which a quiet partition
+    // may never do, and the write would be refused for as long.
+    let refused = shared.memory_refused.load(Ordering::Acquire);
+    if !under_memory_pressure(shared) && !refused {
         return Ok(false);
     }
     expel_read_items(shared, mine);

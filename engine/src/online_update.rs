@@ -73,8 +73,8 @@ impl Window {
         if self.bytes + incoming > self.limit {
             return Err(Error::TempOutOfMemory {
                 reason: format!(
-                    "online-update window {} on partition {partition} holds {} bytes, its limit \
-                     is {}; complete or revert the window",
+                    "online-update window {} on partition {partition} holds {} of its {} bytes \
+                     and this write needs {incoming}; complete or revert the window",
                     self.checkpoint_id, self.bytes, self.limit
                 ),
             });

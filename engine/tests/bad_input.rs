@@ -625,6 +625,8 @@ fn key_and_value_size_limits_past_their_caps_are_refused_at_open() {
     let e = builder(dir.path())
         .max_key_size(65_535)
         .max_value_size(1 << 30)
+        .checkpoint_memory_limit(2 << 30)
+        .online_update_memory_limit(3 << 30)
         .open()
         .unwrap();
     e.set(&vec![b'k'; 65_535], "v", WriteOptions::default())
@@ -634,4 +636,45 @@ fn key_and_value_size_limits_past_their_caps_are_refused_at_open() {
         Err(Error::KeyTooLarge { .. })
     ));
     e.close().unwrap();
+}
+
+#[test]
+fn memory_limits_that_cannot_hold_the_largest_write_are_refused_at_open() {
+    // Before, a node with --checkpoint-memory-limit 65536 and the default
+    // 20 MiB values answered every value over about 64 KiB with a
+    // temporary out-of-memory error, for ever.
+    let dir = tempfile::tempdir().unwrap();
+    for (what, b) in [
+        (
+            "checkpoint_memory_limit",
+            builder(dir.path()).checkpoint_memory_limit(64 << 10),
+        ),
+        (
+            "online_update_memory_limit",
+            builder(dir.path()).online_update_memory_limit(1 << 20),
+        ),
+        // A window must hold the write and the version a revert restores.
+        (
+            "online_update_memory_limit",
+            builder(dir.path())
+                .max_value_size(600 << 10)
+                .online_update_memory_limit(1 << 20),
+        ),
+    ] {
+        match b.open() {
+            Err(Error::InvalidArgument(m)) => {
+                assert!(m.contains(what) && m.contains("max_value_size"), "{m}")
+            }
+            other => panic!("{what}: {:?}", other.map(|_| ())),
+        }
+    }
+    // With values that fit, the same limits open.
+    builder(dir.path())
+        .max_value_size(16 << 10)
+        .checkpoint_memory_limit(64 << 10)
+        .online_update_memory_limit(1 << 20)
+        .open()
+        .unwrap()
+        .close()
+        .unwrap();
 }

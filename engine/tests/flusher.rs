@@ -228,6 +228,7 @@ fn checkpoint_memory_is_bounded_and_nothing_accepted_is_dropped() {
     let dir = tempfile::tempdir().unwrap();
     let e = builder(dir.path())
         .checkpoint_memory_limit(64 * 1024)
+        .max_value_size(4 << 10)
         .open()
         .unwrap();
     // Stall the flusher so nothing is freed.
@@ -272,6 +273,7 @@ fn writers_on_different_partitions_cannot_pass_the_memory_limit_together() {
         builder(dir.path())
             .partitions(8)
             .checkpoint_memory_limit(limit)
+            .max_value_size(limit - 1024)
             .open()
             .unwrap(),
     );
@@ -316,6 +318,7 @@ fn a_write_needs_room_for_its_entry_overhead_too() {
     let e = builder(dir.path())
         .checkpoint_max_items(1000)
         .checkpoint_memory_limit(limit)
+        .max_value_size(1000)
         .open()
         .unwrap();
     e.set_flusher_paused(true);
@@ -345,6 +348,7 @@ fn persisted_open_checkpoints_do_not_hold_memory_writers_wait_for() {
     let e = builder(dir.path())
         .checkpoint_max_items(100_000)
         .checkpoint_memory_limit(limit)
+        .max_value_size(4 << 10)
         .open()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -695,4 +699,37 @@ fn a_flusher_niceness_outside_0_to_19_is_refused() {
     }
     // The refused opens left nothing behind that a good one trips over.
     builder(dir.path()).flusher_nice(19).open().unwrap();
+}
+
+#[test]
+fn a_refused_write_makes_the_flusher_release_persisted_entries_below_half_the_limit() {
+    // A persisted 500 KB entry in a quiet partition's open checkpoint holds
+    // under half of a 1 MiB limit, where the flusher leaves such entries
+    // alone, and a 600 KB write does not fit beside it. Before, that write
+    // was refused for as long as the checkpoint stayed open (for ever on a
+    // quiet partition), with nothing left to persist.
+    let dir = tempfile::tempdir().unwrap();
+    let e = builder(dir.path())
+        .checkpoint_max_items(100_000)
+        .checkpoint_memory_limit(1 << 20)
+        .max_value_size(600_000)
+        .open()
+        .unwrap();
+    e.set_flusher_paused(true);
+    e.set(b"a", vec![b'a'; 500_000], WriteOptions::default())
+        .unwrap();
+    while e.run_flush_round().unwrap() {}
+    assert_eq!(e.stats().unwrap().dirty(), 0);
+    match e.set(b"b", vec![b'b'; 600_000], WriteOptions::default()) {
+        Err(Error::TempOutOfMemory { reason }) => {
+            assert!(reason.contains("needs 600065"), "{reason}")
+        }
+        other => panic!("{:?}", other.map(|_| ())),
+    }
+    // The flusher's next round releases the persisted entry.
+    e.run_flush_round().unwrap();
+    e.set(b"b", vec![b'b'; 600_000], WriteOptions::default())
+        .unwrap();
+    assert_eq!(e.get(b"a").unwrap().value().len(), 500_000);
+    e.close().unwrap();
 }

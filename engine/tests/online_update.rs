@@ -456,6 +456,7 @@ fn the_window_memory_limit_refuses_writes_until_the_window_ends() {
     let dir = tempfile::tempdir().unwrap();
     let e = builder(dir.path())
         .online_update_memory_limit(40 * 1024)
+        .max_value_size(16 << 10)
         .open()
         .unwrap();
     let k = keys_in(&e, 0, 2000, "x");
@@ -631,6 +632,7 @@ fn rewriting_one_key_inside_a_window_does_not_use_up_its_memory() {
     let dir = tempfile::tempdir().unwrap();
     let e = builder(dir.path())
         .online_update_memory_limit(1 << 20)
+        .max_value_size(1 << 10)
         .open()
         .unwrap();
     let k = keys_in(&e, 0, 1, "hot");
@@ -653,29 +655,33 @@ fn rewriting_one_key_inside_a_window_does_not_use_up_its_memory() {
 
 #[test]
 fn a_window_admits_a_rewrite_net_of_the_entry_it_replaces() {
-    // A 600 KiB value rewritten in a 1 MiB window: each rewrite replaces
+    // A 400 KiB value rewritten in a 1 MiB window: each rewrite replaces
     // the last, so the window holds one. Before, admission counted the new
-    // entry before giving back the old one's bytes, so the second write was
-    // refused, and went on being refused until COMPLETE or REVERT.
+    // entry before giving back the old one's bytes, so the third write was
+    // refused (the second, with 600 KiB values), and went on being refused
+    // until COMPLETE or REVERT.
     let dir = tempfile::tempdir().unwrap();
     let e = builder(dir.path())
         .online_update_memory_limit(1 << 20)
+        .max_value_size(400 << 10)
         .open()
         .unwrap();
-    let k = keys_in(&e, 0, 2, "big");
+    let k = keys_in(&e, 0, 3, "big");
     e.online_update_start(0).unwrap();
     for i in 0..5u8 {
-        e.set(&k[0], vec![i; 600 << 10], MEM)
+        e.set(&k[0], vec![i; 400 << 10], MEM)
             .unwrap_or_else(|err| panic!("rewrite {i}: {err}"));
     }
     let win = e.stats().unwrap().partitions[0].window.unwrap();
-    assert!(win.bytes < 700 << 10, "{} bytes", win.bytes);
-    // The limit still holds for what is added: a second such key is not.
+    assert!(win.bytes < 500 << 10, "{} bytes", win.bytes);
+    // The limit still holds for what is added: a second such key fits, a
+    // third does not.
+    e.set(&k[1], vec![8; 400 << 10], MEM).unwrap();
     assert!(matches!(
-        e.set(&k[1], vec![9; 600 << 10], MEM),
+        e.set(&k[2], vec![9; 400 << 10], MEM),
         Err(Error::TempOutOfMemory { .. })
     ));
-    assert_eq!(e.get(&k[0]).unwrap().value(), &vec![4; 600 << 10][..]);
+    assert_eq!(e.get(&k[0]).unwrap().value(), &vec![4; 400 << 10][..]);
     e.online_update_revert(0).unwrap();
     assert!(matches!(e.get(&k[0]), Err(Error::NotFound)));
 }
@@ -809,6 +815,7 @@ fn a_window_counts_the_pre_window_values_it_keeps_to_revert() {
     let e = Engine::builder(dir.path())
         .partitions(1)
         .online_update_memory_limit(1 << 20)
+        .max_value_size(64 << 10)
         .persist_timeout(Duration::from_secs(20))
         .open()
         .unwrap();

@@ -372,6 +372,7 @@ fn a_replica_expels_persisted_entries_when_its_open_checkpoint_outgrows_memory()
         .replica(true)
         .checkpoint_max_items(100_000)
         .checkpoint_memory_limit(limit)
+        .max_value_size(4 << 10)
         .open()
         .unwrap();
     // Flush rounds run only when the test asks: deterministic.
@@ -609,6 +610,7 @@ fn a_window_from_the_stream_is_held_to_the_replicas_own_limit() {
     let r = builder(dir.path())
         .replica(true)
         .online_update_memory_limit(256 * 1024)
+        .max_value_size(64 << 10)
         .open()
         .unwrap();
     let p = 0;
@@ -685,6 +687,7 @@ fn a_replica_waits_for_its_pre_window_backlog_before_passing_its_memory_limit() 
     let r = builder(dir.path())
         .replica(true)
         .checkpoint_memory_limit(64 * 1024)
+        .max_value_size(16 << 10)
         .open()
         .unwrap();
     r.set_flusher_paused(true);
@@ -720,6 +723,7 @@ fn a_replica_with_a_seqno_gap_before_a_window_flushes_and_applies_it() {
     let r = builder(dir.path())
         .replica(true)
         .checkpoint_memory_limit(64 * 1024)
+        .max_value_size(16 << 10)
         .persist_timeout(Duration::from_secs(5))
         .open()
         .unwrap();
@@ -774,6 +778,7 @@ fn a_replica_admits_a_window_rewrite_net_of_the_entry_it_replaces() {
     let r = builder(dir.path())
         .replica(true)
         .online_update_memory_limit(1 << 20)
+        .max_value_size(400 << 10)
         .open()
         .unwrap();
     let p = 0;
@@ -817,6 +822,7 @@ fn a_replica_takes_every_window_its_primary_took_with_the_same_limit() {
     let r = builder(dir.path())
         .replica(true)
         .online_update_memory_limit(limit)
+        .max_value_size(64 << 10)
         .checkpoint_memory_limit(64 << 20)
         .open()
         .unwrap();

@@ -28,6 +28,7 @@ fn a_replica_stops_at_its_checkpoint_memory_limit_and_catches_up_later() {
     let replica_engine = Engine::builder(rdir.path())
         .replica(true)
         .checkpoint_memory_limit(LIMIT)
+        .max_value_size(LIMIT / 4)
         .open()
         .unwrap();
     // The replica's disk "stops": nothing it applies can be freed.
@@ -100,6 +101,7 @@ fn a_replica_applying_a_long_snapshot_acknowledges_progress() {
         .partitions(1)
         .replica(true)
         .checkpoint_memory_limit(64 << 10)
+        .max_value_size(16 << 10)
         .open()
         .unwrap();
     engine.set_flusher_paused(true);

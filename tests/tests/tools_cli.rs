@@ -1293,7 +1293,10 @@ fn kv_prints_the_same_error_line_on_a_directory_and_against_a_node() {
         assert!(on_dir.starts_with("error: "), "{on_dir}");
     }
     let (_, _, err) = run(&["kv", "get", "--data", local, "missing"], "", T);
-    assert_eq!(err.trim_end(), "error: not_found: key \"missing\" not found");
+    assert_eq!(
+        err.trim_end(),
+        "error: not_found: key \"missing\" not found"
+    );
     let (_, _, err) = run(&["kv", "get", "--data", local, &long], "", T);
     assert_eq!(
         err.trim_end(),

@@ -103,10 +103,12 @@ pub fn from_the_start(e: &Engine) -> Vec<StreamRequest> {
 }
 
 /// A primary node on an ephemeral port over the data directory `dir`, with
-/// a checkpoint memory limit of `limit` bytes.
+/// a checkpoint memory limit of `limit` bytes (and values of at most a
+/// quarter of it).
 pub fn primary_with_limit(dir: &Path, limit: usize, cfg: NodeConfig) -> Node {
     let engine = Engine::builder(dir)
         .checkpoint_memory_limit(limit)
+        .max_value_size(limit / 4)
         .open()
         .unwrap();
     Node::start(engine, cfg).unwrap()
