@@ -68,6 +68,12 @@ pub struct EngineConfig {
     pub online_update_memory_limit: usize,
     /// Memory quota for keys and resident values (default 1 GiB).
     pub memory_quota: usize,
+    /// Files RocksDB keeps open at once (its table cache; SST files past it
+    /// are reopened as they are read); default 256, 16 to 1,000,000. With
+    /// the WAL, the manifest and the directory lock, this bounds the file
+    /// descriptors the engine takes, so a process serving connections can
+    /// budget for them.
+    pub max_open_files: usize,
     /// Fraction of the quota above which the pager evicts clean values
     /// (default 0.85).
     pub high_water: f64,
@@ -134,6 +140,7 @@ impl EngineConfig {
             flush_retry_backoff: Duration::from_millis(20),
             online_update_memory_limit: 256 << 20,
             memory_quota: 1 << 30,
+            max_open_files: 256,
             high_water: 0.85,
             low_water: 0.75,
             expiry_pager_interval: Duration::from_secs(60),
@@ -226,6 +233,13 @@ impl EngineBuilder {
     /// Consecutive flush failures before poisoning; default 5.
     pub fn flush_retry_limit(mut self, n: u32) -> Self {
         self.config.flush_retry_limit = n;
+        self
+    }
+
+    /// Files RocksDB keeps open at once; default 256, 16 to 1,000,000 (see
+    /// [`EngineConfig::max_open_files`]).
+    pub fn max_open_files(mut self, n: usize) -> Self {
+        self.config.max_open_files = n;
         self
     }
 

@@ -439,7 +439,7 @@ impl Engine {
         let path = config.path.clone();
         let _span = tracing::info_span!("warmup", path = %path.display()).entered();
         let lock = DirLock::acquire(&path)?;
-        let mut store = Store::open(&path).map_err(|e| match e {
+        let mut store = Store::open(&path, config.max_open_files).map_err(|e| match e {
             Error::Storage(msg) if msg.contains("lock") => Error::Locked { path: path.clone() },
             other => other,
         })?;
@@ -1300,6 +1300,10 @@ fn load_items(store: &Store, config: &EngineConfig, highs: &[u64]) -> Result<Loa
 /// and a stream frame's body stay well inside their 32-bit fields.
 const MAX_VALUE_SIZE_CAP: usize = 1 << 30;
 
+/// Bounds of `max_open_files`.
+const MIN_OPEN_FILES: usize = 16;
+const MAX_OPEN_FILES: usize = 1_000_000;
+
 fn validate(c: &EngineConfig) -> Result<()> {
     let bad = |m: String| Err(Error::InvalidArgument(m));
     if c.seqno_reservation > MAX_SEQNO_RESERVATION {
@@ -1358,6 +1362,12 @@ fn validate(c: &EngineConfig) -> Result<()> {
              max_value_size (--max-value-size)",
             c.online_update_memory_limit,
             2 * item
+        ));
+    }
+    if !(MIN_OPEN_FILES..=MAX_OPEN_FILES).contains(&c.max_open_files) {
+        return bad(format!(
+            "max_open_files must be {MIN_OPEN_FILES}..={MAX_OPEN_FILES}, got {}",
+            c.max_open_files
         ));
     }
     if c.flush_batch_max_items == 0 {

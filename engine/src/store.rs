@@ -434,6 +434,10 @@ pub(crate) struct Store {
     pub(crate) injected_sync_failures: AtomicUsize,
 }
 
+/// Files a read-only view (`DiskView`: admin tools, a node's dump) keeps
+/// open at once.
+const READ_ONLY_OPEN_FILES: i32 = 64;
+
 fn db_options(create: bool) -> Options {
     let mut opts = Options::default();
     opts.create_if_missing(create);
@@ -464,7 +468,7 @@ impl Store {
     /// count) is left as the build that wrote it can still open it; the
     /// caller adds the staging column family once it has accepted the
     /// directory ([`ensure_staging`](Self::ensure_staging)).
-    pub(crate) fn open(dir: &Path) -> Result<Store> {
+    pub(crate) fn open(dir: &Path, max_open_files: usize) -> Result<Store> {
         let path = dir.join("rocksdb");
         let names: Vec<String> = if path.join("CURRENT").exists() {
             DB::list_cf(&db_options(false), &path)?
@@ -474,7 +478,9 @@ impl Store {
         let cfs = names
             .iter()
             .map(|n| ColumnFamilyDescriptor::new(n, db_options(true)));
-        let db = DB::open_cf_descriptors(&db_options(true), &path, cfs)?;
+        let mut opts = db_options(true);
+        opts.set_max_open_files(i32::try_from(max_open_files).unwrap_or(i32::MAX));
+        let db = DB::open_cf_descriptors(&opts, &path, cfs)?;
         Ok(Store::with_db(db, path))
     }
 
@@ -497,7 +503,10 @@ impl Store {
                 dir.display()
             )));
         }
-        let db = DB::open_cf_for_read_only(&db_options(false), &path, [CF_ITEMS, CF_META], false)?;
+        let mut opts = db_options(false);
+        // A view reads each table once, in order: a small table cache does.
+        opts.set_max_open_files(READ_ONLY_OPEN_FILES);
+        let db = DB::open_cf_for_read_only(&opts, &path, [CF_ITEMS, CF_META], false)?;
         Ok(Store::with_db(db, path))
     }
 
@@ -1215,7 +1224,7 @@ mod tests {
     #[test]
     fn a_staged_entry_with_an_absurd_key_length_is_corruption() {
         let dir = tempfile::tempdir().unwrap();
-        let mut store = Store::open(dir.path()).unwrap();
+        let mut store = Store::open(dir.path(), 256).unwrap();
         store.ensure_staging().unwrap();
         let mut v = Vec::new();
         put_varint(&mut v, u64::MAX);

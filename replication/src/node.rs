@@ -498,17 +498,40 @@ impl Drop for Live<'_> {
 }
 
 fn accept_loop(state: &Arc<NodeState>, listener: TcpListener) {
+    let mut last_accept_warning: Option<Instant> = None;
+    // Refusals for --max-connections since the last warning about them
+    // (warned at most once a second: a flood must not flood the log).
+    let (mut refused, mut last_refusal_warning): (u64, Option<Instant>) = (0, None);
     for conn in listener.incoming() {
         if state.stop.load(Ordering::Acquire) {
             break;
         }
-        let Ok(mut conn) = conn else { continue };
+        let mut conn = match conn {
+            Ok(conn) => conn,
+            Err(e) => {
+                // Out of descriptors (EMFILE, ENFILE) or memory: the
+                // connection waits in the backlog. Retrying at once would
+                // spin a core on the same error; say so at most once a
+                // second, and pause.
+                if last_accept_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                    tracing::warn!(
+                        error = %e,
+                        "cannot accept a connection (the process may be out of file \
+                         descriptors: see --max-connections and ulimit -n)"
+                    );
+                    last_accept_warning = Some(Instant::now());
+                }
+                std::thread::sleep(ACCEPT_ERROR_PAUSE);
+                continue;
+            }
+        };
         if state.live_connections.load(Ordering::Acquire) >= state.config.max_connections {
             // Answered without a thread (bounded by the write timeout) and
             // closed: a flood of connections cannot take every thread.
             let _ = conn.set_write_timeout(Some(Duration::from_secs(1)));
+            // The answer to the HELLO a connection opens with.
             let refusal = status_response(
-                &Frame::request(0, 0),
+                &Frame::request(opcode::HELLO, 0),
                 status::TEMP_FAILURE,
                 &format!(
                     "too many connections: this node serves {} at once (--max-connections)",
@@ -522,10 +545,16 @@ fn accept_loop(state: &Arc<NodeState>, listener: TcpListener) {
             let _ = conn.shutdown(std::net::Shutdown::Write);
             let _ = conn.set_read_timeout(Some(REFUSAL_READ));
             let _ = std::io::Read::read(&mut conn, &mut [0u8; 4096]);
-            tracing::warn!(
-                max = state.config.max_connections,
-                "connection refused: too many connections"
-            );
+            refused += 1;
+            if last_refusal_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                tracing::warn!(
+                    max = state.config.max_connections,
+                    refused,
+                    "connections refused: too many connections"
+                );
+                last_refusal_warning = Some(Instant::now());
+                refused = 0;
+            }
             continue;
         }
         let st = Arc::clone(state);
@@ -638,7 +667,10 @@ fn serve_connection(
     // peer trickling bytes cannot hold a connection slot (and its thread).
     reader.set_frame_deadline(Some(cfg.io_timeout));
     reader.set_body_budget(Arc::clone(&state.body_budget));
-    let mut writer = FrameWriter::new(conn.try_clone()?);
+    // The writer takes the connection itself: two descriptors a connection,
+    // not three (`docs/replication.md`, "Node settings").
+    let peer_addr = conn.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    let mut writer = FrameWriter::new(conn);
     let idle_polls = (cfg.idle_timeout.as_millis() / 200).max(1) as usize;
     let mut idle = 0;
     // Handshake first, within the I/O timeout (not the idle timeout): a
@@ -695,8 +727,7 @@ fn serve_connection(
                 writer.send(&status_response(&frame, status::INVALID_ARGUMENTS, &msg))?;
                 continue;
             }
-            let peer = conn.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-            return serve_stream(state, &frame, reader, writer, peer, conn_id);
+            return serve_stream(state, &frame, reader, writer, peer_addr, conn_id);
         }
         if frame.opcode == opcode::QUIT {
             writer.send(&Frame::response(&frame, status::SUCCESS))?;
@@ -1743,6 +1774,9 @@ fn replica_link(state: &Arc<NodeState>, primary: &str) {
         backoff = (backoff * 2).min(Duration::from_secs(1));
     }
 }
+
+/// How long the accept loop pauses after a failed accept.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 
 /// A replication session that lasted this long was a working stream: the
 /// link's wait before the next connect starts over at its shortest.

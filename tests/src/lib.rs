@@ -81,17 +81,42 @@ pub struct Proc {
 impl Proc {
     /// Starts `tapkv ARGS` with stdout piped into a line channel.
     pub fn spawn(args: &[&str]) -> Proc {
-        Proc::spawn_with(args, Stdio::null()).0
+        Proc::spawn_with(args, Stdio::null(), None).0
     }
 
     /// As [`Proc::spawn`], with a pipe to the child's stdin.
     pub fn spawn_piped(args: &[&str]) -> (Proc, ChildStdin) {
-        let (p, stdin) = Proc::spawn_with(args, Stdio::piped());
+        let (p, stdin) = Proc::spawn_with(args, Stdio::piped(), None);
         (p, stdin.expect("piped stdin"))
     }
 
-    fn spawn_with(args: &[&str], stdin: Stdio) -> (Proc, Option<ChildStdin>) {
+    /// As [`Proc::spawn`], with the child's open-file limit (soft and hard)
+    /// set to `nofile`.
+    pub fn spawn_with_open_files(args: &[&str], nofile: u64) -> Proc {
+        Proc::spawn_with(args, Stdio::null(), Some(nofile)).0
+    }
+
+    fn spawn_with(args: &[&str], stdin: Stdio, nofile: Option<u64>) -> (Proc, Option<ChildStdin>) {
         let mut cmd = Command::new(tapkv_bin());
+        if let Some(n) = nofile {
+            use std::os::unix::process::CommandExt;
+            let lim = libc::rlimit {
+                rlim_cur: n,
+                rlim_max: n,
+            };
+            // SAFETY: setrlimit is async-signal-safe and only reads `lim`,
+            // a copy owned by the closure.
+            #[allow(unsafe_code)]
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
         if std::env::var_os("TAPKV_LOG").is_none() {
             cmd.env("TAPKV_LOG", "warn");
         }
@@ -331,7 +356,33 @@ impl NodeProc {
             args.push(p);
         }
         args.extend_from_slice(extra);
-        let mut proc = Proc::spawn(&args);
+        NodeProc::started(Proc::spawn(&args), data, name)
+    }
+
+    /// [`NodeProc::start`] of a primary whose open-file limit (soft and
+    /// hard) is `nofile`.
+    pub fn start_with_open_files(
+        data: &std::path::Path,
+        name: &str,
+        nofile: u64,
+        extra: &[&str],
+    ) -> NodeProc {
+        let d = data.to_str().expect("utf-8 path").to_owned();
+        let mut args = vec![
+            "node",
+            "--data",
+            &d,
+            "--listen",
+            "127.0.0.1:0",
+            "--name",
+            name,
+        ];
+        args.extend_from_slice(extra);
+        NodeProc::started(Proc::spawn_with_open_files(&args, nofile), data, name)
+    }
+
+    /// A node process once it has printed its startup line.
+    fn started(mut proc: Proc, data: &std::path::Path, name: &str) -> NodeProc {
         let line = proc
             .next_line(Duration::from_secs(60))
             .expect("node exited before its startup line");

@@ -1303,3 +1303,66 @@ fn kv_prints_the_same_error_line_on_a_directory_and_against_a_node() {
         "error: key_too_large: key length 300 is over the maximum of 250 bytes"
     );
 }
+
+#[test]
+fn a_node_under_a_low_open_file_limit_refuses_connections_instead_of_poisoning() {
+    // 1,024 descriptors (systemd's default soft limit) with the default
+    // --max-connections 1024. Before, about 335 idle clients took every
+    // descriptor: RocksDB could not open its next file, the engine
+    // poisoned itself, reads failed too, and acknowledged writes were lost.
+    // Now the node serves what its descriptors allow ((1,024 - 256 - 256)
+    // / 3 = 170 connections) and refuses the rest with TEMP_FAILURE.
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = tapkv_tests::NodeProc::start_with_open_files(dir.path(), "fd", 1024, &[]);
+    let mut writer = node.client();
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for _ in 0..400 {
+        match tapkv_replication::client::Client::connect(&node.addr, Duration::from_secs(30)) {
+            Ok(c) => held.push(c),
+            Err(e) => {
+                assert!(e.to_string().contains("too many connections"), "{e}");
+                refused += 1;
+            }
+        }
+    }
+    assert!(refused > 0, "all 400 connections were served");
+    assert!(held.len() >= 100, "only {} connections served", held.len());
+    // With every connection it serves open, the engine still writes
+    // (flushes open files) and reads.
+    let value = vec![b'v'; 64 << 10];
+    for i in 0..400 {
+        writer
+            .set(format!("fd-{i}").as_bytes(), &value, 0, false)
+            .unwrap();
+    }
+    writer.flush().unwrap();
+    writer
+        .set_durable(b"durable", b"yes", 0, tapkv_engine::Durability::Persist)
+        .unwrap();
+    assert_eq!(writer.get(b"fd-0").unwrap().0.len(), value.len());
+    drop(held);
+    drop(writer);
+    node.stop();
+    let (ok, out, err) = run(
+        &[
+            "admin",
+            "inspect",
+            "--data",
+            dir.path().to_str().unwrap(),
+            "--json",
+        ],
+        "",
+        T,
+    );
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["clean_shutdown"], true, "{out}");
+    let items: u64 = v["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["items"].as_u64().unwrap())
+        .sum();
+    assert_eq!(items, 401, "{out}");
+}

@@ -115,8 +115,17 @@ pub(crate) struct NodeArgs {
     /// waits for the slower flusher (see docs/engine.md, Flusher priority).
     #[arg(long, value_parser = clap::value_parser!(i32).range(0..=19), allow_negative_numbers = true)]
     flusher_nice: Option<i32>,
+    /// Files the engine's RocksDB keeps open at once (its table cache), 16
+    /// to 1000000. With --max-connections it sizes the open-file limit the
+    /// node needs (see --max-connections).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(16..=1_000_000))]
+    max_open_files: u64,
     /// Connections served at once (clients and replication streams, a
-    /// thread each); one more is answered TEMP_FAILURE and closed.
+    /// thread each); one more is answered TEMP_FAILURE and closed. Each
+    /// takes up to 3 file descriptors: the node raises its soft open-file
+    /// limit to what --max-connections and --max-open-files need (up to
+    /// the hard limit), and serves fewer, with a warning, if the hard limit
+    /// is lower.
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
     max_connections: u64,
     /// Longest key accepted, in bytes (engine default 250, memcached's; at
@@ -235,6 +244,65 @@ fn default_name(data: &std::path::Path) -> Result<String, Error> {
     Ok(name)
 }
 
+/// Descriptors a node keeps besides its connections and RocksDB's table
+/// cache (`--max-open-files`): the WAL, the manifest and other RocksDB
+/// files, the directory lock, read-only views for dumps, standard streams.
+const OTHER_DESCRIPTORS: u64 = 256;
+
+/// Descriptors one connection may take: its socket and the reader's clone,
+/// and one more for a replication stream's acknowledgement reader.
+const DESCRIPTORS_PER_CONNECTION: u64 = 3;
+
+/// The connections this process can serve at once without running out of
+/// file descriptors, at most `wanted` (`--max-connections`): the soft
+/// `RLIMIT_NOFILE` is raised towards the hard one as far as `wanted` needs,
+/// and if that is still short, fewer connections are served, with a
+/// warning. Out of descriptors, RocksDB cannot open its next file and the
+/// engine poisons itself; before, about 335 idle clients did that under a
+/// 1,024-descriptor limit (the default under systemd) with
+/// `--max-connections` at its default of 1,024.
+fn connections_within_open_files(wanted: u64, max_open_files: u64) -> Result<u64, Error> {
+    use rlimit::Resource;
+    let engine = max_open_files.saturating_add(OTHER_DESCRIPTORS);
+    let need = wanted
+        .saturating_mul(DESCRIPTORS_PER_CONNECTION)
+        .saturating_add(engine);
+    let (soft, hard) = Resource::NOFILE.get()?;
+    let soft = if soft < need && hard > soft {
+        let raised = need.min(hard);
+        match Resource::NOFILE.set(raised, hard) {
+            Ok(()) => raised,
+            Err(e) => {
+                tracing::warn!(error = %e, soft, hard, "cannot raise the open-file limit");
+                soft
+            }
+        }
+    } else {
+        soft
+    };
+    if soft >= need {
+        return Ok(wanted);
+    }
+    let fit = soft.saturating_sub(engine) / DESCRIPTORS_PER_CONNECTION;
+    if fit == 0 {
+        return Err(Error::InvalidArgument(format!(
+            "the open-file limit of {soft} descriptors (hard limit {hard}) leaves none for \
+             connections: the engine keeps up to {engine} (--max-open-files {max_open_files} \
+             and {OTHER_DESCRIPTORS} more), a connection takes up to \
+             {DESCRIPTORS_PER_CONNECTION}; raise it (ulimit -n) or lower --max-open-files"
+        )));
+    }
+    tracing::warn!(
+        open_file_limit = soft,
+        hard_limit = hard,
+        max_connections = wanted,
+        serving = fit,
+        "the open-file limit serves fewer connections than --max-connections: serving {fit} \
+         at once (raise ulimit -n to {need} to serve {wanted})"
+    );
+    Ok(fit)
+}
+
 pub(crate) fn run(args: NodeArgs) -> Result<ExitCode, Error> {
     let stop = Arc::new(AtomicBool::new(false));
     // The first signal starts a graceful shutdown; a second one, while
@@ -253,8 +321,11 @@ pub(crate) fn run(args: NodeArgs) -> Result<ExitCode, Error> {
             format!("cannot listen on {:?} (--listen): {e}", args.listen),
         ))
     })?);
+    // Before the data directory is touched too.
+    let connections = connections_within_open_files(args.max_connections, args.max_open_files)?;
     let replica = args.replica_of.is_some();
     let mut builder = Engine::builder(&args.data)
+        .max_open_files(usize::try_from(args.max_open_files).unwrap_or(usize::MAX))
         .replica(replica)
         .replicate_timeout(Duration::from_millis(args.replicate_timeout_ms));
     match (args.partitions, &args.replica_of) {
@@ -339,7 +410,7 @@ pub(crate) fn run(args: NodeArgs) -> Result<ExitCode, Error> {
     cfg.min_replicas = args.replicas;
     cfg.replace_primary_data = args.replace_data;
     cfg.max_pending_body_bytes = usize::try_from(args.max_pending_body_bytes).unwrap_or(usize::MAX);
-    cfg.max_connections = usize::try_from(args.max_connections).unwrap_or(usize::MAX);
+    cfg.max_connections = usize::try_from(connections).unwrap_or(usize::MAX);
     let name = cfg.name.clone();
     let node = Node::start(engine, cfg)?;
     outln!(
