@@ -95,6 +95,11 @@ pub struct NodeConfig {
     /// is answered `TEMP_FAILURE` and its connection closed. Default
     /// 256 MiB.
     pub max_pending_body_bytes: usize,
+    /// `ADMIN dump`s running at once: each reads the data directory
+    /// through its own read-only RocksDB view, which costs memory (tens of
+    /// MB on a large node) for as long as its client takes to read it. One
+    /// more is answered `TEMP_FAILURE` ("busy"). Default 4.
+    pub max_dumps: usize,
 }
 
 /// Rounds smaller than this are followed by the stream's linger.
@@ -125,6 +130,7 @@ impl NodeConfig {
             max_connections: 1024,
             replace_primary_data: false,
             max_pending_body_bytes: 256 << 20,
+            max_dumps: 4,
         }
     }
 
@@ -132,7 +138,7 @@ impl NodeConfig {
     /// refuse them too): a zero `max_unacked_bytes`, for one, left a stream
     /// waiting for acknowledgements of nothing, spinning without sending.
     pub fn validate(&self) -> Result<(), String> {
-        let positive: [(&str, bool); 10] = [
+        let positive: [(&str, bool); 11] = [
             ("max_body", self.max_body > 0),
             ("io_timeout", !self.io_timeout.is_zero()),
             ("idle_timeout", !self.idle_timeout.is_zero()),
@@ -143,6 +149,7 @@ impl NodeConfig {
             ("ack_bytes", self.ack_bytes > 0),
             ("max_connections", self.max_connections > 0),
             ("max_pending_body_bytes", self.max_pending_body_bytes > 0),
+            ("max_dumps", self.max_dumps > 0),
         ];
         match positive.iter().find(|(_, ok)| !ok) {
             Some((name, _)) => Err(format!("node setting {name} must be more than zero")),
@@ -326,6 +333,8 @@ struct NodeState {
     body_budget: Arc<crate::io::BodyBudget>,
     /// Connections being served (each on its own thread).
     live_connections: AtomicUsize,
+    /// `ADMIN dump`s running (`NodeConfig::max_dumps`).
+    dumps: AtomicUsize,
 }
 
 /// A running node. Dropping it (or [`Node::shutdown`]) stops it gracefully:
@@ -403,6 +412,7 @@ impl Node {
             resync_next: Mutex::new(Vec::new()),
             body_budget,
             live_connections: AtomicUsize::new(0),
+            dumps: AtomicUsize::new(0),
         });
         if !replica {
             state
@@ -987,6 +997,21 @@ fn handle_request_inner(state: &NodeState, f: &Frame) -> Result<Frame, Frame> {
 }
 
 fn admin_dump(state: &NodeState, f: &Frame, w: &mut FrameWriter) -> Result<(), ProtocolError> {
+    let max = state.config.max_dumps;
+    let taken = state
+        .dumps
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < max).then_some(n + 1)
+        });
+    if taken.is_err() {
+        return w.send(&status_response(
+            f,
+            status::TEMP_FAILURE,
+            &format!("busy: {max} dumps are running already (--max-dumps); retry later"),
+        ));
+    }
+    // Counted out however the dump ends.
+    let _running = Live(&state.dumps);
     let result = (|| -> Result<(), Error> {
         let view = DiskView::open(state.engine.path())?;
         view.for_each_item(|it| {

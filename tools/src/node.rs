@@ -115,6 +115,11 @@ pub(crate) struct NodeArgs {
     /// waits for the slower flusher (see docs/engine.md, Flusher priority).
     #[arg(long, value_parser = clap::value_parser!(i32).range(0..=19), allow_negative_numbers = true)]
     flusher_nice: Option<i32>,
+    /// `tapkv admin dump`s served at once: each reads the data directory
+    /// through its own read-only view, which holds memory until its client
+    /// has read it all; one more is answered TEMP_FAILURE (busy).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    max_dumps: u64,
     /// Files the engine's RocksDB keeps open at once (its table cache), 16
     /// to 1000000. With --max-connections it sizes the open-file limit the
     /// node needs (see --max-connections).
@@ -411,6 +416,7 @@ pub(crate) fn run(args: NodeArgs) -> Result<ExitCode, Error> {
     cfg.replace_primary_data = args.replace_data;
     cfg.max_pending_body_bytes = usize::try_from(args.max_pending_body_bytes).unwrap_or(usize::MAX);
     cfg.max_connections = usize::try_from(connections).unwrap_or(usize::MAX);
+    cfg.max_dumps = usize::try_from(args.max_dumps).unwrap_or(usize::MAX);
     let name = cfg.name.clone();
     let node = Node::start(engine, cfg)?;
     outln!(

@@ -1,0 +1,88 @@
+//! `ADMIN dump`s running at once are bounded (`NodeConfig::max_dumps`):
+//! each reads through its own read-only RocksDB view, which costs the node
+//! memory for as long as its client takes to read it.
+
+mod common;
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use tapkv_engine::{Engine, WriteOptions};
+use tapkv_replication::client::Client;
+use tapkv_replication::message::{hello, opcode};
+use tapkv_replication::node::{Node, NodeConfig};
+use tapkv_replication::protocol::Frame;
+
+/// Items on the node: their dump is far larger than socket buffers.
+const ITEMS: usize = 200_000;
+
+#[test]
+fn dumps_past_the_limit_are_answered_busy_and_the_slot_comes_back() {
+    // Before, any number of dumps ran at once: 48 clients that did not
+    // read theirs added about 580 MB to a node of 112,000 items.
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::builder(dir.path()).open().unwrap();
+    let value = vec![b'v'; 100];
+    for i in 0..ITEMS {
+        engine
+            .set(
+                format!("key-{i}").as_bytes(),
+                &value[..],
+                WriteOptions::default(),
+            )
+            .unwrap();
+    }
+    engine.flush().unwrap();
+    let mut cfg = NodeConfig::new("127.0.0.1:0");
+    cfg.max_dumps = 1;
+    let node = Node::start(engine, cfg).unwrap();
+    let addr = node.local_addr().to_string();
+
+    // A client that asks for a dump (about 30 MB of rows, more than any
+    // socket buffers hold) and reads none of it: the node's dump blocks on its full socket and holds the slot.
+    let mut stalled = std::net::TcpStream::connect(&addr).unwrap();
+    common::small_socket_buffers(&stalled);
+    let mut out = BytesMut::new();
+    hello("stalled").encode(&mut out);
+    Frame::request(opcode::ADMIN, 0)
+        .with_key(b"dump".to_vec())
+        .encode(&mut out);
+    stalled.write_all(&out).unwrap();
+
+    let mut c = Client::connect(&addr, Duration::from_secs(30)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let busy = loop {
+        // Until the stalled dump has started, this one runs whole.
+        match c.dump(|_| {}) {
+            Ok(()) => {}
+            Err(e) => break e.to_string(),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the stalled dump never held its slot"
+        );
+    };
+    assert!(
+        busy.contains("busy") && busy.contains("--max-dumps"),
+        "{busy}"
+    );
+    // The connection goes on.
+    assert!(c.get(b"key-1").is_ok());
+
+    // Once the stalled client goes away, its dump ends and the slot is free.
+    drop(stalled);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut rows = 0;
+    loop {
+        match c.dump(|_| rows += 1) {
+            Ok(()) => break,
+            Err(e) => assert!(e.to_string().contains("busy"), "{e}"),
+        }
+        assert!(Instant::now() < deadline, "the slot never came back");
+        rows = 0;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(rows, ITEMS);
+    common::shutdown(node);
+}
