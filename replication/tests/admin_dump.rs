@@ -23,7 +23,7 @@ fn dumps_past_the_limit_are_answered_busy_and_the_slot_comes_back() {
     // read theirs added about 580 MB to a node of 112,000 items.
     let dir = tempfile::tempdir().unwrap();
     let engine = Engine::builder(dir.path()).open().unwrap();
-    let value = vec![b'v'; 100];
+    let value = [b'v'; 100];
     for i in 0..ITEMS {
         engine
             .set(
