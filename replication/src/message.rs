@@ -569,6 +569,26 @@ pub const DATATYPE_PERSIST: u8 = 0x80;
 /// Datatype bit of a SET/ADD/REPLACE asking for `Durability::Replicate`.
 pub const DATATYPE_REPLICATE: u8 = 0x40;
 
+/// memcached's JSON datatype bit: accepted on a write and not kept (values
+/// are stored as bytes; replies carry datatype 0).
+pub const DATATYPE_JSON: u8 = 0x01;
+
+/// The datatype bits a write may carry; any other (memcached's snappy
+/// compression 0x02 or extended attributes 0x04, say) is refused, since a
+/// value stored raw and answered as such would be misread.
+pub const WRITE_DATATYPE_BITS: u8 = DATATYPE_PERSIST | DATATYPE_REPLICATE | DATATYPE_JSON;
+
+/// The write's datatype, unless it has bits a write cannot carry.
+pub fn check_write_datatype(datatype: u8) -> Result<u8, String> {
+    match datatype & !WRITE_DATATYPE_BITS {
+        0 => Ok(datatype),
+        bad => Err(format!(
+            "datatype bits 0x{bad:02x} are not supported (a write may carry 0x80 Persist, \
+             0x40 Replicate and 0x01 JSON, which is not kept)"
+        )),
+    }
+}
+
 /// The durability a store request's datatype asks for.
 pub fn durability_of(datatype: u8) -> tapkv_engine::Durability {
     if datatype & DATATYPE_REPLICATE != 0 {

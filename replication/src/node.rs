@@ -792,6 +792,12 @@ fn check_partition(state: &NodeState, f: &Frame) -> Result<(), Frame> {
     Ok(())
 }
 
+fn check_datatype(f: &Frame) -> Result<(), Frame> {
+    crate::message::check_write_datatype(f.datatype)
+        .map(|_| ())
+        .map_err(|msg| status_response(f, status::INVALID_ARGUMENTS, &msg))
+}
+
 fn read_only(state: &NodeState, f: &Frame) -> Result<(), Frame> {
     if state.replica {
         return Err(status_response(
@@ -827,6 +833,7 @@ fn handle_request_inner(state: &NodeState, f: &Frame) -> Result<Frame, Frame> {
         opcode::SET | opcode::ADD | opcode::REPLACE => {
             read_only(state, f)?;
             check_partition(state, f)?;
+            check_datatype(f)?;
             let (flags, expiry) = parse_store_extras(f)
                 .map_err(|err| status_response(f, status::INVALID_ARGUMENTS, &err.to_string()))?;
             let opts = WriteOptions {
@@ -848,6 +855,7 @@ fn handle_request_inner(state: &NodeState, f: &Frame) -> Result<Frame, Frame> {
         opcode::DELETE => {
             read_only(state, f)?;
             check_partition(state, f)?;
+            check_datatype(f)?;
             let opts = WriteOptions {
                 cas: (f.cas != 0).then_some(f.cas),
                 durability: crate::message::durability_of(f.datatype),

@@ -140,6 +140,21 @@ fn malformed_frames_get_errors_and_the_node_keeps_serving() {
         status::SUCCESS
     );
 
+    // Datatype bits: JSON (0x01) is accepted; snappy (0x02) is refused
+    // rather than stored raw and answered as plain bytes. Before, any bits
+    // went through.
+    let p = early.partition_of(b"typed");
+    for (datatype, want) in [(0x01u8, status::SUCCESS), (0x02, status::INVALID_ARGUMENTS)] {
+        let mut f = Frame::request(opcode::SET, p)
+            .with_extras(vec![0u8; 8])
+            .with_key(b"typed".to_vec())
+            .with_value(b"{}".to_vec());
+        f.datatype = datatype;
+        s.write_all(&f.to_bytes()).unwrap();
+        let r = read_frame(&mut s, 1 << 20).unwrap();
+        assert_eq!(r.status(), want, "datatype 0x{datatype:02x}: {r:?}");
+    }
+
     // Random garbage from several connections at once.
     let junk: Vec<Vec<u8>> = (0..8u8)
         .map(|i| {
