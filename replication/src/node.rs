@@ -880,6 +880,14 @@ fn handle_request_inner(state: &NodeState, f: &Frame) -> Result<Frame, Frame> {
             Ok(Frame::response(f, status::SUCCESS).with_extras(extras))
         }
         opcode::PARTITION_OF => {
+            // As GET and SET: an empty key has no partition.
+            if f.key.is_empty() {
+                return Err(status_response(
+                    f,
+                    status::INVALID_ARGUMENTS,
+                    "the key is empty",
+                ));
+            }
             let p = e.partition_of(&f.key);
             Ok(Frame::response(f, status::SUCCESS).with_extras(p.to_be_bytes().to_vec()))
         }

@@ -155,6 +155,15 @@ fn malformed_frames_get_errors_and_the_node_keeps_serving() {
         assert_eq!(r.status(), want, "datatype 0x{datatype:02x}: {r:?}");
     }
 
+    // PARTITION_OF refuses an empty key, as GET and SET do (before, it
+    // answered partition 0).
+    s.write_all(&Frame::request(opcode::PARTITION_OF, 0).to_bytes())
+        .unwrap();
+    assert_eq!(
+        read_frame(&mut s, 1 << 20).unwrap().status(),
+        status::INVALID_ARGUMENTS
+    );
+
     // Random garbage from several connections at once.
     let junk: Vec<Vec<u8>> = (0..8u8)
         .map(|i| {

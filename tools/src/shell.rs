@@ -83,6 +83,20 @@ fn usage(msg: &str) -> String {
     format!("ERROR invalid_argument: {msg}")
 }
 
+/// A command's partition argument; the error follows `usage` with what is
+/// wrong: missing, not a number, or past any partition an engine has.
+fn parse_partition(usage: &str, arg: &str) -> Result<PartitionId, String> {
+    if arg.is_empty() {
+        return Err(format!("{usage} (the partition number is missing)"));
+    }
+    match arg.parse::<u64>() {
+        Ok(n) => PartitionId::try_from(n).map_err(|_| {
+            format!("{usage} (partition {n} is out of range: an engine has at most 1024)")
+        }),
+        Err(_) => Err(format!("{usage} ({arg:?} is not a partition number)")),
+    }
+}
+
 /// Parses one command line (without its line ending).
 fn parse(line: &[u8]) -> Result<Command, String> {
     let (cmd, rest) = match line.iter().position(|&b| b == b' ') {
@@ -98,13 +112,8 @@ fn parse(line: &[u8]) -> Result<Command, String> {
         }
         unescape(rest).map_err(|e| usage(&e))
     };
-    let partition = |arg: &str| -> Result<PartitionId, String> {
-        arg.parse::<PartitionId>().map_err(|_| {
-            usage(&format!(
-                "usage: {cmd} P ({arg:?} is not a partition number)"
-            ))
-        })
-    };
+    let partition =
+        |arg: &str| parse_partition(&format!("usage: {cmd} P"), arg).map_err(|e| usage(&e));
     let none = |c: Command| -> Result<Command, String> {
         if rest.is_empty() {
             Ok(c)
@@ -152,11 +161,8 @@ fn parse(line: &[u8]) -> Result<Command, String> {
                 "revert" => UpdateOp::Revert,
                 _ => return Err(bad()),
             };
-            let p = p.parse::<PartitionId>().map_err(|_| {
-                usage(&format!(
-                    "usage: update start|complete|revert P ({p:?} is not a partition number)"
-                ))
-            })?;
+            let p = parse_partition("usage: update start|complete|revert P", p)
+                .map_err(|e| usage(&e))?;
             Ok(Command::Update(op, p))
         }
         other => Err(usage(&format!("unknown command {other:?}; try `help`"))),
@@ -925,5 +931,22 @@ mod line_tests {
             Line::Whole
         );
         assert_eq!(line, b"abcd");
+    }
+}
+
+#[cfg(test)]
+mod partition_arg_tests {
+    use super::*;
+
+    #[test]
+    fn a_partition_argument_says_what_is_wrong_with_it() {
+        // Before, a missing one read `("" is not a partition number)` and
+        // 70000 was "not a partition number".
+        let err = |line: &str| parse(line.as_bytes()).err().unwrap_or_default();
+        assert!(err("checkpoint").ends_with("(the partition number is missing)"));
+        assert!(err("cursors ").ends_with("(the partition number is missing)"));
+        assert!(err("update start 70000").contains("partition 70000 is out of range"));
+        assert!(err("checkpoints x").contains("\"x\" is not a partition number"));
+        assert!(matches!(parse(b"cursors 3"), Ok(Command::Cursors(3))));
     }
 }
