@@ -1366,3 +1366,28 @@ fn a_node_under_a_low_open_file_limit_refuses_connections_instead_of_poisoning()
         .sum();
     assert_eq!(items, 401, "{out}");
 }
+
+#[test]
+fn a_node_given_its_own_address_as_its_primary_refuses_to_start() {
+    // Before, it ran and retried a refused stream every second for ever.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let addr = tapkv_tests::restartable_addr();
+    let (code, _, err) = tapkv_tests::run_with_status(
+        &[
+            "node",
+            "--data",
+            d,
+            "--listen",
+            &addr,
+            "--replica-of",
+            &addr,
+            "--partitions",
+            "4",
+        ],
+        "",
+        T,
+    );
+    assert_eq!(code, Some(3), "{err}");
+    assert!(err.contains("this node's own address"), "{err}");
+}

@@ -419,6 +419,28 @@ pub(crate) fn run(args: NodeArgs) -> Result<ExitCode, Error> {
     cfg.max_dumps = usize::try_from(args.max_dumps).unwrap_or(usize::MAX);
     let name = cfg.name.clone();
     let node = Node::start(engine, cfg)?;
+    if let Some(primary) = &args.replica_of {
+        // A replica of itself would retry a refused stream for ever.
+        use std::net::ToSocketAddrs;
+        let own = node.local_addr();
+        let is_self = primary
+            .to_socket_addrs()
+            .map(|mut a| {
+                a.any(|a| {
+                    a == own
+                        || (own.ip().is_unspecified()
+                            && a.port() == own.port()
+                            && a.ip().is_loopback())
+                })
+            })
+            .unwrap_or(false);
+        if is_self {
+            node.shutdown()?;
+            return Err(Error::InvalidArgument(format!(
+                "--replica-of {primary} is this node's own address ({own}): give its primary's"
+            )));
+        }
+    }
     outln!(
         "tapkv node {name} listening on {} as {}, data directory {}",
         node.local_addr(),
