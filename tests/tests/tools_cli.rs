@@ -1391,3 +1391,20 @@ fn a_node_given_its_own_address_as_its_primary_refuses_to_start() {
     assert_eq!(code, Some(3), "{err}");
     assert!(err.contains("this node's own address"), "{err}");
 }
+
+#[test]
+fn a_command_pointed_at_something_else_than_a_node_says_so() {
+    // Before: "cannot talk to node at ...: bad magic byte 0x48".
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let server = std::thread::spawn(move || {
+        let mut c = tapkv_tests::net::accept_within(&listener, Duration::from_secs(30));
+        let _ = c.read(&mut [0u8; 256]);
+        let _ = c.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n");
+    });
+    let (code, _, err) = tapkv_tests::run_with_status(&["kv", "get", "--addr", &addr, "x"], "", T);
+    server.join().unwrap();
+    assert_eq!(code, Some(3), "{err}");
+    assert!(err.contains("is not a tapkv node"), "{err}");
+}

@@ -199,6 +199,14 @@ pub(crate) fn connect(
                 },
                 format!("cannot reach node at {addr}: {io}"),
             ),
+            // Its first answer is no frame at all: something else listens.
+            ClientError::Protocol(e @ ProtocolError::BadMagic(_)) => (
+                std::io::ErrorKind::Other,
+                format!(
+                    "{addr} is not a tapkv node (its answer to the handshake is not a \
+                     tapkv frame: {e})"
+                ),
+            ),
             other => (
                 std::io::ErrorKind::Other,
                 format!("cannot talk to node at {addr}: {other}"),
