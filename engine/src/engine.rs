@@ -193,11 +193,6 @@ pub(crate) struct Shared {
     pub(crate) store: Store,
     pub(crate) partitions: Vec<Partition>,
     pub(crate) checkpoint_mem: Arc<AtomicUsize>,
-    /// A write was refused for checkpoint memory since the last one
-    /// admitted: the flusher then expels persisted entries every cursor has
-    /// read whatever the memory (below half the limit it otherwise keeps
-    /// them), so clean entries never keep a write out for good.
-    pub(crate) memory_refused: AtomicBool,
     poisoned: Mutex<Option<String>>,
     pub(crate) is_poisoned: AtomicBool,
     pub(crate) shutdown: AtomicBool,
@@ -278,15 +273,13 @@ impl Shared {
     pub(crate) fn admit(&self, bytes: usize) -> Result<MemReservation<'_>> {
         let limit = self.config.checkpoint_memory_limit;
         match MemReservation::take(&self.checkpoint_mem, bytes, limit) {
-            Ok(r) => {
-                // A load, and a store only after a refusal.
-                if self.memory_refused.load(Ordering::Relaxed) {
-                    self.memory_refused.store(false, Ordering::Relaxed);
-                }
-                Ok(r)
-            }
+            Ok(r) => Ok(r),
             Err(used) => {
-                self.memory_refused.store(true, Ordering::Release);
+                // Every partition's flusher expels what its cursors have
+                // read at its next round (`flusher::relieve_memory_pressure`).
+                for p in &self.partitions {
+                    p.memory_refused.store(true, Ordering::Release);
+                }
                 self.notify_flushers();
                 Err(Error::TempOutOfMemory {
                     reason: format!(
@@ -612,7 +605,6 @@ impl Engine {
             store,
             partitions,
             checkpoint_mem,
-            memory_refused: AtomicBool::new(false),
             poisoned: Mutex::new(None),
             is_poisoned: AtomicBool::new(false),
             shutdown: AtomicBool::new(false),

@@ -492,7 +492,10 @@ fn relieve_memory_pressure(shared: &Shared, mine: &[&Partition]) -> Result<bool>
     // A refused write also expels: below half the limit the entries would
     // otherwise stay until their checkpoint closes, which a quiet partition
     // may never do, and the write would be refused for as long.
-    let refused = shared.memory_refused.load(Ordering::Acquire);
+    // Every flag of this thread's partitions is taken, not just the first.
+    let refused = mine.iter().fold(false, |any, p| {
+        p.memory_refused.swap(false, Ordering::AcqRel) | any
+    });
     if !under_memory_pressure(shared) && !refused {
         return Ok(false);
     }

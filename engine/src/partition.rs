@@ -18,7 +18,7 @@ use crate::item::{
 };
 use crate::online_update::{Undo, Window};
 use crate::store::{Reservation, Store};
-use crate::sync::{Arc, AtomicU64, AtomicUsize, Mutex, MutexGuard, Ordering};
+use crate::sync::{Arc, AtomicBool, AtomicU64, AtomicUsize, Mutex, MutexGuard, Ordering};
 
 /// Name of the cursor the flusher drains; reserved.
 pub const PERSISTENCE_CURSOR: &str = "persistence";
@@ -168,6 +168,13 @@ pub(crate) struct Partition {
     /// Windows lost to a crash or close before this open, oldest first.
     /// Windows lost to a crash or close (as on disk; a reset clears both).
     pub(crate) lost_windows: Mutex<Vec<crate::store::WindowRecord>>,
+    /// A write was refused for checkpoint memory since this partition's
+    /// flusher last looked: it then expels persisted entries every cursor
+    /// has read whatever the memory (below half the limit it otherwise
+    /// keeps them), so clean entries never keep a write out for good. Per
+    /// partition, so each flusher thread sees a refusal for its own
+    /// partitions, and only a flusher clears it.
+    pub(crate) memory_refused: AtomicBool,
     /// Test hook: where the next REVERT stops (`Engine::hold_next_revert`).
     pub(crate) revert_gate: Mutex<Option<Arc<crate::online_update::RevertGate>>>,
     /// Failover log (branches of this partition's history).
@@ -205,6 +212,7 @@ impl Partition {
             id,
             lost_windows: Mutex::new(Vec::new()),
             revert_gate: Mutex::new(None),
+            memory_refused: AtomicBool::new(false),
             failover: Mutex::new(Vec::new()),
             table,
             writer: Mutex::new(PartitionWriter {

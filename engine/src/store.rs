@@ -436,7 +436,7 @@ pub(crate) struct Store {
 
 /// Files a read-only view (`DiskView`: admin tools, a node's dump) keeps
 /// open at once.
-const READ_ONLY_OPEN_FILES: i32 = 64;
+const READ_ONLY_OPEN_FILES: i32 = 32;
 
 fn db_options(create: bool) -> Options {
     let mut opts = Options::default();

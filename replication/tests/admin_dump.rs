@@ -12,7 +12,7 @@ use tapkv_engine::{Engine, WriteOptions};
 use tapkv_replication::client::Client;
 use tapkv_replication::message::{hello, opcode};
 use tapkv_replication::node::{Node, NodeConfig};
-use tapkv_replication::protocol::Frame;
+use tapkv_replication::protocol::{read_frame, Frame};
 
 /// Items on the node: their dump is far larger than socket buffers.
 const ITEMS: usize = 200_000;
@@ -49,20 +49,18 @@ fn dumps_past_the_limit_are_answered_busy_and_the_slot_comes_back() {
         .with_key(b"dump".to_vec())
         .encode(&mut out);
     stalled.write_all(&out).unwrap();
+    // Its dump holds the slot once its first row has arrived (the HELLO
+    // answer comes first); it then reads nothing more.
+    stalled
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let hello_answer = read_frame(&mut stalled, 1 << 20).unwrap();
+    assert_eq!(hello_answer.status(), 0);
+    let first = read_frame(&mut stalled, 1 << 20).unwrap();
+    assert_eq!(&first.key[..], b"row", "{first:?}");
 
     let mut c = Client::connect(&addr, Duration::from_secs(30)).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let busy = loop {
-        // Until the stalled dump has started, this one runs whole.
-        match c.dump(|_| {}) {
-            Ok(()) => {}
-            Err(e) => break e.to_string(),
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the stalled dump never held its slot"
-        );
-    };
+    let busy = c.dump(|_| {}).unwrap_err().to_string();
     assert!(
         busy.contains("busy") && busy.contains("--max-dumps"),
         "{busy}"

@@ -507,8 +507,10 @@ fn a_slow_replica_has_its_cursor_dropped_and_is_backfilled_later() {
             peak = peak.max(mem(&mut c));
         }
     }
+    // About 4 MB of open checkpoints and what the flusher has yet to
+    // persist: well under the 30 MB a held cursor would pin.
     assert!(
-        peak < 12 << 20,
+        peak < 20 << 20,
         "checkpoint memory peaked at {peak} with a stopped replica"
     );
     c.flush().unwrap();

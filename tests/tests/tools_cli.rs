@@ -1310,8 +1310,9 @@ fn a_node_under_a_low_open_file_limit_refuses_connections_instead_of_poisoning()
     // --max-connections 1024. Before, about 335 idle clients took every
     // descriptor: RocksDB could not open its next file, the engine
     // poisoned itself, reads failed too, and acknowledged writes were lost.
-    // Now the node serves what its descriptors allow ((1,024 - 256 - 256)
-    // / 3 = 170 connections) and refuses the rest with TEMP_FAILURE.
+    // Now the node serves what its descriptors allow ((1,024 - 256 open
+    // files - 4 dumps x 40 - 64) / 3 = 181 connections) and refuses the
+    // rest with TEMP_FAILURE.
     let dir = tempfile::tempdir().unwrap();
     let mut node = tapkv_tests::NodeProc::start_with_open_files(dir.path(), "fd", 1024, &[]);
     let mut writer = node.client();
@@ -1370,8 +1371,11 @@ fn a_node_under_a_low_open_file_limit_refuses_connections_instead_of_poisoning()
 #[test]
 fn a_node_given_its_own_address_as_its_primary_refuses_to_start() {
     // Before, it ran and retried a refused stream every second for ever.
+    // Checked before the directory is made: a directory made with the
+    // default partition count would then refuse its real primary's.
     let dir = tempfile::tempdir().unwrap();
-    let d = dir.path().to_str().unwrap();
+    let data = dir.path().join("replica");
+    let d = data.to_str().unwrap();
     let addr = tapkv_tests::restartable_addr();
     let (code, _, err) = tapkv_tests::run_with_status(
         &[
@@ -1382,14 +1386,13 @@ fn a_node_given_its_own_address_as_its_primary_refuses_to_start() {
             &addr,
             "--replica-of",
             &addr,
-            "--partitions",
-            "4",
         ],
         "",
         T,
     );
     assert_eq!(code, Some(3), "{err}");
     assert!(err.contains("this node's own address"), "{err}");
+    assert!(!data.exists(), "the data directory was made");
 }
 
 #[test]

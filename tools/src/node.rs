@@ -249,10 +249,27 @@ fn default_name(data: &std::path::Path) -> Result<String, Error> {
     Ok(name)
 }
 
-/// Descriptors a node keeps besides its connections and RocksDB's table
-/// cache (`--max-open-files`): the WAL, the manifest and other RocksDB
-/// files, the directory lock, read-only views for dumps, standard streams.
-const OTHER_DESCRIPTORS: u64 = 256;
+/// Descriptors a node keeps besides its connections, RocksDB's table cache
+/// (`--max-open-files`) and its dumps: the WAL, the manifest and other
+/// RocksDB files, the directory lock, the listener, a replica's link,
+/// standard streams.
+const OTHER_DESCRIPTORS: u64 = 64;
+
+/// Whether `primary` (HOST:PORT) names `own`, the address this node listens
+/// on (an unspecified `own` listens on every loopback address too).
+fn is_own_address(primary: &str, own: std::net::SocketAddr) -> bool {
+    use std::net::ToSocketAddrs;
+    primary.to_socket_addrs().is_ok_and(|mut addrs| {
+        addrs.any(|a| {
+            a == own
+                || (own.ip().is_unspecified() && a.port() == own.port() && a.ip().is_loopback())
+        })
+    })
+}
+
+/// Descriptors a running `ADMIN dump` may take: its read-only view's table
+/// files (`DiskView`: at most 32) and the rest of the database it opens.
+const DESCRIPTORS_PER_DUMP: u64 = 40;
 
 /// Descriptors one connection may take: its socket and the reader's clone,
 /// and one more for a replication stream's acknowledgement reader.
@@ -266,19 +283,40 @@ const DESCRIPTORS_PER_CONNECTION: u64 = 3;
 /// engine poisons itself; before, about 335 idle clients did that under a
 /// 1,024-descriptor limit (the default under systemd) with
 /// `--max-connections` at its default of 1,024.
-fn connections_within_open_files(wanted: u64, max_open_files: u64) -> Result<u64, Error> {
+fn connections_within_open_files(
+    wanted: u64,
+    max_open_files: u64,
+    max_dumps: u64,
+) -> Result<u64, Error> {
     use rlimit::Resource;
-    let engine = max_open_files.saturating_add(OTHER_DESCRIPTORS);
+    let engine = max_open_files
+        .saturating_add(OTHER_DESCRIPTORS)
+        .saturating_add(max_dumps.saturating_mul(DESCRIPTORS_PER_DUMP));
     let need = wanted
         .saturating_mul(DESCRIPTORS_PER_CONNECTION)
         .saturating_add(engine);
     let (soft, hard) = Resource::NOFILE.get()?;
     let soft = if soft < need && hard > soft {
         let raised = need.min(hard);
-        match Resource::NOFILE.set(raised, hard) {
-            Ok(()) => raised,
-            Err(e) => {
-                tracing::warn!(error = %e, soft, hard, "cannot raise the open-file limit");
+        // The kernel may cap it below the hard limit (`fs.nr_open`): then as
+        // far as that allows.
+        let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .unwrap_or(u64::MAX);
+        let tries = [raised, raised.min(nr_open)];
+        match tries
+            .iter()
+            .find(|&&n| n > soft && Resource::NOFILE.set(n, hard).is_ok())
+        {
+            Some(&n) => n,
+            None => {
+                tracing::warn!(
+                    soft,
+                    hard,
+                    wanted = raised,
+                    "cannot raise the open-file limit"
+                );
                 soft
             }
         }
@@ -292,8 +330,9 @@ fn connections_within_open_files(wanted: u64, max_open_files: u64) -> Result<u64
     if fit == 0 {
         return Err(Error::InvalidArgument(format!(
             "the open-file limit of {soft} descriptors (hard limit {hard}) leaves none for \
-             connections: the engine keeps up to {engine} (--max-open-files {max_open_files} \
-             and {OTHER_DESCRIPTORS} more), a connection takes up to \
+             connections: the engine keeps up to {engine} (--max-open-files {max_open_files}, \
+             {DESCRIPTORS_PER_DUMP} for each of --max-dumps {max_dumps}, and \
+             {OTHER_DESCRIPTORS} more), a connection takes up to \
              {DESCRIPTORS_PER_CONNECTION}; raise it (ulimit -n) or lower --max-open-files"
         )));
     }
@@ -320,14 +359,25 @@ pub(crate) fn run(args: NodeArgs) -> Result<ExitCode, Error> {
     }
     // The address is checked before the data directory is touched, and
     // the error names it.
-    drop(std::net::TcpListener::bind(&args.listen).map_err(|e| {
-        Error::Io(std::io::Error::new(
-            e.kind(),
-            format!("cannot listen on {:?} (--listen): {e}", args.listen),
-        ))
-    })?);
-    // Before the data directory is touched too.
-    let connections = connections_within_open_files(args.max_connections, args.max_open_files)?;
+    let own = std::net::TcpListener::bind(&args.listen)
+        .and_then(|l| l.local_addr())
+        .map_err(|e| {
+            Error::Io(std::io::Error::new(
+                e.kind(),
+                format!("cannot listen on {:?} (--listen): {e}", args.listen),
+            ))
+        })?;
+    // Before the data directory is touched too: a replica of itself would
+    // retry a refused stream for ever.
+    if let Some(primary) = &args.replica_of {
+        if is_own_address(primary, own) {
+            return Err(Error::InvalidArgument(format!(
+                "--replica-of {primary} is this node's own address ({own}): give its primary's"
+            )));
+        }
+    }
+    let connections =
+        connections_within_open_files(args.max_connections, args.max_open_files, args.max_dumps)?;
     let replica = args.replica_of.is_some();
     let mut builder = Engine::builder(&args.data)
         .max_open_files(usize::try_from(args.max_open_files).unwrap_or(usize::MAX))
@@ -419,28 +469,6 @@ pub(crate) fn run(args: NodeArgs) -> Result<ExitCode, Error> {
     cfg.max_dumps = usize::try_from(args.max_dumps).unwrap_or(usize::MAX);
     let name = cfg.name.clone();
     let node = Node::start(engine, cfg)?;
-    if let Some(primary) = &args.replica_of {
-        // A replica of itself would retry a refused stream for ever.
-        use std::net::ToSocketAddrs;
-        let own = node.local_addr();
-        let is_self = primary
-            .to_socket_addrs()
-            .map(|mut a| {
-                a.any(|a| {
-                    a == own
-                        || (own.ip().is_unspecified()
-                            && a.port() == own.port()
-                            && a.ip().is_loopback())
-                })
-            })
-            .unwrap_or(false);
-        if is_self {
-            node.shutdown()?;
-            return Err(Error::InvalidArgument(format!(
-                "--replica-of {primary} is this node's own address ({own}): give its primary's"
-            )));
-        }
-    }
     outln!(
         "tapkv node {name} listening on {} as {}, data directory {}",
         node.local_addr(),
