@@ -1345,27 +1345,7 @@ fn a_node_under_a_low_open_file_limit_refuses_connections_instead_of_poisoning()
     drop(held);
     drop(writer);
     node.stop();
-    let (ok, out, err) = run(
-        &[
-            "admin",
-            "inspect",
-            "--data",
-            dir.path().to_str().unwrap(),
-            "--json",
-        ],
-        "",
-        T,
-    );
-    assert!(ok, "{err}");
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(v["clean_shutdown"], true, "{out}");
-    let items: u64 = v["partitions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["items"].as_u64().unwrap())
-        .sum();
-    assert_eq!(items, 401, "{out}");
+    assert_clean_with_items(dir.path().to_str().unwrap(), 401);
 }
 
 #[test]
