@@ -578,10 +578,10 @@ pub const DATATYPE_JSON: u8 = 0x01;
 /// value stored raw and answered as such would be misread.
 pub const WRITE_DATATYPE_BITS: u8 = DATATYPE_PERSIST | DATATYPE_REPLICATE | DATATYPE_JSON;
 
-/// The write's datatype, unless it has bits a write cannot carry.
-pub fn check_write_datatype(datatype: u8) -> Result<u8, String> {
+/// Refuses a write's datatype with bits a write cannot carry.
+pub fn check_write_datatype(datatype: u8) -> Result<(), String> {
     match datatype & !WRITE_DATATYPE_BITS {
-        0 => Ok(datatype),
+        0 => Ok(()),
         bad => Err(format!(
             "datatype bits 0x{bad:02x} are not supported (a write may carry 0x80 Persist, \
              0x40 Replicate and 0x01 JSON, which is not kept)"

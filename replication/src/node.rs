@@ -508,10 +508,11 @@ impl Drop for Live<'_> {
 }
 
 fn accept_loop(state: &Arc<NodeState>, listener: TcpListener) {
-    let mut last_accept_warning: Option<Instant> = None;
-    // Refusals for --max-connections since the last warning about them
-    // (warned at most once a second: a flood must not flood the log).
-    let (mut refused, mut last_refusal_warning): (u64, Option<Instant>) = (0, None);
+    // Each warning at most once a second: a flood must not flood the log.
+    let mut accept_warning = OncePerSecond::default();
+    let mut refusal_warning = OncePerSecond::default();
+    // Refusals for --max-connections since the last warning about them.
+    let mut refused: u64 = 0;
     for conn in listener.incoming() {
         if state.stop.load(Ordering::Acquire) {
             break;
@@ -523,13 +524,12 @@ fn accept_loop(state: &Arc<NodeState>, listener: TcpListener) {
                 // connection waits in the backlog. Retrying at once would
                 // spin a core on the same error; say so at most once a
                 // second, and pause.
-                if last_accept_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                if accept_warning.due() {
                     tracing::warn!(
                         error = %e,
                         "cannot accept a connection (the process may be out of file \
                          descriptors: see --max-connections and ulimit -n)"
                     );
-                    last_accept_warning = Some(Instant::now());
                 }
                 std::thread::sleep(ACCEPT_ERROR_PAUSE);
                 continue;
@@ -556,13 +556,12 @@ fn accept_loop(state: &Arc<NodeState>, listener: TcpListener) {
             let _ = conn.set_read_timeout(Some(REFUSAL_READ));
             let _ = std::io::Read::read(&mut conn, &mut [0u8; 4096]);
             refused += 1;
-            if last_refusal_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+            if refusal_warning.due() {
                 tracing::warn!(
                     max = state.config.max_connections,
                     refused,
                     "connections refused: too many connections"
                 );
-                last_refusal_warning = Some(Instant::now());
                 refused = 0;
             }
             continue;
@@ -794,7 +793,6 @@ fn check_partition(state: &NodeState, f: &Frame) -> Result<(), Frame> {
 
 fn check_datatype(f: &Frame) -> Result<(), Frame> {
     crate::message::check_write_datatype(f.datatype)
-        .map(|_| ())
         .map_err(|msg| status_response(f, status::INVALID_ARGUMENTS, &msg))
 }
 
@@ -1813,6 +1811,21 @@ fn replica_link(state: &Arc<NodeState>, primary: &str) {
             std::thread::sleep(Duration::from_millis(10));
         }
         backoff = (backoff * 2).min(Duration::from_secs(1));
+    }
+}
+
+/// A warning's last time: `due` at most once a second.
+#[derive(Default)]
+struct OncePerSecond(Option<Instant>);
+
+impl OncePerSecond {
+    /// Whether the warning may be given now (and, if so, notes that it is).
+    fn due(&mut self) -> bool {
+        let due = self.0.is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
+        if due {
+            self.0 = Some(Instant::now());
+        }
+        due
     }
 }
 

@@ -128,9 +128,9 @@ pub(crate) struct NodeArgs {
     /// Connections served at once (clients and replication streams, a
     /// thread each); one more is answered TEMP_FAILURE and closed. Each
     /// takes up to 3 file descriptors: the node raises its soft open-file
-    /// limit to what --max-connections and --max-open-files need (up to
-    /// the hard limit), and serves fewer, with a warning, if the hard limit
-    /// is lower.
+    /// limit to what --max-connections, --max-open-files and --max-dumps
+    /// need (up to the hard limit), and serves fewer, with a warning, if
+    /// the hard limit is lower.
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
     max_connections: u64,
     /// Longest key accepted, in bytes (engine default 250, memcached's; at
@@ -255,6 +255,14 @@ fn default_name(data: &std::path::Path) -> Result<String, Error> {
 /// standard streams.
 const OTHER_DESCRIPTORS: u64 = 64;
 
+/// Descriptors a running `ADMIN dump` may take: its read-only view's table
+/// files (`DiskView`: at most 32) and the rest of the database it opens.
+const DESCRIPTORS_PER_DUMP: u64 = 40;
+
+/// Descriptors one connection may take: its socket and the reader's clone,
+/// and one more for a replication stream's acknowledgement reader.
+const DESCRIPTORS_PER_CONNECTION: u64 = 3;
+
 /// Whether `primary` (HOST:PORT) names `own`, the address this node listens
 /// on (an unspecified `own` listens on every loopback address too).
 fn is_own_address(primary: &str, own: std::net::SocketAddr) -> bool {
@@ -266,14 +274,6 @@ fn is_own_address(primary: &str, own: std::net::SocketAddr) -> bool {
         })
     })
 }
-
-/// Descriptors a running `ADMIN dump` may take: its read-only view's table
-/// files (`DiskView`: at most 32) and the rest of the database it opens.
-const DESCRIPTORS_PER_DUMP: u64 = 40;
-
-/// Descriptors one connection may take: its socket and the reader's clone,
-/// and one more for a replication stream's acknowledgement reader.
-const DESCRIPTORS_PER_CONNECTION: u64 = 3;
 
 /// The connections this process can serve at once without running out of
 /// file descriptors, at most `wanted` (`--max-connections`): the soft
