@@ -730,3 +730,122 @@ pub fn sender_only(ops: u64) {
         engine.close().expect("close");
     }
 }
+
+/// A replica's receive path alone: `ops` stream entries (made by a primary
+/// engine's cursor, as `sender` makes them) arrive over a loopback TCP
+/// connection, and the receiving thread decodes each into its entry
+/// (`FrameReader::poll_map` and `StreamMessage::from_frame_ref`, as a
+/// replica's link does, without applying it). Side by side, the same bytes
+/// read by a plain `read` loop into one reused buffer: what the socket
+/// costs by itself. Each side runs `reps` times, alternating; medians.
+pub fn receiver_only(ops: u64, reps: usize) {
+    use std::io::{Read, Write};
+    use tapkv_replication::io::FrameReader;
+    use tapkv_replication::message::StreamMessage;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = open_engine(dir.path(), false);
+    let parts = engine.num_partitions();
+    for p in 0..parts {
+        engine.register_cursor(p, "bench", 0).expect("cursor");
+    }
+    for i in 0..ops {
+        set(&engine, i);
+    }
+    let mut wire = bytes::BytesMut::with_capacity(ops as usize * 200);
+    let mut frames = 0u64;
+    for p in 0..parts {
+        loop {
+            let mut read = 0;
+            engine
+                .read_cursor_with(p, "bench", 10_000, |ev| {
+                    read += 1;
+                    if let tapkv_engine::EventRef::Item(item) = ev {
+                        StreamMessage::encode_item(p, item, &mut wire);
+                        frames += 1;
+                    }
+                })
+                .expect("read cursor");
+            if read == 0 {
+                break;
+            }
+        }
+    }
+    engine.close().expect("close");
+    let wire = wire.freeze();
+    // One run: a thread sends `wire` in 256 KiB writes (a stream's write
+    // size); `recv` consumes the connection and returns what it counted.
+    let run = |recv: &dyn Fn(std::net::TcpStream) -> u64| -> Duration {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let data = wire.clone();
+        let sender = std::thread::spawn(move || {
+            let mut s = std::net::TcpStream::connect(addr).expect("connect");
+            for chunk in data.chunks(256 << 10) {
+                s.write_all(chunk).expect("send");
+            }
+        });
+        let (c, _) = l.accept().expect("accept");
+        c.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let t = Instant::now();
+        let n = recv(c);
+        let d = t.elapsed();
+        sender.join().expect("sender");
+        std::hint::black_box(n);
+        d
+    };
+    let raw = |mut c: std::net::TcpStream| -> u64 {
+        let mut buf = vec![0u8; 64 << 10];
+        let mut total = 0u64;
+        loop {
+            match c.read(&mut buf) {
+                Ok(0) => return total,
+                Ok(n) => total += u64::from(buf[n - 1]) + n as u64,
+                Err(e) => panic!("read: {e}"),
+            }
+        }
+    };
+    let decoded = |c: std::net::TcpStream| -> u64 {
+        let mut r = FrameReader::new(c, 1 << 20);
+        let mut n = 0u64;
+        loop {
+            match r.poll_map(|f| (f.wire_len(), StreamMessage::from_frame_ref(&f))) {
+                Ok(Some((_, msg))) => {
+                    if let Ok(StreamMessage::Item { item, .. }) = msg {
+                        n += item.seqno() & 1;
+                    }
+                }
+                Ok(None) => {}
+                Err(tapkv_replication::protocol::ProtocolError::Closed) => return n,
+                Err(e) => panic!("decode: {e}"),
+            }
+        }
+    };
+    let mut raw_t = Vec::new();
+    let mut dec_t = Vec::new();
+    for i in 0..reps {
+        if i % 2 == 0 {
+            raw_t.push(run(&raw));
+            dec_t.push(run(&decoded));
+        } else {
+            dec_t.push(run(&decoded));
+            raw_t.push(run(&raw));
+        }
+    }
+    let per_item = |ts: &[Duration]| {
+        let mut ns: Vec<f64> = ts
+            .iter()
+            .map(|d| d.as_nanos() as f64 / frames.max(1) as f64)
+            .collect();
+        ns.sort_by(f64::total_cmp);
+        ns[ns.len() / 2]
+    };
+    let (r, d) = (per_item(&raw_t), per_item(&dec_t));
+    println!(
+        "receiver, {frames} entries of {} bytes on the wire each, {reps} runs a side (medians):\n  \
+         plain read of the bytes   {r:>6.1} ns per entry\n  \
+         FrameReader + decode      {d:>6.1} ns per entry ({:.2}x the plain read's time)",
+        wire.len() as u64 / frames.max(1),
+        d / r
+    );
+}

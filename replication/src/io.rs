@@ -1,7 +1,7 @@
 //! Frame I/O over a `TcpStream` with timeouts: a reader that never loses a
 //! partly received frame when a read times out, and a buffered writer.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
@@ -291,29 +291,31 @@ impl FrameReader {
     }
 
     /// Reads more bytes into the buffer; `Ok(false)` on a read timeout.
+    ///
+    /// The socket's bytes land straight in the buffer's spare capacity (see
+    /// [`recv_into_spare`]): no zeroed chunk to fill and copy from, which
+    /// cost a replica's link about a fifth of its receive path (the
+    /// `receiver` benchmark, `docs/performance.md`).
     fn fill(&mut self) -> Result<bool, ProtocolError> {
-        let mut chunk = [0u8; READ_CHUNK];
+        // A large frame's buffer is sized once, from its header, not grown
+        // by doubling (which could hold up to twice the frame); otherwise
+        // room for one read.
+        let rest_of_frame = crate::protocol::frame_len(&self.buf)
+            .filter(|len| *len <= self.max_body + HEADER_LEN)
+            .map_or(0, |len| len.saturating_sub(self.buf.len()));
+        self.buf.reserve(rest_of_frame.max(READ_CHUNK));
         loop {
-            match self.stream.read(&mut chunk) {
-                Ok(0) if self.buf.is_empty() => return Err(ProtocolError::Closed),
-                Ok(0) => {
+            match recv_into_spare(&self.stream, &mut self.buf) {
+                Ok((0, _)) if self.buf.is_empty() => return Err(ProtocolError::Closed),
+                Ok((0, _)) => {
                     return Err(ProtocolError::Io(std::io::Error::new(
                         std::io::ErrorKind::UnexpectedEof,
                         "connection closed inside a frame",
                     )))
                 }
-                Ok(n) => {
-                    self.drained = n < chunk.len();
+                Ok((n, asked)) => {
+                    self.drained = n < asked;
                     self.progressed = true;
-                    // A large frame's buffer is sized once, from its header,
-                    // not grown by doubling (which could hold up to twice
-                    // the frame).
-                    if let Some(len) = crate::protocol::frame_len(&self.buf) {
-                        if len > self.buf.capacity() && len <= self.max_body + HEADER_LEN {
-                            self.buf.reserve(len - self.buf.len());
-                        }
-                    }
-                    self.buf.extend_from_slice(&chunk[..n]);
                     return Ok(true);
                 }
                 Err(e)
@@ -468,4 +470,27 @@ impl FrameWriter {
         self.push(f);
         self.flush()
     }
+}
+
+/// Receives into `buf`'s spare capacity (which the caller has reserved) and
+/// extends `buf` by what arrived: `(bytes received, bytes asked for)`. A
+/// read timeout set on the socket applies (`WouldBlock`).
+fn recv_into_spare(stream: &TcpStream, buf: &mut BytesMut) -> std::io::Result<(usize, usize)> {
+    use std::os::fd::AsRawFd;
+    let spare = buf.spare_capacity_mut();
+    let asked = spare.len();
+    // SAFETY: `recv` writes at most `asked` bytes at `spare`'s start, which
+    // is `buf`'s own allocation past its length, valid for `asked` bytes
+    // and borrowed mutably here; the descriptor stays open while `stream`
+    // is borrowed.
+    #[allow(unsafe_code)]
+    let n = unsafe { libc::recv(stream.as_raw_fd(), spare.as_mut_ptr().cast(), asked, 0) };
+    let n = usize::try_from(n).map_err(|_| std::io::Error::last_os_error())?;
+    // SAFETY: the kernel initialised the first `n <= asked` bytes of the
+    // spare capacity.
+    #[allow(unsafe_code)]
+    unsafe {
+        buf.set_len(buf.len() + n.min(asked));
+    }
+    Ok((n, asked))
 }

@@ -246,3 +246,63 @@ fn oversized_and_inconsistent_headers_are_refused_before_allocating() {
         Err(ProtocolError::BadMagic(0x42))
     ));
 }
+
+#[test]
+fn a_large_frame_arriving_in_pieces_is_buffered_once_at_its_size() {
+    // The connection reader reads straight into its buffer's spare room:
+    // a large frame's buffer is sized from its header, once, not grown by
+    // doubling as the pieces arrive (which could hold twice the frame),
+    // and whatever the sizes of the reads, the frame comes out whole.
+    const VALUE: usize = 6 << 20;
+    let value: Vec<u8> = (0..VALUE).map(|i| (i % 251) as u8).collect();
+    let mut wire = Frame::request(0x01, 3)
+        .with_key(&b"big"[..])
+        .with_value(value.clone())
+        .to_bytes()
+        .to_vec();
+    // Small frames before and after it, so it starts mid-buffer.
+    let small = Frame::request(0x0a, 0).with_value(vec![9u8; 100]).to_bytes();
+    wire.splice(0..0, small.iter().copied());
+    wire.extend_from_slice(&small);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let sender = std::thread::spawn(move || {
+        let mut peer = std::net::TcpStream::connect(addr).unwrap();
+        // Uneven pieces, each flushed on its own.
+        let mut at = 0;
+        let mut piece = 1;
+        while at < wire.len() {
+            let end = (at + piece).min(wire.len());
+            std::io::Write::write_all(&mut peer, &wire[at..end]).unwrap();
+            at = end;
+            piece = piece * 7 % 300_007 + 1;
+        }
+    });
+    let (conn, _) = listener.accept().unwrap();
+    let mut reader = tapkv_replication::io::FrameReader::new(
+        conn,
+        tapkv_replication::protocol::DEFAULT_MAX_BODY,
+    );
+    reader
+        .set_timeout(std::time::Duration::from_secs(10))
+        .unwrap();
+    let mut next = || {
+        for _ in 0..1_000 {
+            if let Some(f) = reader.poll().unwrap() {
+                return f;
+            }
+        }
+        panic!("no frame within 1,000 read timeouts");
+    };
+    let ((first, big, last), largest) = largest_allocation_in(|| (next(), next(), next()));
+    sender.join().unwrap();
+    assert_eq!(first.value.len(), 100);
+    assert_eq!(&big.key[..], b"big");
+    assert!(big.value[..] == value[..], "the large frame came out changed");
+    assert_eq!(last.value.len(), 100);
+    let len = HEADER_LEN + 3 + VALUE;
+    assert!(
+        largest <= len + (128 << 10),
+        "the reader allocated {largest} bytes for a frame of {len}"
+    );
+}
