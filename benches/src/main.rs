@@ -638,6 +638,9 @@ fn main() {
         "sender" => replication::sender_only(ops.min(500_000)),
         // A replica's receive path (read and decode) alone.
         "receiver" => replication::receiver_only(ops.min(2_000_000), reps),
+        // A replica's decode and apply against a single node's set, on the
+        // engine alone.
+        "apply" => replication::apply_only(ops.min(2_000_000), reps),
         // A replica joining by disk snapshots, held in memory vs spilled.
         "snapshot" => replication::snapshot_join(),
         // Replication with each node a process pinned to its own core.
@@ -666,7 +669,7 @@ fn main() {
             network::bench();
         }
         "--help" | "-h" | "help" => {
-            println!("usage: tapkv-benches [engine|revert|replication|pinned|network|all|set|drain|persist|backfill|replica|sender|receiver|snapshot] [--ops N] [--reps R]   (default all; --ops sizes the engine bench, set, sender (at most 500000) and receiver (at most 2000000), default 1000000; --reps repeats the engine bench's memory-path runs, default 3, medians reported)");
+            println!("usage: tapkv-benches [engine|revert|replication|pinned|network|all|set|drain|persist|backfill|replica|sender|receiver|apply|snapshot] [--ops N] [--reps R]   (default all; --ops sizes the engine bench, set, sender (at most 500000) receiver and apply (at most 2000000), default 1000000; --reps repeats the engine bench's memory-path runs, default 3, medians reported)");
         }
         other => {
             eprintln!("unknown benchmark {other:?}; try `help`");

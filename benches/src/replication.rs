@@ -731,16 +731,11 @@ pub fn sender_only(ops: u64) {
     }
 }
 
-/// A replica's receive path alone: `ops` stream entries (made by a primary
-/// engine's cursor, as `sender` makes them) arrive over a loopback TCP
-/// connection, and the receiving thread decodes each into its entry
-/// (`FrameReader::poll_map` and `StreamMessage::from_frame_ref`, as a
-/// replica's link does, without applying it). Side by side, the same bytes
-/// read by a plain `read` loop into one reused buffer: what the socket
-/// costs by itself. Each side runs `reps` times, alternating; medians.
-pub fn receiver_only(ops: u64, reps: usize) {
-    use std::io::{Read, Write};
-    use tapkv_replication::io::FrameReader;
+/// A primary's stream of `ops` sets (items `0..ops`), as its sender
+/// encodes it: every partition's cursor read from the start, checkpoint
+/// starts and ends included. Returns the bytes and the number of frames.
+fn stream_wire(ops: u64) -> (bytes::Bytes, u64) {
+    use tapkv_engine::EventRef;
     use tapkv_replication::message::StreamMessage;
     let dir = tempfile::tempdir().expect("tempdir");
     let engine = open_engine(dir.path(), false);
@@ -759,9 +754,15 @@ pub fn receiver_only(ops: u64, reps: usize) {
             engine
                 .read_cursor_with(p, "bench", 10_000, |ev| {
                     read += 1;
-                    if let tapkv_engine::EventRef::Item(item) = ev {
-                        StreamMessage::encode_item(p, item, &mut wire);
-                        frames += 1;
+                    frames += 1;
+                    match ev {
+                        EventRef::CheckpointStart { id } => {
+                            StreamMessage::CheckpointStart { partition: p, id }.encode(&mut wire)
+                        }
+                        EventRef::CheckpointEnd { id } => {
+                            StreamMessage::CheckpointEnd { partition: p, id }.encode(&mut wire)
+                        }
+                        EventRef::Item(item) => StreamMessage::encode_item(p, item, &mut wire),
                     }
                 })
                 .expect("read cursor");
@@ -771,7 +772,21 @@ pub fn receiver_only(ops: u64, reps: usize) {
         }
     }
     engine.close().expect("close");
-    let wire = wire.freeze();
+    (wire.freeze(), frames)
+}
+
+/// A replica's receive path alone: `ops` stream entries (made by a primary
+/// engine's cursor, as `sender` makes them) arrive over a loopback TCP
+/// connection, and the receiving thread decodes each into its entry
+/// (`FrameReader::poll_map` and `StreamMessage::from_frame_ref`, as a
+/// replica's link does, without applying it). Side by side, the same bytes
+/// read by a plain `read` loop into one reused buffer: what the socket
+/// costs by itself. Each side runs `reps` times, alternating; medians.
+pub fn receiver_only(ops: u64, reps: usize) {
+    use std::io::{Read, Write};
+    use tapkv_replication::io::FrameReader;
+    use tapkv_replication::message::StreamMessage;
+    let (wire, frames) = stream_wire(ops);
     // One run: a thread sends `wire` in 256 KiB writes (a stream's write
     // size); `recv` consumes the connection and returns what it counted.
     let run = |recv: &dyn Fn(std::net::TcpStream) -> u64| -> Duration {
@@ -810,11 +825,11 @@ pub fn receiver_only(ops: u64, reps: usize) {
         let mut n = 0u64;
         loop {
             match r.poll_map(|f| (f.wire_len(), StreamMessage::from_frame_ref(&f))) {
-                Ok(Some((_, msg))) => {
-                    if let Ok(StreamMessage::Item { item, .. }) = msg {
-                        n += item.seqno() & 1;
-                    }
-                }
+                Ok(Some((_, msg))) => match msg {
+                    Ok(StreamMessage::Item { item, .. }) => n += item.seqno() & 1,
+                    Ok(_) => {}
+                    Err(e) => panic!("decode: {e}"),
+                },
                 Ok(None) => {}
                 Err(tapkv_replication::protocol::ProtocolError::Closed) => return n,
                 Err(e) => panic!("decode: {e}"),
@@ -847,5 +862,88 @@ pub fn receiver_only(ops: u64, reps: usize) {
          FrameReader + decode      {d:>6.1} ns per entry ({:.2}x the plain read's time)",
         wire.len() as u64 / frames.max(1),
         d / r
+    );
+}
+
+/// What a replica does per entry against what a single node does per
+/// write, on the engine alone (no socket; both flushers paused, so neither
+/// side persists inside its clock): `ops` stream entries decoded from
+/// memory (`decode_ref`, `StreamMessage::from_frame_ref`) and applied
+/// (`Engine::apply_replicated`, `Engine::replica_checkpoint`), against
+/// `ops` sets of the same keys and values, made before the clock. Each
+/// side runs `reps` times on a fresh engine, alternating which goes
+/// first; medians.
+pub fn apply_only(ops: u64, reps: usize) {
+    use tapkv_replication::message::StreamMessage;
+    use tapkv_replication::protocol::{decode_ref, DEFAULT_MAX_BODY};
+    let (wire, frames) = stream_wire(ops);
+    let inputs = Inputs::new(ops);
+    let set_side = || -> Duration {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let engine = open_engine(dir.path(), false);
+        engine.set_flusher_paused(true);
+        let t = Instant::now();
+        for i in 0..ops {
+            inputs.set(&engine, i);
+        }
+        let d = t.elapsed();
+        engine.set_flusher_paused(false);
+        engine.close().expect("close");
+        d
+    };
+    let apply_side = || -> Duration {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let engine = open_engine(dir.path(), true);
+        engine.set_flusher_paused(true);
+        let t = Instant::now();
+        let mut at = 0;
+        while let Some((f, len)) = decode_ref(&wire[at..], DEFAULT_MAX_BODY).expect("frame") {
+            at += len;
+            match StreamMessage::from_frame_ref(&f).expect("message") {
+                StreamMessage::Item { partition, item } => {
+                    engine.apply_replicated(partition, &item).expect("apply");
+                }
+                StreamMessage::CheckpointStart { partition, id } => {
+                    engine
+                        .replica_checkpoint(partition, id)
+                        .expect("checkpoint");
+                }
+                _ => {}
+            }
+        }
+        let d = t.elapsed();
+        assert_eq!(at, wire.len(), "every frame applied");
+        engine.set_flusher_paused(false);
+        engine.close().expect("close");
+        d
+    };
+    let mut set_t = Vec::new();
+    let mut apply_t = Vec::new();
+    for i in 0..reps {
+        if i % 2 == 0 {
+            set_t.push(set_side());
+            apply_t.push(apply_side());
+        } else {
+            apply_t.push(apply_side());
+            set_t.push(set_side());
+        }
+        println!(
+            "  run {}: set {:.0} ns per write, decode + apply {:.0} ns per item",
+            i + 1,
+            set_t[i].as_nanos() as f64 / ops.max(1) as f64,
+            apply_t[i].as_nanos() as f64 / ops.max(1) as f64
+        );
+    }
+    let med = |ts: &[Duration]| {
+        let mut v = ts.to_vec();
+        v.sort();
+        v[v.len() / 2].as_nanos() as f64 / ops.max(1) as f64
+    };
+    let (s, a) = (med(&set_t), med(&apply_t));
+    println!(
+        "apply, {ops} items ({frames} frames with the checkpoint markers), {reps} runs a side \
+         (medians):\n  single node set            {s:>6.1} ns per write\n  \
+         replica decode + apply     {a:>6.1} ns per item ({:.2}x the set's time)",
+        a / s
     );
 }

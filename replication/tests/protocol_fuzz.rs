@@ -261,7 +261,9 @@ fn a_large_frame_arriving_in_pieces_is_buffered_once_at_its_size() {
         .to_bytes()
         .to_vec();
     // Small frames before and after it, so it starts mid-buffer.
-    let small = Frame::request(0x0a, 0).with_value(vec![9u8; 100]).to_bytes();
+    let small = Frame::request(0x0a, 0)
+        .with_value(vec![9u8; 100])
+        .to_bytes();
     wire.splice(0..0, small.iter().copied());
     wire.extend_from_slice(&small);
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -298,7 +300,10 @@ fn a_large_frame_arriving_in_pieces_is_buffered_once_at_its_size() {
     sender.join().unwrap();
     assert_eq!(first.value.len(), 100);
     assert_eq!(&big.key[..], b"big");
-    assert!(big.value[..] == value[..], "the large frame came out changed");
+    assert!(
+        big.value[..] == value[..],
+        "the large frame came out changed"
+    );
     assert_eq!(last.value.len(), 100);
     let len = HEADER_LEN + 3 + VALUE;
     assert!(
