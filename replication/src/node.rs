@@ -319,6 +319,8 @@ struct NodeState {
     streams: Streams,
     acks: Arc<AckSignal>,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    /// Connections accepted and given a thread since the node started
+    /// (each one's id; `stat`'s `total_connections`).
     connections: AtomicU64,
     /// A replica's last replication-link error, until a stream opens again
     /// (reported by `stat` as `link_error`).
@@ -333,6 +335,9 @@ struct NodeState {
     body_budget: Arc<crate::io::BodyBudget>,
     /// Connections being served (each on its own thread).
     live_connections: AtomicUsize,
+    /// Connections refused past `max_connections` since the node started
+    /// (`stat`'s `rejected_connections`).
+    rejected_connections: AtomicU64,
     /// `ADMIN dump`s running (`NodeConfig::max_dumps`).
     dumps: AtomicUsize,
 }
@@ -412,6 +417,7 @@ impl Node {
             resync_next: Mutex::new(Vec::new()),
             body_budget,
             live_connections: AtomicUsize::new(0),
+            rejected_connections: AtomicU64::new(0),
             dumps: AtomicUsize::new(0),
         });
         if !replica {
@@ -536,6 +542,9 @@ fn accept_loop(state: &Arc<NodeState>, listener: TcpListener) {
             }
         };
         if state.live_connections.load(Ordering::Acquire) >= state.config.max_connections {
+            // Counted before the answer goes out: a peer that reads it and
+            // then asks for `stat` on another connection sees it counted.
+            state.rejected_connections.fetch_add(1, Ordering::AcqRel);
             // Answered without a thread (bounded by the write timeout) and
             // closed: a flood of connections cannot take every thread.
             let _ = conn.set_write_timeout(Some(Duration::from_secs(1)));
@@ -955,6 +964,9 @@ fn handle_request_inner(state: &NodeState, f: &Frame) -> Result<Frame, Frame> {
                     "link_error": *state.link_error.lock(),
                     "link_sessions": state.link_sessions.load(Ordering::Relaxed),
                     "pending_body_bytes": state.body_budget.used(),
+                    "curr_connections": state.live_connections.load(Ordering::Acquire),
+                    "total_connections": state.connections.load(Ordering::Relaxed),
+                    "rejected_connections": state.rejected_connections.load(Ordering::Acquire),
                     "partitions": parts,
                 }),
             ))

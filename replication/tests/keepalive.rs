@@ -123,6 +123,12 @@ fn connections_past_the_limit_are_refused_with_an_answer() {
         }
         Err(other) => panic!("not the refusal: {other}"),
     }
+    // Both refusals are counted, and neither is a served connection.
+    let mut first = first;
+    let st = first.stats().unwrap();
+    assert_eq!(st["rejected_connections"], 2, "{st}");
+    assert_eq!(st["curr_connections"], 2, "{st}");
+    assert_eq!(st["total_connections"], 2, "{st}");
     // Once one goes, a new connection is served.
     drop(second);
     let deadline = Instant::now() + Duration::from_secs(10);
