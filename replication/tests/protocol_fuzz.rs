@@ -57,6 +57,19 @@ fn largest_allocation_in<R>(f: impl FnOnce() -> R) -> (R, usize) {
     (r, LARGEST.with(|l| l.get()))
 }
 
+/// A node's connection reader (the largest body a node accepts), reads
+/// timing out after 10 s.
+fn node_reader(conn: std::net::TcpStream) -> tapkv_replication::io::FrameReader {
+    let reader = tapkv_replication::io::FrameReader::new(
+        conn,
+        tapkv_replication::protocol::DEFAULT_MAX_BODY,
+    );
+    reader
+        .set_timeout(std::time::Duration::from_secs(10))
+        .unwrap();
+    reader
+}
+
 fn frame() -> impl Strategy<Value = Frame> {
     (
         prop_oneof![Just(0x80u8), Just(0x81u8)],
@@ -218,13 +231,7 @@ fn oversized_and_inconsistent_headers_are_refused_before_allocating() {
     let mut peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
     let (conn, _) = listener.accept().unwrap();
     std::io::Write::write_all(&mut peer, &h).unwrap();
-    let mut reader = tapkv_replication::io::FrameReader::new(
-        conn,
-        tapkv_replication::protocol::DEFAULT_MAX_BODY,
-    );
-    reader
-        .set_timeout(std::time::Duration::from_secs(10))
-        .unwrap();
+    let mut reader = node_reader(conn);
     let (r, largest) = largest_allocation_in(|| reader.poll());
     assert!(
         matches!(r, Err(ProtocolError::BodyTooLarge { .. })),
@@ -281,13 +288,7 @@ fn a_large_frame_arriving_in_pieces_is_buffered_once_at_its_size() {
         }
     });
     let (conn, _) = listener.accept().unwrap();
-    let mut reader = tapkv_replication::io::FrameReader::new(
-        conn,
-        tapkv_replication::protocol::DEFAULT_MAX_BODY,
-    );
-    reader
-        .set_timeout(std::time::Duration::from_secs(10))
-        .unwrap();
+    let mut reader = node_reader(conn);
     let mut next = || {
         for _ in 0..1_000 {
             if let Some(f) = reader.poll().unwrap() {
