@@ -433,7 +433,13 @@ impl Engine {
         let _span = tracing::info_span!("warmup", path = %path.display()).entered();
         let lock = DirLock::acquire(&path)?;
         let mut store = Store::open(&path, config.max_open_files).map_err(|e| match e {
-            Error::Storage(msg) if msg.contains("lock") => Error::Locked { path: path.clone() },
+            // RocksDB's own `LOCK` held (by a process that is not tapkv:
+            // tapkv's holds `tapkv.lock` first). Matched on RocksDB's words
+            // for it: "lock" alone matched "block checksum mismatch", and a
+            // damaged directory was reported as one in use.
+            Error::Storage(msg) if msg.contains("While lock file") => {
+                Error::Locked { path: path.clone() }
+            }
             other => other,
         })?;
         let disk_meta = store.checked_engine_meta(&path)?;

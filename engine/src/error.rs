@@ -187,8 +187,18 @@ impl Error {
 }
 
 impl From<rocksdb::Error> for Error {
+    /// RocksDB's `Corruption` (a checksum mismatch, a torn table file) is
+    /// [`Error::Corruption`], so a damaged directory is reported as damaged;
+    /// everything else is [`Error::Storage`].
     fn from(e: rocksdb::Error) -> Self {
-        Error::Storage(e.into_string())
+        match e.kind() {
+            rocksdb::ErrorKind::Corruption => {
+                let msg = e.into_string();
+                let detail = msg.strip_prefix("Corruption: ").unwrap_or(&msg);
+                Error::Corruption(format!("RocksDB: {detail}"))
+            }
+            _ => Error::Storage(e.into_string()),
+        }
     }
 }
 

@@ -678,3 +678,43 @@ fn memory_limits_that_cannot_hold_the_largest_write_are_refused_at_open() {
         .close()
         .unwrap();
 }
+
+#[test]
+fn a_damaged_table_file_is_reported_as_corruption_not_as_a_held_directory() {
+    // Before, an open's RocksDB error was called `Locked` ("in use by
+    // another tapkv process") whenever it contained "lock": RocksDB's
+    // "block checksum mismatch" does.
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let e = builder(dir.path()).open().unwrap();
+        for i in 0..2_000 {
+            e.set(
+                format!("key-{i}").as_bytes(),
+                vec![b'v'; 100],
+                WriteOptions::default(),
+            )
+            .unwrap();
+        }
+        e.close().unwrap();
+    }
+    // A reopen replays the WAL into a table file.
+    builder(dir.path()).open().unwrap().close().unwrap();
+    let tables: Vec<_> = std::fs::read_dir(dir.path().join("rocksdb"))
+        .unwrap()
+        .map(|d| d.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "sst"))
+        .collect();
+    assert!(!tables.is_empty(), "no table file to damage");
+    for t in &tables {
+        let mut bytes = std::fs::read(t).unwrap();
+        for b in &mut bytes[20..120] {
+            *b ^= 0xa5;
+        }
+        std::fs::write(t, bytes).unwrap();
+    }
+    match builder(dir.path()).open() {
+        Err(Error::Corruption(msg)) => assert!(msg.contains("checksum"), "{msg}"),
+        Err(other) => panic!("not reported as corruption: {other:?}"),
+        Ok(_) => panic!("a damaged table file opened"),
+    }
+}
