@@ -278,15 +278,55 @@ pub fn run_with_status(
 /// [`run_with_status`] runs `tapkv`: stdin given, output captured, killed
 /// and a panic after `timeout`.
 pub fn run_command(
+    cmd: Command,
+    stdin: impl AsRef<[u8]>,
+    timeout: Duration,
+) -> (Option<i32>, String, String) {
+    run_command_into(cmd, stdin, Stdio::piped(), timeout)
+}
+
+/// Runs `tapkv ARGS` as [`run_with_status`] does, with its standard output
+/// a pipe nobody reads (its read end closed first): every write to it
+/// fails (`EPIPE`). Returns the exit code and stderr.
+pub fn run_with_closed_stdout(
+    args: &[&str],
+    stdin: impl AsRef<[u8]>,
+    timeout: Duration,
+) -> (Option<i32>, String) {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe(2) writes two new descriptors into `fds`.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::pipe(fds.as_mut_ptr()) };
+    assert_eq!(rc, 0, "pipe: {}", std::io::Error::last_os_error());
+    // SAFETY: both descriptors were just made by pipe(2) and are owned
+    // by nothing else.
+    #[allow(unsafe_code)]
+    let (read_end, write_end) = unsafe {
+        (
+            std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+            std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+        )
+    };
+    drop(read_end);
+    let mut cmd = Command::new(tapkv_bin());
+    cmd.args(args);
+    let (code, _, err) = run_command_into(cmd, stdin, Stdio::from(write_end), timeout);
+    (code, err)
+}
+
+/// [`run_command`] with the child's standard output given.
+fn run_command_into(
     mut cmd: Command,
     stdin: impl AsRef<[u8]>,
+    stdout: Stdio,
     timeout: Duration,
 ) -> (Option<i32>, String, String) {
     use std::io::Write;
     let shown = format!("{cmd:?}");
     let mut child = cmd
         .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
+        .stdout(stdout)
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn tapkv");

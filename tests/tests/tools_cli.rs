@@ -1391,3 +1391,130 @@ fn a_command_pointed_at_something_else_than_a_node_says_so() {
     assert_eq!(code, Some(3), "{err}");
     assert!(err.contains("is not a tapkv node"), "{err}");
 }
+
+#[test]
+fn a_shell_whose_output_is_closed_closes_its_engine_and_fails() {
+    // Before, a closed stdout skipped the engine's close (the directory
+    // was left as a crash leaves it) and exited 0, though the commands
+    // after it never ran.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let (code, err) =
+        tapkv_tests::run_with_closed_stdout(&["shell", "--data", d], "set a 1\nset b 2\n", T);
+    assert_eq!(code, Some(3), "{err}");
+    assert!(
+        err.contains("error: io: writing standard output") && err.contains("stopped"),
+        "{err}"
+    );
+    // The first command ran (its answer was what could not be written);
+    // the second did not.
+    assert_clean_with_items(d, 1);
+}
+
+#[test]
+fn a_shell_restart_that_reverts_a_window_says_so_and_exits_4() {
+    // Before, `restart` answered a plain OK and the shell exited 0 though
+    // the window's writes were gone, where `quit` warns and exits 4.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let (code, out, err) = tapkv_tests::run_with_status(
+        &["shell", "--data", d],
+        "set k0 base\nupdate start 15\nset k0 during\nrestart\nget k0\n",
+        T,
+    );
+    assert_eq!(code, Some(4), "{out}{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 5, "{out}");
+    let id = lines[1].strip_prefix("OK CHECKPOINT ").unwrap();
+    assert_eq!(
+        lines[3],
+        format!("OK RESTARTED ITEMS 1 REVERTED_WINDOWS 15:{id}")
+    );
+    assert_eq!(lines[4], "VALUE base");
+    assert!(
+        err.contains(&format!(
+            "warning: online-update window {id} on partition 15"
+        )),
+        "{err}"
+    );
+    // A restart with no window open is a plain OK, and the shell exits 0.
+    let (code, out, _) = tapkv_tests::run_with_status(&["shell", "--data", d], "restart\n", T);
+    assert_eq!((code, out.trim()), (Some(0), "OK RESTARTED ITEMS 1"));
+}
+
+#[test]
+fn load_refuses_an_oversized_value_before_building_it_and_reports_a_closed_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    // Before, each thread built the value first: this size aborted the
+    // process (a failed allocation) instead of being refused.
+    let (code, _, err) = tapkv_tests::run_with_status(
+        &[
+            "load",
+            "--data",
+            d,
+            "--count",
+            "1",
+            "--value-size",
+            "99999999999999",
+        ],
+        "",
+        T,
+    );
+    assert_eq!(code, Some(3), "{err}");
+    assert!(err.contains("error: value_too_large:"), "{err}");
+    // --print-acked into a closed pipe: the run stops, says so, fails, and
+    // still closes the directory (before: it stopped early and exited 0).
+    let (code, err) = tapkv_tests::run_with_closed_stdout(
+        &["load", "--data", d, "--count", "1000", "--print-acked"],
+        "",
+        T,
+    );
+    assert_eq!(code, Some(3), "{err}");
+    assert!(
+        err.contains("writing acknowledged keys to standard output")
+            && err.contains("stopped after 1 of 1000 writes"),
+        "{err}"
+    );
+    assert_clean_with_items(d, 1);
+}
+
+#[test]
+fn kv_set_reads_no_more_of_a_value_file_than_a_value_can_hold() {
+    // Before, `--value-file /dev/zero` was read until memory ran out (here,
+    // until the 2 GB address-space limit failed the read).
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let mut cmd = std::process::Command::new("sh");
+    cmd.arg("-c")
+        .arg(r#"ulimit -v 2000000 && exec "$0" kv set --data "$1" zero --value-file /dev/zero"#)
+        .arg(tapkv_tests::tapkv_bin())
+        .arg(d);
+    let (code, _, err) = tapkv_tests::run_command(cmd, "", T);
+    assert_eq!(code, Some(3), "{err}");
+    assert!(
+        err.contains("error: invalid_argument:") && err.contains("longer than the maximum"),
+        "{err}"
+    );
+    // A regular file over the limit is refused by its size, unread.
+    let big = dir.path().join("big");
+    std::fs::write(&big, vec![0u8; (20 << 20) + 1]).unwrap();
+    let (code, _, err) = tapkv_tests::run_with_status(
+        &[
+            "kv",
+            "set",
+            "--data",
+            d,
+            "big",
+            "--value-file",
+            big.to_str().unwrap(),
+        ],
+        "",
+        T,
+    );
+    assert_eq!(code, Some(3), "{err}");
+    assert!(
+        err.contains("error: value_too_large: value length 20971521"),
+        "{err}"
+    );
+}

@@ -28,7 +28,8 @@ pub(crate) struct LoadArgs {
     /// the last must not pass 18446744073709551615).
     #[arg(long, default_value_t = 0)]
     start: u64,
-    /// Value size in bytes.
+    /// Value size in bytes (at most the largest value, 20 MiB; a larger
+    /// one is refused before anything is written).
     #[arg(long, default_value_t = 100)]
     value_size: usize,
     /// Writer threads (1 to 1024; no more than --count are started).
@@ -38,7 +39,9 @@ pub(crate) struct LoadArgs {
     /// embeds the engine, so `replicate`, which needs a node, is refused).
     #[arg(long, value_enum, default_value_t)]
     durability: DurabilityArg,
-    /// Print `key-<i> <partition> <seqno>` on stdout as each write is acknowledged.
+    /// Print `key-<i> <partition> <seqno>` on stdout as each write is
+    /// acknowledged (if stdout fails, a closed pipe say, the run stops with
+    /// an error, closing the directory cleanly).
     #[arg(long)]
     print_acked: bool,
 }
@@ -87,7 +90,19 @@ pub(crate) fn run(args: LoadArgs) -> Result<ExitCode, Error> {
         return Ok(crate::usage_error(&msg));
     }
     let thread_count = args.threads.clamp(1, args.count.max(1));
-    let engine = Arc::new(Engine::builder(&args.data.data).open()?);
+    let engine = Engine::builder(&args.data.data).open()?;
+    // Refused before any value is built: each thread holds one (a size
+    // past memory aborted the process; 512 MiB took 1 GB before the first
+    // write refused it).
+    let max = engine.config()?.max_value_size;
+    if args.value_size > max {
+        engine.close()?;
+        return Err(Error::ValueTooLarge {
+            len: args.value_size,
+            max,
+        });
+    }
+    let engine = Arc::new(engine);
     let next = Arc::new(AtomicU64::new(0));
     let done = Arc::new(AtomicU64::new(0));
     let opts = WriteOptions::durable(args.durability.into());
@@ -134,6 +149,9 @@ pub(crate) fn run(args: LoadArgs) -> Result<ExitCode, Error> {
                     if n >= count {
                         return Ok((lat, oom_retries));
                     }
+                    // A thread that fails stops the others at their next
+                    // write (the run is reported failed either way).
+                    let stop_all = || work.store(count, Ordering::Relaxed);
                     // No overflow: start + count - 1 fits (check_range).
                     let i = start + n;
                     let key = format!("key-{i}");
@@ -145,15 +163,29 @@ pub(crate) fn run(args: LoadArgs) -> Result<ExitCode, Error> {
                                 oom_retries += 1;
                                 std::thread::yield_now();
                             }
-                            other => break other?,
+                            Err(e) => {
+                                stop_all();
+                                return Err(e);
+                            }
+                            Ok(r) => break r,
                         }
                     };
                     lat.saturating_record(t.elapsed().as_nanos() as u64);
                     done.fetch_add(1, Ordering::Relaxed);
                     if print {
                         let mut out = std::io::stdout().lock();
-                        writeln!(out, "{key} {} {}", r.partition, r.seqno)?;
-                        out.flush()?;
+                        writeln!(out, "{key} {} {}", r.partition, r.seqno)
+                            .and_then(|()| out.flush())
+                            .map_err(|e| {
+                                // Not `BrokenPipe`, which `main` takes for
+                                // a reader that has seen enough: the writes
+                                // asked for were not all made.
+                                stop_all();
+                                Error::Io(std::io::Error::other(format!(
+                                    "writing acknowledged keys to standard output \
+                                     (--print-acked): {e}"
+                                )))
+                            })?;
                     }
                 }
             });
@@ -192,7 +224,18 @@ pub(crate) fn run(args: LoadArgs) -> Result<ExitCode, Error> {
         let _ = handle.join();
     }
     if let Some(e) = spawn_err.or(first_err) {
-        return Err(e);
+        // Closed cleanly all the same: what was acknowledged is kept.
+        let done = done.load(Ordering::Relaxed);
+        if let Ok(engine) = Arc::try_unwrap(engine) {
+            engine.close()?;
+        }
+        return Err(match e {
+            Error::Io(io) => Error::Io(std::io::Error::new(
+                io.kind(),
+                format!("{io}; stopped after {done} of {} writes", args.count),
+            )),
+            other => other,
+        });
     }
     let ops = all.len() as f64;
     let us = |n: u64| n as f64 / 1000.0;

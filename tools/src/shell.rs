@@ -380,6 +380,9 @@ impl Remote {
 /// A shell over an embedded engine or a node.
 pub(crate) struct Shell {
     backend: Backend,
+    /// A `restart` reverted open online-update windows: the shell exits
+    /// `SHELL_WINDOWS_LOST`, as a close with windows open does.
+    windows_lost: bool,
 }
 
 /// What one command line produced.
@@ -468,6 +471,7 @@ impl Shell {
                 path,
                 engine: Some(engine),
             },
+            windows_lost: false,
         })
     }
 
@@ -488,7 +492,22 @@ impl Shell {
                     if cmd == Command::Crash {
                         std::process::exit(137);
                     }
-                    local(path, engine, cmd).unwrap_or_else(|e| e)
+                    // A restart closes the engine, which reverts open
+                    // windows: said on stderr and in the answer, and the
+                    // shell's exit status tells, as at a final close.
+                    let reverted = match (cmd == Command::Restart, engine.as_ref()) {
+                        (true, Some(e)) => engine_windows(e).unwrap_or_default(),
+                        _ => Vec::new(),
+                    };
+                    warn_reverted(&reverted);
+                    match local(path, engine, cmd) {
+                        Ok(text) if !reverted.is_empty() => {
+                            self.windows_lost = true;
+                            format!("{text} REVERTED_WINDOWS {}", format_windows(&reverted))
+                        }
+                        Ok(text) => text,
+                        Err(e) => e,
+                    }
                 }
                 Backend::Remote(r) => r.run(cmd),
             },
@@ -718,6 +737,7 @@ pub(crate) fn run(args: ShellArgs) -> Result<ExitCode, Error> {
             };
             Shell {
                 backend: Backend::Remote(Remote::connect(addr, every, args.wait.timeout())?),
+                windows_lost: false,
             }
         }
         (None, None) => {
@@ -757,37 +777,13 @@ pub(crate) fn run(args: ShellArgs) -> Result<ExitCode, Error> {
                 std::process::exit(code);
             }
         })?;
-    let mut input = std::io::stdin().lock();
-    let mut out = std::io::stdout().lock();
-    let mut line = Vec::new();
-    loop {
-        line.clear();
-        match read_line_within(&mut input, &mut line, MAX_LINE)? {
-            Line::End => break,
-            Line::Whole => {}
-            Line::TooLong => {
-                writeln!(
-                    out,
-                    "ERROR invalid_argument: a line of more than {MAX_LINE} bytes (a 20 MiB \
-                     value written in \\xNN escapes takes 80 MiB); skipped to its end"
-                )?;
-                out.flush()?;
-                continue;
-            }
-        }
-        let mut guard = shell.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(sh) = guard.as_mut() else {
-            // Closing after a signal: the signal thread exits the process.
-            break;
-        };
-        match sh.execute(&line) {
-            Reply::Line(text) => {
-                writeln!(out, "{text}")?;
-                out.flush()?;
-            }
-            Reply::Quit => break,
-        }
-    }
+    // A failed read of standard input or write of standard output (a
+    // closed pipe, a full disk) ends the loop; the engine is still closed
+    // cleanly below, and the error reported after that (before, it skipped
+    // the close, leaving the directory as a crash would, and a closed
+    // stdout exited 0).
+    let io_failure = serve_lines(&shell).err();
+    // The close runs under the lock: a signal arriving meanwhile waits for
     // The close runs under the lock: a signal arriving meanwhile waits for
     // it in the signal thread (which then finds nothing left to close)
     // instead of exiting the process in the middle of the final flush.
@@ -802,9 +798,13 @@ pub(crate) fn run(args: ShellArgs) -> Result<ExitCode, Error> {
         if !open.is_empty() {
             warn_reverted(&open);
         }
+        let lost = !open.is_empty() || shell.windows_lost;
         shell.close()?;
         drop(guard);
-        if !open.is_empty() {
+        if let Some(e) = io_failure {
+            return Err(e);
+        }
+        if lost {
             return Ok(ExitCode::from(SHELL_WINDOWS_LOST));
         }
     } else {
@@ -815,6 +815,58 @@ pub(crate) fn run(args: ShellArgs) -> Result<ExitCode, Error> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Reads command lines from standard input and answers each on standard
+/// output until input ends, `quit`, or a signal took the shell; an error
+/// reading or writing names the stream.
+fn serve_lines(shell: &Mutex<Option<Shell>>) -> Result<(), Error> {
+    let stdin_failed = |e: std::io::Error| {
+        Error::Io(std::io::Error::other(format!(
+            "reading standard input: {e}; the shell stopped there"
+        )))
+    };
+    // Not `BrokenPipe`, which `main` takes for a reader that has seen
+    // enough: commands after this one were not run, so it is an error.
+    let stdout_failed = |e: std::io::Error| {
+        Error::Io(std::io::Error::other(format!(
+            "writing standard output: {e}; the shell stopped before reading the rest of its input"
+        )))
+    };
+    let mut input = std::io::stdin().lock();
+    let mut out = std::io::stdout().lock();
+    let answer = |out: &mut std::io::StdoutLock<'_>, text: &str| {
+        writeln!(out, "{text}")
+            .and_then(|()| out.flush())
+            .map_err(stdout_failed)
+    };
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match read_line_within(&mut input, &mut line, MAX_LINE).map_err(stdin_failed)? {
+            Line::End => return Ok(()),
+            Line::Whole => {}
+            Line::TooLong => {
+                answer(
+                    &mut out,
+                    &format!(
+                        "ERROR invalid_argument: a line of more than {MAX_LINE} bytes (a 20 MiB \
+                         value written in \\xNN escapes takes 80 MiB); skipped to its end"
+                    ),
+                )?;
+                continue;
+            }
+        }
+        let mut guard = shell.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(sh) = guard.as_mut() else {
+            // Closing after a signal: the signal thread exits the process.
+            return Ok(());
+        };
+        match sh.execute(&line) {
+            Reply::Line(text) => answer(&mut out, &text)?,
+            Reply::Quit => return Ok(()),
+        }
+    }
 }
 
 /// Says on stderr that closing the engine reverts each of these open
@@ -838,8 +890,13 @@ fn format_flush(open: &[(PartitionId, u64)]) -> String {
     if open.is_empty() {
         return "OK".into();
     }
-    let windows: Vec<String> = open.iter().map(|(p, id)| format!("{p}:{id}")).collect();
-    format!("OK NOT_FLUSHED_WINDOWS {}", windows.join(","))
+    format!("OK NOT_FLUSHED_WINDOWS {}", format_windows(open))
+}
+
+/// Windows as `<partition>:<checkpoint id>,...`.
+fn format_windows(windows: &[(PartitionId, u64)]) -> String {
+    let w: Vec<String> = windows.iter().map(|(p, id)| format!("{p}:{id}")).collect();
+    w.join(",")
 }
 
 #[cfg(test)]
