@@ -386,21 +386,31 @@ impl Shared {
             if done(self) {
                 break Ok(());
             }
-            if let Err(e) = self.check_poisoned() {
-                break Err(e);
+            // Poisoned, or about to be: handled once the slot's lock is
+            // released, because poisoning wakes every slot, this one
+            // included (checking under it deadlocked the writer on its own
+            // lock, and then the flusher and `close` behind it).
+            if self.is_poisoned.load(Ordering::Acquire) || self.store.sync_failed() {
+                break Err(None);
             }
             let now = Instant::now();
             if now >= deadline {
-                break Err(Error::Timeout {
+                break Err(Some(Error::Timeout {
                     what: "data to be persisted",
                     millis: timeout.as_millis() as u64,
-                });
+                }));
             }
             slot.cv.wait_for(&mut g, deadline - now);
         };
         drop(g);
         drop(waiting);
-        outcome
+        match outcome {
+            Ok(()) => Ok(()),
+            Err(Some(e)) => Err(e),
+            Err(None) => Err(self.check_poisoned().err().unwrap_or_else(|| {
+                Error::Poisoned("a WAL sync failed: nothing later is durable".into())
+            })),
+        }
     }
 }
 
@@ -1053,6 +1063,15 @@ impl Engine {
             s.injected_flush_skips.store(ok, Ordering::Release);
             s.injected_flush_failures.store(n, Ordering::Release);
         }
+    }
+
+    /// Test hook: durable writers and `flush` callers waiting for a sync
+    /// now.
+    #[doc(hidden)]
+    pub fn persist_waiters(&self) -> usize {
+        self.shared
+            .as_deref()
+            .map_or(0, |s| s.persist_waiters.load(Ordering::Acquire))
     }
 
     /// Test hook: makes the next `n` WAL syncs (and synced writes) fail as

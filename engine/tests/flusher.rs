@@ -57,6 +57,52 @@ fn a_failed_synced_record_write_poisons_the_engine_and_its_close_is_not_clean() 
 }
 
 #[test]
+fn a_durable_writer_that_finds_a_failed_sync_is_told_poisoned_and_close_returns() {
+    // A Persist writer waits; another thread's synced record write fails
+    // (nobody has poisoned the engine yet). Before, the waiter poisoned it
+    // while holding its wait slot's lock, and poisoning wakes every slot:
+    // the writer blocked on its own lock for ever, and the flusher and
+    // `close` blocked behind it.
+    let dir = tempfile::tempdir().unwrap();
+    let e = std::sync::Arc::new(
+        builder(dir.path())
+            .persist_timeout(std::time::Duration::from_millis(300))
+            .open()
+            .unwrap(),
+    );
+    e.set_flusher_paused(true);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let writer = std::sync::Arc::clone(&e);
+    std::thread::spawn(move || {
+        let r = writer.set(b"k", "v", WriteOptions::durable(Durability::Persist));
+        let _ = tx.send(r);
+    });
+    let t = std::time::Instant::now();
+    while e.persist_waiters() == 0 {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(10),
+            "no waiter"
+        );
+        std::thread::yield_now();
+    }
+    e.inject_sync_failures(1);
+    assert!(e.online_update_start(0).is_err());
+    let r = rx
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("the durable writer never returned");
+    assert!(matches!(r, Err(Error::Poisoned(_))), "{r:?}");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let e = std::sync::Arc::try_unwrap(e).expect("the writer let go");
+        let _ = tx.send(e.close());
+    });
+    let closed = rx
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("close never returned");
+    assert!(closed.is_err(), "a poisoned engine's close is not clean");
+}
+
+#[test]
 fn failed_flushes_are_retried_without_loss_or_double_counting() {
     let dir = tempfile::tempdir().unwrap();
     let e = builder(dir.path()).flush_retry_limit(10).open().unwrap();
