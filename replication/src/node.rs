@@ -151,11 +151,37 @@ impl NodeConfig {
             ("max_pending_body_bytes", self.max_pending_body_bytes > 0),
             ("max_dumps", self.max_dumps > 0),
         ];
-        match positive.iter().find(|(_, ok)| !ok) {
-            Some((name, _)) => Err(format!("node setting {name} must be more than zero")),
-            None => Ok(()),
+        if let Some((name, _)) = positive.iter().find(|(_, ok)| !ok) {
+            return Err(format!("node setting {name} must be more than zero"));
         }
+        // A replica opens its stream under its name: one its primary would
+        // refuse would keep the link failing.
+        check_stream_name(self.name.as_bytes()).map_err(|e| format!("node name: {e}"))
     }
+}
+
+/// Longest stream (and node) name, in bytes.
+pub const MAX_STREAM_NAME: usize = 255;
+
+/// Refuses a stream name a node does not take: empty, longer than
+/// [`MAX_STREAM_NAME`] bytes, not UTF-8, or holding a control character
+/// (it appears in logs, `admin streams` and cursor names; before, a NUL in
+/// it panicked the connection's thread and left the stream registered).
+pub fn check_stream_name(name: &[u8]) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("the name is empty".into());
+    }
+    if name.len() > MAX_STREAM_NAME {
+        return Err(format!(
+            "the name is {} bytes long; at most {MAX_STREAM_NAME} are allowed",
+            name.len()
+        ));
+    }
+    let text = std::str::from_utf8(name).map_err(|_| "the name is not UTF-8".to_string())?;
+    if text.chars().any(char::is_control) {
+        return Err("the name holds a control character".into());
+    }
+    Ok(())
 }
 
 /// State of one partition of a stream, as reported by `admin streams`.
@@ -1099,9 +1125,7 @@ fn check_stream_open(state: &NodeState, open: &Frame) -> Result<(), String> {
     if state.replica {
         return Err("a replica does not serve streams".into());
     }
-    if open.key.is_empty() {
-        return Err("stream name is empty".into());
-    }
+    check_stream_name(&open.key).map_err(|e| format!("stream name refused: {e}"))?;
     let reqs = parse_stream_open(open).map_err(|e| e.to_string())?;
     if reqs.is_empty() {
         return Err("a stream asks for no partition".into());
@@ -1123,7 +1147,6 @@ fn serve_stream(
     peer: String,
     conn_id: u64,
 ) -> Result<(), ProtocolError> {
-    let engine = &state.engine;
     let name = String::from_utf8_lossy(&open.key).into_owned();
     let reqs = match parse_stream_open(open) {
         Ok(r) => r,
@@ -1170,6 +1193,14 @@ fn serve_stream(
         );
         old.stop();
     }
+    // Unregistered, and its cursors removed, however this ends (a panic
+    // included): a stream stays registered only while a thread serves it.
+    let _registered = Registered {
+        state,
+        name: &name,
+        shared: &shared,
+        reqs: &reqs,
+    };
     tracing::info!(stream = %name, partitions = reqs.len(), "replication stream opened");
     {
         // A replica applying a large disk snapshot reads nothing for a while
@@ -1187,29 +1218,42 @@ fn serve_stream(
     let acker = {
         let s = Arc::clone(&shared);
         std::thread::Builder::new()
-            .name(format!("tapkv-acks-{name}"))
+            // Not the peer's name: a thread name cannot hold every byte.
+            .name(format!("tapkv-acks-{conn_id}"))
             .spawn(move || ack_reader(&s, reader))
     };
-    let acker = match acker {
-        Ok(t) => t,
-        Err(e) => {
-            // Out of threads: the stream must not stay registered (it would
-            // count towards `Replicate` majorities with nobody serving it).
-            unregister_stream(state, &name, &shared);
-            return Err(ProtocolError::Io(e));
-        }
-    };
+    // Out of threads: the guard unregisters the stream (it would count
+    // towards `Replicate` majorities with nobody serving it).
+    let acker = acker.map_err(ProtocolError::Io)?;
     let result = stream_loop(state, &shared, &reqs, &mut writer);
     shared.stop.store(true, Ordering::Release);
-    // Unregistered before its cursors go: once they are gone, `admin
-    // streams` no longer lists it either.
-    unregister_stream(state, &name, &shared);
-    for r in &reqs {
-        let _ = engine.remove_cursor(r.partition, &shared.cursor);
-    }
+    drop(_registered);
     let _ = acker.join();
     tracing::info!(stream = %name, ok = result.is_ok(), "replication stream closed");
     result
+}
+
+/// A stream registered in the node's streams; dropping it stops the
+/// stream, unregisters it, then removes its cursors (unregistered first:
+/// once the cursors are gone, `admin streams` no longer lists it either).
+struct Registered<'a> {
+    state: &'a NodeState,
+    name: &'a str,
+    shared: &'a Arc<StreamShared>,
+    reqs: &'a [StreamRequest],
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        unregister_stream(self.state, self.name, self.shared);
+        for r in self.reqs {
+            let _ = self
+                .state
+                .engine
+                .remove_cursor(r.partition, &self.shared.cursor);
+        }
+    }
 }
 
 /// Removes `stream` from the node's streams, unless a newer stream of the

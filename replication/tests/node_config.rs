@@ -36,3 +36,45 @@ fn a_node_refuses_a_zero_setting_and_names_it() {
     let node = Node::start(engine, NodeConfig::new("127.0.0.1:0")).unwrap();
     common::shutdown(node);
 }
+
+#[test]
+fn a_node_name_its_primary_would_refuse_is_refused_at_start() {
+    for bad in ["a\0b", "tab\there", &"n".repeat(256)] {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::builder(dir.path()).partitions(1).open().unwrap();
+        let mut cfg = NodeConfig::new("127.0.0.1:0");
+        cfg.name = bad.to_string();
+        let err = Node::start(engine, cfg).err().expect("a bad name started");
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
+        assert!(err.to_string().contains("node name"), "{err}");
+    }
+}
+
+#[test]
+fn a_stream_name_with_a_nul_is_refused_and_leaves_nothing_registered() {
+    // Before, the name went into the stream's thread name: a NUL in it
+    // panicked the connection's thread after the stream was registered,
+    // and the dead stream stayed listed (and counted) for ever.
+    use tapkv_replication::message::{status, StreamRequest};
+    let dir = tempfile::tempdir().unwrap();
+    let node = common::primary(dir.path());
+    let addr = node.local_addr().to_string();
+    let reqs = [StreamRequest {
+        partition: 0,
+        uuid: 0,
+        seqno: 0,
+    }];
+    for bad in ["x\0y", &"s".repeat(256)] {
+        let conn = std::net::TcpStream::connect(&addr).unwrap();
+        let (mut reader, _writer) = common::stream_by_hand(conn, bad, &reqs);
+        let answer = reader.next_within(200).unwrap();
+        assert_eq!(answer.status(), status::INVALID_ARGUMENTS);
+        let text = String::from_utf8_lossy(&answer.value);
+        assert!(text.contains("stream name refused"), "{text}");
+    }
+    let mut c = tapkv_replication::client::Client::connect(&addr, Duration::from_secs(5)).unwrap();
+    let streams = c.admin("streams").unwrap();
+    assert_eq!(streams.as_array().map(Vec::len), Some(0), "{streams}");
+    c.noop().unwrap();
+    common::shutdown(node);
+}

@@ -174,14 +174,14 @@ fn primary_partitions(primary: &str, timeout: Duration) -> Result<u16, Error> {
     Ok(crate::connect(primary, timeout)?.partitions())
 }
 
-/// `--name`: any text but an empty or blank one (it names the replication
-/// stream and the node in its startup line).
+/// `--name`: text of 1 to 255 bytes, not blank, without control characters
+/// (it names the replication stream and the node in its startup line).
 fn node_name(s: &str) -> Result<String, String> {
     if s.trim().is_empty() {
-        Err("the name is empty or blank".into())
-    } else {
-        Ok(s.to_string())
+        return Err("the name is empty or blank".into());
     }
+    tapkv_replication::node::check_stream_name(s.as_bytes())?;
+    Ok(s.to_string())
 }
 
 /// `--cursor-drop-threshold`: a finite number above 0.
