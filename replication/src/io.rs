@@ -91,6 +91,13 @@ impl Drop for FrameReader {
 /// Bytes asked of the socket per read.
 const READ_CHUNK: usize = 64 * 1024;
 
+/// A writer's buffer to start with.
+const WRITE_BUFFER: usize = 64 * 1024;
+
+/// Largest buffer a connection keeps between frames (reader) or flushes
+/// (writer); one larger, left by a large frame, is let go.
+const KEEP_BUFFER: usize = BodyBudget::LARGE;
+
 /// Progress a partial frame must make per frame deadline.
 const FRAME_PROGRESS: usize = 64 * 1024;
 
@@ -303,7 +310,17 @@ impl FrameReader {
         let rest_of_frame = crate::protocol::frame_len(&self.buf)
             .filter(|len| *len <= self.max_body + HEADER_LEN)
             .map_or(0, |len| len.saturating_sub(self.buf.len()));
-        self.buf.reserve(rest_of_frame.max(READ_CHUNK));
+        let need = rest_of_frame.max(READ_CHUNK);
+        self.buf.reserve(need);
+        if self.buf.capacity() - self.buf.len() > need.max(KEEP_BUFFER) {
+            // The allocation of a large frame handed out earlier, taken
+            // back by `reserve`: a connection would keep it for life (a
+            // thousand connections that each sent one 20 MiB frame held
+            // 20 GiB). A buffer of the size needed now instead.
+            let mut fresh = BytesMut::with_capacity(self.buf.len() + need);
+            fresh.extend_from_slice(&self.buf);
+            self.buf = fresh;
+        }
         loop {
             match recv_into_spare(&self.stream, &mut self.buf) {
                 Ok((0, _)) if self.buf.is_empty() => return Err(ProtocolError::Closed),
@@ -381,7 +398,7 @@ impl FrameWriter {
     pub fn new(stream: TcpStream) -> FrameWriter {
         FrameWriter {
             stream,
-            buf: BytesMut::with_capacity(64 * 1024),
+            buf: BytesMut::with_capacity(WRITE_BUFFER),
             patience: None,
             broken: false,
         }
@@ -441,6 +458,11 @@ impl FrameWriter {
             self.broken = true;
         }
         self.buf.clear();
+        if self.buf.capacity() > KEEP_BUFFER {
+            // A large reply (a 20 MiB value) is not held for the
+            // connection's life.
+            self.buf = BytesMut::with_capacity(WRITE_BUFFER);
+        }
         result
     }
 

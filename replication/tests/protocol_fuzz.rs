@@ -20,10 +20,22 @@ struct Counting;
 
 thread_local! {
     static LARGEST: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    /// Bytes allocated minus bytes freed by this thread.
+    static LIVE: std::cell::Cell<isize> = const { std::cell::Cell::new(0) };
 }
 
 fn note(size: usize) {
     let _ = LARGEST.try_with(|l| l.set(l.get().max(size)));
+    live_change(size as isize);
+}
+
+fn live_change(by: isize) {
+    let _ = LIVE.try_with(|l| l.set(l.get() + by));
+}
+
+/// Bytes this thread has allocated and not freed.
+fn live() -> isize {
+    LIVE.with(|l| l.get())
 }
 
 // SAFETY: every call is forwarded to `System` unchanged.
@@ -39,9 +51,11 @@ unsafe impl std::alloc::GlobalAlloc for Counting {
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new: usize) -> *mut u8 {
         note(new);
+        live_change(-(layout.size() as isize));
         std::alloc::System.realloc(ptr, layout, new)
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        live_change(-(layout.size() as isize));
         std::alloc::System.dealloc(ptr, layout)
     }
 }
@@ -286,8 +300,10 @@ fn a_large_frame_arriving_in_pieces_is_buffered_once_at_its_size() {
             at = end;
             piece = piece * 7 % 300_007 + 1;
         }
+        peer
     });
     let (conn, _) = listener.accept().unwrap();
+    let held_before = live();
     let mut reader = node_reader(conn);
     let mut next = || {
         for _ in 0..1_000 {
@@ -298,7 +314,7 @@ fn a_large_frame_arriving_in_pieces_is_buffered_once_at_its_size() {
         panic!("no frame within 1,000 read timeouts");
     };
     let ((first, big, last), largest) = largest_allocation_in(|| (next(), next(), next()));
-    sender.join().unwrap();
+    let mut peer = sender.join().unwrap();
     assert_eq!(first.value.len(), 100);
     assert_eq!(&big.key[..], b"big");
     assert!(
@@ -311,4 +327,82 @@ fn a_large_frame_arriving_in_pieces_is_buffered_once_at_its_size() {
         largest <= len + (128 << 10),
         "the reader allocated {largest} bytes for a frame of {len}"
     );
+    // Once the large frame is gone, the connection does not keep its
+    // allocation (before, the next read took it back for good: a thousand
+    // connections that each sent one 20 MiB frame held 20 GiB).
+    drop((first, big, last));
+    std::io::Write::write_all(&mut peer, &small).unwrap();
+    assert_eq!(next().value.len(), 100);
+    let held = live() - held_before;
+    assert!(
+        held < 2 << 20,
+        "the reader holds {held} bytes after a large frame"
+    );
+    // The same through `poll_map` (frames borrowed from the buffer, as a
+    // replica's link reads them).
+    let big_wire = Frame::request(0x01, 3)
+        .with_key(&b"big"[..])
+        .with_value(value)
+        .to_bytes();
+    // Written by another thread: the socket's buffers do not hold 6 MiB.
+    let (big_len, small_len) = (big_wire.len(), small.len());
+    let second = std::thread::spawn({
+        let small = small.clone();
+        move || {
+            std::io::Write::write_all(&mut peer, &big_wire).unwrap();
+            std::io::Write::write_all(&mut peer, &small).unwrap();
+            peer
+        }
+    });
+    let mut next_len = || {
+        for _ in 0..1_000 {
+            if let Some(n) = reader.poll_map(|f| f.wire_len()).unwrap() {
+                return n;
+            }
+        }
+        panic!("no frame within 1,000 read timeouts");
+    };
+    assert_eq!(next_len(), big_len);
+    assert_eq!(next_len(), small_len);
+    let mut peer = second.join().unwrap();
+    std::io::Write::write_all(&mut peer, &small).unwrap();
+    assert_eq!(next_len(), small_len);
+    let held = live() - held_before;
+    assert!(
+        held < 2 << 20,
+        "the reader holds {held} bytes after a large frame read in place"
+    );
+}
+
+#[test]
+fn a_writer_lets_go_of_a_large_reply_once_it_is_sent() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let drainer = std::thread::spawn(move || {
+        let (mut c, _) = listener.accept().unwrap();
+        let mut sink = vec![0u8; 1 << 16];
+        let mut total = 0;
+        while let Ok(n) = std::io::Read::read(&mut c, &mut sink) {
+            if n == 0 {
+                break;
+            }
+            total += n;
+        }
+        total
+    });
+    let conn = std::net::TcpStream::connect(addr).unwrap();
+    conn.set_write_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let held_before = live();
+    let mut writer = tapkv_replication::io::FrameWriter::new(conn);
+    let big = Frame::request(0x00, 0).with_value(vec![7u8; 6 << 20]);
+    writer.send(&big).unwrap();
+    drop(big);
+    let held = live() - held_before;
+    assert!(
+        held < 2 << 20,
+        "the writer holds {held} bytes after sending a large frame"
+    );
+    drop(writer);
+    assert!(drainer.join().unwrap() > 6 << 20);
 }
