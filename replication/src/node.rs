@@ -275,6 +275,9 @@ struct AckSignal {
     /// `Replicate` writes waiting for acknowledgements (streams do not
     /// linger while any does).
     waiting: AtomicUsize,
+    /// The node is stopping: waiting writes stop waiting (they would hold
+    /// the stop for up to `--replicate-timeout-ms`).
+    closing: AtomicBool,
 }
 
 /// `Durability::Replicate`: waits until a majority of the replicas'
@@ -320,6 +323,13 @@ impl tapkv_engine::ReplicationGate for AckGate {
             };
             if acked >= replicate_quorum(connected, self.min_replicas) {
                 return Ok(());
+            }
+            if self.acks.closing.load(Ordering::Acquire) {
+                return Err(Error::WrongState(
+                    "the node is stopping before a majority of replicas acknowledged the \
+                     write; the write itself is applied and not undone"
+                        .into(),
+                ));
             }
             let now = Instant::now();
             if now >= deadline {
@@ -504,6 +514,12 @@ impl Node {
         state.stop.store(true, Ordering::Release);
         for s in state.streams.lock().values() {
             s.stop();
+        }
+        {
+            // `Replicate` writes waiting for acknowledgements end now.
+            state.acks.closing.store(true, Ordering::Release);
+            let _g = state.acks.lock.lock();
+            state.acks.cv.notify_all();
         }
         // Wake the accept loop.
         let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
@@ -993,6 +1009,7 @@ fn handle_request_inner(state: &NodeState, f: &Frame) -> Result<Frame, Frame> {
                     "curr_connections": state.live_connections.load(Ordering::Acquire),
                     "total_connections": state.connections.load(Ordering::Relaxed),
                     "rejected_connections": state.rejected_connections.load(Ordering::Acquire),
+                    "replicate_waiting": state.acks.waiting.load(Ordering::Acquire),
                     "partitions": parts,
                 }),
             ))

@@ -328,3 +328,38 @@ fn partly_received_large_frames_share_a_budget() {
     assert_eq!(c.get(b"c").unwrap().0.len(), 3 << 20);
     common::shutdown(node);
 }
+
+#[test]
+fn a_replicate_write_waiting_at_shutdown_does_not_hold_the_stop() {
+    // Before, a stop waited out the write's whole replicate timeout (up
+    // to a day as configured) with the write's connection thread.
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::builder(dir.path())
+        .replicate_timeout(Duration::from_secs(120))
+        .open()
+        .unwrap();
+    let mut cfg = NodeConfig::new("127.0.0.1:0");
+    cfg.min_replicas = 1;
+    let node = Node::start(engine, cfg).unwrap();
+    let addr = node.local_addr().to_string();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let writer_addr = addr.clone();
+    std::thread::spawn(move || {
+        let mut c = Client::connect(&writer_addr, Duration::from_secs(150)).unwrap();
+        let r = c.set_durable(b"k", b"v", 0, tapkv_engine::Durability::Replicate);
+        let _ = tx.send(r.map(|_| ()).map_err(|e| e.to_string()));
+    });
+    let mut c = Client::connect(&addr, Duration::from_secs(5)).unwrap();
+    common::wait_until(
+        "the write to wait for replicas",
+        Duration::from_secs(10),
+        || c.stats().unwrap()["replicate_waiting"] == 1,
+    );
+    drop(c);
+    let took = common::shutdown_within(node, Duration::from_secs(30))
+        .expect("the stop waited for the Replicate write");
+    assert!(took < Duration::from_secs(30));
+    let r = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    let e = r.expect_err("the write was acknowledged without a replica");
+    assert!(e.contains("node is stopping"), "{e}");
+}
