@@ -713,6 +713,13 @@ fn next_request(
     }
 }
 
+/// How long a node connection's read waits before the thread looks at the
+/// stop flag (and its idle count) again.
+const CONNECTION_POLL: Duration = Duration::from_millis(200);
+
+/// The same for a replica's link to its primary.
+const LINK_POLL: Duration = Duration::from_millis(50);
+
 fn serve_connection(
     state: &Arc<NodeState>,
     conn: TcpStream,
@@ -722,20 +729,24 @@ fn serve_connection(
     conn.set_nodelay(true)?;
     conn.set_write_timeout(Some(cfg.io_timeout))?;
     let mut reader = FrameReader::new(conn.try_clone()?, cfg.max_body);
-    reader.set_timeout(Duration::from_millis(200))?;
+    reader.set_timeout(CONNECTION_POLL)?;
     // A partial frame must make progress (64 KiB) within the I/O timeout: a
     // peer trickling bytes cannot hold a connection slot (and its thread).
     reader.set_frame_deadline(Some(cfg.io_timeout));
+    // Nor, sending just fast enough for that, hold the node's stop.
+    reader.set_poll_bound(Some(CONNECTION_POLL));
     reader.set_body_budget(Arc::clone(&state.body_budget));
     // The writer takes the connection itself: two descriptors a connection,
     // not three (`docs/replication.md`, "Node settings").
     let peer_addr = conn.peer_addr().map(|a| a.to_string()).unwrap_or_default();
     let mut writer = FrameWriter::new(conn);
-    let idle_polls = (cfg.idle_timeout.as_millis() / 200).max(1) as usize;
+    let idle_polls = (cfg.idle_timeout.as_millis() / CONNECTION_POLL.as_millis()).max(1) as usize;
     let mut idle = 0;
     // Handshake first, within the I/O timeout (not the idle timeout): a
     // connection that never says HELLO does not keep its slot for minutes.
-    let hello_polls = (cfg.io_timeout.min(cfg.idle_timeout).as_millis() / 200).max(1) as usize;
+    let hello_polls = (cfg.io_timeout.min(cfg.idle_timeout).as_millis()
+        / CONNECTION_POLL.as_millis())
+    .max(1) as usize;
     let Some(first) = next_request(state, &mut reader, &mut writer, hello_polls, &mut idle)? else {
         return Ok(());
     };
@@ -2002,13 +2013,16 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
     conn.set_nodelay(true)?;
     conn.set_write_timeout(Some(cfg.io_timeout))?;
     let mut reader = FrameReader::new(conn.try_clone()?, cfg.max_body);
-    reader.set_timeout(Duration::from_millis(50))?;
+    reader.set_timeout(LINK_POLL)?;
     // A frame must make progress (64 KiB per `io_timeout`), as the node
     // asks of its clients: a primary trickling one a byte at a time would
-    // otherwise hold the link, and a shutdown, for as long as it liked.
+    // otherwise hold the link, and a shutdown, for as long as it liked;
+    // and a poll returns between reads of a frame still arriving, so the
+    // stop flag is looked at.
     reader.set_frame_deadline(Some(cfg.io_timeout));
+    reader.set_poll_bound(Some(LINK_POLL));
     let mut writer = FrameWriter::new(conn);
-    let polls = (cfg.io_timeout.as_millis() / 50).max(1) as usize;
+    let polls = (cfg.io_timeout.as_millis() / LINK_POLL.as_millis()).max(1) as usize;
     writer.send(&hello(&cfg.name)).map_err(perr)?;
     let r = reader
         .next_within_unless(polls, &state.stop)

@@ -363,3 +363,59 @@ fn a_replicate_write_waiting_at_shutdown_does_not_hold_the_stop() {
     let e = r.expect_err("the write was acknowledged without a replica");
     assert!(e.contains("node is stopping"), "{e}");
 }
+
+#[test]
+fn a_frame_arriving_just_fast_enough_does_not_hold_a_stop() {
+    // A 4 MiB SET whose bytes come at about 160 KiB/s: fast enough for the
+    // frame deadline (64 KiB per 1 s I/O timeout), so the connection is
+    // not cut off. Before, the connection's thread read on until the frame
+    // was whole (about 25 s here; 55 minutes for a 21 MiB frame at the
+    // default timeout) without looking at the stop flag, and the stop
+    // waited for it.
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::builder(dir.path()).open().unwrap();
+    let mut cfg = NodeConfig::new("127.0.0.1:0");
+    cfg.io_timeout = Duration::from_secs(1);
+    let node = Node::start(engine, cfg).unwrap();
+    let addr = node.local_addr().to_string();
+    let mut conn = TcpStream::connect(&addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    conn.write_all(&hello("trickler").to_bytes()).unwrap();
+    let mut answer = [0u8; 24];
+    conn.read_exact(&mut answer).unwrap();
+    let frame =
+        tapkv_replication::protocol::Frame::request(tapkv_replication::message::opcode::SET, 0)
+            .with_extras(vec![0u8; 8])
+            .with_key(&b"k"[..])
+            .with_value(vec![b'v'; 4 << 20])
+            .to_bytes();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let trickling = std::sync::Arc::clone(&stop);
+    let trickler = std::thread::spawn(move || {
+        let give_up = Instant::now() + Duration::from_secs(40);
+        for chunk in frame.chunks(8 << 10) {
+            if trickling.load(std::sync::atomic::Ordering::Relaxed)
+                || Instant::now() > give_up
+                || conn.write_all(chunk).is_err()
+            {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    // The node holds the large frame's budget once its header is in: the
+    // frame is arriving.
+    let mut c = Client::connect(&addr, Duration::from_secs(5)).unwrap();
+    common::wait_until("the frame to be arriving", Duration::from_secs(10), || {
+        c.stats().unwrap()["pending_body_bytes"]
+            .as_u64()
+            .unwrap_or(0)
+            > 0
+    });
+    drop(c);
+    let took = common::shutdown_within(node, Duration::from_secs(8));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    trickler.join().unwrap();
+    assert!(took.is_some(), "the stop waited for the trickled frame");
+}
