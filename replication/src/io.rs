@@ -432,6 +432,9 @@ pub struct FrameWriter {
     /// A flush failed part-way: the peer may hold part of a frame, so
     /// nothing more may be sent on this connection.
     broken: bool,
+    /// A flush must move `FRAME_PROGRESS` bytes per this long, or fails
+    /// (`None`: only each write's own timeout applies).
+    progress_deadline: Option<Duration>,
 }
 
 impl FrameWriter {
@@ -442,7 +445,18 @@ impl FrameWriter {
             buf: BytesMut::with_capacity(WRITE_BUFFER),
             patience: None,
             broken: false,
+            progress_deadline: None,
         }
+    }
+
+    /// Limits how slowly a flush may go: the peer must take at least 64 KiB
+    /// per `limit` (measured over spans of at least `limit`), else the
+    /// flush fails with a timeout. The socket's write timeout bounds one write that moves
+    /// nothing; without this, a peer reading a byte every few seconds held
+    /// a large reply (and the thread sending it, and a node's stop) for as
+    /// long as it liked.
+    pub fn set_progress_deadline(&mut self, limit: Option<Duration>) {
+        self.progress_deadline = limit;
     }
 
     /// When a flush has waited a whole write timeout for the peer to read,
@@ -509,10 +523,34 @@ impl FrameWriter {
 
     fn send_buffered(&mut self) -> Result<(), ProtocolError> {
         let mut sent = 0;
+        // Since when, and from which byte, the flush's progress is timed.
+        let mut mark = self.progress_deadline.map(|_| (Instant::now(), 0));
         while sent < self.buf.len() {
             match self.stream.write(&self.buf[sent..]) {
                 Ok(0) => return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into()),
-                Ok(n) => sent += n,
+                Ok(n) => {
+                    sent += n;
+                    // Judged over spans of at least `limit` (one write may
+                    // block up to the socket's write timeout): slower than
+                    // 64 KiB per `limit` fails.
+                    if let (Some(limit), Some((since, from))) = (self.progress_deadline, mark) {
+                        let took = since.elapsed();
+                        if took > limit && sent < self.buf.len() {
+                            let rate = (sent - from) as f64 / took.as_secs_f64();
+                            if rate < FRAME_PROGRESS as f64 / limit.as_secs_f64() {
+                                return Err(ProtocolError::Io(std::io::Error::new(
+                                    std::io::ErrorKind::TimedOut,
+                                    format!(
+                                        "the peer took less than {FRAME_PROGRESS} bytes of a \
+                                         reply per {limit:?} ({} bytes in {took:?})",
+                                        sent - from
+                                    ),
+                                )));
+                            }
+                            mark = Some((Instant::now(), sent));
+                        }
+                    }
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e)
                     if matches!(

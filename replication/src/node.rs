@@ -740,6 +740,10 @@ fn serve_connection(
     // not three (`docs/replication.md`, "Node settings").
     let peer_addr = conn.peer_addr().map(|a| a.to_string()).unwrap_or_default();
     let mut writer = FrameWriter::new(conn);
+    // A reply must be taken at 64 KiB per I/O timeout: a client reading a
+    // byte every few seconds cannot hold a large reply, its thread, or the
+    // node's stop.
+    writer.set_progress_deadline(Some(cfg.io_timeout));
     let idle_polls = (cfg.idle_timeout.as_millis() / CONNECTION_POLL.as_millis()).max(1) as usize;
     let mut idle = 0;
     // Handshake first, within the I/O timeout (not the idle timeout): a
@@ -1095,6 +1099,10 @@ fn admin_dump(state: &NodeState, f: &Frame, w: &mut FrameWriter) -> Result<(), P
     let result = (|| -> Result<(), Error> {
         let view = DiskView::open(state.engine.path())?;
         view.for_each_item(|it| {
+            // A stopping node ends the dump (before, it went on to the end).
+            if state.stop.load(Ordering::Acquire) {
+                return Err(Error::Closed);
+            }
             let row = crate::client::DumpRow::of(&it);
             w.push(&json_response(f, &row).with_key(b"row".to_vec()));
             if w.pending() > 256 * 1024 {
@@ -1237,6 +1245,9 @@ fn serve_stream(
         let s = Arc::clone(&shared);
         let st = Arc::clone(state);
         let silence_limit = state.config.heartbeat * SILENT_HEARTBEATS;
+        // A stream waits for its replica as the patience rule says, not
+        // by a client's progress deadline.
+        writer.set_progress_deadline(None);
         writer.set_patience(Box::new(move || {
             !s.stop.load(Ordering::Acquire)
                 && !st.stop.load(Ordering::Acquire)

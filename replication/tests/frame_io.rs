@@ -154,3 +154,48 @@ fn the_frame_deadline_counts_only_time_spent_waiting_for_the_frame() {
     let stalled = (0..100).find_map(|_| reader.poll().err());
     assert!(stalled.is_some(), "a stalled frame was never cut off");
 }
+
+#[test]
+fn a_flush_to_a_peer_taking_a_trickle_fails_by_its_progress_deadline() {
+    // The peer takes about 20 KiB/s of a 4 MiB frame. Each write still
+    // moves some bytes within the 2 s write timeout, so before, a flush
+    // (a node's reply, its thread, and the node's stop) went on for as
+    // long as the peer kept reading; now it must move 64 KiB per second.
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let client = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+    let server = common::accept_within(&listener, Duration::from_secs(10));
+    common::small_socket_buffers(&client);
+    common::small_socket_buffers(&server);
+    server
+        .set_write_timeout(Some(Duration::from_secs(2)))
+        .expect("write timeout");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reading = std::sync::Arc::clone(&stop);
+    let mut peer = client;
+    let trickle = std::thread::spawn(move || {
+        use std::io::Read;
+        peer.set_read_timeout(Some(Duration::from_secs(1)))
+            .expect("timeout");
+        let give_up = std::time::Instant::now() + Duration::from_secs(60);
+        let mut buf = [0u8; 1024];
+        while std::time::Instant::now() < give_up
+            && !reading.load(std::sync::atomic::Ordering::Relaxed)
+        {
+            if matches!(peer.read(&mut buf), Ok(0)) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    let mut writer = FrameWriter::new(server);
+    writer.set_progress_deadline(Some(Duration::from_secs(1)));
+    let r = writer.send(&Frame::request(0x00, 0).with_value(vec![7u8; 4 << 20]));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    trickle.join().expect("trickle");
+    let e = r.expect_err("a 4 MiB frame went through at 20 KiB/s");
+    assert!(
+        e.to_string()
+            .contains("took less than 65536 bytes of a reply per"),
+        "{e}"
+    );
+}
