@@ -75,6 +75,8 @@ fn a_durable_writer_that_finds_a_failed_sync_is_told_poisoned_and_close_returns(
     let writer = std::sync::Arc::clone(&e);
     std::thread::spawn(move || {
         let r = writer.set(b"k", "v", WriteOptions::durable(Durability::Persist));
+        // Let go of the engine before answering: the test closes it next.
+        drop(writer);
         let _ = tx.send(r);
     });
     let t = std::time::Instant::now();

@@ -346,7 +346,15 @@ impl FrameReader {
             .filter(|len| *len <= self.max_body + HEADER_LEN)
             .map_or(0, |len| len.saturating_sub(self.buf.len()));
         let need = rest_of_frame.max(READ_CHUNK);
-        self.buf.reserve(need);
+        // Room from the buffer's own allocation if it has it (moving the
+        // unread bytes to its front), else a new one of exactly the size
+        // needed: `reserve` would grow it by doubling, to up to twice a
+        // large frame.
+        if self.buf.capacity() - self.buf.len() < need && !self.buf.try_reclaim(need) {
+            let mut fresh = BytesMut::with_capacity(self.buf.len() + need);
+            fresh.extend_from_slice(&self.buf);
+            self.buf = fresh;
+        }
         if self.buf.capacity() - self.buf.len() > need.max(KEEP_BUFFER) {
             // The allocation of a large frame handed out earlier, taken
             // back by `reserve`: a connection would keep it for life (a
