@@ -1518,3 +1518,33 @@ fn kv_set_reads_no_more_of_a_value_file_than_a_value_can_hold() {
         "{err}"
     );
 }
+
+#[test]
+fn kv_takes_a_key_and_value_that_are_not_utf8_as_given() {
+    // Before, clap refused them ("invalid UTF-8 was detected"), though the
+    // help says KEY is taken literally.
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let mut cmd = std::process::Command::new(tapkv_tests::tapkv_bin());
+    cmd.args(["kv", "set", "--data", d])
+        .arg(std::ffi::OsStr::from_bytes(b"\xff\xfe"))
+        .arg(std::ffi::OsStr::from_bytes(b"val\xff"));
+    let (code, out, err) = tapkv_tests::run_command(cmd, "", T);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let (ok, out, err) = run(&["shell", "--data", d], "get \\xff\\xfe\n", T);
+    assert!(ok, "{err}");
+    assert_eq!(out, "VALUE val\\xff\n");
+    // A missing store says why, in each case.
+    let file = dir.path().join("afile");
+    std::fs::write(&file, "x").unwrap();
+    let (ok, _, err) = run(&["kv", "get", "--data", file.to_str().unwrap(), "k"], "", T);
+    assert!(!ok && err.contains("(it is not a directory)"), "{err}");
+    let missing = dir.path().join("missing");
+    let (ok, _, err) = run(
+        &["kv", "get", "--data", missing.to_str().unwrap(), "k"],
+        "",
+        T,
+    );
+    assert!(!ok && err.contains("(it does not exist)"), "{err}");
+}

@@ -32,7 +32,7 @@ enum KvOp {
         #[command(flatten)]
         target: Target,
         /// The key.
-        key: String,
+        key: std::ffi::OsString,
         /// Write the value's bytes exactly, without the newline after them
         /// (for binary values: `kv get --raw K > FILE`).
         #[arg(long)]
@@ -43,12 +43,12 @@ enum KvOp {
         #[command(flatten)]
         target: Target,
         /// The key (1 to 250 bytes by default; a node's --max-key-size).
-        key: String,
-        /// The value, as text (at most 20 MiB by default; the command line
-        /// itself allows about 128 KiB: use --value-file for more, or for
-        /// bytes that are not text).
+        key: std::ffi::OsString,
+        /// The value, as given (any bytes; at most 20 MiB by default; the
+        /// command line itself allows about 128 KiB: use --value-file for
+        /// more, or for bytes with a NUL).
         #[arg(required_unless_present = "value_file", conflicts_with = "value_file")]
-        value: Option<String>,
+        value: Option<std::ffi::OsString>,
         /// Read the value's bytes from FILE (`-`: standard input), exactly;
         /// reading stops one byte past the largest value (20 MiB by default
         /// with --data, 21 MiB with --addr, where the node decides), which
@@ -65,7 +65,7 @@ enum KvOp {
         #[command(flatten)]
         target: Target,
         /// The key.
-        key: String,
+        key: std::ffi::OsString,
         /// Wait for memory (default), the disk, or (with --addr) a
         /// majority of the node's replicas.
         #[arg(long, value_enum, default_value_t)]
@@ -149,7 +149,9 @@ pub(crate) fn run(args: KvArgs) -> Result<ExitCode, Error> {
 }
 
 /// KEY's bytes: the argument as is, or with `--escaped` its escapes read.
-fn key_bytes(key: &str, escaped: bool) -> Result<Vec<u8>, Error> {
+/// (Any bytes: an argument need not be UTF-8.)
+fn key_bytes(key: &std::ffi::OsStr, escaped: bool) -> Result<Vec<u8>, Error> {
+    use std::os::unix::ffi::OsStrExt;
     if !escaped {
         return Ok(key.as_bytes().to_vec());
     }
@@ -181,7 +183,7 @@ fn print_value(value: &[u8], raw: bool) -> Result<(), Error> {
 /// The value of `kv set`: the argument's text, or the bytes of `file`
 /// (`-`: standard input), read whole; an unreadable file is named.
 fn value_bytes(
-    value: Option<&str>,
+    value: Option<&std::ffi::OsStr>,
     file: Option<&std::path::Path>,
     max: usize,
 ) -> Result<Vec<u8>, Error> {
@@ -207,7 +209,7 @@ fn value_bytes(
         Ok(v)
     };
     match (value, file) {
-        (Some(v), _) => Ok(v.as_bytes().to_vec()),
+        (Some(v), _) => Ok(std::os::unix::ffi::OsStrExt::as_bytes(v).to_vec()),
         (None, Some(f)) if f == std::path::Path::new("-") => {
             read_capped(&mut std::io::stdin().lock(), "standard input")
         }
@@ -250,13 +252,18 @@ fn local(t: &Target) -> Result<&std::path::Path, Error> {
 /// directory).
 fn existing(dir: &std::path::Path) -> Result<&std::path::Path, Error> {
     if dir.join("rocksdb").join("CURRENT").exists() {
-        Ok(dir)
-    } else {
-        Err(Error::InvalidArgument(format!(
-            "{} is not a tapkv data directory (nothing has been written there)",
-            dir.display()
-        )))
+        return Ok(dir);
     }
+    // Said as it is: a missing path, a file, or a directory with no store.
+    let why = match std::fs::metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => "it does not exist",
+        Ok(m) if !m.is_dir() => "it is not a directory",
+        _ => "nothing has been written there",
+    };
+    Err(Error::InvalidArgument(format!(
+        "{} is not a tapkv data directory ({why})",
+        dir.display()
+    )))
 }
 
 /// Runs the operation against a node when `--addr` is given.

@@ -89,6 +89,10 @@ fn parse_partition(usage: &str, arg: &str) -> Result<PartitionId, String> {
     if arg.is_empty() {
         return Err(format!("{usage} (the partition number is missing)"));
     }
+    // Digits only: `parse` would take a sign (`+1`).
+    if !arg.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!("{usage} ({arg:?} is not a partition number)"));
+    }
     match arg.parse::<u64>() {
         Ok(n) => PartitionId::try_from(n).map_err(|_| {
             format!("{usage} (partition {n} is out of range: an engine has at most 1024)")
@@ -110,7 +114,7 @@ fn parse(line: &[u8]) -> Result<Command, String> {
         if rest.is_empty() || rest.contains(&b' ') {
             return Err(usage(&format!("usage: {cmd} KEY")));
         }
-        unescape(rest).map_err(|e| usage(&e))
+        unescape(rest).map_err(|e| usage(&format!("KEY: {e}")))
     };
     let partition =
         |arg: &str| parse_partition(&format!("usage: {cmd} P"), arg).map_err(|e| usage(&e));
@@ -133,11 +137,11 @@ fn parse(line: &[u8]) -> Result<Command, String> {
             let Some(i) = rest.iter().position(|&b| b == b' ') else {
                 return Err(usage(&format!("usage: {cmd} KEY VALUE")));
             };
-            let key = unescape(&rest[..i]).map_err(|e| usage(&e))?;
+            let key = unescape(&rest[..i]).map_err(|e| usage(&format!("KEY: {e}")))?;
             if key.is_empty() {
                 return Err(usage(&format!("usage: {cmd} KEY VALUE")));
             }
-            let value = unescape(&rest[i + 1..]).map_err(|e| usage(&e))?;
+            let value = unescape(&rest[i + 1..]).map_err(|e| usage(&format!("VALUE: {e}")))?;
             let op = match cmd {
                 "add" => WriteOp::Add,
                 "replace" => WriteOp::Replace,
@@ -1005,5 +1009,27 @@ mod partition_arg_tests {
         assert!(err("update start 70000").contains("partition 70000 is out of range"));
         assert!(err("checkpoints x").contains("\"x\" is not a partition number"));
         assert!(matches!(parse(b"cursors 3"), Ok(Command::Cursors(3))));
+        // A sign is not a digit (it was taken: `checkpoints +1`).
+        assert!(err("checkpoints +1").contains("\"+1\" is not a partition number"));
+    }
+
+    #[test]
+    fn an_escape_error_names_the_word_it_is_in() {
+        let err = |line: &str| parse(line.as_bytes()).err().unwrap_or_default();
+        assert!(
+            err("set a\\q 1").contains("KEY: bad escape"),
+            "{}",
+            err("set a\\q 1")
+        );
+        assert!(
+            err("set a 1\\x4").contains("VALUE: "),
+            "{}",
+            err("set a 1\\x4")
+        );
+        assert!(
+            err("get \\q").contains("KEY: bad escape"),
+            "{}",
+            err("get \\q")
+        );
     }
 }
