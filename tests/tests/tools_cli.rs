@@ -344,7 +344,7 @@ fn shell_takes_any_bytes_and_answers_each_command_on_one_line() {
         lines[2]
     );
     assert!(
-        lines[3].starts_with("ERROR invalid_argument: bad escape"),
+        lines[3].starts_with("ERROR invalid_argument: VALUE: bad escape"),
         "{}",
         lines[3]
     );
@@ -1547,4 +1547,40 @@ fn kv_takes_a_key_and_value_that_are_not_utf8_as_given() {
         T,
     );
     assert!(!ok && err.contains("(it does not exist)"), "{err}");
+}
+
+#[test]
+fn a_new_store_is_not_made_among_other_files() {
+    // `--data ~` for `--data ~/db` used to put rocksdb/ and tapkv.lock
+    // among the user's files.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    std::fs::write(dir.path().join("notes.txt"), "mine").unwrap();
+    for args in [
+        vec!["kv", "set", "--data", d, "k", "v"],
+        vec!["load", "--data", d, "--count", "1"],
+        vec!["shell", "--data", d],
+    ] {
+        let (code, _, err) = tapkv_tests::run_with_status(&args, "", T);
+        assert_eq!(code, Some(3), "{args:?}: {err}");
+        assert!(
+            err.contains("holds other files (notes.txt)"),
+            "{args:?}: {err}"
+        );
+    }
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, ["notes.txt"], "something was written");
+    // A directory holding a store (with other files beside it) opens.
+    let store = dir.path().join("store");
+    let s = store.to_str().unwrap();
+    let (ok, _, err) = run(&["kv", "set", "--data", s, "k", "v"], "", T);
+    assert!(ok, "{err}");
+    std::fs::write(store.join("README"), "beside").unwrap();
+    let (ok, out, err) = run(&["kv", "get", "--data", s, "k"], "", T);
+    assert!(ok && out == "v\n", "{err}");
+    let (ok, _, err) = run(&["kv", "set", "--data", s, "k2", "v2"], "", T);
+    assert!(ok, "{err}");
 }

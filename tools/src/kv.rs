@@ -122,7 +122,9 @@ pub(crate) fn run(args: KvArgs) -> Result<ExitCode, Error> {
             durability,
             ..
         } => {
-            let engine = Engine::builder(local(&target)?).open()?;
+            let dir = local(&target)?;
+            crate::check_data_dir(dir)?;
+            let engine = Engine::builder(dir).open()?;
             let max = engine.config()?.max_value_size;
             let value = value_bytes(value.as_deref(), value_file.as_deref(), max)?;
             let r = engine.set(&key, value, WriteOptions::durable(durability.into()))?;

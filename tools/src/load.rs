@@ -90,6 +90,7 @@ pub(crate) fn run(args: LoadArgs) -> Result<ExitCode, Error> {
         return Ok(crate::usage_error(&msg));
     }
     let thread_count = args.threads.clamp(1, args.count.max(1));
+    crate::check_data_dir(&args.data.data)?;
     let engine = Engine::builder(&args.data.data).open()?;
     // Refused before any value is built: each thread holds one (a size
     // past memory aborted the process; 512 MiB took 1 GB before the first

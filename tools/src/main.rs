@@ -35,7 +35,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 ///
 /// Every command that takes `--data DIR` opens the engine embedded in this
 /// process on that data directory (created if missing by the commands that
-/// write; `kv get`, `kv del` and `admin` refuse a directory that holds no
+/// write, which refuse to start a store in a directory holding other
+/// files; `kv get`, `kv del` and `admin` refuse a directory that holds no
 /// data). A directory can be
 /// open in one process at a time; `admin` commands read it without the lock.
 ///
@@ -119,8 +120,8 @@ impl From<DurabilityArg> for Durability {
 #[group(required = true, multiple = false)]
 pub(crate) struct Target {
     /// Data directory: the engine runs in this process. `kv set` and
-    /// `shell` create it if missing; `kv get` and `kv del` refuse one that
-    /// holds no data.
+    /// `shell` create it if missing (not among other files); `kv get` and
+    /// `kv del` refuse one that holds no data.
     #[arg(long, value_name = "DIR")]
     pub(crate) data: Option<PathBuf>,
     /// Address of a running node (`tapkv node`), e.g. 127.0.0.1:11311.
@@ -147,9 +148,45 @@ impl Wait {
 /// The `--data` option of commands that always embed the engine.
 #[derive(clap::Args, Debug, Clone)]
 pub(crate) struct DataArg {
-    /// Data directory (created if missing).
+    /// Data directory (created if missing; a new store is not started in a
+    /// directory holding other files).
     #[arg(long, value_name = "DIR")]
     pub(crate) data: PathBuf,
+}
+
+/// Refuses to make a new store in a directory that holds other files and
+/// nothing of tapkv's: `--data ~` for `--data ~/db` would have put
+/// `rocksdb/` and `tapkv.lock` among the user's files. A missing or empty
+/// directory (a mount point's `lost+found` aside), or one that holds a
+/// store, is fine; the engine reports a path that is not a directory.
+pub(crate) fn check_data_dir(dir: &std::path::Path) -> Result<(), tapkv_engine::Error> {
+    const TAPKV: [&str; 3] = ["rocksdb", "tapkv.lock", "node-name"];
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    let mut others = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if TAPKV.contains(&name.as_ref()) {
+            return Ok(());
+        }
+        if name != "lost+found" {
+            others.push(name.into_owned());
+        }
+    }
+    if others.is_empty() {
+        return Ok(());
+    }
+    others.sort();
+    let shown: Vec<&str> = others.iter().take(3).map(String::as_str).collect();
+    Err(tapkv_engine::Error::InvalidArgument(format!(
+        "{} holds other files ({}{}) and no tapkv data: give a new or empty directory for a \
+         new store",
+        dir.display(),
+        shown.join(", "),
+        if others.len() > 3 { ", ..." } else { "" }
+    )))
 }
 
 /// Connects to a node, waiting up to `timeout` for it and for each answer,

@@ -18,7 +18,8 @@ const HOUR_MS: u64 = 3600 * 1000;
 
 #[derive(Args, Debug)]
 pub(crate) struct NodeArgs {
-    /// Data directory (created if missing).
+    /// Data directory (created if missing; a new store is not started in a
+    /// directory holding other files).
     #[arg(long, value_name = "DIR")]
     data: PathBuf,
     /// Address to listen on (port 0 picks a free port; the startup line says which).
@@ -376,6 +377,7 @@ pub(crate) fn run(args: NodeArgs) -> Result<ExitCode, Error> {
             )));
         }
     }
+    crate::check_data_dir(&args.data)?;
     let connections =
         connections_within_open_files(args.max_connections, args.max_open_files, args.max_dumps)?;
     let replica = args.replica_of.is_some();

@@ -469,6 +469,7 @@ fn from_json<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> Result<T, 
 
 impl Shell {
     pub(crate) fn open(path: PathBuf) -> Result<Shell, Error> {
+        crate::check_data_dir(&path)?;
         let engine = Engine::builder(&path).open()?;
         Ok(Shell {
             backend: Backend::Local {
