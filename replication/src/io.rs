@@ -339,30 +339,42 @@ impl FrameReader {
     /// cost a replica's link about a fifth of its receive path (the
     /// `receiver` benchmark, `docs/performance.md`).
     fn fill(&mut self) -> Result<bool, ProtocolError> {
-        // A large frame's buffer is sized once, from its header, not grown
-        // by doubling (which could hold up to twice the frame); otherwise
-        // room for one read.
+        // Room the next read needs: the rest of a frame whose header is in
+        // (nothing more is needed to finish it), else one read's worth.
         let rest_of_frame = crate::protocol::frame_len(&self.buf)
             .filter(|len| *len <= self.max_body + HEADER_LEN)
             .map_or(0, |len| len.saturating_sub(self.buf.len()));
-        let need = rest_of_frame.max(READ_CHUNK);
+        let want = if rest_of_frame > 0 {
+            rest_of_frame
+        } else {
+            READ_CHUNK
+        };
+        // What a new buffer gets: that, and one read's worth past it, so
+        // the read that finishes a frame can take what follows (and
+        // `drained` tells whether anything did).
+        let sized = want + READ_CHUNK;
+        let spare = |b: &BytesMut| b.capacity() - b.len();
         // Room from the buffer's own allocation if it has it (moving the
-        // unread bytes to its front), else a new one of exactly the size
-        // needed: `reserve` would grow it by doubling, to up to twice a
-        // large frame.
-        if self.buf.capacity() - self.buf.len() < need && !self.buf.try_reclaim(need) {
-            let mut fresh = BytesMut::with_capacity(self.buf.len() + need);
-            fresh.extend_from_slice(&self.buf);
-            self.buf = fresh;
+        // unread bytes to its front; a full read's worth if it can), else a
+        // new one of exactly `sized` more: `reserve` would grow it by doubling, to up to twice a
+        // large frame, and asking for a full read's worth while a large
+        // frame's last bytes arrive (before) copied the whole frame into a
+        // new buffer at every read.
+        let room = want.max(READ_CHUNK);
+        if spare(&self.buf) < room {
+            // Cheap when it works: it moves only what is unread, and only
+            // when that is no more than what was read before it.
+            let _ = self.buf.try_reclaim(room);
         }
-        if self.buf.capacity() - self.buf.len() > need.max(KEEP_BUFFER) {
+        if spare(&self.buf) < want {
+            self.rebuffer(sized);
+        }
+        if spare(&self.buf) > sized.max(KEEP_BUFFER) {
             // The allocation of a large frame handed out earlier, taken
-            // back by `reserve`: a connection would keep it for life (a
+            // back by `try_reclaim`: a connection would keep it for life (a
             // thousand connections that each sent one 20 MiB frame held
             // 20 GiB). A buffer of the size needed now instead.
-            let mut fresh = BytesMut::with_capacity(self.buf.len() + need);
-            fresh.extend_from_slice(&self.buf);
-            self.buf = fresh;
+            self.rebuffer(sized);
         }
         loop {
             match recv_into_spare(&self.stream, &mut self.buf) {
@@ -390,6 +402,13 @@ impl FrameReader {
                 Err(e) => return Err(ProtocolError::Io(e)),
             }
         }
+    }
+
+    /// Moves the unread bytes into a new buffer with `room` bytes to spare.
+    fn rebuffer(&mut self, room: usize) {
+        let mut fresh = BytesMut::with_capacity(self.buf.len() + room);
+        fresh.extend_from_slice(&self.buf);
+        self.buf = fresh;
     }
 
     /// The next frame, waiting at most `attempts` read timeouts.

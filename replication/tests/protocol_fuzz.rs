@@ -22,11 +22,19 @@ thread_local! {
     static LARGEST: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
     /// Bytes allocated minus bytes freed by this thread.
     static LIVE: std::cell::Cell<isize> = const { std::cell::Cell::new(0) };
+    /// Bytes allocated by this thread, all told.
+    static TOTAL: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
 fn note(size: usize) {
     let _ = LARGEST.try_with(|l| l.set(l.get().max(size)));
+    let _ = TOTAL.try_with(|t| t.set(t.get() + size));
     live_change(size as isize);
+}
+
+/// Bytes this thread has allocated, all told.
+fn total_allocated() -> usize {
+    TOTAL.with(|t| t.get())
 }
 
 fn live_change(by: isize) {
@@ -405,4 +413,62 @@ fn a_writer_lets_go_of_a_large_reply_once_it_is_sent() {
     );
     drop(writer);
     assert!(drainer.join().unwrap() > 6 << 20);
+}
+
+#[test]
+fn the_last_bytes_of_a_large_frame_arriving_in_pieces_are_not_copied_again_and_again() {
+    // Before, once less than a read's worth (64 KiB) of a large frame was
+    // left, every read asked for 64 KiB of room in a buffer sized to the
+    // frame, and got it by copying the whole frame into a new buffer: a
+    // peer sending a 20 MiB frame's last bytes in small pieces had the
+    // node copy 20 MiB per piece.
+    const VALUE: usize = 6 << 20;
+    const PIECE: usize = 4 << 10;
+    let wire = Frame::request(0x01, 3)
+        .with_key(&b"big"[..])
+        .with_value(vec![3u8; VALUE])
+        .to_bytes();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let tail = 16 * PIECE;
+    let sender = std::thread::spawn(move || {
+        let mut peer = std::net::TcpStream::connect(addr).unwrap();
+        std::io::Write::write_all(&mut peer, &wire[..wire.len() - tail]).unwrap();
+        // Each piece once the reader has taken what came before it.
+        for piece in wire[wire.len() - tail..].chunks(PIECE) {
+            if go_rx
+                .recv_timeout(std::time::Duration::from_secs(20))
+                .is_err()
+            {
+                return;
+            }
+            std::io::Write::write_all(&mut peer, piece).unwrap();
+        }
+    });
+    let (conn, _) = listener.accept().unwrap();
+    let mut reader = node_reader(conn);
+    reader
+        .set_timeout(std::time::Duration::from_millis(20))
+        .unwrap();
+    let before = total_allocated();
+    let mut frame = None;
+    for _ in 0..2_000 {
+        if let Some(f) = reader.poll().unwrap() {
+            frame = Some(f);
+            break;
+        }
+        // A poll that ends without a frame has read all that came.
+        if reader.take_progress() || reader.caught_up() {
+            let _ = go_tx.send(());
+        }
+    }
+    let allocated = total_allocated() - before;
+    sender.join().unwrap();
+    let frame = frame.expect("the frame never came whole");
+    assert_eq!(frame.value.len(), VALUE);
+    assert!(
+        allocated < 2 * VALUE,
+        "reading a {VALUE}-byte frame allocated {allocated} bytes"
+    );
 }
