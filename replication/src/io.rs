@@ -377,7 +377,7 @@ impl FrameReader {
             self.rebuffer(sized);
         }
         loop {
-            match recv_into_spare(&self.stream, &mut self.buf) {
+            match recv_into_spare(&self.stream, &mut self.buf, sized) {
                 Ok((0, _)) if self.buf.is_empty() => return Err(ProtocolError::Closed),
                 Ok((0, _)) => {
                     return Err(ProtocolError::Io(std::io::Error::new(
@@ -600,13 +600,18 @@ impl FrameWriter {
     }
 }
 
-/// Receives into `buf`'s spare capacity (which the caller has reserved) and
-/// extends `buf` by what arrived: `(bytes received, bytes asked for)`. A
+/// Receives at most `at_most` bytes into `buf`'s spare capacity (which the
+/// caller has reserved) and extends `buf` by what arrived: `(bytes
+/// received, bytes asked for)`. A
 /// read timeout set on the socket applies (`WouldBlock`).
-fn recv_into_spare(stream: &TcpStream, buf: &mut BytesMut) -> std::io::Result<(usize, usize)> {
+fn recv_into_spare(
+    stream: &TcpStream,
+    buf: &mut BytesMut,
+    at_most: usize,
+) -> std::io::Result<(usize, usize)> {
     use std::os::fd::AsRawFd;
     let spare = buf.spare_capacity_mut();
-    let asked = spare.len();
+    let asked = spare.len().min(at_most);
     // SAFETY: `recv` writes at most `asked` bytes at `spare`'s start, which
     // is `buf`'s own allocation past its length, valid for `asked` bytes
     // and borrowed mutably here; the descriptor stays open while `stream`
