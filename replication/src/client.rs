@@ -188,6 +188,12 @@ impl Client {
         self.partitions
     }
 
+    /// The largest frame body the node takes (its `--max-body`, from its
+    /// HELLO).
+    pub fn max_body(&self) -> usize {
+        self.max_body
+    }
+
     /// `primary` or `replica`.
     pub fn role(&self) -> &str {
         &self.role

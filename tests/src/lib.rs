@@ -295,9 +295,11 @@ pub fn run_with_closed_stdout(
 ) -> (Option<i32>, String) {
     use std::os::fd::FromRawFd;
     let mut fds = [0i32; 2];
-    // SAFETY: pipe(2) writes two new descriptors into `fds`.
+    // SAFETY: pipe2(2) writes two new descriptors into `fds`. Close-on-exec:
+    // a child another test spawns meanwhile must not inherit the read end
+    // (it would keep the pipe readable).
     #[allow(unsafe_code)]
-    let rc = unsafe { libc::pipe(fds.as_mut_ptr()) };
+    let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
     assert_eq!(rc, 0, "pipe: {}", std::io::Error::last_os_error());
     // SAFETY: both descriptors were just made by pipe(2) and are owned
     // by nothing else.

@@ -1482,12 +1482,13 @@ fn load_refuses_an_oversized_value_before_building_it_and_reports_a_closed_outpu
 #[test]
 fn kv_set_reads_no_more_of_a_value_file_than_a_value_can_hold() {
     // Before, `--value-file /dev/zero` was read until memory ran out (here,
-    // until the 2 GB address-space limit failed the read).
+    // until the 4 GB address-space limit failed the read).
     let dir = tempfile::tempdir().unwrap();
-    let d = dir.path().to_str().unwrap();
+    let data = dir.path().join("data");
+    let d = data.to_str().unwrap();
     let mut cmd = std::process::Command::new("sh");
     cmd.arg("-c")
-        .arg(r#"ulimit -v 2000000 && exec "$0" kv set --data "$1" zero --value-file /dev/zero"#)
+        .arg(r#"ulimit -v 4000000 && exec "$0" kv set --data "$1" zero --value-file /dev/zero"#)
         .arg(tapkv_tests::tapkv_bin())
         .arg(d);
     let (code, _, err) = tapkv_tests::run_command(cmd, "", T);
@@ -1517,6 +1518,24 @@ fn kv_set_reads_no_more_of_a_value_file_than_a_value_can_hold() {
         err.contains("error: value_too_large: value length 20971521"),
         "{err}"
     );
+    // The value is read before the directory is opened: an unreadable one
+    // leaves no new store behind.
+    let fresh = dir.path().join("fresh");
+    let (code, _, err) = tapkv_tests::run_with_status(
+        &[
+            "kv",
+            "set",
+            "--data",
+            fresh.to_str().unwrap(),
+            "k",
+            "--value-file",
+            "/nonexistent/value",
+        ],
+        "",
+        T,
+    );
+    assert_eq!(code, Some(3), "{err}");
+    assert!(!fresh.exists(), "a store was made for a value never read");
 }
 
 #[test]

@@ -50,9 +50,9 @@ enum KvOp {
         #[arg(required_unless_present = "value_file", conflicts_with = "value_file")]
         value: Option<std::ffi::OsString>,
         /// Read the value's bytes from FILE (`-`: standard input), exactly;
-        /// reading stops one byte past the largest value (20 MiB by default
-        /// with --data, 21 MiB with --addr, where the node decides), which
-        /// is refused.
+        /// reading stops one byte past the largest value (20 MiB with
+        /// --data; with --addr the node's --max-body, and the node decides),
+        /// which is refused. Read before the data directory is opened.
         #[arg(long, value_name = "FILE")]
         value_file: Option<std::path::PathBuf>,
         /// Wait for memory (default), the disk, or (with --addr) a
@@ -124,9 +124,15 @@ pub(crate) fn run(args: KvArgs) -> Result<ExitCode, Error> {
         } => {
             let dir = local(&target)?;
             crate::check_data_dir(dir)?;
-            let engine = Engine::builder(dir).open()?;
-            let max = engine.config()?.max_value_size;
+            // Read before the directory is opened (and locked, or made):
+            // `kv get --raw ... | kv set --value-file -` on one directory
+            // waits for the get to finish, and a bad --value-file leaves
+            // nothing behind. The engine this opens takes values up to its
+            // builder's `max_value_size`.
+            let builder = Engine::builder(dir);
+            let max = builder.config().max_value_size;
             let value = value_bytes(value.as_deref(), value_file.as_deref(), max)?;
+            let engine = builder.open()?;
             let r = engine.set(&key, value, WriteOptions::durable(durability.into()))?;
             // Closed (flushed) before OK is printed: OK means it is on disk.
             engine.close()?;
@@ -307,23 +313,18 @@ fn remote(op: &KvOp, key: &[u8], wait: crate::Wait) -> Result<Option<ExitCode>, 
             value_file,
             durability,
             ..
-        } => match c.set_durable(
-            key,
-            // The node refuses what it does not take; no frame carries more.
-            &value_bytes(
-                value.as_deref(),
-                value_file.as_deref(),
-                tapkv_replication::protocol::DEFAULT_MAX_BODY,
-            )?,
-            0,
-            (*durability).into(),
-        ) {
-            Ok(r) => {
-                outln!("{}", set_ok(r.partition, r.seqno, r.cas))?;
-                Ok(Some(ExitCode::SUCCESS))
+        } => {
+            // No frame the node takes carries more than its --max-body
+            // (from its HELLO); the node refuses a value past its own limit.
+            let v = value_bytes(value.as_deref(), value_file.as_deref(), c.max_body())?;
+            match c.set_durable(key, &v, 0, (*durability).into()) {
+                Ok(r) => {
+                    outln!("{}", set_ok(r.partition, r.seqno, r.cas))?;
+                    Ok(Some(ExitCode::SUCCESS))
+                }
+                Err(e) => fail(e),
             }
-            Err(e) => fail(e),
-        },
+        }
         KvOp::Del { durability, .. } => match c.delete_durable(key, (*durability).into()) {
             Ok(r) => {
                 outln!("OK partition={} seqno={}", r.partition, r.seqno)?;

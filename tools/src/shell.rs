@@ -505,9 +505,10 @@ impl Shell {
                         _ => Vec::new(),
                     };
                     warn_reverted(&reverted);
+                    // Lost even if the reopen (or the close) then fails.
+                    self.windows_lost |= !reverted.is_empty();
                     match local(path, engine, cmd) {
                         Ok(text) if !reverted.is_empty() => {
-                            self.windows_lost = true;
                             format!("{text} REVERTED_WINDOWS {}", format_windows(&reverted))
                         }
                         Ok(text) => text,
