@@ -361,10 +361,23 @@ impl Shared {
         }
     }
 
-    /// Waits until every partition in `targets` has synced up to its seqno.
-    fn wait_synced(&self, targets: &[(PartitionId, u64)]) -> Result<()> {
+    /// Waits until every partition in `targets` has synced up to its seqno,
+    /// each `(partition, seqno, resets)` with the partition's reset count
+    /// when the seqno was taken: a partition reset meanwhile (a replica
+    /// resynchronising it) is an error, not a wait that the new history's
+    /// seqnos could end as if the old ones were on disk.
+    fn wait_synced(&self, targets: &[(PartitionId, u64, u64)]) -> Result<()> {
+        let reset = |s: &Shared| {
+            targets.iter().find(|&&(p, _, resets)| {
+                s.partitions[usize::from(p)]
+                    .progress
+                    .resets
+                    .load(Ordering::Acquire)
+                    != resets
+            })
+        };
         let done = |s: &Shared| {
-            targets.iter().all(|&(p, seqno)| {
+            targets.iter().all(|&(p, seqno, _)| {
                 s.partitions[usize::from(p)]
                     .progress
                     .synced_seqno
@@ -383,6 +396,12 @@ impl Shared {
             [self.persist_next_slot.fetch_add(1, Ordering::Relaxed) % self.persist_slots.len()];
         let mut g = slot.lock.lock();
         let outcome = loop {
+            if let Some(&(p, _, _)) = reset(self) {
+                break Err(Some(Error::WrongState(format!(
+                    "partition {p} was reset for resynchronisation while this waited for it to \
+                     be persisted: what it held before is gone"
+                ))));
+            }
             if done(self) {
                 break Ok(());
             }
@@ -818,13 +837,19 @@ impl Engine {
             })?),
             _ => None,
         };
+        // Read before the write: a reset between the two (only a replica's
+        // resynchronisation makes one) fails the wait rather than passing it.
+        let resets = opts
+            .durability
+            .needs_disk()
+            .then(|| part.progress.resets.load(Ordering::Acquire));
         let res = part.mutate(&s.store, kind, key, value, opts, |bytes| s.admit(bytes))?;
         s.changed(res.partition);
         // A Replicate write is on this node's disk too: after a crash the
         // primary rolls its replicas back to what it persisted, so a write
         // only its replicas held would be lost everywhere.
-        if opts.durability.needs_disk() {
-            s.wait_synced(&[(res.partition, res.seqno)])?;
+        if let Some(resets) = resets {
+            s.wait_synced(&[(res.partition, res.seqno, resets)])?;
         }
         if let Some(gate) = gate {
             gate.wait_replicated(res.partition, res.seqno, s.config.replicate_timeout)?;
@@ -837,10 +862,15 @@ impl Engine {
     /// the window).
     pub fn flush(&self) -> Result<()> {
         let s = self.live()?;
-        let targets: Vec<(PartitionId, u64)> = s
+        // The reset count read under the lock a reset takes too: exact.
+        let targets: Vec<(PartitionId, u64, u64)> = s
             .partitions
             .iter()
-            .map(|p| (p.id, p.lock().flushable_upto()))
+            .map(|p| {
+                let w = p.lock();
+                let resets = p.progress.resets.load(Ordering::Acquire);
+                (p.id, w.flushable_upto(), resets)
+            })
             .collect();
         s.wait_synced(&targets)
     }

@@ -602,7 +602,11 @@ impl Engine {
         part.lost_windows.lock().clear();
         part.progress.persisted_seqno.store(0, Ordering::Release);
         part.progress.synced_seqno.store(0, Ordering::Release);
-        part.progress.resets.fetch_add(1, Ordering::Relaxed);
+        part.progress.resets.fetch_add(1, Ordering::Release);
+        drop((shards, w, _no_flush));
+        // Durable writers and `flush` callers waiting on this partition's
+        // old seqnos end now, with an error (`Shared::wait_synced`).
+        s.wake_persist_waiters();
         tracing::warn!(partition = p, "partition reset for resynchronisation");
         Ok(())
     }

@@ -849,3 +849,46 @@ fn a_replica_takes_every_window_its_primary_took_with_the_same_limit() {
     }
     r.set_flusher_paused(false);
 }
+
+#[test]
+fn a_flush_waiting_on_a_partition_that_is_reset_fails_instead_of_passing_on_new_seqnos() {
+    // Before, the waiter went on waiting for the old seqno, which the
+    // partition's new history would reach with other entries: the flush
+    // would have passed as if what the reset dropped were on disk.
+    let dir = tempfile::tempdir().unwrap();
+    let e = std::sync::Arc::new(
+        tapkv_engine::Engine::builder(dir.path())
+            .persist_timeout(std::time::Duration::from_secs(60))
+            .open()
+            .unwrap(),
+    );
+    e.set(b"k", "v", tapkv_engine::WriteOptions::default())
+        .unwrap();
+    let p = e.partition_of(b"k");
+    e.set_flusher_paused(true);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let waiter = std::sync::Arc::clone(&e);
+    std::thread::spawn(move || {
+        let r = waiter.flush();
+        drop(waiter);
+        let _ = tx.send(r);
+    });
+    let t = std::time::Instant::now();
+    while e.persist_waiters() == 0 {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(10),
+            "no waiter"
+        );
+        std::thread::yield_now();
+    }
+    e.reset_partition(p).unwrap();
+    let r = rx
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("the waiter was not told of the reset");
+    match r {
+        Err(tapkv_engine::Error::WrongState(m)) => assert!(m.contains("was reset"), "{m}"),
+        other => panic!("not the reset: {other:?}"),
+    }
+    e.set_flusher_paused(false);
+    e.flush().unwrap();
+}
