@@ -111,6 +111,10 @@ impl DumpRow {
     }
 }
 
+/// How long one read of a client's connection waits before the client
+/// looks at its reply deadline again.
+const CLIENT_POLL: Duration = Duration::from_millis(100);
+
 /// A connection to a node.
 pub struct Client {
     reader: FrameReader,
@@ -155,13 +159,16 @@ impl Client {
         conn.set_nodelay(true).map_err(ProtocolError::Io)?;
         conn.set_write_timeout(Some(timeout))
             .map_err(ProtocolError::Io)?;
-        let reader = FrameReader::new(
+        let mut reader = FrameReader::new(
             conn.try_clone().map_err(ProtocolError::Io)?,
             DEFAULT_MAX_BODY,
         );
-        reader
-            .set_timeout(Duration::from_millis(100))
-            .map_err(ProtocolError::Io)?;
+        reader.set_timeout(CLIENT_POLL).map_err(ProtocolError::Io)?;
+        // A reply still arriving does not keep a poll (and so `reply`, which
+        // looks at its deadline between polls) past the client's timeout:
+        // a node trickling a large reply held a client for as long as it
+        // kept sending.
+        reader.set_poll_bound(Some(CLIENT_POLL));
         let mut c = Client {
             reader,
             writer: FrameWriter::new(conn),

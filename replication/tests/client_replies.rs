@@ -147,3 +147,53 @@ fn dump_rows_are_complete_and_malformed_replies_are_errors() {
     drop(c);
     server.join().unwrap();
 }
+
+#[test]
+fn a_reply_trickled_past_the_clients_timeout_fails_in_time() {
+    // A server that answers HELLO, then sends a 4 MiB GET reply at about
+    // 160 KiB/s. Before, the client's read went on until the frame was
+    // whole (about 25 s) whatever its 1 s timeout.
+    use std::io::Write;
+    use tapkv_replication::protocol::{read_frame, Frame};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopping = std::sync::Arc::clone(&stop);
+    let server = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let req = read_frame(&mut conn, 1 << 20).unwrap();
+        let mut out = bytes::BytesMut::new();
+        Frame::response(&req, 0)
+            .with_value(&br#"{"partitions":16,"role":"primary"}"#[..])
+            .encode(&mut out);
+        conn.write_all(&out).unwrap();
+        let req = read_frame(&mut conn, 1 << 20).unwrap();
+        let mut out = bytes::BytesMut::new();
+        Frame::response(&req, 0)
+            .with_value(vec![b'v'; 4 << 20])
+            .encode(&mut out);
+        let give_up = std::time::Instant::now() + Duration::from_secs(40);
+        for chunk in out.chunks(8 << 10) {
+            if stopping.load(std::sync::atomic::Ordering::Relaxed)
+                || std::time::Instant::now() > give_up
+                || conn.write_all(chunk).is_err()
+            {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    let mut c = Client::connect(&addr, Duration::from_secs(1)).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(c.get(b"k").map(|_| ()).map_err(|e| e.to_string()));
+    });
+    let r = rx.recv_timeout(Duration::from_secs(10));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    server.join().unwrap();
+    let r = r.expect("the client waited past its timeout for a trickled reply");
+    let e = r.expect_err("a 4 MiB reply at 160 KiB/s came within 1 s");
+    assert!(e.contains("no reply within"), "{e}");
+}
