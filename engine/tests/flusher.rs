@@ -71,22 +71,9 @@ fn a_durable_writer_that_finds_a_failed_sync_is_told_poisoned_and_close_returns(
             .unwrap(),
     );
     e.set_flusher_paused(true);
-    let (tx, rx) = std::sync::mpsc::channel();
-    let writer = std::sync::Arc::clone(&e);
-    std::thread::spawn(move || {
-        let r = writer.set(b"k", "v", WriteOptions::durable(Durability::Persist));
-        // Let go of the engine before answering: the test closes it next.
-        drop(writer);
-        let _ = tx.send(r);
+    let rx = common::waiting_for_a_sync(&e, |e| {
+        e.set(b"k", "v", WriteOptions::durable(Durability::Persist))
     });
-    let t = std::time::Instant::now();
-    while e.persist_waiters() == 0 {
-        assert!(
-            t.elapsed() < std::time::Duration::from_secs(10),
-            "no waiter"
-        );
-        std::thread::yield_now();
-    }
     e.inject_sync_failures(1);
     assert!(e.online_update_start(0).is_err());
     let r = rx

@@ -866,21 +866,7 @@ fn a_flush_waiting_on_a_partition_that_is_reset_fails_instead_of_passing_on_new_
         .unwrap();
     let p = e.partition_of(b"k");
     e.set_flusher_paused(true);
-    let (tx, rx) = std::sync::mpsc::channel();
-    let waiter = std::sync::Arc::clone(&e);
-    std::thread::spawn(move || {
-        let r = waiter.flush();
-        drop(waiter);
-        let _ = tx.send(r);
-    });
-    let t = std::time::Instant::now();
-    while e.persist_waiters() == 0 {
-        assert!(
-            t.elapsed() < std::time::Duration::from_secs(10),
-            "no waiter"
-        );
-        std::thread::yield_now();
-    }
+    let rx = common::waiting_for_a_sync(&e, |e| e.flush());
     e.reset_partition(p).unwrap();
     let r = rx
         .recv_timeout(std::time::Duration::from_secs(20))
