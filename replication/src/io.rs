@@ -251,18 +251,8 @@ impl FrameReader {
                 self.release();
                 return Ok(Some(f));
             }
-            self.check_partial()?;
-            self.hold_large_frame()?;
-            if let (Some(limit), Some(t)) = (self.poll_bound, reading_since) {
-                if t.elapsed() >= limit {
-                    return Ok(None);
-                }
-            }
-            if !self.fill()? {
+            if !self.read_more(&mut reading_since)? {
                 return Ok(None);
-            }
-            if self.poll_bound.is_some() && reading_since.is_none() {
-                reading_since = Some(Instant::now());
             }
         }
     }
@@ -293,18 +283,8 @@ impl FrameReader {
                 self.release();
                 return Ok(Some(r));
             }
-            self.check_partial()?;
-            self.hold_large_frame()?;
-            if let (Some(limit), Some(t)) = (self.poll_bound, reading_since) {
-                if t.elapsed() >= limit {
-                    return Ok(None);
-                }
-            }
-            if !self.fill()? {
+            if !self.read_more(&mut reading_since)? {
                 return Ok(None);
-            }
-            if self.poll_bound.is_some() && reading_since.is_none() {
-                reading_since = Some(Instant::now());
             }
         }
     }
@@ -332,6 +312,27 @@ impl FrameReader {
         crate::protocol::frame_len(&self.buf).is_some_and(|n| self.buf.len() >= n)
     }
 
+    /// A poll's step when no whole frame is buffered: checks the partial
+    /// frame's deadline and budget, then reads more; `Ok(false)` when the
+    /// poll should return without a frame (a read timeout, or the poll
+    /// bound passed since the poll's first read, `reading_since`).
+    fn read_more(&mut self, reading_since: &mut Option<Instant>) -> Result<bool, ProtocolError> {
+        self.check_partial()?;
+        self.hold_large_frame()?;
+        if let (Some(limit), Some(t)) = (self.poll_bound, *reading_since) {
+            if t.elapsed() >= limit {
+                return Ok(false);
+            }
+        }
+        if !self.fill()? {
+            return Ok(false);
+        }
+        if self.poll_bound.is_some() && reading_since.is_none() {
+            *reading_since = Some(Instant::now());
+        }
+        Ok(true)
+    }
+
     /// Reads more bytes into the buffer; `Ok(false)` on a read timeout.
     ///
     /// The socket's bytes land straight in the buffer's spare capacity (see
@@ -356,10 +357,10 @@ impl FrameReader {
         let spare = |b: &BytesMut| b.capacity() - b.len();
         // Room from the buffer's own allocation if it has it (moving the
         // unread bytes to its front; a full read's worth if it can), else a
-        // new one of exactly `sized` more: `reserve` would grow it by doubling, to up to twice a
-        // large frame, and asking for a full read's worth while a large
-        // frame's last bytes arrive (before) copied the whole frame into a
-        // new buffer at every read.
+        // new one of exactly `sized` more: `reserve` would grow it by
+        // doubling, to up to twice a large frame, and asking for a full
+        // read's worth while a large frame's last bytes arrive (before)
+        // copied the whole frame into a new buffer at every read.
         let room = want.max(READ_CHUNK);
         if spare(&self.buf) < room {
             // Cheap when it works: it moves only what is unread, and only
@@ -478,10 +479,10 @@ impl FrameWriter {
 
     /// Limits how slowly a flush may go: the peer must take at least 64 KiB
     /// per `limit` (measured over spans of at least `limit`), else the
-    /// flush fails with a timeout. The socket's write timeout bounds one write that moves
-    /// nothing; without this, a peer reading a byte every few seconds held
-    /// a large reply (and the thread sending it, and a node's stop) for as
-    /// long as it liked.
+    /// flush fails with a timeout. The socket's write timeout bounds only
+    /// a write that moves nothing; without this, a peer reading a byte
+    /// every few seconds held a large reply (and the thread sending it, and
+    /// a node's stop) for as long as it liked.
     pub fn set_progress_deadline(&mut self, limit: Option<Duration>) {
         self.progress_deadline = limit;
     }
@@ -602,8 +603,8 @@ impl FrameWriter {
 
 /// Receives at most `at_most` bytes into `buf`'s spare capacity (which the
 /// caller has reserved) and extends `buf` by what arrived: `(bytes
-/// received, bytes asked for)`. A
-/// read timeout set on the socket applies (`WouldBlock`).
+/// received, bytes asked for)`. A read timeout set on the socket applies
+/// (`WouldBlock`).
 fn recv_into_spare(
     stream: &TcpStream,
     buf: &mut BytesMut,

@@ -1231,7 +1231,7 @@ fn serve_stream(
     }
     // Unregistered, and its cursors removed, however this ends (a panic
     // included): a stream stays registered only while a thread serves it.
-    let _registered = Registered {
+    let registered = Registered {
         state,
         name: &name,
         shared: &shared,
@@ -1265,8 +1265,8 @@ fn serve_stream(
     // towards `Replicate` majorities with nobody serving it).
     let acker = acker.map_err(ProtocolError::Io)?;
     let result = stream_loop(state, &shared, &reqs, &mut writer);
-    shared.stop.store(true, Ordering::Release);
-    drop(_registered);
+    // Stops the stream, unregisters it and removes its cursors.
+    drop(registered);
     let _ = acker.join();
     tracing::info!(stream = %name, ok = result.is_ok(), "replication stream closed");
     result
