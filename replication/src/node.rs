@@ -1101,7 +1101,9 @@ fn admin_dump(state: &NodeState, f: &Frame, w: &mut FrameWriter) -> Result<(), P
         view.for_each_item(|it| {
             // A stopping node ends the dump (before, it went on to the end).
             if state.stop.load(Ordering::Acquire) {
-                return Err(Error::Closed);
+                return Err(Error::WrongState(
+                    "the node is stopping; the dump ended early".into(),
+                ));
             }
             let row = crate::client::DumpRow::of(&it);
             w.push(&json_response(f, &row).with_key(b"row".to_vec()));

@@ -17,12 +17,9 @@ use tapkv_replication::protocol::{read_frame, Frame};
 /// Items on the node: their dump is far larger than socket buffers.
 const ITEMS: usize = 200_000;
 
-#[test]
-fn dumps_past_the_limit_are_answered_busy_and_the_slot_comes_back() {
-    // Before, any number of dumps ran at once: 48 clients that did not
-    // read theirs added about 580 MB to a node of 112,000 items.
-    let dir = tempfile::tempdir().unwrap();
-    let engine = Engine::builder(dir.path()).open().unwrap();
+/// An engine in `dir` holding `ITEMS` persisted items.
+fn engine_with_items(dir: &std::path::Path) -> Engine {
+    let engine = Engine::builder(dir).open().unwrap();
     let value = [b'v'; 100];
     for i in 0..ITEMS {
         engine
@@ -34,30 +31,44 @@ fn dumps_past_the_limit_are_answered_busy_and_the_slot_comes_back() {
             .unwrap();
     }
     engine.flush().unwrap();
+    engine
+}
+
+/// A connection that asked for a dump, after its HELLO answer and the
+/// dump's first row.
+fn dump_requested(addr: &str, name: &str) -> std::net::TcpStream {
+    let mut conn = std::net::TcpStream::connect(addr).unwrap();
+    common::small_socket_buffers(&conn);
+    let mut out = BytesMut::new();
+    hello(name).encode(&mut out);
+    Frame::request(opcode::ADMIN, 0)
+        .with_key(b"dump".to_vec())
+        .encode(&mut out);
+    conn.write_all(&out).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let hello_answer = read_frame(&mut conn, 1 << 20).unwrap();
+    assert_eq!(hello_answer.status(), 0);
+    let first = read_frame(&mut conn, 1 << 20).unwrap();
+    assert_eq!(&first.key[..], b"row", "{first:?}");
+    conn
+}
+
+#[test]
+fn dumps_past_the_limit_are_answered_busy_and_the_slot_comes_back() {
+    // Before, any number of dumps ran at once: 48 clients that did not
+    // read theirs added about 580 MB to a node of 112,000 items.
+    let dir = tempfile::tempdir().unwrap();
+    let engine = engine_with_items(dir.path());
     let mut cfg = NodeConfig::new("127.0.0.1:0");
     cfg.max_dumps = 1;
     let node = Node::start(engine, cfg).unwrap();
     let addr = node.local_addr().to_string();
 
     // A client that asks for a dump (about 30 MB of rows, more than any
-    // socket buffers hold) and reads none of it: the node's dump blocks on its full socket and holds the slot.
-    let mut stalled = std::net::TcpStream::connect(&addr).unwrap();
-    common::small_socket_buffers(&stalled);
-    let mut out = BytesMut::new();
-    hello("stalled").encode(&mut out);
-    Frame::request(opcode::ADMIN, 0)
-        .with_key(b"dump".to_vec())
-        .encode(&mut out);
-    stalled.write_all(&out).unwrap();
-    // Its dump holds the slot once its first row has arrived (the HELLO
-    // answer comes first); it then reads nothing more.
-    stalled
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
-    let hello_answer = read_frame(&mut stalled, 1 << 20).unwrap();
-    assert_eq!(hello_answer.status(), 0);
-    let first = read_frame(&mut stalled, 1 << 20).unwrap();
-    assert_eq!(&first.key[..], b"row", "{first:?}");
+    // socket buffers hold) and reads none of it: the node's dump blocks on
+    // its full socket and holds the slot once its first row has arrived.
+    let stalled = dump_requested(&addr, "stalled");
 
     let mut c = Client::connect(&addr, Duration::from_secs(30)).unwrap();
     let busy = c.dump(|_| {}).unwrap_err().to_string();
@@ -83,4 +94,49 @@ fn dumps_past_the_limit_are_answered_busy_and_the_slot_comes_back() {
     }
     assert_eq!(rows, ITEMS);
     common::shutdown(node);
+}
+
+#[test]
+fn a_stopping_node_ends_a_dump_its_client_reads_slowly() {
+    // A client that reads its dump slowly, but fast enough for the node's
+    // write deadlines: its whole dump (about 30 MB) would take about a
+    // minute. Before, the dump went on to its end however the node was
+    // asked to stop, and the stop waited for it.
+    let dir = tempfile::tempdir().unwrap();
+    let engine = engine_with_items(dir.path());
+    let mut cfg = NodeConfig::new("127.0.0.1:0");
+    // Long enough that no I/O deadline ends the dump while the test runs.
+    cfg.io_timeout = Duration::from_secs(60);
+    let node = Node::start(engine, cfg).unwrap();
+    let addr = node.local_addr().to_string();
+    let mut slow = dump_requested(&addr, "slow");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        // About 500 rows a second, until the dump ends one way or another.
+        let give_up = Instant::now() + Duration::from_secs(120);
+        let mut rows = 1usize;
+        let end = loop {
+            if Instant::now() > give_up {
+                break "gave up".to_string();
+            }
+            match read_frame(&mut slow, 1 << 20) {
+                Ok(f) if &f.key[..] == b"row" => rows += 1,
+                Ok(f) => break format!("status {} {:?}", f.status(), f.value),
+                Err(e) => break format!("closed: {e}"),
+            }
+            if rows % 50 == 0 {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        };
+        let _ = tx.send((rows, end));
+    });
+    let took = common::shutdown_within(node, Duration::from_secs(8));
+    let (rows, end) = rx.recv_timeout(Duration::from_secs(150)).unwrap();
+    reader.join().unwrap();
+    assert!(
+        took.is_some(),
+        "the stop waited for the dump ({rows} rows read)"
+    );
+    assert!(rows < ITEMS, "the dump went on to its end: {end}");
+    assert!(end.contains("the node is stopping"), "{end}");
 }
