@@ -57,5 +57,5 @@ pub use snapshot::SnapshotBuffer;
 pub use stats::{EngineStats, PartitionStats};
 pub use store::{
     DiskItem, DiskRecord, DiskView, EngineMeta, FailoverEntry, PartitionDiskInfo, WindowRecord,
-    FORMAT_VERSION,
+    FORMAT_VERSION, MAX_PARTITIONS,
 };

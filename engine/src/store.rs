@@ -35,7 +35,7 @@ const CLEAN_SHUTDOWN_KEY: &[u8] = b"clean-shutdown";
 /// Version of the on-disk format written by this build.
 pub const FORMAT_VERSION: u32 = 3;
 /// The most partitions an engine can have (the range is 1 to this).
-pub(crate) const MAX_PARTITIONS: u16 = 1024;
+pub const MAX_PARTITIONS: u16 = 1024;
 const RECORD_VERSION: u8 = 2;
 
 /// Engine-wide settings fixed when a data directory is created.

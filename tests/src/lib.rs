@@ -81,22 +81,34 @@ pub struct Proc {
 impl Proc {
     /// Starts `tapkv ARGS` with stdout piped into a line channel.
     pub fn spawn(args: &[&str]) -> Proc {
-        Proc::spawn_with(args, Stdio::null(), None).0
+        Proc::spawn_with(args, Stdio::null(), None, Stdio::inherit()).0
+    }
+
+    /// As [`Proc::spawn`], with the child's standard error (its log) going
+    /// to the file `log`.
+    pub fn spawn_logging_to(args: &[&str], log: &std::path::Path) -> Proc {
+        let file = std::fs::File::create(log).expect("create the log file");
+        Proc::spawn_with(args, Stdio::null(), None, Stdio::from(file)).0
     }
 
     /// As [`Proc::spawn`], with a pipe to the child's stdin.
     pub fn spawn_piped(args: &[&str]) -> (Proc, ChildStdin) {
-        let (p, stdin) = Proc::spawn_with(args, Stdio::piped(), None);
+        let (p, stdin) = Proc::spawn_with(args, Stdio::piped(), None, Stdio::inherit());
         (p, stdin.expect("piped stdin"))
     }
 
     /// As [`Proc::spawn`], with the child's open-file limit (soft and hard)
     /// set to `nofile`.
     pub fn spawn_with_open_files(args: &[&str], nofile: u64) -> Proc {
-        Proc::spawn_with(args, Stdio::null(), Some(nofile)).0
+        Proc::spawn_with(args, Stdio::null(), Some(nofile), Stdio::inherit()).0
     }
 
-    fn spawn_with(args: &[&str], stdin: Stdio, nofile: Option<u64>) -> (Proc, Option<ChildStdin>) {
+    fn spawn_with(
+        args: &[&str],
+        stdin: Stdio,
+        nofile: Option<u64>,
+        stderr: Stdio,
+    ) -> (Proc, Option<ChildStdin>) {
         let mut cmd = Command::new(tapkv_bin());
         if let Some(n) = nofile {
             use std::os::unix::process::CommandExt;
@@ -124,7 +136,7 @@ impl Proc {
             .args(args)
             .stdin(stdin)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("spawn tapkv");
         let input = child.stdin.take();
@@ -399,6 +411,28 @@ impl NodeProc {
         }
         args.extend_from_slice(extra);
         NodeProc::started(Proc::spawn(&args), data, name)
+    }
+
+    /// [`NodeProc::start`] of a primary whose log (standard error) goes to
+    /// the file `log`.
+    pub fn start_logging_to(
+        data: &std::path::Path,
+        name: &str,
+        extra: &[&str],
+        log: &std::path::Path,
+    ) -> NodeProc {
+        let d = data.to_str().expect("utf-8 path").to_owned();
+        let mut args = vec![
+            "node",
+            "--data",
+            &d,
+            "--listen",
+            "127.0.0.1:0",
+            "--name",
+            name,
+        ];
+        args.extend_from_slice(extra);
+        NodeProc::started(Proc::spawn_logging_to(&args, log), data, name)
     }
 
     /// [`NodeProc::start`] of a primary whose open-file limit (soft and

@@ -908,6 +908,29 @@ fn a_nodes_key_and_value_limits_are_options() {
 }
 
 #[test]
+fn a_node_whose_max_body_is_below_its_largest_set_warns_at_start() {
+    // Such a node refuses its largest SETs as frames (closing their
+    // connections) instead of answering VALUE_TOO_LARGE: it says so.
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("node.log");
+    let args = ["--max-body", "4096", "--max-value-size", "100000"];
+    let mut node =
+        tapkv_tests::NodeProc::start_logging_to(&dir.path().join("d"), "mb", &args, &log);
+    node.stop();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("--max-body is below the largest SET") && text.contains("100258"),
+        "{text}"
+    );
+    // Not with the defaults.
+    let log = dir.path().join("default.log");
+    let mut node = tapkv_tests::NodeProc::start_logging_to(&dir.path().join("e"), "ok", &[], &log);
+    node.stop();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!text.contains("--max-body"), "{text}");
+}
+
+#[test]
 fn load_refuses_a_key_range_past_u64_max_and_a_zero_count() {
     // Before, `--start` near u64::MAX wrapped around and overwrote key-0...
     // without a word (a debug build panicked).
@@ -1579,6 +1602,7 @@ fn a_new_store_is_not_made_among_other_files() {
         vec!["kv", "set", "--data", d, "k", "v"],
         vec!["load", "--data", d, "--count", "1"],
         vec!["shell", "--data", d],
+        vec!["node", "--data", d, "--listen", "127.0.0.1:0"],
     ] {
         let (code, _, err) = tapkv_tests::run_with_status(&args, "", T);
         assert_eq!(code, Some(3), "{args:?}: {err}");

@@ -1,4 +1,5 @@
-//! `tapkv kv get|set|del`: one key operation on a data directory.
+//! `tapkv kv get|set|del`: one key operation on a data directory or, with
+//! `--addr`, on a running node.
 
 use std::io::Write;
 use std::process::ExitCode;

@@ -37,6 +37,8 @@ pub(crate) struct LoadArgs {
     threads: u64,
     /// Wait for memory (default) or for the disk on every write (`load`
     /// embeds the engine, so `replicate`, which needs a node, is refused).
+    /// A write refused for memory (`temp_oom`: the flusher is behind) is
+    /// retried until it is taken; the summary counts those retries.
     #[arg(long, value_enum, default_value_t)]
     durability: DurabilityArg,
     /// Print `key-<i> <partition> <seqno>` on stdout as each write is
@@ -60,7 +62,7 @@ fn latency_histogram() -> Result<Histogram<u64>, Error> {
 }
 
 /// Most writer threads `load` starts (each holds a latency histogram of
-/// about 0.35 MiB and a stack).
+/// about 0.26 MiB and a stack).
 const MAX_THREADS: u64 = 1024;
 
 /// Why `load` with a given `--start` and `--count` cannot run: the last
@@ -142,7 +144,7 @@ pub(crate) fn run(args: LoadArgs) -> Result<ExitCode, Error> {
         let spawned = std::thread::Builder::new()
             .name(format!("tapkv-load-{n}"))
             .spawn(move || -> Result<(Histogram<u64>, u64), Error> {
-                // Fixed size (about 0.5 MiB) whatever --count is.
+                // Fixed size (about 0.26 MiB) whatever --count is.
                 let mut lat = latency_histogram()?;
                 let mut oom_retries = 0u64;
                 loop {

@@ -46,7 +46,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// 143 a `shell` stopped by SIGINT or SIGTERM (once it has closed cleanly),
 /// or a `node` or `shell` given a second signal while it closes (a `node`
 /// stopped by one signal exits 0 once it has closed cleanly), 137 the
-/// shell's `crash`.
+/// shell's `crash`. A closed standard output (`| head`) ends a command
+/// with 0, except `shell` and `load --print-acked` (3).
 /// Commands that talk to a node (`--addr`) wait up to `--timeout-s` (30 s)
 /// for each answer.
 #[derive(Parser, Debug)]

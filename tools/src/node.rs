@@ -35,11 +35,12 @@ pub(crate) struct NodeArgs {
     /// first start and kept in DIR/node-name. Must not be empty.
     #[arg(long, value_parser = node_name)]
     name: Option<String>,
-    /// Number of partitions when creating the data directory (default 16).
-    /// An existing directory keeps its own count; giving a different one is
-    /// refused. A new replica without it takes its primary's count; a
-    /// replica given another count than its primary's does not replicate.
-    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    /// Number of partitions when creating the data directory (default 16,
+    /// 1 to 1024). An existing directory keeps its own count; giving a
+    /// different one is refused. A new replica without it takes its
+    /// primary's count; a replica given another count than its primary's
+    /// does not replicate.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=i64::from(tapkv_engine::MAX_PARTITIONS)))]
     partitions: Option<u16>,
     /// Unacknowledged bytes allowed per replication stream.
     #[arg(long, default_value_t = 4 << 20, value_parser = clap::value_parser!(u64).range(1..))]
@@ -62,7 +63,8 @@ pub(crate) struct NodeArgs {
     #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..=DAY_MS))]
     replicate_timeout_ms: u64,
     /// Timeout of every socket write and of waiting for a reply, in ms (at
-    /// most a day). Also: a connection must say HELLO within it, a partly
+    /// most a day). Also: a connection must say HELLO within it (or within
+    /// --idle-timeout-s, if that is shorter), a partly
     /// received frame must make 64 KiB of progress per timeout, and a
     /// replica waits this long for memory inside an online-update window.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=DAY_MS))]
@@ -118,7 +120,7 @@ pub(crate) struct NodeArgs {
     flusher_nice: Option<i32>,
     /// `tapkv admin dump`s served at once: each reads the data directory
     /// through its own read-only view, which holds memory until its client
-    /// has read it all; one more is answered TEMP_FAILURE (busy).
+    /// has read it all; one more is answered TEMP_FAILURE (busy). 1 to 1024.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=1024))]
     max_dumps: u64,
     /// Files the engine's RocksDB keeps open at once (its table cache), 16

@@ -754,8 +754,8 @@ pub(crate) fn run(args: ShellArgs) -> Result<ExitCode, Error> {
     };
     // SIGINT / SIGTERM: a thread waits for the command in progress, closes
     // the engine cleanly (everything answered OK is flushed), and exits
-    // 128 + the signal's number. A second signal exits at once, with the
-    // same status.
+    // 128 + the signal's number. A second signal exits at once, with 128 +
+    // its number.
     let shell = Arc::new(Mutex::new(Some(shell)));
     let closing = Arc::new(AtomicBool::new(false));
     for sig in [SIGTERM, SIGINT] {
@@ -789,7 +789,6 @@ pub(crate) fn run(args: ShellArgs) -> Result<ExitCode, Error> {
     // the close, leaving the directory as a crash would, and a closed
     // stdout exited 0).
     let io_failure = serve_lines(&shell).err();
-    // The close runs under the lock: a signal arriving meanwhile waits for
     // The close runs under the lock: a signal arriving meanwhile waits for
     // it in the signal thread (which then finds nothing left to close)
     // instead of exiting the process in the middle of the final flush.
