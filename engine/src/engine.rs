@@ -535,6 +535,7 @@ impl Engine {
                 partitions: config.partitions,
                 replica: Some(config.replica),
                 primary_data: false,
+                branch_pending: false,
             })?,
             Some(meta) => {
                 // Format 3 only added the `staging` column family: a format-2
@@ -563,9 +564,28 @@ impl Engine {
                 }
             }
         }
-        let primary_data = store.engine_meta()?.is_some_and(|m| m.primary_data);
+        let meta = store.engine_meta()?;
+        let primary_data = meta.as_ref().is_some_and(|m| m.primary_data);
+        let branch_pending = meta.as_ref().is_some_and(|m| m.branch_pending);
         store.ensure_staging()?;
         let clean = fresh || store.was_clean_shutdown()?;
+        // A primary's history that ended uncleanly, opened as a replica: the
+        // fact outlives this run (whose clean close would hide it), so that
+        // the directory's next run as a primary starts a new branch. Written
+        // before the clean mark is dropped: a crash in between leaves the
+        // mark missing, which says the same.
+        let remember_branch = |store: &Store| -> Result<()> {
+            match store.engine_meta()? {
+                Some(m) if !m.branch_pending => store.put_engine_meta(&EngineMeta {
+                    branch_pending: true,
+                    ..m
+                }),
+                _ => Ok(()),
+            }
+        };
+        if config.replica && primary_data && !clean {
+            remember_branch(&store)?;
+        }
         store.set_clean_shutdown(false)?;
         let checkpoint_mem = Arc::new(AtomicUsize::new(0));
         let step = config.seqno_reservation.max(1);
@@ -584,9 +604,12 @@ impl Engine {
                 },
                 max_cas: state.max_cas,
             };
+            // Never lowered: a replica takes its numbers from its primary,
+            // but a primary's directory seeding it may be a primary again,
+            // and the numbers its last run handed out stay taken.
             let reservation = Reservation {
-                seqno: start.high_seqno + step,
-                checkpoint_id: start.checkpoint_id + (step / 1000).max(1),
+                seqno: (start.high_seqno + step).max(res.seqno),
+                checkpoint_id: (start.checkpoint_id + (step / 1000).max(1)).max(res.checkpoint_id),
             };
             store.put_reservation(p, &reservation)?;
             let part = Partition::new(
@@ -599,14 +622,19 @@ impl Engine {
                 table,
             );
             let lost_before = store.lost_windows(p)?.len();
-            let lost = store.mark_window_lost(p, !config.replica)?;
+            // A window a primary's directory had open is listed on a
+            // replica's open too: its entries may be on other replicas.
+            let lost = store.mark_window_lost(p, !config.replica || primary_data)?;
             let lost_now = lost.len() > lost_before;
+            if lost_now && config.replica && primary_data {
+                remember_branch(&store)?;
+            }
             let last_lost = lost.last().cloned();
             *part.lost_windows.lock() = lost;
             let mut log = store.failover_log(p)?;
             // A window lost to a crash *or a clean close* ends a branch too:
             // replicas may hold its entries.
-            if log.is_empty() || ((!clean || lost_now) && !config.replica) {
+            if log.is_empty() || ((!clean || lost_now || branch_pending) && !config.replica) {
                 // A new branch: the history after the persisted seqno that a
                 // crash lost must not be confused with what comes next.
                 log.push(crate::store::FailoverEntry {
@@ -626,6 +654,14 @@ impl Engine {
                 }
             }
             partitions.push(part);
+        }
+        if branch_pending && !config.replica {
+            if let Some(m) = store.engine_meta()? {
+                store.put_engine_meta(&EngineMeta {
+                    branch_pending: false,
+                    ..m
+                })?;
+            }
         }
         for (part, cas) in partitions.iter().zip(items.max_cas) {
             part.observe_cas(cas);
@@ -1159,6 +1195,9 @@ impl Engine {
             if meta.primary_data {
                 s.store.put_engine_meta(&EngineMeta {
                     primary_data: false,
+                    // An ordinary replica's directory is never a primary's
+                    // again.
+                    branch_pending: false,
                     ..meta
                 })?;
             }
@@ -1266,7 +1305,11 @@ impl Engine {
             // already stopped: with every thread joined, nothing changes
             // any more, so one last drain writes whatever is left.
             flusher::drain_all(&shared)?;
-            for p in &shared.partitions {
+            // A primary's next run goes on from exactly where this one
+            // stopped. A replica's numbers are its primary's: its
+            // reservation is left as it is (it may still cover numbers a
+            // primary's run handed out before the directory seeded it).
+            for p in shared.partitions.iter().filter(|_| !shared.config.replica) {
                 let w = p.lock();
                 shared.store.put_reservation(
                     p.id,

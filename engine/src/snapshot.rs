@@ -203,6 +203,7 @@ mod tests {
                 partitions: 16,
                 replica: None,
                 primary_data: false,
+                branch_pending: false,
             })
             .unwrap();
         e.close().unwrap();
@@ -223,6 +224,7 @@ mod tests {
                     partitions: 16,
                     replica: None,
                     primary_data: false,
+                    branch_pending: false,
                 })
                 .unwrap();
             e.close().unwrap();

@@ -56,6 +56,13 @@ pub struct EngineMeta {
     /// partitions (which would replace a primary's data) unless told to.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub primary_data: bool,
+    /// The primary's history ended uncleanly (a crash, or an online-update
+    /// window lost) and the directory was then opened as a replica
+    /// (`primary_data`): the next open as a primary starts a new failover
+    /// branch, as it would have right after the crash. (A replica's clean
+    /// close would otherwise hide the crash.)
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub branch_pending: bool,
 }
 
 /// A partition's state as of its last successful flush.

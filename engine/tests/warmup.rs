@@ -200,3 +200,76 @@ fn an_unclean_restart_starts_a_new_failover_branch_and_a_clean_one_does_not() {
     );
     e.close().unwrap();
 }
+
+/// A primary's directory that crashed, was then opened (and closed
+/// cleanly) as a replica that never reached its primary, and is run as a
+/// primary again: the crash still starts a new branch, and no seqno the
+/// crashed run handed out is handed out again. Before, the replica's open
+/// lowered the seqno reservation to its persisted seqno and its clean
+/// close hid the crash: the next primary write reused the lost write's
+/// seqno on the old branch, so a replica holding that write would have
+/// resumed past it and kept data this node lost.
+#[test]
+fn a_crash_is_not_hidden_by_a_replica_run_before_the_directory_is_a_primary_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = builder(dir.path()).open().unwrap();
+    let p = e.partition_of(b"k");
+    e.set(b"k", b"v1", WriteOptions::default()).unwrap();
+    e.flush().unwrap();
+    let branch = e.failover_log(p).unwrap();
+    e.set_flusher_paused(true);
+    let lost = e.set(b"k", b"lost", WriteOptions::default()).unwrap();
+    e.crash();
+    // Seeding a replica that never connected: opened and closed cleanly.
+    let r = builder(dir.path()).replica(true).open().unwrap();
+    assert!(r.holds_primary_data());
+    r.close().unwrap();
+    let e = builder(dir.path()).open().unwrap();
+    let log = e.failover_log(p).unwrap();
+    assert_eq!(log.len(), branch.len() + 1, "{log:?}");
+    assert_eq!(log[..branch.len()], branch[..]);
+    let next = e.set(b"k", b"v2", WriteOptions::default()).unwrap();
+    assert!(
+        next.seqno > lost.seqno,
+        "seqno {} handed out again (the crashed run's was {})",
+        next.seqno,
+        lost.seqno
+    );
+    e.close().unwrap();
+    // The branch is started once: a clean restart keeps it.
+    let e = builder(dir.path()).open().unwrap();
+    assert_eq!(e.failover_log(p).unwrap(), log);
+    e.close().unwrap();
+}
+
+/// The same for a window a primary closed with (lost by the close): a
+/// replica's open lists it, and the next primary run starts a new branch.
+/// Before, the replica's open deleted the window's record unlisted.
+#[test]
+fn a_window_lost_before_a_replica_run_still_starts_a_branch_as_a_primary() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = builder(dir.path()).open().unwrap();
+    let p = e.partition_of(b"k");
+    e.set(b"k", b"v1", WriteOptions::default()).unwrap();
+    let branch = e.failover_log(p).unwrap();
+    let w = e.online_update_start(p).unwrap();
+    let in_window = e
+        .set(b"k", b"in the window", WriteOptions::default())
+        .unwrap();
+    e.close().unwrap();
+    let r = builder(dir.path()).replica(true).open().unwrap();
+    let listed: Vec<u64> = r.stats().unwrap().partitions[usize::from(p)]
+        .lost_windows
+        .iter()
+        .map(|l| l.checkpoint_id)
+        .collect();
+    assert_eq!(listed, [w]);
+    r.close().unwrap();
+    let e = builder(dir.path()).open().unwrap();
+    let log = e.failover_log(p).unwrap();
+    assert_eq!(log.len(), branch.len() + 1, "{log:?}");
+    assert_eq!(e.get(b"k").unwrap().value(), b"v1");
+    let next = e.set(b"k", b"v2", WriteOptions::default()).unwrap();
+    assert!(next.seqno > in_window.seqno);
+    e.close().unwrap();
+}
