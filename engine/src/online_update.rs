@@ -260,12 +260,14 @@ impl Partition {
             )));
         }
         // A replica already in the primary's window checkpoint (entered through
-        // the stream's checkpoint-start) stays in it.
+        // the stream's checkpoint-start, under the primary's id or, its own
+        // ids being ahead, one of its own) stays in it.
+        let open_id = w.checkpoints.open_checkpoint_id();
         let local_id = if wanted_id != 0
-            && w.checkpoints.open_checkpoint_id() == wanted_id
+            && (open_id == wanted_id || w.primary_checkpoint == wanted_id)
             && w.checkpoints.open_checkpoint_is_empty()
         {
-            wanted_id
+            open_id
         } else {
             w.checkpoints.create_checkpoint_with_id(wanted_id)
         };

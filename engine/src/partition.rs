@@ -113,6 +113,11 @@ pub(crate) struct PartitionWriter {
     /// has not yet passed: a flush round never stops inside one, so a window
     /// reaches the disk whole or not at all.
     pub(crate) completed: Vec<(u64, u64)>,
+    /// On a replica: the newest of its primary's checkpoint ids the stream
+    /// has started (0: none since the open or the last reset). The
+    /// replica's own ids may be ahead of its primary's, but its checkpoint
+    /// boundaries follow the primary's (`Engine::replica_checkpoint`).
+    pub(crate) primary_checkpoint: u64,
 }
 
 impl PartitionWriter {
@@ -224,6 +229,7 @@ impl Partition {
                 window: None,
                 reverted: Vec::new(),
                 completed: Vec::new(),
+                primary_checkpoint: 0,
             }),
             progress,
             reservation_step: reservation_step.max(1),

@@ -564,13 +564,25 @@ impl Engine {
 
     /// Follows the primary into checkpoint `id` (a replica builds its
     /// checkpoints with the primary's ids).
+    ///
+    /// Where its own ids are ahead of the primary's (after its restart or a
+    /// reset, until the primary's pass them), the replica still closes its
+    /// open checkpoint at each new checkpoint of the primary's, under an id
+    /// of its own: a window's rewrites are admitted net of the entry they
+    /// de-duplicate in the open checkpoint, so a replica that closed its
+    /// checkpoints elsewhere could refuse a window its primary took with
+    /// the same limit. (Before, such a start was ignored.)
     pub fn replica_checkpoint(&self, p: PartitionId, id: u64) -> Result<()> {
         check_stream_number("checkpoint id", id)?;
         let s = self.live()?;
         let part = s.partition(p)?;
         let mut w = part.lock();
-        if id > w.checkpoints.open_checkpoint_id() {
-            w.checkpoints.create_checkpoint_with_id(id);
+        if id > w.primary_checkpoint {
+            w.primary_checkpoint = id;
+            if id > w.checkpoints.open_checkpoint_id() || !w.checkpoints.open_checkpoint_is_empty()
+            {
+                w.checkpoints.create_checkpoint_with_id(id);
+            }
         }
         Ok(())
     }
@@ -599,6 +611,7 @@ impl Engine {
         w.window = None;
         w.reverted.clear();
         w.completed.clear();
+        w.primary_checkpoint = 0;
         part.lost_windows.lock().clear();
         part.progress.persisted_seqno.store(0, Ordering::Release);
         part.progress.synced_seqno.store(0, Ordering::Release);

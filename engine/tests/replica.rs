@@ -810,6 +810,69 @@ fn a_replica_admits_a_window_rewrite_net_of_the_entry_it_replaces() {
 }
 
 #[test]
+fn a_replica_whose_ids_are_ahead_follows_its_primarys_checkpoints_in_a_window() {
+    // A window's rewrites are admitted net of the entry they de-duplicate
+    // in the open checkpoint, so a replica must close its checkpoints
+    // where its primary does. Before, a replica whose own ids were ahead of
+    // its primary's (routine after its restart or a reset) ignored every
+    // checkpoint start at or below them, here the one the primary closed on
+    // demand inside the window: its rewrites no longer de-duplicated and it
+    // refused one its primary took, stalling its link until the window ended.
+    let limit = 1 << 20;
+    let open = |dir: &std::path::Path, replica: bool| {
+        builder(dir)
+            .replica(replica)
+            .checkpoint_max_items(3)
+            .online_update_memory_limit(limit)
+            .max_value_size(400 << 10)
+            .open()
+            .unwrap()
+    };
+    let pdir = tempfile::tempdir().unwrap();
+    let primary = open(pdir.path(), false);
+    let p = 0;
+    let keys = keys_of(&primary, p, "w", 2);
+    let value = vec![b'v'; 300 << 10];
+    let rewrites = [&keys[0], &keys[1], &keys[0], &keys[1]];
+    let w = primary.online_update_start(p).unwrap();
+    let next = primary.create_checkpoint(p).unwrap();
+    for k in rewrites {
+        primary.set(k, &value[..], WriteOptions::default()).unwrap();
+    }
+
+    let rdir = tempfile::tempdir().unwrap();
+    let r = open(rdir.path(), true);
+    // Its ids ahead of the primary's, as after a restart.
+    r.replica_checkpoint(p, 1000).unwrap();
+    r.close().unwrap();
+    let r = open(rdir.path(), true);
+    assert!(r.checkpoints(p).unwrap()[0].id > 1000);
+    r.replica_checkpoint(p, w).unwrap();
+    let start = QueuedItem::marker(QueueOp::OnlineUpdateStart { checkpoint_id: w }, meta_at(1));
+    assert_eq!(
+        r.apply_replicated(p, &start).unwrap(),
+        ApplyOutcome::Applied
+    );
+    r.replica_checkpoint(p, next).unwrap();
+    for (i, k) in rewrites.into_iter().enumerate() {
+        let item = QueuedItem::new(QueueOp::Mutation, k, &value, meta_at(2 + i as u64));
+        assert_eq!(
+            r.apply_replicated(p, &item)
+                .unwrap_or_else(|e| panic!("write {i}: {e}")),
+            ApplyOutcome::Applied
+        );
+    }
+    // The window still reverts whole.
+    r.apply_replicated(
+        p,
+        &QueuedItem::marker(QueueOp::OnlineUpdateRevert { checkpoint_id: w }, meta_at(6)),
+    )
+    .unwrap();
+    assert!(matches!(r.get(&keys[0]), Err(Error::NotFound)));
+    assert!(matches!(r.get(&keys[1]), Err(Error::NotFound)));
+}
+
+#[test]
 fn a_replica_takes_every_window_its_primary_took_with_the_same_limit() {
     // The undo map's charge depends on what a node had persisted when the
     // window first touched a key, and a replica persists later than its
