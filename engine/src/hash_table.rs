@@ -188,7 +188,7 @@ impl HashTable {
             }
             pass.scanned += 1;
             // An empty value frees nothing and would cost a disk read.
-            if !e.rec.is_evicted() && e.rec.value_len() > 0 && e.rec.by_seqno() <= clean_upto {
+            if e.rec.has_value_to_evict() && e.rec.by_seqno() <= clean_upto {
                 pass.bytes += e.rec.value_len();
                 pass.items += 1;
                 e.rec = e.rec.evicted();
@@ -343,7 +343,7 @@ impl ShardsGuard<'_> {
         }
         // An empty value frees nothing and would cost a disk read (as in
         // `evict_clean`).
-        if e.rec.is_evicted() || e.rec.value_len() == 0 {
+        if !e.rec.has_value_to_evict() {
             return Some(Eviction::Already);
         }
         table.bytes.fetch_sub(e.rec.value_len(), Ordering::Relaxed);

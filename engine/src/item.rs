@@ -349,6 +349,24 @@ impl Record {
         Self::build(meta, key, None, value_len)
     }
 
+    /// Whether evicting this record frees anything: a resident value that
+    /// is not empty (evicting an empty one frees nothing, and reading it
+    /// back would cost a disk fetch).
+    pub(crate) fn has_value_to_evict(&self) -> bool {
+        !self.is_evicted() && self.value_len() > 0
+    }
+
+    /// This record as an online-update window keeps it and a revert puts it
+    /// back: without its value if that is on disk (at or below
+    /// `clean_upto`) and worth evicting, else as it is.
+    pub(crate) fn without_clean_value(&self, clean_upto: u64) -> Self {
+        if self.by_seqno() <= clean_upto && self.has_value_to_evict() {
+            self.evicted()
+        } else {
+            self.clone()
+        }
+    }
+
     /// A copy with the same metadata and key and no resident value.
     pub(crate) fn evicted(&self) -> Self {
         if self.is_evicted() {

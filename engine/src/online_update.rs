@@ -175,7 +175,10 @@ pub struct RevertReport {
     pub removed: usize,
     /// Keys the window had updated or deleted, now back to their pre-window state.
     pub restored: usize,
-    /// Time the revert held the partition.
+    /// Time the revert took, from the call to its return: the wait for the
+    /// partition's writer lock, two synced writes (the seqno reservation if
+    /// it needs extending, the window's record cleared) and the undo itself
+    /// (only the undo holds the partition's readers).
     pub duration: Duration,
 }
 
@@ -410,12 +413,7 @@ impl Partition {
                             }
                         }
                         Some(before) => {
-                            let before = if before.by_seqno() <= clean_upto {
-                                before.evicted()
-                            } else {
-                                before
-                            };
-                            shards.put_hashed(e.hash, before);
+                            shards.put_hashed(e.hash, before.without_clean_value(clean_upto));
                             restored += 1;
                         }
                     }

@@ -502,13 +502,7 @@ impl Partition {
 /// from disk after a revert, so holding it would only cost memory); else the
 /// record itself.
 pub(crate) fn pre_image(cur: Option<&Record>, clean_upto: u64) -> Option<Record> {
-    cur.map(|r| {
-        if r.by_seqno() <= clean_upto {
-            r.evicted()
-        } else {
-            r.clone()
-        }
-    })
+    cur.map(|r| r.without_clean_value(clean_upto))
 }
 
 /// Whether `seqno` lies in one of the inclusive `ranges`.

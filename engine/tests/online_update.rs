@@ -979,3 +979,28 @@ fn a_completed_window_reaches_the_disk_whole() {
     assert_no_lost_window(&e);
     e.close().unwrap();
 }
+
+#[test]
+fn a_revert_keeps_a_clean_empty_value_resident() {
+    // A clean pre-window value comes back evicted (it is read from disk on
+    // access), but an empty one frees nothing that way and would cost a
+    // disk read, as warmup, `evict` and the pager know. Before, a revert
+    // (and the window's record of the key) evicted it anyway.
+    let dir = tempfile::tempdir().unwrap();
+    let e = builder(dir.path()).open().unwrap();
+    let p = e.partition_of(b"empty");
+    e.set(b"empty", b"", MEM).unwrap();
+    e.flush().unwrap();
+    e.online_update_start(p).unwrap();
+    e.set(b"empty", b"x", MEM).unwrap();
+    e.online_update_revert(p).unwrap();
+    let before = e.stats().unwrap().partitions[usize::from(p)].clone();
+    assert_eq!(before.evicted_items, 0);
+    assert_eq!(e.get(b"empty").unwrap().value(), b"");
+    let after = &e.stats().unwrap().partitions[usize::from(p)];
+    assert_eq!(
+        after.bg_fetches, before.bg_fetches,
+        "the empty value was read back from disk"
+    );
+    e.close().unwrap();
+}
