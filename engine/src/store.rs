@@ -513,7 +513,15 @@ impl Store {
         let mut opts = db_options(false);
         // A view reads each table once, in order: a small table cache does.
         opts.set_max_open_files(READ_ONLY_OPEN_FILES);
-        let db = DB::open_cf_for_read_only(&opts, &path, [CF_ITEMS, CF_META], false)?;
+        // The families it has of the two it reads: one missing (a foreign
+        // or damaged RocksDB) is then `Corruption` naming it, on first use,
+        // as the engine's open says (RocksDB refuses to open a family by
+        // name that is not there, an `InvalidArgument`).
+        let present = DB::list_cf(&opts, &path)?;
+        let wanted = [CF_ITEMS, CF_META]
+            .into_iter()
+            .filter(|cf| present.iter().any(|p| p == cf));
+        let db = DB::open_cf_for_read_only(&opts, &path, wanted, false)?;
         Ok(Store::with_db(db, path))
     }
 

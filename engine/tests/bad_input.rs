@@ -718,3 +718,34 @@ fn a_damaged_table_file_is_reported_as_corruption_not_as_a_held_directory() {
         Ok(_) => panic!("a damaged table file opened"),
     }
 }
+
+#[test]
+fn a_foreign_rocksdb_directory_is_corruption_to_the_engine_and_its_disk_view_alike() {
+    // A RocksDB that is not tapkv's (only the default column family), and
+    // one that lost a family: the engine refuses both as `Corruption`, and
+    // `tapkv admin` (`DiskView`) must name the same damage. Before, the
+    // view asked RocksDB for the families by name and reported RocksDB's
+    // "column family not found" as a storage error.
+    for keep in [&[][..], &["meta"][..]] {
+        let dir = tempfile::tempdir().unwrap();
+        let db_path = dir.path().join("rocksdb");
+        {
+            let mut opts = rocksdb::Options::default();
+            opts.create_if_missing(true);
+            opts.create_missing_column_families(true);
+            let db = rocksdb::DB::open_cf(&opts, &db_path, keep).unwrap();
+            db.put(b"someone else's", b"data").unwrap();
+        }
+        let r = builder(dir.path()).open();
+        assert!(
+            matches!(r, Err(Error::Corruption(_))),
+            "{keep:?}: {:?}",
+            r.err()
+        );
+        let view = tapkv_engine::DiskView::open(dir.path()).and_then(|v| v.partitions());
+        match view {
+            Err(Error::Corruption(m)) => assert!(m.contains("missing"), "{keep:?}: {m}"),
+            other => panic!("{keep:?}: {:?}", other.map(|_| ())),
+        }
+    }
+}
