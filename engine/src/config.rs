@@ -102,6 +102,12 @@ pub struct EngineConfig {
     pub group_commit_wait: Duration,
     /// How long a `Replicate` write waits for a majority of replicas (default 5 s).
     pub replicate_timeout: Duration,
+    /// Failover-log entries a partition keeps, the newest (default 25, at
+    /// least 1; as Couchbase's `max_failover_entries`): each unclean
+    /// restart of a primary adds one, and a replica resuming from a branch
+    /// older than all of them rolls the partition back and resyncs it. The
+    /// list of online-update windows lost to crashes keeps as many.
+    pub max_failover_entries: usize,
     /// Seqnos and checkpoint ids reserved on disk at a time, so numbers are
     /// never reused after a crash (default 1,000,000 seqnos, at most 2^40;
     /// ids use 1/1000).
@@ -150,6 +156,7 @@ impl EngineConfig {
             persist_timeout: Duration::from_secs(30),
             group_commit_wait: Duration::from_micros(200),
             replicate_timeout: Duration::from_secs(5),
+            max_failover_entries: 25,
             seqno_reservation: 1_000_000,
             snapshot_buffer_limit: 64 << 20,
             cursor_drop_threshold: 0.9,
@@ -312,6 +319,13 @@ impl EngineBuilder {
     /// How long durable writes wait; default 30 s.
     pub fn persist_timeout(mut self, d: Duration) -> Self {
         self.config.persist_timeout = d;
+        self
+    }
+
+    /// Failover-log entries kept per partition; default 25 (see
+    /// [`EngineConfig::max_failover_entries`]).
+    pub fn max_failover_entries(mut self, n: usize) -> Self {
+        self.config.max_failover_entries = n;
         self
     }
 

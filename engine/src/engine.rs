@@ -621,11 +621,13 @@ impl Engine {
                 Arc::clone(&checkpoint_mem),
                 table,
             );
-            let lost_before = store.lost_windows(p)?.len();
             // A window a primary's directory had open is listed on a
             // replica's open too: its entries may be on other replicas.
-            let lost = store.mark_window_lost(p, !config.replica || primary_data)?;
-            let lost_now = lost.len() > lost_before;
+            let (lost, lost_now) = store.mark_window_lost(
+                p,
+                !config.replica || primary_data,
+                config.max_failover_entries,
+            )?;
             if lost_now && config.replica && primary_data {
                 remember_branch(&store)?;
             }
@@ -641,6 +643,11 @@ impl Engine {
                     uuid: crate::replica::new_uuid(),
                     seqno: state.high_seqno,
                 });
+                // The newest entries only: a log that grew with every crash
+                // would be read whole at every open and sent to every
+                // stream.
+                let excess = log.len().saturating_sub(config.max_failover_entries);
+                log.drain(..excess);
                 store.put_failover_log(p, &log)?;
             }
             *part.failover.lock() = log;
@@ -1420,6 +1427,9 @@ fn validate(c: &EngineConfig) -> Result<()> {
             "flusher_threads must be 1..=partitions, got {}",
             c.flusher_threads
         ));
+    }
+    if c.max_failover_entries == 0 {
+        return bad("max_failover_entries must be at least 1, got 0".into());
     }
     if c.max_key_size == 0 || c.max_key_size > 65_535 {
         return bad(format!(

@@ -891,16 +891,25 @@ impl Store {
             .unwrap_or_default())
     }
 
-    /// Moves the open-window record of `p` (if any) to its lost list, in one
-    /// synced batch; returns the lost list. With `list` false (a replica,
+    /// Moves the open-window record of `p` (if any) to its lost list (which
+    /// keeps the newest `keep`), in one synced batch; returns the lost list
+    /// and whether a window was added to it. With `list` false (a replica,
     /// whose windows are its primary's: the stream sends the window again
     /// from its START) the record is only removed.
-    pub(crate) fn mark_window_lost(&self, p: PartitionId, list: bool) -> Result<Vec<WindowRecord>> {
+    pub(crate) fn mark_window_lost(
+        &self,
+        p: PartitionId,
+        list: bool,
+        keep: usize,
+    ) -> Result<(Vec<WindowRecord>, bool)> {
         let mut lost = self.lost_windows(p)?;
+        let mut added = false;
         if let Some(w) = self.open_window(p)? {
             let mut batch = WriteBatch::default();
             if list {
                 lost.push(w);
+                lost.drain(..lost.len().saturating_sub(keep));
+                added = true;
                 batch.put_cf(
                     self.cf(CF_META)?,
                     meta_key(META_LOST, p),
@@ -910,7 +919,7 @@ impl Store {
             batch.delete_cf(self.cf(CF_META)?, meta_key(META_WINDOW, p));
             self.write_synced(batch)?;
         }
-        Ok(lost)
+        Ok((lost, added))
     }
 
     pub(crate) fn was_clean_shutdown(&self) -> Result<bool> {

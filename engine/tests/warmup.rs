@@ -273,3 +273,44 @@ fn a_window_lost_before_a_replica_run_still_starts_a_branch_as_a_primary() {
     assert!(next.seqno > in_window.seqno);
     e.close().unwrap();
 }
+
+/// Each unclean restart adds a failover branch, and each window lost to one
+/// a lost-window entry: both keep only the newest `max_failover_entries`.
+/// Before, both grew for ever (a node restarted after every crash for a
+/// week read thousands of entries per partition at each open).
+#[test]
+fn the_failover_log_and_the_lost_windows_keep_only_the_newest_entries() {
+    let dir = tempfile::tempdir().unwrap();
+    let open = || builder(dir.path()).max_failover_entries(3).open().unwrap();
+    let mut branches = Vec::new();
+    let mut windows = Vec::new();
+    for round in 0..6u8 {
+        let e = open();
+        branches.push(e.failover_log(0).unwrap().last().unwrap().uuid);
+        e.set(&key(usize::from(round)), value(1), WriteOptions::default())
+            .unwrap();
+        windows.push(e.online_update_start(0).unwrap());
+        e.crash();
+    }
+    let e = open();
+    let log = e.failover_log(0).unwrap();
+    assert_eq!(log.len(), 3, "{log:?}");
+    // The newest: the last two runs' branches and this run's.
+    assert_eq!(
+        log[..2].iter().map(|f| f.uuid).collect::<Vec<_>>(),
+        branches[4..]
+    );
+    let lost: Vec<u64> = e.stats().unwrap().partitions[0]
+        .lost_windows
+        .iter()
+        .map(|l| l.checkpoint_id)
+        .collect();
+    assert_eq!(lost, windows[3..]);
+    // A stream from a trimmed branch is sent back to the start.
+    assert_eq!(e.resume_position(0, branches[0], 1).unwrap(), None);
+    e.close().unwrap();
+    assert!(matches!(
+        builder(dir.path()).max_failover_entries(0).open(),
+        Err(Error::InvalidArgument(_))
+    ));
+}
