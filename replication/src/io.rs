@@ -448,9 +448,22 @@ impl FrameReader {
     }
 }
 
+/// A flush's failure for a peer taking less than `FRAME_PROGRESS` bytes per
+/// `limit` (it took `moved` bytes in `took`).
+fn too_slow(limit: Duration, moved: usize, took: Duration) -> ProtocolError {
+    ProtocolError::Io(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!(
+            "the peer took less than {FRAME_PROGRESS} bytes of a reply per {limit:?} \
+             ({moved} bytes in {took:?})"
+        ),
+    ))
+}
+
 /// Whether a writer whose peer has not read for a write timeout should keep
-/// waiting (see [`FrameWriter::set_patience`]).
-pub type Patience = Box<dyn FnMut() -> bool + Send>;
+/// waiting, given how long the flush has moved nothing (see
+/// [`FrameWriter::set_patience`]).
+pub type Patience = Box<dyn FnMut(Duration) -> bool + Send>;
 
 /// Writes frames through a buffer; `flush` sends them.
 pub struct FrameWriter {
@@ -488,9 +501,12 @@ impl FrameWriter {
     }
 
     /// When a flush has waited a whole write timeout for the peer to read,
-    /// it asks `keep_waiting` and waits another timeout if it says yes,
-    /// instead of failing. A replication stream uses it to wait for a
-    /// replica that applies a large snapshot without reading, as long as
+    /// it asks `keep_waiting` (with how long the flush has moved nothing)
+    /// and waits another timeout if it says yes, instead of failing. A node
+    /// gives its connections a short write timeout and a patience that
+    /// looks at its stop flag, so a peer that stopped reading does not hold
+    /// a stop for a whole I/O timeout; a replication stream also waits for
+    /// a replica that applies a large snapshot without reading, as long as
     /// the replica keeps acknowledging its progress. Without it, a flush
     /// fails at the first timeout.
     pub fn set_patience(&mut self, keep_waiting: Patience) {
@@ -553,11 +569,14 @@ impl FrameWriter {
         let mut sent = 0;
         // Since when, and from which byte, the flush's progress is timed.
         let mut mark = self.progress_deadline.map(|_| (Instant::now(), 0));
+        // When a byte last moved (for the patience rule).
+        let mut moved = Instant::now();
         while sent < self.buf.len() {
             match self.stream.write(&self.buf[sent..]) {
                 Ok(0) => return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into()),
                 Ok(n) => {
                     sent += n;
+                    moved = Instant::now();
                     // Judged over spans of at least `limit` (one write may
                     // block up to the socket's write timeout): slower than
                     // 64 KiB per `limit` fails.
@@ -566,14 +585,7 @@ impl FrameWriter {
                         if took > limit && sent < self.buf.len() {
                             let rate = (sent - from) as f64 / took.as_secs_f64();
                             if rate < FRAME_PROGRESS as f64 / limit.as_secs_f64() {
-                                return Err(ProtocolError::Io(std::io::Error::new(
-                                    std::io::ErrorKind::TimedOut,
-                                    format!(
-                                        "the peer took less than {FRAME_PROGRESS} bytes of a \
-                                         reply per {limit:?} ({} bytes in {took:?})",
-                                        sent - from
-                                    ),
-                                )));
+                                return Err(too_slow(limit, sent - from, took));
                             }
                             mark = Some((Instant::now(), sent));
                         }
@@ -584,10 +596,25 @@ impl FrameWriter {
                     if matches!(
                         e.kind(),
                         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) && self
-                        .patience
-                        .as_mut()
-                        .is_some_and(|keep_waiting| keep_waiting()) => {}
+                    ) =>
+                {
+                    let stalled = moved.elapsed();
+                    if self.patience.as_mut().is_some_and(|keep| keep(stalled)) {
+                        continue;
+                    }
+                    // Said as what it is rather than as the socket's
+                    // "resource temporarily unavailable": with a progress
+                    // deadline, the peer's rate was too low for it.
+                    return Err(match (self.progress_deadline, mark) {
+                        (Some(limit), Some((since, from))) => {
+                            too_slow(limit, sent - from, since.elapsed())
+                        }
+                        _ => ProtocolError::Io(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("the peer read nothing for {stalled:?}"),
+                        )),
+                    });
+                }
                 Err(e) => return Err(e.into()),
             }
         }

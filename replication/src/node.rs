@@ -717,6 +717,14 @@ fn next_request(
 /// stop flag (and its idle count) again.
 const CONNECTION_POLL: Duration = Duration::from_millis(200);
 
+/// A writer's patience on a node's connections and a replica's link (whose
+/// sockets have a short write timeout): a write that moves nothing fails
+/// after `limit`, or at once when the node stops.
+fn stop_aware_patience(state: &Arc<NodeState>, limit: Duration) -> crate::io::Patience {
+    let st = Arc::clone(state);
+    Box::new(move |stalled| stalled < limit && !st.stop.load(Ordering::Acquire))
+}
+
 /// The same for a replica's link to its primary.
 const LINK_POLL: Duration = Duration::from_millis(50);
 
@@ -727,7 +735,10 @@ fn serve_connection(
 ) -> Result<(), ProtocolError> {
     let cfg = &state.config;
     conn.set_nodelay(true)?;
-    conn.set_write_timeout(Some(cfg.io_timeout))?;
+    // Writes wait in short slices and look at the stop between them (the
+    // writer's patience, below): a peer that stopped reading does not hold
+    // a stop for a whole I/O timeout.
+    conn.set_write_timeout(Some(CONNECTION_POLL))?;
     let mut reader = FrameReader::new(conn.try_clone()?, cfg.max_body);
     reader.set_timeout(CONNECTION_POLL)?;
     // A partial frame must make progress (64 KiB) within the I/O timeout: a
@@ -744,6 +755,7 @@ fn serve_connection(
     // byte every few seconds cannot hold a large reply, its thread, or the
     // node's stop.
     writer.set_progress_deadline(Some(cfg.io_timeout));
+    writer.set_patience(stop_aware_patience(state, cfg.io_timeout));
     let idle_polls = (cfg.idle_timeout.as_millis() / CONNECTION_POLL.as_millis()).max(1) as usize;
     let mut idle = 0;
     // Handshake first, within the I/O timeout (not the idle timeout): a
@@ -1247,13 +1259,15 @@ fn serve_stream(
         let s = Arc::clone(&shared);
         let st = Arc::clone(state);
         let silence_limit = state.config.heartbeat * SILENT_HEARTBEATS;
+        let io_timeout = state.config.io_timeout;
         // A stream waits for its replica as the patience rule says, not
-        // by a client's progress deadline.
+        // by a client's progress deadline: a write timeout, and then for
+        // as long as the replica keeps acknowledging.
         writer.set_progress_deadline(None);
-        writer.set_patience(Box::new(move || {
+        writer.set_patience(Box::new(move |stalled| {
             !s.stop.load(Ordering::Acquire)
                 && !st.stop.load(Ordering::Acquire)
-                && s.last_ack.lock().elapsed() < silence_limit
+                && (stalled < io_timeout || s.last_ack.lock().elapsed() < silence_limit)
         }));
     }
     let acker = {
@@ -2024,7 +2038,9 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
     let perr = |e: ProtocolError| Error::Io(std::io::Error::other(e.to_string()));
     let conn = connect(primary, cfg.io_timeout, &state.stop)?;
     conn.set_nodelay(true)?;
-    conn.set_write_timeout(Some(cfg.io_timeout))?;
+    // As a node's connections: short write slices, the stop looked at
+    // between them.
+    conn.set_write_timeout(Some(LINK_POLL))?;
     let mut reader = FrameReader::new(conn.try_clone()?, cfg.max_body);
     reader.set_timeout(LINK_POLL)?;
     // A frame must make progress (64 KiB per `io_timeout`), as the node
@@ -2035,6 +2051,7 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
     reader.set_frame_deadline(Some(cfg.io_timeout));
     reader.set_poll_bound(Some(LINK_POLL));
     let mut writer = FrameWriter::new(conn);
+    writer.set_patience(stop_aware_patience(state, cfg.io_timeout));
     let polls = (cfg.io_timeout.as_millis() / LINK_POLL.as_millis()).max(1) as usize;
     writer.send(&hello(&cfg.name)).map_err(perr)?;
     let r = reader

@@ -46,3 +46,55 @@ pub fn accept_within(listener: &TcpListener, limit: Duration) -> TcpStream {
         }
     }
 }
+
+/// Bytes the kernel holds unsent on the other end of `conn` (the
+/// connection as seen from its peer on this host, an IPv4 loopback
+/// connection), from `/proc/net/tcp`; `None` if it is not listed.
+pub fn peer_send_queue(conn: &TcpStream) -> Option<u64> {
+    let hex = |a: std::net::SocketAddr| match a {
+        std::net::SocketAddr::V4(v4) => format!(
+            "{:08X}:{:04X}",
+            u32::from_le_bytes(v4.ip().octets()),
+            v4.port()
+        ),
+        std::net::SocketAddr::V6(_) => String::new(),
+    };
+    // The peer's socket: local is our peer address, remote is ours.
+    let (theirs, ours) = (hex(conn.peer_addr().ok()?), hex(conn.local_addr().ok()?));
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.get(1) == Some(&theirs.as_str()) && f.get(2) == Some(&ours.as_str()) {
+            let tx = f.get(4)?.split(':').next()?;
+            u64::from_str_radix(tx, 16).ok()
+        } else {
+            None
+        }
+    })
+}
+
+/// Waits (up to `limit`, then panics) until the peer of `conn` is blocked
+/// sending to it: its unsent bytes are at least `at_least` and have not
+/// changed over ten looks 20 ms apart (a sender that can still write adds
+/// to them; one blocked on a full buffer does not).
+pub fn wait_peer_blocked_sending(conn: &TcpStream, at_least: u64, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    let (mut last, mut same) = (None, 0);
+    loop {
+        let now = peer_send_queue(conn);
+        if now.is_some_and(|q| q >= at_least) && now == last {
+            same += 1;
+            if same >= 10 {
+                return;
+            }
+        } else {
+            same = 0;
+        }
+        last = now;
+        assert!(
+            Instant::now() < deadline,
+            "the peer never blocked sending (unsent: {now:?})"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -48,7 +48,7 @@ pub fn shutdown_within(node: Node, limit: Duration) -> Option<Duration> {
 #[path = "../../../tests/src/net.rs"]
 mod net;
 #[allow(unused_imports)]
-pub use net::{accept_within, small_socket_buffers};
+pub use net::{accept_within, small_socket_buffers, wait_peer_blocked_sending};
 
 /// Every cursor but the persistence cursors, as (partition, name).
 pub fn stream_cursors(e: &Engine) -> Vec<(u16, String)> {
