@@ -635,6 +635,23 @@ fn gather_group(shared: &Shared) {
     }
 }
 
+/// Syncs the WAL if partition `p` has persisted entries not yet synced, and
+/// records every partition's persisted seqno as synced; the caller holds
+/// the round lock, so no round persists more meanwhile. A disk snapshot
+/// calls it before it reads: it must hold only versions that survive a
+/// crash of the host, or a replica that kept part of it could resume from
+/// a primary that lost them and never be sent the older versions of keys
+/// the snapshot had newer ones of.
+pub(crate) fn sync_persisted(shared: &Shared, p: &Partition) -> Result<()> {
+    let synced = p.progress.synced_seqno.load(Ordering::Acquire);
+    if synced >= p.progress.persisted_seqno.load(Ordering::Acquire) {
+        return Ok(());
+    }
+    shared.store.sync_wal()?;
+    let all: Vec<&Partition> = shared.partitions.iter().collect();
+    mark_synced(shared, &all)
+}
+
 /// The flusher thread that owns partition 0 also runs the pager.
 fn thread_is_pager(mine: &[&Partition]) -> bool {
     mine.first().is_some_and(|p| p.id == 0)

@@ -399,8 +399,10 @@ impl Engine {
             }
         }
         // No flush round runs meanwhile: the persistence cursor's seqno is
-        // the disk's high seqno until the lock is released.
+        // the disk's high seqno until the lock is released. What the
+        // snapshot reads is synced first (`flusher::sync_persisted`).
         let _round = s.flush_lock.lock();
+        crate::flusher::sync_persisted(s, part)?;
         let mut w = part.lock();
         let from = from.min(w.checkpoints.high_seqno());
         let start = match w.checkpoints.register_cursor(name, from)? {
@@ -451,11 +453,13 @@ impl Engine {
         // No flush round runs meanwhile: the persisted seqno is the disk's
         // high seqno until the lock is released.
         let _round = s.flush_lock.lock();
-        let w = part.lock();
         let persisted = part.progress.persisted_seqno.load(Ordering::Acquire);
-        if w.checkpoints.holds_after(from) || persisted <= from {
+        if part.lock().checkpoints.holds_after(from) || persisted <= from {
             return Ok(None);
         }
+        // Memory only ever loses history, so the answer stands without the
+        // partition's lock; what the snapshot reads is synced first.
+        crate::flusher::sync_persisted(s, part)?;
         DiskSnapshot::open(&s.store, p, from, persisted).map(Some)
     }
 

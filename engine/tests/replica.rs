@@ -173,6 +173,47 @@ fn streams_backfill_when_memory_no_longer_holds_the_history() {
 }
 
 #[test]
+fn a_disk_snapshot_holds_only_synced_versions() {
+    // A snapshot ends at the persisted seqno, whose last versions may not
+    // be synced yet (the flusher syncs for durable writers only). A
+    // replica that kept part of such a snapshot and then resumed from a
+    // primary whose host lost the unsynced tail would never be sent the
+    // older versions of keys the snapshot had newer ones of. So a snapshot
+    // syncs what it would read first: one sync, and none when all is synced.
+    let dir = tempfile::tempdir().unwrap();
+    let e = builder(dir.path()).open().unwrap();
+    e.set_flusher_paused(true);
+    for i in 0..300 {
+        e.set(format!("k{i}").as_bytes(), "v", WriteOptions::default())
+            .unwrap();
+    }
+    // Persisted, not synced; the checkpoints are freed.
+    while e.run_flush_round().unwrap() {}
+    let p = e.partition_of(b"k0");
+    let syncs = e.stats().unwrap().syncs;
+    let end = e.backfill_end(p, 0).unwrap();
+    assert_eq!(end, Some(e.persisted_seqno(p).unwrap()));
+    assert_eq!(e.stats().unwrap().syncs, syncs + 1, "the snapshot synced");
+    assert_eq!(e.backfill_end(p, 0).unwrap(), end);
+    assert_eq!(e.stats().unwrap().syncs, syncs + 1, "nothing left to sync");
+    // A stream's start from disk too.
+    for i in 0..300 {
+        e.set(format!("k{i}").as_bytes(), "w", WriteOptions::default())
+            .unwrap();
+    }
+    while e.run_flush_round().unwrap() {}
+    assert!(matches!(
+        e.stream_start(p, "s", 0).unwrap(),
+        StreamStart::Backfill { .. }
+    ));
+    assert_eq!(
+        e.stats().unwrap().syncs,
+        syncs + 2,
+        "the stream's snapshot synced"
+    );
+}
+
+#[test]
 fn replicate_durability_needs_a_node() {
     let dir = tempfile::tempdir().unwrap();
     let e = builder(dir.path()).open().unwrap();
