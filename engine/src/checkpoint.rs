@@ -797,6 +797,18 @@ impl CheckpointManager {
             .map_or(0, QueuedItem::mem_size)
     }
 
+    /// The seqno of `key`'s live entry in the open checkpoint (hash `hash`),
+    /// the one a write of it queued now would de-duplicate.
+    pub(crate) fn open_entry_seqno(&self, hash: u64, key: &[u8]) -> Option<u64> {
+        let open = self.open();
+        open.keys
+            .find(hash, |i| {
+                open.slots[*i].as_ref().is_some_and(|s| s.key() == key)
+            })
+            .and_then(|i| open.slots[*i].as_ref())
+            .map(QueuedItem::seqno)
+    }
+
     /// Closes the open checkpoint and opens a new one; returns the new id.
     pub fn create_checkpoint(&mut self) -> u64 {
         self.create_checkpoint_with_id(0)

@@ -121,6 +121,16 @@ impl Signal {
     }
 }
 
+/// A `Durability::Replicate` write's entry kept from de-duplication while the
+/// write waits (`Partition::replicate_done` when dropped).
+struct ReplicatePending<'a>(&'a Partition, u64);
+
+impl Drop for ReplicatePending<'_> {
+    fn drop(&mut self) {
+        self.0.replicate_done(self.1);
+    }
+}
+
 /// Waits for replicas on behalf of `Durability::Replicate` writes. A node
 /// installs one with [`Engine::set_replication_gate`]; the engine itself knows
 /// nothing of replicas.
@@ -128,7 +138,15 @@ pub trait ReplicationGate: Send + Sync {
     /// Returns once a majority of the replicas acknowledged `seqno` of
     /// partition `p` (the node counts them as the larger of its connected
     /// streams and its `min_replicas`), or `Error::Timeout` after `timeout`.
-    fn wait_replicated(&self, p: PartitionId, seqno: u64, timeout: Duration) -> Result<()>;
+    /// `engine` is the engine the write was made in (a node asks it which
+    /// streams still have their cursors).
+    fn wait_replicated(
+        &self,
+        engine: &Engine,
+        p: PartitionId,
+        seqno: u64,
+        timeout: Duration,
+    ) -> Result<()>;
 }
 
 /// A generation counter that stream readers wait on instead of polling:
@@ -888,6 +906,8 @@ impl Engine {
             .then(|| part.progress.resets.load(Ordering::Acquire));
         let res = part.mutate(&s.store, kind, key, value, opts, |bytes| s.admit(bytes))?;
         s.changed(res.partition);
+        // However the waits below end.
+        let _pending = gate.as_ref().map(|_| ReplicatePending(part, res.seqno));
         // A Replicate write is on this node's disk too: after a crash the
         // primary rolls its replicas back to what it persisted, so a write
         // only its replicas held would be lost everywhere.
@@ -895,7 +915,7 @@ impl Engine {
             s.wait_synced(&[(res.partition, res.seqno, resets)])?;
         }
         if let Some(gate) = gate {
-            gate.wait_replicated(res.partition, res.seqno, s.config.replicate_timeout)?;
+            gate.wait_replicated(self, res.partition, res.seqno, s.config.replicate_timeout)?;
         }
         Ok(res)
     }

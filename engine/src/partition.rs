@@ -118,6 +118,11 @@ pub(crate) struct PartitionWriter {
     /// replica's own ids may be ahead of its primary's, but its checkpoint
     /// boundaries follow the primary's (`Engine::replica_checkpoint`).
     pub(crate) primary_checkpoint: u64,
+    /// Seqnos of `Durability::Replicate` writes still waiting for their
+    /// replicas. Their entries are not de-duplicated: a replica's
+    /// acknowledgement of a later seqno counts for them only if the stream
+    /// sent them (see `Partition::mutate`).
+    pub(crate) replicate_pending: Vec<u64>,
 }
 
 impl PartitionWriter {
@@ -230,6 +235,7 @@ impl Partition {
                 reverted: Vec::new(),
                 completed: Vec::new(),
                 primary_checkpoint: 0,
+                replicate_pending: Vec::new(),
             }),
             progress,
             reservation_step: reservation_step.max(1),
@@ -388,6 +394,18 @@ impl Partition {
                 Some(_) => {}
             }
         }
+        // A rewrite of a key whose open-checkpoint entry a Replicate write
+        // is waiting on goes to a new checkpoint instead of replacing that
+        // entry: replicas acknowledge seqnos, and one that acknowledged a
+        // later seqno must have been sent the waiting write. (Rare: only
+        // looked up while such a write waits.)
+        if !w.replicate_pending.is_empty()
+            && w.checkpoints
+                .open_entry_seqno(hash, key)
+                .is_some_and(|old| w.replicate_pending.contains(&old))
+        {
+            w.checkpoints.create_checkpoint();
+        }
         let deleting = matches!(kind, MutationKind::Delete | MutationKind::Expire);
         let value = if deleting { &[][..] } else { value };
         let incoming = key.len() + value.len() + crate::item::QUEUED_ITEM_OVERHEAD;
@@ -442,11 +460,20 @@ impl Partition {
         if let Some(win) = w.window.as_mut() {
             win.refund(freed);
         }
+        if opts.durability == crate::item::Durability::Replicate {
+            w.replicate_pending.push(seqno);
+        }
         Ok(MutationResult {
             partition: self.id,
             seqno,
             cas: meta.cas,
         })
+    }
+
+    /// The Replicate write of `seqno` no longer waits (acknowledged, timed
+    /// out or failed): its entry may be de-duplicated again.
+    pub(crate) fn replicate_done(&self, seqno: u64) {
+        self.writer.lock().replicate_pending.retain(|s| *s != seqno);
     }
 
     /// Looks `key` up in its locked slot before a write: its hash, the

@@ -428,7 +428,13 @@ fn a_persist_or_replicate_write_inside_a_window_fails_fast() {
     // A Replicate write waits for this node's disk too: refused the same way.
     struct AllAck;
     impl tapkv_engine::ReplicationGate for AllAck {
-        fn wait_replicated(&self, _: PartitionId, _: u64, _: Duration) -> tapkv_engine::Result<()> {
+        fn wait_replicated(
+            &self,
+            _: &tapkv_engine::Engine,
+            _: PartitionId,
+            _: u64,
+            _: Duration,
+        ) -> tapkv_engine::Result<()> {
             Ok(())
         }
     }

@@ -214,6 +214,80 @@ fn a_disk_snapshot_holds_only_synced_versions() {
 }
 
 #[test]
+fn a_write_waiting_for_replicas_is_not_deduplicated_away_from_streams() {
+    // A replica's acknowledgement of seqno X means it applied everything it
+    // was sent up to X. A rewrite of the key in the open checkpoint while a
+    // Replicate write waits took the write's entry out of what streams
+    // read, so a replica that acknowledged a later seqno of another key
+    // satisfied the write without ever having been sent it. The waiting
+    // write's entry stays (the rewrite goes to a new checkpoint).
+    use std::sync::mpsc;
+    use std::sync::{Arc, Mutex};
+    struct Held {
+        waiting: Mutex<mpsc::Sender<u64>>,
+        release: Mutex<mpsc::Receiver<()>>,
+    }
+    impl tapkv_engine::ReplicationGate for Held {
+        fn wait_replicated(
+            &self,
+            _: &Engine,
+            _: u16,
+            seqno: u64,
+            _: Duration,
+        ) -> tapkv_engine::Result<()> {
+            self.waiting.lock().unwrap().send(seqno).unwrap();
+            self.release
+                .lock()
+                .unwrap()
+                .recv_timeout(Duration::from_secs(30))
+                .unwrap();
+            Ok(())
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let e = Arc::new(builder(dir.path()).open().unwrap());
+    let (waiting_tx, waiting) = mpsc::channel();
+    let (release, release_rx) = mpsc::channel();
+    e.set_replication_gate(Arc::new(Held {
+        waiting: Mutex::new(waiting_tx),
+        release: Mutex::new(release_rx),
+    }));
+    let p = e.partition_of(b"k");
+    let other = key_in(&e, p, 0);
+    e.register_cursor(p, "replica", e.high_seqno(p).unwrap())
+        .unwrap();
+    let writer = {
+        let e = Arc::clone(&e);
+        std::thread::spawn(move || {
+            e.set(b"k", "v1", WriteOptions::durable(Durability::Replicate))
+                .map(|r| r.seqno)
+        })
+    };
+    let w = waiting.recv_timeout(Duration::from_secs(30)).unwrap();
+    e.set(other.as_bytes(), "x", WriteOptions::default())
+        .unwrap();
+    e.set(b"k", "v2", WriteOptions::default()).unwrap();
+    let mut seen = Vec::new();
+    loop {
+        let batch = e.read_cursor(p, "replica", 100).unwrap();
+        if batch.is_empty() {
+            break;
+        }
+        for ev in batch.events {
+            if let tapkv_engine::CursorEvent::Item(it) = ev {
+                seen.push((String::from_utf8_lossy(it.key()).into_owned(), it.seqno()));
+            }
+        }
+    }
+    assert!(
+        seen.contains(&("k".to_string(), w)),
+        "the waiting write's entry was deduplicated away: {seen:?}"
+    );
+    release.send(()).unwrap();
+    assert_eq!(writer.join().unwrap().unwrap(), w);
+}
+
+#[test]
 fn replicate_durability_needs_a_node() {
     let dir = tempfile::tempdir().unwrap();
     let e = builder(dir.path()).open().unwrap();

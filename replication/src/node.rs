@@ -247,6 +247,12 @@ struct StreamShared {
     acks_ahead: AtomicU64,
     acked: Mutex<HashMap<PartitionId, u64>>,
     parts: Mutex<HashMap<PartitionId, (PartitionStreamState, u64)>>,
+    /// Disk snapshots sent, `(after, end)` per partition, until the replica
+    /// acknowledges their end: it applies one in seqno order, but a
+    /// snapshot holds each key's latest version only, so its progress
+    /// through one (an ACK inside the range) does not mean it holds every
+    /// write up to there, and counts for liveness only (`ack_reader`).
+    snapshots: Mutex<HashMap<PartitionId, (u64, u64)>>,
     resumed_from: Mutex<HashMap<PartitionId, u64>>,
     stop: AtomicBool,
     lock: Mutex<()>,
@@ -301,7 +307,13 @@ fn replicate_quorum(connected: usize, min_replicas: usize) -> usize {
 }
 
 impl tapkv_engine::ReplicationGate for AckGate {
-    fn wait_replicated(&self, p: PartitionId, seqno: u64, timeout: Duration) -> Result<(), Error> {
+    fn wait_replicated(
+        &self,
+        engine: &Engine,
+        p: PartitionId,
+        seqno: u64,
+        timeout: Duration,
+    ) -> Result<(), Error> {
         let deadline = Instant::now() + timeout;
         let _waiting = Counted::new(&self.acks.waiting);
         let mut g = self.acks.lock.lock();
@@ -311,11 +323,16 @@ impl tapkv_engine::ReplicationGate for AckGate {
                 let (mut connected, mut acked) = (0, 0);
                 for s in streams.values().filter(|s| !s.stop.load(Ordering::Acquire)) {
                     let has_acked = s.acked.lock().get(&p).is_some_and(|a| *a >= seqno);
-                    let streaming = s
+                    let in_memory = s
                         .parts
                         .lock()
                         .get(&p)
                         .is_some_and(|(state, _)| *state == PartitionStreamState::InMemory);
+                    // A stream waiting on its flow-control limit reads no
+                    // cursor and so has not yet seen that the flusher
+                    // dropped its cursor under memory pressure: it will
+                    // never be sent the write, so it does not count.
+                    let streaming = in_memory && engine.has_cursor(p, &s.cursor).unwrap_or(false);
                     acked += usize::from(has_acked);
                     connected += usize::from(has_acked || streaming);
                 }
@@ -1221,6 +1238,7 @@ fn serve_stream(
         acks_ahead: AtomicU64::new(0),
         acked: Mutex::new(HashMap::new()),
         parts: Mutex::new(HashMap::new()),
+        snapshots: Mutex::new(HashMap::new()),
         resumed_from: Mutex::new(HashMap::new()),
         stop: AtomicBool::new(false),
         lock: Mutex::new(()),
@@ -1350,17 +1368,34 @@ fn ack_reader(s: &StreamShared, mut reader: FrameReader) {
                 {
                     let parts = s.parts.lock();
                     let mut acked = s.acked.lock();
+                    let mut snapshots = s.snapshots.lock();
                     for (p, seqno) in ack.seqnos {
                         let Some((_, sent)) = parts.get(&p) else {
                             ahead = true;
                             continue;
                         };
                         ahead |= seqno > *sent;
+                        let seqno = seqno.min(*sent);
                         let e = acked.entry(p).or_default();
-                        if seqno.min(*sent) > *e {
-                            *e = seqno.min(*sent);
-                            advanced = true;
+                        if seqno <= *e {
+                            continue;
                         }
+                        // Progress inside a disk snapshot: alive, but not
+                        // holding every write up to there (`snapshots`);
+                        // past its start, it holds everything before it.
+                        match snapshots.get(&p) {
+                            Some(&(after, end)) if seqno < end => {
+                                if seqno >= after && *e < after {
+                                    *e = after;
+                                }
+                            }
+                            Some(_) => {
+                                snapshots.remove(&p);
+                                *e = seqno;
+                            }
+                            None => *e = seqno,
+                        }
+                        advanced = true;
                     }
                 }
                 // Warned once per stream: at its first such ACK.
@@ -1470,6 +1505,7 @@ fn send_disk_snapshot(
             from_disk: false,
         },
     );
+    s.snapshots.lock().insert(p, (from, end));
     s.parts
         .lock()
         .insert(p, (PartitionStreamState::Backfilling, end));

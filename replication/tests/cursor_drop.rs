@@ -155,3 +155,43 @@ fn a_stream_at_its_limit_keeps_its_cursors_while_acks_arrive() {
     drop((reader, writer));
     common::shutdown(primary);
 }
+
+/// A stream waiting on its unacknowledged limit reads no cursor, so it
+/// does not see at once that the flusher dropped its cursors under memory
+/// pressure. It will never be sent a write made after that (it backfills
+/// once it reads again), so it does not count towards a `Replicate`
+/// write's majority. Before, it counted, and the write (here: nothing
+/// else to wait for, `--replicas 0`) timed out.
+#[test]
+fn a_stream_whose_cursor_was_dropped_does_not_count_for_replicate_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = NodeConfig::new("127.0.0.1:0");
+    cfg.min_replicas = 0;
+    cfg.max_unacked_bytes = 64 << 10;
+    // Neither the slow-replica drop nor the silence rule may end it.
+    cfg.slow_replica_timeout = Duration::from_secs(600);
+    cfg.heartbeat = Duration::from_secs(60);
+    cfg.io_timeout = Duration::from_secs(120);
+    let primary = primary_with_limit(dir.path(), LIMIT, cfg);
+    let p = primary.engine().unwrap();
+    let (reader, writer) = open_stream(&primary, "stalled");
+    let part = p.partition_of(&key(0));
+    let value = vec![b'v'; 400];
+    let mut i = 0;
+    while stream_cursors(p).iter().any(|(q, _)| *q == part) {
+        assert!(i < 200_000, "the stalled stream's cursor was never dropped");
+        set_through_memory_pressure(p, &key(i), &value, Duration::from_secs(30), || {
+            format!("{} stream cursors left", stream_cursors(p).len())
+        });
+        i += 1;
+    }
+    // Within the engine's Replicate timeout (5 s), not an `Error::Timeout`.
+    p.set(
+        &key(0),
+        b"replicated",
+        tapkv_engine::WriteOptions::durable(tapkv_engine::Durability::Replicate),
+    )
+    .unwrap();
+    drop((reader, writer));
+    common::shutdown(primary);
+}

@@ -849,3 +849,96 @@ fn a_primarys_directory_is_not_replaced_by_a_wrong_primary_unless_asked() {
     common::shutdown(seeded);
     common::shutdown(a_again);
 }
+
+#[test]
+fn progress_through_a_disk_snapshot_does_not_satisfy_a_replicate_write() {
+    // A replica applies a disk snapshot in seqno order and acknowledges its
+    // progress, but a snapshot holds each key's latest version only: at
+    // seqno X inside it, the replica may hold neither a write below X nor
+    // the key's later version. Before, such an ACK counted as holding
+    // everything up to X, and a Replicate write below X returned while no
+    // replica held it.
+    use tapkv_replication::message::{Ack, StreamMessage, StreamRequest};
+    let pdir = tempfile::tempdir().unwrap();
+    let primary = primary_with(pdir.path(), Some(Duration::from_secs(60)), |c| {
+        c.min_replicas = 1;
+        c.heartbeat = Duration::from_secs(60);
+    });
+    let addr = primary.local_addr().to_string();
+    let p = primary.engine().unwrap();
+    let part = p.partition_of(b"k");
+    let other = (0..)
+        .map(|i| format!("x{i}"))
+        .find(|k| p.partition_of(k.as_bytes()) == part)
+        .unwrap();
+    std::thread::scope(|scope| {
+        let waiting = scope.spawn(|| {
+            p.set(b"k", b"v1", WriteOptions::durable(Durability::Replicate))
+                .map(|r| r.seqno)
+        });
+        let mut c = Client::connect(&addr, Duration::from_secs(5)).unwrap();
+        wait_until("the write to wait", Duration::from_secs(10), || {
+            c.stats().unwrap()["replicate_waiting"] == 1
+        });
+        let w = p.get(b"k").unwrap().meta.by_seqno;
+        // Rewritten after another key: on disk only its later version.
+        p.set(other.as_bytes(), b"x", WriteOptions::default())
+            .unwrap();
+        p.set(b"k", b"v2", WriteOptions::default()).unwrap();
+        p.create_checkpoint(part).unwrap();
+        p.flush().unwrap();
+        let conn = std::net::TcpStream::connect(&addr).unwrap();
+        let req = StreamRequest {
+            partition: part,
+            uuid: 0,
+            seqno: 0,
+        };
+        let (mut reader, mut writer) = stream_by_hand(conn, "hand", &[req]);
+        let mut end = None;
+        while end.is_none() {
+            let f = reader.next_within(600).unwrap();
+            if let Ok(StreamMessage::Snapshot {
+                from_disk: true,
+                end: e,
+                ..
+            }) = StreamMessage::from_frame(&f)
+            {
+                end = Some(e);
+            }
+        }
+        let end = end.unwrap();
+        assert!(end > w + 1, "the snapshot covers the rewrite");
+        // Applied up to the other key's seqno: not `k`, in either version.
+        let progress = Ack {
+            bytes: 0,
+            seqnos: vec![(part, w + 1)],
+        };
+        writer.send(&progress.to_frame()).unwrap();
+        // An ACK of a partition not streamed, read after the first: once
+        // it is counted, the first has been taken in.
+        let marker = Ack {
+            bytes: 0,
+            seqnos: vec![(1 - part, 1)],
+        };
+        writer.send(&marker.to_frame()).unwrap();
+        wait_until("the ACKs to be read", Duration::from_secs(10), || {
+            c.admin("streams").unwrap()[0]["acks_ahead"] == 1
+        });
+        let streams = c.admin("streams").unwrap();
+        let acked = streams[0]["partitions"][0]["acked_seqno"].as_u64().unwrap();
+        assert!(
+            acked < w,
+            "progress inside the snapshot counted as {acked} (write {w})"
+        );
+        assert_eq!(c.stats().unwrap()["replicate_waiting"], 1);
+        // The snapshot's end does count.
+        let done = Ack {
+            bytes: 0,
+            seqnos: vec![(part, end)],
+        };
+        writer.send(&done.to_frame()).unwrap();
+        assert_eq!(waiting.join().unwrap().unwrap(), w);
+        drop((reader, writer));
+    });
+    common::shutdown(primary);
+}
