@@ -121,6 +121,10 @@ impl Signal {
     }
 }
 
+/// How often a durable writer looks again, between wake-ups, at whether a
+/// WAL sync failed (its write would then never be durable).
+const SYNC_RECHECK: Duration = Duration::from_millis(100);
+
 /// A `Durability::Replicate` write's entry kept from de-duplication while the
 /// write waits (`Partition::replicate_done` when dropped).
 struct ReplicatePending<'a>(&'a Partition, u64);
@@ -437,7 +441,9 @@ impl Shared {
                     millis: timeout.as_millis() as u64,
                 }));
             }
-            slot.cv.wait_for(&mut g, deadline - now);
+            // A synced write elsewhere that failed (a reservation, a window
+            // record) wakes nobody: looked at again within `SYNC_RECHECK`.
+            slot.cv.wait_for(&mut g, (deadline - now).min(SYNC_RECHECK));
         };
         drop(g);
         drop(waiting);

@@ -66,7 +66,9 @@ fn a_durable_writer_that_finds_a_failed_sync_is_told_poisoned_and_close_returns(
     let dir = tempfile::tempdir().unwrap();
     let e = std::sync::Arc::new(
         builder(dir.path())
-            .persist_timeout(std::time::Duration::from_millis(300))
+            // Far longer than the test takes: a failed sync ends the wait,
+            // not its timeout.
+            .persist_timeout(std::time::Duration::from_secs(60))
             .open()
             .unwrap(),
     );

@@ -124,7 +124,7 @@ fn dump_rows_are_complete_and_malformed_replies_are_errors() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let server = std::thread::spawn(move || {
-        let (mut conn, _) = listener.accept().unwrap();
+        let mut conn = common::accept_within(&listener, std::time::Duration::from_secs(10));
         conn.set_read_timeout(Some(Duration::from_secs(10)))
             .unwrap();
         let answer = |conn: &mut std::net::TcpStream, value: &'static [u8]| {
@@ -160,7 +160,7 @@ fn a_reply_trickled_past_the_clients_timeout_fails_in_time() {
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stopping = std::sync::Arc::clone(&stop);
     let server = std::thread::spawn(move || {
-        let (mut conn, _) = listener.accept().unwrap();
+        let mut conn = common::accept_within(&listener, std::time::Duration::from_secs(10));
         conn.set_read_timeout(Some(Duration::from_secs(10)))
             .unwrap();
         let req = read_frame(&mut conn, 1 << 20).unwrap();

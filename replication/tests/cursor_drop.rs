@@ -47,6 +47,9 @@ fn a_stream_behind_the_disk_is_dropped_under_memory_pressure_and_ends() {
     cfg.max_unacked_bytes = 1 << 40;
     cfg.slow_replica_timeout = Duration::from_secs(600);
     cfg.io_timeout = Duration::from_secs(120);
+    // Nor the silence rule (ten heartbeats without an ACK; this "replica"
+    // never acknowledges), on a machine slow enough to take that long.
+    cfg.heartbeat = Duration::from_secs(60);
     let primary = primary_with_limit(dir.path(), LIMIT, cfg);
     let p = primary.engine().unwrap();
 

@@ -12,7 +12,7 @@ use tapkv_replication::protocol::{frame_len, Frame, DEFAULT_MAX_BODY, HEADER_LEN
 fn pair() -> (TcpStream, FrameReader) {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let client = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
-    let (server, _) = listener.accept().expect("accept");
+    let server = common::accept_within(&listener, std::time::Duration::from_secs(10));
     let reader = FrameReader::new(server, DEFAULT_MAX_BODY);
     reader
         .set_timeout(Duration::from_secs(5))

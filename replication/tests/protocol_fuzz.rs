@@ -1,6 +1,11 @@
 //! Property tests of the frame codec: arbitrary bytes never panic or allocate
 //! beyond the limit; frames round-trip; stream messages round-trip.
 
+// Only the socket helpers (the node helpers of `common` need nothing here).
+#[allow(dead_code)]
+#[path = "../../tests/src/net.rs"]
+mod net;
+
 use bytes::{Bytes, BytesMut};
 use proptest::prelude::*;
 use tapkv_engine::{ItemMeta, QueueOp, QueuedItem};
@@ -251,7 +256,7 @@ fn oversized_and_inconsistent_headers_are_refused_before_allocating() {
     // A node's connection reader, with the largest body a node accepts.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let mut peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-    let (conn, _) = listener.accept().unwrap();
+    let conn = net::accept_within(&listener, std::time::Duration::from_secs(10));
     std::io::Write::write_all(&mut peer, &h).unwrap();
     let mut reader = node_reader(conn);
     let (r, largest) = largest_allocation_in(|| reader.poll());
@@ -310,7 +315,7 @@ fn a_large_frame_arriving_in_pieces_is_buffered_once_at_its_size() {
         }
         peer
     });
-    let (conn, _) = listener.accept().unwrap();
+    let conn = net::accept_within(&listener, std::time::Duration::from_secs(10));
     let held_before = live();
     let mut reader = node_reader(conn);
     let mut next = || {
@@ -387,7 +392,7 @@ fn a_writer_lets_go_of_a_large_reply_once_it_is_sent() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let drainer = std::thread::spawn(move || {
-        let (mut c, _) = listener.accept().unwrap();
+        let mut c = net::accept_within(&listener, std::time::Duration::from_secs(10));
         let mut sink = vec![0u8; 1 << 16];
         let mut total = 0;
         while let Ok(n) = std::io::Read::read(&mut c, &mut sink) {
@@ -446,7 +451,7 @@ fn the_last_bytes_of_a_large_frame_arriving_in_pieces_are_not_copied_again_and_a
             std::io::Write::write_all(&mut peer, piece).unwrap();
         }
     });
-    let (conn, _) = listener.accept().unwrap();
+    let conn = net::accept_within(&listener, std::time::Duration::from_secs(10));
     let mut reader = node_reader(conn);
     reader
         .set_timeout(std::time::Duration::from_millis(20))

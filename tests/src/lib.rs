@@ -81,33 +81,36 @@ pub struct Proc {
 impl Proc {
     /// Starts `tapkv ARGS` with stdout piped into a line channel.
     pub fn spawn(args: &[&str]) -> Proc {
-        Proc::spawn_with(args, Stdio::null(), None, Stdio::inherit()).0
+        Proc::spawn_with(args, Stdio::null(), None, Stdio::inherit(), false).0
     }
 
     /// As [`Proc::spawn`], with the child's standard error (its log) going
     /// to the file `log`.
     pub fn spawn_logging_to(args: &[&str], log: &std::path::Path) -> Proc {
         let file = std::fs::File::create(log).expect("create the log file");
-        Proc::spawn_with(args, Stdio::null(), None, Stdio::from(file)).0
+        Proc::spawn_with(args, Stdio::null(), None, Stdio::from(file), true).0
     }
 
     /// As [`Proc::spawn`], with a pipe to the child's stdin.
     pub fn spawn_piped(args: &[&str]) -> (Proc, ChildStdin) {
-        let (p, stdin) = Proc::spawn_with(args, Stdio::piped(), None, Stdio::inherit());
+        let (p, stdin) = Proc::spawn_with(args, Stdio::piped(), None, Stdio::inherit(), false);
         (p, stdin.expect("piped stdin"))
     }
 
     /// As [`Proc::spawn`], with the child's open-file limit (soft and hard)
     /// set to `nofile`.
     pub fn spawn_with_open_files(args: &[&str], nofile: u64) -> Proc {
-        Proc::spawn_with(args, Stdio::null(), Some(nofile), Stdio::inherit()).0
+        Proc::spawn_with(args, Stdio::null(), Some(nofile), Stdio::inherit(), false).0
     }
 
+    /// `warn_log`: the child logs at `warn` whatever `TAPKV_LOG` says (its
+    /// log is read); otherwise at `warn` unless `TAPKV_LOG` is set.
     fn spawn_with(
         args: &[&str],
         stdin: Stdio,
         nofile: Option<u64>,
         stderr: Stdio,
+        warn_log: bool,
     ) -> (Proc, Option<ChildStdin>) {
         let mut cmd = Command::new(tapkv_bin());
         if let Some(n) = nofile {
@@ -129,7 +132,7 @@ impl Proc {
                 });
             }
         }
-        if std::env::var_os("TAPKV_LOG").is_none() {
+        if warn_log || std::env::var_os("TAPKV_LOG").is_none() {
             cmd.env("TAPKV_LOG", "warn");
         }
         let mut child = cmd
@@ -281,9 +284,16 @@ pub fn run_with_status(
     stdin: impl AsRef<[u8]>,
     timeout: Duration,
 ) -> (Option<i32>, String, String) {
+    run_command(tapkv_command(args), stdin, timeout)
+}
+
+/// `tapkv ARGS` with each command's own default log level: a `TAPKV_LOG`
+/// in the test's environment (set to debug a test, say) would change the
+/// stderr that tests compare.
+fn tapkv_command(args: &[&str]) -> Command {
     let mut cmd = Command::new(tapkv_bin());
-    cmd.args(args);
-    run_command(cmd, stdin, timeout)
+    cmd.env_remove("TAPKV_LOG").args(args);
+    cmd
 }
 
 /// Runs `cmd` (the caller sets its arguments and environment) as
@@ -323,8 +333,7 @@ pub fn run_with_closed_stdout(
         )
     };
     drop(read_end);
-    let mut cmd = Command::new(tapkv_bin());
-    cmd.args(args);
+    let cmd = tapkv_command(args);
     let (code, _, err) = run_command_into(cmd, stdin, Stdio::from(write_end), timeout);
     (code, err)
 }

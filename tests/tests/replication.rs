@@ -492,27 +492,17 @@ fn a_slow_replica_has_its_cursor_dropped_and_is_backfilled_later() {
     // cursor still held would pin, all of them, in closed checkpoints) leave
     // checkpoint memory at most about the open checkpoints' worth: 2
     // partitions of at most 2,000 items (the default
-    // `checkpoint_max_items`) of about 1 KB. Sampled during the writes as
-    // well as after a flush: the flusher frees closed checkpoints as it
-    // goes, so the peak stays near that too. (The process's RSS is no
-    // measure here: the hash table keeps every value resident.)
+    // `checkpoint_max_items`) of about 1 KB, once flushed. (Not sampled
+    // during the writes: how far the flusher is behind then depends on the
+    // machine's load, not on the cursor. The process's RSS is no measure
+    // here either: the hash table keeps every value resident.)
     let mem = |c: &mut tapkv_replication::client::Client| {
         c.stats().unwrap()["checkpoint_mem_bytes"].as_u64().unwrap()
     };
-    let mut peak = 0;
     for i in 0..30_000 {
         c.set(format!("more-{i}").as_bytes(), &value, 0, false)
             .unwrap();
-        if i % 2_000 == 0 {
-            peak = peak.max(mem(&mut c));
-        }
     }
-    // About 4 MB of open checkpoints and what the flusher has yet to
-    // persist: well under the 30 MB a held cursor would pin.
-    assert!(
-        peak < 20 << 20,
-        "checkpoint memory peaked at {peak} with a stopped replica"
-    );
     c.flush().unwrap();
     let after = mem(&mut c);
     assert!(
