@@ -2428,6 +2428,9 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
         }
         if std::mem::take(&mut clock_stale) {
             now = Instant::now();
+            // The time this frame took to handle is not the primary's
+            // silence (it may itself wait for the ACK sent below).
+            last_heard = now;
         }
         if ack_now
             || ack.bytes >= cfg.ack_bytes
