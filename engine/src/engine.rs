@@ -628,12 +628,23 @@ impl Engine {
                 },
                 max_cas: state.max_cas,
             };
-            // Never lowered: a replica takes its numbers from its primary,
-            // but a primary's directory seeding it may be a primary again,
-            // and the numbers its last run handed out stay taken.
-            let reservation = Reservation {
-                seqno: (start.high_seqno + step).max(res.seqno),
-                checkpoint_id: (start.checkpoint_id + (step / 1000).max(1)).max(res.checkpoint_id),
+            // A primary reserves a block ahead. A replica takes its numbers
+            // from its primary and reserves only as it applies them; it
+            // never lowers the reservation: a primary's directory seeding
+            // it may be a primary again, and the numbers its last run
+            // handed out stay taken (nor raises it, so a clean round trip
+            // through a replica run that applied nothing continues without
+            // a gap).
+            let reservation = if config.replica {
+                Reservation {
+                    seqno: start.high_seqno.max(res.seqno),
+                    checkpoint_id: start.checkpoint_id.max(res.checkpoint_id),
+                }
+            } else {
+                Reservation {
+                    seqno: start.high_seqno + step,
+                    checkpoint_id: start.checkpoint_id + (step / 1000).max(1),
+                }
             };
             store.put_reservation(p, &reservation)?;
             let part = Partition::new(

@@ -247,12 +247,13 @@ struct StreamShared {
     acks_ahead: AtomicU64,
     acked: Mutex<HashMap<PartitionId, u64>>,
     parts: Mutex<HashMap<PartitionId, (PartitionStreamState, u64)>>,
-    /// Disk snapshots sent, `(after, end)` per partition, until the replica
-    /// acknowledges their end: it applies one in seqno order, but a
-    /// snapshot holds each key's latest version only, so its progress
-    /// through one (an ACK inside the range) does not mean it holds every
-    /// write up to there, and counts for liveness only (`ack_reader`).
-    snapshots: Mutex<HashMap<PartitionId, (u64, u64)>>,
+    /// Disk snapshots sent, `(after, end, progress)` per partition, until
+    /// the replica acknowledges their end: it applies one in seqno order,
+    /// but a snapshot holds each key's latest version only, so its progress
+    /// through one (an ACK inside the range, the highest so far in
+    /// `progress`) does not mean it holds every write up to there, and
+    /// counts for liveness only (`ack_reader`).
+    snapshots: Mutex<HashMap<PartitionId, (u64, u64, u64)>>,
     resumed_from: Mutex<HashMap<PartitionId, u64>>,
     stop: AtomicBool,
     lock: Mutex<()>,
@@ -323,18 +324,21 @@ impl tapkv_engine::ReplicationGate for AckGate {
                 let (mut connected, mut acked) = (0, 0);
                 for s in streams.values().filter(|s| !s.stop.load(Ordering::Acquire)) {
                     let has_acked = s.acked.lock().get(&p).is_some_and(|a| *a >= seqno);
-                    let in_memory = s
-                        .parts
-                        .lock()
-                        .get(&p)
-                        .is_some_and(|(state, _)| *state == PartitionStreamState::InMemory);
                     // A stream waiting on its flow-control limit reads no
                     // cursor and so has not yet seen that the flusher
                     // dropped its cursor under memory pressure: it will
-                    // never be sent the write, so it does not count.
-                    let streaming = in_memory && engine.has_cursor(p, &s.cursor).unwrap_or(false);
+                    // never be sent the write, so it does not count. (The
+                    // cursor is looked up only for a stream that has not
+                    // acknowledged the write: it takes the partition's lock.)
+                    let streaming = || {
+                        s.parts
+                            .lock()
+                            .get(&p)
+                            .is_some_and(|(state, _)| *state == PartitionStreamState::InMemory)
+                            && engine.has_cursor(p, &s.cursor).unwrap_or(false)
+                    };
                     acked += usize::from(has_acked);
-                    connected += usize::from(has_acked || streaming);
+                    connected += usize::from(has_acked || streaming());
                 }
                 (connected, acked)
             };
@@ -755,7 +759,7 @@ fn serve_connection(
     // Writes wait in short slices and look at the stop between them (the
     // writer's patience, below): a peer that stopped reading does not hold
     // a stop for a whole I/O timeout.
-    conn.set_write_timeout(Some(CONNECTION_POLL))?;
+    conn.set_write_timeout(Some(CONNECTION_POLL.min(cfg.io_timeout)))?;
     let mut reader = FrameReader::new(conn.try_clone()?, cfg.max_body);
     reader.set_timeout(CONNECTION_POLL)?;
     // A partial frame must make progress (64 KiB) within the I/O timeout: a
@@ -1383,19 +1387,27 @@ fn ack_reader(s: &StreamShared, mut reader: FrameReader) {
                         // Progress inside a disk snapshot: alive, but not
                         // holding every write up to there (`snapshots`);
                         // past its start, it holds everything before it.
-                        match snapshots.get(&p) {
-                            Some(&(after, end)) if seqno < end => {
-                                if seqno >= after && *e < after {
-                                    *e = after;
+                        // Only a higher seqno than before is progress.
+                        match snapshots.get_mut(&p) {
+                            Some((after, end, progress)) if seqno < *end => {
+                                if seqno >= *after && *e < *after {
+                                    *e = *after;
+                                }
+                                if seqno > *progress {
+                                    *progress = seqno;
+                                    advanced = true;
                                 }
                             }
                             Some(_) => {
                                 snapshots.remove(&p);
                                 *e = seqno;
+                                advanced = true;
                             }
-                            None => *e = seqno,
+                            None => {
+                                *e = seqno;
+                                advanced = true;
+                            }
                         }
-                        advanced = true;
                     }
                 }
                 // Warned once per stream: at its first such ACK.
@@ -1505,7 +1517,7 @@ fn send_disk_snapshot(
             from_disk: false,
         },
     );
-    s.snapshots.lock().insert(p, (from, end));
+    s.snapshots.lock().insert(p, (from, end, from));
     s.parts
         .lock()
         .insert(p, (PartitionStreamState::Backfilling, end));
@@ -2076,7 +2088,7 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
     conn.set_nodelay(true)?;
     // As a node's connections: short write slices, the stop looked at
     // between them.
-    conn.set_write_timeout(Some(LINK_POLL))?;
+    conn.set_write_timeout(Some(LINK_POLL.min(cfg.io_timeout)))?;
     let mut reader = FrameReader::new(conn.try_clone()?, cfg.max_body);
     reader.set_timeout(LINK_POLL)?;
     // A frame must make progress (64 KiB per `io_timeout`), as the node

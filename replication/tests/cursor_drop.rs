@@ -188,13 +188,21 @@ fn a_stream_whose_cursor_was_dropped_does_not_count_for_replicate_writes() {
         });
         i += 1;
     }
-    // Within the engine's Replicate timeout (5 s), not an `Error::Timeout`.
-    p.set(
-        &key(0),
-        b"replicated",
-        tapkv_engine::WriteOptions::durable(tapkv_engine::Durability::Replicate),
-    )
-    .unwrap();
+    // Within the engine's Replicate timeout (5 s), not an `Error::Timeout`
+    // (retried while refused for memory: the flusher may still be behind).
+    let replicate = tapkv_engine::WriteOptions::durable(tapkv_engine::Durability::Replicate);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match p.set(&key(0), b"replicated", replicate) {
+            Err(tapkv_engine::Error::TempOutOfMemory { .. }) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            r => {
+                r.unwrap();
+                break;
+            }
+        }
+    }
     drop((reader, writer));
     common::shutdown(primary);
 }
