@@ -34,6 +34,16 @@ fn engine_with_items(dir: &std::path::Path) -> Engine {
     engine
 }
 
+/// A node over `engine_with_items` whose I/O timeout (a minute) no dump
+/// in these tests reaches; its address.
+fn patient_node_with_items(dir: &std::path::Path) -> (Node, String) {
+    let mut cfg = NodeConfig::new("127.0.0.1:0");
+    cfg.io_timeout = Duration::from_secs(60);
+    let node = Node::start(engine_with_items(dir), cfg).unwrap();
+    let addr = node.local_addr().to_string();
+    (node, addr)
+}
+
 /// A connection that asked for a dump, after its HELLO answer and the
 /// dump's first row.
 fn dump_requested(addr: &str, name: &str) -> std::net::TcpStream {
@@ -103,12 +113,7 @@ fn a_stopping_node_ends_a_dump_its_client_reads_slowly() {
     // Before, the dump went on to its end however the node was asked to
     // stop, and the stop waited for it.
     let dir = tempfile::tempdir().unwrap();
-    let engine = engine_with_items(dir.path());
-    let mut cfg = NodeConfig::new("127.0.0.1:0");
-    // Long enough that no I/O deadline ends the dump while the test runs.
-    cfg.io_timeout = Duration::from_secs(60);
-    let node = Node::start(engine, cfg).unwrap();
-    let addr = node.local_addr().to_string();
+    let (node, addr) = patient_node_with_items(dir.path());
     let mut slow = dump_requested(&addr, "slow");
     let (tx, rx) = std::sync::mpsc::channel();
     let stopped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -156,11 +161,7 @@ fn a_client_that_stopped_reading_does_not_hold_a_node_stop() {
     // the whole I/O timeout (a minute here; 10 s by default) for the
     // client before it looked at the stop, and the stop waited for it.
     let dir = tempfile::tempdir().unwrap();
-    let engine = engine_with_items(dir.path());
-    let mut cfg = NodeConfig::new("127.0.0.1:0");
-    cfg.io_timeout = Duration::from_secs(60);
-    let node = Node::start(engine, cfg).unwrap();
-    let addr = node.local_addr().to_string();
+    let (node, addr) = patient_node_with_items(dir.path());
     let stalled = dump_requested(&addr, "stalled");
     common::wait_peer_blocked_sending(&stalled, 64 << 10, Duration::from_secs(30));
     let took = common::shutdown_within(node, Duration::from_secs(5));

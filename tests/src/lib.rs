@@ -402,6 +402,22 @@ pub struct NodeProc {
     pub name: String,
 }
 
+/// `tapkv node` arguments of a primary named `name` on data directory `d`,
+/// listening on an ephemeral loopback port, then `extra`.
+fn primary_args<'a>(d: &'a str, name: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "node",
+        "--data",
+        d,
+        "--listen",
+        "127.0.0.1:0",
+        "--name",
+        name,
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
 impl NodeProc {
     /// Starts `tapkv node` on `data`, listening on `listen` (e.g.
     /// `127.0.0.1:0`), optionally as a replica of `primary`, with extra args.
@@ -431,16 +447,7 @@ impl NodeProc {
         log: &std::path::Path,
     ) -> NodeProc {
         let d = data.to_str().expect("utf-8 path").to_owned();
-        let mut args = vec![
-            "node",
-            "--data",
-            &d,
-            "--listen",
-            "127.0.0.1:0",
-            "--name",
-            name,
-        ];
-        args.extend_from_slice(extra);
+        let args = primary_args(&d, name, extra);
         NodeProc::started(Proc::spawn_logging_to(&args, log), data, name)
     }
 
@@ -453,16 +460,7 @@ impl NodeProc {
         extra: &[&str],
     ) -> NodeProc {
         let d = data.to_str().expect("utf-8 path").to_owned();
-        let mut args = vec![
-            "node",
-            "--data",
-            &d,
-            "--listen",
-            "127.0.0.1:0",
-            "--name",
-            name,
-        ];
-        args.extend_from_slice(extra);
+        let args = primary_args(&d, name, extra);
         NodeProc::started(Proc::spawn_with_open_files(&args, nofile), data, name)
     }
 
