@@ -121,6 +121,19 @@ impl Signal {
     }
 }
 
+/// A replica's engine takes its writes and windows from its primary's stream
+/// (`Engine::apply_replicated`) only: one of its own would take a seqno its
+/// primary then sends, and the primary's write would be dropped as held.
+fn refuse_on_replica(s: &Shared, what: &str) -> Result<()> {
+    if s.config.replica {
+        return Err(Error::WrongState(format!(
+            "{what} on a replica's engine: a replica takes its writes and windows from its \
+             primary's stream"
+        )));
+    }
+    Ok(())
+}
+
 /// How often a durable writer looks again, between wake-ups, at whether a
 /// WAL sync failed (its write would then never be durable).
 const SYNC_RECHECK: Duration = Duration::from_millis(100);
@@ -824,6 +837,7 @@ impl Engine {
     /// (Self::online_update_revert) undoes all of them.
     pub fn online_update_start(&self, p: PartitionId) -> Result<u64> {
         let s = self.live()?;
+        refuse_on_replica(s, "an online update")?;
         let id = s.partition(p)?.online_update_start(
             &s.store,
             s.config.online_update_memory_limit,
@@ -837,6 +851,7 @@ impl Engine {
     /// Returns the window's checkpoint id.
     pub fn online_update_complete(&self, p: PartitionId) -> Result<u64> {
         let s = self.live()?;
+        refuse_on_replica(s, "an online update")?;
         let id = s
             .partition(p)?
             .online_update_complete(&s.store, MarkerSource::Local)?;
@@ -847,6 +862,7 @@ impl Engine {
     /// REVERT: undoes every mutation of partition `p`'s window.
     pub fn online_update_revert(&self, p: PartitionId) -> Result<RevertReport> {
         let s = self.live()?;
+        refuse_on_replica(s, "an online update")?;
         let report = s
             .partition(p)?
             .online_update_revert(&s.store, MarkerSource::Local)?;
@@ -906,6 +922,7 @@ impl Engine {
                 max: s.config.max_value_size,
             });
         }
+        refuse_on_replica(s, "a write")?;
         let part = s.partition(self.partition_of(key))?;
         let gate = match opts.durability {
             Durability::Replicate => Some(s.gate.read().clone().ok_or_else(|| {

@@ -63,6 +63,14 @@ pub(crate) fn expire(shared: &Shared, forced: bool) -> usize {
             break;
         }
         let p = &shared.partitions[slot / shards];
+        // Not inside an online-update window: its deletions would be the
+        // window's entries, filling its memory limit (nothing frees them
+        // before COMPLETE or REVERT) and made twice if it is reverted.
+        // Expired items read as absent meanwhile; the pass after the window
+        // deletes them.
+        if p.window_info().is_some() {
+            continue;
+        }
         // One more than the batch has room for, so a shard with more than
         // that is seen to stop the pass (and is found again by the next).
         let room = EXPIRY_BATCH - deleted + 1;

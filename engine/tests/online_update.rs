@@ -1010,3 +1010,28 @@ fn a_revert_keeps_a_clean_empty_value_resident() {
     );
     e.close().unwrap();
 }
+
+#[test]
+fn the_expiry_pass_leaves_a_partition_with_an_open_window_alone() {
+    // Before, the expiry pass deleted expired items inside an open window:
+    // each deletion a window entry, held (with the window's memory) until
+    // COMPLETE or REVERT, and made again after a REVERT.
+    let dir = tempfile::tempdir().unwrap();
+    let e = builder(dir.path()).open().unwrap();
+    let k = keys_in(&e, 0, 50, "exp");
+    let past = WriteOptions { expiry: 1, ..MEM };
+    for key in &k {
+        e.set(key, "v", past).unwrap();
+    }
+    e.flush().unwrap();
+    e.online_update_start(0).unwrap();
+    e.run_expiry_pass().unwrap();
+    let info = e.stats().unwrap().partitions[0].window.unwrap();
+    assert_eq!(info.keys, 0, "the pass made window entries: {info:?}");
+    assert!(
+        matches!(e.get(&k[0]), Err(Error::NotFound)),
+        "expired reads as absent"
+    );
+    e.online_update_complete(0).unwrap();
+    assert_eq!(e.run_expiry_pass().unwrap(), k.len());
+}

@@ -288,6 +288,30 @@ fn a_write_waiting_for_replicas_is_not_deduplicated_away_from_streams() {
 }
 
 #[test]
+fn a_replicas_engine_refuses_writes_and_windows_of_its_own() {
+    // A replica's numbers are its primary's: a local write took a seqno
+    // the primary then sent, and the replica dropped the primary's write
+    // as one it held. Before, `set`, `delete` and online updates were
+    // taken on a replica's engine like on any other.
+    let dir = tempfile::tempdir().unwrap();
+    let r = builder(dir.path()).replica(true).open().unwrap();
+    let refused = |e: Error| matches!(e, Error::WrongState(m) if m.contains("replica"));
+    assert!(refused(
+        r.set(b"k", "v", WriteOptions::default()).unwrap_err()
+    ));
+    assert!(refused(
+        r.delete(b"k", WriteOptions::default()).unwrap_err()
+    ));
+    assert!(refused(r.online_update_start(0).unwrap_err()));
+    assert!(refused(r.online_update_complete(0).unwrap_err()));
+    assert!(refused(r.online_update_revert(0).unwrap_err()));
+    // What its primary sends still applies.
+    let item = entry(QueueOp::Mutation, "k", 1);
+    let p = r.partition_of(b"k");
+    assert_eq!(r.apply_replicated(p, &item).unwrap(), ApplyOutcome::Applied);
+}
+
+#[test]
 fn replicate_durability_needs_a_node() {
     let dir = tempfile::tempdir().unwrap();
     let e = builder(dir.path()).open().unwrap();

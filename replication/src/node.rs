@@ -456,6 +456,26 @@ impl Node {
         config
             .validate()
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        // The engine's role decides what it does on its own (a primary's
+        // expiry pass, local writes); the node's decides what it serves.
+        // A replica node over a primary's engine would expire items itself,
+        // taking seqnos its primary then sends, and drop those writes.
+        let engine_replica = engine
+            .config()
+            .map_err(|e| std::io::Error::other(e.to_string()))?
+            .replica;
+        if engine_replica != config.replica_of.is_some() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                if engine_replica {
+                    "the engine was opened as a replica (EngineBuilder::replica) but the node \
+                     has no replica_of"
+                } else {
+                    "the node is a replica (replica_of) but its engine was not opened as one \
+                     (EngineBuilder::replica(true))"
+                },
+            ));
+        }
         let listener = TcpListener::bind(&config.listen)?;
         let addr = listener.local_addr()?;
         let replica = config.replica_of.is_some();

@@ -78,3 +78,28 @@ fn a_stream_name_with_a_nul_is_refused_and_leaves_nothing_registered() {
     c.noop().unwrap();
     common::shutdown(node);
 }
+
+#[test]
+fn a_node_and_its_engine_must_agree_on_the_role() {
+    // A replica node over a primary's engine would run the primary's
+    // expiry pass and take local writes, colliding with the seqnos its
+    // primary sends; a primary node over a replica's engine could take no
+    // write at all. Both are refused at start.
+    let dir = tempfile::tempdir().unwrap();
+    let engine = tapkv_engine::Engine::builder(dir.path()).open().unwrap();
+    let mut cfg = NodeConfig::new("127.0.0.1:0");
+    cfg.replica_of = Some("127.0.0.1:9".into());
+    let e = Node::start(engine, cfg)
+        .err()
+        .expect("a replica node over a primary's engine");
+    assert!(e.to_string().contains("replica(true)"), "{e}");
+    let dir = tempfile::tempdir().unwrap();
+    let engine = tapkv_engine::Engine::builder(dir.path())
+        .replica(true)
+        .open()
+        .unwrap();
+    let e = Node::start(engine, NodeConfig::new("127.0.0.1:0"))
+        .err()
+        .expect("a primary node over a replica's engine");
+    assert!(e.to_string().contains("no replica_of"), "{e}");
+}
