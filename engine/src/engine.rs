@@ -1426,14 +1426,18 @@ fn load_items(store: &Store, config: &EngineConfig, highs: &[u64]) -> Result<Loa
     };
     let resident_limit = (config.memory_quota as f64 * config.low_water) as usize;
     let mut resident = 0usize;
+    let now = crate::item::now_secs();
     store.for_each_item(|p, key, rec| {
         check_disk_item(p, key, &rec.meta, highs)?;
         let i = usize::from(p);
         out.max_cas[i] = out.max_cas[i].max(rec.meta.cas);
         if !rec.deleted {
             // An empty value is kept: evicting it frees nothing and its
-            // read would cost a disk fetch.
-            let record = if resident < resident_limit || rec.value.is_empty() {
+            // read would cost a disk fetch. An expired one is not loaded
+            // (it reads as absent until the expiry pass deletes it), so it
+            // takes no room from live values.
+            let expired = rec.meta.is_expired(now);
+            let record = if rec.value.is_empty() || (!expired && resident < resident_limit) {
                 Record::new(&rec.meta, key, &rec.value)
             } else {
                 Record::new_evicted(&rec.meta, key, rec.value.len())

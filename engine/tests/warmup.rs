@@ -338,3 +338,53 @@ fn a_clean_round_trip_through_a_replica_run_continues_without_a_gap() {
     assert_eq!(e.failover_log(p).unwrap().len(), 1, "no new branch");
     e.close().unwrap();
 }
+
+/// Warmup loads live values before the memory quota's low-water mark, not
+/// expired ones: they read as absent, so loading them only pushed live
+/// values out to disk (read back at their first access).
+#[test]
+fn expired_items_take_no_room_from_live_values_at_warmup() {
+    let dir = tempfile::tempdir().unwrap();
+    let open = || {
+        builder(dir.path())
+            .partitions(1)
+            .memory_quota(1 << 20)
+            .open()
+            .unwrap()
+    };
+    let e = open();
+    let expired = WriteOptions {
+        expiry: 1,
+        ..WriteOptions::default()
+    };
+    // Keys in order: the expired ones are read first.
+    for i in 0..100 {
+        e.set(
+            format!("a-expired-{i:03}").as_bytes(),
+            vec![b'x'; 10 << 10],
+            expired,
+        )
+        .unwrap();
+    }
+    for i in 0..10 {
+        e.set(
+            format!("b-live-{i:03}").as_bytes(),
+            vec![b'v'; 1 << 10],
+            WriteOptions::default(),
+        )
+        .unwrap();
+    }
+    e.close().unwrap();
+    let e = open();
+    let before = e.stats().unwrap().partitions[0].bg_fetches;
+    for i in 0..10 {
+        let item = e.get(format!("b-live-{i:03}").as_bytes()).unwrap();
+        assert_eq!(item.value().len(), 1 << 10);
+    }
+    assert_eq!(
+        e.stats().unwrap().partitions[0].bg_fetches,
+        before,
+        "live values came back evicted"
+    );
+    e.close().unwrap();
+}
