@@ -789,24 +789,23 @@ impl CheckpointManager {
         if open.live >= self.config.max_items || open.mem >= self.config.max_bytes {
             return 0;
         }
-        open.keys
-            .find(hash, |i| {
-                open.slots[*i].as_ref().is_some_and(|s| s.key() == key)
-            })
-            .and_then(|i| open.slots[*i].as_ref())
-            .map_or(0, QueuedItem::mem_size)
+        self.open_entry(hash, key).map_or(0, QueuedItem::mem_size)
     }
 
     /// The seqno of `key`'s live entry in the open checkpoint (hash `hash`),
     /// the one a write of it queued now would de-duplicate.
     pub(crate) fn open_entry_seqno(&self, hash: u64, key: &[u8]) -> Option<u64> {
+        self.open_entry(hash, key).map(QueuedItem::seqno)
+    }
+
+    /// `key`'s live entry in the open checkpoint (hash `hash`), if any.
+    fn open_entry(&self, hash: u64, key: &[u8]) -> Option<&QueuedItem> {
         let open = self.open();
         open.keys
             .find(hash, |i| {
                 open.slots[*i].as_ref().is_some_and(|s| s.key() == key)
             })
             .and_then(|i| open.slots[*i].as_ref())
-            .map(QueuedItem::seqno)
     }
 
     /// Closes the open checkpoint and opens a new one; returns the new id.

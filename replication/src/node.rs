@@ -1408,7 +1408,7 @@ fn ack_reader(s: &StreamShared, mut reader: FrameReader) {
                         // holding every write up to there (`snapshots`);
                         // past its start, it holds everything before it.
                         // Only a higher seqno than before is progress.
-                        match snapshots.get_mut(&p) {
+                        let inside = match snapshots.get_mut(&p) {
                             Some((after, end, progress)) if seqno < *end => {
                                 if seqno >= *after && *e < *after {
                                     *e = *after;
@@ -1417,16 +1417,18 @@ fn ack_reader(s: &StreamShared, mut reader: FrameReader) {
                                     *progress = seqno;
                                     advanced = true;
                                 }
+                                true
                             }
+                            // Its end acknowledged: done with it.
                             Some(_) => {
                                 snapshots.remove(&p);
-                                *e = seqno;
-                                advanced = true;
+                                false
                             }
-                            None => {
-                                *e = seqno;
-                                advanced = true;
-                            }
+                            None => false,
+                        };
+                        if !inside {
+                            *e = seqno;
+                            advanced = true;
                         }
                     }
                 }
