@@ -26,9 +26,10 @@ pub(crate) const EXPIRY_BATCH: usize = 10_000;
 /// The expiry pass, every `expiry_pager_interval` on a primary (`forced`:
 /// now): each item found expired becomes a deletion through the normal
 /// write path (a new seqno and a tombstone, persisted and streamed to
-/// replicas like any delete; inside an online-update window it is part of
-/// the window, so a REVERT brings the expired item back, still expired).
-/// Conditional on the CAS seen, so a key rewritten meanwhile is left alone.
+/// replicas like any delete). Conditional on the CAS seen, so a key
+/// rewritten meanwhile is left alone. A partition with an open
+/// online-update window is left alone (its expired items read as absent
+/// meanwhile; the pass after the window deletes them).
 ///
 /// It runs on the flusher thread that owns partition 0, between flush
 /// rounds (never under the round lock; that thread's next round, and a
@@ -36,8 +37,9 @@ pub(crate) const EXPIRY_BATCH: usize = 10_000;
 /// shards in rotation, and stops after [`EXPIRY_BATCH`] deletions, going
 /// on at the next round from where it stopped, so each round adds at most
 /// a batch of tombstones to checkpoint memory. A shard whose deletion is
-/// refused for memory (its partition's window is full, or the engine-wide
-/// limit is reached) is left for the next pass. Not while the engine
+/// refused for memory (the engine-wide limit is reached), or whose
+/// partition opened a window since the pass looked, is left for the next
+/// pass. Not while the engine
 /// closes (the last round would not persist its tombstones).
 /// Returns the deletions it made.
 pub(crate) fn expire(shared: &Shared, forced: bool) -> usize {
@@ -67,7 +69,8 @@ pub(crate) fn expire(shared: &Shared, forced: bool) -> usize {
         // window's entries, filling its memory limit (nothing frees them
         // before COMPLETE or REVERT) and made twice if it is reverted.
         // Expired items read as absent meanwhile; the pass after the window
-        // deletes them.
+        // deletes them. (A cheap early skip: a START after this check is
+        // caught by `mutate`, which refuses an expiry inside a window.)
         if p.window_info().is_some() {
             continue;
         }
@@ -93,9 +96,10 @@ pub(crate) fn expire(shared: &Shared, forced: bool) -> usize {
                 }
                 // Rewritten or deleted since it was seen.
                 Err(Error::NotFound | Error::CasMismatch { .. }) => {}
-                // A full window (or the engine-wide limit, which the next
-                // shard's check sees): the rest of this shard waits.
-                Err(Error::TempOutOfMemory { .. }) => break,
+                // The engine-wide limit, or a window opened since the
+                // check above (the next shard's check sees either): the
+                // rest of this shard waits.
+                Err(Error::TempOutOfMemory { .. } | Error::OnlineUpdateOpen { .. }) => break,
                 Err(e) => {
                     tracing::debug!(partition = p.id, error = %e, "expiry pass stopped");
                     stopped_at = Some(slot);
@@ -194,4 +198,52 @@ pub(crate) fn run(shared: &Shared) {
         quota = shared.config.memory_quota,
         "pager ran"
     );
+}
+
+#[cfg(all(test, not(any(loom, feature = "loom"))))]
+mod tests {
+    use super::*;
+    use crate::Engine;
+
+    /// The expiry pass checks for a window before it reads a shard's
+    /// expired keys, and deletes them one at a time after: a START in
+    /// between used to make the rest of the shard's deletions window
+    /// entries (counted as expired again after a REVERT). The deletion
+    /// itself now refuses, under the partition's lock.
+    #[test]
+    fn an_expiry_deletion_is_refused_inside_a_window_opened_after_the_pass_looked() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = Engine::builder(dir.path()).partitions(1).open().unwrap();
+        let past = WriteOptions {
+            expiry: 1,
+            ..WriteOptions::default()
+        };
+        e.set(b"gone", b"v", past).unwrap();
+        e.flush().unwrap();
+        let s = e.live().unwrap();
+        let p = s.partition(0).unwrap();
+        // What the pass read before the START.
+        let cas = (0..p.table.shards())
+            .flat_map(|shard| p.table.expired(shard, now_secs(), 10))
+            .map(|(_, cas)| cas)
+            .next()
+            .unwrap();
+        e.online_update_start(0).unwrap();
+        let opts = WriteOptions {
+            cas: Some(cas),
+            ..WriteOptions::default()
+        };
+        let admit = |bytes| s.admit(bytes);
+        let res = p.mutate(&s.store, MutationKind::Expire, b"gone", &[], &opts, admit);
+        assert!(
+            matches!(res, Err(Error::OnlineUpdateOpen { .. })),
+            "{:?}",
+            res.map(|_| ())
+        );
+        let info = e.stats().unwrap().partitions[0].window.unwrap();
+        assert_eq!(info.keys, 0, "the deletion became a window entry: {info:?}");
+        e.online_update_revert(0).unwrap();
+        assert_eq!(e.run_expiry_pass().unwrap(), 1);
+        assert_eq!(e.stats().unwrap().partitions[0].expired, 1);
+    }
 }

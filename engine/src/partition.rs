@@ -360,6 +360,16 @@ impl Partition {
     ) -> Result<MutationResult> {
         let mut w = self.writer.lock();
         if let Some(win) = &w.window {
+            // Checked here, under the lock the deletion would run under:
+            // the expiry pass's own check of the window, before it reads a
+            // shard's expired keys, can be overtaken by a START.
+            if kind == MutationKind::Expire {
+                return Err(Error::OnlineUpdateOpen {
+                    partition: self.id,
+                    checkpoint_id: win.checkpoint_id,
+                    what: "the expiry pass leaves a partition with an open window alone",
+                });
+            }
             if opts.durability.needs_disk() {
                 return Err(Error::OnlineUpdateOpen {
                     partition: self.id,
