@@ -583,7 +583,11 @@ fn set_only(ops: u64) {
             }
         }
     };
-    perf_ctl("enable\n");
+    // `GET=1`: time (and profile) shuffled gets of the items instead.
+    let gets = std::env::var_os("GET").is_some();
+    if !gets {
+        perf_ctl("enable\n");
+    }
     let t = Instant::now();
     if pre {
         for i in 0..ops as usize {
@@ -601,6 +605,24 @@ fn set_only(ops: u64) {
     let elapsed = t.elapsed();
     perf_ctl("disable\n");
     println!("tapkv set: {:.0} ops/s", rate(ops, elapsed));
+    if gets {
+        engine.set_flusher_paused(false);
+        engine.flush().expect("flush");
+        let order = shuffled(ops);
+        let keys: Vec<Vec<u8>> = if pre {
+            keys
+        } else {
+            (0..ops).map(key).collect()
+        };
+        perf_ctl("enable\n");
+        let t = Instant::now();
+        for &i in &order {
+            std::hint::black_box(engine.get(&keys[i as usize]).expect("get"));
+        }
+        let elapsed = t.elapsed();
+        perf_ctl("disable\n");
+        println!("tapkv get: {:.0} ops/s", rate(ops, elapsed));
+    }
     engine.close().expect("close");
 }
 

@@ -1,35 +1,26 @@
 //! A partition's concurrent hash table: key → value and metadata.
 //!
-//! Sharded: each shard is a `RwLock` around a `hashbrown::HashTable`. A key's
-//! hash is computed once and picks both the shard (high bits) and the bucket,
-//! so a lookup or an update hashes the key a single time. Readers take a shard
+//! Sharded: each shard is a `RwLock` around a [`BucketTable`] (cache-line
+//! buckets: a lookup waits for its bucket and its record, nothing else). A
+//! key's hash is computed once and picks both the shard (bits 32 and up) and
+//! the bucket and tag (the low 32 bits), so a lookup or an update hashes the
+//! key a single time. Readers take a shard
 //! read lock; writers are serialised per partition by the caller and take the
 //! shard write lock only for the in-place update. A revert takes every shard's
 //! write lock at once ([`HashTable::lock_all`]) so readers never see it half
 //! done.
 //!
-//! Each entry is 24 bytes: the key's hash and a [`Record`] (one shared
-//! allocation with metadata, key and value; the checkpoint holds the same
-//! record). A value may be *evicted*: the entry's record is swapped for a
+//! Each slot is a 32-bit tag and a [`Record`] (one shared allocation with
+//! metadata, key and value; the checkpoint holds the same record). A value
+//! may be *evicted*: the slot's record is swapped for a
 //! key-and-metadata copy, and the bytes are read back from disk on access. The table keeps item, byte and eviction
 //! counts; it never touches checkpoints or disk.
 
-use hashbrown::hash_table::Entry as TableEntry;
-use hashbrown::HashTable as RawTable;
-
+use crate::buckets::BucketTable;
 use crate::item::{key_hash, ItemMeta, Record};
 use crate::sync::{AtomicU64, AtomicUsize, Ordering, RwLock, RwLockWriteGuard};
 
 const SHARDS: usize = 16;
-
-/// A table slot: the key's hash (so growing a shard never re-reads the key,
-/// and most mismatches are settled without touching the record) and the
-/// record holding key, value and metadata.
-#[derive(Debug)]
-struct Entry {
-    hash: u64,
-    rec: Record,
-}
 
 /// What one [`HashTable::evict_clean`] call did.
 #[derive(Debug, Clone, Copy)]
@@ -46,19 +37,14 @@ pub(crate) struct EvictPass {
     pub(crate) finished: bool,
 }
 
-/// Whether `e` holds `key` (whose hash is `hash`).
-fn same_key(e: &Entry, hash: u64, key: &[u8]) -> bool {
-    e.hash == hash && e.rec.key() == key
-}
-
 pub(crate) struct HashTable {
-    shards: Box<[RwLock<RawTable<Entry>>]>,
+    shards: Box<[RwLock<Shard>]>,
     items: AtomicUsize,
     bytes: AtomicUsize,
     evicted: AtomicUsize,
 }
 
-type Shard = RawTable<Entry>;
+type Shard = BucketTable;
 
 /// Write access to shards; positioned per key with a precomputed hash.
 pub(crate) struct ShardsGuard<'a> {
@@ -78,7 +64,9 @@ enum Held<'a> {
 impl HashTable {
     pub(crate) fn new() -> Self {
         HashTable {
-            shards: (0..SHARDS).map(|_| RwLock::new(RawTable::new())).collect(),
+            shards: (0..SHARDS)
+                .map(|_| RwLock::new(BucketTable::default()))
+                .collect(),
             items: AtomicUsize::new(0),
             bytes: AtomicUsize::new(0),
             evicted: AtomicUsize::new(0),
@@ -89,12 +77,10 @@ impl HashTable {
         key_hash(key)
     }
 
-    /// The shard of a hash: bits 32 and up, clear of both parts of the hash
-    /// a shard's `RawTable` uses itself — the low bits pick its bucket and
-    /// the top seven are the tag it compares before any entry. (Taking the
-    /// top bits here, as this once did, left every key of a shard with the
-    /// same top four bits, so tags told apart only 8 values instead of 128
-    /// and most lookups read one or two extra entries.)
+    /// The shard of a hash: bits 32 and up, clear of the low 32 bits a
+    /// shard's table uses for its buckets and tags (a shard taken from the
+    /// tag's bits would leave every key of a shard with the same few bits,
+    /// and tags would tell fewer keys apart).
     fn shard_index(hash: u64) -> usize {
         (hash >> 32) as usize % SHARDS
     }
@@ -103,9 +89,7 @@ impl HashTable {
     pub(crate) fn get(&self, key: &[u8]) -> Option<Record> {
         let hash = self.hash(key);
         let shard = self.shards[Self::shard_index(hash)].read();
-        shard
-            .find(hash, |e| same_key(e, hash, key))
-            .map(|e| e.rec.clone())
+        shard.find(hash, key).cloned()
     }
 
     /// Locks `key`'s shard for writing.
@@ -181,17 +165,17 @@ impl HashTable {
             kept: 0,
             finished: true,
         };
-        for e in guard.iter_mut().skip(skip) {
+        for rec in guard.iter_mut().skip(skip) {
             if pass.bytes >= target || pass.kept >= max_kept {
                 pass.finished = false;
                 break;
             }
             pass.scanned += 1;
             // An empty value frees nothing and would cost a disk read.
-            if e.rec.has_value_to_evict() && e.rec.by_seqno() <= clean_upto {
-                pass.bytes += e.rec.value_len();
+            if rec.has_value_to_evict() && rec.by_seqno() <= clean_upto {
+                pass.bytes += rec.value_len();
                 pass.items += 1;
-                e.rec = e.rec.evicted();
+                *rec = rec.evicted();
             } else {
                 pass.kept += 1;
             }
@@ -209,9 +193,9 @@ impl HashTable {
         let guard = self.shards[shard % SHARDS].read();
         guard
             .iter()
-            .filter_map(|e| {
-                let m = e.rec.meta();
-                m.is_expired(now).then(|| (e.rec.key().to_vec(), m.cas))
+            .filter_map(|rec| {
+                let m = rec.meta();
+                m.is_expired(now).then(|| (rec.key().to_vec(), m.cas))
             })
             .take(max)
             .collect()
@@ -248,8 +232,7 @@ impl ShardsGuard<'_> {
     /// The hash of `key` and its current record, if present.
     pub(crate) fn current_entry(&mut self, key: &[u8]) -> (u64, Option<&Record>) {
         let (shard, hash) = self.shard(key);
-        let found = shard.find(hash, |e| same_key(e, hash, key)).map(|e| &e.rec);
-        (hash, found)
+        (hash, shard.find(hash, key))
     }
 
     /// Stores `rec` under its key, replacing the key's current record.
@@ -262,17 +245,9 @@ impl ShardsGuard<'_> {
     pub(crate) fn put_hashed(&mut self, hash: u64, rec: Record) {
         let table = self.table;
         let (shard, hash) = self.shard_of(hash);
-        let entry = shard.entry(hash, |e| same_key(e, hash, rec.key()), |e| e.hash);
-        match entry {
-            TableEntry::Occupied(mut o) => {
-                table.account(Some(&o.get().rec), Some(&rec));
-                o.get_mut().rec = rec;
-            }
-            TableEntry::Vacant(v) => {
-                table.account(None, Some(&rec));
-                v.insert(Entry { hash, rec });
-            }
-        }
+        table.account(None, Some(&rec));
+        let old = shard.upsert(hash, rec);
+        table.account(old.as_ref(), None);
     }
 
     /// Removes `key` (whose hash is `hash`) completely; returns its record
@@ -280,25 +255,16 @@ impl ShardsGuard<'_> {
     pub(crate) fn remove_hashed(&mut self, hash: u64, key: &[u8]) -> Option<Record> {
         let table = self.table;
         let (shard, hash) = self.shard_of(hash);
-        match shard.find_entry(hash, |e| same_key(e, hash, key)) {
-            Ok(o) => {
-                let (e, _) = o.remove();
-                table.account(Some(&e.rec), None);
-                Some(e.rec)
-            }
-            Err(_) => None,
-        }
+        let old = shard.remove(hash, key)?;
+        table.account(Some(&old), None);
+        Some(old)
     }
 
     /// Loads `key`'s bucket and record into the cache without changing
     /// anything (independent touches of many keys overlap their misses).
     pub(crate) fn touch(&mut self, hash: u64, key: &[u8]) {
         let (shard, hash) = self.shard_of(hash);
-        std::hint::black_box(
-            shard
-                .find(hash, |e| same_key(e, hash, key))
-                .map(|e| e.rec.by_seqno()),
-        );
+        std::hint::black_box(shard.find(hash, key).map(Record::by_seqno));
     }
 
     /// Removes every entry of the locked shards.
@@ -309,8 +275,8 @@ impl ShardsGuard<'_> {
             Held::All(guards) => guards,
         };
         for shard in shards {
-            for e in shard.drain() {
-                table.account(Some(&e.rec), None);
+            for rec in shard.take_all() {
+                table.account(Some(&rec), None);
             }
         }
     }
@@ -322,12 +288,12 @@ impl ShardsGuard<'_> {
     pub(crate) fn fill(&mut self, key: &[u8], meta: &ItemMeta, value: &[u8]) -> Option<Record> {
         let table = self.table;
         let (shard, hash) = self.shard(key);
-        let e = shard.find_mut(hash, |e| same_key(e, hash, key))?;
-        if e.rec.is_evicted() && e.rec.meta() == *meta {
+        let rec = shard.find_mut(hash, key)?;
+        if rec.is_evicted() && rec.meta() == *meta {
             table.bytes.fetch_add(value.len(), Ordering::Relaxed);
             table.evicted.fetch_sub(1, Ordering::Relaxed);
-            e.rec = e.rec.with_value(value);
-            return Some(e.rec.clone());
+            *rec = rec.with_value(value);
+            return Some(rec.clone());
         }
         None
     }
@@ -337,18 +303,18 @@ impl ShardsGuard<'_> {
     pub(crate) fn evict(&mut self, key: &[u8], clean_upto: u64) -> Option<Eviction> {
         let table = self.table;
         let (shard, hash) = self.shard(key);
-        let e = shard.find_mut(hash, |e| same_key(e, hash, key))?;
-        if e.rec.by_seqno() > clean_upto {
+        let rec = shard.find_mut(hash, key)?;
+        if rec.by_seqno() > clean_upto {
             return Some(Eviction::Dirty);
         }
         // An empty value frees nothing and would cost a disk read (as in
         // `evict_clean`).
-        if !e.rec.has_value_to_evict() {
+        if !rec.has_value_to_evict() {
             return Some(Eviction::Already);
         }
-        table.bytes.fetch_sub(e.rec.value_len(), Ordering::Relaxed);
+        table.bytes.fetch_sub(rec.value_len(), Ordering::Relaxed);
         table.evicted.fetch_add(1, Ordering::Relaxed);
-        e.rec = e.rec.evicted();
+        *rec = rec.evicted();
         Some(Eviction::Now)
     }
 }

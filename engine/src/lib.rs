@@ -18,6 +18,7 @@
 #![deny(missing_docs)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+mod buckets;
 pub mod checkpoint;
 mod config;
 mod engine;
