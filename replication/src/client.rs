@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use crate::io::{FrameReader, FrameWriter};
+use crate::io::{BodyBudget, FrameReader, FrameWriter};
 use crate::message::{hello, opcode, status, store_extras};
 use crate::protocol::{Frame, ProtocolError, DEFAULT_MAX_BODY};
 use crate::sync::{Arc, AtomicU64, Condvar, Mutex, Ordering};
@@ -115,6 +115,12 @@ impl DumpRow {
 /// looks at its reply deadline again.
 const CLIENT_POLL: Duration = Duration::from_millis(100);
 
+/// How much larger than the node's request limit (`max_body`, from its
+/// HELLO) a reply may be: a GET reply's flags, and room to spare. (A value
+/// stored under an earlier, larger limit of the node's can still be over
+/// it.)
+const REPLY_HEADROOM: usize = 64 << 10;
+
 /// A connection to a node.
 pub struct Client {
     reader: FrameReader,
@@ -186,6 +192,15 @@ impl Client {
         c.role = info["role"].as_str().unwrap_or("").to_owned();
         if let Some(m) = info["max_body"].as_u64() {
             c.max_body = usize::try_from(m).unwrap_or(usize::MAX);
+            // Replies as large as what the node takes, and a little more
+            // (a GET reply's flags): before, the reader kept the default
+            // limit, so a value a node configured above it took was stored
+            // and could not be read back.
+            c.reader.set_max_body(
+                c.max_body
+                    .saturating_add(REPLY_HEADROOM)
+                    .max(DEFAULT_MAX_BODY),
+            );
         }
         Ok(c)
     }
@@ -215,9 +230,19 @@ impl Client {
     /// Sends a request and waits for its response; error statuses become
     /// [`ClientError::Status`].
     pub fn call(&mut self, req: Frame) -> Result<Frame, ClientError> {
+        let body = req.extras.len() + req.key.len() + req.value.len();
         let reply = self.send_request(req).and_then(|()| self.reply());
-        if matches!(reply, Err(ClientError::Protocol(_))) {
-            self.broken = true;
+        match &reply {
+            Err(ClientError::Protocol(_)) => self.broken = true,
+            // A large frame the node refused as it arrived (its budget for
+            // partly received large frames is taken): the node closes the
+            // connection after this answer.
+            Err(ClientError::Status { status, .. })
+                if *status == status::TEMP_FAILURE && body > BodyBudget::LARGE =>
+            {
+                self.broken = true
+            }
+            _ => {}
         }
         // Idle from the end of the request, answered or not: a heartbeat
         // right after a request that waited its whole timeout would only
@@ -280,6 +305,7 @@ impl Client {
                 // The node's answer about the connection itself (too many
                 // connections, a malformed frame): it closes next.
                 Some(r) if r.opaque == 0 && r.status() != status::SUCCESS => {
+                    self.broken = true;
                     return Err(ClientError::Status {
                         status: r.status(),
                         message: String::from_utf8_lossy(&r.value).into_owned(),
@@ -549,6 +575,12 @@ struct KeepAliveShared {
     heartbeats: AtomicU64,
 }
 
+/// How long a keep-alive waits before it looks again: until `every` has
+/// passed since the last request (at least 10 ms).
+fn heartbeat_wait(every: Duration, idle: Duration) -> Duration {
+    every.saturating_sub(idle).max(Duration::from_millis(10))
+}
+
 impl KeptAlive {
     /// Wraps `client`, sending a heartbeat after every `every` of idleness.
     pub fn new(client: Client, every: Duration) -> Result<KeptAlive, ClientError> {
@@ -563,10 +595,14 @@ impl KeptAlive {
         let thread = std::thread::Builder::new()
             .name("tapkv-keepalive".into())
             .spawn(move || loop {
+                // Until `every` after the last request, not a whole `every`
+                // from now: a fixed wait let up to twice the interval pass
+                // without a request or a heartbeat.
+                let wait = heartbeat_wait(every, bg.client.lock().idle_for());
                 {
                     let mut stop = bg.stop.lock();
                     if !*stop {
-                        bg.wake.wait_for(&mut stop, every);
+                        bg.wake.wait_for(&mut stop, wait);
                     }
                     if *stop {
                         return;
@@ -607,5 +643,26 @@ impl Drop for KeptAlive {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A heartbeat goes out `every` after the last request, not up to twice
+    /// that: the wait is what is left of the interval.
+    #[test]
+    fn a_keep_alive_waits_only_for_what_is_left_of_the_interval() {
+        let every = Duration::from_millis(800);
+        assert_eq!(
+            heartbeat_wait(every, Duration::from_millis(700)),
+            Duration::from_millis(100)
+        );
+        assert_eq!(heartbeat_wait(every, Duration::ZERO), every);
+        assert_eq!(
+            heartbeat_wait(every, Duration::from_secs(5)),
+            Duration::from_millis(10)
+        );
     }
 }

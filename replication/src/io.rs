@@ -490,6 +490,11 @@ impl FrameWriter {
         }
     }
 
+    /// The connection written to.
+    pub fn stream(&self) -> &TcpStream {
+        &self.stream
+    }
+
     /// Limits how slowly a flush may go: the peer must take at least 64 KiB
     /// per `limit` (measured over spans of at least `limit`), else the
     /// flush fails with a timeout. The socket's write timeout bounds only

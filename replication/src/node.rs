@@ -695,6 +695,7 @@ fn next_request(
     writer: &mut FrameWriter,
     idle_polls: usize,
     idle: &mut usize,
+    before_hello: bool,
 ) -> Result<Option<Frame>, ProtocolError> {
     loop {
         if state.stop.load(Ordering::Acquire) {
@@ -702,6 +703,14 @@ fn next_request(
             return Ok(None);
         }
         match reader.poll() {
+            // Before the handshake, returned as the first request, which
+            // is not a HELLO (answered HANDSHAKE_REQUIRED, and the
+            // connection closed): a peer sending only responses does not
+            // hold a slot past the handshake's deadline.
+            Ok(Some(f)) if before_hello => {
+                *idle = 0;
+                return Ok(Some(f));
+            }
             Ok(Some(f)) if f.magic != crate::protocol::MAGIC_REQUEST => {
                 // A response where a request belongs: answered, skipped.
                 *idle = 0;
@@ -746,10 +755,55 @@ fn next_request(
                     ProtocolError::Busy { .. } => status::TEMP_FAILURE,
                     _ => status::INVALID_ARGUMENTS,
                 };
-                let _ = writer.send(&status_response(&req, st, &e.to_string()));
+                if writer
+                    .send(&status_response(&req, st, &e.to_string()))
+                    .is_ok()
+                {
+                    close_after_answer(state, writer.stream());
+                }
                 return Err(e);
             }
             Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Ends a connection whose input cannot be read on (a malformed frame, or a
+/// large one refused) after its answer was written, without resetting it:
+/// closing with input unread makes the kernel reset the connection, and a
+/// peer still sending the rest of a large frame (as any client does before
+/// it reads) then loses the answer to the reset. So the node shuts its side
+/// down and reads and discards what the peer still sends, until the peer
+/// closes, for at most the I/O timeout and `max_body` plus 1 MiB, or until
+/// the node stops.
+fn close_after_answer(state: &NodeState, stream: &TcpStream) {
+    let cfg = &state.config;
+    if stream.shutdown(std::net::Shutdown::Write).is_err()
+        || stream
+            .set_read_timeout(Some(CONNECTION_POLL.min(cfg.io_timeout)))
+            .is_err()
+    {
+        return;
+    }
+    let started = Instant::now();
+    let max_bytes = cfg.max_body.saturating_add(1 << 20);
+    let mut buf = vec![0u8; 64 << 10];
+    let mut read = 0usize;
+    while read < max_bytes
+        && started.elapsed() < cfg.io_timeout
+        && !state.stop.load(Ordering::Acquire)
+    {
+        match std::io::Read::read(&mut &*stream, &mut buf) {
+            Ok(0) => return,
+            Ok(n) => read += n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
+                ) => {}
+            Err(_) => return,
         }
     }
 }
@@ -804,10 +858,18 @@ fn serve_connection(
     let hello_polls = (cfg.io_timeout.min(cfg.idle_timeout).as_millis()
         / CONNECTION_POLL.as_millis())
     .max(1) as usize;
-    let Some(first) = next_request(state, &mut reader, &mut writer, hello_polls, &mut idle)? else {
+    let Some(first) = next_request(
+        state,
+        &mut reader,
+        &mut writer,
+        hello_polls,
+        &mut idle,
+        true,
+    )?
+    else {
         return Ok(());
     };
-    if first.opcode != opcode::HELLO {
+    if first.magic != crate::protocol::MAGIC_REQUEST || first.opcode != opcode::HELLO {
         writer.send(&status_response(
             &first,
             status::HANDSHAKE_REQUIRED,
@@ -846,7 +908,14 @@ fn serve_connection(
     writer
         .send(&json_response(&first, &info).with_extras(PROTOCOL_VERSION.to_be_bytes().to_vec()))?;
     loop {
-        let Some(frame) = next_request(state, &mut reader, &mut writer, idle_polls, &mut idle)?
+        let Some(frame) = next_request(
+            state,
+            &mut reader,
+            &mut writer,
+            idle_polls,
+            &mut idle,
+            false,
+        )?
         else {
             return Ok(());
         };
@@ -862,6 +931,10 @@ fn serve_connection(
             return Ok(());
         }
         if frame.opcode == opcode::ADMIN && &frame.key[..] == b"dump" {
+            // Earlier replies do not wait behind the dump's walk of the store.
+            if writer.pending() > 0 {
+                writer.flush()?;
+            }
             admin_dump(state, &frame, &mut writer)?;
             continue;
         }

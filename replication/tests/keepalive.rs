@@ -331,6 +331,148 @@ fn partly_received_large_frames_share_a_budget() {
     common::shutdown(node);
 }
 
+/// A frame refused as it arrives (the budget for large frames is taken, or
+/// its body is over `max_body`) is answered, and the answer reaches a peer
+/// that sends the whole frame before it reads, as every client does. Before,
+/// the node closed with the rest of the frame unread, the kernel reset the
+/// connection, and the peer got a reset (or a broken pipe) instead of the
+/// answer; tapkv's client, when the answer did arrive, kept using the
+/// connection the node had closed.
+#[test]
+fn a_refused_large_frame_is_answered_to_a_peer_that_sends_it_whole() {
+    use tapkv_replication::client::ClientError;
+    use tapkv_replication::message::{opcode, status};
+    use tapkv_replication::protocol::{read_frame, Frame};
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = NodeConfig::new("127.0.0.1:0");
+    cfg.max_body = 8 << 20;
+    cfg.max_pending_body_bytes = 5 << 20;
+    let node = Node::start(Engine::builder(dir.path()).open().unwrap(), cfg).unwrap();
+    let addr = node.local_addr().to_string();
+    let mut c = Client::connect(&addr, Duration::from_secs(10)).unwrap();
+    let open = |name: &str| {
+        let mut s = TcpStream::connect(&addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut buf = BytesMut::new();
+        hello(name).encode(&mut buf);
+        s.write_all(&buf).unwrap();
+        assert_eq!(
+            read_frame(&mut s, 1 << 20).unwrap().status(),
+            status::SUCCESS
+        );
+        s
+    };
+    // A holds 4 MiB of the budget's 5.
+    let a_frame = Frame::request(opcode::SET, c.partition_of(b"a"))
+        .with_extras(vec![0u8; 8])
+        .with_key(b"a".to_vec())
+        .with_value(vec![b'v'; 4 << 20])
+        .to_bytes();
+    let mut a = open("a");
+    a.write_all(&a_frame[..200 << 10]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while c.stats().unwrap()["pending_body_bytes"].as_u64() < Some(4 << 20) {
+        assert!(Instant::now() < deadline, "A's frame never held the budget");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The client's 3 MiB SET does not fit: it sends all of it, then reads.
+    let mut b = Client::connect(&addr, Duration::from_secs(10)).unwrap();
+    let err = b.set(b"b", &vec![b'v'; 3 << 20], 0, false).unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Status { status: st, message } if *st == status::TEMP_FAILURE && message.contains("busy")),
+        "{err:?}"
+    );
+    assert!(b.is_broken(), "the node closed this connection");
+    // A body over `max_body`, sent whole by a raw peer.
+    let mut big = Frame::request(opcode::SET, c.partition_of(b"big"))
+        .with_extras(vec![0u8; 8])
+        .with_key(b"big".to_vec())
+        .with_value(vec![b'v'; 9 << 20]);
+    big.opaque = 7;
+    let mut d = open("d");
+    d.write_all(&big.to_bytes()).unwrap();
+    let answer = read_frame(&mut d, 1 << 20).unwrap();
+    assert_eq!(
+        (answer.status(), answer.opaque),
+        (status::INVALID_ARGUMENTS, 7),
+        "{answer:?}"
+    );
+    let mut rest = Vec::new();
+    assert_eq!(
+        d.read_to_end(&mut rest).unwrap(),
+        0,
+        "closed after the answer"
+    );
+    // The node still serves.
+    a.write_all(&a_frame[200 << 10..]).unwrap();
+    assert_eq!(
+        read_frame(&mut a, 1 << 20).unwrap().status(),
+        status::SUCCESS
+    );
+    assert_eq!(c.get(b"a").unwrap().0.len(), 4 << 20);
+    common::shutdown(node);
+}
+
+/// A node configured for values over the protocol's default body limit
+/// serves them back: tapkv's client takes replies as large as the node's
+/// `max_body` (from its HELLO). Before, the value was stored and its GET
+/// failed with `BodyTooLarge`.
+#[test]
+fn a_value_over_the_default_body_limit_is_read_back_from_a_node_that_takes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::builder(dir.path())
+        .max_value_size(40 << 20)
+        .open()
+        .unwrap();
+    let mut cfg = NodeConfig::new("127.0.0.1:0");
+    cfg.max_body = 48 << 20;
+    let node = Node::start(engine, cfg).unwrap();
+    let mut c = Client::connect(&node.local_addr().to_string(), Duration::from_secs(30)).unwrap();
+    let value = vec![7u8; 30 << 20];
+    c.set(b"big", &value, 0, false).unwrap();
+    let (got, _) = c.get(b"big").unwrap();
+    assert_eq!(got.len(), value.len());
+    assert!(got.iter().all(|&b| b == 7));
+    assert!(!c.is_broken());
+    common::shutdown(node);
+}
+
+/// Before its HELLO, a response frame (magic 0x81) is a first request that
+/// is not a HELLO: answered HANDSHAKE_REQUIRED, and the connection closed.
+/// Before, it was answered and skipped, and reset the handshake's deadline,
+/// so a peer sending one every few hundred milliseconds held its slot and
+/// thread for ever without a handshake.
+#[test]
+fn a_response_frame_before_the_handshake_ends_the_connection() {
+    use tapkv_replication::message::{opcode, status};
+    use tapkv_replication::protocol::{read_frame, Frame};
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(
+        Engine::builder(dir.path()).open().unwrap(),
+        NodeConfig::new("127.0.0.1:0"),
+    )
+    .unwrap();
+    let mut s = TcpStream::connect(node.local_addr()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut f = Frame::response(&Frame::request(opcode::NOOP, 0), status::SUCCESS);
+    f.opaque = 9;
+    s.write_all(&f.to_bytes()).unwrap();
+    let answer = read_frame(&mut s, 1 << 20).unwrap();
+    assert_eq!(
+        (answer.status(), answer.opaque),
+        (status::HANDSHAKE_REQUIRED, 9),
+        "{answer:?}"
+    );
+    let mut rest = Vec::new();
+    assert_eq!(
+        s.read_to_end(&mut rest).unwrap(),
+        0,
+        "closed after the answer"
+    );
+    common::shutdown(node);
+}
+
 #[test]
 fn a_replicate_write_waiting_at_shutdown_does_not_hold_the_stop() {
     // Before, a stop waited out the write's whole replicate timeout (up
