@@ -388,9 +388,9 @@ fn persisted_open_checkpoints_do_not_hold_memory_writers_wait_for() {
         .max_value_size(4 << 10)
         .open()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
     let mut refused = 0;
     for i in 0..2000 {
+        let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             match e.set(&key(i), vec![b'x'; 200], WriteOptions::default()) {
                 Ok(_) => break,

@@ -12,9 +12,11 @@ use std::time::{Duration, Instant};
 
 /// Path of the `tapkv` binary: `$TAPKV_BIN`, or `tapkv` next to the test's
 /// `deps/` directory (where `cargo build --release --bins` puts it).
-/// Panics if it is missing or older than a source file of the crates it is
-/// built from: this crate does not depend on the binary's, so a plain
-/// `cargo test` would otherwise run an old binary without a word.
+/// Panics if it is missing or older than a file it was built from (the
+/// list cargo writes beside it, `tapkv.d`; without one, every `.rs` file
+/// of the crates it is built from): this crate does not depend on the
+/// binary's, so a plain `cargo test` would otherwise run an old binary
+/// without a word.
 pub fn tapkv_bin() -> PathBuf {
     static CHECKED: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     CHECKED
@@ -35,20 +37,60 @@ pub fn tapkv_bin() -> PathBuf {
                         bin.display()
                     )
                 });
-            let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-            for krate in ["engine", "replication", "tools"] {
-                if let Some(newer) = newer_source(&root.join(krate).join("src"), built) {
-                    panic!(
-                        "{} is older than {}: rebuild it with `cargo build --release --bins` \
-                         (make test does)",
-                        bin.display(),
-                        newer.display()
-                    );
+            let newer = match std::fs::read_to_string(bin.with_extension("d")) {
+                Ok(deps) => newer_dependency(&deps, built),
+                Err(_) => {
+                    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+                    ["engine", "replication", "tools"]
+                        .iter()
+                        .find_map(|krate| newer_source(&root.join(krate).join("src"), built))
                 }
+            };
+            if let Some(newer) = newer {
+                panic!(
+                    "{} is older than {}: rebuild it with `cargo build --release --bins` \
+                     (make test does)",
+                    bin.display(),
+                    newer.display()
+                );
             }
             bin
         })
         .clone()
+}
+
+/// A file of a cargo dep-info list (`target: dep dep ...`, spaces in a path
+/// escaped as `\ `) modified after `than`, if any: exactly the inputs the
+/// binary was built from (sources, manifests, included files), where a scan
+/// of the source directories also finds files no crate compiles into it.
+fn newer_dependency(deps: &str, than: std::time::SystemTime) -> Option<PathBuf> {
+    let line = deps.lines().next()?;
+    let (_, list) = line.split_once(": ")?;
+    let mut paths = Vec::new();
+    let mut current = String::new();
+    let mut chars = list.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' if chars.peek() == Some(&' ') => {
+                current.push(' ');
+                chars.next();
+            }
+            ' ' => {
+                if !current.is_empty() {
+                    paths.push(PathBuf::from(std::mem::take(&mut current)));
+                }
+            }
+            c => current.push(c),
+        }
+    }
+    if !current.is_empty() {
+        paths.push(PathBuf::from(current));
+    }
+    paths.into_iter().find(|p| {
+        std::fs::metadata(p)
+            .and_then(|m| m.modified())
+            .is_ok_and(|m| m > than)
+    })
 }
 
 /// A `.rs` file under `dir` modified after `than`, if any.
@@ -112,9 +154,28 @@ impl Proc {
         stderr: Stdio,
         warn_log: bool,
     ) -> (Proc, Option<ChildStdin>) {
+        use std::os::unix::process::CommandExt;
         let mut cmd = Command::new(tapkv_bin());
+        let parent = std::process::id() as libc::pid_t;
+        // SAFETY: prctl and getppid are async-signal-safe; the closure reads
+        // only `parent`, a copy it owns.
+        #[allow(unsafe_code)]
+        unsafe {
+            cmd.pre_exec(move || {
+                // Killed with the test thread that started it: a test binary
+                // that aborts, or is killed, leaves no node running (a
+                // stopped one would stay stopped) holding the log pipe that
+                // CI waits on.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::getppid() != parent {
+                    return Err(std::io::Error::other("the test process has already exited"));
+                }
+                Ok(())
+            });
+        }
         if let Some(n) = nofile {
-            use std::os::unix::process::CommandExt;
             let lim = libc::rlimit {
                 rlim_cur: n,
                 rlim_max: n,
@@ -132,6 +193,10 @@ impl Proc {
                 });
             }
         }
+        // A name that does not resolve (a test's `primary.invalid`) is told
+        // in a second, not after the resolver's retries against a machine's
+        // slow or unreachable DNS server.
+        cmd.env("RES_OPTIONS", "timeout:1 attempts:1");
         if warn_log || std::env::var_os("TAPKV_LOG").is_none() {
             cmd.env("TAPKV_LOG", "warn");
         }
