@@ -479,16 +479,12 @@ fn write_part(shared: &Shared, batch: &mut FlushBatch, sync: bool) -> Result<()>
 }
 
 /// Frees checkpoint memory that persisted items would otherwise hold:
-/// [`drop_lagging_stream_cursors`] (at `cursor_drop_threshold`), then, at
-/// half the limit or after a write was refused for memory,
-/// [`expel_read_items`], and at the threshold again
-/// [`close_open_checkpoints_streams_lag_in`]. Returns whether it closed a
-/// checkpoint (another round frees it).
+/// [`drop_lagging_stream_cursors`] (at `cursor_drop_threshold`, or after a
+/// write was refused for memory), then, at half the limit or after a
+/// refusal, [`expel_read_items`], and at the threshold or after a refusal
+/// again [`close_open_checkpoints_streams_lag_in`]. Returns whether it
+/// closed a checkpoint (another round frees it).
 fn relieve_memory_pressure(shared: &Shared, mine: &[&Partition]) -> Result<bool> {
-    let pressed = at_cursor_drop_threshold(shared);
-    if pressed {
-        drop_lagging_stream_cursors(shared, mine);
-    }
     // A refused write also expels: below half the limit the entries would
     // otherwise stay until their checkpoint closes, which a quiet partition
     // may never do, and the write would be refused for as long.
@@ -496,6 +492,15 @@ fn relieve_memory_pressure(shared: &Shared, mine: &[&Partition]) -> Result<bool>
     let refused = mine.iter().fold(false, |any, p| {
         p.memory_refused.swap(false, Ordering::AcqRel) | any
     });
+    // And counts as pressure on lagging streams (unless cursor dropping is
+    // off): a write needing more than what is left below the threshold is
+    // refused before memory reaches it, and a stream lagging behind
+    // persisted checkpoints kept it refused for as long as it lagged.
+    let pressed =
+        at_cursor_drop_threshold(shared) || (refused && shared.config.cursor_drop_threshold < 1.0);
+    if pressed {
+        drop_lagging_stream_cursors(shared, mine);
+    }
     if !under_memory_pressure(shared) && !refused {
         return Ok(false);
     }
@@ -643,13 +648,23 @@ fn gather_group(shared: &Shared) {
 /// a primary that lost them and never be sent the older versions of keys
 /// the snapshot had newer ones of.
 pub(crate) fn sync_persisted(shared: &Shared, p: &Partition) -> Result<()> {
-    let synced = p.progress.synced_seqno.load(Ordering::Acquire);
-    if synced >= p.progress.persisted_seqno.load(Ordering::Acquire) {
+    let persisted = p.progress.persisted_seqno.load(Ordering::Acquire);
+    if p.progress.synced_seqno.load(Ordering::Acquire) >= persisted {
         return Ok(());
     }
     shared.store.sync_wal()?;
     let all: Vec<&Partition> = shared.partitions.iter().collect();
-    mark_synced(shared, &all)
+    mark_synced(shared, &all)?;
+    // `mark_synced` acknowledges nothing while a synced write elsewhere may
+    // still fail for pages this sync reported synced; the snapshot must not
+    // go on as if it had (before, it did).
+    if p.progress.synced_seqno.load(Ordering::Acquire) < persisted {
+        return Err(Error::Timeout {
+            what: "synced writes under way to finish before a disk snapshot",
+            millis: IN_FLIGHT_PATIENCE.as_millis() as u64,
+        });
+    }
+    Ok(())
 }
 
 /// The flusher thread that owns partition 0 also runs the pager.
@@ -689,4 +704,33 @@ fn mark_synced(shared: &Shared, mine: &[&Partition]) -> Result<()> {
     }
     shared.wake_persist_waiters();
     Ok(())
+}
+
+#[cfg(all(test, not(any(loom, feature = "loom"))))]
+mod tests {
+    use super::*;
+    use crate::{Engine, WriteOptions};
+
+    /// A disk snapshot's sync that cannot be acknowledged (a synced write
+    /// elsewhere still under way, which may yet fail for the pages it
+    /// reported synced) fails the snapshot's start instead of letting it
+    /// read unsynced versions. Before, it returned as if synced.
+    #[test]
+    fn a_snapshot_sync_that_cannot_be_acknowledged_fails_instead_of_passing() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = Engine::builder(dir.path()).partitions(1).open().unwrap();
+        e.set_flusher_paused(true);
+        e.set(b"k", b"v", WriteOptions::default()).unwrap();
+        while e.run_flush_round().unwrap() {}
+        let s = e.live().unwrap();
+        let p = s.partition(0).unwrap();
+        let persisted = p.progress.persisted_seqno.load(Ordering::Acquire);
+        assert!(p.progress.synced_seqno.load(Ordering::Acquire) < persisted);
+        let held = s.store.hold_synced_write_in_flight();
+        let res = sync_persisted(s, p);
+        assert!(matches!(res, Err(Error::Timeout { .. })), "{res:?}");
+        drop(held);
+        sync_persisted(s, p).unwrap();
+        assert!(p.progress.synced_seqno.load(Ordering::Acquire) >= persisted);
+    }
 }

@@ -92,7 +92,12 @@ pub struct PartitionStats {
     pub flushes: u64,
     /// Items written by those flushes.
     pub flushed_items: u64,
-    /// Failed flush attempts (retried).
+    /// Failed background flush rounds (retried) of the flusher thread that
+    /// owns this partition: a round covers every partition of its thread,
+    /// so a failure counts on each of them, written in that round or not.
+    /// A failure of the last drain at close, or of
+    /// [`Engine::run_flush_round`](crate::Engine::run_flush_round), is
+    /// returned to its caller, not counted.
     pub flush_failures: u64,
     /// Total time spent in successful flushes, microseconds.
     pub flush_micros_total: u64,

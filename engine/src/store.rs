@@ -577,6 +577,13 @@ impl Store {
         self.synced_in_flight.load(Ordering::Acquire)
     }
 
+    /// Counts a synced write under way until the guard is dropped (tests
+    /// stand in for a slow one with it).
+    #[cfg(all(test, not(any(loom, feature = "loom"))))]
+    pub(crate) fn hold_synced_write_in_flight(&self) -> Counted<'_> {
+        Counted::new(&self.synced_in_flight)
+    }
+
     /// Whether a synced write or a WAL sync has failed since the store was
     /// opened.
     pub(crate) fn sync_failed(&self) -> bool {

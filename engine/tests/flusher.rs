@@ -773,3 +773,45 @@ fn a_refused_write_makes_the_flusher_release_persisted_entries_below_half_the_li
     assert_eq!(e.get(b"a").unwrap().value().len(), 500_000);
     e.close().unwrap();
 }
+
+/// A write refused for checkpoint memory makes the flusher drop a lagging
+/// stream cursor that alone holds persisted checkpoints, even below
+/// `cursor_drop_threshold`. Before, only memory at the threshold dropped
+/// one; a write needing more than what was left below it was refused before
+/// memory got there, and stayed refused for as long as the stream lagged,
+/// with nothing left to persist.
+#[test]
+fn a_refused_write_drops_a_lagging_stream_cursor_below_the_threshold() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = builder(dir.path())
+        .partitions(1)
+        .checkpoint_max_items(100_000)
+        .checkpoint_memory_limit(4 << 20)
+        .max_value_size(1_100_000)
+        .open()
+        .unwrap();
+    e.set_flusher_paused(true);
+    assert!(matches!(
+        e.stream_start(0, "lagging", 0).unwrap(),
+        tapkv_engine::StreamStart::InMemory
+    ));
+    for i in 0..3 {
+        e.set(&key(i), vec![b'v'; 1_050_000], WriteOptions::default())
+            .unwrap();
+    }
+    e.create_checkpoint(0).unwrap();
+    while e.run_flush_round().unwrap() {}
+    assert_eq!(e.stats().unwrap().dirty(), 0);
+    // About 3.15 MB held, 0.75 of the limit: under the 0.9 threshold.
+    let big = vec![b'b'; 1_100_000];
+    assert!(matches!(
+        e.set(b"big", &big[..], WriteOptions::default()),
+        Err(Error::TempOutOfMemory { .. })
+    ));
+    e.run_flush_round().unwrap();
+    e.run_flush_round().unwrap();
+    e.set(b"big", &big[..], WriteOptions::default())
+        .expect("admitted once the lagging stream's cursor is dropped");
+    assert_eq!(e.stats().unwrap().cursors_dropped, 1);
+    e.close().unwrap();
+}
