@@ -277,6 +277,28 @@ fn demo_refuses_a_directory_it_did_not_make() {
     assert!(!dir.path().join("engine").exists());
 }
 
+/// Node stores named as the demo's subdirectories, in an unmarked
+/// directory, are not the demo's to clear. Before, a directory holding
+/// nothing but `primary` and `replica-1` counted as the demo's (a rule
+/// from before the marker), and both were wiped.
+#[test]
+fn demo_refuses_an_unmarked_directory_holding_only_subdirectories_named_as_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("primary");
+    std::fs::create_dir(&store).unwrap();
+    std::fs::write(store.join("node-name"), "primary").unwrap();
+    std::fs::create_dir(dir.path().join("replica-1")).unwrap();
+    let d = dir.path().to_str().unwrap();
+    let (ok, _, err) = run(&["demo", "--data", d, "--items", "10"], "", T);
+    assert!(!ok, "the demo must refuse an unmarked non-empty directory");
+    assert!(err.contains("not made by `tapkv demo`"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(store.join("node-name")).unwrap(),
+        "primary"
+    );
+    assert!(!dir.path().join("engine").exists());
+}
+
 /// `kv del --addr --durability persist` asks the node for a durable
 /// deletion: inside an online-update window, where nothing may be made
 /// durable, the node refuses it (a deletion sent as Memory would succeed).
@@ -1058,6 +1080,14 @@ fn a_node_refuses_an_unusable_replica_of_before_making_its_directory() {
         assert!(err.contains("--replica-of"), "{bad:?}: {err}");
         assert!(!data.exists(), "{bad:?}: the directory was created");
     }
+    // A malformed `--listen` is the same kind of mistake: a usage error
+    // too (it was found only when the node bound it, exit 3).
+    for bad in ["11311", "nonsense", ":11311", "host:port", "fe80::1:11311"] {
+        let (code, err) = tapkv_tests::run_status(&["node", "--data", d, "--listen", bad], T);
+        assert_eq!(code, Some(2), "{bad:?}: {err}");
+        assert!(err.contains("--listen"), "{bad:?}: {err}");
+        assert!(!data.exists(), "{bad:?}: the directory was created");
+    }
 }
 
 #[test]
@@ -1203,7 +1233,7 @@ fn demo_errors_name_the_path() {
     let file = dir.path().join("afile");
     std::fs::write(&file, "x").unwrap();
     let f = file.to_str().unwrap();
-    let (code, err) = tapkv_tests::run_status(&["demo", "--data", f, "--items", "1"], T);
+    let (code, err) = tapkv_tests::run_status(&["demo", "--data", f, "--items", "2"], T);
     assert_eq!(code, Some(3), "{err}");
     assert!(err.contains(f), "{err}");
 }

@@ -19,9 +19,9 @@ pub(crate) struct DemoArgs {
     /// Keep what the demo's subdirectories already hold (shows warmup of older data).
     #[arg(long)]
     keep: bool,
-    /// Items the first steps write to the embedded engine (the cluster
-    /// steps write a fixed 2,000).
-    #[arg(long, default_value_t = 5000)]
+    /// Items the first steps write to the embedded engine, 2 to 1,000,000
+    /// (the cluster steps write a fixed 2,000).
+    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(2..=1_000_000))]
     items: u64,
 }
 
@@ -44,24 +44,18 @@ fn prepare(dir: &Path, keep: bool) -> Result<(), Error> {
             ))
         }
     };
-    // Made by the demo: marked, or (from before the marker) holding
-    // nothing but the demo's own subdirectories; an empty one is free.
+    // Made by the demo (marked), or empty. (An unmarked directory holding
+    // only subdirectories named as the demo's once counted as the demo's
+    // too: node stores a user keeps as `primary` and `replica-1` were wiped.)
     let ours = |dir: &Path| -> Result<bool, Error> {
         if dir.join(DEMO_MARKER).exists() {
             return Ok(true);
         }
-        for entry in std::fs::read_dir(dir).map_err(at(dir))? {
-            let name = entry.map_err(at(dir))?.file_name();
-            if !DEMO_PARTS.iter().any(|p| name == *p) {
-                return Ok(false);
-            }
-        }
-        Ok(true)
+        Ok(std::fs::read_dir(dir).map_err(at(dir))?.next().is_none())
     };
     if dir.exists() && !ours(dir)? {
         return Err(Error::InvalidArgument(format!(
-            "{} is not empty and was not made by `tapkv demo` (no {DEMO_MARKER} in it, and \
-             it holds more than the demo's subdirectories); \
+            "{} is not empty and was not made by `tapkv demo` (no {DEMO_MARKER} in it); \
              give the demo a new or empty directory",
             dir.display()
         )));
@@ -124,7 +118,10 @@ pub(crate) fn run(args: DemoArgs) -> Result<ExitCode, Error> {
     let cluster_dir = dir.clone();
     let dir = &dir.join("engine");
 
-    step(1, "open the engine (16 partitions, defaults)")?;
+    step(
+        1,
+        "open the engine (16 partitions, checkpoints of at most 1,000 items)",
+    )?;
     let engine = Engine::builder(dir).checkpoint_max_items(1000).open()?;
     let st = engine.stats()?;
     outln!(

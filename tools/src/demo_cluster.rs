@@ -130,6 +130,7 @@ pub(crate) fn run(
     outln!("   in the window: updated order:0042, created {created}, deleted {deleted}")?;
     outln!("   REVERT of window {id}: {removed} key removed, {restored} keys restored")?;
     let (after, _) = converge(&primary, [&r1, &r2])?;
+    let mut reverted = after == rows;
     for (name, node) in [
         ("primary", &primary),
         ("replica-1", &r1),
@@ -139,6 +140,7 @@ pub(crate) fn run(
         let v = nc.get(key).map_err(remote)?;
         let gone = nc.get(created.as_bytes()).is_err();
         let back = nc.get(deleted.as_bytes()).is_ok();
+        reverted &= gone && back;
         outln!(
             "   {name:<9}: order:0042 = {}, {created} {}, {deleted} {}",
             String::from_utf8_lossy(&v.0),
@@ -150,6 +152,14 @@ pub(crate) fn run(
         "   every node's disk equals its pre-window state: {}",
         after == rows
     )?;
+
+    if !reverted {
+        // The exit status tells, not only the output (a script running
+        // `make demo` saw success after a visibly failed revert).
+        return Err(Error::WrongState(
+            "the REVERT did not bring every node back to its pre-window state".into(),
+        ));
+    }
 
     step(11, "replica-1 restarts and catches up")?;
     r1.shutdown()?;

@@ -22,8 +22,9 @@ pub(crate) struct NodeArgs {
     /// directory holding other files).
     #[arg(long, value_name = "DIR")]
     data: PathBuf,
-    /// Address to listen on (port 0 picks a free port; the startup line says which).
-    #[arg(long, default_value = "127.0.0.1:11311")]
+    /// Address to listen on, HOST:PORT (port 0 picks a free port; the
+    /// startup line says which).
+    #[arg(long, default_value = "127.0.0.1:11311", value_parser = listen_addr)]
     listen: String,
     /// Run as a replica of the primary at this address (HOST:PORT). A host
     /// that does not resolve yet (a primary still starting) is retried,
@@ -32,7 +33,8 @@ pub(crate) struct NodeArgs {
     replica_of: Option<String>,
     /// Name of this node, used as its replication stream's name (give each
     /// replica of a primary its own). Default: `node-<random id>`, made on
-    /// first start and kept in DIR/node-name. Must not be empty.
+    /// first start and kept in DIR/node-name. 1 to 255 bytes of UTF-8, not
+    /// blank, no control characters.
     #[arg(long, value_parser = node_name)]
     name: Option<String>,
     /// Number of partitions when creating the data directory (default 16,
@@ -92,13 +94,17 @@ pub(crate) struct NodeArgs {
     #[arg(long, value_parser = clap::value_parser!(u64).range(1 << 20..))]
     memory_quota: Option<u64>,
     /// Bound on all checkpoint memory, in bytes (engine default 512 MiB; at
-    /// least 64 KiB).
+    /// least 64 KiB, and at least the sum of --max-key-size,
+    /// --max-value-size and 64, checked at start: about 20 MiB with the
+    /// default sizes).
     #[arg(long, value_parser = clap::value_parser!(u64).range(65_536..))]
     checkpoint_memory_limit: Option<u64>,
     /// Bytes one online-update window may hold, per partition: its queued
     /// entries plus the pre-window values it keeps to revert; a replica
     /// counts its primary's window's queued bytes (engine default 256 MiB;
-    /// at least 64 KiB; give replicas at least their primary's).
+    /// at least 64 KiB, and at least twice the sum of --max-key-size,
+    /// --max-value-size and 64, checked at start: about 40 MiB with the
+    /// default sizes; give replicas at least their primary's).
     #[arg(long, value_parser = clap::value_parser!(u64).range(65_536..))]
     online_update_memory_limit: Option<u64>,
     /// As a replica: bytes of one partition's disk snapshot (backfill) held
@@ -205,6 +211,17 @@ fn positive_fraction(s: &str) -> Result<f64, String> {
 /// at parse time (a usage error naming the problem) rather than when a
 /// connection is tried.
 pub(crate) fn node_addr(s: &str) -> Result<String, String> {
+    host_port(s, false)
+}
+
+/// `--listen`: HOST:PORT as [`node_addr`] takes it, port 0 allowed (a
+/// usage error otherwise, as a malformed `--replica-of` is; a port in use
+/// is found when the node binds it).
+fn listen_addr(s: &str) -> Result<String, String> {
+    host_port(s, true)
+}
+
+fn host_port(s: &str, port_zero: bool) -> Result<String, String> {
     let (host, port) = s
         .rsplit_once(':')
         .ok_or_else(|| "expected HOST:PORT".to_string())?;
@@ -218,7 +235,7 @@ pub(crate) fn node_addr(s: &str) -> Result<String, String> {
         return Err("expected HOST:PORT (an IPv6 host goes in brackets: [ADDR]:PORT)".into());
     }
     match port.parse::<u16>() {
-        Ok(0) => Err("expected HOST:PORT (port 0 cannot be connected to)".into()),
+        Ok(0) if !port_zero => Err("expected HOST:PORT (port 0 cannot be connected to)".into()),
         Ok(_) => Ok(s.to_string()),
         Err(e) => Err(format!("expected HOST:PORT (port {port:?}: {e})")),
     }

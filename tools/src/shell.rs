@@ -25,10 +25,12 @@ use tapkv_replication::client::{Client, ClientError, KeptAlive};
 pub(crate) struct ShellArgs {
     #[command(flatten)]
     target: Target,
-    /// With --addr: send a NOOP heartbeat after this many seconds without a
-    /// command, so the node's idle timeout (default 300 s) does not close a
-    /// shell that is only waiting for input. 0 turns heartbeats off.
-    #[arg(long, default_value_t = 30, value_name = "SECONDS")]
+    /// With --addr (ignored with --data): send a NOOP heartbeat after this
+    /// many seconds without a command, so the node's idle timeout
+    /// (--idle-timeout-s, default 300 s) does not close a shell that is only
+    /// waiting for input; keep it under that. 0 turns heartbeats off; at
+    /// most 86,400.
+    #[arg(long, default_value_t = 30, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(0..=86_400))]
     heartbeat_s: u64,
     #[command(flatten)]
     wait: crate::Wait,
