@@ -420,6 +420,37 @@ pub(crate) struct FlushBatch {
     entries: Vec<(usize, usize, usize)>,
 }
 
+/// Refuses a RocksDB directory that holds data (write-ahead logs or
+/// tables) but no `CURRENT`, the file naming its manifest: a damaged store
+/// (a partial copy or restore, a file removed), not a new one. Opened as
+/// new, RocksDB wrote a fresh manifest and `CURRENT` before it failed on
+/// the old logs, and the next open then took the directory for an empty
+/// store and deleted every table and log as obsolete. Nothing is written.
+fn refuse_data_without_current(path: &Path) -> Result<()> {
+    if path.join("CURRENT").exists() {
+        return Ok(());
+    }
+    let Ok(entries) = std::fs::read_dir(path) else {
+        return Ok(());
+    };
+    let data: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".log") || n.ends_with(".sst"))
+        .collect();
+    if data.is_empty() {
+        return Ok(());
+    }
+    Err(Error::Corruption(format!(
+        "{} holds RocksDB data ({} log and table files, such as {}) but no CURRENT file: \
+         the store is damaged, not new, and was left as it is (CURRENT holds the name of \
+         the newest MANIFEST-* file, followed by a newline)",
+        path.display(),
+        data.len(),
+        data[0]
+    )))
+}
+
 /// The RocksDB store of an engine.
 pub(crate) struct Store {
     db: DB,
@@ -477,6 +508,7 @@ impl Store {
     /// directory ([`ensure_staging`](Self::ensure_staging)).
     pub(crate) fn open(dir: &Path, max_open_files: usize) -> Result<Store> {
         let path = dir.join("rocksdb");
+        refuse_data_without_current(&path)?;
         let names: Vec<String> = if path.join("CURRENT").exists() {
             DB::list_cf(&db_options(false), &path)?
         } else {
@@ -504,6 +536,7 @@ impl Store {
     /// Opens an existing store read-only (works while a node holds it).
     pub(crate) fn open_read_only(dir: &Path) -> Result<Store> {
         let path = dir.join("rocksdb");
+        refuse_data_without_current(&path)?;
         if !path.join("CURRENT").exists() {
             return Err(Error::InvalidArgument(format!(
                 "{} is not a tapkv data directory (no rocksdb/CURRENT)",

@@ -749,3 +749,49 @@ fn a_foreign_rocksdb_directory_is_corruption_to_the_engine_and_its_disk_view_ali
         }
     }
 }
+
+/// A store that lost only its `rocksdb/CURRENT` (a partial copy or restore,
+/// a file removed) is damaged, not new: the engine and `DiskView` refuse it
+/// as corruption, and leave it as it is. Before, the first open wrote a
+/// fresh manifest and `CURRENT` and then failed; the second took the
+/// directory for an empty store and deleted every table and log.
+#[test]
+fn a_store_missing_its_current_file_is_corruption_and_left_untouched() {
+    let dir = full_directory();
+    let db = dir.path().join("rocksdb");
+    let files = || {
+        let mut v: Vec<String> = std::fs::read_dir(&db)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            // RocksDB's own info logs.
+            .filter(|n| !n.starts_with("LOG"))
+            .collect();
+        v.sort();
+        v
+    };
+    let current = std::fs::read(db.join("CURRENT")).unwrap();
+    std::fs::remove_file(db.join("CURRENT")).unwrap();
+    let before = files();
+    assert!(
+        before
+            .iter()
+            .any(|n| n.ends_with(".log") || n.ends_with(".sst")),
+        "{before:?}"
+    );
+    for _ in 0..2 {
+        match Engine::builder(dir.path()).open() {
+            Err(Error::Corruption(m)) => assert!(m.contains("no CURRENT"), "{m}"),
+            other => panic!("expected corruption, got {:?}", other.map(|_| ())),
+        }
+    }
+    assert!(matches!(
+        tapkv_engine::DiskView::open(dir.path()),
+        Err(Error::Corruption(_))
+    ));
+    assert_eq!(before, files(), "a refused open changed rocksdb/");
+    // Restored by hand, as the message says, it opens with every item.
+    std::fs::write(db.join("CURRENT"), current).unwrap();
+    let e = Engine::builder(dir.path()).open().unwrap();
+    assert_eq!(e.stats().unwrap().items(), 200);
+    e.close().unwrap();
+}

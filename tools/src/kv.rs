@@ -260,7 +260,9 @@ fn local(t: &Target) -> Result<&std::path::Path, Error> {
 /// mistyped path would otherwise answer "not found" from a new, empty
 /// directory).
 fn existing(dir: &std::path::Path) -> Result<&std::path::Path, Error> {
-    if dir.join("rocksdb").join("CURRENT").exists() {
+    // A store's directory, even one the engine then refuses as damaged (its
+    // error says so; "nothing has been written there" would not).
+    if dir.join("rocksdb").is_dir() {
         return Ok(dir);
     }
     // Said as it is: a missing path, a file, or a directory with no store.
