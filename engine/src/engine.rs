@@ -23,7 +23,8 @@ use crate::partition::{
 };
 use crate::stats::{EngineStats, PartitionStats};
 use crate::store::{
-    check_disk_item, DirLock, EngineMeta, Reservation, Store, FORMAT_VERSION, MAX_PARTITIONS,
+    check_disk_item, DirLock, DiskView, EngineMeta, Reservation, Store, FORMAT_VERSION,
+    MAX_PARTITIONS,
 };
 use crate::sync::{Arc, AtomicBool, AtomicU64, AtomicUsize, Condvar, Mutex, Ordering, RwLock};
 
@@ -280,6 +281,8 @@ pub(crate) struct Shared {
     pub(crate) snapshot_staged_items: AtomicU64,
     /// Stream cursors the flusher dropped under memory pressure.
     pub(crate) cursors_dropped: AtomicU64,
+    /// Live views made (`Engine::disk_view`), naming their copies.
+    views_made: AtomicU64,
     /// Entries the flusher expelled from open checkpoints.
     pub(crate) items_expelled: AtomicU64,
     /// Table entries the pager has looked at.
@@ -498,6 +501,13 @@ impl Engine {
         let path = config.path.clone();
         let _span = tracing::info_span!("warmup", path = %path.display()).entered();
         let lock = DirLock::acquire(&path)?;
+        // Copies live views read, left by a process that died with them.
+        match std::fs::remove_dir_all(path.join(crate::store::VIEWS_DIR)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                tracing::warn!(error = %e, "cannot remove the copies of old admin views")
+            }
+            _ => {}
+        }
         let mut store = Store::open(&path, config.max_open_files).map_err(|e| match e {
             // RocksDB's own `LOCK` held (by a process that is not tapkv:
             // tapkv's holds `tapkv.lock` first). Matched on RocksDB's words
@@ -756,6 +766,7 @@ impl Engine {
             primary_data: AtomicBool::new(primary_data),
             snapshot_staged_items: AtomicU64::new(0),
             cursors_dropped: AtomicU64::new(0),
+            views_made: AtomicU64::new(0),
             items_expelled: AtomicU64::new(0),
             pager_scanned: AtomicU64::new(0),
             pager_offset: AtomicUsize::new(0),
@@ -812,6 +823,23 @@ impl Engine {
             });
         }
         Ok(())
+    }
+
+    /// A read-only view of what this engine has persisted, as of now: a
+    /// point-in-time copy of its store (tables hard-linked, memtables
+    /// flushed first) under `DIR/admin-views/`, removed when the view is
+    /// dropped (and, if the process died first, when an engine next opens
+    /// the directory). Unlike [`DiskView::open`] beside a running engine,
+    /// the engine's compactions cannot delete tables the view has yet to
+    /// read (a node's `ADMIN dump` walks one of these).
+    pub fn disk_view(&self) -> Result<DiskView> {
+        let s = self.live()?;
+        let n = s.views_made.fetch_add(1, Ordering::Relaxed);
+        let copy = self
+            .path
+            .join(crate::store::VIEWS_DIR)
+            .join(format!("{}-{n}", std::process::id()));
+        DiskView::copy_of(&s.store, copy)
     }
 
     /// Reads `key`.

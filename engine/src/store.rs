@@ -1149,13 +1149,50 @@ pub struct DiskItem {
 }
 
 /// A read-only view of a data directory, for admin tools. Opening it does not
-/// take the directory lock, so it also works beside a running node (it then
-/// sees the state as of the moment it was opened).
+/// take the directory lock, so it also opens beside a running engine, but
+/// it is then no stable view: the engine's compactions delete table files
+/// the view has not opened yet, and its walk can fail part-way. A running
+/// engine gives a stable one with [`Engine::disk_view`](crate::Engine::disk_view).
 pub struct DiskView {
     store: Store,
+    /// The point-in-time copy the view reads, if it is one; removed after
+    /// the store (fields drop in order) is closed.
+    _copy: Option<RemoveDirOnDrop>,
+}
+
+/// The subdirectory of a data directory holding the point-in-time copies
+/// live views read (`Engine::disk_view`); emptied when an engine opens.
+pub(crate) const VIEWS_DIR: &str = "admin-views";
+
+/// Removes a directory when dropped.
+struct RemoveDirOnDrop(PathBuf);
+
+impl Drop for RemoveDirOnDrop {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.0) {
+            tracing::warn!(path = %self.0.display(), error = %e, "cannot remove a view's copy");
+        }
+    }
 }
 
 impl DiskView {
+    /// A view of a point-in-time copy of `store` made in `copy` (a new
+    /// directory on the same file system: tables are hard-linked, so the
+    /// copy costs a flush of the store's memtables and little space); the
+    /// copy is removed when the view is dropped. The engine's compactions
+    /// cannot take tables from under it.
+    pub(crate) fn copy_of(store: &Store, copy: PathBuf) -> Result<DiskView> {
+        std::fs::create_dir_all(&copy)?;
+        let guard = RemoveDirOnDrop(copy);
+        rocksdb::checkpoint::Checkpoint::new(&store.db)?
+            .create_checkpoint(guard.0.join("rocksdb"))?;
+        let DiskView { store, .. } = DiskView::open(&guard.0)?;
+        Ok(DiskView {
+            store,
+            _copy: Some(guard),
+        })
+    }
+
     /// Opens the data directory `dir` read-only. A directory of an on-disk
     /// format this build cannot read is `Incompatible` (format 2 differs
     /// from 3 only by a column family this view does not use).
@@ -1172,7 +1209,7 @@ impl DiskView {
                 });
             }
         }
-        Ok(DiskView { store })
+        Ok(DiskView { store, _copy: None })
     }
 
     /// Engine metadata, if the directory was ever initialised.

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::Serialize;
 use tapkv_engine::{
-    ApplyOutcome, DiskView, Engine, Error, EventRef, PartitionId, SnapshotBuffer, WriteOptions,
+    ApplyOutcome, Engine, Error, EventRef, PartitionId, SnapshotBuffer, WriteOptions,
 };
 
 use crate::io::{FrameReader, FrameWriter};
@@ -1223,7 +1223,10 @@ fn admin_dump(state: &NodeState, f: &Frame, w: &mut FrameWriter) -> Result<(), P
     // Counted out however the dump ends.
     let _running = Live(&state.dumps);
     let result = (|| -> Result<(), Error> {
-        let view = DiskView::open(state.engine.path())?;
+        // A point-in-time copy: the engine's compactions cannot take
+        // tables from under the walk (a view opened on the live directory
+        // failed part-way when one did).
+        let view = state.engine.disk_view()?;
         view.for_each_item(|it| {
             // A stopping node ends the dump (before, it went on to the end).
             if state.stop.load(Ordering::Acquire) {
