@@ -500,6 +500,11 @@ impl Engine {
         let started = Instant::now();
         let path = config.path.clone();
         let _span = tracing::info_span!("warmup", path = %path.display()).entered();
+        // A new directory's partition count is the builder's: checked
+        // before anything is made.
+        if !path.join("rocksdb").join("CURRENT").exists() {
+            check_flusher_threads(&config, false)?;
+        }
         let lock = DirLock::acquire(&path)?;
         // Copies live views read, left by a process that died with them.
         match std::fs::remove_dir_all(path.join(crate::store::VIEWS_DIR)) {
@@ -526,6 +531,7 @@ impl Engine {
                 validate(&config)?;
             }
         }
+        check_flusher_threads(&config, disk_meta.is_some())?;
         // Everything that can refuse the directory comes before anything
         // that changes it: a refused directory is left as it was (its own
         // build can still open it; no reservation raised, no failover
@@ -545,7 +551,7 @@ impl Engine {
                 return Err(Error::Incompatible {
                     path,
                     reason: format!(
-                        "on-disk format {} but this build reads {FORMAT_VERSION}",
+                        "on-disk format {} but this build reads 2 to {FORMAT_VERSION}",
                         meta.format
                     ),
                 });
@@ -1483,6 +1489,24 @@ fn load_items(store: &Store, config: &EngineConfig, highs: &[u64]) -> Result<Loa
 /// and a stream frame's body stay well inside their 32-bit fields.
 const MAX_VALUE_SIZE_CAP: usize = 1 << 30;
 
+/// Flusher threads at most the partitions: `from_disk` when the count is
+/// the directory's own (the builder gave none), which the message says.
+fn check_flusher_threads(c: &EngineConfig, from_disk: bool) -> Result<()> {
+    if c.flusher_threads > usize::from(c.partitions) {
+        return Err(Error::InvalidArgument(format!(
+            "flusher_threads must be 1..=partitions, got {} for {} partitions{}",
+            c.flusher_threads,
+            c.partitions,
+            if from_disk && c.partitions_from_disk {
+                " (the directory's count)"
+            } else {
+                ""
+            }
+        )));
+    }
+    Ok(())
+}
+
 /// Bounds of `max_open_files`.
 const MIN_OPEN_FILES: usize = 16;
 const MAX_OPEN_FILES: usize = 1_000_000;
@@ -1508,10 +1532,16 @@ fn validate(c: &EngineConfig) -> Result<()> {
             "water marks must satisfy 0 < low < high <= 1, got low {low} and high {high}"
         ));
     }
-    if c.flusher_threads == 0 || c.flusher_threads > usize::from(c.partitions) {
+    // Against the partition count once it is known
+    // (`check_flusher_threads`): a directory's own count, read after this
+    // first check, when the builder was not given one (before, a reopen of
+    // a 64-partition directory with 20 threads was held to the default 16).
+    if c.flusher_threads == 0
+        || (!c.partitions_from_disk && c.flusher_threads > usize::from(c.partitions))
+    {
         return bad(format!(
-            "flusher_threads must be 1..=partitions, got {}",
-            c.flusher_threads
+            "flusher_threads must be 1..=partitions ({}), got {}",
+            c.partitions, c.flusher_threads
         ));
     }
     if c.max_failover_entries == 0 {

@@ -338,9 +338,20 @@ pub(crate) fn check_disk_item(
             name()
         )));
     }
-    check_in_range(p, "item seqno", meta.by_seqno)?;
-    check_in_range(p, "item CAS", meta.cas)?;
-    check_in_range(p, "item rev seqno", meta.rev_seqno)?;
+    // Named with its key, as every other item check (the partition alone
+    // left an operator to search for it).
+    for (what, n) in [
+        ("seqno", meta.by_seqno),
+        ("CAS", meta.cas),
+        ("rev seqno", meta.rev_seqno),
+    ] {
+        if n >= u64::MAX / 2 {
+            return Err(Error::Corruption(format!(
+                "{}: persisted {what} {n} is out of range",
+                name()
+            )));
+        }
+    }
     if meta.by_seqno > high {
         return Err(Error::Corruption(format!(
             "{}: seqno {} is above the partition's persisted high seqno {high} (its state \

@@ -856,3 +856,66 @@ fn a_live_disk_view_reads_a_point_in_time_copy_that_goes_with_it() {
     drop(view);
     e.close().unwrap();
 }
+
+/// A persisted CAS out of range is corruption named with its key, as every
+/// other item check is (before, only the partition was named).
+#[test]
+fn an_out_of_range_item_number_is_named_with_its_key() {
+    let dir = full_directory();
+    let key = {
+        let db = raw_db(dir.path());
+        let cf = db.cf_handle("items").unwrap();
+        let (k, mut v) = db
+            .iterator_cf(cf, rocksdb::IteratorMode::Start)
+            .next()
+            .unwrap()
+            .unwrap();
+        // Version, deleted, flags 0 and expiry 0 (one byte each), then the CAS.
+        v[4..12].copy_from_slice(&u64::MAX.to_be_bytes());
+        db.put_cf(cf, &k, &v).unwrap();
+        k
+    };
+    match Engine::builder(dir.path()).open() {
+        Err(Error::Corruption(m)) => {
+            assert!(m.contains("CAS") && m.contains("key \""), "{m}");
+            // The raw key ends with the item's key.
+            let tail = String::from_utf8_lossy(&key[key.len() - 4..]).into_owned();
+            assert!(m.contains(&tail), "{m}");
+        }
+        other => panic!("expected corruption, got {:?}", other.map(|_| ())),
+    }
+}
+
+/// A directory's own partition count bounds the flusher threads when the
+/// builder gives none (before, the default 16 did, and a 64-partition
+/// directory could not be reopened with 20 threads); a new directory's
+/// count is the builder's, checked before anything is made.
+#[test]
+fn flusher_threads_are_held_to_the_directorys_partition_count() {
+    let dir = tempfile::tempdir().unwrap();
+    Engine::builder(dir.path())
+        .partitions(64)
+        .open()
+        .unwrap()
+        .close()
+        .unwrap();
+    let e = Engine::builder(dir.path())
+        .flusher_threads(20)
+        .open()
+        .unwrap();
+    assert_eq!(e.num_partitions(), 64);
+    e.close().unwrap();
+    let fresh = tempfile::tempdir().unwrap();
+    let err = Engine::builder(fresh.path().join("new"))
+        .flusher_threads(20)
+        .open()
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::InvalidArgument(m) if m.contains("16 partitions")),
+        "{err:?}"
+    );
+    assert!(
+        !fresh.path().join("new").exists(),
+        "a refused open made the directory"
+    );
+}
