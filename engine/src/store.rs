@@ -178,15 +178,22 @@ fn put_varint(v: &mut Vec<u8>, mut x: u64) {
     v.push(x as u8);
 }
 
-/// Reads a varint at `*pos`, advancing it; `None` if truncated or too long.
+/// Reads a varint at `*pos`, advancing it; `None` if truncated, too long,
+/// over 64 bits, or not in the minimal form [`put_varint`] writes (any
+/// other form is damage: before, a tenth byte's extra bits were dropped,
+/// and a damaged seqno could read as 0).
 fn get_varint(b: &[u8], pos: &mut usize) -> Option<u64> {
     let mut x = 0u64;
     for shift in (0..64).step_by(7) {
         let byte = *b.get(*pos)?;
         *pos += 1;
+        if shift == 63 && byte > 1 {
+            return None;
+        }
         x |= u64::from(byte & 0x7f) << shift;
         if byte & 0x80 == 0 {
-            return Some(x);
+            // A last byte of 0 after others adds nothing: not minimal.
+            return (byte != 0 || shift == 0).then_some(x);
         }
     }
     None
@@ -1318,6 +1325,7 @@ mod tests {
                     (meta, deleted, &b"value"[..])
                 );
                 // Every truncation inside the header is reported, never a panic.
+                // (And a varint's overflowing or non-minimal form.)
                 let header = v.len() - 5;
                 for cut in 0..header {
                     let r = decode_record(Bytes::copy_from_slice(&v[..cut]), &|| "test".into());
@@ -1331,6 +1339,40 @@ mod tests {
             v.len() < 1 + 1 + 4 + 4 + 8 + 8 + 8,
             "varints keep the header small"
         );
+    }
+
+    /// A varint in any form but the minimal one the encoder writes, or
+    /// over 64 bits, is damage. Before, a tenth byte's extra bits were
+    /// dropped (`[0x80 x 9, 0x02]` read as 0) and overlong forms read as
+    /// their value, so a damaged seqno could load as 0.
+    #[test]
+    fn an_overflowing_or_overlong_varint_is_corruption() {
+        let record = |seqno: &[u8]| {
+            let mut v = vec![RECORD_VERSION, 0, 0, 0];
+            v.extend_from_slice(&1u64.to_be_bytes());
+            v.push(1);
+            v.extend_from_slice(seqno);
+            decode_record(Bytes::from(v), &|| "test".into())
+        };
+        let mut overflowing = vec![0x80; 9];
+        overflowing.push(0x02);
+        for bad in [&overflowing[..], &[0x80, 0x00], &[0x81, 0x80, 0x00]] {
+            assert!(
+                matches!(record(bad), Err(Error::Corruption(_))),
+                "{bad:?} accepted"
+            );
+        }
+        for (good, n) in [
+            (&[0x00][..], 0),
+            (&[0x7f][..], 127),
+            (&[0x80, 0x01][..], 128),
+            (
+                &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01][..],
+                u64::MAX,
+            ),
+        ] {
+            assert_eq!(record(good).unwrap().meta.by_seqno, n, "{good:?}");
+        }
     }
 
     #[test]
