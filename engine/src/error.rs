@@ -100,8 +100,9 @@ pub enum Error {
     #[error("engine is poisoned by an earlier background failure: {0}")]
     Poisoned(String),
     /// Another process (or another engine in this process) holds the data
-    /// directory.
-    #[error("data directory {path} is in use by another tapkv process")]
+    /// directory: tapkv's own lock, or RocksDB's, which a program other than
+    /// tapkv may hold.
+    #[error("data directory {path} is in use by another process or engine")]
     Locked {
         /// The data directory.
         path: PathBuf,

@@ -199,7 +199,7 @@ fn a_directory_held_by_another_process_is_named_in_the_error() {
     let (ok, _, err) = run(&["kv", "get", "--data", d, "x"], "", T);
     assert!(!ok);
     assert!(
-        err.contains("in use by another tapkv process") && err.contains(d),
+        err.contains("in use by another process or engine") && err.contains(d),
         "{err}"
     );
     holder.kill();
