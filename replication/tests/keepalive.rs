@@ -276,18 +276,7 @@ fn partly_received_large_frames_share_a_budget() {
         f.opaque = opaque;
         f.to_bytes()
     };
-    let open = |name: &str| {
-        let mut s = TcpStream::connect(&addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let mut buf = BytesMut::new();
-        hello(name).encode(&mut buf);
-        s.write_all(&buf).unwrap();
-        assert_eq!(
-            read_frame(&mut s, 1 << 20).unwrap().status(),
-            status::SUCCESS
-        );
-        s
-    };
+    let open = |name: &str| raw_hello(&addr, name);
     let pending = |c: &mut Client| c.stats().unwrap()["pending_body_bytes"].as_u64().unwrap();
     let wait_pending = |c: &mut Client, want: &dyn Fn(u64) -> bool| {
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -331,6 +320,24 @@ fn partly_received_large_frames_share_a_budget() {
     common::shutdown(node);
 }
 
+/// A raw connection to the node at `addr` that has said HELLO as `name`
+/// (reads and writes time out after 10 s).
+fn raw_hello(addr: &str, name: &str) -> TcpStream {
+    use tapkv_replication::message::status;
+    use tapkv_replication::protocol::read_frame;
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf = BytesMut::new();
+    hello(name).encode(&mut buf);
+    s.write_all(&buf).unwrap();
+    assert_eq!(
+        read_frame(&mut s, 1 << 20).unwrap().status(),
+        status::SUCCESS
+    );
+    s
+}
+
 /// A frame refused as it arrives (the budget for large frames is taken, or
 /// its body is over `max_body`) is answered, and the answer reaches a peer
 /// that sends the whole frame before it reads, as every client does. Before,
@@ -350,19 +357,7 @@ fn a_refused_large_frame_is_answered_to_a_peer_that_sends_it_whole() {
     let node = Node::start(Engine::builder(dir.path()).open().unwrap(), cfg).unwrap();
     let addr = node.local_addr().to_string();
     let mut c = Client::connect(&addr, Duration::from_secs(10)).unwrap();
-    let open = |name: &str| {
-        let mut s = TcpStream::connect(&addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
-        let mut buf = BytesMut::new();
-        hello(name).encode(&mut buf);
-        s.write_all(&buf).unwrap();
-        assert_eq!(
-            read_frame(&mut s, 1 << 20).unwrap().status(),
-            status::SUCCESS
-        );
-        s
-    };
+    let open = |name: &str| raw_hello(&addr, name);
     // A holds 4 MiB of the budget's 5.
     let a_frame = Frame::request(opcode::SET, c.partition_of(b"a"))
         .with_extras(vec![0u8; 8])
