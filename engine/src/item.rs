@@ -472,19 +472,16 @@ impl std::fmt::Debug for Record {
     }
 }
 
-/// The hash of `key`: the one hash of a key in the engine (the hash
-/// table's and the open checkpoint's de-duplication index's, so a write
-/// hashes its key once). Held in memory only, never persisted, and seeded
-/// at random once per process: with a fixed, public seed, keys chosen to
-/// share a bucket run (the table probes linearly) could slow every lookup
-/// whose home lies in it.
+/// The one hash of a key in the engine: the hash table's and the open
+/// checkpoint's de-duplication index's, so a write hashes its key once.
+const KEY_HASHER: foldhash::fast::FixedState =
+    foldhash::fast::FixedState::with_seed(0x0074_6170_6b76);
+
+/// The hash of `key` (held in memory only, never persisted: it may change
+/// between versions).
 pub(crate) fn key_hash(key: &[u8]) -> u64 {
     use std::hash::BuildHasher;
-    static HASHER: crate::sync::OnceLock<foldhash::fast::RandomState> =
-        crate::sync::OnceLock::new();
-    HASHER
-        .get_or_init(foldhash::fast::RandomState::default)
-        .hash_one(key)
+    KEY_HASHER.hash_one(key)
 }
 
 /// Seconds since the Unix epoch, saturating into `u32`.

@@ -17,10 +17,6 @@ pub use parking_lot::{Condvar, Mutex, MutexGuard, RwLock, RwLockWriteGuard};
 pub use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 #[cfg(not(any(loom, feature = "loom")))]
 pub use std::sync::Arc;
-/// Process-wide values made once (std's under loom too: a `static` needs a
-/// `const` constructor, which loom's primitives lack, and the values it
-/// holds are set before any modelled thread runs).
-pub use std::sync::OnceLock;
 
 #[cfg(any(loom, feature = "loom"))]
 pub use model::*;
