@@ -506,13 +506,8 @@ impl Engine {
             check_flusher_threads(&config, false)?;
         }
         let lock = DirLock::acquire(&path)?;
-        // Copies live views read, left by a process that died with them.
-        match std::fs::remove_dir_all(path.join(crate::store::VIEWS_DIR)) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                tracing::warn!(error = %e, "cannot remove the copies of old admin views")
-            }
-            _ => {}
-        }
+        // Copies live views read, left by processes that died with them.
+        crate::store::remove_stale_view_copies(&path);
         let mut store = Store::open(&path, config.max_open_files).map_err(|e| match e {
             // RocksDB's own `LOCK` held (by a process that is not tapkv:
             // tapkv's holds `tapkv.lock` first). Matched on RocksDB's words
@@ -835,16 +830,21 @@ impl Engine {
     /// point-in-time copy of its store (tables hard-linked, memtables
     /// flushed first) under `DIR/admin-views/`, removed when the view is
     /// dropped (and, if the process died first, when an engine next opens
-    /// the directory). Unlike [`DiskView::open`] beside a running engine,
+    /// the directory). A view may outlive its engine. Unlike [`DiskView::open`] beside a running engine,
     /// the engine's compactions cannot delete tables the view has yet to
     /// read (a node's `ADMIN dump` walks one of these).
     pub fn disk_view(&self) -> Result<DiskView> {
         let s = self.live()?;
+        // Unique to this process, engine and view (an engine reopened in
+        // the same process counts from 0 again; the time tells them apart).
         let n = s.views_made.fetch_add(1, Ordering::Relaxed);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
         let copy = self
             .path
             .join(crate::store::VIEWS_DIR)
-            .join(format!("{}-{n}", std::process::id()));
+            .join(format!("{}-{nanos}-{n}", std::process::id()));
         DiskView::copy_of(&s.store, copy)
     }
 

@@ -1179,8 +1179,32 @@ pub struct DiskView {
 }
 
 /// The subdirectory of a data directory holding the point-in-time copies
-/// live views read (`Engine::disk_view`); emptied when an engine opens.
+/// live views read (`Engine::disk_view`), each named `PID-NANOS-N` after
+/// the process that made it; an engine's open removes those of processes
+/// no longer running ([`remove_stale_view_copies`]).
 pub(crate) const VIEWS_DIR: &str = "admin-views";
+
+/// Removes the view copies under `dir/admin-views` left by processes that
+/// are gone (a view removes its own copy when dropped; a process that died
+/// first leaves it). Copies of running processes, this one included (a
+/// view may outlive the engine that made it), are left alone.
+pub(crate) fn remove_stale_view_copies(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir.join(VIEWS_DIR)) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let pid = name.split('-').next().and_then(|p| p.parse::<u32>().ok());
+        let running = pid.is_some_and(|pid| {
+            pid == std::process::id() || Path::new("/proc").join(pid.to_string()).exists()
+        });
+        if !running {
+            if let Err(e) = std::fs::remove_dir_all(entry.path()) {
+                tracing::warn!(path = %entry.path().display(), error = %e, "cannot remove an old view's copy");
+            }
+        }
+    }
+}
 
 /// Removes a directory when dropped.
 struct RemoveDirOnDrop(PathBuf);
@@ -1200,7 +1224,12 @@ impl DiskView {
     /// copy is removed when the view is dropped. The engine's compactions
     /// cannot take tables from under it.
     pub(crate) fn copy_of(store: &Store, copy: PathBuf) -> Result<DiskView> {
-        std::fs::create_dir_all(&copy)?;
+        if let Some(parent) = copy.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        // Made here, or refused: a directory this did not make is never
+        // removed by its guard.
+        std::fs::create_dir(&copy)?;
         let guard = RemoveDirOnDrop(copy);
         rocksdb::checkpoint::Checkpoint::new(&store.db)?
             .create_checkpoint(guard.0.join("rocksdb"))?;

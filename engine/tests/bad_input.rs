@@ -845,15 +845,27 @@ fn a_live_disk_view_reads_a_point_in_time_copy_that_goes_with_it() {
         0,
         "the copy is removed"
     );
-    // A copy left by a process that died is removed by the next open.
+    // A copy left by a process that died is removed by the next open; a
+    // view of an earlier engine of this process, still held, is not.
     let dir = full_directory();
-    let stale = dir.path().join("admin-views").join("1-0");
+    let e = Engine::builder(dir.path()).open().unwrap();
+    let held = e.disk_view().unwrap();
+    e.close().unwrap();
+    let stale = dir.path().join("admin-views").join("4194305-1-0");
     std::fs::create_dir_all(stale.join("rocksdb")).unwrap();
     let e = Engine::builder(dir.path()).open().unwrap();
     assert!(!stale.exists());
     let view = e.disk_view().unwrap();
     assert_eq!(count(&view), 200);
+    assert_eq!(count(&held), 200);
     drop(view);
+    drop(held);
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("admin-views"))
+            .unwrap()
+            .count(),
+        0
+    );
     e.close().unwrap();
 }
 

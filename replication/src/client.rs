@@ -6,9 +6,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use crate::io::{BodyBudget, FrameReader, FrameWriter};
+use crate::io::{FrameReader, FrameWriter};
 use crate::message::{hello, opcode, status, store_extras};
-use crate::protocol::{Frame, ProtocolError, DEFAULT_MAX_BODY};
+use crate::protocol::{Frame, ProtocolError, BUSY_FRAME, DEFAULT_MAX_BODY, MAX_FRAME_BODY};
 use crate::sync::{Arc, AtomicU64, Condvar, Mutex, Ordering};
 
 /// A failed request: the node's status and message, or a transport error.
@@ -191,7 +191,9 @@ impl Client {
         c.partitions = info["partitions"].as_u64().unwrap_or(0) as u16;
         c.role = info["role"].as_str().unwrap_or("").to_owned();
         if let Some(m) = info["max_body"].as_u64() {
-            c.max_body = usize::try_from(m).unwrap_or(usize::MAX);
+            // At most what any node takes: a node's word is not a reason
+            // to accept replies of any size.
+            c.max_body = usize::try_from(m).map_or(MAX_FRAME_BODY, |m| m.min(MAX_FRAME_BODY));
             // Replies as large as what the node takes, and a little more
             // (a GET reply's flags): before, the reader kept the default
             // limit, so a value a node configured above it took was stored
@@ -230,15 +232,15 @@ impl Client {
     /// Sends a request and waits for its response; error statuses become
     /// [`ClientError::Status`].
     pub fn call(&mut self, req: Frame) -> Result<Frame, ClientError> {
-        let body = req.extras.len() + req.key.len() + req.value.len();
         let reply = self.send_request(req).and_then(|()| self.reply());
         match &reply {
             Err(ClientError::Protocol(_)) => self.broken = true,
             // A large frame the node refused as it arrived (its budget for
             // partly received large frames is taken): the node closes the
-            // connection after this answer.
-            Err(ClientError::Status { status, .. })
-                if *status == status::TEMP_FAILURE && body > BodyBudget::LARGE =>
+            // connection after this answer. (Told by its words: an engine's
+            // refusal for memory, also TEMP_FAILURE, leaves it open.)
+            Err(ClientError::Status { status, message })
+                if *status == status::TEMP_FAILURE && message.contains(BUSY_FRAME) =>
             {
                 self.broken = true
             }

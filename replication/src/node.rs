@@ -869,12 +869,16 @@ fn serve_connection(
     else {
         return Ok(());
     };
+    // Each refusal of the handshake ends the connection the way a refused
+    // frame does (`close_after_answer`): what the peer sent after it must
+    // not reset the answer away.
     if first.magic != crate::protocol::MAGIC_REQUEST || first.opcode != opcode::HELLO {
         writer.send(&status_response(
             &first,
             status::HANDSHAKE_REQUIRED,
             "send HELLO first",
         ))?;
+        close_after_answer(state, writer.stream());
         return Ok(());
     }
     match hello_version(&first) {
@@ -887,6 +891,7 @@ fn serve_connection(
                     "protocol version {v} is not supported; this node speaks {PROTOCOL_VERSION}"
                 ),
             ))?;
+            close_after_answer(state, writer.stream());
             return Ok(());
         }
         Err(e) => {
@@ -895,6 +900,7 @@ fn serve_connection(
                 status::INVALID_ARGUMENTS,
                 &e.to_string(),
             ))?;
+            close_after_answer(state, writer.stream());
             return Ok(());
         }
     }
@@ -928,6 +934,9 @@ fn serve_connection(
         }
         if frame.opcode == opcode::QUIT {
             writer.send(&Frame::response(&frame, status::SUCCESS))?;
+            // Requests pipelined after it are not answered, nor may they
+            // reset the answer away.
+            close_after_answer(state, writer.stream());
             return Ok(());
         }
         if frame.opcode == opcode::ADMIN && &frame.key[..] == b"dump" {
@@ -1945,9 +1954,8 @@ fn stream_loop(
     }
 }
 
-/// Largest stream frame body a replica reads (a node's `--max-body` and
-/// `--max-value-size` stay below it, so every value fits with its extras).
-const STREAM_FRAME_LIMIT: usize = 1 << 30;
+/// Largest stream frame body a replica reads.
+const STREAM_FRAME_LIMIT: usize = crate::protocol::MAX_FRAME_BODY;
 
 /// A stream whose replica has acknowledged nothing for this many heartbeats
 /// while bytes are unacknowledged is ended; a replica gives up on a primary

@@ -23,6 +23,18 @@ use std::io::{Read, Write};
 
 use bytes::{BufMut, Bytes, BytesMut};
 
+/// Words of a [`ProtocolError::Busy`] answer, after which the node closes
+/// the connection: a client tells it from a refusal that leaves the
+/// connection open (an engine's `TEMP_FAILURE` for memory, a dump refused
+/// while others run) by them.
+pub const BUSY_FRAME: &str = "partly received large frames may hold together";
+
+/// The largest frame body any tapkv peer takes (a node's `--max-body` and
+/// `--max-value-size` stay below it, so every value fits with its extras):
+/// a replica's stream frames, and a client's replies whatever a node's
+/// HELLO says.
+pub const MAX_FRAME_BODY: usize = 1 << 30;
+
 /// Size of the fixed header.
 pub const HEADER_LEN: usize = 24;
 /// Magic of a request.
@@ -65,7 +77,9 @@ pub enum ProtocolError {
         body: usize,
     },
     /// A large frame does not fit in what the node lets partly received
-    /// frames hold together (see `io::BodyBudget`); try again later.
+    /// frames hold together (see `io::BodyBudget`); try again later. The
+    /// node closes the connection after this answer (its message holds
+    /// [`BUSY_FRAME`], by which a client tells it from other refusals).
     #[error(
         "busy: a frame of {len} bytes does not fit in the {limit} bytes partly received \
          large frames may hold together (--max-pending-body-bytes); try again later"

@@ -409,6 +409,37 @@ fn a_refused_large_frame_is_answered_to_a_peer_that_sends_it_whole() {
     common::shutdown(node);
 }
 
+/// An engine's refusal of a large write for memory (`TEMP_FAILURE`, as a
+/// refused large frame is) leaves the connection open, and tapkv's client
+/// keeps using it: only the node's refusal of a frame as it arrives, which
+/// ends the connection, counts it broken.
+#[test]
+fn a_large_write_refused_for_memory_keeps_the_connection() {
+    use tapkv_replication::client::ClientError;
+    use tapkv_replication::message::status;
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::builder(dir.path())
+        .partitions(1)
+        .max_value_size(3 << 20)
+        .checkpoint_memory_limit(4 << 20)
+        .open()
+        .unwrap();
+    engine.set_flusher_paused(true);
+    let node = Node::start(engine, NodeConfig::new("127.0.0.1:0")).unwrap();
+    let mut c = Client::connect(&node.local_addr().to_string(), Duration::from_secs(10)).unwrap();
+    c.set(b"first", &vec![b'a'; 2 << 20], 0, false).unwrap();
+    let err = c
+        .set(b"second", &vec![b'b'; 5 << 19], 0, false)
+        .unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Status { status: st, .. } if *st == status::TEMP_FAILURE),
+        "{err:?}"
+    );
+    assert!(!c.is_broken(), "{err:?}");
+    assert_eq!(c.get(b"first").unwrap().0.len(), 2 << 20);
+    common::shutdown(node);
+}
+
 /// A node configured for values over the protocol's default body limit
 /// serves them back: tapkv's client takes replies as large as the node's
 /// `max_body` (from its HELLO). Before, the value was stored and its GET

@@ -520,13 +520,11 @@ fn a_slow_replica_has_its_cursor_dropped_and_is_backfilled_later() {
     wait_converged(&primary, &[&slow], CONVERGE);
     // The replica resumed from where it stopped (not from 0), more than
     // 30,000 items back: more than the primary's checkpoints held, so they
-    // came from a backfill. Judged on the session that caught up: a later
-    // one (a loaded machine's stall can end a session) resumes near the end.
+    // came from a backfill. Every session resumes from where the replica
+    // is (never 0, a full resync); the distance is judged on the session
+    // that caught up, the one after the SIGCONT (a loaded machine's stall
+    // can end it, and a later one resumes near the end).
     let new_sessions = sessions() - sessions_before;
-    if new_sessions != 1 {
-        eprintln!("{new_sessions} sessions since the replica was stopped: resume point not judged");
-        return;
-    }
     let streams = c.admin("streams").unwrap();
     let parts = streams[0]["partitions"].as_array().unwrap();
     let resumed: u64 = parts
@@ -534,10 +532,14 @@ fn a_slow_replica_has_its_cursor_dropped_and_is_backfilled_later() {
         .map(|p| p["resumed_from"].as_u64().unwrap())
         .sum();
     assert!(resumed > 0, "a full resync: {streams}");
-    assert!(
-        high - resumed > 30_000,
-        "resumed at {resumed} of {high}: {streams}"
-    );
+    if new_sessions == 1 {
+        assert!(
+            high - resumed > 30_000,
+            "resumed at {resumed} of {high}: {streams}"
+        );
+    } else {
+        eprintln!("{new_sessions} sessions since the replica was stopped: distance not judged");
+    }
 }
 
 #[test]

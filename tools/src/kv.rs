@@ -262,7 +262,8 @@ fn local(t: &Target) -> Result<&std::path::Path, Error> {
 fn existing(dir: &std::path::Path) -> Result<&std::path::Path, Error> {
     // A store's directory, even one the engine then refuses as damaged (its
     // error says so; "nothing has been written there" would not).
-    if dir.join("rocksdb").is_dir() {
+    let db = dir.join("rocksdb");
+    if db.join("CURRENT").exists() || std::fs::read_dir(&db).is_ok_and(|mut d| d.next().is_some()) {
         return Ok(dir);
     }
     // Said as it is: a missing path, a file, or a directory with no store.
