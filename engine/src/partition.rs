@@ -189,6 +189,13 @@ pub(crate) struct Partition {
     pub(crate) revert_gate: Mutex<Option<Arc<crate::online_update::RevertGate>>>,
     /// Failover log (branches of this partition's history).
     pub(crate) failover: Mutex<Vec<crate::store::FailoverEntry>>,
+    /// On a replica: a gap in the seqnos it applied since the stream last
+    /// entered a checkpoint (or, after its own restart, not known not to
+    /// be one). A stream steps over de-duplication holes, each made by a
+    /// later entry of the same checkpoint: until the stream has read to the
+    /// end of that checkpoint, the replica's state at its high seqno may
+    /// lack a version its primary had there (`Engine::replica_history_may_have_gaps`).
+    pub(crate) history_gap: AtomicBool,
     pub(crate) table: HashTable,
     writer: Mutex<PartitionWriter>,
     pub(crate) progress: FlushProgress,
@@ -224,6 +231,8 @@ impl Partition {
             revert_gate: Mutex::new(None),
             memory_refused: AtomicBool::new(false),
             failover: Mutex::new(Vec::new()),
+            // Not known after a restart: set where there is history.
+            history_gap: AtomicBool::new(start.high_seqno > 0),
             table,
             writer: Mutex::new(PartitionWriter {
                 checkpoints,

@@ -199,6 +199,13 @@ fn check_stream_number(what: &str, n: u64) -> Result<()> {
 }
 
 impl Partition {
+    /// Notes a seqno gap: `seqno` applied above `high + 1`.
+    fn note_seqno_gap(&self, high: u64, seqno: u64) {
+        if seqno > high.saturating_add(1) {
+            self.history_gap.store(true, Ordering::Release);
+        }
+    }
+
     fn apply(
         &self,
         engine_limit: usize,
@@ -227,8 +234,12 @@ impl Partition {
         // Anything at or below the high seqno — entry or marker — is held
         // already (a stream restarted from an older acknowledged seqno). An
         // entry checks under the lock it applies with.
-        if !item.op.is_key_op() && meta.by_seqno <= self.lock().checkpoints.high_seqno() {
-            return Ok(ApplyOutcome::Duplicate);
+        if !item.op.is_key_op() {
+            let high = self.lock().checkpoints.high_seqno();
+            if meta.by_seqno <= high {
+                return Ok(ApplyOutcome::Duplicate);
+            }
+            self.note_seqno_gap(high, meta.by_seqno);
         }
         match item.op {
             QueueOp::Mutation | QueueOp::Deletion => {
@@ -236,6 +247,7 @@ impl Partition {
                 if meta.by_seqno <= w.checkpoints.high_seqno() {
                     return Ok(ApplyOutcome::Duplicate);
                 }
+                self.note_seqno_gap(w.checkpoints.high_seqno(), meta.by_seqno);
                 let key = item.key();
                 let mut slot = self.table.slot(key);
                 let (hash, _, undo) = self.touch(w.window.as_ref(), &mut slot, key);
@@ -581,6 +593,9 @@ impl Engine {
         let s = self.live()?;
         let part = s.partition(p)?;
         let mut w = part.lock();
+        // The stream entered a checkpoint: it read the one before to its
+        // end, and every entry that made a hole there with it.
+        part.history_gap.store(false, Ordering::Release);
         if id > w.primary_checkpoint {
             w.primary_checkpoint = id;
             if id > w.checkpoints.open_checkpoint_id() || !w.checkpoints.open_checkpoint_is_empty()
@@ -589,6 +604,20 @@ impl Engine {
             }
         }
         Ok(())
+    }
+
+    /// Whether this replica's state of partition `p` at its high seqno may
+    /// lack a version its primary held at that seqno: it applied a seqno
+    /// gap (a de-duplication hole the stream stepped over; the entry that
+    /// made it lies later in the same checkpoint) since the stream last
+    /// entered a checkpoint, or it restarted since. As long as the primary
+    /// keeps its history that later entry comes; a primary that restarted
+    /// uncleanly (a new branch in its failover log) may have lost it, and
+    /// such a replica must resynchronise the partition rather than resume.
+    pub fn replica_history_may_have_gaps(&self, p: PartitionId) -> Result<bool> {
+        let s = self.live()?;
+        let part = s.partition(p)?;
+        Ok(part.history_gap.load(Ordering::Acquire) && part.lock().checkpoints.high_seqno() > 0)
     }
 
     /// Drops everything partition `p` holds, in memory and on disk (a replica
@@ -617,6 +646,7 @@ impl Engine {
         w.completed.clear();
         w.primary_checkpoint = 0;
         part.lost_windows.lock().clear();
+        part.history_gap.store(false, Ordering::Release);
         part.progress.persisted_seqno.store(0, Ordering::Release);
         part.progress.synced_seqno.store(0, Ordering::Release);
         part.progress.resets.fetch_add(1, Ordering::Release);

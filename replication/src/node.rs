@@ -2386,6 +2386,22 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
             StreamMessage::Failover { partition, uuid } => {
                 let log = engine.failover_log(partition)?;
                 if log.last().map(|e| e.uuid) != Some(uuid) {
+                    // A new branch: the primary restarted uncleanly and kept
+                    // its history up to where this replica resumes. If the
+                    // replica stepped over a de-duplication hole it has not
+                    // yet read past, the entry that made the hole may be
+                    // what the primary lost, and the version it replaced,
+                    // which the primary still holds, never comes: the
+                    // partition is resynchronised instead.
+                    if engine.replica_history_may_have_gaps(partition)? {
+                        tracing::warn!(
+                            partition,
+                            "the primary's history branched where this replica may lack a \
+                             version it holds: resynchronising the partition"
+                        );
+                        state.resync_next.lock().push(partition);
+                        return Ok(());
+                    }
                     engine.set_failover_log(
                         partition,
                         vec![tapkv_engine::FailoverEntry { uuid, seqno: 0 }],
