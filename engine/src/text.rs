@@ -50,8 +50,11 @@ pub fn unescape(s: &[u8]) -> Result<Vec<u8>, String> {
             Some(b'r') => b'\r',
             Some(b't') => b'\t',
             Some(b'x') => {
+                // Two hex digits exactly: `from_str_radix` alone took a
+                // sign (`\x+a` read as a newline).
                 let digits = s
                     .get(i + 2..i + 4)
+                    .filter(|d| d.iter().all(u8::is_ascii_hexdigit))
                     .and_then(|d| std::str::from_utf8(d).ok())
                     .and_then(|d| u8::from_str_radix(d, 16).ok());
                 match digits {
@@ -81,4 +84,23 @@ pub fn unescape(s: &[u8]) -> Result<Vec<u8>, String> {
 /// message stays on one line and the key reads back exactly.
 pub(crate) fn quoted(key: &[u8]) -> String {
     format!("\"{}\"", escape(key))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `\x` takes exactly two hex digits: before, `u8::from_str_radix` also
+    /// took a sign, and `\x+a` read as a newline.
+    #[test]
+    fn a_hex_escape_takes_two_hex_digits_only() {
+        assert_eq!(unescape(br"a\x0ab\xffc").unwrap(), b"a\nb\xffc");
+        for bad in [&br"\x+a"[..], br"\x-1", br"\x 1", br"\xg0", br"\x1"] {
+            assert!(
+                unescape(bad).is_err(),
+                "{:?} accepted",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
 }

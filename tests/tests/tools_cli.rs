@@ -99,6 +99,36 @@ fn shell_answers_one_line_per_command_and_survives_errors() {
     );
 }
 
+/// `load` refuses a value size over the engine's limit before it opens (or
+/// makes) the directory, as `kv set` does (before, it made a store first).
+/// A KEY or VALUE starting with `-` goes after `--`.
+#[test]
+fn load_refuses_an_oversized_value_before_making_the_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("new");
+    let d = data.to_str().unwrap();
+    let (code, err) = tapkv_tests::run_status(
+        &[
+            "load",
+            "--data",
+            d,
+            "--count",
+            "1",
+            "--value-size",
+            "30000000",
+        ],
+        T,
+    );
+    assert_eq!(code, Some(3), "{err}");
+    assert!(err.contains("value_too_large"), "{err}");
+    assert!(!data.exists(), "the refused load made the directory");
+    let (ok, _, err) = run(&["kv", "set", "--data", d, "--", "-k", "-5"], "", T);
+    assert!(ok, "{err}");
+    let (ok, out, err) = run(&["kv", "get", "--data", d, "--", "-k"], "", T);
+    assert!(ok, "{err}");
+    assert_eq!(out, "-5\n");
+}
+
 #[test]
 fn load_then_admin_inspect_and_dump() {
     let dir = tempfile::tempdir().unwrap();

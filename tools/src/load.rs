@@ -93,18 +93,19 @@ pub(crate) fn run(args: LoadArgs) -> Result<ExitCode, Error> {
     }
     let thread_count = args.threads.clamp(1, args.count.max(1));
     crate::check_data_dir(&args.data.data)?;
-    let engine = Engine::builder(&args.data.data).open()?;
-    // Refused before any value is built: each thread holds one (a size
-    // past memory aborted the process; 512 MiB took 1 GB before the first
-    // write refused it).
-    let max = engine.config()?.max_value_size;
+    // Refused before any value is built, and before the directory is
+    // opened (or made), as `kv set` refuses: each thread holds one value (a
+    // size past memory aborted the process; 512 MiB took 1 GB before the
+    // first write refused it).
+    let builder = Engine::builder(&args.data.data);
+    let max = builder.config().max_value_size;
     if args.value_size > max {
-        engine.close()?;
         return Err(Error::ValueTooLarge {
             len: args.value_size,
             max,
         });
     }
+    let engine = builder.open()?;
     let engine = Arc::new(engine);
     let next = Arc::new(AtomicU64::new(0));
     let done = Arc::new(AtomicU64::new(0));

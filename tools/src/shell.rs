@@ -263,7 +263,12 @@ fn format_cursors(cs: &[CursorView]) -> String {
         .map(|c| {
             format!(
                 "{} checkpoint={} seqno={} remaining={}",
-                c.name, c.checkpoint_id, c.seqno, c.remaining
+                // A replica's stream name is its `--name`: any text but
+                // control characters, which the answer's one line escapes.
+                tapkv_engine::text::escape(c.name.as_bytes()),
+                c.checkpoint_id,
+                c.seqno,
+                c.remaining
             )
         })
         .collect();
