@@ -509,10 +509,17 @@ impl Client {
         json_body(&r, "admin")
     }
 
-    /// Every persisted item of the node, one JSON object each. A row that
-    /// is not JSON ends the dump with `Malformed` (the rest of the dump is
-    /// still read, so the connection stays usable).
-    pub fn dump(&mut self, mut row: impl FnMut(serde_json::Value)) -> Result<(), ClientError> {
+    /// Every persisted item of the node, one JSON object each, until `row`
+    /// returns `false` (a reader that went away: the rest is not read, and
+    /// the connection, which still holds it, counts as broken; the node's
+    /// dump ends when the connection closes). A row that is not JSON ends
+    /// the dump with `Malformed` (the rest of the dump is still read, so
+    /// the connection stays usable).
+    pub fn dump(
+        &mut self,
+        mut row: impl FnMut(serde_json::Value) -> bool,
+    ) -> Result<(), ClientError> {
+        let mut stopped = false;
         let mut rows = || -> Result<(), ClientError> {
             self.send_request(Frame::request(opcode::ADMIN, 0).with_key(b"dump".to_vec()))?;
             let mut bad = None;
@@ -522,14 +529,19 @@ impl Client {
                     return bad.map_or(Ok(()), Err);
                 }
                 match json_body(&r, "dump row") {
-                    Ok(v) if bad.is_none() => row(v),
+                    Ok(v) if bad.is_none() => {
+                        if !row(v) {
+                            stopped = true;
+                            return Ok(());
+                        }
+                    }
                     Ok(_) => {}
                     Err(e) => bad = bad.or(Some(e)),
                 }
             }
         };
         let result = rows();
-        if matches!(result, Err(ClientError::Protocol(_))) {
+        if stopped || matches!(result, Err(ClientError::Protocol(_))) {
             self.broken = true;
         }
         result
@@ -542,14 +554,17 @@ impl Client {
         self.flush()?;
         let mut rows = Vec::new();
         let mut bad = None;
-        self.dump(|r| match serde_json::from_value::<DumpRow>(r) {
-            Ok(row) => rows.push(row),
-            Err(e) => {
-                bad.get_or_insert(ClientError::Malformed {
-                    what: "dump row",
-                    detail: e.to_string(),
-                });
+        self.dump(|r| {
+            match serde_json::from_value::<DumpRow>(r) {
+                Ok(row) => rows.push(row),
+                Err(e) => {
+                    bad.get_or_insert(ClientError::Malformed {
+                        what: "dump row",
+                        detail: e.to_string(),
+                    });
+                }
             }
+            true
         })?;
         if let Some(e) = bad {
             return Err(e);

@@ -95,8 +95,8 @@ pub struct NodeConfig {
     /// is answered `TEMP_FAILURE` and its connection closed. Default
     /// 256 MiB.
     pub max_pending_body_bytes: usize,
-    /// `ADMIN dump`s running at once: each reads the data directory
-    /// through its own read-only RocksDB view, which costs memory (tens of
+    /// `ADMIN dump`s running at once: each reads its own point-in-time
+    /// copy of the store (`Engine::disk_view`), which costs memory (tens of
     /// MB on a large node) for as long as its client takes to read it. One
     /// more is answered `TEMP_FAILURE` ("busy"). Default 4.
     pub max_dumps: usize,

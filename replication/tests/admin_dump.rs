@@ -1,6 +1,7 @@
 //! `ADMIN dump`s running at once are bounded (`NodeConfig::max_dumps`):
-//! each reads through its own read-only RocksDB view, which costs the node
-//! memory for as long as its client takes to read it.
+//! each reads a point-in-time copy of the store (`Engine::disk_view`),
+//! which costs the node memory and links to tables for as long as its
+//! client takes to read it.
 
 mod common;
 
@@ -81,7 +82,7 @@ fn dumps_past_the_limit_are_answered_busy_and_the_slot_comes_back() {
     let stalled = dump_requested(&addr, "stalled");
 
     let mut c = Client::connect(&addr, Duration::from_secs(30)).unwrap();
-    let busy = c.dump(|_| {}).unwrap_err().to_string();
+    let busy = c.dump(|_| true).unwrap_err().to_string();
     assert!(
         busy.contains("busy") && busy.contains("--max-dumps"),
         "{busy}"
@@ -94,7 +95,10 @@ fn dumps_past_the_limit_are_answered_busy_and_the_slot_comes_back() {
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut rows = 0;
     loop {
-        match c.dump(|_| rows += 1) {
+        match c.dump(|_| {
+            rows += 1;
+            true
+        }) {
             Ok(()) => break,
             Err(e) => assert!(e.to_string().contains("busy"), "{e}"),
         }
@@ -167,4 +171,41 @@ fn a_client_that_stopped_reading_does_not_hold_a_node_stop() {
     let took = common::shutdown_within(node, Duration::from_secs(5));
     assert!(took.is_some(), "the stop waited for the stalled client");
     drop(stalled);
+}
+
+/// A reader that stops (a closed stdout: `admin dump --addr ... | head`)
+/// ends its client's read at once: the rest is left unread, the connection
+/// counts as broken, and once it closes the node's dump ends and its slot
+/// comes back. Before, the client could not stop, and read the whole dump.
+#[test]
+fn a_dump_its_reader_stops_ends_early_and_frees_the_slot() {
+    let dir = tempfile::tempdir().unwrap();
+    let (node, addr) = patient_node_with_items(dir.path());
+    let mut c = Client::connect(&addr, Duration::from_secs(30)).unwrap();
+    let mut seen = 0;
+    c.dump(|_| {
+        seen += 1;
+        seen < 10
+    })
+    .unwrap();
+    assert_eq!(seen, 10);
+    assert!(c.is_broken(), "unread rows are left on the connection");
+    drop(c);
+    let mut other = Client::connect(&addr, Duration::from_secs(30)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut rows = 0;
+    loop {
+        match other.dump(|_| {
+            rows += 1;
+            true
+        }) {
+            Ok(()) => break,
+            Err(e) => assert!(e.to_string().contains("busy"), "{e}"),
+        }
+        assert!(Instant::now() < deadline, "the slot never came back");
+        rows = 0;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(rows, ITEMS);
+    common::shutdown(node);
 }

@@ -153,8 +153,15 @@ pub(crate) fn run(cmd: AdminCommand) -> Result<ExitCode, Error> {
                             .and_then(|row| dump_line(&row, json));
                         let written =
                             line.and_then(|line| writeln!(out, "{line}").map_err(Error::from));
-                        if let Err(e) = written {
-                            err.get_or_insert(e);
+                        // The first failure ends the read: a closed stdout
+                        // (`| head`) no longer holds the node's dump slot to
+                        // its end, and a malformed row leaves no silent gap.
+                        match written {
+                            Ok(()) => true,
+                            Err(e) => {
+                                err.get_or_insert(e);
+                                false
+                            }
                         }
                     })
                     .map_err(|e| remote(&addr, wait, e))?;
