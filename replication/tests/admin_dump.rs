@@ -65,6 +65,24 @@ fn dump_requested(addr: &str, name: &str) -> std::net::TcpStream {
     conn
 }
 
+/// The rows of a whole dump by `c`, asked again while the node answers
+/// "busy" (a slot still held), for at most a minute.
+fn dump_once_a_slot_is_free(c: &mut Client) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut rows = 0;
+        match c.dump(|_| {
+            rows += 1;
+            true
+        }) {
+            Ok(()) => return rows,
+            Err(e) => assert!(e.to_string().contains("busy"), "{e}"),
+        }
+        assert!(Instant::now() < deadline, "the slot never came back");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn dumps_past_the_limit_are_answered_busy_and_the_slot_comes_back() {
     // Before, any number of dumps ran at once: 48 clients that did not
@@ -92,21 +110,7 @@ fn dumps_past_the_limit_are_answered_busy_and_the_slot_comes_back() {
 
     // Once the stalled client goes away, its dump ends and the slot is free.
     drop(stalled);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut rows = 0;
-    loop {
-        match c.dump(|_| {
-            rows += 1;
-            true
-        }) {
-            Ok(()) => break,
-            Err(e) => assert!(e.to_string().contains("busy"), "{e}"),
-        }
-        assert!(Instant::now() < deadline, "the slot never came back");
-        rows = 0;
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert_eq!(rows, ITEMS);
+    assert_eq!(dump_once_a_slot_is_free(&mut c), ITEMS);
     common::shutdown(node);
 }
 
@@ -192,20 +196,6 @@ fn a_dump_its_reader_stops_ends_early_and_frees_the_slot() {
     assert!(c.is_broken(), "unread rows are left on the connection");
     drop(c);
     let mut other = Client::connect(&addr, Duration::from_secs(30)).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut rows = 0;
-    loop {
-        match other.dump(|_| {
-            rows += 1;
-            true
-        }) {
-            Ok(()) => break,
-            Err(e) => assert!(e.to_string().contains("busy"), "{e}"),
-        }
-        assert!(Instant::now() < deadline, "the slot never came back");
-        rows = 0;
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert_eq!(rows, ITEMS);
+    assert_eq!(dump_once_a_slot_is_free(&mut other), ITEMS);
     common::shutdown(node);
 }
