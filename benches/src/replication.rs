@@ -868,16 +868,21 @@ pub fn receiver_only(ops: u64, reps: usize) {
 /// What a replica does per entry against what a single node does per
 /// write, on the engine alone (no socket; both flushers paused, so neither
 /// side persists inside its clock): `ops` stream entries decoded from
-/// memory (`decode_ref`, `StreamMessage::from_frame_ref`) and applied
-/// (`Engine::apply_replicated`, `Engine::replica_checkpoint`), against
+/// memory (`decode_ref`, `StreamMessage::from_frame_ref`) and applied as a
+/// replica's link applies them (`Engine::apply_replicated_run`, runs of up
+/// to `REPLICA_APPLY_RUN` entries of a partition; `TAPKV_APPLY_ONE=1`:
+/// `Engine::apply_replicated` one entry at a time, as before the runs;
+/// `Engine::replica_checkpoint`), against
 /// `ops` sets of the same keys and values, made before the clock. Each
 /// side runs `reps` times on a fresh engine, alternating which goes
 /// first; medians.
 pub fn apply_only(ops: u64, reps: usize) {
     use tapkv_replication::message::StreamMessage;
+    use tapkv_replication::node::REPLICA_APPLY_RUN;
     use tapkv_replication::protocol::{decode_ref, DEFAULT_MAX_BODY};
     let (wire, frames) = stream_wire(ops);
     let inputs = Inputs::new(ops);
+    let one_at_a_time = std::env::var("TAPKV_APPLY_ONE").is_ok_and(|v| v == "1");
     let set_side = || -> Duration {
         let dir = tempfile::tempdir().expect("tempdir");
         let engine = open_engine(dir.path(), false);
@@ -895,15 +900,29 @@ pub fn apply_only(ops: u64, reps: usize) {
         let dir = tempfile::tempdir().expect("tempdir");
         let engine = open_engine(dir.path(), true);
         engine.set_flusher_paused(true);
+        let mut run = std::collections::VecDeque::with_capacity(REPLICA_APPLY_RUN);
+        let mut run_partition = 0;
+        let apply = |p, run: &mut std::collections::VecDeque<_>| {
+            let out = engine.apply_replicated_run(p, run).expect("apply");
+            assert!(run.is_empty(), "{out:?}");
+        };
         let t = Instant::now();
         let mut at = 0;
         while let Some((f, len)) = decode_ref(&wire[at..], DEFAULT_MAX_BODY).expect("frame") {
             at += len;
             match StreamMessage::from_frame_ref(&f).expect("message") {
-                StreamMessage::Item { partition, item } => {
+                StreamMessage::Item { partition, item } if one_at_a_time => {
                     engine.apply_replicated(partition, &item).expect("apply");
                 }
+                StreamMessage::Item { partition, item } => {
+                    if partition != run_partition || run.len() >= REPLICA_APPLY_RUN {
+                        apply(run_partition, &mut run);
+                    }
+                    run_partition = partition;
+                    run.push_back(item);
+                }
                 StreamMessage::CheckpointStart { partition, id } => {
+                    apply(run_partition, &mut run);
                     engine
                         .replica_checkpoint(partition, id)
                         .expect("checkpoint");
@@ -911,6 +930,7 @@ pub fn apply_only(ops: u64, reps: usize) {
                 _ => {}
             }
         }
+        apply(run_partition, &mut run);
         let d = t.elapsed();
         assert_eq!(at, wire.len(), "every frame applied");
         engine.set_flusher_paused(false);

@@ -12,7 +12,7 @@ use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::item::{ItemMeta, PartitionId, QueueOp, QueuedItem};
 use crate::online_update::MarkerSource;
-use crate::partition::{reserved_cursor_check, Partition, PERSISTENCE_CURSOR};
+use crate::partition::{reserved_cursor_check, Partition, PartitionWriter, PERSISTENCE_CURSOR};
 use crate::store::FailoverEntry;
 use crate::sync::{Arc, Ordering};
 
@@ -206,17 +206,10 @@ impl Partition {
         }
     }
 
-    fn apply(
-        &self,
-        engine_limit: usize,
-        store: &crate::store::Store,
-        item: &QueuedItem,
-    ) -> Result<ApplyOutcome> {
+    /// The checks every replicated entry passes before it is applied: its
+    /// numbers are in range.
+    fn check_replicated_numbers(item: &QueuedItem) -> Result<()> {
         let meta = item.meta();
-        let given = MarkerSource::Given {
-            seqno: meta.by_seqno,
-            cas: meta.cas,
-        };
         check_stream_number("seqno", meta.by_seqno)?;
         // A CAS is milliseconds << 16 plus a counter (about 2^57 today): one
         // near the top would leave the CAS clock no room to increase.
@@ -231,6 +224,76 @@ impl Partition {
             // stop increasing (saturating) and break checkpoint ordering.
             check_stream_number("window checkpoint id", checkpoint_id)?;
         }
+        Ok(())
+    }
+
+    /// Applies a mutation or deletion under the partition's lock `w`
+    /// (never `Resync`). A refused entry comes back with its error,
+    /// unapplied.
+    fn apply_key_op(
+        &self,
+        w: &mut PartitionWriter,
+        item: QueuedItem,
+    ) -> std::result::Result<ApplyOutcome, (Error, QueuedItem)> {
+        let meta = item.meta();
+        if meta.by_seqno <= w.checkpoints.high_seqno() {
+            return Ok(ApplyOutcome::Duplicate);
+        }
+        self.note_seqno_gap(w.checkpoints.high_seqno(), meta.by_seqno);
+        let key = item.key();
+        let mut slot = self.table.slot(key);
+        let (hash, _, undo) = self.touch(w.window.as_ref(), &mut slot, key);
+        // A window the primary opened is held to this replica's own
+        // `online_update_memory_limit` (its queued bytes, see
+        // `Window::admit_replicated`): past it the entry is refused
+        // (before, the replica took whatever a window brought).
+        // Nothing is changed yet; the node ends its session and
+        // keeps the data.
+        if let Some(win) = w.window.as_ref() {
+            // Refused at first sight: net of the entry it
+            // de-duplicates, as its primary admitted it.
+            if let Err(e) = win.admit_replicated(self.id, item.mem_size()) {
+                let refused = match w.checkpoints.dedup_refund(hash, key) {
+                    0 => Err(e),
+                    r => win.admit_replicated(self.id, item.mem_size().saturating_sub(r)),
+                };
+                if let Err(e) = refused {
+                    drop(slot);
+                    return Err((e, item));
+                }
+            }
+        }
+        if item.op == QueueOp::Deletion {
+            slot.remove_hashed(hash, key);
+        } else {
+            slot.put_hashed(hash, item.record().clone());
+        }
+        drop(slot);
+        if let Some(win) = w.window.as_mut() {
+            win.remember(hash, undo, item.record(), item.mem_size());
+        }
+        w.cas.observe(meta.cas);
+        // The entry itself moves into the checkpoint (no reference count
+        // taken and dropped per entry).
+        let freed = w.checkpoints.queue_hashed(item, Some(hash), None);
+        if let Some(win) = w.window.as_mut() {
+            win.refund(freed);
+        }
+        Ok(ApplyOutcome::Applied)
+    }
+
+    fn apply(
+        &self,
+        engine_limit: usize,
+        store: &crate::store::Store,
+        item: QueuedItem,
+    ) -> Result<ApplyOutcome> {
+        Self::check_replicated_numbers(&item)?;
+        let meta = item.meta();
+        let given = MarkerSource::Given {
+            seqno: meta.by_seqno,
+            cas: meta.cas,
+        };
         // Anything at or below the high seqno — entry or marker — is held
         // already (a stream restarted from an older acknowledged seqno). An
         // entry checks under the lock it applies with.
@@ -242,49 +305,9 @@ impl Partition {
             self.note_seqno_gap(high, meta.by_seqno);
         }
         match item.op {
-            QueueOp::Mutation | QueueOp::Deletion => {
-                let mut w = self.lock();
-                if meta.by_seqno <= w.checkpoints.high_seqno() {
-                    return Ok(ApplyOutcome::Duplicate);
-                }
-                self.note_seqno_gap(w.checkpoints.high_seqno(), meta.by_seqno);
-                let key = item.key();
-                let mut slot = self.table.slot(key);
-                let (hash, _, undo) = self.touch(w.window.as_ref(), &mut slot, key);
-                // A window the primary opened is held to this replica's own
-                // `online_update_memory_limit` (its queued bytes, see
-                // `Window::admit_replicated`): past it the entry is refused
-                // (before, the replica took whatever a window brought).
-                // Nothing is changed yet; the node ends its session and
-                // keeps the data.
-                if let Some(win) = w.window.as_ref() {
-                    // Refused at first sight: net of the entry it
-                    // de-duplicates, as its primary admitted it.
-                    if let Err(e) = win.admit_replicated(self.id, item.mem_size()) {
-                        match w.checkpoints.dedup_refund(hash, key) {
-                            0 => return Err(e),
-                            r => {
-                                win.admit_replicated(self.id, item.mem_size().saturating_sub(r))?
-                            }
-                        }
-                    }
-                }
-                if item.op == QueueOp::Deletion {
-                    slot.remove_hashed(hash, key);
-                } else {
-                    slot.put_hashed(hash, item.record().clone());
-                }
-                drop(slot);
-                if let Some(win) = w.window.as_mut() {
-                    win.remember(hash, undo, item.record(), item.mem_size());
-                }
-                w.cas.observe(meta.cas);
-                let freed = w.checkpoints.queue_hashed(item.clone(), Some(hash), None);
-                if let Some(win) = w.window.as_mut() {
-                    win.refund(freed);
-                }
-                Ok(ApplyOutcome::Applied)
-            }
+            QueueOp::Mutation | QueueOp::Deletion => self
+                .apply_key_op(&mut self.lock(), item)
+                .map_err(|(e, _)| e),
             QueueOp::OnlineUpdateStart { checkpoint_id } => {
                 if self.window_info().is_some() {
                     return Ok(ApplyOutcome::Resync);
@@ -315,6 +338,52 @@ impl Partition {
                 _ => Ok(ApplyOutcome::Resync),
             },
         }
+    }
+}
+
+impl crate::engine::Shared {
+    /// Refuses a replicated key this replica's own next open would refuse
+    /// (see `store::check_disk_item`), or one of another partition.
+    fn check_replicated_key(&self, p: PartitionId, item: &QueuedItem) -> Result<()> {
+        let key = item.key();
+        let home = crate::partition::partition_of(key, self.config.partitions);
+        if key.is_empty() || key.len() > usize::from(u16::MAX) || home != p {
+            return Err(Error::InvalidArgument(format!(
+                "replicated key {} of {} bytes cannot be applied to partition {p} (its \
+                 partition is {home}; keys are 1 to 65,535 bytes)",
+                crate::text::quoted(&key[..key.len().min(64)]),
+                key.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Whether queuing `item` would take checkpoint memory past its limit.
+    fn near_checkpoint_memory_limit(&self, item: &QueuedItem) -> bool {
+        let used = self.checkpoint_mem.load(Ordering::Relaxed);
+        used + item.key().len() + item.value().len() > self.config.checkpoint_memory_limit
+    }
+
+    /// [`Engine::apply_replicated`] without the wake-up.
+    fn apply_replicated_one(&self, p: PartitionId, item: QueuedItem) -> Result<ApplyOutcome> {
+        if item.op.is_key_op() {
+            self.check_replicated_key(p, &item)?;
+            if self.near_checkpoint_memory_limit(&item)
+                && self.partitions.iter().any(Partition::has_flushable)
+            {
+                self.notify_flushers();
+                let used = self.checkpoint_mem.load(Ordering::Relaxed);
+                let limit = self.config.checkpoint_memory_limit;
+                return Err(Error::TempOutOfMemory {
+                    reason: format!(
+                        "checkpoint memory {used} bytes is at its limit of {limit} bytes; the \
+                         replica applies more once its flusher has persisted queued items"
+                    ),
+                });
+            }
+        }
+        self.partition(p)?
+            .apply(self.config.online_update_memory_limit, &self.store, item)
     }
 }
 
@@ -545,37 +614,76 @@ impl Engine {
     /// those could wait for ever.
     pub fn apply_replicated(&self, p: PartitionId, item: &QueuedItem) -> Result<ApplyOutcome> {
         let s = self.live()?;
-        if item.op.is_key_op() {
-            // What this replica's own next open would refuse (see
-            // `store::check_disk_item`) is refused here, before it is kept.
-            let key = item.key();
-            let home = crate::partition::partition_of(key, s.config.partitions);
-            if key.is_empty() || key.len() > usize::from(u16::MAX) || home != p {
-                return Err(Error::InvalidArgument(format!(
-                    "replicated key {} of {} bytes cannot be applied to partition {p} (its \
-                     partition is {home}; keys are 1 to 65,535 bytes)",
-                    crate::text::quoted(&key[..key.len().min(64)]),
-                    key.len()
-                )));
-            }
-            let used = s.checkpoint_mem.load(Ordering::Relaxed);
-            let incoming = item.key().len() + item.value().len();
-            let limit = s.config.checkpoint_memory_limit;
-            if used + incoming > limit && s.partitions.iter().any(Partition::has_flushable) {
-                s.notify_flushers();
-                return Err(Error::TempOutOfMemory {
-                    reason: format!(
-                        "checkpoint memory {used} bytes is at its limit of {limit} bytes; the \
-                         replica applies more once its flusher has persisted queued items"
-                    ),
-                });
-            }
-        }
-        let out = s
-            .partition(p)?
-            .apply(s.config.online_update_memory_limit, &s.store, item)?;
+        let out = s.apply_replicated_one(p, item.clone())?;
         s.changed(p);
         Ok(out)
+    }
+
+    /// Applies the entries at the front of `queue`, all of partition `p`
+    /// and in stream order, as [`apply_replicated`](Self::apply_replicated)
+    /// applies each, but mutations and deletions in a row under one
+    /// acquisition of the partition's lock, and with one wake-up of its
+    /// flusher and streams for the run. Each entry applied, or found already
+    /// held, leaves the queue; the first that cannot be applied stops the
+    /// run and stays at the front, and its error (or
+    /// [`ApplyOutcome::Resync`]) is returned. `Ok(ApplyOutcome::Applied)`
+    /// once the queue is empty.
+    ///
+    /// Readers and the flusher wait for the partition's lock while a run
+    /// holds it: the caller bounds the queue's length (a replica's link
+    /// passes at most `REPLICA_APPLY_RUN` entries).
+    pub fn apply_replicated_run(
+        &self,
+        p: PartitionId,
+        queue: &mut std::collections::VecDeque<QueuedItem>,
+    ) -> Result<ApplyOutcome> {
+        let s = self.live()?;
+        let part = s.partition(p)?;
+        let mut changed = false;
+        let out = 'run: loop {
+            let Some(front) = queue.front() else {
+                break Ok(ApplyOutcome::Applied);
+            };
+            if !front.op.is_key_op() || s.near_checkpoint_memory_limit(front) {
+                // A marker, or memory near its limit (whose check looks at
+                // every partition's lock): on its own.
+                match s.apply_replicated_one(p, front.clone()) {
+                    Ok(ApplyOutcome::Resync) => break Ok(ApplyOutcome::Resync),
+                    Ok(_) => {
+                        queue.pop_front();
+                        changed = true;
+                        continue;
+                    }
+                    Err(e) => break Err(e),
+                }
+            }
+            let mut w = part.lock();
+            while let Some(front) = queue.front() {
+                if !front.op.is_key_op() || s.near_checkpoint_memory_limit(front) {
+                    continue 'run;
+                }
+                if let Err(e) = s
+                    .check_replicated_key(p, front)
+                    .and_then(|()| Partition::check_replicated_numbers(front))
+                {
+                    break 'run Err(e);
+                }
+                let Some(item) = queue.pop_front() else {
+                    break;
+                };
+                match part.apply_key_op(&mut w, item) {
+                    Ok(_) => changed = true,
+                    Err((e, item)) => {
+                        queue.push_front(item);
+                        break 'run Err(e);
+                    }
+                }
+            }
+        };
+        if changed {
+            s.changed(p);
+        }
+        out
     }
 
     /// Follows the primary into checkpoint `id` (a replica builds its

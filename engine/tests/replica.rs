@@ -1080,3 +1080,116 @@ fn a_flush_waiting_on_a_partition_that_is_reset_fails_instead_of_passing_on_new_
     e.set_flusher_paused(false);
     e.flush().unwrap();
 }
+
+/// `apply_replicated_run` applies a run as `apply_replicated` applies each
+/// entry: duplicates leave the run unapplied, a window's START inside the
+/// run opens the window for the entries after it (and only those are
+/// reverted), and a foreign key stops the run there, applied up to it,
+/// with the rest left in order.
+#[test]
+fn a_run_applies_in_order_and_stops_at_the_first_entry_it_cannot_apply() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = builder(dir.path()).replica(true).open().unwrap();
+    let p = 2;
+    let k = keys_of(&r, p, "run", 6);
+    let foreign = key_in(&r, 3, 0);
+    let item =
+        |key: &[u8], seqno: u64| QueuedItem::new(QueueOp::Mutation, key, b"v", meta_at(seqno));
+    let mut run: std::collections::VecDeque<QueuedItem> = [
+        item(&k[0], 1),
+        item(&k[1], 2),
+        item(&k[0], 2), // held already (seqno 2): dropped unapplied
+        QueuedItem::marker(QueueOp::OnlineUpdateStart { checkpoint_id: 1 }, meta_at(3)),
+        item(&k[2], 4),
+        QueuedItem::new(QueueOp::Deletion, &k[1], b"", meta_at(5)),
+        item(foreign.as_bytes(), 6),
+        item(&k[3], 7),
+    ]
+    .into();
+    let err = r.apply_replicated_run(p, &mut run).unwrap_err();
+    assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+    assert_eq!(
+        run.iter().map(QueuedItem::seqno).collect::<Vec<_>>(),
+        [6, 7],
+        "the refused entry and those after it stay, in order"
+    );
+    assert_eq!(r.high_seqno(p).unwrap(), 5);
+    assert_eq!(r.get(&k[0]).unwrap().meta.by_seqno, 1);
+    assert!(r.get(&k[1]).is_err(), "deleted inside the window");
+    assert_eq!(r.get(&k[2]).unwrap().meta.by_seqno, 4);
+    let window = r.stats().unwrap().partitions[usize::from(p)]
+        .window
+        .expect("the START inside the run opened the window");
+    assert_eq!(window.checkpoint_id, 1);
+    // The rest of the stream, fixed: the window's REVERT undoes exactly the
+    // entries after its START.
+    run.pop_front();
+    run.push_back(QueuedItem::marker(
+        QueueOp::OnlineUpdateRevert { checkpoint_id: 1 },
+        meta_at(8),
+    ));
+    assert_eq!(
+        r.apply_replicated_run(p, &mut run).unwrap(),
+        ApplyOutcome::Applied
+    );
+    assert!(run.is_empty());
+    assert_eq!(r.get(&k[0]).unwrap().meta.by_seqno, 1);
+    assert_eq!(
+        r.get(&k[1]).unwrap().meta.by_seqno,
+        2,
+        "its deletion reverted"
+    );
+    assert!(r.get(&k[2]).is_err(), "created in the window: reverted");
+    assert!(r.get(&k[3]).is_err(), "created in the window: reverted");
+    assert!(r.stats().unwrap().partitions[usize::from(p)]
+        .window
+        .is_none());
+}
+
+/// A run inside a window stops at the entry the replica's window limit
+/// refuses, which stays at the front with the rest; the entries before it
+/// are applied, and the window's END still applies once the rest is
+/// dropped.
+#[test]
+fn a_run_stops_at_the_entry_its_window_limit_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = builder(dir.path())
+        .replica(true)
+        .online_update_memory_limit(64 * 1024)
+        .max_value_size(16 << 10)
+        .open()
+        .unwrap();
+    let p = 0;
+    let keys = keys_of(&r, p, "wr", 20);
+    r.replica_checkpoint(p, 2).unwrap();
+    let value = vec![b'v'; 10 * 1024];
+    let mut run: std::collections::VecDeque<QueuedItem> = std::iter::once(QueuedItem::marker(
+        QueueOp::OnlineUpdateStart { checkpoint_id: 2 },
+        meta_at(1),
+    ))
+    .chain(
+        (0..20)
+            .map(|i| QueuedItem::new(QueueOp::Mutation, &keys[i], &value, meta_at(2 + i as u64))),
+    )
+    .collect();
+    let err = r.apply_replicated_run(p, &mut run).unwrap_err();
+    assert!(matches!(err, Error::TempOutOfMemory { .. }), "{err}");
+    let applied = r.stats().unwrap().items() as u64;
+    assert!(
+        (1..20).contains(&applied),
+        "some 10 KiB entries fit a 64 KiB window, not all: {applied}"
+    );
+    assert_eq!(
+        run.len() as u64,
+        20 - applied,
+        "the refused entry and the rest stay"
+    );
+    assert_eq!(run.front().unwrap().seqno(), 2 + applied);
+    assert_eq!(r.high_seqno(p).unwrap(), 1 + applied);
+    let end = QueuedItem::marker(
+        QueueOp::OnlineUpdateEnd { checkpoint_id: 2 },
+        meta_at(2 + applied),
+    );
+    assert_eq!(r.apply_replicated(p, &end).unwrap(), ApplyOutcome::Applied);
+    assert_eq!(r.stats().unwrap().items() as u64, applied);
+}

@@ -3,7 +3,7 @@
 //! stream cursors exactly as a node's replica link feeds it
 //! (`replication/src/node.rs`: `stream_loop`, `start_partition`,
 //! `send_disk_snapshot` on the primary's side; `replica_session` and
-//! `apply_one` on the replica's), without sockets or threads.
+//! `apply_run` on the replica's), without sockets or threads.
 //!
 //! Random steps write to the primary (sets, deletes, online-update windows,
 //! checkpoints, flushes, evictions, restarts and crashes), move the stream
@@ -19,6 +19,7 @@
 // A loom build swaps the engine's primitives; only its models run then.
 #![cfg(not(any(loom, feature = "loom")))]
 
+use std::collections::VecDeque;
 use std::path::Path;
 
 use proptest::prelude::*;
@@ -169,31 +170,60 @@ struct Counters {
     checks_in_window: usize,
 }
 
-/// The node's `apply_one`: applies an entry, waiting (here: flushing) while
-/// the replica's checkpoint memory is full; `false` when the partition had
-/// to be reset for a resynchronisation.
-fn apply_one(replica: &Engine, p: PartitionId, item: &QueuedItem, c: &mut Counters) -> bool {
+/// The node's `apply_run`: applies a run of entries of one partition,
+/// waiting (here: flushing) while the replica's checkpoint memory is full;
+/// `false` when the partition had to be reset for a resynchronisation.
+fn apply_run(
+    replica: &Engine,
+    p: PartitionId,
+    run: &mut VecDeque<QueuedItem>,
+    c: &mut Counters,
+) -> bool {
     let mut tries = 0;
     let outcome = loop {
-        match replica.apply_replicated(p, item) {
-            Ok(outcome) => break outcome,
+        let before = run.len();
+        match replica.apply_replicated_run(p, run) {
+            Ok(outcome) => {
+                assert!(
+                    run.is_empty() == (outcome != ApplyOutcome::Resync),
+                    "a run stops only at an entry to resynchronise for: {outcome:?}, {} left",
+                    run.len()
+                );
+                break outcome;
+            }
             Err(Error::TempOutOfMemory { .. }) => {
-                tries += 1;
-                assert!(tries < 100, "replica memory never frees for {item:?}");
+                assert!(!run.is_empty(), "a refused entry stays in the run");
+                if run.len() == before {
+                    tries += 1;
+                }
+                assert!(
+                    tries < 100,
+                    "replica memory never frees for {:?}",
+                    run.front()
+                );
                 replica.run_flush_round().unwrap();
             }
             Err(e) if e.is_own_fault() => {
-                panic!("replica fault applying {item:?} to partition {p}: {e}")
+                panic!(
+                    "replica fault applying {:?} to partition {p}: {e}",
+                    run.front()
+                )
             }
             Err(_) => break ApplyOutcome::Resync,
         }
     };
+    run.clear();
     if outcome == ApplyOutcome::Resync {
         c.resyncs += 1;
         replica.reset_partition(p).unwrap();
         return false;
     }
     true
+}
+
+/// [`apply_run`] of one entry.
+fn apply_one(replica: &Engine, p: PartitionId, item: &QueuedItem, c: &mut Counters) -> bool {
+    apply_run(replica, p, &mut VecDeque::from([item.clone()]), c)
 }
 
 struct Pair {
@@ -441,18 +471,25 @@ impl Pair {
             }
             moved |= !events.is_empty();
             let replica = self.replica.as_ref().unwrap();
+            // Items in a row are applied as one run, as the node's link
+            // applies the entries of a partition that follow in its buffer.
+            let mut run = VecDeque::new();
             for ev in events {
+                if !matches!(ev, CursorEvent::Item(_))
+                    && !apply_run(replica, p, &mut run, &mut self.c)
+                {
+                    return (Link::Down, true);
+                }
                 match ev {
                     CursorEvent::CheckpointStart { id } => {
                         replica.replica_checkpoint(p, id).unwrap();
                     }
                     CursorEvent::CheckpointEnd { .. } => {}
-                    CursorEvent::Item(item) => {
-                        if !apply_one(replica, p, &item, &mut self.c) {
-                            return (Link::Down, true);
-                        }
-                    }
+                    CursorEvent::Item(item) => run.push_back(item),
                 }
+            }
+            if !apply_run(replica, p, &mut run, &mut self.c) {
+                return (Link::Down, true);
             }
         }
         (Link::Up, moved)

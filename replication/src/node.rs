@@ -13,7 +13,7 @@
 //! receives and acknowledges it, and reconnects after errors. See
 //! `docs/replication.md` for the rules.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -1975,26 +1975,37 @@ const PROGRESS_ACK_EVERY: Duration = Duration::from_millis(100);
 /// checkpoint memory had no room for.
 const MEMORY_RETRY: Duration = Duration::from_millis(1);
 
-/// Applies one entry on a replica; `Ok(false)` when the partition had to be
-/// reset for a resynchronisation (the session then reconnects). Waits while
-/// the replica's checkpoint memory is full of unpersisted entries (see
-/// [`Engine::apply_replicated`]), and then sets `waited`; `Err(Error::Closed)`
-/// if the node stops meanwhile.
-fn apply_one(
+/// Entries of one partition in a row that a replica's link applies as one
+/// run (`Engine::apply_replicated_run`: one acquisition of the partition's
+/// lock and one wake-up of its flusher for the run). The stream sends up
+/// to `stream_batch` entries of a partition in a row; a run ends earlier
+/// when no whole frame is left in the read buffer, so an entry never waits
+/// for the network to be applied.
+pub const REPLICA_APPLY_RUN: usize = 64;
+
+/// Applies a run of entries of `partition`, in stream order, emptying
+/// `run`; `Ok(false)` when the partition had to be reset for a
+/// resynchronisation (the session then reconnects). Waits while the
+/// replica's checkpoint memory is full of unpersisted entries (see
+/// [`Engine::apply_replicated`]), and then sets `waited`;
+/// `Err(Error::Closed)` if the node stops meanwhile.
+fn apply_run(
     engine: &Engine,
     stop: &AtomicBool,
     memory_wait: Duration,
     partition: PartitionId,
-    item: &tapkv_engine::QueuedItem,
+    run: &mut VecDeque<tapkv_engine::QueuedItem>,
     seqnos: &mut [u64],
     waited: &mut bool,
 ) -> Result<bool, Error> {
-    let seqno = item.seqno();
+    let Some(last) = run.back().map(tapkv_engine::QueuedItem::seqno) else {
+        return Ok(true);
+    };
     // Read only once a wait begins: a clock read per applied entry was
     // about 5% of the replica link's time.
     let mut waiting_since: Option<Instant> = None;
     let outcome = loop {
-        match engine.apply_replicated(partition, item) {
+        match engine.apply_replicated_run(partition, run) {
             Ok(outcome) => break outcome,
             // Checkpoint memory is full of what the flusher has still to
             // persist: wait for it without reading further, so the primary's
@@ -2038,14 +2049,15 @@ fn apply_one(
     if outcome == ApplyOutcome::Resync {
         tracing::warn!(
             partition,
-            seqno,
+            seqno = run.front().map(tapkv_engine::QueuedItem::seqno),
             "cannot apply consistently: resynchronising the partition"
         );
+        run.clear();
         engine.reset_partition(partition)?;
         return Ok(false);
     }
     if let Some(e) = seqnos.get_mut(usize::from(partition)) {
-        *e = (*e).max(seqno);
+        *e = (*e).max(last);
     }
     Ok(true)
 }
@@ -2326,6 +2338,11 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
     // Set when handling a frame waited (for checkpoint memory, or applying
     // a disk snapshot): `now` is read again before the ack check.
     let mut clock_stale = false;
+    // Entries of `run_partition` received and not yet applied: only while
+    // a whole frame that may extend them is buffered (see
+    // `REPLICA_APPLY_RUN`), so the reads below never wait with a run held.
+    let mut run: VecDeque<tapkv_engine::QueuedItem> = VecDeque::with_capacity(REPLICA_APPLY_RUN);
+    let mut run_partition: PartitionId = 0;
     while !state.stop.load(Ordering::Acquire) {
         // Frames are decoded in place in the read buffer: an entry's key and
         // value are copied once, into its record.
@@ -2382,6 +2399,26 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
             engine.confirm_replica()?;
         }
         let mut ack_now = false;
+        // Whatever is not the next entry of the run is handled after it.
+        let extends_run = match &msg {
+            StreamMessage::Item { partition, .. } => {
+                snapshots.is_empty() && (run.is_empty() || *partition == run_partition)
+            }
+            _ => false,
+        };
+        if !extends_run
+            && !apply_run(
+                engine,
+                &state.stop,
+                cfg.io_timeout,
+                run_partition,
+                &mut run,
+                &mut seqnos,
+                &mut clock_stale,
+            )?
+        {
+            return Ok(());
+        }
         match msg {
             StreamMessage::Failover { partition, uuid } => {
                 let log = engine.failover_log(partition)?;
@@ -2446,6 +2483,7 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
                 if let Some((snapshot, _, _)) = snapshots.remove(&partition) {
                     clock_stale = true;
                     let staged = snapshot.staged_items();
+                    let mut one = VecDeque::with_capacity(1);
                     // Applying a large snapshot takes a while without
                     // reading: acknowledge progress meanwhile, so the
                     // primary sees a live replica.
@@ -2453,13 +2491,14 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
                     if !snapshot.apply(|item| {
                         // A node that stops keeps the prefix applied so far
                         // (it is in seqno order) and resumes after it.
+                        one.push_back(item.clone());
                         if state.stop.load(Ordering::Acquire)
-                            || !apply_one(
+                            || !apply_run(
                                 engine,
                                 &state.stop,
                                 cfg.io_timeout,
                                 partition,
-                                item,
+                                &mut one,
                                 &mut seqnos,
                                 &mut clock_stale,
                             )?
@@ -2520,16 +2559,11 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
                         )));
                     }
                     buffer.push(item)?;
-                } else if !apply_one(
-                    engine,
-                    &state.stop,
-                    cfg.io_timeout,
-                    partition,
-                    &item,
-                    &mut seqnos,
-                    &mut clock_stale,
-                )? {
-                    return Ok(());
+                } else {
+                    // Applied with the entries of its partition that follow
+                    // it in the buffer (below).
+                    run_partition = partition;
+                    run.push_back(item);
                 }
             }
             StreamMessage::Rollback { partition } => {
@@ -2560,6 +2594,24 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
             }
             StreamMessage::StreamEnd => return Ok(()),
         }
+        // The run is applied once it is full, once no whole frame is left to
+        // extend it, and before an ack (which covers only what is applied).
+        let apply = |run: &mut VecDeque<_>, seqnos: &mut Vec<u64>, stale: &mut bool| {
+            apply_run(
+                engine,
+                &state.stop,
+                cfg.io_timeout,
+                run_partition,
+                run,
+                seqnos,
+                stale,
+            )
+        };
+        if (run.len() >= REPLICA_APPLY_RUN || !reader.has_frame())
+            && !apply(&mut run, &mut seqnos, &mut clock_stale)?
+        {
+            return Ok(());
+        }
         if std::mem::take(&mut clock_stale) {
             now = Instant::now();
             // The time this frame took to handle is not the primary's
@@ -2571,6 +2623,9 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
             || reader.caught_up()
             || now.duration_since(last_ack) >= Duration::from_millis(20)
         {
+            if !apply(&mut run, &mut seqnos, &mut clock_stale)? {
+                return Ok(());
+            }
             ack.seqnos = applied(&seqnos);
             writer.send(&ack.to_frame()).map_err(perr)?;
             ack = Ack::default();
