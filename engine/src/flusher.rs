@@ -60,6 +60,7 @@ pub(crate) fn spawn(shared: &Arc<Shared>) -> Result<Vec<JoinHandle<()>>> {
 }
 
 fn run(shared: &Shared, thread: usize, threads: usize) {
+    tighten_timer_slack();
     let nice = take_niceness(shared.config.flusher_nice);
     if let Some(slot) = shared.flusher_nice.lock().get_mut(thread) {
         *slot = nice;
@@ -199,6 +200,40 @@ fn take_niceness(floor: i32) -> Option<i32> {
 fn take_niceness(_floor: i32) -> Option<i32> {
     None
 }
+
+/// The timer slack a flusher thread asks for (Linux: `PR_SET_TIMERSLACK`).
+pub(crate) const FLUSHER_TIMER_SLACK_NS: u64 = 1_000;
+
+/// Makes the calling thread's short naps (a group commit's `GROUP_NAP`,
+/// 20 µs) last about what they ask for. With Linux's default slack of 50 µs
+/// a 20 µs sleep took 97 µs on average on the 2-core test VM (47 µs with
+/// 1 µs of slack), and a group commit gathering writers naps once or more
+/// per round. Only the flusher threads change; a failure leaves the
+/// default.
+#[cfg(target_os = "linux")]
+fn tighten_timer_slack() {
+    // SAFETY: `prctl(PR_SET_TIMERSLACK, ns)` reads no memory of ours and
+    // only changes this thread's timer slack.
+    #[allow(unsafe_code)]
+    let rc = unsafe {
+        libc::prctl(
+            libc::PR_SET_TIMERSLACK,
+            FLUSHER_TIMER_SLACK_NS as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+        )
+    };
+    if rc != 0 {
+        tracing::debug!(
+            error = %std::io::Error::last_os_error(),
+            "could not tighten the flusher's timer slack; its naps keep the default"
+        );
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn tighten_timer_slack() {}
 
 /// Writes everything queued in every partition, on the caller's thread
 /// (the close, once the flusher threads have ended), retrying failed rounds
