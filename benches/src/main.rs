@@ -500,11 +500,15 @@ fn engine_bench(ops: u64, reps: usize) {
 
 fn persist_only(ops: u64) {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let engine = Arc::new(
-        Engine::builder(tmp.path().join("tapkv-persist"))
-            .open()
-            .expect("open tapkv"),
-    );
+    let mut b = Engine::builder(tmp.path().join("tapkv-persist"));
+    // For A/B runs of the group commit: its gathering wait, in µs.
+    if let Some(us) = std::env::var("TAPKV_GROUP_COMMIT_WAIT_US")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        b = b.group_commit_wait(Duration::from_micros(us));
+    }
+    let engine = Arc::new(b.open().expect("open tapkv"));
     let per1 = (ops / 500).max(200);
     for round in 0..3 {
         let base = round * 20_000_000;
