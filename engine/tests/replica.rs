@@ -1193,3 +1193,101 @@ fn a_run_stops_at_the_entry_its_window_limit_refuses() {
     assert_eq!(r.apply_replicated(p, &end).unwrap(), ApplyOutcome::Applied);
     assert_eq!(r.stats().unwrap().items() as u64, applied);
 }
+
+/// A run stops where `apply_replicated` would have answered `Resync` (a
+/// second window's START while one is open) or refused a number out of
+/// range: the entries before are applied, the one it stopped at and those
+/// after it are left, in order.
+#[test]
+fn a_run_stops_at_a_resync_and_at_a_number_out_of_range() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = builder(dir.path()).replica(true).open().unwrap();
+    let p = 1;
+    let k = keys_of(&r, p, "rs", 4);
+    let item =
+        |key: &[u8], seqno: u64| QueuedItem::new(QueueOp::Mutation, key, b"v", meta_at(seqno));
+    let start = |id: u64, seqno: u64| {
+        QueuedItem::marker(
+            QueueOp::OnlineUpdateStart { checkpoint_id: id },
+            meta_at(seqno),
+        )
+    };
+    let mut run: std::collections::VecDeque<QueuedItem> = [
+        item(&k[0], 1),
+        start(1, 2),
+        item(&k[1], 3),
+        start(2, 4),
+        item(&k[2], 5),
+    ]
+    .into();
+    assert_eq!(
+        r.apply_replicated_run(p, &mut run).unwrap(),
+        ApplyOutcome::Resync
+    );
+    assert_eq!(
+        run.iter().map(QueuedItem::seqno).collect::<Vec<_>>(),
+        [4, 5]
+    );
+    assert_eq!(r.high_seqno(p).unwrap(), 3);
+
+    let dir = tempfile::tempdir().unwrap();
+    let r = builder(dir.path()).replica(true).open().unwrap();
+    let mut run: std::collections::VecDeque<QueuedItem> = [
+        item(&k[0], 1),
+        item(&k[1], u64::MAX / 4),
+        item(&k[2], u64::MAX / 4 + 1),
+    ]
+    .into();
+    let err = r.apply_replicated_run(p, &mut run).unwrap_err();
+    assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+    assert_eq!(run.len(), 2);
+    assert_eq!(run.front().unwrap().seqno(), u64::MAX / 4);
+    assert_eq!(r.high_seqno(p).unwrap(), 1);
+}
+
+/// A run that reaches the checkpoint-memory limit while flushable entries
+/// wait stops at the entry refused for it (`TempOutOfMemory`, as
+/// `apply_replicated` refuses it); once the flusher has persisted what
+/// waited, the same run goes on from that entry.
+#[test]
+fn a_run_stops_at_the_checkpoint_memory_limit_and_goes_on_after_a_flush() {
+    let dir = tempfile::tempdir().unwrap();
+    let limit = 64 * 1024;
+    let r = builder(dir.path())
+        .replica(true)
+        .checkpoint_max_items(100_000)
+        .checkpoint_memory_limit(limit)
+        .max_value_size(4 << 10)
+        .open()
+        .unwrap();
+    // Flush rounds run only when the test asks.
+    r.set_flusher_paused(true);
+    let p = 0;
+    let keys = keys_of(&r, p, "cm", 400);
+    let mut run: std::collections::VecDeque<QueuedItem> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, k)| QueuedItem::new(QueueOp::Mutation, k, &[b'v'; 400], meta_at(i as u64 + 1)))
+        .collect();
+    let err = r.apply_replicated_run(p, &mut run).unwrap_err();
+    assert!(matches!(err, Error::TempOutOfMemory { .. }), "{err}");
+    let applied = r.high_seqno(p).unwrap();
+    assert!((1..400).contains(&applied), "{applied}");
+    assert_eq!(run.len() as u64, 400 - applied);
+    assert_eq!(run.front().unwrap().seqno(), applied + 1);
+    assert!(r.stats().unwrap().checkpoint_mem_bytes <= limit);
+    let mut rounds = 0;
+    while !run.is_empty() {
+        match r.apply_replicated_run(p, &mut run) {
+            Ok(out) => assert_eq!(out, ApplyOutcome::Applied),
+            Err(Error::TempOutOfMemory { .. }) => {
+                rounds += 1;
+                assert!(rounds < 400, "memory never freed");
+                r.run_flush_round().unwrap();
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(r.high_seqno(p).unwrap(), 400);
+    assert_eq!(r.stats().unwrap().items(), 400);
+}

@@ -1,7 +1,9 @@
 //! A replica facing a primary that misbehaves: a fake primary on a
 //! `TcpListener` speaking the protocol. The replica must cut off a frame
 //! that trickles in, stop promptly, refuse a handshake answer that is not
-//! one, and not spin its link when every session ends at once.
+//! one, and not spin its link when every session ends at once; and, with a
+//! stream crafted frame by frame, apply what it holds back for a run before
+//! the message that follows it.
 
 mod common;
 
@@ -333,5 +335,67 @@ fn a_primary_refusing_the_connection_is_reported_with_its_reason() {
         )
         .unwrap();
     wait_link_error(&node, "too many connections");
+    assert!(shutdown_within(node, Duration::from_secs(10)).is_some());
+}
+
+/// Entries the replica holds back to apply as one run are applied before
+/// whatever follows them in its buffer: three entries, a CHECKPOINT_START
+/// and three more, arriving in one write, land three in the checkpoint
+/// before and three in the new one. (A CHECKPOINT_START handled before the
+/// entries it follows would put all six in the new checkpoint.)
+#[test]
+fn entries_held_for_a_run_are_applied_before_the_message_after_them() {
+    let (listener, _dir, node) = fake_primary_and_replica();
+    let engine = node.engine().unwrap();
+    // Nothing persisted, so no checkpoint is freed under the test.
+    engine.set_flusher_paused(true);
+    let conn = accept_within(&listener, Duration::from_secs(10));
+    let (_reader, _writer) = open_stream(&conn);
+    let item = |seqno: u64| StreamMessage::Item {
+        partition: 0,
+        item: tapkv_engine::QueuedItem::mutation(
+            format!("k{seqno}").as_bytes(),
+            b"v",
+            tapkv_engine::ItemMeta {
+                by_seqno: seqno,
+                cas: seqno,
+                rev_seqno: 1,
+                ..Default::default()
+            },
+        ),
+    };
+    let mut wire = bytes::BytesMut::new();
+    for m in [item(1), item(2), item(3)] {
+        m.encode(&mut wire);
+    }
+    StreamMessage::CheckpointStart {
+        partition: 0,
+        id: 5,
+    }
+    .encode(&mut wire);
+    for m in [item(4), item(5), item(6)] {
+        m.encode(&mut wire);
+    }
+    (&conn).write_all(&wire).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while engine.high_seqno(0).unwrap() < 6 {
+        assert!(
+            Instant::now() < deadline,
+            "the replica applied {}",
+            engine.high_seqno(0).unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let held: Vec<(u64, usize, u64)> = engine
+        .checkpoints(0)
+        .unwrap()
+        .iter()
+        .filter(|c| c.items > 0)
+        .map(|c| (c.id, c.items, c.high_seqno))
+        .collect();
+    assert_eq!(held.len(), 2, "{held:?}");
+    assert_eq!((held[0].1, held[0].2), (3, 3), "{held:?}");
+    assert_eq!(held[1], (5, 3, 6), "{held:?}");
+    engine.set_flusher_paused(false);
     assert!(shutdown_within(node, Duration::from_secs(10)).is_some());
 }
