@@ -14,7 +14,8 @@
 //! metadata, key and value; the checkpoint holds the same record). A value
 //! may be *evicted*: the slot's record is swapped for a
 //! key-and-metadata copy, and the bytes are read back from disk on access. The table keeps item, byte and eviction
-//! counts; it never touches checkpoints or disk.
+//! counts per shard (changed under the shard's write lock only, summed when
+//! read); it never touches checkpoints or disk.
 
 use crate::buckets::BucketTable;
 use crate::item::{key_hash, ItemMeta, Record};
@@ -39,9 +40,49 @@ pub(crate) struct EvictPass {
 
 pub(crate) struct HashTable {
     shards: Box<[RwLock<Shard>]>,
+    /// Per shard, its counts (`counts[i]` is shard `i`'s).
+    counts: Box<[Counts]>,
+}
+
+/// One shard's item, byte and eviction counts. Changed only under the
+/// shard's write lock, so a change is a plain load and store (no locked
+/// instruction: two of those per write were a measurable part of a set);
+/// read without the lock, summed over the shards.
+#[derive(Default)]
+struct Counts {
     items: AtomicUsize,
     bytes: AtomicUsize,
     evicted: AtomicUsize,
+}
+
+impl Counts {
+    /// Adds `by` to `count` (wrapping: a record's bytes are taken off as
+    /// they were added). The caller holds the shard's write lock.
+    fn add(count: &AtomicUsize, by: isize) {
+        count.store(
+            count.load(Ordering::Relaxed).wrapping_add_signed(by),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Takes `old` off and puts `new` on.
+    fn account(&self, old: Option<&Record>, new: Option<&Record>) {
+        let of = |r: Option<&Record>| {
+            r.map_or((0, 0, 0), |r| {
+                (1, r.resident_bytes() as isize, isize::from(r.is_evicted()))
+            })
+        };
+        let ((oi, ob, oe), (ni, nb, ne)) = (of(old), of(new));
+        if ni != oi {
+            Self::add(&self.items, ni - oi);
+        }
+        if nb != ob {
+            Self::add(&self.bytes, nb - ob);
+        }
+        if ne != oe {
+            Self::add(&self.evicted, ne - oe);
+        }
+    }
 }
 
 type Shard = BucketTable;
@@ -67,9 +108,7 @@ impl HashTable {
             shards: (0..SHARDS)
                 .map(|_| RwLock::new(BucketTable::default()))
                 .collect(),
-            items: AtomicUsize::new(0),
-            bytes: AtomicUsize::new(0),
-            evicted: AtomicUsize::new(0),
+            counts: (0..SHARDS).map(|_| Counts::default()).collect(),
         }
     }
 
@@ -110,35 +149,31 @@ impl HashTable {
         }
     }
 
+    /// The counts of the shard of a key whose hash is `hash`.
+    fn counts_of(&self, hash: u64) -> &Counts {
+        &self.counts[Self::shard_index(hash)]
+    }
+
+    /// A count summed over the shards.
+    fn total(&self, count: impl Fn(&Counts) -> &AtomicUsize) -> usize {
+        self.counts
+            .iter()
+            .map(|c| count(c).load(Ordering::Relaxed))
+            .fold(0, usize::wrapping_add)
+    }
+
     pub(crate) fn len(&self) -> usize {
-        self.items.load(Ordering::Relaxed)
+        self.total(|c| &c.items)
     }
 
     /// Key bytes plus resident value bytes.
     pub(crate) fn mem_bytes(&self) -> usize {
-        self.bytes.load(Ordering::Relaxed)
+        self.total(|c| &c.bytes)
     }
 
     /// Items whose value is evicted.
     pub(crate) fn evicted(&self) -> usize {
-        self.evicted.load(Ordering::Relaxed)
-    }
-
-    fn account(&self, old: Option<&Record>, new: Option<&Record>) {
-        if let Some(r) = old {
-            self.bytes.fetch_sub(r.resident_bytes(), Ordering::Relaxed);
-            self.items.fetch_sub(1, Ordering::Relaxed);
-            if r.is_evicted() {
-                self.evicted.fetch_sub(1, Ordering::Relaxed);
-            }
-        }
-        if let Some(r) = new {
-            self.bytes.fetch_add(r.resident_bytes(), Ordering::Relaxed);
-            self.items.fetch_add(1, Ordering::Relaxed);
-            if r.is_evicted() {
-                self.evicted.fetch_add(1, Ordering::Relaxed);
-            }
-        }
+        self.total(|c| &c.evicted)
     }
 
     /// Evicts values of clean items (`by_seqno <=` the partition's
@@ -156,7 +191,8 @@ impl HashTable {
         skip: usize,
         max_kept: usize,
     ) -> EvictPass {
-        let mut guard = self.shards[shard % SHARDS].write();
+        let idx = shard % SHARDS;
+        let mut guard = self.shards[idx].write();
         let clean_upto = persisted.load(Ordering::Acquire);
         let mut pass = EvictPass {
             items: 0,
@@ -180,8 +216,9 @@ impl HashTable {
                 pass.kept += 1;
             }
         }
-        self.bytes.fetch_sub(pass.bytes, Ordering::Relaxed);
-        self.evicted.fetch_add(pass.items, Ordering::Relaxed);
+        let counts = &self.counts[idx];
+        Counts::add(&counts.bytes, -(pass.bytes as isize));
+        Counts::add(&counts.evicted, pass.items as isize);
         pass
     }
 
@@ -243,20 +280,20 @@ impl ShardsGuard<'_> {
 
     /// [`put`](Self::put) with the key's hash known.
     pub(crate) fn put_hashed(&mut self, hash: u64, rec: Record) {
-        let table = self.table;
+        let counts = self.table.counts_of(hash);
         let (shard, hash) = self.shard_of(hash);
-        table.account(None, Some(&rec));
+        counts.account(None, Some(&rec));
         let old = shard.upsert(hash, rec);
-        table.account(old.as_ref(), None);
+        counts.account(old.as_ref(), None);
     }
 
     /// Removes `key` (whose hash is `hash`) completely; returns its record
     /// if it was present.
     pub(crate) fn remove_hashed(&mut self, hash: u64, key: &[u8]) -> Option<Record> {
-        let table = self.table;
+        let counts = self.table.counts_of(hash);
         let (shard, hash) = self.shard_of(hash);
         let old = shard.remove(hash, key)?;
-        table.account(Some(&old), None);
+        counts.account(Some(&old), None);
         Some(old)
     }
 
@@ -270,13 +307,13 @@ impl ShardsGuard<'_> {
     /// Removes every entry of the locked shards.
     pub(crate) fn clear(&mut self) {
         let table = self.table;
-        let shards: &mut [RwLockWriteGuard<'_, Shard>] = match &mut self.held {
-            Held::One(guard, _, _) => std::slice::from_mut(guard),
-            Held::All(guards) => guards,
+        let shards: Vec<(usize, &mut RwLockWriteGuard<'_, Shard>)> = match &mut self.held {
+            Held::One(guard, idx, _) => vec![(*idx, guard)],
+            Held::All(guards) => guards.iter_mut().enumerate().collect(),
         };
-        for shard in shards {
+        for (idx, shard) in shards {
             for rec in shard.take_all() {
-                table.account(Some(&rec), None);
+                table.counts[idx].account(Some(&rec), None);
             }
         }
     }
@@ -288,10 +325,11 @@ impl ShardsGuard<'_> {
     pub(crate) fn fill(&mut self, key: &[u8], meta: &ItemMeta, value: &[u8]) -> Option<Record> {
         let table = self.table;
         let (shard, hash) = self.shard(key);
+        let counts = table.counts_of(hash);
         let rec = shard.find_mut(hash, key)?;
         if rec.is_evicted() && rec.meta() == *meta {
-            table.bytes.fetch_add(value.len(), Ordering::Relaxed);
-            table.evicted.fetch_sub(1, Ordering::Relaxed);
+            Counts::add(&counts.bytes, value.len() as isize);
+            Counts::add(&counts.evicted, -1);
             *rec = rec.with_value(value);
             return Some(rec.clone());
         }
@@ -303,6 +341,7 @@ impl ShardsGuard<'_> {
     pub(crate) fn evict(&mut self, key: &[u8], clean_upto: u64) -> Option<Eviction> {
         let table = self.table;
         let (shard, hash) = self.shard(key);
+        let counts = table.counts_of(hash);
         let rec = shard.find_mut(hash, key)?;
         if rec.by_seqno() > clean_upto {
             return Some(Eviction::Dirty);
@@ -312,8 +351,8 @@ impl ShardsGuard<'_> {
         if !rec.has_value_to_evict() {
             return Some(Eviction::Already);
         }
-        table.bytes.fetch_sub(rec.value_len(), Ordering::Relaxed);
-        table.evicted.fetch_add(1, Ordering::Relaxed);
+        Counts::add(&counts.bytes, -(rec.value_len() as isize));
+        Counts::add(&counts.evicted, 1);
         *rec = rec.evicted();
         Some(Eviction::Now)
     }
@@ -342,6 +381,53 @@ mod tests {
             flags: 0,
             expiry: 0,
         }
+    }
+
+    /// The counts are changed with a plain load and store under each
+    /// shard's write lock: writers of different keys, on threads of their
+    /// own, and evictions of whole shards meanwhile, lose no change.
+    #[test]
+    fn counts_stay_exact_under_concurrent_writers_and_evictions() {
+        let t = HashTable::new();
+        let key = |th: usize, i: usize| format!("t{th}-{i}").into_bytes();
+        std::thread::scope(|scope| {
+            for th in 0..4 {
+                let t = &t;
+                scope.spawn(move || {
+                    for i in 0..5_000 {
+                        let k = key(th, i);
+                        t.slot(&k).put(Record::new(&meta(1, 1), &k, b"0123456789"));
+                        if i % 2 == 1 {
+                            let prev = key(th, i - 1);
+                            let hash = t.hash(&prev);
+                            assert!(t.slot(&prev).remove_hashed(hash, &prev).is_some());
+                        }
+                    }
+                });
+            }
+            // Evicting values of clean items (every seqno is 1) meanwhile.
+            let t = &t;
+            scope.spawn(move || {
+                for round in 0..200 {
+                    t.evict_clean(round % SHARDS, &AtomicU64::new(1), 1 << 20, 0, 1 << 20);
+                }
+            });
+        });
+        let mut items = 0;
+        let mut bytes = 0;
+        let mut evicted = 0;
+        for shard in t.shards.iter() {
+            for rec in shard.read().iter() {
+                items += 1;
+                bytes += rec.resident_bytes();
+                evicted += usize::from(rec.is_evicted());
+            }
+        }
+        assert_eq!(items, 4 * 2_500);
+        assert_eq!(
+            (t.len(), t.mem_bytes(), t.evicted()),
+            (items, bytes, evicted)
+        );
     }
 
     #[test]
