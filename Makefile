@@ -3,6 +3,9 @@
 # build the single `release` profile that tests, demo and benches share.
 
 CARGO ?= cargo
+# Builds use the committed Cargo.lock as it is: a dependency change that
+# did not update it fails the build instead of resolving anew.
+LOCKED := --locked
 TARGET_DIR := $(abspath $(or $(CARGO_TARGET_DIR),$(CURDIR)/target))
 TAPKV := $(TARGET_DIR)/release/tapkv
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -18,7 +21,7 @@ deps:
 	fi
 
 build: deps
-	$(CARGO) build --release --workspace --bins
+	$(CARGO) build $(LOCKED) --release --workspace --bins
 
 demo: build
 	$(TAPKV) demo --data ./tapkv-data
@@ -26,10 +29,10 @@ demo: build
 # Shrinking a failed property test is bounded (60 s), so a failure ends
 # the run with a report rather than holding it.
 test: build
-	PROPTEST_MAX_SHRINK_TIME=60000 TAPKV_BIN=$(TAPKV) $(CARGO) test --release --workspace
+	PROPTEST_MAX_SHRINK_TIME=60000 TAPKV_BIN=$(TAPKV) $(CARGO) test $(LOCKED) --release --workspace
 	# Loom models of the wake-up handshakes (engine/src/engine.rs, loom_models);
 	# a run in which no model ran fails (a filter matching nothing passes).
-	@out=$$(mktemp); $(CARGO) test --release -p tapkv-engine --features loom --lib loom_ >$$out 2>&1; \
+	@out=$$(mktemp); $(CARGO) test $(LOCKED) --release -p tapkv-engine --features loom --lib loom_ >$$out 2>&1; \
 	  rc=$$?; cat $$out; \
 	  if [ $$rc -eq 0 ] && ! grep -q "test result: ok. [1-9]" $$out; then echo "error: no loom model ran"; rc=1; fi; \
 	  rm -f $$out; exit $$rc
@@ -37,7 +40,7 @@ test: build
 bench: build
 	@command -v memcached >/dev/null || { echo "installing memcached (the network benchmark's competitor)"; \
 		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq memcached; }
-	$(CARGO) run --release -p tapkv-benches -- all
+	$(CARGO) run $(LOCKED) --release -p tapkv-benches -- all
 
 fmt:
 	$(CARGO) fmt --all
