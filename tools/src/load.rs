@@ -65,6 +65,18 @@ fn latency_histogram() -> Result<Histogram<u64>, Error> {
 /// about 0.26 MiB and a stack).
 const MAX_THREADS: u64 = 1024;
 
+/// The next write's number from the shared counter `work`, or `None` once
+/// all `count` are taken (or a failed thread set it to `count`). The counter
+/// never passes `count`: a `fetch_add` per look went past it, and with a
+/// `--count` of `u64::MAX` wrapped to 0 after a failure, so threads that
+/// should have stopped wrote the first keys again.
+fn take_work(work: &AtomicU64, count: u64) -> Option<u64> {
+    work.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+        (n < count).then_some(n + 1)
+    })
+    .ok()
+}
+
 /// Why `load` with a given `--start` and `--count` cannot run: the last
 /// key number, `start + count - 1`, must fit in a u64 (it used to wrap and
 /// overwrite `key-0`...).
@@ -149,10 +161,9 @@ pub(crate) fn run(args: LoadArgs) -> Result<ExitCode, Error> {
                 let mut lat = latency_histogram()?;
                 let mut oom_retries = 0u64;
                 loop {
-                    let n = work.fetch_add(1, Ordering::Relaxed);
-                    if n >= count {
+                    let Some(n) = take_work(&work, count) else {
                         return Ok((lat, oom_retries));
-                    }
+                    };
                     // A thread that fails stops the others at their next
                     // write (the run is reported failed either way).
                     let stop_all = || work.store(count, Ordering::Relaxed);
@@ -264,4 +275,25 @@ pub(crate) fn run(args: LoadArgs) -> Result<ExitCode, Error> {
         .map_err(|_| Error::InvalidArgument("engine still shared at exit".into()))?;
     engine.close()?;
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod work_tests {
+    use super::take_work;
+    use std::sync::atomic::AtomicU64;
+
+    #[test]
+    fn the_work_counter_stops_at_the_count_and_never_wraps() {
+        let work = AtomicU64::new(0);
+        assert_eq!(take_work(&work, 2), Some(0));
+        assert_eq!(take_work(&work, 2), Some(1));
+        assert_eq!(take_work(&work, 2), None);
+        assert_eq!(take_work(&work, 2), None);
+        // A failed thread stops the others by setting the counter to the
+        // count; with the largest count every later look must still stop.
+        let work = AtomicU64::new(u64::MAX);
+        for _ in 0..3 {
+            assert_eq!(take_work(&work, u64::MAX), None);
+        }
+    }
 }
