@@ -699,8 +699,36 @@ impl Store {
         &self,
         p: PartitionId,
     ) -> Result<(PartitionDiskState, Reservation)> {
-        let state = self.partition_state(p)?.unwrap_or_default();
-        let res = self.reservation(p)?.unwrap_or_default();
+        let state = self.partition_state(p)?;
+        let res = match (self.reservation(p)?, &state) {
+            (Some(res), _) => res,
+            // Every open records a reservation before the partition hands
+            // out a number, so a partition with a state record and none is
+            // damaged: the last run may have handed out (and a replica may
+            // hold) seqnos up to a reservation now lost. Read as 0 (before),
+            // the next run reused them. The partition continues above the
+            // largest reservation any run can make instead.
+            (None, Some(state)) => {
+                let res = Reservation {
+                    seqno: state
+                        .high_seqno
+                        .saturating_add(crate::engine::MAX_SEQNO_RESERVATION),
+                    checkpoint_id: state
+                        .checkpoint_id
+                        .saturating_add(crate::engine::MAX_SEQNO_RESERVATION / 1000),
+                };
+                tracing::warn!(
+                    partition = p,
+                    seqno = res.seqno,
+                    checkpoint_id = res.checkpoint_id,
+                    "the partition's seqno reservation record is missing: continuing above \
+                     any number its last run could have handed out"
+                );
+                res
+            }
+            (None, None) => Reservation::default(),
+        };
+        let state = state.unwrap_or_default();
         for (what, n) in [
             ("high seqno", state.high_seqno),
             ("checkpoint id", state.checkpoint_id),

@@ -931,3 +931,54 @@ fn flusher_threads_are_held_to_the_directorys_partition_count() {
         "a refused open made the directory"
     );
 }
+
+#[test]
+fn a_missing_seqno_reservation_continues_above_any_number_handed_out() {
+    // Every open records a reservation before the partition hands out a
+    // number; a missing one was read as 0, and a partition whose last run
+    // handed out seqnos past its persisted state (streamed to replicas,
+    // then a crash) handed them out again. It now continues above the
+    // largest reservation any run can make (2^40 seqnos).
+    let dir = full_directory();
+    let e = builder(dir.path()).open().unwrap();
+    let p = e.partition_of(&common::key(0));
+    let high = e.high_seqno(p).unwrap();
+    let checkpoint = e.stats().unwrap().partitions[usize::from(p)].open_checkpoint_id;
+    e.close().unwrap();
+    {
+        let db = raw_db(dir.path());
+        let mut key = b"reserve/".to_vec();
+        key.extend_from_slice(&p.to_be_bytes());
+        let meta = db.cf_handle("meta").unwrap();
+        assert!(
+            db.get_cf(meta, &key).unwrap().is_some(),
+            "the open recorded one"
+        );
+        db.delete_cf(meta, key).unwrap();
+    }
+    let e = builder(dir.path()).open().unwrap();
+    let r = e
+        .set(&common::key(0), common::value(1), WriteOptions::default())
+        .unwrap();
+    assert!(r.seqno > high + (1 << 40), "seqno {} after {high}", r.seqno);
+    let opened = e.stats().unwrap().partitions[usize::from(p)].open_checkpoint_id;
+    assert!(
+        opened > checkpoint + (1 << 40) / 1000,
+        "checkpoint {opened}"
+    );
+    // Everything else came back.
+    assert_eq!(e.stats().unwrap().items(), 200);
+    // And the open recorded a reservation again: the next open continues
+    // from it as usual.
+    e.close().unwrap();
+    let e = builder(dir.path()).open().unwrap();
+    let again = e
+        .set(&common::key(0), common::value(2), WriteOptions::default())
+        .unwrap();
+    assert!(
+        again.seqno > r.seqno && again.seqno < r.seqno + (1 << 40),
+        "{} after {}",
+        again.seqno,
+        r.seqno
+    );
+}
