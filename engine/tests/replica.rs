@@ -498,6 +498,22 @@ fn a_backfill_scan_of_large_values_ticks_by_bytes_read() {
     assert_eq!((ticks, items), (1, 1));
 }
 
+/// A replica's engine in `dir` with `limit` bytes of checkpoint memory,
+/// one open checkpoint (it never closes at its item limit) and its flusher
+/// paused: flush rounds run only when the test asks, so it is
+/// deterministic.
+fn memory_limited_replica(dir: &std::path::Path, limit: usize) -> Engine {
+    let e = builder(dir)
+        .replica(true)
+        .checkpoint_max_items(100_000)
+        .checkpoint_memory_limit(limit)
+        .max_value_size(4 << 10)
+        .open()
+        .unwrap();
+    e.set_flusher_paused(true);
+    e
+}
+
 #[test]
 fn a_replica_expels_persisted_entries_when_its_open_checkpoint_outgrows_memory() {
     // A replica closes checkpoints only when its primary does, so with a
@@ -507,15 +523,7 @@ fn a_replica_expels_persisted_entries_when_its_open_checkpoint_outgrows_memory()
     // one entry applied, refused again until it was flushed).
     let dir = tempfile::tempdir().unwrap();
     let limit = 64 * 1024;
-    let e = builder(dir.path())
-        .replica(true)
-        .checkpoint_max_items(100_000)
-        .checkpoint_memory_limit(limit)
-        .max_value_size(4 << 10)
-        .open()
-        .unwrap();
-    // Flush rounds run only when the test asks: deterministic.
-    e.set_flusher_paused(true);
+    let e = memory_limited_replica(dir.path(), limit);
     let keys: Vec<String> = (0..)
         .map(|n| format!("x{n}"))
         .filter(|k| e.partition_of(k.as_bytes()) == 0)
@@ -741,17 +749,23 @@ fn numbers_from_the_stream_stay_where_the_replicas_own_open_accepts_them() {
     }
 }
 
+/// A replica's engine in `dir` with an online-update memory limit of
+/// `window_limit` bytes and values up to `max_value` bytes.
+fn window_limited_replica(dir: &std::path::Path, window_limit: usize, max_value: usize) -> Engine {
+    builder(dir)
+        .replica(true)
+        .online_update_memory_limit(window_limit)
+        .max_value_size(max_value)
+        .open()
+        .unwrap()
+}
+
 #[test]
 fn a_window_from_the_stream_is_held_to_the_replicas_own_limit() {
     // Before, a replica applied whatever a window its primary opened
     // brought: 30 MB with 1 MiB limits in a review's probe.
     let dir = tempfile::tempdir().unwrap();
-    let r = builder(dir.path())
-        .replica(true)
-        .online_update_memory_limit(256 * 1024)
-        .max_value_size(64 << 10)
-        .open()
-        .unwrap();
+    let r = window_limited_replica(dir.path(), 256 * 1024, 64 << 10);
     let p = 0;
     let keys = keys_of(&r, p, "w", 100);
     let meta = meta_at;
@@ -1153,12 +1167,7 @@ fn a_run_applies_in_order_and_stops_at_the_first_entry_it_cannot_apply() {
 #[test]
 fn a_run_stops_at_the_entry_its_window_limit_refuses() {
     let dir = tempfile::tempdir().unwrap();
-    let r = builder(dir.path())
-        .replica(true)
-        .online_update_memory_limit(64 * 1024)
-        .max_value_size(16 << 10)
-        .open()
-        .unwrap();
+    let r = window_limited_replica(dir.path(), 64 * 1024, 16 << 10);
     let p = 0;
     let keys = keys_of(&r, p, "wr", 20);
     r.replica_checkpoint(p, 2).unwrap();
@@ -1253,15 +1262,7 @@ fn a_run_stops_at_a_resync_and_at_a_number_out_of_range() {
 fn a_run_stops_at_the_checkpoint_memory_limit_and_goes_on_after_a_flush() {
     let dir = tempfile::tempdir().unwrap();
     let limit = 64 * 1024;
-    let r = builder(dir.path())
-        .replica(true)
-        .checkpoint_max_items(100_000)
-        .checkpoint_memory_limit(limit)
-        .max_value_size(4 << 10)
-        .open()
-        .unwrap();
-    // Flush rounds run only when the test asks.
-    r.set_flusher_paused(true);
+    let r = memory_limited_replica(dir.path(), limit);
     let p = 0;
     let keys = keys_of(&r, p, "cm", 400);
     let mut run: std::collections::VecDeque<QueuedItem> = keys
