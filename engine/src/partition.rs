@@ -190,8 +190,8 @@ pub(crate) struct Partition {
     /// Failover log (branches of this partition's history).
     pub(crate) failover: Mutex<Vec<crate::store::FailoverEntry>>,
     /// On a replica: a gap in the seqnos it applied since the stream last
-    /// entered a checkpoint (or, after its own restart, not known not to
-    /// be one). A stream steps over de-duplication holes, each made by a
+    /// read a checkpoint to its end (or, after its own restart, not known
+    /// not to be one). A stream steps over de-duplication holes, each made by a
     /// later entry of the same checkpoint: until the stream has read to the
     /// end of that checkpoint, the replica's state at its high seqno may
     /// lack a version its primary had there (`Engine::replica_history_may_have_gaps`).

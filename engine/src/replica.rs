@@ -701,9 +701,10 @@ impl Engine {
         let s = self.live()?;
         let part = s.partition(p)?;
         let mut w = part.lock();
-        // The stream entered a checkpoint: it read the one before to its
-        // end, and every entry that made a hole there with it.
-        part.history_gap.store(false, Ordering::Release);
+        // (Entering a checkpoint says nothing of the history before: a
+        // stream that registers inside a checkpoint — every reconnect —
+        // begins with that checkpoint's START. Gaps are forgotten at a
+        // checkpoint's END: `replica_checkpoint_end`.)
         if id > w.primary_checkpoint {
             w.primary_checkpoint = id;
             if id > w.checkpoints.open_checkpoint_id() || !w.checkpoints.open_checkpoint_is_empty()
@@ -714,11 +715,29 @@ impl Engine {
         Ok(())
     }
 
+    /// The stream read the primary's checkpoint `id` of partition `p` to its
+    /// end: every entry that made a de-duplication hole there came with it,
+    /// so the gaps this replica applied are filled
+    /// ([`replica_history_may_have_gaps`](Self::replica_history_may_have_gaps)
+    /// is false until the next gap). Before, a checkpoint's START cleared
+    /// them, and a stream registered inside a checkpoint (every reconnect)
+    /// begins with one: a reconnect then a crash of the primary left the
+    /// replica without a version for good.
+    pub fn replica_checkpoint_end(&self, p: PartitionId, id: u64) -> Result<()> {
+        check_stream_number("checkpoint id", id)?;
+        let s = self.live()?;
+        let part = s.partition(p)?;
+        // Under the partition's lock, as every entry's gap is noted.
+        let _w = part.lock();
+        part.history_gap.store(false, Ordering::Release);
+        Ok(())
+    }
+
     /// Whether this replica's state of partition `p` at its high seqno may
     /// lack a version its primary held at that seqno: it applied a seqno
     /// gap (a de-duplication hole the stream stepped over; the entry that
     /// made it lies later in the same checkpoint) since the stream last
-    /// entered a checkpoint, or it restarted since. As long as the primary
+    /// read a checkpoint to its end, or it restarted since. As long as the primary
     /// keeps its history that later entry comes; a primary that restarted
     /// uncleanly (a new branch in its failover log) may have lost it, and
     /// such a replica must resynchronise the partition rather than resume.

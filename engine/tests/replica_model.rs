@@ -484,7 +484,9 @@ impl Pair {
                     CursorEvent::CheckpointStart { id } => {
                         replica.replica_checkpoint(p, id).unwrap();
                     }
-                    CursorEvent::CheckpointEnd { .. } => {}
+                    CursorEvent::CheckpointEnd { id } => {
+                        replica.replica_checkpoint_end(p, id).unwrap();
+                    }
                     CursorEvent::Item(item) => run.push_back(item),
                 }
             }
@@ -689,6 +691,33 @@ fn a_stream_cut_past_a_dedup_hole_then_a_primary_crash_converges() {
         4,
     );
     assert!(c.rollbacks >= 1, "{c:?}");
+}
+
+/// The same cut, then a reconnect before the crash: the new session's
+/// cursor registers inside the checkpoint the replica was reading and
+/// begins with that checkpoint's START, which the replica took for having
+/// read the one before to its end. It then resumed after the crash as if
+/// it held every version up to its high seqno, and kept lacking key 0's
+/// first version for good. (Found by a review; keys 0, 1 and 2 share
+/// partition 0.)
+#[test]
+fn a_reconnect_inside_a_checkpoint_keeps_the_replicas_history_gap() {
+    let c = run(
+        &[
+            Op::Set(0, 1),
+            Op::Set(1, 1),
+            Op::Set(2, 1),
+            Op::Flush,
+            Op::Set(0, 2),
+            Op::SyncSome(1),
+            Op::Disconnect,
+            Op::SyncSome(1),
+            Op::PrimaryRestart(true),
+        ],
+        false,
+        4,
+    );
+    assert!(c.rollbacks + c.resyncs >= 1, "{c:?}");
 }
 
 /// A primary's disk snapshot read whole: its end and its entries, in the

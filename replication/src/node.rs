@@ -2563,7 +2563,9 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
             StreamMessage::CheckpointStart { partition, id } => {
                 engine.replica_checkpoint(partition, id)?;
             }
-            StreamMessage::CheckpointEnd { .. } => {}
+            StreamMessage::CheckpointEnd { partition, id } => {
+                engine.replica_checkpoint_end(partition, id)?;
+            }
             StreamMessage::Item { partition, item } => {
                 let buffer = if snapshots.is_empty() {
                     None
