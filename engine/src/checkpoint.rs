@@ -835,7 +835,7 @@ impl CheckpointManager {
     /// Whether memory still holds every item after `from_seqno`, so a cursor
     /// registered there would not need a backfill.
     pub fn holds_after(&self, from_seqno: u64) -> bool {
-        from_seqno + 1 >= self.oldest_seqno()
+        from_seqno.saturating_add(1) >= self.oldest_seqno()
     }
 
     /// The lowest seqno memory can serve a new cursor from: the first seqno
@@ -849,6 +849,19 @@ impl CheckpointManager {
     /// Registers (or re-registers) the cursor `name` to read every item after
     /// `from_seqno`.
     pub fn register_cursor(&mut self, name: &str, from_seqno: u64) -> Result<Registration> {
+        let (registration, freed) = self.register_cursor_freeing(name, from_seqno)?;
+        drop(freed);
+        Ok(registration)
+    }
+
+    /// [`register_cursor`](Self::register_cursor), handing back the
+    /// checkpoints a re-registration frees, for the caller to drop once it
+    /// has released the partition's lock.
+    pub fn register_cursor_freeing(
+        &mut self,
+        name: &str,
+        from_seqno: u64,
+    ) -> Result<(Registration, FreedCheckpoints)> {
         if from_seqno > self.high_seqno {
             return Err(Error::InvalidArgument(format!(
                 "cursor {name}: seqno {from_seqno} is above the partition's high seqno {}",
@@ -856,9 +869,12 @@ impl CheckpointManager {
             )));
         }
         if !self.holds_after(from_seqno) {
-            return Ok(Registration::NeedsBackfill {
-                oldest_seqno: self.oldest_seqno(),
-            });
+            return Ok((
+                Registration::NeedsBackfill {
+                    oldest_seqno: self.oldest_seqno(),
+                },
+                FreedCheckpoints::default(),
+            ));
         }
         let idx = self
             .checkpoints
@@ -876,17 +892,29 @@ impl CheckpointManager {
                 droppable: false,
             },
         );
-        drop(self.remove_unreferenced());
-        Ok(Registration::InMemory { checkpoint_id })
+        Ok((
+            Registration::InMemory { checkpoint_id },
+            self.remove_unreferenced(),
+        ))
     }
 
     /// Drops the cursor `name`; returns whether it existed.
     pub fn remove_cursor(&mut self, name: &str) -> bool {
-        let existed = self.cursors.remove(name).is_some();
-        if existed {
-            drop(self.remove_unreferenced());
-        }
+        let (existed, freed) = self.remove_cursor_freeing(name);
+        drop(freed);
         existed
+    }
+
+    /// [`remove_cursor`](Self::remove_cursor), handing back the checkpoints
+    /// only that cursor held, for the caller to drop once it has released
+    /// the partition's lock: a slow replica's stream cursor can hold
+    /// hundreds of thousands of entries, and freeing them took that long
+    /// with every writer of the partition waiting.
+    pub fn remove_cursor_freeing(&mut self, name: &str) -> (bool, FreedCheckpoints) {
+        if self.cursors.remove(name).is_none() {
+            return (false, FreedCheckpoints::default());
+        }
+        (true, self.remove_unreferenced())
     }
 
     /// Lets the cursor `name` be dropped under memory pressure (a stream's

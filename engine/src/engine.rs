@@ -1044,10 +1044,14 @@ impl Engine {
     ) -> Result<Registration> {
         reserved_cursor_check(name)?;
         let s = self.live()?;
-        s.partition(p)?
+        // What a re-registration frees is dropped after the lock.
+        let (registration, freed) = s
+            .partition(p)?
             .lock()
             .checkpoints
-            .register_cursor(name, from_seqno)
+            .register_cursor_freeing(name, from_seqno)?;
+        drop(freed);
+        Ok(registration)
     }
 
     /// Reads and consumes up to `max_items` items from cursor `name`.
@@ -1146,7 +1150,14 @@ impl Engine {
     pub fn remove_cursor(&self, p: PartitionId, name: &str) -> Result<bool> {
         reserved_cursor_check(name)?;
         let s = self.live()?;
-        Ok(s.partition(p)?.lock().checkpoints.remove_cursor(name))
+        // What only this cursor held is freed after the lock is released.
+        let (existed, freed) = s
+            .partition(p)?
+            .lock()
+            .checkpoints
+            .remove_cursor_freeing(name);
+        drop(freed);
+        Ok(existed)
     }
 
     /// Per-partition and engine-wide figures.

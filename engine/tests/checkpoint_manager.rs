@@ -794,3 +794,45 @@ fn remaining_bytes_follow_reads_closes_and_dedup() {
     m.read("c", 10).unwrap();
     assert_eq!(at(&m), (0, 0));
 }
+
+/// Removing (or re-registering) a cursor hands back the checkpoints only it
+/// held, so the engine drops them after releasing the partition's lock
+/// (`Engine::remove_cursor`); before, they were freed under it, and a slow
+/// replica's stream cursor could hold hundreds of thousands of entries.
+#[test]
+fn removing_a_cursor_hands_back_what_it_alone_held() {
+    let (mut m, mem) = mgr(2);
+    m.register_cursor("slow", 0).unwrap();
+    m.register_cursor("fast", 0).unwrap();
+    for s in 1..=6 {
+        m.queue(item(&format!("k{s}"), s));
+    }
+    m.read("fast", 6).unwrap();
+    // Re-registering the slow cursor further on frees checkpoint 1.
+    let (_, freed) = m.register_cursor_freeing("slow", 3).unwrap();
+    assert_eq!(freed.len(), 1);
+    let (existed, freed) = m.remove_cursor_freeing("slow");
+    assert!(existed);
+    assert_eq!(freed.len(), 1, "checkpoint 2");
+    let ids: Vec<u64> = m.checkpoints().iter().map(|c| c.id).collect();
+    assert_eq!(ids, vec![3]);
+    // Accounted as freed at once; the entries go when the caller drops them.
+    assert_eq!(mem.load(Ordering::Relaxed), m.mem_bytes());
+    drop(freed);
+    let (existed, freed) = m.remove_cursor_freeing("slow");
+    assert!(!existed && freed.is_empty());
+}
+
+/// Nothing lies after the largest seqno, so memory holds it all; `from + 1`
+/// overflowed there (a panic in a debug build, `false` in a release one,
+/// through the public `Engine::backfill_end`).
+#[test]
+fn memory_holds_everything_after_the_largest_seqno() {
+    let (mut m, _) = mgr(2);
+    for s in 1..=6 {
+        m.queue(item(&format!("k{s}"), s));
+    }
+    assert!(m.holds_after(u64::MAX));
+    // (Closed checkpoints no cursor needs are freed: not from 0.)
+    assert!(!m.holds_after(0));
+}
