@@ -405,6 +405,16 @@ impl Shared {
     /// resynchronising it) is an error, not a wait that the new history's
     /// seqnos could end as if the old ones were on disk.
     fn wait_synced(&self, targets: &[(PartitionId, u64, u64)]) -> Result<()> {
+        self.wait_synced_within(targets, self.config.persist_timeout)
+    }
+
+    /// [`wait_synced`](Self::wait_synced), failing with `Timeout` after
+    /// `timeout`.
+    fn wait_synced_within(
+        &self,
+        targets: &[(PartitionId, u64, u64)],
+        timeout: Duration,
+    ) -> Result<()> {
         let reset = |s: &Shared| {
             targets.iter().find(|&&(p, _, resets)| {
                 s.partitions[usize::from(p)]
@@ -426,7 +436,6 @@ impl Shared {
         if done(self) {
             return Ok(());
         }
-        let timeout = self.config.persist_timeout;
         let deadline = Instant::now() + timeout;
         let waiting = crate::sync::Counted::new(&self.persist_waiters);
         self.notify_flushers();
@@ -978,12 +987,22 @@ impl Engine {
         let _pending = gate.as_ref().map(|_| ReplicatePending(part, res.seqno));
         // A Replicate write is on this node's disk too: after a crash the
         // primary rolls its replicas back to what it persisted, so a write
-        // only its replicas held would be lost everywhere.
+        // only its replicas held would be lost everywhere. Both waits share
+        // its `replicate_timeout` (before, the replicas' wait began only
+        // once the disk's, bounded by `persist_timeout`, had ended).
+        let replicate_deadline = gate
+            .as_ref()
+            .map(|_| Instant::now() + s.config.replicate_timeout);
         if let Some(resets) = resets {
-            s.wait_synced(&[(res.partition, res.seqno, resets)])?;
+            let timeout = match replicate_deadline {
+                Some(_) => s.config.replicate_timeout.min(s.config.persist_timeout),
+                None => s.config.persist_timeout,
+            };
+            s.wait_synced_within(&[(res.partition, res.seqno, resets)], timeout)?;
         }
-        if let Some(gate) = gate {
-            gate.wait_replicated(self, res.partition, res.seqno, s.config.replicate_timeout)?;
+        if let (Some(gate), Some(deadline)) = (gate, replicate_deadline) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            gate.wait_replicated(self, res.partition, res.seqno, left)?;
         }
         Ok(res)
     }

@@ -330,11 +330,18 @@ impl tapkv_engine::ReplicationGate for AckGate {
                     // never be sent the write, so it does not count. (The
                     // cursor is looked up only for a stream that has not
                     // acknowledged the write: it takes the partition's lock.)
+                    // Nor does one whose last disk snapshot of the partition
+                    // is sent but not yet acknowledged to its end: the
+                    // replica applies a snapshot only once it has it whole,
+                    // and acknowledges nothing above its start until then
+                    // (the stream is marked in memory as soon as the
+                    // snapshot is queued).
                     let streaming = || {
                         s.parts
                             .lock()
                             .get(&p)
                             .is_some_and(|(state, _)| *state == PartitionStreamState::InMemory)
+                            && !s.snapshots.lock().contains_key(&p)
                             && engine.has_cursor(p, &s.cursor).unwrap_or(false)
                     };
                     acked += usize::from(has_acked);
@@ -1311,6 +1318,18 @@ fn check_stream_open(state: &NodeState, open: &Frame) -> Result<(), String> {
         .find(|r| r.partition >= state.engine.num_partitions())
     {
         return Err(format!("partition {} does not exist", bad.partition));
+    }
+    // One position per partition: a stream asking for one many times
+    // re-registered its cursor at each (skipping or repeating entries),
+    // scanned the disk once per entry and sent a FAILOVER per entry
+    // unflushed (a frame holds about a million).
+    let mut asked = vec![false; usize::from(state.engine.num_partitions())];
+    for r in &reqs {
+        let seen = &mut asked[usize::from(r.partition)];
+        if *seen {
+            return Err(format!("partition {} is asked for twice", r.partition));
+        }
+        *seen = true;
     }
     Ok(())
 }

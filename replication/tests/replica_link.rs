@@ -4,10 +4,10 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{from_the_start, stream_by_hand, stream_cursors, wait_until};
-use tapkv_engine::{Durability, Engine, WriteOptions};
+use tapkv_engine::{Durability, Engine, Error, WriteOptions};
 use tapkv_replication::client::Client;
 use tapkv_replication::node::{Node, NodeConfig};
 
@@ -356,19 +356,36 @@ fn a_stream_still_backfilling_does_not_count_against_replicate_writes() {
     // snapshot (it reads nothing, so it stays there). Before, the second
     // counted as connected, the quorum became two, and every `Replicate`
     // write timed out until the backfill ended; now only streams that can
-    // acknowledge the write count.
+    // acknowledge the write count. 30 MB, more than the loopback
+    // connection's buffers hold: the stuck stream's sender stays in its
+    // backfill.
+    a_stuck_stream_does_not_count_against_replicate_writes(30_000, 1000, "backfilling");
+}
+
+#[test]
+fn a_stream_whose_snapshot_is_sent_but_unacknowledged_does_not_count_either() {
+    // 100 KB: the whole disk snapshot fits in the connection's buffers, so
+    // the stuck stream's sender queues it, registers its cursor and marks
+    // the partitions in memory, while its reader has applied (and
+    // acknowledged) nothing. Before, it then counted, and the write timed
+    // out (found by a review).
+    a_stuck_stream_does_not_count_against_replicate_writes(1_000, 100, "in-memory");
+}
+
+/// A primary with `keys` items of `value` bytes on disk, a caught-up
+/// replica, and a second stream that reads nothing once its partitions
+/// reach `state`: a `Replicate` write needs only the caught-up replica.
+fn a_stuck_stream_does_not_count_against_replicate_writes(keys: usize, value: usize, state: &str) {
     let replicate = WriteOptions {
         durability: Durability::Replicate,
         ..WriteOptions::default()
     };
     let (pdir, rdir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     {
-        // On disk only: a new stream backfills it. 30 MB, more than the
-        // loopback connection's buffers hold, so a stream whose reader
-        // reads nothing stays in its backfill.
+        // On disk only: a new stream backfills it.
         let e = Engine::builder(pdir.path()).partitions(2).open().unwrap();
-        let v = vec![b'v'; 1000];
-        for i in 0..30_000 {
+        let v = vec![b'v'; value];
+        for i in 0..keys {
             e.set(format!("k{i}").as_bytes(), &v[..], WriteOptions::default())
                 .unwrap();
         }
@@ -385,23 +402,30 @@ fn a_stream_still_backfilling_does_not_count_against_replicate_writes() {
     let replica = replica_of(&primary, rdir.path(), 2, "caught-up", |_| {});
     let r = replica.engine().unwrap();
     wait_until("the replica to catch up", Duration::from_secs(30), || {
-        r.stats().unwrap().items() == 30_000
+        r.stats().unwrap().items() == keys
     });
     let conn = std::net::TcpStream::connect(primary.local_addr()).unwrap();
     let (stuck_reader, stuck_writer) = stream_by_hand(conn, "stuck", &from_the_start(p));
     let mut c = Client::connect(&primary.local_addr().to_string(), Duration::from_secs(5)).unwrap();
     wait_until(
-        "the second stream's backfill",
+        "the second stream's partitions to be there",
         Duration::from_secs(20),
         || {
             let streams = c.admin("streams").unwrap();
-            streams
+            let states: Vec<_> = streams
                 .as_array()
                 .into_iter()
                 .flatten()
                 .filter(|s| s["name"] == "stuck")
                 .flat_map(|s| s["partitions"].as_array().cloned().unwrap_or_default())
-                .any(|x| x["state"] == "backfilling")
+                .map(|x| x["state"].clone())
+                .collect();
+            // Every partition there when it is the state every partition
+            // ends in; one is enough for the backfill.
+            match state {
+                "backfilling" => states.iter().any(|s| s == state),
+                _ => states.len() == 2 && states.iter().all(|s| s == state),
+            }
         },
     );
     p.set(b"held", b"v", replicate)
@@ -616,6 +640,40 @@ fn a_replicate_write_waits_for_the_primarys_disk_too() {
     });
     let part = p.partition_of(b"k");
     assert!(p.persisted_seqno(part).unwrap() >= seqno);
+    common::shutdown(replica);
+    common::shutdown(primary);
+}
+
+/// The replicate timeout bounds the whole write: the wait for the
+/// primary's own disk counts against it. Before, the replicas' wait began
+/// only once the disk's had ended, itself bounded by `persist_timeout`
+/// (30 s): a write could take 35 s against a 5 s timeout (found by a
+/// review).
+#[test]
+fn a_replicate_write_waiting_on_the_primarys_disk_times_out_on_time() {
+    let (pdir, rdir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let primary = primary_with(pdir.path(), Some(Duration::from_millis(500)), |_| {});
+    let p = primary.engine().unwrap();
+    let replica = replica_of(&primary, rdir.path(), 2, "r", |_| {});
+    wait_until("the replica's stream", Duration::from_secs(10), || {
+        stream_cursors(p).len() == 2
+    });
+    p.set_flusher_paused(true);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let t = Instant::now();
+            let res = p.set(b"k", b"v", WriteOptions::durable(Durability::Replicate));
+            tx.send((res.map(|m| m.seqno), t.elapsed())).unwrap();
+        });
+        // Well under the 30 s the disk's own wait allows.
+        let (res, took) = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the write returns within its replicate timeout");
+        assert!(matches!(res, Err(Error::Timeout { .. })), "{res:?}");
+        assert!(took < Duration::from_secs(5), "{took:?}");
+        p.set_flusher_paused(false);
+    });
     common::shutdown(replica);
     common::shutdown(primary);
 }

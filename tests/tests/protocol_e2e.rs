@@ -133,6 +133,22 @@ fn malformed_frames_get_errors_and_the_node_keeps_serving() {
         read_frame(&mut s, 1 << 20).unwrap().status(),
         status::INVALID_ARGUMENTS
     );
+    // A stream asking for one partition twice is refused: it re-registered
+    // its cursor at each position (skipping or repeating entries) and
+    // scanned the disk once per entry.
+    let twice = tapkv_replication::message::StreamRequest {
+        partition: 0,
+        uuid: 0,
+        seqno: 0,
+    };
+    s.write_all(&tapkv_replication::message::stream_open("dup", &[twice, twice]).to_bytes())
+        .unwrap();
+    let r = read_frame(&mut s, 1 << 20).unwrap();
+    assert_eq!(r.status(), status::INVALID_ARGUMENTS);
+    assert!(
+        String::from_utf8_lossy(&r.value).contains("asked for twice"),
+        "{r:?}"
+    );
     s.write_all(&Frame::request(opcode::NOOP, 0).to_bytes())
         .unwrap();
     assert_eq!(
