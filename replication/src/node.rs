@@ -253,7 +253,7 @@ struct StreamShared {
     /// through one (an ACK inside the range, the highest so far in
     /// `progress`) does not mean it holds every write up to there, and
     /// counts for liveness only (`ack_reader`).
-    snapshots: Mutex<HashMap<PartitionId, (u64, u64, u64)>>,
+    snapshots: Mutex<PendingSnapshots>,
     resumed_from: Mutex<HashMap<PartitionId, u64>>,
     stop: AtomicBool,
     lock: Mutex<()>,
@@ -1474,6 +1474,76 @@ fn unregister_stream(state: &NodeState, name: &str, stream: &Arc<StreamShared>) 
 /// progress (`last_ack`, which the slow-replica and silence rules look at):
 /// empty ACKs do not keep a stream that reads nothing alive. A malformed
 /// ACK or any other frame ends the stream.
+/// A stream's disk snapshots of partitions sent and not yet acknowledged to
+/// their end: `(after, end, progress)`, see `StreamShared::snapshots`.
+type PendingSnapshots = HashMap<PartitionId, (u64, u64, u64)>;
+
+/// Notes that a disk snapshot of `p` covering `(from, end]` was sent. A
+/// snapshot that follows one of the same partition still being applied (a
+/// later backfill pass) keeps that one's progress: the replica's progress
+/// ACKs through the first one are still progress. (Started over at `from`,
+/// they were all below it and none counted: a replica applying a long
+/// snapshot looked silent and was dropped as slow, and backfilled again.)
+fn snapshot_sent(snapshots: &mut PendingSnapshots, p: PartitionId, from: u64, end: u64) {
+    let progress = snapshots
+        .get(&p)
+        .map_or(from, |&(_, _, progress)| progress.min(from));
+    snapshots.insert(p, (from, end, progress));
+}
+
+/// Takes an ACK's seqnos into a stream's bookkeeping: `acked` rises to
+/// what each acknowledges (up to what was sent, `parts`; inside a disk
+/// snapshot only to its start, `snapshots`). Returns whether anything
+/// advanced (liveness) and whether the ACK named a partition or seqno the
+/// stream never sent.
+fn note_acked_seqnos(
+    parts: &HashMap<PartitionId, (PartitionStreamState, u64)>,
+    acked: &mut HashMap<PartitionId, u64>,
+    snapshots: &mut PendingSnapshots,
+    seqnos: impl IntoIterator<Item = (PartitionId, u64)>,
+) -> (bool, bool) {
+    let (mut advanced, mut ahead) = (false, false);
+    for (p, seqno) in seqnos {
+        let Some((_, sent)) = parts.get(&p) else {
+            ahead = true;
+            continue;
+        };
+        ahead |= seqno > *sent;
+        let seqno = seqno.min(*sent);
+        let e = acked.entry(p).or_default();
+        if seqno <= *e {
+            continue;
+        }
+        // Progress inside a disk snapshot: alive, but not holding every
+        // write up to there (`snapshots`); past its start, it holds
+        // everything before it. Only a higher seqno than before is
+        // progress.
+        let inside = match snapshots.get_mut(&p) {
+            Some((after, end, progress)) if seqno < *end => {
+                if seqno >= *after && *e < *after {
+                    *e = *after;
+                }
+                if seqno > *progress {
+                    *progress = seqno;
+                    advanced = true;
+                }
+                true
+            }
+            // Its end acknowledged: done with it.
+            Some(_) => {
+                snapshots.remove(&p);
+                false
+            }
+            None => false,
+        };
+        if !inside {
+            *e = seqno;
+            advanced = true;
+        }
+    }
+    (advanced, ahead)
+}
+
 fn ack_reader(s: &StreamShared, mut reader: FrameReader) {
     while !s.stop.load(Ordering::Acquire) {
         match reader.poll() {
@@ -1492,50 +1562,14 @@ fn ack_reader(s: &StreamShared, mut reader: FrameReader) {
                     })
                     .unwrap_or(0);
                 let freed = before.min(ack.bytes);
-                let (mut advanced, mut ahead) = (false, ack.bytes > before);
-                {
+                let (advanced, ahead) = {
                     let parts = s.parts.lock();
                     let mut acked = s.acked.lock();
                     let mut snapshots = s.snapshots.lock();
-                    for (p, seqno) in ack.seqnos {
-                        let Some((_, sent)) = parts.get(&p) else {
-                            ahead = true;
-                            continue;
-                        };
-                        ahead |= seqno > *sent;
-                        let seqno = seqno.min(*sent);
-                        let e = acked.entry(p).or_default();
-                        if seqno <= *e {
-                            continue;
-                        }
-                        // Progress inside a disk snapshot: alive, but not
-                        // holding every write up to there (`snapshots`);
-                        // past its start, it holds everything before it.
-                        // Only a higher seqno than before is progress.
-                        let inside = match snapshots.get_mut(&p) {
-                            Some((after, end, progress)) if seqno < *end => {
-                                if seqno >= *after && *e < *after {
-                                    *e = *after;
-                                }
-                                if seqno > *progress {
-                                    *progress = seqno;
-                                    advanced = true;
-                                }
-                                true
-                            }
-                            // Its end acknowledged: done with it.
-                            Some(_) => {
-                                snapshots.remove(&p);
-                                false
-                            }
-                            None => false,
-                        };
-                        if !inside {
-                            *e = seqno;
-                            advanced = true;
-                        }
-                    }
-                }
+                    let (advanced, ahead) =
+                        note_acked_seqnos(&parts, &mut acked, &mut snapshots, ack.seqnos);
+                    (advanced, ahead || ack.bytes > before)
+                };
                 // Warned once per stream: at its first such ACK.
                 if ahead && s.acks_ahead.fetch_add(1, Ordering::AcqRel) == 0 {
                     tracing::warn!(
@@ -1643,7 +1677,7 @@ fn send_disk_snapshot(
             from_disk: false,
         },
     );
-    s.snapshots.lock().insert(p, (from, end, from));
+    snapshot_sent(&mut s.snapshots.lock(), p, from, end);
     s.parts
         .lock()
         .insert(p, (PartitionStreamState::Backfilling, end));
@@ -2699,5 +2733,61 @@ mod memory_wait_tests {
         assert_eq!(w.refused(54, at(9)), Duration::ZERO);
         assert_eq!(w.refused(54, at(12)), Duration::from_secs(3));
         assert_eq!(w.refused(54, at(20)), Duration::from_secs(11));
+    }
+}
+
+#[cfg(test)]
+mod snapshot_ack_tests {
+    use super::{note_acked_seqnos, snapshot_sent, PartitionStreamState, PendingSnapshots};
+    use std::collections::HashMap;
+
+    /// A later backfill pass's snapshot of a partition whose first snapshot
+    /// the replica is still applying: the replica's progress ACKs through
+    /// the first are still progress (found by a review: they counted for
+    /// nothing once the second was sent, and the stream was dropped as
+    /// slow), and neither counts as holding more than the first's start
+    /// until its end is acknowledged.
+    #[test]
+    fn progress_through_a_snapshot_still_counts_once_the_next_one_is_sent() {
+        let parts = HashMap::from([(0, (PartitionStreamState::Backfilling, 200))]);
+        let mut acked = HashMap::new();
+        let mut snaps = PendingSnapshots::new();
+        snapshot_sent(&mut snaps, 0, 10, 100);
+        assert_eq!(
+            note_acked_seqnos(&parts, &mut acked, &mut snaps, [(0, 40)]),
+            (true, false)
+        );
+        assert_eq!(acked[&0], 10, "inside the snapshot: only its start");
+        // The next pass sends (100, 200] while the replica applies (10, 100].
+        snapshot_sent(&mut snaps, 0, 100, 200);
+        assert_eq!(
+            note_acked_seqnos(&parts, &mut acked, &mut snaps, [(0, 60)]),
+            (true, false),
+            "progress through the first snapshot"
+        );
+        assert_eq!(acked[&0], 10);
+        assert_eq!(
+            note_acked_seqnos(&parts, &mut acked, &mut snaps, [(0, 60)]),
+            (false, false),
+            "the same seqno again is no progress"
+        );
+        // The first one's end: it holds everything up to 100.
+        assert_eq!(
+            note_acked_seqnos(&parts, &mut acked, &mut snaps, [(0, 100)]),
+            (true, false)
+        );
+        assert_eq!(acked[&0], 100);
+        // The second's end: done.
+        assert_eq!(
+            note_acked_seqnos(&parts, &mut acked, &mut snaps, [(0, 200)]),
+            (true, false)
+        );
+        assert_eq!(acked[&0], 200);
+        assert!(snaps.is_empty());
+        // Ahead of what was sent, or of a partition not streamed.
+        assert_eq!(
+            note_acked_seqnos(&parts, &mut acked, &mut snaps, [(0, 300), (1, 5)]),
+            (false, true)
+        );
     }
 }
