@@ -445,6 +445,15 @@ impl Engine {
     /// Registers the stream cursor `name` on partition `p` to read everything
     /// after `from`, from memory if it still holds that history, else after a
     /// backfill from disk up to the persisted seqno.
+    ///
+    /// The disk snapshot of that backfill is dropped here: a caller that
+    /// then reads `(from, snapshot_end]` with [`backfill`](Self::backfill)
+    /// reads the disk as it is by then, where a key the flusher rewrote
+    /// after `snapshot_end` is found only at its newer version (outside the
+    /// range) and sent at neither. Streams use
+    /// [`stream_start_with_snapshot`](Self::stream_start_with_snapshot),
+    /// which hands out the snapshot to read; this one suits callers that
+    /// only need to know where memory starts.
     pub fn stream_start(&self, p: PartitionId, name: &str, from: u64) -> Result<StreamStart> {
         Ok(match self.stream_start_with_snapshot(p, name, from)? {
             None => StreamStart::InMemory,
