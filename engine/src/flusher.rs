@@ -349,8 +349,12 @@ fn round_under_lock(shared: &Shared, mine: &[&Partition], forced: bool) -> Resul
         let mut encode = |item: &crate::item::QueuedItem, reverted: &[(u64, u64)]| {
             if !in_ranges(reverted, item.seqno()) {
                 batch.stage(p.id, item);
-                max_cas = max_cas.max(item.meta().cas);
             }
+            // A reverted window's CAS values were handed out too: the CAS
+            // clock the next open starts from stays above them (before, it
+            // skipped them, and a clock that stepped back could hand them
+            // out again).
+            max_cas = max_cas.max(item.meta().cas);
         };
         let progress = loop {
             let w = p.lock();

@@ -388,7 +388,10 @@ impl Partition {
         let (mut removed, mut restored) = (0, 0);
         {
             let mut shards = self.table.lock_all();
-            if let Some(gate) = self.revert_gate.lock().take() {
+            // Taken in its own statement: the gate's mutex is not held
+            // while the REVERT waits at the hold.
+            let gate = self.revert_gate.lock().take();
+            if let Some(gate) = gate {
                 gate.hold();
             }
             // The undo map holds each key's hash: no key is hashed again.

@@ -236,10 +236,10 @@ impl Partition {
         item: QueuedItem,
     ) -> std::result::Result<ApplyOutcome, (Error, QueuedItem)> {
         let meta = item.meta();
-        if meta.by_seqno <= w.checkpoints.high_seqno() {
+        let high = w.checkpoints.high_seqno();
+        if meta.by_seqno <= high {
             return Ok(ApplyOutcome::Duplicate);
         }
-        self.note_seqno_gap(w.checkpoints.high_seqno(), meta.by_seqno);
         let key = item.key();
         let mut slot = self.table.slot(key);
         let (hash, _, undo) = self.touch(w.window.as_ref(), &mut slot, key);
@@ -263,6 +263,8 @@ impl Partition {
                 }
             }
         }
+        // Noted once the entry is admitted: a refused one changes nothing.
+        self.note_seqno_gap(high, meta.by_seqno);
         if item.op == QueueOp::Deletion {
             slot.remove_hashed(hash, key);
         } else {

@@ -1035,3 +1035,37 @@ fn the_expiry_pass_leaves_a_partition_with_an_open_window_alone() {
     e.online_update_complete(0).unwrap();
     assert_eq!(e.run_expiry_pass().unwrap(), k.len());
 }
+
+/// A reverted window's CAS values were handed out to clients: the CAS the
+/// disk records for the partition (where the next open's CAS clock starts)
+/// covers them. Before, the flusher skipped them with the window's
+/// entries, and a clock that stepped back could hand them out again
+/// (found by a review).
+#[test]
+fn the_disk_keeps_a_reverted_windows_cas_values_taken() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = builder(dir.path()).open().unwrap();
+    let p = e.partition_of(b"before");
+    e.set(b"before", b"v", WriteOptions::default()).unwrap();
+    e.flush().unwrap();
+    e.online_update_start(p).unwrap();
+    let keys: Vec<String> = (0..)
+        .map(|i| format!("w{i}"))
+        .filter(|k| e.partition_of(k.as_bytes()) == p)
+        .take(50)
+        .collect();
+    let window_cas = keys
+        .iter()
+        .map(|k| {
+            e.set(k.as_bytes(), b"x", WriteOptions::default())
+                .unwrap()
+                .cas
+        })
+        .max()
+        .unwrap();
+    e.online_update_revert(p).unwrap();
+    e.close().unwrap();
+    let view = tapkv_engine::DiskView::open(dir.path()).unwrap();
+    let disk = view.partitions().unwrap()[usize::from(p)].max_cas;
+    assert!(disk >= window_cas, "disk {disk} < window {window_cas}");
+}

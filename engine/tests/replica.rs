@@ -1195,6 +1195,15 @@ fn a_run_stops_at_the_entry_its_window_limit_refuses() {
     );
     assert_eq!(run.front().unwrap().seqno(), 2 + applied);
     assert_eq!(r.high_seqno(p).unwrap(), 1 + applied);
+    // A refused entry changes nothing, not even the note of a seqno gap
+    // (one past a gap here): before, it made a later failover resync.
+    assert!(!r.replica_history_may_have_gaps(p).unwrap());
+    let past_a_gap = QueuedItem::new(QueueOp::Mutation, &keys[19], &value, meta_at(applied + 10));
+    assert!(matches!(
+        r.apply_replicated(p, &past_a_gap),
+        Err(Error::TempOutOfMemory { .. })
+    ));
+    assert!(!r.replica_history_may_have_gaps(p).unwrap());
     let end = QueuedItem::marker(
         QueueOp::OnlineUpdateEnd { checkpoint_id: 2 },
         meta_at(2 + applied),
