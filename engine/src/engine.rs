@@ -371,7 +371,7 @@ impl Shared {
         ));
     }
 
-    fn check_poisoned(&self) -> Result<()> {
+    pub(crate) fn check_poisoned(&self) -> Result<()> {
         // A synced write that failed anywhere (a reservation, a window
         // record) poisons the engine at its next call, durable writers
         // waiting or not, and before a close could mark the directory

@@ -73,7 +73,11 @@ fn run(shared: &Shared, thread: usize, threads: usize) {
     let mut failures = 0u32;
     let expires = thread_is_pager(&mine);
     loop {
-        if shared.aborted.load(Ordering::Acquire) {
+        // A poisoned engine changes nothing more: another flusher thread
+        // (or a failed sync of a reservation or window record) poisoned it,
+        // and this thread's rounds and expiry pass would go on using seqnos
+        // and writing records after the poison (found by a review).
+        if shared.aborted.load(Ordering::Acquire) || shared.check_poisoned().is_err() {
             return;
         }
         if expires {

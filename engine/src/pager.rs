@@ -43,7 +43,10 @@ pub(crate) const EXPIRY_BATCH: usize = 10_000;
 /// closes (the last round would not persist its tombstones).
 /// Returns the deletions it made.
 pub(crate) fn expire(shared: &Shared, forced: bool) -> usize {
-    if shared.config.replica || shared.shutdown.load(Ordering::Acquire) {
+    if shared.config.replica
+        || shared.shutdown.load(Ordering::Acquire)
+        || shared.is_poisoned.load(Ordering::Acquire)
+    {
         return 0;
     }
     if !forced && shared.flusher_paused.load(Ordering::Acquire) {

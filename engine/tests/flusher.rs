@@ -57,6 +57,35 @@ fn a_failed_synced_record_write_poisons_the_engine_and_its_close_is_not_clean() 
 }
 
 #[test]
+fn a_poisoned_engine_writes_nothing_more_to_disk() {
+    // A failed synced record write poisons the engine while its flusher
+    // threads are paused with entries queued. Before, a flusher thread went
+    // on with its rounds (and its expiry pass) until it failed itself, so
+    // the close's last round still wrote the queued entries after the
+    // poison (found by a review); now every flusher thread stops at the
+    // poison, and nothing more reaches the disk.
+    let dir = tempfile::tempdir().unwrap();
+    let e = builder(dir.path()).flusher_threads(2).open().unwrap();
+    e.set_flusher_paused(true);
+    let keys: Vec<String> = (0..100).map(|i| format!("q{i}")).collect();
+    for k in &keys {
+        e.set(k.as_bytes(), "v", WriteOptions::default()).unwrap();
+    }
+    e.inject_sync_failures(1);
+    assert!(e.online_update_start(0).is_err());
+    e.set_flusher_paused(false);
+    assert!(e.close().is_err());
+    let view = tapkv_engine::DiskView::open(dir.path()).unwrap();
+    let on_disk: u64 = view
+        .partitions()
+        .unwrap()
+        .iter()
+        .map(|p| p.high_seqno)
+        .sum();
+    assert_eq!(on_disk, 0, "entries written after the poison");
+}
+
+#[test]
 fn a_durable_writer_that_finds_a_failed_sync_is_told_poisoned_and_close_returns() {
     // A Persist writer waits; another thread's synced record write fails
     // (nobody has poisoned the engine yet). Before, the waiter poisoned it
