@@ -245,6 +245,11 @@ impl CursorProgress {
     pub fn at_checkpoint_boundary(&self) -> bool {
         self.position.start_pending
     }
+
+    /// Which registration of the cursor the scan read for.
+    pub(crate) fn registration(&self) -> u64 {
+        self.position.registration
+    }
 }
 
 /// A batch read by [`CheckpointManager::peek`] (owned events).

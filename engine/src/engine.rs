@@ -1139,9 +1139,22 @@ impl Engine {
         // The open checkpoint: short pieces copied under the lock, so a
         // writer of the partition never waits behind a whole batch.
         let (mut items, mut bytes) = (0, 0);
+        let mut registration = None;
         loop {
             let piece = (max_items - items).clamp(1, OPEN_PIECE);
             let batch = w.checkpoints.peek(name, piece, max_bytes - bytes, None)?;
+            // Every piece reads for the registration the call began with: a
+            // cursor registered again between two pieces (the lock is
+            // released while they are visited) belongs to another reader,
+            // whose position must not be moved by events handed to this
+            // one (found by a review: they were).
+            let this = batch.progress.registration();
+            if *registration.get_or_insert(this) != this {
+                return Err(Error::WrongState(format!(
+                    "cursor {name:?} was registered again during this read; the {items} items \
+                     read before belong to the old registration"
+                )));
+            }
             let freed = w.checkpoints.advance(name, &batch)?;
             drop(w);
             drop(freed);

@@ -836,3 +836,41 @@ fn memory_holds_everything_after_the_largest_seqno() {
     // (Closed checkpoints no cursor needs are freed: not from 0.)
     assert!(!m.holds_after(0));
 }
+
+/// One `read_cursor_within` call reads for one registration of its cursor:
+/// re-registered between two pieces of the open checkpoint (here from the
+/// visitor itself, while the lock is released), the call fails instead of
+/// handing the new registration's events to the old reader and moving the
+/// new reader's cursor past them (found by a review).
+#[test]
+fn a_read_stops_when_its_cursor_is_registered_again_between_pieces() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = tapkv_engine::Engine::builder(dir.path())
+        .partitions(1)
+        .open()
+        .unwrap();
+    for i in 0..300u64 {
+        e.set(
+            format!("k{i}").as_bytes(),
+            "v",
+            tapkv_engine::WriteOptions::default(),
+        )
+        .unwrap();
+    }
+    e.register_cursor(0, "c", 0).unwrap();
+    let mut seen = Vec::new();
+    let mut registered_again = false;
+    let read = e.read_cursor_within(0, "c", (1_000, usize::MAX), |ev| {
+        if let tapkv_engine::EventRef::Item(item) = ev {
+            seen.push(item.seqno());
+        }
+        if !registered_again && seen.len() == 10 {
+            registered_again = true;
+            e.register_cursor(0, "c", 0).unwrap();
+        }
+    });
+    assert!(read.is_err(), "{read:?}");
+    assert!(seen.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
+    // The new registration still has everything to read.
+    assert_eq!(e.cursor_info(0, "c").unwrap().unwrap().remaining, 300);
+}
