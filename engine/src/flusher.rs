@@ -544,7 +544,9 @@ fn relieve_memory_pressure(shared: &Shared, mine: &[&Partition]) -> Result<bool>
     if pressed {
         drop_lagging_stream_cursors(shared, mine);
     }
-    if !under_memory_pressure(shared) && !refused {
+    // At the threshold too: one set below half the limit dropped cursors
+    // there but expelled nothing until half.
+    if !under_memory_pressure(shared) && !refused && !pressed {
         return Ok(false);
     }
     expel_read_items(shared, mine);

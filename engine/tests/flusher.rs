@@ -845,6 +845,41 @@ fn a_refused_write_drops_a_lagging_stream_cursor_below_the_threshold() {
     e.close().unwrap();
 }
 
+/// With `cursor_drop_threshold` below half the limit, memory at the
+/// threshold also expels the persisted entries every cursor has read.
+/// Before, the flusher dropped lagging cursors there but expelled only from
+/// half the limit on (found by a review).
+#[test]
+fn a_threshold_below_half_the_limit_also_expels_read_entries() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = builder(dir.path())
+        .partitions(1)
+        .checkpoint_max_items(100_000)
+        .checkpoint_memory_limit(10 << 20)
+        .max_value_size(64 << 10)
+        .cursor_drop_threshold(0.3)
+        .open()
+        .unwrap();
+    e.set_flusher_paused(true);
+    // About 4 MB in the open checkpoint: 40% of the limit, past the
+    // threshold and under half.
+    for i in 0..4_000 {
+        e.set(&key(i), vec![b'v'; 1_000], WriteOptions::default())
+            .unwrap();
+    }
+    while e.run_flush_round().unwrap() {}
+    assert_eq!(e.stats().unwrap().dirty(), 0);
+    e.run_flush_round().unwrap();
+    let st = e.stats().unwrap();
+    assert!(st.items_expelled > 0, "nothing expelled");
+    assert!(
+        st.checkpoint_mem_bytes < 3 << 20,
+        "{}",
+        st.checkpoint_mem_bytes
+    );
+    e.close().unwrap();
+}
+
 /// Every flusher thread asks for 1 µs of timer slack (`PR_SET_TIMERSLACK`),
 /// so a group commit's 20 µs naps last about that (97 µs on average with
 /// Linux's default 50 µs slack on the test VM); the thread that opened the
