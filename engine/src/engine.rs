@@ -1240,6 +1240,7 @@ impl Engine {
             checkpoint_mem_bytes: s.checkpoint_mem.load(Ordering::Relaxed),
             checkpoint_mem_limit: s.config.checkpoint_memory_limit,
             syncs: s.syncs.load(Ordering::Relaxed),
+            disk_syncs: s.store.disk_syncs(),
             poisoned: s.poisoned.lock().clone(),
             recovered_from_crash: s.recovered_from_crash,
             snapshot_staged_items: s.snapshot_staged_items.load(Ordering::Relaxed),

@@ -18,6 +18,10 @@ pub struct EngineStats {
     pub checkpoint_mem_limit: usize,
     /// WAL syncs done for durable writes; concurrent `Persist` writers share them.
     pub syncs: u64,
+    /// Synced writes and WAL syncs the store has completed, of any kind
+    /// (the flusher's for durable writes, and its synced records:
+    /// reservations, window records, failover logs).
+    pub disk_syncs: u64,
     /// Why the engine is poisoned, if it is.
     pub poisoned: Option<String>,
     /// Whether the previous shutdown of the data directory was clean.

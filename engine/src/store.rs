@@ -484,6 +484,9 @@ pub(crate) struct Store {
     sync_failed: AtomicBool,
     /// Synced writes under way (see [`synced_writes_in_flight`](Self::synced_writes_in_flight)).
     synced_in_flight: AtomicUsize,
+    /// Synced writes and WAL syncs RocksDB has reported done, counted as
+    /// each returns ([`disk_syncs`](Self::disk_syncs)).
+    disk_syncs: AtomicUsize,
     /// The first failed sync's error, for the poisoning reason.
     sync_failure: Mutex<Option<String>>,
     /// Test hook: syncs still to fail ([`Engine::inject_sync_failures`](crate::Engine::inject_sync_failures)).
@@ -512,6 +515,7 @@ impl Store {
             injected_window_failures: AtomicUsize::new(0),
             sync_failed: AtomicBool::new(false),
             synced_in_flight: AtomicUsize::new(0),
+            disk_syncs: AtomicUsize::new(0),
             sync_failure: Mutex::new(None),
             injected_sync_failures: AtomicUsize::new(0),
         }
@@ -646,7 +650,18 @@ impl Store {
         self.sync_failure.lock().clone()
     }
 
+    /// Synced writes and WAL syncs done so far: each counted once RocksDB
+    /// has returned from it, so a durable write acknowledged after a sync
+    /// that covered it sees this rise past what it was when the write
+    /// began (`flusher::a_persist_write_returns_only_after_a_sync_done_after_it_began`).
+    pub(crate) fn disk_syncs(&self) -> u64 {
+        self.disk_syncs.load(Ordering::Acquire) as u64
+    }
+
     fn note_sync(&self, outcome: Result<()>) -> Result<()> {
+        if outcome.is_ok() {
+            self.disk_syncs.fetch_add(1, Ordering::AcqRel);
+        }
         if let Err(e) = &outcome {
             self.sync_failure
                 .lock()

@@ -845,6 +845,35 @@ fn a_refused_write_drops_a_lagging_stream_cursor_below_the_threshold() {
     e.close().unwrap();
 }
 
+/// A `Persist` write returns only once a sync that covers it is done: the
+/// store's count of completed syncs has risen past what it was when the
+/// write began, for every write of several concurrent writers. (A crash
+/// test cannot show this: the page cache outlives a SIGKILL, so a write
+/// acknowledged before its sync would still be found after one.)
+#[test]
+fn a_persist_write_returns_only_after_a_sync_done_after_it_began() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = builder(dir.path()).open().unwrap();
+    let persist = WriteOptions::durable(Durability::Persist);
+    std::thread::scope(|scope| {
+        for t in 0..8 {
+            let e = &e;
+            scope.spawn(move || {
+                for i in 0..25 {
+                    let before = e.stats().unwrap().disk_syncs;
+                    e.set(format!("t{t}-{i}").as_bytes(), "v", persist).unwrap();
+                    let after = e.stats().unwrap().disk_syncs;
+                    assert!(
+                        after > before,
+                        "acknowledged with no sync done since it began"
+                    );
+                }
+            });
+        }
+    });
+    e.close().unwrap();
+}
+
 /// With `cursor_drop_threshold` below half the limit, memory at the
 /// threshold also expels the persisted entries every cursor has read.
 /// Before, the flusher dropped lagging cursors there but expelled only from
