@@ -1457,6 +1457,13 @@ impl Engine {
                         checkpoint_id: w.checkpoints.open_checkpoint_id(),
                     },
                 )?;
+                // And its CAS clock: CAS values of writes that never reach
+                // the disk (a window open at the close) were handed out
+                // too, and the next open's clock starts above what the
+                // disk records (found by a review).
+                if w.cas.last() > 0 {
+                    shared.store.raise_max_cas(p.id, w.cas.last())?;
+                }
             }
             shared.store.sync_wal()?;
             shared.store.set_clean_shutdown(true)

@@ -42,6 +42,11 @@ pub(crate) struct CasClock {
 }
 
 impl CasClock {
+    /// The last CAS handed out (or observed).
+    pub(crate) fn last(&self) -> u64 {
+        self.last
+    }
+
     /// Raises the floor to `cas` (entries applied from a primary).
     pub(crate) fn observe(&mut self, cas: u64) {
         self.last = self.last.max(cas);

@@ -600,6 +600,17 @@ impl Store {
             .transpose()
     }
 
+    /// Raises partition `p`'s recorded CAS (the floor the next open's CAS
+    /// clock starts above) to `cas`, if below; synced.
+    pub(crate) fn raise_max_cas(&self, p: PartitionId, cas: u64) -> Result<()> {
+        let mut state = self.partition_state(p)?.unwrap_or_default();
+        if state.max_cas >= cas {
+            return Ok(());
+        }
+        state.max_cas = cas;
+        self.put_meta_synced(&meta_key(META_STATE, p), &encode_json(&state))
+    }
+
     fn put_meta_synced(&self, key: &[u8], value: &[u8]) -> Result<()> {
         let mut batch = WriteBatch::default();
         batch.put_cf(self.cf(CF_META)?, key, value);

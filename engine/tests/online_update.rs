@@ -1069,3 +1069,36 @@ fn the_disk_keeps_a_reverted_windows_cas_values_taken() {
     let disk = view.partitions().unwrap()[usize::from(p)].max_cas;
     assert!(disk >= window_cas, "disk {disk} < window {window_cas}");
 }
+
+/// A window still open at a clean close never reaches the disk, but its
+/// writes' CAS values were handed out: the close records the partition's
+/// CAS clock, so the next open's clock starts above them (found by a
+/// review).
+#[test]
+fn a_clean_close_records_the_cas_of_a_window_left_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = builder(dir.path()).open().unwrap();
+    let p = e.partition_of(b"before");
+    e.set(b"before", b"v", WriteOptions::default()).unwrap();
+    e.flush().unwrap();
+    e.online_update_start(p).unwrap();
+    let inside = (0..)
+        .map(|i| format!("inside{i}"))
+        .find(|k| e.partition_of(k.as_bytes()) == p)
+        .unwrap();
+    let cas = e
+        .set(inside.as_bytes(), b"x", WriteOptions::default())
+        .unwrap()
+        .cas;
+    e.close().unwrap();
+    let view = DiskView::open(dir.path()).unwrap();
+    let disk = view.partitions().unwrap()[usize::from(p)].max_cas;
+    assert!(disk >= cas, "disk {disk} < window write {cas}");
+    drop(view);
+    let e = builder(dir.path()).open().unwrap();
+    assert!(
+        e.get(inside.as_bytes()).is_err(),
+        "the window was lost with the close"
+    );
+    assert!(e.set(b"after", b"v", WriteOptions::default()).unwrap().cas > cas);
+}
