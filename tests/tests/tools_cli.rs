@@ -906,7 +906,7 @@ fn the_demo_runs_end_to_end() {
     );
     assert!(ok, "{out}\n{err}");
     assert!(
-        out.contains("every node's disk equals its pre-window state: true"),
+        out.contains("every node holds its pre-window state, and the same data on disk: true"),
         "{out}"
     );
     assert!(out.contains("on each node: identical"), "{out}");
