@@ -1698,3 +1698,47 @@ fn a_new_store_is_not_made_among_other_files() {
     let (ok, _, err) = run(&["kv", "set", "--data", s, "k2", "v2"], "", T);
     assert!(ok, "{err}");
 }
+
+/// A standard error that cannot be written (`2>/dev/full`, or a closed
+/// pipe) leaves the documented exit status: a missing key is still 1 and
+/// a failure still 3. `eprintln!` panicked there (exit 101), and in the
+/// shell's signal thread it skipped the clean close (found by a review).
+#[test]
+fn a_full_stderr_keeps_the_documented_exit_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("d");
+    let d = d.to_str().unwrap();
+    let (ok, out, err) = run(&["kv", "set", "--data", d, "k", "v"], "", T);
+    assert!(ok, "{out}{err}");
+    let status = |args: &[&str]| -> Option<i32> {
+        let full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap();
+        let mut child = std::process::Command::new(tapkv_tests::tapkv_bin())
+            .args(args)
+            .env_remove("TAPKV_LOG")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(full)
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + T;
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                return st.code();
+            }
+            if std::time::Instant::now() >= deadline {
+                let _ = child.kill();
+                panic!("tapkv {args:?} did not end within {T:?}");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    assert_eq!(status(&["kv", "get", "--data", d, "missing"]), Some(1));
+    let nowhere = dir.path().join("no-such-dir");
+    assert_eq!(
+        status(&["admin", "inspect", "--data", nowhere.to_str().unwrap()]),
+        Some(3)
+    );
+}

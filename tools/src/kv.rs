@@ -171,7 +171,7 @@ fn key_bytes(key: &std::ffi::OsStr, escaped: bool) -> Result<Vec<u8>, Error> {
 /// The answer to a missing key: a message on stderr naming it (escaped as
 /// `--escaped` reads it back), exit 1.
 fn not_found(key: &[u8]) -> Result<ExitCode, Error> {
-    eprintln!(
+    errln!(
         "error: not_found: key \"{}\" not found",
         tapkv_engine::text::escape(key)
     );
@@ -300,7 +300,7 @@ fn remote(op: &KvOp, key: &[u8], wait: crate::Wait) -> Result<Option<ExitCode>, 
                     addr, wait, &e, write,
                 )))),
             };
-            eprintln!("{line}");
+            errln!("{line}");
             Ok(Some(ExitCode::from(crate::EXIT_ERROR)))
         }
     };

@@ -139,9 +139,9 @@ pub(crate) fn run(args: LoadArgs) -> Result<ExitCode, Error> {
                         let bar: String = (0..40)
                             .map(|i| if i * 100 / 40 < pct { '#' } else { '.' })
                             .collect();
-                        eprint!("\r[{bar}] {d}/{total} ({pct}%)");
+                        let _ = write!(std::io::stderr().lock(), "\r[{bar}] {d}/{total} ({pct}%)");
                     }
-                    eprintln!();
+                    errln!();
                 });
             handle.ok().map(|h| (stop_tx, h))
         })
@@ -254,7 +254,7 @@ pub(crate) fn run(args: LoadArgs) -> Result<ExitCode, Error> {
     }
     let ops = all.len() as f64;
     let us = |n: u64| n as f64 / 1000.0;
-    eprintln!(
+    errln!(
         "wrote {} items of {} bytes with {} thread(s), durability {}, in {:.3} s: {:.0} ops/s",
         all.len(),
         args.value_size,
@@ -263,7 +263,7 @@ pub(crate) fn run(args: LoadArgs) -> Result<ExitCode, Error> {
         elapsed.as_secs_f64(),
         ops / elapsed.as_secs_f64().max(1e-9)
     );
-    eprintln!(
+    errln!(
         "latency us: p50 {:.1}  p90 {:.1}  p99 {:.1}  p99.9 {:.1}  max {:.1}   (temp-oom retries: {retries})",
         us(all.value_at_quantile(0.50)),
         us(all.value_at_quantile(0.90)),

@@ -12,6 +12,17 @@ macro_rules! outln {
     }};
 }
 
+/// `eprintln!` that never panics: a diagnostic to a standard error that is
+/// closed or full (`2>/dev/full`, `2>&1 | head`) is dropped, and the exit
+/// status stays the documented one (`eprintln!` panicked: exit 101, and in
+/// the shell's signal thread, no clean close).
+macro_rules! errln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
+}
+
 mod admin;
 mod demo;
 mod demo_cluster;
@@ -299,7 +310,7 @@ pub(crate) const EXIT_USAGE: u8 = 2;
 /// Prints a usage error found after parsing (arguments that are each valid
 /// but do not go together) and returns its exit status.
 pub(crate) fn usage_error(msg: &str) -> ExitCode {
-    eprintln!("error: {msg}");
+    errln!("error: {msg}");
     ExitCode::from(EXIT_USAGE)
 }
 
@@ -317,7 +328,7 @@ fn log_filter() -> tracing_subscriber::EnvFilter {
         Some(v) => match tracing_subscriber::EnvFilter::try_from_env("TAPKV_LOG") {
             Ok(f) => f,
             Err(e) => {
-                eprintln!("warning: ignoring TAPKV_LOG={v:?} ({e}); using the default log level");
+                errln!("warning: ignoring TAPKV_LOG={v:?} ({e}); using the default log level");
                 default()
             }
         },
@@ -347,7 +358,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("{}", error_line(&e));
+            errln!("{}", error_line(&e));
             ExitCode::from(EXIT_ERROR)
         }
     }

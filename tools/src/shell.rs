@@ -783,7 +783,7 @@ pub(crate) fn run(args: ShellArgs) -> Result<ExitCode, Error> {
                     Ok(()) => 128 + sig,
                     // 3, as any failed command: 1 means a missing key.
                     Err(e) => {
-                        eprintln!("{} (closing after signal {sig})", crate::error_line(&e));
+                        errln!("{} (closing after signal {sig})", crate::error_line(&e));
                         i32::from(crate::EXIT_ERROR)
                     }
                 };
@@ -885,7 +885,7 @@ fn serve_lines(shell: &Mutex<Option<Shell>>) -> Result<(), Error> {
 /// windows (partition, checkpoint id).
 fn warn_reverted(open: &[(PartitionId, u64)]) {
     for (p, id) in open {
-        eprintln!(
+        errln!(
             "warning: online-update window {id} on partition {p} was still open: closing the \
              engine reverts it (`update complete {p}` keeps a window's writes)"
         );
