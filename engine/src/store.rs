@@ -601,14 +601,22 @@ impl Store {
     }
 
     /// Raises partition `p`'s recorded CAS (the floor the next open's CAS
-    /// clock starts above) to `cas`, if below; synced.
+    /// clock starts above) to `cas`, if below. Not synced: the close that
+    /// calls it syncs the WAL once after every partition's.
     pub(crate) fn raise_max_cas(&self, p: PartitionId, cas: u64) -> Result<()> {
         let mut state = self.partition_state(p)?.unwrap_or_default();
         if state.max_cas >= cas {
             return Ok(());
         }
         state.max_cas = cas;
-        self.put_meta_synced(&meta_key(META_STATE, p), &encode_json(&state))
+        let mut batch = WriteBatch::default();
+        batch.put_cf(
+            self.cf(CF_META)?,
+            meta_key(META_STATE, p),
+            encode_json(&state),
+        );
+        self.db.write(batch)?;
+        Ok(())
     }
 
     fn put_meta_synced(&self, key: &[u8], value: &[u8]) -> Result<()> {

@@ -1041,14 +1041,26 @@ fn the_expiry_pass_leaves_a_partition_with_an_open_window_alone() {
 /// covers them. Before, the flusher skipped them with the window's
 /// entries, and a clock that stepped back could hand them out again
 /// (found by a review).
-#[test]
-fn the_disk_keeps_a_reverted_windows_cas_values_taken() {
-    let dir = tempfile::tempdir().unwrap();
-    let e = builder(dir.path()).open().unwrap();
+/// An engine in `dir` with one key persisted and a window open on that
+/// key's partition, which it returns.
+fn window_after_a_persisted_key(dir: &std::path::Path) -> (Engine, PartitionId) {
+    let e = builder(dir).open().unwrap();
     let p = e.partition_of(b"before");
     e.set(b"before", b"v", WriteOptions::default()).unwrap();
     e.flush().unwrap();
     e.online_update_start(p).unwrap();
+    (e, p)
+}
+
+/// The CAS the disk of `dir` records for partition `p`.
+fn disk_max_cas(dir: &std::path::Path, p: PartitionId) -> u64 {
+    DiskView::open(dir).unwrap().partitions().unwrap()[usize::from(p)].max_cas
+}
+
+#[test]
+fn the_disk_keeps_a_reverted_windows_cas_values_taken() {
+    let dir = tempfile::tempdir().unwrap();
+    let (e, p) = window_after_a_persisted_key(dir.path());
     let keys: Vec<String> = (0..)
         .map(|i| format!("w{i}"))
         .filter(|k| e.partition_of(k.as_bytes()) == p)
@@ -1065,8 +1077,7 @@ fn the_disk_keeps_a_reverted_windows_cas_values_taken() {
         .unwrap();
     e.online_update_revert(p).unwrap();
     e.close().unwrap();
-    let view = tapkv_engine::DiskView::open(dir.path()).unwrap();
-    let disk = view.partitions().unwrap()[usize::from(p)].max_cas;
+    let disk = disk_max_cas(dir.path(), p);
     assert!(disk >= window_cas, "disk {disk} < window {window_cas}");
 }
 
@@ -1077,11 +1088,7 @@ fn the_disk_keeps_a_reverted_windows_cas_values_taken() {
 #[test]
 fn a_clean_close_records_the_cas_of_a_window_left_open() {
     let dir = tempfile::tempdir().unwrap();
-    let e = builder(dir.path()).open().unwrap();
-    let p = e.partition_of(b"before");
-    e.set(b"before", b"v", WriteOptions::default()).unwrap();
-    e.flush().unwrap();
-    e.online_update_start(p).unwrap();
+    let (e, p) = window_after_a_persisted_key(dir.path());
     let inside = (0..)
         .map(|i| format!("inside{i}"))
         .find(|k| e.partition_of(k.as_bytes()) == p)
@@ -1091,10 +1098,8 @@ fn a_clean_close_records_the_cas_of_a_window_left_open() {
         .unwrap()
         .cas;
     e.close().unwrap();
-    let view = DiskView::open(dir.path()).unwrap();
-    let disk = view.partitions().unwrap()[usize::from(p)].max_cas;
+    let disk = disk_max_cas(dir.path(), p);
     assert!(disk >= cas, "disk {disk} < window write {cas}");
-    drop(view);
     let e = builder(dir.path()).open().unwrap();
     assert!(
         e.get(inside.as_bytes()).is_err(),

@@ -2420,6 +2420,12 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
     // `REPLICA_APPLY_RUN`), so the reads below never wait with a run held.
     let mut run: VecDeque<tapkv_engine::QueuedItem> = VecDeque::with_capacity(REPLICA_APPLY_RUN);
     let mut run_partition: PartitionId = 0;
+    let apply = |p: PartitionId,
+                 run: &mut VecDeque<tapkv_engine::QueuedItem>,
+                 seqnos: &mut Vec<u64>,
+                 stale: &mut bool| {
+        apply_run(engine, &state.stop, cfg.io_timeout, p, run, seqnos, stale)
+    };
     while !state.stop.load(Ordering::Acquire) {
         // Frames are decoded in place in the read buffer: an entry's key and
         // value are copied once, into its record.
@@ -2483,17 +2489,7 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
             }
             _ => false,
         };
-        if !extends_run
-            && !apply_run(
-                engine,
-                &state.stop,
-                cfg.io_timeout,
-                run_partition,
-                &mut run,
-                &mut seqnos,
-                &mut clock_stale,
-            )?
-        {
+        if !extends_run && !apply(run_partition, &mut run, &mut seqnos, &mut clock_stale)? {
             return Ok(());
         }
         match msg {
@@ -2570,15 +2566,7 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
                         // (it is in seqno order) and resumes after it.
                         one.push_back(item.clone());
                         if state.stop.load(Ordering::Acquire)
-                            || !apply_run(
-                                engine,
-                                &state.stop,
-                                cfg.io_timeout,
-                                partition,
-                                &mut one,
-                                &mut seqnos,
-                                &mut clock_stale,
-                            )?
+                            || !apply(partition, &mut one, &mut seqnos, &mut clock_stale)?
                         {
                             return Ok(false);
                         }
@@ -2675,19 +2663,8 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
         }
         // The run is applied once it is full, once no whole frame is left to
         // extend it, and before an ack (which covers only what is applied).
-        let apply = |run: &mut VecDeque<_>, seqnos: &mut Vec<u64>, stale: &mut bool| {
-            apply_run(
-                engine,
-                &state.stop,
-                cfg.io_timeout,
-                run_partition,
-                run,
-                seqnos,
-                stale,
-            )
-        };
         if (run.len() >= REPLICA_APPLY_RUN || !reader.has_frame())
-            && !apply(&mut run, &mut seqnos, &mut clock_stale)?
+            && !apply(run_partition, &mut run, &mut seqnos, &mut clock_stale)?
         {
             return Ok(());
         }
@@ -2702,7 +2679,7 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
             || reader.caught_up()
             || now.duration_since(last_ack) >= Duration::from_millis(20)
         {
-            if !apply(&mut run, &mut seqnos, &mut clock_stale)? {
+            if !apply(run_partition, &mut run, &mut seqnos, &mut clock_stale)? {
                 return Ok(());
             }
             ack.seqnos = applied(&seqnos);
