@@ -397,6 +397,7 @@ pub(crate) struct Shell {
 }
 
 /// What one command line produced.
+#[derive(Debug)]
 pub(crate) enum Reply {
     Line(String),
     Quit,
@@ -489,8 +490,12 @@ impl Shell {
 
     /// Executes one command line (its line ending, if any, is ignored).
     pub(crate) fn execute(&mut self, line: &[u8]) -> Reply {
-        let line = line.strip_suffix(b"\n").unwrap_or(line);
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        // A `\r` goes with a `\n` only (docs/shell.md): the last line of
+        // an input that ends without a newline keeps a final `\r`.
+        let line = match line.strip_suffix(b"\n") {
+            Some(l) => l.strip_suffix(b"\r").unwrap_or(l),
+            None => line,
+        };
         let cmd = match parse(line) {
             Ok(c) => c,
             Err(e) => return Reply::Line(e),
@@ -971,6 +976,21 @@ mod tests {
 #[cfg(test)]
 mod line_tests {
     use super::*;
+
+    #[test]
+    fn a_carriage_return_is_dropped_only_with_a_newline() {
+        // Before, a last line `set k v\r` with no newline lost its `\r`.
+        let dir = tempfile::tempdir().unwrap();
+        let mut sh = Shell::open(dir.path().to_path_buf()).unwrap();
+        let mut answer = |line: &[u8]| match sh.execute(line) {
+            Reply::Line(l) => l,
+            other => panic!("{other:?}"),
+        };
+        assert!(answer(b"set a x\r\n").starts_with("OK"));
+        assert_eq!(answer(b"get a\n"), "VALUE x");
+        assert!(answer(b"set b y\r").starts_with("OK"));
+        assert_eq!(answer(b"get b"), "VALUE y\\r");
+    }
 
     #[test]
     fn a_line_over_the_limit_is_skipped_to_its_end_not_held() {
