@@ -1222,9 +1222,15 @@ fn a_busy_node_is_reported_busy_not_out_of_memory() {
     let (code, err) = tapkv_tests::run_status(&["kv", "get", "--addr", &node.addr, "k"], T);
     assert_eq!(code, Some(3), "{err}");
     assert!(
-        err.contains("busy") && err.contains("too many connections"),
+        err.starts_with("error: temp_failure: ")
+            && err.contains("busy")
+            && err.contains("too many connections"),
         "{err}"
     );
+    // The same for an admin command (before: `error: io: ...`).
+    let (code, err) = tapkv_tests::run_status(&["admin", "inspect", "--addr", &node.addr], T);
+    assert_eq!(code, Some(3), "{err}");
+    assert!(err.starts_with("error: temp_failure: "), "{err}");
     assert!(
         !err.contains("temp_oom") && !err.contains("I/O error"),
         "{err}"

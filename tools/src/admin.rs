@@ -220,12 +220,10 @@ pub(crate) fn run(cmd: AdminCommand) -> Result<ExitCode, Error> {
     }
 }
 
-/// A failed request to the node at `addr`, naming it (and without a
-/// doubled "I/O error: " prefix).
+/// A failed request to the node at `addr`: its refusal with its kind, or
+/// a transport failure naming it (without a doubled "I/O error: " prefix).
 fn remote(addr: &str, wait: crate::Wait, e: tapkv_replication::client::ClientError) -> Error {
-    Error::Io(std::io::Error::other(crate::request_failed(
-        addr, wait, &e, false,
-    )))
+    crate::remote_error(addr, wait, e, false)
 }
 
 fn inspect(data: &PathBuf, json: bool) -> Result<ExitCode, Error> {

@@ -288,19 +288,15 @@ fn remote(op: &KvOp, key: &[u8], wait: crate::Wait) -> Result<Option<ExitCode>, 
     };
     let mut c = connect(addr, wait.timeout())?;
     let write = !matches!(op, KvOp::Get { .. });
-    let fail = |e: tapkv_replication::client::ClientError| -> Result<Option<ExitCode>, Error> {
+    let fail = |e: ClientError| -> Result<Option<ExitCode>, Error> {
         if e.is_not_found() {
             not_found(key).map(Some)
         } else {
             // As every other failure: 3 (`tapkv --help`), not a missing key.
-            let line = match &e {
-                // The node's own error: already `<kind>: <detail>`.
-                ClientError::Status { message, .. } => format!("error: {message}"),
-                _ => crate::error_line(&Error::Io(std::io::Error::other(crate::request_failed(
-                    addr, wait, &e, write,
-                )))),
-            };
-            errln!("{line}");
+            errln!(
+                "{}",
+                crate::error_line(&crate::remote_error(addr, wait, e, write))
+            );
             Ok(Some(ExitCode::from(crate::EXIT_ERROR)))
         }
     };

@@ -215,20 +215,21 @@ pub(crate) fn connect(
             // Reached, but it refused the session (too many connections,
             // a limit): say so rather than "cannot reach". TEMP_FAILURE
             // means busy, not out of memory (the kind its message carries).
-            ClientError::Status { status, message } if status == status::TEMP_FAILURE => (
-                std::io::ErrorKind::Other,
-                format!(
-                    "the node at {addr} is busy and refused the connection (try again later): {}",
-                    message
-                        .strip_prefix(status::kind(status))
-                        .and_then(|m| m.strip_prefix(": "))
-                        .unwrap_or(&message)
-                ),
-            ),
-            ClientError::Status { message, .. } => (
-                std::io::ErrorKind::Other,
-                format!("the node at {addr} refused the connection: {message}"),
-            ),
+            // The node's kind, as its other refusals show (`temp_failure`).
+            ClientError::Status { status, message } => {
+                let (kind, detail) = split_status(status, &message);
+                return node_refusal(
+                    kind,
+                    if status == status::TEMP_FAILURE {
+                        format!(
+                            "the node at {addr} is busy and refused the connection \
+                             (try again later): {detail}"
+                        )
+                    } else {
+                        format!("the node at {addr} refused the connection: {detail}")
+                    },
+                );
+            }
             ClientError::Protocol(ProtocolError::Io(io))
                 if matches!(
                     io.kind(),
@@ -263,6 +264,63 @@ pub(crate) fn connect(
         };
         tapkv_engine::Error::Io(std::io::Error::new(kind, msg))
     })
+}
+
+/// A node's own refusal of a request (an error status), with the kind it
+/// named: carried in an [`Error::Io`](tapkv_engine::Error::Io) so that
+/// every command keeps one error type, and printed by [`error_line`] as
+/// `error: <kind>: <detail>`, the node's kind rather than `io`.
+#[derive(Debug)]
+struct NodeRefusal {
+    kind: String,
+    detail: String,
+}
+
+impl std::fmt::Display for NodeRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.kind, self.detail)
+    }
+}
+
+impl std::error::Error for NodeRefusal {}
+
+/// The error for a node's refusal of kind `kind`.
+pub(crate) fn node_refusal(kind: &str, detail: String) -> tapkv_engine::Error {
+    tapkv_engine::Error::Io(std::io::Error::other(NodeRefusal {
+        kind: kind.to_owned(),
+        detail,
+    }))
+}
+
+/// An error status's kind and detail: its message is `<kind>: <detail>`
+/// (`docs/protocol.md`); one without a kind gets the status's own.
+pub(crate) fn split_status(status: u16, message: &str) -> (&str, &str) {
+    match message.split_once(": ") {
+        Some((kind, detail))
+            if !kind.is_empty() && kind.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') =>
+        {
+            (kind, detail)
+        }
+        _ => (tapkv_replication::message::status::kind(status), message),
+    }
+}
+
+/// A request to the node at `addr` that failed, as the error a command
+/// returns: a node's refusal keeps its kind, a transport failure is `io`
+/// with the text [`request_failed`] gives.
+pub(crate) fn remote_error(
+    addr: &str,
+    wait: Wait,
+    e: tapkv_replication::client::ClientError,
+    write: bool,
+) -> tapkv_engine::Error {
+    match e {
+        tapkv_replication::client::ClientError::Status { status, message } => {
+            let (kind, detail) = split_status(status, &message);
+            node_refusal(kind, detail.to_owned())
+        }
+        e => tapkv_engine::Error::Io(std::io::Error::other(request_failed(addr, wait, &e, write))),
+    }
 }
 
 /// A request to the node at `addr` that failed: the text to print, which
@@ -369,9 +427,68 @@ fn main() -> ExitCode {
 /// name it, whether the command ran on a data directory or against a node
 /// (`docs/shell.md`).
 pub(crate) fn error_line(e: &tapkv_engine::Error) -> String {
+    if let tapkv_engine::Error::Io(io) = e {
+        if let Some(r) = io.get_ref().and_then(|r| r.downcast_ref::<NodeRefusal>()) {
+            return format!("error: {r}");
+        }
+    }
     format!("error: {}: {}", e.kind(), e.detail())
 }
 
 /// Exit status of a command that failed (not a missing key, which is 1,
 /// nor a usage error, which is 2).
 pub(crate) const EXIT_ERROR: u8 = 3;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tapkv_replication::client::ClientError;
+    use tapkv_replication::message::status;
+
+    #[test]
+    fn a_nodes_refusal_is_printed_with_its_own_kind() {
+        // Before, `admin ... --addr` printed every refusal as `io`.
+        let wait = Wait { timeout_s: 5 };
+        let line = |status, message: &str| {
+            error_line(&remote_error(
+                "n:1",
+                wait,
+                ClientError::Status {
+                    status,
+                    message: message.to_owned(),
+                },
+                false,
+            ))
+        };
+        assert_eq!(
+            line(
+                status::TEMP_FAILURE,
+                "temp_failure: busy: 4 dumps are running already"
+            ),
+            "error: temp_failure: busy: 4 dumps are running already"
+        );
+        assert_eq!(
+            line(status::WRONG_STATE, "window_open: partition 3"),
+            "error: window_open: partition 3"
+        );
+        // A message without a kind takes the status's.
+        assert_eq!(
+            line(status::INTERNAL, "Something: went wrong"),
+            "error: internal: Something: went wrong"
+        );
+        // A transport failure is `io`, naming the node.
+        let lost = error_line(&remote_error(
+            "n:1",
+            wait,
+            ClientError::Protocol(tapkv_replication::protocol::ProtocolError::Io(
+                std::io::Error::from(std::io::ErrorKind::ConnectionReset),
+            )),
+            true,
+        ));
+        assert!(
+            lost.starts_with("error: io: lost the connection to the node at n:1")
+                && lost.ends_with("the write may have been applied"),
+            "{lost}"
+        );
+    }
+}
