@@ -1238,6 +1238,41 @@ fn a_busy_node_is_reported_busy_not_out_of_memory() {
 }
 
 #[test]
+fn kv_set_over_the_network_reads_its_value_before_it_connects() {
+    use std::io::Write;
+    // Before, `kv set --addr ... --value-file -` connected first and held
+    // one of the node's connections while standard input trickled in.
+    let dir = tempfile::tempdir().unwrap();
+    let node = tapkv_tests::NodeProc::start(
+        dir.path(),
+        "127.0.0.1:0",
+        None,
+        "one-conn",
+        &["--max-connections", "1"],
+    );
+    let (mut set, mut stdin) = tapkv_tests::Proc::spawn_piped(&[
+        "kv",
+        "set",
+        "--addr",
+        &node.addr,
+        "slow",
+        "--value-file",
+        "-",
+    ]);
+    stdin.write_all(b"first half, ").unwrap();
+    stdin.flush().unwrap();
+    // The node's one connection is free while the value is being read.
+    let (code, err) = tapkv_tests::run_status(&["kv", "get", "--addr", &node.addr, "slow"], T);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("not found"), "{err}");
+    stdin.write_all(b"second half").unwrap();
+    drop(stdin);
+    assert!(set.wait_success(T));
+    let (ok, out, err) = run(&["kv", "get", "--addr", &node.addr, "slow"], "", T);
+    assert!(ok && out == "first half, second half\n", "{out}{err}");
+}
+
+#[test]
 fn node_values_that_cannot_work_are_usage_errors() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("n");

@@ -10,6 +10,7 @@ use tapkv_engine::{Engine, Error, WriteOptions};
 use tapkv_replication::client::ClientError;
 
 use crate::{connect, DurabilityArg, Target};
+use tapkv_replication::protocol::DEFAULT_MAX_BODY;
 
 #[derive(Args, Debug)]
 pub(crate) struct KvArgs {
@@ -53,7 +54,9 @@ enum KvOp {
         /// Read the value's bytes from FILE (`-`: standard input), exactly;
         /// reading stops one byte past the largest value (20 MiB with
         /// --data; with --addr the node's --max-body, and the node decides),
-        /// which is refused. Read before the data directory is opened.
+        /// which is refused. Read before the data directory is opened, or
+        /// before the node is connected to (up to 21 MiB; a longer value
+        /// is read on once the node's limit is known).
         #[arg(long, value_name = "FILE")]
         value_file: Option<std::path::PathBuf>,
         /// Wait for memory (default), the disk, or (with --addr) a
@@ -196,52 +199,114 @@ fn value_bytes(
     file: Option<&std::path::Path>,
     max: usize,
 ) -> Result<Vec<u8>, Error> {
-    use std::io::Read;
-    // At most one byte past `max` is read: `--value-file /dev/zero` (or an
-    // endless `-`) used to be read until memory ran out.
-    let read_capped = |src: &mut dyn Read, what: &str| -> Result<Vec<u8>, Error> {
-        let mut v = Vec::new();
-        src.take(u64::try_from(max).unwrap_or(u64::MAX).saturating_add(1))
-            .read_to_end(&mut v)
-            .map_err(|e| {
-                Error::Io(std::io::Error::new(
-                    e.kind(),
-                    format!("cannot read the value from {what}: {e}"),
-                ))
-            })?;
-        if v.len() > max {
-            return Err(Error::InvalidArgument(format!(
-                "the value in {what} is longer than the maximum value size of {max} bytes \
-                 (reading stopped there)"
-            )));
-        }
-        Ok(v)
+    Value::open(value, file)?.finish(max)
+}
+
+/// A `kv set` value being read, at most one byte past the limit it is read
+/// up to: `--value-file /dev/zero` (or an endless `-`) used to be read until
+/// memory ran out.
+struct Value {
+    bytes: Vec<u8>,
+    /// A regular file's size: one over the limit is refused unread.
+    size: Option<usize>,
+    /// Where the rest comes from, and its name for errors; `None` once read
+    /// to its end.
+    rest: Option<(Box<dyn std::io::Read>, String)>,
+}
+
+impl Value {
+    /// No value (a `get` or a `del`).
+    const EMPTY: Value = Value {
+        bytes: Vec::new(),
+        size: None,
+        rest: None,
     };
-    match (value, file) {
-        (Some(v), _) => Ok(std::os::unix::ffi::OsStrExt::as_bytes(v).to_vec()),
-        (None, Some(f)) if f == std::path::Path::new("-") => {
-            read_capped(&mut std::io::stdin().lock(), "standard input")
-        }
-        (None, Some(f)) => {
-            let what = format!("{} (--value-file)", f.display());
-            let mut file = std::fs::File::open(f).map_err(|e| {
-                Error::Io(std::io::Error::new(
-                    e.kind(),
-                    format!("cannot read the value from {what}: {e}"),
-                ))
-            })?;
-            // A regular file's size is known: refused before reading it.
-            if let Ok(len) = file.metadata().map(|m| m.len()) {
-                let len = usize::try_from(len).unwrap_or(usize::MAX);
-                if len > max && std::path::Path::new(f).is_file() {
-                    return Err(Error::ValueTooLarge { len, max });
-                }
+
+    /// The value as given, or its file opened.
+    fn open(
+        value: Option<&std::ffi::OsStr>,
+        file: Option<&std::path::Path>,
+    ) -> Result<Value, Error> {
+        let mut size = None;
+        let rest: (Box<dyn std::io::Read>, String) = match (value, file) {
+            (Some(v), _) => {
+                return Ok(Value {
+                    bytes: std::os::unix::ffi::OsStrExt::as_bytes(v).to_vec(),
+                    size: None,
+                    rest: None,
+                })
             }
-            read_capped(&mut file, &what)
+            (None, Some(f)) if f == std::path::Path::new("-") => {
+                (Box::new(std::io::stdin()), "standard input".to_owned())
+            }
+            (None, Some(f)) => {
+                let what = format!("{} (--value-file)", f.display());
+                let file = std::fs::File::open(f).map_err(|e| {
+                    Error::Io(std::io::Error::new(
+                        e.kind(),
+                        format!("cannot read the value from {what}: {e}"),
+                    ))
+                })?;
+                if let Ok(m) = file.metadata() {
+                    if m.is_file() {
+                        size = Some(usize::try_from(m.len()).unwrap_or(usize::MAX));
+                    }
+                }
+                (Box::new(file), what)
+            }
+            (None, None) => {
+                return Err(Error::InvalidArgument(
+                    "give VALUE or --value-file FILE".into(),
+                ))
+            }
+        };
+        Ok(Value {
+            bytes: Vec::new(),
+            size,
+            rest: Some(rest),
+        })
+    }
+
+    /// Reads on until the value is whole or longer than `max`; true if it
+    /// is whole.
+    fn read_upto(&mut self, max: usize) -> Result<bool, Error> {
+        use std::io::Read;
+        let Some((src, what)) = &mut self.rest else {
+            return Ok(true);
+        };
+        if self.bytes.len() > max || self.size.is_some_and(|len| len > max) {
+            return Ok(false);
         }
-        (None, None) => Err(Error::InvalidArgument(
-            "give VALUE or --value-file FILE".into(),
-        )),
+        let want = u64::try_from(max + 1 - self.bytes.len()).unwrap_or(u64::MAX);
+        let n = src.take(want).read_to_end(&mut self.bytes).map_err(|e| {
+            Error::Io(std::io::Error::new(
+                e.kind(),
+                format!("cannot read the value from {what}: {e}"),
+            ))
+        })?;
+        if u64::try_from(n).unwrap_or(u64::MAX) < want {
+            self.rest = None;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// The whole value, if it holds at most `max` bytes.
+    fn finish(mut self, max: usize) -> Result<Vec<u8>, Error> {
+        if let Some(len) = self.size.filter(|&len| len > max) {
+            return Err(Error::ValueTooLarge { len, max });
+        }
+        if self.read_upto(max)? && self.bytes.len() <= max {
+            return Ok(self.bytes);
+        }
+        let what = match &self.rest {
+            Some((_, what)) => what.as_str(),
+            None => "the argument",
+        };
+        Err(Error::InvalidArgument(format!(
+            "the value in {what} is longer than the maximum value size of {max} bytes \
+             (reading stopped there)"
+        )))
     }
 }
 
@@ -286,6 +351,20 @@ fn remote(op: &KvOp, key: &[u8], wait: crate::Wait) -> Result<Option<ExitCode>, 
     let Some(addr) = &target.addr else {
         return Ok(None);
     };
+    // A set's value is read before connecting, up to the default request
+    // limit: a slow `--value-file -` would otherwise hold one of the node's
+    // connections, and could outlast its idle timeout. A longer value is
+    // read on once the node's own limit is known.
+    let value = match op {
+        KvOp::Set {
+            value, value_file, ..
+        } => {
+            let mut v = Value::open(value.as_deref(), value_file.as_deref())?;
+            v.read_upto(DEFAULT_MAX_BODY)?;
+            v
+        }
+        KvOp::Get { .. } | KvOp::Del { .. } => Value::EMPTY,
+    };
     let mut c = connect(addr, wait.timeout())?;
     let write = !matches!(op, KvOp::Get { .. });
     let fail = |e: ClientError| -> Result<Option<ExitCode>, Error> {
@@ -308,15 +387,10 @@ fn remote(op: &KvOp, key: &[u8], wait: crate::Wait) -> Result<Option<ExitCode>, 
             }
             Err(e) => fail(e),
         },
-        KvOp::Set {
-            value,
-            value_file,
-            durability,
-            ..
-        } => {
+        KvOp::Set { durability, .. } => {
             // No frame the node takes carries more than its --max-body
             // (from its HELLO); the node refuses a value past its own limit.
-            let v = value_bytes(value.as_deref(), value_file.as_deref(), c.max_body())?;
+            let v = value.finish(c.max_body())?;
             match c.set_durable(key, &v, 0, (*durability).into()) {
                 Ok(r) => {
                     outln!("{}", set_ok(r.partition, r.seqno, r.cas))?;
@@ -332,5 +406,48 @@ fn remote(op: &KvOp, key: &[u8], wait: crate::Wait) -> Result<Option<ExitCode>, 
             }
             Err(e) => fail(e),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reading(n: usize) -> Value {
+        Value {
+            bytes: Vec::new(),
+            size: None,
+            rest: Some((Box::new(std::io::Cursor::new(vec![7u8; n])), "t".into())),
+        }
+    }
+
+    #[test]
+    fn a_value_read_in_two_stages_is_whole_or_refused() {
+        // The first stage stops one byte past its limit; the second reads on.
+        let mut v = reading(100);
+        assert!(!v.read_upto(10).unwrap());
+        assert_eq!(v.bytes.len(), 11);
+        assert_eq!(v.finish(200).unwrap(), vec![7u8; 100]);
+        let mut v = reading(100);
+        assert!(!v.read_upto(10).unwrap());
+        let e = v.finish(50).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("longer than the maximum value size of 50"),
+            "{e}"
+        );
+        // Exactly at the limit is whole.
+        let mut v = reading(10);
+        assert!(v.read_upto(10).unwrap());
+        assert_eq!(v.finish(10).unwrap().len(), 10);
+        // A regular file's size refuses it unread.
+        let mut v = reading(100);
+        v.size = Some(100);
+        assert!(!v.read_upto(50).unwrap());
+        assert!(v.bytes.is_empty());
+        assert!(matches!(
+            v.finish(50),
+            Err(Error::ValueTooLarge { len: 100, max: 50 })
+        ));
     }
 }
