@@ -652,6 +652,22 @@ impl CheckpointManager {
         }
     }
 
+    /// An empty manager to take this one's place (a partition reset): the
+    /// same limits and shared memory count, its open checkpoint `checkpoint_id`
+    /// after history ending at `high_seqno`, and cursor registrations
+    /// numbered on from this one's, so that a scan begun on this manager is
+    /// never taken for one of a cursor registered again on the new one.
+    pub fn replacement(&self, checkpoint_id: u64, high_seqno: u64) -> Self {
+        let mut next = CheckpointManager::new(
+            self.config,
+            checkpoint_id,
+            high_seqno,
+            Arc::clone(&self.shared_mem),
+        );
+        next.registrations = self.registrations;
+        next
+    }
+
     /// Entries an open checkpoint is sized for: its item limit, capped so a
     /// huge limit does not reserve memory nobody uses.
     fn capacity(config: &CheckpointConfig) -> usize {

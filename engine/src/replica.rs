@@ -771,12 +771,7 @@ impl Engine {
         s.store.reset_partition(p)?;
         shards.clear();
         let next_id = w.checkpoints.open_checkpoint_id() + 1;
-        let mut fresh = CheckpointManager::new(
-            s.config.checkpoint,
-            next_id,
-            0,
-            Arc::clone(&s.checkpoint_mem),
-        );
+        let mut fresh = w.checkpoints.replacement(next_id, 0);
         fresh.register_cursor(PERSISTENCE_CURSOR, 0)?;
         w.checkpoints = fresh;
         w.window = None;

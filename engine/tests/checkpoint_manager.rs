@@ -630,6 +630,29 @@ fn a_scan_from_an_earlier_registration_is_not_committed() {
 }
 
 #[test]
+fn a_scan_from_a_replaced_manager_is_not_committed_to_its_replacement() {
+    // A partition reset replaces its manager; a cursor registered again on
+    // the replacement is a new reader. Before, registrations were numbered
+    // from 1 again, so an old scan matched the new cursor and moved it.
+    let (mut m, _) = mgr(3);
+    m.register_cursor("c", 0).unwrap();
+    for s in 1..=7 {
+        m.queue(item(&format!("k{s}"), s));
+    }
+    let run = m.closed_run("c", None, usize::MAX).unwrap();
+    let p = run.scan(None, None, |_| {});
+    assert_eq!(p.end_seqno(), 6);
+    // (Checkpoint ids from 1 again: the registration alone must tell.)
+    let mut fresh = m.replacement(1, 0);
+    fresh.register_cursor("c", 0).unwrap();
+    for s in 1..=7 {
+        fresh.queue(item(&format!("n{s}"), s));
+    }
+    assert!(fresh.advance("c", p).is_err());
+    assert_eq!(fresh.remaining("c").unwrap(), 7, "the new reader reads all");
+}
+
+#[test]
 fn only_droppable_cursors_behind_the_leader_are_dropped() {
     let (mut m, mem) = mgr(2);
     for c in [
