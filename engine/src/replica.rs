@@ -7,14 +7,14 @@
 //! The engine stays synchronous and knows nothing of sockets; the protocol
 //! and the stream loops live in the `tapkv-replication` crate.
 
-use crate::checkpoint::{CheckpointManager, Registration};
+use crate::checkpoint::Registration;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::item::{ItemMeta, PartitionId, QueueOp, QueuedItem};
 use crate::online_update::MarkerSource;
 use crate::partition::{reserved_cursor_check, Partition, PartitionWriter, PERSISTENCE_CURSOR};
 use crate::store::FailoverEntry;
-use crate::sync::{Arc, Ordering};
+use crate::sync::Ordering;
 
 /// What applying a replicated entry did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
