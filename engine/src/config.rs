@@ -93,14 +93,16 @@ pub struct EngineConfig {
     pub replica: bool,
     /// Longest value in bytes (default 20 MiB).
     pub max_value_size: usize,
-    /// How long a `Persist` write or `flush()` waits for the disk (default 30 s).
+    /// How long a `Persist` write or `flush()` waits for the disk (default 30 s;
+    /// `Duration::MAX` waits without a limit).
     pub persist_timeout: Duration,
     /// Group commit: when a flush round starts with two or more `Persist`
     /// writers waiting, it waits up to this long, while more keep arriving,
     /// so one sync serves the whole burst (default 200 µs; zero disables).
     /// A lone `Persist` writer never waits for it.
     pub group_commit_wait: Duration,
-    /// How long a `Replicate` write waits for a majority of replicas (default 5 s).
+    /// How long a `Replicate` write waits for a majority of replicas (default 5 s;
+    /// `Duration::MAX` waits without a limit).
     pub replicate_timeout: Duration,
     /// Failover-log entries a partition keeps, the newest (default 25, at
     /// least 1; as Couchbase's `max_failover_entries`): each unclean

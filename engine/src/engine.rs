@@ -139,6 +139,19 @@ fn refuse_on_replica(s: &Shared, what: &str) -> Result<()> {
 /// WAL sync failed (its write would then never be durable).
 const SYNC_RECHECK: Duration = Duration::from_millis(100);
 
+/// The instant `timeout` from now; a timeout too long to add (say
+/// `Duration::MAX`, for "no limit") is about a century. `Instant + Duration`
+/// panics on overflow: before, a `persist_timeout` or `replicate_timeout`
+/// of `Duration::MAX`, accepted at open, panicked every durable write after
+/// the write was made (found by a review).
+pub(crate) fn deadline_after(timeout: Duration) -> Instant {
+    const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+    let now = Instant::now();
+    now.checked_add(timeout)
+        .or_else(|| now.checked_add(CENTURY))
+        .unwrap_or(now)
+}
+
 /// A `Durability::Replicate` write's entry kept from de-duplication while the
 /// write waits (`Partition::replicate_done` when dropped).
 struct ReplicatePending<'a>(&'a Partition, u64);
@@ -201,7 +214,7 @@ impl ChangeFeed {
     }
 
     fn wait(&self, since: u64, timeout: Duration) -> u64 {
-        let deadline = Instant::now() + timeout;
+        let deadline = deadline_after(timeout);
         let mut g = self.lock.lock();
         if self.state.load(Ordering::Acquire) & FEED_WAITERS == FEED_WAITERS {
             // Too many waiters to register: behave as a poll.
@@ -436,7 +449,7 @@ impl Shared {
         if done(self) {
             return Ok(());
         }
-        let deadline = Instant::now() + timeout;
+        let deadline = deadline_after(timeout);
         let waiting = crate::sync::Counted::new(&self.persist_waiters);
         self.notify_flushers();
         let slot = &self.persist_slots
@@ -992,7 +1005,7 @@ impl Engine {
         // once the disk's, bounded by `persist_timeout`, had ended).
         let replicate_deadline = gate
             .as_ref()
-            .map(|_| Instant::now() + s.config.replicate_timeout);
+            .map(|_| deadline_after(s.config.replicate_timeout));
         if let Some(resets) = resets {
             let timeout = match replicate_deadline {
                 Some(_) => s.config.replicate_timeout.min(s.config.persist_timeout),

@@ -484,7 +484,7 @@ pub(crate) struct RevertGate {
 impl RevertGate {
     /// Called by the held REVERT: says it is there, waits for the release.
     fn hold(&self) {
-        let deadline = Instant::now() + REVERT_HOLD_LIMIT;
+        let deadline = crate::engine::deadline_after(REVERT_HOLD_LIMIT);
         let mut st = self.state.lock();
         st.0 = true;
         self.cv.notify_all();
@@ -501,7 +501,7 @@ impl RevertHold {
 
     /// Waits until the REVERT has reached the hold; false after `limit`.
     pub fn wait_held(&self, limit: Duration) -> bool {
-        let deadline = Instant::now() + limit;
+        let deadline = crate::engine::deadline_after(limit);
         let mut st = self.gate.state.lock();
         while !st.0 {
             if Instant::now() >= deadline {

@@ -982,3 +982,40 @@ fn a_missing_seqno_reservation_continues_above_any_number_handed_out() {
         r.seqno
     );
 }
+
+#[test]
+fn unbounded_timeouts_mean_no_limit_not_a_panic() {
+    // Before, `Instant::now() + Duration::MAX` panicked in every durable
+    // write (after the write was made), `flush` and `wait_for_changes`.
+    use std::time::Duration;
+    use tapkv_engine::{Durability, PartitionId};
+    struct AllAck;
+    impl tapkv_engine::ReplicationGate for AllAck {
+        fn wait_replicated(
+            &self,
+            _: &Engine,
+            _: PartitionId,
+            _: u64,
+            _: Duration,
+        ) -> tapkv_engine::Result<()> {
+            Ok(())
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let e = builder(dir.path())
+        .persist_timeout(Duration::MAX)
+        .replicate_timeout(Duration::MAX)
+        .open()
+        .unwrap();
+    e.set_replication_gate(std::sync::Arc::new(AllAck));
+    let r = e
+        .set(b"p", "v", WriteOptions::durable(Durability::Persist))
+        .unwrap();
+    assert!(e.stats().unwrap().partitions[usize::from(r.partition)].persisted_seqno >= r.seqno);
+    e.set(b"r", "v", WriteOptions::durable(Durability::Replicate))
+        .unwrap();
+    e.set(b"m", "v", WriteOptions::default()).unwrap();
+    e.flush().unwrap();
+    assert!(e.wait_for_changes(0, Duration::MAX) > 0);
+    e.close().unwrap();
+}
