@@ -377,7 +377,16 @@ impl Shared {
     /// may have dropped the pages it covered yet report the next sync of
     /// the file a success, so nothing written before it can be called
     /// durable again (PostgreSQL learnt this in 2018, "fsyncgate").
-    pub(crate) fn poison_for_failed_sync(&self, detail: &str) {
+    ///
+    /// The reason names the first failed sync the store saw (the disk's
+    /// own error), else `fallback`. (Before, the
+    /// flusher named its own view of it, "an earlier WAL sync failed", when
+    /// it was the first to notice another write's failed sync.)
+    pub(crate) fn poison_for_failed_sync(&self, fallback: &str) {
+        let detail = self
+            .store
+            .sync_failure()
+            .unwrap_or_else(|| fallback.to_owned());
         self.poison(format!(
             "a WAL sync failed ({detail}): writes it covered may not be on disk, and no later \
              sync can tell; reopen the engine to recover what is"
@@ -390,8 +399,7 @@ impl Shared {
         // waiting or not, and before a close could mark the directory
         // cleanly shut down.
         if !self.is_poisoned.load(Ordering::Acquire) && self.store.sync_failed() {
-            let detail = self.store.sync_failure().unwrap_or_default();
-            self.poison_for_failed_sync(&detail);
+            self.poison_for_failed_sync("");
         }
         if self.is_poisoned.load(Ordering::Acquire) {
             let reason = self.poisoned.lock().clone().unwrap_or_default();

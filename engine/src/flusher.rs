@@ -778,4 +778,25 @@ mod tests {
         sync_persisted(s, p).unwrap();
         assert!(p.progress.synced_seqno.load(Ordering::Acquire) >= persisted);
     }
+
+    /// The flusher, first to notice another write's failed sync, poisons
+    /// the engine with that sync's own error (before: "an earlier WAL sync
+    /// failed", and the disk's error was never shown).
+    #[test]
+    fn a_failed_sync_the_flusher_notices_first_is_named_in_the_poison() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = Engine::builder(dir.path()).partitions(1).open().unwrap();
+        e.set_flusher_paused(true);
+        let s = e.live().unwrap();
+        e.inject_sync_failures(1);
+        let r = crate::store::Reservation {
+            seqno: 1 << 30,
+            checkpoint_id: 1 << 20,
+        };
+        assert!(s.store.put_reservation(0, &r).is_err());
+        assert!(!s.is_poisoned.load(Ordering::Acquire));
+        assert!(mark_synced(s, &[s.partition(0).unwrap()]).is_err());
+        let reason = e.stats().unwrap().poisoned.unwrap();
+        assert!(reason.contains("injected WAL sync failure"), "{reason}");
+    }
 }
