@@ -135,6 +135,21 @@ fn refuse_on_replica(s: &Shared, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// Refuses `what`, a replica's own step, on a primary's engine: its numbers
+/// come from a stream and are not reserved on disk first, and a reset
+/// numbers a partition from 1 again, so on a primary they would hand out
+/// seqnos and checkpoint ids again after a crash (or at once, for a
+/// reset). (Before, a library caller could; found by a review.)
+pub(crate) fn refuse_on_primary(s: &Shared, what: &str) -> Result<()> {
+    if !s.config.replica {
+        return Err(Error::WrongState(format!(
+            "{what} on a primary's engine: only a replica's engine (`EngineBuilder::replica`) \
+             takes them"
+        )));
+    }
+    Ok(())
+}
+
 /// How often a durable writer looks again, between wake-ups, at whether a
 /// WAL sync failed (its write would then never be durable).
 const SYNC_RECHECK: Duration = Duration::from_millis(100);

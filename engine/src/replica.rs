@@ -8,7 +8,7 @@
 //! and the stream loops live in the `tapkv-replication` crate.
 
 use crate::checkpoint::Registration;
-use crate::engine::Engine;
+use crate::engine::{refuse_on_primary, Engine};
 use crate::error::{Error, Result};
 use crate::item::{ItemMeta, PartitionId, QueueOp, QueuedItem};
 use crate::online_update::MarkerSource;
@@ -625,6 +625,7 @@ impl Engine {
     /// those could wait for ever.
     pub fn apply_replicated(&self, p: PartitionId, item: &QueuedItem) -> Result<ApplyOutcome> {
         let s = self.live()?;
+        refuse_on_primary(s, "applying a stream's entry")?;
         let out = s.apply_replicated_one(p, item.clone())?;
         s.changed(p);
         Ok(out)
@@ -649,6 +650,7 @@ impl Engine {
         queue: &mut std::collections::VecDeque<QueuedItem>,
     ) -> Result<ApplyOutcome> {
         let s = self.live()?;
+        refuse_on_primary(s, "applying a stream's entries")?;
         let part = s.partition(p)?;
         let mut changed = false;
         let out = 'run: loop {
@@ -710,6 +712,7 @@ impl Engine {
     pub fn replica_checkpoint(&self, p: PartitionId, id: u64) -> Result<()> {
         check_stream_number("checkpoint id", id)?;
         let s = self.live()?;
+        refuse_on_primary(s, "following a primary's checkpoint")?;
         let part = s.partition(p)?;
         let mut w = part.lock();
         // (Entering a checkpoint says nothing of the history before: a
@@ -737,6 +740,7 @@ impl Engine {
     pub fn replica_checkpoint_end(&self, p: PartitionId, id: u64) -> Result<()> {
         check_stream_number("checkpoint id", id)?;
         let s = self.live()?;
+        refuse_on_primary(s, "following a primary's checkpoint")?;
         let part = s.partition(p)?;
         // Under the partition's lock, as every entry's gap is noted.
         let _w = part.lock();
@@ -762,6 +766,7 @@ impl Engine {
     /// whose history diverged from its primary's, before resynchronising).
     pub fn reset_partition(&self, p: PartitionId) -> Result<()> {
         let s = self.live()?;
+        refuse_on_primary(s, "a partition reset")?;
         let part = s.partition(p)?;
         let _no_flush = s.flush_lock.lock();
         let mut w = part.lock();

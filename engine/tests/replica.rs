@@ -679,6 +679,16 @@ fn a_replica_stopped_inside_a_window_lists_no_lost_window() {
         let lost = e.stats().unwrap().partitions[1].lost_windows.len();
         assert_eq!(lost, usize::from(!replica), "replica {replica}");
         assert!(e.stats().unwrap().partitions[1].window.is_none());
+        if !replica {
+            // A primary's partitions are not reset (its numbers would be
+            // handed out again).
+            assert!(matches!(
+                e.reset_partition(1),
+                Err(tapkv_engine::Error::WrongState(_))
+            ));
+            e.close().unwrap();
+            continue;
+        }
         // A reset clears the partition's lost windows, in memory and on disk.
         e.reset_partition(1).unwrap();
         assert!(e.stats().unwrap().partitions[1].lost_windows.is_empty());
@@ -1074,14 +1084,15 @@ fn a_flush_waiting_on_a_partition_that_is_reset_fails_instead_of_passing_on_new_
     let dir = tempfile::tempdir().unwrap();
     let e = std::sync::Arc::new(
         tapkv_engine::Engine::builder(dir.path())
+            .replica(true)
             .persist_timeout(std::time::Duration::from_secs(60))
             .open()
             .unwrap(),
     );
-    e.set(b"k", "v", tapkv_engine::WriteOptions::default())
-        .unwrap();
     let p = e.partition_of(b"k");
     e.set_flusher_paused(true);
+    e.apply_replicated(p, &entry(QueueOp::Mutation, "k", 1))
+        .unwrap();
     let rx = common::waiting_for_a_sync(&e, |e| e.flush());
     e.reset_partition(p).unwrap();
     let r = rx
@@ -1300,4 +1311,37 @@ fn a_run_stops_at_the_checkpoint_memory_limit_and_goes_on_after_a_flush() {
     }
     assert_eq!(r.high_seqno(p).unwrap(), 400);
     assert_eq!(r.stats().unwrap().items(), 400);
+}
+
+#[test]
+fn a_primarys_engine_refuses_a_replicas_steps() {
+    // Before, a library caller could apply stream entries (seqnos never
+    // reserved on disk: handed out again after a crash), follow a
+    // primary's checkpoints, or reset a partition (numbered from 1 again)
+    // on a primary.
+    let dir = tempfile::tempdir().unwrap();
+    let e = builder(dir.path()).open().unwrap();
+    let k = key_in(&e, 1, 0);
+    let wrong = |r: tapkv_engine::Result<()>| matches!(r, Err(tapkv_engine::Error::WrongState(_)));
+    assert!(wrong(
+        e.apply_replicated(1, &entry(QueueOp::Mutation, &k, 5_000_000))
+            .map(|_| ())
+    ));
+    let mut run = std::collections::VecDeque::from([entry(QueueOp::Mutation, &k, 5_000_000)]);
+    assert!(wrong(e.apply_replicated_run(1, &mut run).map(|_| ())));
+    assert_eq!(run.len(), 1);
+    assert!(wrong(e.replica_checkpoint(1, 10_000)));
+    assert!(wrong(e.replica_checkpoint_end(1, 10_000)));
+    assert!(wrong(e.reset_partition(1)));
+    assert!(matches!(
+        e.get(k.as_bytes()),
+        Err(tapkv_engine::Error::NotFound)
+    ));
+    assert_eq!(
+        e.set(k.as_bytes(), "v", WriteOptions::default())
+            .unwrap()
+            .seqno,
+        1
+    );
+    e.close().unwrap();
 }
