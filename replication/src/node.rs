@@ -2503,14 +2503,27 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
                     // what the primary lost, and the version it replaced,
                     // which the primary still holds, never comes: the
                     // partition is resynchronised instead.
+                    //
+                    // Reset at once, as a ROLLBACK is, and the rest of the
+                    // opening burst read: the session ends at the first
+                    // frame after it, and the next one asks for every reset
+                    // partition from seqno 0. (Before, the session ended
+                    // here and the reset waited for the next one: after an
+                    // unclean primary restart, which branches every
+                    // partition, a replica took a backed-off session per
+                    // partition, replicating nothing meanwhile.)
                     if engine.replica_history_may_have_gaps(partition)? {
                         tracing::warn!(
                             partition,
                             "the primary's history branched where this replica may lack a \
                              version it holds: resynchronising the partition"
                         );
-                        state.resync_next.lock().push(partition);
-                        return Ok(());
+                        engine.reset_partition(partition)?;
+                        rolled_back = true;
+                        if reader.caught_up() {
+                            return Ok(());
+                        }
+                        continue;
                     }
                     engine.set_failover_log(
                         partition,
