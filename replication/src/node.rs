@@ -100,6 +100,22 @@ pub struct NodeConfig {
     /// MB on a large node) for as long as its client takes to read it. One
     /// more is answered `TEMP_FAILURE` ("busy"). Default 4.
     pub max_dumps: usize,
+    /// Test hook: called by a stream before it starts each partition from
+    /// memory (`None`: nothing).
+    #[doc(hidden)]
+    pub before_partition_start: Option<PartitionStartHook>,
+}
+
+/// A function a stream calls with each partition's number before starting
+/// it from memory ([`NodeConfig::before_partition_start`]).
+#[doc(hidden)]
+#[derive(Clone)]
+pub struct PartitionStartHook(pub std::sync::Arc<dyn Fn(PartitionId) + Send + Sync>);
+
+impl std::fmt::Debug for PartitionStartHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PartitionStartHook")
+    }
 }
 
 /// Rounds smaller than this are followed by the stream's linger.
@@ -131,6 +147,7 @@ impl NodeConfig {
             replace_primary_data: false,
             max_pending_body_bytes: 256 << 20,
             max_dumps: 4,
+            before_partition_start: None,
         }
     }
 
@@ -1707,9 +1724,11 @@ fn start_partition(
             end
         }
     };
+    // Marked in memory only once every partition is started (the stream's
+    // start loop): until then nothing of this one is sent.
     s.parts
         .lock()
-        .insert(p, (PartitionStreamState::InMemory, sent));
+        .insert(p, (PartitionStreamState::Backfilling, sent));
     Ok(())
 }
 
@@ -1793,10 +1812,29 @@ fn stream_loop(
         }
         let mut active = Vec::new();
         for (p, from) in starts {
+            if let Some(hook) = &cfg.before_partition_start {
+                (hook.0)(p);
+            }
             start_partition(engine, s, writer, (cfg.heartbeat, &stopping), (p, from))?;
             active.push(p);
         }
         writer.flush().map_err(io_err)?;
+        // Only now is anything sent from memory, so only now does the stream
+        // count towards `Replicate` writes on these partitions
+        // (`AckGate::wait_replicated`). Before, each was marked as it
+        // started, and while a later partition's start sent a disk snapshot
+        // (a scan of the partition, which can take minutes) the stream
+        // counted for the earlier ones without sending them anything: their
+        // `Replicate` writes timed out while a replica joined (found by a
+        // review).
+        {
+            let mut parts = s.parts.lock();
+            for p in &active {
+                if let Some(e) = parts.get_mut(p) {
+                    e.0 = PartitionStreamState::InMemory;
+                }
+            }
+        }
         let mut last_send = Instant::now();
         let mut dropped = false;
         let mut first = 0usize;

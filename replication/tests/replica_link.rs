@@ -438,6 +438,67 @@ fn a_stuck_stream_does_not_count_against_replicate_writes(keys: usize, value: us
 }
 
 #[test]
+fn a_joining_stream_counts_for_no_partition_until_it_has_started_them_all() {
+    // A stream's start loop registers each partition's cursor in turn, and
+    // a later partition's start may send a disk snapshot (a scan of the
+    // partition): nothing of the earlier ones is sent meanwhile. Before, an
+    // earlier partition counted towards `Replicate` writes as soon as its
+    // cursor was registered, and those writes timed out. Here the start of
+    // partition 1 is held by a test hook while a write to partition 0 is
+    // made with a caught-up replica.
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{mpsc, Arc, Mutex};
+    let armed = Arc::new(AtomicBool::new(false));
+    let (reached_tx, reached_rx) = mpsc::channel();
+    let (release_tx, release_rx) = mpsc::channel::<()>();
+    let hook = {
+        let armed = Arc::clone(&armed);
+        let (reached_tx, release_rx) = (Mutex::new(reached_tx), Mutex::new(release_rx));
+        move |p: u16| {
+            if p == 1 && armed.swap(false, Ordering::AcqRel) {
+                let _ = reached_tx.lock().unwrap().send(());
+                let _ = release_rx
+                    .lock()
+                    .unwrap()
+                    .recv_timeout(Duration::from_secs(30));
+            }
+        }
+    };
+    let (pdir, rdir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let primary = primary_with(pdir.path(), Some(Duration::from_secs(1)), |c| {
+        c.before_partition_start =
+            Some(tapkv_replication::node::PartitionStartHook(Arc::new(hook)));
+    });
+    let p = primary.engine().unwrap();
+    write_keys(&primary, "k", 20);
+    let replica = replica_of(&primary, rdir.path(), 2, "caught-up", |_| {});
+    let r = replica.engine().unwrap();
+    wait_until("the replica to catch up", Duration::from_secs(20), || {
+        r.stats().unwrap().items() == 20
+    });
+    armed.store(true, Ordering::Release);
+    let conn = std::net::TcpStream::connect(primary.local_addr()).unwrap();
+    let (joining_reader, joining_writer) = stream_by_hand(conn, "joining", &from_the_start(p));
+    reached_rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the joining stream to reach partition 1's start");
+    let key = (0..)
+        .map(|i| format!("p0-{i}"))
+        .find(|k| p.partition_of(k.as_bytes()) == 0)
+        .unwrap();
+    let replicate = WriteOptions {
+        durability: Durability::Replicate,
+        ..WriteOptions::default()
+    };
+    let res = p.set(key.as_bytes(), b"v", replicate);
+    release_tx.send(()).unwrap();
+    res.unwrap_or_else(|e| panic!("a Replicate write with one caught-up replica: {e}"));
+    drop((joining_reader, joining_writer));
+    common::shutdown(replica);
+    common::shutdown(primary);
+}
+
+#[test]
 fn a_primary_with_long_heartbeats_shuts_down_without_waiting_one_out() {
     // An idle stream sleeps until the engine queues something or its next
     // heartbeat is due. Before, a shutdown waited that sleep out: a minute
