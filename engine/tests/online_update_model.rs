@@ -2,7 +2,8 @@
 //! START / COMPLETE / REVERT, eviction, flush, clean restart and crash-restart
 //! across three partitions, checked after every step against a plain map.
 //!
-//! Invariants: after REVERT a partition equals its state at START; after a
+//! Invariants: after REVERT a partition equals its state at START (values
+//! and every item's metadata: CAS, flags, expiry, revision, seqno); after a
 //! restart or crash (preceded by a flush, so everything outside windows is
 //! durable) the engine equals the state at the last durable point outside any
 //! window, i.e. open windows are reverted implicitly.
@@ -15,7 +16,7 @@ mod common;
 use std::collections::BTreeMap;
 
 use proptest::prelude::*;
-use tapkv_engine::{Engine, Error, PartitionId, WriteOptions};
+use tapkv_engine::{Engine, Error, ItemMeta, PartitionId, WriteOptions};
 
 const PARTITIONS: PartitionId = 3;
 const KEYS: usize = 12;
@@ -53,9 +54,12 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
+/// A key's value and the metadata the engine gave the write.
+type Version = (Vec<u8>, ItemMeta);
+
 struct Model {
-    values: BTreeMap<usize, Vec<u8>>,
-    windows: BTreeMap<PartitionId, BTreeMap<usize, Vec<u8>>>,
+    values: BTreeMap<usize, Version>,
+    windows: BTreeMap<PartitionId, BTreeMap<usize, Version>>,
 }
 
 impl Model {
@@ -73,6 +77,26 @@ fn key(k: usize) -> Vec<u8> {
 
 fn val(k: usize, v: u8) -> Vec<u8> {
     format!("value-{k}-{v}").into_bytes()
+}
+
+/// A write's options: flags and (a far) expiry that differ from write to
+/// write, so a REVERT that restored the value alone would be seen.
+fn opts(v: u8) -> WriteOptions {
+    WriteOptions {
+        flags: u32::from(v) * 7,
+        expiry: if v % 3 == 0 {
+            0
+        } else {
+            4_000_000_000 + u32::from(v)
+        },
+        ..WriteOptions::default()
+    }
+}
+
+/// What the engine holds for `k` just after a write of it.
+fn version(e: &Engine, k: usize) -> Version {
+    let item = e.get(&key(k)).unwrap();
+    (item.value().to_vec(), item.meta)
 }
 
 fn open(dir: &std::path::Path) -> Engine {
@@ -96,18 +120,19 @@ proptest! {
             let eng = e.as_ref().unwrap();
             match op {
                 Op::Set(k, v) => {
-                    eng.set(&key(k), val(k, v), mem).unwrap();
-                    m.values.insert(k, val(k, v));
+                    eng.set(&key(k), val(k, v), opts(v)).unwrap();
+                    prop_assert_eq!(version(eng, k).0, val(k, v));
+                    m.values.insert(k, version(eng, k));
                 }
                 Op::Add(k, v) => {
-                    let r = eng.add(&key(k), val(k, v), mem);
+                    let r = eng.add(&key(k), val(k, v), opts(v));
                     match m.values.entry(k) {
                         std::collections::btree_map::Entry::Occupied(_) => {
                             prop_assert!(matches!(r, Err(Error::Exists)), "{:?}", r);
                         }
                         std::collections::btree_map::Entry::Vacant(slot) => {
                             r.unwrap();
-                            slot.insert(val(k, v));
+                            slot.insert(version(eng, k));
                         }
                     }
                 }
@@ -122,9 +147,9 @@ proptest! {
                 Op::CasSet(k, v, right) => {
                     let cas = eng.get(&key(k)).map(|i| i.meta.cas).unwrap_or(1);
                     let cas = if right { cas } else { cas + 1 };
-                    let r = eng.set(&key(k), val(k, v), mem.with_cas(cas));
+                    let r = eng.set(&key(k), val(k, v), opts(v).with_cas(cas));
                     match (m.values.contains_key(&k), right) {
-                        (true, true) => { r.unwrap(); m.values.insert(k, val(k, v)); }
+                        (true, true) => { r.unwrap(); m.values.insert(k, version(eng, k)); }
                         (true, false) => prop_assert!(matches!(r, Err(Error::CasMismatch { .. })), "{:?}", r),
                         (false, _) => prop_assert!(matches!(r, Err(Error::NotFound)), "{:?}", r),
                     }
@@ -179,7 +204,10 @@ proptest! {
             let eng = e.as_ref().unwrap();
             for k in 0..KEYS {
                 match (eng.get(&key(k)), m.values.get(&k)) {
-                    (Ok(item), Some(v)) => prop_assert_eq!(item.value(), &v[..], "key {}", k),
+                    (Ok(item), Some((v, meta))) => {
+                        prop_assert_eq!(item.value(), &v[..], "key {}", k);
+                        prop_assert_eq!(item.meta, *meta, "key {}", k);
+                    }
                     (Err(Error::NotFound), None) => {}
                     (got, want) => prop_assert!(false, "key {k}: engine {got:?}, model {want:?}"),
                 }
