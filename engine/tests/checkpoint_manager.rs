@@ -605,8 +605,9 @@ fn a_closed_run_is_unchanged_by_later_writes_and_stops_at_a_barrier() {
     assert!(p.at_checkpoint_boundary());
 }
 
-#[test]
-fn a_scan_from_an_earlier_registration_is_not_committed() {
+/// A manager of 3-item checkpoints holding `k1..=k7`, and a scan of cursor
+/// `c` through its closed checkpoints (to seqno 6), not yet committed.
+fn scanned_but_not_committed() -> (CheckpointManager, tapkv_engine::CursorProgress) {
     let (mut m, _) = mgr(3);
     m.register_cursor("c", 0).unwrap();
     for s in 1..=7 {
@@ -615,6 +616,12 @@ fn a_scan_from_an_earlier_registration_is_not_committed() {
     let run = m.closed_run("c", None, usize::MAX).unwrap();
     let p = run.scan(None, None, |_| {});
     assert_eq!(p.end_seqno(), 6);
+    (m, p)
+}
+
+#[test]
+fn a_scan_from_an_earlier_registration_is_not_committed() {
+    let (mut m, p) = scanned_but_not_committed();
     // The cursor is registered again (a new reader) before the old scan
     // commits: the old scan's events are not the new reader's.
     m.register_cursor("c", 2).unwrap();
@@ -634,14 +641,7 @@ fn a_scan_from_a_replaced_manager_is_not_committed_to_its_replacement() {
     // A partition reset replaces its manager; a cursor registered again on
     // the replacement is a new reader. Before, registrations were numbered
     // from 1 again, so an old scan matched the new cursor and moved it.
-    let (mut m, _) = mgr(3);
-    m.register_cursor("c", 0).unwrap();
-    for s in 1..=7 {
-        m.queue(item(&format!("k{s}"), s));
-    }
-    let run = m.closed_run("c", None, usize::MAX).unwrap();
-    let p = run.scan(None, None, |_| {});
-    assert_eq!(p.end_seqno(), 6);
+    let (m, p) = scanned_but_not_committed();
     // (Checkpoint ids from 1 again: the registration alone must tell.)
     let mut fresh = m.replacement(1, 0);
     fresh.register_cursor("c", 0).unwrap();

@@ -1207,16 +1207,21 @@ fn a_write_that_times_out_names_the_node_and_may_have_been_applied() {
     assert!(ok && out == "v\n", "{out}{err}");
 }
 
-#[test]
-fn a_busy_node_is_reported_busy_not_out_of_memory() {
-    let dir = tempfile::tempdir().unwrap();
-    let node = tapkv_tests::NodeProc::start(
-        dir.path(),
+/// A node over `dir` that serves one connection at a time.
+fn one_connection_node(dir: &std::path::Path) -> tapkv_tests::NodeProc {
+    tapkv_tests::NodeProc::start(
+        dir,
         "127.0.0.1:0",
         None,
         "one-conn",
         &["--max-connections", "1"],
-    );
+    )
+}
+
+#[test]
+fn a_busy_node_is_reported_busy_not_out_of_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = one_connection_node(dir.path());
     // The one connection it serves.
     let _held = node.client();
     let (code, err) = tapkv_tests::run_status(&["kv", "get", "--addr", &node.addr, "k"], T);
@@ -1227,14 +1232,14 @@ fn a_busy_node_is_reported_busy_not_out_of_memory() {
             && err.contains("too many connections"),
         "{err}"
     );
-    // The same for an admin command (before: `error: io: ...`).
-    let (code, err) = tapkv_tests::run_status(&["admin", "inspect", "--addr", &node.addr], T);
-    assert_eq!(code, Some(3), "{err}");
-    assert!(err.starts_with("error: temp_failure: "), "{err}");
     assert!(
         !err.contains("temp_oom") && !err.contains("I/O error"),
         "{err}"
     );
+    // The same for an admin command (before: `error: io: ...`).
+    let (code, err) = tapkv_tests::run_status(&["admin", "inspect", "--addr", &node.addr], T);
+    assert_eq!(code, Some(3), "{err}");
+    assert!(err.starts_with("error: temp_failure: "), "{err}");
 }
 
 #[test]
@@ -1243,13 +1248,7 @@ fn kv_set_over_the_network_reads_its_value_before_it_connects() {
     // Before, `kv set --addr ... --value-file -` connected first and held
     // one of the node's connections while standard input trickled in.
     let dir = tempfile::tempdir().unwrap();
-    let node = tapkv_tests::NodeProc::start(
-        dir.path(),
-        "127.0.0.1:0",
-        None,
-        "one-conn",
-        &["--max-connections", "1"],
-    );
+    let node = one_connection_node(dir.path());
     let (mut set, mut stdin) = tapkv_tests::Proc::spawn_piped(&[
         "kv",
         "set",
