@@ -541,6 +541,70 @@ fn a_signal_during_the_close_after_quit_waits_for_it() {
     assert_clean_with_items(d, n);
 }
 
+/// A signal closes a shell whose standard output is not being read (a
+/// stalled pager or pipe): before, the shell held its lock while writing an
+/// answer, so the signal's close waited for ever, and a second signal then
+/// exited without closing the engine (found by a review).
+#[test]
+fn a_signal_closes_a_shell_whose_output_is_not_being_read() {
+    use std::io::{Read, Write};
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let mut child = Command::new(tapkv_tests::tapkv_bin())
+        .args(["shell", "--data", d])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    // A 1 MiB answer, far more than a pipe holds: once its first bytes are
+    // read and no more, the shell is inside a write it cannot finish.
+    let value = "x".repeat(1 << 20);
+    writeln!(stdin, "set k {value}\nget k").unwrap();
+    stdin.flush().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !seen.windows(7).any(|w| w == b"VALUE x") {
+            match stdout.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+        }
+        let _ = tx.send(());
+        stdout
+    });
+    rx.recv_timeout(T).expect("the start of the get's answer");
+    // SAFETY: kill(2) on our own child's pid.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if std::time::Instant::now() >= deadline {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    drop((stdin, reader.join().unwrap()));
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(143),
+        "the shell did not close on SIGTERM"
+    );
+    assert_clean_with_items(d, 1);
+}
+
 /// A directory made with `--partitions 8` opens with every command's
 /// defaults afterwards; a different explicit count is refused.
 #[test]

@@ -874,12 +874,19 @@ fn serve_lines(shell: &Mutex<Option<Shell>>) -> Result<(), Error> {
                 continue;
             }
         }
-        let mut guard = shell.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(sh) = guard.as_mut() else {
-            // Closing after a signal: the signal thread exits the process.
-            return Ok(());
+        // The lock is held to run the command, not to write its answer: a
+        // reader of standard output that stops reading would otherwise keep
+        // a signal from ever closing the shell (and a second signal then
+        // exited without the close; found by a review).
+        let reply = {
+            let mut guard = shell.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(sh) = guard.as_mut() else {
+                // Closing after a signal: the signal thread exits the process.
+                return Ok(());
+            };
+            sh.execute(&line)
         };
-        match sh.execute(&line) {
+        match reply {
             Reply::Line(text) => answer(&mut out, &text)?,
             Reply::Quit => return Ok(()),
         }
