@@ -1574,6 +1574,46 @@ fn a_node_given_its_own_address_as_its_primary_refuses_to_start() {
 }
 
 #[test]
+fn a_node_listening_everywhere_refuses_a_non_loopback_address_of_its_own() {
+    // Before, only loopback addresses were taken for a wildcard listener's
+    // own: `--listen 0.0.0.0:P --replica-of <LAN address>:P` started a
+    // replica of itself, retrying a refused link for ever.
+    // A non-loopback address of this machine: the source of a route out
+    // (a UDP connect sends no packet). Without one there is nothing to test.
+    let probe = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+    if probe.connect("192.0.2.1:9").is_err() {
+        return;
+    }
+    let ip = probe.local_addr().unwrap().ip();
+    if ip.is_loopback() || ip.is_unspecified() {
+        return;
+    }
+    let port = std::net::TcpListener::bind("0.0.0.0:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("replica");
+    let (code, _, err) = tapkv_tests::run_with_status(
+        &[
+            "node",
+            "--data",
+            data.to_str().unwrap(),
+            "--listen",
+            &format!("0.0.0.0:{port}"),
+            "--replica-of",
+            &format!("{ip}:{port}"),
+        ],
+        "",
+        T,
+    );
+    assert_eq!(code, Some(3), "{err}");
+    assert!(err.contains("this node's own address"), "{err}");
+    assert!(!data.exists());
+}
+
+#[test]
 fn a_command_pointed_at_something_else_than_a_node_says_so() {
     // Before: "cannot talk to node at ...: bad magic byte 0x48".
     use std::io::{Read, Write};

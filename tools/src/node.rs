@@ -284,13 +284,18 @@ const DESCRIPTORS_PER_DUMP: u64 = 40;
 const DESCRIPTORS_PER_CONNECTION: u64 = 3;
 
 /// Whether `primary` (HOST:PORT) names `own`, the address this node listens
-/// on (an unspecified `own` listens on every loopback address too).
+/// on. An unspecified `own` (`0.0.0.0`, `[::]`) listens on every address of
+/// this host, loopback or not: one is this host's if a socket can be bound
+/// to it. (Before, only loopback ones were taken for its own, so
+/// `--listen 0.0.0.0:P --replica-of <this host's LAN address>:P` started a
+/// replica of itself; found by a review.)
 fn is_own_address(primary: &str, own: std::net::SocketAddr) -> bool {
     use std::net::ToSocketAddrs;
+    let this_hosts =
+        |ip: std::net::IpAddr| ip.is_loopback() || std::net::TcpListener::bind((ip, 0)).is_ok();
     primary.to_socket_addrs().is_ok_and(|mut addrs| {
         addrs.any(|a| {
-            a == own
-                || (own.ip().is_unspecified() && a.port() == own.port() && a.ip().is_loopback())
+            a == own || (own.ip().is_unspecified() && a.port() == own.port() && this_hosts(a.ip()))
         })
     })
 }
