@@ -974,6 +974,17 @@ fn the_demo_runs_end_to_end() {
         "{out}"
     );
     assert!(out.contains("on each node: identical"), "{out}");
+    assert!(
+        out.contains("every item back, numbering continued: yes"),
+        "{out}"
+    );
+    assert!(!out.contains("CHECK FAILED"), "{out}");
+    assert_eq!(
+        out.matches("already reads order:0042 = state=shipped")
+            .count(),
+        2,
+        "{out}"
+    );
     assert!(out.contains("demo finished"), "{out}");
     // Its data is left for a look, and the engine directory opens cleanly.
     let engine_dir = dir.path().join("demo").join("engine");

@@ -63,6 +63,7 @@ fn converge(primary: &Node, replicas: [&Node; 2]) -> Result<(Vec<Row>, Duration)
 pub(crate) fn run(
     dir: &Path,
     step: &dyn Fn(u32, &str) -> std::io::Result<()>,
+    checks: &mut crate::demo::Checks,
 ) -> Result<(), Error> {
     step(9, "a primary and two replicas on loopback")?;
     let primary = start(dir, "primary", None)?;
@@ -90,8 +91,13 @@ pub(crate) fn run(
         rows.len(),
         took.as_secs_f64() * 1e3
     )?;
-    let err = client(&r1)?.set(b"order:0000", b"x", 0, false).unwrap_err();
-    outln!("   a write sent to a replica is refused: {err}")?;
+    match client(&r1)?.set(b"order:0000", b"x", 0, false) {
+        Err(err) => outln!("   a write sent to a replica is refused: {err}")?,
+        Ok(_) => {
+            checks.check(false, "a replica accepted a client's write");
+            outln!("   a write sent to a replica was accepted: CHECK FAILED")?;
+        }
+    }
 
     step(
         10,
@@ -113,19 +119,29 @@ pub(crate) fn run(
     c.set(created.as_bytes(), b"state=new", 0, false)
         .map_err(remote)?;
     c.delete(deleted.as_bytes()).map_err(remote)?;
-    let mut rc = client(&r2)?;
-    let started = Instant::now();
-    let seen = loop {
-        let v = rc.get(key).map_err(remote)?;
-        if &v.0[..] == b"state=shipped" || started.elapsed() > Duration::from_secs(10) {
-            break v;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
-    outln!(
-        "   window {w} open on partition {p}; replica-2 already reads order:0042 = {}",
-        String::from_utf8_lossy(&seen.0)
-    )?;
+    // Streamed live: each replica reads the window's write before the
+    // REVERT (or 10 s pass). Checked, since a replica that never got the
+    // window would pass the revert's check below.
+    for (name, node) in [("replica-1", &r1), ("replica-2", &r2)] {
+        let mut rc = client(node)?;
+        let started = Instant::now();
+        let seen = loop {
+            let v = rc.get(key).map_err(remote)?;
+            if &v.0[..] == b"state=shipped" || started.elapsed() > Duration::from_secs(10) {
+                break v;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let live = checks.check(
+            &seen.0[..] == b"state=shipped",
+            format!("{name} did not get the window's write before the REVERT"),
+        );
+        outln!(
+            "   window {w} open on partition {p}; {name} already reads order:0042 = {}{}",
+            String::from_utf8_lossy(&seen.0),
+            if live { "" } else { ": CHECK FAILED" }
+        )?;
+    }
     let (id, removed, restored) = c.update_revert(p).map_err(remote)?;
     outln!("   in the window: updated order:0042, created {created}, deleted {deleted}")?;
     outln!("   REVERT of window {id}: {removed} key removed, {restored} keys restored")?;
