@@ -976,19 +976,32 @@ impl CheckpointManager {
             .map(|c| c.checkpoint_id)
             .min()
             .unwrap_or(u64::MAX);
-        let held: usize = self
+        let dropped =
+            |c: &CursorPosition| c.droppable && c.checkpoint_id < bound && c.seqno < lead_seqno;
+        // What the drop frees: the closed checkpoints below every cursor it
+        // keeps. (Before, a droppable cursor kept for having passed the
+        // leader's seqno still held its checkpoint, whose bytes counted as
+        // freed: a stream was dropped for nothing; found by a review.)
+        let kept_bound = self
+            .cursors
+            .values()
+            .filter(|c| !dropped(c))
+            .map(|c| c.checkpoint_id)
+            .min()
+            .unwrap_or(u64::MAX);
+        let freed: usize = self
             .checkpoints
             .iter()
-            .take_while(|c| !c.open && c.id < bound)
+            .take_while(|c| !c.open && c.id < kept_bound)
             .map(|c| c.mem)
             .sum();
-        if held == 0 || held < min_bytes {
+        if freed == 0 || freed < min_bytes {
             return nothing;
         }
         let names: Vec<String> = self
             .cursors
             .iter()
-            .filter(|(_, c)| c.droppable && c.checkpoint_id < bound && c.seqno < lead_seqno)
+            .filter(|(_, c)| dropped(c))
             .map(|(n, _)| n.clone())
             .collect();
         if names.is_empty() {

@@ -653,6 +653,34 @@ fn a_scan_from_a_replaced_manager_is_not_committed_to_its_replacement() {
 }
 
 #[test]
+fn a_stream_is_not_dropped_when_another_stream_still_holds_its_checkpoint() {
+    // "parked" has read all of checkpoint 1 and waits to step into 2, so
+    // it is kept; "behind" alone frees nothing, since "parked" still holds
+    // checkpoint 1. Before, checkpoint 1's bytes counted as freed and
+    // "behind" was dropped for nothing (found by a review).
+    let (mut m, _) = mgr(10);
+    for c in ["lead", "parked", "behind"] {
+        m.register_cursor(c, 0).unwrap();
+    }
+    assert!(m.set_droppable("parked") && m.set_droppable("behind"));
+    m.queue(item("k1", 1));
+    m.queue(item("k2", 2));
+    m.read("parked", 10).unwrap();
+    m.read("behind", 1).unwrap();
+    m.create_checkpoint();
+    m.read("lead", 10).unwrap();
+    let (dropped, freed) = m.drop_cursors_behind("lead", 1);
+    assert!(freed.is_empty());
+    assert!(dropped.is_empty(), "dropped {dropped:?} and freed nothing");
+    assert!(m.has_cursor("behind"));
+    // Once "parked" has moved on, dropping "behind" frees checkpoint 1.
+    m.read("parked", 10).unwrap();
+    let (dropped, freed) = m.drop_cursors_behind("lead", 1);
+    assert_eq!(dropped, vec!["behind".to_string()]);
+    assert!(!freed.is_empty());
+}
+
+#[test]
 fn only_droppable_cursors_behind_the_leader_are_dropped() {
     let (mut m, mem) = mgr(2);
     for c in [
