@@ -118,6 +118,10 @@ impl std::fmt::Debug for PartitionStartHook {
     }
 }
 
+/// The largest body a connection's first frame may have: a HELLO's (its
+/// 4-byte version and a name of at most 65,535 bytes).
+const HELLO_MAX_BODY: usize = 4 + u16::MAX as usize;
+
 /// Rounds smaller than this are followed by the stream's linger.
 pub const LINGER_BELOW: usize = 256 * 1024;
 
@@ -858,7 +862,13 @@ fn serve_connection(
     // writer's patience, below): a peer that stopped reading does not hold
     // a stop for a whole I/O timeout.
     conn.set_write_timeout(Some(CONNECTION_POLL.min(cfg.io_timeout)))?;
-    let mut reader = FrameReader::new(conn.try_clone()?, cfg.max_body);
+    // Until the handshake, no more than a HELLO can carry: a peer that has
+    // not said HELLO can neither take the node's large-frame budget nor,
+    // trickling a large first frame just fast enough, hold its slot past
+    // the handshake's deadline (found by a review: it could for the ~50
+    // minutes a 21 MiB frame takes at 64 KiB per I/O timeout). Raised to
+    // `max_body` once the HELLO is accepted.
+    let mut reader = FrameReader::new(conn.try_clone()?, HELLO_MAX_BODY);
     reader.set_timeout(CONNECTION_POLL)?;
     // A partial frame must make progress (64 KiB) within the I/O timeout: a
     // peer trickling bytes cannot hold a connection slot (and its thread).
@@ -928,6 +938,7 @@ fn serve_connection(
             return Ok(());
         }
     }
+    reader.set_max_body(cfg.max_body);
     let info = serde_json::json!({
         "name": cfg.name,
         "role": if state.replica { "replica" } else { "primary" },

@@ -168,6 +168,50 @@ fn ended_within(s: &mut TcpStream, limit: Duration) -> bool {
     false
 }
 
+/// A first frame larger than a HELLO is refused at its header: a peer
+/// that has not said HELLO cannot trickle a large frame just fast enough to
+/// keep its slot past the handshake's deadline, nor take the node's budget
+/// for large frames meanwhile (found by a review: it held both for as long
+/// as the frame took, 64 KiB per I/O timeout).
+#[test]
+fn a_large_first_frame_is_refused_before_the_handshake() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = NodeConfig::new("127.0.0.1:0");
+    cfg.io_timeout = Duration::from_secs(1);
+    let node = Node::start(Engine::builder(dir.path()).open().unwrap(), cfg).unwrap();
+    let addr = node.local_addr().to_string();
+    let mut raw = TcpStream::connect(&addr).unwrap();
+    // A HELLO header announcing a 4 MiB body (extras 4).
+    let mut header = [0u8; 24];
+    header[0] = 0x80;
+    header[1] = tapkv_replication::message::opcode::HELLO;
+    header[4] = 4;
+    header[8..12].copy_from_slice(&(4u32 << 20).to_be_bytes());
+    raw.write_all(&header).unwrap();
+    let trickle = {
+        let mut raw = raw.try_clone().unwrap();
+        std::thread::spawn(move || {
+            // 64 KiB every 400 ms: within the frame's progress deadline.
+            for _ in 0..64 {
+                if raw.write_all(&[0u8; 64 << 10]).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(400));
+            }
+        })
+    };
+    let mut c = Client::connect(&addr, Duration::from_secs(5)).unwrap();
+    assert_eq!(c.stats().unwrap()["pending_body_bytes"], 0);
+    assert!(
+        ended_within(&mut raw, Duration::from_secs(5)),
+        "a peer without a handshake kept its slot with a large frame"
+    );
+    drop(raw);
+    trickle.join().unwrap();
+    drop(c);
+    common::shutdown(node);
+}
+
 /// A connection that never says HELLO is closed after the I/O timeout; a
 /// frame trickled a byte at a time is cut off once it has gone longer than
 /// the I/O timeout without 64 KiB of progress, however steadily the bytes
