@@ -1008,14 +1008,21 @@ fn unbounded_timeouts_mean_no_limit_not_a_panic() {
         .open()
         .unwrap();
     e.set_replication_gate(std::sync::Arc::new(AllAck));
-    let r = e
-        .set(b"p", "v", WriteOptions::durable(Durability::Persist))
-        .unwrap();
-    assert!(e.stats().unwrap().partitions[usize::from(r.partition)].persisted_seqno >= r.seqno);
-    e.set(b"r", "v", WriteOptions::durable(Durability::Replicate))
-        .unwrap();
-    e.set(b"m", "v", WriteOptions::default()).unwrap();
-    e.flush().unwrap();
-    assert!(e.wait_for_changes(0, Duration::MAX) > 0);
-    e.close().unwrap();
+    // On a thread of its own: the waits have no limit, the test has one.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let r = e
+            .set(b"p", "v", WriteOptions::durable(Durability::Persist))
+            .unwrap();
+        assert!(e.stats().unwrap().partitions[usize::from(r.partition)].persisted_seqno >= r.seqno);
+        e.set(b"r", "v", WriteOptions::durable(Durability::Replicate))
+            .unwrap();
+        e.set(b"m", "v", WriteOptions::default()).unwrap();
+        e.flush().unwrap();
+        assert!(e.wait_for_changes(0, Duration::MAX) > 0);
+        e.close().unwrap();
+        let _ = tx.send(());
+    });
+    rx.recv_timeout(Duration::from_secs(60))
+        .expect("the durable writes with unbounded timeouts to return (a panic is shown above)");
 }

@@ -918,13 +918,9 @@ fn a_threshold_below_half_the_limit_also_expels_read_entries() {
 fn flusher_threads_nap_with_a_tight_timer_slack() {
     // `/proc/TID/timerslack_ns` (Linux 4.6 and later): a thread's id names
     // it like a process's.
-    let slack = |tid: &str| -> u64 {
+    let slack = |tid: &str| -> std::io::Result<u64> {
         let path = format!("/proc/{tid}/timerslack_ns");
-        std::fs::read_to_string(&path)
-            .unwrap_or_else(|e| panic!("{path}: {e}"))
-            .trim()
-            .parse()
-            .unwrap()
+        std::fs::read_to_string(&path).map(|v| v.trim().parse().unwrap())
     };
     let own = std::fs::read_link("/proc/thread-self")
         .unwrap()
@@ -932,21 +928,35 @@ fn flusher_threads_nap_with_a_tight_timer_slack() {
         .unwrap()
         .to_string_lossy()
         .into_owned();
-    let before = slack(&own);
+    let before = slack(&own).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let e = builder(dir.path()).flusher_threads(2).open().unwrap();
     // Reported once each thread has set itself up, slack included.
     assert!(flusher_niceness(&e).iter().all(Option::is_some));
-    let tight = std::fs::read_dir("/proc/self/task")
-        .unwrap()
-        .flatten()
-        .filter(|t| {
-            std::fs::read_to_string(t.path().join("comm"))
-                .is_ok_and(|c| c.starts_with("tapkv-flusher-"))
-        })
-        .filter(|t| slack(&t.file_name().to_string_lossy()) == 1_000)
-        .count();
+    let (mut tight, mut denied) = (0, false);
+    for t in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let flusher = std::fs::read_to_string(t.path().join("comm"))
+            .is_ok_and(|c| c.starts_with("tapkv-flusher-"));
+        if !flusher {
+            continue;
+        }
+        match slack(&t.file_name().to_string_lossy()) {
+            Ok(v) => tight += usize::from(v == 1_000),
+            // Another thread's value needs CAP_SYS_NICE.
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => denied = true,
+            // Another test's flusher that has ended since it was listed.
+            Err(_) => {}
+        }
+    }
+    if denied && tight < 2 {
+        eprintln!("skipped: reading another thread's timer slack needs CAP_SYS_NICE");
+        return;
+    }
     // Other tests' engines may run flushers of their own meanwhile.
     assert!(tight >= 2, "{tight} flusher threads with 1 µs of slack");
-    assert_eq!(slack(&own), before, "the opening thread is unchanged");
+    assert_eq!(
+        slack(&own).unwrap(),
+        before,
+        "the opening thread is unchanged"
+    );
 }

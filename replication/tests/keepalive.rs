@@ -221,10 +221,10 @@ fn a_large_first_frame_is_refused_before_the_handshake() {
 fn silent_handshakes_and_trickled_frames_are_cut_off() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = NodeConfig::new("127.0.0.1:0");
-    // Frames must make 64 KiB of progress per 5 s; clients idle for 1 s are
+    // Frames must make 64 KiB of progress per 5 s; clients idle for 3 s are
     // closed.
     cfg.io_timeout = Duration::from_secs(5);
-    cfg.idle_timeout = Duration::from_secs(1);
+    cfg.idle_timeout = Duration::from_secs(3);
     let node = Node::start(Engine::builder(dir.path()).open().unwrap(), cfg).unwrap();
     let addr = node.local_addr().to_string();
 
@@ -265,9 +265,10 @@ fn silent_handshakes_and_trickled_frames_are_cut_off() {
     writer.join().unwrap();
 
     // A large frame over a slow link that keeps making progress (64 KiB
-    // every 200 ms, about 1.2 s for the frame: longer than the 1 s idle
-    // timeout, with 4.8 s of slack on the 5 s frame deadline for each
-    // chunk, so a loaded machine does not fail it) is not cut off.
+    // every 700 ms, about 4.2 s for the frame: longer than the 3 s idle
+    // timeout, which counts polls that read nothing even inside a frame,
+    // so a loaded machine has 2.3 s of slack between chunks, and 4.3 s on
+    // the 5 s frame deadline) is not cut off.
     let slow = Client::connect(&addr, Duration::from_secs(10)).unwrap();
     let big = vec![b'v'; 384 << 10];
     let mut frame = BytesMut::new();
@@ -285,14 +286,14 @@ fn silent_handshakes_and_trickled_frames_are_cut_off() {
     raw.write_all(&hello_frame).unwrap();
     for chunk in frame.chunks(64 << 10) {
         raw.write_all(chunk).unwrap();
-        std::thread::sleep(Duration::from_millis(200));
+        std::thread::sleep(Duration::from_millis(700));
     }
     raw.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let hello_reply = tapkv_replication::protocol::read_frame(&mut raw, 1 << 20).unwrap();
     assert_eq!(hello_reply.status(), 0);
     let reply = tapkv_replication::protocol::read_frame(&mut raw, 1 << 20).unwrap();
     assert_eq!(reply.status(), 0, "{reply:?}");
-    // (A new client: the first one sat idle past the 1 s idle timeout.)
+    // (A new client: the first one sat idle past the 3 s idle timeout.)
     let mut check = Client::connect(&addr, Duration::from_secs(10)).unwrap();
     assert_eq!(check.get(b"big").unwrap().0.len(), big.len());
     common::shutdown(node);

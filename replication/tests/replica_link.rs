@@ -465,7 +465,10 @@ fn a_joining_stream_counts_for_no_partition_until_it_has_started_them_all() {
         }
     };
     let (pdir, rdir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let primary = primary_with(pdir.path(), Some(Duration::from_secs(1)), |c| {
+    // A timeout a loaded machine cannot reach for a write it must carry
+    // (disk sync, replica round trip), and below the hook's 30 s hold, so
+    // a joining stream counted for partition 0 still times the write out.
+    let primary = primary_with(pdir.path(), Some(Duration::from_secs(20)), |c| {
         c.before_partition_start =
             Some(tapkv_replication::node::PartitionStartHook(Arc::new(hook)));
     });
@@ -1079,7 +1082,6 @@ fn after_an_unclean_primary_restart_a_replica_resets_every_branched_partition_in
     let rdir = tempfile::tempdir().unwrap();
     let open_primary = || Engine::builder(pdir.path()).partitions(8).open().unwrap();
     let primary = Node::start(open_primary(), NodeConfig::new("127.0.0.1:0")).unwrap();
-    let addr = primary.local_addr().to_string();
     write_keys(&primary, "k", 200);
     let replica = replica_of(&primary, rdir.path(), 8, "r", |_| {});
     wait_until(
@@ -1095,7 +1097,9 @@ fn after_an_unclean_primary_restart_a_replica_resets_every_branched_partition_in
     let uuids: Vec<u64> = (0..8)
         .map(|i| p.failover_log(i).unwrap().last().unwrap().uuid)
         .collect();
-    let primary = Node::start(p, NodeConfig::new(&addr)).unwrap();
+    // On a new port: the replica starts after it, so it needs no old one.
+    let primary = Node::start(p, NodeConfig::new("127.0.0.1:0")).unwrap();
+    let addr = primary.local_addr().to_string();
     let replica = Node::start(
         Engine::builder(rdir.path())
             .replica(true)

@@ -1282,21 +1282,16 @@ fn a_write_that_times_out_names_the_node_and_may_have_been_applied() {
     assert!(ok && out == "v\n", "{out}{err}");
 }
 
-/// A node over `dir` that serves one connection at a time.
-fn one_connection_node(dir: &std::path::Path) -> tapkv_tests::NodeProc {
-    tapkv_tests::NodeProc::start(
-        dir,
+#[test]
+fn a_busy_node_is_reported_busy_not_out_of_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = tapkv_tests::NodeProc::start(
+        dir.path(),
         "127.0.0.1:0",
         None,
         "one-conn",
         &["--max-connections", "1"],
-    )
-}
-
-#[test]
-fn a_busy_node_is_reported_busy_not_out_of_memory() {
-    let dir = tempfile::tempdir().unwrap();
-    let node = one_connection_node(dir.path());
+    );
     // The one connection it serves.
     let _held = node.client();
     let (code, err) = tapkv_tests::run_status(&["kv", "get", "--addr", &node.addr, "k"], T);
@@ -1323,7 +1318,24 @@ fn kv_set_over_the_network_reads_its_value_before_it_connects() {
     // Before, `kv set --addr ... --value-file -` connected first and held
     // one of the node's connections while standard input trickled in.
     let dir = tempfile::tempdir().unwrap();
-    let node = one_connection_node(dir.path());
+    // Two connections: the test holds one, to watch the other.
+    let node = tapkv_tests::NodeProc::start(
+        dir.path(),
+        "127.0.0.1:0",
+        None,
+        "two-conn",
+        &["--max-connections", "2"],
+    );
+    let mut watch = node.client();
+    // Until the node has freed the other slot (a closed connection is
+    // noticed by its thread, not at once).
+    let mut other_slot_free = || {
+        let deadline = std::time::Instant::now() + T;
+        while watch.stats().unwrap()["curr_connections"] != 1 {
+            assert!(std::time::Instant::now() < deadline, "a slot stayed taken");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
     let (mut set, mut stdin) = tapkv_tests::Proc::spawn_piped(&[
         "kv",
         "set",
@@ -1335,13 +1347,15 @@ fn kv_set_over_the_network_reads_its_value_before_it_connects() {
     ]);
     stdin.write_all(b"first half, ").unwrap();
     stdin.flush().unwrap();
-    // The node's one connection is free while the value is being read.
+    // The node's other connection is free while the value is being read.
     let (code, err) = tapkv_tests::run_status(&["kv", "get", "--addr", &node.addr, "slow"], T);
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("not found"), "{err}");
+    other_slot_free();
     stdin.write_all(b"second half").unwrap();
     drop(stdin);
     assert!(set.wait_success(T));
+    other_slot_free();
     let (ok, out, err) = run(&["kv", "get", "--addr", &node.addr, "slow"], "", T);
     assert!(ok && out == "first half, second half\n", "{out}{err}");
 }
@@ -1599,11 +1613,15 @@ fn a_node_listening_everywhere_refuses_a_non_loopback_address_of_its_own() {
     if ip.is_loopback() || ip.is_unspecified() {
         return;
     }
-    let port = std::net::TcpListener::bind("0.0.0.0:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    // A port outside the ephemeral range (no connection is given it while
+    // the node is being started), free on every address.
+    let port = loop {
+        let addr = tapkv_tests::restartable_addr();
+        let port: u16 = addr.rsplit_once(':').unwrap().1.parse().unwrap();
+        if std::net::TcpListener::bind(("0.0.0.0", port)).is_ok() {
+            break port;
+        }
+    };
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("replica");
     let (code, _, err) = tapkv_tests::run_with_status(
