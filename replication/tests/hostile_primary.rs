@@ -187,6 +187,17 @@ fn a_pause_after_a_slow_steady_stream_is_not_taken_for_silence() {
         assert!(shutdown_within(node, Duration::from_secs(10)).is_some());
         return;
     }
+    // From here on the fake primary keeps beating, so the session cannot
+    // go silent while it is looked at (the pause itself is what was tested).
+    let beating = Arc::new(AtomicBool::new(true));
+    let beater = {
+        let beating = Arc::clone(&beating);
+        std::thread::spawn(move || {
+            while beating.load(Ordering::Relaxed) && writer.send(&noop).is_ok() {
+                std::thread::sleep(Duration::from_millis(30));
+            }
+        })
+    };
     let mut conn = conn;
     conn.set_read_timeout(Some(Duration::from_millis(100)))
         .unwrap();
@@ -208,6 +219,8 @@ fn a_pause_after_a_slow_steady_stream_is_not_taken_for_silence() {
     .unwrap();
     let stats = c.stats().unwrap();
     let error = stats["link_error"].as_str().unwrap_or_default();
+    beating.store(false, Ordering::Relaxed);
+    beater.join().unwrap();
     assert!(error.is_empty(), "link error: {error}");
     drop(c);
     assert!(shutdown_within(node, Duration::from_secs(10)).is_some());
