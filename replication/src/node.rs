@@ -590,9 +590,17 @@ impl Node {
             let _g = state.acks.lock.lock();
             state.acks.cv.notify_all();
         }
-        // Wake the accept loop.
-        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+        // Wake the accept loop, until it has ended: one connect can fail
+        // (a process out of descriptors, which the stopping connections
+        // free within a poll) and leave it in `accept` for good (found by
+        // a review).
         if let Some(h) = self.accept.take() {
+            while !h.is_finished() {
+                let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+                if !h.is_finished() {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
             let _ = h.join();
         }
         let threads: Vec<_> = state.threads.lock().drain(..).collect();
@@ -775,7 +783,14 @@ fn next_request(
                 | ProtocolError::Busy { .. }),
             ) => {
                 let mut req = Frame::request(0, 0);
-                if let Some((op, opaque)) = reader.pending_header() {
+                // A frame with a bad magic byte has no header to echo: its
+                // bytes are not an opcode and an opaque (before, they were
+                // echoed, and a client took the refusal for another
+                // request's answer; found by a review).
+                if let (Some((op, opaque)), false) = (
+                    reader.pending_header(),
+                    matches!(e, ProtocolError::BadMagic(_)),
+                ) {
                     req.opcode = op;
                     req.opaque = opaque;
                 }
@@ -1013,6 +1028,16 @@ fn may_block(f: &Frame) -> bool {
 }
 
 fn check_partition(state: &NodeState, f: &Frame) -> Result<(), Frame> {
+    // An empty key belongs to no partition: refused as the engine refuses
+    // it, whatever partition the request names (before, any but 0 was told
+    // the key belonged to partition 0; found by a review).
+    if f.key.is_empty() {
+        return Err(status_response(
+            f,
+            status::INVALID_ARGUMENTS,
+            "the key is empty",
+        ));
+    }
     let p = state.engine.partition_of(&f.key);
     if f.partition() != p {
         return Err(status_response(

@@ -89,7 +89,34 @@ fn malformed_frames_get_errors_and_the_node_keeps_serving() {
     s.write_all(&[0x42; 24]).unwrap();
     let r = read_frame(&mut s, 1 << 20).unwrap();
     assert_eq!(r.status(), status::INVALID_ARGUMENTS);
+    // No header to echo: the bytes are not an opcode and an opaque (before,
+    // 0x42 and 0x42424242 were echoed).
+    assert_eq!((r.opcode, r.opaque), (0, 0));
     assert!(closed(&mut s));
+
+    // An empty key is invalid whatever partition the request names
+    // (before, any but 0 was told the key belonged to partition 0).
+    let mut s = raw(&node.addr);
+    handshake(&mut s);
+    for (i, f) in [
+        Frame::request(opcode::GET, 1),
+        Frame::request(opcode::SET, 1).with_extras(vec![0; 8]),
+        Frame::request(opcode::DELETE, 3),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut f = f;
+        f.opaque = 100 + i as u32;
+        s.write_all(&f.to_bytes()).unwrap();
+        let r = read_frame(&mut s, 1 << 20).unwrap();
+        assert_eq!(r.opaque, f.opaque);
+        assert_eq!(r.status(), status::INVALID_ARGUMENTS, "{f:?}");
+        assert!(
+            r.value.starts_with(b"invalid_argument: the key is empty"),
+            "{r:?}"
+        );
+    }
 
     // A header advertising a 4 GiB body: refused without waiting for it.
     let mut s = raw(&node.addr);
