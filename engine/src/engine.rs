@@ -321,6 +321,9 @@ pub(crate) struct Shared {
     /// Per partition: the staging column family may hold entries of it (a
     /// snapshot was spilled and not yet cleared).
     pub(crate) staged: Vec<AtomicBool>,
+    /// Per partition: a `SnapshotBuffer` of it is open (one at a time: the
+    /// staging column family keys its entries by partition and seqno only).
+    pub(crate) snapshot_open: Vec<AtomicBool>,
 }
 
 impl Shared {
@@ -817,6 +820,9 @@ impl Engine {
             pager_scanned: AtomicU64::new(0),
             pager_offset: AtomicUsize::new(0),
             staged: (0..config.partitions)
+                .map(|_| AtomicBool::new(false))
+                .collect(),
+            snapshot_open: (0..config.partitions)
                 .map(|_| AtomicBool::new(false))
                 .collect(),
             config,

@@ -12,7 +12,7 @@
 //! partition's size.
 
 use crate::engine::{Engine, Shared};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::item::{PartitionId, QueuedItem};
 use crate::sync::Ordering;
 
@@ -30,11 +30,25 @@ pub struct SnapshotBuffer<'e> {
 
 impl Engine {
     /// A new, empty buffer for a disk snapshot of partition `p` (anything
-    /// staged earlier for `p` is discarded).
+    /// staged earlier for `p` is discarded). One per partition at a time:
+    /// while one is open, another is refused with `WrongState` (their
+    /// spilled entries would share the staging column family's keys, and
+    /// each would clear or apply the other's; before, a second one wiped
+    /// the first's spilled entries and the first still applied as whole;
+    /// found by a review).
     pub fn snapshot_buffer(&self, p: PartitionId) -> Result<SnapshotBuffer<'_>> {
         let s = self.live()?;
         s.partition(p)?;
-        clear_staged(s, p)?;
+        let open = &s.snapshot_open[usize::from(p)];
+        if open.swap(true, Ordering::AcqRel) {
+            return Err(Error::WrongState(format!(
+                "a snapshot buffer of partition {p} is open already"
+            )));
+        }
+        if let Err(e) = clear_staged(s, p) {
+            open.store(false, Ordering::Release);
+            return Err(e);
+        }
         Ok(SnapshotBuffer {
             engine: self,
             partition: p,
@@ -126,16 +140,17 @@ impl SnapshotBuffer<'_> {
 
 impl Drop for SnapshotBuffer<'_> {
     fn drop(&mut self) {
-        if self.staged == 0 {
+        let Ok(s) = self.engine.live() else {
             return;
-        }
-        if let Ok(s) = self.engine.live() {
+        };
+        if self.staged > 0 {
             if let Err(e) = clear_staged(s, self.partition) {
                 // Harmless: the next buffer of this partition, or the next
                 // open, clears it.
                 tracing::warn!(partition = self.partition, error = %e, "could not clear a staged snapshot");
             }
         }
+        s.snapshot_open[usize::from(self.partition)].store(false, Ordering::Release);
     }
 }
 

@@ -1345,3 +1345,39 @@ fn a_primarys_engine_refuses_a_replicas_steps() {
     );
     e.close().unwrap();
 }
+
+#[test]
+fn one_snapshot_buffer_per_partition_is_open_at_a_time() {
+    // Spilled entries are keyed by partition and seqno only. Before, a
+    // second buffer of a partition wiped the first's spilled entries, and
+    // the first then applied what was left as if whole.
+    let dir = tempfile::tempdir().unwrap();
+    let e = builder(dir.path())
+        .replica(true)
+        .snapshot_buffer_limit(1024)
+        .open()
+        .unwrap();
+    let mut a = e.snapshot_buffer(1).unwrap();
+    for seqno in 1..=300 {
+        a.push(entry(QueueOp::Mutation, &format!("k{seqno}"), seqno))
+            .unwrap();
+    }
+    assert!(a.staged_items() > 0, "the buffer spilled");
+    assert!(matches!(
+        e.snapshot_buffer(1),
+        Err(tapkv_engine::Error::WrongState(_))
+    ));
+    // Another partition's is independent.
+    drop(e.snapshot_buffer(2).unwrap());
+    let mut seen = 0;
+    assert!(a
+        .apply(|_| {
+            seen += 1;
+            Ok(true)
+        })
+        .unwrap());
+    assert_eq!(seen, 300);
+    // Once it is gone, the partition takes a new one.
+    drop(e.snapshot_buffer(1).unwrap());
+    e.close().unwrap();
+}
