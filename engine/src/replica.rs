@@ -418,6 +418,18 @@ impl Engine {
     /// branch), durably.
     pub fn set_failover_log(&self, p: PartitionId, log: Vec<FailoverEntry>) -> Result<()> {
         let s = self.live()?;
+        // A primary's log is its own history: replaced, it would let a
+        // replica of another branch resume as if it matched (found by a
+        // review, as the other replica steps refused on a primary).
+        refuse_on_primary(s, "replacing the failover log")?;
+        // Never empty (`failover_log`), and bounded as the open bounds it.
+        if log.is_empty() || log.len() > s.config.max_failover_entries {
+            return Err(Error::InvalidArgument(format!(
+                "a failover log holds 1 to {} entries (max_failover_entries), got {}",
+                s.config.max_failover_entries,
+                log.len()
+            )));
+        }
         // The open checks the persisted log.
         for e in &log {
             check_stream_number("failover log seqno", e.seqno)?;

@@ -521,6 +521,15 @@ fn a_replicated_rev_seqno_out_of_range_is_refused() {
         r.set_failover_log(p, vec![entry(0), entry(u64::MAX - 1)]),
         Err(Error::InvalidArgument(_))
     ));
+    // Never empty, and bounded as the open bounds it (before, both taken).
+    assert!(matches!(
+        r.set_failover_log(p, vec![]),
+        Err(Error::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        r.set_failover_log(p, vec![entry(0); 26]),
+        Err(Error::InvalidArgument(_))
+    ));
     r.set_failover_log(p, vec![entry(0)]).unwrap();
     r.close().unwrap();
     builder(dir.path()).replica(true).open().unwrap();

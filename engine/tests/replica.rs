@@ -1333,6 +1333,12 @@ fn a_primarys_engine_refuses_a_replicas_steps() {
     assert!(wrong(e.replica_checkpoint(1, 10_000)));
     assert!(wrong(e.replica_checkpoint_end(1, 10_000)));
     assert!(wrong(e.reset_partition(1)));
+    let log = e.failover_log(1).unwrap();
+    assert!(wrong(e.set_failover_log(
+        1,
+        vec![tapkv_engine::FailoverEntry { uuid: 7, seqno: 0 }]
+    )));
+    assert_eq!(e.failover_log(1).unwrap(), log);
     assert!(matches!(
         e.get(k.as_bytes()),
         Err(tapkv_engine::Error::NotFound)
