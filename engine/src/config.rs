@@ -54,11 +54,13 @@ pub struct EngineConfig {
     /// Pause of a busy flusher between rounds, so that writes queue up into
     /// larger batches (default 2 ms). `Persist` writes and `flush()` wake it
     /// at once; this bounds how long a `Memory` write waits to reach disk.
+    /// At most 60 s (a longer one is refused at open).
     pub flush_interval: Duration,
     /// Consecutive failed flush attempts tolerated before the engine is
     /// poisoned (default 5).
     pub flush_retry_limit: u32,
-    /// Pause between flush attempts after a failure (default 20 ms).
+    /// Pause between flush attempts after a failure (default 20 ms; at most
+    /// 60 s, a longer one is refused at open).
     pub flush_retry_backoff: Duration,
     /// Bytes an online-update window may hold per partition: its queued
     /// entries plus the pre-window keys and values it keeps to revert (a
@@ -94,7 +96,7 @@ pub struct EngineConfig {
     /// Longest value in bytes (default 20 MiB).
     pub max_value_size: usize,
     /// How long a `Persist` write or `flush()` waits for the disk (default 30 s;
-    /// `Duration::MAX` waits without a limit).
+    /// `Duration::MAX` waits without a limit; zero is refused at open).
     pub persist_timeout: Duration,
     /// Group commit: when a flush round starts with two or more `Persist`
     /// writers waiting, it waits up to this long, while more keep arriving,
@@ -102,7 +104,7 @@ pub struct EngineConfig {
     /// A lone `Persist` writer never waits for it.
     pub group_commit_wait: Duration,
     /// How long a `Replicate` write waits for a majority of replicas (default 5 s;
-    /// `Duration::MAX` waits without a limit).
+    /// `Duration::MAX` waits without a limit; zero is refused at open).
     pub replicate_timeout: Duration,
     /// Failover-log entries a partition keeps, the newest (default 25, at
     /// least 1; as Couchbase's `max_failover_entries`): each unclean
@@ -233,7 +235,7 @@ impl EngineBuilder {
         self
     }
 
-    /// Busy flusher's pause between rounds; default 2 ms.
+    /// Busy flusher's pause between rounds; default 2 ms, at most 60 s.
     pub fn flush_interval(mut self, d: Duration) -> Self {
         self.config.flush_interval = d;
         self
@@ -252,7 +254,7 @@ impl EngineBuilder {
         self
     }
 
-    /// Pause after a failed flush before the retry; default 20 ms.
+    /// Pause after a failed flush before the retry; default 20 ms, at most 60 s.
     pub fn flush_retry_backoff(mut self, d: Duration) -> Self {
         self.config.flush_retry_backoff = d;
         self

@@ -1582,6 +1582,9 @@ fn load_items(store: &Store, config: &EngineConfig, highs: &[u64]) -> Result<Loa
 /// and a stream frame's body stay well inside their 32-bit fields.
 const MAX_VALUE_SIZE_CAP: usize = 1 << 30;
 
+/// The longest `flush_interval` and `flush_retry_backoff` (60 s).
+const MAX_FLUSHER_PAUSE: Duration = Duration::from_secs(60);
+
 /// Flusher threads at most the partitions: `from_disk` when the count is
 /// the directory's own (the builder gave none), which the message says.
 fn check_flusher_threads(c: &EngineConfig, from_disk: bool) -> Result<()> {
@@ -1681,6 +1684,29 @@ fn validate(c: &EngineConfig) -> Result<()> {
     }
     if c.flush_batch_max_items == 0 {
         return bad("flush_batch_max_items must be at least 1".into());
+    }
+    // The flusher's pauses: it sleeps them whole (a longer one stopped
+    // persistence, the pager and the expiry pass, and a close waited it
+    // out; found by a review).
+    for (name, d) in [
+        ("flush_interval", c.flush_interval),
+        ("flush_retry_backoff", c.flush_retry_backoff),
+    ] {
+        if d > MAX_FLUSHER_PAUSE {
+            return bad(format!(
+                "{name} must be at most {MAX_FLUSHER_PAUSE:?}, got {d:?}"
+            ));
+        }
+    }
+    // A zero wait reports every durable write as timed out, though it is
+    // made (`Duration::MAX` waits without a limit).
+    for (name, d) in [
+        ("persist_timeout", c.persist_timeout),
+        ("replicate_timeout", c.replicate_timeout),
+    ] {
+        if d.is_zero() {
+            return bad(format!("{name} must be more than zero"));
+        }
     }
     if !(0..=19).contains(&c.flusher_nice) {
         return bad(format!(

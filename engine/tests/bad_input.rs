@@ -1035,3 +1035,39 @@ fn unbounded_timeouts_mean_no_limit_not_a_panic() {
     rx.recv_timeout(Duration::from_secs(60))
         .expect("the durable writes with unbounded timeouts to return (a panic is shown above)");
 }
+
+#[test]
+fn flusher_pauses_past_a_minute_and_zero_timeouts_are_refused_at_open() {
+    // Before, a flush_retry_backoff of Duration::MAX stopped persistence
+    // after one failed flush and hung the close; a zero persist_timeout
+    // reported every durable write as timed out though it was made.
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let refused = |b: tapkv_engine::EngineBuilder, what: &str| match b.open() {
+        Err(Error::InvalidArgument(m)) => assert!(m.contains(what), "{m}"),
+        other => panic!("{what}: {:?}", other.map(|_| ())),
+    };
+    refused(
+        builder(dir.path()).flush_retry_backoff(Duration::MAX),
+        "flush_retry_backoff",
+    );
+    refused(
+        builder(dir.path()).flush_interval(Duration::from_secs(3600)),
+        "flush_interval",
+    );
+    refused(
+        builder(dir.path()).persist_timeout(Duration::ZERO),
+        "persist_timeout",
+    );
+    refused(
+        builder(dir.path()).replicate_timeout(Duration::ZERO),
+        "replicate_timeout",
+    );
+    builder(dir.path())
+        .flush_retry_backoff(Duration::from_secs(60))
+        .flush_interval(Duration::from_secs(60))
+        .open()
+        .unwrap()
+        .close()
+        .unwrap();
+}
