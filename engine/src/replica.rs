@@ -754,9 +754,15 @@ impl Engine {
         let s = self.live()?;
         refuse_on_primary(s, "following a primary's checkpoint")?;
         let part = s.partition(p)?;
-        // Under the partition's lock, as every entry's gap is noted.
-        let _w = part.lock();
-        part.history_gap.store(false, Ordering::Release);
+        // Under the partition's lock, as every entry's gap is noted. Only
+        // the END of the checkpoint the stream is in fills its gaps: another
+        // id (0, a stale one) leaves them (before, any id cleared them, and
+        // an unclean primary restart was then resumed over a hole; found
+        // by a review).
+        let w = part.lock();
+        if id == w.primary_checkpoint {
+            part.history_gap.store(false, Ordering::Release);
+        }
         Ok(())
     }
 

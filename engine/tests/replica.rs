@@ -1387,3 +1387,25 @@ fn one_snapshot_buffer_per_partition_is_open_at_a_time() {
     drop(e.snapshot_buffer(1).unwrap());
     e.close().unwrap();
 }
+
+#[test]
+fn only_the_end_of_the_checkpoint_the_stream_is_in_fills_its_gaps() {
+    // Before, any id (0, a stale one) cleared the replica's note of a seqno
+    // gap, and an unclean primary restart was then resumed over the hole.
+    let dir = tempfile::tempdir().unwrap();
+    let r = builder(dir.path()).replica(true).open().unwrap();
+    let (a, b) = (key_in(&r, 1, 0), key_in(&r, 1, 1));
+    r.replica_checkpoint(1, 5).unwrap();
+    r.apply_replicated(1, &entry(QueueOp::Mutation, &a, 1))
+        .unwrap();
+    r.apply_replicated(1, &entry(QueueOp::Mutation, &b, 3))
+        .unwrap();
+    assert!(r.replica_history_may_have_gaps(1).unwrap());
+    for other in [0, 4, 6] {
+        r.replica_checkpoint_end(1, other).unwrap();
+        assert!(r.replica_history_may_have_gaps(1).unwrap(), "END {other}");
+    }
+    r.replica_checkpoint_end(1, 5).unwrap();
+    assert!(!r.replica_history_may_have_gaps(1).unwrap());
+    r.close().unwrap();
+}
