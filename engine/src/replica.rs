@@ -357,6 +357,18 @@ impl crate::engine::Shared {
                 key.len()
             )));
         }
+        // This replica's own key limit: past it its own reads would refuse
+        // what it stored (before, it was stored; found by a review). A
+        // replica is opened with a key limit at least its primary's. (Its
+        // value limit is for writes made to it: a value its primary took
+        // is applied whatever its size, and read back like any other; the
+        // checkpoint and window memory limits still hold it.)
+        if key.len() > self.config.max_key_size {
+            return Err(Error::KeyTooLarge {
+                len: key.len(),
+                max: self.config.max_key_size,
+            });
+        }
         Ok(())
     }
 

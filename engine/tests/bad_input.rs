@@ -1071,3 +1071,42 @@ fn flusher_pauses_past_a_minute_and_zero_timeouts_are_refused_at_open() {
         .close()
         .unwrap();
 }
+
+#[test]
+fn a_replicated_key_over_the_replicas_own_limit_is_refused() {
+    // Before, it was stored, and the replica's own get, evict and delete
+    // then refused its key. (A value over the replica's own write limit is
+    // applied, and read back.)
+    let dir = tempfile::tempdir().unwrap();
+    let r = builder(dir.path())
+        .replica(true)
+        .max_key_size(8)
+        .max_value_size(16)
+        .open()
+        .unwrap();
+    let meta = |by_seqno| tapkv_engine::ItemMeta {
+        by_seqno,
+        cas: by_seqno,
+        rev_seqno: 1,
+        ..Default::default()
+    };
+    let in_p0 = |len: usize| {
+        (0..)
+            .map(|i| format!("{i:0>len$}").into_bytes())
+            .find(|k| r.partition_of(k) == 0)
+            .unwrap()
+    };
+    let long_key = in_p0(100);
+    let item = |key: &[u8], value: &[u8], seqno| {
+        tapkv_engine::QueuedItem::new(tapkv_engine::QueueOp::Mutation, key, value, meta(seqno))
+    };
+    assert!(matches!(
+        r.apply_replicated(0, &item(&long_key, b"v", 1)),
+        Err(Error::KeyTooLarge { len: 100, max: 8 })
+    ));
+    assert_eq!(r.high_seqno(0).unwrap(), 0, "nothing applied");
+    let key = in_p0(4);
+    r.apply_replicated(0, &item(&key, &[7; 4096], 1)).unwrap();
+    assert_eq!(r.get(&key).unwrap().value(), &[7; 4096][..]);
+    r.close().unwrap();
+}

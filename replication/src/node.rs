@@ -2191,6 +2191,16 @@ fn apply_run(
             // what the partition holds. Emptying it would turn a passing
             // disk error into a full resynchronisation.
             Err(e) if e.is_own_fault() => return Err(e),
+            // A key over this replica's own limit: its configuration, not
+            // the partition, is at fault (a resync would meet the key
+            // again), so the session ends, keeping the data, and the link
+            // reports why.
+            Err(e @ Error::KeyTooLarge { .. }) => {
+                return Err(Error::WrongState(format!(
+                    "the primary sent a key over this replica's own limit ({e}): start the \
+                     replica with --max-key-size at least its primary's"
+                )));
+            }
             // Input this partition cannot take consistently (a seqno not
             // above its high seqno, an id out of range, a window it does
             // not hold): resynchronise it.
