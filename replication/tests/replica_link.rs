@@ -1134,3 +1134,61 @@ fn after_an_unclean_primary_restart_a_replica_resets_every_branched_partition_in
     common::shutdown(replica);
     common::shutdown(primary);
 }
+
+#[test]
+fn a_key_over_the_replicas_own_limit_is_reported_not_resynchronised() {
+    // A resync would meet the key again: the link ends the session, keeping
+    // the data, and says why.
+    let (pdir, rdir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let primary = primary_of(pdir.path());
+    let p = primary.engine().unwrap();
+    p.set(b"short", b"v", WriteOptions::default()).unwrap();
+    let mut cfg = NodeConfig::new("127.0.0.1:0");
+    cfg.replica_of = Some(primary.local_addr().to_string());
+    let replica = Node::start(
+        Engine::builder(rdir.path())
+            .replica(true)
+            .partitions(2)
+            .max_key_size(8)
+            .open()
+            .unwrap(),
+        cfg,
+    )
+    .unwrap();
+    let r = replica.engine().unwrap();
+    wait_until(
+        "the replica to hold the short key",
+        Duration::from_secs(20),
+        || r.get(b"short").is_ok(),
+    );
+    p.set(b"a-key-of-twenty-byte", b"v", WriteOptions::default())
+        .unwrap();
+    let mut c = Client::connect(&replica.local_addr().to_string(), Duration::from_secs(5)).unwrap();
+    let mut error = String::new();
+    wait_until(
+        "the replica to report the key",
+        Duration::from_secs(20),
+        || {
+            error = c.stats().unwrap()["link_error"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            !error.is_empty()
+        },
+    );
+    assert!(error.contains("--max-key-size"), "{error}");
+    assert_eq!(r.get(b"short").unwrap().value(), b"v", "the data is kept");
+    assert_eq!(
+        r.stats()
+            .unwrap()
+            .partitions
+            .iter()
+            .map(|p| p.resets)
+            .sum::<u64>(),
+        0,
+        "no partition was reset"
+    );
+    drop(c);
+    common::shutdown(replica);
+    common::shutdown(primary);
+}
