@@ -35,6 +35,25 @@ fn replica_of(
     .unwrap()
 }
 
+/// The error `replica` reports for its link (its `link_error` stat), once
+/// it reports one (at most 20 s).
+fn reported_link_error(replica: &Node) -> String {
+    let mut c = Client::connect(&replica.local_addr().to_string(), Duration::from_secs(5)).unwrap();
+    let mut error = String::new();
+    wait_until(
+        "the replica to report its link error",
+        Duration::from_secs(20),
+        || {
+            error = c.stats().unwrap()["link_error"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            !error.is_empty()
+        },
+    );
+    error
+}
+
 /// Writes `{prefix}0..n` with value `v` to `node`'s engine.
 fn write_keys(node: &Node, prefix: &str, n: usize) {
     let e = node.engine().unwrap();
@@ -86,19 +105,7 @@ fn a_replica_with_another_partition_count_refuses_to_replicate() {
     let replica = replica_of(&primary, rdir.path(), 4, "tapkv", |_| {});
 
     // The replica says why it does not replicate.
-    let mut c = Client::connect(&replica.local_addr().to_string(), Duration::from_secs(5)).unwrap();
-    let mut error = String::new();
-    wait_until(
-        "the replica to report its link error",
-        Duration::from_secs(10),
-        || {
-            error = c.stats().unwrap()["link_error"]
-                .as_str()
-                .unwrap_or_default()
-                .to_owned();
-            !error.is_empty()
-        },
-    );
+    let error = reported_link_error(&replica);
     assert!(
         error.contains("8 partitions") && error.contains("this replica 4"),
         "{error}"
@@ -1163,19 +1170,7 @@ fn a_key_over_the_replicas_own_limit_is_reported_not_resynchronised() {
     );
     p.set(b"a-key-of-twenty-byte", b"v", WriteOptions::default())
         .unwrap();
-    let mut c = Client::connect(&replica.local_addr().to_string(), Duration::from_secs(5)).unwrap();
-    let mut error = String::new();
-    wait_until(
-        "the replica to report the key",
-        Duration::from_secs(20),
-        || {
-            error = c.stats().unwrap()["link_error"]
-                .as_str()
-                .unwrap_or_default()
-                .to_owned();
-            !error.is_empty()
-        },
-    );
+    let error = reported_link_error(&replica);
     assert!(error.contains("--max-key-size"), "{error}");
     assert_eq!(r.get(b"short").unwrap().value(), b"v", "the data is kept");
     assert_eq!(
@@ -1188,7 +1183,6 @@ fn a_key_over_the_replicas_own_limit_is_reported_not_resynchronised() {
         0,
         "no partition was reset"
     );
-    drop(c);
     common::shutdown(replica);
     common::shutdown(primary);
 }
