@@ -296,13 +296,16 @@ impl Value {
         if let Some(len) = self.size.filter(|&len| len > max) {
             return Err(Error::ValueTooLarge { len, max });
         }
-        if self.read_upto(max)? && self.bytes.len() <= max {
+        // Whole means at most `max` bytes were read; a value given as an
+        // argument is whole at once, and its length checked where it is
+        // written, as before.
+        if self.read_upto(max)? {
             return Ok(self.bytes);
         }
-        let what = match &self.rest {
-            Some((_, what)) => what.as_str(),
-            None => "the argument",
-        };
+        let what = self
+            .rest
+            .as_ref()
+            .map_or("VALUE", |(_, what)| what.as_str());
         Err(Error::InvalidArgument(format!(
             "the value in {what} is longer than the maximum value size of {max} bytes \
              (reading stopped there)"
