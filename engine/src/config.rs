@@ -22,7 +22,8 @@ pub struct EngineConfig {
     /// turns it off: an explicit count that differs from the directory's is
     /// then refused as `Incompatible`.
     pub partitions_from_disk: bool,
-    /// Per-checkpoint limits (default 2,000 items or 32 MiB).
+    /// Per-checkpoint limits (default 2,000 items or 32 MiB; each at least 1,
+    /// zero is refused at open).
     pub checkpoint: CheckpointConfig,
     /// Bound on the memory held by all checkpoints together (default 512 MiB).
     /// Past it, writes fail with `TempOutOfMemory` until the flusher frees some.
@@ -113,7 +114,7 @@ pub struct EngineConfig {
     /// list of online-update windows lost to crashes keeps as many.
     pub max_failover_entries: usize,
     /// Seqnos and checkpoint ids reserved on disk at a time, so numbers are
-    /// never reused after a crash (default 1,000,000 seqnos, at most 2^40;
+    /// never reused after a crash (default 1,000,000 seqnos, 1 to 2^40;
     /// ids use 1/1000).
     pub seqno_reservation: u64,
     /// Bytes of a disk snapshot (a backfill from a primary) a replica holds
@@ -330,6 +331,14 @@ impl EngineBuilder {
     /// [`EngineConfig::max_failover_entries`]).
     pub fn max_failover_entries(mut self, n: usize) -> Self {
         self.config.max_failover_entries = n;
+        self
+    }
+
+    /// Seqnos reserved on disk at a time; default 1,000,000, range 1..=2^40
+    /// (see [`EngineConfig::seqno_reservation`]). A smaller one writes the
+    /// reservation more often; a larger one skips more numbers after a crash.
+    pub fn seqno_reservation(mut self, n: u64) -> Self {
+        self.config.seqno_reservation = n;
         self
     }
 

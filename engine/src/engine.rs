@@ -1609,9 +1609,9 @@ const MAX_OPEN_FILES: usize = 1_000_000;
 
 fn validate(c: &EngineConfig) -> Result<()> {
     let bad = |m: String| Err(Error::InvalidArgument(m));
-    if c.seqno_reservation > MAX_SEQNO_RESERVATION {
+    if c.seqno_reservation == 0 || c.seqno_reservation > MAX_SEQNO_RESERVATION {
         return bad(format!(
-            "seqno_reservation must be at most {MAX_SEQNO_RESERVATION}, got {}",
+            "seqno_reservation must be 1..={MAX_SEQNO_RESERVATION}, got {}",
             c.seqno_reservation
         ));
     }
@@ -1680,6 +1680,14 @@ fn validate(c: &EngineConfig) -> Result<()> {
         return bad(format!(
             "max_open_files must be {MIN_OPEN_FILES}..={MAX_OPEN_FILES}, got {}",
             c.max_open_files
+        ));
+    }
+    // A checkpoint that may hold nothing is a setting mistake; it used to be
+    // taken silently as one item or one byte.
+    if c.checkpoint.max_items == 0 || c.checkpoint.max_bytes == 0 {
+        return bad(format!(
+            "checkpoint limits must be at least 1, got max_items {} and max_bytes {}",
+            c.checkpoint.max_items, c.checkpoint.max_bytes
         ));
     }
     if c.flush_batch_max_items == 0 {

@@ -648,6 +648,55 @@ fn key_and_value_size_limits_past_their_caps_are_refused_at_open() {
 }
 
 #[test]
+fn zero_checkpoint_limits_and_seqno_reservations_out_of_range_are_refused_at_open() {
+    // Before, zero checkpoint limits were taken silently as one item or one
+    // byte, and a zero reservation as one seqno.
+    let dir = tempfile::tempdir().unwrap();
+    for (what, b) in [
+        (
+            "checkpoint limits",
+            builder(dir.path()).checkpoint_max_items(0),
+        ),
+        (
+            "checkpoint limits",
+            builder(dir.path()).checkpoint_max_bytes(0),
+        ),
+        (
+            "seqno_reservation",
+            builder(dir.path()).seqno_reservation(0),
+        ),
+        (
+            "seqno_reservation",
+            builder(dir.path()).seqno_reservation((1 << 40) + 1),
+        ),
+    ] {
+        match b.open() {
+            Err(Error::InvalidArgument(m)) => assert!(m.contains(what), "{m}"),
+            other => panic!("{what}: {:?}", other.map(|_| ())),
+        }
+    }
+    // The smallest legal ones open, and a small reservation still hands out
+    // numbers above everything written before a crash.
+    let e = builder(dir.path())
+        .checkpoint_max_items(1)
+        .checkpoint_max_bytes(1)
+        .seqno_reservation(1)
+        .open()
+        .unwrap();
+    let mut last = 0;
+    for i in 0..10u32 {
+        last = e
+            .set(b"k", i.to_string(), WriteOptions::default())
+            .unwrap()
+            .seqno;
+    }
+    e.crash();
+    let e = builder(dir.path()).seqno_reservation(1).open().unwrap();
+    assert!(e.set(b"k", "v", WriteOptions::default()).unwrap().seqno > last);
+    e.close().unwrap();
+}
+
+#[test]
 fn memory_limits_that_cannot_hold_the_largest_write_are_refused_at_open() {
     // Before, a node with --checkpoint-memory-limit 65536 and the default
     // 20 MiB values answered every value over about 64 KiB with a
