@@ -735,6 +735,13 @@ impl CheckpointManager {
     /// seqno queued so far. A key already in the open checkpoint is
     /// de-duplicated: the older entry becomes a hole. Closes the open checkpoint
     /// first when it is full. Returns whether an older entry was replaced.
+    ///
+    /// # Panics
+    ///
+    /// If the item's seqno is not above every seqno queued so far: the
+    /// manager's order is the by-seqno order cursors rely on, so a caller's
+    /// numbering mistake stops here rather than reaching a cursor. (The
+    /// engine hands out the seqnos it queues, so no engine call reaches it.)
     pub fn queue(&mut self, item: QueuedItem) -> bool {
         let hash = item.op.is_key_op().then(|| key_hash(item.key()));
         self.queue_hashed(item, hash, None) > 0
