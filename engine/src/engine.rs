@@ -1268,6 +1268,7 @@ impl Engine {
                     flush_micros_total: pr.flush_micros_total.load(Ordering::Relaxed),
                     last_flush_micros: pr.last_flush_micros.load(Ordering::Relaxed),
                     evicted_items: p.table.evicted(),
+                    evicted_bytes: p.table.evicted_bytes(),
                     bg_fetches: pr.bg_fetches.load(Ordering::Relaxed),
                     evictions: pr.evictions.load(Ordering::Relaxed),
                     resets: pr.resets.load(Ordering::Relaxed),

@@ -53,6 +53,8 @@ struct Counts {
     items: AtomicUsize,
     bytes: AtomicUsize,
     evicted: AtomicUsize,
+    /// Value bytes of the evicted entries (on disk only).
+    evicted_bytes: AtomicUsize,
 }
 
 impl Counts {
@@ -82,6 +84,20 @@ impl Counts {
         if ne != oe {
             Self::add(&self.evicted, ne - oe);
         }
+        if oe != 0 || ne != 0 {
+            let eb = |r: Option<&Record>| {
+                r.filter(|r| r.is_evicted())
+                    .map_or(0, |r| r.value_len() as isize)
+            };
+            Self::add(&self.evicted_bytes, eb(new) - eb(old));
+        }
+    }
+
+    /// Counts `rec`'s value as evicted (the caller evicts it).
+    fn evict(&self, rec: &Record) {
+        Self::add(&self.bytes, -(rec.value_len() as isize));
+        Self::add(&self.evicted, 1);
+        Self::add(&self.evicted_bytes, rec.value_len() as isize);
     }
 }
 
@@ -176,6 +192,11 @@ impl HashTable {
         self.total(|c| &c.evicted)
     }
 
+    /// Value bytes of the items whose value is evicted.
+    pub(crate) fn evicted_bytes(&self) -> usize {
+        self.total(|c| &c.evicted_bytes)
+    }
+
     /// Evicts values of clean items (`by_seqno <=` the partition's
     /// `persisted` seqno) from shard `shard`, starting at its `skip`th
     /// entry, until about `target` bytes are freed or `max_kept` entries
@@ -219,6 +240,7 @@ impl HashTable {
         let counts = &self.counts[idx];
         Counts::add(&counts.bytes, -(pass.bytes as isize));
         Counts::add(&counts.evicted, pass.items as isize);
+        Counts::add(&counts.evicted_bytes, pass.bytes as isize);
         pass
     }
 
@@ -330,6 +352,7 @@ impl ShardsGuard<'_> {
         if rec.is_evicted() && rec.meta() == *meta {
             Counts::add(&counts.bytes, value.len() as isize);
             Counts::add(&counts.evicted, -1);
+            Counts::add(&counts.evicted_bytes, -(rec.value_len() as isize));
             *rec = rec.with_value(value);
             return Some(rec.clone());
         }
@@ -351,8 +374,7 @@ impl ShardsGuard<'_> {
         if !rec.has_value_to_evict() {
             return Some(Eviction::Already);
         }
-        Counts::add(&counts.bytes, -(rec.value_len() as isize));
-        Counts::add(&counts.evicted, 1);
+        counts.evict(rec);
         *rec = rec.evicted();
         Some(Eviction::Now)
     }
@@ -416,17 +438,21 @@ mod tests {
         let mut items = 0;
         let mut bytes = 0;
         let mut evicted = 0;
+        let mut evicted_bytes = 0;
         for shard in t.shards.iter() {
             for rec in shard.read().iter() {
                 items += 1;
                 bytes += rec.resident_bytes();
                 evicted += usize::from(rec.is_evicted());
+                if rec.is_evicted() {
+                    evicted_bytes += rec.value_len();
+                }
             }
         }
         assert_eq!(items, 4 * 2_500);
         assert_eq!(
-            (t.len(), t.mem_bytes(), t.evicted()),
-            (items, bytes, evicted)
+            (t.len(), t.mem_bytes(), t.evicted(), t.evicted_bytes()),
+            (items, bytes, evicted, evicted_bytes)
         );
     }
 
@@ -453,6 +479,7 @@ mod tests {
         assert_eq!(t.slot(b"e").evict(b"e", 10), Some(Eviction::Already));
         assert_eq!(t.slot(b"x").evict(b"x", 10), None);
         assert_eq!((t.len(), t.mem_bytes(), t.evicted()), (2, 2, 1));
+        assert_eq!(t.evicted_bytes(), 5);
         // Same seqno, other CAS: another history's version (after a
         // partition reset); not filled.
         assert!(t.slot(b"k").fill(b"k", &meta(5, 999), b"other").is_none());
@@ -460,10 +487,21 @@ mod tests {
         let filled = t.slot(b"k").fill(b"k", &meta(5, 100), b"value").unwrap();
         assert_eq!(filled.value(), b"value");
         assert_eq!((t.len(), t.mem_bytes(), t.evicted()), (2, 7, 0));
+        assert_eq!(t.evicted_bytes(), 0);
         // Removing an evicted entry un-counts it.
         assert_eq!(t.slot(b"k").evict(b"k", 10), Some(Eviction::Now));
+        assert_eq!(t.evicted_bytes(), 5);
         let h = t.hash(b"k");
         assert!(t.slot(b"k").remove_hashed(h, b"k").is_some());
         assert_eq!((t.len(), t.mem_bytes(), t.evicted()), (1, 1, 0));
+        assert_eq!(t.evicted_bytes(), 0);
+        // So does replacing one with a resident version.
+        t.slot(b"k").put(Record::new(&meta(5, 100), b"k", b"value"));
+        assert_eq!(t.slot(b"k").evict(b"k", 10), Some(Eviction::Now));
+        t.slot(b"k").put(Record::new(&meta(6, 101), b"k", b"new"));
+        assert_eq!(
+            (t.len(), t.mem_bytes(), t.evicted(), t.evicted_bytes()),
+            (2, 5, 0, 0)
+        );
     }
 }

@@ -109,6 +109,9 @@ pub struct PartitionStats {
     pub last_flush_micros: u64,
     /// Items whose value is evicted (on disk only); the rest are resident.
     pub evicted_items: usize,
+    /// Value bytes of those items: on disk, not in memory (`mem_bytes`
+    /// counts the resident ones).
+    pub evicted_bytes: usize,
     /// Reads that fetched an evicted value back from disk.
     pub bg_fetches: u64,
     /// Values evicted so far (pager and explicit).

@@ -769,9 +769,11 @@ fn evicted_values_are_read_back_and_dirty_ones_are_never_evicted() {
         (st.partitions[p].evicted_items, st.partitions[p].evictions),
         (1, 1)
     );
+    assert_eq!(st.partitions[p].evicted_bytes, b"on disk".len());
     assert_eq!(&e.get(b"clean").unwrap().value(), b"on disk");
     let st = e.stats().unwrap();
     assert_eq!(st.partitions[p].evicted_items, 0);
+    assert_eq!(st.partitions[p].evicted_bytes, 0);
     assert_eq!(st.partitions[p].bg_fetches, 1);
     // Dirty: inside a window.
     let wp = e.partition_of(b"clean");

@@ -481,6 +481,78 @@ fn shell_over_the_network_answers_like_the_local_shell() {
     assert_eq!(llines[7], "VALUE tab\\there");
 }
 
+/// Online updates and evictions through `shell --addr` answer as in a local
+/// shell, and `admin inspect --addr` shows an open window's size.
+#[test]
+fn shell_over_the_network_runs_online_updates_and_evictions_like_the_local_shell() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = tapkv_tests::NodeProc::start(dir.path(), "127.0.0.1:0", None, "update-node", &[]);
+    let (ok, out, err) = run(&["shell", "--addr", &node.addr], "partition u\n", T);
+    assert!(ok, "{err}");
+    let p: u16 = out
+        .trim()
+        .strip_prefix("OK PARTITION ")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("{out}"));
+    let script = format!(
+        "set u old\nflush\nevict u\nstats\nget u\nupdate start {p}\nset u new\n\
+         update revert {p}\nget u\nupdate start {p}\nset u newer\nupdate complete {p}\n\
+         get u\nupdate complete {p}\ncheckpoint {p}\n"
+    );
+    let answers = |args: &[&str]| -> Vec<String> {
+        let (ok, out, err) = run(args, &script, T);
+        assert!(ok, "{err}");
+        out.lines().map(str::to_owned).collect()
+    };
+    let local = tempfile::tempdir().unwrap();
+    let remote = answers(&["shell", "--addr", &node.addr]);
+    let local = answers(&["shell", "--data", local.path().to_str().unwrap()]);
+    for lines in [&remote, &local] {
+        assert_eq!(lines.len(), 15, "{lines:?}");
+        assert!(lines[0].starts_with("OK PARTITION"), "{}", lines[0]);
+        assert_eq!(lines[1], "OK");
+        assert_eq!(lines[2], "OK EVICTED");
+        assert!(
+            lines[3].contains(" evicted=1 evicted_bytes=3 "),
+            "{}",
+            lines[3]
+        );
+        assert_eq!(lines[4], "VALUE old");
+        assert!(lines[5].starts_with("OK CHECKPOINT "), "{}", lines[5]);
+        let id = &lines[5]["OK CHECKPOINT ".len()..];
+        assert_eq!(lines[7], format!("OK CHECKPOINT {id} REMOVED 0 RESTORED 1"));
+        assert_eq!(lines[8], "VALUE old");
+        assert!(lines[9].starts_with("OK CHECKPOINT "), "{}", lines[9]);
+        assert_eq!(lines[11], lines[9]);
+        assert_eq!(lines[12], "VALUE newer");
+        assert!(lines[13].starts_with("ERROR no_window:"), "{}", lines[13]);
+        assert!(lines[14].starts_with("OK CHECKPOINT "), "{}", lines[14]);
+    }
+    // A window left open on the node: the table gives its keys and bytes.
+    let (ok, out, err) = run(
+        &["shell", "--addr", &node.addr],
+        format!("update start {p}\nset u in-window\n"),
+        T,
+    );
+    assert!(ok, "{err}");
+    let id = out
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("OK CHECKPOINT "))
+        .unwrap_or_else(|| panic!("{out}"))
+        .to_owned();
+    let (ok, out, err) = run(&["admin", "inspect", "--addr", &node.addr], "", T);
+    assert!(ok, "{err}");
+    let row = out
+        .lines()
+        .find(|l| l.contains(&format!("window {id} open")))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        row.contains(&format!("window {id} open (1 keys, ")),
+        "{row}"
+    );
+}
+
 /// SIGINT ends a local shell as end of input does: the engine is closed
 /// cleanly (all answered writes flushed), exit status 130.
 #[test]

@@ -105,10 +105,13 @@ pub(crate) fn run(cmd: AdminCommand) -> Result<ExitCode, Error> {
                     )?;
                     for p in v["partitions"].as_array().into_iter().flatten() {
                         let mut notes = Vec::new();
-                        if !p["open_window"].is_null() {
+                        let w = &p["open_window"];
+                        if !w.is_null() {
                             notes.push(format!(
-                                "window {} open",
-                                num(&p["open_window"]["checkpoint_id"])
+                                "window {} open ({} keys, {} bytes)",
+                                num(&w["checkpoint_id"]),
+                                num(&w["keys"]),
+                                num(&w["bytes"])
                             ));
                         }
                         for w in p["lost_windows"].as_array().into_iter().flatten() {

@@ -217,6 +217,9 @@ struct PartitionView {
     flushed_items: u64,
     high_seqno: u64,
     evicted_items: u64,
+    /// Absent from a node older than the field.
+    #[serde(default)]
+    evicted_bytes: u64,
     bg_fetches: u64,
     window: Option<WindowView>,
     lost_windows: Vec<serde::de::IgnoredAny>,
@@ -295,7 +298,7 @@ fn format_stats(st: &StatsView) -> String {
     let lost: usize = st.partitions.iter().map(|p| p.lost_windows.len()).sum();
     let mut line = format!(
         "OK items={} dirty={} checkpoint_mem={} flushes={} flushed_items={} \
-         max_high_seqno={high} partitions={} evicted={} bg_fetches={} \
+         max_high_seqno={high} partitions={} evicted={} evicted_bytes={} bg_fetches={} \
          open_windows={} lost_windows={lost}",
         st.items,
         st.dirty,
@@ -304,6 +307,7 @@ fn format_stats(st: &StatsView) -> String {
         sum(|p| p.flushed_items),
         st.partitions.len(),
         sum(|p| p.evicted_items),
+        sum(|p| p.evicted_bytes),
         sum(|p| p.bg_fetches),
         if windows.is_empty() {
             "-".to_string()
@@ -663,6 +667,7 @@ fn local(path: &PathBuf, slot: &mut Option<Engine>, cmd: Command) -> Result<Stri
                         flushed_items: p.flushed_items,
                         high_seqno: p.high_seqno,
                         evicted_items: p.evicted_items as u64,
+                        evicted_bytes: p.evicted_bytes as u64,
                         bg_fetches: p.bg_fetches,
                         window: p.window.map(|w| WindowView {
                             checkpoint_id: w.checkpoint_id,
