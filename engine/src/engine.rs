@@ -304,7 +304,7 @@ pub(crate) struct Shared {
     pub(crate) expiry_next: AtomicUsize,
     recovered_from_crash: bool,
     /// See [`Engine::holds_primary_data`].
-    primary_data: AtomicBool,
+    pub(crate) primary_data: AtomicBool,
     /// Disk-snapshot entries spilled to the staging column family.
     pub(crate) snapshot_staged_items: AtomicU64,
     /// Stream cursors the flusher dropped under memory pressure.
@@ -670,17 +670,8 @@ impl Engine {
         // the directory's next run as a primary starts a new branch. Written
         // before the clean mark is dropped: a crash in between leaves the
         // mark missing, which says the same.
-        let remember_branch = |store: &Store| -> Result<()> {
-            match store.engine_meta()? {
-                Some(m) if !m.branch_pending => store.put_engine_meta(&EngineMeta {
-                    branch_pending: true,
-                    ..m
-                }),
-                _ => Ok(()),
-            }
-        };
         if config.replica && primary_data && !clean {
-            remember_branch(&store)?;
+            store.remember_branch()?;
         }
         store.set_clean_shutdown(false)?;
         let checkpoint_mem = Arc::new(AtomicUsize::new(0));
@@ -736,7 +727,7 @@ impl Engine {
                 config.max_failover_entries,
             )?;
             if lost_now && config.replica && primary_data {
-                remember_branch(&store)?;
+                store.remember_branch()?;
             }
             let last_lost = lost.last().cloned();
             *part.lost_windows.lock() = lost;

@@ -801,6 +801,16 @@ impl Engine {
         let _no_flush = s.flush_lock.lock();
         let mut w = part.lock();
         let mut shards = part.table.lock_all();
+        // A primary's data a session has not confirmed: the reset drops
+        // history a replica of the directory's primary runs may hold, so its
+        // next such run must start a branch, as after a crash (before, a
+        // clean close hid the reset, and such a replica resumed over the
+        // emptied partition). Recorded first: a crash between the two writes
+        // leaves a branch pending over data still whole, which only costs
+        // that replica a rollback.
+        if s.primary_data.load(Ordering::Acquire) {
+            s.store.remember_branch()?;
+        }
         // Disk first: if it fails, memory still matches it (new entries
         // starting again at seqno 1 must never be flushed over old ones).
         s.store.reset_partition(p)?;

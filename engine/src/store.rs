@@ -793,6 +793,19 @@ impl Store {
         self.put_meta_synced(ENGINE_META_KEY, &encode_json(meta))
     }
 
+    /// Records (synced) that the directory's next open as a primary starts
+    /// a new failover branch (`EngineMeta::branch_pending`): its history
+    /// lost data while it ran as a replica.
+    pub(crate) fn remember_branch(&self) -> Result<()> {
+        match self.engine_meta()? {
+            Some(m) if !m.branch_pending => self.put_engine_meta(&EngineMeta {
+                branch_pending: true,
+                ..m
+            }),
+            _ => Ok(()),
+        }
+    }
+
     pub(crate) fn partition_state(&self, p: PartitionId) -> Result<Option<PartitionDiskState>> {
         self.get_json(&meta_key(META_STATE, p), &format!("state of partition {p}"))
     }

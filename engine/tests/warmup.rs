@@ -242,6 +242,30 @@ fn a_crash_is_not_hidden_by_a_replica_run_before_the_directory_is_a_primary_agai
     e.close().unwrap();
 }
 
+/// A partition reset while a primary's directory runs as a replica (the
+/// link's rollback with `--replace-data`, or a FAILOVER onto a branch it may
+/// lack versions of), then a clean close before any session confirmed it:
+/// the next primary run starts a branch, so a replica of the earlier
+/// primary run is rolled back instead of resumed over the emptied
+/// partition. Before, the clean close hid the reset (found by a review).
+#[test]
+fn a_reset_in_a_replica_run_starts_a_branch_when_the_directory_is_a_primary_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = builder(dir.path()).open().unwrap();
+    let p = e.partition_of(b"k");
+    let w = e.set(b"k", b"v", WriteOptions::default()).unwrap();
+    let branch = e.failover_log(p).unwrap().last().unwrap().uuid;
+    e.close().unwrap(); // a replica of this run holds k at w.seqno
+    let r = builder(dir.path()).replica(true).open().unwrap();
+    assert!(r.holds_primary_data());
+    r.reset_partition(p).unwrap();
+    r.close().unwrap(); // stopped before a session confirmed it
+    let e = builder(dir.path()).open().unwrap();
+    assert!(matches!(e.get(b"k"), Err(Error::NotFound)));
+    assert_eq!(e.resume_position(p, branch, w.seqno).unwrap(), None);
+    e.close().unwrap();
+}
+
 /// The same for a window a primary closed with (lost by the close): a
 /// replica's open lists it, and the next primary run starts a new branch.
 /// Before, the replica's open deleted the window's record unlisted.
