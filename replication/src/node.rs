@@ -2597,6 +2597,7 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
                     // partition, a replica took a backed-off session per
                     // partition, replicating nothing meanwhile.)
                     if engine.replica_history_may_have_gaps(partition)? {
+                        keep_primary_data(engine, cfg, primary, partition)?;
                         tracing::warn!(
                             partition,
                             "the primary's history branched where this replica may lack a \
@@ -2731,19 +2732,7 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
                 }
             }
             StreamMessage::Rollback { partition } => {
-                if engine.holds_primary_data()
-                    && !cfg.replace_primary_data
-                    && engine.high_seqno(partition)? > 0
-                {
-                    let msg = format!(
-                        "the primary at {primary} has another history for partition {partition}, \
-                         and this directory holds a primary's data, which a rollback would \
-                         replace: not replicating (check --replica-of, or start the node with \
-                         --replace-data to replace it)"
-                    );
-                    tracing::error!("{msg}");
-                    return Err(Error::WrongState(msg));
-                }
+                keep_primary_data(engine, cfg, primary, partition)?;
                 tracing::warn!(
                     partition,
                     "primary's history diverged: rolling back the partition"
@@ -2784,6 +2773,31 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
             ack = Ack::default();
             last_ack = now;
         }
+    }
+    Ok(())
+}
+
+/// Refuses, before a partition is reset, to replace data a primary's
+/// directory holds that no session has confirmed to be its primary's
+/// ([`Engine::holds_primary_data`]), unless the node was told to
+/// (`replace_primary_data`, `--replace-data`). Both resets check it: a
+/// ROLLBACK, and a FAILOVER onto a branch the partition may lack versions
+/// of (before, that one replaced such data unasked).
+fn keep_primary_data(
+    engine: &Engine,
+    cfg: &NodeConfig,
+    primary: &str,
+    partition: PartitionId,
+) -> Result<(), Error> {
+    if engine.holds_primary_data() && !cfg.replace_primary_data && engine.high_seqno(partition)? > 0
+    {
+        let msg = format!(
+            "the primary at {primary} has another history for partition {partition}, and this \
+             directory holds a primary's data, which replicating it would replace: not \
+             replicating (check --replica-of, or start the node with --replace-data to replace it)"
+        );
+        tracing::error!("{msg}");
+        return Err(Error::WrongState(msg));
     }
     Ok(())
 }

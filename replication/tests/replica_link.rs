@@ -985,6 +985,59 @@ fn a_primarys_directory_is_not_replaced_by_a_wrong_primary_unless_asked() {
     common::shutdown(a_again);
 }
 
+/// A primary's directory copied to seed a replica, and the primary then
+/// restarted uncleanly (a new branch): the seed's partitions may lack
+/// versions the branch point covers, so the link would resynchronise them,
+/// which replaces a primary's data; it is refused without `--replace-data`,
+/// as a ROLLBACK is. Before, the FAILOVER path reset the partitions unasked.
+#[test]
+fn a_seed_whose_primary_branched_is_not_replaced_unless_asked() {
+    let adir = tempfile::tempdir().unwrap();
+    let seed = tempfile::tempdir().unwrap();
+    let a = primary_of(adir.path());
+    write_keys(&a, "a", 100);
+    common::shutdown(a);
+    copy_dir(adir.path(), seed.path());
+    // The primary writes on, persists, and crashes: its next open branches.
+    let e = Engine::builder(adir.path()).partitions(2).open().unwrap();
+    for i in 0..20 {
+        e.set(format!("z{i}").as_bytes(), b"v", WriteOptions::default())
+            .unwrap();
+    }
+    e.flush().unwrap();
+    e.crash();
+    let a = primary_of(adir.path());
+
+    let seeded = replica_of(&a, seed.path(), 2, "seeded", |_| {});
+    let mut c = Client::connect(&seeded.local_addr().to_string(), Duration::from_secs(5)).unwrap();
+    let mut error = String::new();
+    wait_until("the refusal", Duration::from_secs(20), || {
+        error = c.stats().unwrap()["link_error"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        error.contains("primary's data")
+    });
+    assert!(error.contains("--replace-data"), "{error}");
+    let s = seeded.engine().unwrap();
+    assert!(s.holds_primary_data());
+    assert_eq!(s.stats().unwrap().items(), 100, "the seed's data was kept");
+    let resets: u64 = s.stats().unwrap().partitions.iter().map(|p| p.resets).sum();
+    assert_eq!(resets, 0);
+    common::shutdown(seeded);
+
+    // Told to replace it: it resynchronises and follows the primary.
+    let replaced = replica_of(&a, seed.path(), 2, "seeded", |cfg| {
+        cfg.replace_primary_data = true
+    });
+    let r = replaced.engine().unwrap();
+    wait_until("the replica to follow", Duration::from_secs(20), || {
+        r.stats().unwrap().items() == 120 && !r.holds_primary_data()
+    });
+    common::shutdown(replaced);
+    common::shutdown(a);
+}
+
 #[test]
 fn progress_through_a_disk_snapshot_does_not_satisfy_a_replicate_write() {
     // A replica applies a disk snapshot in seqno order and acknowledges its
