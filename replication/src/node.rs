@@ -1666,6 +1666,37 @@ fn send(writer: &mut FrameWriter, s: &StreamShared, m: &StreamMessage) -> usize 
 /// that need one, before it registers them (see `stream_loop`).
 const BACKFILL_PASSES: usize = 3;
 
+/// A stream's heartbeat while it starts: the start sends its opening burst
+/// and disk snapshots without a flush at each, and a partition's scan can
+/// take long, so the time since the last flush is kept across the whole
+/// start, not per snapshot. (Before, it was reset at each snapshot and
+/// looked at only at scan ticks: a start of many partitions, each scanned
+/// in less than a heartbeat, sent nothing for longer than the replica's
+/// silence limit, which ended the session, and the next start repeated it.)
+struct StartBeat<'a> {
+    every: Duration,
+    last_flush: Instant,
+    stopping: &'a dyn Fn() -> bool,
+}
+
+impl StartBeat<'_> {
+    /// Flushes what is pending, after a `NOOP` the replica acknowledges, if
+    /// nothing was flushed for a heartbeat.
+    fn beat(&mut self, writer: &mut FrameWriter, s: &StreamShared) -> Result<(), Error> {
+        if self.last_flush.elapsed() >= self.every {
+            send(writer, s, &StreamMessage::Noop);
+            self.flush(writer)?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self, writer: &mut FrameWriter) -> Result<(), Error> {
+        writer.flush().map_err(io_err)?;
+        self.last_flush = Instant::now();
+        Ok(())
+    }
+}
+
 /// Sends partition `p`'s disk snapshot `(from, end]`: a disk `SNAPSHOT`
 /// marker, the disk's items and tombstones in that range straight from the
 /// RocksDB iterator (in key order: the replica orders the snapshot by seqno
@@ -1673,7 +1704,7 @@ const BACKFILL_PASSES: usize = 3;
 fn send_disk_snapshot(
     s: &StreamShared,
     writer: &mut FrameWriter,
-    (heartbeat, stopping): (Duration, &dyn Fn() -> bool),
+    beat: &mut StartBeat<'_>,
     snap: tapkv_engine::DiskSnapshot<'_>,
 ) -> Result<(), Error> {
     let (p, from, end) = (snap.partition(), snap.after(), snap.end());
@@ -1690,12 +1721,11 @@ fn send_disk_snapshot(
             from_disk: true,
         },
     );
-    let mut last_sent = Instant::now();
     let items = snap.scan_ref(|entry| {
         // A partition's scan can take minutes: a node that stops ends it
         // (the stream then ends with STREAM_END, and the replica drops the
         // unfinished snapshot).
-        if stopping() {
+        if (beat.stopping)() {
             return Err(Error::Closed);
         }
         match entry {
@@ -1705,18 +1735,12 @@ fn send_disk_snapshot(
                 let n = writer.push_encoded(|buf| StreamMessage::encode_entry(p, entry, buf));
                 s.unacked.fetch_add(n as u64, Ordering::AcqRel);
                 if writer.pending() > 256 * 1024 {
-                    writer.flush().map_err(io_err)?;
-                    last_sent = Instant::now();
+                    beat.flush(writer)?;
                 }
             }
             // A long stretch of the partition outside the range: keep the
             // replica from taking the silence for a dead primary.
-            None if last_sent.elapsed() >= heartbeat => {
-                send(writer, s, &StreamMessage::Noop);
-                writer.flush().map_err(io_err)?;
-                last_sent = Instant::now();
-            }
-            None => {}
+            None => beat.beat(writer, s)?,
         }
         Ok(())
     })?;
@@ -1744,10 +1768,10 @@ fn start_partition(
     engine: &Engine,
     s: &StreamShared,
     writer: &mut FrameWriter,
-    timing: (Duration, &dyn Fn() -> bool),
+    beat: &mut StartBeat<'_>,
     (p, from): (PartitionId, u64),
 ) -> Result<(), Error> {
-    if (timing.1)() {
+    if (beat.stopping)() {
         return Err(Error::Closed);
     }
     // The snapshot's iterator was opened with the cursor registered at its
@@ -1756,7 +1780,7 @@ fn start_partition(
         None => from,
         Some(snap) => {
             let end = snap.end();
-            send_disk_snapshot(s, writer, timing, snap)?;
+            send_disk_snapshot(s, writer, beat, snap)?;
             end
         }
     };
@@ -1829,15 +1853,21 @@ fn stream_loop(
         // others are read from disk, and under writes fill the primary's
         // checkpoint memory). Only what was persisted during the last pass
         // is sent with a cursor registered.
+        let mut beat = StartBeat {
+            every: cfg.heartbeat,
+            last_flush: Instant::now(),
+            stopping: &stopping,
+        };
         for _ in 0..BACKFILL_PASSES {
             let mut sent_any = false;
             for (p, from) in &mut starts {
                 if stopping() {
                     return Err(Error::Closed);
                 }
+                beat.beat(writer, s)?;
                 if let Some(snap) = engine.backfill_snapshot(*p, *from)? {
                     let end = snap.end();
-                    send_disk_snapshot(s, writer, (cfg.heartbeat, &stopping), snap)?;
+                    send_disk_snapshot(s, writer, &mut beat, snap)?;
                     *from = end;
                     sent_any = true;
                 }
@@ -1848,13 +1878,14 @@ fn stream_loop(
         }
         let mut active = Vec::new();
         for (p, from) in starts {
+            beat.beat(writer, s)?;
             if let Some(hook) = &cfg.before_partition_start {
                 (hook.0)(p);
             }
-            start_partition(engine, s, writer, (cfg.heartbeat, &stopping), (p, from))?;
+            start_partition(engine, s, writer, &mut beat, (p, from))?;
             active.push(p);
         }
-        writer.flush().map_err(io_err)?;
+        beat.flush(writer)?;
         // Only now is anything sent from memory, so only now does the stream
         // count towards `Replicate` writes on these partitions
         // (`AckGate::wait_replicated`). Before, each was marked as it

@@ -508,6 +508,52 @@ fn a_joining_stream_counts_for_no_partition_until_it_has_started_them_all() {
     common::shutdown(primary);
 }
 
+/// A stream's start that takes longer than the replica's silence limit
+/// (here each partition's start takes 1.3 s, as a long disk scan would,
+/// against a 2 s limit: 10 heartbeats of 200 ms) keeps the replica's
+/// session alive with heartbeats. Before, the start flushed nothing until
+/// every partition had started: the replica ended the session at its
+/// silence limit, and each new session's start did the same.
+#[test]
+fn a_slow_stream_start_keeps_the_replica_session_alive() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let heartbeat = Duration::from_millis(200);
+    // Slow on the first stream only, so that without heartbeats the
+    // second session's start is fast and the count of sessions tells.
+    let armed: Arc<[AtomicBool; 2]> = Arc::new([AtomicBool::new(true), AtomicBool::new(true)]);
+    let hook = {
+        let armed = Arc::clone(&armed);
+        move |p: u16| {
+            if armed[usize::from(p)].swap(false, Ordering::AcqRel) {
+                // Stands in for a partition's slow scan: work, not a wait
+                // for another thread.
+                std::thread::sleep(Duration::from_millis(1300));
+            }
+        }
+    };
+    let (pdir, rdir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let primary = primary_with(pdir.path(), None, |c| {
+        c.heartbeat = heartbeat;
+        c.before_partition_start =
+            Some(tapkv_replication::node::PartitionStartHook(Arc::new(hook)));
+    });
+    write_keys(&primary, "k", 10);
+    let replica = replica_of(&primary, rdir.path(), 2, "slow-start", |c| {
+        c.heartbeat = heartbeat
+    });
+    let r = replica.engine().unwrap();
+    wait_until("the replica to catch up", Duration::from_secs(20), || {
+        r.stats().unwrap().items() == 10
+    });
+    let mut c = Client::connect(&replica.local_addr().to_string(), Duration::from_secs(5)).unwrap();
+    let stats = c.stats().unwrap();
+    assert_eq!(stats["link_sessions"].as_u64(), Some(1), "{stats}");
+    assert!(stats["link_error"].is_null(), "{stats}");
+    common::shutdown(replica);
+    common::shutdown(primary);
+}
+
 #[test]
 fn a_primary_with_long_heartbeats_shuts_down_without_waiting_one_out() {
     // An idle stream sleeps until the engine queues something or its next
