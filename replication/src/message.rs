@@ -389,6 +389,15 @@ impl StreamMessage {
     /// are copied into the entry's record, nothing else is kept.
     pub fn from_frame_ref(f: &FrameRef<'_>) -> Result<StreamMessage, ProtocolError> {
         let partition = f.partition();
+        // A stream sends values raw: a compressed one (memcached's 0x02),
+        // say, would be stored as it came and misread (as a write's is
+        // refused, `check_write_datatype`).
+        if f.datatype & !DATATYPE_JSON != 0 {
+            return Err(ProtocolError::Malformed {
+                what: "stream frame",
+                why: format!("datatype 0x{:02x} (a stream carries 0 or 0x01)", f.datatype),
+            });
+        }
         Ok(match f.opcode {
             opcode::FAILOVER => StreamMessage::Failover {
                 partition,
@@ -396,11 +405,25 @@ impl StreamMessage {
             },
             opcode::SNAPSHOT => {
                 let mut e = need(f, "SNAPSHOT", 17)?;
+                let (start, end) = (e.get_u64(), e.get_u64());
+                // Any other value used to read as the closing marker, and
+                // the key-ordered disk entries after it were applied as a
+                // run, older seqnos dropped as duplicates.
+                let from_disk = match e.get_u8() {
+                    0 => false,
+                    1 => true,
+                    other => {
+                        return Err(ProtocolError::Malformed {
+                            what: "SNAPSHOT",
+                            why: format!("from-disk byte {other} (0 or 1)"),
+                        })
+                    }
+                };
                 StreamMessage::Snapshot {
                     partition,
-                    start: e.get_u64(),
-                    end: e.get_u64(),
-                    from_disk: e.get_u8() == 1,
+                    start,
+                    end,
+                    from_disk,
                 }
             }
             opcode::MUTATION | opcode::DELETION => {

@@ -477,3 +477,47 @@ fn the_last_bytes_of_a_large_frame_arriving_in_pieces_are_not_copied_again_and_a
         "reading a {VALUE}-byte frame allocated {allocated} bytes"
     );
 }
+
+/// A SNAPSHOT's from-disk byte is 0 or 1, and a stream frame's datatype 0
+/// or JSON: anything else is malformed. Before, any from-disk byte but 1
+/// read as the closing marker (the disk entries after it were then applied
+/// as a run, older seqnos dropped as duplicates), and a compressed value
+/// was stored raw.
+#[test]
+fn snapshot_flags_and_stream_datatypes_outside_the_protocol_are_malformed() {
+    use tapkv_replication::message::opcode;
+    let snapshot = |flag: u8| {
+        let mut e = BytesMut::new();
+        e.extend_from_slice(&1u64.to_be_bytes());
+        e.extend_from_slice(&3u64.to_be_bytes());
+        e.extend_from_slice(&[flag]);
+        Frame::request(opcode::SNAPSHOT, 0).with_extras(e.freeze())
+    };
+    for (flag, from_disk) in [(0, false), (1, true)] {
+        match StreamMessage::from_frame(&snapshot(flag)) {
+            Ok(StreamMessage::Snapshot { from_disk: d, .. }) => assert_eq!(d, from_disk),
+            other => panic!("{flag}: {other:?}"),
+        }
+    }
+    for flag in [2, 0x80, 0xff] {
+        assert!(
+            matches!(
+                StreamMessage::from_frame(&snapshot(flag)),
+                Err(ProtocolError::Malformed {
+                    what: "SNAPSHOT",
+                    ..
+                })
+            ),
+            "{flag}"
+        );
+    }
+    let mut entry = StreamMessage::Noop.to_frame();
+    for (datatype, ok) in [(0, true), (0x01, true), (0x02, false), (0x80, false)] {
+        entry.datatype = datatype;
+        assert_eq!(
+            StreamMessage::from_frame(&entry).is_ok(),
+            ok,
+            "datatype {datatype:#x}"
+        );
+    }
+}
