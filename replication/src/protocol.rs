@@ -31,8 +31,8 @@ pub const BUSY_FRAME: &str = "partly received large frames may hold together";
 
 /// The largest frame body any tapkv peer takes (a node's `--max-body` and
 /// `--max-value-size` stay below it, so every value fits with its extras):
-/// a replica's stream frames, and a client's replies whatever a node's
-/// HELLO says.
+/// a replica's stream frames, and a client's `max_body` whatever a node's
+/// HELLO says (its replies may carry 64 KiB over that, a GET's flags).
 pub const MAX_FRAME_BODY: usize = 1 << 30;
 
 /// Size of the fixed header.
