@@ -43,18 +43,20 @@ pub struct NodeConfig {
     pub replica_of: Option<String>,
     /// Largest accepted frame body (default 21 MiB).
     pub max_body: usize,
-    /// Timeout of every socket write, and of waiting for a reply (default 10 s).
+    /// Timeout of every socket write, and of waiting for a reply (default
+    /// 10 s, at most a day).
     pub io_timeout: Duration,
-    /// A client connection idle this long is closed (default 300 s).
+    /// A client connection idle this long is closed (default 300 s, at most
+    /// a day).
     pub idle_timeout: Duration,
-    /// A stream sends a NOOP after this much silence (default 1 s); a replica
-    /// that hears nothing for 10 heartbeats reconnects.
+    /// A stream sends a NOOP after this much silence (default 1 s, at most
+    /// an hour); a replica that hears nothing for 10 heartbeats reconnects.
     pub heartbeat: Duration,
     /// Unacknowledged bytes allowed per stream (default 4 MiB).
     pub max_unacked_bytes: u64,
     /// A stream stuck at its unacknowledged limit this long, with no ack at
     /// all meanwhile, drops its cursors (freeing the checkpoints they pin)
-    /// and backfills later (default 3 s).
+    /// and backfills later (default 3 s, at most a day).
     pub slow_replica_timeout: Duration,
     /// Items read per partition per stream round (default 512).
     pub stream_batch: usize,
@@ -174,6 +176,23 @@ impl NodeConfig {
         ];
         if let Some((name, _)) = positive.iter().find(|(_, ok)| !ok) {
             return Err(format!("node setting {name} must be more than zero"));
+        }
+        // As the `tapkv node` flags bound them: a node multiplies them and
+        // adds them to the clock, which a `Duration::MAX` (meant as
+        // "never") overflowed, panicking the thread (a replica's link died
+        // silently, found by a review).
+        const HOUR: Duration = Duration::from_secs(3600);
+        const DAY: Duration = Duration::from_secs(24 * 3600);
+        let bounded: [(&str, Duration, Duration); 4] = [
+            ("heartbeat", self.heartbeat, HOUR),
+            ("io_timeout", self.io_timeout, DAY),
+            ("idle_timeout", self.idle_timeout, DAY),
+            ("slow_replica_timeout", self.slow_replica_timeout, DAY),
+        ];
+        if let Some((name, d, max)) = bounded.iter().find(|(_, d, max)| d > max) {
+            return Err(format!(
+                "node setting {name} must be at most {max:?}, got {d:?}"
+            ));
         }
         // A replica opens its stream under its name: one its primary would
         // refuse would keep the link failing.

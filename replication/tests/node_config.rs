@@ -7,18 +7,29 @@ use std::time::Duration;
 use tapkv_engine::Engine;
 use tapkv_replication::node::{Node, NodeConfig};
 
-/// A setting's name and how to make it zero.
+/// A setting's name and how to put it out of its range.
 type ZeroSetting = (&'static str, fn(&mut NodeConfig));
 
 #[test]
-fn a_node_refuses_a_zero_setting_and_names_it() {
+fn a_node_refuses_a_setting_out_of_range_and_names_it() {
     // Before, a zero `max_unacked_bytes` started a node whose streams
     // waited for acknowledgements of nothing and spun without sending.
-    let cases: [ZeroSetting; 4] = [
+    // And durations too long to add to the clock: a replica whose
+    // heartbeat was `Duration::MAX` started, and its link thread panicked
+    // (it never replicated, and said nothing).
+    let cases: [ZeroSetting; 8] = [
         ("max_unacked_bytes", |c| c.max_unacked_bytes = 0),
         ("heartbeat", |c| c.heartbeat = Duration::ZERO),
         ("ack_bytes", |c| c.ack_bytes = 0),
         ("stream_batch", |c| c.stream_batch = 0),
+        ("heartbeat", |c| c.heartbeat = Duration::MAX),
+        ("io_timeout", |c| c.io_timeout = Duration::MAX),
+        ("idle_timeout", |c| {
+            c.idle_timeout = Duration::from_secs(86_401)
+        }),
+        ("slow_replica_timeout", |c| {
+            c.slow_replica_timeout = Duration::MAX
+        }),
     ];
     for (name, zero) in cases {
         let dir = tempfile::tempdir().unwrap();
