@@ -1221,6 +1221,30 @@ impl CheckpointManager {
         Ok(self.remove_unreferenced())
     }
 
+    /// [`advance`](Self::advance) for a scan of `run`, a run taken for the
+    /// cursor's own position (`closed_run` with no `after`), only if the
+    /// cursor is still there: the run was read without the manager's lock,
+    /// and another reader of the same cursor may have read and consumed the
+    /// same events meanwhile. Committing this scan too would hand them out
+    /// twice (found by a review: it was accepted whenever it ended at or
+    /// past the other reader's position).
+    pub fn commit_run(
+        &mut self,
+        name: &str,
+        run: &ClosedRun,
+        progress: impl AsRef<CursorProgress>,
+    ) -> Result<FreedCheckpoints> {
+        let (now, began) = (self.cursor(name)?, run.start.pos);
+        let at = |p: CursorPosition| (p.registration, p.checkpoint_id, p.seqno, p.start_pending);
+        if now.registration == began.registration && at(now) != at(began) {
+            return Err(Error::WrongState(format!(
+                "cursor {name:?} was read by another reader during this read; the scan's \
+                 events were handed out there and are not committed"
+            )));
+        }
+        self.advance(name, progress)
+    }
+
     /// [`peek`](Self::peek) and [`advance`](Self::advance) in one step.
     pub fn read(&mut self, name: &str, max_items: usize) -> Result<CursorBatch> {
         let batch = self.peek(name, max_items, usize::MAX, None)?;

@@ -1162,10 +1162,10 @@ impl Engine {
             drop(w);
             let progress = run.scan_within((max_items, max_bytes), &mut visit);
             // The cursor moves only once its events were visited. If it was
-            // removed or registered again meanwhile this fails (nothing is
-            // committed, and the events visited belong to the old
-            // registration: the caller must discard them).
-            let freed = part.lock().checkpoints.advance(name, progress)?;
+            // removed, registered again or read by another reader meanwhile
+            // this fails (nothing is committed, and the events visited are
+            // not this reader's: the caller must discard them).
+            let freed = part.lock().checkpoints.commit_run(name, &run, progress)?;
             drop(freed);
             return Ok(progress.items);
         }

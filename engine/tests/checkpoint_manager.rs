@@ -925,3 +925,60 @@ fn a_read_stops_when_its_cursor_is_registered_again_between_pieces() {
     // The new registration still has everything to read.
     assert_eq!(e.cursor_info(0, "c").unwrap().unwrap().remaining, 300);
 }
+
+/// Two readers of one cursor split its events: one that reads a closed
+/// checkpoint while another consumes the same events (here from the
+/// visitor itself, while the lock is released) fails instead of committing
+/// them a second time. Before, both calls succeeded with the same items,
+/// and the cursor was told again that it entered the next checkpoint
+/// (found by a review).
+#[test]
+fn a_closed_checkpoint_read_by_another_reader_meanwhile_is_not_handed_out_twice() {
+    use tapkv_engine::{CursorEvent, EventRef};
+    let dir = tempfile::tempdir().unwrap();
+    let e = tapkv_engine::Engine::builder(dir.path())
+        .partitions(1)
+        .open()
+        .unwrap();
+    e.register_cursor(0, "c", 0).unwrap();
+    for i in 0..5u64 {
+        e.set(
+            format!("k{i}").as_bytes(),
+            "v",
+            tapkv_engine::WriteOptions::default(),
+        )
+        .unwrap();
+    }
+    let closed = e.create_checkpoint(0).unwrap() - 1;
+    let (mut first, mut other) = (Vec::new(), Vec::new());
+    let read = e.read_cursor_within(0, "c", (10, usize::MAX), |ev| {
+        if let EventRef::Item(item) = ev {
+            first.push(item.seqno());
+        }
+        if first.len() == 1 && other.is_empty() {
+            let batch = e.read_cursor(0, "c", 10).unwrap();
+            for ev in batch.events {
+                if let CursorEvent::Item(item) = ev {
+                    other.push(item.seqno());
+                }
+            }
+        }
+    });
+    assert_eq!(other, [1, 2, 3, 4, 5]);
+    assert!(
+        matches!(read, Err(tapkv_engine::Error::WrongState(_))),
+        "{read:?}: the same items went to both readers"
+    );
+    // The cursor stays where the other reader left it: in the next
+    // checkpoint, told so once.
+    let next = e.read_cursor(0, "c", 10).unwrap();
+    assert!(
+        !next
+            .events
+            .iter()
+            .any(|ev| matches!(ev, CursorEvent::CheckpointStart { id } if *id > closed)),
+        "{:?}",
+        next.events
+    );
+    assert_eq!(e.cursor_info(0, "c").unwrap().unwrap().remaining, 0);
+}
