@@ -1046,6 +1046,9 @@ fn the_demo_runs_end_to_end() {
         "{out}"
     );
     assert!(out.contains("on each node: identical"), "{out}");
+    // The values were compared too, not only the rows.
+    assert!(!out.contains(" and 0 values on each node"), "{out}");
+    assert!(!out.contains("summing to 0 "), "{out}");
     assert!(
         out.contains("every item back, numbering continued: yes"),
         "{out}"

@@ -202,29 +202,44 @@ pub(crate) fn run(
         rows.len()
     )?;
     let streams = client(&primary)?.admin("streams").map_err(remote)?;
-    for s in streams
+    let resumed: u64 = streams
         .as_array()
         .into_iter()
         .flatten()
         .filter(|s| s["name"] == "replica-1")
-    {
-        let resumed: u64 = s["partitions"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|p| p["resumed_from"].as_u64().unwrap_or(0))
-            .sum();
-        outln!(
-            "   stream {}: resumed from seqnos summing to {resumed} (0 would be a full resync)",
-            s["name"]
-        )?;
+        .flat_map(|s| s["partitions"].as_array().into_iter().flatten())
+        .map(|p| p["resumed_from"].as_u64().unwrap_or(0))
+        .sum();
+    outln!(
+        "   stream \"replica-1\": resumed from seqnos summing to {resumed} (0 would be a full resync)"
+    )?;
+    if resumed == 0 {
+        return Err(Error::WrongState(
+            "replica-1 resynchronised in full after a clean restart instead of resuming".into(),
+        ));
     }
 
     step(12, "check: all three nodes hold identical data")?;
     let d = [dump(&primary)?, dump(&r1)?, dump(&r2)?];
-    let same = d[0] == d[1] && d[1] == d[2];
+    // The rows (keys, seqnos, CAS, sizes, flags), then every live value.
+    let mut same = d[0] == d[1] && d[1] == d[2];
+    let mut clients = [client(&primary)?, client(&r1)?, client(&r2)?];
+    let mut values = 0;
+    for row in d[0].iter().filter(|r| !r.deleted) {
+        if !same {
+            break;
+        }
+        let key = tapkv_replication::text::unescape(row.key.as_bytes())
+            .map_err(|e| Error::Corruption(format!("dumped key {:?}: {e}", row.key)))?;
+        let mut got = Vec::with_capacity(3);
+        for c in &mut clients {
+            got.push(c.get(&key).map_err(remote)?.0);
+        }
+        same = got[0] == got[1] && got[1] == got[2];
+        values += 1;
+    }
     outln!(
-        "   {} items (keys, seqnos, CAS, sizes) on each node: {}",
+        "   {} items (keys, seqnos, CAS, sizes) and {values} values on each node: {}",
         d[0].len(),
         if same { "identical" } else { "DIFFERENT" }
     )?;
