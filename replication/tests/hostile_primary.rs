@@ -238,7 +238,7 @@ fn a_handshake_answer_must_answer_the_request() {
     let hello = reader.next_within(200).unwrap();
     assert_eq!(hello.opcode, opcode::HELLO);
     writer.send(&StreamMessage::StreamEnd.to_frame()).unwrap();
-    wait_link_error(&node, "answered opcode");
+    common::wait_link_error(&node, "answered opcode");
     assert!(shutdown_within(node, Duration::from_secs(10)).is_some());
 }
 
@@ -267,23 +267,6 @@ fn a_primary_that_ends_every_session_at_once_is_reconnected_to_with_a_backoff() 
         "six sessions in {spent:?}"
     );
     assert!(shutdown_within(node, Duration::from_secs(10)).is_some());
-}
-
-/// Waits until the replica `node` reports a link error containing `says`.
-fn wait_link_error(node: &Node, says: &str) {
-    let mut c = tapkv_replication::client::Client::connect(
-        &node.local_addr().to_string(),
-        Duration::from_secs(5),
-    )
-    .unwrap();
-    let mut seen = String::new();
-    common::wait_until(says, Duration::from_secs(10), || {
-        seen = c.stats().unwrap()["link_error"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned();
-        seen.contains(says)
-    });
 }
 
 #[test]
@@ -326,7 +309,7 @@ fn a_disk_snapshot_holds_only_entries_of_its_range_and_one_is_open_at_a_time() {
         for f in &frames {
             writer.send(&f.to_frame()).unwrap();
         }
-        wait_link_error(&node, "broke the stream protocol");
+        common::wait_link_error(&node, "broke the stream protocol");
         // The session ended; nothing of the snapshot was applied.
         assert_eq!(node.engine().unwrap().high_seqno(0).unwrap(), 0);
         assert!(shutdown_within(node, Duration::from_secs(10)).is_some());
@@ -347,7 +330,7 @@ fn a_primary_refusing_the_connection_is_reported_with_its_reason() {
                 .with_value(b"temp_failure: too many connections".to_vec()),
         )
         .unwrap();
-    wait_link_error(&node, "too many connections");
+    common::wait_link_error(&node, "too many connections");
     assert!(shutdown_within(node, Duration::from_secs(10)).is_some());
 }
 

@@ -35,25 +35,6 @@ fn replica_of(
     .unwrap()
 }
 
-/// The error `replica` reports for its link (its `link_error` stat), once
-/// it reports one (at most 20 s).
-fn reported_link_error(replica: &Node) -> String {
-    let mut c = Client::connect(&replica.local_addr().to_string(), Duration::from_secs(5)).unwrap();
-    let mut error = String::new();
-    wait_until(
-        "the replica to report its link error",
-        Duration::from_secs(20),
-        || {
-            error = c.stats().unwrap()["link_error"]
-                .as_str()
-                .unwrap_or_default()
-                .to_owned();
-            !error.is_empty()
-        },
-    );
-    error
-}
-
 /// Writes `{prefix}0..n` with value `v` to `node`'s engine.
 fn write_keys(node: &Node, prefix: &str, n: usize) {
     let e = node.engine().unwrap();
@@ -105,7 +86,7 @@ fn a_replica_with_another_partition_count_refuses_to_replicate() {
     let replica = replica_of(&primary, rdir.path(), 4, "tapkv", |_| {});
 
     // The replica says why it does not replicate.
-    let error = reported_link_error(&replica);
+    let error = common::wait_link_error(&replica, "");
     assert!(
         error.contains("8 partitions") && error.contains("this replica 4"),
         "{error}"
@@ -976,15 +957,7 @@ fn a_primarys_directory_is_not_replaced_by_a_wrong_primary_unless_asked() {
 
     // A's directory pointed at B: refused, A's data kept.
     let wrong = replica_of(&b, adir.path(), 2, "wrong", |_| {});
-    let mut c = Client::connect(&wrong.local_addr().to_string(), Duration::from_secs(5)).unwrap();
-    let mut error = String::new();
-    wait_until("the refusal", Duration::from_secs(20), || {
-        error = c.stats().unwrap()["link_error"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned();
-        error.contains("primary's data")
-    });
+    let error = common::wait_link_error(&wrong, "primary's data");
     assert!(error.contains("--replace-data"), "{error}");
     let w = wrong.engine().unwrap();
     assert!(w.holds_primary_data());
@@ -1055,15 +1028,7 @@ fn a_seed_whose_primary_branched_is_not_replaced_unless_asked() {
     let a = primary_of(adir.path());
 
     let seeded = replica_of(&a, seed.path(), 2, "seeded", |_| {});
-    let mut c = Client::connect(&seeded.local_addr().to_string(), Duration::from_secs(5)).unwrap();
-    let mut error = String::new();
-    wait_until("the refusal", Duration::from_secs(20), || {
-        error = c.stats().unwrap()["link_error"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned();
-        error.contains("primary's data")
-    });
+    let error = common::wait_link_error(&seeded, "primary's data");
     assert!(error.contains("--replace-data"), "{error}");
     let s = seeded.engine().unwrap();
     assert!(s.holds_primary_data());
@@ -1269,7 +1234,7 @@ fn a_key_over_the_replicas_own_limit_is_reported_not_resynchronised() {
     );
     p.set(b"a-key-of-twenty-byte", b"v", WriteOptions::default())
         .unwrap();
-    let error = reported_link_error(&replica);
+    let error = common::wait_link_error(&replica, "");
     assert!(error.contains("--max-key-size"), "{error}");
     assert_eq!(r.get(b"short").unwrap().value(), b"v", "the data is kept");
     assert_eq!(

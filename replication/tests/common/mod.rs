@@ -19,6 +19,29 @@ pub fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// Waits (at most 20 s) until replica `node` reports a link error (`stat`'s
+/// `link_error`) that contains `says`; returns it.
+pub fn wait_link_error(node: &Node, says: &str) -> String {
+    let mut c = tapkv_replication::client::Client::connect(
+        &node.local_addr().to_string(),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let mut seen = String::new();
+    wait_until(
+        &format!("a link error saying {says:?}"),
+        Duration::from_secs(20),
+        || {
+            seen = c.stats().unwrap()["link_error"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            !seen.is_empty() && seen.contains(says)
+        },
+    );
+    seen
+}
+
 /// Shuts `node` down, bounded: panics if that fails or takes more than a
 /// minute (a thread that never stops would otherwise hang the test binary).
 pub fn shutdown(node: Node) {
