@@ -326,18 +326,24 @@ impl ShardsGuard<'_> {
         std::hint::black_box(shard.find(hash, key).map(Record::by_seqno));
     }
 
-    /// Removes every entry of the locked shards.
-    pub(crate) fn clear(&mut self) {
+    /// Removes every entry of the locked shards; returns them, for the
+    /// caller to drop once it has released the locks (a partition's records
+    /// can be millions).
+    pub(crate) fn clear(&mut self) -> Vec<Vec<Record>> {
         let table = self.table;
         let shards: Vec<(usize, &mut RwLockWriteGuard<'_, Shard>)> = match &mut self.held {
             Held::One(guard, idx, _) => vec![(*idx, guard)],
             Held::All(guards) => guards.iter_mut().enumerate().collect(),
         };
+        let mut taken = Vec::with_capacity(shards.len());
         for (idx, shard) in shards {
-            for rec in shard.take_all() {
-                table.counts[idx].account(Some(&rec), None);
+            let recs = shard.take_all();
+            for rec in &recs {
+                table.counts[idx].account(Some(rec), None);
             }
+            taken.push(recs);
         }
+        taken
     }
 
     /// Puts a value read back from disk into an evicted entry, if the entry

@@ -814,11 +814,14 @@ impl Engine {
         // Disk first: if it fails, memory still matches it (new entries
         // starting again at seqno 1 must never be flushed over old ones).
         s.store.reset_partition(p)?;
-        shards.clear();
+        // What the partition held is freed after the locks (before, every
+        // record and queued entry was dropped while reads of the partition
+        // and every flush round waited; found by a review).
+        let records = shards.clear();
         let next_id = w.checkpoints.open_checkpoint_id() + 1;
         let mut fresh = w.checkpoints.replacement(next_id, 0);
         fresh.register_cursor(PERSISTENCE_CURSOR, 0)?;
-        w.checkpoints = fresh;
+        let queued = std::mem::replace(&mut w.checkpoints, fresh);
         w.window = None;
         w.reverted.clear();
         w.completed.clear();
@@ -829,6 +832,7 @@ impl Engine {
         part.progress.synced_seqno.store(0, Ordering::Release);
         part.progress.resets.fetch_add(1, Ordering::Release);
         drop((shards, w, _no_flush));
+        drop((records, queued));
         // Durable writers and `flush` callers waiting on this partition's
         // old seqnos end now, with an error (`Shared::wait_synced`).
         s.wake_persist_waiters();
