@@ -315,6 +315,9 @@ pub(crate) struct Shared {
     pub(crate) items_expelled: AtomicU64,
     /// Table entries the pager has looked at.
     pub(crate) pager_scanned: AtomicU64,
+    /// The pager's last pass evicted and stopped short of its target (see
+    /// `pager::run`).
+    pub(crate) pager_pending: AtomicBool,
     /// Entries of the pager's current shard (`pager_next`) its last pass
     /// already looked at (see `pager::run`).
     pub(crate) pager_offset: AtomicUsize,
@@ -809,6 +812,7 @@ impl Engine {
             views_made: AtomicU64::new(0),
             items_expelled: AtomicU64::new(0),
             pager_scanned: AtomicU64::new(0),
+            pager_pending: AtomicBool::new(false),
             pager_offset: AtomicUsize::new(0),
             staged: (0..config.partitions)
                 .map(|_| AtomicBool::new(false))

@@ -131,6 +131,9 @@ fn run(shared: &Shared, thread: usize, threads: usize) {
                 continue;
             }
         };
+        // A pager pass that stopped at its bound goes on after a nap, as
+        // after a round that found work.
+        let found_work = found_work || (expires && shared.pager_pending.load(Ordering::Relaxed));
         shared.flush_signals[thread].wait(
             found_work,
             shared.config.flush_interval,

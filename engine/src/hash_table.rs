@@ -199,9 +199,9 @@ impl HashTable {
 
     /// Evicts values of clean items (`by_seqno <=` the partition's
     /// `persisted` seqno) from shard `shard`, starting at its `skip`th
-    /// entry, until about `target` bytes are freed or `max_kept` entries
-    /// were looked at and left (keys with no value, dirty or already
-    /// evicted ones). `persisted` is read under the shard lock: a partition
+    /// entry, until about `target` bytes are freed or `max_scanned` entries
+    /// were looked at (evicted, or left: keys with no value, dirty or
+    /// already evicted ones). `persisted` is read under the shard lock: a partition
     /// reset, which holds every shard while it stores 0 there, cannot slip
     /// in between and make it name seqnos no longer on disk.
     pub(crate) fn evict_clean(
@@ -210,7 +210,7 @@ impl HashTable {
         persisted: &AtomicU64,
         target: usize,
         skip: usize,
-        max_kept: usize,
+        max_scanned: usize,
     ) -> EvictPass {
         let idx = shard % SHARDS;
         let mut guard = self.shards[idx].write();
@@ -223,7 +223,7 @@ impl HashTable {
             finished: true,
         };
         for rec in guard.iter_mut().skip(skip) {
-            if pass.bytes >= target || pass.kept >= max_kept {
+            if pass.bytes >= target || pass.scanned >= max_scanned {
                 pass.finished = false;
                 break;
             }

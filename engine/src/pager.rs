@@ -126,13 +126,16 @@ pub(crate) fn expire(shared: &Shared, forced: bool) -> usize {
     deleted
 }
 
-/// Table entries a pager pass may look at and leave (keys without a
-/// value, dirty values, values evicted already) before it stops for the
-/// flush round; the next pass goes on from the entry where it stopped.
-/// Without a bound, a table the pager cannot bring under its target (keys
-/// alone over the quota, or everything dirty) would be scanned whole after
-/// every flush round (every 2 ms under writes), holding shard locks.
-/// Entries it evicts do not count: that work is what the pass is for.
+/// Table entries a pager pass may look at (evicting them, or leaving keys
+/// without a value, dirty values, values evicted already) before it stops
+/// for the flush round; the next pass goes on from the entry where it
+/// stopped. Without a bound, a table the pager cannot bring under its
+/// target (keys alone over the quota, or everything dirty) would be
+/// scanned whole after every flush round (every 2 ms under writes),
+/// holding shard locks; and a pass past the high-water mark evicted a
+/// tenth of the quota at once (a million 100-byte values by default)
+/// while the flusher thread's next round, and the durable writes waiting
+/// on it, waited (found by a review: evicted entries did not count).
 pub(crate) const PAGER_SCAN_PER_ROUND: usize = 16_384;
 
 /// One pager pass, after a flush round and outside its lock (a pass
@@ -142,16 +145,27 @@ pub(crate) const PAGER_SCAN_PER_ROUND: usize = 16_384;
 /// in rotation from where the last pass stopped (`pager_next`, and
 /// `pager_offset` inside that shard), until the total is under
 /// `low_water × memory_quota` or [`PAGER_SCAN_PER_ROUND`] entries were
-/// looked at and left. So a pass is bounded, and there is no pause in
-/// which values that became clean wait: each round goes on with the
-/// entries the last one did not reach.
+/// looked at. So a pass is bounded, and there is no pause in which values
+/// that became clean wait: each round goes on with the entries the last
+/// one did not reach. A pass that evicted and stopped short of its target
+/// sets `pager_pending`, so its flusher thread naps as after a round that
+/// found work (`flush_interval`), not as an idle one.
 pub(crate) fn run(shared: &Shared) {
+    let pending = pass(shared);
+    shared.pager_pending.store(pending, Ordering::Relaxed);
+}
+
+/// One pass; whether it evicted and left its target unreached.
+fn pass(shared: &Shared) -> bool {
     let quota = shared.config.memory_quota as f64;
     let used: usize = shared.partitions.iter().map(|p| p.table.mem_bytes()).sum();
-    if (used as f64) <= quota * shared.config.high_water {
-        return;
-    }
     let target = (quota * shared.config.low_water) as usize;
+    // Past the high-water mark, or going on with a pass that stopped at its
+    // bound on the way down to the low-water mark.
+    let going_on = shared.pager_pending.load(Ordering::Relaxed);
+    if (used as f64) <= quota * shared.config.high_water && !(going_on && used > target) {
+        return false;
+    }
     let mut to_free = used.saturating_sub(target);
     let shards = shared.partitions.first().map_or(1, |p| p.table.shards());
     let slots = (shared.partitions.len() * shards).max(1);
@@ -159,7 +173,7 @@ pub(crate) fn run(shared: &Shared) {
     // Every slot once at most (the first one may be visited again from its
     // start, after a pass that stopped inside it).
     for _ in 0..=slots {
-        if to_free == 0 || kept >= PAGER_SCAN_PER_ROUND {
+        if to_free == 0 || looked_at >= PAGER_SCAN_PER_ROUND {
             break;
         }
         let slot = shared.pager_next.load(Ordering::Relaxed) % slots;
@@ -170,7 +184,7 @@ pub(crate) fn run(shared: &Shared) {
             &p.progress.persisted_seqno,
             to_free,
             skip,
-            PAGER_SCAN_PER_ROUND - kept,
+            PAGER_SCAN_PER_ROUND - looked_at,
         );
         p.progress
             .evictions
@@ -197,10 +211,12 @@ pub(crate) fn run(shared: &Shared) {
     tracing::debug!(
         evicted,
         freed,
+        kept,
         used,
         quota = shared.config.memory_quota,
         "pager ran"
     );
+    evicted > 0 && to_free > 0
 }
 
 #[cfg(all(test, not(any(loom, feature = "loom"))))]

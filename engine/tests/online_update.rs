@@ -906,12 +906,63 @@ fn values_that_become_clean_are_evicted_at_the_next_round() {
         st.partitions[0].persisted_seqno,
         st.partitions[0].high_seqno
     );
+    // From the next round on, each pass evicts as much as it may look at
+    // (16,384 entries), round after round, until under the quota.
+    let evictions = |e: &Engine| e.stats().unwrap().partitions[0].evictions;
+    let before = evictions(&e);
     e.run_flush_round().unwrap();
-    let left = table(&e);
+    assert_eq!(evictions(&e) - before, 16_384);
+    let mut rounds = 1;
+    while table(&e) as f64 > quota as f64 * 0.85 {
+        assert!(rounds <= n / 16_384 + 1, "{rounds} rounds and still over");
+        e.run_flush_round().unwrap();
+        rounds += 1;
+    }
+    e.set_flusher_paused(false);
+}
+
+/// One pager pass evicts at most the entries it may look at (16,384), and
+/// the passes of the next rounds go on: before, a pass past the high-water
+/// mark evicted everything down to the low-water mark at once (a tenth of
+/// the default quota, about a million values), while its flusher thread's
+/// next round and the durable writes waiting on it waited (found by a
+/// review).
+#[test]
+fn one_pager_pass_evicts_a_bounded_number_of_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = Engine::builder(dir.path())
+        .partitions(1)
+        .memory_quota(8 << 20)
+        .water_marks(0.85, 0.05)
+        .open()
+        .unwrap();
+    for i in 0..60_000 {
+        e.set(format!("k{i:06}").as_bytes(), [b'v'; 100], MEM)
+            .unwrap();
+    }
+    e.flush().unwrap();
+    e.set_flusher_paused(true);
+    let st = e.stats().unwrap();
+    assert_eq!(st.partitions[0].evictions, 0, "under the high-water mark");
+    for i in 0..10_000 {
+        e.set(format!("n{i:06}").as_bytes(), [b'v'; 100], MEM)
+            .unwrap();
+    }
+    // (A round writes one batch of the new keys: the rest stay dirty.)
+    e.run_flush_round().unwrap();
+    let evicted = e.stats().unwrap().partitions[0].evictions;
     assert!(
-        left as f64 <= quota as f64 * 0.85,
-        "{left} bytes resident a round after everything was persisted (quota {quota})"
+        evicted > 0 && evicted <= 16_384,
+        "one pass evicted {evicted}"
     );
+    // The next rounds' passes go on. The keys alone are over the low-water
+    // mark here, so every value goes.
+    let mut rounds = 1;
+    while e.stats().unwrap().partitions[0].evicted_items < 70_000 {
+        assert!(rounds <= 70_000 / 16_384 + 6, "{rounds} rounds");
+        e.run_flush_round().unwrap();
+        rounds += 1;
+    }
     e.set_flusher_paused(false);
 }
 
