@@ -302,6 +302,8 @@ pub(crate) struct Shared {
     pub(crate) expiry_due: Mutex<Option<Instant>>,
     /// The (partition, shard) slot the expiry pass goes on from.
     pub(crate) expiry_next: AtomicUsize,
+    /// The entry inside that slot's shard the expiry pass goes on from.
+    pub(crate) expiry_offset: AtomicUsize,
     recovered_from_crash: bool,
     /// See [`Engine::holds_primary_data`].
     pub(crate) primary_data: AtomicBool,
@@ -805,6 +807,7 @@ impl Engine {
             pager_next: AtomicUsize::new(0),
             expiry_due: Mutex::new(Instant::now().checked_add(config.expiry_pager_interval)),
             expiry_next: AtomicUsize::new(0),
+            expiry_offset: AtomicUsize::new(0),
             recovered_from_crash: !clean,
             primary_data: AtomicBool::new(primary_data),
             snapshot_staged_items: AtomicU64::new(0),

@@ -245,19 +245,31 @@ impl HashTable {
     }
 
     /// Keys of shard `shard` expired at `now` (seconds since the epoch),
-    /// with their CAS, read under the shard's read lock.
-    /// At most `max` of them: the caller deletes at most that many, and
-    /// the next pass finds the rest.
-    pub(crate) fn expired(&self, shard: usize, now: u32, max: usize) -> Vec<(Vec<u8>, u64)> {
+    /// with their CAS, read under the shard's read lock, from its `skip`th
+    /// entry on. At most `max` of them (the caller deletes at most that
+    /// many, and the next pass finds the rest), after looking at
+    /// `max_scanned` entries at most; returns them and the entries looked
+    /// at (fewer than `max_scanned` and `max` found: the shard's end).
+    pub(crate) fn expired(
+        &self,
+        shard: usize,
+        now: u32,
+        (skip, max, max_scanned): (usize, usize, usize),
+    ) -> (Vec<(Vec<u8>, u64)>, usize) {
         let guard = self.shards[shard % SHARDS].read();
-        guard
-            .iter()
-            .filter_map(|rec| {
-                let m = rec.meta();
-                m.is_expired(now).then(|| (rec.key().to_vec(), m.cas))
-            })
-            .take(max)
-            .collect()
+        let mut found = Vec::new();
+        let mut scanned = 0;
+        for rec in guard.iter().skip(skip) {
+            if found.len() >= max || scanned >= max_scanned {
+                break;
+            }
+            scanned += 1;
+            let m = rec.meta();
+            if m.is_expired(now) {
+                found.push((rec.key().to_vec(), m.cas));
+            }
+        }
+        (found, scanned)
     }
 
     /// Number of shards (for the pager's rotation).
