@@ -378,12 +378,16 @@ impl ShardsGuard<'_> {
     }
 
     /// Evicts `key`'s value if it is clean (`by_seqno <= clean_upto`);
-    /// `None` if the key is absent.
-    pub(crate) fn evict(&mut self, key: &[u8], clean_upto: u64) -> Option<Eviction> {
+    /// `None` if the key is absent, or expired at `now` (seconds since the
+    /// epoch): it reads as absent.
+    pub(crate) fn evict(&mut self, key: &[u8], clean_upto: u64, now: u32) -> Option<Eviction> {
         let table = self.table;
         let (shard, hash) = self.shard(key);
         let counts = table.counts_of(hash);
         let rec = shard.find_mut(hash, key)?;
+        if rec.meta().is_expired(now) {
+            return None;
+        }
         if rec.by_seqno() > clean_upto {
             return Some(Eviction::Dirty);
         }
@@ -491,11 +495,11 @@ mod tests {
         assert_eq!((pass.items, pass.kept), (0, 1));
         t.slot(b"k").put(Record::new(&meta(5, 100), b"k", b"value"));
         assert_eq!((t.len(), t.mem_bytes(), t.evicted()), (2, 7, 0));
-        assert_eq!(t.slot(b"k").evict(b"k", 4), Some(Eviction::Dirty));
-        assert_eq!(t.slot(b"k").evict(b"k", 10), Some(Eviction::Now));
-        assert_eq!(t.slot(b"k").evict(b"k", 10), Some(Eviction::Already));
-        assert_eq!(t.slot(b"e").evict(b"e", 10), Some(Eviction::Already));
-        assert_eq!(t.slot(b"x").evict(b"x", 10), None);
+        assert_eq!(t.slot(b"k").evict(b"k", 4, 0), Some(Eviction::Dirty));
+        assert_eq!(t.slot(b"k").evict(b"k", 10, 0), Some(Eviction::Now));
+        assert_eq!(t.slot(b"k").evict(b"k", 10, 0), Some(Eviction::Already));
+        assert_eq!(t.slot(b"e").evict(b"e", 10, 0), Some(Eviction::Already));
+        assert_eq!(t.slot(b"x").evict(b"x", 10, 0), None);
         assert_eq!((t.len(), t.mem_bytes(), t.evicted()), (2, 2, 1));
         assert_eq!(t.evicted_bytes(), 5);
         // Same seqno, other CAS: another history's version (after a
@@ -507,7 +511,7 @@ mod tests {
         assert_eq!((t.len(), t.mem_bytes(), t.evicted()), (2, 7, 0));
         assert_eq!(t.evicted_bytes(), 0);
         // Removing an evicted entry un-counts it.
-        assert_eq!(t.slot(b"k").evict(b"k", 10), Some(Eviction::Now));
+        assert_eq!(t.slot(b"k").evict(b"k", 10, 0), Some(Eviction::Now));
         assert_eq!(t.evicted_bytes(), 5);
         let h = t.hash(b"k");
         assert!(t.slot(b"k").remove_hashed(h, b"k").is_some());
@@ -515,7 +519,7 @@ mod tests {
         assert_eq!(t.evicted_bytes(), 0);
         // So does replacing one with a resident version.
         t.slot(b"k").put(Record::new(&meta(5, 100), b"k", b"value"));
-        assert_eq!(t.slot(b"k").evict(b"k", 10), Some(Eviction::Now));
+        assert_eq!(t.slot(b"k").evict(b"k", 10, 0), Some(Eviction::Now));
         t.slot(b"k").put(Record::new(&meta(6, 101), b"k", b"new"));
         assert_eq!(
             (t.len(), t.mem_bytes(), t.evicted(), t.evicted_bytes()),

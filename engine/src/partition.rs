@@ -321,7 +321,8 @@ impl Partition {
         // shard) cannot slip in between and make `clean_upto` name seqnos
         // that are no longer on disk.
         let clean_upto = self.progress.persisted_seqno.load(Ordering::Acquire);
-        match slot.evict(key, clean_upto) {
+        // An expired key reads as absent: `NotFound`, as `get` says.
+        match slot.evict(key, clean_upto, now_secs()) {
             None => Err(Error::NotFound),
             Some(Eviction::Dirty) => Err(Error::WrongState(format!(
                 "key {} is dirty (not yet persisted, or inside an online-update window); \

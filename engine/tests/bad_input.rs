@@ -134,6 +134,11 @@ fn expired_items_read_as_absent() {
     )
     .unwrap();
     assert!(matches!(e.get(b"old"), Err(Error::NotFound)));
+    // So does `evict` of it, persisted or not (before: `Ok`, or
+    // `WrongState` for a key "not yet persisted", while `get` said absent).
+    assert!(matches!(e.evict(b"old"), Err(Error::NotFound)));
+    e.flush().unwrap();
+    assert!(matches!(e.evict(b"old"), Err(Error::NotFound)));
     e.add(b"old", "new", WriteOptions::default()).unwrap();
     assert_eq!(&e.get(b"old").unwrap().value(), b"new");
 }
