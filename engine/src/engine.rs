@@ -307,6 +307,9 @@ pub(crate) struct Shared {
     recovered_from_crash: bool,
     /// See [`Engine::holds_primary_data`].
     pub(crate) primary_data: AtomicBool,
+    /// A replica's primary's `online_update_memory_limit` (0: not known;
+    /// see [`Engine::set_primary_window_limit`]).
+    pub(crate) primary_window_limit: AtomicUsize,
     /// Disk-snapshot entries spilled to the staging column family.
     pub(crate) snapshot_staged_items: AtomicU64,
     /// Stream cursors the flusher dropped under memory pressure.
@@ -810,6 +813,7 @@ impl Engine {
             expiry_offset: AtomicUsize::new(0),
             recovered_from_crash: !clean,
             primary_data: AtomicBool::new(primary_data),
+            primary_window_limit: AtomicUsize::new(0),
             snapshot_staged_items: AtomicU64::new(0),
             cursors_dropped: AtomicU64::new(0),
             views_made: AtomicU64::new(0),
@@ -1352,6 +1356,24 @@ impl Engine {
         match self.shared.as_deref() {
             Some(s) => s.changes.wait(since, timeout),
             None => since,
+        }
+    }
+
+    /// Tells a replica its primary's `online_update_memory_limit` (a node
+    /// reads it from the primary's HELLO; 0: not known, the default). A
+    /// window its primary opens is held to this replica's own limit, by the
+    /// bytes the window queues here, only when the primary's limit is
+    /// larger or not known. With a limit at least the primary's, the
+    /// replica takes every entry the primary took: its queued bytes can
+    /// exceed the primary's, by versions the stream delivered before the
+    /// primary replaced them (the newer version comes later in the stream),
+    /// and a replica counting those refused entries its primary had
+    /// accepted, stalling its link until the window ended (found by a
+    /// review). What it then holds is bounded by `checkpoint_memory_limit`.
+    /// A window already open keeps the admission it started with.
+    pub fn set_primary_window_limit(&self, bytes: usize) {
+        if let Some(s) = self.shared.as_deref() {
+            s.primary_window_limit.store(bytes, Ordering::Release);
         }
     }
 

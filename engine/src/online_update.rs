@@ -83,12 +83,16 @@ impl Window {
     }
 
     /// A replica's admission of its primary's window entry: against the
-    /// queued bytes alone, which are the same on both nodes, so a replica
-    /// with its primary's limit takes every window its primary took. (What
-    /// the undo map keeps depends on what each node had persisted when the
-    /// window first touched a key, which a replica does later than its
-    /// primary; it is counted in `bytes` and bounded, until persisted, by
-    /// the checkpoint memory limit.)
+    /// queued bytes alone (what the undo map keeps depends on what each node
+    /// had persisted when the window first touched a key, which a replica
+    /// does later than its primary; it is counted in `bytes` and bounded,
+    /// until persisted, by the checkpoint memory limit). The queued bytes
+    /// are not the primary's: the stream may have delivered a key's version
+    /// the primary replaced since, whose replacement comes later in the
+    /// stream. So a replica whose primary's limit is no larger than its own
+    /// opens its windows with no limit here (`usize::MAX`, see
+    /// `Engine::set_primary_window_limit`): the primary's admission bounds
+    /// them.
     pub(crate) fn admit_replicated(&self, partition: PartitionId, incoming: usize) -> Result<()> {
         if self.queued + incoming > self.limit {
             return Err(Error::TempOutOfMemory {

@@ -396,8 +396,16 @@ impl crate::engine::Shared {
                 });
             }
         }
-        self.partition(p)?
-            .apply(self.config.online_update_memory_limit, &self.store, item)
+        // The limit a window opened by this entry admits the stream's
+        // entries to (see `Engine::set_primary_window_limit`).
+        let own = self.config.online_update_memory_limit;
+        let primary = self.primary_window_limit.load(Ordering::Acquire);
+        let window_limit = if primary != 0 && primary <= own {
+            usize::MAX
+        } else {
+            own
+        };
+        self.partition(p)?.apply(window_limit, &self.store, item)
     }
 }
 

@@ -1409,3 +1409,81 @@ fn only_the_end_of_the_checkpoint_the_stream_is_in_fills_its_gaps() {
     assert!(!r.replica_history_may_have_gaps(1).unwrap());
     r.close().unwrap();
 }
+
+/// A primary's window as a stream delivers it: a key's large version read
+/// before the primary replaced it, the replacement after two more large
+/// entries. The primary never queued more than two large values; a replica
+/// counting what it was delivered queues three. Told its primary's limit
+/// (no larger than its own), the replica takes every entry the primary
+/// took; not told it, it holds the window to its own limit by what it
+/// queues. Before, a replica with its primary's limit refused such an
+/// entry and its link stalled until the window ended (found by a review).
+#[test]
+fn a_replica_told_its_primarys_window_limit_takes_every_entry_its_primary_took() {
+    use tapkv_engine::CursorEvent;
+    let limit = 1 << 20;
+    let open = |dir: &std::path::Path, replica: bool| {
+        builder(dir)
+            .replica(replica)
+            .online_update_memory_limit(limit)
+            .max_value_size(400 << 10)
+            .open()
+            .unwrap()
+    };
+    for told in [true, false] {
+        let (pdir, rdir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (primary, r) = (open(pdir.path(), false), open(rdir.path(), true));
+        if told {
+            r.set_primary_window_limit(limit);
+        }
+        let p = 0;
+        let k = keys_of(&primary, p, "w", 3); // J, E, F
+        let big = vec![b'v'; 350 << 10];
+        primary.stream_start(p, "repl:t", 0).unwrap();
+        // Feeds what the stream's cursor holds to the replica; the first
+        // refusal, if any.
+        let feed = || -> Option<Error> {
+            let mut evs = Vec::new();
+            // A read stops at a checkpoint's end: read until nothing is left.
+            loop {
+                let before = evs.len();
+                primary
+                    .read_cursor_with(p, "repl:t", 1000, |ev| evs.push(ev.to_owned()))
+                    .unwrap();
+                if evs.len() == before {
+                    break;
+                }
+            }
+            for ev in evs {
+                match ev {
+                    CursorEvent::CheckpointStart { id } => r.replica_checkpoint(p, id).unwrap(),
+                    CursorEvent::CheckpointEnd { id } => r.replica_checkpoint_end(p, id).unwrap(),
+                    CursorEvent::Item(item) => match r.apply_replicated(p, &item) {
+                        Ok(outcome) => assert_eq!(outcome, ApplyOutcome::Applied),
+                        Err(e) => return Some(e),
+                    },
+                }
+            }
+            None
+        };
+        let w = WriteOptions::default;
+        primary.online_update_start(p).unwrap();
+        primary.set(&k[0], &big[..], w()).unwrap();
+        assert!(feed().is_none()); // the replica holds J at 350 KiB
+        primary.set(&k[0], b"x", w()).unwrap();
+        primary.set(&k[1], &big[..], w()).unwrap();
+        primary.set(&k[2], &big[..], w()).unwrap(); // ~700 KiB on the primary
+        primary.set(&k[0], b"y", w()).unwrap(); // J's new version after E and F
+        let refused = feed();
+        if told {
+            assert!(refused.is_none(), "{refused:?}");
+            assert_eq!(r.get(&k[0]).unwrap().value(), b"y");
+            assert_eq!(r.get(&k[2]).unwrap().value(), &big[..]);
+        } else {
+            assert!(
+                matches!(refused, Some(Error::TempOutOfMemory { .. })),
+                "{refused:?}"
+            );
+        }
+    }
+}

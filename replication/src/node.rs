@@ -979,6 +979,12 @@ fn serve_connection(
         "partitions": state.engine.num_partitions(),
         "max_body": cfg.max_body,
         "heartbeat_ms": u64::try_from(cfg.heartbeat.as_millis()).unwrap_or(u64::MAX),
+        // A replica with a limit at least this takes every window entry
+        // this node takes (`Engine::set_primary_window_limit`).
+        "online_update_memory_limit": state
+            .engine
+            .config()
+            .map_or(0, |c| c.online_update_memory_limit),
     });
     writer
         .send(&json_response(&first, &info).with_extras(PROTOCOL_VERSION.to_be_bytes().to_vec()))?;
@@ -2469,6 +2475,14 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
         .as_u64()
         .map_or(Duration::ZERO, |ms| Duration::from_millis(ms.min(HOUR_MS)));
     let silence_limit = cfg.heartbeat.max(primary_heartbeat) * SILENT_HEARTBEATS;
+    // The primary's window limit decides whether its windows are held to
+    // this node's own (absent from an older primary: they are).
+    engine.set_primary_window_limit(
+        info["online_update_memory_limit"]
+            .as_u64()
+            .and_then(|b| usize::try_from(b).ok())
+            .unwrap_or(0),
+    );
     // A window held across a reconnect resumes like anything else while the
     // primary still holds what follows in memory (the window's END or
     // REVERT comes with it). Only a partition the primary could answer with

@@ -114,3 +114,33 @@ fn a_node_and_its_engine_must_agree_on_the_role() {
         .expect("a primary node over a replica's engine");
     assert!(e.to_string().contains("no replica_of"), "{e}");
 }
+
+/// A node's HELLO answer gives its `online_update_memory_limit`: a replica
+/// with a limit at least its primary's then takes every window entry the
+/// primary took (`Engine::set_primary_window_limit`; engine test
+/// `replica::a_replica_told_its_primarys_window_limit_takes_every_entry_its_primary_took`).
+#[test]
+fn a_nodes_hello_gives_its_window_limit() {
+    use tapkv_replication::message::hello;
+    use tapkv_replication::protocol::read_frame;
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::builder(dir.path())
+        .partitions(1)
+        .online_update_memory_limit(300 << 20)
+        .open()
+        .unwrap();
+    let node = Node::start(engine, NodeConfig::new("127.0.0.1:0")).unwrap();
+    let mut conn = std::net::TcpStream::connect(node.local_addr()).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    std::io::Write::write_all(&mut conn, &hello("probe").to_bytes()).unwrap();
+    let answer = read_frame(&mut conn, 1 << 20).unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&answer.value).unwrap();
+    assert_eq!(
+        info["online_update_memory_limit"].as_u64(),
+        Some(300 << 20),
+        "{info}"
+    );
+    drop(conn);
+    common::shutdown(node);
+}
