@@ -114,11 +114,32 @@ fn opts(v: u8) -> WriteOptions {
     }
 }
 
-/// What the engine holds for `k` just after a write of it.
-fn version(e: &Engine, k: usize) -> Version {
+/// What the engine holds for `k` just after a write of `val(k, v)` with
+/// `opts(v)`: checked to be that value, flags and expiry, with a seqno above
+/// every seqno its partition handed out before (`last`, never reused, not
+/// even after a crash) and a CAS above the partition's last in this run.
+fn written(e: &Engine, k: usize, v: u8, last: &mut Last) -> Version {
     let item = e.get(&key(k)).unwrap();
-    (item.value().to_vec(), item.meta)
+    let m = item.meta;
+    assert_eq!(item.value(), &val(k, v)[..], "key {k}");
+    assert_eq!(
+        (m.flags, m.expiry),
+        (opts(v).flags, opts(v).expiry),
+        "key {k}"
+    );
+    let (seqno, cas) = last.entry(e.partition_of(&key(k))).or_default();
+    assert!(
+        m.by_seqno > *seqno,
+        "key {k}: seqno {} after {seqno}",
+        m.by_seqno
+    );
+    assert!(m.cas > *cas, "key {k}: CAS {} after {cas}", m.cas);
+    (*seqno, *cas) = (m.by_seqno, m.cas);
+    (item.value().to_vec(), m)
 }
+
+/// Per partition, the last write's seqno and CAS.
+type Last = BTreeMap<PartitionId, (u64, u64)>;
 
 /// Opens the engine with its flusher paused: only [`flush`] persists.
 fn open(dir: &std::path::Path) -> Engine {
@@ -153,14 +174,14 @@ proptest! {
             windows: BTreeMap::new(),
             durable: BTreeMap::new(),
         };
+        let mut last = Last::new();
         let mem = WriteOptions::default();
         for op in ops {
             let eng = e.as_ref().unwrap();
             match op {
                 Op::Set(k, v) => {
                     eng.set(&key(k), val(k, v), opts(v)).unwrap();
-                    prop_assert_eq!(version(eng, k).0, val(k, v));
-                    m.values.insert(k, version(eng, k));
+                    m.values.insert(k, written(eng, k, v, &mut last));
                 }
                 Op::Add(k, v) => {
                     let r = eng.add(&key(k), val(k, v), opts(v));
@@ -170,7 +191,7 @@ proptest! {
                         }
                         std::collections::btree_map::Entry::Vacant(slot) => {
                             r.unwrap();
-                            slot.insert(version(eng, k));
+                            slot.insert(written(eng, k, v, &mut last));
                         }
                     }
                 }
@@ -187,7 +208,10 @@ proptest! {
                     let cas = if right { cas } else { cas + 1 };
                     let r = eng.set(&key(k), val(k, v), opts(v).with_cas(cas));
                     match (m.values.contains_key(&k), right) {
-                        (true, true) => { r.unwrap(); m.values.insert(k, version(eng, k)); }
+                        (true, true) => {
+                            r.unwrap();
+                            m.values.insert(k, written(eng, k, v, &mut last));
+                        }
                         (true, false) => prop_assert!(matches!(r, Err(Error::CasMismatch { .. })), "{:?}", r),
                         (false, _) => prop_assert!(matches!(r, Err(Error::NotFound)), "{:?}", r),
                     }
