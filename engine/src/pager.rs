@@ -68,15 +68,18 @@ pub(crate) fn expire(shared: &Shared, forced: bool) -> usize {
     let now = now_secs();
     let shards = shared.partitions.first().map_or(1, |p| p.table.shards());
     let slots = shared.partitions.len() * shards;
+    // A cycle visits the slots in order, from the first; a pass that stops
+    // early leaves where the cycle goes on (a slot, and the entry inside
+    // it), and the cycle ends at the last slot's end: only then does the
+    // next wait for the interval. (A rotation that could start anywhere had
+    // no end: over a table larger than a pass's budget, a pass ran before
+    // every flush round; found by a review.)
     let first = shared.expiry_next.load(Ordering::Relaxed) % slots.max(1);
     let offset = shared.expiry_offset.load(Ordering::Relaxed);
     let (mut deleted, mut scanned) = (0usize, 0usize);
-    // Where the next pass goes on (a slot, and the entry inside it) when
-    // this one stops early.
     let mut stopped_at = None;
-    'slots: for i in 0..slots {
-        let slot = (first + i) % slots;
-        let skip = if i == 0 { offset } else { 0 };
+    'slots: for slot in first..slots {
+        let skip = if slot == first { offset } else { 0 };
         if deleted >= EXPIRY_BATCH || scanned >= EXPIRY_SCAN_PER_PASS {
             stopped_at = Some((slot, skip));
             break;
@@ -139,7 +142,7 @@ pub(crate) fn expire(shared: &Shared, forced: bool) -> usize {
             break;
         }
     }
-    let (next, next_offset) = stopped_at.unwrap_or((first, 0));
+    let (next, next_offset) = stopped_at.unwrap_or((0, 0));
     shared.expiry_next.store(next, Ordering::Relaxed);
     shared.expiry_offset.store(next_offset, Ordering::Relaxed);
     // Stopped early: go on at the next round; else wait for the interval
@@ -251,6 +254,32 @@ fn pass(shared: &Shared) -> bool {
 mod tests {
     use super::*;
     use crate::Engine;
+
+    /// Over a table larger than a pass looks at, the passes of one cycle go
+    /// through it once, and then the next waits for the interval. Before,
+    /// the passes went round the table for ever, one before every flush
+    /// round (found by a review).
+    #[test]
+    fn the_expiry_passes_of_a_cycle_end_and_the_next_waits_for_the_interval() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = Engine::builder(dir.path()).partitions(1).open().unwrap();
+        e.set_flusher_paused(true);
+        for i in 0..100_000 {
+            e.set(format!("k{i}").as_bytes(), b"v", WriteOptions::default())
+                .unwrap();
+        }
+        let s = e.live().unwrap();
+        let waits = || {
+            s.expiry_due
+                .lock()
+                .is_some_and(|due| due > std::time::Instant::now())
+        };
+        expire(s, true);
+        assert!(!waits(), "one pass cannot look at 100,000 entries");
+        expire(s, true);
+        assert!(waits(), "the second pass ended the cycle");
+        e.set_flusher_paused(false);
+    }
 
     /// The expiry pass checks for a window before it reads a shard's
     /// expired keys, and deletes them one at a time after: a START in
