@@ -300,20 +300,25 @@ fn checkpoint_memory_is_bounded_and_nothing_accepted_is_dropped() {
     // Stall the flusher so nothing is freed.
     e.set_flusher_paused(true);
     let mut accepted = Vec::new();
-    let mut refused = 0;
+    let mut refused = Vec::new();
     for i in 0..2000 {
         match e.set(&key(i), vec![b'x'; 200], WriteOptions::default()) {
             Ok(_) => accepted.push(i),
-            Err(Error::TempOutOfMemory { .. }) => refused += 1,
+            Err(Error::TempOutOfMemory { .. }) => refused.push(i),
             Err(other) => panic!("unexpected {other:?}"),
         }
     }
-    assert!(refused > 0, "the bound was never hit");
+    assert!(!refused.is_empty(), "the bound was never hit");
     let st = e.stats().unwrap();
     assert!(st.checkpoint_mem_bytes <= 64 * 1024);
     for i in &accepted {
-        assert!(e.get(&key(*i)).is_ok());
+        assert_eq!(e.get(&key(*i)).unwrap().value(), &[b'x'; 200][..]);
     }
+    // A refused write changed nothing.
+    for i in &refused {
+        assert!(matches!(e.get(&key(*i)), Err(Error::NotFound)), "refused key {i}");
+    }
+    assert_eq!(st.items(), accepted.len());
     // Let the flusher run again: memory drains and writes are accepted.
     e.set_flusher_paused(false);
     e.flush().unwrap();
@@ -323,6 +328,9 @@ fn checkpoint_memory_is_bounded_and_nothing_accepted_is_dropped() {
     let e = builder(dir.path()).open().unwrap();
     for i in &accepted {
         assert!(e.get(&key(*i)).is_ok(), "accepted key {i} lost");
+    }
+    for i in refused.iter().filter(|i| **i != 5000) {
+        assert!(matches!(e.get(&key(*i)), Err(Error::NotFound)), "refused key {i}");
     }
 }
 

@@ -468,20 +468,24 @@ fn the_window_memory_limit_refuses_writes_until_the_window_ends() {
     let k = keys_in(&e, 0, 2000, "x");
     e.online_update_start(0).unwrap();
     let mut accepted = Vec::new();
-    let mut refused = 0;
+    let mut refused = Vec::new();
     for key in &k {
         match e.set(key, vec![b'x'; 100], MEM) {
             Ok(_) => accepted.push(key.clone()),
             Err(Error::TempOutOfMemory { reason }) => {
                 assert!(reason.contains("window"), "{reason}");
-                refused += 1;
+                refused.push(key.clone());
             }
             Err(other) => panic!("{other:?}"),
         }
     }
-    assert!(refused > 0 && !accepted.is_empty());
+    assert!(!refused.is_empty() && !accepted.is_empty());
     for key in &accepted {
         assert!(e.get(key).is_ok(), "accepted writes are kept");
+    }
+    // A refused write changed nothing.
+    for key in &refused {
+        assert!(matches!(e.get(key), Err(Error::NotFound)));
     }
     // Other partitions are not affected.
     e.set(&keys_in(&e, 1, 1, "y")[0], "v", MEM).unwrap();
@@ -492,6 +496,9 @@ fn the_window_memory_limit_refuses_writes_until_the_window_ends() {
     let e = builder(dir.path()).open().unwrap();
     for key in &accepted {
         assert!(e.get(key).is_ok());
+    }
+    for key in refused.iter().filter(|key| **key != k[1999]) {
+        assert!(matches!(e.get(key), Err(Error::NotFound)));
     }
 }
 
