@@ -316,7 +316,10 @@ fn checkpoint_memory_is_bounded_and_nothing_accepted_is_dropped() {
     }
     // A refused write changed nothing.
     for i in &refused {
-        assert!(matches!(e.get(&key(*i)), Err(Error::NotFound)), "refused key {i}");
+        assert!(
+            matches!(e.get(&key(*i)), Err(Error::NotFound)),
+            "refused key {i}"
+        );
     }
     assert_eq!(st.items(), accepted.len());
     // Let the flusher run again: memory drains and writes are accepted.
@@ -330,7 +333,10 @@ fn checkpoint_memory_is_bounded_and_nothing_accepted_is_dropped() {
         assert!(e.get(&key(*i)).is_ok(), "accepted key {i} lost");
     }
     for i in refused.iter().filter(|i| **i != 5000) {
-        assert!(matches!(e.get(&key(*i)), Err(Error::NotFound)), "refused key {i}");
+        assert!(
+            matches!(e.get(&key(*i)), Err(Error::NotFound)),
+            "refused key {i}"
+        );
     }
 }
 

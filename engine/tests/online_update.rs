@@ -1162,7 +1162,7 @@ fn a_clean_close_records_the_cas_of_a_window_left_open() {
     assert!(disk >= cas, "disk {disk} < window write {cas}");
     let e = builder(dir.path()).open().unwrap();
     assert!(
-        e.get(inside.as_bytes()).is_err(),
+        matches!(e.get(inside.as_bytes()), Err(Error::NotFound)),
         "the window was lost with the close"
     );
     assert!(e.set(b"after", b"v", WriteOptions::default()).unwrap().cas > cas);
