@@ -861,7 +861,8 @@ fn a_refused_write_drops_a_lagging_stream_cursor_below_the_threshold() {
 
 /// A `Persist` write returns only once a sync that covers it is done: the
 /// store's count of completed syncs has risen past what it was when the
-/// write began, for every write of several concurrent writers. (A crash
+/// write began, and its partition's persisted seqno has reached it, for
+/// every write of several concurrent writers. (A crash
 /// test cannot show this: the page cache outlives a SIGKILL, so a write
 /// acknowledged before its sync would still be found after one.)
 #[test]
@@ -875,12 +876,15 @@ fn a_persist_write_returns_only_after_a_sync_done_after_it_began() {
             scope.spawn(move || {
                 for i in 0..25 {
                     let before = e.stats().unwrap().disk_syncs;
-                    e.set(format!("t{t}-{i}").as_bytes(), "v", persist).unwrap();
+                    let r = e.set(format!("t{t}-{i}").as_bytes(), "v", persist).unwrap();
                     let after = e.stats().unwrap().disk_syncs;
                     assert!(
                         after > before,
                         "acknowledged with no sync done since it began"
                     );
+                    // And the write itself is on disk, not only some other
+                    // writer's.
+                    assert!(e.persisted_seqno(r.partition).unwrap() >= r.seqno);
                 }
             });
         }
