@@ -615,9 +615,17 @@ pub fn wait_converged(
                 // Dumps escape keys (`tapkv_replication::text`).
                 let key = tapkv_replication::text::unescape(row.key.as_bytes())
                     .unwrap_or_else(|e| panic!("dumped key {:?}: {e}", row.key));
-                let v = pc.get(&key).map(|x| x.0).ok();
+                // Absent, or the value: any other error is a failure, not
+                // "absent" (all nodes failing one read alike converged).
+                let value =
+                    |c: &mut tapkv_replication::client::Client, name: &str| match c.get(&key) {
+                        Ok((v, _)) => Some(v),
+                        Err(e) if e.is_not_found() => None,
+                        Err(e) => panic!("{name}: reading {:?}: {e}", row.key),
+                    };
+                let v = value(&mut pc, &primary.name);
                 for (rc, r) in rcs.iter_mut().zip(replicas) {
-                    let rv = rc.get(&key).map(|x| x.0).ok();
+                    let rv = value(rc, &r.name);
                     if rv != v {
                         diff = Some(format!("{}: value of {} differs", r.name, row.key));
                     }

@@ -355,10 +355,25 @@ fn a_killed_replica_resumes_without_a_full_resync() {
         .iter()
         .map(|p| p["resumed_from"].as_u64().unwrap())
         .collect();
+    assert_eq!(resumed.len(), 16, "{streams}");
     assert!(
         resumed.iter().all(|s| *s > 0),
         "every partition resumed from its persisted seqno, not 0: {resumed:?}"
     );
+    // No session since the restart resynchronised a partition (the one
+    // above is only the last).
+    assert_no_resets(&reps[0]);
+}
+
+/// Every partition of `replica` was never emptied to resynchronise it since
+/// its process started.
+fn assert_no_resets(replica: &NodeProc) {
+    let stats = replica.client().stats().unwrap();
+    let parts = stats["partitions"].as_array().unwrap();
+    assert!(!parts.is_empty());
+    for p in parts {
+        assert_eq!(p["resets"].as_u64(), Some(0), "{stats}");
+    }
 }
 
 #[test]
@@ -527,11 +542,16 @@ fn a_slow_replica_has_its_cursor_dropped_and_is_backfilled_later() {
     let new_sessions = sessions() - sessions_before;
     let streams = c.admin("streams").unwrap();
     let parts = streams[0]["partitions"].as_array().unwrap();
+    assert_eq!(parts.len(), 2, "{streams}");
+    assert!(
+        parts.iter().all(|p| p["resumed_from"].as_u64() > Some(0)),
+        "a full resync: {streams}"
+    );
+    assert_no_resets(&slow);
     let resumed: u64 = parts
         .iter()
         .map(|p| p["resumed_from"].as_u64().unwrap())
         .sum();
-    assert!(resumed > 0, "a full resync: {streams}");
     if new_sessions == 1 {
         assert!(
             high - resumed > 30_000,
