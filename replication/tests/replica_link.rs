@@ -490,8 +490,9 @@ fn a_joining_stream_counts_for_no_partition_until_it_has_started_them_all() {
 }
 
 /// A stream's start that takes longer than the replica's silence limit
-/// (here each partition's start takes 1.3 s, as a long disk scan would,
-/// against a 2 s limit: 10 heartbeats of 200 ms) keeps the replica's
+/// (here each partition's start takes 3 s, as a long disk scan would,
+/// against a 5 s limit: 10 heartbeats of 500 ms; a loaded machine's stall
+/// of 2 s is no silence) keeps the replica's
 /// session alive with heartbeats. Before, the start flushed nothing until
 /// every partition had started: the replica ended the session at its
 /// silence limit, and each new session's start did the same.
@@ -499,7 +500,7 @@ fn a_joining_stream_counts_for_no_partition_until_it_has_started_them_all() {
 fn a_slow_stream_start_keeps_the_replica_session_alive() {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
-    let heartbeat = Duration::from_millis(200);
+    let heartbeat = Duration::from_millis(500);
     // Slow on the first stream only, so that without heartbeats the
     // second session's start is fast and the count of sessions tells.
     let armed: Arc<[AtomicBool; 2]> = Arc::new([AtomicBool::new(true), AtomicBool::new(true)]);
@@ -509,7 +510,7 @@ fn a_slow_stream_start_keeps_the_replica_session_alive() {
             if armed[usize::from(p)].swap(false, Ordering::AcqRel) {
                 // Stands in for a partition's slow scan: work, not a wait
                 // for another thread.
-                std::thread::sleep(Duration::from_millis(1300));
+                std::thread::sleep(Duration::from_secs(3));
             }
         }
     };
