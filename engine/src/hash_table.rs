@@ -434,9 +434,10 @@ mod tests {
     fn counts_stay_exact_under_concurrent_writers_and_evictions() {
         let t = HashTable::new();
         let key = |th: usize, i: usize| format!("t{th}-{i}").into_bytes();
+        let writing = std::sync::atomic::AtomicUsize::new(4);
         std::thread::scope(|scope| {
             for th in 0..4 {
-                let t = &t;
+                let (t, writing) = (&t, &writing);
                 scope.spawn(move || {
                     for i in 0..5_000 {
                         let k = key(th, i);
@@ -447,13 +448,21 @@ mod tests {
                             assert!(t.slot(&prev).remove_hashed(hash, &prev).is_some());
                         }
                     }
+                    writing.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
                 });
             }
-            // Evicting values of clean items (every seqno is 1) meanwhile.
-            let t = &t;
+            // Evicting values of clean items (every seqno is 1) for as long
+            // as the writers run, then every shard once more: at the end
+            // every value is evicted.
+            let (t, writing) = (&t, &writing);
             scope.spawn(move || {
-                for round in 0..200 {
+                let mut round = 0;
+                while writing.load(std::sync::atomic::Ordering::Acquire) > 0 {
                     t.evict_clean(round % SHARDS, &AtomicU64::new(1), 1 << 20, 0, 1 << 20);
+                    round += 1;
+                }
+                for shard in 0..SHARDS {
+                    t.evict_clean(shard, &AtomicU64::new(1), 1 << 20, 0, 1 << 20);
                 }
             });
         });
@@ -472,6 +481,7 @@ mod tests {
             }
         }
         assert_eq!(items, 4 * 2_500);
+        assert_eq!(evicted, items, "every value evicted at the end");
         assert_eq!(
             (t.len(), t.mem_bytes(), t.evicted(), t.evicted_bytes()),
             (items, bytes, evicted, evicted_bytes)
