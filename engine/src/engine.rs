@@ -1362,15 +1362,17 @@ impl Engine {
     /// Tells a replica its primary's `online_update_memory_limit` (a node
     /// reads it from the primary's HELLO; 0: not known, the default). A
     /// window its primary opens is held to this replica's own limit, by the
-    /// bytes the window queues here, only when the primary's limit is
-    /// larger or not known. With a limit at least the primary's, the
-    /// replica takes every entry the primary took: its queued bytes can
-    /// exceed the primary's, by versions the stream delivered before the
-    /// primary replaced them (the newer version comes later in the stream),
-    /// and a replica counting those refused entries its primary had
+    /// bytes the window queues here, when the primary's limit is larger or
+    /// not known. With a limit at least the primary's, the replica takes
+    /// every entry the primary took, up to twice its own limit: its queued
+    /// bytes can exceed the primary's, by versions the stream delivered
+    /// before the primary replaced them (the newer version comes later in
+    /// the stream and then de-duplicates them), and a replica counting
+    /// those against its own limit refused entries its primary had
     /// accepted, stalling its link until the window ended (found by a
-    /// review). What it then holds is bounded by `checkpoint_memory_limit`.
-    /// A window already open keeps the admission it started with.
+    /// review). Twice its limit is a backstop for a stream delivering that
+    /// many stale versions at once, which nothing else bounds. A window
+    /// already open keeps the admission it started with.
     pub fn set_primary_window_limit(&self, bytes: usize) {
         if let Some(s) = self.shared.as_deref() {
             s.primary_window_limit.store(bytes, Ordering::Release);

@@ -90,9 +90,10 @@ impl Window {
     /// are not the primary's: the stream may have delivered a key's version
     /// the primary replaced since, whose replacement comes later in the
     /// stream. So a replica whose primary's limit is no larger than its own
-    /// opens its windows with no limit here (`usize::MAX`, see
+    /// opens its windows with twice its own limit here
+    /// (`replica::STALE_VERSIONS_HEADROOM`, see
     /// `Engine::set_primary_window_limit`): the primary's admission bounds
-    /// them.
+    /// them, less those stale versions.
     pub(crate) fn admit_replicated(&self, partition: PartitionId, incoming: usize) -> Result<()> {
         if self.queued + incoming > self.limit {
             return Err(Error::TempOutOfMemory {

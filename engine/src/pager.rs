@@ -42,7 +42,8 @@ pub(crate) const EXPIRY_SCAN_PER_PASS: usize = 65_536;
 /// It runs on the flusher thread that owns partition 0, between flush
 /// rounds (never under the round lock; that thread's next round, and a
 /// durable write waiting for it, waits for at most one pass), visits
-/// shards in rotation, and stops after [`EXPIRY_BATCH`] deletions or
+/// the shards in order, a cycle from the first to the last (then the next
+/// cycle waits for the interval), and stops after [`EXPIRY_BATCH`] deletions or
 /// [`EXPIRY_SCAN_PER_PASS`] entries looked at, going on at the next round
 /// from where it stopped, so each round adds at most a batch of tombstones
 /// to checkpoint memory and waits for a bounded scan. A shard whose deletion is
@@ -169,9 +170,10 @@ pub(crate) fn expire(shared: &Shared, forced: bool) -> usize {
 /// on it, waited (found by a review: evicted entries did not count).
 pub(crate) const PAGER_SCAN_PER_ROUND: usize = 16_384;
 
-/// One pager pass, after a flush round and outside its lock (a pass
-/// never holds up a round, a durable write or the freeing of checkpoint
-/// memory; before, it ran under the round lock): when the hash tables hold more
+/// One pager pass, after a flush round and outside its lock (a pass never
+/// holds up another flusher thread's round or the freeing of checkpoint
+/// memory, and delays its own thread's next round by one bounded pass;
+/// before, it ran under the round lock): when the hash tables hold more
 /// than `high_water × memory_quota`, evicts clean values, shard by shard
 /// in rotation from where the last pass stopped (`pager_next`, and
 /// `pager_offset` inside that shard), until the total is under

@@ -179,6 +179,18 @@ pub(crate) fn new_uuid() -> u64 {
     std::collections::hash_map::RandomState::new().hash_one((nanos, std::process::id())) | 1
 }
 
+/// How far past its own `online_update_memory_limit` a replica takes a
+/// window whose primary's limit is no larger than its own (see
+/// [`Engine::set_primary_window_limit`]): the primary's admission bounds the
+/// window, but the replica may also hold versions the stream delivered
+/// before the primary replaced them, until their replacements, later in the
+/// stream, de-duplicate them. Those are not bounded by the primary (nor,
+/// once only window entries wait, by the checkpoint memory limit), so past
+/// twice its own limit a replica refuses, as when its primary's limit is
+/// larger: a backstop, reached only by a stream delivering that many stale
+/// versions at once.
+pub(crate) const STALE_VERSIONS_HEADROOM: usize = 2;
+
 /// Replicated seqnos, CAS values, revisions and checkpoint ids must be
 /// below this, a quarter of the range: what a replica derives from them
 /// (a seqno reservation up to `engine::MAX_SEQNO_RESERVATION` above its high seqno,
@@ -401,7 +413,7 @@ impl crate::engine::Shared {
         let own = self.config.online_update_memory_limit;
         let primary = self.primary_window_limit.load(Ordering::Acquire);
         let window_limit = if primary != 0 && primary <= own {
-            usize::MAX
+            own.saturating_mul(STALE_VERSIONS_HEADROOM)
         } else {
             own
         };

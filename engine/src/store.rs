@@ -58,9 +58,10 @@ pub struct EngineMeta {
     pub primary_data: bool,
     /// The primary's history ended uncleanly (a crash, or an online-update
     /// window lost) and the directory was then opened as a replica
-    /// (`primary_data`): the next open as a primary starts a new failover
+    /// (`primary_data`), or a partition of it was reset before a session
+    /// confirmed it: the next open as a primary starts a new failover
     /// branch, as it would have right after the crash. (A replica's clean
-    /// close would otherwise hide the crash.)
+    /// close would otherwise hide either.)
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub branch_pending: bool,
 }

@@ -784,8 +784,32 @@ fn a_window_from_the_stream_is_held_to_the_replicas_own_limit() {
     // brought: 30 MB with 1 MiB limits in a review's probe.
     let dir = tempfile::tempdir().unwrap();
     let r = window_limited_replica(dir.path(), 256 * 1024, 64 << 10);
+    let (applied, bytes) = fill_a_replicated_window(&r);
+    assert!(bytes <= 256 * 1024, "{bytes}");
+    assert!(applied * 10 * 1024 >= 200 * 1024, "{applied}");
+}
+
+/// A replica told its primary's limit, no larger than its own, takes a
+/// window past its own limit (the stream may bring versions the primary
+/// has replaced since), but not past twice it: a backstop for stale
+/// versions nothing else bounds.
+#[test]
+fn a_window_from_a_primary_with_no_larger_limit_is_held_to_twice_the_replicas_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = window_limited_replica(dir.path(), 256 * 1024, 64 << 10);
+    r.set_primary_window_limit(256 * 1024);
+    let (applied, bytes) = fill_a_replicated_window(&r);
+    assert!(bytes > 256 * 1024 && bytes <= 512 * 1024, "{bytes}");
+    assert!(applied * 10 * 1024 >= 450 * 1024, "{applied}");
+}
+
+/// Applies its primary's window START to partition 0 of replica `r`, then
+/// 10 KiB entries of distinct keys until one is refused for memory (it
+/// changes nothing: the window's END still applies); returns the entries
+/// applied and the bytes the window held.
+fn fill_a_replicated_window(r: &Engine) -> (usize, usize) {
     let p = 0;
-    let keys = keys_of(&r, p, "w", 100);
+    let keys = keys_of(r, p, "w", 100);
     let meta = meta_at;
     let start = QueuedItem::marker(QueueOp::OnlineUpdateStart { checkpoint_id: 2 }, meta(1));
     r.replica_checkpoint(p, 2).unwrap();
@@ -807,7 +831,7 @@ fn a_window_from_the_stream_is_held_to_the_replicas_own_limit() {
             Ok(other) => panic!("{other:?}"),
             Err(e) => break e,
         }
-        assert!(applied < 100, "100 entries of 10 KiB fit a 256 KiB window");
+        assert!(applied < 100, "100 entries of 10 KiB went into the window");
     };
     assert!(
         matches!(refused, Error::TempOutOfMemory { .. }),
@@ -816,7 +840,6 @@ fn a_window_from_the_stream_is_held_to_the_replicas_own_limit() {
     let window = r.stats().unwrap().partitions[usize::from(p)]
         .window
         .unwrap();
-    assert!(window.bytes <= 256 * 1024, "{}", window.bytes);
     // The refused entry changed nothing: the window's END still applies.
     let end = QueuedItem::marker(
         QueueOp::OnlineUpdateEnd { checkpoint_id: 2 },
@@ -824,6 +847,7 @@ fn a_window_from_the_stream_is_held_to_the_replicas_own_limit() {
     );
     assert_eq!(r.apply_replicated(p, &end).unwrap(), ApplyOutcome::Applied);
     assert_eq!(r.stats().unwrap().items(), applied);
+    (applied, window.bytes)
 }
 
 /// Applies five 10 KiB entries to partition `p` of replica `r` (seqnos

@@ -101,7 +101,8 @@ pub(crate) struct NodeArgs {
     checkpoint_memory_limit: Option<u64>,
     /// Bytes one online-update window may hold, per partition: its queued
     /// entries plus the pre-window values it keeps to revert; a replica
-    /// counts its primary's window's queued bytes (engine default 256 MiB;
+    /// counts the queued bytes of its primary's window, against this limit
+    /// if the primary's is larger, else against twice it (engine default 256 MiB;
     /// at least 64 KiB, and at least twice the sum of --max-key-size,
     /// --max-value-size and 64, checked at start: about 40 MiB with the
     /// default sizes; give replicas at least their primary's).
@@ -154,8 +155,9 @@ pub(crate) struct NodeArgs {
     max_value_size: Option<u64>,
     /// As a replica over a directory that held a primary's data: accept
     /// that partitions whose history differs from the primary's are rolled
-    /// back, replacing that data (without it, such a rollback is refused and
-    /// the node does not replicate; `tapkv admin inspect --addr` on the
+    /// back, or resynchronised after the primary branched (an unclean
+    /// restart), replacing that data (without it, such a reset is refused
+    /// and the node does not replicate; `tapkv admin inspect --addr` on the
     /// replica then says NOT REPLICATING and why).
     #[arg(long)]
     replace_data: bool,
