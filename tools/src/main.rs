@@ -53,8 +53,9 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 ///
 /// Exit status: 0 success, 1 a key not found (`kv get`/`kv del`), 2 a usage
 /// error, 3 any other error (the message is on stderr), 4 a `shell --data`
-/// that closed with online-update windows open (they are reverted), 130 or
-/// 143 a `shell` stopped by SIGINT or SIGTERM (once it has closed cleanly),
+/// that closed with online-update windows open (they are reverted), 129,
+/// 130 or 143 a `shell` stopped by SIGHUP, SIGINT or SIGTERM (once it has
+/// closed cleanly),
 /// or a `node` or `shell` given a second signal while it closes (a `node`
 /// stopped by one signal exits 0 once it has closed cleanly), 137 the
 /// shell's `crash`. A closed standard output (`| head`) ends a command

@@ -379,8 +379,13 @@ pub(crate) fn run(args: NodeArgs) -> Result<ExitCode, Error> {
     // The first signal starts a graceful shutdown; a second one, while
     // it runs, exits at once with 128 + the signal's number (not 1, which
     // `tapkv` means as "key not found"); the directory is then not marked
-    // cleanly shut down.
-    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+    // cleanly shut down. SIGHUP (a terminal closed, a supervisor's reload)
+    // stops it as SIGTERM does (it used to kill it as a crash would).
+    for sig in [
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGHUP,
+    ] {
         signal_hook::flag::register_conditional_shutdown(sig, 128 + sig, Arc::clone(&stop))?;
         signal_hook::flag::register(sig, Arc::clone(&stop))?;
     }

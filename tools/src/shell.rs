@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use clap::Args;
 use serde::Deserialize;
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use tapkv_engine::{Engine, Error, PartitionId, WriteOptions};
 
 use crate::{connect, Target};
@@ -769,16 +769,17 @@ pub(crate) fn run(args: ShellArgs) -> Result<ExitCode, Error> {
             ))
         }
     };
-    // SIGINT / SIGTERM: a thread waits for the command in progress, closes
-    // the engine cleanly (everything answered OK is flushed), and exits
-    // 128 + the signal's number. A second signal exits at once, with 128 +
-    // its number.
+    // SIGINT / SIGTERM / SIGHUP (the terminal or ssh session gone): a
+    // thread waits for the command in progress, closes the engine cleanly
+    // (everything answered OK is flushed), and exits 128 + the signal's
+    // number. A second signal exits at once, with 128 + its number. (SIGHUP
+    // used to kill the shell as a crash would: answered writes lost.)
     let shell = Arc::new(Mutex::new(Some(shell)));
     let closing = Arc::new(AtomicBool::new(false));
-    for sig in [SIGTERM, SIGINT] {
+    for sig in [SIGTERM, SIGINT, SIGHUP] {
         signal_hook::flag::register_conditional_shutdown(sig, 128 + sig, Arc::clone(&closing))?;
     }
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
     let on_signal = Arc::clone(&shell);
     std::thread::Builder::new()
         .name("tapkv-shell-signals".into())
