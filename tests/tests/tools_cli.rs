@@ -1037,6 +1037,50 @@ fn a_shell_over_the_network_reconnects_after_the_node_restarts() {
     drop(node);
 }
 
+/// A `shell --addr` whose reconnect a busy node refuses answers that
+/// refusal's own kind, `temp_failure`, and reconnects once the node has
+/// room. Before, the answer was `ERROR io: temp_failure: ...` (found by a
+/// review): a script retrying on `temp_failure` never saw it.
+#[test]
+fn a_shell_whose_reconnect_is_refused_as_busy_answers_temp_failure() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let addr = tapkv_tests::restartable_addr();
+    let data = dir.path().join("node");
+    let limit = ["--max-connections", "1"];
+    let mut node = tapkv_tests::NodeProc::start(&data, &addr, None, "n", &limit);
+    let (mut shell, mut stdin) =
+        tapkv_tests::Proc::spawn_piped(&["shell", "--addr", &addr, "--heartbeat-s", "0"]);
+    let mut ask = |line: &str| -> String {
+        stdin.write_all(format!("{line}\n").as_bytes()).unwrap();
+        stdin.flush().unwrap();
+        shell.next_line(T).expect("an answer")
+    };
+    assert!(ask("set a 1").starts_with("OK PARTITION"));
+    node.stop();
+    let node = tapkv_tests::NodeProc::start(&data, &addr, None, "n", &limit);
+    // The node's one connection is taken before the shell's comes back.
+    let held = node.client();
+    let first = ask("get a");
+    assert!(first.contains("the next command reconnects"), "{first}");
+    let busy = ask("get a");
+    assert!(busy.starts_with("ERROR temp_failure: "), "{busy}");
+    drop(held);
+    // The node frees the slot when it sees the client gone: the next
+    // command may still find it taken.
+    let mut answer = ask("get a");
+    for _ in 0..50 {
+        if answer == "VALUE 1" {
+            break;
+        }
+        assert!(answer.starts_with("ERROR temp_failure: "), "{answer}");
+        std::thread::sleep(Duration::from_millis(100));
+        answer = ask("get a");
+    }
+    assert_eq!(answer, "VALUE 1");
+    drop(node);
+}
+
 /// The demo again over its own data (`--keep`), and with many items: its
 /// reading cursor starts where memory still holds the partition's
 /// changes. Before, both failed at step 3 with "no cursor named

@@ -428,12 +428,18 @@ fn main() -> ExitCode {
 /// name it, whether the command ran on a data directory or against a node
 /// (`docs/shell.md`).
 pub(crate) fn error_line(e: &tapkv_engine::Error) -> String {
+    format!("error: {}", kind_and_detail(e))
+}
+
+/// `<kind>: <detail>` of an error: a node's refusal ([`node_refusal`])
+/// with the node's kind, not `io` (the shell's `ERROR` answers use it too).
+pub(crate) fn kind_and_detail(e: &tapkv_engine::Error) -> String {
     if let tapkv_engine::Error::Io(io) = e {
         if let Some(r) = io.get_ref().and_then(|r| r.downcast_ref::<NodeRefusal>()) {
-            return format!("error: {r}");
+            return r.to_string();
         }
     }
-    format!("error: {}: {}", e.kind(), e.detail())
+    format!("{}: {}", e.kind(), e.detail())
 }
 
 /// Exit status of a command that failed (not a missing key, which is 1,

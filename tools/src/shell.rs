@@ -459,7 +459,9 @@ fn read_line_within(
 fn err(e: &Error) -> String {
     match e {
         Error::NotFound => "NOT_FOUND".into(),
-        e => format!("ERROR {}: {}", e.kind(), e.detail()),
+        // A node's refusal of a reconnect keeps its own kind
+        // (`temp_failure` for a busy node), not `io`.
+        e => format!("ERROR {}", crate::kind_and_detail(e)),
     }
 }
 
