@@ -1037,6 +1037,36 @@ fn a_shell_over_the_network_reconnects_after_the_node_restarts() {
     drop(node);
 }
 
+/// `kv set --addr` of a value over the node's largest frame says so; it
+/// used to call the frame limit the maximum value size (found by a
+/// review). A value under the frame limit but over the node's value limit
+/// gets the node's own answer.
+#[test]
+fn kv_set_of_a_value_over_a_nodes_frame_limit_names_that_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = tapkv_tests::NodeProc::start(
+        &dir.path().join("node"),
+        "127.0.0.1:0",
+        None,
+        "n",
+        &["--max-body", "4096", "--max-value-size", "1000"],
+    );
+    let f = dir.path().join("v");
+    let file = f.to_str().unwrap();
+    std::fs::write(&f, vec![b'x'; 5000]).unwrap();
+    let set = ["kv", "set", "--addr", &node.addr, "k", "--value-file", file];
+    let (code, err) = tapkv_tests::run_status(&set, T);
+    assert_eq!(code, Some(3), "{err}");
+    assert!(err.contains("--max-body") && err.contains("4096"), "{err}");
+    std::fs::write(&f, vec![b'x'; 2000]).unwrap();
+    let (code, err) = tapkv_tests::run_status(&set, T);
+    assert_eq!(code, Some(3), "{err}");
+    assert!(
+        err.contains("value_too_large") && err.contains("1000"),
+        "{err}"
+    );
+}
+
 /// A `shell --addr` whose reconnect a busy node refuses answers that
 /// refusal's own kind, `temp_failure`, and reconnects once the node has
 /// room. Before, the answer was `ERROR io: temp_failure: ...` (found by a

@@ -393,7 +393,21 @@ fn remote(op: &KvOp, key: &[u8], wait: crate::Wait) -> Result<Option<ExitCode>, 
         KvOp::Set { durability, .. } => {
             // No frame the node takes carries more than its --max-body
             // (from its HELLO); the node refuses a value past its own limit.
-            let v = value.finish(c.max_body())?;
+            // Past the frame limit, say so: it is not the node's maximum
+            // value size (before, it was reported as one).
+            let frame = c.max_body();
+            let cannot = |len: String| {
+                Error::InvalidArgument(format!(
+                    "the value{len} is longer than the node's largest frame, {frame} bytes (its \
+                     --max-body): it cannot be sent (the node's maximum value size is lower \
+                     still)"
+                ))
+            };
+            let v = value.finish(frame).map_err(|e| match e {
+                Error::ValueTooLarge { len, .. } => cannot(format!(" of {len} bytes")),
+                Error::InvalidArgument(_) => cannot(String::new()),
+                other => other,
+            })?;
             match c.set_durable(key, &v, 0, (*durability).into()) {
                 Ok(r) => {
                     outln!("{}", set_ok(r.partition, r.seqno, r.cas))?;
