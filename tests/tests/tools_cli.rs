@@ -1037,6 +1037,24 @@ fn a_shell_over_the_network_reconnects_after_the_node_restarts() {
     drop(node);
 }
 
+/// `kv set --data` with a key the engine refuses (empty, or past 250 bytes)
+/// fails without making a store; before, it left an empty one, which
+/// later commands took for data (found by a review).
+#[test]
+fn kv_set_of_a_refused_key_leaves_no_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let long = "k".repeat(251);
+    for (key, kind) in [("", "invalid_argument"), (long.as_str(), "key_too_large")] {
+        let d = dir.path().join("new");
+        let d = d.to_str().unwrap();
+        let (code, err) = tapkv_tests::run_status(&["kv", "set", "--data", d, key, "v"], T);
+        assert_eq!(code, Some(3), "{err}");
+        assert!(err.contains(kind), "{err}");
+        let made = std::fs::read_dir(d).map_or(0, |entries| entries.count());
+        assert_eq!(made, 0, "a store was made for a refused key");
+    }
+}
+
 /// `kv set --addr` of a value over the node's largest frame says so; it
 /// used to call the frame limit the maximum value size (found by a
 /// review). A value under the frame limit but over the node's value limit

@@ -135,6 +135,18 @@ pub(crate) fn run(args: KvArgs) -> Result<ExitCode, Error> {
             // builder's `max_value_size`.
             let builder = Engine::builder(dir);
             let max = builder.config().max_value_size;
+            // A key the engine refuses is refused before a store is made
+            // for it (before, `kv set --data NEW ''` left an empty store).
+            let max_key = builder.config().max_key_size;
+            if key.is_empty() {
+                return Err(Error::InvalidArgument("empty key".into()));
+            }
+            if key.len() > max_key {
+                return Err(Error::KeyTooLarge {
+                    len: key.len(),
+                    max: max_key,
+                });
+            }
             let value = value_bytes(value.as_deref(), value_file.as_deref(), max)?;
             let engine = builder.open()?;
             let r = engine.set(&key, value, WriteOptions::durable(durability.into()))?;
