@@ -267,8 +267,13 @@ fn format_cursors(cs: &[CursorView]) -> String {
             format!(
                 "{} checkpoint={} seqno={} remaining={}",
                 // A replica's stream name is its `--name`: any text but
-                // control characters, which the answer's one line escapes.
-                tapkv_engine::text::escape(c.name.as_bytes()),
+                // control characters, which the answer's one line escapes;
+                // spaces and `;` too, as `\x20` and `\x3b`, so the answer
+                // splits into its entries and fields (a name `a; b=1`
+                // made fake entries: found by a review).
+                tapkv_engine::text::escape(c.name.as_bytes())
+                    .replace(' ', "\\x20")
+                    .replace(';', "\\x3b"),
                 c.checkpoint_id,
                 c.seqno,
                 c.remaining
@@ -949,6 +954,21 @@ mod tests {
         fn text_without_backslashes_or_controls_is_written_as_is(s in "[^\\\\\\p{Cc}\u{2028}\u{2029}]{0,40}") {
             prop_assert_eq!(escape(s.as_bytes()), s);
         }
+    }
+
+    #[test]
+    fn cursor_names_cannot_split_the_cursors_answer() {
+        let view = |name: &str| CursorView {
+            name: name.into(),
+            checkpoint_id: 1,
+            seqno: 2,
+            remaining: 3,
+        };
+        let line = format_cursors(&[view("a; fake checkpoint=9"), view("b")]);
+        let entries: Vec<&str> = line["OK ".len()..].split("; ").collect();
+        assert_eq!(entries.len(), 2, "{line}");
+        let name = entries[0].split(' ').next().unwrap();
+        assert_eq!(unescape(name.as_bytes()).unwrap(), b"a; fake checkpoint=9");
     }
 
     #[test]
