@@ -1139,31 +1139,23 @@ fn the_demo_runs_again_with_keep_and_with_many_items() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().join("demo");
     let d = d.to_str().unwrap();
-    let (ok, _, err) = run(
-        &["demo", "--data", d, "--items", "2"],
-        "",
-        Duration::from_secs(180),
-    );
-    assert!(ok, "{err}");
-    let (ok, out, err) = run(
-        &["demo", "--data", d, "--items", "2", "--keep"],
-        "",
-        Duration::from_secs(180),
-    );
-    assert!(ok, "{out}\n{err}");
+    demo(&["--data", d, "--items", "2"]);
+    demo(&["--data", d, "--items", "2", "--keep"]);
     let many = dir.path().join("many");
-    let (ok, out, err) = run(
-        &[
-            "demo",
-            "--data",
-            many.to_str().unwrap(),
-            "--items",
-            "100000",
-        ],
-        "",
-        Duration::from_secs(180),
-    );
+    demo(&["--data", many.to_str().unwrap(), "--items", "100000"]);
+}
+
+/// Runs `tapkv demo ARGS`, which must succeed; its standard output. The
+/// limit is a hang guard, not a timing claim: the demo's own waits (three
+/// convergences of up to 30 s each, a restart of up to 10 s) add up to
+/// more than `T`.
+fn demo(args: &[&str]) -> String {
+    let args: Vec<&str> = std::iter::once("demo")
+        .chain(args.iter().copied())
+        .collect();
+    let (ok, out, err) = run(&args, "", Duration::from_secs(180));
     assert!(ok, "{out}\n{err}");
+    out
 }
 
 /// `make demo`'s command runs to the end: the embedded engine's steps and
@@ -1173,15 +1165,7 @@ fn the_demo_runs_end_to_end() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().join("demo");
     let d = d.to_str().unwrap();
-    // A hang guard, not a timing claim: the demo's own waits (three
-    // convergences of up to 30 s each, a restart of up to 10 s) add up to
-    // more than `T`.
-    let (ok, out, err) = run(
-        &["demo", "--data", d, "--items", "300"],
-        "",
-        Duration::from_secs(180),
-    );
-    assert!(ok, "{out}\n{err}");
+    let out = demo(&["--data", d, "--items", "300"]);
     assert!(
         out.contains("every node holds its pre-window state, and the same data on disk: true"),
         "{out}"
