@@ -1013,28 +1013,46 @@ fn a_node_that_does_not_answer_is_waited_for_timeout_s() {
 fn a_shell_over_the_network_reconnects_after_the_node_restarts() {
     // Before, once the connection was gone every later command answered
     // "Broken pipe" until the shell was restarted.
-    use std::io::Write;
     let dir = tempfile::tempdir().unwrap();
-    let addr = tapkv_tests::restartable_addr();
-    let data = dir.path().join("node");
-    let mut node = tapkv_tests::NodeProc::start(&data, &addr, None, "n", &[]);
-    // No heartbeat: one failing during a slow restart would reconnect
-    // silently, and this test is about the command that finds the
-    // connection gone.
-    let (mut shell, mut stdin) =
-        tapkv_tests::Proc::spawn_piped(&["shell", "--addr", &addr, "--heartbeat-s", "0"]);
-    let mut ask = |line: &str| -> String {
-        stdin.write_all(format!("{line}\n").as_bytes()).unwrap();
-        stdin.flush().unwrap();
-        shell.next_line(T).expect("an answer")
-    };
-    assert!(ask("set a 1").starts_with("OK PARTITION"));
-    node.stop();
-    let node = tapkv_tests::NodeProc::start(&data, &addr, None, "n", &[]);
-    let first = ask("get a");
+    let (mut s, _node) = ShellOverRestart::start(dir.path(), &[]);
+    let first = s.ask("get a");
     assert!(first.contains("the next command reconnects"), "{first}");
-    assert_eq!(ask("get a"), "VALUE 1");
-    drop(node);
+    assert_eq!(s.ask("get a"), "VALUE 1");
+}
+
+/// A `shell --addr` that wrote `a` = 1 to a node, the node restarted since
+/// at the same address (with `args` both times): the shell's connection is
+/// gone, which its next command finds (it reconnects only then).
+struct ShellOverRestart {
+    shell: tapkv_tests::Proc,
+    stdin: std::process::ChildStdin,
+}
+
+impl ShellOverRestart {
+    fn start(dir: &std::path::Path, args: &[&str]) -> (Self, tapkv_tests::NodeProc) {
+        let addr = tapkv_tests::restartable_addr();
+        let data = dir.join("node");
+        let mut node = tapkv_tests::NodeProc::start(&data, &addr, None, "n", args);
+        // No heartbeat: one failing during a slow restart would reconnect
+        // silently, and these tests are about the command that finds the
+        // connection gone.
+        let (shell, stdin) =
+            tapkv_tests::Proc::spawn_piped(&["shell", "--addr", &addr, "--heartbeat-s", "0"]);
+        let mut s = ShellOverRestart { shell, stdin };
+        assert!(s.ask("set a 1").starts_with("OK PARTITION"));
+        node.stop();
+        let node = tapkv_tests::NodeProc::start(&data, &addr, None, "n", args);
+        (s, node)
+    }
+
+    fn ask(&mut self, line: &str) -> String {
+        use std::io::Write;
+        self.stdin
+            .write_all(format!("{line}\n").as_bytes())
+            .unwrap();
+        self.stdin.flush().unwrap();
+        self.shell.next_line(T).expect("an answer")
+    }
 }
 
 /// `kv set --data` with a key the engine refuses (empty, or past 250 bytes)
@@ -1091,24 +1109,11 @@ fn kv_set_of_a_value_over_a_nodes_frame_limit_names_that_limit() {
 /// review): a script retrying on `temp_failure` never saw it.
 #[test]
 fn a_shell_whose_reconnect_is_refused_as_busy_answers_temp_failure() {
-    use std::io::Write;
     let dir = tempfile::tempdir().unwrap();
-    let addr = tapkv_tests::restartable_addr();
-    let data = dir.path().join("node");
-    let limit = ["--max-connections", "1"];
-    let mut node = tapkv_tests::NodeProc::start(&data, &addr, None, "n", &limit);
-    let (mut shell, mut stdin) =
-        tapkv_tests::Proc::spawn_piped(&["shell", "--addr", &addr, "--heartbeat-s", "0"]);
-    let mut ask = |line: &str| -> String {
-        stdin.write_all(format!("{line}\n").as_bytes()).unwrap();
-        stdin.flush().unwrap();
-        shell.next_line(T).expect("an answer")
-    };
-    assert!(ask("set a 1").starts_with("OK PARTITION"));
-    node.stop();
-    let node = tapkv_tests::NodeProc::start(&data, &addr, None, "n", &limit);
+    let (mut s, node) = ShellOverRestart::start(dir.path(), &["--max-connections", "1"]);
     // The node's one connection is taken before the shell's comes back.
     let held = node.client();
+    let mut ask = |line: &str| s.ask(line);
     let first = ask("get a");
     assert!(first.contains("the next command reconnects"), "{first}");
     let busy = ask("get a");
