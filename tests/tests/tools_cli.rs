@@ -1103,6 +1103,29 @@ fn kv_set_of_a_value_over_a_nodes_frame_limit_names_that_limit() {
     );
 }
 
+/// A key a node stored under a larger `--max-key-size` than the default is
+/// read and deleted by `kv get` / `kv del --data` once the node has
+/// stopped; before, both refused it as too large while `admin dump`
+/// listed it (found by a review).
+#[test]
+fn kv_reads_and_deletes_offline_a_key_a_node_stored_under_a_larger_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("node");
+    let mut node =
+        tapkv_tests::NodeProc::start(&data, "127.0.0.1:0", None, "n", &["--max-key-size", "300"]);
+    let key = "k".repeat(300);
+    node.client().set(key.as_bytes(), b"v", 0, false).unwrap();
+    node.stop();
+    let d = data.to_str().unwrap();
+    let (ok, out, err) = run(&["kv", "get", "--data", d, &key], "", T);
+    assert!(ok, "{err}");
+    assert_eq!(out, "v\n");
+    let (ok, _, err) = run(&["kv", "del", "--data", d, &key], "", T);
+    assert!(ok, "{err}");
+    let (code, _) = tapkv_tests::run_status(&["kv", "get", "--data", d, &key], T);
+    assert_eq!(code, Some(1));
+}
+
 /// A `shell --addr` whose reconnect a busy node refuses answers that
 /// refusal's own kind, `temp_failure`, and reconnects once the node has
 /// room. Before, the answer was `ERROR io: temp_failure: ...` (found by a

@@ -109,7 +109,7 @@ pub(crate) fn run(args: KvArgs) -> Result<ExitCode, Error> {
     }
     match args.op {
         KvOp::Get { target, raw, .. } => {
-            let engine = Engine::builder(existing(local(&target)?)?).open()?;
+            let engine = reader(existing(local(&target)?)?).open()?;
             match engine.get(&key) {
                 Ok(item) => {
                     print_value(item.value(), raw)?;
@@ -158,7 +158,7 @@ pub(crate) fn run(args: KvArgs) -> Result<ExitCode, Error> {
         KvOp::Del {
             target, durability, ..
         } => {
-            let engine = Engine::builder(existing(local(&target)?)?).open()?;
+            let engine = reader(existing(local(&target)?)?).open()?;
             match engine.delete(&key, WriteOptions::durable(durability.into())) {
                 Ok(r) => {
                     engine.close()?;
@@ -323,6 +323,15 @@ impl Value {
              (reading stopped there)"
         )))
     }
+}
+
+/// The engine of `kv get` and `kv del` on a directory: any key up to the
+/// largest an engine takes (65,535 bytes), since a node may have stored
+/// keys under a larger `--max-key-size` than the default 250 (before, such
+/// a key was listed by `admin dump` and refused by `kv get`). `kv set`
+/// keeps the default.
+fn reader(dir: &std::path::Path) -> tapkv_engine::EngineBuilder {
+    Engine::builder(dir).max_key_size(65_535)
 }
 
 /// The answer to a successful `kv set`, local or remote.
