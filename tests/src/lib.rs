@@ -123,26 +123,40 @@ pub struct Proc {
 impl Proc {
     /// Starts `tapkv ARGS` with stdout piped into a line channel.
     pub fn spawn(args: &[&str]) -> Proc {
-        Proc::spawn_with(args, Stdio::null(), None, Stdio::inherit(), false).0
+        Proc::spawn_with(args, Stdio::null(), None, Stdio::inherit(), false, false).0
     }
 
     /// As [`Proc::spawn`], with the child's standard error (its log) going
     /// to the file `log`.
     pub fn spawn_logging_to(args: &[&str], log: &std::path::Path) -> Proc {
         let file = std::fs::File::create(log).expect("create the log file");
-        Proc::spawn_with(args, Stdio::null(), None, Stdio::from(file), true).0
+        Proc::spawn_with(args, Stdio::null(), None, Stdio::from(file), true, false).0
     }
 
     /// As [`Proc::spawn`], with a pipe to the child's stdin.
     pub fn spawn_piped(args: &[&str]) -> (Proc, ChildStdin) {
-        let (p, stdin) = Proc::spawn_with(args, Stdio::piped(), None, Stdio::inherit(), false);
+        let (p, stdin) =
+            Proc::spawn_with(args, Stdio::piped(), None, Stdio::inherit(), false, false);
         (p, stdin.expect("piped stdin"))
     }
 
     /// As [`Proc::spawn`], with the child's open-file limit (soft and hard)
     /// set to `nofile`.
     pub fn spawn_with_open_files(args: &[&str], nofile: u64) -> Proc {
-        Proc::spawn_with(args, Stdio::null(), Some(nofile), Stdio::inherit(), false).0
+        Proc::spawn_with(
+            args,
+            Stdio::null(),
+            Some(nofile),
+            Stdio::inherit(),
+            false,
+            false,
+        )
+        .0
+    }
+
+    /// [`Proc::spawn`] with SIGHUP ignored, as `nohup` starts a command.
+    pub fn spawn_ignoring_sighup(args: &[&str]) -> Proc {
+        Proc::spawn_with(args, Stdio::null(), None, Stdio::inherit(), false, true).0
     }
 
     /// `warn_log`: the child logs at `warn` whatever `TAPKV_LOG` says (its
@@ -153,6 +167,7 @@ impl Proc {
         nofile: Option<u64>,
         stderr: Stdio,
         warn_log: bool,
+        ignore_hup: bool,
     ) -> (Proc, Option<ChildStdin>) {
         use std::os::unix::process::CommandExt;
         let mut cmd = Command::new(tapkv_bin());
@@ -174,6 +189,19 @@ impl Proc {
                 }
                 Ok(())
             });
+        }
+        if ignore_hup {
+            // SAFETY: signal is async-signal-safe; nothing is captured.
+            #[allow(unsafe_code)]
+            unsafe {
+                cmd.pre_exec(|| {
+                    if libc::signal(libc::SIGHUP, libc::SIG_IGN) == libc::SIG_ERR {
+                        Err(std::io::Error::last_os_error())
+                    } else {
+                        Ok(())
+                    }
+                });
+            }
         }
         if let Some(n) = nofile {
             let lim = libc::rlimit {
@@ -527,6 +555,14 @@ impl NodeProc {
         let d = data.to_str().expect("utf-8 path").to_owned();
         let args = primary_args(&d, name, extra);
         NodeProc::started(Proc::spawn_with_open_files(&args, nofile), data, name)
+    }
+
+    /// [`NodeProc::start`] of a primary started with SIGHUP ignored, as
+    /// `nohup` starts it.
+    pub fn start_ignoring_sighup(data: &std::path::Path, name: &str) -> NodeProc {
+        let d = data.to_str().expect("utf-8 path").to_owned();
+        let args = primary_args(&d, name, &[]);
+        NodeProc::started(Proc::spawn_ignoring_sighup(&args), data, name)
     }
 
     /// A node process once it has printed its startup line.

@@ -1253,6 +1253,33 @@ fn a_node_stops_cleanly_on_sigint() {
     }
 }
 
+/// A node started with SIGHUP ignored (`nohup`) leaves it ignored, and
+/// keeps serving after one; a node started normally handles it (to stop
+/// cleanly). Found by a review: a `nohup` node stopped at logout. Checked
+/// on the process's signal masks, which say it without waiting.
+#[test]
+fn a_node_started_with_sighup_ignored_keeps_it_ignored() {
+    // Bit 0 of `mask` in the node's /proc status: SIGHUP's.
+    let hup_bit = |node: &tapkv_tests::NodeProc, mask: &str| -> bool {
+        let pid = node.proc.child.as_ref().expect("running").id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let line = status
+            .lines()
+            .find_map(|l| l.strip_prefix(mask))
+            .unwrap_or_else(|| panic!("{status}"));
+        u64::from_str_radix(line.trim(), 16).unwrap() & 1 != 0
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let node = tapkv_tests::NodeProc::start_ignoring_sighup(&dir.path().join("a"), "n");
+    assert!(hup_bit(&node, "SigIgn:") && !hup_bit(&node, "SigCgt:"));
+    node.signal(libc::SIGHUP);
+    let mut c = node.client();
+    c.set(b"k", b"v", 0, false).unwrap();
+    assert_eq!(&c.get(b"k").unwrap().0[..], b"v");
+    let other = tapkv_tests::NodeProc::start(&dir.path().join("b"), "127.0.0.1:0", None, "m", &[]);
+    assert!(hup_bit(&other, "SigCgt:") && !hup_bit(&other, "SigIgn:"));
+}
+
 /// `tapkv node --max-key-size / --max-value-size` set the engine's limits;
 /// past them a write is a typed error and the connection goes on.
 #[test]

@@ -442,6 +442,36 @@ pub(crate) fn kind_and_detail(e: &tapkv_engine::Error) -> String {
     format!("{}: {}", e.kind(), e.detail())
 }
 
+/// The signals that end a `shell` or a `node` cleanly: SIGTERM and SIGINT,
+/// and SIGHUP (a terminal or ssh session gone) unless the process was
+/// started with it ignored (`nohup`), which keeps a node serving after a
+/// logout as before. Only the first two force an exit when repeated during
+/// the close (`forcing`): a hung-up terminal delivers SIGHUP twice (the
+/// shell's forwarding, then the kernel's), and the second must not cut the
+/// close short (found by a review).
+pub(crate) fn stop_signals() -> (Vec<i32>, [i32; 2]) {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let forcing = [SIGTERM, SIGINT];
+    let mut all = forcing.to_vec();
+    if !signal_ignored_at_start(SIGHUP) {
+        all.push(SIGHUP);
+    }
+    (all, forcing)
+}
+
+/// Whether `sig` was ignored when the process started (`nohup`, say): the
+/// `SigIgn` mask of `/proc/self/status` (Linux; elsewhere, false).
+fn signal_ignored_at_start(sig: i32) -> bool {
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigIgn:"))
+        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        .is_some_and(|mask| sig > 0 && mask & (1 << (sig - 1)) != 0)
+}
+
 /// Exit status of a command that failed (not a missing key, which is 1,
 /// nor a usage error, which is 2).
 pub(crate) const EXIT_ERROR: u8 = 3;

@@ -1,5 +1,5 @@
 //! `tapkv node`: run one engine behind a TCP listener, as a primary or as a
-//! replica of another node, until SIGTERM or SIGINT.
+//! replica of another node, until SIGTERM, SIGINT or SIGHUP.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -380,13 +380,14 @@ pub(crate) fn run(args: NodeArgs) -> Result<ExitCode, Error> {
     // it runs, exits at once with 128 + the signal's number (not 1, which
     // `tapkv` means as "key not found"); the directory is then not marked
     // cleanly shut down. SIGHUP (a terminal closed, a supervisor's reload)
-    // stops it as SIGTERM does (it used to kill it as a crash would).
-    for sig in [
-        signal_hook::consts::SIGTERM,
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGHUP,
-    ] {
-        signal_hook::flag::register_conditional_shutdown(sig, 128 + sig, Arc::clone(&stop))?;
+    // stops it as SIGTERM does (it used to kill it as a crash would), unless
+    // ignored at start (`nohup`), and a second one does not force the exit
+    // (`crate::stop_signals`).
+    let (signals, forcing) = crate::stop_signals();
+    for sig in signals {
+        if forcing.contains(&sig) {
+            signal_hook::flag::register_conditional_shutdown(sig, 128 + sig, Arc::clone(&stop))?;
+        }
         signal_hook::flag::register(sig, Arc::clone(&stop))?;
     }
     // The address is checked before the data directory is touched, and

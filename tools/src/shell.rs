@@ -15,7 +15,6 @@ use std::time::Duration;
 
 use clap::Args;
 use serde::Deserialize;
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use tapkv_engine::{Engine, Error, PartitionId, WriteOptions};
 
 use crate::{connect, Target};
@@ -779,14 +778,17 @@ pub(crate) fn run(args: ShellArgs) -> Result<ExitCode, Error> {
     // SIGINT / SIGTERM / SIGHUP (the terminal or ssh session gone): a
     // thread waits for the command in progress, closes the engine cleanly
     // (everything answered OK is flushed), and exits 128 + the signal's
-    // number. A second signal exits at once, with 128 + its number. (SIGHUP
-    // used to kill the shell as a crash would: answered writes lost.)
+    // number. A second SIGINT or SIGTERM exits at once, with 128 + its
+    // number. (SIGHUP used to kill the shell as a crash would: answered
+    // writes lost. Not when ignored at start, and a second one does not
+    // force the exit: `crate::stop_signals`.)
     let shell = Arc::new(Mutex::new(Some(shell)));
     let closing = Arc::new(AtomicBool::new(false));
-    for sig in [SIGTERM, SIGINT, SIGHUP] {
+    let (stop_signals, forcing) = crate::stop_signals();
+    for sig in forcing {
         signal_hook::flag::register_conditional_shutdown(sig, 128 + sig, Arc::clone(&closing))?;
     }
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
+    let mut signals = signal_hook::iterator::Signals::new(stop_signals)?;
     let on_signal = Arc::clone(&shell);
     std::thread::Builder::new()
         .name("tapkv-shell-signals".into())
