@@ -112,6 +112,10 @@ fn run(shared: &Shared, thread: usize, threads: usize) {
                 outcome == Round::Done
             }
             Err(e) => {
+                // Poisoned elsewhere meanwhile: nothing more to do.
+                if matches!(e, Error::Poisoned(_)) {
+                    return;
+                }
                 failures += 1;
                 for p in &mine {
                     p.progress.flush_failures.fetch_add(1, Ordering::Relaxed);
@@ -252,6 +256,7 @@ pub(crate) fn drain_all(shared: &Shared) -> Result<()> {
         match run_round(shared, &all, true) {
             Ok(Round::More) => failures = 0,
             Ok(_) => return Ok(()),
+            Err(e @ Error::Poisoned(_)) => return Err(e),
             Err(e) => {
                 failures += 1;
                 if failures >= shared.config.flush_retry_limit.max(1) {
@@ -321,6 +326,11 @@ fn round_under_lock(shared: &Shared, mine: &[&Partition], forced: bool) -> Resul
     if !forced && shared.flusher_paused.load(Ordering::Acquire) {
         return Ok(Round::Paused);
     }
+    // Under the round lock: a poison set after a flusher thread's check at
+    // the top of its loop (a failed synced record write, say) stops the
+    // round here. Before, such a round still wrote its entries after the
+    // poison (a CI run caught it: `a_poisoned_engine_writes_nothing_more_to_disk`).
+    shared.check_poisoned()?;
     let started = Instant::now();
     let wants_sync = shared.persist_waiters.load(Ordering::Acquire) > 0;
     if wants_sync {
