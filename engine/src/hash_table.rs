@@ -69,27 +69,30 @@ impl Counts {
 
     /// Takes `old` off and puts `new` on.
     fn account(&self, old: Option<&Record>, new: Option<&Record>) {
+        // Per record: an item, its resident bytes, and, if evicted, one
+        // evicted item and its value's bytes.
         let of = |r: Option<&Record>| {
-            r.map_or((0, 0, 0), |r| {
-                (1, r.resident_bytes() as isize, isize::from(r.is_evicted()))
+            r.map_or((0, 0, 0, 0), |r| {
+                let evicted = r.is_evicted();
+                let evicted_bytes = if evicted { r.value_len() as isize } else { 0 };
+                (
+                    1,
+                    r.resident_bytes() as isize,
+                    isize::from(evicted),
+                    evicted_bytes,
+                )
             })
         };
-        let ((oi, ob, oe), (ni, nb, ne)) = (of(old), of(new));
-        if ni != oi {
-            Self::add(&self.items, ni - oi);
-        }
-        if nb != ob {
-            Self::add(&self.bytes, nb - ob);
-        }
-        if ne != oe {
-            Self::add(&self.evicted, ne - oe);
-        }
-        if oe != 0 || ne != 0 {
-            let eb = |r: Option<&Record>| {
-                r.filter(|r| r.is_evicted())
-                    .map_or(0, |r| r.value_len() as isize)
-            };
-            Self::add(&self.evicted_bytes, eb(new) - eb(old));
+        let ((oi, ob, oe, oeb), (ni, nb, ne, neb)) = (of(old), of(new));
+        for (count, by) in [
+            (&self.items, ni - oi),
+            (&self.bytes, nb - ob),
+            (&self.evicted, ne - oe),
+            (&self.evicted_bytes, neb - oeb),
+        ] {
+            if by != 0 {
+                Self::add(count, by);
+            }
         }
     }
 

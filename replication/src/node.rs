@@ -181,13 +181,15 @@ impl NodeConfig {
         // adds them to the clock, which a `Duration::MAX` (meant as
         // "never") overflowed, panicking the thread (a replica's link died
         // silently, found by a review).
-        const HOUR: Duration = Duration::from_secs(3600);
-        const DAY: Duration = Duration::from_secs(24 * 3600);
         let bounded: [(&str, Duration, Duration); 4] = [
-            ("heartbeat", self.heartbeat, HOUR),
-            ("io_timeout", self.io_timeout, DAY),
-            ("idle_timeout", self.idle_timeout, DAY),
-            ("slow_replica_timeout", self.slow_replica_timeout, DAY),
+            ("heartbeat", self.heartbeat, MAX_HEARTBEAT),
+            ("io_timeout", self.io_timeout, MAX_TIMEOUT),
+            ("idle_timeout", self.idle_timeout, MAX_TIMEOUT),
+            (
+                "slow_replica_timeout",
+                self.slow_replica_timeout,
+                MAX_TIMEOUT,
+            ),
         ];
         if let Some((name, d, max)) = bounded.iter().find(|(_, d, max)| d > max) {
             return Err(format!(
@@ -199,6 +201,14 @@ impl NodeConfig {
         check_stream_name(self.name.as_bytes()).map_err(|e| format!("node name: {e}"))
     }
 }
+
+/// The longest `heartbeat` a node takes (an hour; `NodeConfig::validate`).
+pub const MAX_HEARTBEAT: Duration = Duration::from_secs(3600);
+
+/// The longest `io_timeout`, `idle_timeout` and `slow_replica_timeout` a
+/// node takes (a day; `NodeConfig::validate`): a node adds them to the
+/// clock, and nobody means a longer one.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
 /// Longest stream (and node) name, in bytes.
 pub const MAX_STREAM_NAME: usize = 255;
@@ -2146,9 +2156,8 @@ const STREAM_FRAME_LIMIT: usize = crate::protocol::MAX_FRAME_BODY;
 /// nodes' heartbeats: the primary's comes in its HELLO answer).
 const SILENT_HEARTBEATS: u32 = 10;
 
-/// The longest primary heartbeat a replica's silence limit follows (an
-/// hour, as `--heartbeat-ms` allows).
-const HOUR_MS: u64 = 3_600_000;
+/// The longest primary heartbeat a replica's silence limit follows.
+const HOUR_MS: u64 = MAX_HEARTBEAT.as_millis() as u64;
 
 /// How often a replica acknowledges its progress while it applies a disk
 /// snapshot (without reading its stream meanwhile).

@@ -11,10 +11,10 @@ use clap::Args;
 use tapkv_engine::{Engine, Error};
 use tapkv_replication::node::{Node, NodeConfig};
 
-/// Upper bounds of the timing options (beyond them a deadline could
-/// overflow; nobody means a longer one).
-const DAY_MS: u64 = 24 * 3600 * 1000;
-const HOUR_MS: u64 = 3600 * 1000;
+/// Upper bounds of the timing options, the node's own (beyond them a
+/// deadline could overflow; nobody means a longer one).
+const DAY_MS: u64 = tapkv_replication::node::MAX_TIMEOUT.as_millis() as u64;
+const HOUR_MS: u64 = tapkv_replication::node::MAX_HEARTBEAT.as_millis() as u64;
 
 #[derive(Args, Debug)]
 pub(crate) struct NodeArgs {
