@@ -292,7 +292,9 @@ impl Client {
     /// `Replicate` write, a `FLUSH` or the rest of a dump) are skipped
     /// rather than taken as this request's answer.
     fn reply(&mut self) -> Result<Frame, ClientError> {
-        let deadline = Instant::now() + self.timeout;
+        // A timeout too long for the clock (`Duration::MAX`, meant as
+        // "never") waits without a deadline; adding it panicked.
+        let deadline = Instant::now().checked_add(self.timeout);
         loop {
             match self.reader.poll()? {
                 Some(r) if r.opaque == self.opaque => {
@@ -316,7 +318,7 @@ impl Client {
                 // Nothing yet, or a late reply to an earlier request.
                 _ => {}
             }
-            if Instant::now() >= deadline {
+            if deadline.is_some_and(|d| Instant::now() >= d) {
                 return Err(ProtocolError::Io(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
                     format!("no reply within {:?}", self.timeout),

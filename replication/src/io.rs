@@ -31,8 +31,8 @@ pub struct FrameReader {
     /// deadline.
     away_since: Option<Instant>,
     /// The budget large partial frames are held against (see
-    /// [`BodyBudget`]), and what this reader holds of it.
-    budget: Option<(Arc<BodyBudget>, usize)>,
+    /// [`ByteBudget`]), and what this reader holds of it.
+    budget: Option<(Arc<ByteBudget>, usize)>,
     /// Bytes arrived since [`take_progress`](FrameReader::take_progress)
     /// last looked.
     progressed: bool,
@@ -41,27 +41,30 @@ pub struct FrameReader {
     poll_bound: Option<Duration>,
 }
 
-/// Bytes that partly received large frames may hold across every
-/// connection of a node together: a frame larger than
-/// [`BodyBudget::LARGE`] takes its length from the budget once its header
-/// has arrived, and gives it back once it is whole (or its connection
-/// ends). A frame that does not fit is refused with
-/// [`ProtocolError::Busy`], so many connections each sending part of a
-/// maximum-size frame cannot exhaust the node's memory.
+/// Bytes that large frames may hold across every connection of a node
+/// together, one budget for frames being received and one for replies
+/// being sent. A frame being received larger than [`ByteBudget::LARGE`]
+/// takes its length from the budget once its header has arrived, and gives
+/// it back once it is whole (or its connection ends); one that does not
+/// fit is refused with [`ProtocolError::Busy`]. A reply that large takes
+/// its length when it is queued and gives it back once its flush ends
+/// ([`FrameWriter::push_budgeted`]). So many connections each sending,
+/// or slowly reading, a maximum-size frame cannot exhaust the node's
+/// memory.
 #[derive(Debug)]
-pub struct BodyBudget {
+pub struct ByteBudget {
     limit: usize,
     used: AtomicUsize,
 }
 
-impl BodyBudget {
+impl ByteBudget {
     /// Frames up to this size are not counted (a connection holds at most
     /// one partial frame, so they are bounded by the connection limit).
     pub const LARGE: usize = 1 << 20;
 
     /// A budget of `limit` bytes.
-    pub fn new(limit: usize) -> Arc<BodyBudget> {
-        Arc::new(BodyBudget {
+    pub fn new(limit: usize) -> Arc<ByteBudget> {
+        Arc::new(ByteBudget {
             limit,
             used: AtomicUsize::new(0),
         })
@@ -70,6 +73,11 @@ impl BodyBudget {
     /// Bytes held now.
     pub fn used(&self) -> usize {
         self.used.load(Ordering::Acquire)
+    }
+
+    /// The most it lets frames hold together.
+    pub fn limit(&self) -> usize {
+        self.limit
     }
 
     fn try_take(&self, n: usize) -> bool {
@@ -99,7 +107,7 @@ const WRITE_BUFFER: usize = 64 * 1024;
 
 /// Largest buffer a connection keeps between frames (reader) or flushes
 /// (writer); one larger, left by a large frame, is let go.
-const KEEP_BUFFER: usize = BodyBudget::LARGE;
+const KEEP_BUFFER: usize = ByteBudget::LARGE;
 
 /// Progress a partial frame must make per frame deadline.
 const FRAME_PROGRESS: usize = 64 * 1024;
@@ -133,7 +141,7 @@ impl FrameReader {
     }
 
     /// Holds large partial frames against `budget` from now on.
-    pub fn set_body_budget(&mut self, budget: Arc<BodyBudget>) {
+    pub fn set_body_budget(&mut self, budget: Arc<ByteBudget>) {
         self.release();
         self.budget = Some((budget, 0));
     }
@@ -159,7 +167,7 @@ impl FrameReader {
         let Some(len) = crate::protocol::frame_len(&self.buf) else {
             return Ok(());
         };
-        if *held > 0 || len <= BodyBudget::LARGE || len > self.max_body + HEADER_LEN {
+        if *held > 0 || len <= ByteBudget::LARGE || len > self.max_body.saturating_add(HEADER_LEN) {
             return Ok(());
         }
         if !budget.try_take(len) {
@@ -348,7 +356,7 @@ impl FrameReader {
         // Room the next read needs: the rest of a frame whose header is in
         // (nothing more is needed to finish it), else one read's worth.
         let rest_of_frame = crate::protocol::frame_len(&self.buf)
-            .filter(|len| *len <= self.max_body + HEADER_LEN)
+            .filter(|len| *len <= self.max_body.saturating_add(HEADER_LEN))
             .map_or(0, |len| len.saturating_sub(self.buf.len()));
         let want = if rest_of_frame > 0 {
             rest_of_frame
@@ -481,6 +489,15 @@ pub struct FrameWriter {
     /// A flush must move `FRAME_PROGRESS` bytes per this long, or fails
     /// (`None`: only each write's own timeout applies).
     progress_deadline: Option<Duration>,
+    /// The node's budget for large replies, and what the frames queued
+    /// here hold of it until the next flush ends.
+    budget: Option<(Arc<ByteBudget>, usize)>,
+}
+
+impl Drop for FrameWriter {
+    fn drop(&mut self) {
+        self.release();
+    }
 }
 
 impl FrameWriter {
@@ -492,6 +509,44 @@ impl FrameWriter {
             patience: None,
             broken: false,
             progress_deadline: None,
+            budget: None,
+        }
+    }
+
+    /// Holds queued replies larger than [`ByteBudget::LARGE`] against
+    /// `budget` from now on ([`push_budgeted`](Self::push_budgeted)).
+    pub fn set_reply_budget(&mut self, budget: Arc<ByteBudget>) {
+        self.release();
+        self.budget = Some((budget, 0));
+    }
+
+    /// Queues a frame as [`push`](Self::push) does, but one larger than
+    /// [`ByteBudget::LARGE`] first takes its length from the reply budget
+    /// (if one is set), until the flush that sends it ends: `None`, and
+    /// nothing queued, when it does not fit. A GET's reply copies its value
+    /// into this buffer, and a client that reads it slowly holds that copy
+    /// for as long as the progress deadline allows: without a budget, a
+    /// thousand connections that each asked for a 20 MiB value and read
+    /// nothing held 20 GB.
+    pub fn push_budgeted(&mut self, f: &Frame) -> Option<usize> {
+        let len = f.wire_len();
+        if let Some((budget, held)) = &mut self.budget {
+            if len > ByteBudget::LARGE {
+                if !budget.try_take(len) {
+                    return None;
+                }
+                *held += len;
+            }
+        }
+        Some(self.push(f))
+    }
+
+    /// Gives back what the frames queued since the last flush held.
+    fn release(&mut self) {
+        if let Some((b, held)) = &mut self.budget {
+            if *held > 0 {
+                b.give(std::mem::take(held));
+            }
         }
     }
 
@@ -556,6 +611,7 @@ impl FrameWriter {
     pub fn flush(&mut self) -> Result<(), ProtocolError> {
         if self.broken {
             self.buf.clear();
+            self.release();
             return Err(std::io::Error::new(
                 std::io::ErrorKind::BrokenPipe,
                 "an earlier write on this connection failed",
@@ -567,6 +623,7 @@ impl FrameWriter {
             self.broken = true;
         }
         self.buf.clear();
+        self.release();
         if self.buf.capacity() > KEEP_BUFFER {
             // A large reply (a 20 MiB value) is not held for the
             // connection's life.

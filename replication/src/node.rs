@@ -93,10 +93,17 @@ pub struct NodeConfig {
     /// refused and reported as the link's error.
     pub replace_primary_data: bool,
     /// Bytes that partly received frames larger than 1 MiB may hold across
-    /// all connections together (`io::BodyBudget`); a large frame past it
+    /// all connections together (`io::ByteBudget`); a large frame past it
     /// is answered `TEMP_FAILURE` and its connection closed. Default
-    /// 256 MiB.
+    /// 256 MiB; at least `max_body` and a header, or a frame of that size
+    /// could never be taken.
     pub max_pending_body_bytes: usize,
+    /// Bytes that replies larger than 1 MiB (a GET of a large value) may
+    /// hold across all connections together while their clients read them
+    /// (`io::ByteBudget`); a reply past it is answered `TEMP_FAILURE`
+    /// instead, and the connection kept. Default 256 MiB; at least
+    /// `max_body` and a header.
+    pub max_pending_reply_bytes: usize,
     /// `ADMIN dump`s running at once: each reads its own point-in-time
     /// copy of the store (`Engine::disk_view`), which costs memory (tens of
     /// MB on a large node) for as long as its client takes to read it. One
@@ -106,6 +113,23 @@ pub struct NodeConfig {
     /// memory (`None`: nothing).
     #[doc(hidden)]
     pub before_partition_start: Option<PartitionStartHook>,
+    /// Test hook: asked before each connection thread's spawn; `true`
+    /// fails the spawn as if the process were out of threads (`None`:
+    /// never).
+    #[doc(hidden)]
+    pub fail_connection_spawn: Option<SpawnFailureHook>,
+}
+
+/// A function asked before each connection thread's spawn
+/// ([`NodeConfig::fail_connection_spawn`]).
+#[doc(hidden)]
+#[derive(Clone)]
+pub struct SpawnFailureHook(pub std::sync::Arc<dyn Fn() -> bool + Send + Sync>);
+
+impl std::fmt::Debug for SpawnFailureHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SpawnFailureHook")
+    }
 }
 
 /// A function a stream calls with each partition's number before starting
@@ -152,8 +176,10 @@ impl NodeConfig {
             max_connections: 1024,
             replace_primary_data: false,
             max_pending_body_bytes: 256 << 20,
+            max_pending_reply_bytes: 256 << 20,
             max_dumps: 4,
             before_partition_start: None,
+            fail_connection_spawn: None,
         }
     }
 
@@ -161,7 +187,7 @@ impl NodeConfig {
     /// refuse them too): a zero `max_unacked_bytes`, for one, left a stream
     /// waiting for acknowledgements of nothing, spinning without sending.
     pub fn validate(&self) -> Result<(), String> {
-        let positive: [(&str, bool); 11] = [
+        let positive: [(&str, bool); 12] = [
             ("max_body", self.max_body > 0),
             ("io_timeout", !self.io_timeout.is_zero()),
             ("idle_timeout", !self.idle_timeout.is_zero()),
@@ -172,10 +198,42 @@ impl NodeConfig {
             ("ack_bytes", self.ack_bytes > 0),
             ("max_connections", self.max_connections > 0),
             ("max_pending_body_bytes", self.max_pending_body_bytes > 0),
+            ("max_pending_reply_bytes", self.max_pending_reply_bytes > 0),
             ("max_dumps", self.max_dumps > 0),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, ok)| !ok) {
             return Err(format!("node setting {name} must be more than zero"));
+        }
+        // As `tapkv node --max-body` bounds it: a replica reads stream
+        // frames of up to `MAX_FRAME_BODY`, and the readers add a header's
+        // length to it (`usize::MAX` overflowed there).
+        if self.max_body > MAX_NODE_BODY {
+            return Err(format!(
+                "node setting max_body must be at most {MAX_NODE_BODY} bytes, got {}",
+                self.max_body
+            ));
+        }
+        // A budget smaller than the largest frame refused every frame
+        // between the two as "busy, try again later", on an idle node too,
+        // and for good (found by a review).
+        let largest = self.max_body + crate::protocol::HEADER_LEN;
+        for (name, flag, budget) in [
+            (
+                "max_pending_body_bytes",
+                "--max-pending-body-bytes",
+                self.max_pending_body_bytes,
+            ),
+            (
+                "max_pending_reply_bytes",
+                "--max-pending-reply-bytes",
+                self.max_pending_reply_bytes,
+            ),
+        ] {
+            if budget < largest {
+                return Err(format!(
+                    "node setting {name} ({flag}, {budget} bytes) is below the largest frame                      max_body allows ({largest} bytes with its header): frames between the two                      would be refused as busy forever; raise it with --max-body"
+                ));
+            }
         }
         // As the `tapkv node` flags bound them: a node multiplies them and
         // adds them to the clock, which a `Duration::MAX` (meant as
@@ -201,6 +259,11 @@ impl NodeConfig {
         check_stream_name(self.name.as_bytes()).map_err(|e| format!("node name: {e}"))
     }
 }
+
+/// The largest `max_body` a node takes (1 GiB less 64 KiB, as `tapkv node
+/// --max-body` bounds it): a stream frame carrying the largest value it
+/// lets in stays under the `MAX_FRAME_BODY` a replica reads.
+pub const MAX_NODE_BODY: usize = crate::protocol::MAX_FRAME_BODY - (64 << 10);
 
 /// The longest `heartbeat` a node takes (an hour; `NodeConfig::validate`).
 pub const MAX_HEARTBEAT: Duration = Duration::from_secs(3600);
@@ -446,7 +509,9 @@ struct NodeState {
     /// a window the primary could only backfill; see `replica_session`).
     resync_next: Mutex<Vec<PartitionId>>,
     /// What partly received large frames hold, all connections together.
-    body_budget: Arc<crate::io::BodyBudget>,
+    body_budget: Arc<crate::io::ByteBudget>,
+    /// What large replies waiting for their clients hold, all connections.
+    reply_budget: Arc<crate::io::ByteBudget>,
     /// Connections being served (each on its own thread).
     live_connections: AtomicUsize,
     /// Connections refused past `max_connections` since the node started
@@ -536,7 +601,8 @@ impl Node {
         let listener = TcpListener::bind(&config.listen)?;
         let addr = listener.local_addr()?;
         let replica = config.replica_of.is_some();
-        let body_budget = crate::io::BodyBudget::new(config.max_pending_body_bytes);
+        let body_budget = crate::io::ByteBudget::new(config.max_pending_body_bytes);
+        let reply_budget = crate::io::ByteBudget::new(config.max_pending_reply_bytes);
         let state = Arc::new(NodeState {
             engine: Arc::new(engine),
             config,
@@ -550,6 +616,7 @@ impl Node {
             link_sessions: AtomicU64::new(0),
             resync_next: Mutex::new(Vec::new()),
             body_budget,
+            reply_budget,
             live_connections: AtomicUsize::new(0),
             rejected_connections: AtomicU64::new(0),
             dumps: AtomicUsize::new(0),
@@ -652,6 +719,30 @@ impl Drop for Node {
 /// flood of connections past the limit is refused at up to 100 a second.
 const REFUSAL_READ: Duration = Duration::from_millis(10);
 
+/// Answers a connection the node does not serve with `TEMP_FAILURE` (the
+/// answer to the HELLO it opens with, opaque 0, bounded by a 1 s write
+/// timeout) and closes it, without a thread.
+fn refuse_connection(mut conn: TcpStream, why: &str) {
+    let _ = conn.set_write_timeout(Some(Duration::from_secs(1)));
+    let refusal = status_response(&Frame::request(opcode::HELLO, 0), status::TEMP_FAILURE, why);
+    let _ = std::io::Write::write_all(&mut conn, &refusal.to_bytes());
+    // Read what the peer sent (its HELLO) before closing, briefly: closing
+    // with unread input resets the connection, and a reset can discard the
+    // answer before the peer reads it.
+    let _ = conn.shutdown(std::net::Shutdown::Write);
+    let _ = conn.set_read_timeout(Some(REFUSAL_READ));
+    let _ = std::io::Read::read(&mut conn, &mut [0u8; 4096]);
+}
+
+/// Whether the test hook `fail_connection_spawn` fails this spawn.
+fn take_test_spawn_failure(state: &NodeState) -> bool {
+    state
+        .config
+        .fail_connection_spawn
+        .as_ref()
+        .is_some_and(|hook| (hook.0)())
+}
+
 /// Counts a connection thread out when it ends.
 struct Live<'a>(&'a AtomicUsize);
 
@@ -665,13 +756,14 @@ fn accept_loop(state: &Arc<NodeState>, listener: TcpListener) {
     // Each warning at most once a second: a flood must not flood the log.
     let mut accept_warning = OncePerSecond::default();
     let mut refusal_warning = OncePerSecond::default();
+    let mut spawn_warning = OncePerSecond::default();
     // Refusals for --max-connections since the last warning about them.
     let mut refused: u64 = 0;
     for conn in listener.incoming() {
         if state.stop.load(Ordering::Acquire) {
             break;
         }
-        let mut conn = match conn {
+        let conn = match conn {
             Ok(conn) => conn,
             Err(e) => {
                 // Out of descriptors (EMFILE, ENFILE) or memory: the
@@ -693,25 +785,15 @@ fn accept_loop(state: &Arc<NodeState>, listener: TcpListener) {
             // Counted before the answer goes out: a peer that reads it and
             // then asks for `stat` on another connection sees it counted.
             state.rejected_connections.fetch_add(1, Ordering::AcqRel);
-            // Answered without a thread (bounded by the write timeout) and
-            // closed: a flood of connections cannot take every thread.
-            let _ = conn.set_write_timeout(Some(Duration::from_secs(1)));
-            // The answer to the HELLO a connection opens with.
-            let refusal = status_response(
-                &Frame::request(opcode::HELLO, 0),
-                status::TEMP_FAILURE,
+            // Answered without a thread and closed: a flood of connections
+            // cannot take every thread.
+            refuse_connection(
+                conn,
                 &format!(
                     "too many connections: this node serves {} at once (--max-connections)",
                     state.config.max_connections
                 ),
             );
-            let _ = std::io::Write::write_all(&mut conn, &refusal.to_bytes());
-            // Read what the peer sent (its HELLO) before closing, briefly:
-            // closing with unread input resets the connection, and a reset
-            // can discard the answer before the peer reads it.
-            let _ = conn.shutdown(std::net::Shutdown::Write);
-            let _ = conn.set_read_timeout(Some(REFUSAL_READ));
-            let _ = std::io::Read::read(&mut conn, &mut [0u8; 4096]);
             refused += 1;
             if refusal_warning.due() {
                 tracing::warn!(
@@ -726,24 +808,53 @@ fn accept_loop(state: &Arc<NodeState>, listener: TcpListener) {
         let st = Arc::clone(state);
         let id = state.connections.fetch_add(1, Ordering::Relaxed);
         state.live_connections.fetch_add(1, Ordering::AcqRel);
-        match std::thread::Builder::new()
-            .name(format!("tapkv-conn-{id}"))
-            .spawn(move || {
-                // Counted out however the thread ends, a panic included.
-                let _live = Live(&st.live_connections);
-                let peer = conn.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-                if let Err(e) = serve_connection(&st, conn, id) {
-                    tracing::debug!(%peer, error = %e, "connection ended");
-                }
-            }) {
+        // The connection goes to its thread once the thread exists, so a
+        // spawn that fails leaves it here to be answered (before, it was
+        // dropped with the failed spawn's closure: the peer got a reset,
+        // not an answer; found by a review).
+        let (handover, arrival) = std::sync::mpsc::sync_channel::<TcpStream>(1);
+        let spawned = if take_test_spawn_failure(state) {
+            Err(std::io::Error::other("a test hook failed the spawn"))
+        } else {
+            std::thread::Builder::new()
+                .name(format!("tapkv-conn-{id}"))
+                .spawn(move || {
+                    // Counted out however the thread ends, a panic included.
+                    let _live = Live(&st.live_connections);
+                    let Ok(conn) = arrival.recv() else {
+                        return;
+                    };
+                    let peer = conn.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+                    if let Err(e) = serve_connection(&st, conn, id) {
+                        tracing::debug!(%peer, error = %e, "connection ended");
+                    }
+                })
+        };
+        match spawned {
             Ok(h) => {
+                // The thread waits for it; it ends only after receiving.
+                let _ = handover.send(conn);
                 let mut threads = state.threads.lock();
                 threads.retain(|t| !t.is_finished());
                 threads.push(h);
             }
             Err(e) => {
+                // Out of threads (a container's process limit, say): the
+                // peer is told, as past --max-connections.
                 state.live_connections.fetch_sub(1, Ordering::AcqRel);
-                tracing::warn!(error = %e, "cannot spawn a connection thread");
+                state.rejected_connections.fetch_add(1, Ordering::AcqRel);
+                refuse_connection(
+                    conn,
+                    "busy: this node cannot start a thread to serve the connection (its \
+                     process may be at its thread limit); try again later",
+                );
+                if spawn_warning.due() {
+                    tracing::warn!(
+                        error = %e,
+                        "cannot spawn a connection thread: connections are refused (see the \
+                         process's thread limit, and --max-connections)"
+                    );
+                }
             }
         }
     }
@@ -929,6 +1040,7 @@ fn serve_connection(
     // node's stop.
     writer.set_progress_deadline(Some(cfg.io_timeout));
     writer.set_patience(stop_aware_patience(state, cfg.io_timeout));
+    writer.set_reply_budget(Arc::clone(&state.reply_budget));
     let idle_polls = (cfg.idle_timeout.as_millis() / CONNECTION_POLL.as_millis()).max(1) as usize;
     let mut idle = 0;
     // Handshake first, within the I/O timeout (not the idle timeout): a
@@ -1038,8 +1150,20 @@ fn serve_connection(
         }
         let resp = handle_request(state, &frame);
         // Replies to pipelined requests go out together: one write once
-        // every buffered request is answered (or past 64 KiB).
-        writer.push(&resp);
+        // every buffered request is answered (or past 64 KiB). A large one
+        // that does not fit in what large replies may hold is answered
+        // busy instead; the connection stays (nothing was torn).
+        if writer.push_budgeted(&resp).is_none() {
+            drop(resp);
+            writer.push(&status_response(
+                &frame,
+                status::TEMP_FAILURE,
+                &format!(
+                    "busy: replies waiting for their clients to read them hold the {} bytes                      large replies may hold together (--max-pending-reply-bytes); try again                      later",
+                    state.reply_budget.limit()
+                ),
+            ));
+        }
         if !reader.has_frame() || writer.pending() >= REPLY_BATCH {
             writer.flush()?;
         }
@@ -1251,6 +1375,7 @@ fn handle_request_inner(state: &NodeState, f: &Frame) -> Result<Frame, Frame> {
                     "link_error": *state.link_error.lock(),
                     "link_sessions": state.link_sessions.load(Ordering::Relaxed),
                     "pending_body_bytes": state.body_budget.used(),
+                    "pending_reply_bytes": state.reply_budget.used(),
                     "curr_connections": state.live_connections.load(Ordering::Acquire),
                     "total_connections": state.connections.load(Ordering::Relaxed),
                     "rejected_connections": state.rejected_connections.load(Ordering::Acquire),

@@ -77,7 +77,7 @@ pub enum ProtocolError {
         body: usize,
     },
     /// A large frame does not fit in what the node lets partly received
-    /// frames hold together (see `io::BodyBudget`); try again later. The
+    /// frames hold together (see `io::ByteBudget`); try again later. The
     /// node closes the connection after this answer (its message holds
     /// [`BUSY_FRAME`], by which a client tells it from other refusals).
     #[error(

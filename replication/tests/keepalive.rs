@@ -372,6 +372,76 @@ fn partly_received_large_frames_share_a_budget() {
     common::shutdown(node);
 }
 
+/// Replies over 1 MiB that wait for their clients to read them share a
+/// node-wide budget (`max_pending_reply_bytes`): one that does not fit is
+/// answered `TEMP_FAILURE` "busy" with its opaque, and its connection kept;
+/// the budget comes back as the replies are read. Before (found by a
+/// review), nothing bounded them: every GET reply copies its value, and a
+/// thousand connections that each asked for a 20 MiB value and read
+/// nothing held 20 GB of copies.
+#[test]
+fn unread_large_replies_share_a_budget() {
+    use tapkv_replication::message::{opcode, status};
+    use tapkv_replication::protocol::{read_frame, Frame};
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = NodeConfig::new("127.0.0.1:0");
+    cfg.max_pending_reply_bytes = 48 << 20;
+    let node = Node::start(Engine::builder(dir.path()).open().unwrap(), cfg).unwrap();
+    let addr = node.local_addr().to_string();
+    let mut c = Client::connect(&addr, Duration::from_secs(30)).unwrap();
+    // 20 MiB: more than the socket buffers of a peer that reads nothing
+    // take, so its reply waits in the node.
+    let value = vec![b'v'; 20 << 20];
+    c.set(b"big", &value, 0, false).unwrap();
+    let get = |c: &Client, opaque: u32| {
+        let mut f = Frame::request(opcode::GET, c.partition_of(b"big")).with_key(b"big".to_vec());
+        f.opaque = opaque;
+        f.to_bytes()
+    };
+    let pending = |c: &mut Client| c.stats().unwrap()["pending_reply_bytes"].as_u64().unwrap();
+    let wait_pending = |c: &mut Client, want: &dyn Fn(u64) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !want(pending(c)) {
+            assert!(Instant::now() < deadline, "pending stuck at {}", pending(c));
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    let mut a = raw_hello(&addr, "a");
+    a.write_all(&get(&c, 1)).unwrap();
+    wait_pending(&mut c, &|p| p >= 20 << 20);
+    let mut b = raw_hello(&addr, "b");
+    b.write_all(&get(&c, 2)).unwrap();
+    wait_pending(&mut c, &|p| p >= 40 << 20);
+    // A third does not fit in the 48 MiB.
+    let mut d = raw_hello(&addr, "d");
+    d.write_all(&get(&c, 3)).unwrap();
+    let refusal = read_frame(&mut d, 1 << 20).unwrap();
+    assert_eq!(
+        (refusal.status(), refusal.opaque),
+        (status::TEMP_FAILURE, 3),
+        "{refusal:?}"
+    );
+    let text = String::from_utf8_lossy(&refusal.value);
+    assert!(
+        text.contains("busy") && text.contains("--max-pending-reply-bytes"),
+        "{text}"
+    );
+    assert!(pending(&mut c) <= 48 << 20);
+    // The two waiting replies are whole, and their budget comes back.
+    for (s, opaque) in [(&mut a, 1), (&mut b, 2)] {
+        let r = read_frame(s, 32 << 20).unwrap();
+        assert_eq!((r.status(), r.opaque), (status::SUCCESS, opaque));
+        assert!(r.value == value[..], "reply {opaque}");
+    }
+    wait_pending(&mut c, &|p| p == 0);
+    // The refused connection was kept: it gets the value now.
+    d.write_all(&get(&c, 4)).unwrap();
+    let r = read_frame(&mut d, 32 << 20).unwrap();
+    assert_eq!((r.status(), r.opaque), (status::SUCCESS, 4));
+    assert_eq!(r.value.len(), 20 << 20);
+    common::shutdown(node);
+}
+
 /// A raw connection to the node at `addr` that has said HELLO as `name`
 /// (reads and writes time out after 10 s).
 fn raw_hello(addr: &str, name: &str) -> TcpStream {
@@ -405,21 +475,22 @@ fn a_refused_large_frame_is_answered_to_a_peer_that_sends_it_whole() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = NodeConfig::new("127.0.0.1:0");
     cfg.max_body = 8 << 20;
-    cfg.max_pending_body_bytes = 5 << 20;
+    // The least `validate` takes: a frame of `max_body` fits alone.
+    cfg.max_pending_body_bytes = (8 << 20) + 24;
     let node = Node::start(Engine::builder(dir.path()).open().unwrap(), cfg).unwrap();
     let addr = node.local_addr().to_string();
     let mut c = Client::connect(&addr, Duration::from_secs(10)).unwrap();
     let open = |name: &str| raw_hello(&addr, name);
-    // A holds 4 MiB of the budget's 5.
+    // A holds 6 MiB of the budget's 8.
     let a_frame = Frame::request(opcode::SET, c.partition_of(b"a"))
         .with_extras(vec![0u8; 8])
         .with_key(b"a".to_vec())
-        .with_value(vec![b'v'; 4 << 20])
+        .with_value(vec![b'v'; 6 << 20])
         .to_bytes();
     let mut a = open("a");
     a.write_all(&a_frame[..200 << 10]).unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while c.stats().unwrap()["pending_body_bytes"].as_u64() < Some(4 << 20) {
+    while c.stats().unwrap()["pending_body_bytes"].as_u64() < Some(6 << 20) {
         assert!(Instant::now() < deadline, "A's frame never held the budget");
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -457,7 +528,7 @@ fn a_refused_large_frame_is_answered_to_a_peer_that_sends_it_whole() {
         read_frame(&mut a, 1 << 20).unwrap().status(),
         status::SUCCESS
     );
-    assert_eq!(c.get(b"a").unwrap().0.len(), 4 << 20);
+    assert_eq!(c.get(b"a").unwrap().0.len(), 6 << 20);
     common::shutdown(node);
 }
 
@@ -641,4 +712,47 @@ fn a_frame_arriving_just_fast_enough_does_not_hold_a_stop() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     trickler.join().unwrap();
     assert!(took.is_some(), "the stop waited for the trickled frame");
+}
+
+/// A connection the node cannot start a thread for (the process at its
+/// thread limit) is answered `TEMP_FAILURE` "busy" with opaque 0, counted
+/// in `rejected_connections`, and the node serves the next one. Before
+/// (found by a review), the failed spawn dropped the connection with its
+/// closure: the peer got a reset instead of an answer.
+#[test]
+fn a_connection_whose_thread_cannot_start_is_answered() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tapkv_replication::message::status;
+    use tapkv_replication::node::SpawnFailureHook;
+    use tapkv_replication::protocol::read_frame;
+    let dir = tempfile::tempdir().unwrap();
+    let failures = std::sync::Arc::new(AtomicUsize::new(0));
+    let mut cfg = NodeConfig::new("127.0.0.1:0");
+    let f = std::sync::Arc::clone(&failures);
+    cfg.fail_connection_spawn = Some(SpawnFailureHook(std::sync::Arc::new(move || {
+        f.fetch_update(Ordering::AcqRel, Ordering::Acquire, |k| k.checked_sub(1))
+            .is_ok()
+    })));
+    let node = Node::start(Engine::builder(dir.path()).open().unwrap(), cfg).unwrap();
+    let addr = node.local_addr().to_string();
+    failures.store(1, Ordering::Release);
+    let mut s = TcpStream::connect(&addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf = BytesMut::new();
+    hello("refused").encode(&mut buf);
+    s.write_all(&buf).unwrap();
+    let answer = read_frame(&mut s, 1 << 20).unwrap();
+    assert_eq!(
+        (answer.status(), answer.opaque),
+        (status::TEMP_FAILURE, 0),
+        "{answer:?}"
+    );
+    let text = String::from_utf8_lossy(&answer.value);
+    assert!(text.contains("busy") && text.contains("thread"), "{text}");
+    let mut rest = Vec::new();
+    assert_eq!(s.read_to_end(&mut rest).unwrap(), 0, "closed after it");
+    // The next connection is served, and the refusal was counted.
+    let mut c = Client::connect(&addr, Duration::from_secs(10)).unwrap();
+    assert_eq!(c.stats().unwrap()["rejected_connections"].as_u64(), Some(1));
+    common::shutdown(node);
 }

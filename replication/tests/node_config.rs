@@ -17,7 +17,11 @@ fn a_node_refuses_a_setting_out_of_range_and_names_it() {
     // And durations too long to add to the clock: a replica whose
     // heartbeat was `Duration::MAX` started, and its link thread panicked
     // (it never replicated, and said nothing).
-    let cases: [ZeroSetting; 8] = [
+    // And settings that do not fit together or overflow (found by a
+    // review): a pending-frame budget below `max_body` answered every frame
+    // between the two "busy, try again later", on an idle node, for good;
+    // a `max_body` of `usize::MAX` overflowed the readers' arithmetic.
+    let cases: [ZeroSetting; 12] = [
         ("max_unacked_bytes", |c| c.max_unacked_bytes = 0),
         ("heartbeat", |c| c.heartbeat = Duration::ZERO),
         ("ack_bytes", |c| c.ack_bytes = 0),
@@ -30,6 +34,16 @@ fn a_node_refuses_a_setting_out_of_range_and_names_it() {
         ("slow_replica_timeout", |c| {
             c.slow_replica_timeout = Duration::MAX
         }),
+        ("max_pending_body_bytes", |c| {
+            c.max_body = 4 << 20;
+            c.max_pending_body_bytes = 2 << 20;
+        }),
+        ("max_pending_reply_bytes", |c| {
+            c.max_body = 4 << 20;
+            c.max_pending_reply_bytes = 4 << 20;
+        }),
+        ("max_pending_reply_bytes", |c| c.max_pending_reply_bytes = 0),
+        ("max_body", |c| c.max_body = usize::MAX),
     ];
     for (name, zero) in cases {
         let dir = tempfile::tempdir().unwrap();
@@ -45,6 +59,31 @@ fn a_node_refuses_a_setting_out_of_range_and_names_it() {
     let dir = tempfile::tempdir().unwrap();
     let engine = Engine::builder(dir.path()).partitions(1).open().unwrap();
     let node = Node::start(engine, NodeConfig::new("127.0.0.1:0")).unwrap();
+    common::shutdown(node);
+    // The budgets' least: a frame of `max_body` and its header fits alone.
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::builder(dir.path()).partitions(1).open().unwrap();
+    let mut cfg = NodeConfig::new("127.0.0.1:0");
+    cfg.max_body = 4 << 20;
+    cfg.max_pending_body_bytes = (4 << 20) + 24;
+    cfg.max_pending_reply_bytes = (4 << 20) + 24;
+    common::shutdown(Node::start(engine, cfg).unwrap());
+}
+
+/// A client timeout too long for the clock (`Duration::MAX`, meant as
+/// "never") is taken, and calls answer: before, adding it to the clock
+/// panicked the HELLO's wait (found by a review).
+#[test]
+fn a_client_with_an_endless_timeout_is_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::builder(dir.path()).partitions(1).open().unwrap();
+    let node = Node::start(engine, NodeConfig::new("127.0.0.1:0")).unwrap();
+    let addr = node.local_addr().to_string();
+    let mut c = tapkv_replication::client::Client::connect(&addr, Duration::MAX).unwrap();
+    c.set(b"k", b"v", 0, false).unwrap();
+    c.set_reply_timeout(Duration::MAX);
+    assert_eq!(&c.get(b"k").unwrap().0[..], b"v");
+    drop(c);
     common::shutdown(node);
 }
 

@@ -2174,3 +2174,34 @@ fn a_full_stderr_keeps_the_documented_exit_status() {
         Some(3)
     );
 }
+
+/// `tapkv node` refuses a pending-frame budget below its `--max-body`
+/// (exit 3, naming both, before the data directory is touched): every
+/// frame between the two sizes was answered "busy, try again later", on an
+/// idle node, for good (found by a review).
+#[test]
+fn a_node_refuses_a_pending_frame_budget_below_its_max_body() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("node");
+    let d = data.to_str().unwrap();
+    for flag in ["--max-pending-body-bytes", "--max-pending-reply-bytes"] {
+        let args = [
+            "node",
+            "--data",
+            d,
+            "--listen",
+            "127.0.0.1:0",
+            "--max-body",
+            "8388608",
+            flag,
+            "4194304",
+        ];
+        let (code, err) = tapkv_tests::run_status(&args, T);
+        assert_eq!(code, Some(3), "{flag}: {err}");
+        assert!(
+            err.contains(flag) && err.contains("--max-body") && err.contains("busy"),
+            "{flag}: {err}"
+        );
+        assert!(!data.exists(), "{flag}: the directory was created");
+    }
+}

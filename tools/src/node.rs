@@ -149,8 +149,9 @@ pub(crate) struct NodeArgs {
     max_key_size: Option<u64>,
     /// Largest value accepted, in bytes (engine default 20 MiB; at most
     /// 1 GiB less 128 KiB, so a stream frame carrying it stays under the
-    /// 1 GiB a replica reads). Raise --max-body with it: a larger frame is
-    /// refused whole.
+    /// 1 GiB a replica reads). Raise --max-body with it (and, past 256 MiB,
+    /// --max-pending-body-bytes and --max-pending-reply-bytes): a larger
+    /// frame is refused whole.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=(1 << 30) - (128 << 10)))]
     max_value_size: Option<u64>,
     /// As a replica over a directory that held a primary's data: accept
@@ -163,9 +164,17 @@ pub(crate) struct NodeArgs {
     replace_data: bool,
     /// Bytes that partly received frames larger than 1 MiB may hold across
     /// all connections together; a large frame past it is answered
-    /// TEMP_FAILURE and its connection closed (at least 1 MiB).
+    /// TEMP_FAILURE and its connection closed (at least 1 MiB, and at least
+    /// --max-body plus 24: raise it with --max-body).
     #[arg(long, default_value_t = 256 << 20, value_parser = clap::value_parser!(u64).range(1 << 20..))]
     max_pending_body_bytes: u64,
+    /// Bytes that replies larger than 1 MiB (a GET of a large value) may
+    /// hold across all connections together while their clients read
+    /// them; a reply past it is answered TEMP_FAILURE "busy" instead and
+    /// the connection kept (at least 1 MiB, and at least --max-body plus
+    /// 24: raise it with --max-body).
+    #[arg(long, default_value_t = 256 << 20, value_parser = clap::value_parser!(u64).range(1 << 20..))]
+    max_pending_reply_bytes: u64,
     /// Largest accepted frame body in bytes (a request's extras, key and
     /// value; at least 4096, at most 1 GiB less 64 KiB: a replica reads
     /// stream frames of up to 1 GiB).
@@ -412,6 +421,27 @@ pub(crate) fn run(args: NodeArgs) -> Result<ExitCode, Error> {
     crate::check_data_dir(&args.data)?;
     let connections =
         connections_within_open_files(args.max_connections, args.max_open_files, args.max_dumps)?;
+    let mut cfg = NodeConfig::new(args.listen.clone());
+    cfg.name = args.name.clone().unwrap_or_else(|| cfg.name.clone());
+    cfg.replica_of = args.replica_of.clone();
+    cfg.max_unacked_bytes = args.max_unacked_bytes;
+    cfg.slow_replica_timeout = Duration::from_millis(args.slow_replica_ms);
+    cfg.max_body = usize::try_from(args.max_body).unwrap_or(usize::MAX);
+    cfg.io_timeout = Duration::from_millis(args.io_timeout_ms);
+    cfg.idle_timeout = Duration::from_secs(args.idle_timeout_s);
+    cfg.heartbeat = Duration::from_millis(args.heartbeat_ms);
+    cfg.stream_linger = Duration::from_micros(args.stream_linger_us);
+    cfg.ack_bytes = args.ack_bytes.max(1);
+    cfg.min_replicas = args.replicas;
+    cfg.replace_primary_data = args.replace_data;
+    cfg.max_pending_body_bytes = usize::try_from(args.max_pending_body_bytes).unwrap_or(usize::MAX);
+    cfg.max_pending_reply_bytes =
+        usize::try_from(args.max_pending_reply_bytes).unwrap_or(usize::MAX);
+    cfg.max_connections = usize::try_from(connections).unwrap_or(usize::MAX);
+    cfg.max_dumps = usize::try_from(args.max_dumps).unwrap_or(usize::MAX);
+    // Settings that do not fit together (a pending-frame budget below
+    // --max-body) are refused before the data directory is touched.
+    cfg.validate().map_err(Error::InvalidArgument)?;
     let replica = args.replica_of.is_some();
     let mut builder = Engine::builder(&args.data)
         .max_open_files(usize::try_from(args.max_open_files).unwrap_or(usize::MAX))
@@ -482,25 +512,11 @@ pub(crate) fn run(args: NodeArgs) -> Result<ExitCode, Error> {
             );
         }
     }
-    let mut cfg = NodeConfig::new(args.listen.clone());
+    // The name is the directory's (made on first start) unless given.
     cfg.name = match &args.name {
         Some(n) => n.clone(),
         None => default_name(&args.data)?,
     };
-    cfg.replica_of = args.replica_of.clone();
-    cfg.max_unacked_bytes = args.max_unacked_bytes;
-    cfg.slow_replica_timeout = Duration::from_millis(args.slow_replica_ms);
-    cfg.max_body = usize::try_from(args.max_body).unwrap_or(usize::MAX);
-    cfg.io_timeout = Duration::from_millis(args.io_timeout_ms);
-    cfg.idle_timeout = Duration::from_secs(args.idle_timeout_s);
-    cfg.heartbeat = Duration::from_millis(args.heartbeat_ms);
-    cfg.stream_linger = Duration::from_micros(args.stream_linger_us);
-    cfg.ack_bytes = args.ack_bytes.max(1);
-    cfg.min_replicas = args.replicas;
-    cfg.replace_primary_data = args.replace_data;
-    cfg.max_pending_body_bytes = usize::try_from(args.max_pending_body_bytes).unwrap_or(usize::MAX);
-    cfg.max_connections = usize::try_from(connections).unwrap_or(usize::MAX);
-    cfg.max_dumps = usize::try_from(args.max_dumps).unwrap_or(usize::MAX);
     let name = cfg.name.clone();
     let node = Node::start(engine, cfg)?;
     outln!(
