@@ -90,6 +90,12 @@ pub struct EngineConfig {
     pub expiry_pager_interval: Duration,
     /// Longest key in bytes (default 250).
     pub max_key_size: usize,
+    /// Whether an open raises `max_key_size` to the longest key already in
+    /// the directory (default true: a directory written under a larger
+    /// limit reopens with default settings, and its keys stay readable
+    /// and deletable). [`EngineBuilder::max_key_size`] turns it off: a
+    /// directory holding a longer key is then refused as `Incompatible`.
+    pub max_key_size_from_disk: bool,
     /// Whether this engine holds replica partitions (default false): seqnos
     /// come from a primary, so each partition restarts at its persisted seqno
     /// (to resume its stream) and no failover entries are created.
@@ -140,6 +146,7 @@ impl EngineConfig {
             path: path.into(),
             partitions: 16,
             partitions_from_disk: true,
+            max_key_size_from_disk: true,
             checkpoint: CheckpointConfig::default(),
             checkpoint_memory_limit: 512 << 20,
             flush_batch_max_items: 2_000,
@@ -301,9 +308,13 @@ impl EngineBuilder {
     }
 
     /// Longest key; default 250 bytes, 1 to 65,535 (a larger or zero size
-    /// is refused at open with `Error::InvalidArgument`).
+    /// is refused at open with `Error::InvalidArgument`). Without this
+    /// call an existing directory holding longer keys opens with its
+    /// longest key's length; with it, such a directory is refused as
+    /// `Incompatible` (naming the length to give).
     pub fn max_key_size(mut self, n: usize) -> Self {
         self.config.max_key_size = n;
+        self.config.max_key_size_from_disk = false;
         self
     }
 

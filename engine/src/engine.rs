@@ -632,6 +632,34 @@ impl Engine {
         // Every item is read and checked.
         let highs: Vec<u64> = records.iter().map(|(s, _)| s.high_seqno).collect();
         let items = load_items(&store, &config, &highs)?;
+        // Keys longer than `max_key_size` (written under a larger one):
+        // the limit rises to them unless it was given, when the directory
+        // is refused. Before, they were loaded and then refused by every
+        // get, delete and evict (found by a review), while the expiry pass
+        // still streamed their deletions to replicas that refused them.
+        if let Some((len, p, key)) = &items.longest_key {
+            if !config.max_key_size_from_disk {
+                return Err(Error::Incompatible {
+                    path,
+                    reason: format!(
+                        "partition {p} holds a key of {len} bytes ({}), longer than the \
+                         max_key_size of {} given: open it with a max_key_size of at least \
+                         {len} (tapkv node --max-key-size), or without one",
+                        crate::text::quoted(&key[..key.len().min(64)]),
+                        config.max_key_size
+                    ),
+                });
+            }
+            tracing::info!(
+                partition = p,
+                longest = len,
+                default = config.max_key_size,
+                "the directory holds keys longer than max_key_size: the limit rises to them"
+            );
+            config.max_key_size = *len;
+            // The largest write grew: the memory limits must still take it.
+            validate(&config)?;
+        }
         // Accepted: only now may the directory change.
         match disk_meta {
             None => store.put_engine_meta(&EngineMeta {
@@ -1559,6 +1587,9 @@ struct LoadedItems {
     tables: Vec<HashTable>,
     max_cas: Vec<u64>,
     loaded: u64,
+    /// The longest key read (tombstones included): its length, partition
+    /// and the key.
+    longest_key: Option<(usize, PartitionId, Vec<u8>)>,
 }
 
 /// Reads and checks every persisted item ([`check_disk_item`], against each
@@ -1573,12 +1604,21 @@ fn load_items(store: &Store, config: &EngineConfig, highs: &[u64]) -> Result<Loa
         tables: (0..n).map(|_| HashTable::new()).collect(),
         max_cas: vec![0; n],
         loaded: 0,
+        longest_key: None,
     };
     let resident_limit = (config.memory_quota as f64 * config.low_water) as usize;
     let mut resident = 0usize;
     let now = crate::item::now_secs();
     store.for_each_item(|p, key, rec| {
         check_disk_item(p, key, &rec.meta, highs)?;
+        if key.len() > config.max_key_size
+            && out
+                .longest_key
+                .as_ref()
+                .is_none_or(|(n, ..)| key.len() > *n)
+        {
+            out.longest_key = Some((key.len(), p, key.to_vec()));
+        }
         let i = usize::from(p);
         out.max_cas[i] = out.max_cas[i].max(rec.meta.cas);
         if !rec.deleted {

@@ -1196,3 +1196,45 @@ fn a_replicated_key_over_the_replicas_own_limit_is_refused() {
     assert_eq!(r.get(&key).unwrap().value(), &[7; 4096][..]);
     r.close().unwrap();
 }
+
+/// A directory holding keys longer than `max_key_size` (written under a
+/// larger one, tombstones included) opens without the setting at its
+/// longest key's length, so those keys stay readable and deletable; opened
+/// with a smaller explicit one, it is refused as `Incompatible`, naming the
+/// length to give, and left as it was. Before (found by a review), it was
+/// loaded and every get, delete and evict of such a key was refused.
+#[test]
+fn a_directory_with_keys_over_max_key_size_raises_it_or_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (long, gone) = (vec![b'k'; 500], vec![b'g'; 600]);
+    let e = builder(dir.path()).max_key_size(1000).open().unwrap();
+    e.set(&long, b"v", WriteOptions::default()).unwrap();
+    e.set(&gone, b"v", WriteOptions::default()).unwrap();
+    e.delete(&gone, WriteOptions::default()).unwrap();
+    e.close().unwrap();
+    // Without the setting: the longest key on disk, a tombstone's, is the limit.
+    let e = builder(dir.path()).open().unwrap();
+    assert_eq!(e.config().unwrap().max_key_size, 600);
+    assert_eq!(e.get(&long).unwrap().value(), b"v");
+    assert!(matches!(
+        e.set(&vec![b'x'; 601], b"v", WriteOptions::default()),
+        Err(Error::KeyTooLarge { len: 601, max: 600 })
+    ));
+    e.close().unwrap();
+    // With a smaller one: refused, naming the length.
+    let r = builder(dir.path()).max_key_size(250).open();
+    match r {
+        Err(Error::Incompatible { reason, .. }) => {
+            assert!(
+                reason.contains("600 bytes") && reason.contains("max_key_size"),
+                "{reason}"
+            );
+        }
+        other => panic!("{:?}", other.map(|_| ())),
+    }
+    // Left as it was: the key is there, and deletes.
+    let e = builder(dir.path()).max_key_size(600).open().unwrap();
+    e.delete(&long, WriteOptions::default()).unwrap();
+    assert!(matches!(e.get(&long), Err(Error::NotFound)));
+    e.close().unwrap();
+}

@@ -144,7 +144,9 @@ pub(crate) struct NodeArgs {
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
     max_connections: u64,
     /// Longest key accepted, in bytes (engine default 250, memcached's; at
-    /// most 65535, the frame's key-length field).
+    /// most 65535, the frame's key-length field). Without it, a directory
+    /// holding longer keys (written under a larger limit) takes its longest
+    /// key's length; with a smaller one, the node refuses to start.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=65_535))]
     max_key_size: Option<u64>,
     /// Largest value accepted, in bytes (engine default 20 MiB; at most
