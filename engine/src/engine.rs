@@ -713,6 +713,11 @@ impl Engine {
         let checkpoint_mem = Arc::new(AtomicUsize::new(0));
         let step = config.seqno_reservation.max(1);
         let mut partitions = Vec::with_capacity(usize::from(config.partitions));
+        // Every partition's reservation and new failover branch, written
+        // together and synced once after the loop, before any number is
+        // handed out (a crash before the sync hands out nothing: the next
+        // open reserves from the records before).
+        let mut meta_writes = crate::store::MetaWrites::default();
         for ((p, table), (state, res)) in (0..config.partitions).zip(items.tables).zip(records) {
             let start = PartitionStart {
                 high_seqno: if config.replica {
@@ -745,7 +750,7 @@ impl Engine {
                     checkpoint_id: start.checkpoint_id + (step / 1000).max(1),
                 }
             };
-            store.put_reservation(p, &reservation)?;
+            meta_writes.reservation(p, &reservation);
             let part = Partition::new(
                 p,
                 config.checkpoint,
@@ -782,7 +787,7 @@ impl Engine {
                 // stream.
                 let excess = log.len().saturating_sub(config.max_failover_entries);
                 log.drain(..excess);
-                store.put_failover_log(p, &log)?;
+                meta_writes.failover_log(p, &log);
             }
             *part.failover.lock() = log;
             if let Some(lost) = last_lost {
@@ -796,6 +801,9 @@ impl Engine {
             }
             partitions.push(part);
         }
+        // Durable before the pending branch is cleared, and before the
+        // engine hands out any number.
+        store.write_meta(meta_writes, true)?;
         if branch_pending && !config.replica {
             if let Some(m) = store.engine_meta()? {
                 store.put_engine_meta(&EngineMeta {
@@ -1541,15 +1549,18 @@ impl Engine {
             // stopped. A replica's numbers are its primary's: its
             // reservation is left as it is (it may still cover numbers a
             // primary's run handed out before the directory seeded it).
+            // Written together, unsynced: the WAL sync below makes them
+            // durable before the clean mark (one sync, not one a partition).
+            let mut exact = crate::store::MetaWrites::default();
             for p in shared.partitions.iter().filter(|_| !shared.config.replica) {
                 let w = p.lock();
-                shared.store.put_reservation(
+                exact.reservation(
                     p.id,
                     &Reservation {
                         seqno: w.checkpoints.high_seqno(),
                         checkpoint_id: w.checkpoints.open_checkpoint_id(),
                     },
-                )?;
+                );
                 // And its CAS clock: CAS values of writes that never reach
                 // the disk (a window open at the close) were handed out
                 // too, and the next open's clock starts above what the
@@ -1558,6 +1569,7 @@ impl Engine {
                     shared.store.raise_max_cas(p.id, w.cas.last())?;
                 }
             }
+            shared.store.write_meta(exact, false)?;
             shared.store.sync_wal()?;
             shared.store.set_clean_shutdown(true)
         })();
