@@ -16,7 +16,9 @@ use crate::config::{EngineBuilder, EngineConfig};
 use crate::error::{Error, Result};
 use crate::flusher;
 use crate::hash_table::HashTable;
-use crate::item::{Durability, Item, MutationResult, PartitionId, Record, WriteOptions};
+use crate::item::{
+    Durability, Item, MutationResult, PartitionId, Record, WriteOptions, RELATIVE_EXPIRY_MAX,
+};
 use crate::online_update::{MarkerSource, RevertReport};
 use crate::partition::{
     partition_of, reserved_cursor_check, MutationKind, Partition, PartitionStart,
@@ -1044,6 +1046,17 @@ impl Engine {
                 len: value.len(),
                 max: s.config.max_value_size,
             });
+        }
+        // A relative-looking expiry is a time in January 1970: stored as
+        // given, the item was dead on arrival yet persisted and streamed
+        // (found by a review; the wire takes memcached's relative form and
+        // converts it, `absolute_expiry`).
+        if kind != MutationKind::Delete && (1..=RELATIVE_EXPIRY_MAX).contains(&opts.expiry) {
+            return Err(Error::InvalidArgument(format!(
+                "expiry {} is a time in January 1970: WriteOptions::expiry is an absolute Unix \
+                 time (0 = never); for a time to live use WriteOptions::with_ttl",
+                opts.expiry
+            )));
         }
         refuse_on_replica(s, "a write")?;
         let part = s.partition(self.partition_of(key))?;

@@ -101,7 +101,11 @@ pub struct WriteOptions {
     pub cas: Option<u64>,
     /// Client flags stored with the value (ignored by `delete`).
     pub flags: u32,
-    /// Absolute expiry in seconds since the epoch, 0 = never (ignored by `delete`).
+    /// Absolute expiry in seconds since the epoch, 0 = never (ignored by
+    /// `delete`). A value up to [`RELATIVE_EXPIRY_MAX`] (a time in January
+    /// 1970, what memcached reads as relative) is refused as
+    /// `InvalidArgument`: for a time to live, use
+    /// [`with_ttl`](Self::with_ttl).
     pub expiry: u32,
     /// Durability level.
     pub durability: Durability,
@@ -116,10 +120,37 @@ impl WriteOptions {
         }
     }
 
-    /// These options with an expected CAS.
+    /// These options with an expected CAS; 0 is no check, as on the wire
+    /// (no item has CAS 0: before, `with_cas(0)` was a check no write could
+    /// pass).
     pub fn with_cas(mut self, cas: u64) -> Self {
-        self.cas = Some(cas);
+        self.cas = (cas != 0).then_some(cas);
         self
+    }
+
+    /// These options with an expiry `secs` seconds from now (0: never),
+    /// whatever its length.
+    pub fn with_ttl(mut self, secs: u32) -> Self {
+        self.expiry = match secs {
+            0 => 0,
+            s => now_secs().saturating_add(s),
+        };
+        self
+    }
+}
+
+/// Longest expiry memcached reads as relative to now (30 days, in seconds);
+/// a larger one is an absolute Unix time.
+pub const RELATIVE_EXPIRY_MAX: u32 = 30 * 24 * 3600;
+
+/// A memcached expiry as the engine's absolute time: 0 never expires, up to
+/// [`RELATIVE_EXPIRY_MAX`] seconds is relative to `now`, more is already
+/// absolute.
+pub fn absolute_expiry(expiry: u32, now: u32) -> u32 {
+    match expiry {
+        0 => 0,
+        e if e <= RELATIVE_EXPIRY_MAX => now.saturating_add(e),
+        e => e,
     }
 }
 

@@ -45,7 +45,8 @@ pub use config::{EngineBuilder, EngineConfig};
 pub use engine::{Engine, ReplicationGate};
 pub use error::{Error, Result};
 pub use item::{
-    Durability, Item, ItemMeta, MutationResult, PartitionId, QueueOp, QueuedItem, WriteOptions,
+    absolute_expiry, Durability, Item, ItemMeta, MutationResult, PartitionId, QueueOp, QueuedItem,
+    WriteOptions, RELATIVE_EXPIRY_MAX,
 };
 #[doc(hidden)]
 pub use online_update::RevertHold;

@@ -176,7 +176,9 @@ pub struct RevertReport {
     /// The reverted window's checkpoint id.
     pub checkpoint_id: u64,
     /// Keys the window had created and that existed at REVERT, now removed
-    /// (a key created and deleted again inside the window needs nothing).
+    /// (a key created and deleted again inside the window needs nothing; a
+    /// key whose pre-window version had expired counts here, as it reads
+    /// absent again).
     pub removed: usize,
     /// Keys the window had updated or deleted, now back to their pre-window state.
     pub restored: usize,
@@ -391,6 +393,7 @@ impl Partition {
         };
         let clean_upto = self.progress.persisted_seqno.load(Ordering::Acquire);
         let (mut removed, mut restored) = (0, 0);
+        let now = crate::item::now_secs();
         {
             let mut shards = self.table.lock_all();
             // Taken in its own statement: the gate's mutex is not held
@@ -421,8 +424,16 @@ impl Partition {
                             }
                         }
                         Some(before) => {
+                            // A version that had expired reads as absent:
+                            // to a client the window created the key, and
+                            // the revert removes it (before, counted as
+                            // restored; found by a review).
+                            if before.meta().is_expired(now) {
+                                removed += 1;
+                            } else {
+                                restored += 1;
+                            }
                             shards.put_hashed(e.hash, before.without_clean_value(clean_upto));
-                            restored += 1;
                         }
                     }
                 }

@@ -293,7 +293,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let e = Engine::builder(dir.path()).partitions(1).open().unwrap();
         let past = WriteOptions {
-            expiry: 1,
+            expiry: crate::item::RELATIVE_EXPIRY_MAX + 1,
             ..WriteOptions::default()
         };
         e.set(b"gone", b"v", past).unwrap();

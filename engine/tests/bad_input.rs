@@ -128,7 +128,7 @@ fn expired_items_read_as_absent() {
         b"old",
         "v",
         WriteOptions {
-            expiry: 1,
+            expiry: tapkv_engine::RELATIVE_EXPIRY_MAX + 1,
             ..Default::default()
         },
     )
@@ -154,9 +154,9 @@ fn the_expiry_pass_deletes_expired_items_on_a_primary_only() {
     };
     for i in 0..300 {
         let expiry = match i % 3 {
-            0 => 1,        // long past
-            1 => u32::MAX, // far future
-            _ => 0,        // never
+            0 => tapkv_engine::RELATIVE_EXPIRY_MAX + 1, // long past
+            1 => u32::MAX,                              // far future
+            _ => 0,                                     // never
         };
         e.set(format!("k{i}").as_bytes(), "v", with_expiry(expiry))
             .unwrap();
@@ -188,8 +188,12 @@ fn the_expiry_pass_deletes_expired_items_on_a_primary_only() {
         .open()
         .unwrap();
     for i in 0..50 {
-        e.set(format!("b{i}").as_bytes(), "v", with_expiry(1))
-            .unwrap();
+        e.set(
+            format!("b{i}").as_bytes(),
+            "v",
+            with_expiry(tapkv_engine::RELATIVE_EXPIRY_MAX + 1),
+        )
+        .unwrap();
     }
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while e.stats().unwrap().items() > 0 {
@@ -316,7 +320,7 @@ fn the_expiry_pass_works_in_batches_and_goes_on_where_it_stopped() {
     let e = builder(dir.path()).open().unwrap();
     e.set_flusher_paused(true);
     let expired = WriteOptions {
-        expiry: 1,
+        expiry: tapkv_engine::RELATIVE_EXPIRY_MAX + 1,
         ..Default::default()
     };
     for i in 0..25_000 {
@@ -349,7 +353,7 @@ fn an_expiry_pass_looks_at_a_bounded_part_of_the_table() {
             .unwrap();
     }
     let expired = WriteOptions {
-        expiry: 1,
+        expiry: tapkv_engine::RELATIVE_EXPIRY_MAX + 1,
         ..Default::default()
     };
     for i in 0..50 {
@@ -1236,5 +1240,50 @@ fn a_directory_with_keys_over_max_key_size_raises_it_or_is_refused() {
     let e = builder(dir.path()).max_key_size(600).open().unwrap();
     e.delete(&long, WriteOptions::default()).unwrap();
     assert!(matches!(e.get(&long), Err(Error::NotFound)));
+    e.close().unwrap();
+}
+
+/// An expiry that looks relative (1 to 30 days in seconds, a time in
+/// January 1970 as the absolute time `WriteOptions::expiry` is) is refused
+/// with `InvalidArgument` naming `with_ttl`, which gives a time to live;
+/// and `with_cas(0)` is no check, as on the wire. Before (found by a
+/// review), `expiry: 3600` was stored as given, read as absent at once,
+/// and was persisted and streamed anyway; `with_cas(0)` was a check no
+/// write could pass.
+#[test]
+fn a_relative_looking_expiry_is_refused_and_cas_zero_is_no_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = builder(dir.path()).open().unwrap();
+    let hour = WriteOptions {
+        expiry: 3600,
+        ..Default::default()
+    };
+    for r in [
+        e.set(b"k", b"v", hour),
+        e.add(b"k", b"v", hour),
+        e.replace(b"k", b"v", hour),
+    ] {
+        match r {
+            Err(Error::InvalidArgument(m)) => assert!(m.contains("with_ttl"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(matches!(e.get(b"k"), Err(Error::NotFound)));
+    e.set(b"k", b"v", WriteOptions::default().with_ttl(3600))
+        .unwrap();
+    let got = e.get(b"k").unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as u32;
+    assert!((now + 3590..=now + 3610).contains(&got.meta.expiry));
+    // A delete ignores the expiry.
+    e.delete(b"k", hour).unwrap();
+    // CAS 0: no check, for a new key and an existing one.
+    e.set(b"fresh", b"v", WriteOptions::default().with_cas(0))
+        .unwrap();
+    e.set(b"fresh", b"w", WriteOptions::default().with_cas(0))
+        .unwrap();
+    assert_eq!(e.get(b"fresh").unwrap().value(), b"w");
     e.close().unwrap();
 }

@@ -1079,7 +1079,10 @@ fn the_expiry_pass_leaves_a_partition_with_an_open_window_alone() {
     let dir = tempfile::tempdir().unwrap();
     let e = builder(dir.path()).open().unwrap();
     let k = keys_in(&e, 0, 50, "exp");
-    let past = WriteOptions { expiry: 1, ..MEM };
+    let past = WriteOptions {
+        expiry: tapkv_engine::RELATIVE_EXPIRY_MAX + 1,
+        ..MEM
+    };
     for key in &k {
         e.set(key, "v", past).unwrap();
     }
@@ -1094,6 +1097,28 @@ fn the_expiry_pass_leaves_a_partition_with_an_open_window_alone() {
     );
     e.online_update_complete(0).unwrap();
     assert_eq!(e.run_expiry_pass().unwrap(), k.len());
+}
+
+/// A window that writes over an expired item not yet purged created the
+/// key, as clients saw it: its REVERT counts the key removed, and the key
+/// reads absent again. Before (found by a review), it was counted restored.
+#[test]
+fn a_revert_over_an_expired_item_counts_it_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = builder(dir.path()).open().unwrap();
+    let past = WriteOptions {
+        expiry: tapkv_engine::RELATIVE_EXPIRY_MAX + 1,
+        ..MEM
+    };
+    let p = e.partition_of(b"k");
+    e.set(b"k", "old", past).unwrap();
+    e.flush().unwrap();
+    e.online_update_start(p).unwrap();
+    e.add(b"k", "new", MEM).unwrap();
+    let r = e.online_update_revert(p).unwrap();
+    assert_eq!((r.removed, r.restored), (1, 0), "{r:?}");
+    assert!(matches!(e.get(b"k"), Err(Error::NotFound)));
+    e.close().unwrap();
 }
 
 /// A reverted window's CAS values were handed out to clients: the CAS the

@@ -378,7 +378,7 @@ fn expired_items_take_no_room_from_live_values_at_warmup() {
     };
     let e = open();
     let expired = WriteOptions {
-        expiry: 1,
+        expiry: tapkv_engine::RELATIVE_EXPIRY_MAX + 1,
         ..WriteOptions::default()
     };
     // Keys in order: the expired ones are read first.

@@ -572,20 +572,7 @@ pub fn parse_store_extras(f: &Frame) -> Result<(u32, u32), ProtocolError> {
     Ok((flags, absolute_expiry(expiry, now)))
 }
 
-/// Longest expiry memcached reads as relative to now (30 days, in seconds);
-/// a larger one is an absolute Unix time.
-pub const RELATIVE_EXPIRY_MAX: u32 = 30 * 24 * 3600;
-
-/// A memcached expiry as the engine's absolute time: 0 never expires, up to
-/// [`RELATIVE_EXPIRY_MAX`] seconds is relative to `now`, more is already
-/// absolute.
-pub fn absolute_expiry(expiry: u32, now: u32) -> u32 {
-    match expiry {
-        0 => 0,
-        e if e <= RELATIVE_EXPIRY_MAX => now.saturating_add(e),
-        e => e,
-    }
-}
+pub use tapkv_engine::{absolute_expiry, RELATIVE_EXPIRY_MAX};
 
 /// Datatype bit of a SET/ADD/REPLACE asking for `Durability::Persist`.
 pub const DATATYPE_PERSIST: u8 = 0x80;
