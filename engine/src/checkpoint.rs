@@ -645,10 +645,35 @@ impl CheckpointManager {
         high_seqno: u64,
         shared_mem: Arc<AtomicUsize>,
     ) -> Self {
+        Self::starting_at(
+            config,
+            checkpoint_id,
+            high_seqno + 1,
+            high_seqno,
+            shared_mem,
+        )
+    }
+
+    /// A manager as [`new`](Self::new) makes, whose open checkpoint covers
+    /// seqnos from `first_seqno` (at most `high_seqno + 1`) though its
+    /// history ends at `high_seqno`: none lie between. A primary reopened
+    /// after a crash continues above its seqno reservation while its disk
+    /// ends lower; a cursor at any seqno from the disk's end up then reads
+    /// from memory (before, a replica caught up to the disk's end was sent
+    /// a disk snapshot of the empty range, a full scan of its partition, at
+    /// every resume until the partition was written again; found by a
+    /// review).
+    pub(crate) fn starting_at(
+        config: CheckpointConfig,
+        checkpoint_id: u64,
+        first_seqno: u64,
+        high_seqno: u64,
+        shared_mem: Arc<AtomicUsize>,
+    ) -> Self {
         let mut checkpoints = VecDeque::new();
         checkpoints.push_back(SharedCheckpoint::new(Checkpoint::new(
             checkpoint_id,
-            high_seqno + 1,
+            first_seqno.min(high_seqno + 1),
         )));
         CheckpointManager {
             checkpoints,

@@ -727,6 +727,7 @@ impl Engine {
                 } else {
                     state.high_seqno.max(res.seqno)
                 },
+                disk_high: state.high_seqno,
                 checkpoint_id: if config.replica {
                     state.checkpoint_id + 1
                 } else {

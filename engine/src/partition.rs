@@ -173,7 +173,12 @@ pub(crate) struct FlushProgress {
 
 /// Where a partition starts after warmup.
 pub(crate) struct PartitionStart {
+    /// The highest seqno handed out before (a primary's reservation after
+    /// a crash); the next is above it.
     pub(crate) high_seqno: u64,
+    /// The highest seqno on disk (at most `high_seqno`): nothing lies
+    /// between the two.
+    pub(crate) disk_high: u64,
     pub(crate) checkpoint_id: u64,
     pub(crate) max_cas: u64,
 }
@@ -217,8 +222,17 @@ impl Partition {
         shared_mem: Arc<AtomicUsize>,
         table: HashTable,
     ) -> Self {
-        let mut checkpoints =
-            CheckpointManager::new(config, start.checkpoint_id, start.high_seqno, shared_mem);
+        let disk_high = start.disk_high.min(start.high_seqno);
+        let mut checkpoints = CheckpointManager::starting_at(
+            config,
+            start.checkpoint_id,
+            disk_high + 1,
+            start.high_seqno,
+            shared_mem,
+        );
+        // Persisted up to the high seqno: nothing after the disk's end
+        // was handed out below it (`flush` waits for it on every
+        // partition).
         checkpoints
             .register_cursor(PERSISTENCE_CURSOR, start.high_seqno)
             .expect("registering at the high seqno always succeeds");

@@ -1528,3 +1528,45 @@ fn a_replica_told_its_primarys_window_limit_takes_every_entry_its_primary_took()
         }
     }
 }
+
+/// After a primary's crash its seqnos continue above its reservation while
+/// its disk ends lower, with nothing between: a stream caught up to the
+/// disk's end resumes from memory. Before (found by a review), memory
+/// started at the reservation: every resume of every partition was sent a
+/// disk snapshot of the empty range (a full scan of the partition) until
+/// it was written again.
+#[test]
+fn a_stream_caught_up_before_a_primary_crash_resumes_from_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = builder(dir.path()).open().unwrap();
+    let p = e.partition_of(b"k");
+    e.set(b"k", b"v", WriteOptions::default()).unwrap();
+    e.flush().unwrap();
+    let disk = e.persisted_seqno(p).unwrap();
+    e.crash();
+    let e = builder(dir.path()).open().unwrap();
+    let high = e.high_seqno(p).unwrap();
+    assert!(high > disk, "numbering continues above the reservation");
+    assert_eq!(e.backfill_end(p, disk).unwrap(), None, "memory holds it");
+    assert_eq!(e.stream_start(p, "s", disk).unwrap(), StreamStart::InMemory);
+    // The next write is above the reservation, read from the cursor, and
+    // persisted.
+    let w = e.set(b"k", b"v2", WriteOptions::default()).unwrap();
+    assert!(w.seqno > high);
+    let batch = e.read_cursor(p, "s", 100).unwrap();
+    let seqnos: Vec<u64> = batch
+        .events
+        .iter()
+        .filter_map(|ev| match ev {
+            tapkv_engine::CursorEvent::Item(i) => Some(i.seqno()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(seqnos, vec![w.seqno]);
+    e.flush().unwrap();
+    assert_eq!(e.persisted_seqno(p).unwrap(), w.seqno);
+    e.close().unwrap();
+    let e = builder(dir.path()).open().unwrap();
+    assert_eq!(e.get(b"k").unwrap().value(), b"v2");
+    e.close().unwrap();
+}
