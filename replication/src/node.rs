@@ -305,7 +305,8 @@ pub enum PartitionStreamState {
     Backfilling,
     /// Sending from the in-memory cursor.
     InMemory,
-    /// Cursor dropped (slow replica); backfills once the replica reads again.
+    /// Cursor dropped as a slow replica's (flow control); the stream ends
+    /// once the replica reads again, and it resumes with a backfill.
     Dropped,
     /// The replica was told to roll back; it will reconnect.
     RolledBack,
@@ -326,6 +327,9 @@ pub struct StreamInfo {
     /// partition it does not serve (each counted only up to what was sent;
     /// a healthy replica has none).
     pub acks_ahead: u64,
+    /// Partitions sent from disk again within the stream after the
+    /// flusher dropped their cursors under checkpoint-memory pressure.
+    pub restarts: u64,
     /// Per partition: state, seqno sent, seqno acked, items behind.
     pub partitions: Vec<StreamPartitionInfo>,
 }
@@ -368,6 +372,9 @@ struct StreamShared {
     /// counts for liveness only (`ack_reader`).
     snapshots: Mutex<PendingSnapshots>,
     resumed_from: Mutex<HashMap<PartitionId, u64>>,
+    /// Partitions sent from disk again after the flusher dropped their
+    /// cursors under memory pressure.
+    restarts: AtomicU64,
     stop: AtomicBool,
     lock: Mutex<()>,
     cv: Condvar,
@@ -1509,6 +1516,7 @@ fn streams_info(state: &NodeState) -> Vec<StreamInfo> {
                 unacked_bytes: s.unacked.load(Ordering::Acquire),
                 last_ack_ms: s.last_ack.lock().elapsed().as_millis() as u64,
                 acks_ahead: s.acks_ahead.load(Ordering::Acquire),
+                restarts: s.restarts.load(Ordering::Acquire),
                 partitions: parts,
             }
         })
@@ -1581,6 +1589,7 @@ fn serve_stream(
         parts: Mutex::new(HashMap::new()),
         snapshots: Mutex::new(HashMap::new()),
         resumed_from: Mutex::new(HashMap::new()),
+        restarts: AtomicU64::new(0),
         stop: AtomicBool::new(false),
         lock: Mutex::new(()),
         cv: Condvar::new(),
@@ -2206,18 +2215,29 @@ fn stream_loop(
                 }
             }
             if let Some(p) = lost {
-                for p in &active {
-                    if let Some(e) = s.parts.lock().get_mut(p) {
-                        e.0 = PartitionStreamState::Dropped;
-                    }
-                }
+                // Only this partition starts again, from disk, within the
+                // session: from the last entry sent, which the replica
+                // applies before the snapshot. Before (found by a review),
+                // the stream ended and every partition started again: a
+                // joining replica whose first partitions' cursors were
+                // dropped while the others were scanned (every disk
+                // snapshot scans its whole partition) repeated the join,
+                // and under heavy writes never finished it.
+                let from = s.parts.lock().get(&p).map_or(0, |e| e.1);
                 tracing::warn!(
                     stream = %s.name,
                     partition = p,
-                    "stream cursor dropped under checkpoint-memory pressure: ending the stream; \
-                     the replica resumes with a backfill"
+                    from,
+                    "stream cursor dropped under checkpoint-memory pressure: sending the \
+                     partition from disk again"
                 );
-                break;
+                start_partition(engine, s, writer, &mut beat, (p, from))?;
+                if let Some(e) = s.parts.lock().get_mut(&p) {
+                    e.0 = PartitionStreamState::InMemory;
+                }
+                s.restarts.fetch_add(1, Ordering::AcqRel);
+                beat.flush(writer)?;
+                continue;
             }
             if sent == 0 && last_send.elapsed() >= cfg.heartbeat {
                 sent += send(writer, s, &StreamMessage::Noop);

@@ -1251,3 +1251,65 @@ fn a_key_over_the_replicas_own_limit_is_reported_not_resynchronised() {
     common::shutdown(replica);
     common::shutdown(primary);
 }
+
+/// A stream whose cursor the primary's flusher dropped (here removed by
+/// hand, as a drop under checkpoint-memory pressure does) sends that
+/// partition from disk again within the session, from the last entry it
+/// sent, and the replica converges without reconnecting. Before (found by a
+/// review), the stream ended and every partition started again: a joining
+/// replica whose first partitions' cursors were dropped while the others
+/// were scanned repeated its join, and under heavy writes never finished.
+#[test]
+fn a_partition_whose_cursor_was_dropped_is_sent_from_disk_again_in_the_session() {
+    let pdir = tempfile::tempdir().unwrap();
+    let rdir = tempfile::tempdir().unwrap();
+    let primary = primary_of(pdir.path());
+    let p = primary.engine().unwrap();
+    let replica = replica_of(&primary, rdir.path(), 2, "again", |_| {});
+    let r = replica.engine().unwrap();
+    let same = |n: usize| {
+        (0..n).all(|i| {
+            let k = format!("a{i}");
+            r.get(k.as_bytes()).is_ok_and(|it| it.value() == b"v")
+        })
+    };
+    write_keys(&primary, "a", 200);
+    wait_until(
+        "the replica to hold the first keys",
+        Duration::from_secs(30),
+        || same(200),
+    );
+    let cursor = |q: u16| {
+        p.cursors(q)
+            .unwrap()
+            .into_iter()
+            .find(|c| c.name.starts_with("repl:again:"))
+            .map(|c| c.name)
+    };
+    let name = cursor(0).expect("the stream's cursor");
+    // Dropped, then written past and persisted: memory still holds the
+    // writes, and the partition starts again from the last entry sent.
+    assert!(p.remove_cursor(0, &name).unwrap());
+    write_keys(&primary, "a", 400);
+    p.flush().unwrap();
+    wait_until(
+        "the replica to hold every key",
+        Duration::from_secs(30),
+        || same(400),
+    );
+    let mut c = Client::connect(&primary.local_addr().to_string(), Duration::from_secs(5)).unwrap();
+    let streams = c.admin("streams").unwrap();
+    assert_eq!(streams.as_array().map(Vec::len), Some(1), "{streams}");
+    assert_eq!(streams[0]["restarts"].as_u64(), Some(1), "{streams}");
+    assert!(cursor(0).is_some(), "registered again");
+    let mut rc =
+        Client::connect(&replica.local_addr().to_string(), Duration::from_secs(5)).unwrap();
+    assert_eq!(
+        rc.stats().unwrap()["link_sessions"].as_u64(),
+        Some(1),
+        "the replica reconnected"
+    );
+    drop((c, rc));
+    common::shutdown(replica);
+    common::shutdown(primary);
+}

@@ -56,7 +56,7 @@ pub(crate) enum AdminCommand {
         #[arg(long, value_name = "ADDR", value_parser = crate::node::node_addr)]
         addr: String,
         /// The node's JSON array (name, peer, unacked_bytes, last_ack_ms, acks_ahead,
-        /// and per partition: partition, state, sent_seqno, acked_seqno,
+        /// restarts, and per partition: partition, state, sent_seqno, acked_seqno,
         /// lag_items, lag_bytes, resumed_from) instead of the table.
         #[arg(long)]
         json: bool,
@@ -197,6 +197,13 @@ pub(crate) fn run(cmd: AdminCommand) -> Result<ExitCode, Error> {
                     s["unacked_bytes"],
                     s["last_ack_ms"]
                 )?;
+                let restarts = s["restarts"].as_u64().unwrap_or(0);
+                if restarts > 0 {
+                    outln!(
+                        "  {restarts} partition start(s) again from disk: the primary's flusher \
+                         dropped their cursors under checkpoint-memory pressure"
+                    )?;
+                }
                 let ahead = s["acks_ahead"].as_u64().unwrap_or(0);
                 if ahead > 0 {
                     outln!(
