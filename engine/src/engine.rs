@@ -19,7 +19,7 @@ use crate::hash_table::HashTable;
 use crate::item::{
     Durability, Item, MutationResult, PartitionId, Record, WriteOptions, RELATIVE_EXPIRY_MAX,
 };
-use crate::online_update::{MarkerSource, RevertReport};
+use crate::online_update::{MarkerSource, RevertReport, WindowInfo};
 use crate::partition::{
     partition_of, reserved_cursor_check, MutationKind, Partition, PartitionStart,
 };
@@ -983,6 +983,13 @@ impl Engine {
             .online_update_complete(&s.store, MarkerSource::Local)?;
         s.changed(p);
         Ok(id)
+    }
+
+    /// Partition `p`'s open online-update window, if any (what
+    /// `stats().partitions[p].window` says, without walking every
+    /// partition).
+    pub fn online_update_window(&self, p: PartitionId) -> Result<Option<WindowInfo>> {
+        Ok(self.live()?.partition(p)?.window_info())
     }
 
     /// REVERT: undoes every mutation of partition `p`'s window.

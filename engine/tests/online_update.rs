@@ -1192,3 +1192,25 @@ fn a_clean_close_records_the_cas_of_a_window_left_open() {
     );
     assert!(e.set(b"after", b"v", WriteOptions::default()).unwrap().cas > cas);
 }
+
+/// `online_update_window(p)` says what `stats()` says of one partition's
+/// window, without walking every partition (a replica asks it at every
+/// disk snapshot's start).
+#[test]
+fn online_update_window_names_one_partitions_open_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = builder(dir.path()).open().unwrap();
+    assert_eq!(e.online_update_window(1).unwrap(), None);
+    let id = e.online_update_start(1).unwrap();
+    let w = e.online_update_window(1).unwrap().expect("open");
+    assert_eq!(w.checkpoint_id, id);
+    assert_eq!(Some(w), e.stats().unwrap().partitions[1].window);
+    assert_eq!(e.online_update_window(0).unwrap(), None);
+    e.online_update_complete(1).unwrap();
+    assert_eq!(e.online_update_window(1).unwrap(), None);
+    assert!(matches!(
+        e.online_update_window(99),
+        Err(Error::NoSuchPartition { .. })
+    ));
+    e.close().unwrap();
+}

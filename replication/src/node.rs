@@ -2383,15 +2383,10 @@ fn apply_run(
                 if stop.load(Ordering::Acquire) {
                     return Err(Error::Closed);
                 }
-                if wait.refused(run.len(), Instant::now()) > memory_wait {
-                    let in_window = engine
-                        .stats()?
-                        .partitions
-                        .get(usize::from(partition))
-                        .is_some_and(|p| p.window.is_some());
-                    if in_window {
-                        return Err(e);
-                    }
+                if wait.refused(run.len(), Instant::now()) > memory_wait
+                    && engine.online_update_window(partition)?.is_some()
+                {
+                    return Err(e);
                 }
                 *waited = true;
                 std::thread::sleep(MEMORY_RETRY);
@@ -2852,12 +2847,7 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
                 // A backfill carries items only: a window this replica holds
                 // open would wait for ever for its END or REVERT. Reset the
                 // partition and ask for it from the start.
-                if engine
-                    .stats()?
-                    .partitions
-                    .get(usize::from(partition))
-                    .is_some_and(|p| p.window.is_some())
-                {
+                if engine.online_update_window(partition)?.is_some() {
                     state.resync_next.lock().push(partition);
                     return Ok(());
                 }
