@@ -605,9 +605,11 @@ mod tests {
         let coarse = coarse_unix_ms();
         let after = precise_ms();
         // The coarse clock is the last tick's time: never ahead, behind by
-        // at most a tick (10 ms on a 100 Hz kernel; 50 ms of margin).
+        // about a tick (10 ms on a 100 Hz kernel; 500 ms of margin for a
+        // virtual machine whose timekeeping CPU the host held up, found by
+        // a flakiness review).
         assert!(
-            coarse <= after + 1 && coarse + 50 >= before,
+            coarse <= after + 1 && coarse + 500 >= before,
             "coarse clock {coarse} ms against precise {before}..{after}"
         );
         let mut clock = CasClock { last: 0 };
@@ -621,7 +623,7 @@ mod tests {
         // into the milliseconds by at most two.
         let ms = last >> 16;
         assert!(
-            ms + 50 >= before && ms <= precise_ms() + 3,
+            ms + 500 >= before && ms <= precise_ms() + 3,
             "CAS time {ms} ms"
         );
         // A floor from a primary ahead of this clock is kept.

@@ -91,6 +91,10 @@ fn dumps_past_the_limit_are_answered_busy_and_the_slot_comes_back() {
     let engine = engine_with_items(dir.path());
     let mut cfg = NodeConfig::new("127.0.0.1:0");
     cfg.max_dumps = 1;
+    // The stalled dump must not be cut as too slow (the progress deadline
+    // is the I/O timeout, 10 s by default) before the second asks: that
+    // frees the slot (found by a flakiness review).
+    cfg.io_timeout = Duration::from_secs(60);
     let node = Node::start(engine, cfg).unwrap();
     let addr = node.local_addr().to_string();
 

@@ -51,15 +51,9 @@ fn replica_beating(
 /// the fake never sends, so the link error the session left stays that
 /// long for the test to read (a loaded machine may take a while).
 fn fake_primary_and_replica() -> (TcpListener, tempfile::TempDir, Node) {
-    fake_primary_and_replica_timing_out_in(Duration::from_secs(10))
-}
-
-fn fake_primary_and_replica_timing_out_in(
-    io_timeout: Duration,
-) -> (TcpListener, tempfile::TempDir, Node) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let node = replica(&listener, dir.path(), io_timeout);
+    let node = replica(&listener, dir.path(), Duration::from_secs(10));
     (listener, dir, node)
 }
 
@@ -86,7 +80,11 @@ fn a_trickled_stream_frame_is_cut_off_and_does_not_hold_a_shutdown() {
     // A 1 MiB MUTATION whose bytes come one per 20 ms. Before, neither
     // the I/O timeout nor the silence limit (10 heartbeats) fired while
     // bytes kept coming, and a shutdown waited for the primary to stop.
-    let (listener, _dir, node) = fake_primary_and_replica_timing_out_in(Duration::from_secs(1));
+    // A 10 s I/O timeout: this thread, the fake primary, must answer the
+    // replica's HELLO and STREAM_OPEN within it (a 1 s one failed the test
+    // on a loaded machine; found by a flakiness review). The trickled frame
+    // is cut at about 10 s all the same.
+    let (listener, _dir, node) = fake_primary_and_replica();
     let conn = accept_within(&listener, Duration::from_secs(10));
     let (_reader, _writer) = open_stream(&conn);
     let stop = Arc::new(AtomicBool::new(false));
@@ -115,7 +113,7 @@ fn a_trickled_stream_frame_is_cut_off_and_does_not_hold_a_shutdown() {
             std::thread::sleep(Duration::from_millis(20));
         }
     });
-    // The replica gives up on the frame (64 KiB of progress per 1 s I/O
+    // The replica gives up on the frame (64 KiB of progress per 10 s I/O
     // timeout) and closes the connection: the fake primary reads EOF.
     let mut conn = conn;
     conn.set_read_timeout(Some(Duration::from_millis(200)))
@@ -189,13 +187,20 @@ fn a_pause_after_a_slow_steady_stream_is_not_taken_for_silence() {
     }
     // From here on the fake primary keeps beating, so the session cannot
     // go silent while it is looked at (the pause itself is what was tested).
+    // The beater's largest gap between sends is looked at as the first
+    // loop's is: held up near the silence limit, it would make the replica
+    // right to end the session (found by a flakiness review).
     let beating = Arc::new(AtomicBool::new(true));
     let beater = {
         let beating = Arc::clone(&beating);
         std::thread::spawn(move || {
+            let (mut last, mut largest) = (Instant::now(), Duration::ZERO);
             while beating.load(Ordering::Relaxed) && writer.send(&noop).is_ok() {
+                largest = largest.max(last.elapsed());
+                last = Instant::now();
                 std::thread::sleep(Duration::from_millis(30));
             }
+            largest
         })
     };
     let mut conn = conn;
@@ -203,12 +208,11 @@ fn a_pause_after_a_slow_steady_stream_is_not_taken_for_silence() {
         .unwrap();
     let until = Instant::now() + Duration::from_millis(300);
     let mut buf = [0u8; 4096];
-    while Instant::now() < until {
+    let mut ended = None;
+    while Instant::now() < until && ended.is_none() {
         match conn.read(&mut buf) {
-            Ok(0) => panic!("the replica closed the stream after a 300 ms pause"),
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
-                panic!("the replica reset the stream after a 300 ms pause")
-            }
+            Ok(0) => ended = Some("closed"),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => ended = Some("reset"),
             Ok(_) | Err(_) => {}
         }
     }
@@ -220,8 +224,16 @@ fn a_pause_after_a_slow_steady_stream_is_not_taken_for_silence() {
     let stats = c.stats().unwrap();
     let error = stats["link_error"].as_str().unwrap_or_default();
     beating.store(false, Ordering::Relaxed);
-    beater.join().unwrap();
-    assert!(error.is_empty(), "link error: {error}");
+    let beater_gap = beater.join().unwrap();
+    if beater_gap >= Duration::from_millis(800) {
+        eprintln!("skipped: the beater was held up {beater_gap:?} between two sends");
+    } else {
+        assert_eq!(
+            ended, None,
+            "the replica ended the stream after a 300 ms pause"
+        );
+        assert!(error.is_empty(), "link error: {error}");
+    }
     drop(c);
     assert!(shutdown_within(node, Duration::from_secs(10)).is_some());
 }

@@ -334,8 +334,12 @@ fn a_primary_waits_past_its_write_timeout_for_a_replica_that_acknowledges_progre
 }
 
 /// A node that stops while it sends a disk snapshot to a replica that
-/// keeps reading (slowly) ends the stream at once with STREAM_END, instead
-/// of scanning the rest of the partition first.
+/// keeps reading (slowly) ends the stream at once, instead of scanning the
+/// rest of the partition first: with STREAM_END, or, when the slow reader
+/// took nothing for one of the stopping node's 200 ms write slices, by
+/// closing the connection (as `admin_dump::a_stopping_node_ends_a_dump_its_client_reads_slowly`
+/// accepts; a flakiness review found this test assumed the former on a
+/// loaded machine).
 #[test]
 fn a_primary_stops_in_the_middle_of_a_disk_snapshot() {
     const WRITTEN: u64 = 20_000;
@@ -359,7 +363,7 @@ fn a_primary_stops_in_the_middle_of_a_disk_snapshot() {
         let (fast, started) = (fast.clone(), started.clone());
         std::thread::spawn(move || {
             let deadline = Instant::now() + Duration::from_secs(120);
-            let mut last = None;
+            let (mut last, mut items) = (None, 0u64);
             loop {
                 assert!(Instant::now() < deadline, "the stream never ended");
                 match reader.poll() {
@@ -367,11 +371,12 @@ fn a_primary_stops_in_the_middle_of_a_disk_snapshot() {
                         let m = StreamMessage::from_frame(&f).ok();
                         if matches!(m, Some(StreamMessage::Item { .. })) {
                             started.store(true, Ordering::Release);
+                            items += 1;
                         }
                         last = m;
                     }
                     Ok(None) => {}
-                    Err(_) => return last,
+                    Err(_) => return (last, items),
                 }
                 if !fast.load(Ordering::Acquire) {
                     std::thread::sleep(Duration::from_millis(1));
@@ -389,10 +394,16 @@ fn a_primary_stops_in_the_middle_of_a_disk_snapshot() {
         .expect("the node kept scanning its partition after it was told to stop");
     assert!(ok);
     fast.store(true, Ordering::Release);
-    let last = reading.join().unwrap();
+    let (last, items) = reading.join().unwrap();
+    // Ended by the stop, not by the end of the snapshot: its closing
+    // SNAPSHOT marker never came, nor all its items.
     assert!(
-        matches!(last, Some(StreamMessage::StreamEnd)),
+        !matches!(last, Some(StreamMessage::Snapshot { .. })),
         "the stream's last frame: {last:?}"
+    );
+    assert!(
+        items < WRITTEN,
+        "the whole snapshot was sent: {items} items"
     );
     drop(writer);
 }

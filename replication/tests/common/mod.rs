@@ -127,11 +127,14 @@ pub fn from_the_start(e: &Engine) -> Vec<StreamRequest> {
 
 /// A primary node on an ephemeral port over the data directory `dir`, with
 /// a checkpoint memory limit of `limit` bytes (and values of at most a
-/// quarter of it).
+/// quarter of it), and `Replicate` writes waiting up to 30 s (the default
+/// 5 s also covers the primary's own disk, which a loaded machine under
+/// memory pressure can take longer than; found by a flakiness review).
 pub fn primary_with_limit(dir: &Path, limit: usize, cfg: NodeConfig) -> Node {
     let engine = Engine::builder(dir)
         .checkpoint_memory_limit(limit)
         .max_value_size(limit / 4)
+        .replicate_timeout(std::time::Duration::from_secs(30))
         .open()
         .unwrap();
     Node::start(engine, cfg).unwrap()
