@@ -2717,6 +2717,15 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
     // `REPLICA_APPLY_RUN`), so the reads below never wait with a run held.
     let mut run: VecDeque<tapkv_engine::QueuedItem> = VecDeque::with_capacity(REPLICA_APPLY_RUN);
     let mut run_partition: PartitionId = 0;
+    // Partitions this session found holding a window that a disk snapshot
+    // of theirs cannot end: each is reset at the next session's start
+    // (`resync_next`). Their snapshots' frames are skipped (`skipping`: the
+    // one being received), and the session ends at the first frame from
+    // memory, which a stream sends only once every partition has started,
+    // so all such partitions cost one more session, not one each (before,
+    // the session ended at the first; found by a review).
+    let mut resyncing = false;
+    let mut skipping: Option<PartitionId> = None;
     let apply = |p: PartitionId,
                  run: &mut VecDeque<tapkv_engine::QueuedItem>,
                  seqnos: &mut Vec<u64>,
@@ -2789,6 +2798,30 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
         if !extends_run && !apply(run_partition, &mut run, &mut seqnos, &mut clock_stale)? {
             return Ok(());
         }
+        match (&msg, skipping) {
+            (StreamMessage::Item { partition, .. }, Some(p)) if *partition == p => continue,
+            (
+                StreamMessage::Snapshot {
+                    partition,
+                    from_disk: false,
+                    ..
+                },
+                Some(p),
+            ) if *partition == p => {
+                skipping = None;
+                continue;
+            }
+            _ => {}
+        }
+        let from_memory = match &msg {
+            StreamMessage::Item { partition, .. } => !snapshots.contains_key(partition),
+            StreamMessage::CheckpointStart { .. } | StreamMessage::CheckpointEnd { .. } => true,
+            _ => false,
+        };
+        if resyncing && from_memory {
+            apply(run_partition, &mut run, &mut seqnos, &mut clock_stale)?;
+            return Ok(());
+        }
         match msg {
             StreamMessage::Failover { partition, uuid } => {
                 let log = engine.failover_log(partition)?;
@@ -2849,7 +2882,9 @@ fn replica_session(state: &Arc<NodeState>, primary: &str) -> Result<(), Error> {
                 // partition and ask for it from the start.
                 if engine.online_update_window(partition)?.is_some() {
                     state.resync_next.lock().push(partition);
-                    return Ok(());
+                    resyncing = true;
+                    skipping = Some(partition);
+                    continue;
                 }
                 snapshots.insert(partition, (engine.snapshot_buffer(partition)?, start, end));
             }

@@ -407,3 +407,148 @@ fn entries_held_for_a_run_are_applied_before_the_message_after_them() {
     engine.set_flusher_paused(false);
     assert!(shutdown_within(node, Duration::from_secs(10)).is_some());
 }
+
+/// A replica holding windows on several partitions that its primary can
+/// only answer with disk snapshots (a snapshot cannot end a window) resets
+/// all of them for the next session: their snapshots are skipped, and the
+/// session ends at the first frame from memory. Before (found by a
+/// review), the session ended at the first such snapshot, and k such
+/// partitions took k + 1 sessions, each redoing the others' backfills.
+#[test]
+fn a_replica_resets_every_partition_holding_an_unendable_window_in_one_more_session() {
+    use tapkv_engine::{ItemMeta, QueueOp, QueuedItem};
+    use tapkv_replication::message::parse_stream_open;
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::builder(dir.path())
+        .partitions(2)
+        .replica(true)
+        .open()
+        .unwrap();
+    let mut cfg = NodeConfig::new("127.0.0.1:0");
+    cfg.replica_of = Some(listener.local_addr().unwrap().to_string());
+    cfg.io_timeout = Duration::from_secs(10);
+    let node = Node::start(engine, cfg).unwrap();
+    // A session's handshake as a 2-partition primary; the seqnos asked for.
+    let session = || {
+        let conn = accept_within(&listener, Duration::from_secs(10));
+        let mut reader = FrameReader::new(conn.try_clone().unwrap(), DEFAULT_MAX_BODY);
+        reader.set_timeout(Duration::from_millis(50)).unwrap();
+        let mut writer = FrameWriter::new(conn.try_clone().unwrap());
+        let hello = reader.next_within(200).unwrap();
+        writer
+            .send(
+                &Frame::response(&hello, status::SUCCESS)
+                    .with_value(br#"{"partitions":2}"#.to_vec()),
+            )
+            .unwrap();
+        let open = reader.next_within(200).unwrap();
+        assert_eq!(open.opcode, opcode::STREAM_OPEN);
+        let asked: Vec<u64> = parse_stream_open(&open)
+            .unwrap()
+            .iter()
+            .map(|r| r.seqno)
+            .collect();
+        writer
+            .send(&Frame::response(&open, status::SUCCESS))
+            .unwrap();
+        (conn, reader, writer, asked)
+    };
+    let meta = |seqno| ItemMeta {
+        by_seqno: seqno,
+        cas: seqno,
+        rev_seqno: 1,
+        ..Default::default()
+    };
+    let e = node.engine().unwrap();
+    // A key of the partition (a replica resynchronises a partition sent
+    // another's key).
+    let item = |partition, seqno| {
+        let key = (0..)
+            .map(|i| format!("k{seqno}-{i}"))
+            .find(|k| e.partition_of(k.as_bytes()) == partition)
+            .unwrap();
+        StreamMessage::Item {
+            partition,
+            item: QueuedItem::mutation(key.as_bytes(), b"v", meta(seqno)),
+        }
+    };
+    // Session 1: a window opened on both partitions, from memory.
+    let (conn, _reader, mut writer, asked) = session();
+    assert_eq!(asked, vec![0, 0]);
+    for p in 0..2 {
+        let frames = [
+            item(p, 1),
+            StreamMessage::CheckpointStart {
+                partition: p,
+                id: 2,
+            },
+            StreamMessage::Item {
+                partition: p,
+                item: QueuedItem::marker(QueueOp::OnlineUpdateStart { checkpoint_id: 2 }, meta(2)),
+            },
+            item(p, 3),
+        ];
+        for f in &frames {
+            writer.send(&f.to_frame()).unwrap();
+        }
+    }
+    common::wait_until("both windows held", Duration::from_secs(10), || {
+        (0..2).all(|p| e.online_update_window(p).unwrap().is_some())
+    });
+    // Closed (every clone of the connection: shut down).
+    conn.shutdown(std::net::Shutdown::Both).unwrap();
+    drop((conn, writer));
+    // Session 2: the primary answers both partitions from disk, then sends
+    // from memory.
+    let (conn, mut reader, mut writer, asked) = session();
+    assert_eq!(asked, vec![3, 3]);
+    for p in 0..2 {
+        let frames = [
+            StreamMessage::Snapshot {
+                partition: p,
+                start: 4,
+                end: 5,
+                from_disk: true,
+            },
+            item(p, 5),
+            StreamMessage::Snapshot {
+                partition: p,
+                start: 4,
+                end: 5,
+                from_disk: false,
+            },
+        ];
+        for f in &frames {
+            // The replica may already have ended the session.
+            if writer.send(&f.to_frame()).is_err() {
+                break;
+            }
+        }
+    }
+    let _ = writer.send(
+        &StreamMessage::CheckpointStart {
+            partition: 0,
+            id: 3,
+        }
+        .to_frame(),
+    );
+    // The replica ends the session; the next asks for both from the start.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while reader.poll().is_ok() {
+        assert!(std::time::Instant::now() < deadline, "the session went on");
+    }
+    let _ = conn.shutdown(std::net::Shutdown::Both);
+    drop((conn, writer));
+    let (_conn, _reader, _writer, asked) = session();
+    assert_eq!(asked, vec![0, 0], "both partitions reset for this session");
+    let resets: Vec<u64> = e
+        .stats()
+        .unwrap()
+        .partitions
+        .iter()
+        .map(|p| p.resets)
+        .collect();
+    assert_eq!(resets, vec![1, 1]);
+    assert!(shutdown_within(node, Duration::from_secs(10)).is_some());
+}
