@@ -134,8 +134,9 @@ pub struct EngineConfig {
     /// hold closed checkpoints the persistence cursor has left, once those
     /// hold at least `limit / (2 × partitions)` (default 0.9). A
     /// replica that reads slowly would otherwise hold the primary's
-    /// checkpoints until writes are refused; a dropped stream ends, and the
-    /// replica resumes with a backfill from disk. 1.0 or more: never.
+    /// checkpoints until writes are refused; a node's stream whose cursor
+    /// was dropped sends that partition again, from disk for what memory no
+    /// longer holds. 1.0 or more: never.
     pub cursor_drop_threshold: f64,
 }
 

@@ -614,8 +614,9 @@ fn at_cursor_drop_threshold(shared: &Shared) -> bool {
 /// has left, once those hold at least a partition's share of half the limit
 /// (`CheckpointManager::drop_cursors_behind`). A slow replica's stream would
 /// otherwise hold the primary's memory until writes are refused; instead
-/// its stream ends and the replica resumes with a backfill from disk (as
-/// Couchbase's cursor dropping does). Other cursors are never dropped.
+/// the stream sends the partition again, from disk for what memory no
+/// longer holds (as Couchbase's cursor dropping backfills). Other cursors
+/// are never dropped.
 fn drop_lagging_stream_cursors(shared: &Shared, mine: &[&Partition]) {
     let min_bytes = shared.config.checkpoint_memory_limit / (2 * shared.partitions.len().max(1));
     for p in mine {

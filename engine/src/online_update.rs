@@ -428,10 +428,12 @@ impl Partition {
                             // to a client the window created the key, and
                             // the revert removes it (before, counted as
                             // restored; found by a review).
-                            if before.meta().is_expired(now) {
-                                removed += 1;
-                            } else {
+                            if !before.meta().is_expired(now) {
                                 restored += 1;
+                            } else if shards.remove_hashed(e.hash, e.key.key()).is_some() {
+                                // Removed only if the window left it there
+                                // (not if it deleted it again).
+                                removed += 1;
                             }
                             shards.put_hashed(e.hash, before.without_clean_value(clean_upto));
                         }

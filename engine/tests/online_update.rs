@@ -1118,6 +1118,14 @@ fn a_revert_over_an_expired_item_counts_it_removed() {
     let r = e.online_update_revert(p).unwrap();
     assert_eq!((r.removed, r.restored), (1, 0), "{r:?}");
     assert!(matches!(e.get(b"k"), Err(Error::NotFound)));
+    // Added and deleted again in the window: absent before and after,
+    // counted neither way.
+    e.online_update_start(p).unwrap();
+    e.add(b"k", "new", MEM).unwrap();
+    e.delete(b"k", MEM).unwrap();
+    let r = e.online_update_revert(p).unwrap();
+    assert_eq!((r.removed, r.restored), (0, 0), "{r:?}");
+    assert!(matches!(e.get(b"k"), Err(Error::NotFound)));
     e.close().unwrap();
 }
 

@@ -88,6 +88,18 @@ impl ByteBudget {
             .is_ok()
     }
 
+    /// [`try_take`](Self::try_take), but a frame larger than the whole
+    /// budget is taken when nothing else holds any: a reply larger than the
+    /// budget (a value stored under larger limits, or a primary's larger
+    /// value on a replica) is sent alone rather than refused for good.
+    fn try_take_or_alone(&self, n: usize) -> bool {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                u.checked_add(n).filter(|t| *t <= self.limit || u == 0)
+            })
+            .is_ok()
+    }
+
     fn give(&self, n: usize) {
         self.used.fetch_sub(n, Ordering::AcqRel);
     }
@@ -523,7 +535,8 @@ impl FrameWriter {
     /// Queues a frame as [`push`](Self::push) does, but one larger than
     /// [`ByteBudget::LARGE`] first takes its length from the reply budget
     /// (if one is set), until the flush that sends it ends: `None`, and
-    /// nothing queued, when it does not fit. A GET's reply copies its value
+    /// nothing queued, when it does not fit (one larger than the whole
+    /// budget fits when nothing else holds any). A GET's reply copies its value
     /// into this buffer, and a client that reads it slowly holds that copy
     /// for as long as the progress deadline allows: without a budget, a
     /// thousand connections that each asked for a 20 MiB value and read
@@ -532,7 +545,7 @@ impl FrameWriter {
         let len = f.wire_len();
         if let Some((budget, held)) = &mut self.budget {
             if len > ByteBudget::LARGE {
-                if !budget.try_take(len) {
+                if !budget.try_take_or_alone(len) {
                     return None;
                 }
                 *held += len;

@@ -110,7 +110,8 @@ pub struct NodeConfig {
     /// more is answered `TEMP_FAILURE` ("busy"). Default 4.
     pub max_dumps: usize,
     /// Test hook: called by a stream before it starts each partition from
-    /// memory (`None`: nothing).
+    /// memory, at its start and when it starts one again after the flusher
+    /// dropped its cursor (`None`: nothing).
     #[doc(hidden)]
     pub before_partition_start: Option<PartitionStartHook>,
     /// Test hook: asked before each connection thread's spawn; `true`
@@ -231,7 +232,9 @@ impl NodeConfig {
         ] {
             if budget < largest {
                 return Err(format!(
-                    "node setting {name} ({flag}, {budget} bytes) is below the largest frame                      max_body allows ({largest} bytes with its header): frames between the two                      would be refused as busy forever; raise it with --max-body"
+                    "node setting {name} ({flag}, {budget} bytes) is below the largest frame \
+                     max_body allows ({largest} bytes with its header): frames between the two \
+                     would be refused as busy forever; raise it with --max-body"
                 ));
             }
         }
@@ -327,8 +330,9 @@ pub struct StreamInfo {
     /// partition it does not serve (each counted only up to what was sent;
     /// a healthy replica has none).
     pub acks_ahead: u64,
-    /// Partitions sent from disk again within the stream after the
-    /// flusher dropped their cursors under checkpoint-memory pressure.
+    /// Partitions started again within the stream (from disk, for what
+    /// memory no longer held) after the flusher dropped their cursors
+    /// under checkpoint-memory pressure.
     pub restarts: u64,
     /// Per partition: state, seqno sent, seqno acked, items behind.
     pub partitions: Vec<StreamPartitionInfo>,
@@ -372,9 +376,12 @@ struct StreamShared {
     /// counts for liveness only (`ack_reader`).
     snapshots: Mutex<PendingSnapshots>,
     resumed_from: Mutex<HashMap<PartitionId, u64>>,
-    /// Partitions sent from disk again after the flusher dropped their
-    /// cursors under memory pressure.
+    /// Partitions started again after the flusher dropped their cursors
+    /// under memory pressure.
     restarts: AtomicU64,
+    /// A partition is being started again: nothing is sent from memory
+    /// meanwhile, so the stream counts for no `Replicate` write.
+    restarting: AtomicBool,
     stop: AtomicBool,
     lock: Mutex<()>,
     cv: Condvar,
@@ -457,10 +464,11 @@ impl tapkv_engine::ReplicationGate for AckGate {
                     // (the stream is marked in memory as soon as the
                     // snapshot is queued).
                     let streaming = || {
-                        s.parts
-                            .lock()
-                            .get(&p)
-                            .is_some_and(|(state, _)| *state == PartitionStreamState::InMemory)
+                        !s.restarting.load(Ordering::Acquire)
+                            && s.parts
+                                .lock()
+                                .get(&p)
+                                .is_some_and(|(state, _)| *state == PartitionStreamState::InMemory)
                             && !s.snapshots.lock().contains_key(&p)
                             && engine.has_cursor(p, &s.cursor).unwrap_or(false)
                     };
@@ -1166,7 +1174,9 @@ fn serve_connection(
                 &frame,
                 status::TEMP_FAILURE,
                 &format!(
-                    "busy: replies waiting for their clients to read them hold the {} bytes                      large replies may hold together (--max-pending-reply-bytes); try again                      later",
+                    "busy: replies waiting for their clients to read them hold the {} bytes \
+                     large replies may hold together (--max-pending-reply-bytes); try again \
+                     later",
                     state.reply_budget.limit()
                 ),
             ));
@@ -1590,6 +1600,7 @@ fn serve_stream(
         snapshots: Mutex::new(HashMap::new()),
         resumed_from: Mutex::new(HashMap::new()),
         restarts: AtomicU64::new(0),
+        restarting: AtomicBool::new(false),
         stop: AtomicBool::new(false),
         lock: Mutex::new(()),
         cv: Condvar::new(),
@@ -2223,18 +2234,47 @@ fn stream_loop(
                 // dropped while the others were scanned (every disk
                 // snapshot scans its whole partition) repeated the join,
                 // and under heavy writes never finished it.
-                let from = s.parts.lock().get(&p).map_or(0, |e| e.1);
+                let Some(mut from) = s.parts.lock().get(&p).map(|e| e.1) else {
+                    return Err(Error::WrongState(format!(
+                        "stream {}: partition {p} has no position to start again from",
+                        s.name
+                    )));
+                };
                 tracing::warn!(
                     stream = %s.name,
                     partition = p,
                     from,
                     "stream cursor dropped under checkpoint-memory pressure: sending the \
-                     partition from disk again"
+                     partition again (from disk what memory no longer holds)"
                 );
+                // Meanwhile the stream sends nothing from memory, for any
+                // partition: it counts for no `Replicate` write (as while
+                // it starts; found by a review).
+                s.restarting.store(true, Ordering::Release);
+                if let Some(e) = s.parts.lock().get_mut(&p) {
+                    e.0 = PartitionStreamState::Backfilling;
+                }
+                // Most of it without a cursor, as at the stream's start, so
+                // the scans pin nothing (a cursor registered first could be
+                // dropped again under the load that dropped this one).
+                for _ in 0..BACKFILL_PASSES {
+                    match engine.backfill_snapshot(p, from)? {
+                        Some(snap) => {
+                            let end = snap.end();
+                            send_disk_snapshot(s, writer, &mut beat, snap)?;
+                            from = end;
+                        }
+                        None => break,
+                    }
+                }
+                if let Some(hook) = &cfg.before_partition_start {
+                    (hook.0)(p);
+                }
                 start_partition(engine, s, writer, &mut beat, (p, from))?;
                 if let Some(e) = s.parts.lock().get_mut(&p) {
                     e.0 = PartitionStreamState::InMemory;
                 }
+                s.restarting.store(false, Ordering::Release);
                 s.restarts.fetch_add(1, Ordering::AcqRel);
                 beat.flush(writer)?;
                 continue;

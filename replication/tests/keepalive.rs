@@ -756,3 +756,29 @@ fn a_connection_whose_thread_cannot_start_is_answered() {
     assert_eq!(c.stats().unwrap()["rejected_connections"].as_u64(), Some(1));
     common::shutdown(node);
 }
+
+/// A reply larger than the whole reply budget (a value stored under larger
+/// limits than the node's now, as a replica holds its primary's) is sent
+/// when no other large reply holds the budget. Before (found by a review),
+/// it was answered "busy, try again later" for good.
+#[test]
+fn a_reply_larger_than_the_reply_budget_is_sent_alone() {
+    use tapkv_replication::message::{opcode, status};
+    use tapkv_replication::protocol::{read_frame, Frame};
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = NodeConfig::new("127.0.0.1:0");
+    cfg.max_body = 4 << 20;
+    cfg.max_pending_reply_bytes = (4 << 20) + 24;
+    let node = Node::start(Engine::builder(dir.path()).open().unwrap(), cfg).unwrap();
+    let e = node.engine().unwrap();
+    let value = vec![b'v'; 6 << 20];
+    e.set(b"big", &value[..], WriteOptions::default()).unwrap();
+    let mut s = raw_hello(&node.local_addr().to_string(), "big");
+    let mut get = Frame::request(opcode::GET, e.partition_of(b"big")).with_key(b"big".to_vec());
+    get.opaque = 9;
+    s.write_all(&get.to_bytes()).unwrap();
+    let r = read_frame(&mut s, 8 << 20).unwrap();
+    assert_eq!((r.status(), r.opaque), (status::SUCCESS, 9));
+    assert!(r.value == value[..]);
+    common::shutdown(node);
+}

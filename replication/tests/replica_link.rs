@@ -1320,3 +1320,65 @@ fn a_partition_whose_cursor_was_dropped_is_sent_from_disk_again_in_the_session()
     common::shutdown(replica);
     common::shutdown(primary);
 }
+
+/// While a stream starts a partition again after a cursor drop it sends
+/// nothing from memory, for any partition: it counts for no `Replicate`
+/// write meanwhile, and another replica's acknowledgement is enough.
+/// Before (found by a review), its other partitions still counted, and
+/// with two replicas their `Replicate` writes waited for the restart's
+/// whole disk scan (here held up 3 s: they timed out after 2 s).
+#[test]
+fn a_stream_starting_a_partition_again_counts_for_no_replicate_write() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tapkv_replication::node::PartitionStartHook;
+    let pdir = tempfile::tempdir().unwrap();
+    let (adir, bdir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let armed = std::sync::Arc::new(AtomicBool::new(false));
+    let hook = {
+        let armed = std::sync::Arc::clone(&armed);
+        PartitionStartHook(std::sync::Arc::new(move |_| {
+            if armed.swap(false, Ordering::AcqRel) {
+                std::thread::sleep(Duration::from_secs(3));
+            }
+        }))
+    };
+    let primary = primary_with(pdir.path(), Some(Duration::from_secs(2)), |c| {
+        c.before_partition_start = Some(hook);
+    });
+    let p = primary.engine().unwrap();
+    let a = replica_of(&primary, adir.path(), 2, "a", |_| {});
+    let b = replica_of(&primary, bdir.path(), 2, "b", |_| {});
+    wait_until("both streams", Duration::from_secs(20), || {
+        stream_cursors(p).len() == 4
+    });
+    let key_in = |q: u16| {
+        (0..)
+            .map(|i| format!("key-{i}"))
+            .find(|k| p.partition_of(k.as_bytes()) == q)
+            .unwrap()
+    };
+    let replicate = WriteOptions::durable(Durability::Replicate);
+    p.set(key_in(1).as_bytes(), b"warm", replicate).unwrap();
+    // Stream "a" loses its cursor of partition 0 and starts it again,
+    // held up in the hook.
+    let name = p
+        .cursors(0)
+        .unwrap()
+        .into_iter()
+        .find(|c| c.name.starts_with("repl:a:"))
+        .unwrap()
+        .name;
+    armed.store(true, Ordering::Release);
+    assert!(p.remove_cursor(0, &name).unwrap());
+    p.set(key_in(0).as_bytes(), b"wake", WriteOptions::default())
+        .unwrap();
+    wait_until("stream a held in the hook", Duration::from_secs(10), || {
+        !armed.load(Ordering::Acquire)
+    });
+    // A write to the other partition: replica "b" alone acknowledges it.
+    p.set(key_in(1).as_bytes(), b"during", replicate)
+        .expect("a Replicate write while the other stream restarts");
+    common::shutdown(a);
+    common::shutdown(b);
+    common::shutdown(primary);
+}

@@ -1120,6 +1120,14 @@ fn kv_reads_and_deletes_offline_a_key_a_node_stored_under_a_larger_limit() {
     let (ok, out, err) = run(&["kv", "get", "--data", d, &key], "", T);
     assert!(ok, "{err}");
     assert_eq!(out, "v\n");
+    // And rewritten: the directory's engine takes keys as long as its
+    // longest (before, `kv set` refused it against the default 250 before
+    // opening the directory; found by a review).
+    let (ok, _, err) = run(&["kv", "set", "--data", d, &key, "w"], "", T);
+    assert!(ok, "{err}");
+    let (ok, out, err) = run(&["kv", "get", "--data", d, &key], "", T);
+    assert!(ok, "{err}");
+    assert_eq!(out, "w\n");
     let (ok, _, err) = run(&["kv", "del", "--data", d, &key], "", T);
     assert!(ok, "{err}");
     let (code, _) = tapkv_tests::run_status(&["kv", "get", "--data", d, &key], T);

@@ -200,8 +200,8 @@ pub(crate) fn run(cmd: AdminCommand) -> Result<ExitCode, Error> {
                 let restarts = s["restarts"].as_u64().unwrap_or(0);
                 if restarts > 0 {
                     outln!(
-                        "  {restarts} partition start(s) again from disk: the primary's flusher \
-                         dropped their cursors under checkpoint-memory pressure"
+                        "  {restarts} partition start(s) again: the primary's flusher dropped \
+                         their cursors under checkpoint-memory pressure"
                     )?;
                 }
                 let ahead = s["acks_ahead"].as_u64().unwrap_or(0);

@@ -114,7 +114,8 @@ pub(crate) struct NodeArgs {
     #[arg(long, value_parser = clap::value_parser!(u64).range(65_536..))]
     snapshot_buffer_limit: Option<u64>,
     /// Fraction of the checkpoint memory limit at which stream cursors
-    /// behind the disk are dropped (the replica resumes with a backfill);
+    /// behind the disk are dropped (the stream sends those partitions again,
+    /// from disk for what memory no longer holds);
     /// must be > 0; engine default 0.9; 1 or more: never.
     #[arg(long, value_parser = positive_fraction, allow_negative_numbers = true)]
     cursor_drop_threshold: Option<f64>,
