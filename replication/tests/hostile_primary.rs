@@ -33,8 +33,20 @@ fn replica_beating(
     io_timeout: Duration,
     heartbeat: Duration,
 ) -> Node {
+    replica_with(listener, dir, 1, io_timeout, heartbeat)
+}
+
+/// A replica with `partitions` partitions of whatever listens on
+/// `listener`, with `io_timeout` and `heartbeat`.
+fn replica_with(
+    listener: &TcpListener,
+    dir: &std::path::Path,
+    partitions: u16,
+    io_timeout: Duration,
+    heartbeat: Duration,
+) -> Node {
     let engine = Engine::builder(dir)
-        .partitions(1)
+        .partitions(partitions)
         .replica(true)
         .open()
         .unwrap();
@@ -420,15 +432,13 @@ fn a_replica_resets_every_partition_holding_an_unendable_window_in_one_more_sess
     use tapkv_replication::message::parse_stream_open;
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let engine = Engine::builder(dir.path())
-        .partitions(2)
-        .replica(true)
-        .open()
-        .unwrap();
-    let mut cfg = NodeConfig::new("127.0.0.1:0");
-    cfg.replica_of = Some(listener.local_addr().unwrap().to_string());
-    cfg.io_timeout = Duration::from_secs(10);
-    let node = Node::start(engine, cfg).unwrap();
+    let node = replica_with(
+        &listener,
+        dir.path(),
+        2,
+        Duration::from_secs(10),
+        Duration::from_secs(1),
+    );
     // A session's handshake as a 2-partition primary; the seqnos asked for.
     let session = || {
         let conn = accept_within(&listener, Duration::from_secs(10));
