@@ -177,8 +177,8 @@ pub struct RevertReport {
     pub checkpoint_id: u64,
     /// Keys the window had created and that existed at REVERT, now removed
     /// (a key created and deleted again inside the window needs nothing; a
-    /// key whose pre-window version had expired counts here, as it reads
-    /// absent again).
+    /// key whose pre-window version had expired counts here if the window
+    /// left it in place, as it reads absent again).
     pub removed: usize,
     /// Keys the window had updated or deleted, now back to their pre-window state.
     pub restored: usize,

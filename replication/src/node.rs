@@ -1944,6 +1944,26 @@ fn send_disk_snapshot(
 
 /// Registers partition `p`'s stream cursor after `from` (the end of what was
 /// sent so far), sending from disk first what memory no longer holds.
+/// One cursor-less backfill pass over partition `p`: sends the disk
+/// snapshot `(from, persisted]` if memory no longer holds what follows
+/// `from`, and moves `from` to its end; whether it sent one.
+fn backfill_pass(
+    engine: &Engine,
+    s: &StreamShared,
+    writer: &mut FrameWriter,
+    beat: &mut StartBeat<'_>,
+    p: PartitionId,
+    from: &mut u64,
+) -> Result<bool, Error> {
+    let Some(snap) = engine.backfill_snapshot(p, *from)? else {
+        return Ok(false);
+    };
+    let end = snap.end();
+    send_disk_snapshot(s, writer, beat, snap)?;
+    *from = end;
+    Ok(true)
+}
+
 fn start_partition(
     engine: &Engine,
     s: &StreamShared,
@@ -2045,12 +2065,7 @@ fn stream_loop(
                     return Err(Error::Closed);
                 }
                 beat.beat(writer, s)?;
-                if let Some(snap) = engine.backfill_snapshot(*p, *from)? {
-                    let end = snap.end();
-                    send_disk_snapshot(s, writer, &mut beat, snap)?;
-                    *from = end;
-                    sent_any = true;
-                }
+                sent_any |= backfill_pass(engine, s, writer, &mut beat, *p, from)?;
             }
             if !sent_any {
                 break;
@@ -2258,13 +2273,8 @@ fn stream_loop(
                 // the scans pin nothing (a cursor registered first could be
                 // dropped again under the load that dropped this one).
                 for _ in 0..BACKFILL_PASSES {
-                    match engine.backfill_snapshot(p, from)? {
-                        Some(snap) => {
-                            let end = snap.end();
-                            send_disk_snapshot(s, writer, &mut beat, snap)?;
-                            from = end;
-                        }
-                        None => break,
+                    if !backfill_pass(engine, s, writer, &mut beat, p, &mut from)? {
+                        break;
                     }
                 }
                 if let Some(hook) = &cfg.before_partition_start {
